@@ -1,0 +1,202 @@
+//! The pooled HTTP/1.1 client nestor uses to reach downstream agent-servers.
+//!
+//! One client (one connection pool) for the whole process: every proxied request, catalog
+//! refresh and readiness probe reuses warm keep-alive connections, which is most of what
+//! keeps nestor's added latency small. Bodies are streamed both ways ([`ProxyBody`]).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::de::DeserializeOwned;
+
+use crate::downstream::Endpoint;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A streamed request or response body.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// An empty [`ProxyBody`].
+pub fn empty_body() -> ProxyBody {
+    Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// A [`ProxyBody`] holding `bytes`.
+pub fn full_body(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// What went wrong talking to a downstream. Messages never contain its address or key.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("could not connect to the agent-server: {0}")]
+    Connect(String),
+    #[error("the agent-server did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the agent-server answered {status}: {body}")]
+    Status { status: StatusCode, body: String },
+    #[error("the agent-server's answer could not be read: {0}")]
+    Body(String),
+    #[error("the agent-server's answer is not the expected JSON: {0}")]
+    Decode(String),
+    #[error("invalid request: {0}")]
+    Request(String),
+}
+
+impl ClientError {
+    /// True when the downstream could not be reached at all (vs. it answered badly).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ClientError::Connect(_) | ClientError::Timeout(_))
+    }
+}
+
+/// Describe a hyper client error without leaking the address it was connecting to.
+fn describe(err: &hyper_util::client::legacy::Error) -> String {
+    use std::error::Error;
+    let mut cause: Option<&dyn Error> = err.source();
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
+                std::io::ErrorKind::ConnectionReset => "connection reset".into(),
+                std::io::ErrorKind::TimedOut => "connect timed out".into(),
+                k => format!("{k}"),
+            };
+        }
+        if let Some(h) = c.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() {
+                return "connection closed before a complete answer".into();
+            }
+            return "protocol error".into();
+        }
+        cause = c.source();
+    }
+    if err.is_connect() {
+        "connect failed".into()
+    } else {
+        "request failed".into()
+    }
+}
+
+/// The shared downstream client.
+#[derive(Clone)]
+pub struct DownstreamClient {
+    inner: Client<HttpConnector, ProxyBody>,
+}
+
+impl std::fmt::Debug for DownstreamClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DownstreamClient")
+    }
+}
+
+impl Default for DownstreamClient {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(5))
+    }
+}
+
+impl DownstreamClient {
+    /// A client whose TCP connects give up after `connect_timeout`.
+    pub fn new(connect_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let inner = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(50))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        Self { inner }
+    }
+
+    /// Send a request as is (the caller set URI, key header and body).
+    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ClientError> {
+        self.inner.request(req).await.map_err(|e| ClientError::Connect(describe(&e)))
+    }
+
+    /// A request to `endpoint` with its key set, bounded by `timeout` until response headers.
+    pub async fn call(
+        &self,
+        endpoint: &Endpoint,
+        method: Method,
+        path_and_query: &str,
+        body: Option<Bytes>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, ClientError> {
+        let uri = endpoint.uri(path_and_query).map_err(|e| ClientError::Request(e.to_string()))?;
+        let mut builder = Request::builder().method(method).uri(uri);
+        if let Some(k) = endpoint.key_header() {
+            builder = builder.header(crate::SESSION_KEY_HEADER, k.clone());
+        }
+        let body = match body {
+            Some(b) => {
+                builder = builder.header(header::CONTENT_TYPE, "application/json");
+                full_body(b)
+            }
+            None => empty_body(),
+        };
+        let req = builder.body(body).map_err(|e| ClientError::Request(e.to_string()))?;
+        match tokio::time::timeout(timeout, self.send(req)).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Timeout(timeout)),
+        }
+    }
+
+    /// Call and read the whole answer (at most `max_bytes`), requiring a 2xx status.
+    pub async fn call_bytes(
+        &self,
+        endpoint: &Endpoint,
+        method: Method,
+        path_and_query: &str,
+        body: Option<Bytes>,
+        timeout: Duration,
+        max_bytes: usize,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let fut = async {
+            let resp = self.call(endpoint, method, path_and_query, body, timeout).await?;
+            let status = resp.status();
+            let bytes = Limited::new(resp.into_body(), max_bytes)
+                .collect()
+                .await
+                .map_err(|e| ClientError::Body(e.to_string()))?
+                .to_bytes();
+            Ok::<_, ClientError>((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(timeout, fut)
+            .await
+            .unwrap_or(Err(ClientError::Timeout(timeout)))?;
+        if !status.is_success() {
+            let body = String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned();
+            return Err(ClientError::Status { status, body });
+        }
+        Ok((status, bytes))
+    }
+
+    /// GET a JSON document (2xx required), at most 64 MiB.
+    pub async fn get_json<T: DeserializeOwned>(
+        &self,
+        endpoint: &Endpoint,
+        path_and_query: &str,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let (_, bytes) =
+            self.call_bytes(endpoint, Method::GET, path_and_query, None, timeout, 64 << 20).await?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// True when `GET /alive` answers 200 within `timeout`.
+    pub async fn is_alive(&self, endpoint: &Endpoint, timeout: Duration) -> bool {
+        matches!(
+            self.call_bytes(endpoint, Method::GET, "/alive", None, timeout, 4096).await,
+            Ok((StatusCode::OK, _))
+        )
+    }
+}
