@@ -9,6 +9,7 @@
 pub mod client;
 pub mod downstream;
 pub mod error;
+pub mod fs;
 pub mod ids;
 pub mod leak_guard;
 pub mod secret;

@@ -1,0 +1,160 @@
+//! The running nestor: its shared state and how it is put together at start.
+//!
+//! Start order matters for restart safety: the provisioner recovers first (adopting what a
+//! previous nestor left running), then the catalog loads its persisted routes against those
+//! downstreams, then every running downstream is asked what it holds. Only then does nestor
+//! accept requests, so the first request after a restart already routes correctly.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use nestor_conversation_service::{Catalog, CatalogConfig};
+use nestor_core::{ConversationId, DownstreamClient, SessionKey};
+use nestor_provisioner::existing::ExistingProvisioner;
+use nestor_provisioner::process::ProcessProvisioner;
+use nestor_provisioner::Provisioner;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Auth;
+use crate::config::{Config, ProvisionerKind};
+use crate::fleet::Fleet;
+
+/// Everything a request handler needs. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+pub struct Inner {
+    pub cfg: Config,
+    pub auth: Auth,
+    pub provisioner: Arc<dyn Provisioner>,
+    /// The process backend when that is the kind in use (for its extra operations).
+    pub process: Option<ProcessProvisioner>,
+    pub catalog: Arc<Catalog>,
+    pub client: DownstreamClient,
+    pub fleet: Fleet,
+    /// One lock per conversation id being created: concurrent creates provision once.
+    pub creating: DashMap<ConversationId, Arc<Mutex<()>>>,
+    pub ready_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub started: std::time::Instant,
+    pub shutdown: CancellationToken,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// The session key used when none is configured: generated once, kept in `state_dir`.
+/// Returns the key and whether it was just generated (so it is printed once).
+fn generated_key(state_dir: &std::path::Path) -> anyhow::Result<(SessionKey, bool)> {
+    std::fs::create_dir_all(state_dir)
+        .map_err(|e| anyhow::anyhow!("cannot create state_dir {}: {e}", state_dir.display()))?;
+    let path = state_dir.join("session_api_key");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok((SessionKey::new(s.trim()), false)),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+    }
+    let key = SessionKey::random();
+    nestor_core::fs::write_atomic(&path, key.expose().as_bytes())
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    Ok((key, true))
+}
+
+/// Resolve client keys: configured ones (possibly none: no authentication), or nestor's
+/// generated one when the configuration does not mention keys at all.
+pub fn resolve_keys(cfg: &Config) -> anyhow::Result<Vec<SessionKey>> {
+    if let Some(keys) = &cfg.session_api_keys {
+        if keys.is_empty() {
+            tracing::warn!("session_api_keys is empty: nestor accepts requests without authentication");
+        }
+        return Ok(keys.clone());
+    }
+    let (key, fresh) = generated_key(&cfg.state_dir)?;
+    if fresh {
+        // Printed once, on the terminal of the operator who started nestor.
+        #[allow(clippy::print_stdout)]
+        {
+            println!(
+                "nestor: generated session API key {} (stored in {}); clients send it as X-Session-API-Key",
+                key.expose(),
+                cfg.state_dir.join("session_api_key").display()
+            );
+        }
+    } else {
+        tracing::info!(path = %cfg.state_dir.join("session_api_key").display(), "using the stored session API key");
+    }
+    Ok(vec![key])
+}
+
+impl AppState {
+    /// Build and recover everything (see the module docs for the order).
+    pub async fn start(cfg: Config, keys: Vec<SessionKey>) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&cfg.state_dir)
+            .map_err(|e| anyhow::anyhow!("cannot create state_dir {}: {e}", cfg.state_dir.display()))?;
+        let client = DownstreamClient::new(Duration::from_secs(5));
+        let (provisioner, process): (Arc<dyn Provisioner>, Option<ProcessProvisioner>) = match cfg.provisioner.kind {
+            ProvisionerKind::Existing => {
+                let p = ExistingProvisioner::new(&cfg.provisioner.existing, client.clone())?;
+                p.spawn_health_loop();
+                (p, None)
+            }
+            ProvisionerKind::Process => {
+                let p = ProcessProvisioner::new(
+                    &cfg.provisioner.process,
+                    cfg.state_dir.join("process"),
+                    crate::config::default_agent_server(),
+                    client.clone(),
+                )?;
+                (Arc::new(p.clone()), Some(p))
+            }
+        };
+        let downstreams = provisioner.recover().await?;
+        let catalog_cfg = CatalogConfig {
+            max_staleness: Duration::from_millis(cfg.catalog.max_staleness_ms),
+            ..CatalogConfig::default()
+        };
+        let prov = provisioner.clone();
+        let catalog = Catalog::open(&cfg.state_dir.join("catalog"), client.clone(), catalog_cfg, move |id| prov.get(id))?;
+        let catalog = Arc::new(catalog);
+        // Adopt what running downstreams hold (bounded: the catalog's refresh timeout).
+        catalog.refresh_stale(downstreams.clone()).await;
+        let fleet = Fleet::open(cfg.state_dir.join("server_info.json"));
+        let state = AppState(Arc::new(Inner {
+            ready_timeout: Duration::from_secs_f64(cfg.ready_timeout_secs),
+            upstream_timeout: Duration::from_secs_f64(cfg.upstream_timeout_secs),
+            auth: Auth::new(keys),
+            provisioner,
+            process,
+            catalog,
+            client,
+            fleet,
+            creating: DashMap::new(),
+            started: std::time::Instant::now(),
+            shutdown: CancellationToken::new(),
+            cfg,
+        }));
+        for ds in downstreams {
+            if ds.state() == nestor_core::DownstreamState::Ready {
+                state.fleet.learn(&state.client, &ds).await;
+            }
+        }
+        tracing::info!(
+            provisioner = state.provisioner.kind(),
+            conversations = state.catalog.len(),
+            "nestor ready"
+        );
+        Ok(state)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.cfg.state_dir.clone()
+    }
+}

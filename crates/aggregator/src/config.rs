@@ -1,0 +1,354 @@
+//! nestor's configuration: a TOML file, overridden by environment, overridden by flags.
+//!
+//! ```toml
+//! bind = "127.0.0.1:8000"
+//! session_api_keys = ["secret"]        # none: no auth, and only a loopback bind is allowed
+//! state_dir = "/var/lib/nestor"
+//! [provisioner]
+//! kind = "existing"                    # "process" (default) | "existing"
+//! [[provisioner.existing.servers]]
+//! url = "http://127.0.0.1:9101"
+//! api_key = "k1"
+//! [provisioner.process]
+//! agent_server = "/path/to/bin/agent-server"
+//! ```
+//!
+//! Environment: every key as `NESTOR_<KEY>` (nested keys joined by `__`, e.g.
+//! `NESTOR_PROVISIONER__KIND=existing`); lists as TOML/JSON (`["a","b"]`) or, for
+//! `session_api_keys`, comma-separated. The agent-server's own `SESSION_API_KEY` is honoured
+//! as the client key, so a deployment's existing environment keeps working.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use nestor_core::SessionKey;
+use nestor_provisioner::existing::ExistingConfig;
+use nestor_provisioner::process::ProcessConfig;
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub bind: SocketAddr,
+    /// Client keys. Absent: nestor generates one (kept in `state_dir`) and prints it once.
+    /// Empty: no authentication, and only a loopback bind is allowed.
+    #[serde(default, deserialize_with = "keys")]
+    pub session_api_keys: Option<Vec<SessionKey>>,
+    /// nestor's own state (catalog, process downstreams, generated key).
+    pub state_dir: PathBuf,
+    /// Largest request body accepted, in bytes (413 beyond).
+    pub max_body_bytes: u64,
+    /// Seconds a proxied request may wait for its downstream's response headers.
+    pub upstream_timeout_secs: f64,
+    /// Seconds a request waits for its conversation's downstream to become ready.
+    pub ready_timeout_secs: f64,
+    /// `human` or `json` log lines.
+    pub log_format: LogFormat,
+    #[serde(default)]
+    pub catalog: CatalogSection,
+    pub provisioner: ProvisionerSection,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogSection {
+    /// A downstream's conversation list is re-read on search when older than this.
+    #[serde(default = "default_staleness_ms")]
+    pub max_staleness_ms: u64,
+}
+
+impl Default for CatalogSection {
+    fn default() -> Self {
+        Self { max_staleness_ms: default_staleness_ms() }
+    }
+}
+
+fn default_staleness_ms() -> u64 {
+    1000
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProvisionerKind {
+    Process,
+    Existing,
+}
+
+impl std::str::FromStr for ProvisionerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "process" => Ok(Self::Process),
+            "existing" => Ok(Self::Existing),
+            other => Err(format!("unknown provisioner kind {other:?} (expected \"process\" or \"existing\")")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvisionerSection {
+    pub kind: ProvisionerKind,
+    #[serde(default)]
+    pub existing: ExistingConfig,
+    #[serde(default)]
+    pub process: ProcessConfig,
+}
+
+/// `session_api_keys` as a list, or one comma-separated string (handy in an environment).
+fn keys<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<SessionKey>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Keys {
+        One(String),
+        Many(Vec<String>),
+    }
+    let raw = match Keys::deserialize(d)? {
+        Keys::One(s) => s.split(',').map(|k| k.trim().to_owned()).collect(),
+        Keys::Many(v) => v,
+    };
+    Ok(Some(raw.into_iter().filter(|k| !k.is_empty()).map(SessionKey::new).collect()))
+}
+
+/// Where nestor keeps state without a configured `state_dir`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("nestor");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/state/nestor")
+}
+
+/// The agent-server `scripts/setup-agent-server.sh` installs (same cache rule as the script).
+pub fn default_agent_server() -> PathBuf {
+    let cache = std::env::var_os("NESTOR_CACHE_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()).map(|x| PathBuf::from(x).join("nestor")))
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+            home.join(".cache/nestor")
+        });
+    cache.join(format!("agent-server-{}/venv/bin/agent-server", nestor_core::AGENT_SERVER_API_VERSION))
+}
+
+/// Command-line overrides (highest precedence).
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_api_keys: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provisioner: Option<ProvisionerOverride>,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ProvisionerOverride {
+    pub kind: ProvisionerKind,
+}
+
+impl Default for ProvisionerKind {
+    fn default() -> Self {
+        Self::Process
+    }
+}
+
+#[derive(Serialize)]
+struct Defaults {
+    bind: &'static str,
+    state_dir: PathBuf,
+    max_body_bytes: u64,
+    upstream_timeout_secs: f64,
+    ready_timeout_secs: f64,
+    log_format: LogFormat,
+    provisioner: DefaultProvisioner,
+}
+
+#[derive(Serialize)]
+struct DefaultProvisioner {
+    kind: ProvisionerKind,
+}
+
+/// A configuration error, for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Load: defaults < `file` < environment (`NESTOR_*`, `SESSION_API_KEY`) < `overrides`.
+    pub fn load(file: Option<&std::path::Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Defaults {
+            bind: "127.0.0.1:8000",
+            state_dir: default_state_dir(),
+            max_body_bytes: 100 << 20,
+            upstream_timeout_secs: 660.0,
+            ready_timeout_secs: 120.0,
+            log_format: LogFormat::Human,
+            provisioner: DefaultProvisioner { kind: ProvisionerKind::Process },
+        }));
+        if let Some(f) = file {
+            if !f.is_file() {
+                return Err(ConfigError::Invalid(format!("config file {} does not exist", f.display())));
+            }
+            fig = fig.merge(Toml::file_exact(f));
+        }
+        // The agent-server's own variable, below nestor's explicit ones.
+        if let Ok(k) = std::env::var("SESSION_API_KEY") {
+            if !k.is_empty() {
+                fig = fig.merge(Serialized::default("session_api_keys", vec![k]));
+            }
+        }
+        fig = fig
+            .merge(Env::prefixed("NESTOR_").split("__").ignore(&["CACHE_DIR", "BIN", "E2E_TARGET", "LOG"]))
+            .merge(Serialized::defaults(overrides));
+        let cfg: Config = fig.extract().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.session_api_keys.as_ref().is_some_and(|k| k.is_empty()) && !self.bind.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "refusing to listen on {} with an empty session_api_keys (no authentication): set a key (session_api_keys, NESTOR_SESSION_API_KEYS, SESSION_API_KEY or --session-api-key) or bind to a loopback address",
+                self.bind
+            )));
+        }
+        for (what, v) in [("upstream_timeout_secs", self.upstream_timeout_secs), ("ready_timeout_secs", self.ready_timeout_secs)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(ConfigError::Invalid(format!("{what} must be a positive number of seconds")));
+            }
+        }
+        if self.max_body_bytes == 0 {
+            return Err(ConfigError::Invalid("max_body_bytes must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    // figment's Jail isolates environment changes between tests.
+    #[test]
+    fn the_documented_keys_work_exactly_as_written() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            let mut f = std::fs::File::create(jail.directory().join("nestor.toml")).unwrap();
+            f.write_all(
+                br#"
+bind = "127.0.0.1:8000"
+session_api_keys = ["secret"]
+state_dir = "/var/lib/nestor"
+[provisioner]
+kind = "existing"
+[[provisioner.existing.servers]]
+url = "http://127.0.0.1:9101"
+api_key = "k1"
+[provisioner.process]
+agent_server = "/path/to/bin/agent-server"
+"#,
+            )
+            .unwrap();
+            let c = Config::load(Some(&jail.directory().join("nestor.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.bind.to_string(), "127.0.0.1:8000");
+            assert_eq!(c.session_api_keys, Some(vec![SessionKey::new("secret")]));
+            assert_eq!(c.state_dir, PathBuf::from("/var/lib/nestor"));
+            assert_eq!(c.provisioner.kind, ProvisionerKind::Existing);
+            assert_eq!(c.provisioner.existing.servers[0].url, "http://127.0.0.1:9101");
+            assert_eq!(c.provisioner.existing.servers[0].api_key, Some(SessionKey::new("k1")));
+            assert_eq!(c.provisioner.process.agent_server, Some(PathBuf::from("/path/to/bin/agent-server")));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn defaults_without_any_config() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            let c = Config::load(None, &Overrides::default()).unwrap();
+            assert_eq!(c.bind.to_string(), "127.0.0.1:8000");
+            assert_eq!(c.provisioner.kind, ProvisionerKind::Process);
+            assert!(c.session_api_keys.is_none());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn environment_overrides_file_and_flags_override_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("n.toml", "bind = \"127.0.0.1:1\"\n[provisioner]\nkind = \"process\"\n")?;
+            jail.set_env("NESTOR_BIND", "127.0.0.1:2");
+            jail.set_env("NESTOR_PROVISIONER__KIND", "existing");
+            jail.set_env("NESTOR_SESSION_API_KEYS", "a, b");
+            jail.set_env("NESTOR_PROVISIONER__EXISTING__SERVERS", r#"[{url="http://127.0.0.1:5"}]"#);
+            let c = Config::load(Some(&jail.directory().join("n.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.bind.port(), 2);
+            assert_eq!(c.provisioner.kind, ProvisionerKind::Existing);
+            assert_eq!(c.session_api_keys, Some(vec![SessionKey::new("a"), SessionKey::new("b")]));
+            assert_eq!(c.provisioner.existing.servers.len(), 1);
+            let o = Overrides {
+                bind: Some("127.0.0.1:3".into()),
+                session_api_keys: Some(vec!["c".into()]),
+                provisioner: Some(ProvisionerOverride { kind: ProvisionerKind::Process }),
+                ..Default::default()
+            };
+            let c = Config::load(Some(&jail.directory().join("n.toml")), &o).unwrap();
+            assert_eq!(c.bind.port(), 3);
+            assert_eq!(c.session_api_keys, Some(vec![SessionKey::new("c")]));
+            assert_eq!(c.provisioner.kind, ProvisionerKind::Process);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn agent_server_session_api_key_is_honoured() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("SESSION_API_KEY", "legacy");
+            let c = Config::load(None, &Overrides::default()).unwrap();
+            assert_eq!(c.session_api_keys, Some(vec![SessionKey::new("legacy")]));
+            jail.set_env("NESTOR_SESSION_API_KEYS", r#"["explicit"]"#);
+            let c = Config::load(None, &Overrides::default()).unwrap();
+            assert_eq!(c.session_api_keys, Some(vec![SessionKey::new("explicit")]));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn refuses_open_non_loopback_bind_and_bad_values() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            let o = Overrides { bind: Some("0.0.0.0:8000".into()), session_api_keys: Some(vec![]), ..Default::default() };
+            let e = Config::load(None, &o).unwrap_err().to_string();
+            assert!(e.contains("refusing to listen on 0.0.0.0:8000"), "{e}");
+            let o = Overrides { bind: Some("0.0.0.0:8000".into()), session_api_keys: Some(vec!["k".into()]), ..Default::default() };
+            assert!(Config::load(None, &o).is_ok());
+            jail.create_file("bad.toml", "bnid = \"x\"\n")?;
+            let e = Config::load(Some(&jail.directory().join("bad.toml")), &Overrides::default()).unwrap_err().to_string();
+            assert!(e.contains("bnid"), "{e}");
+            assert!(Config::load(Some(std::path::Path::new("/nonexistent.toml")), &Overrides::default()).is_err());
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,302 @@
+//! Forwarding one HTTP request to a downstream agent-server, and its answer back.
+//!
+//! The hop must be invisible: the path, query, method, status, headers and body pass
+//! through unchanged, except for what a proxy must change —
+//! * the client's key is removed and the downstream's own key is sent instead;
+//! * hop-by-hop headers are dropped (RFC 9110 §7.6.1) in both directions;
+//! * the client's `Host` is kept, so URLs the downstream builds (redirects) name nestor;
+//! * the answer passes the leak guard (the downstream's key and address never reach the
+//!   client). Small answers are redacted whole and keep an exact `content-length`; larger
+//!   or unsized ones are redacted as they stream.
+//!
+//! Bodies stream both ways and are never fully buffered (except small answers, above).
+//! Request bodies are bounded by `max_body_bytes` (413). A request whose downstream is not
+//! ready waits for it, bounded by `ready_timeout`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use nestor_core::client::{BoxError, ProxyBody};
+use nestor_core::leak_guard::{Redactor, MASK};
+use nestor_core::{ApiError, ConversationId, Downstream, DownstreamState, Endpoint};
+
+use crate::app::AppState;
+
+/// Answers at most this big are redacted whole (exact `content-length` kept).
+const BUFFER_LIMIT: u64 = 256 * 1024;
+
+/// Hop-by-hop headers, plus what nestor sets itself.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// Headers named by `Connection:` are hop-by-hop too.
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// Remove `session_api_key` from a query string (it authenticated the client to nestor).
+pub fn strip_key_from_query(q: &str) -> Option<String> {
+    if !q.contains("session_api_key") {
+        return Some(q.to_owned()).filter(|s| !s.is_empty());
+    }
+    let kept: Vec<&str> = q
+        .split('&')
+        .filter(|p| !p.is_empty() && p.split('=').next() != Some("session_api_key"))
+        .collect();
+    if kept.is_empty() {
+        None
+    } else {
+        Some(kept.join("&"))
+    }
+}
+
+/// The origin clients use to reach nestor, from the request (`Host`, and
+/// `X-Forwarded-Proto` when set by a TLS-terminating proxy in front).
+pub fn public_origin(headers: &HeaderMap) -> Option<String> {
+    let host = headers.get(header::HOST)?.to_str().ok()?;
+    let proto = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .filter(|p| *p == "https" || *p == "http")
+        .unwrap_or("http");
+    Some(format!("{proto}://{host}"))
+}
+
+/// The leak guard for answers from `ep` to a client that reached nestor at `origin`.
+pub fn redactor_for(ep: &Endpoint, origin: Option<&str>) -> Redactor {
+    let mut rules: Vec<(Vec<u8>, Bytes)> = Vec::with_capacity(4);
+    if let Some(k) = &ep.key {
+        if k.expose().len() >= 8 {
+            rules.push((k.expose().as_bytes().to_vec(), Bytes::from_static(MASK.as_bytes())));
+        }
+    }
+    let authority = ep.authority.as_str();
+    let (nestor_http, nestor_ws, nestor_host) = match origin {
+        Some(o) => {
+            let host = o.split_once("://").map(|(_, h)| h).unwrap_or(o).to_owned();
+            let ws = if o.starts_with("https://") { format!("wss://{host}") } else { format!("ws://{host}") };
+            (o.to_owned(), ws, host)
+        }
+        None => ("http://nestor".to_owned(), "ws://nestor".to_owned(), "nestor".to_owned()),
+    };
+    rules.push((format!("{}://{authority}", ep.scheme).into_bytes(), Bytes::from(nestor_http)));
+    rules.push((format!("ws://{authority}").into_bytes(), Bytes::from(nestor_ws)));
+    rules.push((authority.as_bytes().to_vec(), Bytes::from(nestor_host)));
+    Redactor::new(rules)
+}
+
+/// Options of one forward.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardOpts {
+    /// Keep and read the whole answer (for create/fork: nestor reads it) — returned as
+    /// `Forwarded::Buffered`.
+    pub buffer_answer: bool,
+}
+
+/// A forwarded answer.
+pub enum Forwarded {
+    /// Streamed to the client as is.
+    Response(Response<Body>),
+    /// Read whole (already redacted), for the caller to inspect before answering.
+    Buffered { status: StatusCode, headers: HeaderMap, body: Bytes },
+}
+
+impl Forwarded {
+    pub fn into_response(self) -> Response<Body> {
+        match self {
+            Forwarded::Response(r) => r,
+            Forwarded::Buffered { status, headers, body } => {
+                let mut r = Response::new(Body::from(body));
+                *r.status_mut() = status;
+                *r.headers_mut() = headers;
+                r
+            }
+        }
+    }
+}
+
+/// Wait (bounded) until `ds` can take requests, starting it if its provisioner can.
+pub async fn ensure_ready(state: &AppState, ds: &Arc<Downstream>, conv: Option<ConversationId>) -> Result<Arc<Endpoint>, ApiError> {
+    if ds.state() != DownstreamState::Ready || ds.endpoint().is_none() {
+        let timeout = state.ready_timeout;
+        if let Err(e) = state.provisioner.ensure_ready(ds, timeout).await {
+            let who = conv.map(|c| format!("conversation {c}'s agent-server")).unwrap_or_else(|| "the agent-server".into());
+            tracing::warn!(downstream = %ds.id(), "not ready: {e}");
+            return Err(crate::errors::provision_error(e, &who));
+        }
+    }
+    ds.endpoint().ok_or_else(|| ApiError::unavailable("the agent-server is not running; retry shortly"))
+}
+
+/// Build the downstream request from the client's.
+fn downstream_request(
+    ep: &Endpoint,
+    parts: &http::request::Parts,
+    path_and_query: &str,
+    body: ProxyBody,
+) -> Result<Request<ProxyBody>, ApiError> {
+    let uri = ep.uri(path_and_query).map_err(|e| ApiError::BadRequest(format!("invalid request target: {e}")))?;
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    let listed = connection_listed(&parts.headers);
+    let headers = req.headers_mut();
+    headers.reserve(parts.headers.len() + 1);
+    for (name, value) in parts.headers.iter() {
+        if is_hop_by_hop(name) || listed.contains(name) || name.as_str() == nestor_core::SESSION_KEY_HEADER {
+            continue;
+        }
+        if name == header::AUTHORIZATION {
+            // `/v1/*` accepts the session key as a bearer token: never pass the client's on.
+            continue;
+        }
+        headers.append(name.clone(), value.clone());
+    }
+    if let Some(k) = ep.key_header() {
+        headers.insert(HeaderName::from_static(nestor_core::SESSION_KEY_HEADER), k.clone());
+    }
+    Ok(req)
+}
+
+/// Turn the client's body into a bounded streaming body (413 when `content-length` says
+/// it is too big; a stream that grows past the limit is cut with an error).
+pub fn bounded_body(parts: &http::request::Parts, body: Body, limit: u64) -> Result<ProxyBody, ApiError> {
+    if let Some(len) = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+        if len > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+    }
+    Ok(Limited::new(body, limit as usize).map_err(|e: BoxError| e).boxed_unsync())
+}
+
+/// Forward the client's request to `ds` at `path_and_query`.
+pub async fn forward(
+    state: &AppState,
+    ds: &Arc<Downstream>,
+    conv: Option<ConversationId>,
+    parts: http::request::Parts,
+    body: ProxyBody,
+    path_and_query: &str,
+    opts: ForwardOpts,
+) -> Result<Forwarded, ApiError> {
+    let ep = ensure_ready(state, ds, conv).await?;
+    let _activity = ds.begin_request();
+    let req = downstream_request(&ep, &parts, path_and_query, body)?;
+    let resp = match tokio::time::timeout(state.upstream_timeout, state.client.send(req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::warn!(downstream = %ds.id(), conversation = ?conv, "upstream error: {e}");
+            let who = conv.map(|c| format!("conversation {c}'s agent-server")).unwrap_or_else(|| "the agent-server".into());
+            return Err(ApiError::BadGateway(format!("{who} is unreachable: {e}")));
+        }
+        Err(_) => {
+            return Err(ApiError::GatewayTimeout(format!(
+                "the agent-server did not answer within {:?}",
+                state.upstream_timeout
+            )))
+        }
+    };
+    let origin = public_origin(&parts.headers);
+    let redactor = redactor_for(&ep, origin.as_deref());
+    let (mut rparts, rbody) = resp.into_parts();
+    let listed = connection_listed(&rparts.headers);
+    rparts.headers.retain_hop_by_hop(&listed);
+    redact_headers(&mut rparts.headers, &redactor);
+
+    let size = rparts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if opts.buffer_answer || size.is_some_and(|s| s <= BUFFER_LIMIT) {
+        let limit = if opts.buffer_answer { 64 << 20 } else { BUFFER_LIMIT as usize };
+        let bytes = match tokio::time::timeout(state.upstream_timeout, Limited::new(rbody, limit).collect()).await {
+            Ok(Ok(c)) => c.to_bytes(),
+            Ok(Err(e)) => return Err(ApiError::BadGateway(format!("the agent-server's answer could not be read: {e}"))),
+            Err(_) => return Err(ApiError::GatewayTimeout("the agent-server's answer stalled".into())),
+        };
+        let body = match redactor.apply(&bytes) {
+            std::borrow::Cow::Borrowed(_) => bytes,
+            std::borrow::Cow::Owned(v) => Bytes::from(v),
+        };
+        rparts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        if opts.buffer_answer {
+            return Ok(Forwarded::Buffered { status: rparts.status, headers: rparts.headers, body });
+        }
+        return Ok(Forwarded::Response(Response::from_parts(rparts, Body::from(body))));
+    }
+    rparts.headers.remove(header::CONTENT_LENGTH);
+    let body = Body::new(redactor.wrap(rbody));
+    Ok(Forwarded::Response(Response::from_parts(rparts, body)))
+}
+
+/// Apply the leak guard to header values.
+fn redact_headers(headers: &mut HeaderMap, redactor: &Redactor) {
+    for v in headers.values_mut() {
+        if let std::borrow::Cow::Owned(new) = redactor.apply(v.as_bytes()) {
+            if let Ok(nv) = HeaderValue::from_bytes(&new) {
+                *v = nv;
+            }
+        }
+    }
+}
+
+trait RetainHopByHop {
+    fn retain_hop_by_hop(&mut self, listed: &[HeaderName]);
+}
+
+impl RetainHopByHop for HeaderMap {
+    fn retain_hop_by_hop(&mut self, listed: &[HeaderName]) {
+        let drop: Vec<HeaderName> = self.keys().filter(|n| is_hop_by_hop(n) || listed.contains(n)).cloned().collect();
+        for n in drop {
+            self.remove(&n);
+        }
+    }
+}
+
+/// The timeout for small internal calls to downstreams.
+pub const INTERNAL_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nestor_core::SessionKey;
+
+    #[test]
+    fn strips_only_the_key_from_queries() {
+        assert_eq!(strip_key_from_query("a=1&session_api_key=k&b=2").as_deref(), Some("a=1&b=2"));
+        assert_eq!(strip_key_from_query("session_api_key=k"), None);
+        assert_eq!(strip_key_from_query("resend_mode=all").as_deref(), Some("resend_mode=all"));
+        assert_eq!(strip_key_from_query(""), None);
+    }
+
+    #[test]
+    fn redactor_hides_key_and_address() {
+        let ep = Endpoint::loopback(41234, Some(SessionKey::new("downstreamkey123")));
+        let r = redactor_for(&ep, Some("http://nestor.example:8000"));
+        let out = r.apply(b"http://127.0.0.1:41234/x?tkn=downstreamkey123 ws://127.0.0.1:41234/s 127.0.0.1:41234");
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "http://nestor.example:8000/x?tkn=********** ws://nestor.example:8000/s nestor.example:8000"
+        );
+    }
+}

@@ -1,0 +1,19 @@
+//! nestor: one OpenHands agent-server API in front of many downstream agent-servers.
+//!
+//! Clients (the web frontend, the Python SDK) talk to nestor exactly as to an agent-server;
+//! each conversation actually lives on its own downstream, started by a provisioner. This
+//! crate is the binary's library: configuration ([`config`]), start-up ([`app`]), client
+//! authentication ([`auth`]), the HTTP surface ([`routes`]), the forwarding hop
+//! ([`forward`]) and serving with graceful shutdown ([`server`]).
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod errors;
+pub mod fleet;
+pub mod forward;
+pub mod routes;
+pub mod server;
+
+pub use app::AppState;
+pub use config::Config;

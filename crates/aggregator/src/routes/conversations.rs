@@ -1,0 +1,432 @@
+//! `/api/conversations…`: create, the merged catalog reads, delete, and everything
+//! per-conversation (forwarded to the conversation's downstream).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use nestor_conversation_service::{present, BatchQuery, QueryParams, SearchQuery};
+use nestor_core::client::full_body;
+use nestor_core::error::ValidationItem;
+use nestor_core::{ApiError, ConversationId, Downstream, DownstreamState, UserId};
+use nestor_provisioner::ProvisionRequest;
+use serde_json::{json, Map, Value};
+
+use crate::app::AppState;
+use crate::errors::{provision_error, HttpError, HttpResult};
+use crate::forward::{self, bounded_body, strip_key_from_query, ForwardOpts, Forwarded};
+
+/// A JSON answer, compact like FastAPI's.
+pub fn json_response(status: StatusCode, v: &Value) -> Response {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// Parse a conversation id from a path, with the agent-server's 422.
+pub fn path_id(raw: &str) -> Result<ConversationId, ApiError> {
+    ConversationId::parse(raw).map_err(|e| {
+        ApiError::Validation(vec![ValidationItem::uuid_parsing(
+            vec![json!("path"), json!("conversation_id")],
+            raw,
+            &e.0,
+        )])
+    })
+}
+
+/// The 404 the agent-server gives for an unknown conversation on this sub-route.
+pub fn unknown_conversation(id: &ConversationId, rest: &str) -> ApiError {
+    let first = rest.split('/').next().unwrap_or("");
+    match first {
+        "events" | "workspace" | "bash" | "file" | "git" | "vscode" => {
+            ApiError::NotFound(format!("Conversation not found: {id}"))
+        }
+        "fork" => ApiError::NotFound("Source conversation not found".into()),
+        _ => ApiError::not_found(),
+    }
+}
+
+/// The path and query to send downstream: as received, minus `session_api_key`.
+fn downstream_target(uri: &http::Uri) -> String {
+    let mut pq = uri.path().to_owned();
+    if let Some(q) = uri.query().and_then(strip_key_from_query) {
+        pq.push('?');
+        pq.push_str(&q);
+    }
+    pq
+}
+
+/// Look up a conversation the caller may see.
+fn route(state: &AppState, id: &ConversationId, user: &UserId, rest: &str) -> Result<Arc<Downstream>, ApiError> {
+    match state.catalog.route(id) {
+        Some((ds, owner)) if &owner == user || state.auth.is_open() || owner == UserId::default_user() => Ok(ds),
+        _ => Err(unknown_conversation(id, rest)),
+    }
+}
+
+// ---------------------------------------------------------------- catalog reads
+
+/// `GET /api/conversations/search`.
+pub async fn search(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
+    let user = state.auth.check_headers(req.headers())?;
+    let q = SearchQuery::parse(&QueryParams::parse(req.uri().query())).map_err(ApiError::Validation)?;
+    state.catalog.refresh_stale(state.provisioner.list()).await;
+    let owner = scope(&state, &user);
+    let page = state.catalog.search(owner.as_ref(), q.status.as_deref(), q.sort_order, q.page_id.as_deref(), q.limit);
+    let mut items: Vec<Value> = Vec::with_capacity(page.items.len());
+    let live = if q.include_skills { live_infos(&state, page.items.iter().map(|i| i.id).collect(), true).await } else { HashMap::new() };
+    for it in &page.items {
+        if let Some(v) = live.get(&it.id) {
+            items.push(v.clone());
+        } else if let Some(v) = state.catalog.presented_info(&it.id) {
+            items.push(v);
+        }
+    }
+    Ok(json_response(StatusCode::OK, &json!({ "items": items, "next_page_id": page.next_page_id })))
+}
+
+/// Which user's conversations a caller sees (None: everyone's, single-user mode).
+fn scope(_state: &AppState, _user: &UserId) -> Option<UserId> {
+    None
+}
+
+/// `GET /api/conversations/count`.
+pub async fn count(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
+    let user = state.auth.check_headers(req.headers())?;
+    let status = nestor_conversation_service::query::parse_count(&QueryParams::parse(req.uri().query()))
+        .map_err(ApiError::Validation)?;
+    state.catalog.refresh_stale(state.provisioner.list()).await;
+    let n = state.catalog.count(scope(&state, &user).as_ref(), status.as_deref());
+    Ok(json_response(StatusCode::OK, &json!(n)))
+}
+
+/// Fetch infos live from their downstreams (running ones only), grouped per downstream.
+async fn live_infos(state: &AppState, ids: Vec<ConversationId>, include_skills: bool) -> HashMap<ConversationId, Value> {
+    let mut by_ds: HashMap<nestor_core::DownstreamId, (Arc<Downstream>, Vec<ConversationId>)> = HashMap::new();
+    for id in ids {
+        if let Some((ds, _)) = state.catalog.route(&id) {
+            if ds.state() == DownstreamState::Ready {
+                by_ds.entry(ds.id().clone()).or_insert_with(|| (ds.clone(), Vec::new())).1.push(id);
+            }
+        }
+    }
+    let fetches = by_ds.into_values().map(|(ds, ids)| async move {
+        let r = state.catalog.fetch_live(&ds, &ids, include_skills, forward::INTERNAL_CALL_TIMEOUT).await;
+        (ds, ids, r)
+    });
+    let mut out = HashMap::new();
+    for (ds, ids, r) in futures::future::join_all(fetches).await {
+        match r {
+            Ok(infos) => {
+                for (id, info) in ids.into_iter().zip(infos) {
+                    if let Some(v) = info {
+                        out.insert(id, v);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(downstream = %ds.id(), "batch read failed, answering from the catalog: {e}"),
+        }
+    }
+    out
+}
+
+/// `GET /api/conversations?ids=…` (up to 99, answer in request order, null if unknown).
+pub async fn batch(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
+    let user = state.auth.check_headers(req.headers())?;
+    let q = BatchQuery::parse(&QueryParams::parse(req.uri().query())).map_err(ApiError::Validation)?;
+    let visible: Vec<ConversationId> = q.ids.iter().copied().filter(|id| route(&state, id, &user, "").is_ok()).collect();
+    let live = live_infos(&state, visible.clone(), q.include_skills).await;
+    let out: Vec<Value> = q
+        .ids
+        .iter()
+        .map(|id| {
+            if !visible.contains(id) {
+                return Value::Null;
+            }
+            live.get(id).cloned().or_else(|| state.catalog.presented_info(id)).unwrap_or(Value::Null)
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, &Value::Array(out)))
+}
+
+// ---------------------------------------------------------------- create
+
+/// `POST /api/conversations`: mint the id if absent, provision a downstream, forward.
+/// Idempotent like upstream: an existing id goes to its downstream (200, nothing new).
+pub async fn create(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
+    let user = state.auth.check_headers(req.headers())?;
+    let (parts, body) = req.into_parts();
+    let limit = state.cfg.max_body_bytes;
+    let body = bounded_body(&parts, body, limit)?;
+    let bytes = match body.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(ApiError::PayloadTooLarge { limit }.into()),
+        Err(e) => return Err(ApiError::BadRequest(format!("could not read the request body: {e}")).into()),
+    };
+    let mut obj = parse_create_body(&bytes)?;
+    let id = match obj.get("conversation_id") {
+        None | Some(Value::Null) => ConversationId::new_random(),
+        Some(Value::String(s)) => ConversationId::parse(s).map_err(|e| {
+            ApiError::Validation(vec![ValidationItem::uuid_parsing(vec![json!("body"), json!("conversation_id")], s, &e.0)])
+        })?,
+        Some(other) => {
+            return Err(ApiError::Validation(vec![ValidationItem {
+                kind: "uuid_type".into(),
+                loc: vec![json!("body"), json!("conversation_id")],
+                msg: "UUID input should be a string, bytes or UUID object".into(),
+                input: other.clone(),
+                ctx: None,
+            }])
+            .into())
+        }
+    };
+    obj.insert("conversation_id".into(), Value::String(id.to_string()));
+
+    // Already known: the owning downstream answers (200 + existing info).
+    if let Ok(ds) = route(&state, &id, &user, "") {
+        return forward_create(&state, &ds, id, &user, parts, obj, false).await;
+    }
+    if state.catalog.route(&id).is_some() {
+        // Someone else's conversation: creating it again must not reveal it exists.
+        return Err(ApiError::Conflict(format!("conversation {id} cannot be created")).into());
+    }
+
+    let lock = state.creating.entry(id).or_default().clone();
+    let _guard = lock.lock().await;
+    let result = async {
+        if let Ok(ds) = route(&state, &id, &user, "") {
+            return forward_create(&state, &ds, id, &user, parts, obj, false).await;
+        }
+        let ds = state
+            .provisioner
+            .provision(ProvisionRequest { conversation: id, owner: user.clone() })
+            .await
+            .map_err(|e| provision_error(e, &format!("conversation {id}'s agent-server")))?;
+        forward_create(&state, &ds, id, &user, parts, obj, true).await
+    }
+    .await;
+    drop(_guard);
+    state.creating.remove_if(&id, |_, l| Arc::strong_count(l) <= 1);
+    result
+}
+
+/// Validate what nestor must read of a create body before spending a downstream on it.
+fn parse_create_body(bytes: &Bytes) -> Result<Map<String, Value>, ApiError> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::Validation(vec![ValidationItem::json_invalid(e.column().saturating_sub(1), &e.to_string())])
+    })?;
+    let Value::Object(obj) = v else {
+        return Err(ApiError::Validation(vec![ValidationItem {
+            kind: "model_attributes_type".into(),
+            loc: vec![json!("body")],
+            msg: "Input should be a valid dictionary or object to extract fields from".into(),
+            input: v,
+            ctx: None,
+        }]));
+    };
+    if !obj.contains_key("workspace") {
+        return Err(ApiError::Validation(vec![ValidationItem::missing(
+            vec![json!("body"), json!("workspace")],
+            Value::Object(obj),
+        )]));
+    }
+    Ok(obj)
+}
+
+async fn forward_create(
+    state: &AppState,
+    ds: &Arc<Downstream>,
+    id: ConversationId,
+    user: &UserId,
+    mut parts: http::request::Parts,
+    mut obj: Map<String, Value>,
+    fresh: bool,
+) -> HttpResult {
+    if fresh {
+        if let Err(e) = forward::ensure_ready(state, ds, Some(id)).await {
+            release_if_empty(state, ds, id).await;
+            return Err(e.into());
+        }
+        state.provisioner.prepare_create(ds, &mut obj);
+    }
+    let body = Bytes::from(serde_json::to_vec(&Value::Object(obj)).unwrap_or_default());
+    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let target = downstream_target(&parts.uri);
+    let res = forward::forward(state, ds, Some(id), parts, full_body(body), &target, ForwardOpts { buffer_answer: true }).await;
+    let (status, headers, body) = match res {
+        Ok(Forwarded::Buffered { status, headers, body }) => (status, headers, body),
+        Ok(Forwarded::Response(r)) => return Ok(r),
+        Err(e) => {
+            if fresh {
+                release_if_empty(state, ds, id).await;
+            }
+            return Err(e.into());
+        }
+    };
+    if status.is_success() {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(info) => {
+                state.catalog.register(id, ds, user.clone(), info).await;
+                if let Some(p) = &state.process {
+                    p.mark_active(ds);
+                }
+                if !state.fleet.knows(ds.id()) {
+                    state.fleet.learn(&state.client, ds).await;
+                }
+            }
+            Err(e) => tracing::warn!(conversation = %id, "create answer is not JSON: {e}"),
+        }
+    } else if fresh {
+        release_if_empty(state, ds, id).await;
+    }
+    Ok(Forwarded::Buffered { status, headers, body }.into_response())
+}
+
+/// A create that failed leaves nothing behind.
+async fn release_if_empty(state: &AppState, ds: &Arc<Downstream>, id: ConversationId) {
+    let remaining = state.catalog.count_on(ds.id());
+    if remaining == 0 && ds.primary() == Some(id) {
+        if let Err(e) = state.provisioner.release(ds, id, 0).await {
+            tracing::warn!(conversation = %id, "could not release after a failed create: {e}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------- per conversation
+
+/// `/api/conversations/{id}` and everything below it.
+pub async fn per_conversation(
+    State(state): State<AppState>,
+    Path(params): Path<Vec<(String, String)>>,
+    req: Request<Body>,
+) -> HttpResult {
+    let raw_id = params.iter().find(|(k, _)| k == "id").map(|(_, v)| v.as_str()).unwrap_or("");
+    let rest = params.iter().find(|(k, _)| k == "rest").map(|(_, v)| v.as_str()).unwrap_or("");
+    let user = state.auth.check_headers(req.headers())?;
+    if raw_id == "prepare-for-sandbox-pause" && rest.is_empty() {
+        // Process-local upstream; nestor's own concern, not a client's.
+        return Err(ApiError::not_found().into());
+    }
+    let id = path_id(raw_id)?;
+    let ds = route(&state, &id, &user, rest)?;
+    let method = req.method().clone();
+    match (method, rest) {
+        (Method::DELETE, "") => delete(&state, &ds, id, req).await,
+        (Method::GET, "runtime") => Ok(json_response(StatusCode::OK, &nestor_conversation_service::runtime_info(&ds))),
+        (Method::POST, "runtime/reprovision") => {
+            forward::ensure_ready(&state, &ds, Some(id)).await?;
+            Ok(json_response(StatusCode::OK, &nestor_conversation_service::runtime_info(&ds)))
+        }
+        (Method::POST, "fork") | (Method::POST, "children") => spawn_on_same(&state, &ds, id, &user, req).await,
+        _ => forward_streaming(&state, &ds, Some(id), req).await,
+    }
+}
+
+/// Forward with streaming bodies both ways.
+pub async fn forward_streaming(state: &AppState, ds: &Arc<Downstream>, id: Option<ConversationId>, req: Request<Body>) -> HttpResult {
+    let (parts, body) = req.into_parts();
+    let body = bounded_body(&parts, body, state.cfg.max_body_bytes)?;
+    let target = downstream_target(&parts.uri);
+    let r = forward::forward(state, ds, id, parts, body, &target, ForwardOpts { buffer_answer: false }).await?;
+    Ok(r.into_response())
+}
+
+/// Fork / child: created by the downstream that owns the parent; register the new id there.
+async fn spawn_on_same(state: &AppState, ds: &Arc<Downstream>, id: ConversationId, user: &UserId, req: Request<Body>) -> HttpResult {
+    let (parts, body) = req.into_parts();
+    let body = bounded_body(&parts, body, state.cfg.max_body_bytes)?;
+    let target = downstream_target(&parts.uri);
+    let r = forward::forward(state, ds, Some(id), parts, body, &target, ForwardOpts { buffer_answer: true }).await?;
+    let Forwarded::Buffered { status, headers, body } = r else { return Ok(r.into_response()) };
+    if status.is_success() {
+        if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+            // Fork answers a ConversationInfo (`id`); children a `conversation_id`.
+            let new_id = v
+                .get("id")
+                .or_else(|| v.get("conversation_id"))
+                .and_then(Value::as_str)
+                .and_then(|s| ConversationId::parse(s).ok());
+            if let Some(new_id) = new_id {
+                let info = if v.get("created_at").is_some() { v.clone() } else { json!({"id": new_id.to_string()}) };
+                state.catalog.register(new_id, ds, user.clone(), info).await;
+                if v.get("created_at").is_none() {
+                    // Fill in the full info in the background.
+                    let st = state.clone();
+                    let ds2 = ds.clone();
+                    tokio::spawn(async move {
+                        let _ = st.catalog.fetch_live(&ds2, &[new_id], false, forward::INTERNAL_CALL_TIMEOUT).await;
+                    });
+                }
+            }
+        }
+    }
+    Ok(Forwarded::Buffered { status, headers, body }.into_response())
+}
+
+/// `DELETE /api/conversations/{id}`: delete downstream-side, then release the downstream.
+async fn delete(state: &AppState, ds: &Arc<Downstream>, id: ConversationId, req: Request<Body>) -> HttpResult {
+    let alone = ds.primary() == Some(id) && state.catalog.count_on(ds.id()) <= 1;
+    let answer = if ds.state() != DownstreamState::Ready && alone {
+        // Its own downstream is not running and hosts nothing else: removing the
+        // downstream removes the conversation; no need to start it just to delete.
+        None
+    } else {
+        let (parts, body) = req.into_parts();
+        let body = bounded_body(&parts, body, state.cfg.max_body_bytes)?;
+        let target = downstream_target(&parts.uri);
+        match forward::forward(state, ds, Some(id), parts, body, &target, ForwardOpts { buffer_answer: true }).await? {
+            Forwarded::Buffered { status, headers, body } => {
+                if !status.is_success() && status != StatusCode::NOT_FOUND {
+                    return Ok(Forwarded::Buffered { status, headers, body }.into_response());
+                }
+                Some((status, headers, body))
+            }
+            Forwarded::Response(r) => return Ok(r),
+        }
+    };
+    state.catalog.remove(&id).await;
+    let remaining = state.catalog.count_on(ds.id());
+    if let Err(e) = state.provisioner.release(ds, id, remaining).await {
+        tracing::warn!(conversation = %id, "deleted, but releasing its agent-server failed: {e}");
+    }
+    if remaining == 0 && ds.primary().is_some() {
+        state.fleet.forget(ds.id());
+    }
+    match answer {
+        Some((status, headers, body)) if status.is_success() => Ok(Forwarded::Buffered { status, headers, body }.into_response()),
+        _ => Ok(json_response(StatusCode::OK, &json!({"success": true}))),
+    }
+}
+
+/// `GET /api/file/download-trajectory/{id}`: forwarded by id.
+pub async fn trajectory(State(state): State<AppState>, Path(raw): Path<String>, req: Request<Body>) -> HttpResult {
+    let user = state.auth.check_headers(req.headers())?;
+    let id = path_id(&raw)?;
+    let ds = route(&state, &id, &user, "")?;
+    forward_streaming(&state, &ds, Some(id), req).await
+}
+
+impl IntoResponse for Forwarded {
+    fn into_response(self) -> Response {
+        Forwarded::into_response(self)
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send(e: HttpError) -> impl Send {
+    e
+}
+
+/// Present a cached info (for tests and the status CLI).
+pub fn presented(state: &AppState, id: &ConversationId) -> Option<Value> {
+    let e = state.catalog.get(id)?;
+    Some(present(&e.item.info, &e.downstream))
+}

@@ -1,0 +1,36 @@
+//! The HTTP surface: which handler answers which agent-server route.
+//!
+//! | routes | handler |
+//! | --- | --- |
+//! | `/alive`, `/health`, `/ready`, `/server_info`, `/`, `/openapi.json` | nestor itself ([`health`]) |
+//! | `POST /api/conversations` | create: provision + forward ([`conversations::create`]) |
+//! | `GET /api/conversations/search`, `/count`, `GET /api/conversations?ids=` | the merged catalog |
+//! | `/api/conversations/{id}[/…]`, `/api/file/download-trajectory/{id}` | the conversation's downstream |
+//! | anything else under `/api/` | the home downstream ([`home`]) |
+
+pub mod conversations;
+pub mod health;
+pub mod home;
+
+use axum::routing::{any, get};
+use axum::Router;
+
+use crate::app::AppState;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/alive", get(health::alive))
+        .route("/health", get(health::alive))
+        .route("/ready", get(health::ready))
+        .route("/server_info", get(health::server_info))
+        .route("/", get(health::server_info))
+        .route("/openapi.json", get(health::openapi))
+        .route("/api/conversations", get(conversations::batch).post(conversations::create))
+        .route("/api/conversations/search", get(conversations::search))
+        .route("/api/conversations/count", get(conversations::count))
+        .route("/api/conversations/{id}", any(conversations::per_conversation))
+        .route("/api/conversations/{id}/{*rest}", any(conversations::per_conversation))
+        .route("/api/file/download-trajectory/{id}", get(conversations::trajectory))
+        .fallback(home::fallback)
+        .with_state(state)
+}

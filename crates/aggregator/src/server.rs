@@ -1,0 +1,48 @@
+//! Serving: bind, accept, and shut down gracefully.
+//!
+//! SIGTERM or SIGINT stops accepting, lets in-flight requests finish (bounded by
+//! `DRAIN_TIMEOUT`), then asks the provisioner to stop what it started (per its policy).
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::app::AppState;
+
+/// Longest wait for in-flight requests after a shutdown signal.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Serve on `listener` until `state.shutdown` is cancelled; then drain and shut down.
+pub async fn serve(state: AppState, listener: TcpListener) -> anyhow::Result<()> {
+    let app = crate::routes::router(state.clone());
+    let token = state.shutdown.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move { token.cancelled().await });
+    let drained = tokio::spawn(async move { server.await });
+    state.shutdown.cancelled().await;
+    match tokio::time::timeout(DRAIN_TIMEOUT, drained).await {
+        Ok(Ok(Ok(()))) => tracing::info!("in-flight requests drained"),
+        Ok(Ok(Err(e))) => tracing::warn!("server error during drain: {e}"),
+        Ok(Err(e)) => tracing::warn!("server task failed: {e}"),
+        Err(_) => tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; closing them"),
+    }
+    state.provisioner.shutdown().await;
+    tracing::info!("nestor stopped");
+    Ok(())
+}
+
+/// Cancel `state.shutdown` on SIGTERM or SIGINT.
+pub fn on_signals(state: &AppState) {
+    let token = state.shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        token.cancel();
+    });
+}

@@ -1,0 +1,396 @@
+//! The catalog: every conversation nestor knows, the downstream it lives on, its owner and
+//! its last known `ConversationInfo`.
+//!
+//! It answers two questions:
+//! * **where** does conversation X live ([`Catalog::route`], one hash lookup on the request
+//!   path), and
+//! * **what** conversations exist (search, count, batch), merged across every downstream.
+//!
+//! It is fed by creates and forks nestor forwards, and by refreshing from the downstreams
+//! themselves ([`Catalog::refresh`]: a paged `/api/conversations/search` on each), which
+//! also adopts conversations nestor did not create (present on an `existing` server at
+//! start, children started by an agent). Downstreams that are stopped keep their last known
+//! entries, so the list stays complete while they sleep.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use futures::StreamExt;
+use nestor_core::client::ClientError;
+use nestor_core::{ConversationId, Downstream, DownstreamClient, DownstreamId, DownstreamState, UserId};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+
+use crate::search::{self, Page, SearchItem};
+use crate::store::{Store, StoredEntry};
+use crate::query::SortOrder;
+
+/// Tuning of the catalog.
+#[derive(Debug, Clone)]
+pub struct CatalogConfig {
+    /// A downstream's list is fetched again when older than this on a search.
+    pub max_staleness: Duration,
+    /// Bound on one downstream's full refresh.
+    pub refresh_timeout: Duration,
+    /// Downstreams refreshed at once.
+    pub refresh_concurrency: usize,
+    /// Largest number of pages read from one downstream (100 conversations each).
+    pub max_pages: usize,
+}
+
+impl Default for CatalogConfig {
+    fn default() -> Self {
+        Self {
+            max_staleness: Duration::from_secs(1),
+            refresh_timeout: Duration::from_secs(10),
+            refresh_concurrency: 16,
+            max_pages: 1000,
+        }
+    }
+}
+
+/// One conversation in the catalog.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub downstream: Arc<Downstream>,
+    pub owner: UserId,
+    pub item: SearchItem,
+    /// When nestor registered it (a refresh that started earlier must not remove it).
+    pub registered_at: Instant,
+}
+
+#[derive(Default)]
+struct RefreshState {
+    lock: Mutex<()>,
+    last_ok: std::sync::Mutex<Option<Instant>>,
+}
+
+/// A downstream's search page, as far as the catalog reads it.
+#[derive(Deserialize)]
+struct DownstreamPage {
+    items: Vec<Value>,
+    next_page_id: Option<String>,
+}
+
+/// The catalog.
+pub struct Catalog {
+    entries: DashMap<ConversationId, Entry>,
+    store: Store,
+    client: DownstreamClient,
+    cfg: CatalogConfig,
+    refresh: DashMap<DownstreamId, Arc<RefreshState>>,
+}
+
+/// `runtime_info` as nestor reports it: the provisioning state of the conversation's
+/// downstream (the 1.58 `ConversationRuntimeInfo` shape).
+pub fn runtime_info(ds: &Downstream) -> Value {
+    match ds.state() {
+        DownstreamState::Ready => json!({"runtime_status": "available", "can_resume": true, "runtime_error": null}),
+        DownstreamState::Starting => json!({"runtime_status": "starting", "can_resume": true, "runtime_error": null}),
+        DownstreamState::Stopped => json!({"runtime_status": "missing", "can_resume": true, "runtime_error": null}),
+        DownstreamState::Released => json!({"runtime_status": "missing", "can_resume": false, "runtime_error": null}),
+        DownstreamState::Failed(m) => json!({
+            "runtime_status": "error",
+            "can_resume": true,
+            "runtime_error": {"code": "runtime_failed", "message": &*m},
+        }),
+    }
+}
+
+fn conversation_id_of(info: &Value) -> Option<ConversationId> {
+    info.get("id").and_then(Value::as_str).and_then(|s| ConversationId::parse(s).ok())
+}
+
+impl Catalog {
+    /// Open the catalog persisted under `dir`, resolving downstream ids with `resolve`
+    /// (entries whose downstream no longer exists are dropped from memory, not from disk).
+    pub fn open(
+        dir: &std::path::Path,
+        client: DownstreamClient,
+        cfg: CatalogConfig,
+        resolve: impl Fn(&DownstreamId) -> Option<Arc<Downstream>>,
+    ) -> std::io::Result<Self> {
+        let store = Store::open(dir)?;
+        let entries = DashMap::new();
+        let mut dropped = 0;
+        for s in store.load_all() {
+            let Some(ds) = resolve(&s.downstream) else {
+                dropped += 1;
+                tracing::warn!(conversation = %s.id, downstream = %s.downstream, "catalog entry's downstream is gone; not routing it");
+                continue;
+            };
+            ds.add_conversations(1);
+            entries.insert(
+                s.id,
+                Entry {
+                    downstream: ds,
+                    owner: s.owner,
+                    item: SearchItem::from_info(s.id, Arc::new(s.info)),
+                    registered_at: Instant::now(),
+                },
+            );
+        }
+        tracing::info!(conversations = entries.len(), dropped, "catalog loaded");
+        Ok(Self { entries, store, client, cfg, refresh: DashMap::new() })
+    }
+
+    /// Where `id` lives (and whose it is).
+    pub fn route(&self, id: &ConversationId) -> Option<(Arc<Downstream>, UserId)> {
+        self.entries.get(id).map(|e| (e.downstream.clone(), e.owner.clone()))
+    }
+
+    pub fn get(&self, id: &ConversationId) -> Option<Entry> {
+        self.entries.get(id).map(|e| e.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Conversations routed to `ds`.
+    pub fn count_on(&self, ds: &DownstreamId) -> usize {
+        self.entries.iter().filter(|e| e.downstream.id() == ds).count()
+    }
+
+    /// Record (or update) a conversation. Persisted before returning.
+    pub async fn register(&self, id: ConversationId, ds: &Arc<Downstream>, owner: UserId, info: Value) {
+        let stored = StoredEntry { version: 1, id, downstream: ds.id().clone(), owner: owner.clone(), info: info.clone() };
+        self.upsert(id, ds, owner, info);
+        let store = self.store.clone();
+        let res = tokio::task::spawn_blocking(move || store.save(&stored)).await;
+        if let Ok(Err(e)) | Err(e) = res.map_err(std::io::Error::other) {
+            tracing::error!(conversation = %id, "could not persist catalog entry: {e}");
+        }
+    }
+
+    /// Insert or update in memory; returns whether anything changed.
+    fn upsert(&self, id: ConversationId, ds: &Arc<Downstream>, owner: UserId, info: Value) -> bool {
+        let item = SearchItem::from_info(id, Arc::new(info));
+        match self.entries.entry(id) {
+            dashmap::Entry::Occupied(mut o) => {
+                let e = o.get_mut();
+                let moved = e.downstream.id() != ds.id();
+                if moved {
+                    e.downstream.add_conversations(-1);
+                    ds.add_conversations(1);
+                    e.downstream = ds.clone();
+                }
+                let changed = moved || *e.item.info != *item.info;
+                e.item = item;
+                changed
+            }
+            dashmap::Entry::Vacant(v) => {
+                ds.add_conversations(1);
+                v.insert(Entry { downstream: ds.clone(), owner, item, registered_at: Instant::now() });
+                true
+            }
+        }
+    }
+
+    /// Forget a conversation (deleted). Returns its entry.
+    pub async fn remove(&self, id: &ConversationId) -> Option<Entry> {
+        let (_, e) = self.entries.remove(id)?;
+        e.downstream.add_conversations(-1);
+        let store = self.store.clone();
+        let id2 = *id;
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.remove(&id2) {
+                tracing::error!(conversation = %id2, "could not remove catalog entry: {e}");
+            }
+        })
+        .await;
+        Some(e)
+    }
+
+    /// Fetch `ds`'s whole conversation list and merge it in: new conversations are adopted,
+    /// changed ones updated, ones that disappeared (deleted behind nestor's back) removed.
+    pub async fn refresh(&self, ds: &Arc<Downstream>) -> Result<usize, ClientError> {
+        let started = Instant::now();
+        let Some(ep) = ds.endpoint() else {
+            return Err(ClientError::Connect("the agent-server is not running".into()));
+        };
+        let fetch = async {
+            let mut found: Vec<Value> = Vec::new();
+            let mut page_id: Option<String> = None;
+            for _ in 0..self.cfg.max_pages {
+                let mut path = String::from("/api/conversations/search?limit=100");
+                if let Some(p) = &page_id {
+                    path.push_str("&page_id=");
+                    path.extend(form_urlencoded::byte_serialize(p.as_bytes()));
+                }
+                let page: DownstreamPage = self.client.get_json(&ep, &path, self.cfg.refresh_timeout).await?;
+                found.extend(page.items);
+                match page.next_page_id {
+                    Some(p) if Some(&p) != page_id.as_ref() => page_id = Some(p),
+                    _ => break,
+                }
+            }
+            Ok::<_, ClientError>(found)
+        };
+        let found = tokio::time::timeout(self.cfg.refresh_timeout, fetch)
+            .await
+            .unwrap_or(Err(ClientError::Timeout(self.cfg.refresh_timeout)))?;
+
+        let mut seen = HashSet::with_capacity(found.len());
+        let mut changed = Vec::new();
+        for info in found {
+            let Some(id) = conversation_id_of(&info) else { continue };
+            seen.insert(id);
+            let owner = self
+                .entries
+                .get(&id)
+                .map(|e| e.owner.clone())
+                .or_else(|| ds.owner().cloned())
+                .unwrap_or_else(UserId::default_user);
+            if self.upsert(id, ds, owner.clone(), info.clone()) {
+                changed.push(StoredEntry { version: 1, id, downstream: ds.id().clone(), owner, info });
+            }
+        }
+        let gone: Vec<ConversationId> = self
+            .entries
+            .iter()
+            .filter(|e| e.downstream.id() == ds.id() && !seen.contains(e.key()) && e.registered_at < started)
+            .map(|e| *e.key())
+            .collect();
+        for id in &gone {
+            tracing::info!(conversation = %id, downstream = %ds.id(), "conversation vanished from its agent-server; dropping it");
+            self.remove(id).await;
+        }
+        if !changed.is_empty() {
+            let store = self.store.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                for e in changed {
+                    if let Err(err) = store.save(&e) {
+                        tracing::error!(conversation = %e.id, "could not persist catalog entry: {err}");
+                    }
+                }
+            })
+            .await;
+        }
+        let state = self.refresh.entry(ds.id().clone()).or_default().clone();
+        *state.last_ok.lock().unwrap() = Some(Instant::now());
+        Ok(seen.len())
+    }
+
+    /// Refresh every running downstream whose list is older than `max_staleness`.
+    /// Concurrent callers share one refresh per downstream. Failures are logged, not fatal:
+    /// the last known entries stand.
+    pub async fn refresh_stale(&self, downstreams: Vec<Arc<Downstream>>) {
+        let max_age = self.cfg.max_staleness;
+        let fresh = |ds: &DownstreamId| {
+            self.refresh
+                .get(ds)
+                .and_then(|s| *s.last_ok.lock().unwrap())
+                .is_some_and(|t| t.elapsed() < max_age)
+        };
+        futures::stream::iter(downstreams.into_iter().filter(|d| d.state() == DownstreamState::Ready))
+            .map(|ds| async move {
+                if fresh(ds.id()) {
+                    return;
+                }
+                let state = self.refresh.entry(ds.id().clone()).or_default().clone();
+                let _g = state.lock.lock().await;
+                if fresh(ds.id()) {
+                    return; // someone refreshed it while we waited
+                }
+                if let Err(e) = self.refresh(&ds).await {
+                    tracing::warn!(downstream = %ds.id(), "could not refresh conversation list: {e}");
+                }
+            })
+            .buffer_unordered(self.cfg.refresh_concurrency.max(1))
+            .collect::<Vec<()>>()
+            .await;
+    }
+
+    /// Items visible to `owner` (None: everyone's).
+    fn visible(&self, owner: Option<&UserId>) -> Vec<SearchItem> {
+        self.entries
+            .iter()
+            .filter(|e| owner.is_none_or(|o| &e.owner == o))
+            .map(|e| e.item.clone())
+            .collect()
+    }
+
+    /// One page of the merged list.
+    pub fn search(
+        &self,
+        owner: Option<&UserId>,
+        status: Option<&str>,
+        order: SortOrder,
+        page_id: Option<&str>,
+        limit: usize,
+    ) -> Page {
+        search::page(self.visible(owner), status, order, page_id, limit)
+    }
+
+    pub fn count(&self, owner: Option<&UserId>, status: Option<&str>) -> usize {
+        self.entries
+            .iter()
+            .filter(|e| owner.is_none_or(|o| &e.owner == o))
+            .filter(|e| status.is_none_or(|s| e.item.status.as_deref() == Some(s)))
+            .count()
+    }
+
+    /// A cached info with nestor's `runtime_info` overlaid.
+    pub fn presented_info(&self, id: &ConversationId) -> Option<Value> {
+        let e = self.entries.get(id)?;
+        Some(present(&e.item.info, &e.downstream))
+    }
+
+    /// Fetch `ids` (all on `ds`) live from the downstream, updating the catalog.
+    /// Returns the infos in request order (None: the downstream does not know it).
+    pub async fn fetch_live(
+        &self,
+        ds: &Arc<Downstream>,
+        ids: &[ConversationId],
+        include_skills: bool,
+        timeout: Duration,
+    ) -> Result<Vec<Option<Value>>, ClientError> {
+        let Some(ep) = ds.endpoint() else {
+            return Err(ClientError::Connect("the agent-server is not running".into()));
+        };
+        let mut path = String::from("/api/conversations?");
+        for (i, id) in ids.iter().enumerate() {
+            if i > 0 {
+                path.push('&');
+            }
+            path.push_str("ids=");
+            path.push_str(&id.to_string());
+        }
+        if include_skills {
+            path.push_str("&include_skills=true");
+        }
+        let infos: Vec<Option<Value>> = self.client.get_json(&ep, &path, timeout).await?;
+        for (id, info) in ids.iter().zip(&infos) {
+            if let Some(info) = info {
+                if !include_skills {
+                    if let Some(owner) = self.entries.get(id).map(|e| e.owner.clone()) {
+                        self.upsert(*id, ds, owner, info.clone());
+                    }
+                }
+            }
+        }
+        Ok(infos.into_iter().map(|i| i.map(|v| present(&v, ds))).collect())
+    }
+
+    /// Entries whose downstream is `ds`.
+    pub fn ids_on(&self, ds: &DownstreamId) -> Vec<ConversationId> {
+        self.entries.iter().filter(|e| e.downstream.id() == ds).map(|e| *e.key()).collect()
+    }
+}
+
+/// `info` with `runtime_info` describing `ds` (what nestor knows of the runtime).
+pub fn present(info: &Value, ds: &Downstream) -> Value {
+    let mut v = info.clone();
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("runtime_info".into(), runtime_info(ds));
+    }
+    v
+}

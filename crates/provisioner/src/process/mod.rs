@@ -1,0 +1,670 @@
+//! `process`: one local agent-server subprocess per conversation (the laptop default).
+//!
+//! Each conversation gets its own agent-server process with its own loopback port, its own
+//! random session key and its own state directory under `<state_dir>/process/<id-hex>/`:
+//!
+//! ```text
+//! nestor-process.json   manifest: port, pid (+ start time), key, secret key, phase
+//! conversations/        OH_CONVERSATIONS_PATH
+//! bash_events/          OH_BASH_EVENTS_DIR
+//! persistence/          OH_PERSISTENCE_DIR (settings/secrets of that server)
+//! workspace/            the conversation's workspace (workspace = "isolated")
+//! agent-server.log      its stdout/stderr
+//! ```
+//!
+//! The manifest is what makes restarts safe: a nestor that was killed finds its children
+//! still running and re-adopts them (same pid and start time, `/alive` answers with the
+//! recorded key); a child that is gone leaves a `Stopped` downstream that is started again
+//! on the next request, on the same state directory, with the same keys. A directory whose
+//! create never finished is removed.
+//!
+//! Children run in their own process group, so a Ctrl-C aimed at nestor's terminal does not
+//! kill them mid-write: nestor stops them itself (SIGTERM, then SIGKILL after a grace).
+
+mod manifest;
+mod proc_info;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use nestor_core::downstream::{Endpoint, NotReady};
+use nestor_core::{ConversationId, Downstream, DownstreamClient, DownstreamId, DownstreamState};
+use serde::Deserialize;
+use tokio::sync::Mutex;
+
+use crate::util::free_loopback_port;
+use crate::{ProvisionError, ProvisionRequest, Provisioner, SHUTDOWN_GRACE};
+use manifest::{Manifest, Phase};
+
+/// Where a conversation's workspace is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkspaceMode {
+    /// Each conversation works in its own `workspace/` directory, whatever the client asked:
+    /// conversations cannot see each other's files.
+    #[default]
+    Isolated,
+    /// The client's `workspace.working_dir` is used as is (an agent working on your checkout).
+    Passthrough,
+}
+
+/// What to do with running children when nestor exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnShutdown {
+    /// Stop them (SIGTERM, then SIGKILL after the grace).
+    #[default]
+    Stop,
+    /// Leave them running; the next nestor re-adopts them.
+    Keep,
+}
+
+/// `[provisioner.process]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// The `agent-server` executable. Default: the one `scripts/setup-agent-server.sh` installs.
+    #[serde(default)]
+    pub agent_server: Option<PathBuf>,
+    #[serde(default)]
+    pub workspace: WorkspaceMode,
+    /// Seconds a child may take from spawn to its first `/alive`.
+    #[serde(default)]
+    pub startup_timeout_secs: Option<f64>,
+    /// Seconds between SIGTERM and SIGKILL when stopping a child.
+    #[serde(default)]
+    pub stop_timeout_secs: Option<f64>,
+    #[serde(default)]
+    pub on_shutdown: OnShutdown,
+    /// Extra environment for every child (e.g. LLM settings).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Remove a conversation's directory (workspace included) when it is deleted.
+    #[serde(default = "yes")]
+    pub delete_state_on_release: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The environment every child gets (running.md): no browser or VS Code preload, the local
+/// LiteLLM cost map (else +7-10 s offline), UTC timestamps (resume compares them as text).
+const BASE_ENV: &[(&str, &str)] = &[
+    ("LITELLM_LOCAL_MODEL_COST_MAP", "True"),
+    ("OH_PRELOAD_TOOLS", "false"),
+    ("OH_ENABLE_BROWSER", "false"),
+    ("OH_ENABLE_VSCODE", "false"),
+    ("OPENHANDS_SUPPRESS_BANNER", "1"),
+    ("PYTHONUNBUFFERED", "1"),
+    ("TZ", "UTC"),
+];
+
+/// Variables of nestor's own environment a child must not inherit (they would configure it
+/// with nestor's key or another server's settings).
+fn must_not_inherit(name: &str) -> bool {
+    name == "SESSION_API_KEY"
+        || name.starts_with("OH_")
+        || name.starts_with("NESTOR_")
+        || name == "OPENHANDS_AGENT_SERVER_CONFIG_PATH"
+}
+
+const MANIFEST: &str = "nestor-process.json";
+const LOG: &str = "agent-server.log";
+/// Directory of the home downstream (host-global routes), beside the conversations'.
+const HOME_DIR: &str = "home";
+
+/// One child and its bookkeeping.
+struct Proc {
+    ds: Arc<Downstream>,
+    dir: PathBuf,
+    manifest: std::sync::Mutex<Manifest>,
+    /// Serialises start/stop of this child.
+    lifecycle: Mutex<()>,
+    /// Bumped on every start; a monitor of an older start must not touch the state.
+    generation: std::sync::atomic::AtomicU64,
+}
+
+/// The `process` backend. Cheap to clone (all state is shared).
+#[derive(Clone)]
+pub struct ProcessProvisioner(Arc<Inner>);
+
+struct Inner {
+    root: PathBuf,
+    agent_server: PathBuf,
+    cfg: ProcessConfig,
+    startup_timeout: Duration,
+    stop_timeout: Duration,
+    client: DownstreamClient,
+    procs: DashMap<DownstreamId, Arc<Proc>>,
+}
+
+impl ProcessProvisioner {
+    /// `root` is `<state_dir>/process`; `default_agent_server` is used when the config names none.
+    pub fn new(
+        cfg: &ProcessConfig,
+        root: PathBuf,
+        default_agent_server: PathBuf,
+        client: DownstreamClient,
+    ) -> Result<Self, ProvisionError> {
+        let agent_server = cfg.agent_server.clone().unwrap_or(default_agent_server);
+        if !is_executable(&agent_server) {
+            return Err(ProvisionError::Config(format!(
+                "agent-server executable not found at {} (run scripts/setup-agent-server.sh, or set provisioner.process.agent_server)",
+                agent_server.display()
+            )));
+        }
+        std::fs::create_dir_all(&root)
+            .map_err(|e| ProvisionError::Config(format!("cannot create {}: {e}", root.display())))?;
+        let secs = |v: Option<f64>, def: f64, what: &str| -> Result<Duration, ProvisionError> {
+            let v = v.unwrap_or(def);
+            if v.is_finite() && v > 0.0 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(ProvisionError::Config(format!("provisioner.process.{what} must be a positive number")))
+            }
+        };
+        Ok(Self(Arc::new(Inner {
+            startup_timeout: secs(cfg.startup_timeout_secs, 120.0, "startup_timeout_secs")?,
+            stop_timeout: secs(cfg.stop_timeout_secs, SHUTDOWN_GRACE.as_secs_f64(), "stop_timeout_secs")?,
+            root,
+            agent_server,
+            cfg: cfg.clone(),
+            client,
+            procs: DashMap::new(),
+        })))
+    }
+
+    /// Stop a downstream but keep its state (idle policy). Bounded by the stop timeout.
+    pub async fn stop(&self, ds: &Downstream) -> Result<(), ProvisionError> {
+        let p = self.0.proc_of(ds)?;
+        let _g = p.lifecycle.lock().await;
+        self.0.stop_child(&p).await;
+        Ok(())
+    }
+
+    /// Mark a conversation's create as done: its directory is no longer removable as
+    /// half-created.
+    pub fn mark_active(&self, ds: &Downstream) {
+        self.0.mark_active(ds)
+    }
+}
+
+impl Inner {
+
+    fn downstream_id(conv: &ConversationId) -> DownstreamId {
+        DownstreamId::new(format!("process-{}", conv.hex()))
+    }
+
+    fn home_id() -> DownstreamId {
+        DownstreamId::new("process-home")
+    }
+
+    /// Create the bookkeeping for a new child and spawn it (or return the existing one).
+    async fn start_new(self: &Arc<Self>, id: DownstreamId, dir: PathBuf, m: Manifest) -> Result<Arc<Downstream>, ProvisionError> {
+        if let Some(p) = self.procs.get(&id) {
+            return Ok(p.ds.clone());
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ProvisionError::Start(format!("cannot create {}: {e}", dir.display())))?;
+        let primary = (!m.conversation_id.as_uuid().is_nil()).then_some(m.conversation_id);
+        let ds = Downstream::new(id.clone(), "process", primary, Some(m.owner.clone()), None, DownstreamState::Starting);
+        let p = Arc::new(Proc {
+            ds,
+            dir,
+            manifest: std::sync::Mutex::new(m.clone()),
+            lifecycle: Mutex::new(()),
+            generation: std::sync::atomic::AtomicU64::new(0),
+        });
+        self.save_manifest(&p, &m)?;
+        let p = self.procs.entry(id).or_insert(p).clone();
+        let _g = p.lifecycle.lock().await;
+        if p.ds.endpoint().is_none() {
+            if let Err(e) = self.spawn_child(&p).await {
+                p.ds.set_state(DownstreamState::Failed(e.to_string().into()));
+                return Err(e);
+            }
+        }
+        Ok(p.ds.clone())
+    }
+
+    fn proc_of(&self, ds: &Downstream) -> Result<Arc<Proc>, ProvisionError> {
+        self.procs
+            .get(ds.id())
+            .map(|p| p.clone())
+            .ok_or_else(|| ProvisionError::UnknownDownstream(ds.id().clone()))
+    }
+
+    /// Spawn the child for `p` (caller holds `p.lifecycle`). Sets state `Starting` and starts
+    /// a monitor that turns it `Ready` (or `Failed`).
+    async fn spawn_child(self: &Arc<Self>, p: &Arc<Proc>) -> Result<(), ProvisionError> {
+        for dir in ["conversations", "bash_events", "persistence", "workspace"] {
+            std::fs::create_dir_all(p.dir.join(dir))
+                .map_err(|e| ProvisionError::Start(format!("cannot create {}: {e}", p.dir.join(dir).display())))?;
+        }
+        let port = free_loopback_port().map_err(|e| ProvisionError::Start(format!("no free port: {e}")))?;
+        let (key, secret) = {
+            let m = p.manifest.lock().unwrap();
+            (m.key.clone(), m.secret_key.clone())
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p.dir.join(LOG))
+            .map_err(|e| ProvisionError::Start(format!("cannot open log: {e}")))?;
+        let log2 = log.try_clone().map_err(|e| ProvisionError::Start(e.to_string()))?;
+
+        let mut cmd = tokio::process::Command::new(&self.agent_server);
+        cmd.arg("--host").arg("127.0.0.1").arg("--port").arg(port.to_string());
+        cmd.current_dir(&p.dir);
+        for (k, _) in std::env::vars_os() {
+            if let Some(k) = k.to_str() {
+                if must_not_inherit(k) {
+                    cmd.env_remove(k);
+                }
+            }
+        }
+        for (k, v) in BASE_ENV {
+            cmd.env(k, v);
+        }
+        cmd.env("SESSION_API_KEY", key.expose())
+            .env("OH_SESSION_API_KEYS_0", key.expose())
+            .env("OH_SECRET_KEY", secret.expose())
+            .env("OH_CONVERSATIONS_PATH", p.dir.join("conversations"))
+            .env("OH_BASH_EVENTS_DIR", p.dir.join("bash_events"))
+            .env("OH_PERSISTENCE_DIR", p.dir.join("persistence"))
+            .env("OH_WORKSPACE_PATH", p.dir.join("workspace"))
+            .env("OPENHANDS_AGENT_SERVER_CONFIG_PATH", p.dir.join("agent_server_config.json"));
+        for (k, v) in &self.cfg.env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::from(log)).stderr(Stdio::from(log2));
+        cmd.process_group(0);
+        cmd.kill_on_drop(false);
+        let child = cmd.spawn().map_err(|e| {
+            ProvisionError::Start(format!("cannot run {}: {e}", self.agent_server.display()))
+        })?;
+        let pid = child.id().map(|x| x as i32);
+        {
+            let mut m = p.manifest.lock().unwrap();
+            m.port = Some(port);
+            m.pid = pid;
+            m.pid_start = pid.and_then(proc_info::start_time);
+            self.save_manifest(p, &m)?;
+        }
+        p.ds.set_endpoint(Some(Endpoint::loopback(port, Some(key))));
+        p.ds.set_state(DownstreamState::Starting);
+        let generation = p.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        tracing::info!(downstream = %p.ds.id(), pid = ?pid, "agent-server process started");
+        let me = self.clone();
+        let p2 = p.clone();
+        tokio::spawn(async move { me.monitor_child(p2, child, generation).await });
+        Ok(())
+    }
+
+    /// Watch a child we spawned: ready when `/alive` answers, failed when it exits early or
+    /// not in time; reaps it when it exits.
+    async fn monitor_child(self: Arc<Self>, p: Arc<Proc>, mut child: tokio::process::Child, generation: u64) {
+        let current = || p.generation.load(std::sync::atomic::Ordering::SeqCst) == generation;
+        let ep = p.ds.endpoint();
+        let deadline = tokio::time::Instant::now() + self.startup_timeout;
+        let mut ready = false;
+        while !ready {
+            tokio::select! {
+                status = child.wait() => {
+                    if current() && p.ds.state() == DownstreamState::Starting {
+                        let why = format!(
+                            "the agent-server exited during start-up ({}){}",
+                            status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                            self.log_tail(&p)
+                        );
+                        tracing::warn!(downstream = %p.ds.id(), "{why}");
+                        p.ds.set_state(DownstreamState::Failed(why.into()));
+                    }
+                    return;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if !current() { break; }
+                    if let Some(ep) = &ep {
+                        if self.client.is_alive(ep, Duration::from_secs(2)).await {
+                            ready = true;
+                        }
+                    }
+                    if !ready && tokio::time::Instant::now() >= deadline {
+                        let why = format!(
+                            "the agent-server did not answer /alive within {:?}{}",
+                            self.startup_timeout,
+                            self.log_tail(&p)
+                        );
+                        tracing::warn!(downstream = %p.ds.id(), "{why}");
+                        p.ds.set_state(DownstreamState::Failed(why.into()));
+                        kill_group(child.id().map(|x| x as i32), nix::sys::signal::Signal::SIGKILL);
+                        let _ = child.wait().await;
+                        return;
+                    }
+                }
+            }
+        }
+        if ready && current() {
+            p.ds.set_state(DownstreamState::Ready);
+            tracing::info!(downstream = %p.ds.id(), "agent-server process ready");
+        }
+        let status = child.wait().await;
+        if current() && p.ds.state() == DownstreamState::Ready {
+            let why = format!(
+                "the agent-server process exited unexpectedly ({})",
+                status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
+            );
+            tracing::warn!(downstream = %p.ds.id(), "{why}");
+            p.ds.set_state(DownstreamState::Failed(why.into()));
+        }
+    }
+
+    /// Watch a re-adopted child (not ours to `wait` on): poll its pid.
+    async fn monitor_adopted(self: Arc<Self>, p: Arc<Proc>, pid: i32, generation: u64) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if p.generation.load(std::sync::atomic::Ordering::SeqCst) != generation {
+                return;
+            }
+            let start = p.manifest.lock().unwrap().pid_start;
+            if !proc_info::is_same_process(pid, start) {
+                if p.ds.state() == DownstreamState::Ready {
+                    tracing::warn!(downstream = %p.ds.id(), "re-adopted agent-server process exited");
+                    p.ds.set_state(DownstreamState::Failed("the agent-server process exited unexpectedly".into()));
+                }
+                return;
+            }
+        }
+    }
+
+    /// Last lines of the child's log, key masked, for error messages.
+    fn log_tail(&self, p: &Proc) -> String {
+        let Ok(text) = std::fs::read(p.dir.join(LOG)) else { return String::new() };
+        let tail = &text[text.len().saturating_sub(1500)..];
+        let tail = String::from_utf8_lossy(tail);
+        let key = p.manifest.lock().unwrap().key.clone();
+        let tail = tail.replace(key.expose(), nestor_core::leak_guard::MASK);
+        let lines: Vec<&str> = tail.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev().collect();
+        if lines.is_empty() {
+            String::new()
+        } else {
+            format!("; last log lines: {}", lines.join(" | "))
+        }
+    }
+
+    fn save_manifest(&self, p: &Proc, m: &Manifest) -> Result<(), ProvisionError> {
+        let bytes = serde_json::to_vec_pretty(m).expect("manifest serialises");
+        nestor_core::fs::write_atomic(&p.dir.join(MANIFEST), &bytes)
+            .map_err(|e| ProvisionError::Start(format!("cannot write manifest in {}: {e}", p.dir.display())))
+    }
+
+    /// Stop `p`'s child: SIGTERM to its group, SIGKILL after the grace. Caller holds lifecycle.
+    async fn stop_child(&self, p: &Proc) {
+        let (pid, start) = {
+            let m = p.manifest.lock().unwrap();
+            (m.pid, m.pid_start)
+        };
+        p.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if let Some(pid) = pid {
+            if proc_info::is_same_process(pid, start) {
+                kill_group(Some(pid), nix::sys::signal::Signal::SIGTERM);
+                let deadline = tokio::time::Instant::now() + self.stop_timeout;
+                while proc_info::is_same_process(pid, start) && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if proc_info::is_same_process(pid, start) {
+                    tracing::warn!(downstream = %p.ds.id(), "agent-server ignored SIGTERM; killing it");
+                    kill_group(Some(pid), nix::sys::signal::Signal::SIGKILL);
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                    while proc_info::is_same_process(pid, start) && tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }
+        {
+            let mut m = p.manifest.lock().unwrap();
+            m.pid = None;
+            m.pid_start = None;
+            m.port = None;
+            let _ = self.save_manifest(p, &m);
+        }
+        p.ds.set_endpoint(None);
+        p.ds.set_state(DownstreamState::Stopped);
+        tracing::info!(downstream = %p.ds.id(), "agent-server process stopped");
+    }
+
+    fn mark_active(&self, ds: &Downstream) {
+        if let Ok(p) = self.proc_of(ds) {
+            let mut m = p.manifest.lock().unwrap();
+            if m.phase != Phase::Active {
+                m.phase = Phase::Active;
+                let _ = self.save_manifest(&p, &m);
+            }
+        }
+    }
+
+    /// Adopt one directory found at start.
+    async fn recover_dir(self: &Arc<Self>, dir: &Path) -> Option<Arc<Downstream>> {
+        let m = match Manifest::load(&dir.join(MANIFEST)) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), "skipping process directory with unreadable manifest: {e}");
+                return None;
+            }
+        };
+        let conv = m.conversation_id;
+        let is_home = conv.as_uuid().is_nil();
+        let id = if is_home { Self::home_id() } else { Self::downstream_id(&conv) };
+        let alive = m.pid.filter(|pid| proc_info::is_same_process(*pid, m.pid_start));
+        let has_conversation = dir.join("conversations").join(conv.hex()).join("meta.json").exists();
+        if m.phase == Phase::Provisioning && !has_conversation {
+            // nestor died between starting the child and the create reaching it.
+            if let Some(pid) = alive {
+                kill_group(Some(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+            tracing::info!(conversation = %conv, "removing half-created process directory");
+            let _ = std::fs::remove_dir_all(dir);
+            return None;
+        }
+        let primary = (!is_home).then_some(conv);
+        let ds = Downstream::new(id.clone(), "process", primary, Some(m.owner.clone()), None, DownstreamState::Stopped);
+        let p = Arc::new(Proc {
+            ds: ds.clone(),
+            dir: dir.to_path_buf(),
+            manifest: std::sync::Mutex::new(m.clone()),
+            lifecycle: Mutex::new(()),
+            generation: std::sync::atomic::AtomicU64::new(0),
+        });
+        if let (Some(pid), Some(port)) = (alive, m.port) {
+            let ep = Endpoint::loopback(port, Some(m.key.clone()));
+            if self.client.is_alive(&ep, Duration::from_secs(2)).await {
+                ds.set_endpoint(Some(ep));
+                ds.set_state(DownstreamState::Ready);
+                tracing::info!(conversation = %conv, pid, "re-adopted running agent-server process");
+                let me = self.clone();
+                let p2 = p.clone();
+                tokio::spawn(async move { me.monitor_adopted(p2, pid, 0).await });
+            } else {
+                tracing::info!(conversation = %conv, pid, "agent-server process left behind is not answering; stopping it");
+                self.stop_child(&p).await;
+            }
+        } else if m.pid.is_some() {
+            let mut m2 = p.manifest.lock().unwrap();
+            m2.pid = None;
+            m2.pid_start = None;
+            m2.port = None;
+            let _ = self.save_manifest(&p, &m2);
+        }
+        self.procs.insert(id, p);
+        Some(ds)
+    }
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+}
+
+/// Signal a child's whole process group (its tools' subprocesses too).
+fn kill_group(pid: Option<i32>, sig: nix::sys::signal::Signal) {
+    if let Some(pid) = pid {
+        if pid > 1 {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
+    }
+}
+
+#[async_trait]
+impl Provisioner for ProcessProvisioner {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    async fn recover(&self) -> Result<Vec<Arc<Downstream>>, ProvisionError> {
+        let inner = &self.0;
+        let entries = std::fs::read_dir(&inner.root)
+            .map_err(|e| ProvisionError::Config(format!("cannot read {}: {e}", inner.root.display())))?;
+        let dirs: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.join(MANIFEST).is_file())
+            .collect();
+        let found = futures::future::join_all(dirs.iter().map(|d| inner.recover_dir(d))).await;
+        let owned: Vec<_> = found.into_iter().flatten().collect();
+        let running = owned.iter().filter(|d| d.state() == DownstreamState::Ready).count();
+        tracing::info!(total = owned.len(), running, "process provisioner recovered its downstreams");
+        Ok(owned)
+    }
+
+    async fn provision(&self, req: ProvisionRequest) -> Result<Arc<Downstream>, ProvisionError> {
+        let dir = self.0.root.join(req.conversation.hex());
+        let m = Manifest::new(req.conversation, req.owner);
+        self.0.start_new(Inner::downstream_id(&req.conversation), dir, m).await
+    }
+
+    async fn home(&self) -> Result<Arc<Downstream>, ProvisionError> {
+        let ds = match self.0.procs.get(&Inner::home_id()) {
+            Some(p) => p.ds.clone(),
+            None => {
+                let mut m = Manifest::new(ConversationId::from_uuid(uuid::Uuid::nil()), nestor_core::UserId::default_user());
+                m.phase = Phase::Active;
+                self.0.start_new(Inner::home_id(), self.0.root.join(HOME_DIR), m).await?
+            }
+        };
+        self.ensure_ready(&ds, self.0.startup_timeout).await?;
+        Ok(ds)
+    }
+
+    fn get(&self, id: &DownstreamId) -> Option<Arc<Downstream>> {
+        self.0.procs.get(id).map(|p| p.ds.clone())
+    }
+
+    fn list(&self) -> Vec<Arc<Downstream>> {
+        self.0.procs.iter().map(|p| p.ds.clone()).collect()
+    }
+
+    async fn ensure_ready(&self, ds: &Arc<Downstream>, timeout: Duration) -> Result<(), ProvisionError> {
+        let inner = &self.0;
+        let deadline = tokio::time::Instant::now() + timeout;
+        // A failed start is not retried in a loop: one restart per call, then report.
+        let mut restarted = false;
+        loop {
+            match ds.state() {
+                DownstreamState::Ready => return Ok(()),
+                DownstreamState::Released => return Err(NotReady::Released.into()),
+                DownstreamState::Starting => {}
+                DownstreamState::Failed(m) if restarted => return Err(NotReady::Failed(m).into()),
+                DownstreamState::Stopped | DownstreamState::Failed(_) => {
+                    let p = inner.proc_of(ds)?;
+                    let _g = p.lifecycle.lock().await;
+                    let s = ds.state();
+                    if matches!(s, DownstreamState::Stopped | DownstreamState::Failed(_)) {
+                        if matches!(s, DownstreamState::Failed(_)) {
+                            // Make sure nothing of the failed child lingers on its port.
+                            inner.stop_child(&p).await;
+                        }
+                        tracing::info!(downstream = %ds.id(), "starting agent-server process on demand");
+                        inner.spawn_child(&p).await?;
+                    }
+                    restarted = true;
+                }
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(NotReady::Timeout(timeout).into());
+            }
+            match ds.wait_ready(left).await {
+                Ok(()) => return Ok(()),
+                Err(NotReady::Timeout(_)) => return Err(NotReady::Timeout(timeout).into()),
+                Err(NotReady::Failed(m)) if restarted => return Err(NotReady::Failed(m).into()),
+                Err(_) => continue,
+            }
+        }
+    }
+
+    async fn release(&self, ds: &Arc<Downstream>, conversation: ConversationId, remaining: usize) -> Result<(), ProvisionError> {
+        let inner = &self.0;
+        if remaining > 0 {
+            return Ok(());
+        }
+        let p = inner.proc_of(ds)?;
+        {
+            let _g = p.lifecycle.lock().await;
+            inner.stop_child(&p).await;
+            ds.set_state(DownstreamState::Released);
+            if inner.cfg.delete_state_on_release {
+                if let Err(e) = std::fs::remove_dir_all(&p.dir) {
+                    tracing::warn!(conversation = %conversation, "could not remove {}: {e}", p.dir.display());
+                }
+            } else {
+                let mut m = p.manifest.lock().unwrap();
+                m.phase = Phase::Released;
+                let _ = inner.save_manifest(&p, &m);
+            }
+        }
+        inner.procs.remove(ds.id());
+        tracing::info!(conversation = %conversation, "released agent-server process");
+        Ok(())
+    }
+
+    fn prepare_create(&self, ds: &Downstream, body: &mut serde_json::Map<String, serde_json::Value>) {
+        if self.0.cfg.workspace != WorkspaceMode::Isolated {
+            return;
+        }
+        let Ok(p) = self.0.proc_of(ds) else { return };
+        let dir = p.dir.join("workspace").to_string_lossy().into_owned();
+        let ws = body
+            .entry("workspace")
+            .or_insert_with(|| serde_json::json!({"kind": "LocalWorkspace"}));
+        if let Some(obj) = ws.as_object_mut() {
+            obj.insert("working_dir".into(), serde_json::Value::String(dir));
+        }
+    }
+
+    async fn shutdown(&self) {
+        let inner = &self.0;
+        if inner.cfg.on_shutdown == OnShutdown::Keep {
+            tracing::info!("leaving agent-server processes running (on_shutdown = keep)");
+            return;
+        }
+        let procs: Vec<Arc<Proc>> = inner.procs.iter().map(|p| p.clone()).collect();
+        let stops = procs.iter().map(|p| async move {
+            let _g = p.lifecycle.lock().await;
+            if p.manifest.lock().unwrap().pid.is_some() {
+                inner.stop_child(p).await;
+            }
+        });
+        let bound = inner.stop_timeout + Duration::from_secs(6);
+        if tokio::time::timeout(bound, futures::future::join_all(stops)).await.is_err() {
+            tracing::warn!("some agent-server processes did not stop within {bound:?}");
+        }
+    }
+}
