@@ -38,6 +38,8 @@ pub struct Inner {
     /// One lock per conversation id being created: concurrent creates provision once.
     pub creating: DashMap<ConversationId, Arc<Mutex<()>>>,
     pub ready_timeout: Duration,
+    /// WebSocket proxy settings.
+    pub ws: Arc<nestor_ws_proxy::ProxyConfig>,
     pub upstream_timeout: Duration,
     pub started: std::time::Instant,
     pub shutdown: CancellationToken,
@@ -127,7 +129,14 @@ impl AppState {
         // Adopt what running downstreams hold (bounded: the catalog's refresh timeout).
         catalog.refresh_stale(downstreams.clone()).await;
         let fleet = Fleet::open(cfg.state_dir.join("server_info.json"));
+        let ws = Arc::new(nestor_ws_proxy::ProxyConfig {
+            ready_timeout: Duration::from_secs_f64(cfg.ready_timeout_secs),
+            resume_deadline: Duration::from_secs_f64(cfg.websocket.resume_deadline_secs),
+            max_pending_bytes: cfg.websocket.max_pending_bytes,
+            ..Default::default()
+        });
         let state = AppState(Arc::new(Inner {
+            ws,
             ready_timeout: Duration::from_secs_f64(cfg.ready_timeout_secs),
             upstream_timeout: Duration::from_secs_f64(cfg.upstream_timeout_secs),
             auth: Auth::new(keys),

@@ -49,6 +49,8 @@ pub struct Config {
     pub log_format: LogFormat,
     #[serde(default)]
     pub catalog: CatalogSection,
+    #[serde(default)]
+    pub websocket: WebsocketSection,
     pub provisioner: ProvisionerSection,
 }
 
@@ -76,6 +78,33 @@ impl Default for CatalogSection {
 
 fn default_staleness_ms() -> u64 {
     1000
+}
+
+/// `[websocket]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebsocketSection {
+    /// Seconds a lost downstream socket may take to come back while the client waits
+    /// (then the client is closed with 1012, which clients retry).
+    #[serde(default = "default_resume_deadline")]
+    pub resume_deadline_secs: f64,
+    /// Bytes queued for one client before it is dropped as a slow consumer.
+    #[serde(default = "default_max_pending")]
+    pub max_pending_bytes: usize,
+}
+
+impl Default for WebsocketSection {
+    fn default() -> Self {
+        Self { resume_deadline_secs: default_resume_deadline(), max_pending_bytes: default_max_pending() }
+    }
+}
+
+fn default_resume_deadline() -> f64 {
+    120.0
+}
+
+fn default_max_pending() -> usize {
+    16 << 20
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -231,7 +260,11 @@ impl Config {
                 self.bind
             )));
         }
-        for (what, v) in [("upstream_timeout_secs", self.upstream_timeout_secs), ("ready_timeout_secs", self.ready_timeout_secs)] {
+        for (what, v) in [
+            ("upstream_timeout_secs", self.upstream_timeout_secs),
+            ("ready_timeout_secs", self.ready_timeout_secs),
+            ("websocket.resume_deadline_secs", self.websocket.resume_deadline_secs),
+        ] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(ConfigError::Invalid(format!("{what} must be a positive number of seconds")));
             }

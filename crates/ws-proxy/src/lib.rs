@@ -1,1 +1,21 @@
-//! placeholder
+//! nestor's WebSocket proxy.
+//!
+//! Clients keep one socket to nestor; nestor keeps one to the conversation's downstream and
+//! pumps frames both ways. The downstream socket may drop (the agent-server restarted, its
+//! container was replaced, a connection was reset): nestor keeps the client socket open,
+//! reconnects, replays the handshake (its own downstream key; the resume position) and goes
+//! on, so the client sees every persisted event exactly once, in order.
+//!
+//! * [`upgrade`]: the server side of the WebSocket handshake (on hyper).
+//! * [`classify`]: peeking at frames (event ids, timestamps, seqs).
+//! * [`resume`]: the resume cursors (pure, property-tested).
+//! * [`bridge`]: one proxied pair: client auth, dialing, pumping, reconnecting.
+
+pub mod bridge;
+pub mod classify;
+pub mod config;
+pub mod resume;
+pub mod upgrade;
+
+pub use bridge::{bridge, ClientAuth, PairSpec, SocketKind, Upstream, UpstreamError};
+pub use config::ProxyConfig;

@@ -6,11 +6,13 @@
 //! | `POST /api/conversations` | create: provision + forward ([`conversations::create`]) |
 //! | `GET /api/conversations/search`, `/count`, `GET /api/conversations?ids=` | the merged catalog |
 //! | `/api/conversations/{id}[/…]`, `/api/file/download-trajectory/{id}` | the conversation's downstream |
+//! | `/sockets/events/{id}`, `/sockets/conversation/{id}/events`, `/sockets/session/{id}` | proxied WebSockets ([`sockets`]) |
 //! | anything else under `/api/` | the home downstream ([`home`]) |
 
 pub mod conversations;
 pub mod health;
 pub mod home;
+pub mod sockets;
 
 use axum::routing::{any, get};
 use axum::Router;
@@ -31,6 +33,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/conversations/{id}", any(conversations::per_conversation))
         .route("/api/conversations/{id}/{*rest}", any(conversations::per_conversation))
         .route("/api/file/download-trajectory/{id}", get(conversations::trajectory))
+        .route("/sockets/events/{id}", get(sockets::events))
+        .route("/sockets/conversation/{id}/events", get(sockets::events))
+        .route("/sockets/session/{id}", get(sockets::session))
         .fallback(home::fallback)
         .with_state(state)
 }

@@ -1,0 +1,621 @@
+//! One proxied pair: a client socket and the downstream socket behind it.
+//!
+//! Life of a pair:
+//! 1. **Client auth.** Query/header keys were checked before the upgrade (bad: HTTP 403).
+//!    Otherwise the first frame must be `{"type":"auth","session_api_key":…}` within 10 s
+//!    (bad or late: close 4001).
+//! 2. **Dial.** Wait (bounded) for the conversation's downstream to be ready, then connect
+//!    with the downstream's own key in `X-Session-API-Key` and the client's query minus its
+//!    key. Unknown conversation: close 4004.
+//! 3. **Pump.** Downstream frames go to a per-client writer task through a queue whose
+//!    bytes are counted: past 16 MiB pending the client is a slow consumer and is dropped
+//!    (nestor's memory stays bounded). Client frames go to the downstream (auth frames are
+//!    swallowed). Pings keep both legs alive and detect dead peers.
+//! 4. **Loss.** If the downstream socket fails or closes with a "going away" code, the client
+//!    stays connected: nestor redials with backoff until `resume_deadline`, asking for the
+//!    resume position its cursor computed, drops what the client already has, and goes on.
+//!    Client frames sent meanwhile are buffered (bounded) and delivered after. Past the
+//!    deadline the client is closed with 1012 (retryable for the SDK and the frontend).
+//!    Deliberate downstream closes (4xxx, 1000, policy) are passed to the client as is.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use futures::{FutureExt, SinkExt, StreamExt};
+use nestor_core::{ConversationId, Endpoint};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::classify::{self, SessionFrame};
+use crate::config::ProxyConfig;
+use crate::resume::{EventsCursor, History, SessionCursor, Verdict};
+
+/// Which agent-server socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketKind {
+    /// `/sockets/events/{id}` (alias `/sockets/conversation/{id}/events`).
+    Events,
+    /// `/sockets/session/{id}`.
+    Session,
+}
+
+impl SocketKind {
+    fn path(&self, id: &ConversationId) -> String {
+        match self {
+            SocketKind::Events => format!("/sockets/events/{id}"),
+            SocketKind::Session => format!("/sockets/session/{id}"),
+        }
+    }
+}
+
+/// How the client still has to authenticate after the upgrade.
+#[derive(Clone)]
+pub enum ClientAuth {
+    /// Already authenticated (query or header key), or no keys configured.
+    Done,
+    /// First-message auth: the validator says whether a presented key is good.
+    FirstFrame(Arc<dyn Fn(&str) -> bool + Send + Sync>),
+}
+
+/// What the proxy needs to know of one pair.
+#[derive(Clone)]
+pub struct PairSpec {
+    pub kind: SocketKind,
+    pub conversation: ConversationId,
+    /// The client's query pairs, its `session_api_key` removed.
+    pub query: Vec<(String, String)>,
+    pub auth: ClientAuth,
+}
+
+/// Why no downstream endpoint can be had.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    /// The conversation does not exist (close 4004).
+    #[error("Conversation not found")]
+    NotFound,
+    /// Not available now (retry).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Where the conversation's downstream is. Implemented by the aggregator over its catalog
+/// and provisioner.
+#[async_trait]
+pub trait Upstream: Send + Sync + 'static {
+    /// The downstream's endpoint once it is ready, waiting at most `timeout` (and starting it
+    /// if its provisioner can).
+    async fn endpoint(&self, timeout: Duration) -> Result<Arc<Endpoint>, UpstreamError>;
+
+    /// Called after a downstream socket was lost (for metrics / health checks).
+    fn on_lost(&self) {}
+
+    /// Called when a lost downstream socket was re-established.
+    fn on_resumed(&self, _after: Duration) {}
+}
+
+type DownSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Why a dial failed.
+#[derive(Debug)]
+enum DialError {
+    NotFound,
+    Retry(String),
+}
+
+/// The cursor of either socket kind.
+enum Cursor {
+    Events(EventsCursor),
+    Session(SessionCursor),
+}
+
+fn close_msg(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.to_owned().into() }))
+}
+
+/// Payload bytes of a message (for the pending-bytes bound).
+fn msg_len(m: &Message) -> usize {
+    match m {
+        Message::Text(t) => t.len(),
+        Message::Binary(b) | Message::Ping(b) | Message::Pong(b) => b.len(),
+        Message::Close(_) | Message::Frame(_) => 16,
+    }
+}
+
+/// Is a downstream close a loss (reconnect) or deliberate (pass it on)?
+fn is_loss(frame: &Option<CloseFrame>) -> bool {
+    let Some(f) = frame else { return true };
+    let code: u16 = f.code.into();
+    match code {
+        1001 | 1006 | 1011 | 1012 | 1014 => true,
+        // The agent-server drops a lagging subscriber with 1013 "slow_consumer" and expects
+        // it to resume with after_seq.
+        1013 => f.reason.as_str() == "slow_consumer",
+        _ => false,
+    }
+}
+
+/// Queue towards the client with a byte count.
+#[derive(Clone)]
+struct ClientTx {
+    tx: mpsc::UnboundedSender<Message>,
+    pending: Arc<AtomicUsize>,
+}
+
+impl ClientTx {
+    fn send(&self, m: Message) -> bool {
+        self.pending.fetch_add(msg_len(&m), Ordering::Relaxed);
+        self.tx.send(m).is_ok()
+    }
+    fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+}
+
+/// Drain the queue into the client socket, batching writes before each flush.
+async fn client_writer<S>(mut sink: S, mut rx: mpsc::UnboundedReceiver<Message>, pending: Arc<AtomicUsize>)
+where
+    S: futures::Sink<Message, Error = WsError> + Unpin,
+{
+    while let Some(m) = rx.recv().await {
+        let mut closing = matches!(m, Message::Close(_));
+        let n = msg_len(&m);
+        if sink.feed(m).await.is_err() {
+            return;
+        }
+        pending.fetch_sub(n, Ordering::Relaxed);
+        while !closing {
+            let Ok(m) = rx.try_recv() else { break };
+            closing = matches!(m, Message::Close(_));
+            let n = msg_len(&m);
+            if sink.feed(m).await.is_err() {
+                return;
+            }
+            pending.fetch_sub(n, Ordering::Relaxed);
+        }
+        if sink.flush().await.is_err() || closing {
+            let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+            return;
+        }
+    }
+}
+
+/// Run one pair to its end. Never panics; every wait is bounded.
+pub async fn bridge<C>(mut client: WebSocketStream<C>, spec: PairSpec, upstream: Arc<dyn Upstream>, cfg: Arc<ProxyConfig>)
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // 1. First-message auth.
+    if let ClientAuth::FirstFrame(check) = &spec.auth {
+        let ok = tokio::time::timeout(cfg.auth_timeout, async {
+            loop {
+                match client.next().await {
+                    Some(Ok(Message::Text(t))) => {
+                        return matches!(classify::client_auth_frame(&t), Some(Some(k)) if check(&k));
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    _ => return false,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        if !ok {
+            tracing::debug!(conversation = %spec.conversation, "client failed first-message auth");
+            let _ = tokio::time::timeout(Duration::from_secs(1), client.send(close_msg(4001, "Authentication failed"))).await;
+            return;
+        }
+    }
+
+    let (sink, mut client_rx) = client.split();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let pending = Arc::new(AtomicUsize::new(0));
+    let to_client = ClientTx { tx, pending: pending.clone() };
+    let mut writer = tokio::spawn(client_writer(sink, rx, pending));
+
+    let mut pair = Pair::new(spec, upstream, cfg, to_client);
+    pair.run(&mut client_rx, &mut writer).await;
+    // Let the writer flush what is queued (a close frame at least), bounded.
+    if tokio::time::timeout(Duration::from_secs(2), &mut writer).await.is_err() {
+        writer.abort();
+    }
+}
+
+struct Pair {
+    spec: PairSpec,
+    upstream: Arc<dyn Upstream>,
+    cfg: Arc<ProxyConfig>,
+    to_client: ClientTx,
+    cursor: Cursor,
+    /// Client frames waiting for a downstream.
+    held: VecDeque<Message>,
+    held_bytes: usize,
+    /// Set while reconnecting: when the loss happened.
+    lost_at: Option<Instant>,
+    connected_once: bool,
+}
+
+enum Step {
+    Continue,
+    End,
+}
+
+impl Pair {
+    fn new(spec: PairSpec, upstream: Arc<dyn Upstream>, cfg: Arc<ProxyConfig>, to_client: ClientTx) -> Self {
+        let q = |k: &str| spec.query.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let cursor = match spec.kind {
+            SocketKind::Events => {
+                let history = match (q("resend_mode").as_deref(), q("resend_all").as_deref()) {
+                    (Some("all"), _) => History::All,
+                    (Some("since"), _) => q("after_timestamp").map(History::Since).unwrap_or(History::None),
+                    (_, Some(v)) if v.eq_ignore_ascii_case("true") || v == "1" => History::All,
+                    _ => History::None,
+                };
+                Cursor::Events(EventsCursor::new(history))
+            }
+            SocketKind::Session => Cursor::Session(SessionCursor::new(q("after_seq").and_then(|s| s.parse().ok()))),
+        };
+        Self { spec, upstream, cfg, to_client, cursor, held: VecDeque::new(), held_bytes: 0, lost_at: None, connected_once: false }
+    }
+
+    /// The query for the next dial: the client's own the first time; the resume position after.
+    fn dial_query(&self) -> Vec<(String, String)> {
+        if !self.connected_once {
+            return self.spec.query.clone();
+        }
+        let drop_keys: &[&str] = match self.spec.kind {
+            SocketKind::Events => &["resend_mode", "resend_all", "after_timestamp"],
+            SocketKind::Session => &["after_seq"],
+        };
+        let mut q: Vec<(String, String)> =
+            self.spec.query.iter().filter(|(k, _)| !drop_keys.contains(&k.as_str())).cloned().collect();
+        match &self.cursor {
+            Cursor::Events(c) => match c.resume_history() {
+                History::All => q.push(("resend_mode".into(), "all".into())),
+                History::Since(t) => {
+                    q.push(("resend_mode".into(), "since".into()));
+                    q.push(("after_timestamp".into(), t));
+                }
+                History::None => {}
+            },
+            Cursor::Session(c) => q.push(("after_seq".into(), c.resume_after_seq().to_string())),
+        }
+        q
+    }
+
+    /// A dial attempt: wait for the endpoint (bounded), then connect (bounded).
+    fn dial(&self, wait: Duration, delay: Duration) -> BoxFuture<'static, Result<DownSocket, DialError>> {
+        let upstream = self.upstream.clone();
+        let path = self.spec.kind.path(&self.spec.conversation);
+        let query = self.dial_query();
+        let cfg = self.cfg.clone();
+        async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let ep = match upstream.endpoint(wait).await {
+                Ok(ep) => ep,
+                Err(UpstreamError::NotFound) => return Err(DialError::NotFound),
+                Err(UpstreamError::Unavailable(m)) => return Err(DialError::Retry(m)),
+            };
+            let mut url = format!("{}{}", ep.ws_origin(), path);
+            if !query.is_empty() {
+                url.push('?');
+                url.push_str(&form_urlencoded::Serializer::new(String::new()).extend_pairs(&query).finish());
+            }
+            let mut req = url.into_client_request().map_err(|e| DialError::Retry(format!("bad downstream URL: {e}")))?;
+            if let Some(k) = ep.key_header() {
+                req.headers_mut().insert(nestor_core::SESSION_KEY_HEADER, k.clone());
+            }
+            match tokio::time::timeout(
+                cfg.dial_timeout,
+                tokio_tungstenite::connect_async_with_config(req, Some(cfg.downstream_ws_config()), true),
+            )
+            .await
+            {
+                Ok(Ok((ws, _))) => Ok(ws),
+                Ok(Err(WsError::Http(resp))) if resp.status() == http::StatusCode::NOT_FOUND => Err(DialError::NotFound),
+                Ok(Err(e)) => Err(DialError::Retry(describe_ws_error(&e))),
+                Err(_) => Err(DialError::Retry("the agent-server's socket did not answer in time".into())),
+            }
+        }
+        .boxed()
+    }
+
+    /// Close the client with `code`.
+    fn close_client(&self, code: u16, reason: &str) {
+        self.to_client.send(close_msg(code, reason));
+    }
+
+    async fn run<R>(&mut self, client_rx: &mut R, writer: &mut tokio::task::JoinHandle<()>)
+    where
+        R: futures::Stream<Item = Result<Message, WsError>> + Unpin,
+    {
+        let conv = self.spec.conversation;
+        let mut down: Option<DownSocket> = None;
+        let mut dialing: Option<BoxFuture<'static, Result<DownSocket, DialError>>> = Some(self.dial(self.cfg.ready_timeout, Duration::ZERO));
+        let mut dial_deadline = Instant::now() + self.cfg.ready_timeout;
+        let mut backoff = self.cfg.initial_backoff;
+        let mut ping = tokio::time::interval_at(Instant::now() + self.cfg.ping_interval, self.cfg.ping_interval);
+        let mut client_seen = Instant::now();
+        let mut down_seen = Instant::now();
+
+        loop {
+            let step = tokio::select! {
+                biased;
+                _ = &mut *writer => {
+                    // The client's socket failed under the writer.
+                    Step::End
+                }
+                m = client_rx.next() => {
+                    client_seen = Instant::now();
+                    self.on_client(m, &mut down).await
+                }
+                m = next_frame(&mut down), if down.is_some() => {
+                    down_seen = Instant::now();
+                    match self.on_downstream(m) {
+                        DownStep::Continue => Step::Continue,
+                        DownStep::End => Step::End,
+                        DownStep::Lost(why) => {
+                            tracing::info!(conversation = %conv, "downstream socket lost ({why}); resuming");
+                            self.upstream.on_lost();
+                            down = None;
+                            self.lost(&mut dialing, &mut dial_deadline, &mut backoff);
+                            Step::Continue
+                        }
+                    }
+                }
+                r = poll_opt(&mut dialing), if dialing.is_some() => {
+                    dialing = None;
+                    match r {
+                        Ok(ws) => {
+                            down = Some(ws);
+                            down_seen = Instant::now();
+                            backoff = self.cfg.initial_backoff;
+                            if let Some(t) = self.lost_at.take() {
+                                tracing::info!(conversation = %conv, after_ms = t.elapsed().as_millis() as u64, "downstream socket resumed");
+                                self.upstream.on_resumed(t.elapsed());
+                            }
+                            self.connected_once = true;
+                            if self.flush_held(&mut down).await { Step::Continue } else {
+                                down = None;
+                                self.lost(&mut dialing, &mut dial_deadline, &mut backoff);
+                                Step::Continue
+                            }
+                        }
+                        Err(DialError::NotFound) => {
+                            self.close_client(4004, "Conversation not found");
+                            Step::End
+                        }
+                        Err(DialError::Retry(why)) => {
+                            if Instant::now() >= dial_deadline {
+                                tracing::warn!(conversation = %conv, "giving up on the downstream socket: {why}");
+                                if self.connected_once {
+                                    self.close_client(1012, "downstream unavailable");
+                                } else {
+                                    self.close_client(1013, "downstream unavailable");
+                                }
+                                Step::End
+                            } else {
+                                tracing::debug!(conversation = %conv, "dial failed ({why}); retrying in {backoff:?}");
+                                let left = dial_deadline.saturating_duration_since(Instant::now());
+                                dialing = Some(self.dial(left.min(Duration::from_secs(5)), backoff.min(left)));
+                                backoff = (backoff * 2).min(self.cfg.max_backoff);
+                                Step::Continue
+                            }
+                        }
+                    }
+                }
+                _ = ping.tick() => {
+                    let silent = self.cfg.ping_interval * 2;
+                    if client_seen.elapsed() > silent {
+                        tracing::info!(conversation = %conv, "client silent for {silent:?}; closing");
+                        Step::End
+                    } else {
+                        self.to_client.send(Message::Ping(Default::default()));
+                        if let Some(d) = down.as_mut() {
+                            if down_seen.elapsed() > silent + self.cfg.ping_interval {
+                                tracing::info!(conversation = %conv, "downstream silent; resuming");
+                                down = None;
+                                self.upstream.on_lost();
+                                self.lost(&mut dialing, &mut dial_deadline, &mut backoff);
+                            } else if tokio::time::timeout(Duration::from_secs(5), d.send(Message::Ping(Default::default()))).await.is_err() {
+                                down = None;
+                                self.lost(&mut dialing, &mut dial_deadline, &mut backoff);
+                            }
+                        }
+                        Step::Continue
+                    }
+                }
+            };
+            if self.to_client.pending() > self.cfg.max_pending_bytes {
+                tracing::warn!(conversation = %conv, pending = self.to_client.pending(), "client is a slow consumer; dropping it");
+                writer.abort();
+                if let Some(mut d) = down.take() {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), d.close(None)).await;
+                }
+                return;
+            }
+            if let Step::End = step {
+                if let Some(mut d) = down.take() {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), d.close(None)).await;
+                }
+                return;
+            }
+        }
+    }
+
+    /// Enter the reconnecting state.
+    fn lost(
+        &mut self,
+        dialing: &mut Option<BoxFuture<'static, Result<DownSocket, DialError>>>,
+        deadline: &mut Instant,
+        backoff: &mut Duration,
+    ) {
+        if self.lost_at.is_none() {
+            self.lost_at = Some(Instant::now());
+            *deadline = Instant::now() + self.cfg.resume_deadline;
+        }
+        if let Cursor::Session(c) = &mut self.cursor {
+            for f in c.abort_open_items() {
+                self.to_client.send(Message::Text(f.into()));
+            }
+        }
+        if dialing.is_none() {
+            *dialing = Some(self.dial(Duration::from_secs(5), *backoff));
+            *backoff = (*backoff * 2).min(self.cfg.max_backoff);
+        }
+    }
+
+    /// Send held client frames to a fresh downstream. False if the downstream failed.
+    async fn flush_held(&mut self, down: &mut Option<DownSocket>) -> bool {
+        let Some(d) = down.as_mut() else { return false };
+        while let Some(m) = self.held.pop_front() {
+            self.held_bytes -= msg_len(&m);
+            if tokio::time::timeout(self.cfg.dial_timeout, d.send(m.clone())).await.map(|r| r.is_err()).unwrap_or(true) {
+                self.held.push_front(m.clone());
+                self.held_bytes += msg_len(&m);
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn on_client(&mut self, m: Option<Result<Message, WsError>>, down: &mut Option<DownSocket>) -> Step {
+        let conv = self.spec.conversation;
+        let m = match m {
+            Some(Ok(m)) => m,
+            Some(Err(WsError::Capacity(_))) => {
+                self.close_client(1013, "frame_too_large");
+                return Step::End;
+            }
+            Some(Err(e)) => {
+                tracing::debug!(conversation = %conv, "client socket error: {e}");
+                return Step::End;
+            }
+            None => return Step::End,
+        };
+        match m {
+            Message::Text(ref t) if classify::client_auth_frame(t).is_some() => Step::Continue,
+            Message::Text(_) | Message::Binary(_) => {
+                if let Some(d) = down.as_mut() {
+                    match tokio::time::timeout(self.cfg.dial_timeout, d.send(m.clone())).await {
+                        Ok(Ok(())) => return Step::Continue,
+                        _ => {
+                            // Keep it for the next connection.
+                            *down = None;
+                        }
+                    }
+                }
+                if self.held.len() >= self.cfg.max_buffered_client_frames
+                    || self.held_bytes + msg_len(&m) > self.cfg.max_buffered_client_bytes
+                {
+                    tracing::warn!(conversation = %conv, "too many client frames while the downstream is away");
+                    self.close_client(1013, "downstream unavailable");
+                    return Step::End;
+                }
+                self.held_bytes += msg_len(&m);
+                self.held.push_back(m);
+                Step::Continue
+            }
+            Message::Close(frame) => {
+                if let Some(d) = down.as_mut() {
+                    let frame = frame.map(|f| {
+                        let code: u16 = f.code.into();
+                        if matches!(code, 1005 | 1006 | 1015) {
+                            CloseFrame { code: CloseCode::Normal, reason: f.reason }
+                        } else {
+                            f
+                        }
+                    });
+                    let _ = tokio::time::timeout(Duration::from_secs(1), d.close(frame)).await;
+                }
+                *down = None;
+                Step::End
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Step::Continue,
+        }
+    }
+
+    fn on_downstream(&mut self, m: Option<Result<Message, WsError>>) -> DownStep {
+        let m = match m {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return DownStep::Lost(describe_ws_error(&e)),
+            None => return DownStep::Lost("connection closed".into()),
+        };
+        match m {
+            Message::Text(t) => {
+                let verdict = match &mut self.cursor {
+                    Cursor::Events(c) => c.on_frame(classify::event_head(&t).as_ref()),
+                    Cursor::Session(c) => {
+                        let f = classify::session_frame(&t);
+                        let id = if matches!(f, SessionFrame::Durable { .. }) { classify::durable_event_id(&t) } else { None };
+                        c.on_frame(&f, id.as_deref())
+                    }
+                };
+                if verdict == Verdict::Forward && !self.to_client.send(Message::Text(t)) {
+                    return DownStep::End;
+                }
+                DownStep::Continue
+            }
+            Message::Binary(b) => {
+                if !self.to_client.send(Message::Binary(b)) {
+                    return DownStep::End;
+                }
+                DownStep::Continue
+            }
+            Message::Close(frame) => {
+                if is_loss(&frame) {
+                    let why = frame.map(|f| format!("closed {} {}", u16::from(f.code), f.reason)).unwrap_or_else(|| "closed".into());
+                    return DownStep::Lost(why);
+                }
+                let (code, reason) = frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1000, String::new()));
+                self.close_client(code, &reason);
+                DownStep::End
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => DownStep::Continue,
+        }
+    }
+}
+
+enum DownStep {
+    Continue,
+    End,
+    Lost(String),
+}
+
+async fn next_frame(down: &mut Option<DownSocket>) -> Option<Result<Message, WsError>> {
+    match down {
+        Some(d) => d.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn poll_opt<T>(f: &mut Option<BoxFuture<'static, T>>) -> T {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A WebSocket error in words that name no address or key.
+fn describe_ws_error(e: &WsError) -> String {
+    match e {
+        WsError::Io(io) => format!("{}", io.kind()),
+        WsError::Http(r) => format!("handshake refused with HTTP {}", r.status()),
+        WsError::ConnectionClosed | WsError::AlreadyClosed => "connection closed".into(),
+        WsError::Protocol(p) => format!("protocol error: {p}"),
+        WsError::Capacity(c) => format!("frame too large: {c}"),
+        other => other.to_string().chars().take(120).collect(),
+    }
+}

@@ -1,0 +1,76 @@
+//! Limits and timings of the WebSocket proxy. Every wait has a bound.
+
+use std::time::Duration;
+
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// First-message auth must arrive within this (the agent-server's 10 s).
+    pub auth_timeout: Duration,
+    /// How long the first connection may wait for a starting downstream.
+    pub ready_timeout: Duration,
+    /// How long a lost downstream may take to come back before the client is closed
+    /// (with a retryable code).
+    pub resume_deadline: Duration,
+    /// Backoff between reconnection attempts: starts here, doubles, capped at `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Bound on one dial (TCP + WebSocket handshake).
+    pub dial_timeout: Duration,
+    /// Protocol pings to both legs; a leg silent for `2 × ping_interval` is dead.
+    pub ping_interval: Duration,
+    /// Bytes queued for a client beyond which it is dropped as a slow consumer
+    /// (the agent-server's session-socket rule: 16 MiB).
+    pub max_pending_bytes: usize,
+    /// Largest frame a client may send (the agent-server's 4 MiB).
+    pub max_client_frame: usize,
+    /// Largest frame accepted from a downstream.
+    pub max_downstream_frame: usize,
+    /// Client frames kept while the downstream is away (count and bytes).
+    pub max_buffered_client_frames: usize,
+    pub max_buffered_client_bytes: usize,
+    /// Socket read buffer per leg. tungstenite's default is 128 KiB; small keeps idle
+    /// pairs cheap (frames larger than this are still read, in several reads).
+    pub read_buffer_size: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            auth_timeout: Duration::from_secs(10),
+            ready_timeout: Duration::from_secs(120),
+            resume_deadline: Duration::from_secs(120),
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(100),
+            dial_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(20),
+            max_pending_bytes: 16 << 20,
+            max_client_frame: 4 << 20,
+            max_downstream_frame: 64 << 20,
+            max_buffered_client_frames: 64,
+            max_buffered_client_bytes: 4 << 20,
+            read_buffer_size: 4096,
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// tungstenite settings for the client leg.
+    pub fn client_ws_config(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(self.read_buffer_size)
+            .write_buffer_size(0)
+            .max_message_size(Some(self.max_client_frame))
+            .max_frame_size(Some(self.max_client_frame))
+    }
+
+    /// tungstenite settings for the downstream leg.
+    pub fn downstream_ws_config(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(self.read_buffer_size)
+            .write_buffer_size(0)
+            .max_message_size(Some(self.max_downstream_frame))
+            .max_frame_size(Some(self.max_downstream_frame))
+    }
+}
