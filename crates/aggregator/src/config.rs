@@ -150,6 +150,20 @@ fn keys<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<SessionKey>>, D::E
     Ok(Some(raw.into_iter().filter(|k| !k.is_empty()).map(SessionKey::new).collect()))
 }
 
+/// Top-level keys of [`Config`] (what `NESTOR_<KEY>` may set).
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "bind",
+    "session_api_keys",
+    "state_dir",
+    "max_body_bytes",
+    "upstream_timeout_secs",
+    "ready_timeout_secs",
+    "log_format",
+    "catalog",
+    "websocket",
+    "provisioner",
+];
+
 /// Where nestor keeps state without a configured `state_dir`.
 pub fn default_state_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
@@ -246,7 +260,16 @@ impl Config {
             }
         }
         fig = fig
-            .merge(Env::prefixed("NESTOR_").split("__").ignore(&["CACHE_DIR", "BIN", "E2E_TARGET", "LOG"]))
+            .merge(
+                // Only configuration keys: other NESTOR_* variables belong to tools and scripts
+                // (NESTOR_LOG, NESTOR_CACHE_DIR, …).
+                Env::prefixed("NESTOR_")
+                    .filter(|k| {
+                        let top = k.as_str().split("__").next().unwrap_or("").to_ascii_lowercase();
+                        TOP_LEVEL_KEYS.contains(&top.as_str())
+                    })
+                    .split("__"),
+            )
             .merge(Serialized::defaults(overrides));
         let cfg: Config = fig.extract().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         cfg.validate()?;
@@ -335,6 +358,8 @@ agent_server = "/path/to/bin/agent-server"
             jail.set_env("NESTOR_PROVISIONER__KIND", "existing");
             jail.set_env("NESTOR_SESSION_API_KEYS", "a, b");
             jail.set_env("NESTOR_PROVISIONER__EXISTING__SERVERS", r#"[{url="http://127.0.0.1:5"}]"#);
+            jail.set_env("NESTOR_LOG", "debug");
+            jail.set_env("NESTOR_AGENT_SERVER_BIN", "/x");
             let c = Config::load(Some(&jail.directory().join("n.toml")), &Overrides::default()).unwrap();
             assert_eq!(c.bind.port(), 2);
             assert_eq!(c.provisioner.kind, ProvisionerKind::Existing);

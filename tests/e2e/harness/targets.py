@@ -6,11 +6,13 @@ Chosen by ``NESTOR_E2E_TARGET`` (default ``direct``). A target is a context mana
 
 * ``direct``: one real agent-server subprocess; the tests talk to it directly. Validates the
   harness itself (no nestor).
-* ``nestor-existing``: an already running nestor at ``NESTOR_E2E_URL`` with key
+* ``nestor-process``: nestor (``$NESTOR_BIN``, else the workspace's ``target/debug/nestor``)
+  on the ``process`` provisioner: every conversation gets its own agent-server subprocess.
+* ``nestor-existing``: two real agent-servers started here, and nestor on the ``existing``
+  provisioner in front of them.
+* ``nestor-url``: an already running nestor at ``NESTOR_E2E_URL`` with key
   ``NESTOR_E2E_API_KEY``; working dirs from ``NESTOR_E2E_WORKING_DIR`` (a template with
   ``{label}``, default ``/workspace/e2e-{label}``).
-* ``nestor-process``: start ``$NESTOR_BIN`` ourselves. NOT IMPLEMENTED HERE (nestor's CLI is
-  being written); see ``nestor_process_target`` for the contract to fill in.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .agent_server import AgentServer
+from .agent_server import AgentServer, agent_server_bin
+from .nestor import Nestor
 from .procs import wait_http_ok
 
 
@@ -43,6 +46,11 @@ class Target:
     # nestor-process: whatever nestor exposes), for fault-injection tests.
     agent_servers: list[AgentServer] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    # False when the server places each conversation in a workspace of its own choosing
+    # (nestor's process provisioner in "isolated" mode): the reported working_dir differs.
+    keeps_working_dir: bool = True
+    # The nestor process behind the target, if any (for restart tests).
+    nestor: Any = None
 
     def __iter__(self):  # allows ``base_url, api_key = server_under_test``
         yield self.base_url
@@ -75,14 +83,14 @@ def direct_target(ctx: TargetContext) -> Iterator[Target]:
 
 
 @contextlib.contextmanager
-def nestor_existing_target(ctx: TargetContext) -> Iterator[Target]:
+def nestor_url_target(ctx: TargetContext) -> Iterator[Target]:
     url = os.environ.get("NESTOR_E2E_URL")
     if not url:
-        raise RuntimeError("NESTOR_E2E_TARGET=nestor-existing needs NESTOR_E2E_URL (and NESTOR_E2E_API_KEY)")
+        raise RuntimeError("NESTOR_E2E_TARGET=nestor-url needs NESTOR_E2E_URL (and NESTOR_E2E_API_KEY)")
     wait_http_ok(url.rstrip("/") + "/alive", timeout=30)
     template = os.environ.get("NESTOR_E2E_WORKING_DIR", "/workspace/e2e-{label}")
     yield Target(
-        name="nestor-existing",
+        name="nestor-url",
         base_url=url.rstrip("/"),
         api_key=os.environ.get("NESTOR_E2E_API_KEY"),
         working_dir_for=lambda label: template.format(label=f"{ctx.run_id}-{label}"),
@@ -91,19 +99,86 @@ def nestor_existing_target(ctx: TargetContext) -> Iterator[Target]:
 
 @contextlib.contextmanager
 def nestor_process_target(ctx: TargetContext) -> Iterator[Target]:
-    """To implement: start ``$NESTOR_BIN`` on a free loopback port with its state under
-    ``ctx.tmp_dir``, configured to spawn agent-servers from this venv (``agent_server_bin()``)
-    with the env of ``agent_server_env()``; wait for ``/alive`` (bounded); yield a Target;
-    stop it (process group) in ``finally`` and check no downstream is left running."""
-    raise NotImplementedError(
-        "NESTOR_E2E_TARGET=nestor-process is not implemented yet (see harness/targets.py)"
-    )
+    """nestor on the process provisioner: one agent-server subprocess per conversation."""
+    api_key = "e2e-" + secrets.token_hex(8)
+    config = f"""
+session_api_keys = ["{api_key}"]
+state_dir = "{ctx.tmp_dir / 'nestor-state'}"
+[provisioner]
+kind = "process"
+[provisioner.process]
+agent_server = "{agent_server_bin()}"
+"""
+    n = Nestor(ctx.tmp_dir / "nestor", config)
+    try:
+        n.start()
+        yield Target(
+            name="nestor-process",
+            base_url=n.base_url,
+            api_key=api_key,
+            working_dir_for=lambda label: f"/workspace/e2e-{ctx.run_id}-{label}",
+            keeps_working_dir=False,
+            nestor=n,
+        )
+    finally:
+        n.stop()
+        leftovers = n.leftover_agent_servers()
+        if leftovers:
+            raise AssertionError(f"agent-server processes left after nestor stopped: {leftovers}")
+
+
+@contextlib.contextmanager
+def nestor_existing_target(ctx: TargetContext) -> Iterator[Target]:
+    """nestor on the existing provisioner over two real agent-servers started here."""
+    servers = [
+        AgentServer(ctx.tmp_dir / f"agent-server-{i}", api_key=f"downstream-{i}-" + secrets.token_hex(8))
+        for i in range(2)
+    ]
+    api_key = "e2e-" + secrets.token_hex(8)
+    workspaces = ctx.tmp_dir / "workspaces"
+    n = None
+    try:
+        # Started from this thread: their parent-death signal is tied to the spawning thread.
+        for s in servers:
+            s.start()
+        entries = "".join(
+            f"""
+[[provisioner.existing.servers]]
+url = "{s.base_url}"
+api_key = "{s.api_key}"
+"""
+            for s in servers
+        )
+        config = f"""
+session_api_keys = ["{api_key}"]
+state_dir = "{ctx.tmp_dir / 'nestor-state'}"
+[provisioner]
+kind = "existing"
+[provisioner.existing]
+health_interval_secs = 1.0
+{entries}"""
+        n = Nestor(ctx.tmp_dir / "nestor", config)
+        n.start()
+        yield Target(
+            name="nestor-existing",
+            base_url=n.base_url,
+            api_key=api_key,
+            working_dir_for=lambda label: str(workspaces / label),
+            agent_servers=servers,
+            nestor=n,
+        )
+    finally:
+        if n is not None:
+            n.stop()
+        for s in servers:
+            s.cleanup()
 
 
 TARGETS: dict[str, Callable[[TargetContext], contextlib.AbstractContextManager[Target]]] = {
     "direct": direct_target,
     "nestor-existing": nestor_existing_target,
     "nestor-process": nestor_process_target,
+    "nestor-url": nestor_url_target,
 }
 
 

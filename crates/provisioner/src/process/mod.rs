@@ -280,6 +280,23 @@ impl Inner {
             .env("OH_PERSISTENCE_DIR", p.dir.join("persistence"))
             .env("OH_WORKSPACE_PATH", p.dir.join("workspace"))
             .env("OPENHANDS_AGENT_SERVER_CONFIG_PATH", p.dir.join("agent_server_config.json"));
+        let tmux_dir = tmux_dir_for(&p.dir);
+        let _ = std::fs::create_dir_all(&tmux_dir);
+        cmd.env("TMUX_TMPDIR", &tmux_dir);
+        if self.cfg.workspace == WorkspaceMode::Isolated {
+            // Its own home: git config, shell history and ~/.cache stay per conversation.
+            let home = p.dir.join("home");
+            let _ = std::fs::create_dir_all(&home);
+            cmd.env("HOME", home);
+        }
+        // Loopback never goes through a proxy (a local LLM, nestor's own secret lookups).
+        let no_proxy = std::env::var("NO_PROXY").or_else(|_| std::env::var("no_proxy")).unwrap_or_default();
+        let no_proxy = if no_proxy.is_empty() {
+            "127.0.0.1,localhost,::1".to_owned()
+        } else {
+            format!("{no_proxy},127.0.0.1,localhost,::1")
+        };
+        cmd.env("NO_PROXY", &no_proxy).env("no_proxy", &no_proxy);
         for (k, v) in &self.cfg.env {
             cmd.env(k, v);
         }
@@ -428,6 +445,7 @@ impl Inner {
                 }
             }
         }
+        kill_tmux_servers(&tmux_dir_for(&p.dir)).await;
         {
             let mut m = p.manifest.lock().unwrap();
             m.pid = None;
@@ -504,6 +522,46 @@ impl Inner {
         }
         self.procs.insert(id, p);
         Some(ds)
+    }
+}
+
+/// The child's TMUX_TMPDIR. The agent-server's terminal tool starts tmux servers, which
+/// daemonize out of the child's process group; a private directory per child keeps them
+/// apart (a shared default socket would mix conversations) and lets nestor stop exactly
+/// them. Unix socket paths are limited to ~107 bytes, so a long state_dir falls back to a
+/// short per-user directory under /tmp.
+fn tmux_dir_for(dir: &Path) -> PathBuf {
+    let preferred = dir.join("tmux");
+    // tmux puts its socket at $TMUX_TMPDIR/tmux-<uid>/default.
+    if preferred.as_os_str().len() + "/tmux-4294967295/default".len() < 100 {
+        return preferred;
+    }
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let short: String = name.chars().take(16).collect();
+    PathBuf::from(format!("/tmp/nestor-{}-tmux", nix::unistd::getuid())).join(short)
+}
+
+/// Stop the tmux servers whose sockets live in `dir` (bounded; tmux absent is fine).
+async fn kill_tmux_servers(dir: &Path) {
+    let Ok(subdirs) = std::fs::read_dir(dir) else { return };
+    for sub in subdirs.flatten() {
+        let Ok(socks) = std::fs::read_dir(sub.path()) else { continue };
+        for sock in socks.flatten() {
+            use std::os::unix::fs::FileTypeExt;
+            if !sock.file_type().map(|t| t.is_socket()).unwrap_or(false) {
+                continue;
+            }
+            let run = tokio::process::Command::new("tmux")
+                .arg("-S")
+                .arg(sock.path())
+                .arg("kill-server")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .status();
+            let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
+        }
     }
 }
 
