@@ -81,6 +81,12 @@ pub trait Provisioner: Send + Sync + 'static {
     /// at most `timeout`.
     async fn ensure_ready(&self, ds: &Arc<Downstream>, timeout: Duration) -> Result<(), ProvisionError>;
 
+    /// Stop `ds` but keep its state (idle policy); the next [`Provisioner::ensure_ready`]
+    /// starts it again. Backends that do not own their downstreams do nothing.
+    async fn stop(&self, _ds: &Arc<Downstream>) -> Result<(), ProvisionError> {
+        Ok(())
+    }
+
     /// `conversation` no longer lives on `ds` (deleted, or its create failed);
     /// `remaining` conversations still do.
     async fn release(

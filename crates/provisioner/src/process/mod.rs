@@ -180,14 +180,6 @@ impl ProcessProvisioner {
         })))
     }
 
-    /// Stop a downstream but keep its state (idle policy). Bounded by the stop timeout.
-    pub async fn stop(&self, ds: &Downstream) -> Result<(), ProvisionError> {
-        let p = self.0.proc_of(ds)?;
-        let _g = p.lifecycle.lock().await;
-        self.0.stop_child(&p).await;
-        Ok(())
-    }
-
     /// Mark a conversation's create as done: its directory is no longer removable as
     /// half-created.
     pub fn mark_active(&self, ds: &Downstream) {
@@ -666,6 +658,13 @@ impl Provisioner for ProcessProvisioner {
                 Err(_) => continue,
             }
         }
+    }
+
+    async fn stop(&self, ds: &Arc<Downstream>) -> Result<(), ProvisionError> {
+        let p = self.0.proc_of(ds)?;
+        let _g = p.lifecycle.lock().await;
+        self.0.stop_child(&p).await;
+        Ok(())
     }
 
     async fn release(&self, ds: &Arc<Downstream>, conversation: ConversationId, remaining: usize) -> Result<(), ProvisionError> {

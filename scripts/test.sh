@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Quick start: set everything up and run the whole test suite. This is what CI runs
+# (.ci/run). Every stage is bounded in time; the first failing stage fails the run.
+#
+#   scripts/test.sh              everything
+#   NESTOR_TEST_STAGES="unit e2e-process" scripts/test.sh    a subset
+#
+# Stages:
+#   setup          Debian packages, the real agent-server venv (cached by version)
+#   unit           cargo tests of every crate: unit, property and fake-downstream integration tests
+#   e2e-process    real agent-server + real Python SDK through nestor, process provisioner
+#   e2e-existing   the same through nestor on the existing provisioner over two real agent-servers
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+STAGES="${NESTOR_TEST_STAGES:-setup unit e2e-process e2e-existing}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+stage() { echo; echo "=== test.sh: $1 ($(date -u +%H:%M:%S))" >&2; }
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+started=$(date +%s)
+
+if has setup || has e2e-process || has e2e-existing; then
+  stage setup
+  bash scripts/setup-system.sh tmux
+  timeout 1200 bash scripts/setup-agent-server.sh >/dev/null
+fi
+
+if has unit; then
+  stage unit
+  if cargo nextest --version >/dev/null 2>&1; then
+    timeout 2400 cargo nextest run --workspace --locked --no-fail-fast
+  else
+    timeout 2400 cargo test --workspace --locked --no-fail-fast
+  fi
+fi
+
+if has e2e-process || has e2e-existing; then
+  timeout 1800 cargo build --locked -q -p nestor-aggregator
+  export NESTOR_BIN="$ROOT/target/debug/nestor"
+fi
+for t in process existing; do
+  if has "e2e-$t"; then
+    stage "e2e-$t"
+    NESTOR_E2E_TARGET="nestor-$t" NESTOR_E2E_TOTAL_TIMEOUT=900 bash scripts/run-e2e.sh -q
+  fi
+done
+
+echo "test.sh: all stages passed in $(( $(date +%s) - started )) s" >&2
