@@ -12,7 +12,10 @@ use nestor_test_support::{FakeAgentServer, FakeConfig};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
-#[command(name = "nestor-fake-agent-server", about = "A fast fake of the OpenHands agent-server 1.58.2 API")]
+#[command(
+    name = "nestor-fake-agent-server",
+    about = "A fast fake of the OpenHands agent-server 1.58.2 API"
+)]
 struct Args {
     /// Port to listen on (0 = any free port).
     #[arg(long, default_value_t = 0)]
@@ -43,10 +46,15 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .init();
     let args = Args::parse();
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -60,7 +68,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ..FakeConfig::default()
     };
     let server = FakeAgentServer::start(cfg).await?;
-    seed(&server, args.seed_conversations, args.events_per_conversation);
+    seed(
+        &server,
+        args.seed_conversations,
+        args.events_per_conversation,
+    );
     #[allow(clippy::print_stdout)]
     {
         println!("listening on {}", server.url());
@@ -84,9 +96,16 @@ fn seed(server: &FakeAgentServer, conversations: usize, events: usize) {
                 "tags": {"seed": c.to_string()},
             }),
         );
-        let id = info["id"].as_str().and_then(|s| uuid::Uuid::parse_str(s).ok()).expect("created conversation has an id");
+        let id = info["id"]
+            .as_str()
+            .and_then(|s| uuid::Uuid::parse_str(s).ok())
+            .expect("created conversation has an id");
         for e in 0..events {
-            let (source, role) = if e % 2 == 0 { ("user", "user") } else { ("agent", "assistant") };
+            let (source, role) = if e % 2 == 0 {
+                ("user", "user")
+            } else {
+                ("agent", "assistant")
+            };
             server.append_event(
                 id,
                 json!({

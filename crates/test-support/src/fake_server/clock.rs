@@ -81,10 +81,16 @@ pub(crate) struct DtError {
 
 impl DtError {
     fn date(e: &str) -> Self {
-        DtError { kind: "datetime_from_date_parsing", error: e.to_owned() }
+        DtError {
+            kind: "datetime_from_date_parsing",
+            error: e.to_owned(),
+        }
     }
     fn time(e: &str) -> Self {
-        DtError { kind: "datetime_parsing", error: e.to_owned() }
+        DtError {
+            kind: "datetime_parsing",
+            error: e.to_owned(),
+        }
     }
     /// The `msg` of the 422 item.
     pub fn msg(&self) -> String {
@@ -127,7 +133,8 @@ pub(crate) fn parse_datetime(s: &str) -> Result<Parsed, DtError> {
     let b = s.as_bytes();
     // Unix timestamps (pydantic accepts them for datetime fields).
     if !b.is_empty()
-        && b.iter().all(|c| c.is_ascii_digit() || *c == b'.' || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_digit() || *c == b'.' || *c == b'-')
         && b.iter().filter(|c| **c == b'.').count() <= 1
         && b[1..].iter().all(|c| *c != b'-')
         && s.parse::<f64>().is_ok()
@@ -160,7 +167,9 @@ pub(crate) fn parse_datetime(s: &str) -> Result<Parsed, DtError> {
         return Ok(Parsed::Naive(PrimitiveDateTime::new(date, Time::MIDNIGHT)));
     }
     if !matches!(b[10], b'T' | b't' | b' ' | b'_') {
-        return Err(DtError::date("invalid datetime separator, expected `T`, `t`, `_` or space"));
+        return Err(DtError::date(
+            "invalid datetime separator, expected `T`, `t`, `_` or space",
+        ));
     }
     let rest = &b[11..];
     if rest.len() < 5 {
@@ -198,13 +207,19 @@ pub(crate) fn parse_datetime(s: &str) -> Result<Parsed, DtError> {
         }
     }
     if hour > 23 {
-        return Err(DtError::time("hour value is outside expected range of 0-23"));
+        return Err(DtError::time(
+            "hour value is outside expected range of 0-23",
+        ));
     }
     if minute > 59 {
-        return Err(DtError::time("minute value is outside expected range of 0-59"));
+        return Err(DtError::time(
+            "minute value is outside expected range of 0-59",
+        ));
     }
     if second > 59 {
-        return Err(DtError::time("second value is outside expected range of 0-59"));
+        return Err(DtError::time(
+            "second value is outside expected range of 0-59",
+        ));
     }
     let time = Time::from_hms_micro(hour as u8, minute as u8, second as u8, micro)
         .map_err(|_| DtError::time("invalid time"))?;
@@ -232,7 +247,11 @@ pub(crate) fn parse_datetime(s: &str) -> Result<Parsed, DtError> {
             digits(&tzd[0..2], "timezone").map_err(|e| DtError::time(&e))?,
             digits(&tzd[3..5], "timezone").map_err(|e| DtError::time(&e))?,
         ),
-        _ => return Err(DtError::time("unexpected extra characters at the end of the input")),
+        _ => {
+            return Err(DtError::time(
+                "unexpected extra characters at the end of the input",
+            ))
+        }
     };
     if h > 23 || m > 59 {
         return Err(DtError::time("timezone offset must be less than 24 hours"));
@@ -250,17 +269,32 @@ mod tests {
 
     #[test]
     fn python_isoformat_rules() {
-        assert_eq!(naive_iso(datetime!(2026-11-22 14:42:27.674188)), "2026-11-22T14:42:27.674188");
-        assert_eq!(naive_iso(datetime!(2026-11-22 14:42:27)), "2026-11-22T14:42:27");
-        assert_eq!(naive_iso(datetime!(2026-11-22 14:42:27.000100)), "2026-11-22T14:42:27.000100");
-        assert_eq!(utc_iso_z(datetime!(2026-11-25 19:01:18.765350 UTC)), "2026-11-25T19:01:18.765350Z");
+        assert_eq!(
+            naive_iso(datetime!(2026-11-22 14:42:27.674188)),
+            "2026-11-22T14:42:27.674188"
+        );
+        assert_eq!(
+            naive_iso(datetime!(2026-11-22 14:42:27)),
+            "2026-11-22T14:42:27"
+        );
+        assert_eq!(
+            naive_iso(datetime!(2026-11-22 14:42:27.000100)),
+            "2026-11-22T14:42:27.000100"
+        );
+        assert_eq!(
+            utc_iso_z(datetime!(2026-11-25 19:01:18.765350 UTC)),
+            "2026-11-25T19:01:18.765350Z"
+        );
     }
 
     #[test]
     fn query_datetimes_like_the_real_server() {
         let utc = UtcOffset::UTC;
         // Values and outcomes observed against agent-server 1.58.2 (server in UTC).
-        assert_eq!(parse_query_datetime("2026-11-25", utc).unwrap(), "2026-11-25T00:00:00");
+        assert_eq!(
+            parse_query_datetime("2026-11-25", utc).unwrap(),
+            "2026-11-25T00:00:00"
+        );
         assert_eq!(
             parse_query_datetime("2026-11-25T19:02:08.501523Z", utc).unwrap(),
             "2026-11-25T19:02:08.501523"
@@ -269,10 +303,46 @@ mod tests {
             parse_query_datetime("2026-11-25T20:02:08.501523+01:00", utc).unwrap(),
             "2026-11-25T19:02:08.501523"
         );
-        assert_eq!(parse_query_datetime("1700000000", utc).unwrap(), "2023-11-14T22:13:20");
+        assert_eq!(
+            parse_query_datetime("1700000000", utc).unwrap(),
+            "2023-11-14T22:13:20"
+        );
         let e = parse_query_datetime("yesterday", utc).unwrap_err();
-        assert_eq!((e.kind, e.msg().as_str()), ("datetime_from_date_parsing", "Input should be a valid datetime or date, input is too short"));
+        assert_eq!(
+            (e.kind, e.msg().as_str()),
+            (
+                "datetime_from_date_parsing",
+                "Input should be a valid datetime or date, input is too short"
+            )
+        );
         let e = parse_query_datetime("2026-13-01", utc).unwrap_err();
         assert_eq!(e.msg(), "Input should be a valid datetime or date, month value is outside expected range of 1-12");
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn parsing_never_panics(s in ".{0,40}") {
+            let _ = parse_query_datetime(&s, UtcOffset::UTC);
+        }
+
+        #[test]
+        fn written_timestamps_parse_back_and_sort_like_time(a in 0i64..4_000_000_000, b in 0i64..4_000_000_000, ua in 0u32..1_000_000, ub in 0u32..1_000_000) {
+            let ta = OffsetDateTime::from_unix_timestamp(a).unwrap().replace_microsecond(ua).unwrap();
+            let tb = OffsetDateTime::from_unix_timestamp(b).unwrap().replace_microsecond(ub).unwrap();
+            let (pa, pb) = (PrimitiveDateTime::new(ta.date(), ta.time()), PrimitiveDateTime::new(tb.date(), tb.time()));
+            let (sa, sb) = (naive_iso(pa), naive_iso(pb));
+            prop_assert_eq!(parse_naive_iso(&sa), Some(pa));
+            // String order is time order except across the omitted-zero-fraction edge, which
+            // the real server has too; with both fractions present it must agree.
+            if ua != 0 && ub != 0 {
+                prop_assert_eq!(sa.cmp(&sb), pa.cmp(&pb));
+            }
+        }
     }
 }

@@ -28,10 +28,10 @@
 //!   Other paths answer 404 like an unknown route.
 //! * Runs are scripted (see `ops.rs`), stats are not accumulated, titles are not generated.
 //! * On `/sockets/events` with `resend_mode=all` during a run, the real server can interleave
-//!   and duplicate replayed and live events; the fake never does (clients must dedupe by id
-//!   anyway, so a fake that does not duplicate cannot hide a missing dedupe... but it cannot
-//!   exercise it either: use [`FakeAgentServer::publish_transient`] or repeated
-//!   [`FakeAgentServer::append_event`] ids to test dedupe).
+//!   and duplicate replayed and live events (and even push live events before the snapshot);
+//!   the fake always sends snapshot, history, live, exactly once each. To exercise a
+//!   client's dedupe, append events with repeated ids ([`FakeAgentServer::append_event`]) or
+//!   use [`TimestampMode::Repeat`] with `resend_mode=since`.
 //! * A lagging legacy-socket subscriber is dropped with 1013 `slow_consumer` (the real
 //!   legacy socket just blocks); the session socket's rule is the real one.
 //! * Bodies are parsed as JSON whatever their `Content-Type`; CORS is not implemented;
@@ -141,7 +141,10 @@ impl Default for FakeConfig {
 impl FakeConfig {
     /// Default settings with a session key.
     pub fn with_key(key: impl Into<String>) -> Self {
-        FakeConfig { session_api_key: Some(key.into()), ..Default::default() }
+        FakeConfig {
+            session_api_key: Some(key.into()),
+            ..Default::default()
+        }
     }
 }
 
@@ -215,8 +218,11 @@ impl Inner {
         if !self.auth_enabled() {
             return true;
         }
-        let Some(k) = key.filter(|k| !k.is_empty()) else { return false };
-        self.cfg.session_api_key.as_deref() == Some(k) || self.cfg.extra_session_api_keys.iter().any(|e| e == k)
+        let Some(k) = key.filter(|k| !k.is_empty()) else {
+            return false;
+        };
+        self.cfg.session_api_key.as_deref() == Some(k)
+            || self.cfg.extra_session_api_keys.iter().any(|e| e == k)
     }
 
     pub fn uptime(&self) -> f64 {
@@ -230,7 +236,8 @@ impl Inner {
 
     fn count(&self, path: &str) {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        self.last_request_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_request_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
         if let Some(mut c) = self.per_path.get_mut(path) {
             *c += 1;
             return;
@@ -248,14 +255,18 @@ pub struct FakeAgentServer {
 
 impl std::fmt::Debug for FakeAgentServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FakeAgentServer").field("addr", &self.inner.addr).finish()
+        f.debug_struct("FakeAgentServer")
+            .field("addr", &self.inner.addr)
+            .finish()
     }
 }
 
 impl FakeAgentServer {
     /// Bind and start serving.
     pub async fn start(cfg: FakeConfig) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind((cfg.host, cfg.port)).await.with_context(|| format!("binding {}:{}", cfg.host, cfg.port))?;
+        let listener = TcpListener::bind((cfg.host, cfg.port))
+            .await
+            .with_context(|| format!("binding {}:{}", cfg.host, cfg.port))?;
         let addr = listener.local_addr()?;
         let inner = Arc::new(Inner {
             cfg,
@@ -358,8 +369,14 @@ impl FakeAgentServer {
     /// # Panics
     /// If the conversation does not exist or `event` is not a JSON object.
     pub fn append_event(&self, conv: Uuid, event: Value) -> u64 {
-        let c = self.inner.store.get(&conv).unwrap_or_else(|| panic!("fake agent-server: no conversation {conv}"));
-        let Value::Object(m) = event else { panic!("fake agent-server: an event must be a JSON object") };
+        let c = self
+            .inner
+            .store
+            .get(&conv)
+            .unwrap_or_else(|| panic!("fake agent-server: no conversation {conv}"));
+        let Value::Object(m) = event else {
+            panic!("fake agent-server: an event must be a JSON object")
+        };
         let mut st = c.lock();
         st.append(&self.inner.cfg, m).seq
     }
@@ -370,8 +387,14 @@ impl FakeAgentServer {
     /// # Panics
     /// If the conversation does not exist or `event` is not a JSON object.
     pub fn publish_transient(&self, conv: Uuid, event: Value) {
-        let c = self.inner.store.get(&conv).unwrap_or_else(|| panic!("fake agent-server: no conversation {conv}"));
-        let Value::Object(m) = event else { panic!("fake agent-server: an event must be a JSON object") };
+        let c = self
+            .inner
+            .store
+            .get(&conv)
+            .unwrap_or_else(|| panic!("fake agent-server: no conversation {conv}"));
+        let Value::Object(m) = event else {
+            panic!("fake agent-server: an event must be a JSON object")
+        };
         c.lock().publish_transient(&self.inner.cfg, m);
     }
 
@@ -387,23 +410,42 @@ impl FakeAgentServer {
     /// # Panics
     /// If the conversation does not exist.
     pub fn send_user_message(&self, conv: Uuid, text: &str, run: bool) -> String {
-        let c = self.inner.store.get(&conv).unwrap_or_else(|| panic!("fake agent-server: no conversation {conv}"));
-        ops::send_message(&self.inner, &c, &[serde_json::json!({"type": "text", "text": text})], run)
+        let c = self
+            .inner
+            .store
+            .get(&conv)
+            .unwrap_or_else(|| panic!("fake agent-server: no conversation {conv}"));
+        ops::send_message(
+            &self.inner,
+            &c,
+            &[serde_json::json!({"type": "text", "text": text})],
+            run,
+        )
     }
 
     /// The persisted log, in seq order.
     pub fn events(&self, conv: Uuid) -> Vec<Value> {
-        self.inner.store.get(&conv).map(|c| c.lock().events.iter().map(|e| e.value.clone()).collect()).unwrap_or_default()
+        self.inner
+            .store
+            .get(&conv)
+            .map(|c| c.lock().events.iter().map(|e| e.value.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// `GET /api/conversations/{id}` as the server would answer it.
     pub fn conversation(&self, conv: Uuid) -> Option<Value> {
-        self.inner.store.get(&conv).map(|c| c.lock().info(conv, true))
+        self.inner
+            .store
+            .get(&conv)
+            .map(|c| c.lock().info(conv, true))
     }
 
     /// `execution_status` of a conversation.
     pub fn execution_status(&self, conv: Uuid) -> Option<String> {
-        self.inner.store.get(&conv).map(|c| c.lock().status.as_str().to_owned())
+        self.inner
+            .store
+            .get(&conv)
+            .map(|c| c.lock().status.as_str().to_owned())
     }
 
     /// Ids of all conversations (unordered).
@@ -417,7 +459,11 @@ impl FakeAgentServer {
 
     /// Open socket subscriptions (both kinds) on a conversation.
     pub fn subscriber_count(&self, conv: Uuid) -> usize {
-        self.inner.store.get(&conv).map(|c| c.lock().subscriber_count()).unwrap_or(0)
+        self.inner
+            .store
+            .get(&conv)
+            .map(|c| c.lock().subscriber_count())
+            .unwrap_or(0)
     }
 
     /// All HTTP requests received (WebSocket upgrades included), since start.
@@ -427,7 +473,12 @@ impl FakeAgentServer {
 
     /// Requests whose path starts with `path_prefix` (query excluded).
     pub fn request_count_for(&self, path_prefix: &str) -> u64 {
-        self.inner.per_path.iter().filter(|e| e.key().starts_with(path_prefix)).map(|e| *e.value()).sum()
+        self.inner
+            .per_path
+            .iter()
+            .filter(|e| e.key().starts_with(path_prefix))
+            .map(|e| *e.value())
+            .sum()
     }
 
     pub fn reset_request_counts(&self) {
@@ -446,7 +497,10 @@ impl FakeAgentServer {
 
 /// Accept loop + per-connection tasks, all tied to one cancellation token.
 fn spawn_generation(inner: &Arc<Inner>, listener: TcpListener) -> Running {
-    let gen = Generation { token: CancellationToken::new(), tracker: TaskTracker::new() };
+    let gen = Generation {
+        token: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+    };
     *inner.gen.lock().unwrap_or_else(|p| p.into_inner()) = Some(gen.clone());
     let router = rest::router(inner.clone());
     let (inner2, gen2) = (inner.clone(), gen.clone());
@@ -483,22 +537,36 @@ async fn serve_connection(inner: Arc<Inner>, router: axum::Router, stream: tokio
         async move { handle(inner, router, req).await }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await {
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+        .await
+    {
         tracing::trace!(error = %e, "fake agent-server connection ended");
     }
 }
 
 /// Counting and fault injection in front of the router.
-async fn handle(inner: Arc<Inner>, router: axum::Router, req: http::Request<Incoming>) -> Result<http::Response<Body>, std::io::Error> {
+async fn handle(
+    inner: Arc<Inner>,
+    router: axum::Router,
+    req: http::Request<Incoming>,
+) -> Result<http::Response<Body>, std::io::Error> {
     let path = req.uri().path().to_owned();
     inner.count(&path);
     let fault = inner.fault();
     match &*fault {
         Fault::Delay(d) => tokio::time::sleep(*d).await,
-        Fault::Status { status, path_prefix } if path.starts_with(path_prefix.as_str()) => {
-            let code = http::StatusCode::from_u16(*status).unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
+        Fault::Status {
+            status,
+            path_prefix,
+        } if path.starts_with(path_prefix.as_str()) => {
+            let code = http::StatusCode::from_u16(*status)
+                .unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
             let mut m = Map::new();
-            m.insert("detail".into(), Value::String(code.canonical_reason().unwrap_or("Injected fault").into()));
+            m.insert(
+                "detail".into(),
+                Value::String(code.canonical_reason().unwrap_or("Injected fault").into()),
+            );
             return Ok(validate::json_response(code, &Value::Object(m)));
         }
         Fault::CloseConnections { path_prefix } if path.starts_with(path_prefix.as_str()) => {

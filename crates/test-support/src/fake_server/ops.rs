@@ -58,7 +58,12 @@ impl CreateSpec {
         let mut workspace = Map::new();
         match get("workspace") {
             Some(Value::Object(w)) => {
-                workspace.insert("working_dir".into(), w.get("working_dir").cloned().unwrap_or(json!("workspace/project")));
+                workspace.insert(
+                    "working_dir".into(),
+                    w.get("working_dir")
+                        .cloned()
+                        .unwrap_or(json!("workspace/project")),
+                );
                 for (k, v) in w {
                     workspace.insert(k.clone(), v.clone());
                 }
@@ -70,22 +75,40 @@ impl CreateSpec {
         if !workspace.contains_key("kind") {
             workspace.insert("kind".into(), json!("LocalWorkspace"));
         }
-        let id = id.or_else(|| get("conversation_id").and_then(Value::as_str).and_then(|s| Uuid::parse_str(s).ok()));
+        let id = id.or_else(|| {
+            get("conversation_id")
+                .and_then(Value::as_str)
+                .and_then(|s| Uuid::parse_str(s).ok())
+        });
         CreateSpec {
             id,
-            tool_module_qualnames: shapes::tool_module_qualnames(&agent, get("tool_module_qualnames")),
+            tool_module_qualnames: shapes::tool_module_qualnames(
+                &agent,
+                get("tool_module_qualnames"),
+            ),
             agent,
             workspace: Value::Object(workspace),
             max_iterations: get("max_iterations").cloned().unwrap_or(json!(500)),
-            stuck_detection: get("stuck_detection").and_then(Value::as_bool).unwrap_or(true),
-            confirmation_policy: get("confirmation_policy").cloned().unwrap_or(json!({"kind": "NeverConfirm"})),
+            stuck_detection: get("stuck_detection")
+                .and_then(Value::as_bool)
+                .unwrap_or(true),
+            confirmation_policy: get("confirmation_policy")
+                .cloned()
+                .unwrap_or(json!({"kind": "NeverConfirm"})),
             security_analyzer: get("security_analyzer").cloned().unwrap_or(Value::Null),
             hook_config: get("hook_config").cloned().unwrap_or(Value::Null),
             client_tools: get("client_tools").cloned().unwrap_or(json!([])),
             tags: get("tags").cloned().unwrap_or(json!({})),
             title: None,
-            parent: get("parent_conversation_id").and_then(Value::as_str).and_then(|s| Uuid::parse_str(s).ok()),
-            initial_message: get("initial_message").map(|m| m.get("content").and_then(Value::as_array).cloned().unwrap_or_default()),
+            parent: get("parent_conversation_id")
+                .and_then(Value::as_str)
+                .and_then(|s| Uuid::parse_str(s).ok()),
+            initial_message: get("initial_message").map(|m| {
+                m.get("content")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+            }),
         }
     }
 }
@@ -95,7 +118,11 @@ fn new_meta(cfg: &FakeConfig, id: Uuid, spec: &CreateSpec) -> Meta {
     Meta {
         agent: spec.agent.clone(),
         workspace: spec.workspace.clone(),
-        persistence_dir: format!("{}/{}", cfg.conversations_path.trim_end_matches('/'), id.simple()),
+        persistence_dir: format!(
+            "{}/{}",
+            cfg.conversations_path.trim_end_matches('/'),
+            id.simple()
+        ),
         max_iterations: spec.max_iterations.clone(),
         stuck_detection: spec.stuck_detection,
         confirmation_policy: spec.confirmation_policy.clone(),
@@ -122,7 +149,11 @@ pub(crate) fn create(inner: &Arc<Inner>, spec: CreateSpec) -> (Arc<Conv>, bool) 
     if let Some(existing) = inner.store.get(&id) {
         return (existing, false);
     }
-    let conv = Conv::new(id, inner.store.next_serial(), new_meta(&inner.cfg, id, &spec));
+    let conv = Conv::new(
+        id,
+        inner.store.next_serial(),
+        new_meta(&inner.cfg, id, &spec),
+    );
     let (conv, is_new) = inner.store.insert_new(conv);
     if !is_new {
         return (conv, false);
@@ -148,20 +179,30 @@ fn ensure_system_prompt(cfg: &FakeConfig, st: &mut ConvState) {
 
 /// Append a user `MessageEvent` (+ `last_user_message_id` update); optionally start a run.
 /// Returns the message's event id.
-pub(crate) fn send_message(inner: &Arc<Inner>, conv: &Arc<Conv>, content: &[Value], run: bool) -> String {
+pub(crate) fn send_message(
+    inner: &Arc<Inner>,
+    conv: &Arc<Conv>,
+    content: &[Value],
+    run: bool,
+) -> String {
     let cfg = &inner.cfg;
     let mut st = conv.lock();
     ensure_system_prompt(cfg, &mut st);
     if matches!(st.status, Status::Finished | Status::Stuck) {
         st.set_status(cfg, Status::Idle);
     }
-    let llm_message = json!({"role": "user", "content": shapes::llm_content(content), "thinking_blocks": []});
+    let llm_message =
+        json!({"role": "user", "content": shapes::llm_content(content), "thinking_blocks": []});
     let ev = st.build(
         cfg,
         "MessageEvent",
         "user",
         Parent::LeafOrRoot,
-        vec![("llm_message", llm_message), ("activated_skills", json!([])), ("extended_content", json!([]))],
+        vec![
+            ("llm_message", llm_message),
+            ("activated_skills", json!([])),
+            ("extended_content", json!([])),
+        ],
     );
     let msg = st.append(cfg, ev);
     st.state_update(cfg, "last_user_message_id", json!(msg.id));
@@ -183,7 +224,11 @@ pub(crate) fn start_run(inner: &Arc<Inner>, conv: &Arc<Conv>) -> Result<(), Alre
     start_run_locked(inner, conv, &mut st)
 }
 
-fn start_run_locked(inner: &Arc<Inner>, conv: &Arc<Conv>, st: &mut ConvState) -> Result<(), AlreadyRunning> {
+fn start_run_locked(
+    inner: &Arc<Inner>,
+    conv: &Arc<Conv>,
+    st: &mut ConvState,
+) -> Result<(), AlreadyRunning> {
     if st.status == Status::Running {
         return Err(AlreadyRunning);
     }
@@ -252,9 +297,15 @@ async fn run_task(inner: Arc<Inner>, conv: Arc<Conv>, run_id: u64) {
                 return;
             }
             if !last {
-                let command = requested.clone().unwrap_or_else(|| format!("echo fake-step-{step}"));
+                let command = requested
+                    .clone()
+                    .unwrap_or_else(|| format!("echo fake-step-{step}"));
                 let summary = "run the requested command";
-                let arguments = format!("{{\"command\": {}, \"summary\": {}}}", py_json_str(&command), py_json_str(summary));
+                let arguments = format!(
+                    "{{\"command\": {}, \"summary\": {}}}",
+                    py_json_str(&command),
+                    py_json_str(summary)
+                );
                 let ev = st.build(
                     cfg,
                     "ActionEvent",
@@ -307,9 +358,18 @@ async fn run_task(inner: Arc<Inner>, conv: Arc<Conv>, run_id: u64) {
         }
         let observation = match (&command, &message) {
             (Some(cmd), _) => {
-                let output = cmd.strip_prefix("echo ").filter(|r| !r.contains('>')).map(|r| format!("{r}\n")).unwrap_or_default();
+                let output = cmd
+                    .strip_prefix("echo ")
+                    .filter(|r| !r.contains('>'))
+                    .map(|r| format!("{r}\n"))
+                    .unwrap_or_default();
                 last_output = output.clone();
-                let wd = st.meta.workspace.get("working_dir").cloned().unwrap_or(json!("/workspace"));
+                let wd = st
+                    .meta
+                    .workspace
+                    .get("working_dir")
+                    .cloned()
+                    .unwrap_or(json!("/workspace"));
                 json!({
                     "content": [{"cache_prompt": false, "type": "text", "text": output}],
                     "is_error": false, "command": cmd, "exit_code": 0, "timeout": false,
@@ -324,7 +384,11 @@ async fn run_task(inner: Arc<Inner>, conv: Arc<Conv>, run_id: u64) {
                 "is_error": false, "kind": "FinishObservation"
             }),
         };
-        let tool = if command.is_some() { "terminal" } else { "finish" };
+        let tool = if command.is_some() {
+            "terminal"
+        } else {
+            "finish"
+        };
         let ev = st.build(
             cfg,
             "ObservationEvent",
@@ -406,7 +470,9 @@ pub(crate) fn interrupt_conversation(inner: &Arc<Inner>, conv: &Arc<Conv>) {
 
 /// `DELETE /api/conversations/{id}`. Open sockets stay open (and silent), like the real one.
 pub(crate) fn delete(inner: &Arc<Inner>, id: &Uuid) -> bool {
-    let Some(conv) = inner.store.remove(id) else { return false };
+    let Some(conv) = inner.store.remove(id) else {
+        return false;
+    };
     let parent = {
         let mut st = conv.lock();
         st.deleted = true;
@@ -439,14 +505,20 @@ pub(crate) fn fork(
     let cfg = &inner.cfg;
     let id = fork_id.unwrap_or_else(Uuid::new_v4);
     if inner.store.get(&id).is_some() {
-        return Err(ForkError::Conflict(format!("Conversation with id {id} already exists")));
+        return Err(ForkError::Conflict(format!(
+            "Conversation with id {id} already exists"
+        )));
     }
     let (spec, events) = {
         let st = src.lock();
         let upto = match &from_event_id {
             Some(e) => match st.index.get(e) {
                 Some(i) => i + 1,
-                None => return Err(ForkError::UnknownEvent(format!("Unknown from_event_id: {e}"))),
+                None => {
+                    return Err(ForkError::UnknownEvent(format!(
+                        "Unknown from_event_id: {e}"
+                    )))
+                }
             },
             None => st.events.len(),
         };
@@ -467,7 +539,13 @@ pub(crate) fn fork(
             parent: None,
             initial_message: None,
         };
-        (spec, st.events[..upto].iter().map(|e| e.value.clone()).collect::<Vec<_>>())
+        (
+            spec,
+            st.events[..upto]
+                .iter()
+                .map(|e| e.value.clone())
+                .collect::<Vec<_>>(),
+        )
     };
     let mut meta = new_meta(cfg, id, &spec);
     meta.forked_from_conversation_id = Some(src.id);
@@ -486,7 +564,9 @@ pub(crate) fn fork(
     }
     let (conv, is_new) = inner.store.insert_new(conv);
     if !is_new {
-        return Err(ForkError::Conflict(format!("Conversation with id {id} already exists")));
+        return Err(ForkError::Conflict(format!(
+            "Conversation with id {id} already exists"
+        )));
     }
     let info = conv.lock().info(id, false);
     Ok(info)
@@ -494,7 +574,13 @@ pub(crate) fn fork(
 
 /// `POST /children`: a child conversation with the parent's configuration whose first user
 /// message is `task` (and runs). The response is built before the run starts (`"idle"`).
-pub(crate) fn start_child(inner: &Arc<Inner>, parent: &Arc<Conv>, task: &str, title: Option<String>, isolation: &str) -> Value {
+pub(crate) fn start_child(
+    inner: &Arc<Inner>,
+    parent: &Arc<Conv>,
+    task: &str,
+    title: Option<String>,
+    isolation: &str,
+) -> Value {
     let spec = {
         let st = parent.lock();
         let m = &st.meta;
@@ -515,7 +601,11 @@ pub(crate) fn start_child(inner: &Arc<Inner>, parent: &Arc<Conv>, task: &str, ti
             initial_message: None,
         }
     };
-    let workspace = spec.workspace.get("working_dir").cloned().unwrap_or(Value::Null);
+    let workspace = spec
+        .workspace
+        .get("working_dir")
+        .cloned()
+        .unwrap_or(Value::Null);
     let (child, _) = create(inner, spec);
     let response = json!({
         "conversation_id": child.id.to_string(),
@@ -526,7 +616,12 @@ pub(crate) fn start_child(inner: &Arc<Inner>, parent: &Arc<Conv>, task: &str, ti
         "workspace": workspace,
         "isolation": isolation,
     });
-    send_message(inner, &child, &[json!({"type": "text", "text": task})], true);
+    send_message(
+        inner,
+        &child,
+        &[json!({"type": "text", "text": task})],
+        true,
+    );
     response
 }
 

@@ -19,6 +19,9 @@
 //! `"Conversation not found: <id>"` even when the query is also invalid. The conversation
 //! routes validate everything first and answer a bare `"Not Found"`.
 
+// Handlers return early with a ready `Response`; boxing it would only add an allocation.
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -48,29 +51,53 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
         .route("/", get(server_info))
         .route("/api/conversations/search", get(search_conversations))
         .route("/api/conversations/count", get(count_conversations))
-        .route("/api/conversations", get(batch_conversations).post(create_conversation))
-        .route("/api/conversations/{id}", get(get_conversation).patch(patch_conversation).delete(delete_conversation))
+        .route(
+            "/api/conversations",
+            get(batch_conversations).post(create_conversation),
+        )
+        .route(
+            "/api/conversations/{id}",
+            get(get_conversation)
+                .patch(patch_conversation)
+                .delete(delete_conversation),
+        )
         .route("/api/conversations/{id}/run", post(run_conversation))
         .route("/api/conversations/{id}/pause", post(pause_conversation))
-        .route("/api/conversations/{id}/interrupt", post(interrupt_conversation))
+        .route(
+            "/api/conversations/{id}/interrupt",
+            post(interrupt_conversation),
+        )
         .route("/api/conversations/{id}/fork", post(fork_conversation))
         .route("/api/conversations/{id}/children", post(start_child))
         .route("/api/conversations/{id}/runtime", get(runtime_info))
-        .route("/api/conversations/{id}/runtime/reprovision", post(runtime_info))
-        .route("/api/conversations/{id}/agent_final_response", get(final_response))
-        .route("/api/conversations/{id}/events", get(batch_events).post(send_message))
+        .route(
+            "/api/conversations/{id}/runtime/reprovision",
+            post(runtime_info),
+        )
+        .route(
+            "/api/conversations/{id}/agent_final_response",
+            get(final_response),
+        )
+        .route(
+            "/api/conversations/{id}/events",
+            get(batch_events).post(send_message),
+        )
         .route("/api/conversations/{id}/events/search", get(search_events))
         .route("/api/conversations/{id}/events/count", get(count_events))
         .route("/api/conversations/{id}/events/{event_id}", get(get_event))
         .route("/sockets/events/{id}", get(ws::events_socket))
         .route("/sockets/session/{id}", get(ws::session_socket))
         .fallback(|| async { v::not_found() })
-        .method_not_allowed_fallback(|| async { v::detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed") })
+        .method_not_allowed_fallback(|| async {
+            v::detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+        })
         .with_state(inner)
 }
 
 fn authorize(inner: &Inner, headers: &HeaderMap) -> Result<(), Response> {
-    let key = headers.get("x-session-api-key").map(|h| h.to_str().unwrap_or("\u{0}"));
+    let key = headers
+        .get("x-session-api-key")
+        .map(|h| h.to_str().unwrap_or("\u{0}"));
     if inner.key_valid(key) {
         Ok(())
     } else {
@@ -96,7 +123,10 @@ fn fail_if(errors: Vec<Value>) -> Result<(), Response> {
 }
 
 fn conv_not_found_dep(id: Uuid) -> Response {
-    v::detail(StatusCode::NOT_FOUND, &format!("Conversation not found: {id}"))
+    v::detail(
+        StatusCode::NOT_FOUND,
+        &format!("Conversation not found: {id}"),
+    )
 }
 
 // ---------------------------------------------------------------- health & info
@@ -110,7 +140,10 @@ async fn ready() -> Response {
 }
 
 async fn server_info(State(inner): S) -> Response {
-    v::json_response(StatusCode::OK, &shapes::server_info(&inner.cfg.version, inner.uptime(), inner.idle_time()))
+    v::json_response(
+        StatusCode::OK,
+        &shapes::server_info(&inner.cfg.version, inner.uptime(), inner.idle_time()),
+    )
 }
 
 // ---------------------------------------------------------------- catalog
@@ -120,25 +153,42 @@ fn parse_status(q: &Query, errors: &mut Vec<Value>) -> Option<Status> {
     match Status::parse(raw) {
         Some(s) => Some(s),
         None => {
-            errors.push(v::enum_error(vec![json!("query"), json!("status")], raw, &STATUS_CHOICES));
+            errors.push(v::enum_error(
+                vec![json!("query"), json!("status")],
+                raw,
+                &STATUS_CHOICES,
+            ));
             None
         }
     }
 }
 
-async fn search_conversations(State(inner): S, RawQuery(q): RawQuery, headers: HeaderMap) -> Response {
+async fn search_conversations(
+    State(inner): S,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> Response {
     tri!(authorize(&inner, &headers));
     let q = Query::parse(q.as_deref());
     let mut errors = Vec::new();
     let page_id = q.get("page_id").map(str::to_owned);
     let limit = v::query_int(&q, "limit", 100, Some(0), Some(100), &mut errors) as usize;
     let status = parse_status(&q, &mut errors);
-    const SORTS: [&str; 4] = ["CREATED_AT", "UPDATED_AT", "CREATED_AT_DESC", "UPDATED_AT_DESC"];
+    const SORTS: [&str; 4] = [
+        "CREATED_AT",
+        "UPDATED_AT",
+        "CREATED_AT_DESC",
+        "UPDATED_AT_DESC",
+    ];
     let sort = match q.get("sort_order") {
         None => "CREATED_AT_DESC",
         Some(s) if SORTS.contains(&s) => s,
         Some(s) => {
-            errors.push(v::enum_error(vec![json!("query"), json!("sort_order")], s, &SORTS));
+            errors.push(v::enum_error(
+                vec![json!("query"), json!("sort_order")],
+                s,
+                &SORTS,
+            ));
             "CREATED_AT_DESC"
         }
     };
@@ -154,7 +204,14 @@ async fn search_conversations(State(inner): S, RawQuery(q): RawQuery, headers: H
         .filter_map(|c| {
             let (st, key) = {
                 let st = c.lock();
-                (st.status, if by_created { st.meta.created_at } else { st.meta.updated_at })
+                (
+                    st.status,
+                    if by_created {
+                        st.meta.created_at
+                    } else {
+                        st.meta.updated_at
+                    },
+                )
             };
             (status.is_none() || status == Some(st)).then_some((c, key))
         })
@@ -168,7 +225,10 @@ async fn search_conversations(State(inner): S, RawQuery(q): RawQuery, headers: H
     let start = page_id
         .as_deref()
         .filter(|p| !p.is_empty())
-        .and_then(|p| recs.iter().position(|(c, _)| c.id.simple().to_string() == p))
+        .and_then(|p| {
+            recs.iter()
+                .position(|(c, _)| c.id.simple().to_string() == p)
+        })
         .unwrap_or(0);
     let mut out = Vec::with_capacity(4096);
     out.extend_from_slice(b"{\"items\":[");
@@ -189,7 +249,11 @@ async fn search_conversations(State(inner): S, RawQuery(q): RawQuery, headers: H
     v::json_bytes(StatusCode::OK, out)
 }
 
-async fn count_conversations(State(inner): S, RawQuery(q): RawQuery, headers: HeaderMap) -> Response {
+async fn count_conversations(
+    State(inner): S,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> Response {
     tri!(authorize(&inner, &headers));
     let q = Query::parse(q.as_deref());
     let mut errors = Vec::new();
@@ -197,12 +261,21 @@ async fn count_conversations(State(inner): S, RawQuery(q): RawQuery, headers: He
     tri!(fail_if(errors));
     let n = match status {
         None => inner.store.len(),
-        Some(s) => inner.store.all().iter().filter(|c| c.lock().status == s).count(),
+        Some(s) => inner
+            .store
+            .all()
+            .iter()
+            .filter(|c| c.lock().status == s)
+            .count(),
     };
     v::json_bytes(StatusCode::OK, n.to_string().into_bytes())
 }
 
-async fn batch_conversations(State(inner): S, RawQuery(q): RawQuery, headers: HeaderMap) -> Response {
+async fn batch_conversations(
+    State(inner): S,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> Response {
     tri!(authorize(&inner, &headers));
     let q = Query::parse(q.as_deref());
     let mut errors = Vec::new();
@@ -214,14 +287,21 @@ async fn batch_conversations(State(inner): S, RawQuery(q): RawQuery, headers: He
         for (i, s) in raw.iter().enumerate() {
             match v::parse_uuid(s) {
                 Ok(u) => ids.push(u),
-                Err(e) => errors.push(v::uuid_error(vec![json!("query"), json!("ids"), json!(i)], s, &e)),
+                Err(e) => errors.push(v::uuid_error(
+                    vec![json!("query"), json!("ids"), json!(i)],
+                    s,
+                    &e,
+                )),
             }
         }
         if errors.is_empty() && raw.len() > 99 {
             errors.push(v::item(
                 "too_long",
                 vec![json!("query"), json!("ids")],
-                format!("List should have at most 99 items after validation, not {}", raw.len()),
+                format!(
+                    "List should have at most 99 items after validation, not {}",
+                    raw.len()
+                ),
                 json!(raw),
                 Some(json!({"field_type": "List", "max_length": 99, "actual_length": raw.len()})),
             ));
@@ -272,24 +352,46 @@ fn tags_field(val: Option<&Value>, loc: Vec<Value>, errors: &mut Vec<Value>) -> 
                 if !x.is_string() {
                     let mut l = loc.clone();
                     l.push(json!(k));
-                    errors.push(v::item("string_type", l, "Input should be a valid string", x.clone(), None));
+                    errors.push(v::item(
+                        "string_type",
+                        l,
+                        "Input should be a valid string",
+                        x.clone(),
+                        None,
+                    ));
                 }
             }
             Some(Value::Object(m.clone()))
         }
         Some(other) => {
-            errors.push(v::item("dict_type", loc, "Input should be a valid dictionary", other.clone(), None));
+            errors.push(v::item(
+                "dict_type",
+                loc,
+                "Input should be a valid dictionary",
+                other.clone(),
+                None,
+            ));
             None
         }
     }
 }
 
 fn not_an_object(loc: Vec<Value>, input: &Value) -> Value {
-    v::item("model_attributes_type", loc, "Input should be a valid dictionary or object to extract fields from", input.clone(), None)
+    v::item(
+        "model_attributes_type",
+        loc,
+        "Input should be a valid dictionary or object to extract fields from",
+        input.clone(),
+        None,
+    )
 }
 
 /// `SendMessageRequest` (body of `POST /events`, `initial_message`): role, content, run.
-pub(crate) fn validate_message(val: &Value, loc: &[Value], errors: &mut Vec<Value>) -> Option<(String, Vec<Value>, bool)> {
+pub(crate) fn validate_message(
+    val: &Value,
+    loc: &[Value],
+    errors: &mut Vec<Value>,
+) -> Option<(String, Vec<Value>, bool)> {
     let at = |extra: &[Value]| -> Vec<Value> { loc.iter().chain(extra.iter()).cloned().collect() };
     let Value::Object(m) = val else {
         errors.push(not_an_object(loc.to_vec(), val));
@@ -301,7 +403,11 @@ pub(crate) fn validate_message(val: &Value, loc: &[Value], errors: &mut Vec<Valu
         None => "user".to_owned(),
         Some(Value::String(r)) if ROLES.contains(&r.as_str()) => r.clone(),
         Some(other) => {
-            errors.push(v::literal_error(at(&[json!("role")]), other.clone(), &ROLES));
+            errors.push(v::literal_error(
+                at(&[json!("role")]),
+                other.clone(),
+                &ROLES,
+            ));
             String::new()
         }
     };
@@ -314,7 +420,13 @@ pub(crate) fn validate_message(val: &Value, loc: &[Value], errors: &mut Vec<Valu
                 content.push(it.clone());
             }
         }
-        Some(other) => errors.push(v::item("list_type", at(&[json!("content")]), "Input should be a valid list", other.clone(), None)),
+        Some(other) => errors.push(v::item(
+            "list_type",
+            at(&[json!("content")]),
+            "Input should be a valid list",
+            other.clone(),
+            None,
+        )),
     }
     let run = match m.get("run") {
         None => false,
@@ -342,24 +454,47 @@ fn content_item(it: &Value, loc: Vec<Value>, errors: &mut Vec<Value>) {
     let mut text_errs = Vec::new();
     if let Some(t) = m.get("type") {
         if t != "text" {
-            text_errs.push(v::literal_error(at("TextContent", Some("type")), t.clone(), &["text"]));
+            text_errs.push(v::literal_error(
+                at("TextContent", Some("type")),
+                t.clone(),
+                &["text"],
+            ));
         }
     }
     match m.get("text") {
         None => text_errs.push(v::missing(at("TextContent", Some("text")), it.clone())),
         Some(Value::String(_)) => {}
-        Some(other) => text_errs.push(v::item("string_type", at("TextContent", Some("text")), "Input should be a valid string", other.clone(), None)),
+        Some(other) => text_errs.push(v::item(
+            "string_type",
+            at("TextContent", Some("text")),
+            "Input should be a valid string",
+            other.clone(),
+            None,
+        )),
     }
     let mut img_errs = Vec::new();
     if let Some(t) = m.get("type") {
         if t != "image" {
-            img_errs.push(v::literal_error(at("ImageContent", Some("type")), t.clone(), &["image"]));
+            img_errs.push(v::literal_error(
+                at("ImageContent", Some("type")),
+                t.clone(),
+                &["image"],
+            ));
         }
     }
     match m.get("image_urls") {
-        None => img_errs.push(v::missing(at("ImageContent", Some("image_urls")), it.clone())),
+        None => img_errs.push(v::missing(
+            at("ImageContent", Some("image_urls")),
+            it.clone(),
+        )),
         Some(Value::Array(_)) => {}
-        Some(other) => img_errs.push(v::item("list_type", at("ImageContent", Some("image_urls")), "Input should be a valid list", other.clone(), None)),
+        Some(other) => img_errs.push(v::item(
+            "list_type",
+            at("ImageContent", Some("image_urls")),
+            "Input should be a valid list",
+            other.clone(),
+            None,
+        )),
     }
     if !text_errs.is_empty() && !img_errs.is_empty() {
         errors.extend(text_errs);
@@ -385,14 +520,23 @@ fn validate_create(body: &BodyJson, errors: &mut Vec<Value>) -> Option<Value> {
             if input.contains_key("agent") && !input.contains_key("agent_settings") {
                 input.insert("agent_settings".into(), Value::Null);
             }
-            errors.push(v::missing(vec![json!("body"), json!("workspace")], v::redact(&Value::Object(input))));
+            errors.push(v::missing(
+                vec![json!("body"), json!("workspace")],
+                v::redact(&Value::Object(input)),
+            ));
         }
         Some(Value::Object(w)) => {
             if !w.contains_key("working_dir") {
-                errors.push(v::missing(vec![json!("body"), json!("workspace"), json!("working_dir")], v::redact(&Value::Object(w.clone()))));
+                errors.push(v::missing(
+                    vec![json!("body"), json!("workspace"), json!("working_dir")],
+                    v::redact(&Value::Object(w.clone())),
+                ));
             }
         }
-        Some(other) => errors.push(not_an_object(vec![json!("body"), json!("workspace")], other)),
+        Some(other) => errors.push(not_an_object(
+            vec![json!("body"), json!("workspace")],
+            other,
+        )),
     }
     optional_uuid_field(obj, "conversation_id", errors);
     optional_uuid_field(obj, "parent_conversation_id", errors);
@@ -422,7 +566,11 @@ fn validate_create(body: &BodyJson, errors: &mut Vec<Value>) -> Option<Value> {
     }
     if let Some(rt) = obj.get("conversation_runtime").filter(|r| !r.is_null()) {
         if rt != "local" && rt != "docker" {
-            errors.push(v::literal_error(vec![json!("body"), json!("conversation_runtime")], rt.clone(), &["local", "docker"]));
+            errors.push(v::literal_error(
+                vec![json!("body"), json!("conversation_runtime")],
+                rt.clone(),
+                &["local", "docker"],
+            ));
         }
     }
     if let Some(agent) = obj.get("agent") {
@@ -449,13 +597,24 @@ fn validate_create(body: &BodyJson, errors: &mut Vec<Value>) -> Option<Value> {
     let present = |k: &str| obj.get(k).is_some_and(|x| !x.is_null());
     if !present("agent") && !present("agent_settings") && !present("agent_profile_id") {
         let e = "One of `agent`, `agent_settings`, or `agent_profile_id` must be provided";
-        errors.push(v::item("value_error", vec![json!("body")], format!("Value error, {e}"), v::redact(body), Some(json!({"error": e}))));
+        errors.push(v::item(
+            "value_error",
+            vec![json!("body")],
+            format!("Value error, {e}"),
+            v::redact(body),
+            Some(json!({"error": e})),
+        ));
         return None;
     }
     Some(body.clone())
 }
 
-async fn create_conversation(State(inner): S, RawQuery(q): RawQuery, headers: HeaderMap, body: Bytes) -> Response {
+async fn create_conversation(
+    State(inner): S,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let body = tri!(v::parse_body(&body));
     tri!(authorize(&inner, &headers));
     let q = Query::parse(q.as_deref());
@@ -463,22 +622,44 @@ async fn create_conversation(State(inner): S, RawQuery(q): RawQuery, headers: He
     v::query_bool(&q, "include_skills", false, &mut errors);
     let valid = validate_create(&body, &mut errors);
     tri!(fail_if(errors));
-    let Some(body) = valid else { return v::internal_error("unreachable") };
+    let Some(body) = valid else {
+        return v::internal_error("unreachable");
+    };
     if body.get("conversation_runtime").and_then(Value::as_str) == Some("docker") {
-        return v::detail(StatusCode::UNPROCESSABLE_ENTITY, "This server only runs local conversations");
+        return v::detail(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "This server only runs local conversations",
+        );
     }
     let (conv, is_new) = ops::create(&inner, CreateSpec::from_body(None, &body));
     let info = conv.lock().info(conv.id, false);
-    v::json_response(if is_new { StatusCode::CREATED } else { StatusCode::OK }, &info)
+    v::json_response(
+        if is_new {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        &info,
+    )
 }
 
 // ---------------------------------------------------------------- one conversation
 
-async fn get_conversation(State(inner): S, Path(id): Path<String>, RawQuery(q): RawQuery, headers: HeaderMap) -> Response {
+async fn get_conversation(
+    State(inner): S,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> Response {
     tri!(authorize(&inner, &headers));
     let mut errors = Vec::new();
     let id = v::path_uuid(&id, "conversation_id", &mut errors);
-    v::query_bool(&Query::parse(q.as_deref()), "include_skills", false, &mut errors);
+    v::query_bool(
+        &Query::parse(q.as_deref()),
+        "include_skills",
+        false,
+        &mut errors,
+    );
     tri!(fail_if(errors));
     match id.and_then(|id| inner.store.get(&id)) {
         Some(c) => v::json_bytes(StatusCode::OK, c.info_bytes().to_vec()),
@@ -486,14 +667,25 @@ async fn get_conversation(State(inner): S, Path(id): Path<String>, RawQuery(q): 
     }
 }
 
-fn title_field(val: Option<&Value>, max: usize, check_blank: bool, errors: &mut Vec<Value>) -> Option<String> {
+fn title_field(
+    val: Option<&Value>,
+    max: usize,
+    check_blank: bool,
+    errors: &mut Vec<Value>,
+) -> Option<String> {
     let loc = vec![json!("body"), json!("title")];
     match val {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => {
             let n = s.chars().count();
             if n < 1 && check_blank {
-                errors.push(v::item("string_too_short", loc, "String should have at least 1 character", json!(s), Some(json!({"min_length": 1}))));
+                errors.push(v::item(
+                    "string_too_short",
+                    loc,
+                    "String should have at least 1 character",
+                    json!(s),
+                    Some(json!({"min_length": 1})),
+                ));
                 None
             } else if n > max {
                 errors.push(v::item(
@@ -506,20 +698,37 @@ fn title_field(val: Option<&Value>, max: usize, check_blank: bool, errors: &mut 
                 None
             } else if check_blank && s.trim().is_empty() {
                 let e = "title must not be blank";
-                errors.push(v::item("value_error", loc, format!("Value error, {e}"), json!(s), Some(json!({"error": e}))));
+                errors.push(v::item(
+                    "value_error",
+                    loc,
+                    format!("Value error, {e}"),
+                    json!(s),
+                    Some(json!({"error": e})),
+                ));
                 None
             } else {
                 Some(s.clone())
             }
         }
         Some(other) => {
-            errors.push(v::item("string_type", loc, "Input should be a valid string", other.clone(), None));
+            errors.push(v::item(
+                "string_type",
+                loc,
+                "Input should be a valid string",
+                other.clone(),
+                None,
+            ));
             None
         }
     }
 }
 
-async fn patch_conversation(State(inner): S, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+async fn patch_conversation(
+    State(inner): S,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let body = tri!(v::parse_body(&body));
     tri!(authorize(&inner, &headers));
     let mut errors = Vec::new();
@@ -530,12 +739,18 @@ async fn patch_conversation(State(inner): S, Path(id): Path<String>, headers: He
         BodyJson::Empty => errors.push(v::missing(vec![json!("body")], Value::Null)),
         BodyJson::Value(Value::Object(m)) => {
             title = title_field(m.get("title"), 200, true, &mut errors);
-            tags = tags_field(m.get("tags"), vec![json!("body"), json!("tags")], &mut errors);
+            tags = tags_field(
+                m.get("tags"),
+                vec![json!("body"), json!("tags")],
+                &mut errors,
+            );
         }
         BodyJson::Value(other) => errors.push(not_an_object(vec![json!("body")], other)),
     }
     tri!(fail_if(errors));
-    let Some(conv) = id.and_then(|id| inner.store.get(&id)) else { return v::not_found() };
+    let Some(conv) = id.and_then(|id| inner.store.get(&id)) else {
+        return v::not_found();
+    };
     let mut st = conv.lock();
     st.meta.updated_at = clock::now_utc();
     if let Some(t) = title {
@@ -549,7 +764,11 @@ async fn patch_conversation(State(inner): S, Path(id): Path<String>, headers: He
     v::success()
 }
 
-async fn delete_conversation(State(inner): S, Path(id): Path<String>, headers: HeaderMap) -> Response {
+async fn delete_conversation(
+    State(inner): S,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     tri!(authorize(&inner, &headers));
     let mut errors = Vec::new();
     let id = v::path_uuid(&id, "conversation_id", &mut errors);
@@ -566,24 +785,36 @@ fn existing(inner: &Arc<Inner>, headers: &HeaderMap, id: &str) -> Result<Arc<Con
     let mut errors = Vec::new();
     let id = v::path_uuid(id, "conversation_id", &mut errors);
     fail_if(errors)?;
-    id.and_then(|id| inner.store.get(&id)).ok_or_else(v::not_found)
+    id.and_then(|id| inner.store.get(&id))
+        .ok_or_else(v::not_found)
 }
 
 async fn run_conversation(State(inner): S, Path(id): Path<String>, headers: HeaderMap) -> Response {
     let conv = tri!(existing(&inner, &headers, &id));
     match ops::start_run(&inner, &conv) {
         Ok(()) => v::success(),
-        Err(ops::AlreadyRunning) => v::detail(StatusCode::CONFLICT, "Conversation already running. Wait for completion or pause first."),
+        Err(ops::AlreadyRunning) => v::detail(
+            StatusCode::CONFLICT,
+            "Conversation already running. Wait for completion or pause first.",
+        ),
     }
 }
 
-async fn pause_conversation(State(inner): S, Path(id): Path<String>, headers: HeaderMap) -> Response {
+async fn pause_conversation(
+    State(inner): S,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let conv = tri!(existing(&inner, &headers, &id));
     ops::pause_conversation(&inner, &conv);
     v::success()
 }
 
-async fn interrupt_conversation(State(inner): S, Path(id): Path<String>, headers: HeaderMap) -> Response {
+async fn interrupt_conversation(
+    State(inner): S,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let conv = tri!(existing(&inner, &headers, &id));
     ops::interrupt_conversation(&inner, &conv);
     v::success()
@@ -591,7 +822,10 @@ async fn interrupt_conversation(State(inner): S, Path(id): Path<String>, headers
 
 async fn runtime_info(State(inner): S, Path(id): Path<String>, headers: HeaderMap) -> Response {
     tri!(existing(&inner, &headers, &id));
-    v::json_bytes(StatusCode::OK, br#"{"runtime_status":"available","can_resume":true,"runtime_error":null}"#.to_vec())
+    v::json_bytes(
+        StatusCode::OK,
+        br#"{"runtime_status":"available","can_resume":true,"runtime_error":null}"#.to_vec(),
+    )
 }
 
 async fn final_response(State(inner): S, Path(id): Path<String>, headers: HeaderMap) -> Response {
@@ -600,27 +834,51 @@ async fn final_response(State(inner): S, Path(id): Path<String>, headers: Header
     v::json_response(StatusCode::OK, &json!({ "response": r }))
 }
 
-async fn fork_conversation(State(inner): S, Path(id): Path<String>, RawQuery(q): RawQuery, headers: HeaderMap, body: Bytes) -> Response {
+async fn fork_conversation(
+    State(inner): S,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let body = tri!(v::parse_body(&body));
     tri!(authorize(&inner, &headers));
     let mut errors = Vec::new();
     let id = v::path_uuid(&id, "conversation_id", &mut errors);
-    v::query_bool(&Query::parse(q.as_deref()), "include_skills", false, &mut errors);
+    v::query_bool(
+        &Query::parse(q.as_deref()),
+        "include_skills",
+        false,
+        &mut errors,
+    );
     let (mut fork_id, mut title, mut tags, mut from_event_id) = (None, None, None, None);
     match &body {
         BodyJson::Empty | BodyJson::Value(Value::Null) => {}
         BodyJson::Value(Value::Object(m)) => {
             optional_uuid_field(m, "id", &mut errors);
-            fork_id = m.get("id").and_then(Value::as_str).and_then(|s| Uuid::parse_str(s).ok());
+            fork_id = m
+                .get("id")
+                .and_then(Value::as_str)
+                .and_then(|s| Uuid::parse_str(s).ok());
             title = title_field(m.get("title"), 200, false, &mut errors);
-            tags = tags_field(m.get("tags"), vec![json!("body"), json!("tags")], &mut errors);
+            tags = tags_field(
+                m.get("tags"),
+                vec![json!("body"), json!("tags")],
+                &mut errors,
+            );
             if let Some(r) = m.get("reset_metrics") {
                 v::body_bool(r, vec![json!("body"), json!("reset_metrics")], &mut errors);
             }
             match m.get("from_event_id") {
                 None | Some(Value::Null) => {}
                 Some(Value::String(s)) => from_event_id = Some(s.clone()),
-                Some(other) => errors.push(v::item("string_type", vec![json!("body"), json!("from_event_id")], "Input should be a valid string", other.clone(), None)),
+                Some(other) => errors.push(v::item(
+                    "string_type",
+                    vec![json!("body"), json!("from_event_id")],
+                    "Input should be a valid string",
+                    other.clone(),
+                    None,
+                )),
             }
         }
         BodyJson::Value(other) => errors.push(not_an_object(vec![json!("body")], other)),
@@ -636,7 +894,12 @@ async fn fork_conversation(State(inner): S, Path(id): Path<String>, RawQuery(q):
     }
 }
 
-async fn start_child(State(inner): S, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+async fn start_child(
+    State(inner): S,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let body = tri!(v::parse_body(&body));
     tri!(authorize(&inner, &headers));
     let mut errors = Vec::new();
@@ -646,7 +909,10 @@ async fn start_child(State(inner): S, Path(id): Path<String>, headers: HeaderMap
         BodyJson::Empty => errors.push(v::missing(vec![json!("body")], Value::Null)),
         BodyJson::Value(Value::Object(m)) => {
             match m.get("task") {
-                None => errors.push(v::missing(vec![json!("body"), json!("task")], body_value(&body))),
+                None => errors.push(v::missing(
+                    vec![json!("body"), json!("task")],
+                    body_value(&body),
+                )),
                 Some(Value::String(s)) if s.is_empty() => errors.push(v::item(
                     "string_too_short",
                     vec![json!("body"), json!("task")],
@@ -655,13 +921,23 @@ async fn start_child(State(inner): S, Path(id): Path<String>, headers: HeaderMap
                     Some(json!({"min_length": 1})),
                 )),
                 Some(Value::String(s)) => task = s.clone(),
-                Some(other) => errors.push(v::item("string_type", vec![json!("body"), json!("task")], "Input should be a valid string", other.clone(), None)),
+                Some(other) => errors.push(v::item(
+                    "string_type",
+                    vec![json!("body"), json!("task")],
+                    "Input should be a valid string",
+                    other.clone(),
+                    None,
+                )),
             }
             title = title_field(m.get("title"), usize::MAX, false, &mut errors);
             match m.get("isolation") {
                 None => {}
                 Some(Value::String(s)) if s == "worktree" || s == "shared" => isolation = s.clone(),
-                Some(other) => errors.push(v::literal_error(vec![json!("body"), json!("isolation")], other.clone(), &["worktree", "shared"])),
+                Some(other) => errors.push(v::literal_error(
+                    vec![json!("body"), json!("isolation")],
+                    other.clone(),
+                    &["worktree", "shared"],
+                )),
             }
         }
         BodyJson::Value(other) => errors.push(not_an_object(vec![json!("body")], other)),
@@ -693,7 +969,12 @@ fn event_service(inner: &Arc<Inner>, headers: &HeaderMap, id: &str) -> Result<Ar
     inner.store.get(&uid).ok_or_else(|| conv_not_found_dep(uid))
 }
 
-async fn send_message(State(inner): S, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+async fn send_message(
+    State(inner): S,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let body = tri!(v::parse_body(&body));
     let conv = tri!(event_service(&inner, &headers, &id));
     let mut errors = Vec::new();
@@ -705,7 +986,9 @@ async fn send_message(State(inner): S, Path(id): Path<String>, headers: HeaderMa
         BodyJson::Value(b) => validate_message(b, &[json!("body")], &mut errors),
     };
     tri!(fail_if(errors));
-    let Some((role, content, run)) = msg else { return v::internal_error("unreachable") };
+    let Some((role, content, run)) = msg else {
+        return v::internal_error("unreachable");
+    };
     if role != "user" {
         return v::internal_error("Only user messages are allowed to be sent to the agent.");
     }
@@ -728,7 +1011,13 @@ impl EventFilter {
             match clock::parse_query_datetime(raw, inner.cfg.utc_offset) {
                 Ok(s) => Some(s),
                 Err(e) => {
-                    errors.push(v::item(e.kind, vec![json!("query"), json!(name)], e.msg(), json!(raw), Some(json!({"error": e.error}))));
+                    errors.push(v::item(
+                        e.kind,
+                        vec![json!("query"), json!(name)],
+                        e.msg(),
+                        json!(raw),
+                        Some(json!({"error": e.error})),
+                    ));
                     None
                 }
             }
@@ -746,7 +1035,8 @@ impl EventFilter {
 
     fn matches(&self, e: &super::store::StoredEvent) -> bool {
         if let Some(k) = &self.kind {
-            let qualified_ok = k.rsplit('.').next() == Some(e.kind.as_str()) && k.starts_with("openhands.");
+            let qualified_ok =
+                k.rsplit('.').next() == Some(e.kind.as_str()) && k.starts_with("openhands.");
             if *k != e.kind && !qualified_ok {
                 return false;
             }
@@ -754,10 +1044,18 @@ impl EventFilter {
         if self.source.as_ref().is_some_and(|s| *s != e.source) {
             return false;
         }
-        if self.gte.as_ref().is_some_and(|g| e.timestamp.as_str() < g.as_str()) {
+        if self
+            .gte
+            .as_ref()
+            .is_some_and(|g| e.timestamp.as_str() < g.as_str())
+        {
             return false;
         }
-        if self.lt.as_ref().is_some_and(|l| e.timestamp.as_str() >= l.as_str()) {
+        if self
+            .lt
+            .as_ref()
+            .is_some_and(|l| e.timestamp.as_str() >= l.as_str())
+        {
             return false;
         }
         if let Some(b) = &self.body {
@@ -770,7 +1068,12 @@ impl EventFilter {
     }
 }
 
-async fn search_events(State(inner): S, Path(id): Path<String>, RawQuery(q): RawQuery, headers: HeaderMap) -> Response {
+async fn search_events(
+    State(inner): S,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> Response {
     let conv = tri!(event_service(&inner, &headers, &id));
     let q = Query::parse(q.as_deref());
     let mut errors = Vec::new();
@@ -782,14 +1085,21 @@ async fn search_events(State(inner): S, Path(id): Path<String>, RawQuery(q): Raw
         None | Some("TIMESTAMP") => false,
         Some("TIMESTAMP_DESC") => true,
         Some(s) => {
-            errors.push(v::enum_error(vec![json!("query"), json!("sort_order")], s, &SORTS));
+            errors.push(v::enum_error(
+                vec![json!("query"), json!("sort_order")],
+                s,
+                &SORTS,
+            ));
             false
         }
     };
     tri!(fail_if(errors));
     let st = conv.lock();
     let total = st.events.len();
-    let start = page_id.as_deref().filter(|p| !p.is_empty()).and_then(|p| st.index.get(p).copied());
+    let start = page_id
+        .as_deref()
+        .filter(|p| !p.is_empty())
+        .and_then(|p| st.index.get(p).copied());
     let indices: Box<dyn Iterator<Item = usize>> = if desc {
         match start.or(total.checked_sub(1)) {
             Some(s) => Box::new((0..=s).rev()),
@@ -824,17 +1134,31 @@ async fn search_events(State(inner): S, Path(id): Path<String>, RawQuery(q): Raw
     v::json_bytes(StatusCode::OK, out)
 }
 
-async fn count_events(State(inner): S, Path(id): Path<String>, RawQuery(q): RawQuery, headers: HeaderMap) -> Response {
+async fn count_events(
+    State(inner): S,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> Response {
     let conv = tri!(event_service(&inner, &headers, &id));
     let q = Query::parse(q.as_deref());
     let mut errors = Vec::new();
     let filter = EventFilter::parse(&inner, &q, &mut errors);
     tri!(fail_if(errors));
-    let n = conv.lock().events.iter().filter(|e| filter.matches(e)).count();
+    let n = conv
+        .lock()
+        .events
+        .iter()
+        .filter(|e| filter.matches(e))
+        .count();
     v::json_bytes(StatusCode::OK, n.to_string().into_bytes())
 }
 
-async fn get_event(State(inner): S, Path((id, event_id)): Path<(String, String)>, headers: HeaderMap) -> Response {
+async fn get_event(
+    State(inner): S,
+    Path((id, event_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
     let conv = tri!(event_service(&inner, &headers, &id));
     let st = conv.lock();
     match st.index.get(&event_id) {
@@ -843,7 +1167,12 @@ async fn get_event(State(inner): S, Path((id, event_id)): Path<(String, String)>
     }
 }
 
-async fn batch_events(State(inner): S, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+async fn batch_events(
+    State(inner): S,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let body = tri!(v::parse_body(&body));
     let conv = tri!(event_service(&inner, &headers, &id));
     let mut errors = Vec::new();
@@ -854,11 +1183,23 @@ async fn batch_events(State(inner): S, Path(id): Path<String>, headers: HeaderMa
             for (i, x) in a.iter().enumerate() {
                 match x {
                     Value::String(s) => ids.push(s.clone()),
-                    other => errors.push(v::item("string_type", vec![json!("body"), json!(i)], "Input should be a valid string", other.clone(), None)),
+                    other => errors.push(v::item(
+                        "string_type",
+                        vec![json!("body"), json!(i)],
+                        "Input should be a valid string",
+                        other.clone(),
+                        None,
+                    )),
                 }
             }
         }
-        BodyJson::Value(other) => errors.push(v::item("list_type", vec![json!("body")], "Input should be a valid list", other.clone(), None)),
+        BodyJson::Value(other) => errors.push(v::item(
+            "list_type",
+            vec![json!("body")],
+            "Input should be a valid list",
+            other.clone(),
+            None,
+        )),
     }
     tri!(fail_if(errors));
     let st = conv.lock();

@@ -13,7 +13,12 @@ use std::sync::OnceLock;
 use serde_json::{json, Map, Value};
 
 pub(crate) const REDACTED: &str = "**********";
-pub(crate) const LLM_SECRET_FIELDS: [&str; 4] = ["api_key", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"];
+pub(crate) const LLM_SECRET_FIELDS: [&str; 4] = [
+    "api_key",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+];
 
 /// The LLM fields of a real `ConversationInfo.agent.llm`, in order, with their defaults.
 const LLM_DEFAULTS: &str = r#"{
@@ -49,7 +54,8 @@ const AGENT_DEFAULTS: &str = r#"{
 }"#;
 
 fn parsed(cell: &'static OnceLock<Map<String, Value>>, text: &str) -> Map<String, Value> {
-    cell.get_or_init(|| serde_json::from_str(text).unwrap_or_default()).clone()
+    cell.get_or_init(|| serde_json::from_str(text).unwrap_or_default())
+        .clone()
 }
 
 fn llm_defaults() -> Map<String, Value> {
@@ -86,8 +92,13 @@ pub(crate) fn normalize_llm(given: &Value) -> Value {
 
 /// Normalize a client-supplied agent (`kind` `Agent`); other kinds are kept as given.
 pub(crate) fn normalize_agent(given: &Value) -> Value {
-    let Some(g) = given.as_object() else { return given.clone() };
-    if g.get("kind").and_then(Value::as_str).is_some_and(|k| k != "Agent") {
+    let Some(g) = given.as_object() else {
+        return given.clone();
+    };
+    if g.get("kind")
+        .and_then(Value::as_str)
+        .is_some_and(|k| k != "Agent")
+    {
         return given.clone();
     }
     let mut m = overlay(agent_defaults(), g);
@@ -99,8 +110,14 @@ pub(crate) fn normalize_agent(given: &Value) -> Value {
             .map(|t| match t {
                 Value::Object(tm) => {
                     let mut n = Map::new();
-                    n.insert("name".into(), tm.get("name").cloned().unwrap_or(Value::Null));
-                    n.insert("params".into(), tm.get("params").cloned().unwrap_or(json!({})));
+                    n.insert(
+                        "name".into(),
+                        tm.get("name").cloned().unwrap_or(Value::Null),
+                    );
+                    n.insert(
+                        "params".into(),
+                        tm.get("params").cloned().unwrap_or(json!({})),
+                    );
                     for (k, v) in tm {
                         n.insert(k.clone(), v.clone());
                     }
@@ -117,11 +134,16 @@ pub(crate) fn normalize_agent(given: &Value) -> Value {
 /// An agent built from `agent_settings` (or the default agent when only a profile id is
 /// given): the settings' LLM and the server's default tool set.
 pub(crate) fn agent_from_settings(settings: Option<&Value>) -> Value {
-    let llm = settings.and_then(|s| s.get("llm")).cloned().unwrap_or_else(|| json!({"model": "openai/fake", "usage_id": "agent"}));
+    let llm = settings
+        .and_then(|s| s.get("llm"))
+        .cloned()
+        .unwrap_or_else(|| json!({"model": "openai/fake", "usage_id": "agent"}));
     let tools = settings
         .and_then(|s| s.get("tools"))
         .cloned()
-        .unwrap_or_else(|| json!([{"name": "terminal"}, {"name": "file_editor"}, {"name": "task_tracker"}]));
+        .unwrap_or_else(
+            || json!([{"name": "terminal"}, {"name": "file_editor"}, {"name": "task_tracker"}]),
+        );
     normalize_agent(&json!({"kind": "Agent", "llm": llm, "tools": tools}))
 }
 
@@ -136,7 +158,9 @@ pub(crate) fn tool_module_qualnames(agent: &Value, given: Option<&Value>) -> Val
                     "file_editor" => Some("openhands.tools.file_editor.definition"),
                     "task_tracker" => Some("openhands.tools.task_tracker.definition"),
                     "browser_tool_set" => Some("openhands.tools.browser_use.definition"),
-                    "planning_file_editor" => Some("openhands.tools.planning_file_editor.definition"),
+                    "planning_file_editor" => {
+                        Some("openhands.tools.planning_file_editor.definition")
+                    }
                     _ => None,
                 };
                 if let Some(module) = module {
@@ -169,7 +193,12 @@ pub(crate) fn agent_rest(agent: &Value) -> Value {
 /// Drop `null` members recursively (pydantic `exclude_none` on nested models).
 pub(crate) fn strip_nulls(v: &Value) -> Value {
     match v {
-        Value::Object(m) => Value::Object(m.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), strip_nulls(v))).collect()),
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), strip_nulls(v)))
+                .collect(),
+        ),
         Value::Array(a) => Value::Array(a.iter().map(strip_nulls).collect()),
         other => other.clone(),
     }
@@ -261,7 +290,10 @@ pub(crate) fn llm_content(content: &[Value]) -> Value {
                 m.insert("cache_prompt".into(), json!(false));
                 if c.get("type").and_then(Value::as_str) == Some("image") {
                     m.insert("type".into(), json!("image"));
-                    m.insert("image_urls".into(), c.get("image_urls").cloned().unwrap_or(json!([])));
+                    m.insert(
+                        "image_urls".into(),
+                        c.get("image_urls").cloned().unwrap_or(json!([])),
+                    );
                 } else {
                     m.insert("type".into(), json!("text"));
                     m.insert("text".into(), c.get("text").cloned().unwrap_or(json!("")));

@@ -47,8 +47,16 @@ pub(crate) enum Status {
     Deleting,
 }
 
-pub(crate) const STATUS_CHOICES: [&str; 8] =
-    ["idle", "running", "paused", "waiting_for_confirmation", "finished", "error", "stuck", "deleting"];
+pub(crate) const STATUS_CHOICES: [&str; 8] = [
+    "idle",
+    "running",
+    "paused",
+    "waiting_for_confirmation",
+    "finished",
+    "error",
+    "stuck",
+    "deleting",
+];
 
 impl Status {
     pub fn as_str(self) -> &'static str {
@@ -95,7 +103,11 @@ impl Frame {
             Some(s) => format!("{{\"type\":\"durable\",\"seq\":{s},\"event\":{event_json}}}"),
             None => format!("{{\"type\":\"transient\",\"event\":{event_json}}}"),
         };
-        Frame { seq, event: Utf8Bytes::from(event_json), session: Utf8Bytes::from(session) }
+        Frame {
+            seq,
+            event: Utf8Bytes::from(event_json),
+            session: Utf8Bytes::from(session),
+        }
     }
 }
 
@@ -242,7 +254,11 @@ pub(crate) struct TooManySubscribers;
 
 impl ConvState {
     /// Register a subscriber; call with the lock held, together with taking the snapshot.
-    pub fn subscribe(&mut self, conv: &Arc<Conv>, cfg: &FakeConfig) -> Result<Subscription, TooManySubscribers> {
+    pub fn subscribe(
+        &mut self,
+        conv: &Arc<Conv>,
+        cfg: &FakeConfig,
+    ) -> Result<Subscription, TooManySubscribers> {
         self.subs.retain(|s| !s.tx.is_closed());
         if self.subs.len() >= cfg.max_subscribers_per_conversation {
             return Err(TooManySubscribers);
@@ -250,7 +266,11 @@ impl ConvState {
         let (tx, rx) = mpsc::channel(cfg.subscriber_queue.max(1));
         let id = SUB_IDS.fetch_add(1, Ordering::Relaxed);
         self.subs.push(Sub { id, tx });
-        Ok(Subscription { conv: conv.clone(), id, rx })
+        Ok(Subscription {
+            conv: conv.clone(),
+            id,
+            rx,
+        })
     }
 
     pub fn subscriber_count(&self) -> usize {
@@ -297,14 +317,25 @@ impl ConvState {
     }
 
     /// Build an event in the real key order: `id, timestamp, source, [parent_id], ..., kind`.
-    pub fn build(&mut self, cfg: &FakeConfig, kind: &str, source: &str, parent: Parent, fields: Vec<(&str, Value)>) -> Map<String, Value> {
+    pub fn build(
+        &mut self,
+        cfg: &FakeConfig,
+        kind: &str,
+        source: &str,
+        parent: Parent,
+        fields: Vec<(&str, Value)>,
+    ) -> Map<String, Value> {
         let mut m = Map::new();
         m.insert("id".into(), json!(Uuid::new_v4().to_string()));
         m.insert("timestamp".into(), json!(self.next_timestamp(cfg)));
         m.insert("source".into(), json!(source));
         let parent = match parent {
             Parent::Leaf => self.leaf_event_id.clone(),
-            Parent::LeafOrRoot => Some(self.leaf_event_id.clone().unwrap_or_else(|| "__root__".into())),
+            Parent::LeafOrRoot => Some(
+                self.leaf_event_id
+                    .clone()
+                    .unwrap_or_else(|| "__root__".into()),
+            ),
             Parent::Id(id) => Some(id),
         };
         if let Some(p) = parent {
@@ -319,7 +350,13 @@ impl ConvState {
 
     /// A `ConversationStateUpdateEvent` for one field, appended (they are persisted).
     pub fn state_update(&mut self, cfg: &FakeConfig, key: &str, value: Value) -> Arc<StoredEvent> {
-        let ev = self.build(cfg, "ConversationStateUpdateEvent", "environment", Parent::Leaf, vec![("key", json!(key)), ("value", value)]);
+        let ev = self.build(
+            cfg,
+            "ConversationStateUpdateEvent",
+            "environment",
+            Parent::Leaf,
+            vec![("key", json!(key)), ("value", value)],
+        );
         self.append(cfg, ev)
     }
 
@@ -335,8 +372,16 @@ impl ConvState {
         let seq = self.events.len() as u64;
         let id = ev.get("id").map(value_str).unwrap_or_default();
         let timestamp = ev.get("timestamp").map(value_str).unwrap_or_default();
-        let kind = ev.get("kind").and_then(Value::as_str).unwrap_or("").to_owned();
-        let source = ev.get("source").and_then(Value::as_str).unwrap_or("").to_owned();
+        let kind = ev
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
+        let source = ev
+            .get("source")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
         let search_text = shapes::message_search_text(&ev);
         self.observe(&kind, &id, &ev);
         let value = Value::Object(ev);
@@ -364,8 +409,16 @@ impl ConvState {
         let mut ev = ev;
         if !ev.contains_key("id") || !ev.contains_key("timestamp") {
             let mut m = Map::new();
-            m.insert("id".into(), ev.remove("id").unwrap_or_else(|| json!(Uuid::new_v4().to_string())));
-            m.insert("timestamp".into(), ev.remove("timestamp").unwrap_or_else(|| json!(clock::naive_iso(clock::now_local(cfg.utc_offset)))));
+            m.insert(
+                "id".into(),
+                ev.remove("id")
+                    .unwrap_or_else(|| json!(Uuid::new_v4().to_string())),
+            );
+            m.insert(
+                "timestamp".into(),
+                ev.remove("timestamp")
+                    .unwrap_or_else(|| json!(clock::naive_iso(clock::now_local(cfg.utc_offset)))),
+            );
             m.extend(ev);
             ev = m;
         }
@@ -377,7 +430,11 @@ impl ConvState {
     /// Fill in `id` and `timestamp` for events handed in from outside.
     fn complete(&mut self, cfg: &FakeConfig, mut ev: Map<String, Value>) -> Map<String, Value> {
         if ev.contains_key("id") && ev.contains_key("timestamp") {
-            if let Some(ts) = ev.get("timestamp").and_then(Value::as_str).and_then(clock::parse_naive_iso) {
+            if let Some(ts) = ev
+                .get("timestamp")
+                .and_then(Value::as_str)
+                .and_then(clock::parse_naive_iso)
+            {
                 if self.last_ts.is_none_or(|l| ts > l) {
                     self.last_ts = Some(ts);
                     self.ts_uses = 1;
@@ -386,7 +443,11 @@ impl ConvState {
             return ev;
         }
         let mut m = Map::new();
-        m.insert("id".into(), ev.remove("id").unwrap_or_else(|| json!(Uuid::new_v4().to_string())));
+        m.insert(
+            "id".into(),
+            ev.remove("id")
+                .unwrap_or_else(|| json!(Uuid::new_v4().to_string())),
+        );
         let ts = match ev.remove("timestamp") {
             Some(t) => t,
             None => json!(self.next_timestamp(cfg)),
@@ -408,7 +469,8 @@ impl ConvState {
                         }
                     }
                     Some("last_user_message_id") => {
-                        self.last_user_message_id = value.and_then(Value::as_str).map(str::to_owned);
+                        self.last_user_message_id =
+                            value.and_then(Value::as_str).map(str::to_owned);
                     }
                     Some("tags") => {
                         if let Some(t @ Value::Object(_)) = value {
@@ -426,7 +488,8 @@ impl ConvState {
                 self.pending_action = Some((id.to_owned(), tool, call));
                 if let Some(action) = ev.get("action") {
                     if action.get("kind").and_then(Value::as_str) == Some("FinishAction") {
-                        self.final_response = action.get("message").map(value_str).unwrap_or_default();
+                        self.final_response =
+                            action.get("message").map(value_str).unwrap_or_default();
                     }
                 }
             }
@@ -437,8 +500,13 @@ impl ConvState {
                 }
             }
             "MessageEvent" if ev.get("source").and_then(Value::as_str) == Some("agent") => {
-                if let Some(Value::Array(c)) = ev.get("llm_message").and_then(|m| m.get("content")) {
-                    self.final_response = c.iter().filter_map(|i| i.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join("");
+                if let Some(Value::Array(c)) = ev.get("llm_message").and_then(|m| m.get("content"))
+                {
+                    self.final_response = c
+                        .iter()
+                        .filter_map(|i| i.get("text").and_then(Value::as_str))
+                        .collect::<Vec<_>>()
+                        .join("");
                 }
             }
             _ => {}
@@ -485,12 +553,18 @@ impl ConvState {
     pub fn full_state_frame(&self, cfg: &FakeConfig, id: Uuid) -> Frame {
         let mut m = Map::new();
         m.insert("id".into(), json!(Uuid::new_v4().to_string()));
-        m.insert("timestamp".into(), json!(clock::naive_iso(clock::now_local(cfg.utc_offset))));
+        m.insert(
+            "timestamp".into(),
+            json!(clock::naive_iso(clock::now_local(cfg.utc_offset))),
+        );
         m.insert("source".into(), json!("environment"));
         m.insert("key".into(), json!("full_state"));
         m.insert("value".into(), self.full_state_value(id));
         m.insert("kind".into(), json!("ConversationStateUpdateEvent"));
-        Frame::new(None, serde_json::to_string(&Value::Object(m)).unwrap_or_default())
+        Frame::new(
+            None,
+            serde_json::to_string(&Value::Object(m)).unwrap_or_default(),
+        )
     }
 
     /// Publish a fresh `full_state` snapshot to every subscriber.
@@ -519,22 +593,54 @@ impl ConvState {
         s.insert("invoked_skills".into(), json!([]));
         s.insert("blocked_actions".into(), json!({}));
         s.insert("blocked_messages".into(), json!({}));
-        s.insert("last_user_message_id".into(), self.last_user_message_id.clone().map(Value::String).unwrap_or(Value::Null));
-        s.insert("leaf_event_id".into(), self.leaf_event_id.clone().map(Value::String).unwrap_or(Value::Null));
+        s.insert(
+            "last_user_message_id".into(),
+            self.last_user_message_id
+                .clone()
+                .map(Value::String)
+                .unwrap_or(Value::Null),
+        );
+        s.insert(
+            "leaf_event_id".into(),
+            self.leaf_event_id
+                .clone()
+                .map(Value::String)
+                .unwrap_or(Value::Null),
+        );
         s.insert("stats".into(), json!({"usage_to_metrics": {}}));
         s.insert("secret_registry".into(), json!({"secret_sources": {}}));
         s.insert("agent_state".into(), json!({}));
         s.insert("hook_config".into(), m.hook_config.clone());
-        s.insert("title".into(), m.title.clone().map(Value::String).unwrap_or(Value::Null));
+        s.insert(
+            "title".into(),
+            m.title.clone().map(Value::String).unwrap_or(Value::Null),
+        );
         s.insert("metrics".into(), Value::Null);
         s.insert("created_at".into(), json!(clock::utc_iso_z(m.created_at)));
         s.insert("updated_at".into(), json!(clock::utc_iso_z(m.updated_at)));
-        s.insert("forked_from_conversation_id".into(), opt(&m.forked_from_conversation_id));
-        s.insert("forked_from_event_id".into(), m.forked_from_event_id.clone().map(Value::String).unwrap_or(Value::Null));
-        s.insert("parent_conversation_id".into(), opt(&m.parent_conversation_id));
+        s.insert(
+            "forked_from_conversation_id".into(),
+            opt(&m.forked_from_conversation_id),
+        );
+        s.insert(
+            "forked_from_event_id".into(),
+            m.forked_from_event_id
+                .clone()
+                .map(Value::String)
+                .unwrap_or(Value::Null),
+        );
+        s.insert(
+            "parent_conversation_id".into(),
+            opt(&m.parent_conversation_id),
+        );
         s.insert(
             "sub_conversation_ids".into(),
-            Value::Array(m.sub_conversation_ids.iter().map(|u| json!(u.to_string())).collect()),
+            Value::Array(
+                m.sub_conversation_ids
+                    .iter()
+                    .map(|u| json!(u.to_string()))
+                    .collect(),
+            ),
         );
         s.insert("tags".into(), m.tags.clone());
         s.insert("current_model_id".into(), Value::Null);
@@ -543,10 +649,17 @@ impl ConvState {
         s.insert("launched_agent_profile".into(), Value::Null);
         s.insert("agent".into(), shapes::agent_rest(&m.agent));
         s.insert("client_tools".into(), m.client_tools.clone());
-        s.insert("tool_module_qualnames".into(), m.tool_module_qualnames.clone());
+        s.insert(
+            "tool_module_qualnames".into(),
+            m.tool_module_qualnames.clone(),
+        );
         s.insert(
             "runtime_info".into(),
-            if with_runtime { json!({"runtime_status": "available", "can_resume": true, "runtime_error": null}) } else { Value::Null },
+            if with_runtime {
+                json!({"runtime_status": "available", "can_resume": true, "runtime_error": null})
+            } else {
+                Value::Null
+            },
         );
         Value::Object(s)
     }
@@ -568,7 +681,11 @@ pub(crate) struct Store {
 
 impl Store {
     pub fn get(&self, id: &Uuid) -> Option<Arc<Conv>> {
-        self.convs.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+        self.convs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
     }
 
     pub fn next_serial(&self) -> u64 {
@@ -588,11 +705,19 @@ impl Store {
     }
 
     pub fn remove(&self, id: &Uuid) -> Option<Arc<Conv>> {
-        self.convs.write().unwrap_or_else(|p| p.into_inner()).remove(id)
+        self.convs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
     }
 
     pub fn all(&self) -> Vec<Arc<Conv>> {
-        self.convs.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.convs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn len(&self) -> usize {

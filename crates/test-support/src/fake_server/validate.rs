@@ -10,6 +10,9 @@
 //! 3. the session-key dependency (401);
 //! 4. path, query and body validation, all errors collected into one 422 list in that order.
 
+// Handlers return early with a ready `Response`; boxing it would only add an allocation.
+#![allow(clippy::result_large_err)]
+
 use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
@@ -17,7 +20,13 @@ use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
 /// One 422 `detail` item: `{"type","loc","msg","input"[, "ctx"]}` in that key order.
-pub(crate) fn item(kind: &str, loc: Vec<Value>, msg: impl Into<String>, input: Value, ctx: Option<Value>) -> Value {
+pub(crate) fn item(
+    kind: &str,
+    loc: Vec<Value>,
+    msg: impl Into<String>,
+    input: Value,
+    ctx: Option<Value>,
+) -> Value {
     let mut m = Map::new();
     m.insert("type".into(), Value::String(kind.into()));
     m.insert("loc".into(), Value::Array(loc));
@@ -71,12 +80,24 @@ pub(crate) fn quote_choices(choices: &[&str]) -> String {
 
 pub(crate) fn enum_error(loc: Vec<Value>, input: &str, choices: &[&str]) -> Value {
     let expected = quote_choices(choices);
-    item("enum", loc, format!("Input should be {expected}"), json!(input), Some(json!({ "expected": expected })))
+    item(
+        "enum",
+        loc,
+        format!("Input should be {expected}"),
+        json!(input),
+        Some(json!({ "expected": expected })),
+    )
 }
 
 pub(crate) fn literal_error(loc: Vec<Value>, input: Value, choices: &[&str]) -> Value {
     let expected = quote_choices(choices);
-    item("literal_error", loc, format!("Input should be {expected}"), input, Some(json!({ "expected": expected })))
+    item(
+        "literal_error",
+        loc,
+        format!("Input should be {expected}"),
+        input,
+        Some(json!({ "expected": expected })),
+    )
 }
 
 /// The query string as ordered pairs.
@@ -85,22 +106,43 @@ pub(crate) struct Query(Vec<(String, String)>);
 impl Query {
     pub fn parse(raw: Option<&str>) -> Self {
         Query(
-            raw.map(|r| form_urlencoded::parse(r.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect())
-                .unwrap_or_default(),
+            raw.map(|r| {
+                form_urlencoded::parse(r.as_bytes())
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default(),
         )
     }
     /// Starlette's `query_params[name]`: the last occurrence wins.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
     pub fn all(&self, name: &str) -> Vec<&str> {
-        self.0.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_str()).collect()
+        self.0
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
     }
 }
 
 /// An integer query parameter with pydantic's int parsing and `gt`/`le` bounds.
-pub(crate) fn query_int(q: &Query, name: &str, default: i64, gt: Option<i64>, le: Option<i64>, errors: &mut Vec<Value>) -> i64 {
-    let Some(raw) = q.get(name) else { return default };
+pub(crate) fn query_int(
+    q: &Query,
+    name: &str,
+    default: i64,
+    gt: Option<i64>,
+    le: Option<i64>,
+    errors: &mut Vec<Value>,
+) -> i64 {
+    let Some(raw) = q.get(name) else {
+        return default;
+    };
     let loc = vec![json!("query"), json!(name)];
     let Some(v) = parse_py_int(raw) else {
         errors.push(item(
@@ -114,7 +156,13 @@ pub(crate) fn query_int(q: &Query, name: &str, default: i64, gt: Option<i64>, le
     };
     if let Some(g) = gt {
         if v <= g {
-            errors.push(item("greater_than", loc, format!("Input should be greater than {g}"), json!(raw), Some(json!({ "gt": g }))));
+            errors.push(item(
+                "greater_than",
+                loc,
+                format!("Input should be greater than {g}"),
+                json!(raw),
+                Some(json!({ "gt": g })),
+            ));
             return default;
         }
     }
@@ -156,7 +204,9 @@ pub(crate) fn parse_py_bool(raw: &str) -> Option<bool> {
 }
 
 pub(crate) fn query_bool(q: &Query, name: &str, default: bool, errors: &mut Vec<Value>) -> bool {
-    let Some(raw) = q.get(name) else { return default };
+    let Some(raw) = q.get(name) else {
+        return default;
+    };
     match parse_py_bool(raw) {
         Some(b) => b,
         None => {
@@ -180,12 +230,24 @@ pub(crate) fn body_bool(v: &Value, loc: Vec<Value>, errors: &mut Vec<Value>) -> 
         Value::String(s) => match parse_py_bool(s) {
             Some(b) => b,
             None => {
-                errors.push(item("bool_parsing", loc, "Input should be a valid boolean, unable to interpret input", v.clone(), None));
+                errors.push(item(
+                    "bool_parsing",
+                    loc,
+                    "Input should be a valid boolean, unable to interpret input",
+                    v.clone(),
+                    None,
+                ));
                 false
             }
         },
         _ => {
-            errors.push(item("bool_type", loc, "Input should be a valid boolean", v.clone(), None));
+            errors.push(item(
+                "bool_type",
+                loc,
+                "Input should be a valid boolean",
+                v.clone(),
+                None,
+            ));
             false
         }
     }
@@ -194,7 +256,16 @@ pub(crate) fn body_bool(v: &Value, loc: Vec<Value>, errors: &mut Vec<Value>) -> 
 /// pydantic's `sanitize_dict`: values of secret-looking keys become `"<redacted>"` in 422
 /// `input`s (the real server never echoes an API key back in a validation error).
 pub(crate) fn redact(v: &Value) -> Value {
-    const PATTERNS: [&str; 8] = ["AUTHORIZATION", "COOKIE", "CREDENTIAL", "KEY", "PASSWORD", "SECRET", "SESSION", "TOKEN"];
+    const PATTERNS: [&str; 8] = [
+        "AUTHORIZATION",
+        "COOKIE",
+        "CREDENTIAL",
+        "KEY",
+        "PASSWORD",
+        "SECRET",
+        "SESSION",
+        "TOKEN",
+    ];
     fn all(v: &Value) -> Value {
         match v {
             Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), all(v))).collect()),
@@ -295,7 +366,10 @@ pub(crate) fn parse_body(bytes: &[u8]) -> Result<BodyJson, Response> {
 pub(crate) fn json_bytes(status: StatusCode, body: Vec<u8>) -> Response {
     let mut r = Response::new(Body::from(body));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -308,7 +382,10 @@ pub(crate) fn detail(status: StatusCode, text: &str) -> Response {
 }
 
 pub(crate) fn validation(items: Vec<Value>) -> Response {
-    json_response(StatusCode::UNPROCESSABLE_ENTITY, &json!({ "detail": items }))
+    json_response(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        &json!({ "detail": items }),
+    )
 }
 
 pub(crate) fn unauthorized() -> Response {
@@ -346,7 +423,10 @@ pub(crate) fn py_repr(v: &Value) -> String {
         Value::Array(a) => format!("[{}]", a.iter().map(py_repr).collect::<Vec<_>>().join(", ")),
         Value::Object(m) => format!(
             "{{{}}}",
-            m.iter().map(|(k, v)| format!("'{k}': {}", py_repr(v))).collect::<Vec<_>>().join(", ")
+            m.iter()
+                .map(|(k, v)| format!("'{k}': {}", py_repr(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
@@ -371,7 +451,10 @@ mod tests {
     fn json_errors_like_python() {
         let body = b"{bad";
         let e = serde_json::from_slice::<Value>(body).unwrap_err();
-        assert_eq!(python_json_error(body, &e), (1, "Expecting property name enclosed in double quotes"));
+        assert_eq!(
+            python_json_error(body, &e),
+            (1, "Expecting property name enclosed in double quotes")
+        );
     }
 
     #[test]
@@ -385,8 +468,27 @@ mod tests {
 
     #[test]
     fn uuid_messages_match_pydantic() {
-        assert_eq!(parse_uuid("xyz").unwrap_err(), "invalid character: found `x` at 0");
+        assert_eq!(
+            parse_uuid("xyz").unwrap_err(),
+            "invalid character: found `x` at 0"
+        );
         assert_eq!(parse_uuid("abc").unwrap_err(), "invalid length: found 3");
         assert_eq!(parse_uuid("").unwrap_err(), "invalid length: found 0");
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn json_error_mapping_never_panics(s in ".{0,40}") {
+            if let Err(e) = serde_json::from_slice::<Value>(s.as_bytes()) {
+                let (pos, _) = python_json_error(s.as_bytes(), &e);
+                prop_assert!(pos <= s.chars().count());
+            }
+        }
     }
 }

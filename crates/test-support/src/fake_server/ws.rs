@@ -59,10 +59,11 @@ fn plan_auth(inner: &Inner, q: &Query, headers: &HeaderMap) -> Result<AuthPlan, 
     if !inner.auth_enabled() {
         return Ok(AuthPlan::Accepted);
     }
-    let key = q
-        .get("session_api_key")
-        .map(str::to_owned)
-        .or_else(|| headers.get("x-session-api-key").map(|h| h.to_str().unwrap_or("\u{0}").to_owned()));
+    let key = q.get("session_api_key").map(str::to_owned).or_else(|| {
+        headers
+            .get("x-session-api-key")
+            .map(|h| h.to_str().unwrap_or("\u{0}").to_owned())
+    });
     match key {
         Some(k) if inner.key_valid(Some(&k)) => Ok(AuthPlan::Accepted),
         Some(_) => Err(()),
@@ -92,7 +93,9 @@ pub(crate) async fn events_socket(
 ) -> Response {
     let Ok(ws) = ws else { return v::not_found() };
     let q = Query::parse(q.as_deref());
-    let Ok(conv_id) = v::parse_uuid(&id) else { return forbidden() };
+    let Ok(conv_id) = v::parse_uuid(&id) else {
+        return forbidden();
+    };
     let mode = match q.get("resend_mode") {
         None => None,
         Some("all") => Some("all"),
@@ -120,7 +123,9 @@ pub(crate) async fn events_socket(
         (None, _) if resend_all => Resend::All,
         _ => Resend::None,
     };
-    let Ok(plan) = plan_auth(&inner, &q, &headers) else { return forbidden() };
+    let Ok(plan) = plan_auth(&inner, &q, &headers) else {
+        return forbidden();
+    };
     upgrade(inner, ws, conv_id, plan, Kind::Events, resend, None)
 }
 
@@ -133,7 +138,9 @@ pub(crate) async fn session_socket(
 ) -> Response {
     let Ok(ws) = ws else { return v::not_found() };
     let q = Query::parse(q.as_deref());
-    let Ok(conv_id) = v::parse_uuid(&id) else { return forbidden() };
+    let Ok(conv_id) = v::parse_uuid(&id) else {
+        return forbidden();
+    };
     let after_seq = match q.get("after_seq") {
         None => None,
         Some(raw) => match v::parse_py_int(raw) {
@@ -141,11 +148,29 @@ pub(crate) async fn session_socket(
             None => return forbidden(),
         },
     };
-    let Ok(plan) = plan_auth(&inner, &q, &headers) else { return forbidden() };
-    upgrade(inner, ws, conv_id, plan, Kind::Session, Resend::None, after_seq)
+    let Ok(plan) = plan_auth(&inner, &q, &headers) else {
+        return forbidden();
+    };
+    upgrade(
+        inner,
+        ws,
+        conv_id,
+        plan,
+        Kind::Session,
+        Resend::None,
+        after_seq,
+    )
 }
 
-fn upgrade(inner: Arc<Inner>, ws: WebSocketUpgrade, conv_id: Uuid, plan: AuthPlan, kind: Kind, resend: Resend, after_seq: Option<i64>) -> Response {
+fn upgrade(
+    inner: Arc<Inner>,
+    ws: WebSocketUpgrade,
+    conv_id: Uuid,
+    plan: AuthPlan,
+    kind: Kind,
+    resend: Resend,
+    after_seq: Option<i64>,
+) -> Response {
     let Some(gen) = inner.generation() else {
         return v::detail(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable");
     };
@@ -195,7 +220,15 @@ impl Sock {
 
     /// A proper close: send the frame, then give the peer a moment to answer it.
     async fn close(&mut self, code: u16, reason: &str) {
-        if self.ws.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await.is_err() {
+        if self
+            .ws
+            .send(Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            })))
+            .await
+            .is_err()
+        {
             return;
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -214,7 +247,9 @@ async fn first_message_auth(s: &mut Sock) -> bool {
     loop {
         match tokio::time::timeout_at(deadline, s.ws.recv()).await {
             Ok(Some(Ok(Message::Text(t)))) => {
-                let Ok(Value::Object(m)) = serde_json::from_str::<Value>(t.as_str()) else { return false };
+                let Ok(Value::Object(m)) = serde_json::from_str::<Value>(t.as_str()) else {
+                    return false;
+                };
                 if m.get("type").and_then(Value::as_str) != Some("auth") {
                     return false;
                 }
@@ -232,7 +267,10 @@ fn error_frame(inner: &Inner, kind: Kind, code: &str, detail: &str) -> Utf8Bytes
     match kind {
         Kind::Events => {
             m.insert("id".into(), json!(Uuid::new_v4().to_string()));
-            m.insert("timestamp".into(), json!(clock::naive_iso(clock::now_local(inner.cfg.utc_offset))));
+            m.insert(
+                "timestamp".into(),
+                json!(clock::naive_iso(clock::now_local(inner.cfg.utc_offset))),
+            );
             m.insert("source".into(), json!("environment"));
             m.insert("code".into(), json!(code));
             m.insert("detail".into(), json!(detail));
@@ -247,8 +285,20 @@ fn error_frame(inner: &Inner, kind: Kind, code: &str, detail: &str) -> Utf8Bytes
     Utf8Bytes::from(serde_json::to_string(&Value::Object(m)).unwrap_or_default())
 }
 
-async fn connection(inner: Arc<Inner>, socket: WebSocket, conv_id: Uuid, plan: AuthPlan, kind: Kind, resend: Resend, after_seq: Option<i64>) {
-    let mut s = Sock { ws: socket, inner: inner.clone(), sent: 0 };
+async fn connection(
+    inner: Arc<Inner>,
+    socket: WebSocket,
+    conv_id: Uuid,
+    plan: AuthPlan,
+    kind: Kind,
+    resend: Resend,
+    after_seq: Option<i64>,
+) {
+    let mut s = Sock {
+        ws: socket,
+        inner: inner.clone(),
+        sent: 0,
+    };
     if s.cut_after() == Some(0) {
         return;
     }
@@ -267,45 +317,58 @@ async fn connection(inner: Arc<Inner>, socket: WebSocket, conv_id: Uuid, plan: A
         match st.subscribe(&conv, cfg) {
             Err(_) => None,
             Ok(sub) => {
-        let snapshot = st.full_state_frame(cfg, conv_id);
-        let through = st.events.len().checked_sub(1).map(|t| t as u64);
-        let mut prelude: Vec<Utf8Bytes> = Vec::new();
-        match kind {
-            Kind::Events => {
-                prelude.push(snapshot.event);
-                match &resend {
-                    Resend::None => {}
-                    Resend::All => prelude.extend(st.events.iter().map(|e| e.frame.event.clone())),
-                    Resend::Since(t) => {
-                        prelude.extend(st.events.iter().filter(|e| e.timestamp.as_str() >= t.as_str()).map(|e| e.frame.event.clone()))
+                let snapshot = st.full_state_frame(cfg, conv_id);
+                let through = st.events.len().checked_sub(1).map(|t| t as u64);
+                let mut prelude: Vec<Utf8Bytes> = Vec::new();
+                match kind {
+                    Kind::Events => {
+                        prelude.push(snapshot.event);
+                        match &resend {
+                            Resend::None => {}
+                            Resend::All => {
+                                prelude.extend(st.events.iter().map(|e| e.frame.event.clone()))
+                            }
+                            Resend::Since(t) => prelude.extend(
+                                st.events
+                                    .iter()
+                                    .filter(|e| e.timestamp.as_str() >= t.as_str())
+                                    .map(|e| e.frame.event.clone()),
+                            ),
+                        }
+                    }
+                    Kind::Session => {
+                        let mut sync = Map::new();
+                        sync.insert("type".into(), json!("sync"));
+                        if let Some(a) = after_seq {
+                            sync.insert("from_seq".into(), json!(a));
+                        }
+                        if let Some(t) = through {
+                            sync.insert("through_seq".into(), json!(t));
+                        }
+                        prelude.push(Utf8Bytes::from(
+                            serde_json::to_string(&Value::Object(sync)).unwrap_or_default(),
+                        ));
+                        if let (Some(a), Some(t)) = (after_seq, through) {
+                            let start = a.saturating_add(1).max(0) as u64;
+                            if start <= t {
+                                prelude.extend(
+                                    st.events[start as usize..=t as usize]
+                                        .iter()
+                                        .map(|e| e.frame.session.clone()),
+                                );
+                            }
+                        }
+                        prelude.push(snapshot.session);
                     }
                 }
-            }
-            Kind::Session => {
-                let mut sync = Map::new();
-                sync.insert("type".into(), json!("sync"));
-                if let Some(a) = after_seq {
-                    sync.insert("from_seq".into(), json!(a));
-                }
-                if let Some(t) = through {
-                    sync.insert("through_seq".into(), json!(t));
-                }
-                prelude.push(Utf8Bytes::from(serde_json::to_string(&Value::Object(sync)).unwrap_or_default()));
-                if let (Some(a), Some(t)) = (after_seq, through) {
-                    let start = a.saturating_add(1).max(0) as u64;
-                    if start <= t {
-                        prelude.extend(st.events[start as usize..=t as usize].iter().map(|e| e.frame.session.clone()));
-                    }
-                }
-                prelude.push(snapshot.session);
-            }
-        }
-        Some((sub, prelude, through))
+                Some((sub, prelude, through))
             }
         }
     };
     let Some((mut sub, prelude, through)) = subscribed else {
-        return s.close(1013, "Too many connections for this conversation").await;
+        return s
+            .close(1013, "Too many connections for this conversation")
+            .await;
     };
     for f in prelude {
         if s.send(f).await.is_err() {
@@ -315,9 +378,18 @@ async fn connection(inner: Arc<Inner>, socket: WebSocket, conv_id: Uuid, plan: A
     pump(&mut s, &mut sub, &conv, kind, through).await;
 }
 
-async fn pump(s: &mut Sock, sub: &mut Subscription, conv: &Arc<Conv>, kind: Kind, mut last_seq: Option<u64>) {
+async fn pump(
+    s: &mut Sock,
+    sub: &mut Subscription,
+    conv: &Arc<Conv>,
+    kind: Kind,
+    mut last_seq: Option<u64>,
+) {
     let inner = s.inner.clone();
-    let mut ping = inner.cfg.ws_ping_interval.map(|d| tokio::time::interval_at(Instant::now() + d, d));
+    let mut ping = inner
+        .cfg
+        .ws_ping_interval
+        .map(|d| tokio::time::interval_at(Instant::now() + d, d));
     loop {
         tokio::select! {
             f = sub.rx.recv() => match f {
@@ -384,17 +456,31 @@ fn inbound(inner: &Arc<Inner>, conv: &Arc<Conv>, text: &str) -> Option<(String, 
             let (pos, msg) = v::python_json_error(text.as_bytes(), &e);
             let before: String = text.chars().take(pos).collect();
             let line = before.matches('\n').count() + 1;
-            let col = pos - before.rfind('\n').map(|i| before[..i].chars().count() + 1).unwrap_or(0) + 1;
-            return Some(("JSONDecodeError".into(), format!("{msg}: line {line} column {col} (char {pos})")));
+            let col = pos
+                - before
+                    .rfind('\n')
+                    .map(|i| before[..i].chars().count() + 1)
+                    .unwrap_or(0)
+                + 1;
+            return Some((
+                "JSONDecodeError".into(),
+                format!("{msg}: line {line} column {col} (char {pos})"),
+            ));
         }
     };
     if let Value::Object(m) = &data {
-        if m.get("type").and_then(Value::as_str) == Some("auth") && m.keys().all(|k| k == "type" || k == "session_api_key") {
+        if m.get("type").and_then(Value::as_str) == Some("auth")
+            && m.keys().all(|k| k == "type" || k == "session_api_key")
+        {
             return None;
         }
     }
     let pyd = |loc: &str, msg: &str, kind: &str, input: &Value| -> (String, String) {
-        let loc_line = if loc.is_empty() { String::new() } else { format!("{loc}\n") };
+        let loc_line = if loc.is_empty() {
+            String::new()
+        } else {
+            format!("{loc}\n")
+        };
         (
             "ValidationError".into(),
             format!(
@@ -405,13 +491,25 @@ fn inbound(inner: &Arc<Inner>, conv: &Arc<Conv>, text: &str) -> Option<(String, 
         )
     };
     let Value::Object(m) = &data else {
-        return Some(pyd("", "Input should be a valid dictionary or instance of Message", "model_type", &data));
+        return Some(pyd(
+            "",
+            "Input should be a valid dictionary or instance of Message",
+            "model_type",
+            &data,
+        ));
     };
     const ROLES: [&str; 4] = ["user", "system", "assistant", "tool"];
     let role = match m.get("role") {
         None => return Some(pyd("role", "Field required", "missing", &data)),
         Some(Value::String(r)) if ROLES.contains(&r.as_str()) => r.clone(),
-        Some(other) => return Some(pyd("role", "Input should be 'user', 'system', 'assistant' or 'tool'", "literal_error", other)),
+        Some(other) => {
+            return Some(pyd(
+                "role",
+                "Input should be 'user', 'system', 'assistant' or 'tool'",
+                "literal_error",
+                other,
+            ))
+        }
     };
     let content = match m.get("content") {
         None => Vec::new(),
@@ -419,14 +517,29 @@ fn inbound(inner: &Arc<Inner>, conv: &Arc<Conv>, text: &str) -> Option<(String, 
             let mut errors = Vec::new();
             let _ = super::rest::validate_message(&json!({"content": a}), &[], &mut errors);
             if !errors.is_empty() {
-                return Some(pyd("content", "Input should be a valid list of TextContent or ImageContent", "list_type", &Value::Array(a.clone())));
+                return Some(pyd(
+                    "content",
+                    "Input should be a valid list of TextContent or ImageContent",
+                    "list_type",
+                    &Value::Array(a.clone()),
+                ));
             }
             a.clone()
         }
-        Some(other) => return Some(pyd("content", "Input should be a valid list", "list_type", other)),
+        Some(other) => {
+            return Some(pyd(
+                "content",
+                "Input should be a valid list",
+                "list_type",
+                other,
+            ))
+        }
     };
     if role != "user" {
-        return Some(("AssertionError".into(), "Only user messages are allowed to be sent to the agent.".into()));
+        return Some((
+            "AssertionError".into(),
+            "Only user messages are allowed to be sent to the agent.".into(),
+        ));
     }
     ops::send_message(inner, conv, &content, true);
     None

@@ -19,11 +19,16 @@ pub const KEY: &str = "test-key";
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub fn fast_config() -> FakeConfig {
-    FakeConfig { step_delay: Duration::from_millis(1), ..FakeConfig::with_key(KEY) }
+    FakeConfig {
+        step_delay: Duration::from_millis(1),
+        ..FakeConfig::with_key(KEY)
+    }
 }
 
 pub async fn start() -> FakeAgentServer {
-    FakeAgentServer::start(fast_config()).await.expect("fake starts")
+    FakeAgentServer::start(fast_config())
+        .await
+        .expect("fake starts")
 }
 
 pub fn create_body() -> Value {
@@ -42,12 +47,20 @@ pub struct Http {
 }
 
 pub fn http(srv: &FakeAgentServer) -> Http {
-    Http { base: srv.url(), client: reqwest::Client::new(), key: Some(KEY.into()) }
+    Http {
+        base: srv.url(),
+        client: reqwest::Client::new(),
+        key: Some(KEY.into()),
+    }
 }
 
 impl Http {
     pub fn without_key(&self) -> Http {
-        Http { base: self.base.clone(), client: self.client.clone(), key: None }
+        Http {
+            base: self.base.clone(),
+            client: self.client.clone(),
+            key: None,
+        }
     }
 
     async fn send(&self, rb: reqwest::RequestBuilder) -> (u16, Value) {
@@ -58,36 +71,60 @@ impl Http {
         let resp = rb.send().await.expect("request sent");
         let status = resp.status().as_u16();
         let text = resp.text().await.expect("body read");
-        let v = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         (status, v)
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        self.send(self.client.get(format!("{}{}", self.base, path))).await
+        self.send(self.client.get(format!("{}{}", self.base, path)))
+            .await
     }
 
     pub async fn get_with_body(&self, path: &str, body: &Value) -> (u16, Value) {
-        self.send(self.client.get(format!("{}{}", self.base, path)).json(body)).await
+        self.send(self.client.get(format!("{}{}", self.base, path)).json(body))
+            .await
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        self.send(self.client.post(format!("{}{}", self.base, path)).json(body)).await
+        self.send(
+            self.client
+                .post(format!("{}{}", self.base, path))
+                .json(body),
+        )
+        .await
     }
 
     pub async fn post_empty(&self, path: &str) -> (u16, Value) {
-        self.send(self.client.post(format!("{}{}", self.base, path))).await
+        self.send(self.client.post(format!("{}{}", self.base, path)))
+            .await
     }
 
     pub async fn post_raw(&self, path: &str, body: &'static str) -> (u16, Value) {
-        self.send(self.client.post(format!("{}{}", self.base, path)).header("content-type", "application/json").body(body)).await
+        self.send(
+            self.client
+                .post(format!("{}{}", self.base, path))
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await
     }
 
     pub async fn patch(&self, path: &str, body: &Value) -> (u16, Value) {
-        self.send(self.client.patch(format!("{}{}", self.base, path)).json(body)).await
+        self.send(
+            self.client
+                .patch(format!("{}{}", self.base, path))
+                .json(body),
+        )
+        .await
     }
 
     pub async fn delete(&self, path: &str) -> (u16, Value) {
-        self.send(self.client.delete(format!("{}{}", self.base, path))).await
+        self.send(self.client.delete(format!("{}{}", self.base, path)))
+            .await
     }
 
     /// Create a conversation over REST; returns its id.
@@ -102,28 +139,52 @@ impl Http {
 pub async fn eventually<F: FnMut() -> bool>(what: &str, mut f: F) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
 /// Wait until the conversation's status is `status`.
 pub async fn wait_status(srv: &FakeAgentServer, id: Uuid, status: &str) {
-    eventually(status, || srv.execution_status(id).as_deref() == Some(status)).await;
+    eventually(status, || {
+        srv.execution_status(id).as_deref() == Some(status)
+    })
+    .await;
 }
 
 pub async fn ws_connect(url: &str, key_header: Option<&str>) -> Result<Ws, WsError> {
     let mut req = url.into_client_request().expect("ws url");
     if let Some(k) = key_header {
-        req.headers_mut().insert("X-Session-API-Key", k.parse().expect("header"));
+        req.headers_mut()
+            .insert("X-Session-API-Key", k.parse().expect("header"));
     }
-    tokio_tungstenite::connect_async(req).await.map(|(ws, _)| ws)
+    tokio_tungstenite::connect_async(req)
+        .await
+        .map(|(ws, _)| ws)
 }
 
 /// Connect with the key in the query (the simplest accepted path).
 pub async fn ws_open(srv: &FakeAgentServer, path_and_query: &str) -> Ws {
-    let sep = if path_and_query.contains('?') { '&' } else { '?' };
-    ws_connect(&format!("{}{}{}session_api_key={}", srv.ws_url(), path_and_query, sep, KEY), None).await.expect("ws connects")
+    let sep = if path_and_query.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    ws_connect(
+        &format!(
+            "{}{}{}session_api_key={}",
+            srv.ws_url(),
+            path_and_query,
+            sep,
+            KEY
+        ),
+        None,
+    )
+    .await
+    .expect("ws connects")
 }
 
 pub fn http_status(e: &WsError) -> Option<u16> {
@@ -139,7 +200,9 @@ pub async fn next_json(ws: &mut Ws, timeout: Duration) -> Option<Value> {
     loop {
         let m = tokio::time::timeout_at(deadline, ws.next()).await.ok()??;
         match m {
-            Ok(Message::Text(t)) => return Some(serde_json::from_str(t.as_str()).expect("frame is JSON")),
+            Ok(Message::Text(t)) => {
+                return Some(serde_json::from_str(t.as_str()).expect("frame is JSON"))
+            }
             Ok(Message::Ping(_) | Message::Pong(_)) => continue,
             other => panic!("expected a text frame, got {other:?}"),
         }
@@ -147,11 +210,15 @@ pub async fn next_json(ws: &mut Ws, timeout: Duration) -> Option<Value> {
 }
 
 pub async fn must_json(ws: &mut Ws) -> Value {
-    next_json(ws, Duration::from_secs(5)).await.expect("a frame within 5 s")
+    next_json(ws, Duration::from_secs(5))
+        .await
+        .expect("a frame within 5 s")
 }
 
 pub async fn send_json(ws: &mut Ws, v: &Value) {
-    ws.send(Message::Text(v.to_string().into())).await.expect("send");
+    ws.send(Message::Text(v.to_string().into()))
+        .await
+        .expect("send");
 }
 
 /// How a socket ended.
@@ -167,8 +234,12 @@ pub async fn until_end(ws: &mut Ws) -> End {
     let r = tokio::time::timeout(Duration::from_secs(15), async {
         loop {
             match ws.next().await {
-                Some(Ok(Message::Close(Some(f)))) => return End::Close(u16::from(f.code), f.reason.to_string()),
-                Some(Ok(Message::Close(None))) => return End::Close(u16::from(CloseCode::Status), String::new()),
+                Some(Ok(Message::Close(Some(f)))) => {
+                    return End::Close(u16::from(f.code), f.reason.to_string())
+                }
+                Some(Ok(Message::Close(None))) => {
+                    return End::Close(u16::from(CloseCode::Status), String::new())
+                }
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return End::Abrupt,
             }
