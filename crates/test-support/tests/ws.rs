@@ -591,3 +591,28 @@ async fn server_pings_open_sockets() {
     .unwrap_or(false);
     assert!(got_ping);
 }
+
+#[tokio::test]
+async fn oversized_session_frame_is_1013() {
+    let srv = start().await;
+    let id = conv(&srv).await;
+    let mut session = ws_open(&srv, &format!("/sockets/session/{id}")).await;
+    let mut events = ws_open(&srv, &format!("/sockets/events/{id}")).await;
+    must_json(&mut session).await;
+    must_json(&mut session).await;
+    must_json(&mut events).await;
+    let blob = "x".repeat(5 * 1024 * 1024);
+    srv.append_event(
+        id,
+        json!({"source": "agent", "kind": "PauseEvent", "blob": blob}),
+    );
+    assert_eq!(
+        until_end(&mut session).await,
+        End::Close(1013, "frame_too_large".into())
+    );
+    // The legacy socket has no such budget.
+    assert_eq!(
+        must_json(&mut events).await["blob"].as_str().unwrap().len(),
+        blob.len()
+    );
+}

@@ -330,6 +330,9 @@ impl FakeAgentServer {
 
     /// [`stop`](Self::stop), then listen on the same port again with all state kept;
     /// conversations that were running are recovered as `error` (real startup behaviour).
+    ///
+    /// # Panics
+    /// If the port cannot be bound again within ~2 s (someone else took it).
     pub async fn restart(&self) {
         self.stop().await;
         let mut running = self.inner.running.lock().await;

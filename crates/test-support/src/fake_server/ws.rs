@@ -19,6 +19,9 @@
 //! `ServerErrorEvent` (events socket) or an `error` envelope (session socket) and the socket
 //! stays open.
 //!
+//! Back-pressure as on the real session socket: a subscriber whose queue overflows is closed
+//! with 1013 `slow_consumer`, a session frame over 4 MiB with 1013 `frame_too_large`.
+//!
 //! Every socket task is tied to the server generation's cancellation token: `stop()` drops
 //! the TCP stream without a close frame, which is what a killed process looks like.
 
@@ -189,8 +192,13 @@ fn upgrade(
 struct Sock {
     ws: WebSocket,
     inner: Arc<Inner>,
+    kind: Kind,
     sent: u64,
 }
+
+/// The session socket's frame budget (`MAX_FRAME_BYTES`): a bigger frame drops the client
+/// with 1013 `frame_too_large` (it reconnects with `after_seq`).
+const MAX_SESSION_FRAME_BYTES: usize = 4 * 1024 * 1024;
 
 /// The socket must be dropped now (fault or peer gone).
 struct Cut;
@@ -208,6 +216,10 @@ impl Sock {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if self.cut_after().is_some_and(|n| self.sent >= n) {
+            return Err(Cut);
+        }
+        if self.kind == Kind::Session && text.len() > MAX_SESSION_FRAME_BYTES {
+            self.close(1013, "frame_too_large").await;
             return Err(Cut);
         }
         self.ws.send(Message::Text(text)).await.map_err(|_| Cut)?;
@@ -297,6 +309,7 @@ async fn connection(
     let mut s = Sock {
         ws: socket,
         inner: inner.clone(),
+        kind,
         sent: 0,
     };
     if s.cut_after() == Some(0) {
