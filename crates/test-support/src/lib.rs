@@ -25,4 +25,4 @@
 
 pub mod fake_server;
 
-pub use fake_server::{FakeAgentServer, FakeConfig, Fault, TimestampMode};
+pub use fake_server::{FakeAgentServer, FakeConfig, Fault, SocketRequest, TimestampMode};

@@ -193,6 +193,44 @@ pub(crate) struct Inner {
     gen: Mutex<Option<Generation>>,
     running: tokio::sync::Mutex<Option<Running>>,
     run_ids: AtomicU64,
+    /// What clients presented on socket upgrades, and the text frames they sent.
+    pub(crate) socket_log: Mutex<SocketLog>,
+}
+
+/// One WebSocket upgrade request as the fake saw it (before any validation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketRequest {
+    /// `/sockets/events/<id>` or `/sockets/session/<id>`.
+    pub path: String,
+    /// The decoded query pairs, in order.
+    pub query: Vec<(String, String)>,
+    /// The `X-Session-API-Key` header, if any.
+    pub header_key: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct SocketLog {
+    pub requests: std::collections::VecDeque<SocketRequest>,
+    /// Every text frame received on a socket (auth frames included), in arrival order.
+    pub inbound: std::collections::VecDeque<String>,
+}
+
+/// At most this many entries of each kind are kept (oldest dropped first).
+const SOCKET_LOG_MAX: usize = 100_000;
+
+impl SocketLog {
+    pub(crate) fn request(&mut self, r: SocketRequest) {
+        if self.requests.len() >= SOCKET_LOG_MAX {
+            self.requests.pop_front();
+        }
+        self.requests.push_back(r);
+    }
+    pub(crate) fn inbound(&mut self, text: &str) {
+        if self.inbound.len() >= SOCKET_LOG_MAX {
+            self.inbound.pop_front();
+        }
+        self.inbound.push_back(text.to_owned());
+    }
 }
 
 impl Inner {
@@ -280,6 +318,7 @@ impl FakeAgentServer {
             gen: Mutex::new(None),
             running: tokio::sync::Mutex::new(None),
             run_ids: AtomicU64::new(1),
+            socket_log: Mutex::new(SocketLog::default()),
         });
         let running = spawn_generation(&inner, listener);
         *inner.running.lock().await = Some(running);
@@ -487,6 +526,19 @@ impl FakeAgentServer {
     pub fn reset_request_counts(&self) {
         self.inner.requests.store(0, Ordering::Relaxed);
         self.inner.per_path.clear();
+    }
+
+    /// Every WebSocket upgrade request received so far (both socket kinds, any outcome),
+    /// with the query and `X-Session-API-Key` header the client presented: lets a test
+    /// check which credentials a proxy sends downstream.
+    pub fn socket_requests(&self) -> Vec<SocketRequest> {
+        self.inner.socket_log.lock().unwrap_or_else(|p| p.into_inner()).requests.iter().cloned().collect()
+    }
+
+    /// Every text frame clients sent on sockets (first-message auth frames included), in
+    /// arrival order.
+    pub fn socket_inbound_frames(&self) -> Vec<String> {
+        self.inner.socket_log.lock().unwrap_or_else(|p| p.into_inner()).inbound.iter().cloned().collect()
     }
 
     pub fn set_fault(&self, f: Fault) {

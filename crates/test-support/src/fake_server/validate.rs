@@ -114,6 +114,10 @@ impl Query {
             .unwrap_or_default(),
         )
     }
+    /// All pairs, in order.
+    pub fn pairs(&self) -> &[(String, String)] {
+        &self.0
+    }
     /// Starlette's `query_params[name]`: the last occurrence wins.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0

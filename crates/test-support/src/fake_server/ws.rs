@@ -43,7 +43,31 @@ use super::clock;
 use super::ops;
 use super::store::{Conv, Subscription};
 use super::validate::{self as v, Query};
-use super::{Fault, Inner};
+use super::{Fault, Inner, SocketRequest};
+
+/// Note an upgrade request in the server's socket log.
+fn record_request(inner: &Inner, kind: &str, id: &str, q: &Query, headers: &HeaderMap) {
+    let r = SocketRequest {
+        path: format!("/sockets/{kind}/{id}"),
+        query: q.pairs().to_vec(),
+        header_key: headers
+            .get("x-session-api-key")
+            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned()),
+    };
+    inner
+        .socket_log
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .request(r);
+}
+
+fn record_inbound(inner: &Inner, text: &str) {
+    inner
+        .socket_log
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .inbound(text);
+}
 
 fn forbidden() -> Response {
     let mut r = Response::new(Body::empty());
@@ -96,6 +120,7 @@ pub(crate) async fn events_socket(
 ) -> Response {
     let Ok(ws) = ws else { return v::not_found() };
     let q = Query::parse(q.as_deref());
+    record_request(&inner, "events", &id, &q, &headers);
     let Ok(conv_id) = v::parse_uuid(&id) else {
         return forbidden();
     };
@@ -141,6 +166,7 @@ pub(crate) async fn session_socket(
 ) -> Response {
     let Ok(ws) = ws else { return v::not_found() };
     let q = Query::parse(q.as_deref());
+    record_request(&inner, "session", &id, &q, &headers);
     let Ok(conv_id) = v::parse_uuid(&id) else {
         return forbidden();
     };
@@ -259,6 +285,7 @@ async fn first_message_auth(s: &mut Sock) -> bool {
     loop {
         match tokio::time::timeout_at(deadline, s.ws.recv()).await {
             Ok(Some(Ok(Message::Text(t)))) => {
+                record_inbound(&s.inner, t.as_str());
                 let Ok(Value::Object(m)) = serde_json::from_str::<Value>(t.as_str()) else {
                     return false;
                 };
@@ -432,6 +459,7 @@ async fn pump(
             m = s.ws.recv() => match m {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
                 Some(Ok(Message::Text(t))) => {
+                    record_inbound(&inner, t.as_str());
                     if let Some((code, detail)) = inbound(&inner, conv, t.as_str()) {
                         let frame = error_frame(&inner, kind, &code, &detail);
                         if s.send(frame).await.is_err() {
