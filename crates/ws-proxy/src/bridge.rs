@@ -48,6 +48,9 @@ pub enum SocketKind {
     Events,
     /// `/sockets/session/{id}`.
     Session,
+    /// `/sockets/bash-events` (host-global): proxied as is, no resume position exists for it,
+    /// so a lost downstream closes the client with a retryable code.
+    BashEvents,
 }
 
 impl SocketKind {
@@ -55,6 +58,7 @@ impl SocketKind {
         match self {
             SocketKind::Events => format!("/sockets/events/{id}"),
             SocketKind::Session => format!("/sockets/session/{id}"),
+            SocketKind::BashEvents => "/sockets/bash-events".to_owned(),
         }
     }
 }
@@ -113,10 +117,12 @@ enum DialError {
     Retry(String),
 }
 
-/// The cursor of either socket kind.
+/// The cursor of a socket kind that can resume.
 enum Cursor {
     Events(EventsCursor),
     Session(SessionCursor),
+    /// No resume position: a loss ends the pair.
+    None,
 }
 
 fn close_msg(code: u16, reason: &str) -> Message {
@@ -264,6 +270,7 @@ impl Pair {
                 Cursor::Events(EventsCursor::new(history))
             }
             SocketKind::Session => Cursor::Session(SessionCursor::new(q("after_seq").and_then(|s| s.parse().ok()))),
+            SocketKind::BashEvents => Cursor::None,
         };
         Self { spec, upstream, cfg, to_client, cursor, held: VecDeque::new(), held_bytes: 0, lost_at: None, connected_once: false }
     }
@@ -276,6 +283,7 @@ impl Pair {
         let drop_keys: &[&str] = match self.spec.kind {
             SocketKind::Events => &["resend_mode", "resend_all", "after_timestamp"],
             SocketKind::Session => &["after_seq"],
+            SocketKind::BashEvents => &[],
         };
         let mut q: Vec<(String, String)> =
             self.spec.query.iter().filter(|(k, _)| !drop_keys.contains(&k.as_str())).cloned().collect();
@@ -289,6 +297,7 @@ impl Pair {
                 History::None => {}
             },
             Cursor::Session(c) => q.push(("after_seq".into(), c.resume_after_seq().to_string())),
+            Cursor::None => {}
         }
         q
     }
@@ -366,6 +375,11 @@ impl Pair {
                     match self.on_downstream(m) {
                         DownStep::Continue => Step::Continue,
                         DownStep::End => Step::End,
+                        DownStep::Lost(why) if matches!(self.cursor, Cursor::None) => {
+                            tracing::info!(conversation = %conv, "downstream socket lost ({why}); this socket cannot resume");
+                            self.close_client(1012, "downstream unavailable");
+                            Step::End
+                        }
                         DownStep::Lost(why) => {
                             tracing::info!(conversation = %conv, "downstream socket lost ({why}); resuming");
                             self.upstream.on_lost();
@@ -562,6 +576,7 @@ impl Pair {
                         let id = if matches!(f, SessionFrame::Durable { .. }) { classify::durable_event_id(&t) } else { None };
                         c.on_frame(&f, id.as_deref())
                     }
+                    Cursor::None => Verdict::Forward,
                 };
                 if verdict == Verdict::Forward && !self.to_client.send(Message::Text(t)) {
                     return DownStep::End;

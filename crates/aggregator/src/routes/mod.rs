@@ -36,6 +36,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sockets/events/{id}", get(sockets::events))
         .route("/sockets/conversation/{id}/events", get(sockets::events))
         .route("/sockets/session/{id}", get(sockets::session))
+        .route("/sockets/bash-events", get(sockets::bash_events))
         .fallback(home::fallback)
         .with_state(state)
 }

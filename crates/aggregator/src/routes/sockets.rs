@@ -40,6 +40,11 @@ pub async fn session(State(state): State<AppState>, Path(raw): Path<String>, req
     socket(state, raw, SocketKind::Session, req).await
 }
 
+/// `/sockets/bash-events`: host-global, proxied to the home downstream (no resume).
+pub async fn bash_events(State(state): State<AppState>, req: Request<Body>) -> Response {
+    socket(state, uuid::Uuid::nil().to_string(), SocketKind::BashEvents, req).await
+}
+
 async fn socket(state: AppState, raw: String, kind: SocketKind, mut req: Request<Body>) -> Response {
     if !upgrade::is_upgrade(&req) {
         return json_response(StatusCode::NOT_FOUND, &serde_json::json!({"detail": "Not Found"}));
@@ -85,10 +90,14 @@ async fn socket(state: AppState, raw: String, kind: SocketKind, mut req: Request
                 return;
             }
         };
-        let route = state.catalog.route(&id);
+        let upstream: Arc<dyn Upstream> = if kind == SocketKind::BashEvents {
+            Arc::new(HomeUpstream { state: state.clone() })
+        } else {
+            let route = state.catalog.route(&id);
+            Arc::new(ConversationUpstream { state: state.clone(), id, ds: route.map(|(ds, _)| ds) })
+        };
         // Attached sockets keep a downstream from idle stop.
-        let _attached = route.as_ref().map(|(ds, _)| ds.attach_socket());
-        let upstream = Arc::new(ConversationUpstream { state: state.clone(), id, ds: route.map(|(ds, _)| ds) });
+        let _attached = state.catalog.route(&id).map(|(ds, _)| ds.attach_socket());
         let span = tracing::info_span!("socket", conversation = %id, kind = ?kind);
         nestor_ws_proxy::bridge(client, spec, upstream, cfg).instrument(span).await;
     });
@@ -129,5 +138,18 @@ impl Upstream for ConversationUpstream {
             // whose health state still says "ready" will find out on the next probe.
             tracing::debug!(downstream = %ds.id(), "socket to downstream lost");
         }
+    }
+}
+
+/// The home downstream, for host-global sockets.
+struct HomeUpstream {
+    state: AppState,
+}
+
+#[async_trait]
+impl Upstream for HomeUpstream {
+    async fn endpoint(&self, _timeout: Duration) -> Result<Arc<Endpoint>, UpstreamError> {
+        let ds = self.state.provisioner.home().await.map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
+        ds.endpoint().ok_or_else(|| UpstreamError::Unavailable("no endpoint".into()))
     }
 }
