@@ -78,6 +78,21 @@ class Nestor:
     def log_tail(self, n: int = 8000) -> str:
         return tail(self.log_path, n)
 
+    def agent_server_pids(self, conversation_id: str) -> list[int]:
+        """Pids running in the process provisioner's directory of one conversation."""
+        if self.state_dir is None:
+            return []
+        d = str(self.state_dir / "process" / conversation_id.replace("-", ""))
+        found = []
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    if os.readlink(f"/proc/{pid}/cwd").startswith(d):
+                        found.append(int(pid))
+                except OSError:
+                    pass
+        return found
+
     def leftover_agent_servers(self) -> list[int]:
         """Pids of agent-server processes whose state lives under this nestor's state_dir."""
         if self.state_dir is None:
