@@ -101,6 +101,7 @@ impl AppState {
     pub async fn start(cfg: Config, keys: Vec<SessionKey>) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(|e| anyhow::anyhow!("cannot create state_dir {}: {e}", cfg.state_dir.display()))?;
+        crate::observability::install();
         let client = DownstreamClient::new(Duration::from_secs(5));
         let (provisioner, process): (Arc<dyn Provisioner>, Option<ProcessProvisioner>) = match cfg.provisioner.kind {
             ProvisionerKind::Existing => {
@@ -155,6 +156,7 @@ impl AppState {
                 state.fleet.learn(&state.client, &ds).await;
             }
         }
+        crate::lifecycle::spawn_idle_reaper(&state);
         tracing::info!(
             provisioner = state.provisioner.kind(),
             conversations = state.catalog.len(),

@@ -51,6 +51,14 @@ pub struct Config {
     pub catalog: CatalogSection,
     #[serde(default)]
     pub websocket: WebsocketSection,
+    #[serde(default)]
+    pub admission: crate::lifecycle::AdmissionConfig,
+    #[serde(default)]
+    pub lifecycle: crate::lifecycle::LifecycleConfig,
+    /// Who may read `GET /metrics`: `public` (default; Prometheus style, no secrets in it),
+    /// `key` (the session key, like `/api/*`) or `off`.
+    #[serde(default)]
+    pub metrics: MetricsAccess,
     pub provisioner: ProvisionerSection,
 }
 
@@ -78,6 +86,15 @@ impl Default for CatalogSection {
 
 fn default_staleness_ms() -> u64 {
     1000
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsAccess {
+    #[default]
+    Public,
+    Key,
+    Off,
 }
 
 /// `[websocket]`.
@@ -161,6 +178,9 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "log_format",
     "catalog",
     "websocket",
+    "admission",
+    "lifecycle",
+    "metrics",
     "provisioner",
 ];
 

@@ -141,6 +141,10 @@ impl Forwarded {
 /// Wait (bounded) until `ds` can take requests, starting it if its provisioner can.
 pub async fn ensure_ready(state: &AppState, ds: &Arc<Downstream>, conv: Option<ConversationId>) -> Result<Arc<Endpoint>, ApiError> {
     if ds.state() != DownstreamState::Ready || ds.endpoint().is_none() {
+        if matches!(ds.state(), DownstreamState::Stopped | DownstreamState::Failed(_)) && ds.primary().is_some() {
+            // Starting it again counts against the admission limits.
+            crate::lifecycle::admit(state)?;
+        }
         let timeout = state.ready_timeout;
         if let Err(e) = state.provisioner.ensure_ready(ds, timeout).await {
             let who = conv.map(|c| format!("conversation {c}'s agent-server")).unwrap_or_else(|| "the agent-server".into());
@@ -202,8 +206,10 @@ pub async fn forward(
     path_and_query: &str,
     opts: ForwardOpts,
 ) -> Result<Forwarded, ApiError> {
-    let ep = ensure_ready(state, ds, conv).await?;
+    // Counted in flight before waiting, so the idle reaper never stops a downstream a
+    // request is about to use.
     let _activity = ds.begin_request();
+    let ep = ensure_ready(state, ds, conv).await?;
     let req = downstream_request(&ep, &parts, path_and_query, body)?;
     let resp = match tokio::time::timeout(state.upstream_timeout, state.client.send(req)).await {
         Ok(Ok(r)) => r,

@@ -12,6 +12,8 @@ pub mod config;
 pub mod errors;
 pub mod fleet;
 pub mod forward;
+pub mod lifecycle;
+pub mod observability;
 pub mod routes;
 pub mod server;
 

@@ -17,6 +17,24 @@ struct Cli {
 enum Command {
     /// Serve the agent-server API.
     Serve(ServeArgs),
+    /// List the conversations of a running nestor with their downstream, state and age.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The running nestor (default: http://127.0.0.1:8000).
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    url: String,
+    /// Session key (default: $SESSION_API_KEY, else the key nestor generated in --state-dir).
+    #[arg(long, env = "NESTOR_STATUS_KEY")]
+    key: Option<String>,
+    /// nestor's state directory, to find a generated key.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Print the raw JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -59,6 +77,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Status(args) => status(args),
     };
     if let Err(e) = result {
         // One clear line for the operator (no backtrace: these are expected failures).
@@ -95,4 +114,54 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(%bind, "listening");
         server::serve(state, listener).await
     })
+}
+
+fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let key = args
+        .key
+        .or_else(|| std::env::var("SESSION_API_KEY").ok().filter(|k| !k.is_empty()))
+        .or_else(|| {
+            let dir = args.state_dir.clone().unwrap_or_else(nestor_aggregator::config::default_state_dir);
+            std::fs::read_to_string(dir.join("session_api_key")).ok().map(|s| s.trim().to_owned())
+        });
+    let ep = nestor_core::Endpoint::parse(&args.url, key.map(nestor_core::SessionKey::new))?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let v: serde_json::Value = rt.block_on(async {
+        nestor_core::DownstreamClient::default()
+            .get_json(&ep, "/nestor/status", std::time::Duration::from_secs(10))
+            .await
+    }).map_err(|e| anyhow::anyhow!("{} ({})", e, args.url))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "nestor {} · provisioner {} · up {}s",
+        v["nestor_version"].as_str().unwrap_or("?"),
+        v["provisioner"].as_str().unwrap_or("?"),
+        v["uptime_seconds"]
+    );
+    println!("{:<36}  {:<44}  {:<8}  {:<10}  {:>8}  TITLE", "CONVERSATION", "DOWNSTREAM", "STATE", "STATUS", "AGE");
+    for c in v["conversations"].as_array().into_iter().flatten() {
+        let age = c["age_seconds"].as_i64().map(human_age).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<36}  {:<44}  {:<8}  {:<10}  {:>8}  {}",
+            c["id"].as_str().unwrap_or(""),
+            c["downstream"].as_str().unwrap_or(""),
+            c["state"].as_str().unwrap_or(""),
+            c["execution_status"].as_str().unwrap_or("-"),
+            age,
+            c["title"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+fn human_age(s: i64) -> String {
+    match s {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
 }

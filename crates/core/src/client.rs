@@ -85,10 +85,31 @@ fn describe(err: &hyper_util::client::legacy::Error) -> String {
     }
 }
 
+/// An [`HttpConnector`] that counts the connections it opens
+/// (`nestor_upstream_connections_opened_total`): against the request count this gives the
+/// upstream connection reuse ratio.
+#[derive(Clone)]
+pub struct CountingConnector(HttpConnector);
+
+impl tower_service::Service<http::Uri> for CountingConnector {
+    type Response = <HttpConnector as tower_service::Service<http::Uri>>::Response;
+    type Error = <HttpConnector as tower_service::Service<http::Uri>>::Error;
+    type Future = <HttpConnector as tower_service::Service<http::Uri>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        metrics::counter!("nestor_upstream_connections_opened_total").increment(1);
+        self.0.call(uri)
+    }
+}
+
 /// The shared downstream client.
 #[derive(Clone)]
 pub struct DownstreamClient {
-    inner: Client<HttpConnector, ProxyBody>,
+    inner: Client<CountingConnector, ProxyBody>,
 }
 
 impl std::fmt::Debug for DownstreamClient {
@@ -113,12 +134,13 @@ impl DownstreamClient {
         let inner = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(50))
             .pool_max_idle_per_host(1024)
-            .build(connector);
+            .build(CountingConnector(connector));
         Self { inner }
     }
 
     /// Send a request as is (the caller set URI, key header and body).
     pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ClientError> {
+        metrics::counter!("nestor_upstream_requests_total").increment(1);
         self.inner.request(req).await.map_err(|e| ClientError::Connect(describe(&e)))
     }
 

@@ -204,12 +204,17 @@ pub async fn create(State(state): State<AppState>, req: Request<Body>) -> HttpRe
         if let Ok(ds) = route(&state, &id, &user, "") {
             return forward_create(&state, &ds, id, &user, parts, obj, false).await;
         }
+        crate::lifecycle::admit(&state)?;
+        let started = std::time::Instant::now();
         let ds = state
             .provisioner
             .provision(ProvisionRequest { conversation: id, owner: user.clone() })
             .await
             .map_err(|e| provision_error(e, &format!("conversation {id}'s agent-server")))?;
-        forward_create(&state, &ds, id, &user, parts, obj, true).await
+        let r = forward_create(&state, &ds, id, &user, parts, obj, true).await;
+        metrics::histogram!("nestor_provision_seconds", "provisioner" => state.provisioner.kind())
+            .record(started.elapsed().as_secs_f64());
+        r
     }
     .await;
     drop(_guard);

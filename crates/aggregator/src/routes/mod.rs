@@ -13,14 +13,22 @@ pub mod conversations;
 pub mod health;
 pub mod home;
 pub mod sockets;
+pub mod status;
 
 use axum::routing::{any, get};
 use axum::Router;
 
+use crate::config::MetricsAccess;
+
 use crate::app::AppState;
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let metrics = state.cfg.metrics;
+    let mut r = Router::new();
+    if metrics != MetricsAccess::Off {
+        r = r.route("/metrics", get(status::metrics));
+    }
+    r
         .route("/alive", get(health::alive))
         .route("/health", get(health::alive))
         .route("/ready", get(health::ready))
@@ -37,6 +45,8 @@ pub fn router(state: AppState) -> Router {
         .route("/sockets/conversation/{id}/events", get(sockets::events))
         .route("/sockets/session/{id}", get(sockets::session))
         .route("/sockets/bash-events", get(sockets::bash_events))
+        .route("/nestor/status", get(status::status))
         .fallback(home::fallback)
+        .layer(axum::middleware::from_fn(crate::observability::track))
         .with_state(state)
 }

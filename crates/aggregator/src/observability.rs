@@ -1,0 +1,158 @@
+//! Metrics (Prometheus text at `GET /metrics`) and per-request tracing spans.
+//!
+//! What is measured, and where:
+//! * `nestor_http_requests_total{class,method,status}` and
+//!   `nestor_http_request_duration_seconds{class}`: every request, by route class (the
+//!   matched route, mapped to `health`, `create`, `catalog`, `conversation`, `socket`,
+//!   `home`, `v1`, `metrics`, `other`); here.
+//! * `nestor_upstream_requests_total`, `nestor_upstream_connections_opened_total`: the
+//!   downstream client (connection reuse = 1 − opened / requests); nestor-core.
+//! * `nestor_ws_pairs`, `nestor_ws_downstream_lost_total`, `nestor_ws_resumed_total`,
+//!   `nestor_ws_resume_seconds`, `nestor_ws_slow_consumers_total`: the WebSocket proxy.
+//! * `nestor_downstreams{provisioner,state}`, `nestor_conversations`: sampled at scrape time.
+//! * `nestor_provision_seconds{provisioner}`, `nestor_admission_rejections_total{reason}`:
+//!   provisioning and admission.
+//!
+//! Labels never carry conversation ids (unbounded cardinality); spans and logs do.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use http::{header, HeaderValue, Request, StatusCode};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing::Instrument;
+
+use crate::app::AppState;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Install the process-wide recorder once (several nestors in one test process share it).
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let latency = &[
+                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), latency)
+                .expect("buckets are valid")
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::debug!("a metrics recorder was already installed");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// The route class of a matched route template (or of an unmatched path).
+pub fn route_class(matched: Option<&str>, path: &str) -> &'static str {
+    match matched {
+        Some("/alive" | "/health" | "/ready" | "/server_info" | "/" | "/openapi.json") => "health",
+        Some("/metrics") => "metrics",
+        Some("/api/conversations/search" | "/api/conversations/count") => "catalog",
+        Some("/api/conversations") => "create_or_batch",
+        Some(p) if p.starts_with("/sockets/") => "socket",
+        Some(p) if p.starts_with("/api/conversations/{id}") || p.starts_with("/api/file/download-trajectory") => {
+            "conversation"
+        }
+        Some(_) => "other",
+        None if path.starts_with("/v1/") => "v1",
+        None if path.starts_with("/api/") || path.starts_with("/app-backends/") => "home",
+        None => "other",
+    }
+}
+
+/// Middleware: one span per request (with the conversation id when the path has one),
+/// request counter and latency histogram by route class.
+pub async fn track(req: Request<Body>, next: Next) -> Response {
+    let started = Instant::now();
+    let matched = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned());
+    let class = route_class(matched.as_deref(), req.uri().path());
+    let method = req.method().clone();
+    let conversation = conversation_in_path(req.uri().path()).unwrap_or("");
+    let span = tracing::info_span!("request", %method, class, conversation);
+    let resp = next.run(req).instrument(span).await;
+    let status = resp.status();
+    let status_class = match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!("nestor_http_requests_total", "class" => class, "method" => method_label(&method), "status" => status_class)
+        .increment(1);
+    metrics::histogram!("nestor_http_request_duration_seconds", "class" => class).record(started.elapsed().as_secs_f64());
+    resp
+}
+
+fn method_label(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::PATCH => "PATCH",
+        http::Method::DELETE => "DELETE",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// The conversation id segment of a path, if it has one (not validated: for spans only).
+fn conversation_in_path(path: &str) -> Option<&str> {
+    let rest = path
+        .strip_prefix("/api/conversations/")
+        .or_else(|| path.strip_prefix("/sockets/events/"))
+        .or_else(|| path.strip_prefix("/sockets/session/"))
+        .or_else(|| path.strip_prefix("/sockets/conversation/"))
+        .or_else(|| path.strip_prefix("/api/file/download-trajectory/"))?;
+    let seg = rest.split('/').next()?;
+    (seg.len() >= 32 && seg.len() <= 45).then_some(seg)
+}
+
+/// `GET /metrics`.
+pub async fn metrics_handler(State(state): State<AppState>) -> Response {
+    // Gauges sampled now: downstreams by provisioner and state, conversations.
+    let mut by_state: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for s in ["starting", "running", "stopped", "error", "released"] {
+        by_state.insert(s, 0);
+    }
+    for ds in state.provisioner.list() {
+        *by_state.entry(ds.state().as_str()).or_default() += 1;
+    }
+    let kind = state.provisioner.kind();
+    for (s, n) in by_state {
+        metrics::gauge!("nestor_downstreams", "provisioner" => kind, "state" => s).set(n as f64);
+    }
+    metrics::gauge!("nestor_conversations").set(state.catalog.len() as f64);
+    let body = install().render();
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = StatusCode::OK;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes() {
+        assert_eq!(route_class(Some("/api/conversations/{id}/{*rest}"), "/x"), "conversation");
+        assert_eq!(route_class(Some("/sockets/events/{id}"), "/x"), "socket");
+        assert_eq!(route_class(None, "/api/settings"), "home");
+        assert_eq!(route_class(None, "/v1/models"), "v1");
+        assert_eq!(route_class(None, "/nope"), "other");
+        assert_eq!(conversation_in_path("/api/conversations/0a8b12be-0792-4413-8dd9-066610cb0473/events"), Some("0a8b12be-0792-4413-8dd9-066610cb0473"));
+        assert_eq!(conversation_in_path("/api/conversations/search"), None);
+    }
+}
