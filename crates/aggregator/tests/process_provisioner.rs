@@ -167,3 +167,48 @@ async fn half_created_directories_are_removed_at_start() {
     assert!(!d.exists(), "half-created directory removed");
     n.stop().await;
 }
+
+#[tokio::test]
+async fn admission_limits_answer_429_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = config(&dir, &fake_bin(), "").replace("[provisioner]", "[admission]\nmax_running = 2\n[provisioner]");
+    let n = start_with_toml(dir, &toml).await;
+    create(&n).await;
+    create(&n).await;
+    let r = n.post("/api/conversations").json(&create_body(None)).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let v: Value = r.json().await.unwrap();
+    assert!(v["detail"].as_str().unwrap().contains("limit 2"), "{v}");
+    let metrics = n.client().get(format!("{}/metrics", n.url)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("nestor_admission_rejections_total{reason=\"max_running\"}"), "{metrics}");
+    n.stop().await;
+}
+
+#[tokio::test]
+async fn idle_downstreams_are_stopped_and_resume_on_the_next_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = config(&dir, &fake_bin(), "").replace("[provisioner]", "[lifecycle]\nidle_stop_secs = 1.0\n[provisioner]");
+    let state = dir.path().join("state");
+    let n = start_with_toml(dir, &toml).await;
+    let id = create(&n).await;
+    assert_eq!(pids_under(&state.join("process")).len(), 1);
+    // Nothing attached, nothing in flight, not running: stopped within a few reaper ticks.
+    let mut stopped = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if pids_under(&state.join("process")).is_empty() {
+            stopped = true;
+            break;
+        }
+    }
+    assert!(stopped, "idle downstream stopped");
+    let rt: Value = n.get(&format!("/api/conversations/{id}/runtime")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(rt["runtime_status"], "missing");
+    // The next request waits for it to start again and succeeds (the fake keeps no state
+    // across processes, so the conversation itself is gone: 404 from the downstream).
+    let r = n.get(&format!("/api/conversations/{id}/events/search")).send().await.unwrap();
+    assert!(r.status() == 200 || r.status() == 404, "{}", r.status());
+    assert_eq!(pids_under(&state.join("process")).len(), 1, "started again on demand");
+    n.stop().await;
+}

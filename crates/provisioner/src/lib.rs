@@ -3,7 +3,8 @@
 //! nestor never runs a conversation itself; each one lives on a downstream agent-server. A
 //! [`Provisioner`] decides which downstream that is — a subprocess it starts
 //! ([`process::ProcessProvisioner`]), one of a fixed set of remote servers
-//! ([`existing::ExistingProvisioner`]), and later a container, a pod or a pre-warmed server.
+//! ([`existing::ExistingProvisioner`]), a container per conversation
+//! ([`docker::DockerProvisioner`]), and later a pod or a pre-warmed server.
 //! Everything above this trait (routing, the catalog, the WebSocket proxy) only sees
 //! [`Downstream`]s, so adding a backend touches nothing else.
 //!
@@ -17,6 +18,7 @@
 //!   per-conversation backend stops and removes its downstream when none remain.
 //! * [`Provisioner::shutdown`] drains on nestor's exit.
 
+pub mod docker;
 pub mod existing;
 pub mod process;
 mod util;
@@ -99,6 +101,10 @@ pub trait Provisioner: Send + Sync + 'static {
     /// A downstream for host-global operations that name no conversation (settings, skills,
     /// host-wide bash, …), started if need be.
     async fn home(&self) -> Result<Arc<Downstream>, ProvisionError>;
+
+    /// The create of a conversation provisioned on `ds` succeeded: what was provisioned for
+    /// it is no longer "half-created" (which restart recovery and sweeps may remove).
+    fn mark_active(&self, _ds: &Downstream) {}
 
     /// Adjust a create body for this downstream before it is forwarded (e.g. point the
     /// workspace at the conversation's own directory).

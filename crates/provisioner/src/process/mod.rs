@@ -420,6 +420,11 @@ impl Inner {
             (m.pid, m.pid_start)
         };
         p.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // Stopped first: a request arriving now waits for a restart instead of reaching a
+        // process that is going away.
+        if p.ds.state() == DownstreamState::Ready {
+            p.ds.set_state(DownstreamState::Stopped);
+        }
         if let Some(pid) = pid {
             if proc_info::is_same_process(pid, start) {
                 kill_group(Some(pid), nix::sys::signal::Signal::SIGTERM);
@@ -690,6 +695,10 @@ impl Provisioner for ProcessProvisioner {
         inner.procs.remove(ds.id());
         tracing::info!(conversation = %conversation, "released agent-server process");
         Ok(())
+    }
+
+    fn mark_active(&self, ds: &Downstream) {
+        self.0.mark_active(ds)
     }
 
     fn prepare_create(&self, ds: &Downstream, body: &mut serde_json::Map<String, serde_json::Value>) {
