@@ -264,7 +264,7 @@ async fn provision_stop_restart_recreate_release() {
 
         // A conversation, created in the container's workspace.
         let (status, created) = call(&ds, Method::POST, "/api/conversations", Some(create_body(&p, &ds, conv))).await;
-        assert_eq!(status, 200, "{created}");
+        assert!((200..300).contains(&status), "{status}: {created}");
         assert_eq!(created["workspace"]["working_dir"], "/workspace/project");
         p.mark_active(&ds);
 

@@ -506,7 +506,7 @@ impl Inner {
                 }
             }
             // Every ~0.5 s (and while it has no address yet): is it still running?
-            if round % 5 == 0 || c.ds.endpoint().is_none() {
+            if round.checked_rem(5) == Some(0) || c.ds.endpoint().is_none() {
                 match self.engine.inspect_container(&c.name).await {
                     Ok(i) if !is_running(&i) => {
                         let st = i.state.as_ref();
@@ -582,12 +582,14 @@ impl Inner {
     async fn stop_ctr(&self, c: &Ctr) -> Result<(), ProvisionError> {
         c.expect_exit.store(true, Ordering::SeqCst);
         c.bump();
-        if let Err(e) = self.engine.stop_container(&c.name, self.s.stop_timeout).await {
-            c.expect_exit.store(false, Ordering::SeqCst);
-            return Err(self.engine_err(e));
-        }
+        // Stopped first: a request arriving now waits (on the lifecycle lock) for a restart
+        // instead of reaching a server that is going away. Should the engine fail to stop
+        // it, the next start finds it running and simply uses it.
         c.ds.set_endpoint(None);
         c.ds.set_state(DownstreamState::Stopped);
+        if let Err(e) = self.engine.stop_container(&c.name, self.s.stop_timeout).await {
+            return Err(self.engine_err(e));
+        }
         tracing::info!(downstream = %c.ds.id(), "agent-server container stopped");
         Ok(())
     }
