@@ -12,6 +12,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use nestor_conversation_service::{Catalog, CatalogConfig};
 use nestor_core::{ConversationId, DownstreamClient, SessionKey};
+use nestor_provisioner::docker::DockerProvisioner;
 use nestor_provisioner::existing::ExistingProvisioner;
 use nestor_provisioner::process::ProcessProvisioner;
 use nestor_provisioner::Provisioner;
@@ -103,6 +104,7 @@ impl AppState {
             .map_err(|e| anyhow::anyhow!("cannot create state_dir {}: {e}", cfg.state_dir.display()))?;
         crate::observability::install();
         let client = DownstreamClient::new(Duration::from_secs(5));
+        let mut docker = None;
         let (provisioner, process): (Arc<dyn Provisioner>, Option<ProcessProvisioner>) = match cfg.provisioner.kind {
             ProvisionerKind::Existing => {
                 let p = ExistingProvisioner::new(&cfg.provisioner.existing, client.clone())?;
@@ -118,6 +120,11 @@ impl AppState {
                 )?;
                 (Arc::new(p.clone()), Some(p))
             }
+            ProvisionerKind::Docker => {
+                let p = DockerProvisioner::new(&cfg.provisioner.docker, cfg.state_dir.join("docker"), client.clone())?;
+                docker = Some(p.clone());
+                (Arc::new(p), None)
+            }
         };
         let downstreams = provisioner.recover().await?;
         let catalog_cfg = CatalogConfig {
@@ -129,6 +136,11 @@ impl AppState {
         let catalog = Arc::new(catalog);
         // Adopt what running downstreams hold (bounded: the catalog's refresh timeout).
         catalog.refresh_stale(downstreams.clone()).await;
+        if let Some(d) = &docker {
+            // Removes orphaned and half-created containers; the catalog says what exists.
+            let c = catalog.clone();
+            d.spawn_sweeper(move |id| c.get(id).is_some());
+        }
         let fleet = Fleet::open(cfg.state_dir.join("server_info.json"));
         let ws = Arc::new(nestor_ws_proxy::ProxyConfig {
             ready_timeout: Duration::from_secs_f64(cfg.ready_timeout_secs),

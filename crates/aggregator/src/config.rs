@@ -5,12 +5,14 @@
 //! session_api_keys = ["secret"]        # none: no auth, and only a loopback bind is allowed
 //! state_dir = "/var/lib/nestor"
 //! [provisioner]
-//! kind = "existing"                    # "process" (default) | "existing"
+//! kind = "existing"                    # "process" (default) | "existing" | "docker"
 //! [[provisioner.existing.servers]]
 //! url = "http://127.0.0.1:9101"
 //! api_key = "k1"
 //! [provisioner.process]
 //! agent_server = "/path/to/bin/agent-server"
+//! [provisioner.docker]                 # see nestor_provisioner::docker for every setting
+//! image = "nestor/agent-server:1.58.2"
 //! ```
 //!
 //! Environment: every key as `NESTOR_<KEY>` (nested keys joined by `__`, e.g.
@@ -24,6 +26,7 @@ use std::path::PathBuf;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use nestor_core::SessionKey;
+use nestor_provisioner::docker::DockerConfig;
 use nestor_provisioner::existing::ExistingConfig;
 use nestor_provisioner::process::ProcessConfig;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -129,6 +132,7 @@ fn default_max_pending() -> usize {
 pub enum ProvisionerKind {
     Process,
     Existing,
+    Docker,
 }
 
 impl std::str::FromStr for ProvisionerKind {
@@ -137,7 +141,8 @@ impl std::str::FromStr for ProvisionerKind {
         match s {
             "process" => Ok(Self::Process),
             "existing" => Ok(Self::Existing),
-            other => Err(format!("unknown provisioner kind {other:?} (expected \"process\" or \"existing\")")),
+            "docker" => Ok(Self::Docker),
+            other => Err(format!("unknown provisioner kind {other:?} (expected \"process\", \"existing\" or \"docker\")")),
         }
     }
 }
@@ -150,6 +155,8 @@ pub struct ProvisionerSection {
     pub existing: ExistingConfig,
     #[serde(default)]
     pub process: ProcessConfig,
+    #[serde(default)]
+    pub docker: DockerConfig,
 }
 
 /// `session_api_keys` as a list, or one comma-separated string (handy in an environment).
@@ -353,6 +360,27 @@ agent_server = "/path/to/bin/agent-server"
             assert_eq!(c.provisioner.existing.servers[0].url, "http://127.0.0.1:9101");
             assert_eq!(c.provisioner.existing.servers[0].api_key, Some(SessionKey::new("k1")));
             assert_eq!(c.provisioner.process.agent_server, Some(PathBuf::from("/path/to/bin/agent-server")));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn docker_section_and_kind() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file(
+                "d.toml",
+                "[provisioner]\nkind = \"docker\"\n[provisioner.docker]\nimage = \"nestor/agent-server:1.58.2\"\nmemory = \"2g\"\ncpus = 1.5\n[provisioner.docker.env]\nLLM_MODEL = \"x\"\n",
+            )?;
+            jail.set_env("NESTOR_PROVISIONER__DOCKER__PIDS_LIMIT", "256");
+            let c = Config::load(Some(&jail.directory().join("d.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.provisioner.kind, ProvisionerKind::Docker);
+            let d = &c.provisioner.docker;
+            assert_eq!(d.image.as_deref(), Some("nestor/agent-server:1.58.2"));
+            assert_eq!(d.pids_limit, Some(256));
+            let s = d.validate(None).unwrap();
+            assert_eq!((s.memory, s.nano_cpus), (Some(2 << 30), Some(1_500_000_000)));
+            assert_eq!("docker".parse::<ProvisionerKind>(), Ok(ProvisionerKind::Docker));
             Ok(())
         });
     }

@@ -48,7 +48,7 @@ struct ServeArgs {
     /// A client session key (repeat for several).
     #[arg(long = "session-api-key")]
     session_api_keys: Vec<String>,
-    /// Provisioner kind: process or existing.
+    /// Provisioner kind: process, existing or docker.
     #[arg(long)]
     provisioner: Option<ProvisionerKind>,
     /// nestor's state directory.

@@ -280,9 +280,7 @@ async fn forward_create(
         match serde_json::from_slice::<Value>(&body) {
             Ok(info) => {
                 state.catalog.register(id, ds, user.clone(), info).await;
-                if let Some(p) = &state.process {
-                    p.mark_active(ds);
-                }
+                state.provisioner.mark_active(ds);
                 if !state.fleet.knows(ds.id()) {
                     state.fleet.learn(&state.client, ds).await;
                 }
