@@ -5,6 +5,7 @@
 #
 # Environment:
 #   NESTOR_E2E_TARGET         direct (default: a real agent-server, no nestor) | nestor-existing | nestor-process
+#                             | nestor-docker (needs the engine and NESTOR_TEST_AGENT_SERVER_IMAGE, see scripts/test.sh)
 #   NESTOR_BIN                nestor binary for NESTOR_E2E_TARGET=nestor-process
 #   NESTOR_E2E_URL / NESTOR_E2E_API_KEY   for NESTOR_E2E_TARGET=nestor-existing
 #   NESTOR_E2E_TOTAL_TIMEOUT  bound on the pytest run in seconds (default 900); on expiry pytest

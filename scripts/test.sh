@@ -7,23 +7,37 @@
 #
 # Stages:
 #   setup          Debian packages, the real agent-server venv (cached by version)
+#   docker         the Docker engine (scripts/setup-docker.sh) and the agent-server image, built
+#                  without a registry (scripts/build-agent-server-image.sh, cached); with it the
+#                  unit stage runs the docker provisioner's tests against the real engine and image
 #   unit           cargo tests of every crate: unit, property and fake-downstream integration tests
 #   e2e-process    real agent-server + real Python SDK through nestor, process provisioner
 #   e2e-existing   the same through nestor on the existing provisioner over two real agent-servers
+#   e2e-docker     the same through nestor on the docker provisioner (a container per conversation)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-STAGES="${NESTOR_TEST_STAGES:-setup unit e2e-process e2e-existing}"
+STAGES="${NESTOR_TEST_STAGES:-setup docker unit e2e-process e2e-existing e2e-docker}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 stage() { echo; echo "=== test.sh: $1 ($(date -u +%H:%M:%S))" >&2; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 started=$(date +%s)
 
-if has setup || has e2e-process || has e2e-existing; then
+if has setup || has e2e-process || has e2e-existing || has e2e-docker; then
   stage setup
   bash scripts/setup-system.sh tmux
   timeout 1200 bash scripts/setup-agent-server.sh >/dev/null
+fi
+
+if has docker || has e2e-docker; then
+  stage docker
+  DOCKER_HOST="$(timeout 600 bash scripts/setup-docker.sh)"
+  export DOCKER_HOST
+  NESTOR_TEST_AGENT_SERVER_IMAGE="$(timeout 2400 bash scripts/build-agent-server-image.sh)"
+  export NESTOR_TEST_AGENT_SERVER_IMAGE
+  # From here on a missing engine or image fails the docker tests instead of skipping them.
+  export NESTOR_TEST_REQUIRE_DOCKER=1
 fi
 
 if has unit; then
@@ -35,11 +49,11 @@ if has unit; then
   fi
 fi
 
-if has e2e-process || has e2e-existing; then
+if has e2e-process || has e2e-existing || has e2e-docker; then
   timeout 1800 cargo build --locked -q -p nestor-aggregator
   export NESTOR_BIN="$ROOT/target/debug/nestor"
 fi
-for t in process existing; do
+for t in process existing docker; do
   if has "e2e-$t"; then
     stage "e2e-$t"
     NESTOR_E2E_TARGET="nestor-$t" NESTOR_E2E_TOTAL_TIMEOUT=900 bash scripts/run-e2e.sh -q

@@ -4,7 +4,8 @@
   (``direct`` = a real agent-server; see harness/targets.py). Unpacks as
   ``base_url, api_key``; also has ``working_dir_for(label)`` and ``llm_url_for(url)``.
 * ``fresh_server_under_test`` (function): a private target for destructive tests.
-* ``fake_llm`` (function): a fresh scripted fake LLM on 127.0.0.1 (see fake_llm.py).
+* ``fake_llm`` (function): a fresh scripted fake LLM on 127.0.0.1 (and on the target's
+  ``llm_listen_hosts``, e.g. the Docker bridge gateway; see fake_llm.py).
 * ``agent_server_factory`` (function): start extra real agent-servers (stopped at teardown).
 * ``rest`` (function): an ``httpx.Client`` for the target with the session key.
 """
@@ -58,8 +59,13 @@ def fresh_server_under_test(tmp_path_factory) -> Iterator[Target]:
 
 
 @pytest.fixture
-def fake_llm() -> Iterator[FakeLLM]:
-    fake = FakeLLM().start()
+def fake_llm(request) -> Iterator[FakeLLM]:
+    # Also listen where the target's agent-servers reach the host (containers: the bridge).
+    extra: list[str] = []
+    for name in ("server_under_test", "fresh_server_under_test"):
+        if name in request.fixturenames:
+            extra = list(request.getfixturevalue(name).llm_listen_hosts)
+    fake = FakeLLM(extra_hosts=extra).start()
     try:
         yield fake
     finally:

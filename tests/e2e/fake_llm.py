@@ -146,18 +146,33 @@ class RecordedRequest:
 
 
 class FakeLLM:
-    """Runs the fake LLM HTTP server in a background thread on 127.0.0.1."""
+    """Runs the fake LLM HTTP server in a background thread on 127.0.0.1.
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, step_delay: float = 0.0):
+    ``extra_hosts``: further local addresses to listen on, same port (e.g. the Docker bridge
+    gateway, so agent-servers in containers reach it as ``host.docker.internal``); never a
+    wildcard address, so the fake LLM stays reachable from this machine only.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, step_delay: float = 0.0,
+                 extra_hosts: "list[str] | tuple[str, ...]" = ()):
         self.step_delay = step_delay
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
         self._released = threading.Event()
         self._released.set()
         self._held = 0
-        self._server = ThreadingHTTPServer((host, port), self._make_handler())
+        handler = self._make_handler()
+        self._server = ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
+        self._extra = []
+        for h in extra_hosts:
+            if h in ("0.0.0.0", "::", ""):
+                raise ValueError("the fake LLM does not listen on a wildcard address")
+            x = ThreadingHTTPServer((h, self.port), handler)
+            x.daemon_threads = True
+            self._extra.append(x)
         self._thread: threading.Thread | None = None
+        self._extra_threads: list[threading.Thread] = []
 
     # -- lifecycle -------------------------------------------------------------------
     @property
@@ -172,14 +187,20 @@ class FakeLLM:
     def start(self) -> "FakeLLM":
         self._thread = threading.Thread(target=self._server.serve_forever, name="fake-llm", daemon=True)
         self._thread.start()
+        for x in self._extra:
+            t = threading.Thread(target=x.serve_forever, name="fake-llm-extra", daemon=True)
+            t.start()
+            self._extra_threads.append(t)
         return self
 
     def stop(self) -> None:
         self._released.set()
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread:
-            self._thread.join(timeout=5)
+        for srv in [self._server, *self._extra]:
+            srv.shutdown()
+            srv.server_close()
+        for t in [self._thread, *self._extra_threads]:
+            if t:
+                t.join(timeout=5)
 
     def __enter__(self) -> "FakeLLM":
         return self.start()

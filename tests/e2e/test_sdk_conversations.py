@@ -125,19 +125,19 @@ def test_three_concurrent_sdk_conversations(server_under_test, fake_llm, llm_url
     start_closing(convs.values())  # not joined: see start_closing
 
     # 4. delete each; afterwards GET is 404, a second DELETE is 404, search no longer lists it
+    own_running = server_under_test.own_downstream_running
     for n in convs:
-        nestor = server_under_test.nestor
-        if nestor is not None and not server_under_test.keeps_working_dir:
-            # process provisioner: the conversation has its own agent-server process
-            assert nestor.agent_server_pids(ids[n]), f"no agent-server process for {ids[n]}"
+        if own_running is not None:
+            # process / docker provisioner: the conversation has its own agent-server
+            assert own_running(ids[n]), f"no agent-server of its own for {ids[n]}"
         r = R.delete_conversation(rest, ids[n])
         assert r.status_code == 200, (r.status_code, r.text)
         assert r.json().get("success") is True
         assert R.get_conversation(rest, ids[n]).status_code == 404
         assert R.delete_conversation(rest, ids[n]).status_code == 404
         assert rest.get(f"/api/conversations/{ids[n]}/events/search").status_code == 404
-        if nestor is not None and not server_under_test.keeps_working_dir:
-            assert not nestor.agent_server_pids(ids[n]), f"agent-server of {ids[n]} still running after delete"
+        if own_running is not None:
+            assert not own_running(ids[n]), f"agent-server of {ids[n]} still running after delete"
     items, _ = R.search_conversations_all_pages(rest, limit=1)
     assert not (set(ids.values()) & {i["id"] for i in items})
     batch = rest.get("/api/conversations", params=[("ids", i) for i in ids.values()])

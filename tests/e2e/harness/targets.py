@@ -10,6 +10,9 @@ Chosen by ``NESTOR_E2E_TARGET`` (default ``direct``). A target is a context mana
   on the ``process`` provisioner: every conversation gets its own agent-server subprocess.
 * ``nestor-existing``: two real agent-servers started here, and nestor on the ``existing``
   provisioner in front of them.
+* ``nestor-docker``: nestor on the ``docker`` provisioner: every conversation gets its own
+  agent-server container (image ``$NESTOR_TEST_AGENT_SERVER_IMAGE``); the fake LLM is reached
+  through the Docker bridge (``host.docker.internal``).
 * ``nestor-url``: an already running nestor at ``NESTOR_E2E_URL`` with key
   ``NESTOR_E2E_API_KEY``; working dirs from ``NESTOR_E2E_WORKING_DIR`` (a template with
   ``{label}``, default ``/workspace/e2e-{label}``).
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import subprocess
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +55,12 @@ class Target:
     keeps_working_dir: bool = True
     # The nestor process behind the target, if any (for restart tests).
     nestor: Any = None
+    # Local addresses (besides 127.0.0.1) the fake LLM must listen on for the downstreams to
+    # reach it (containers: the Docker bridge gateway).
+    llm_listen_hosts: list[str] = field(default_factory=list)
+    # For targets that give each conversation its own agent-server: is the one of this
+    # conversation id running? (None: conversations share servers.)
+    own_downstream_running: Callable[[str], bool] | None = None
 
     def __iter__(self):  # allows ``base_url, api_key = server_under_test``
         yield self.base_url
@@ -119,6 +129,7 @@ agent_server = "{agent_server_bin()}"
             working_dir_for=lambda label: f"/workspace/e2e-{ctx.run_id}-{label}",
             keeps_working_dir=False,
             nestor=n,
+            own_downstream_running=lambda cid: bool(n.agent_server_pids(cid)),
         )
     finally:
         n.stop()
@@ -174,8 +185,85 @@ health_interval_secs = 1.0
             s.cleanup()
 
 
+def _docker(*args: str, timeout: float = 60) -> str:
+    r = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"docker {' '.join(args)} failed: {r.stderr.strip()}")
+    return r.stdout.strip()
+
+
+def docker_bridge_gateway() -> str:
+    """The default bridge's gateway: the host as containers see it (host.docker.internal)."""
+    gw = _docker("network", "inspect", "bridge", "--format", "{{range .IPAM.Config}}{{.Gateway}} {{end}}").split()
+    if not gw:
+        raise RuntimeError("the Docker default bridge has no gateway address")
+    return gw[0]
+
+
+def docker_cleanup(instance: str) -> None:
+    """Remove every container and volume labelled with nestor instance ``instance``."""
+    label = f"label=org.nestor.instance={instance}"
+    ids = _docker("ps", "-aq", "--filter", label).split()
+    if ids:
+        _docker("rm", "-f", *ids, timeout=120)
+    vols = _docker("volume", "ls", "-q", "--filter", label).split()
+    if vols:
+        _docker("volume", "rm", "-f", *vols, timeout=120)
+
+
+@contextlib.contextmanager
+def nestor_docker_target(ctx: TargetContext) -> Iterator[Target]:
+    """nestor on the docker provisioner: one agent-server container per conversation, from
+    ``$NESTOR_TEST_AGENT_SERVER_IMAGE`` (default ``nestor/agent-server:1.58.2``; built by
+    scripts/build-agent-server-image.sh). The fake LLM listens on the bridge gateway too and
+    containers reach it as ``host.docker.internal``. Everything labelled with this run's
+    instance id is removed afterwards."""
+    image = os.environ.get("NESTOR_TEST_AGENT_SERVER_IMAGE") or "nestor/agent-server:1.58.2"
+    _docker("image", "inspect", "--format", "{{.Id}}", image)  # fails clearly when absent
+    gateway = docker_bridge_gateway()
+    instance = f"e2e-{ctx.run_id}"
+    api_key = "e2e-" + secrets.token_hex(8)
+    config = f"""
+session_api_keys = ["{api_key}"]
+state_dir = "{ctx.tmp_dir / 'nestor-state'}"
+[provisioner]
+kind = "docker"
+[provisioner.docker]
+image = "{image}"
+instance_id = "{instance}"
+"""
+    n = Nestor(ctx.tmp_dir / "nestor", config)
+
+    def running(cid: str) -> bool:
+        out = _docker("ps", "-q", "--filter", f"label=org.nestor.instance={instance}",
+                      "--filter", f"label=org.nestor.conversation={cid}")
+        return bool(out)
+
+    try:
+        n.start()
+        yield Target(
+            name="nestor-docker",
+            base_url=n.base_url,
+            api_key=api_key,
+            working_dir_for=lambda label: f"/workspace/e2e-{ctx.run_id}-{label}",
+            llm_url_for=lambda url: url.replace("//127.0.0.1:", "//host.docker.internal:").replace(
+                "//localhost:", "//host.docker.internal:"),
+            llm_listen_hosts=[gateway],
+            keeps_working_dir=False,
+            nestor=n,
+            own_downstream_running=running,
+            extra={"instance": instance, "image": image},
+        )
+    finally:
+        try:
+            n.stop()
+        finally:
+            docker_cleanup(instance)
+
+
 TARGETS: dict[str, Callable[[TargetContext], contextlib.AbstractContextManager[Target]]] = {
     "direct": direct_target,
+    "nestor-docker": nestor_docker_target,
     "nestor-existing": nestor_existing_target,
     "nestor-process": nestor_process_target,
     "nestor-url": nestor_url_target,
