@@ -207,7 +207,7 @@ where
             loop {
                 match client.next().await {
                     Some(Ok(Message::Text(t))) => {
-                        return matches!(classify::client_auth_frame(&t), Some(Some(k)) if check(&k));
+                        return classify::first_frame_auth_key(&t).is_some_and(|k| check(&k));
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     _ => return false,
@@ -275,9 +275,16 @@ impl Pair {
         Self { spec, upstream, cfg, to_client, cursor, held: VecDeque::new(), held_bytes: 0, lost_at: None, connected_once: false }
     }
 
-    /// The query for the next dial: the client's own the first time; the resume position after.
+    /// The query for the next dial: the client's own until anything was forwarded to the
+    /// client (a connection lost before its first frame left the client with nothing, so
+    /// its own request is still exact); the resume position after.
     fn dial_query(&self) -> Vec<(String, String)> {
-        if !self.connected_once {
+        let forwarded = match &self.cursor {
+            Cursor::Events(c) => c.forwarded(),
+            Cursor::Session(c) => c.forwarded(),
+            Cursor::None => false,
+        };
+        if !self.connected_once || !forwarded {
             return self.spec.query.clone();
         }
         let drop_keys: &[&str] = match self.spec.kind {
@@ -401,6 +408,9 @@ impl Pair {
                                 self.upstream.on_resumed(t.elapsed());
                             }
                             self.connected_once = true;
+                            if let Cursor::Events(c) = &mut self.cursor {
+                                c.on_connected();
+                            }
                             if self.flush_held(&mut down).await { Step::Continue } else {
                                 down = None;
                                 self.lost(&mut dialing, &mut dial_deadline, &mut backoff);
@@ -460,6 +470,24 @@ impl Pair {
                 }
                 return;
             }
+            let step = match step {
+                // The downstream was dropped where no loss handling ran (a client frame
+                // could not be written to it): without this the pair would wait forever with
+                // no downstream and no dial.
+                Step::Continue if down.is_none() && dialing.is_none() => {
+                    if matches!(self.cursor, Cursor::None) {
+                        tracing::info!(conversation = %conv, "downstream socket lost; this socket cannot resume");
+                        self.close_client(1012, "downstream unavailable");
+                        Step::End
+                    } else {
+                        tracing::info!(conversation = %conv, "downstream socket lost (write failed); resuming");
+                        self.upstream.on_lost();
+                        self.lost(&mut dialing, &mut dial_deadline, &mut backoff);
+                        Step::Continue
+                    }
+                }
+                other => other,
+            };
             if let Step::End = step {
                 if let Some(mut d) = down.take() {
                     let _ = tokio::time::timeout(Duration::from_secs(1), d.close(None)).await;

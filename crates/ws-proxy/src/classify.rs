@@ -112,6 +112,18 @@ pub fn durable_event_id(text: &str) -> Option<String> {
     serde_json::from_str::<Env<'_>>(text).ok()?.event?.id.map(|s| s.into_owned())
 }
 
+/// The key of a first-message auth frame, checked as the agent-server does: a JSON object
+/// with `"type": "auth"` and a non-empty string `session_api_key` (other fields are
+/// allowed in the first frame). None: not an acceptable auth frame (close 4001).
+pub fn first_frame_auth_key(text: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let obj = v.as_object()?;
+    if obj.get("type").and_then(|t| t.as_str()) != Some("auth") {
+        return None;
+    }
+    obj.get("session_api_key").and_then(|k| k.as_str()).filter(|k| !k.is_empty()).map(str::to_owned)
+}
+
 /// Is this client frame the first-message auth frame (`{"type":"auth","session_api_key":…}`
 /// and nothing else)? Such frames are never forwarded: nestor authenticated the client,
 /// and the downstream is authenticated with its own key.
@@ -155,6 +167,18 @@ mod tests {
         );
         assert_eq!(session_frame(r#"{"type":"delta","item_id":"i","kind":"text"}"#), SessionFrame::Delta);
         assert_eq!(session_frame("garbage"), SessionFrame::Other);
+    }
+
+    #[test]
+    fn first_frame_auth_is_checked_like_the_agent_server() {
+        assert_eq!(first_frame_auth_key(r#"{"type":"auth","session_api_key":"k"}"#).as_deref(), Some("k"));
+        // The agent-server only looks at `type` and `session_api_key` of the first frame.
+        assert_eq!(first_frame_auth_key(r#"{"type":"auth","session_api_key":"k","v":2}"#).as_deref(), Some("k"));
+        for bad in [r#"{"type":"auth","session_api_key":""}"#, r#"{"type":"auth","session_api_key":7}"#, r#"{"type":"auth"}"#,
+            r#"{"type":"Auth","session_api_key":"k"}"#, r#"["auth","k"]"#, "not json", r#""k""#]
+        {
+            assert_eq!(first_frame_auth_key(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -158,6 +158,10 @@ pub enum Fault {
     /// Each WebSocket is cut (TCP dropped, no close frame) right after it has sent this many
     /// data frames; 0 cuts it right after the upgrade.
     DropSocketsAfterFrames(u64),
+    /// Each WebSocket opened (or still open) is cut after its own number of data frames,
+    /// drawn uniformly from `0..=max_frames` when the socket is opened (deterministic given
+    /// `seed` and the order sockets are opened in): random cut positions, prelude included.
+    DropSocketsRandomly { max_frames: u64, seed: u64 },
     /// WebSockets stop sending frames (they still accept the connection and read).
     StallSockets,
     /// Requests whose path starts with `path_prefix` get this status and

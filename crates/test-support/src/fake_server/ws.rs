@@ -220,6 +220,19 @@ struct Sock {
     inner: Arc<Inner>,
     kind: Kind,
     sent: u64,
+    /// This socket's number (in opening order), for [`Fault::DropSocketsRandomly`].
+    nth: u64,
+}
+
+/// Sockets opened so far, by any fake server in this process.
+static SOCKETS_OPENED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// SplitMix64: a well-mixed 64-bit value for `x`.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// The session socket's frame budget (`MAX_FRAME_BYTES`): a bigger frame drops the client
@@ -233,6 +246,9 @@ impl Sock {
     fn cut_after(&self) -> Option<u64> {
         match &*self.inner.fault() {
             Fault::DropSocketsAfterFrames(n) => Some(*n),
+            Fault::DropSocketsRandomly { max_frames, seed } => {
+                Some(splitmix64(seed ^ splitmix64(self.nth)) % max_frames.saturating_add(1).max(1))
+            }
             _ => None,
         }
     }
@@ -338,6 +354,7 @@ async fn connection(
         inner: inner.clone(),
         kind,
         sent: 0,
+        nth: SOCKETS_OPENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
     };
     if s.cut_after() == Some(0) {
         return;
