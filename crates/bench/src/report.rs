@@ -1,0 +1,417 @@
+//! The results file and the table printed at the end of a run.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::rest::{LoadRound, SequentialRound};
+use crate::stats::{median, spread_pct, Latency, PerTarget, Target};
+use crate::ws::{IdleResult, ResumeResult, StreamResult};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    pub meta: Meta,
+    pub memory: Memory,
+    pub rest: Rest,
+    pub ws: WsResults,
+    pub ratios: Ratios,
+    pub checks: Vec<Check>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    pub date: String,
+    pub wall_secs: f64,
+    pub machine: serde_json::Value,
+    pub git_commit: Option<String>,
+    pub nginx_version: Option<String>,
+    pub nofile_limit: u64,
+    /// `/proc/loadavg` when the run started and ended (other work on the machine).
+    #[serde(default)]
+    pub loadavg_start: String,
+    #[serde(default)]
+    pub loadavg_end: String,
+    pub settings: serde_json::Value,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Memory {
+    /// nestor just started, catalog loaded (REST phase: fake with `rest_conversations`).
+    pub nestor_idle_rss_kib: Option<u64>,
+    /// nestor just started in the WebSocket phase (more conversations cataloged).
+    pub nestor_idle_rss_kib_ws_phase: Option<u64>,
+    /// nginx master + workers just started.
+    pub nginx_idle_rss_kib: Option<u64>,
+    pub idle_pairs_requested: usize,
+    /// Per target: the proxy's RSS growth (direct: the fake's own growth).
+    pub idle_pairs: PerTarget<IdleResult>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Rest {
+    pub path: String,
+    pub body_bytes: usize,
+    pub sequential: PerTarget<RestSeq>,
+    pub loaded: PerTarget<RestLoad>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestSeq {
+    /// All rounds merged.
+    pub latency: Latency,
+    pub rounds: Vec<SequentialRound>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestLoad {
+    pub connections: usize,
+    /// All rounds merged.
+    pub latency: Latency,
+    pub rps_median: f64,
+    pub rps_spread_pct: f64,
+    pub proxy_cpu_us_per_req_median: Option<f64>,
+    pub rounds: Vec<LoadRound>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WsResults {
+    /// One pair, one frame in flight: per-frame latency.
+    pub latency: PerTarget<Stream>,
+    /// One pair, saturated.
+    pub single: PerTarget<Stream>,
+    /// Many pairs, saturated.
+    pub many: PerTarget<Stream>,
+    pub resume: PerTarget<ResumeResult>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stream {
+    pub pairs: usize,
+    pub window: u64,
+    pub frame_bytes: usize,
+    /// All rounds merged.
+    pub latency: Latency,
+    pub fps_median: f64,
+    pub fps_spread_pct: f64,
+    pub proxy_cpu_us_per_frame_median: Option<f64>,
+    pub rounds: Vec<StreamResult>,
+}
+
+impl Stream {
+    pub fn from_rounds(rounds: Vec<StreamResult>, latency: Latency) -> Self {
+        let fps: Vec<f64> = rounds.iter().map(|r| r.frames_per_sec).collect();
+        let cpu: Vec<f64> = rounds.iter().filter_map(|r| r.proxy_cpu_us_per_frame).collect();
+        Stream {
+            pairs: rounds.first().map(|r| r.pairs).unwrap_or(0),
+            window: rounds.first().map(|r| r.window).unwrap_or(0),
+            frame_bytes: rounds.first().map(|r| r.frame_bytes).unwrap_or(0),
+            latency,
+            fps_median: median(&fps),
+            fps_spread_pct: spread_pct(&fps),
+            proxy_cpu_us_per_frame_median: (!cpu.is_empty()).then(|| median(&cpu)),
+            rounds,
+        }
+    }
+}
+
+/// Side-by-side comparisons (differences in µs, ratios as plain factors).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Ratios {
+    pub rest_seq_added_us_nestor: Option<Added>,
+    pub rest_seq_added_us_nginx: Option<Added>,
+    pub rest_loaded_added_us_nestor: Option<Added>,
+    pub rest_loaded_added_us_nginx: Option<Added>,
+    pub rest_rps_nestor_over_direct: Option<f64>,
+    pub rest_rps_nestor_over_nginx: Option<f64>,
+    pub rest_rps_nginx_over_direct: Option<f64>,
+    pub rest_cpu_per_req_nestor_over_nginx: Option<f64>,
+    pub ws_latency_added_us_nestor: Option<Added>,
+    pub ws_latency_added_us_nginx: Option<Added>,
+    pub ws_single_fps_nestor_over_direct: Option<f64>,
+    pub ws_single_fps_nestor_over_nginx: Option<f64>,
+    pub ws_many_fps_nestor_over_direct: Option<f64>,
+    pub ws_many_fps_nestor_over_nginx: Option<f64>,
+    pub ws_cpu_per_frame_nestor_over_nginx: Option<f64>,
+}
+
+/// Latency a proxy adds over direct, per percentile, in µs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Added {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Added {
+    fn of(proxy: &Latency, direct: &Latency) -> Self {
+        Added {
+            p50: proxy.p50_us - direct.p50_us,
+            p90: proxy.p90_us - direct.p90_us,
+            p99: proxy.p99_us - direct.p99_us,
+            max: proxy.max_us - direct.max_us,
+        }
+    }
+}
+
+/// One of the issue's targets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Check {
+    pub what: String,
+    pub target: String,
+    pub measured: String,
+    pub met: Option<bool>,
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+impl Results {
+    /// Fill `ratios` and `checks` from the measurements.
+    pub fn derive(&mut self) {
+        let r = &mut self.ratios;
+        let seq = &self.rest.sequential;
+        let lo = &self.rest.loaded;
+        let added = |p: Option<&Latency>, d: Option<&Latency>| match (p, d) {
+            (Some(p), Some(d)) => Some(Added::of(p, d)),
+            _ => None,
+        };
+        r.rest_seq_added_us_nestor = added(seq.nestor.as_ref().map(|s| &s.latency), seq.direct.as_ref().map(|s| &s.latency));
+        r.rest_seq_added_us_nginx = added(seq.nginx.as_ref().map(|s| &s.latency), seq.direct.as_ref().map(|s| &s.latency));
+        r.rest_loaded_added_us_nestor = added(lo.nestor.as_ref().map(|s| &s.latency), lo.direct.as_ref().map(|s| &s.latency));
+        r.rest_loaded_added_us_nginx = added(lo.nginx.as_ref().map(|s| &s.latency), lo.direct.as_ref().map(|s| &s.latency));
+        let rps = |t: Target| lo.get(t).map(|l| l.rps_median);
+        r.rest_rps_nestor_over_direct = ratio(rps(Target::Nestor), rps(Target::Direct));
+        r.rest_rps_nestor_over_nginx = ratio(rps(Target::Nestor), rps(Target::Nginx));
+        r.rest_rps_nginx_over_direct = ratio(rps(Target::Nginx), rps(Target::Direct));
+        r.rest_cpu_per_req_nestor_over_nginx = ratio(
+            lo.nestor.as_ref().and_then(|l| l.proxy_cpu_us_per_req_median),
+            lo.nginx.as_ref().and_then(|l| l.proxy_cpu_us_per_req_median),
+        );
+        let w = &self.ws;
+        r.ws_latency_added_us_nestor = added(w.latency.nestor.as_ref().map(|s| &s.latency), w.latency.direct.as_ref().map(|s| &s.latency));
+        r.ws_latency_added_us_nginx = added(w.latency.nginx.as_ref().map(|s| &s.latency), w.latency.direct.as_ref().map(|s| &s.latency));
+        let fps = |p: &PerTarget<Stream>, t: Target| p.get(t).map(|s| s.fps_median);
+        r.ws_single_fps_nestor_over_direct = ratio(fps(&w.single, Target::Nestor), fps(&w.single, Target::Direct));
+        r.ws_single_fps_nestor_over_nginx = ratio(fps(&w.single, Target::Nestor), fps(&w.single, Target::Nginx));
+        r.ws_many_fps_nestor_over_direct = ratio(fps(&w.many, Target::Nestor), fps(&w.many, Target::Direct));
+        r.ws_many_fps_nestor_over_nginx = ratio(fps(&w.many, Target::Nestor), fps(&w.many, Target::Nginx));
+        r.ws_cpu_per_frame_nestor_over_nginx = ratio(
+            w.many.nestor.as_ref().and_then(|s| s.proxy_cpu_us_per_frame_median),
+            w.many.nginx.as_ref().and_then(|s| s.proxy_cpu_us_per_frame_median),
+        );
+
+        let mut checks = Vec::new();
+        let a = r.rest_seq_added_us_nestor.as_ref();
+        checks.push(Check {
+            what: "REST added latency p50 (nestor − direct, 1 connection)".into(),
+            target: "≤ +30 µs".into(),
+            measured: a.map(|a| format!("{:+.1} µs", a.p50)).unwrap_or_else(|| "n/a".into()),
+            met: a.map(|a| a.p50 <= 30.0),
+        });
+        checks.push(Check {
+            what: "REST added latency p99 (nestor − direct, 1 connection)".into(),
+            target: "≤ +150 µs".into(),
+            measured: a.map(|a| format!("{:+.1} µs", a.p99)).unwrap_or_else(|| "n/a".into()),
+            met: a.map(|a| a.p99 <= 150.0),
+        });
+        let a = r.rest_loaded_added_us_nestor.as_ref();
+        let conns = lo.nestor.as_ref().map(|l| l.connections).unwrap_or(0);
+        checks.push(Check {
+            what: format!("REST added latency p50 (nestor − direct, {conns} connections, saturated)"),
+            target: "≤ +30 µs".into(),
+            measured: a.map(|a| format!("{:+.1} µs", a.p50)).unwrap_or_else(|| "n/a".into()),
+            met: a.map(|a| a.p50 <= 30.0),
+        });
+        checks.push(Check {
+            what: format!("REST added latency p99 (nestor − direct, {conns} connections, saturated)"),
+            target: "≤ +150 µs".into(),
+            measured: a.map(|a| format!("{:+.1} µs", a.p99)).unwrap_or_else(|| "n/a".into()),
+            met: a.map(|a| a.p99 <= 150.0),
+        });
+        checks.push(Check {
+            what: format!("REST throughput nestor / nginx ({conns} connections)"),
+            target: "≥ 1.00".into(),
+            measured: r.rest_rps_nestor_over_nginx.map(|x| format!("{x:.2}")).unwrap_or_else(|| "n/a".into()),
+            met: r.rest_rps_nestor_over_nginx.map(|x| x >= 1.0),
+        });
+        self.checks = checks;
+    }
+
+    /// The human-readable table.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let m = &self.meta;
+        let _ = writeln!(s, "nestor-bench {}  ({} s wall)", m.date, m.wall_secs.round());
+        let _ = writeln!(
+            s,
+            "machine: {} CPUs {}, {} GiB, kernel {}; nginx {}; commit {}",
+            m.machine["cpus"],
+            m.machine["cpu_model"].as_str().unwrap_or(""),
+            m.machine["mem_gib"],
+            m.machine["kernel"].as_str().unwrap_or(""),
+            m.nginx_version.as_deref().unwrap_or("n/a"),
+            m.git_commit.as_deref().unwrap_or("?"),
+        );
+        let _ = writeln!(s, "load average at start: {}; at end: {}", m.loadavg_start, m.loadavg_end);
+        let fmt = |v: Option<f64>, d: usize| v.map(|v| format!("{v:.d$}")).unwrap_or_else(|| "-".into());
+
+        let _ = writeln!(s, "\nREST  GET {}  ({} B answer)", self.rest.path, self.rest.body_bytes);
+        let _ = writeln!(s, "  1 connection, sequential           p50 µs    p90 µs    p99 µs    max µs     req/s   rounds p50 µs");
+        for t in Target::ALL {
+            if let Some(q) = self.rest.sequential.get(t) {
+                let l = &q.latency;
+                let rps = median(&q.rounds.iter().map(|r| r.rps).collect::<Vec<_>>());
+                let per: Vec<String> = q.rounds.iter().map(|r| format!("{:.1}", r.latency.p50_us)).collect();
+                let _ = writeln!(s, "  {:<34} {:>8.1}  {:>8.1}  {:>8.1}  {:>8.1}  {:>8.0}   {}", t.name(), l.p50_us, l.p90_us, l.p99_us, l.max_us, rps, per.join(" "));
+            }
+        }
+        let conns = self.rest.loaded.direct.as_ref().or(self.rest.loaded.nestor.as_ref()).map(|l| l.connections).unwrap_or(0);
+        let _ = writeln!(s, "  {conns} connections, closed loop         p50 µs    p90 µs    p99 µs    max µs     req/s  (spread)  proxy CPU µs/req");
+        for t in Target::ALL {
+            if let Some(q) = self.rest.loaded.get(t) {
+                let l = &q.latency;
+                let _ = writeln!(
+                    s,
+                    "  {:<34} {:>8.1}  {:>8.1}  {:>8.1}  {:>8.1}  {:>8.0}  ({:>4.1}%)  {}",
+                    t.name(),
+                    l.p50_us,
+                    l.p90_us,
+                    l.p99_us,
+                    l.max_us,
+                    q.rps_median,
+                    q.rps_spread_pct,
+                    fmt(q.proxy_cpu_us_per_req_median, 1)
+                );
+            }
+        }
+
+        let w = &self.ws;
+        let _ = writeln!(s, "\nWebSocket /sockets/events/{{id}}, frames pushed by the downstream");
+        if let Some(x) = w.latency.direct.as_ref().or(w.latency.nestor.as_ref()) {
+            let _ = writeln!(s, "  per-frame latency, 1 pair, 1 frame in flight ({} B)   p50 µs    p90 µs    p99 µs    max µs", x.frame_bytes);
+        }
+        for t in Target::ALL {
+            if let Some(q) = w.latency.get(t) {
+                let l = &q.latency;
+                let _ = writeln!(s, "  {:<52} {:>8.1}  {:>8.1}  {:>8.1}  {:>8.1}", t.name(), l.p50_us, l.p90_us, l.p99_us, l.max_us);
+            }
+        }
+        for (title, p) in [("throughput, 1 pair", &w.single), ("throughput, many pairs", &w.many)] {
+            if let Some(x) = p.direct.as_ref().or(p.nestor.as_ref()) {
+                let _ = writeln!(
+                    s,
+                    "  {title} ({} pairs, {} in flight each)  frames/s  (spread)   MiB/s   p50 µs   p99 µs  proxy CPU µs/frame",
+                    x.pairs, x.window
+                );
+            }
+            for t in Target::ALL {
+                if let Some(q) = p.get(t) {
+                    let mib = q.fps_median * q.frame_bytes as f64 / (1024.0 * 1024.0);
+                    let _ = writeln!(
+                        s,
+                        "  {:<44} {:>9.0}  ({:>4.1}%)  {:>6.1}  {:>7.0}  {:>7.0}  {}",
+                        t.name(),
+                        q.fps_median,
+                        q.fps_spread_pct,
+                        mib,
+                        q.latency.p50_us,
+                        q.latency.p99_us,
+                        fmt(q.proxy_cpu_us_per_frame_median, 2)
+                    );
+                }
+            }
+        }
+        let _ = writeln!(s, "  downstream restart while a client is connected");
+        for t in Target::ALL {
+            if let Some(r) = w.resume.get(t) {
+                if r.resumed {
+                    let _ = writeln!(
+                        s,
+                        "  {:<10} resumed {}/{}: first frame after listening again, ms: median {:.1}, max {:.1}; first live event: median {:.1}, max {:.1} (publish period {} ms)",
+                        t.name(),
+                        r.first_live_frame_ms.len(),
+                        r.trials,
+                        median(&r.first_frame_ms),
+                        r.first_frame_ms.iter().cloned().fold(0.0, f64::max),
+                        median(&r.first_live_frame_ms),
+                        r.first_live_frame_ms.iter().cloned().fold(0.0, f64::max),
+                        r.publish_period_ms
+                    );
+                } else {
+                    let _ = writeln!(
+                        s,
+                        "  {:<10} no resume: the client's socket was closed {} after the restart began",
+                        t.name(),
+                        r.client_closed_after_ms.map(|x| format!("{x:.1} ms")).unwrap_or_else(|| "(never, but no frame came back)".into())
+                    );
+                }
+            }
+        }
+
+        let mem = &self.memory;
+        let _ = writeln!(s, "\nMemory");
+        let _ = writeln!(
+            s,
+            "  nestor idle RSS: {} KiB (WS phase: {} KiB); nginx idle RSS (master + workers): {} KiB",
+            fmt(mem.nestor_idle_rss_kib.map(|x| x as f64), 0),
+            fmt(mem.nestor_idle_rss_kib_ws_phase.map(|x| x as f64), 0),
+            fmt(mem.nginx_idle_rss_kib.map(|x| x as f64), 0)
+        );
+        for t in Target::ALL {
+            if let Some(i) = mem.idle_pairs.get(t) {
+                let who = if t == Target::Direct { "fake downstream itself" } else { t.name() };
+                let _ = writeln!(
+                    s,
+                    "  {:<24} {} idle pairs: RSS {} → {} KiB = {:.1} KiB per pair (opened in {:.1} s)",
+                    who, i.pairs, i.rss_before_kib, i.rss_after_kib, i.rss_per_pair_kib, i.open_secs
+                );
+            }
+        }
+
+        let r = &self.ratios;
+        let _ = writeln!(s, "\nRatios (side by side, same run)");
+        let add = |a: &Option<Added>| a.as_ref().map(|a| format!("p50 {:+.1}  p90 {:+.1}  p99 {:+.1}  max {:+.1} µs", a.p50, a.p90, a.p99, a.max)).unwrap_or_else(|| "-".into());
+        let _ = writeln!(s, "  REST added, 1 conn:     nestor {}", add(&r.rest_seq_added_us_nestor));
+        let _ = writeln!(s, "                          nginx  {}", add(&r.rest_seq_added_us_nginx));
+        let _ = writeln!(s, "  REST added, loaded:     nestor {}", add(&r.rest_loaded_added_us_nestor));
+        let _ = writeln!(s, "                          nginx  {}", add(&r.rest_loaded_added_us_nginx));
+        let _ = writeln!(
+            s,
+            "  REST req/s: nestor/direct {}  nestor/nginx {}  nginx/direct {}; proxy CPU per request nestor/nginx {}",
+            fmt(r.rest_rps_nestor_over_direct, 2),
+            fmt(r.rest_rps_nestor_over_nginx, 2),
+            fmt(r.rest_rps_nginx_over_direct, 2),
+            fmt(r.rest_cpu_per_req_nestor_over_nginx, 2)
+        );
+        let _ = writeln!(s, "  WS added latency:       nestor {}", add(&r.ws_latency_added_us_nestor));
+        let _ = writeln!(s, "                          nginx  {}", add(&r.ws_latency_added_us_nginx));
+        let _ = writeln!(
+            s,
+            "  WS frames/s: 1 pair nestor/direct {}  nestor/nginx {};  many pairs nestor/direct {}  nestor/nginx {}; proxy CPU per frame nestor/nginx {}",
+            fmt(r.ws_single_fps_nestor_over_direct, 2),
+            fmt(r.ws_single_fps_nestor_over_nginx, 2),
+            fmt(r.ws_many_fps_nestor_over_direct, 2),
+            fmt(r.ws_many_fps_nestor_over_nginx, 2),
+            fmt(r.ws_cpu_per_frame_nestor_over_nginx, 2)
+        );
+        let _ = writeln!(s, "\nTargets (from the issue)");
+        for c in &self.checks {
+            let v = match c.met {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None => "n/a",
+            };
+            let _ = writeln!(s, "  {:<70} target {:<10} measured {:<12} {}", c.what, c.target, c.measured, v);
+        }
+        for n in &m.notes {
+            let _ = writeln!(s, "note: {n}");
+        }
+        s
+    }
+}

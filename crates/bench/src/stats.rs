@@ -1,0 +1,124 @@
+//! Latency histograms and the summaries kept in the results file.
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// A latency histogram in nanoseconds (1 ns .. 1 h, 3 significant digits).
+pub fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid histogram bounds")
+}
+
+pub fn record(h: &mut Histogram<u64>, ns: u64) {
+    h.saturating_record(ns.max(1));
+}
+
+/// Percentiles of one latency distribution, in microseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Latency {
+    pub count: u64,
+    pub mean_us: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+impl Latency {
+    pub fn from_hist(h: &Histogram<u64>) -> Self {
+        let us = |ns: u64| ns as f64 / 1000.0;
+        if h.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            count: h.len(),
+            mean_us: h.mean() / 1000.0,
+            p50_us: us(h.value_at_quantile(0.50)),
+            p90_us: us(h.value_at_quantile(0.90)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            p999_us: us(h.value_at_quantile(0.999)),
+            max_us: us(h.max()),
+        }
+    }
+}
+
+/// One value per target, in the order the table prints them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PerTarget<T> {
+    pub direct: Option<T>,
+    pub nestor: Option<T>,
+    pub nginx: Option<T>,
+}
+
+impl<T> Default for PerTarget<T> {
+    fn default() -> Self {
+        PerTarget { direct: None, nestor: None, nginx: None }
+    }
+}
+
+impl<T> PerTarget<T> {
+    pub fn get(&self, t: Target) -> Option<&T> {
+        match t {
+            Target::Direct => self.direct.as_ref(),
+            Target::Nestor => self.nestor.as_ref(),
+            Target::Nginx => self.nginx.as_ref(),
+        }
+    }
+
+    pub fn get_mut(&mut self, t: Target) -> &mut Option<T> {
+        match t {
+            Target::Direct => &mut self.direct,
+            Target::Nestor => &mut self.nestor,
+            Target::Nginx => &mut self.nginx,
+        }
+    }
+}
+
+/// What a workload runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Direct,
+    Nestor,
+    Nginx,
+}
+
+impl Target {
+    pub const ALL: [Target; 3] = [Target::Direct, Target::Nestor, Target::Nginx];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Nestor => "nestor",
+            Target::Nginx => "nginx",
+        }
+    }
+}
+
+/// Median of a list (NaN for none).
+pub fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// (max − min) / median of a list, as a percentage: how much rounds disagreed.
+pub fn spread_pct(v: &[f64]) -> f64 {
+    if v.len() < 2 {
+        return 0.0;
+    }
+    let m = median(v);
+    let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+    if m == 0.0 {
+        0.0
+    } else {
+        (hi - lo) / m * 100.0
+    }
+}
