@@ -74,7 +74,7 @@ pub(crate) fn parse_body(bytes: &Bytes, required: bool) -> Result<Option<Value>>
     }
     serde_json::from_slice(bytes).map(Some).map_err(|e| {
         let text = String::from_utf8_lossy(bytes);
-        let pos = char_offset(&text, e.line(), e.column());
+        let pos = if e.is_eof() { text.chars().count() } else { char_offset(&text, e.line(), e.column()) };
         let reason = python_json_reason(&text, pos);
         Error::validation(&[FieldError::new("json_invalid", &[json!("body"), json!(pos)], "JSON decode error", &json!({})).with_ctx(json!({"error": reason}))])
     })

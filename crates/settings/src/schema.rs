@@ -171,6 +171,14 @@ fn exact_match(root: &Value, schema: &Value, v: &Value) -> bool {
     }
 }
 
+/// `str | SecretStr` unions: a string is the secret.
+fn secret_branch<'a>(root: &Value, branches: &'a [Value], v: &Value) -> Option<&'a Value> {
+    if !v.is_string() {
+        return None;
+    }
+    branches.iter().find(|b| is_secret(resolve(root, b)))
+}
+
 fn validate_node(cx: &mut Ctx<'_>, schema: &Value, v: &Value, loc: &mut Vec<Value>) -> Option<Value> {
     let s = resolve(cx.root, schema);
     if let Some(all) = s.get("allOf").and_then(Value::as_array) {
@@ -251,7 +259,8 @@ fn validate_union(cx: &mut Ctx<'_>, s: &Value, branches: &[Value], v: &Value, lo
         }
     }
     // Smart-mode approximation: branches that take the value as is first, then lax ones.
-    let mut order: Vec<&Value> = branches.iter().filter(|b| exact_match(cx.root, b, v)).collect();
+    let mut order: Vec<&Value> = secret_branch(cx.root, branches, v).into_iter().collect();
+    order.extend(branches.iter().filter(|b| exact_match(cx.root, b, v)));
     order.extend(branches.iter().filter(|b| !exact_match(cx.root, b, v)));
     let mut first_errors: Option<Vec<FieldError>> = None;
     for b in order {
@@ -408,6 +417,26 @@ fn validate_model(cx: &mut Ctx<'_>, s: &Value, v: &Value, loc: &mut Vec<Value>) 
     }
     if !ok {
         return None;
+    }
+    if let Some(keys) = s.get("x-dump-keys").and_then(Value::as_array) {
+        // Fields excluded from dumps go; computed ones (serialized properties) come.
+        let mut dumped = Map::new();
+        for k in keys.iter().filter_map(Value::as_str) {
+            if dumped.contains_key(k) {
+                continue;
+            }
+            match out.remove(k) {
+                Some(x) => {
+                    dumped.insert(k.to_owned(), x);
+                }
+                None if k == "is_subscription" => {
+                    let sub = dumped.get("auth_type").and_then(Value::as_str) == Some("subscription");
+                    dumped.insert(k.to_owned(), json!(sub));
+                }
+                None => {}
+            }
+        }
+        out = dumped;
     }
     if s.get("x-compact") == Some(&Value::Bool(true)) {
         out.retain(|_, x| !(x.is_null() || x.as_object().is_some_and(Map::is_empty)));
@@ -652,8 +681,9 @@ fn ser_node(root: &Value, schema: &Value, v: &Value, mode: Expose<'_>) -> Value 
                 return ser_node(root, &json!({"$ref": target}), v, mode);
             }
         }
-        // The branch the value was validated into: the first whose shape takes it.
-        let pick = branches.iter().find(|b| exact_match(root, b, v) && branch_accepts(root, b, v)).or_else(|| branches.iter().find(|b| exact_match(root, b, v)));
+        // The branch the value was validated into: a secret one for strings, else the first
+        // whose shape takes it.
+        let pick = secret_branch(root, branches, v).or_else(|| branches.iter().find(|b| exact_match(root, b, v) && branch_accepts(root, b, v)).or_else(|| branches.iter().find(|b| exact_match(root, b, v))));
         return match pick {
             Some(b) => ser_node(root, b, v, mode),
             None => v.clone(),
@@ -720,7 +750,7 @@ fn collect(root: &Value, schema: &Value, v: &Value, out: &mut Vec<String>) {
                 return collect(root, &json!({"$ref": target}), v, out);
             }
         }
-        if let Some(b) = branches.iter().find(|b| exact_match(root, b, v)) {
+        if let Some(b) = secret_branch(root, branches, v).or_else(|| branches.iter().find(|b| exact_match(root, b, v))) {
             collect(root, b, v, out);
         }
         return;

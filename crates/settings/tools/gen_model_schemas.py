@@ -65,6 +65,13 @@ def fill_defaults(name, sch):
     cls = classes.get(name)
     if cls is not None and issubclass(cls, _MCPBaseModel):
         sch["x-compact"] = True
+    if cls is not None and "properties" in sch:
+        keys = [f.alias or n for n, f in cls.model_fields.items() if not f.exclude]
+        computed = list(getattr(cls, "model_computed_fields", {}).keys())
+        if name == "LLM":
+            computed.append("is_subscription")  # a serialized property
+        if set(keys) != set(sch["properties"]) or computed:
+            sch["x-dump-keys"] = keys + computed
     if cls is None or "properties" not in sch: return
     inst = None
     try:
