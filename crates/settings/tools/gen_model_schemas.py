@@ -108,10 +108,7 @@ for name, cls in ROOTS.items():
     for dn, ds in s.get("$defs", {}).items():
         fill_defaults(dn, ds)
     out[name] = strip(s)
-    try:
-        out[name]["x-dump-keys"] = list(cls().model_dump(mode="json").keys())
-    except Exception:
-        pass
+
 def now_sentinel(o):
     if isinstance(o, dict):
         return {k: ("__now__" if k == "current_datetime" and isinstance(v, str) else now_sentinel(v)) for k, v in o.items()}
