@@ -357,7 +357,11 @@ async fn concurrent_ensure_ready_starts_once() {
             ("type".to_owned(), vec!["container".to_owned()]),
             ("event".to_owned(), vec!["start".to_owned(), "create".to_owned()]),
         ]);
-        let since = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() - 1).to_string();
+        let now = || {
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+            format!("{}.{:09}", t.as_secs(), t.subsec_nanos())
+        };
+        let since = now();
         let waits = (0..8).map(|_| {
             let p = p.clone();
             let ds = ds.clone();
@@ -366,7 +370,8 @@ async fn concurrent_ensure_ready_starts_once() {
         for r in futures::future::join_all(waits).await {
             r.unwrap();
         }
-        let until = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 1).to_string();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let until = now();
         let opts = bollard::query_parameters::EventsOptions { since: Some(since), until: Some(until), filters: Some(filters) };
         let events: Vec<_> = ctx.docker.events(Some(opts)).collect().await;
         let starts = events.iter().filter(|e| e.as_ref().unwrap().action.as_deref() == Some("start")).count();
