@@ -253,10 +253,8 @@ fn validate_union(cx: &mut Ctx<'_>, s: &Value, branches: &[Value], v: &Value, lo
         return r;
     }
     // Null goes to a null branch when there is one.
-    if v.is_null() {
-        if branches.iter().any(|b| resolve(cx.root, b).get("type").and_then(Value::as_str) == Some("null")) {
-            return Some(Value::Null);
-        }
+    if v.is_null() && branches.iter().any(|b| resolve(cx.root, b).get("type").and_then(Value::as_str) == Some("null")) {
+        return Some(Value::Null);
     }
     // Smart-mode approximation: branches that take the value as is first, then lax ones.
     let mut order: Vec<&Value> = secret_branch(cx.root, branches, v).into_iter().collect();

@@ -105,7 +105,7 @@ pub fn validate_agent_settings(v: &Value, opts: Opts<'_>) -> std::result::Result
     let (model, kind) = agent_model(v).map_err(|e| vec![e])?;
     let mut payload = obj(v);
     payload.insert("agent_kind".into(), json!(kind));
-    payload.insert("schema_version".into(), json!(if kind == "acp" { 9 } else { 9 }));
+    payload.insert("schema_version".into(), json!(9));
     schema::validate(model, &Value::Object(payload), &[], opts)
 }
 
