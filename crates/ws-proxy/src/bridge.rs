@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
+use futures::future::FusedFuture;
 use futures::{FutureExt, SinkExt, StreamExt};
 use nestor_core::{ConversationId, Endpoint};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -227,13 +228,17 @@ where
     let (tx, rx) = mpsc::unbounded_channel();
     let pending = Arc::new(AtomicUsize::new(0));
     let to_client = ClientTx { tx, pending: pending.clone() };
-    let mut writer = tokio::spawn(client_writer(sink, rx, pending));
+    let writer = tokio::spawn(client_writer(sink, rx, pending));
+    let writer_abort = writer.abort_handle();
+    // Fused: once the pair saw the writer end, polling it again must not panic
+    // ("JoinHandle polled after completion").
+    let mut writer = writer.fuse();
 
     let mut pair = Pair::new(spec, upstream, cfg, to_client);
-    pair.run(&mut client_rx, &mut writer).await;
+    pair.run(&mut client_rx, &mut writer, &writer_abort).await;
     // Let the writer flush what is queued (a close frame at least), bounded.
-    if tokio::time::timeout(Duration::from_secs(2), &mut writer).await.is_err() {
-        writer.abort();
+    if !writer.is_terminated() && tokio::time::timeout(Duration::from_secs(2), &mut writer).await.is_err() {
+        writer_abort.abort();
     }
 }
 
@@ -353,7 +358,12 @@ impl Pair {
         self.to_client.send(close_msg(code, reason));
     }
 
-    async fn run<R>(&mut self, client_rx: &mut R, writer: &mut tokio::task::JoinHandle<()>)
+    async fn run<R>(
+        &mut self,
+        client_rx: &mut R,
+        writer: &mut futures::future::Fuse<tokio::task::JoinHandle<()>>,
+        writer_abort: &tokio::task::AbortHandle,
+    )
     where
         R: futures::Stream<Item = Result<Message, WsError>> + Unpin,
     {
@@ -464,7 +474,7 @@ impl Pair {
             };
             if self.to_client.pending() > self.cfg.max_pending_bytes {
                 tracing::warn!(conversation = %conv, pending = self.to_client.pending(), "client is a slow consumer; dropping it");
-                writer.abort();
+                writer_abort.abort();
                 if let Some(mut d) = down.take() {
                     let _ = tokio::time::timeout(Duration::from_secs(1), d.close(None)).await;
                 }

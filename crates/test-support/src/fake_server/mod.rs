@@ -306,8 +306,7 @@ impl std::fmt::Debug for FakeAgentServer {
 impl FakeAgentServer {
     /// Bind and start serving.
     pub async fn start(cfg: FakeConfig) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind((cfg.host, cfg.port))
-            .await
+        let listener = bind_listener(SocketAddr::new(cfg.host, cfg.port))
             .with_context(|| format!("binding {}:{}", cfg.host, cfg.port))?;
         let addr = listener.local_addr()?;
         let inner = Arc::new(Inner {
@@ -381,7 +380,7 @@ impl FakeAgentServer {
         let mut running = self.inner.running.lock().await;
         let mut attempt = 0u32;
         let listener = loop {
-            match TcpListener::bind(self.inner.addr).await {
+            match bind_listener(self.inner.addr) {
                 Ok(l) => break l,
                 Err(e) if attempt < 200 => {
                     attempt += 1;
@@ -552,6 +551,20 @@ impl FakeAgentServer {
     pub fn fault(&self) -> Fault {
         (*self.inner.fault()).clone()
     }
+}
+
+/// Listen with a deep accept queue: `TcpListener::bind` uses 128 (the standard library's
+/// value), which a burst of a thousand (re)connections overflows; the kernel then drops
+/// SYNs and clients retry after 1 s, 3 s, 7 s. uvicorn listens with 2048.
+fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(2048)
 }
 
 /// Accept loop + per-connection tasks, all tied to one cancellation token.

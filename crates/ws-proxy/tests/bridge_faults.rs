@@ -1,0 +1,196 @@
+//! `bridge` against hand-made downstreams and client transports, for faults the fake
+//! agent-server cannot produce: a downstream that stops reading (nestor's write to it times
+//! out), a client whose socket fails for writing while still open for reading.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::{SinkExt, StreamExt};
+use nestor_core::{ConversationId, Endpoint};
+use nestor_ws_proxy::{bridge, ClientAuth, PairSpec, ProxyConfig, SocketKind, Upstream, UpstreamError};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+struct Fixed(Arc<Endpoint>);
+
+#[async_trait]
+impl Upstream for Fixed {
+    async fn endpoint(&self, _timeout: Duration) -> Result<Arc<Endpoint>, UpstreamError> {
+        Ok(self.0.clone())
+    }
+}
+
+fn sync_frame(through: i64) -> Message {
+    Message::Text(format!(r#"{{"type":"sync","through_seq":{through}}}"#).into())
+}
+
+/// A client frame that cannot be written to the downstream (it stopped reading, the write
+/// times out) must not leave the pair without a downstream: nestor redials, delivers the
+/// frame to the new connection, and the client goes on receiving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_times_out_leads_to_a_redial() {
+    // The downstream: small receive buffer, so a stalled reader blocks nestor's writes soon.
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(16 * 1024).unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = sock.listen(16).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let acc = accepted.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let n = acc.fetch_add(1, Ordering::SeqCst);
+            let got_tx = got_tx.clone();
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { return };
+                if ws.send(sync_frame(n as i64)).await.is_err() {
+                    return;
+                }
+                if n == 0 {
+                    // Stall: never read again (keep the socket open).
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    return;
+                }
+                while let Some(Ok(m)) = ws.next().await {
+                    if let Message::Text(t) = m {
+                        let _ = got_tx.send(t.to_string());
+                        let _ = ws.send(Message::Text(r#"{"type":"transient","event":{"id":"after-redial"}}"#.into())).await;
+                    }
+                }
+            });
+        }
+    });
+
+    let cfg = Arc::new(ProxyConfig { dial_timeout: Duration::from_millis(300), ..ProxyConfig::default() });
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let proxy_side = WebSocketStream::from_raw_socket(b, Role::Server, Some(cfg.client_ws_config())).await;
+    let mut client = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+    let spec = PairSpec {
+        kind: SocketKind::Session,
+        conversation: ConversationId::new_random(),
+        query: vec![],
+        auth: ClientAuth::Done,
+    };
+    let ep = Arc::new(Endpoint::parse(&format!("http://127.0.0.1:{port}"), None).unwrap());
+    let pair = tokio::spawn(bridge(proxy_side, spec, Arc::new(Fixed(ep)), cfg));
+
+    let first = tokio::time::timeout(Duration::from_secs(5), client.next()).await.unwrap().unwrap().unwrap();
+    assert!(first.to_text().unwrap().contains("sync"), "{first:?}");
+    // Big user frames until one cannot be written to the stalled downstream (a send that
+    // blocks: nestor stopped reading the client while its write waited). Then stop, so
+    // what nestor holds for the next connection stays under its bound.
+    let big = format!(r#"{{"role":"user","content":[{{"type":"text","text":"{}"}}]}}"#, "x".repeat(256 * 1024));
+    for _ in 0..400 {
+        let t = tokio::time::Instant::now();
+        if client.send(Message::Text(big.clone().into())).await.is_err() {
+            break; // the pair gave up on the client (held frames over their bound)
+        }
+        if accepted.load(Ordering::SeqCst) > 1 || t.elapsed() > Duration::from_millis(150) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // nestor redialed; the frame that failed reached the new connection...
+    let redelivered = tokio::time::timeout(Duration::from_secs(10), got_rx.recv())
+        .await
+        .expect("no client frame reached a second downstream connection: the pair never redialed")
+        .unwrap();
+    assert!(redelivered.len() > 250_000);
+    assert!(accepted.load(Ordering::SeqCst) >= 2);
+    // ...and the client hears from it (its second sync is hidden).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = tokio::time::timeout_at(deadline, client.next()).await.expect("nothing after the redial").unwrap().unwrap();
+        if let Message::Text(t) = m {
+            assert!(!t.contains("\"sync\""), "a second sync reached the client: {t}");
+            if t.contains("after-redial") {
+                break;
+            }
+        }
+    }
+    drop(client);
+    let _ = tokio::time::timeout(Duration::from_secs(5), pair).await;
+    server.abort();
+}
+
+/// A client transport whose writes fail after `budget` bytes while reads go on (a peer that
+/// vanished mid-stream, as the proxy's writer task sees it first).
+struct FailingWrites {
+    inner: DuplexStream,
+    budget: usize,
+}
+
+impl AsyncRead for FailingWrites {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for FailingWrites {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        if self.budget < buf.len() {
+            return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+        }
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.budget -= n;
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// When the client's socket fails under the writer task, the pair ends cleanly: no panic
+/// (polling the writer's finished JoinHandle again used to panic the socket's task), the
+/// downstream socket is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_socket_failing_under_the_writer_ends_the_pair_without_a_panic() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        ws.send(sync_frame(-1)).await.unwrap();
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let frame = Message::Text(r#"{"type":"transient","event":{"id":"x"}}"#.into());
+                    if ws.send(frame).await.is_err() { break; }
+                }
+                m = ws.next() => match m {
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    _ => {}
+                },
+            }
+        }
+        let _ = closed_tx.send(());
+    });
+    let cfg = Arc::new(ProxyConfig::default());
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let proxy_side = WebSocketStream::from_raw_socket(FailingWrites { inner: b, budget: 2_000 }, Role::Server, Some(cfg.client_ws_config())).await;
+    let _client = WebSocketStream::from_raw_socket(a, Role::Client, None).await; // never reads, never closes
+    let spec = PairSpec { kind: SocketKind::Session, conversation: ConversationId::new_random(), query: vec![], auth: ClientAuth::Done };
+    let ep = Arc::new(Endpoint::parse(&format!("http://127.0.0.1:{port}"), None).unwrap());
+    let pair = tokio::spawn(bridge(proxy_side, spec, Arc::new(Fixed(ep)), cfg));
+    let ended = tokio::time::timeout(Duration::from_secs(10), pair).await.expect("the pair did not end");
+    assert!(ended.is_ok(), "the pair's task panicked: {:?}", ended.err());
+    tokio::time::timeout(Duration::from_secs(5), closed_rx).await.expect("downstream not closed").unwrap();
+    server.abort();
+}
