@@ -156,6 +156,14 @@ async fn cleanup(docker: &Docker, instance: &str) {
         });
         futures::future::join_all(removals).await;
     }
+    if let Ok(nets) = docker
+        .list_networks(Some(bollard::query_parameters::ListNetworksOptions { filters: Some(filters.clone()) }))
+        .await
+    {
+        for n in nets.into_iter().filter_map(|n| n.id) {
+            let _ = tokio::time::timeout(Duration::from_secs(30), docker.remove_network(&n)).await;
+        }
+    }
     if let Ok(v) = docker.list_volumes(Some(ListVolumesOptions { filters: Some(filters) })).await {
         for v in v.volumes.unwrap_or_default() {
             let _ = tokio::time::timeout(
@@ -506,6 +514,52 @@ async fn container_exiting_at_start_fails_with_its_log_tail() {
         assert!(msg.contains("marker-7f3a"), "{msg}");
         assert!(matches!(ds.state(), DownstreamState::Failed(_)));
         p.release(&ds, conv, 0).await.unwrap();
+        assert!(ctx.containers().await.is_empty());
+        assert!(ctx.volumes().await.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn user_network_is_reached_by_address_and_bad_runtime_is_clear() {
+    let docker = require_engine!();
+    with_instance(docker, |ctx| async move {
+        let net = format!("nestor-{}-net", ctx.instance);
+        ctx.docker
+            .create_network(bollard::models::NetworkCreateRequest {
+                name: net.clone(),
+                labels: Some(HashMap::from([(INSTANCE_LABEL.to_owned(), ctx.instance.clone())])),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut cfg = ctx.cheap_cfg();
+        cfg.network = Some(net.clone());
+        let p = ctx.provisioner(&cfg);
+        p.recover().await.unwrap();
+        let conv = ConversationId::new_random();
+        let ds = p.provision(req(conv)).await.unwrap();
+        p.ensure_ready(&ds, Duration::from_secs(60)).await.unwrap();
+        let ep = ds.endpoint().unwrap();
+        assert_ne!(ep.authority.host(), "127.0.0.1", "reached at its address on {net}");
+        assert_eq!(ep.authority.port_u16(), Some(8000));
+        let info = ctx.inspect(&p.container_name(&conv)).await.unwrap();
+        let ports = info.host_config.unwrap().port_bindings.unwrap_or_default();
+        assert!(ports.is_empty(), "nothing published on the host: {ports:?}");
+        // Recover finds it at the same address.
+        p.shutdown().await;
+        let p2 = ctx.provisioner(&cfg);
+        p2.recover().await.unwrap();
+        let ds2 = p2.get(ds.id()).unwrap();
+        assert_eq!(ds2.state(), DownstreamState::Ready);
+        assert_eq!(ds2.endpoint().unwrap().origin(), ep.origin());
+        p2.release(&ds2, conv, 0).await.unwrap();
+
+        let mut cfg = ctx.cheap_cfg();
+        cfg.runtime = Some("no-such-runtime".into());
+        let p3 = ctx.provisioner(&cfg);
+        let e = p3.provision(req(ConversationId::new_random())).await.unwrap_err();
+        assert!(e.to_string().contains("no-such-runtime"), "{e}");
         assert!(ctx.containers().await.is_empty());
         assert!(ctx.volumes().await.is_empty());
     })
