@@ -29,7 +29,7 @@ pub struct AppState(Arc<Inner>);
 
 pub struct Inner {
     pub cfg: Config,
-    pub auth: Auth,
+    pub auth: Arc<Auth>,
     pub provisioner: Arc<dyn Provisioner>,
     /// The process backend when that is the kind in use (for its extra operations).
     pub process: Option<ProcessProvisioner>,
@@ -39,6 +39,7 @@ pub struct Inner {
     /// One lock per conversation id being created: concurrent creates provision once.
     pub creating: DashMap<ConversationId, Arc<Mutex<()>>>,
     pub ready_timeout: Duration,
+    pub cors: crate::cors::CorsPolicy,
     /// WebSocket proxy settings.
     pub ws: Arc<nestor_ws_proxy::ProxyConfig>,
     pub upstream_timeout: Duration,
@@ -74,8 +75,11 @@ fn generated_key(state_dir: &std::path::Path) -> anyhow::Result<(SessionKey, boo
 /// Resolve client keys: configured ones (possibly none: no authentication), or nestor's
 /// generated one when the configuration does not mention keys at all.
 pub fn resolve_keys(cfg: &Config) -> anyhow::Result<Vec<SessionKey>> {
+    if cfg.session_api_keys.is_none() && !cfg.users.is_empty() {
+        return Ok(Vec::new()); // keys come from [[users]]
+    }
     if let Some(keys) = &cfg.session_api_keys {
-        if keys.is_empty() {
+        if keys.is_empty() && cfg.users.is_empty() {
             tracing::warn!("session_api_keys is empty: nestor accepts requests without authentication");
         }
         return Ok(keys.clone());
@@ -148,11 +152,13 @@ impl AppState {
             max_pending_bytes: cfg.websocket.max_pending_bytes,
             ..Default::default()
         });
+        let cors = crate::cors::CorsPolicy::new(cfg.allow_cors_origins.clone(), cfg.allow_cors_origin_regex.as_deref())?;
         let state = AppState(Arc::new(Inner {
+            cors,
             ws,
             ready_timeout: Duration::from_secs_f64(cfg.ready_timeout_secs),
             upstream_timeout: Duration::from_secs_f64(cfg.upstream_timeout_secs),
-            auth: Auth::new(keys),
+            auth: Arc::new(Auth::with_users(keys, &cfg.users, Some(cfg.state_dir.join("conversation_keys.json")))),
             provisioner,
             process,
             catalog,

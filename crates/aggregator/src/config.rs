@@ -40,6 +40,10 @@ pub struct Config {
     /// Empty: no authentication, and only a loopback bind is allowed.
     #[serde(default, deserialize_with = "keys")]
     pub session_api_keys: Option<Vec<SessionKey>>,
+    /// Users and their keys (`[[users]] id = "alice" session_api_keys = ["…"]`); the
+    /// top-level `session_api_keys` belong to the user `default`.
+    #[serde(default)]
+    pub users: Vec<crate::auth::UserConfig>,
     /// nestor's own state (catalog, process downstreams, generated key).
     pub state_dir: PathBuf,
     /// Largest request body accepted, in bytes (413 beyond).
@@ -58,6 +62,12 @@ pub struct Config {
     pub admission: crate::lifecycle::AdmissionConfig,
     #[serde(default)]
     pub lifecycle: crate::lifecycle::LifecycleConfig,
+    /// Browser origins allowed by CORS, besides localhost (like the agent-server's setting).
+    #[serde(default)]
+    pub allow_cors_origins: Vec<String>,
+    /// A regular expression of allowed origins (whole-origin match).
+    #[serde(default)]
+    pub allow_cors_origin_regex: Option<String>,
     /// Who may read `GET /metrics`: `public` (default; Prometheus style, no secrets in it),
     /// `key` (the session key, like `/api/*`) or `off`.
     #[serde(default)]
@@ -178,6 +188,7 @@ fn keys<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<SessionKey>>, D::E
 const TOP_LEVEL_KEYS: &[&str] = &[
     "bind",
     "session_api_keys",
+    "users",
     "state_dir",
     "max_body_bytes",
     "upstream_timeout_secs",
@@ -188,6 +199,8 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "admission",
     "lifecycle",
     "metrics",
+    "allow_cors_origins",
+    "allow_cors_origin_regex",
     "provisioner",
 ];
 
@@ -304,7 +317,20 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.session_api_keys.as_ref().is_some_and(|k| k.is_empty()) && !self.bind.ip().is_loopback() {
+        let mut ids = std::collections::HashSet::new();
+        for u in &self.users {
+            if u.id.is_empty() || !u.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(ConfigError::Invalid(format!("users: id {:?} must be non-empty letters, digits, '-' or '_'", u.id)));
+            }
+            if !ids.insert(u.id.clone()) {
+                return Err(ConfigError::Invalid(format!("users: {:?} is listed twice", u.id)));
+            }
+            if u.session_api_keys.is_empty() {
+                return Err(ConfigError::Invalid(format!("users: {:?} has no session_api_keys", u.id)));
+            }
+        }
+        let open = self.session_api_keys.as_ref().is_some_and(|k| k.is_empty()) && self.users.is_empty();
+        if open && !self.bind.ip().is_loopback() {
             return Err(ConfigError::Invalid(format!(
                 "refusing to listen on {} with an empty session_api_keys (no authentication): set a key (session_api_keys, NESTOR_SESSION_API_KEYS, SESSION_API_KEY or --session-api-key) or bind to a loopback address",
                 self.bind
@@ -318,6 +344,9 @@ impl Config {
             if !(v.is_finite() && v > 0.0) {
                 return Err(ConfigError::Invalid(format!("{what} must be a positive number of seconds")));
             }
+        }
+        if let Some(r) = &self.allow_cors_origin_regex {
+            regex::Regex::new(r).map_err(|e| ConfigError::Invalid(format!("allow_cors_origin_regex: {e}")))?;
         }
         if self.max_body_bytes == 0 {
             return Err(ConfigError::Invalid("max_body_bytes must be positive".into()));

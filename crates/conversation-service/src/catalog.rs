@@ -380,6 +380,17 @@ impl Catalog {
         Ok(infos.into_iter().map(|i| i.map(|v| present(&v, ds))).collect())
     }
 
+    /// Ids visible to `owner` (None: everyone's).
+    pub fn visible_ids(&self, owner: Option<&UserId>) -> Vec<ConversationId> {
+        self.entries.iter().filter(|e| owner.is_none_or(|o| &e.owner == o)).map(|e| *e.key()).collect()
+    }
+
+    /// The conversation's working directory (as its downstream reported it).
+    pub fn working_dir(&self, id: &ConversationId) -> Option<String> {
+        let e = self.entries.get(id)?;
+        e.item.info.get("workspace")?.get("working_dir")?.as_str().map(str::to_owned)
+    }
+
     /// Entries whose downstream is `ds`.
     pub fn ids_on(&self, ds: &DownstreamId) -> Vec<ConversationId> {
         self.entries.iter().filter(|e| e.downstream.id() == ds).map(|e| *e.key()).collect()

@@ -18,6 +18,7 @@ use nestor_provisioner::ProvisionRequest;
 use serde_json::{json, Map, Value};
 
 use crate::app::AppState;
+use crate::auth::{Principal, Scope};
 use crate::errors::{provision_error, HttpError, HttpResult};
 use crate::forward::{self, bounded_body, strip_key_from_query, ForwardOpts, Forwarded};
 
@@ -63,19 +64,24 @@ fn downstream_target(uri: &http::Uri) -> String {
     pq
 }
 
-/// Look up a conversation the caller may see.
-fn route(state: &AppState, id: &ConversationId, user: &UserId, rest: &str) -> Result<Arc<Downstream>, ApiError> {
+/// Look up a conversation the caller may see. Another user's conversation answers exactly
+/// like an unknown one.
+pub fn route(state: &AppState, id: &ConversationId, who: &Principal, rest: &str) -> Result<Arc<Downstream>, ApiError> {
     match state.catalog.route(id) {
-        Some((ds, owner)) if &owner == user || state.auth.is_open() || owner == UserId::default_user() => Ok(ds),
+        Some((ds, owner)) if state.auth.is_open() || who.may_access(id, &owner) => Ok(ds),
         _ => Err(unknown_conversation(id, rest)),
     }
+}
+
+fn user_principal(user: &UserId) -> Principal {
+    Principal { user: user.clone(), scope: Scope::User }
 }
 
 // ---------------------------------------------------------------- catalog reads
 
 /// `GET /api/conversations/search`.
 pub async fn search(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
-    let user = state.auth.check_headers(req.headers())?;
+    let user = state.auth.check_user(req.headers())?;
     let q = SearchQuery::parse(&QueryParams::parse(req.uri().query())).map_err(ApiError::Validation)?;
     state.catalog.refresh_stale(state.provisioner.list()).await;
     let owner = scope(&state, &user);
@@ -92,14 +98,14 @@ pub async fn search(State(state): State<AppState>, req: Request<Body>) -> HttpRe
     Ok(json_response(StatusCode::OK, &json!({ "items": items, "next_page_id": page.next_page_id })))
 }
 
-/// Which user's conversations a caller sees (None: everyone's, single-user mode).
-fn scope(_state: &AppState, _user: &UserId) -> Option<UserId> {
-    None
+/// Which user's conversations a caller sees (None: everyone's, on an open server).
+fn scope(state: &AppState, user: &UserId) -> Option<UserId> {
+    state.auth.listing_scope(user)
 }
 
 /// `GET /api/conversations/count`.
 pub async fn count(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
-    let user = state.auth.check_headers(req.headers())?;
+    let user = state.auth.check_user(req.headers())?;
     let status = nestor_conversation_service::query::parse_count(&QueryParams::parse(req.uri().query()))
         .map_err(ApiError::Validation)?;
     state.catalog.refresh_stale(state.provisioner.list()).await;
@@ -139,9 +145,10 @@ async fn live_infos(state: &AppState, ids: Vec<ConversationId>, include_skills: 
 
 /// `GET /api/conversations?ids=…` (up to 99, answer in request order, null if unknown).
 pub async fn batch(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
-    let user = state.auth.check_headers(req.headers())?;
+    let user = state.auth.check_user(req.headers())?;
     let q = BatchQuery::parse(&QueryParams::parse(req.uri().query())).map_err(ApiError::Validation)?;
-    let visible: Vec<ConversationId> = q.ids.iter().copied().filter(|id| route(&state, id, &user, "").is_ok()).collect();
+    let who = user_principal(&user);
+    let visible: Vec<ConversationId> = q.ids.iter().copied().filter(|id| route(&state, id, &who, "").is_ok()).collect();
     let live = live_infos(&state, visible.clone(), q.include_skills).await;
     let out: Vec<Value> = q
         .ids
@@ -161,7 +168,8 @@ pub async fn batch(State(state): State<AppState>, req: Request<Body>) -> HttpRes
 /// `POST /api/conversations`: mint the id if absent, provision a downstream, forward.
 /// Idempotent like upstream: an existing id goes to its downstream (200, nothing new).
 pub async fn create(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
-    let user = state.auth.check_headers(req.headers())?;
+    let user = state.auth.check_user(req.headers())?;
+    let who = user_principal(&user);
     let (parts, body) = req.into_parts();
     let limit = state.cfg.max_body_bytes;
     let body = bounded_body(&parts, body, limit)?;
@@ -190,7 +198,7 @@ pub async fn create(State(state): State<AppState>, req: Request<Body>) -> HttpRe
     obj.insert("conversation_id".into(), Value::String(id.to_string()));
 
     // Already known: the owning downstream answers (200 + existing info).
-    if let Ok(ds) = route(&state, &id, &user, "") {
+    if let Ok(ds) = route(&state, &id, &who, "") {
         return forward_create(&state, &ds, id, &user, parts, obj, false).await;
     }
     if state.catalog.route(&id).is_some() {
@@ -201,7 +209,7 @@ pub async fn create(State(state): State<AppState>, req: Request<Body>) -> HttpRe
     let lock = state.creating.entry(id).or_default().clone();
     let _guard = lock.lock().await;
     let result = async {
-        if let Ok(ds) = route(&state, &id, &user, "") {
+        if let Ok(ds) = route(&state, &id, &who, "") {
             return forward_create(&state, &ds, id, &user, parts, obj, false).await;
         }
         crate::lifecycle::admit(&state)?;
@@ -313,16 +321,40 @@ pub async fn per_conversation(
 ) -> HttpResult {
     let raw_id = params.iter().find(|(k, _)| k == "id").map(|(_, v)| v.as_str()).unwrap_or("");
     let rest = params.iter().find(|(k, _)| k == "rest").map(|(_, v)| v.as_str()).unwrap_or("");
-    let user = state.auth.check_headers(req.headers())?;
+    let is_workspace_file = req.method() == Method::GET && (rest == "workspace" || rest.starts_with("workspace/"));
+    let who = if is_workspace_file {
+        // Workspace files: header or the workspace cookie (browsers cannot set headers on
+        // iframe/img loads).
+        match state.auth.check_headers(req.headers()) {
+            Ok(p) => p,
+            Err(e) => workspace_cookie(req.headers()).and_then(|k| state.auth.principal_for_key(k.as_bytes())).ok_or(e)?,
+        }
+    } else {
+        state.auth.check_headers(req.headers())?
+    };
+    let user = who.user.clone();
     if raw_id == "prepare-for-sandbox-pause" && rest.is_empty() {
         // Process-local upstream; nestor's own concern, not a client's.
         return Err(ApiError::not_found().into());
     }
     let id = path_id(raw_id)?;
-    let ds = route(&state, &id, &user, rest)?;
+    let ds = route(&state, &id, &who, rest)?;
     let method = req.method().clone();
     match (method, rest) {
         (Method::DELETE, "") => delete(&state, &ds, id, req).await,
+        (Method::POST, "runtime/credentials") => {
+            let key = state.auth.mint_conversation_key(id, user.clone());
+            Ok(json_response(StatusCode::OK, &json!({ "session_api_key": key.expose() })))
+        }
+        (Method::DELETE, "runtime") => {
+            // Stop the conversation's runtime, keep its state (it starts again on demand).
+            if ds.primary() == Some(id) {
+                state.provisioner.stop(&ds).await.map_err(|e| provision_error(e, &format!("conversation {id}'s agent-server")))?;
+            }
+            let mut r = Response::new(Body::empty());
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            Ok(r)
+        }
         (Method::GET, "runtime") => Ok(json_response(StatusCode::OK, &nestor_conversation_service::runtime_info(&ds))),
         (Method::POST, "runtime/reprovision") => {
             forward::ensure_ready(&state, &ds, Some(id)).await?;
@@ -332,6 +364,21 @@ pub async fn per_conversation(
         _ => forward_streaming(&state, &ds, Some(id), req).await,
     }
 }
+
+/// The raw key in the `oh_workspace_session_key` cookie, if any.
+pub fn workspace_cookie(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == WORKSPACE_COOKIE)
+        .map(|(_, v)| v.to_owned())
+}
+
+/// The workspace cookie's name (the agent-server's).
+pub const WORKSPACE_COOKIE: &str = "oh_workspace_session_key";
 
 /// Forward with streaming bodies both ways.
 pub async fn forward_streaming(state: &AppState, ds: &Arc<Downstream>, id: Option<ConversationId>, req: Request<Body>) -> HttpResult {
@@ -396,6 +443,7 @@ async fn delete(state: &AppState, ds: &Arc<Downstream>, id: ConversationId, req:
         }
     };
     state.catalog.remove(&id).await;
+    state.auth.revoke_conversation(&id);
     let remaining = state.catalog.count_on(ds.id());
     if let Err(e) = state.provisioner.release(ds, id, remaining).await {
         tracing::warn!(conversation = %id, "deleted, but releasing its agent-server failed: {e}");
@@ -411,9 +459,9 @@ async fn delete(state: &AppState, ds: &Arc<Downstream>, id: ConversationId, req:
 
 /// `GET /api/file/download-trajectory/{id}`: forwarded by id.
 pub async fn trajectory(State(state): State<AppState>, Path(raw): Path<String>, req: Request<Body>) -> HttpResult {
-    let user = state.auth.check_headers(req.headers())?;
+    let who = state.auth.check_headers(req.headers())?;
     let id = path_id(&raw)?;
-    let ds = route(&state, &id, &user, "")?;
+    let ds = route(&state, &id, &who, "")?;
     forward_streaming(&state, &ds, Some(id), req).await
 }
 

@@ -47,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sockets/bash-events", get(sockets::bash_events))
         .route("/nestor/status", get(status::status))
         .fallback(home::fallback)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::cors::cors))
         .layer(axum::middleware::from_fn(crate::observability::track))
         .with_state(state)
 }

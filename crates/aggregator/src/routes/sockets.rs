@@ -16,11 +16,15 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use http::{Request, StatusCode};
-use nestor_core::{ConversationId, Downstream, DownstreamState, Endpoint};
+use nestor_core::{ConversationId, DownstreamState, Endpoint};
 use nestor_ws_proxy::{upgrade, ClientAuth, PairSpec, SocketKind, Upstream, UpstreamError};
 use nestor_conversation_service::QueryParams;
 
+use std::sync::Mutex;
+
 use crate::app::AppState;
+use crate::auth::Principal;
+use crate::routes::home;
 use crate::routes::conversations::json_response;
 
 fn forbidden() -> Response {
@@ -51,23 +55,43 @@ async fn socket(state: AppState, raw: String, kind: SocketKind, mut req: Request
     }
     let Ok(id) = ConversationId::parse(&raw) else { return forbidden() };
     let query = QueryParams::parse(req.uri().query());
+    // Who is calling, once known (before the upgrade for query/header keys, after the first
+    // frame otherwise).
+    let who: Arc<Mutex<Option<Principal>>> = Arc::new(Mutex::new(None));
     // Client auth, in the agent-server's order: query key, header key, first frame.
+    let presented = query
+        .last("session_api_key")
+        .map(|k| k.as_bytes().to_vec())
+        .or_else(|| req.headers().get(nestor_core::SESSION_KEY_HEADER).map(|k| k.as_bytes().to_vec()));
     let auth = if state.auth.is_open() {
+        *who.lock().unwrap() = state.auth.principal_for_key(b"");
         ClientAuth::Done
-    } else if let Some(k) = query.last("session_api_key") {
-        if state.auth.user_for_key(k.as_bytes()).is_none() {
-            return forbidden();
-        }
-        ClientAuth::Done
-    } else if let Some(k) = req.headers().get(nestor_core::SESSION_KEY_HEADER) {
-        if state.auth.user_for_key(k.as_bytes()).is_none() {
-            return forbidden();
+    } else if let Some(k) = presented {
+        match state.auth.principal_for_key(&k) {
+            Some(p) => *who.lock().unwrap() = Some(p),
+            None => return forbidden(),
         }
         ClientAuth::Done
     } else {
         let auth = state.auth.clone();
-        ClientAuth::FirstFrame(Arc::new(move |k: &str| auth.user_for_key(k.as_bytes()).is_some()))
+        let slot = who.clone();
+        ClientAuth::FirstFrame(Arc::new(move |k: &str| match auth.principal_for_key(k.as_bytes()) {
+            Some(p) => {
+                *slot.lock().unwrap() = Some(p);
+                true
+            }
+            None => false,
+        }))
     };
+    // The host-global bash socket must name its conversation (docs/routing.md).
+    let header_target = req.headers().get(home::CONVERSATION_HEADER).and_then(|v| v.to_str().ok()).and_then(|s| ConversationId::parse(s.trim()).ok());
+    if kind == SocketKind::BashEvents {
+        if let Some(p) = who.lock().unwrap().as_ref() {
+            if header_target.is_none() && p.conversation().is_none() {
+                return json_response(StatusCode::BAD_REQUEST, &serde_json::json!({"detail": home::HOW_TO_ADDRESS}));
+            }
+        }
+    }
     let resp = match upgrade::accept(&req) {
         Ok(r) => r,
         Err(e) => return (e.status(), e.to_string()).into_response(),
@@ -90,66 +114,44 @@ async fn socket(state: AppState, raw: String, kind: SocketKind, mut req: Request
                 return;
             }
         };
-        let upstream: Arc<dyn Upstream> = if kind == SocketKind::BashEvents {
-            Arc::new(HomeUpstream { state: state.clone() })
-        } else {
-            let route = state.catalog.route(&id);
-            Arc::new(ConversationUpstream { state: state.clone(), id, ds: route.map(|(ds, _)| ds) })
-        };
+        let target = if kind == SocketKind::BashEvents { header_target } else { Some(id) };
         // Attached sockets keep a downstream from idle stop.
-        let _attached = state.catalog.route(&id).map(|(ds, _)| ds.attach_socket());
+        let _attached = target.and_then(|t| state.catalog.route(&t)).map(|(ds, _)| ds.attach_socket());
+        let upstream: Arc<dyn Upstream> = Arc::new(ConversationUpstream { state: state.clone(), target, who });
         let span = tracing::info_span!("socket", conversation = %id, kind = ?kind);
         nestor_ws_proxy::bridge(client, spec, upstream, cfg).instrument(span).await;
     });
     resp.map(|()| Body::empty())
 }
 
-/// A conversation's downstream as the WebSocket proxy sees it.
+/// A conversation's downstream as the WebSocket proxy sees it. Resolved when the proxy
+/// dials (after client auth), so the caller's right to the conversation is checked with
+/// the principal the first frame may only now have revealed.
 struct ConversationUpstream {
     state: AppState,
-    id: ConversationId,
-    ds: Option<Arc<Downstream>>,
+    /// The conversation (for bash-events: the one the header named, if any).
+    target: Option<ConversationId>,
+    who: Arc<Mutex<Option<Principal>>>,
 }
 
 #[async_trait]
 impl Upstream for ConversationUpstream {
     async fn endpoint(&self, timeout: Duration) -> Result<Arc<Endpoint>, UpstreamError> {
-        let Some(ds) = &self.ds else { return Err(UpstreamError::NotFound) };
-        if self.state.catalog.route(&self.id).is_none() {
-            return Err(UpstreamError::NotFound);
-        }
+        let Some(who) = self.who.lock().unwrap().clone() else { return Err(UpstreamError::NotFound) };
+        // bash-events with first-frame auth: a conversation key names its conversation.
+        let Some(id) = self.target.or(who.conversation()) else { return Err(UpstreamError::NotFound) };
+        let ds = crate::routes::conversations::route(&self.state, &id, &who, "").map_err(|_| UpstreamError::NotFound)?;
         if ds.state() == DownstreamState::Ready {
             if let Some(ep) = ds.endpoint() {
                 return Ok(ep);
             }
         }
-        match self.state.provisioner.ensure_ready(ds, timeout).await {
+        match self.state.provisioner.ensure_ready(&ds, timeout).await {
             Ok(()) => ds.endpoint().ok_or_else(|| UpstreamError::Unavailable("no endpoint".into())),
             Err(nestor_provisioner::ProvisionError::NotReady(nestor_core::downstream::NotReady::Released)) => {
                 Err(UpstreamError::NotFound)
             }
             Err(e) => Err(UpstreamError::Unavailable(e.to_string())),
         }
-    }
-
-    fn on_lost(&self) {
-        if let Some(ds) = &self.ds {
-            // The socket dropping is a strong hint the downstream went away: a provisioner
-            // whose health state still says "ready" will find out on the next probe.
-            tracing::debug!(downstream = %ds.id(), "socket to downstream lost");
-        }
-    }
-}
-
-/// The home downstream, for host-global sockets.
-struct HomeUpstream {
-    state: AppState,
-}
-
-#[async_trait]
-impl Upstream for HomeUpstream {
-    async fn endpoint(&self, _timeout: Duration) -> Result<Arc<Endpoint>, UpstreamError> {
-        let ds = self.state.provisioner.home().await.map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
-        ds.endpoint().ok_or_else(|| UpstreamError::Unavailable("no endpoint".into()))
     }
 }

@@ -14,7 +14,7 @@ use crate::routes::conversations::json_response;
 /// `GET /metrics` (Prometheus text).
 pub async fn metrics(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
     if state.cfg.metrics == MetricsAccess::Key {
-        state.auth.check_headers(req.headers())?;
+        state.auth.check_user(req.headers())?;
     }
     Ok(crate::observability::metrics_handler(State(state)).await)
 }
@@ -22,7 +22,7 @@ pub async fn metrics(State(state): State<AppState>, req: Request<Body>) -> HttpR
 /// `GET /nestor/status`: every conversation with its downstream, state and age, and every
 /// downstream. Authenticated like `/api/*`.
 pub async fn status(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
-    state.auth.check_headers(req.headers())?;
+    state.auth.check_user(req.headers())?;
     let mut conversations: Vec<Value> = Vec::new();
     let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
     for ds in state.provisioner.list() {
