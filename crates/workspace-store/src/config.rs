@@ -295,12 +295,11 @@ impl WorkspaceStorageConfig {
         let mut b = AmazonS3Builder::from_env().with_bucket_name(&self.bucket);
         let path_style = self.effective_path_style();
         b = b.with_virtual_hosted_style_request(!path_style);
+        let mut allow_http = self.allow_http.unwrap_or(false);
         if let Some(ep) = &self.endpoint {
             let ep = ep.trim_end_matches('/');
             b = b.with_endpoint(if path_style { ep.to_owned() } else { virtual_hosted(ep, &self.bucket) });
-            b = b.with_allow_http(self.allow_http.unwrap_or(ep.starts_with("http://")));
-        } else if let Some(allow) = self.allow_http {
-            b = b.with_allow_http(allow);
+            allow_http = self.allow_http.unwrap_or(ep.starts_with("http://"));
         }
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let region = self
@@ -328,7 +327,9 @@ impl WorkspaceStorageConfig {
                 }
             }
         }
+        // (allow_http lives in the client options: set here, after from_env, so it wins.)
         let client = ClientOptions::new()
+            .with_allow_http(allow_http)
             .with_timeout(self.request_timeout())
             .with_connect_timeout(Duration::from_secs(self.connect_timeout_secs))
             .with_pool_idle_timeout(Duration::from_secs(30));

@@ -161,27 +161,15 @@ impl ConversationStorage {
             .expect("scan task")?
         };
 
-        // 2. What is stored: trust the local copy of the manifest only if the bucket still has
-        //    exactly the manifest it describes.
-        let mkey = self.keys.manifest(area);
-        let remote_etag = io.head_etag(&mkey).await?;
-        let (base, base_etag, sweep) = match (&cache, &remote_etag) {
-            (Some(c), Some(e)) if c.etag.as_deref() == Some(e.as_str()) => (c.manifest.clone(), Some(e.clone()), false),
-            (_, None) => (Manifest::empty(), None, true),
-            (_, Some(_)) => match self.fetch_manifest(area).await? {
-                Some((m, etag)) => (m, etag, true),
-                None => (Manifest::empty(), None, true),
-            },
-        };
-        if cache.as_ref().is_some_and(|c| c.etag.is_some() && c.etag != remote_etag) {
-            tracing::warn!(conversation = %self.conversation, %area, "workspace store: the stored manifest changed behind this nestor's back; re-reading it");
-        }
-        let known: BTreeMap<String, (LocalStat, String)> = match cache {
-            Some(c) if c.local_dir == dir => c.stats,
-            _ => BTreeMap::new(),
+        let (cached_manifest, cached_etag, known) = match cache {
+            Some(c) => {
+                let stats = if c.local_dir == dir { c.stats } else { BTreeMap::new() };
+                (Some(c.manifest), c.etag, stats)
+            }
+            None => (None, None, BTreeMap::new()),
         };
 
-        // 3. The new manifest: known hashes from unchanged stats, the rest hashed.
+        // 2. The new tree: known hashes from unchanged stats, the rest hashed.
         let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
         let mut to_hash: Vec<(String, LocalStat)> = Vec::new();
         let mut fresh: HashMap<String, LocalStat> = HashMap::new();
@@ -235,6 +223,33 @@ impl ConversationStorage {
                 None => deferred.push(p),
             }
         }
+        // What is pending, as far as this host knows, even if the bucket cannot be reached.
+        {
+            let empty = Manifest::empty();
+            let mut provisional = entries.clone();
+            for p in &deferred {
+                keep_stored(&mut provisional, cached_manifest.as_ref().unwrap_or(&empty), p);
+            }
+            self.set_pending(area, cached_manifest.as_ref().unwrap_or(&empty), &provisional);
+        }
+
+        // 3. What is stored: trust the local copy of the manifest only if the bucket still has
+        //    exactly the manifest it describes.
+        let mkey = self.keys.manifest(area);
+        let remote_etag = io.head_etag(&mkey).await?;
+        let (base, base_etag, sweep) = match (cached_manifest, &remote_etag) {
+            (Some(m), Some(e)) if cached_etag.as_deref() == Some(e.as_str()) => (m, Some(e.clone()), false),
+            (_, None) => (Manifest::empty(), None, true),
+            (_, Some(_)) => {
+                if cached_etag.is_some() {
+                    tracing::warn!(conversation = %self.conversation, %area, "workspace store: the stored manifest changed behind this nestor's back; re-reading it");
+                }
+                match self.fetch_manifest(area).await? {
+                    Some((m, etag)) => (m, etag, true),
+                    None => (Manifest::empty(), None, true),
+                }
+            }
+        };
         for p in &deferred {
             keep_stored(&mut entries, &base, p);
         }
@@ -251,13 +266,7 @@ impl ConversationStorage {
         }
 
         let removed = base.entries.keys().filter(|p| !entries.contains_key(*p)).count() as u64;
-        let (pending_bytes, pending_entries) = pending(&base, &entries);
-        {
-            let mut st = self.shared.status.lock().unwrap();
-            let a = st.area_mut(area);
-            a.pending_bytes = pending_bytes;
-            a.pending_entries = pending_entries;
-        }
+        self.set_pending(area, &base, &entries);
         let mut report = PushReport {
             area,
             committed: false,
@@ -392,6 +401,14 @@ impl ConversationStorage {
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         tracing::debug!(conversation = %self.conversation, %area, generation = report.generation, uploaded = report.bytes_uploaded, "workspace store: pushed");
         Ok(report)
+    }
+
+    fn set_pending(&self, area: Area, base: &Manifest, entries: &BTreeMap<String, Entry>) {
+        let (bytes, n) = pending(base, entries);
+        let mut st = self.shared.status.lock().unwrap();
+        let a = st.area_mut(area);
+        a.pending_bytes = bytes;
+        a.pending_entries = n;
     }
 
     async fn check_quota(&self, area: Area, before: Totals, after: Totals) -> Result<(), StoreError> {
