@@ -556,6 +556,12 @@ async fn user_network_is_reached_by_address_and_bad_runtime_is_clear() {
         p2.release(&ds2, conv, 0).await.unwrap();
 
         let mut cfg = ctx.cheap_cfg();
+        cfg.network = Some(format!("nestor-{}-no-such-net", ctx.instance));
+        let e = ctx.provisioner(&cfg).provision(req(ConversationId::new_random())).await.unwrap_err();
+        assert!(e.to_string().contains("no-such-net"), "{e}");
+        assert!(!e.to_string().contains("image"), "not mistaken for a missing image: {e}");
+
+        let mut cfg = ctx.cheap_cfg();
         cfg.runtime = Some("no-such-runtime".into());
         let p3 = ctx.provisioner(&cfg);
         let e = p3.provision(req(ConversationId::new_random())).await.unwrap_err();

@@ -36,7 +36,8 @@ pub struct DockerConfig {
     /// prints (`nestor/agent-server:1.58.2`) or the upstream image.
     #[serde(default)]
     pub image: Option<String>,
-    /// The engine: `unix:///path` or `tcp://host:port`. Default: `$DOCKER_HOST`, else
+    /// The engine: `unix:///path` or `tcp://host:port` (plain TCP; TLS engines are not
+    /// supported). Default: `$DOCKER_HOST`, else
     /// `unix:///var/run/docker.sock`.
     #[serde(default)]
     pub docker_host: Option<String>,

@@ -466,7 +466,15 @@ impl Inner {
                 eng.create_volume(&c.name, vol_labels).await.map_err(|e| self.engine_err(e))?;
                 match eng.create_container(&c.name, self.container_body(c)).await {
                     Ok(_) => {}
-                    Err(EngineError::NotFound(_)) => return Err(self.image_missing()),
+                    Err(EngineError::NotFound(msg)) if msg.to_ascii_lowercase().contains("image") => {
+                        return Err(self.image_missing())
+                    }
+                    Err(EngineError::NotFound(msg)) => {
+                        // e.g. the configured network does not exist
+                        return Err(ProvisionError::Config(format!(
+                            "cannot create the agent-server container: {msg} (check [provisioner.docker])"
+                        )));
+                    }
                     // Created meanwhile by someone else with our name: use it.
                     Err(EngineError::Conflict(_)) => {}
                     Err(e) => return Err(self.engine_err(e)),
@@ -654,10 +662,8 @@ impl Inner {
         if let Some(c) = self.ctrs.get(&id) {
             return Ok(c.ds.clone());
         }
-        self.engine
-            .connect()
-            .await
-            .map_err(|e| self.engine_err(e))?;
+        self.engine.connect().await.map_err(|e| self.engine_err(e))?;
+        self.spawn_watcher();
         let m = Manifest::new(slot.conversation(), owner, phase);
         let c = self.new_ctr(slot, m, DownstreamState::Starting);
         // Claim the slot before writing its manifest: a concurrent caller must never
