@@ -177,12 +177,37 @@ fn downstream_request(
             // `/v1/*` accepts the session key as a bearer token: never pass the client's on.
             continue;
         }
+        if name == header::COOKIE {
+            // The workspace cookie is the client's key: authenticated here, not passed on.
+            if let Some(v) = without_workspace_cookie(value) {
+                headers.append(header::COOKIE, v);
+            }
+            continue;
+        }
         headers.append(name.clone(), value.clone());
     }
     if let Some(k) = ep.key_header() {
         headers.insert(HeaderName::from_static(nestor_core::SESSION_KEY_HEADER), k.clone());
     }
     Ok(req)
+}
+
+/// A `Cookie` header without the workspace cookie (None if nothing is left).
+fn without_workspace_cookie(v: &HeaderValue) -> Option<HeaderValue> {
+    let s = v.to_str().ok()?;
+    if !s.contains(crate::routes::conversations::WORKSPACE_COOKIE) {
+        return Some(v.clone());
+    }
+    let kept: Vec<&str> = s
+        .split(';')
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && !c.starts_with(&format!("{}=", crate::routes::conversations::WORKSPACE_COOKIE)))
+        .collect();
+    if kept.is_empty() {
+        None
+    } else {
+        HeaderValue::from_str(&kept.join("; ")).ok()
+    }
 }
 
 /// Turn the client's body into a bounded streaming body (413 when `content-length` says

@@ -14,6 +14,7 @@ pub mod health;
 pub mod home;
 pub mod sockets;
 pub mod status;
+pub mod workspace_session;
 
 use axum::routing::{any, get};
 use axum::Router;
@@ -46,6 +47,10 @@ pub fn router(state: AppState) -> Router {
         .route("/sockets/session/{id}", get(sockets::session))
         .route("/sockets/bash-events", get(sockets::bash_events))
         .route("/nestor/status", get(status::status))
+        .route(
+            "/api/auth/workspace-session",
+            axum::routing::post(workspace_session::create).delete(workspace_session::delete),
+        )
         .fallback(home::fallback)
         .layer(axum::middleware::from_fn_with_state(state.clone(), crate::cors::cors))
         .layer(axum::middleware::from_fn(crate::observability::track))
