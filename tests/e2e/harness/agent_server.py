@@ -111,6 +111,42 @@ class AgentServer:
                 stop_process_group(self.proc, term_timeout=5)
         raise RuntimeError(f"agent-server failed to start: {last}\n--- log tail ---\n{tail(self.log_path)}")
 
+    def restart_same_port(self, timeout: float = STARTUP_TIMEOUT, attempts: int = 20) -> "AgentServer":
+        """Start again on the **same port** and the same state dirs, after ``kill()`` or
+        ``stop()``: what a supervisor restarting a crashed server does, and what a proxy
+        holding sockets to it must survive (same URL, same persisted conversations).
+
+        The port normally rebinds at once (uvicorn sets SO_REUSEADDR); if it is briefly
+        unavailable the start is retried, bounded by ``attempts`` and ``timeout`` each."""
+        if not self.port:
+            raise RuntimeError("restart_same_port() needs a server that was started before")
+        if self.alive():
+            raise RuntimeError("restart_same_port(): the server is still running; kill() or stop() it first")
+        last: Exception | None = None
+        for _ in range(attempts):
+            log = open(self.log_path, "ab")
+            log.write(b"\n--- restart on the same port ---\n")
+            t0 = time.monotonic()
+            self.proc = subprocess.Popen(
+                self._command(),
+                cwd=self.state_dir,
+                env=agent_server_env(self.state_dir, self.api_key, self.tmux_dir, self.extra_env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            log.close()
+            try:
+                wait_http_ok(f"{self.base_url}/alive", timeout=timeout, proc=self.proc)
+                self.startup_seconds = time.monotonic() - t0
+                return self
+            except (RuntimeError, TimeoutError) as e:  # port still held, or a crash: retry
+                last = e
+                stop_process_group(self.proc, term_timeout=5)
+                time.sleep(0.5)
+        raise RuntimeError(f"agent-server did not restart on port {self.port}: {last}\n--- log tail ---\n{tail(self.log_path)}")
+
     def _command(self) -> list[str]:
         cmd = [agent_server_bin(), "--host", "127.0.0.1", "--port", str(self.port)]
         # If the test process dies without teardown, take the server down with it. (The
