@@ -40,6 +40,10 @@ pub struct Inner {
     pub creating: DashMap<ConversationId, Arc<Mutex<()>>>,
     pub ready_timeout: Duration,
     pub cors: crate::cors::CorsPolicy,
+    /// Settings, secrets and profiles (nestor's own store).
+    pub settings: Arc<nestor_settings::SettingsService>,
+    /// How downstreams reach nestor (no trailing slash).
+    pub internal_url: String,
     /// WebSocket proxy settings.
     pub ws: Arc<nestor_ws_proxy::ProxyConfig>,
     pub upstream_timeout: Duration,
@@ -153,8 +157,25 @@ impl AppState {
             ..Default::default()
         });
         let cors = crate::cors::CorsPolicy::new(cfg.allow_cors_origins.clone(), cfg.allow_cors_origin_regex.as_deref())?;
+        let secret_keys = match &cfg.secret_key {
+            Some(k) => nestor_settings::SecretKeys::new(k.expose().to_owned()),
+            None => nestor_settings::SecretKeys::load_or_generate(&cfg.state_dir.join("secret_key"))
+                .map_err(|e| anyhow::anyhow!("cannot read or create {}: {e}", cfg.state_dir.join("secret_key").display()))?,
+        }
+        .with_previous(cfg.previous_secret_keys.iter().map(|k| k.expose().to_owned()).collect::<Vec<_>>());
+        let settings = nestor_settings::SettingsService::open(cfg.state_dir.join("settings"), Some(secret_keys))?;
+        let internal_url = match &cfg.internal_url {
+            Some(u) => u.trim_end_matches('/').to_owned(),
+            None => {
+                let ip = if cfg.bind.ip().is_unspecified() { "127.0.0.1".to_owned() } else { cfg.bind.ip().to_string() };
+                let ip = if ip.contains(':') { format!("[{ip}]") } else { ip };
+                format!("http://{ip}:{}", cfg.bind.port())
+            }
+        };
         let state = AppState(Arc::new(Inner {
             cors,
+            settings,
+            internal_url,
             ws,
             ready_timeout: Duration::from_secs_f64(cfg.ready_timeout_secs),
             upstream_timeout: Duration::from_secs_f64(cfg.upstream_timeout_secs),

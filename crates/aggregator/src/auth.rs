@@ -30,6 +30,9 @@ pub enum Scope {
     User,
     /// One conversation only.
     Conversation(ConversationId),
+    /// Only the secret lookups of one conversation (the credential its downstream uses in
+    /// the `LookupSecret` URLs nestor hands it).
+    Secrets(ConversationId),
 }
 
 /// Who is calling.
@@ -46,6 +49,7 @@ impl Principal {
             && match &self.scope {
                 Scope::User => true,
                 Scope::Conversation(c) => c == id,
+                Scope::Secrets(_) => false,
             }
     }
 
@@ -53,7 +57,7 @@ impl Principal {
     pub fn conversation(&self) -> Option<ConversationId> {
         match self.scope {
             Scope::Conversation(c) => Some(c),
-            Scope::User => None,
+            Scope::User | Scope::Secrets(_) => None,
         }
     }
 }
@@ -73,13 +77,16 @@ struct StoredConversationKey {
     sha256: String,
     conversation: ConversationId,
     user: UserId,
+    /// A secrets-lookup credential rather than a conversation key.
+    #[serde(default)]
+    secrets_only: bool,
 }
 
 #[derive(Debug)]
 pub struct Auth {
     keys: Vec<(SessionKey, UserId)>,
-    /// sha256(key) → (conversation, user).
-    conversation_keys: RwLock<HashMap<[u8; 32], (ConversationId, UserId)>>,
+    /// sha256(key) → (conversation, user, secrets-only).
+    conversation_keys: RwLock<HashMap<[u8; 32], (ConversationId, UserId, bool)>>,
     store: Option<PathBuf>,
 }
 
@@ -124,7 +131,7 @@ impl Auth {
                     Ok(v) => {
                         for s in v {
                             if let Some(h) = unhex(&s.sha256) {
-                                conversation_keys.insert(h, (s.conversation, s.user));
+                                conversation_keys.insert(h, (s.conversation, s.user, s.secrets_only));
                             }
                         }
                     }
@@ -164,7 +171,10 @@ impl Auth {
         if map.is_empty() || presented.is_empty() {
             return None;
         }
-        map.get(&digest(presented)).map(|(c, u)| Principal { user: u.clone(), scope: Scope::Conversation(*c) })
+        map.get(&digest(presented)).map(|(c, u, secrets_only)| Principal {
+            user: u.clone(),
+            scope: if *secrets_only { Scope::Secrets(*c) } else { Scope::Conversation(*c) },
+        })
     }
 
     /// The user a presented key belongs to (any scope).
@@ -187,10 +197,28 @@ impl Auth {
         }
     }
 
+    /// Authenticate and reject secrets-only credentials (they open nothing but lookups).
+    pub fn check_client(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {
+        match self.check_headers(headers)? {
+            Principal { scope: Scope::Secrets(_), .. } => Err(ApiError::Unauthorized),
+            p => Ok(p),
+        }
+    }
+
     /// Mint a key for one conversation. Returned once; only its hash is kept.
     pub fn mint_conversation_key(&self, conversation: ConversationId, user: UserId) -> SessionKey {
+        self.mint(conversation, user, false)
+    }
+
+    /// Mint the credential a conversation's downstream presents when it looks up one of
+    /// the user's secrets at nestor. It opens nothing else.
+    pub fn mint_secrets_credential(&self, conversation: ConversationId, user: UserId) -> SessionKey {
+        self.mint(conversation, user, true)
+    }
+
+    fn mint(&self, conversation: ConversationId, user: UserId, secrets_only: bool) -> SessionKey {
         let key = SessionKey::random();
-        self.conversation_keys.write().unwrap().insert(digest(key.expose().as_bytes()), (conversation, user));
+        self.conversation_keys.write().unwrap().insert(digest(key.expose().as_bytes()), (conversation, user, secrets_only));
         self.persist();
         key
     }
@@ -200,7 +228,7 @@ impl Auth {
         let removed = {
             let mut m = self.conversation_keys.write().unwrap();
             let before = m.len();
-            m.retain(|_, (c, _)| c != conversation);
+            m.retain(|_, (c, _, _)| c != conversation);
             before != m.len()
         };
         if removed {
@@ -215,7 +243,7 @@ impl Auth {
             .read()
             .unwrap()
             .iter()
-            .map(|(h, (c, u))| StoredConversationKey { sha256: hex(h), conversation: *c, user: u.clone() })
+            .map(|(h, (c, u, s))| StoredConversationKey { sha256: hex(h), conversation: *c, user: u.clone(), secrets_only: *s })
             .collect();
         match serde_json::to_vec(&v) {
             Ok(bytes) => {

@@ -68,6 +68,22 @@ pub struct Config {
     /// A regular expression of allowed origins (whole-origin match).
     #[serde(default)]
     pub allow_cors_origin_regex: Option<String>,
+    /// Key that encrypts stored secrets at rest (or `NESTOR_SECRET_KEY`). Absent: one is
+    /// generated into `state_dir/secret_key` (fine on a laptop; on a server, configure it and
+    /// keep it apart from the state). nestor refuses to start if stored secrets exist that no
+    /// configured key decrypts.
+    #[serde(default)]
+    pub secret_key: Option<SessionKey>,
+    /// Keys secrets were saved with before a rotation (still read, re-encrypted at start).
+    #[serde(default)]
+    pub previous_secret_keys: Vec<SessionKey>,
+    /// How downstreams reach nestor (secret lookups, webhooks). Default: `http://<bind>`, with
+    /// `127.0.0.1` for an unspecified address.
+    #[serde(default)]
+    pub internal_url: Option<String>,
+    /// Offer every stored secret to new conversations (as lookups, never values).
+    #[serde(default = "yes")]
+    pub inject_stored_secrets: bool,
     /// Who may read `GET /metrics`: `public` (default; Prometheus style, no secrets in it),
     /// `key` (the session key, like `/api/*`) or `off`.
     #[serde(default)]
@@ -95,6 +111,10 @@ impl Default for CatalogSection {
     fn default() -> Self {
         Self { max_staleness_ms: default_staleness_ms() }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_staleness_ms() -> u64 {
@@ -201,6 +221,10 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "metrics",
     "allow_cors_origins",
     "allow_cors_origin_regex",
+    "secret_key",
+    "previous_secret_keys",
+    "internal_url",
+    "inject_stored_secrets",
     "provisioner",
 ];
 
@@ -344,6 +368,9 @@ impl Config {
             if !(v.is_finite() && v > 0.0) {
                 return Err(ConfigError::Invalid(format!("{what} must be a positive number of seconds")));
             }
+        }
+        if let Some(u) = &self.internal_url {
+            nestor_core::Endpoint::parse(u, None).map_err(|e| ConfigError::Invalid(format!("internal_url: {e}")))?;
         }
         if let Some(r) = &self.allow_cors_origin_regex {
             regex::Regex::new(r).map_err(|e| ConfigError::Invalid(format!("allow_cors_origin_regex: {e}")))?;

@@ -6,19 +6,26 @@ use nestor_core::downstream::NotReady;
 use nestor_core::ApiError;
 use nestor_provisioner::ProvisionError;
 
-/// An [`ApiError`] as an axum response.
+/// An error answer: an [`ApiError`], or a ready response from a library that shapes its
+/// own errors (the settings store).
 #[derive(Debug)]
-pub struct HttpError(pub ApiError);
+pub enum HttpError {
+    Api(ApiError),
+    Raw(Response),
+}
 
 impl From<ApiError> for HttpError {
     fn from(e: ApiError) -> Self {
-        Self(e)
+        Self::Api(e)
     }
 }
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        self.0.to_http::<Body>()
+        match self {
+            HttpError::Api(e) => e.to_http::<Body>(),
+            HttpError::Raw(r) => r,
+        }
     }
 }
 

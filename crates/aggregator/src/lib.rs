@@ -16,6 +16,7 @@ pub mod forward;
 pub mod lifecycle;
 pub mod observability;
 pub mod routes;
+pub mod secrets;
 pub mod server;
 
 pub use app::AppState;

@@ -33,6 +33,12 @@ fn expectation(method: &str, path: &str, class: &str) -> Expect {
     if class.starts_with("PER-CONVERSATION") {
         return Expect::Conversation;
     }
+    // Settings, secrets, profiles, provider connections, LLM catalogs and the workspace
+    // cookie live on nestor (profile validation needs an LLM call: the home makes it).
+    let nestor_owned = ["/api/settings", "/api/profiles", "/api/agent-profiles", "/api/meta-profiles", "/api/llm/provider-connections", "/api/llm/providers", "/api/llm/models", "/api/auth/workspace-session"];
+    if nestor_owned.iter().any(|p| path == *p || path.starts_with(&format!("{p}/"))) && !path.ends_with("/validate") {
+        return Expect::Nestor;
+    }
     if class.starts_with("GLOBAL-WORKSPACE") {
         // Host-global workspace routes must name a conversation: 400 from nestor when
         // they don't (see `host_global_routes_follow_the_addressing_rules`).

@@ -375,7 +375,7 @@ async fn a_live_only_client_gets_nothing_from_before_it_subscribed_after_a_resum
     assert_eq!(must_json(&mut ws).await["key"], "full_state");
     let mut want = Vec::new();
     let mut got = Vec::new();
-    let mut read_until = |v: Value, got: &mut Vec<String>| {
+    let read_until = |v: Value, got: &mut Vec<String>| {
         if is_persisted_event(&v) {
             got.push(v["id"].as_str().unwrap().to_owned());
         }

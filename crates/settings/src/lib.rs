@@ -175,6 +175,34 @@ impl SettingsService {
         tokio::task::spawn_blocking(move || svc.secret_value(u.as_str(), &n)).await.ok().flatten()
     }
 
+    /// The default agent source for a create that names none: the active agent profile's
+    /// id if the user activated one, else the stored `agent_settings` (with plaintext
+    /// secrets, for the downstream to build the agent from).
+    pub async fn default_agent_source(self: &Arc<Self>, user: &UserId) -> Result<(String, Value), Error> {
+        let (svc, u) = (self.clone(), user.clone());
+        routes::blocking(move || {
+            let s = svc.load_settings(u.as_str())?;
+            if let Some(id) = s["active_agent_profile_id"].as_str().filter(|i| !i.is_empty()) {
+                return Ok(("agent_profile_id".to_owned(), Value::String(id.to_owned())));
+            }
+            Ok(("agent_settings".to_owned(), s["agent_settings"].clone()))
+        })
+        .await
+    }
+
+    /// The names (and descriptions) of `user`'s stored secrets; empty when none or unreadable.
+    pub async fn secret_names(self: &Arc<Self>, user: &UserId) -> Vec<(String, Option<Value>)> {
+        let (svc, u) = (self.clone(), user.clone());
+        let listed = tokio::task::spawn_blocking(move || svc.list_secrets(u.as_str(), None)).await;
+        let Ok(Ok(v)) = listed else { return Vec::new() };
+        v["secrets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| Some((s["name"].as_str()?.to_owned(), s.get("description").filter(|d| !d.is_null()).cloned())))
+            .collect()
+    }
+
     /// Rewrite a create body for a downstream (see [`resolve`]).
     pub async fn resolve_create(self: &Arc<Self>, user: &UserId, body: Value) -> Result<ResolvedCreate, Error> {
         let (svc, u) = (self.clone(), user.clone());

@@ -213,6 +213,9 @@ pub async fn create(State(state): State<AppState>, req: Request<Body>) -> HttpRe
             return forward_create(&state, &ds, id, &user, parts, obj, false).await;
         }
         crate::lifecycle::admit(&state)?;
+        // Settings, profiles and secrets live on nestor: resolve them before a downstream
+        // sees the body (errors here cost no downstream).
+        let obj = resolve_create_body(&state, &user, id, obj).await?;
         let started = std::time::Instant::now();
         let ds = state
             .provisioner
@@ -228,6 +231,46 @@ pub async fn create(State(state): State<AppState>, req: Request<Body>) -> HttpRe
     drop(_guard);
     state.creating.remove_if(&id, |_, l| Arc::strong_count(l) <= 1);
     result
+}
+
+/// Resolve a new conversation's body against nestor's store: a body naming no agent gets
+/// the user's defaults (active agent profile, else stored agent settings); profiles and
+/// nestor cipher text are resolved; secrets become lookups at nestor (crate::secrets).
+async fn resolve_create_body(
+    state: &AppState,
+    user: &UserId,
+    id: ConversationId,
+    mut obj: Map<String, Value>,
+) -> Result<Map<String, Value>, HttpError> {
+    if let Some(Value::Object(m)) = obj.get_mut("secrets") {
+        crate::secrets::rewrite(state, id, user, m);
+    }
+    let named = ["agent", "agent_settings", "agent_profile_id"].iter().any(|k| obj.get(*k).is_some_and(|v| !v.is_null()));
+    if !named {
+        let (k, v) = state.settings.default_agent_source(user).await.map_err(crate::routes::settings::map_settings_error)?;
+        obj.insert(k, v);
+    }
+    let resolved = state
+        .settings
+        .resolve_create(user, Value::Object(obj))
+        .await
+        .map_err(crate::routes::settings::map_settings_error)?;
+    let Value::Object(mut obj) = resolved.body else {
+        return Err(ApiError::Internal("settings resolution did not return an object".into()).into());
+    };
+    let allowed: Option<Vec<String>> = resolved.launched_agent_profile.as_ref().and_then(|p| {
+        p.get("secret_refs").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+    });
+    if state.cfg.inject_stored_secrets {
+        let secrets = obj.entry("secrets").or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(m) = secrets {
+            crate::secrets::inject(state, id, user, m, allowed.as_deref()).await;
+            if m.is_empty() {
+                obj.remove("secrets");
+            }
+        }
+    }
+    Ok(obj)
 }
 
 /// Validate what nestor must read of a create body before spending a downstream on it.
@@ -303,6 +346,7 @@ async fn forward_create(
 
 /// A create that failed leaves nothing behind.
 async fn release_if_empty(state: &AppState, ds: &Arc<Downstream>, id: ConversationId) {
+    state.auth.revoke_conversation(&id);
     let remaining = state.catalog.count_on(ds.id());
     if remaining == 0 && ds.primary() == Some(id) {
         if let Err(e) = state.provisioner.release(ds, id, 0).await {
@@ -325,12 +369,12 @@ pub async fn per_conversation(
     let who = if is_workspace_file {
         // Workspace files: header or the workspace cookie (browsers cannot set headers on
         // iframe/img loads).
-        match state.auth.check_headers(req.headers()) {
+        match state.auth.check_client(req.headers()) {
             Ok(p) => p,
             Err(e) => workspace_cookie(req.headers()).and_then(|k| state.auth.principal_for_key(k.as_bytes())).ok_or(e)?,
         }
     } else {
-        state.auth.check_headers(req.headers())?
+        state.auth.check_client(req.headers())?
     };
     let user = who.user.clone();
     if raw_id == "prepare-for-sandbox-pause" && rest.is_empty() {
@@ -361,6 +405,7 @@ pub async fn per_conversation(
             Ok(json_response(StatusCode::OK, &nestor_conversation_service::runtime_info(&ds)))
         }
         (Method::POST, "fork") | (Method::POST, "children") => spawn_on_same(&state, &ds, id, &user, req).await,
+        (Method::POST, "secrets") => update_secrets(&state, &ds, id, &user, req).await,
         _ => forward_streaming(&state, &ds, Some(id), req).await,
     }
 }
@@ -386,6 +431,31 @@ pub async fn forward_streaming(state: &AppState, ds: &Arc<Downstream>, id: Optio
     let body = bounded_body(&parts, body, state.cfg.max_body_bytes)?;
     let target = downstream_target(&parts.uri);
     let r = forward::forward(state, ds, id, parts, body, &target, ForwardOpts { buffer_answer: false }).await?;
+    Ok(r.into_response())
+}
+
+/// `POST /{id}/secrets`: settings-secret lookups are rewritten to point at nestor (the
+/// downstream would resolve a relative URL against itself).
+async fn update_secrets(state: &AppState, ds: &Arc<Downstream>, id: ConversationId, user: &UserId, req: Request<Body>) -> HttpResult {
+    let (mut parts, body) = req.into_parts();
+    let limit = state.cfg.max_body_bytes;
+    let bytes = bounded_body(&parts, body, limit)?
+        .collect()
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("could not read the request body: {e}")))?
+        .to_bytes();
+    let bytes = match serde_json::from_slice::<Value>(&bytes) {
+        Ok(mut v) => {
+            if let Some(Value::Object(m)) = v.get_mut("secrets") {
+                crate::secrets::rewrite(state, id, user, m);
+            }
+            Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
+        }
+        Err(_) => bytes, // let the downstream answer its own 422
+    };
+    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    let target = downstream_target(&parts.uri);
+    let r = forward::forward(state, ds, Some(id), parts, full_body(bytes), &target, ForwardOpts { buffer_answer: false }).await?;
     Ok(r.into_response())
 }
 
@@ -459,7 +529,7 @@ async fn delete(state: &AppState, ds: &Arc<Downstream>, id: ConversationId, req:
 
 /// `GET /api/file/download-trajectory/{id}`: forwarded by id.
 pub async fn trajectory(State(state): State<AppState>, Path(raw): Path<String>, req: Request<Body>) -> HttpResult {
-    let who = state.auth.check_headers(req.headers())?;
+    let who = state.auth.check_client(req.headers())?;
     let id = path_id(&raw)?;
     let ds = route(&state, &id, &who, "")?;
     forward_streaming(&state, &ds, Some(id), req).await

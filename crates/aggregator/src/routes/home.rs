@@ -152,7 +152,7 @@ pub async fn fallback(State(state): State<AppState>, req: Request<Body>) -> Http
         let ds = state.provisioner.home().await.map_err(|e| provision_error(e, "the home agent-server"))?;
         return forward_streaming(&state, &ds, None, req).await;
     }
-    let who = state.auth.check_headers(req.headers())?;
+    let who = state.auth.check_client(req.headers())?;
     let kind = classify(req.method(), &path);
     if kind == Global::Local && who.conversation().is_some() {
         // A conversation key opens its conversation, not the server's settings.
@@ -213,7 +213,7 @@ async fn openai_gateway(state: AppState, req: Request<Body>) -> HttpResult {
         .and_then(|k| state.auth.principal_for_key(k.trim().as_bytes()));
     let who = match bearer {
         Some(p) => p,
-        None => state.auth.check_headers(req.headers())?,
+        None => state.auth.check_client(req.headers())?,
     };
     let header_id = req.headers().get(CONVERSATION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
     if let Some(raw) = header_id {

@@ -13,6 +13,7 @@ pub mod conversations;
 pub mod health;
 pub mod home;
 pub mod sockets;
+pub mod settings;
 pub mod status;
 pub mod workspace_session;
 
@@ -47,6 +48,9 @@ pub fn router(state: AppState) -> Router {
         .route("/sockets/session/{id}", get(sockets::session))
         .route("/sockets/bash-events", get(sockets::bash_events))
         .route("/nestor/status", get(status::status))
+        .route("/nestor/secrets/{conversation}/{name}", get(crate::secrets::lookup))
+        .route("/api/profiles/{name}/validate", axum::routing::post(settings::validate_profile))
+        .merge(settings::router(&state))
         .route(
             "/api/auth/workspace-session",
             axum::routing::post(workspace_session::create).delete(workspace_session::delete),

@@ -55,13 +55,13 @@ fn no_content(set_cookie: HeaderValue) -> Response {
 }
 
 pub async fn create(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
-    state.auth.check_headers(req.headers())?;
+    state.auth.check_client(req.headers())?;
     let key = req.headers().get(nestor_core::SESSION_KEY_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
     Ok(no_content(cookie(key, MAX_AGE, secure_context(req.headers()))))
 }
 
 pub async fn delete(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
-    state.auth.check_headers(req.headers())?;
+    state.auth.check_client(req.headers())?;
     Ok(no_content(cookie("", 0, secure_context(req.headers()))))
 }
 

@@ -89,12 +89,15 @@ pub async fn start_in(dir: tempfile::TempDir, fakes: &[&FakeAgentServer], extra:
 }
 
 pub async fn start_with_toml(dir: tempfile::TempDir, toml: &str) -> TestNestor {
+    // Listen first, so the configuration names the real port (downstreams call back there).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let url = format!("http://{addr}");
+    let toml = toml.replace("bind = \"127.0.0.1:0\"", &format!("bind = \"{addr}\""));
     let path = dir.path().join("nestor.toml");
     std::fs::write(&path, toml).unwrap();
     let cfg = Config::load(Some(Path::new(&path)), &Overrides::default()).expect("config loads");
     let keys = app::resolve_keys(&cfg).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
     let state = AppState::start(cfg, keys).await.expect("nestor starts");
     let s2 = state.clone();
     let task = tokio::spawn(async move {

@@ -191,6 +191,9 @@ pub(crate) struct Inner {
     fault: ArcSwap<Fault>,
     requests: AtomicU64,
     per_path: DashMap<String, u64>,
+    /// Bodies of `POST /api/conversations` as received (last 1,000), for tests that check
+    /// what a proxy sent.
+    pub(crate) create_bodies: Mutex<std::collections::VecDeque<Value>>,
     started: Instant,
     last_request_ms: AtomicU64,
     addr: SocketAddr,
@@ -315,6 +318,7 @@ impl FakeAgentServer {
             fault: ArcSwap::from_pointee(Fault::None),
             requests: AtomicU64::new(0),
             per_path: DashMap::new(),
+            create_bodies: Mutex::new(std::collections::VecDeque::new()),
             started: Instant::now(),
             last_request_ms: AtomicU64::new(0),
             addr,
@@ -524,6 +528,11 @@ impl FakeAgentServer {
             .filter(|e| e.key().starts_with(path_prefix))
             .map(|e| *e.value())
             .sum()
+    }
+
+    /// The bodies of the creates this server received, oldest first (at most 1,000).
+    pub fn create_bodies(&self) -> Vec<Value> {
+        self.inner.create_bodies.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
     }
 
     pub fn reset_request_counts(&self) {

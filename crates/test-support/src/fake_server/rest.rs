@@ -617,6 +617,15 @@ async fn create_conversation(
 ) -> Response {
     let body = tri!(v::parse_body(&body));
     tri!(authorize(&inner, &headers));
+    {
+        let mut log = inner.create_bodies.lock().unwrap_or_else(|p| p.into_inner());
+        if log.len() >= 1000 {
+            log.pop_front();
+        }
+        if let v::BodyJson::Value(b) = &body {
+            log.push_back(b.clone());
+        }
+    }
     let q = Query::parse(q.as_deref());
     let mut errors = Vec::new();
     v::query_bool(&q, "include_skills", false, &mut errors);
