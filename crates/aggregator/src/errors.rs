@@ -36,7 +36,9 @@ pub type HttpResult<T = Response> = Result<T, HttpError>;
 pub fn provision_error(e: ProvisionError, who: &str) -> ApiError {
     use std::time::Duration;
     match e {
-        ProvisionError::Unavailable { detail, retry_after } => ApiError::Unavailable { detail, retry_after },
+        ProvisionError::Unavailable { detail, retry_after } => {
+            ApiError::Unavailable { detail: format!("{who} is unavailable: {detail}"), retry_after }
+        }
         ProvisionError::NotReady(NotReady::Timeout(t)) => ApiError::Unavailable {
             detail: format!("{who} is still starting after {}s; retry shortly", t.as_secs()),
             retry_after: Some(Duration::from_secs(5)),

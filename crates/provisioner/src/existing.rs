@@ -210,7 +210,7 @@ impl Provisioner for ExistingProvisioner {
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return Err(ProvisionError::Unavailable {
-                    detail: "the conversation's agent-server is not answering its health check".into(),
+                    detail: "it is not answering its health check".into(),
                     retry_after: Some(self.interval),
                 });
             }
