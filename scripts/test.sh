@@ -42,6 +42,14 @@ fi
 
 if has unit; then
   stage unit
+  # A real S3-compatible server (moto_server) for the workspace-store tests; without one they
+  # start their own, or say they skip.
+  if s3=$(timeout 1200 bash scripts/setup-s3.sh); then
+    export NESTOR_TEST_S3_ENDPOINT="$s3"
+    trap 'bash scripts/setup-s3.sh --stop' EXIT
+  else
+    echo "test.sh: no S3-compatible server; the workspace-store tests start their own or skip" >&2
+  fi
   if cargo nextest --version >/dev/null 2>&1; then
     timeout 2400 cargo nextest run --workspace --locked --no-fail-fast
   else

@@ -492,7 +492,8 @@ mod tests {
     #[test]
     fn validation_names_the_setting() {
         ok().validate().unwrap();
-        let cases: Vec<(Box<dyn Fn(&mut WorkspaceStorageConfig)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut WorkspaceStorageConfig)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|c| c.bucket.clear()), "bucket is required"),
             (Box::new(|c| c.bucket = "My_Bucket".into()), "bucket"),
             (Box::new(|c| c.prefix = "/abs".into()), "prefix"),

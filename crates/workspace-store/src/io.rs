@@ -229,7 +229,7 @@ impl Io {
         // S3's bulk delete takes 1000 keys per request.
         for batch in keys.chunks(1000) {
             let first = batch[0].clone();
-            let stream = futures::stream::iter(batch.to_vec().into_iter().map(Ok)).boxed();
+            let stream = futures::stream::iter(batch.iter().cloned().map(Ok).collect::<Vec<_>>()).boxed();
             let fut = async {
                 let mut results = self.store.delete_stream(stream);
                 let mut n = 0u64;

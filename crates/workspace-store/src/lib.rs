@@ -217,16 +217,33 @@ impl WorkspaceStore {
         Some(s)
     }
 
-    /// Checks at start-up that the bucket answers and the credentials work (one bounded
-    /// request), so a misconfiguration shows at once rather than at the first push.
+    /// Checks at start-up that the bucket exists, answers and the credentials work (one
+    /// bounded LIST under the prefix), so a misconfiguration shows at once rather than at the
+    /// first push.
     pub async fn probe(&self) -> Result<(), StoreError> {
-        let key = object_store::path::Path::parse(if self.inner.cfg.prefix.is_empty() {
-            ".nestor-probe".to_owned()
-        } else {
-            format!("{}/.nestor-probe", self.inner.cfg.prefix)
-        })
-        .expect("valid probe key");
-        self.inner.io.head_etag(&key).await.map(|_| ())
+        let io = &self.inner.io;
+        let prefix = object_store::path::Path::parse(&self.inner.cfg.prefix).expect("validated prefix");
+        let prefix = (!self.inner.cfg.prefix.is_empty()).then_some(prefix);
+        let fut = io.store.list_with_delimiter(prefix.as_ref());
+        match io.call(io::Op::List, "list", &prefix.clone().unwrap_or_default(), fut).await {
+            Ok(_) => Ok(()),
+            Err(StoreError::Storage { source, .. })
+                if matches!(source, object_store::Error::NotFound { .. }) || source.to_string().contains("NoSuchBucket") =>
+            {
+                Err(StoreError::Config(format!(
+                    "workspace_storage.bucket {:?} does not exist (or is not visible with these credentials)",
+                    self.inner.cfg.bucket
+                )))
+            }
+            Err(StoreError::Storage {
+                source: source @ (object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }),
+                ..
+            }) => Err(StoreError::Config(format!(
+                "workspace_storage: the credentials were refused for bucket {:?}: {source}",
+                self.inner.cfg.bucket
+            ))),
+            Err(e) => Err(e),
+        }
     }
 
     /// Request and byte counters since this store was made.

@@ -19,6 +19,9 @@ use crate::manifest::{Entry, LocalCache, LocalStat, Manifest, FORMAT};
 use crate::scan::stat_of;
 use crate::{split_dir, ConversationStorage};
 
+/// A restored file: its path, local stat and hash.
+type RestoredFile = (String, LocalStat, String);
+
 const TMP_MARK: &str = ".nestor-pull-";
 const OLD_MARK: &str = ".nestor-old-";
 
@@ -190,7 +193,7 @@ impl ConversationStorage {
             }
         }
         let concurrency = self.inner.cfg.concurrency;
-        let restored: Vec<(Vec<(String, LocalStat, String)>, u64)> = futures::stream::iter(by_hash)
+        let restored: Vec<(Vec<RestoredFile>, u64)> = futures::stream::iter(by_hash)
             .map(|(hash, paths)| async move {
                 let (first, size, _, _) = paths[0];
                 let first_abs = tmp.join(first);
@@ -198,7 +201,7 @@ impl ConversationStorage {
                 let copies: Vec<(PathBuf, i64, u32, String)> =
                     paths.iter().map(|(p, _, m, md)| (tmp.join(p), *m, *md, (*p).to_owned())).collect();
                 let hash = hash.to_owned();
-                let stats = tokio::task::spawn_blocking(move || -> Result<Vec<(String, LocalStat, String)>, StoreError> {
+                let stats = tokio::task::spawn_blocking(move || -> Result<Vec<RestoredFile>, StoreError> {
                     let mut out = Vec::with_capacity(copies.len());
                     for (i, (abs, m, md, rel)) in copies.iter().enumerate() {
                         if i > 0 {

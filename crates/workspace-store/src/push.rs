@@ -72,10 +72,11 @@ impl ConversationStorage {
             a.pushing = true;
             a.last_attempt_at = Some(OffsetDateTime::now_utc());
         }
+        // Clears `pushing` even if this future is dropped mid-way (pusher stopped).
+        let _pushing = PushingFlag(self, area);
         let r = self.push_locked(area, local_dir).await;
         let mut st = self.shared.status.lock().unwrap();
         let a = st.area_mut(area);
-        a.pushing = false;
         match &r {
             Ok(rep) => {
                 a.last_success_at = Some(OffsetDateTime::now_utc());
@@ -566,6 +567,16 @@ impl ConversationStorage {
                 let _ = io.wait("abort multipart upload", &key, w.abort()).await;
                 Err(e)
             }
+        }
+    }
+}
+
+struct PushingFlag<'a>(&'a ConversationStorage, Area);
+
+impl Drop for PushingFlag<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.0.shared.status.lock() {
+            st.area_mut(self.1).pushing = false;
         }
     }
 }

@@ -459,6 +459,10 @@ async fn probe_reports_a_missing_bucket_or_server() {
     let ep = s3_or_skip!();
     let env = Env::new(&ep, "probe");
     env.host("a").probe().await.unwrap();
+    let mut missing = env.cfg.clone();
+    missing.bucket = "no-such-bucket-here".into();
+    let err = WorkspaceStore::connect(&missing, env.tmp.path().join("m")).unwrap().probe().await.unwrap_err();
+    assert!(matches!(&err, StoreError::Config(m) if m.contains("does not exist")), "{err:?}");
     let mut cfg = env.cfg.clone();
     cfg.endpoint = Some(format!("http://127.0.0.1:{}", common::free_port()));
     cfg.request_timeout_secs = 5;
