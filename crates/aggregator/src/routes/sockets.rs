@@ -159,10 +159,7 @@ impl Upstream for ConversationUpstream {
             }
         }
         let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let t0 = std::time::Instant::now();
-        let r = self.state.provisioner.ensure_ready(&ds, timeout).await;
-        eprintln!("ENSURE_READY {:?} {:?} ok={}", t0.elapsed(), timeout, r.is_ok());
-        match r {
+        match self.state.provisioner.ensure_ready(&ds, timeout).await {
             Ok(()) => ds.endpoint().ok_or_else(|| UpstreamError::Unavailable("no endpoint".into())),
             Err(nestor_provisioner::ProvisionError::NotReady(nestor_core::downstream::NotReady::Released)) => {
                 Err(UpstreamError::NotFound)
