@@ -44,6 +44,8 @@ pub struct Inner {
     pub settings: Arc<nestor_settings::SettingsService>,
     /// How downstreams reach nestor (no trailing slash).
     pub internal_url: String,
+    /// Webhooks received from downstreams and re-emitted.
+    pub webhooks: crate::webhooks::Webhooks,
     /// WebSocket proxy settings.
     pub ws: Arc<nestor_ws_proxy::ProxyConfig>,
     pub upstream_timeout: Duration,
@@ -112,6 +114,30 @@ impl AppState {
             .map_err(|e| anyhow::anyhow!("cannot create state_dir {}: {e}", cfg.state_dir.display()))?;
         crate::observability::install();
         let client = DownstreamClient::new(Duration::from_secs(5));
+        let internal_url = match &cfg.internal_url {
+            Some(u) => u.trim_end_matches('/').to_owned(),
+            None if cfg.provisioner.kind == ProvisionerKind::Docker => {
+                // Containers reach the host by this name (the docker provisioner adds it).
+                let port = cfg.internal_bind.map(|a| a.port()).unwrap_or(cfg.bind.port());
+                if cfg.internal_bind.is_none() {
+                    tracing::warn!("docker provisioner without internal_bind: containers reach nestor only if it listens on an address they can reach (e.g. internal_bind = \"172.17.0.1:{port}\")");
+                }
+                format!("http://host.docker.internal:{port}")
+            }
+            None => {
+                let addr = cfg.internal_bind.unwrap_or(cfg.bind);
+                let ip = if addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { addr.ip().to_string() };
+                let ip = if ip.contains(':') { format!("[{ip}]") } else { ip };
+                format!("http://{ip}:{}", addr.port())
+            }
+        };
+        // Every downstream nestor starts posts its webhooks back here.
+        let mut cfg = cfg;
+        for (k, v) in crate::webhooks::downstream_env(&internal_url) {
+            cfg.provisioner.process.env.entry(k.clone()).or_insert_with(|| v.clone());
+            cfg.provisioner.docker.env.entry(k).or_insert(v);
+        }
+
         let mut docker = None;
         let (provisioner, process): (Arc<dyn Provisioner>, Option<ProcessProvisioner>) = match cfg.provisioner.kind {
             ProvisionerKind::Existing => {
@@ -164,18 +190,13 @@ impl AppState {
         }
         .with_previous(cfg.previous_secret_keys.iter().map(|k| k.expose().to_owned()).collect::<Vec<_>>());
         let settings = nestor_settings::SettingsService::open(cfg.state_dir.join("settings"), Some(secret_keys))?;
-        let internal_url = match &cfg.internal_url {
-            Some(u) => u.trim_end_matches('/').to_owned(),
-            None => {
-                let ip = if cfg.bind.ip().is_unspecified() { "127.0.0.1".to_owned() } else { cfg.bind.ip().to_string() };
-                let ip = if ip.contains(':') { format!("[{ip}]") } else { ip };
-                format!("http://{ip}:{}", cfg.bind.port())
-            }
-        };
+        let http = reqwest::Client::builder().no_proxy().build().map_err(|e| anyhow::anyhow!("http client: {e}"))?;
+        let webhooks = crate::webhooks::Webhooks::start(&cfg.webhooks, keys.first().map(|k| k.expose().to_owned()), http);
         let state = AppState(Arc::new(Inner {
             cors,
             settings,
             internal_url,
+            webhooks,
             ws,
             ready_timeout: Duration::from_secs_f64(cfg.ready_timeout_secs),
             upstream_timeout: Duration::from_secs_f64(cfg.upstream_timeout_secs),

@@ -81,6 +81,14 @@ pub struct Config {
     /// `127.0.0.1` for an unspecified address.
     #[serde(default)]
     pub internal_url: Option<String>,
+    /// An extra listener for downstreams only (secret lookups and webhooks; no client API),
+    /// e.g. on the Docker bridge (`"172.17.0.1:8000"`) so containers can reach nestor while
+    /// `bind` stays on loopback.
+    #[serde(default)]
+    pub internal_bind: Option<SocketAddr>,
+    /// Webhooks nestor re-emits what its downstreams report to (the agent-server's shape).
+    #[serde(default)]
+    pub webhooks: Vec<crate::webhooks::WebhookSpec>,
     /// Offer every stored secret to new conversations (as lookups, never values).
     #[serde(default = "yes")]
     pub inject_stored_secrets: bool,
@@ -105,12 +113,19 @@ pub struct CatalogSection {
     /// A downstream's conversation list is re-read on search when older than this.
     #[serde(default = "default_staleness_ms")]
     pub max_staleness_ms: u64,
+    /// ... unless the downstream reports changes by webhook: then after this many seconds.
+    #[serde(default = "default_webhook_staleness")]
+    pub webhook_staleness_secs: f64,
 }
 
 impl Default for CatalogSection {
     fn default() -> Self {
-        Self { max_staleness_ms: default_staleness_ms() }
+        Self { max_staleness_ms: default_staleness_ms(), webhook_staleness_secs: default_webhook_staleness() }
     }
+}
+
+fn default_webhook_staleness() -> f64 {
+    60.0
 }
 
 fn yes() -> bool {
@@ -225,6 +240,8 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "previous_secret_keys",
     "internal_url",
     "inject_stored_secrets",
+    "internal_bind",
+    "webhooks",
     "provisioner",
 ];
 

@@ -18,6 +18,7 @@ pub mod observability;
 pub mod routes;
 pub mod secrets;
 pub mod server;
+pub mod webhooks;
 
 pub use app::AppState;
 pub use config::Config;

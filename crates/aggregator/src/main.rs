@@ -109,10 +109,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(bind)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {bind}: {e}"))?;
+        let internal = match cfg.internal_bind {
+            Some(a) => Some(
+                tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on internal_bind {a}: {e}"))?,
+            ),
+            None => None,
+        };
         let state = AppState::start(cfg, keys).await?;
         server::on_signals(&state);
         tracing::info!(%bind, "listening");
-        server::serve(state, listener).await
+        server::serve_with_internal(state, listener, internal).await
     })
 }
 

@@ -14,6 +14,18 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Serve on `listener` until `state.shutdown` is cancelled; then drain and shut down.
 pub async fn serve(state: AppState, listener: TcpListener) -> anyhow::Result<()> {
+    serve_with_internal(state, listener, None).await
+}
+
+/// [`serve`], plus the downstream-only listener (`internal_bind`) when given.
+pub async fn serve_with_internal(state: AppState, listener: TcpListener, internal: Option<TcpListener>) -> anyhow::Result<()> {
+    if let Some(l) = internal {
+        let app = crate::routes::internal_only(state.clone());
+        let token = state.shutdown.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(l, app).with_graceful_shutdown(async move { token.cancelled().await }).await;
+        });
+    }
     let app = crate::routes::router(state.clone());
     let token = state.shutdown.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move { token.cancelled().await });

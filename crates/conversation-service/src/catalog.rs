@@ -284,7 +284,14 @@ impl Catalog {
     /// the last known entries stand.
     pub async fn refresh_stale(&self, downstreams: Vec<Arc<Downstream>>) {
         let max_age = self.cfg.max_staleness;
+        self.refresh_stale_with(downstreams, |_| max_age).await
+    }
+
+    /// [`Catalog::refresh_stale`] with a per-downstream bound on the list's age (a
+    /// downstream that reports changes by webhook can be re-listed far less often).
+    pub async fn refresh_stale_with(&self, downstreams: Vec<Arc<Downstream>>, max_age_for: impl Fn(&DownstreamId) -> Duration) {
         let fresh = |ds: &DownstreamId| {
+            let max_age = max_age_for(ds);
             self.refresh
                 .get(ds)
                 .and_then(|s| *s.last_ok.lock().unwrap())
@@ -378,6 +385,58 @@ impl Catalog {
             }
         }
         Ok(infos.into_iter().map(|i| i.map(|v| present(&v, ds))).collect())
+    }
+
+    /// Fold a batch of events a downstream reported (webhook) into `id`'s info: state
+    /// updates (`execution_status`, `stats`, …, and whole `full_state` snapshots) patch the
+    /// matching fields, and `updated_at` moves to now. Persisted in the background.
+    pub fn apply_events(&self, id: &ConversationId, from: &DownstreamId, events: &[Value]) {
+        let updated = {
+            let Some(mut e) = self.entries.get_mut(id) else { return };
+            if e.downstream.id() != from {
+                return; // not its downstream: ignore
+            }
+            let mut info = (*e.item.info).clone();
+            let Some(obj) = info.as_object_mut() else { return };
+            let mut changed = false;
+            for ev in events {
+                if ev.get("kind").and_then(Value::as_str) != Some("ConversationStateUpdateEvent") {
+                    continue;
+                }
+                let (Some(key), Some(value)) = (ev.get("key").and_then(Value::as_str), ev.get("value")) else { continue };
+                if key == "full_state" {
+                    if let Some(state) = value.as_object() {
+                        for (k, v) in state {
+                            if obj.contains_key(k) && k != "id" && k != "agent" && k != "workspace" {
+                                obj.insert(k.clone(), v.clone());
+                                changed = true;
+                            }
+                        }
+                    }
+                } else if obj.contains_key(key) {
+                    obj.insert(key.to_owned(), value.clone());
+                    changed = true;
+                }
+            }
+            if !changed && events.is_empty() {
+                return;
+            }
+            let now = time::OffsetDateTime::now_utc();
+            let stamp = format!(
+                "{}Z",
+                now.format(&time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]"))
+                    .unwrap_or_default()
+            );
+            obj.insert("updated_at".into(), Value::String(stamp));
+            e.item = SearchItem::from_info(*id, Arc::new(info.clone()));
+            StoredEntry { version: 1, id: *id, downstream: from.clone(), owner: e.owner.clone(), info }
+        };
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(err) = store.save(&updated) {
+                tracing::error!(conversation = %updated.id, "could not persist catalog entry: {err}");
+            }
+        });
     }
 
     /// Ids visible to `owner` (None: everyone's).

@@ -83,7 +83,7 @@ fn user_principal(user: &UserId) -> Principal {
 pub async fn search(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
     let user = state.auth.check_user(req.headers())?;
     let q = SearchQuery::parse(&QueryParams::parse(req.uri().query())).map_err(ApiError::Validation)?;
-    state.catalog.refresh_stale(state.provisioner.list()).await;
+    refresh_catalog(&state).await;
     let owner = scope(&state, &user);
     let page = state.catalog.search(owner.as_ref(), q.status.as_deref(), q.sort_order, q.page_id.as_deref(), q.limit);
     let mut items: Vec<Value> = Vec::with_capacity(page.items.len());
@@ -98,6 +98,24 @@ pub async fn search(State(state): State<AppState>, req: Request<Body>) -> HttpRe
     Ok(json_response(StatusCode::OK, &json!({ "items": items, "next_page_id": page.next_page_id })))
 }
 
+/// Bring the catalog up to date before answering from it: each running downstream is
+/// re-listed when its list is older than `catalog.max_staleness_ms`, or, if it reports
+/// changes by webhook, `catalog.webhook_staleness_secs`.
+async fn refresh_catalog(state: &AppState) {
+    let quick = std::time::Duration::from_millis(state.cfg.catalog.max_staleness_ms);
+    let slow = std::time::Duration::from_secs_f64(state.cfg.catalog.webhook_staleness_secs.max(0.0));
+    state
+        .catalog
+        .refresh_stale_with(state.provisioner.list(), |ds| {
+            if state.webhooks.last_heard(ds).is_some_and(|t| t.elapsed() < slow) {
+                slow
+            } else {
+                quick
+            }
+        })
+        .await;
+}
+
 /// Which user's conversations a caller sees (None: everyone's, on an open server).
 fn scope(state: &AppState, user: &UserId) -> Option<UserId> {
     state.auth.listing_scope(user)
@@ -108,7 +126,7 @@ pub async fn count(State(state): State<AppState>, req: Request<Body>) -> HttpRes
     let user = state.auth.check_user(req.headers())?;
     let status = nestor_conversation_service::query::parse_count(&QueryParams::parse(req.uri().query()))
         .map_err(ApiError::Validation)?;
-    state.catalog.refresh_stale(state.provisioner.list()).await;
+    refresh_catalog(&state).await;
     let n = state.catalog.count(scope(&state, &user).as_ref(), status.as_deref());
     Ok(json_response(StatusCode::OK, &json!(n)))
 }

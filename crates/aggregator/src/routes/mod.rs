@@ -24,6 +24,23 @@ use crate::config::MetricsAccess;
 
 use crate::app::AppState;
 
+/// What downstreams call (secret lookups, webhooks). Served on the main listener and,
+/// alone, on `internal_bind`.
+fn internal_router() -> Router<AppState> {
+    Router::new()
+        .route("/nestor/secrets/{conversation}/{name}", get(crate::secrets::lookup))
+        .route("/nestor/webhooks/conversations", axum::routing::post(crate::webhooks::receive_conversation))
+        .route("/nestor/webhooks/events/{id}", axum::routing::post(crate::webhooks::receive_events))
+}
+
+/// The router of the internal listener: downstream callbacks only, no client API.
+pub fn internal_only(state: AppState) -> Router {
+    internal_router()
+        .fallback(|| async { crate::errors::HttpError::from(nestor_core::ApiError::not_found()) })
+        .layer(axum::middleware::from_fn(crate::observability::track))
+        .with_state(state)
+}
+
 pub fn router(state: AppState) -> Router {
     let metrics = state.cfg.metrics;
     let mut r = Router::new();
@@ -48,7 +65,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sockets/session/{id}", get(sockets::session))
         .route("/sockets/bash-events", get(sockets::bash_events))
         .route("/nestor/status", get(status::status))
-        .route("/nestor/secrets/{conversation}/{name}", get(crate::secrets::lookup))
+        .merge(internal_router())
         .route("/api/profiles/{name}/validate", axum::routing::post(settings::validate_profile))
         .merge(settings::router(&state))
         .route(

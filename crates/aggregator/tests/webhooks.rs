@@ -1,0 +1,113 @@
+//! Webhooks: what downstreams post keeps nestor's catalog current (no fan-out on search),
+//! and is re-emitted to the webhooks configured on nestor.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::Path;
+use axum::http::HeaderMap;
+use axum::routing::post;
+use serde_json::{json, Value};
+use support::*;
+
+type Log = Arc<Mutex<Vec<(String, HeaderMap, Value)>>>;
+
+/// A webhook receiver on loopback recording what it gets.
+async fn receiver() -> (String, Log) {
+    let log: Log = Arc::default();
+    let l1 = log.clone();
+    let l2 = log.clone();
+    let app = axum::Router::new()
+        .route(
+            "/hook/conversations",
+            post(move |h: HeaderMap, b: axum::Json<Value>| {
+                let l = l1.clone();
+                async move {
+                    l.lock().unwrap().push(("conversations".into(), h, b.0));
+                    "{}"
+                }
+            }),
+        )
+        .route(
+            "/hook/events/{hex}",
+            post(move |Path(hex): Path<String>, h: HeaderMap, b: axum::Json<Value>| {
+                let l = l2.clone();
+                async move {
+                    l.lock().unwrap().push((format!("events/{hex}"), h, b.0));
+                    "{}"
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, log)
+}
+
+#[tokio::test]
+async fn downstream_webhooks_update_the_catalog_and_are_re_emitted() {
+    let a = fake(0).await;
+    let (hook, log) = receiver().await;
+    let extra = format!(
+        "[[webhooks]]\nbase_url = \"{hook}\"\nheaders = {{ X-Test = \"yes\" }}\nflush_delay = 0.2\n[catalog]\nmax_staleness_ms = 0\nwebhook_staleness_secs = 600.0\n"
+    );
+    let n = nestor_existing(&[&a], &extra).await;
+    let v: Value = n.post("/api/conversations").json(&create_body(None)).send().await.unwrap().json().await.unwrap();
+    let id = v["id"].as_str().unwrap().to_owned();
+    let hex = uuid::Uuid::parse_str(&id).unwrap().simple().to_string();
+    let downstream_key = a.config().session_api_key.clone().unwrap();
+    let c = n.client();
+
+    // A stranger cannot post webhooks.
+    let r = c.post(format!("{}/nestor/webhooks/events/{hex}", n.url)).header("X-Session-API-Key", CLIENT_KEY).json(&json!([])).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    // The downstream reports a finished run (as an agent-server does, with its own key).
+    let events = json!([
+        {"id": "11111111-1111-4111-8111-111111111111", "timestamp": "2026-01-01T00:00:01", "source": "environment", "kind": "ConversationStateUpdateEvent", "key": "execution_status", "value": "finished"},
+        {"id": "22222222-2222-4222-8222-222222222222", "timestamp": "2026-01-01T00:00:02", "source": "environment", "kind": "ConversationStateUpdateEvent", "key": "full_state", "value": {"execution_status": "finished", "stats": {"usage_to_metrics": {"agent": {}}}}}
+    ]);
+    let r = c.post(format!("{}/nestor/webhooks/events/{hex}", n.url)).header("X-Session-API-Key", &downstream_key).json(&events).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Search reflects it without asking the downstream.
+    a.reset_request_counts();
+    let v: Value = n.get("/api/conversations/search").send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["items"][0]["execution_status"], "finished", "{v}");
+    let count: Value = n.get("/api/conversations/count?status=finished").send().await.unwrap().json().await.unwrap();
+    assert_eq!(count, json!(1));
+    assert_eq!(a.request_count_for("/api/conversations/search"), 0, "no fan-out while webhooks flow");
+
+    // A conversation info webhook (e.g. a title change) updates the catalog too.
+    let mut info = a.conversation(uuid::Uuid::parse_str(&id).unwrap()).unwrap();
+    info["title"] = json!("From the webhook");
+    c.post(format!("{}/nestor/webhooks/conversations", n.url)).header("X-Session-API-Key", &downstream_key).json(&info).send().await.unwrap();
+    let v: Value = n.get("/api/conversations/search").send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["items"][0]["title"], "From the webhook");
+
+    // Re-emitted to nestor's own webhook, with its headers and nestor's key.
+    let mut got = Vec::new();
+    for _ in 0..50 {
+        got = log.lock().unwrap().clone();
+        if got.iter().any(|(k, ..)| k.starts_with("events/")) && got.iter().any(|(k, ..)| k == "conversations") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, h, batch) = got.iter().find(|(k, ..)| k == &format!("events/{hex}")).expect("event batch re-emitted");
+    assert_eq!(batch.as_array().unwrap().len(), 2);
+    assert_eq!(h["x-test"], "yes");
+    assert_eq!(h["x-session-api-key"], CLIENT_KEY, "nestor's own key, like an agent-server's first key");
+    let (_, _, conv) = got.iter().find(|(k, ..)| k == "conversations").unwrap();
+    assert_eq!(conv["title"], "From the webhook");
+    assert!(!serde_json::to_string(&got.iter().map(|(_, _, b)| b).collect::<Vec<_>>()).unwrap().contains(&downstream_key));
+
+    // A deleting webhook (deleted behind nestor's back) removes the conversation.
+    info["execution_status"] = json!("deleting");
+    c.post(format!("{}/nestor/webhooks/conversations", n.url)).header("X-Session-API-Key", &downstream_key).json(&info).send().await.unwrap();
+    let count: Value = n.get("/api/conversations/count").send().await.unwrap().json().await.unwrap();
+    assert_eq!(count, json!(0));
+    n.stop().await;
+}
