@@ -112,6 +112,7 @@ struct Row {
     naive_down: Duration,
 }
 
+#[allow(clippy::too_many_arguments)] // a bench helper: every argument is one piece of the run
 async fn scenario(
     name: &str,
     make: impl Fn(&Path),
