@@ -134,6 +134,20 @@ struct RunArgs {
     /// A much shorter run, to check the harness.
     #[arg(long)]
     quick: bool,
+    /// Extra environment for nestor only, KEY=VALUE (repeatable), e.g.
+    /// `TOKIO_WORKER_THREADS=1` to test a hypothesis without touching its code.
+    #[arg(long = "nestor-env", value_parser = parse_kv)]
+    nestor_env: Vec<(String, String)>,
+    /// Leave out the idle-pairs memory measurement.
+    #[arg(long)]
+    skip_idle: bool,
+    /// Leave out the WebSocket phase.
+    #[arg(long)]
+    skip_ws: bool,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
 impl RunArgs {
@@ -348,7 +362,7 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
     {
         tracing::info!("phase 1: fake downstream process, nestor, nginx");
         let (mut fake, fake_addr) = procs::start_fake(&args.fake, work, "fake-rest", DOWNSTREAM_KEY, args.rest_conversations, 10).await?;
-        let (mut nestor, nestor_addr) = procs::start_nestor(&args.nestor, work, "nestor-rest", fake_addr, DOWNSTREAM_KEY, CLIENT_KEY).await?;
+        let (mut nestor, nestor_addr) = procs::start_nestor(&args.nestor, work, "nestor-rest", fake_addr, DOWNSTREAM_KEY, CLIENT_KEY, &args.nestor_env).await?;
         let mut nginx = match &nginx_bin {
             Some(b) => Some(procs::start_nginx(b, work, "nginx-rest", fake_addr, nofile_hard).await?),
             None => None,
@@ -387,7 +401,7 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
         };
 
         // Idle pairs first, while nestor is fresh.
-        if idle_pairs > 0 {
+        if idle_pairs > 0 && !args.skip_idle {
             for &t in &targets {
                 let wt = ws::WsTarget { addr: addr_of(t), key: key_of(t).to_owned() };
                 let pids = if t == Target::Direct { vec![fake_pid] } else { proxy_pids(t) };
@@ -442,12 +456,16 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
             let rs = std::mem::take(&mut rounds[i]);
             let rps: Vec<f64> = rs.iter().map(|r| r.rps).collect();
             let cpu: Vec<f64> = rs.iter().filter_map(|r| r.proxy_cpu_us_per_req).collect();
+            let user: Vec<f64> = rs.iter().filter_map(|r| r.proxy_user_us_per_req).collect();
+            let sys_: Vec<f64> = rs.iter().filter_map(|r| r.proxy_sys_us_per_req).collect();
             *rest.loaded.get_mut(t) = Some(RestLoad {
                 connections: args.rest_conns,
                 latency: Latency::from_hist(&hists[i]),
                 rps_median: median(&rps),
                 rps_spread_pct: spread_pct(&rps),
                 proxy_cpu_us_per_req_median: (!cpu.is_empty()).then(|| median(&cpu)),
+                proxy_user_us_per_req_median: (!user.is_empty()).then(|| median(&user)),
+                proxy_sys_us_per_req_median: (!sys_.is_empty()).then(|| median(&sys_)),
                 rounds: rs,
             });
         }
@@ -458,7 +476,7 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
 
     // ------------------------------------------------------------ phase 2: WebSockets
     let mut wsr = WsResults::default();
-    {
+    if !args.skip_ws {
         tracing::info!("phase 2: in-process fake downstream, nestor, nginx");
         let cfg = FakeConfig {
             session_api_key: Some(DOWNSTREAM_KEY.into()),
@@ -485,7 +503,7 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
         }
         let resume_conv = convs.pop().context("no conversation")?;
         let fake_addr = fake.addr();
-        let (mut nestor, nestor_addr) = procs::start_nestor(&args.nestor, work, "nestor-ws", fake_addr, DOWNSTREAM_KEY, CLIENT_KEY).await?;
+        let (mut nestor, nestor_addr) = procs::start_nestor(&args.nestor, work, "nestor-ws", fake_addr, DOWNSTREAM_KEY, CLIENT_KEY, &args.nestor_env).await?;
         let nginx = match &nginx_bin {
             Some(b) => Some(procs::start_nginx(b, work, "nginx-ws", fake_addr, nofile_hard).await?),
             None => None,
@@ -573,6 +591,9 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
         "resume_trials": args.resume_trials,
         "rest_conversations": args.rest_conversations,
         "quick": args.quick,
+        "nestor_env": args.nestor_env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+        "skip_idle": args.skip_idle,
+        "skip_ws": args.skip_ws,
         "client_runtime_threads": 2,
         "in_process_fake_runtime_threads": 2,
     });

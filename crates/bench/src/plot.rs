@@ -196,3 +196,22 @@ pub fn render(r: &Results, out: &Path) -> anyhow::Result<Vec<std::path::PathBuf>
     written.push(p);
     Ok(written)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn renders_every_chart_as_svg() {
+        let r = crate::report::tests::sample();
+        let dir = std::env::temp_dir().join(format!("nestor-bench-plot-{}", std::process::id()));
+        let files = super::render(&r, &dir).unwrap();
+        assert_eq!(files.len(), 4);
+        for f in files {
+            let s = std::fs::read_to_string(&f).unwrap();
+            assert!(s.starts_with("<svg"), "{}", f.display());
+            if f.to_string_lossy().contains("rest-") {
+                assert!(s.contains("nestor") && s.contains("nginx"), "{}", f.display());
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -204,6 +204,7 @@ pub async fn start_nestor(
     downstream: SocketAddr,
     downstream_key: &str,
     client_key: &str,
+    extra_env: &[(String, String)],
 ) -> anyhow::Result<(Proc, SocketAddr)> {
     let dir = work.join(name);
     std::fs::create_dir_all(&dir)?;
@@ -231,6 +232,7 @@ api_key = "{downstream_key}"
         .arg("-c")
         .arg(&cfg_path)
         .env("NESTOR_LOG", std::env::var("NESTOR_LOG").unwrap_or_else(|_| "info".into()))
+        .envs(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(dir.join("stdout.log"))?)
         .stderr(std::fs::File::create(dir.join("stderr.log"))?);
@@ -354,4 +356,30 @@ pub fn which(name: &str) -> Option<PathBuf> {
         .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].iter().map(PathBuf::from))
         .map(|d| d.join(name))
         .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nginx_config_is_a_fair_plain_proxy() {
+        let c = nginx_conf(Path::new("/tmp/x"), ([127, 0, 0, 1], 8080).into(), ([127, 0, 0, 1], 9090).into(), 20000);
+        for needle in [
+            "daemon off;",
+            "master_process on;",
+            "worker_processes auto;",
+            "access_log off;",
+            "keepalive 64;",
+            "proxy_http_version 1.1;",
+            "proxy_set_header Connection \"\";",
+            "proxy_set_header Upgrade $http_upgrade;",
+            "proxy_buffering off;",
+            "listen 127.0.0.1:8080;",
+            "server 127.0.0.1:9090;",
+            "pid /tmp/x/nginx.pid;",
+        ] {
+            assert!(c.contains(needle), "missing {needle:?} in\n{c}");
+        }
+    }
 }

@@ -71,6 +71,11 @@ pub struct RestLoad {
     pub rps_median: f64,
     pub rps_spread_pct: f64,
     pub proxy_cpu_us_per_req_median: Option<f64>,
+    /// Medians of the user / kernel split of the proxy's CPU per request.
+    #[serde(default)]
+    pub proxy_user_us_per_req_median: Option<f64>,
+    #[serde(default)]
+    pub proxy_sys_us_per_req_median: Option<f64>,
     pub rounds: Vec<LoadRound>,
 }
 
@@ -272,13 +277,13 @@ impl Results {
             }
         }
         let conns = self.rest.loaded.direct.as_ref().or(self.rest.loaded.nestor.as_ref()).map(|l| l.connections).unwrap_or(0);
-        let _ = writeln!(s, "  {conns} connections, closed loop         p50 µs    p90 µs    p99 µs    max µs     req/s  (spread)  proxy CPU µs/req");
+        let _ = writeln!(s, "  {conns} connections, closed loop         p50 µs    p90 µs    p99 µs    max µs     req/s  (spread)  proxy CPU µs/req (user+sys)");
         for t in Target::ALL {
             if let Some(q) = self.rest.loaded.get(t) {
                 let l = &q.latency;
                 let _ = writeln!(
                     s,
-                    "  {:<34} {:>8.1}  {:>8.1}  {:>8.1}  {:>8.1}  {:>8.0}  ({:>4.1}%)  {}",
+                    "  {:<34} {:>8.1}  {:>8.1}  {:>8.1}  {:>8.1}  {:>8.0}  ({:>4.1}%)  {} ({}+{})",
                     t.name(),
                     l.p50_us,
                     l.p90_us,
@@ -286,7 +291,9 @@ impl Results {
                     l.max_us,
                     q.rps_median,
                     q.rps_spread_pct,
-                    fmt(q.proxy_cpu_us_per_req_median, 1)
+                    fmt(q.proxy_cpu_us_per_req_median, 1),
+                    fmt(q.proxy_user_us_per_req_median, 1),
+                    fmt(q.proxy_sys_us_per_req_median, 1)
                 );
             }
         }
@@ -413,5 +420,79 @@ impl Results {
             let _ = writeln!(s, "note: {n}");
         }
         s
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::rest::SequentialRound;
+
+    fn lat(p50: f64, p99: f64) -> Latency {
+        Latency { count: 10, mean_us: p50, p50_us: p50, p90_us: p50, p99_us: p99, p999_us: p99, max_us: p99 }
+    }
+
+    pub fn sample() -> Results {
+        let seq = |p50, p99| RestSeq {
+            latency: lat(p50, p99),
+            rounds: vec![SequentialRound { latency: lat(p50, p99), rps: 1000.0, body_bytes: 3000 }],
+        };
+        let load = |rps: f64, cpu: Option<f64>| RestLoad {
+            connections: 64,
+            latency: lat(1000.0, 5000.0),
+            rps_median: rps,
+            rps_spread_pct: 1.0,
+            proxy_cpu_us_per_req_median: cpu,
+            proxy_user_us_per_req_median: None,
+            proxy_sys_us_per_req_median: None,
+            rounds: vec![],
+        };
+        let mut r = Results {
+            meta: Meta {
+                date: "2026-01-01".into(),
+                wall_secs: 1.0,
+                machine: serde_json::json!({"cpus": 2, "cpu_model": "x", "mem_gib": 1, "kernel": "k"}),
+                git_commit: None,
+                nginx_version: None,
+                nofile_limit: 1024,
+                loadavg_start: String::new(),
+                loadavg_end: String::new(),
+                settings: serde_json::json!({}),
+                notes: vec![],
+            },
+            memory: Memory::default(),
+            rest: Rest {
+                path: "/p".into(),
+                body_bytes: 3000,
+                sequential: PerTarget { direct: Some(seq(80.0, 100.0)), nestor: Some(seq(100.0, 300.0)), nginx: Some(seq(90.0, 150.0)) },
+                loaded: PerTarget {
+                    direct: Some(load(20000.0, None)),
+                    nestor: Some(load(12000.0, Some(40.0))),
+                    nginx: Some(load(10000.0, Some(30.0))),
+                },
+            },
+            ws: WsResults::default(),
+            ratios: Ratios::default(),
+            checks: vec![],
+        };
+        r.derive();
+        r
+    }
+
+    #[test]
+    fn ratios_and_checks_follow_the_measurements() {
+        let r = sample();
+        let a = r.ratios.rest_seq_added_us_nestor.as_ref().unwrap();
+        assert_eq!(a.p50, 20.0);
+        assert_eq!(a.p99, 200.0);
+        assert_eq!(r.ratios.rest_rps_nestor_over_nginx, Some(1.2));
+        assert_eq!(r.checks[0].met, Some(true), "p50 +20 µs meets ≤ +30");
+        assert_eq!(r.checks[1].met, Some(false), "p99 +200 µs misses ≤ +150");
+        assert_eq!(r.checks[4].met, Some(true), "1.2× nginx meets ≥ 1");
+        let t = r.table();
+        assert!(t.contains("MISSED") && t.contains("met"), "{t}");
+        // The results file round-trips (the plot command reads it back).
+        let back: Results = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back.rest.body_bytes, 3000);
     }
 }

@@ -127,6 +127,11 @@ pub struct LoadRound {
     pub errors: u64,
     /// CPU time the proxy process(es) spent per request, in µs (None: direct).
     pub proxy_cpu_us_per_req: Option<f64>,
+    /// The proxy's CPU per request split into user and kernel (system) time, in µs.
+    #[serde(default)]
+    pub proxy_user_us_per_req: Option<f64>,
+    #[serde(default)]
+    pub proxy_sys_us_per_req: Option<f64>,
     /// CPU time the downstream (fake) spent per request, in µs.
     pub downstream_cpu_us_per_req: Option<f64>,
     /// CPU time of the bench process (the load generator) per request, in µs.
@@ -191,8 +196,10 @@ pub async fn closed_loop(
     // CPU accounting over the measured window.
     tokio::time::sleep_until(t_start.into()).await;
     let cpu0 = (sys::cpu_us_sum(proxy_pids), sys::cpu_us_sum(downstream_pids), sys::self_cpu_us());
+    let split0 = sys::cpu_split_us(proxy_pids);
     tokio::time::sleep_until(t_end.into()).await;
     let cpu1 = (sys::cpu_us_sum(proxy_pids), sys::cpu_us_sum(downstream_pids), sys::self_cpu_us());
+    let split1 = sys::cpu_split_us(proxy_pids);
     let mut round = stats::new_hist();
     let mut requests = 0;
     for task in tasks {
@@ -214,6 +221,8 @@ pub async fn closed_loop(
         requests,
         errors: errors.load(Ordering::Relaxed),
         proxy_cpu_us_per_req: if proxy_pids.is_empty() { None } else { per_req(cpu0.0, cpu1.0) },
+        proxy_user_us_per_req: if proxy_pids.is_empty() { None } else { per_req(split0.map(|s| s.0), split1.map(|s| s.0)) },
+        proxy_sys_us_per_req: if proxy_pids.is_empty() { None } else { per_req(split0.map(|s| s.1), split1.map(|s| s.1)) },
         downstream_cpu_us_per_req: per_req(cpu0.1, cpu1.1),
         client_cpu_us_per_req: per_req(cpu0.2, cpu1.2),
     })

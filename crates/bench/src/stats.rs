@@ -122,3 +122,30 @@ pub fn spread_pct(v: &[f64]) -> f64 {
         (hi - lo) / m * 100.0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_spread() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+        assert_eq!(spread_pct(&[90.0, 100.0, 110.0]), 20.0);
+        assert_eq!(spread_pct(&[5.0]), 0.0);
+    }
+
+    #[test]
+    fn latency_summary_in_microseconds() {
+        let mut h = new_hist();
+        for us in 1..=100u64 {
+            record(&mut h, us * 1000);
+        }
+        let l = Latency::from_hist(&h);
+        assert_eq!(l.count, 100);
+        assert!((l.p50_us - 50.0).abs() < 0.1, "{l:?}");
+        assert!((l.p99_us - 99.0).abs() < 0.1, "{l:?}");
+        assert!((l.max_us - 100.0).abs() < 0.1, "{l:?}");
+    }
+}

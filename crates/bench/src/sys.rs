@@ -48,6 +48,25 @@ pub fn rss_kib_sum(pids: &[u32]) -> Option<u64> {
     Some(total)
 }
 
+/// (user, system) CPU time of several processes, in microseconds.
+pub fn cpu_split_us(pids: &[u32]) -> Option<(f64, f64)> {
+    let tck = clock_ticks_per_sec() as f64;
+    let (mut u, mut s) = (0u64, 0u64);
+    for p in pids {
+        let (a, b) = cpu_ticks_split(*p)?;
+        u += a;
+        s += b;
+    }
+    Some((u as f64 * 1e6 / tck, s as f64 * 1e6 / tck))
+}
+
+fn cpu_ticks_split(pid: u32) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
+}
+
 /// user + system CPU time of a process, in clock ticks.
 pub fn cpu_ticks(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

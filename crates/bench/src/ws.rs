@@ -280,6 +280,7 @@ pub struct StreamResult {
 
 /// Stream frames through `pairs` sockets (one conversation each from `convs`), `window`
 /// frames in flight per pair.
+#[allow(clippy::too_many_arguments)]
 pub async fn stream(
     p: &Pusher,
     t: &WsTarget,
@@ -565,4 +566,16 @@ pub async fn resume(p: &Pusher, t: &WsTarget, conv: Uuid, trials: usize) -> anyh
     let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
     result?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_publish_time_back() {
+        let frame = r#"{"id":"x","timestamp":"2026-01-01T00:00:00.000000","kind":"MessageEvent","source":"agent","bench_t":123456789,"bench_seq":3,"pad":"xx"}"#;
+        assert_eq!(bench_t(frame), Some(123456789));
+        assert_eq!(bench_t(r#"{"kind":"ConversationStateUpdateEvent"}"#), None);
+    }
 }
