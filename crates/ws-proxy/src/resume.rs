@@ -31,8 +31,14 @@
 //! request: the client has seen nothing, so that is still exactly what it asked for.
 //!
 //! The cost is replaying some history to nestor after a loss (rare); the gain is
-//! exactly-once, in-order delivery whatever the timestamps do (equal, or out of delivery
-//! order, both seen on real servers).
+//! exactly-once delivery of what the client asked for, whatever the timestamps do (equal,
+//! or out of delivery order, both seen on real servers), in the downstream's order (which
+//! can put live events ahead of its replay). Limits, all needing timestamps far from
+//! publication times: an event stamped more than the look-back before the first frame but
+//! published after it is not replayed; a live event racing a replay, stamped before the
+//! newest event already delivered yet published after the reconnection, is taken for
+//! history. The property tests model the downstream (jitter between stamping and
+//! publication shorter than an outage) and check exactness within those limits.
 
 use std::cmp::Ordering;
 use std::collections::HashSet;
