@@ -44,6 +44,8 @@ pub struct Inner {
     pub settings: Arc<nestor_settings::SettingsService>,
     /// How downstreams reach nestor (no trailing slash).
     pub internal_url: String,
+    /// Where each conversation's VS Code answers (learned from its downstream).
+    pub vscode: DashMap<ConversationId, crate::routes::vscode::VscodeTarget>,
     /// Webhooks received from downstreams and re-emitted.
     pub webhooks: crate::webhooks::Webhooks,
     /// WebSocket proxy settings.
@@ -197,6 +199,7 @@ impl AppState {
             settings,
             internal_url,
             webhooks,
+            vscode: DashMap::new(),
             ws,
             ready_timeout: Duration::from_secs_f64(cfg.ready_timeout_secs),
             upstream_timeout: Duration::from_secs_f64(cfg.upstream_timeout_secs),

@@ -33,6 +33,8 @@ pub enum Scope {
     /// Only the secret lookups of one conversation (the credential its downstream uses in
     /// the `LookupSecret` URLs nestor hands it).
     Secrets(ConversationId),
+    /// Only the VS Code of one conversation (the token in the VS Code URL nestor answers).
+    Vscode(ConversationId),
 }
 
 /// Who is calling.
@@ -49,7 +51,7 @@ impl Principal {
             && match &self.scope {
                 Scope::User => true,
                 Scope::Conversation(c) => c == id,
-                Scope::Secrets(_) => false,
+                Scope::Secrets(_) | Scope::Vscode(_) => false,
             }
     }
 
@@ -57,7 +59,7 @@ impl Principal {
     pub fn conversation(&self) -> Option<ConversationId> {
         match self.scope {
             Scope::Conversation(c) => Some(c),
-            Scope::User | Scope::Secrets(_) => None,
+            Scope::User | Scope::Secrets(_) | Scope::Vscode(_) => None,
         }
     }
 }
@@ -77,16 +79,25 @@ struct StoredConversationKey {
     sha256: String,
     conversation: ConversationId,
     user: UserId,
-    /// A secrets-lookup credential rather than a conversation key.
     #[serde(default)]
-    secrets_only: bool,
+    kind: KeyKind,
+}
+
+/// What a minted key opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+enum KeyKind {
+    #[default]
+    Conversation,
+    Secrets,
+    Vscode,
 }
 
 #[derive(Debug)]
 pub struct Auth {
     keys: Vec<(SessionKey, UserId)>,
-    /// sha256(key) → (conversation, user, secrets-only).
-    conversation_keys: RwLock<HashMap<[u8; 32], (ConversationId, UserId, bool)>>,
+    /// sha256(key) → (conversation, user, what it opens).
+    conversation_keys: RwLock<HashMap<[u8; 32], (ConversationId, UserId, KeyKind)>>,
     store: Option<PathBuf>,
 }
 
@@ -131,7 +142,7 @@ impl Auth {
                     Ok(v) => {
                         for s in v {
                             if let Some(h) = unhex(&s.sha256) {
-                                conversation_keys.insert(h, (s.conversation, s.user, s.secrets_only));
+                                conversation_keys.insert(h, (s.conversation, s.user, s.kind));
                             }
                         }
                     }
@@ -171,9 +182,13 @@ impl Auth {
         if map.is_empty() || presented.is_empty() {
             return None;
         }
-        map.get(&digest(presented)).map(|(c, u, secrets_only)| Principal {
+        map.get(&digest(presented)).map(|(c, u, kind)| Principal {
             user: u.clone(),
-            scope: if *secrets_only { Scope::Secrets(*c) } else { Scope::Conversation(*c) },
+            scope: match kind {
+                KeyKind::Conversation => Scope::Conversation(*c),
+                KeyKind::Secrets => Scope::Secrets(*c),
+                KeyKind::Vscode => Scope::Vscode(*c),
+            },
         })
     }
 
@@ -200,25 +215,30 @@ impl Auth {
     /// Authenticate and reject secrets-only credentials (they open nothing but lookups).
     pub fn check_client(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {
         match self.check_headers(headers)? {
-            Principal { scope: Scope::Secrets(_), .. } => Err(ApiError::Unauthorized),
+            Principal { scope: Scope::Secrets(_) | Scope::Vscode(_), .. } => Err(ApiError::Unauthorized),
             p => Ok(p),
         }
     }
 
     /// Mint a key for one conversation. Returned once; only its hash is kept.
     pub fn mint_conversation_key(&self, conversation: ConversationId, user: UserId) -> SessionKey {
-        self.mint(conversation, user, false)
+        self.mint(conversation, user, KeyKind::Conversation)
+    }
+
+    /// Mint the token of a conversation's VS Code URL (opens only that VS Code).
+    pub fn mint_vscode_token(&self, conversation: ConversationId, user: UserId) -> SessionKey {
+        self.mint(conversation, user, KeyKind::Vscode)
     }
 
     /// Mint the credential a conversation's downstream presents when it looks up one of
     /// the user's secrets at nestor. It opens nothing else.
     pub fn mint_secrets_credential(&self, conversation: ConversationId, user: UserId) -> SessionKey {
-        self.mint(conversation, user, true)
+        self.mint(conversation, user, KeyKind::Secrets)
     }
 
-    fn mint(&self, conversation: ConversationId, user: UserId, secrets_only: bool) -> SessionKey {
+    fn mint(&self, conversation: ConversationId, user: UserId, kind: KeyKind) -> SessionKey {
         let key = SessionKey::random();
-        self.conversation_keys.write().unwrap().insert(digest(key.expose().as_bytes()), (conversation, user, secrets_only));
+        self.conversation_keys.write().unwrap().insert(digest(key.expose().as_bytes()), (conversation, user, kind));
         self.persist();
         key
     }
@@ -243,7 +263,7 @@ impl Auth {
             .read()
             .unwrap()
             .iter()
-            .map(|(h, (c, u, s))| StoredConversationKey { sha256: hex(h), conversation: *c, user: u.clone(), secrets_only: *s })
+            .map(|(h, (c, u, k))| StoredConversationKey { sha256: hex(h), conversation: *c, user: u.clone(), kind: *k })
             .collect();
         match serde_json::to_vec(&v) {
             Ok(bytes) => {

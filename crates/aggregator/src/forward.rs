@@ -331,3 +331,61 @@ mod tests {
         );
     }
 }
+
+/// Forward an upgrade request (a WebSocket that is not a conversation socket, e.g. VS
+/// Code's) and, on `101`, splice the two upgraded connections byte for byte. No timeout on
+/// the spliced connection: it lives as long as either side keeps it (a per-request timeout
+/// on an upgraded connection is a classic proxy bug).
+pub async fn forward_upgrade(
+    state: &AppState,
+    ep: &Endpoint,
+    mut parts: http::request::Parts,
+    _body: Body,
+    path_and_query: &str,
+) -> Result<Response<Body>, ApiError> {
+    let client_upgrade = parts
+        .extensions
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or_else(|| ApiError::BadRequest("connection cannot be upgraded".into()))?;
+    let uri = ep.uri(path_and_query).map_err(|e| ApiError::BadRequest(format!("invalid request target: {e}")))?;
+    let mut req = Request::new(nestor_core::client::empty_body());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    for (name, value) in parts.headers.iter() {
+        if matches!(name.as_str(), "keep-alive" | "proxy-connection" | "te" | "trailer" | "transfer-encoding") {
+            continue;
+        }
+        req.headers_mut().append(name.clone(), value.clone());
+    }
+    if let Some(k) = ep.key_header() {
+        req.headers_mut().insert(HeaderName::from_static(nestor_core::SESSION_KEY_HEADER), k.clone());
+    }
+    let mut resp = match tokio::time::timeout(state.upstream_timeout, state.client.send(req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(ApiError::BadGateway(format!("the upgrade target is unreachable: {e}"))),
+        Err(_) => return Err(ApiError::GatewayTimeout("the upgrade target did not answer".into())),
+    };
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let (p, b) = resp.into_parts();
+        return Ok(Response::from_parts(p, Body::new(b)));
+    }
+    let upstream_upgrade = hyper::upgrade::on(&mut resp);
+    let mut out = Response::new(Body::empty());
+    *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *out.headers_mut() = resp.headers().clone();
+    tokio::spawn(async move {
+        let (c, u) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!("upgrade splice failed: {e}");
+                return;
+            }
+        };
+        let mut c = hyper_util::rt::TokioIo::new(c);
+        let mut u = hyper_util::rt::TokioIo::new(u);
+        metrics::gauge!("nestor_spliced_connections").increment(1.0);
+        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+        metrics::gauge!("nestor_spliced_connections").decrement(1.0);
+    });
+    Ok(out)
+}

@@ -424,19 +424,29 @@ pub async fn per_conversation(
         }
         (Method::POST, "fork") | (Method::POST, "children") => spawn_on_same(&state, &ds, id, &user, req).await,
         (Method::POST, "secrets") => update_secrets(&state, &ds, id, &user, req).await,
+        (Method::GET, "vscode/url") => {
+            let headers = req.headers().clone();
+            let resp = forward_streaming(&state, &ds, Some(id), req).await?;
+            Ok(crate::routes::vscode::rewrite_response(&state, id, &user, &headers, resp).await)
+        }
         _ => forward_streaming(&state, &ds, Some(id), req).await,
     }
 }
 
 /// The raw key in the `oh_workspace_session_key` cookie, if any.
 pub fn workspace_cookie(headers: &http::HeaderMap) -> Option<String> {
+    cookie_value(headers, WORKSPACE_COOKIE)
+}
+
+/// The value of cookie `name`, if the request has it.
+pub fn cookie_value(headers: &http::HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().split_once('='))
-        .find(|(k, _)| *k == WORKSPACE_COOKIE)
+        .find(|(k, _)| *k == name)
         .map(|(_, v)| v.to_owned())
 }
 

@@ -166,6 +166,11 @@ pub async fn fallback(State(state): State<AppState>, req: Request<Body>) -> Http
     let (req, body) = peek_json_body(req).await?;
     let query = QueryParams::parse(req.uri().query());
     match addressed(&state, &who, req.headers(), &query, body.as_ref())? {
+        Some((id, ds)) if path == "/api/vscode/url" => {
+            let headers = req.headers().clone();
+            let resp = forward_streaming(&state, &ds, Some(id), req).await?;
+            Ok(crate::routes::vscode::rewrite_response(&state, id, &who.user, &headers, resp).await)
+        }
         Some((id, ds)) => forward_streaming(&state, &ds, Some(id), req).await,
         None if kind == Global::ProjectDir => {
             let ds = state.provisioner.home().await.map_err(|e| provision_error(e, "the home agent-server"))?;

@@ -15,6 +15,7 @@ pub mod home;
 pub mod sockets;
 pub mod settings;
 pub mod status;
+pub mod vscode;
 pub mod workspace_session;
 
 use axum::routing::{any, get};
@@ -66,6 +67,8 @@ pub fn router(state: AppState) -> Router {
         .route("/sockets/bash-events", get(sockets::bash_events))
         .route("/nestor/status", get(status::status))
         .merge(internal_router())
+        .route("/nestor/vscode/{conversation}/", any(vscode::proxy))
+        .route("/nestor/vscode/{conversation}/{*rest}", any(vscode::proxy))
         .route("/api/profiles/{name}/validate", axum::routing::post(settings::validate_profile))
         .merge(settings::router(&state))
         .route(

@@ -114,6 +114,9 @@ pub struct FakeConfig {
     /// Write the (abbreviated) `SystemPromptEvent` before the first message/run, like the
     /// real server. Turn off to get logs that contain only what a test appended.
     pub system_prompt_event: bool,
+    /// What `GET /api/vscode/url` and `/api/conversations/{id}/vscode/url` answer (`None`:
+    /// `{"url": null}`, VS Code not running), e.g. a stand-in VS Code server in a test.
+    pub vscode_url: Option<String>,
 }
 
 impl Default for FakeConfig {
@@ -134,6 +137,7 @@ impl Default for FakeConfig {
             subscriber_queue: 8192,
             ws_ping_interval: Some(Duration::from_secs(20)),
             system_prompt_event: true,
+            vscode_url: None,
         }
     }
 }

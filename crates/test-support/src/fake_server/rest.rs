@@ -85,6 +85,8 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
         .route("/api/conversations/{id}/events/search", get(search_events))
         .route("/api/conversations/{id}/events/count", get(count_events))
         .route("/api/conversations/{id}/events/{event_id}", get(get_event))
+        .route("/api/vscode/url", get(vscode_url))
+        .route("/api/conversations/{id}/vscode/url", get(vscode_url))
         .route("/sockets/events/{id}", get(ws::events_socket))
         .route("/sockets/session/{id}", get(ws::session_socket))
         .fallback(|| async { v::not_found() })
@@ -1225,4 +1227,11 @@ async fn batch_events(
     }
     out.push(b']');
     v::json_bytes(StatusCode::OK, out)
+}
+
+/// `{"url": …}` from the configured stand-in (the real server answers its VS Code address
+/// with the session key as `tkn`).
+async fn vscode_url(State(inner): S, headers: HeaderMap) -> Response {
+    tri!(authorize(&inner, &headers));
+    v::json_response(StatusCode::OK, &json!({ "url": inner.cfg.vscode_url }))
 }
