@@ -22,29 +22,13 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use nestor_core::client::{BoxError, ProxyBody};
-use nestor_core::leak_guard::{Redactor, MASK};
+use nestor_core::leak_guard::Redactor;
 use nestor_core::{ApiError, ConversationId, Downstream, DownstreamState, Endpoint};
 
 use crate::app::AppState;
 
 /// Answers at most this big are redacted whole (exact `content-length` kept).
 const BUFFER_LIMIT: u64 = 256 * 1024;
-
-/// Hop-by-hop headers, plus what nestor sets itself.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
-}
 
 /// Headers named by `Connection:` are hop-by-hop too.
 fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
@@ -87,25 +71,7 @@ pub fn public_origin(headers: &HeaderMap) -> Option<String> {
 
 /// The leak guard for answers from `ep` to a client that reached nestor at `origin`.
 pub fn redactor_for(ep: &Endpoint, origin: Option<&str>) -> Redactor {
-    let mut rules: Vec<(Vec<u8>, Bytes)> = Vec::with_capacity(4);
-    if let Some(k) = &ep.key {
-        if k.expose().len() >= 8 {
-            rules.push((k.expose().as_bytes().to_vec(), Bytes::from_static(MASK.as_bytes())));
-        }
-    }
-    let authority = ep.authority.as_str();
-    let (nestor_http, nestor_ws, nestor_host) = match origin {
-        Some(o) => {
-            let host = o.split_once("://").map(|(_, h)| h).unwrap_or(o).to_owned();
-            let ws = if o.starts_with("https://") { format!("wss://{host}") } else { format!("ws://{host}") };
-            (o.to_owned(), ws, host)
-        }
-        None => ("http://nestor".to_owned(), "ws://nestor".to_owned(), "nestor".to_owned()),
-    };
-    rules.push((format!("{}://{authority}", ep.scheme).into_bytes(), Bytes::from(nestor_http)));
-    rules.push((format!("ws://{authority}").into_bytes(), Bytes::from(nestor_ws)));
-    rules.push((authority.as_bytes().to_vec(), Bytes::from(nestor_host)));
-    Redactor::new(rules)
+    ep.redactor(origin)
 }
 
 /// Options of one forward.
@@ -155,42 +121,51 @@ pub async fn ensure_ready(state: &AppState, ds: &Arc<Downstream>, conv: Option<C
     ds.endpoint().ok_or_else(|| ApiError::unavailable("the agent-server is not running; retry shortly"))
 }
 
-/// Build the downstream request from the client's.
+/// Make the client's request the downstream's, in place (no header copies): the target
+/// URI, hop-by-hop headers and the client's credentials out, the downstream's key in.
 fn downstream_request(
     ep: &Endpoint,
-    parts: &http::request::Parts,
+    mut parts: http::request::Parts,
     path_and_query: &str,
     body: ProxyBody,
 ) -> Result<Request<ProxyBody>, ApiError> {
-    let uri = ep.uri(path_and_query).map_err(|e| ApiError::BadRequest(format!("invalid request target: {e}")))?;
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = uri;
-    let listed = connection_listed(&parts.headers);
-    let headers = req.headers_mut();
-    headers.reserve(parts.headers.len() + 1);
-    for (name, value) in parts.headers.iter() {
-        if is_hop_by_hop(name) || listed.contains(name) || name.as_str() == nestor_core::SESSION_KEY_HEADER {
-            continue;
+    parts.uri = ep.uri(path_and_query).map_err(|e| ApiError::BadRequest(format!("invalid request target: {e}")))?;
+    parts.version = http::Version::HTTP_11;
+    parts.extensions = http::Extensions::new();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(nestor_core::SESSION_KEY_HEADER);
+    // `/v1/*` accepts the session key as a bearer token: never pass the client's on.
+    parts.headers.remove(header::AUTHORIZATION);
+    // The workspace cookie is the client's key: authenticated here, not passed on.
+    if parts.headers.contains_key(header::COOKIE) {
+        let cookies: Vec<HeaderValue> = parts.headers.get_all(header::COOKIE).iter().filter_map(without_workspace_cookie).collect();
+        parts.headers.remove(header::COOKIE);
+        for c in cookies {
+            parts.headers.append(header::COOKIE, c);
         }
-        if name == header::AUTHORIZATION {
-            // `/v1/*` accepts the session key as a bearer token: never pass the client's on.
-            continue;
-        }
-        if name == header::COOKIE {
-            // The workspace cookie is the client's key: authenticated here, not passed on.
-            if let Some(v) = without_workspace_cookie(value) {
-                headers.append(header::COOKIE, v);
-            }
-            continue;
-        }
-        headers.append(name.clone(), value.clone());
     }
     if let Some(k) = ep.key_header() {
-        headers.insert(HeaderName::from_static(nestor_core::SESSION_KEY_HEADER), k.clone());
+        parts.headers.insert(HeaderName::from_static(nestor_core::SESSION_KEY_HEADER), k.clone());
     }
-    Ok(req)
+    Ok(Request::from_parts(parts, body))
 }
+
+/// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those `Connection` names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        for n in connection_listed(headers) {
+            headers.remove(n);
+        }
+    }
+    for n in HOP_BY_HOP {
+        if headers.contains_key(*n) {
+            headers.remove(*n);
+        }
+    }
+}
+
+const HOP_BY_HOP: &[&str] =
+    &["connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"];
 
 /// A `Cookie` header without the workspace cookie (None if nothing is left).
 fn without_workspace_cookie(v: &HeaderValue) -> Option<HeaderValue> {
@@ -218,6 +193,10 @@ pub fn bounded_body(parts: &http::request::Parts, body: Body, limit: u64) -> Res
             return Err(ApiError::PayloadTooLarge { limit });
         }
     }
+    // A request without a body (most GETs) needs no limiter and no boxing of the client's.
+    if http_body::Body::is_end_stream(&body) {
+        return Ok(nestor_core::client::empty_body());
+    }
     Ok(Limited::new(body, limit as usize).map_err(|e: BoxError| e).boxed_unsync())
 }
 
@@ -235,7 +214,8 @@ pub async fn forward(
     // request is about to use.
     let _activity = ds.begin_request();
     let ep = ensure_ready(state, ds, conv).await?;
-    let req = downstream_request(&ep, &parts, path_and_query, body)?;
+    let origin = public_origin(&parts.headers);
+    let req = downstream_request(&ep, parts, path_and_query, body)?;
     let resp = match tokio::time::timeout(state.upstream_timeout, state.client.send(req)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
@@ -250,11 +230,9 @@ pub async fn forward(
             )))
         }
     };
-    let origin = public_origin(&parts.headers);
-    let redactor = redactor_for(&ep, origin.as_deref());
+    let redactor = ep.redactor(origin.as_deref());
     let (mut rparts, rbody) = resp.into_parts();
-    let listed = connection_listed(&rparts.headers);
-    rparts.headers.retain_hop_by_hop(&listed);
+    strip_hop_by_hop(&mut rparts.headers);
     redact_headers(&mut rparts.headers, &redactor);
 
     let size = rparts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
@@ -287,19 +265,6 @@ fn redact_headers(headers: &mut HeaderMap, redactor: &Redactor) {
             if let Ok(nv) = HeaderValue::from_bytes(&new) {
                 *v = nv;
             }
-        }
-    }
-}
-
-trait RetainHopByHop {
-    fn retain_hop_by_hop(&mut self, listed: &[HeaderName]);
-}
-
-impl RetainHopByHop for HeaderMap {
-    fn retain_hop_by_hop(&mut self, listed: &[HeaderName]) {
-        let drop: Vec<HeaderName> = self.keys().filter(|n| is_hop_by_hop(n) || listed.contains(n)).cloned().collect();
-        for n in drop {
-            self.remove(&n);
         }
     }
 }

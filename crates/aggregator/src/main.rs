@@ -3,6 +3,11 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+
+/// mimalloc: the request path allocates small, short-lived buffers; glibc malloc was ~8 %
+/// of nestor's CPU under load (docs/performance.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use nestor_aggregator::config::{Config, LogFormat, Overrides, ProvisionerKind, ProvisionerOverride};
 use nestor_aggregator::{app, server, AppState};
 

@@ -11,16 +11,24 @@ use std::time::Duration;
 use serde_json::Value;
 use support::*;
 
-/// The fake agent-server binary, built by `cargo test --workspace` next to this test.
+/// The fake agent-server binary, next to this test (`cargo test --workspace` builds it;
+/// a test run of this crate alone builds it here, once).
 fn fake_bin() -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
     let p = dir.join("nestor-fake-agent-server");
-    assert!(
-        p.exists(),
-        "{} not built: run `cargo build -p nestor-test-support` (cargo test --workspace builds it)",
-        p.display()
-    );
+    if !p.exists() {
+        BUILD.call_once(|| {
+            let status = std::process::Command::new(env!("CARGO"))
+                .args(["build", "-q", "-p", "nestor-test-support", "--bin", "nestor-fake-agent-server"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "building nestor-fake-agent-server failed");
+        });
+    }
+    assert!(p.exists(), "{} not built: run `cargo build -p nestor-test-support`", p.display());
     p
 }
 

@@ -19,7 +19,7 @@ use crate::ids::{ConversationId, DownstreamId, UserId};
 use crate::secret::SessionKey;
 
 /// Where a downstream answers and with which key.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Endpoint {
     pub scheme: Scheme,
     pub authority: Authority,
@@ -28,6 +28,15 @@ pub struct Endpoint {
     pub key: Option<SessionKey>,
     /// `key` as a ready-made, sensitive header value.
     key_header: Option<HeaderValue>,
+    /// The last leak guard built for this endpoint, and the client origin it was built for
+    /// (nearly every request comes with the same one): building one costs more than using it.
+    redactor: ArcSwapOption<(Option<String>, crate::leak_guard::Redactor)>,
+}
+
+impl Clone for Endpoint {
+    fn clone(&self) -> Self {
+        Self::new(self.scheme.clone(), self.authority.clone(), self.base_path.clone(), self.key.clone())
+    }
 }
 
 /// Why a URL cannot be a downstream endpoint.
@@ -61,7 +70,20 @@ impl Endpoint {
             v.set_sensitive(true);
             Some(v)
         });
-        Self { scheme, authority, base_path, key, key_header }
+        Self { scheme, authority, base_path, key, key_header, redactor: ArcSwapOption::empty() }
+    }
+
+    /// The leak guard for answers from this endpoint to a client that reached nestor at
+    /// `origin` (cached for the last origin seen).
+    pub fn redactor(&self, origin: Option<&str>) -> crate::leak_guard::Redactor {
+        if let Some(c) = self.redactor.load().as_ref() {
+            if c.0.as_deref() == origin {
+                return c.1.clone();
+            }
+        }
+        let r = crate::leak_guard::Redactor::for_endpoint(self, origin);
+        self.redactor.store(Some(Arc::new((origin.map(str::to_owned), r.clone()))));
+        r
     }
 
     /// `http://127.0.0.1:PORT` style loopback endpoint.

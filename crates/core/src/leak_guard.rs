@@ -134,6 +134,31 @@ impl Redactor {
         out.freeze()
     }
 
+    /// The guard for answers from `ep` to a client that reached nestor at `origin`
+    /// (`http(s)://host[:port]`): the downstream's key becomes [`MASK`], its origin (and bare
+    /// authority) becomes nestor's. Use [`crate::Endpoint::redactor`], which caches it.
+    pub fn for_endpoint(ep: &crate::Endpoint, origin: Option<&str>) -> Self {
+        let mut rules: Vec<(Vec<u8>, Bytes)> = Vec::with_capacity(4);
+        if let Some(k) = &ep.key {
+            if k.expose().len() >= 8 {
+                rules.push((k.expose().as_bytes().to_vec(), Bytes::from_static(MASK.as_bytes())));
+            }
+        }
+        let authority = ep.authority.as_str();
+        let (nestor_http, nestor_ws, nestor_host) = match origin {
+            Some(o) => {
+                let host = o.split_once("://").map(|(_, h)| h).unwrap_or(o).to_owned();
+                let ws = if o.starts_with("https://") { format!("wss://{host}") } else { format!("ws://{host}") };
+                (o.to_owned(), ws, host)
+            }
+            None => ("http://nestor".to_owned(), "ws://nestor".to_owned(), "nestor".to_owned()),
+        };
+        rules.push((format!("{}://{authority}", ep.scheme).into_bytes(), Bytes::from(nestor_http)));
+        rules.push((format!("ws://{authority}").into_bytes(), Bytes::from(nestor_ws)));
+        rules.push((authority.as_bytes().to_vec(), Bytes::from(nestor_host)));
+        Self::new(rules)
+    }
+
     /// Wrap a body so its data passes through this redactor.
     pub fn wrap<B>(&self, body: B) -> RedactedBody<B> {
         RedactedBody { inner: body, redactor: self.clone(), carry: BytesMut::new(), done: false, trailers: None }

@@ -376,13 +376,21 @@ async fn release_if_empty(state: &AppState, ds: &Arc<Downstream>, id: Conversati
 // ---------------------------------------------------------------- per conversation
 
 /// `/api/conversations/{id}` and everything below it.
-pub async fn per_conversation(
-    State(state): State<AppState>,
-    Path(params): Path<Vec<(String, String)>>,
-    req: Request<Body>,
-) -> HttpResult {
-    let raw_id = params.iter().find(|(k, _)| k == "id").map(|(_, v)| v.as_str()).unwrap_or("");
-    let rest = params.iter().find(|(k, _)| k == "rest").map(|(_, v)| v.as_str()).unwrap_or("");
+pub async fn per_conversation(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
+    // The id and the rest straight from the path (no extractor allocations on the hot path);
+    // the id segment is percent-decoded like FastAPI does before validating it.
+    let path = req.uri().path();
+    let tail = path.strip_prefix("/api/conversations/").unwrap_or("");
+    let (raw_seg, rest) = tail.split_once('/').unwrap_or((tail, ""));
+    let decoded;
+    let raw_id: &str = if raw_seg.contains('%') {
+        decoded = percent_encoding::percent_decode_str(raw_seg).decode_utf8_lossy().into_owned();
+        &decoded
+    } else {
+        raw_seg
+    };
+    let rest = rest.to_owned();
+    let rest = rest.as_str();
     let is_workspace_file = req.method() == Method::GET && (rest == "workspace" || rest.starts_with("workspace/"));
     let who = if is_workspace_file {
         // Workspace files: header or the workspace cookie (browsers cannot set headers on
