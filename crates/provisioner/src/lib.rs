@@ -4,7 +4,8 @@
 //! [`Provisioner`] decides which downstream that is — a subprocess it starts
 //! ([`process::ProcessProvisioner`]), one of a fixed set of remote servers
 //! ([`existing::ExistingProvisioner`]), a container per conversation
-//! ([`docker::DockerProvisioner`]), and later a pod or a pre-warmed server.
+//! ([`docker::DockerProvisioner`]), a pod per conversation
+//! ([`kubernetes::KubernetesProvisioner`]), and later a pre-warmed server.
 //! Everything above this trait (routing, the catalog, the WebSocket proxy) only sees
 //! [`Downstream`]s, so adding a backend touches nothing else.
 //!
@@ -20,6 +21,7 @@
 
 pub mod docker;
 pub mod existing;
+pub mod kubernetes;
 pub mod process;
 mod util;
 
@@ -72,6 +74,14 @@ pub trait Provisioner: Send + Sync + 'static {
 
     /// Choose or start a downstream for a new conversation. May return it still `Starting`.
     async fn provision(&self, req: ProvisionRequest) -> Result<Arc<Downstream>, ProvisionError>;
+
+    /// Where `conversation` lives, when this backend can tell without nestor's catalog: asked
+    /// on a catalog miss, so a replica serves conversations another replica created (the
+    /// `kubernetes` backend looks the conversation's objects up by name and label). The
+    /// downstream returned is then owned (`get`, `list`) like any other. Default: None.
+    async fn find(&self, _conversation: &ConversationId) -> Result<Option<Arc<Downstream>>, ProvisionError> {
+        Ok(None)
+    }
 
     /// A downstream it owns.
     fn get(&self, id: &DownstreamId) -> Option<Arc<Downstream>>;

@@ -6,6 +6,9 @@
 //! nestor relies on. The `nestor-fake-agent-server` binary serves the same fake from its own
 //! process for benchmarks and comparisons with other proxies.
 //!
+//! [`node_agent`] (binary `nestor-node-agent`) schedules and runs pods for the kubernetes
+//! provisioner's tests: a real kube-apiserver, each pod a Docker container.
+//!
 //! ```
 //! use nestor_test_support::{FakeAgentServer, FakeConfig, Fault};
 //! use serde_json::json;
@@ -24,5 +27,7 @@
 //! ```
 
 pub mod fake_server;
+pub mod kube_env;
+pub mod node_agent;
 
 pub use fake_server::{FakeAgentServer, FakeConfig, Fault, SocketRequest, TimestampMode};

@@ -1,0 +1,1143 @@
+//! `kubernetes`: one agent-server pod per conversation.
+//!
+//! Per conversation, in the configured namespace (names `<instance>-<32 hex>`):
+//!
+//! ```text
+//! Secret  session-api-key, secret-key          the conversation's record (exists from
+//!                                              provisioning to release, also while no pod runs)
+//! PVC     mounted at /workspace                state (or an emptyDir with storage = "emptydir")
+//! Pod     the agent-server, port 8000          keys via env valueFrom.secretKeyRef
+//! ```
+//!
+//! Host-global routes go to a shared `<instance>-home` pod built the same way.
+//!
+//! **Labels are the source of truth**: everything carries `app.kubernetes.io/managed-by=nestor`,
+//! `nestor.dev/instance=<instance>` and `nestor.dev/conversation=<hex|home>`; the owner and the
+//! create phase are annotations. nestor keeps no state of its own about pods: routing is
+//! rebuilt from a label-selected list + watch of pods, and each pod's session key is read
+//! back from its Secret. Two nestor replicas with the same `instance` therefore serve the
+//! same conversations with no shared memory, and either may die at any time:
+//! * a replica learns of pods the other creates through its pod watch;
+//! * a request for a conversation it has not seen yet (the watch lags, or the pod is stopped)
+//!   is resolved by [`Provisioner::find`]: one GET of the conversation's Secret (and pod);
+//! * creates race safely: every create that answers 409 AlreadyExists adopts what exists.
+//!
+//! **Reaching a pod**: `http://<podIP>:8000` (`reach = "pod-ip"`, the default; nestor runs in
+//! the cluster). No Service per pod: pod IPs are what kube-proxy would route to anyway, the
+//! watch tells nestor the new IP whenever a pod is re-created, and it saves an object, two
+//! verbs and cluster DNS. `reach = "host-port-annotation"` is for the test node agent only.
+//!
+//! **Readiness is watched, not polled**: the pod's readinessProbe (`GET /alive`) is run by
+//! the kubelet; nestor sees the Ready condition through its pod watch and only then routes.
+//! A start that is not Ready within `startup_timeout_secs` fails with the pod's own reason
+//! (`ErrImagePull: …`, `CrashLoopBackOff`) and its pod is deleted (Secret and PVC are kept,
+//! so the next request starts it again).
+//!
+//! **Life-cycle**: `provision` creates Secret, PVC and Pod and returns `Starting`; `stop`
+//! (idle policy) deletes the pod and keeps Secret and PVC; `ensure_ready` re-creates the pod;
+//! `release` deletes pod, Secret and PVC. The watch is a list + watch loop of its own: on
+//! `410 Gone` (expired resourceVersion) it lists again and diffs, on errors it backs off
+//! (bounded) and retries; every other call is bounded by `api_timeout_secs`.
+
+mod api;
+pub mod config;
+pub mod objects;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use futures::StreamExt;
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
+use nestor_core::downstream::{Endpoint, NotReady};
+use nestor_core::{ConversationId, Downstream, DownstreamId, DownstreamState, SessionKey, UserId};
+use tokio::sync::{watch, Mutex};
+use tokio_util::sync::CancellationToken;
+
+pub use api::KubeError;
+use api::Kube;
+pub use config::{KubernetesConfig, PullPolicy, Reach, Settings, StorageMode};
+pub use objects::Slot;
+use objects::{CONVERSATION, HOST_PORT, OWNER, PHASE, PHASE_ACTIVE, PHASE_PROVISIONING};
+
+use crate::{ProvisionError, ProvisionRequest, Provisioner};
+
+/// Every (verb, resource) nestor uses; the start-up access check and deploy/kubernetes/rbac.yaml
+/// list exactly these.
+pub fn required_permissions(storage: StorageMode) -> Vec<(&'static str, &'static str)> {
+    let mut v = vec![
+        ("get", "pods"),
+        ("list", "pods"),
+        ("watch", "pods"),
+        ("create", "pods"),
+        ("delete", "pods"),
+        ("get", "secrets"),
+        ("list", "secrets"),
+        ("create", "secrets"),
+        ("patch", "secrets"),
+        ("delete", "secrets"),
+    ];
+    if storage == StorageMode::Pvc {
+        v.extend([("list", "persistentvolumeclaims"), ("create", "persistentvolumeclaims"), ("delete", "persistentvolumeclaims")]);
+    }
+    v
+}
+
+/// What nestor last saw of a pod (from the list or the watch).
+#[derive(Debug, Clone, PartialEq)]
+struct PodView {
+    uid: String,
+    slot: Option<Slot>,
+    ready: bool,
+    ip: Option<String>,
+    host_port: Option<u16>,
+    deleting: bool,
+    /// `Failed` / `Succeeded`: the pod is over and must be re-created.
+    terminal: bool,
+    /// Why it is not ready, in the kubelet's words (`ErrImagePull: …`).
+    problem: Option<String>,
+    created: Option<Instant>,
+}
+
+impl PodView {
+    fn of(p: &Pod) -> Self {
+        let meta = &p.metadata;
+        let status = p.status.as_ref();
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let phase = status.and_then(|s| s.phase.clone()).unwrap_or_default();
+        let mut problem = None;
+        for cs in status.and_then(|s| s.container_statuses.as_ref()).into_iter().flatten() {
+            let st = cs.state.as_ref();
+            if let Some(w) = st.and_then(|s| s.waiting.as_ref()) {
+                let reason = w.reason.clone().unwrap_or_default();
+                if !reason.is_empty() && reason != "ContainerCreating" {
+                    problem = Some(format!("{reason}: {}", w.message.clone().unwrap_or_default()).trim_end_matches(": ").to_owned());
+                }
+            } else if let Some(t) = st.and_then(|s| s.terminated.as_ref()) {
+                problem = Some(format!(
+                    "container exited with code {}{}",
+                    t.exit_code,
+                    t.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
+                ));
+            } else if let Some(t) = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref()) {
+                if cs.restart_count > 0 {
+                    problem = Some(format!("container restarted {} times, last exit code {}", cs.restart_count, t.exit_code));
+                }
+            }
+        }
+        if problem.is_none() {
+            if let Some(c) = status
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|cs| cs.iter().find(|c| c.type_ == "PodScheduled" && c.status == "False"))
+            {
+                problem = Some(format!("unschedulable: {}", c.message.clone().unwrap_or_default()));
+            }
+        }
+        PodView {
+            uid: meta.uid.clone().unwrap_or_default(),
+            slot: meta.labels.as_ref().and_then(|l| l.get(CONVERSATION)).and_then(|v| Slot::from_label(v)),
+            ready,
+            ip: status.and_then(|s| s.pod_ip.clone()).filter(|s| !s.is_empty()),
+            host_port: meta.annotations.as_ref().and_then(|a| a.get(HOST_PORT)).and_then(|v| v.parse().ok()),
+            deleting: meta.deletion_timestamp.is_some(),
+            terminal: phase == "Failed" || phase == "Succeeded",
+            problem,
+            created: Some(Instant::now()),
+        }
+    }
+}
+
+/// One conversation's objects and bookkeeping.
+struct Conv {
+    ds: Arc<Downstream>,
+    slot: Slot,
+    name: String,
+    key: SessionKey,
+    /// Serialises start/stop/release of this conversation in this replica.
+    lifecycle: Mutex<()>,
+    /// Bumped on every start; a start monitor of an older start does nothing.
+    generation: AtomicU64,
+    /// Set when a start of ours failed (cleared by the next start).
+    failed: std::sync::Mutex<Option<Arc<str>>>,
+    released: AtomicBool,
+    /// The pod as last seen (None: no pod). Waiters use it to see a pod go away.
+    pod: watch::Sender<Option<PodView>>,
+}
+
+/// The `kubernetes` backend. Cheap to clone (all state is shared).
+#[derive(Clone)]
+pub struct KubernetesProvisioner(Arc<Inner>);
+
+struct Inner {
+    s: Settings,
+    kube: Kube,
+    pods: Api<Pod>,
+    secrets: Api<Secret>,
+    pvcs: Api<PersistentVolumeClaim>,
+    convs: DashMap<DownstreamId, Arc<Conv>>,
+    /// Names released by this replica recently: late watch events must not adopt them again.
+    tombstones: DashMap<String, Instant>,
+    /// Pod names being adopted (their Secret is being read).
+    adopting: DashMap<String, ()>,
+    cancel: CancellationToken,
+    watching: AtomicBool,
+    /// Whether the pod watch currently works (for status and tests).
+    watch_ok: AtomicBool,
+    /// Lists done by the watch loop (initial + after 410/errors); for tests.
+    relists: AtomicU64,
+}
+
+impl KubernetesProvisioner {
+    /// Connect (no API call yet: [`Provisioner::recover`] makes the first, and fails clearly
+    /// when the API server is unreachable).
+    pub async fn new(cfg: &KubernetesConfig) -> Result<Self, ProvisionError> {
+        let s = cfg.validate()?;
+        let kc = match &s.kubeconfig {
+            Some(path) => {
+                let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+                    ProvisionError::Config(format!("cannot read provisioner.kubernetes.kubeconfig {}: {e}", path.display()))
+                })?;
+                let opts = kube::config::KubeConfigOptions { context: s.context.clone(), ..Default::default() };
+                kube::Config::from_custom_kubeconfig(kc, &opts)
+                    .await
+                    .map_err(|e| ProvisionError::Config(format!("kubeconfig {}: {e}", path.display())))?
+            }
+            None if s.context.is_some() => {
+                let opts = kube::config::KubeConfigOptions { context: s.context.clone(), ..Default::default() };
+                kube::Config::from_kubeconfig(&opts).await.map_err(|e| ProvisionError::Config(format!("kubeconfig: {e}")))?
+            }
+            None => kube::Config::infer().await.map_err(|e| {
+                ProvisionError::Config(format!(
+                    "no Kubernetes configuration found ({e}); set provisioner.kubernetes.kubeconfig or run nestor in a pod with a service account"
+                ))
+            })?,
+        };
+        Self::with_config(s, kc)
+    }
+
+    /// Build from an explicit client configuration (tests).
+    pub fn with_config(s: Settings, mut kc: kube::Config) -> Result<Self, ProvisionError> {
+        kc.connect_timeout = Some(s.api_timeout);
+        // Calls are bounded one by one (and the watch by its own idle bound).
+        kc.read_timeout = None;
+        let ns = s.namespace.clone().unwrap_or_else(|| kc.default_namespace.clone());
+        let server = kc.cluster_url.to_string();
+        let client = kube::Client::try_from(kc).map_err(|e| ProvisionError::Config(format!("Kubernetes client: {e}")))?;
+        Ok(Self::with_client(s, client, ns, server))
+    }
+
+    /// Build over any client (tests use a mock service).
+    pub fn with_client(s: Settings, client: kube::Client, ns: String, server: String) -> Self {
+        let kube = Kube { client: client.clone(), ns: ns.clone(), server, timeout: s.api_timeout };
+        Self(Arc::new(Inner {
+            pods: Api::namespaced(client.clone(), &ns),
+            secrets: Api::namespaced(client.clone(), &ns),
+            pvcs: Api::namespaced(client, &ns),
+            s,
+            kube,
+            convs: DashMap::new(),
+            tombstones: DashMap::new(),
+            adopting: DashMap::new(),
+            cancel: CancellationToken::new(),
+            watching: AtomicBool::new(false),
+            watch_ok: AtomicBool::new(false),
+            relists: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.0.kube.ns
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.0.s
+    }
+
+    /// Pod/Secret/PVC name of a conversation.
+    pub fn object_name(&self, conversation: &ConversationId) -> String {
+        Slot::Conversation(*conversation).object_name(&self.0.s.instance)
+    }
+
+    /// Whether the pod watch is currently established.
+    pub fn watch_healthy(&self) -> bool {
+        self.0.watch_ok.load(Ordering::SeqCst)
+    }
+
+    /// How many times the watch loop listed pods (1 after start; +1 per 410 or error).
+    pub fn relists(&self) -> u64 {
+        self.0.relists.load(Ordering::SeqCst)
+    }
+
+    /// Check, with SelfSubjectAccessReviews, that nestor may do everything it does. Returns
+    /// the missing `(verb, resource)` pairs.
+    pub async fn missing_permissions(&self) -> Result<Vec<(&'static str, &'static str)>, ProvisionError> {
+        let inner = &self.0;
+        let api: Api<SelfSubjectAccessReview> = Api::all(inner.kube.client.clone());
+        let checks = required_permissions(inner.s.storage).into_iter().map(|(verb, resource)| {
+            let api = api.clone();
+            let review = SelfSubjectAccessReview {
+                spec: SelfSubjectAccessReviewSpec {
+                    resource_attributes: Some(ResourceAttributes {
+                        namespace: Some(inner.kube.ns.clone()),
+                        verb: Some(verb.into()),
+                        resource: Some(resource.into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            async move {
+                let r = inner
+                    .kube
+                    .call("create", "selfsubjectaccessreviews", async move { api.create(&PostParams::default(), &review).await })
+                    .await?;
+                Ok::<_, KubeError>((verb, resource, r.status.map(|s| s.allowed).unwrap_or(false)))
+            }
+        });
+        let mut missing = Vec::new();
+        for r in futures::future::join_all(checks).await {
+            let (verb, resource, allowed) = r?;
+            if !allowed {
+                missing.push((verb, resource));
+            }
+        }
+        Ok(missing)
+    }
+}
+
+fn downstream_id(slot: &Slot) -> DownstreamId {
+    match slot {
+        Slot::Conversation(c) => DownstreamId::new(format!("kubernetes-{}", c.hex())),
+        Slot::Home => DownstreamId::new("kubernetes-home"),
+    }
+}
+
+impl Inner {
+    fn conv_of(&self, ds: &Downstream) -> Result<Arc<Conv>, ProvisionError> {
+        self.convs.get(ds.id()).map(|c| c.clone()).ok_or_else(|| ProvisionError::UnknownDownstream(ds.id().clone()))
+    }
+
+    fn name(&self, slot: &Slot) -> String {
+        slot.object_name(&self.s.instance)
+    }
+
+    /// Insert (or return the existing) bookkeeping for `slot`.
+    fn insert_conv(&self, slot: Slot, key: SessionKey, owner: UserId, pod: Option<PodView>) -> Arc<Conv> {
+        let id = downstream_id(&slot);
+        let c = self
+            .convs
+            .entry(id.clone())
+            .or_insert_with(|| {
+                let ds = Downstream::new(id, "kubernetes", slot.conversation(), Some(owner), None, DownstreamState::Stopped);
+                Arc::new(Conv {
+                    ds,
+                    slot,
+                    name: self.name(&slot),
+                    key,
+                    lifecycle: Mutex::new(()),
+                    generation: AtomicU64::new(0),
+                    failed: std::sync::Mutex::new(None),
+                    released: AtomicBool::new(false),
+                    pod: watch::Sender::new(None),
+                })
+            })
+            .clone();
+        if pod.is_some() {
+            c.pod.send_replace(pod);
+        }
+        self.sync_state(&c);
+        c
+    }
+
+    /// Where nestor reaches a pod (None until it has an address).
+    fn endpoint_of(&self, c: &Conv, v: &PodView) -> Option<Endpoint> {
+        let ip = v.ip.as_deref()?;
+        let port = match self.s.reach {
+            Reach::PodIp => self.s.port,
+            Reach::HostPortAnnotation => v.host_port?,
+        };
+        let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_owned() };
+        Endpoint::parse(&format!("http://{host}:{port}"), Some(c.key.clone())).ok()
+    }
+
+    /// Derive the downstream's state from what was observed.
+    fn sync_state(&self, c: &Conv) {
+        if c.released.load(Ordering::SeqCst) {
+            c.ds.set_endpoint(None);
+            c.ds.set_state(DownstreamState::Released);
+            return;
+        }
+        let failed = c.failed.lock().unwrap().clone();
+        let view = c.pod.borrow().clone();
+        let (state, ep) = match view {
+            None => (failed.map(DownstreamState::Failed).unwrap_or(DownstreamState::Stopped), None),
+            Some(v) if v.deleting => (failed.map(DownstreamState::Failed).unwrap_or(DownstreamState::Stopped), None),
+            Some(v) if v.terminal => {
+                let why = failed.unwrap_or_else(|| {
+                    format!("the agent-server pod ended{}", v.problem.as_ref().map(|p| format!(": {p}")).unwrap_or_default()).into()
+                });
+                (DownstreamState::Failed(why), None)
+            }
+            Some(v) => match (v.ready, self.endpoint_of(c, &v)) {
+                (true, Some(ep)) => {
+                    *c.failed.lock().unwrap() = None;
+                    (DownstreamState::Ready, Some(ep))
+                }
+                _ => (failed.map(DownstreamState::Failed).unwrap_or(DownstreamState::Starting), None),
+            },
+        };
+        if state == DownstreamState::Ready {
+            c.ds.set_endpoint(ep);
+        } else {
+            c.ds.set_endpoint(None);
+        }
+        if c.ds.state() != state {
+            tracing::info!(downstream = %c.ds.id(), pod = %c.name, state = state.as_str(), "agent-server pod state");
+        }
+        c.ds.set_state(state);
+    }
+
+    // ------------------------------------------------------------------ watch
+
+    /// Record a pod seen by the list or the watch.
+    fn observe(self: &Arc<Self>, p: &Pod) {
+        let Some(name) = p.metadata.name.clone() else { return };
+        let v = PodView::of(p);
+        let Some(slot) = v.slot else { return };
+        match self.convs.get(&downstream_id(&slot)).map(|c| c.clone()) {
+            Some(c) => {
+                let prev = c.pod.borrow().clone();
+                // Keep the first-seen instant across updates of the same pod.
+                let mut v = v;
+                if let Some(p) = prev.as_ref().filter(|p| p.uid == v.uid) {
+                    v.created = p.created;
+                }
+                c.pod.send_replace(Some(v));
+                self.sync_state(&c);
+            }
+            None => {
+                if v.deleting || self.tombstones.contains_key(&name) {
+                    return;
+                }
+                self.spawn_adopt(slot);
+            }
+        }
+    }
+
+    /// A pod is gone (deleted event, or missing from a re-list).
+    fn observe_gone(self: &Arc<Self>, slot: Slot, uid: Option<&str>) {
+        let Some(c) = self.convs.get(&downstream_id(&slot)).map(|c| c.clone()) else { return };
+        let same = c.pod.borrow().as_ref().is_some_and(|v| uid.is_none_or(|u| u == v.uid));
+        if !same {
+            return;
+        }
+        c.pod.send_replace(None);
+        self.sync_state(&c);
+        if c.released.load(Ordering::SeqCst) {
+            return;
+        }
+        // Deleted by another replica's release? Then its Secret is gone too.
+        let me = self.clone();
+        tokio::spawn(async move {
+            let secrets = me.secrets.clone();
+            let name = c.name.clone();
+            match me.kube.call("get", "secrets", async move { secrets.get_opt(&name).await }).await {
+                Ok(None) => me.forget(&c, "its objects were deleted"),
+                Ok(Some(s)) if s.metadata.deletion_timestamp.is_some() => me.forget(&c, "its objects were deleted"),
+                _ => {}
+            }
+        });
+    }
+
+    /// This conversation no longer exists (another replica released it).
+    fn forget(&self, c: &Conv, why: &str) {
+        if c.pod.borrow().is_some() {
+            return;
+        }
+        tracing::info!(downstream = %c.ds.id(), "forgetting agent-server pod: {why}");
+        c.released.store(true, Ordering::SeqCst);
+        self.sync_state(c);
+        self.convs.remove(c.ds.id());
+    }
+
+    /// A pod of a conversation this replica does not know: read its Secret, then route it.
+    fn spawn_adopt(self: &Arc<Self>, slot: Slot) {
+        let name = self.name(&slot);
+        if self.adopting.insert(name.clone(), ()).is_some() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = me.adopt(slot).await {
+                tracing::warn!(pod = %name, "could not adopt agent-server pod: {e}");
+            }
+            me.adopting.remove(&name);
+        });
+    }
+
+    /// Load a conversation from its Secret (and pod). None if it has no Secret.
+    async fn adopt(self: &Arc<Self>, slot: Slot) -> Result<Option<Arc<Conv>>, KubeError> {
+        if let Some(c) = self.convs.get(&downstream_id(&slot)) {
+            return Ok(Some(c.clone()));
+        }
+        let name = self.name(&slot);
+        let secrets = self.secrets.clone();
+        let n = name.clone();
+        let Some(secret) = self.kube.call("get", "secrets", async move { secrets.get_opt(&n).await }).await? else {
+            return Ok(None);
+        };
+        if secret.metadata.deletion_timestamp.is_some() {
+            return Ok(None);
+        }
+        let Some((key, _)) = objects::keys_of(&secret) else {
+            tracing::warn!(secret = %name, "labelled Secret without nestor's keys; ignoring it");
+            return Ok(None);
+        };
+        let owner = secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(OWNER))
+            .map(|o| UserId::new(o.as_str()))
+            .unwrap_or_else(UserId::default_user);
+        let pods = self.pods.clone();
+        let n = name.clone();
+        let pod = self.kube.call("get", "pods", async move { pods.get_opt(&n).await }).await?;
+        let c = self.insert_conv(slot, key, owner, pod.as_ref().map(PodView::of));
+        tracing::info!(downstream = %c.ds.id(), state = c.ds.state().as_str(), "adopted agent-server pod");
+        Ok(Some(c))
+    }
+
+    /// List pods by label and reconcile: returns the list's resourceVersion.
+    async fn relist(self: &Arc<Self>) -> Result<String, KubeError> {
+        self.relists.fetch_add(1, Ordering::SeqCst);
+        let pods = self.pods.clone();
+        let lp = ListParams::default().labels(&objects::selector(&self.s.instance));
+        let list = self.kube.call("list", "pods", async move { pods.list(&lp).await }).await?;
+        let mut present: HashSet<Slot> = HashSet::new();
+        for p in &list.items {
+            if let Some(slot) = PodView::of(p).slot {
+                present.insert(slot);
+            }
+            self.observe(p);
+        }
+        let gone: Vec<Slot> = self
+            .convs
+            .iter()
+            .filter(|c| c.pod.borrow().is_some() && !present.contains(&c.slot))
+            .map(|c| c.slot)
+            .collect();
+        for slot in gone {
+            self.observe_gone(slot, None);
+        }
+        Ok(list.metadata.resource_version.unwrap_or_default())
+    }
+
+    /// The pod watch: list, then watch from the list's version; 410 Gone -> list again;
+    /// other failures -> back off (1 s doubling to 30 s) and list again. Ends on shutdown.
+    async fn watch_loop(self: Arc<Self>, mut rv: Option<String>) {
+        let mut backoff = Duration::from_secs(1);
+        let mut last_sweep = Instant::now();
+        loop {
+            if self.cancel.is_cancelled() {
+                return;
+            }
+            let version = match rv.take() {
+                Some(v) => v,
+                None => match self.relist().await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.watch_ok.store(false, Ordering::SeqCst);
+                        tracing::warn!("listing agent-server pods failed (retrying in {backoff:?}): {e}");
+                        tokio::select! {
+                            _ = self.cancel.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        continue;
+                    }
+                },
+            };
+            match self.watch_from(&version).await {
+                WatchEnd::Expired(v) => {
+                    // The server closed the watch normally: continue from the last version.
+                    rv = v;
+                    backoff = Duration::from_secs(1);
+                }
+                WatchEnd::Gone => {
+                    tracing::info!("pod watch expired (410 Gone); listing again");
+                    backoff = Duration::from_secs(1);
+                }
+                WatchEnd::Failed(e) => {
+                    self.watch_ok.store(false, Ordering::SeqCst);
+                    tracing::warn!("pod watch failed (listing again in {backoff:?}): {e}");
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+                WatchEnd::Cancelled => return,
+            }
+            if last_sweep.elapsed() >= Duration::from_secs(300) {
+                last_sweep = Instant::now();
+                if let Err(e) = self.sweep().await {
+                    tracing::warn!("kubernetes sweep failed: {e}");
+                }
+            }
+            self.tombstones.retain(|_, t| t.elapsed() < Duration::from_secs(600));
+        }
+    }
+
+    async fn watch_from(self: &Arc<Self>, version: &str) -> WatchEnd {
+        const WATCH_SECS: u32 = 290;
+        let wp = WatchParams::default().labels(&objects::selector(&self.s.instance)).timeout(WATCH_SECS);
+        let pods = self.pods.clone();
+        let v = version.to_owned();
+        let stream = match self.kube.call("watch", "pods", async move { pods.watch(&wp, &v).await }).await {
+            Ok(s) => s,
+            Err(e) if e.is_gone() => return WatchEnd::Gone,
+            Err(e) => return WatchEnd::Failed(e.to_string()),
+        };
+        self.watch_ok.store(true, Ordering::SeqCst);
+        let mut stream = std::pin::pin!(stream);
+        let mut last = Some(version.to_owned());
+        // The server ends the watch after WATCH_SECS; no event at all for longer is a dead
+        // connection.
+        let idle = Duration::from_secs(WATCH_SECS as u64 + 30);
+        loop {
+            let next = tokio::select! {
+                _ = self.cancel.cancelled() => return WatchEnd::Cancelled,
+                n = tokio::time::timeout(idle, stream.next()) => n,
+            };
+            let ev = match next {
+                Err(_) => return WatchEnd::Failed("no event within the watch's own timeout".into()),
+                Ok(None) => return WatchEnd::Expired(last),
+                Ok(Some(Err(e))) => {
+                    let e = self.kube.classify("watch", "pods", e);
+                    return if e.is_gone() { WatchEnd::Gone } else { WatchEnd::Failed(e.to_string()) };
+                }
+                Ok(Some(Ok(ev))) => ev,
+            };
+            match ev {
+                WatchEvent::Added(p) | WatchEvent::Modified(p) => {
+                    last = p.metadata.resource_version.clone().or(last);
+                    self.observe(&p);
+                }
+                WatchEvent::Deleted(p) => {
+                    last = p.metadata.resource_version.clone().or(last);
+                    if let Some(slot) = PodView::of(&p).slot {
+                        self.observe_gone(slot, p.metadata.uid.as_deref());
+                    }
+                }
+                WatchEvent::Bookmark(b) => last = Some(b.metadata.resource_version),
+                WatchEvent::Error(s) if s.code == 410 => return WatchEnd::Gone,
+                WatchEvent::Error(s) => return WatchEnd::Failed(format!("{} {}: {}", s.code, s.reason, s.message)),
+            }
+        }
+    }
+
+    fn spawn_watch(self: &Arc<Self>, rv: Option<String>) {
+        if self.watching.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(me.watch_loop(rv));
+    }
+
+    // ------------------------------------------------------------------ objects
+
+    /// Create the Secret (or read back the existing one's keys).
+    async fn ensure_secret(&self, slot: &Slot, owner: &UserId) -> Result<SessionKey, KubeError> {
+        let secret = objects::secret(&self.s, slot, &self.kube.ns, owner, &SessionKey::random(), &SessionKey::random());
+        let api = self.secrets.clone();
+        let body = secret.clone();
+        match self.kube.call("create", "secrets", async move { api.create(&PostParams::default(), &body).await }).await {
+            Ok(_) => Ok(objects::keys_of(&secret).expect("fresh secret has keys").0),
+            Err(e) if e.is_conflict() => {
+                // Another replica (or an earlier try) made it: use its keys.
+                let api = self.secrets.clone();
+                let name = self.name(slot);
+                let existing = self.kube.call("get", "secrets", async move { api.get(&name).await }).await?;
+                objects::keys_of(&existing).map(|k| k.0).ok_or_else(|| KubeError::Other {
+                    verb: "read",
+                    resource: "secrets",
+                    detail: format!("Secret {} exists but lacks nestor's keys", self.name(slot)),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn ensure_pvc(&self, slot: &Slot, owner: &UserId) -> Result<(), KubeError> {
+        if self.s.storage != StorageMode::Pvc {
+            return Ok(());
+        }
+        let api = self.pvcs.clone();
+        let body = objects::pvc(&self.s, slot, &self.kube.ns, owner);
+        match self.kube.call("create", "persistentvolumeclaims", async move { api.create(&PostParams::default(), &body).await }).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_conflict() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Create the pod (409: it exists, someone else started it). Caller holds lifecycle.
+    async fn create_pod(self: &Arc<Self>, c: &Arc<Conv>) -> Result<(), ProvisionError> {
+        let owner = c.ds.owner().cloned().unwrap_or_else(UserId::default_user);
+        let body = objects::pod(&self.s, &c.slot, &self.kube.ns, &owner);
+        let api = self.pods.clone();
+        match self.kube.call("create", "pods", async move { api.create(&PostParams::default(), &body).await }).await {
+            Ok(p) => {
+                // Seen now, not only when the watch delivers it.
+                if c.pod.borrow().as_ref().is_none_or(|v| v.uid != p.metadata.uid.clone().unwrap_or_default()) {
+                    c.pod.send_replace(Some(PodView::of(&p)));
+                }
+                tracing::info!(downstream = %c.ds.id(), pod = %c.name, "agent-server pod created");
+            }
+            Err(e) if e.is_conflict() => {
+                tracing::info!(downstream = %c.ds.id(), pod = %c.name, "agent-server pod exists already; using it");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        *c.failed.lock().unwrap() = None;
+        self.sync_state(c);
+        let generation = c.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let me = self.clone();
+        let c2 = c.clone();
+        tokio::spawn(async move { me.monitor_start(c2, generation).await });
+        Ok(())
+    }
+
+    /// Fail a start that is not Ready within the startup timeout, with the pod's reason, and
+    /// delete its pod (Secret and PVC stay: the next request starts it again).
+    async fn monitor_start(self: Arc<Self>, c: Arc<Conv>, generation: u64) {
+        let started = Instant::now();
+        match c.ds.wait_ready(self.s.startup_timeout).await {
+            Ok(()) => {
+                tracing::info!(downstream = %c.ds.id(), took = ?started.elapsed(), "agent-server pod ready");
+                return;
+            }
+            Err(NotReady::Timeout(_)) => {}
+            Err(_) => return,
+        }
+        let _g = c.lifecycle.lock().await;
+        if c.generation.load(Ordering::SeqCst) != generation || c.released.load(Ordering::SeqCst) {
+            return;
+        }
+        if c.ds.state() == DownstreamState::Ready {
+            return;
+        }
+        let problem = c.pod.borrow().as_ref().and_then(|v| v.problem.clone());
+        let why = format!(
+            "the agent-server pod {} did not become ready within {:?}{}",
+            c.name,
+            self.s.startup_timeout,
+            problem.map(|p| format!(" ({p})")).unwrap_or_default()
+        );
+        tracing::warn!(downstream = %c.ds.id(), "{why}");
+        *c.failed.lock().unwrap() = Some(why.into());
+        self.sync_state(&c);
+        if let Err(e) = self.delete_pod(&c.name, true).await {
+            tracing::warn!(downstream = %c.ds.id(), "could not delete the pod that failed to start: {e}");
+        }
+    }
+
+    async fn delete_pod(&self, name: &str, now: bool) -> Result<(), KubeError> {
+        let api = self.pods.clone();
+        let n = name.to_owned();
+        let dp = if now { DeleteParams::default().grace_period(0) } else { DeleteParams::default() };
+        match self.kube.call("delete", "pods", async move { api.delete(&n, &dp).await }).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Delete Secret and PVC of `name` (404 is success).
+    async fn delete_state(&self, name: &str) -> Result<(), KubeError> {
+        let api = self.secrets.clone();
+        let n = name.to_owned();
+        let r1 = match self.kube.call("delete", "secrets", async move { api.delete(&n, &DeleteParams::background()).await }).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        };
+        let r2 = if self.s.storage == StorageMode::Pvc {
+            let api = self.pvcs.clone();
+            let n = name.to_owned();
+            match self.kube.call("delete", "persistentvolumeclaims", async move { api.delete(&n, &DeleteParams::background()).await }).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.is_not_found() => Ok(()),
+                Err(e) => Err(e),
+            }
+        } else {
+            Ok(())
+        };
+        r1.and(r2)
+    }
+
+    /// Wait (bounded) until `c` has no pod, or only one that is not being deleted.
+    async fn wait_pod_gone(&self, c: &Conv, deadline: tokio::time::Instant) -> bool {
+        let mut rx = c.pod.subscribe();
+        loop {
+            if rx.borrow_and_update().as_ref().is_none_or(|v| !v.deleting) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return false,
+            }
+        }
+    }
+
+    /// Set a Secret's phase annotation (best effort, bounded).
+    async fn set_phase(&self, name: &str, phase: &str) {
+        let api = self.secrets.clone();
+        let n = name.to_owned();
+        let patch = serde_json::json!({"metadata": {"annotations": {PHASE: phase}}});
+        let r = self
+            .kube
+            .call("patch", "secrets", async move { api.patch(&n, &PatchParams::default(), &Patch::Merge(&patch)).await })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(secret = %name, "could not mark the conversation {phase}: {e}");
+        }
+    }
+
+    /// Remove what a crash left half-made: conversations whose create never completed
+    /// (phase `provisioning` older than the grace), and PVCs/pods without a Secret. Returns
+    /// the names removed.
+    async fn sweep(self: &Arc<Self>) -> Result<Vec<String>, KubeError> {
+        let sel = objects::selector(&self.s.instance);
+        let grace = self.s.provisioning_grace;
+        let old = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            m.creation_timestamp.as_ref().is_some_and(|t| {
+                let age = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
+                age.as_secs_f64() > grace.as_secs_f64()
+            })
+        };
+        let api = self.secrets.clone();
+        let lp = ListParams::default().labels(&sel);
+        let secrets = self.kube.call("list", "secrets", async move { api.list(&lp).await }).await?;
+        let mut with_secret = HashSet::new();
+        let mut doomed = Vec::new();
+        for s in &secrets.items {
+            let Some(name) = s.metadata.name.clone() else { continue };
+            with_secret.insert(name.clone());
+            let phase = s.metadata.annotations.as_ref().and_then(|a| a.get(PHASE)).map(String::as_str);
+            if phase == Some(PHASE_PROVISIONING) && old(&s.metadata) {
+                doomed.push(name);
+            }
+        }
+        let api = self.pods.clone();
+        let lp = ListParams::default().labels(&sel);
+        let pods = self.kube.call("list", "pods", async move { api.list(&lp).await }).await?;
+        for p in &pods.items {
+            if let Some(name) = &p.metadata.name {
+                if !with_secret.contains(name) && old(&p.metadata) && p.metadata.deletion_timestamp.is_none() {
+                    doomed.push(name.clone());
+                }
+            }
+        }
+        if self.s.storage == StorageMode::Pvc {
+            let api = self.pvcs.clone();
+            let lp = ListParams::default().labels(&sel);
+            let pvcs = self.kube.call("list", "persistentvolumeclaims", async move { api.list(&lp).await }).await?;
+            for p in &pvcs.items {
+                if let Some(name) = &p.metadata.name {
+                    if !with_secret.contains(name) && old(&p.metadata) {
+                        doomed.push(name.clone());
+                    }
+                }
+            }
+        }
+        doomed.sort();
+        doomed.dedup();
+        for name in &doomed {
+            tracing::info!(name = %name, "removing a half-created agent-server (its create never completed)");
+            self.tombstones.insert(name.clone(), Instant::now());
+            if let Some(c) = self.convs.iter().find(|c| &c.name == name).map(|c| c.clone()) {
+                c.released.store(true, Ordering::SeqCst);
+                self.sync_state(&c);
+                self.convs.remove(c.ds.id());
+            }
+            self.delete_pod(name, true).await?;
+            self.delete_state(name).await?;
+        }
+        Ok(doomed)
+    }
+
+    /// The bookkeeping of `slot`, created from the cluster if need be (provision path).
+    async fn provision_slot(self: &Arc<Self>, slot: Slot, owner: UserId) -> Result<Arc<Conv>, ProvisionError> {
+        if let Some(c) = self.convs.get(&downstream_id(&slot)) {
+            return Ok(c.clone());
+        }
+        let name = self.name(&slot);
+        self.tombstones.remove(&name);
+        let key = self.ensure_secret(&slot, &owner).await?;
+        if let Err(e) = self.ensure_pvc(&slot, &owner).await {
+            if matches!(slot, Slot::Conversation(_)) {
+                let _ = self.delete_state(&name).await;
+            }
+            return Err(e.into());
+        }
+        let c = self.insert_conv(slot, key, owner, None);
+        let _g = c.lifecycle.lock().await;
+        let has_pod = c.pod.borrow().as_ref().is_some_and(|v| !v.deleting && !v.terminal);
+        if !has_pod {
+            if let Err(e) = self.create_pod(&c).await {
+                if matches!(slot, Slot::Conversation(_)) {
+                    // Nothing half-made stays behind a failed provision.
+                    c.released.store(true, Ordering::SeqCst);
+                    self.sync_state(&c);
+                    self.convs.remove(c.ds.id());
+                    let _ = self.delete_state(&name).await;
+                }
+                return Err(e);
+            }
+        }
+        Ok(c.clone())
+    }
+}
+
+enum WatchEnd {
+    /// The server closed the watch (its timeout); resume from this version.
+    Expired(Option<String>),
+    /// 410 Gone: the version is too old; list again.
+    Gone,
+    Failed(String),
+    Cancelled,
+}
+
+#[async_trait]
+impl Provisioner for KubernetesProvisioner {
+    fn kind(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    async fn recover(&self) -> Result<Vec<Arc<Downstream>>, ProvisionError> {
+        let inner = &self.0;
+        let started = Instant::now();
+        if inner.s.check_permissions {
+            let missing = self.missing_permissions().await?;
+            if !missing.is_empty() {
+                let list: Vec<String> = missing.iter().map(|(v, r)| format!("{v} {r}")).collect();
+                return Err(ProvisionError::Config(format!(
+                    "nestor's Kubernetes identity lacks permissions in namespace {:?}: {} (apply deploy/kubernetes/rbac.yaml, or grant these verbs to its service account)",
+                    inner.kube.ns,
+                    list.join(", ")
+                )));
+            }
+        }
+        // Conversations are their Secrets (also those without a running pod).
+        let api = inner.secrets.clone();
+        let lp = ListParams::default().labels(&objects::selector(&inner.s.instance));
+        let secrets = inner.kube.call("list", "secrets", async move { api.list(&lp).await }).await?;
+        for s in &secrets.items {
+            let Some(slot) = s.metadata.labels.as_ref().and_then(|l| l.get(CONVERSATION)).and_then(|v| Slot::from_label(v)) else {
+                continue;
+            };
+            if s.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let Some((key, _)) = objects::keys_of(s) else { continue };
+            let owner = s
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(OWNER))
+                .map(|o| UserId::new(o.as_str()))
+                .unwrap_or_else(UserId::default_user);
+            inner.insert_conv(slot, key, owner, None);
+        }
+        let rv = inner.relist().await?;
+        match inner.sweep().await {
+            Ok(removed) if !removed.is_empty() => tracing::info!(removed = removed.len(), "removed half-created agent-servers"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("kubernetes sweep failed: {e}"),
+        }
+        inner.spawn_watch(Some(rv));
+        let owned = self.list();
+        let running = owned.iter().filter(|d| d.state() == DownstreamState::Ready).count();
+        tracing::info!(
+            namespace = %inner.kube.ns,
+            total = owned.len(),
+            running,
+            took = ?started.elapsed(),
+            "kubernetes provisioner recovered its agent-server pods"
+        );
+        Ok(owned)
+    }
+
+    async fn provision(&self, req: ProvisionRequest) -> Result<Arc<Downstream>, ProvisionError> {
+        let inner = &self.0;
+        inner.spawn_watch(None);
+        let c = inner.provision_slot(Slot::Conversation(req.conversation), req.owner).await?;
+        Ok(c.ds.clone())
+    }
+
+    async fn find(&self, conversation: &ConversationId) -> Result<Option<Arc<Downstream>>, ProvisionError> {
+        let slot = Slot::Conversation(*conversation);
+        if let Some(c) = self.0.convs.get(&downstream_id(&slot)) {
+            return Ok(Some(c.ds.clone()));
+        }
+        Ok(self.0.adopt(slot).await?.map(|c| c.ds.clone()))
+    }
+
+    async fn home(&self) -> Result<Arc<Downstream>, ProvisionError> {
+        let inner = &self.0;
+        let c = match inner.convs.get(&downstream_id(&Slot::Home)).map(|c| c.clone()) {
+            Some(c) => c,
+            None => inner.provision_slot(Slot::Home, UserId::default_user()).await?,
+        };
+        let ds = c.ds.clone();
+        self.ensure_ready(&ds, inner.s.startup_timeout).await?;
+        Ok(ds)
+    }
+
+    fn get(&self, id: &DownstreamId) -> Option<Arc<Downstream>> {
+        self.0.convs.get(id).map(|c| c.ds.clone())
+    }
+
+    fn list(&self) -> Vec<Arc<Downstream>> {
+        self.0.convs.iter().map(|c| c.ds.clone()).collect()
+    }
+
+    async fn ensure_ready(&self, ds: &Arc<Downstream>, timeout: Duration) -> Result<(), ProvisionError> {
+        let inner = &self.0;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut started = false;
+        loop {
+            match ds.state() {
+                DownstreamState::Ready => return Ok(()),
+                DownstreamState::Released => return Err(NotReady::Released.into()),
+                DownstreamState::Failed(m) if started => return Err(NotReady::Failed(m).into()),
+                DownstreamState::Starting => {}
+                DownstreamState::Stopped | DownstreamState::Failed(_) => {
+                    let c = inner.conv_of(ds)?;
+                    let _g = c.lifecycle.lock().await;
+                    if matches!(ds.state(), DownstreamState::Stopped | DownstreamState::Failed(_)) {
+                        // Released by another replica meanwhile? Its Secret says.
+                        let api = inner.secrets.clone();
+                        let name = c.name.clone();
+                        let exists = inner.kube.call("get", "secrets", async move { api.get_opt(&name).await }).await?;
+                        if exists.is_none_or(|s| s.metadata.deletion_timestamp.is_some()) {
+                            drop(_g);
+                            inner.forget(&c, "its Secret is gone");
+                            return Err(NotReady::Released.into());
+                        }
+                        // A failed or ending pod goes first; a pod still terminating (stopped
+                        // a moment ago) must be gone before one of the same name is created.
+                        let (exists, deleting) = c.pod.borrow().as_ref().map(|v| (true, v.deleting)).unwrap_or((false, false));
+                        if exists && !deleting {
+                            inner.delete_pod(&c.name, true).await?;
+                        }
+                        if exists && !inner.wait_pod_gone(&c, deadline).await {
+                            return Err(NotReady::Timeout(timeout).into());
+                        }
+                        tracing::info!(downstream = %ds.id(), "starting agent-server pod on demand");
+                        inner.create_pod(&c).await?;
+                    }
+                    started = true;
+                }
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(NotReady::Timeout(timeout).into());
+            }
+            match ds.wait_ready(left).await {
+                Ok(()) => return Ok(()),
+                Err(NotReady::Timeout(_)) => return Err(NotReady::Timeout(timeout).into()),
+                Err(NotReady::Failed(m)) if started => return Err(NotReady::Failed(m).into()),
+                Err(NotReady::Released) => return Err(NotReady::Released.into()),
+                Err(_) => {
+                    // Stopped/Failed before we started it: start it (once) on the next turn.
+                    if started {
+                        // Stopped behind our back after we started it: wait for the next
+                        // state change rather than spin.
+                        let mut rx = ds.subscribe_state();
+                        let _ = tokio::time::timeout(left, rx.changed()).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn stop(&self, ds: &Arc<Downstream>) -> Result<(), ProvisionError> {
+        let inner = &self.0;
+        if inner.s.storage == StorageMode::EmptyDir {
+            // Its state dies with the pod: stopping would lose the conversation.
+            return Ok(());
+        }
+        let c = inner.conv_of(ds)?;
+        let _g = c.lifecycle.lock().await;
+        c.generation.fetch_add(1, Ordering::SeqCst);
+        // Stopped first: a request arriving now waits for a restart instead of reaching a
+        // server that is going away.
+        let seen = c.pod.borrow().clone();
+        if let Some(mut v) = seen {
+            v.deleting = true;
+            c.pod.send_replace(Some(v));
+        }
+        inner.sync_state(&c);
+        inner.delete_pod(&c.name, false).await?;
+        tracing::info!(downstream = %ds.id(), "agent-server pod stopped (its Secret and PVC are kept)");
+        Ok(())
+    }
+
+    async fn release(&self, ds: &Arc<Downstream>, conversation: ConversationId, remaining: usize) -> Result<(), ProvisionError> {
+        let inner = &self.0;
+        if remaining > 0 {
+            return Ok(());
+        }
+        let c = inner.conv_of(ds)?;
+        {
+            let _g = c.lifecycle.lock().await;
+            c.generation.fetch_add(1, Ordering::SeqCst);
+            c.released.store(true, Ordering::SeqCst);
+            inner.tombstones.insert(c.name.clone(), Instant::now());
+            inner.sync_state(&c);
+            // Pod first (a pod never outlives its Secret), then Secret and PVC.
+            let r1 = inner.delete_pod(&c.name, false).await;
+            let r2 = inner.delete_state(&c.name).await;
+            inner.convs.remove(ds.id());
+            r1.and(r2)?;
+        }
+        tracing::info!(conversation = %conversation, pod = %c.name, "released agent-server pod, secret and volume");
+        Ok(())
+    }
+
+    fn mark_active(&self, ds: &Downstream) {
+        let Ok(c) = self.0.conv_of(ds) else { return };
+        if matches!(c.slot, Slot::Home) {
+            return;
+        }
+        let me = self.0.clone();
+        tokio::spawn(async move { me.set_phase(&c.name, PHASE_ACTIVE).await });
+    }
+
+    fn prepare_create(&self, _ds: &Downstream, body: &mut serde_json::Map<String, serde_json::Value>) {
+        let ws = body.entry("workspace").or_insert_with(|| serde_json::json!({"kind": "LocalWorkspace"}));
+        if let Some(obj) = ws.as_object_mut() {
+            obj.insert("working_dir".into(), serde_json::Value::String(objects::WORKSPACE_DIR.into()));
+        }
+    }
+
+    async fn shutdown(&self) {
+        // Pods belong to the deployment, not to this replica: they keep running for the
+        // other replicas and for the next start. Only the watch ends.
+        self.0.cancel.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests;
