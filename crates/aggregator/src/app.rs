@@ -137,7 +137,8 @@ impl AppState {
         let mut cfg = cfg;
         for (k, v) in crate::webhooks::downstream_env(&internal_url) {
             cfg.provisioner.process.env.entry(k.clone()).or_insert_with(|| v.clone());
-            cfg.provisioner.docker.env.entry(k).or_insert(v);
+            cfg.provisioner.docker.env.entry(k.clone()).or_insert_with(|| v.clone());
+            cfg.provisioner.kubernetes.env.entry(k).or_insert(v);
         }
 
         let mut docker = None;
@@ -160,6 +161,9 @@ impl AppState {
                 let p = DockerProvisioner::new(&cfg.provisioner.docker, cfg.state_dir.join("docker"), client.clone())?;
                 docker = Some(p.clone());
                 (Arc::new(p), None)
+            }
+            ProvisionerKind::Kubernetes => {
+                (Arc::new(nestor_provisioner::kubernetes::KubernetesProvisioner::new(&cfg.provisioner.kubernetes).await?), None)
             }
         };
         let downstreams = provisioner.recover().await?;

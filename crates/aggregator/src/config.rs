@@ -5,7 +5,7 @@
 //! session_api_keys = ["secret"]        # none: no auth, and only a loopback bind is allowed
 //! state_dir = "/var/lib/nestor"
 //! [provisioner]
-//! kind = "existing"                    # "process" (default) | "existing" | "docker"
+//! kind = "existing"                    # "process" (default) | "existing" | "docker" | "kubernetes"
 //! [[provisioner.existing.servers]]
 //! url = "http://127.0.0.1:9101"
 //! api_key = "k1"
@@ -27,6 +27,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use nestor_core::SessionKey;
 use nestor_provisioner::docker::DockerConfig;
+use nestor_provisioner::kubernetes::KubernetesConfig;
 use nestor_provisioner::existing::ExistingConfig;
 use nestor_provisioner::process::ProcessConfig;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -178,6 +179,7 @@ pub enum ProvisionerKind {
     Process,
     Existing,
     Docker,
+    Kubernetes,
 }
 
 impl std::str::FromStr for ProvisionerKind {
@@ -187,7 +189,10 @@ impl std::str::FromStr for ProvisionerKind {
             "process" => Ok(Self::Process),
             "existing" => Ok(Self::Existing),
             "docker" => Ok(Self::Docker),
-            other => Err(format!("unknown provisioner kind {other:?} (expected \"process\", \"existing\" or \"docker\")")),
+            "kubernetes" => Ok(Self::Kubernetes),
+            other => Err(format!(
+                "unknown provisioner kind {other:?} (expected \"process\", \"existing\", \"docker\" or \"kubernetes\")"
+            )),
         }
     }
 }
@@ -202,6 +207,9 @@ pub struct ProvisionerSection {
     pub process: ProcessConfig,
     #[serde(default)]
     pub docker: DockerConfig,
+    /// `[provisioner.kubernetes]`: see nestor_provisioner::kubernetes and deploy/kubernetes.
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
 }
 
 /// `session_api_keys` as a list, or one comma-separated string (handy in an environment).
@@ -433,6 +441,27 @@ agent_server = "/path/to/bin/agent-server"
             assert_eq!(c.provisioner.existing.servers[0].url, "http://127.0.0.1:9101");
             assert_eq!(c.provisioner.existing.servers[0].api_key, Some(SessionKey::new("k1")));
             assert_eq!(c.provisioner.process.agent_server, Some(PathBuf::from("/path/to/bin/agent-server")));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn kubernetes_section_and_kind() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file(
+                "k.toml",
+                "[provisioner]\nkind = \"kubernetes\"\n[provisioner.kubernetes]\nimage = \"nestor/agent-server:1.58.2\"\nnamespace = \"nestor-agents\"\nstorage_class = \"fast\"\nruntime_class_name = \"gvisor\"\n",
+            )?;
+            let c = Config::load(Some(&jail.directory().join("k.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.provisioner.kind, ProvisionerKind::Kubernetes);
+            let k = &c.provisioner.kubernetes;
+            assert_eq!(k.namespace.as_deref(), Some("nestor-agents"));
+            assert_eq!(k.runtime_class_name.as_deref(), Some("gvisor"));
+            assert_eq!("kubernetes".parse::<ProvisionerKind>(), Ok(ProvisionerKind::Kubernetes));
+            jail.set_env("NESTOR_PROVISIONER__KUBERNETES__INSTANCE", "prod");
+            let c = Config::load(Some(&jail.directory().join("k.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.provisioner.kubernetes.instance.as_deref(), Some("prod"));
             Ok(())
         });
     }

@@ -53,7 +53,7 @@ struct ServeArgs {
     /// A client session key (repeat for several).
     #[arg(long = "session-api-key")]
     session_api_keys: Vec<String>,
-    /// Provisioner kind: process, existing or docker.
+    /// Provisioner kind: process, existing, docker or kubernetes.
     #[arg(long)]
     provisioner: Option<ProvisionerKind>,
     /// nestor's state directory.

@@ -73,6 +73,29 @@ pub fn route(state: &AppState, id: &ConversationId, who: &Principal, rest: &str)
     }
 }
 
+/// Make sure the catalog knows `id` if the provisioner can find it: on a catalog miss the
+/// provisioner is asked ([`nestor_provisioner::Provisioner::find`]), so one nestor replica
+/// serves conversations another created (kubernetes: routing rebuilt from labels). A found
+/// conversation is adopted with its downstream's conversation list (or a stub while it is
+/// not running). Bounded by the provisioner's own API timeout; a failure is only logged.
+pub async fn locate(state: &AppState, id: &ConversationId) {
+    if state.catalog.route(id).is_some() {
+        return;
+    }
+    match state.provisioner.find(id).await {
+        Ok(Some(ds)) => {
+            let adopted = ds.state() == DownstreamState::Ready && state.catalog.refresh(&ds).await.is_ok();
+            if !adopted || state.catalog.route(id).is_none() {
+                let owner = ds.owner().cloned().unwrap_or_else(UserId::default_user);
+                state.catalog.register(*id, &ds, owner, json!({"id": id.to_string()})).await;
+            }
+            tracing::info!(conversation = %id, downstream = %ds.id(), "conversation found by the provisioner");
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(conversation = %id, "provisioner lookup failed: {e}"),
+    }
+}
+
 fn user_principal(user: &UserId) -> Principal {
     Principal { user: user.clone(), scope: Scope::User }
 }
@@ -216,6 +239,7 @@ pub async fn create(State(state): State<AppState>, req: Request<Body>) -> HttpRe
     obj.insert("conversation_id".into(), Value::String(id.to_string()));
 
     // Already known: the owning downstream answers (200 + existing info).
+    locate(&state, &id).await;
     if let Ok(ds) = route(&state, &id, &who, "") {
         return forward_create(&state, &ds, id, &user, parts, obj, false).await;
     }
@@ -408,6 +432,7 @@ pub async fn per_conversation(State(state): State<AppState>, req: Request<Body>)
         return Err(ApiError::not_found().into());
     }
     let id = path_id(raw_id)?;
+    locate(&state, &id).await;
     let ds = route(&state, &id, &who, rest)?;
     let method = req.method().clone();
     match (method, rest) {
@@ -567,6 +592,7 @@ async fn delete(state: &AppState, ds: &Arc<Downstream>, id: ConversationId, req:
 pub async fn trajectory(State(state): State<AppState>, Path(raw): Path<String>, req: Request<Body>) -> HttpResult {
     let who = state.auth.check_client(req.headers())?;
     let id = path_id(&raw)?;
+    locate(&state, &id).await;
     let ds = route(&state, &id, &who, "")?;
     forward_streaming(&state, &ds, Some(id), req).await
 }

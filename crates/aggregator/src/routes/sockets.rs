@@ -140,6 +140,7 @@ impl Upstream for ConversationUpstream {
         let Some(who) = self.who.lock().unwrap().clone() else { return Err(UpstreamError::NotFound) };
         // bash-events with first-frame auth: a conversation key names its conversation.
         let Some(id) = self.target.or(who.conversation()) else { return Err(UpstreamError::NotFound) };
+        crate::routes::conversations::locate(&self.state, &id).await;
         let ds = crate::routes::conversations::route(&self.state, &id, &who, "").map_err(|_| UpstreamError::NotFound)?;
         if ds.state() == DownstreamState::Ready {
             if let Some(ep) = ds.endpoint() {
