@@ -13,6 +13,9 @@
 //! [workspace_storage.quota]
 //! max_bytes = 10737418240                 # per conversation, both areas together
 //! max_files = 200000
+//! [workspace_storage.user_quota]
+//! max_bytes = 107374182400                # per user, all their conversations together
+//! max_files = 2000000
 //! ```
 //!
 //! Credentials, first found wins: `access_key_id` + `secret_access_key` here; the
@@ -124,6 +127,8 @@ pub struct WorkspaceStorageConfig {
     /// How often the periodic pusher pushes a running conversation.
     pub push_interval_secs: u64,
     pub quota: QuotaConfig,
+    /// Per-user limits: every stored conversation of the user, both areas, together.
+    pub user_quota: QuotaConfig,
     pub on_delete: OnDelete,
     /// Transfers (and hashes) in flight per pull or push.
     pub concurrency: usize,
@@ -159,6 +164,7 @@ impl Default for WorkspaceStorageConfig {
             session_token: None,
             push_interval_secs: 60,
             quota: QuotaConfig::default(),
+            user_quota: QuotaConfig::default(),
             on_delete: OnDelete::Keep,
             concurrency: 8,
             part_size_bytes: 8 * MIB,
@@ -247,6 +253,9 @@ impl WorkspaceStorageConfig {
         }
         if self.quota.max_bytes == Some(0) || self.quota.max_files == Some(0) {
             return err("workspace_storage.quota limits must be positive (omit one for no limit)".into());
+        }
+        if self.user_quota.max_bytes == Some(0) || self.user_quota.max_files == Some(0) {
+            return err("workspace_storage.user_quota limits must be positive (omit one for no limit)".into());
         }
         if !(1..=256).contains(&self.concurrency) {
             return err(format!("workspace_storage.concurrency = {} must be between 1 and 256", self.concurrency));
@@ -465,6 +474,8 @@ mod tests {
             [workspace_storage.quota]
             max_bytes = 1000
             max_files = 10
+            [workspace_storage.user_quota]
+            max_files = 100
             [workspace_storage.retry]
             max_attempts = 3
             "#,
@@ -474,6 +485,7 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.on_delete, OnDelete::Purge);
         assert_eq!(c.quota, QuotaConfig { max_bytes: Some(1000), max_files: Some(10) });
+        assert_eq!(c.user_quota, QuotaConfig { max_bytes: None, max_files: Some(100) });
         assert_eq!(c.retry.max_attempts, 3);
         assert_eq!(c.retry.initial_backoff_ms, 1000);
         assert!(c.effective_path_style());
@@ -508,6 +520,7 @@ mod tests {
             (Box::new(|c| c.secret_access_key = Some(Secret("s".into()))), "access_key_id is not"),
             (Box::new(|c| c.push_interval_secs = 0), "push_interval_secs"),
             (Box::new(|c| c.quota.max_bytes = Some(0)), "quota"),
+            (Box::new(|c| c.user_quota.max_files = Some(0)), "user_quota"),
             (Box::new(|c| c.concurrency = 0), "concurrency"),
             (Box::new(|c| c.part_size_bytes = 1024), "part_size_bytes"),
             (Box::new(|c| c.buffer_budget_bytes = MIB), "buffer_budget_bytes"),

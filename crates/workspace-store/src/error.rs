@@ -66,6 +66,11 @@ pub enum StoreError {
     #[error("workspace storage quota exceeded: the conversation would store {would_be} {unit} (limit {limit}); nothing was uploaded, the stored copy is unchanged", unit = match kind { QuotaKind::Bytes => "bytes", QuotaKind::Files => "files" })]
     QuotaExceeded { kind: QuotaKind, limit: u64, would_be: u64 },
 
+    /// The push would take the user (all their conversations together) over the per-user
+    /// quota. Nothing of it was uploaded and the stored manifest is unchanged.
+    #[error("workspace storage quota exceeded for user {user}: their conversations would store {would_be} {unit} (limit {limit}); nothing was uploaded, the stored copy is unchanged", unit = match kind { QuotaKind::Bytes => "bytes", QuotaKind::Files => "files" })]
+    UserQuotaExceeded { user: String, kind: QuotaKind, limit: u64, would_be: u64 },
+
     /// The tree has more entries than `max_entries`: refused rather than walked forever.
     #[error("{path} has more than {limit} entries", path = path.display())]
     TooManyEntries { path: PathBuf, limit: u64 },
@@ -98,9 +103,15 @@ impl StoreError {
             | StoreError::NotADirectory(_)
             | StoreError::CorruptManifest { .. }
             | StoreError::QuotaExceeded { .. }
+            | StoreError::UserQuotaExceeded { .. }
             | StoreError::TooManyEntries { .. }
             | StoreError::Cancelled => false,
         }
+    }
+
+    /// A quota (the conversation's or its user's) refused the push.
+    pub fn is_quota(&self) -> bool {
+        matches!(self, StoreError::QuotaExceeded { .. } | StoreError::UserQuotaExceeded { .. })
     }
 
     pub(crate) fn local(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
@@ -122,7 +133,11 @@ mod tests {
         let m = e.to_string();
         assert!(m.contains("150 bytes (limit 100)"), "{m}");
         assert!(m.contains("unchanged"), "{m}");
-        assert!(!e.is_retriable());
+        assert!(!e.is_retriable() && e.is_quota());
+        let e = StoreError::UserQuotaExceeded { user: "alice".into(), kind: QuotaKind::Files, limit: 10, would_be: 11 };
+        let m = e.to_string();
+        assert!(m.contains("user alice") && m.contains("11 files (limit 10)"), "{m}");
+        assert!(!e.is_retriable() && e.is_quota());
         let e = StoreError::Timeout { op: "put", key: "k".into(), after: Duration::from_secs(1) };
         assert!(e.is_retriable());
     }

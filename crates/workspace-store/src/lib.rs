@@ -96,6 +96,7 @@ mod push;
 mod pusher;
 mod scan;
 pub mod status;
+mod usage;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -131,6 +132,8 @@ struct Inner {
     io: Io,
     cache_root: PathBuf,
     conversations: Mutex<HashMap<(UserId, ConversationId), Weak<ConvShared>>>,
+    /// Per-user usage, for the per-user quota (see [`usage`]).
+    users: Mutex<HashMap<UserId, Arc<usage::Ledger>>>,
 }
 
 /// Shared by every handle of one conversation.
@@ -173,6 +176,7 @@ impl WorkspaceStore {
                 cfg: cfg.clone(),
                 cache_root: cache_root.into(),
                 conversations: Mutex::default(),
+                users: Mutex::default(),
             }),
         })
     }
@@ -246,6 +250,13 @@ impl WorkspaceStore {
         }
     }
 
+    /// What all of `user`'s conversations store (both areas), as counted for
+    /// `[workspace_storage.user_quota]`: read from the bucket the first time, then kept current
+    /// by this store's pulls, pushes and purges.
+    pub async fn user_usage(&self, user: &UserId) -> Result<Totals, StoreError> {
+        self.inner.user_usage(user).await
+    }
+
     /// Request and byte counters since this store was made.
     pub fn io_stats(&self) -> IoStats {
         self.inner.io.stats()
@@ -315,6 +326,7 @@ impl ConversationStorage {
         }
         let _ = std::fs::remove_dir(self.cache_path(Area::Workspace).parent().expect("has parent"));
         self.shared.committed.lock().unwrap().clear();
+        self.ledger_forget();
         {
             let mut st = self.shared.status.lock().unwrap();
             for area in Area::ALL {
@@ -354,6 +366,7 @@ impl ConversationStorage {
             None => Totals::default(),
         };
         self.shared.committed.lock().unwrap().insert(other, t);
+        self.ledger_commit(other, t);
         Ok(t)
     }
 
@@ -374,6 +387,7 @@ impl ConversationStorage {
     fn set_committed(&self, area: Area, m: &Manifest) {
         let t = m.totals();
         self.shared.committed.lock().unwrap().insert(area, t);
+        self.ledger_commit(area, t);
         let mut st = self.shared.status.lock().unwrap();
         let a = st.area_mut(area);
         a.generation = m.generation;

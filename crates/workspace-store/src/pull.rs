@@ -70,6 +70,7 @@ impl ConversationStorage {
                 .await
                 .expect("mkdir task")?;
             self.shared.committed.lock().unwrap().insert(area, Default::default());
+            self.ledger_commit(area, Default::default());
             return Ok(PullReport {
                 area,
                 found: false,

@@ -81,6 +81,7 @@ impl ConversationStorage {
             Ok(rep) => {
                 a.last_success_at = Some(OffsetDateTime::now_utc());
                 a.consecutive_failures = 0;
+                a.over_quota = false;
                 if rep.deferred == 0 {
                     a.pending_bytes = 0;
                     a.pending_entries = 0;
@@ -90,6 +91,7 @@ impl ConversationStorage {
                 a.last_error = Some(e.to_string());
                 a.last_error_at = Some(OffsetDateTime::now_utc());
                 a.consecutive_failures = a.consecutive_failures.saturating_add(1);
+                a.over_quota = e.is_quota();
                 tracing::warn!(conversation = %self.conversation, user = %self.user, %area, error = %e, "workspace store: push failed");
             }
         }
@@ -297,9 +299,11 @@ impl ConversationStorage {
             return Ok(report);
         }
 
-        // 4. Quota, before anything is uploaded.
+        // 4. Quotas, before anything is uploaded.
         let new_totals = totals_of(&entries);
         self.check_quota(area, base.totals(), new_totals).await?;
+        let mut user_reservation = None;
+        self.check_user_quota(area, base.totals(), new_totals, &mut user_reservation).await?;
 
         // 5. Upload the blobs the stored copy lacks.
         let stored_blobs: HashSet<String> = base.blobs().into_iter().map(str::to_owned).collect();
@@ -349,7 +353,11 @@ impl ConversationStorage {
             // Entries that now point at blobs neither stored nor uploaded cannot be: every
             // path of a changed hash was reverted above.
             let final_totals = totals_of(&entries);
-            if let Err(e) = self.check_quota(area, base.totals(), final_totals).await {
+            let checked = match self.check_quota(area, base.totals(), final_totals).await {
+                Ok(()) => self.check_user_quota(area, base.totals(), final_totals, &mut user_reservation).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = checked {
                 let keys = uploaded.iter().map(|h| self.keys.blob(area, h)).collect();
                 let _ = io.delete_many(keys).await;
                 return Err(e);

@@ -32,6 +32,11 @@ impl SyncStatus {
     pub fn healthy(&self) -> bool {
         self.workspace.consecutive_failures == 0 && self.state.consecutive_failures == 0
     }
+
+    /// The last push of some area was refused by a quota.
+    pub fn over_quota(&self) -> bool {
+        self.workspace.over_quota || self.state.over_quota
+    }
 }
 
 /// Persistence status of one tree.
@@ -50,6 +55,9 @@ pub struct AreaStatus {
     pub last_error_at: Option<OffsetDateTime>,
     /// Failed push attempts since the last success (0: healthy).
     pub consecutive_failures: u32,
+    /// The last push was refused by a quota (the conversation's or the user's); cleared by the
+    /// next successful push.
+    pub over_quota: bool,
     /// Bytes of new or changed files not yet in the stored copy, as of the last push attempt.
     pub pending_bytes: u64,
     /// Entries added, changed or removed locally and not yet stored, as of the last attempt.

@@ -295,6 +295,69 @@ async fn quota_exceeded_is_a_clear_error_and_keeps_what_was_stored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_quota_counts_every_conversation_of_the_user_and_keeps_what_was_stored() {
+    let ep = s3_or_skip!();
+    let env = Env::with(&ep, "userquota", |c| {
+        c.user_quota.max_bytes = Some(100_000);
+        c.user_quota.max_files = Some(20);
+    });
+    let store = env.host("a");
+    let a1 = conv(&store, "alice");
+    let a2 = conv(&store, "alice");
+    let b1 = conv(&store, "bob");
+    let d1 = env.dir("a1");
+    write(&d1, "x.bin", noise(1, 60_000));
+    a1.push(Area::Workspace, &d1).await.unwrap();
+    // Bob has his own allowance.
+    let db = env.dir("b1");
+    write(&db, "x.bin", noise(2, 90_000));
+    b1.push(Area::Workspace, &db).await.unwrap();
+
+    // Alice's second conversation would take her to 120 kB: refused, nothing uploaded.
+    let d2 = env.dir("a2");
+    write(&d2, "y.bin", noise(3, 60_000));
+    let before = store.io_stats();
+    let err = a2.push(Area::Workspace, &d2).await.unwrap_err();
+    match &err {
+        StoreError::UserQuotaExceeded { user, kind: QuotaKind::Bytes, limit: 100_000, would_be: 120_000 } if user == "alice" => {}
+        e => panic!("{e:?}"),
+    }
+    assert!(err.is_quota() && !err.is_retriable());
+    assert_eq!(store.io_stats().since(&before).bytes_uploaded, 0);
+    assert!(a2.status().workspace.over_quota && a2.status().over_quota());
+    assert_eq!(store.user_usage(&user("alice")).await.unwrap().bytes, 60_000);
+
+    // A fresh nestor (another host) learns the usage from the bucket.
+    let other = env.host("b");
+    assert_eq!(other.user_usage(&user("alice")).await.unwrap().bytes, 60_000);
+    assert_eq!(other.user_usage(&user("bob")).await.unwrap().bytes, 90_000);
+    let a2b = other.conversation(&user("alice"), a2.conversation()).unwrap();
+    assert!(a2b.push(Area::Workspace, &d2).await.unwrap_err().is_quota());
+
+    // Freeing space in one conversation lets the other through; the refused push stored nothing.
+    std::fs::remove_file(d1.join("x.bin")).unwrap();
+    write(&d1, "small.txt", "small");
+    assert!(a1.push(Area::Workspace, &d1).await.unwrap().committed);
+    let r = a2.push(Area::Workspace, &d2).await.unwrap();
+    assert!(r.committed);
+    assert!(!a2.status().over_quota());
+    assert_eq!(store.user_usage(&user("alice")).await.unwrap().bytes, 60_005);
+
+    // Purging a conversation gives its share back.
+    a2.purge().await.unwrap();
+    assert_eq!(store.user_usage(&user("alice")).await.unwrap().bytes, 5);
+
+    // Files count too.
+    for i in 0..25 {
+        write(&d1, &format!("many/{i}"), "");
+    }
+    let err = a1.push(Area::Workspace, &d1).await.unwrap_err();
+    assert!(matches!(err, StoreError::UserQuotaExceeded { kind: QuotaKind::Files, limit: 20, .. }), "{err:?}");
+    a1.purge().await.unwrap();
+    b1.purge().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_user_has_their_own_prefix() {
     let ep = s3_or_skip!();
     let env = Env::new(&ep, "users");
