@@ -10,6 +10,9 @@
 #   docker         the Docker engine (scripts/setup-docker.sh) and the agent-server image, built
 #                  without a registry (scripts/build-agent-server-image.sh, cached); with it the
 #                  unit stage runs the docker provisioner's tests against the real engine and image
+#   kube           a real kube-apiserver 1.20 + etcd on loopback (scripts/setup-kube.sh: built once
+#                  from Debian's source package, cached by version); with it (and the docker
+#                  stage) the unit stage runs the kubernetes provisioner's tests against it
 #   unit           cargo tests of every crate: unit, property and fake-downstream integration tests
 #   e2e-process    real agent-server + real Python SDK through nestor, process provisioner
 #   e2e-existing   the same through nestor on the existing provisioner over two real agent-servers
@@ -17,7 +20,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-STAGES="${NESTOR_TEST_STAGES:-setup docker unit e2e-process e2e-existing e2e-docker}"
+STAGES="${NESTOR_TEST_STAGES:-setup docker kube unit e2e-process e2e-existing e2e-docker}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 stage() { echo; echo "=== test.sh: $1 ($(date -u +%H:%M:%S))" >&2; }
@@ -40,6 +43,14 @@ if has docker || has e2e-docker; then
   export NESTOR_TEST_REQUIRE_DOCKER=1
 fi
 
+if has kube; then
+  stage kube
+  # Builds kube-apiserver on first use (~13 min on 2 cores), then starts it (~10 s).
+  NESTOR_KUBE_BUILD_TIMEOUT=2700 timeout 3000 bash scripts/setup-kube.sh >/dev/null
+  # From here on a missing cluster fails the kubernetes tests instead of skipping them.
+  export NESTOR_TEST_REQUIRE_KUBE=1
+fi
+
 if has unit; then
   stage unit
   # A real S3-compatible server (moto_server) for the workspace-store tests; without one they
@@ -55,6 +66,11 @@ if has unit; then
   else
     timeout 2400 cargo test --workspace --locked --no-fail-fast
   fi
+fi
+
+if has kube; then
+  # The test cluster is only test infrastructure: stop it and drop its data.
+  bash scripts/setup-kube.sh stop || true
 fi
 
 if has e2e-process || has e2e-existing || has e2e-docker; then
