@@ -123,7 +123,7 @@ async fn a_client_that_never_reads_is_dropped_at_the_limit_and_memory_stays_boun
     let grew = peak.saturating_sub(rss0);
     eprintln!(
         "{} MiB to {SLOW} non-reading clients + 1 reader in {published:?}; RSS {} MiB -> peak {} MiB (+{} MiB)",
-        FRAMES * FRAME * (SLOW + 1) >> 20,
+        (FRAMES * FRAME * (SLOW + 1)) >> 20,
         rss0 >> 20,
         peak >> 20,
         grew >> 20
