@@ -390,3 +390,23 @@ impl Replica {
         }
     }
 }
+
+/// The configuration shipped in deploy/kubernetes/configmap.yaml loads and validates.
+#[test]
+fn shipped_configmap_is_a_valid_configuration() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let text = std::fs::read_to_string(root.join("deploy/kubernetes/configmap.yaml")).unwrap();
+    let cm: Value = serde_yaml::from_str(&text).unwrap();
+    let toml = cm["data"]["nestor.toml"].as_str().expect("data.nestor.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nestor.toml");
+    std::fs::write(&path, toml).unwrap();
+    let cfg = nestor_aggregator::config::Config::load(Some(&path), &Default::default()).expect("loads");
+    assert_eq!(cfg.provisioner.kind, nestor_aggregator::config::ProvisionerKind::Kubernetes);
+    let s = cfg.provisioner.kubernetes.validate().expect("valid kubernetes settings");
+    assert_eq!(s.namespace.as_deref(), Some("nestor-agents"));
+    assert_eq!(s.reach, nestor_provisioner::kubernetes::Reach::PodIp, "real clusters reach pods at their IP");
+    // The Role in rbac.yaml is for the same namespace.
+    let role = nestor_test_support::kube_env::shipped_role().unwrap();
+    assert_eq!(role.metadata.namespace.as_deref(), Some("nestor-agents"));
+}
