@@ -18,11 +18,16 @@
 //! * [`Provisioner::release`] is told when a conversation leaves a downstream; a
 //!   per-conversation backend stops and removes its downstream when none remain.
 //! * [`Provisioner::shutdown`] drains on nestor's exit.
+//!
+//! Backends that keep a conversation's files on nestor's host (`process`, `docker`) can
+//! persist them through the [`sync::WorkspaceSync`] hooks (restore before start, push while
+//! running, final push on stop and delete).
 
 pub mod docker;
 pub mod existing;
 pub mod kubernetes;
 pub mod process;
+pub mod sync;
 mod util;
 
 use std::sync::Arc;

@@ -5,12 +5,23 @@
 //!
 //! ```text
 //! nestor-process.json   manifest: port, pid (+ start time), key, secret key, phase
-//! conversations/        OH_CONVERSATIONS_PATH
-//! bash_events/          OH_BASH_EVENTS_DIR
-//! persistence/          OH_PERSISTENCE_DIR (settings/secrets of that server)
-//! workspace/            the conversation's workspace (workspace = "isolated")
+//! state/                the agent-server's state for the conversation (one tree, persisted)
+//!   conversations/      OH_CONVERSATIONS_PATH
+//!   bash_events/        OH_BASH_EVENTS_DIR
+//!   persistence/        OH_PERSISTENCE_DIR (settings/secrets of that server)
+//! workspace/            the conversation's workspace (workspace = "isolated"; persisted)
+//! home/  tmux/          HOME (isolated mode) and TMUX_TMPDIR: this host's, not persisted
 //! agent-server.log      its stdout/stderr
 //! ```
+//!
+//! Directories made by an older nestor kept `conversations/`, `bash_events/` and
+//! `persistence/` directly in the conversation's directory; they are moved under `state/` the
+//! next time the child starts (a re-adopted running child keeps its paths until then).
+//!
+//! With workspace persistence ([`crate::sync`], `[workspace_storage]`), `workspace/` and
+//! `state/` are restored before the child starts when they are missing (a fresh host, or
+//! local data removed), pushed while it runs, and pushed one last time when it is stopped
+//! or its conversation deleted. The home downstream is not persisted.
 //!
 //! The manifest is what makes restarts safe: a nestor that was killed finds its children
 //! still running and re-adopts them (same pid and start time, `/alive` answers with the
@@ -37,6 +48,7 @@ use nestor_core::{ConversationId, Downstream, DownstreamClient, DownstreamId, Do
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
+use crate::sync::{SyncTrees, WorkspaceSync};
 use crate::util::free_loopback_port;
 use crate::{ProvisionError, ProvisionRequest, Provisioner, SHUTDOWN_GRACE};
 use manifest::{Manifest, Phase};
@@ -116,6 +128,10 @@ fn must_not_inherit(name: &str) -> bool {
 
 const MANIFEST: &str = "nestor-process.json";
 const LOG: &str = "agent-server.log";
+/// The agent-server's state tree, and what it holds.
+const STATE_DIR: &str = "state";
+const STATE_SUBDIRS: [&str; 3] = ["conversations", "bash_events", "persistence"];
+const WORKSPACE_DIR: &str = "workspace";
 /// Directory of the home downstream (host-global routes), beside the conversations'.
 const HOME_DIR: &str = "home";
 
@@ -130,6 +146,44 @@ struct Proc {
     generation: std::sync::atomic::AtomicU64,
 }
 
+impl Proc {
+    /// The conversation's trees (None for the home downstream and warm pool members).
+    fn trees(&self) -> Option<SyncTrees> {
+        let m = self.manifest.lock().unwrap();
+        (!m.conversation_id.as_uuid().is_nil()).then(|| SyncTrees {
+            conversation: m.conversation_id,
+            owner: m.owner.clone(),
+            workspace: self.dir.join(WORKSPACE_DIR),
+            state: self.dir.join(STATE_DIR),
+        })
+    }
+
+    /// A directory laid out by an older nestor (state subdirectories at the top).
+    fn is_legacy_layout(&self) -> bool {
+        !self.dir.join(STATE_DIR).exists() && STATE_SUBDIRS.iter().any(|d| self.dir.join(d).is_dir())
+    }
+
+    /// Move an older layout's state under `state/` (the child must not be running).
+    fn migrate_layout(&self) -> Result<(), ProvisionError> {
+        if !self.is_legacy_layout() {
+            return Ok(());
+        }
+        let io = |e: std::io::Error| ProvisionError::Start(format!("cannot move {} to the state/ layout: {e}", self.dir.display()));
+        let tmp = self.dir.join(".state-migrating");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io)?;
+        for d in STATE_SUBDIRS {
+            let from = self.dir.join(d);
+            if from.exists() {
+                std::fs::rename(&from, tmp.join(d)).map_err(io)?;
+            }
+        }
+        std::fs::rename(&tmp, self.dir.join(STATE_DIR)).map_err(io)?;
+        tracing::info!(dir = %self.dir.display(), "moved the agent-server state under state/");
+        Ok(())
+    }
+}
+
 /// The `process` backend. Cheap to clone (all state is shared).
 #[derive(Clone)]
 pub struct ProcessProvisioner(Arc<Inner>);
@@ -142,6 +196,7 @@ struct Inner {
     stop_timeout: Duration,
     client: DownstreamClient,
     procs: DashMap<DownstreamId, Arc<Proc>>,
+    sync: Option<Arc<dyn WorkspaceSync>>,
 }
 
 impl ProcessProvisioner {
@@ -177,7 +232,15 @@ impl ProcessProvisioner {
             cfg: cfg.clone(),
             client,
             procs: DashMap::new(),
+            sync: None,
         })))
+    }
+
+    /// Persist every conversation's `workspace/` and `state/` through `sync` (see
+    /// [`crate::sync`]). Call before the provisioner is used (recover included).
+    pub fn with_workspace_sync(mut self, sync: Arc<dyn WorkspaceSync>) -> Self {
+        Arc::get_mut(&mut self.0).expect("with_workspace_sync before the provisioner is shared").sync = Some(sync);
+        self
     }
 
     /// Mark a conversation's create as done: its directory is no longer removable as
@@ -235,9 +298,16 @@ impl Inner {
     /// Spawn the child for `p` (caller holds `p.lifecycle`). Sets state `Starting` and starts
     /// a monitor that turns it `Ready` (or `Failed`).
     async fn spawn_child(self: &Arc<Self>, p: &Arc<Proc>) -> Result<(), ProvisionError> {
-        for dir in ["conversations", "bash_events", "persistence", "workspace"] {
-            std::fs::create_dir_all(p.dir.join(dir))
-                .map_err(|e| ProvisionError::Start(format!("cannot create {}: {e}", p.dir.join(dir).display())))?;
+        p.migrate_layout()?;
+        let trees = p.trees();
+        if let (Some(sync), Some(t)) = (&self.sync, &trees) {
+            // Missing trees come back from storage before the agent can see them.
+            sync.restore(t).await?;
+        }
+        let state = p.dir.join(STATE_DIR);
+        for dir in STATE_SUBDIRS.iter().map(|d| state.join(d)).chain([p.dir.join(WORKSPACE_DIR)]) {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| ProvisionError::Start(format!("cannot create {}: {e}", dir.display())))?;
         }
         let port = free_loopback_port().map_err(|e| ProvisionError::Start(format!("no free port: {e}")))?;
         let (key, secret) = {
@@ -267,10 +337,10 @@ impl Inner {
         cmd.env("SESSION_API_KEY", key.expose())
             .env("OH_SESSION_API_KEYS_0", key.expose())
             .env("OH_SECRET_KEY", secret.expose())
-            .env("OH_CONVERSATIONS_PATH", p.dir.join("conversations"))
-            .env("OH_BASH_EVENTS_DIR", p.dir.join("bash_events"))
-            .env("OH_PERSISTENCE_DIR", p.dir.join("persistence"))
-            .env("OH_WORKSPACE_PATH", p.dir.join("workspace"))
+            .env("OH_CONVERSATIONS_PATH", state.join("conversations"))
+            .env("OH_BASH_EVENTS_DIR", state.join("bash_events"))
+            .env("OH_PERSISTENCE_DIR", state.join("persistence"))
+            .env("OH_WORKSPACE_PATH", p.dir.join(WORKSPACE_DIR))
             .env("OPENHANDS_AGENT_SERVER_CONFIG_PATH", p.dir.join("agent_server_config.json"));
         let tmux_dir = tmux_dir_for(&p.dir);
         let _ = std::fs::create_dir_all(&tmux_dir);
@@ -313,6 +383,9 @@ impl Inner {
         let me = self.clone();
         let p2 = p.clone();
         tokio::spawn(async move { me.monitor_child(p2, child, generation).await });
+        if let (Some(sync), Some(t)) = (&self.sync, &trees) {
+            sync.started(t);
+        }
         Ok(())
     }
 
@@ -478,7 +551,9 @@ impl Inner {
         let is_home = conv.as_uuid().is_nil();
         let id = if is_home { Self::home_id() } else { Self::downstream_id(&conv) };
         let alive = m.pid.filter(|pid| proc_info::is_same_process(*pid, m.pid_start));
-        let has_conversation = dir.join("conversations").join(conv.hex()).join("meta.json").exists();
+        let has_conversation = [dir.join(STATE_DIR).join("conversations"), dir.join("conversations")]
+            .iter()
+            .any(|c| c.join(conv.hex()).join("meta.json").exists());
         if m.phase == Phase::Provisioning && !has_conversation {
             // nestor died between starting the child and the create reaching it.
             if let Some(pid) = alive {
@@ -503,6 +578,13 @@ impl Inner {
                 ds.set_endpoint(Some(ep));
                 ds.set_state(DownstreamState::Ready);
                 tracing::info!(conversation = %conv, pid, "re-adopted running agent-server process");
+                if let (Some(sync), Some(t)) = (&self.sync, p.trees()) {
+                    if p.is_legacy_layout() {
+                        tracing::info!(conversation = %conv, "persisting it from its next start (its state predates the state/ layout)");
+                    } else {
+                        sync.started(&t);
+                    }
+                }
                 let me = self.clone();
                 let p2 = p.clone();
                 tokio::spawn(async move { me.monitor_adopted(p2, pid, 0).await });
@@ -669,6 +751,9 @@ impl Provisioner for ProcessProvisioner {
         let p = self.0.proc_of(ds)?;
         let _g = p.lifecycle.lock().await;
         self.0.stop_child(&p).await;
+        if let (Some(sync), Some(t)) = (&self.0.sync, p.trees()) {
+            sync.stopped(&t).await;
+        }
         Ok(())
     }
 
@@ -682,7 +767,16 @@ impl Provisioner for ProcessProvisioner {
             let _g = p.lifecycle.lock().await;
             inner.stop_child(&p).await;
             ds.set_state(DownstreamState::Released);
-            if inner.cfg.delete_state_on_release {
+            let mut delete = inner.cfg.delete_state_on_release;
+            if let (Some(sync), Some(t)) = (&inner.sync, p.trees()) {
+                if let Err(e) = sync.released(&t).await {
+                    if delete {
+                        tracing::warn!(conversation = %conversation, dir = %p.dir.display(), "keeping the deleted conversation's files here: {e}");
+                    }
+                    delete = false;
+                }
+            }
+            if delete {
                 if let Err(e) = std::fs::remove_dir_all(&p.dir) {
                     tracing::warn!(conversation = %conversation, "could not remove {}: {e}", p.dir.display());
                 }
