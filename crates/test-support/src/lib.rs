@@ -6,6 +6,9 @@
 //! nestor relies on. The `nestor-fake-agent-server` binary serves the same fake from its own
 //! process for benchmarks and comparisons with other proxies.
 //!
+//! [`chaos_proxy`] is a fault-injecting TCP proxy (reset, stall, refuse connections) to put
+//! between nestor and its downstreams in chaos tests.
+//!
 //! [`node_agent`] (binary `nestor-node-agent`) schedules and runs pods for the kubernetes
 //! provisioner's tests: a real kube-apiserver, each pod a Docker container.
 //!
@@ -26,8 +29,10 @@
 //! # });
 //! ```
 
+pub mod chaos_proxy;
 pub mod fake_server;
 pub mod kube_env;
 pub mod node_agent;
 
+pub use chaos_proxy::{ChaosProxy, ChaosStats};
 pub use fake_server::{FakeAgentServer, FakeConfig, Fault, SocketRequest, TimestampMode};

@@ -23,9 +23,17 @@ struct Args {
     /// Address to bind.
     #[arg(long, default_value = "127.0.0.1")]
     host: std::net::IpAddr,
-    /// Session API key clients must present (none = no authentication).
+    /// Session API key clients must present (none = no authentication; also read from
+    /// `OH_SESSION_API_KEYS_0`, as the real server does).
     #[arg(long, env = "SESSION_API_KEY")]
     session_api_key: Option<String>,
+    /// Start dormant (deferred init; also `OH_DEFERRED_INIT=true`): `/api/*` answers 503
+    /// until `POST /api/init`.
+    #[arg(long)]
+    deferred_init: bool,
+    /// The secret key: `X-Init-API-Key` of `POST /api/init` (also `OH_SECRET_KEY`).
+    #[arg(long, env = "OH_SECRET_KEY")]
+    secret_key: Option<String>,
     /// Conversations to create at startup.
     #[arg(long, default_value_t = 0)]
     seed_conversations: usize,
@@ -41,6 +49,10 @@ struct Args {
     /// Maximum subscribers per conversation (the real server allows 50).
     #[arg(long, default_value_t = 50)]
     max_subscribers_per_conversation: usize,
+    /// Keep conversations in this directory and load them at start (like the real server;
+    /// the process provisioner sets `OH_CONVERSATIONS_PATH` for each child).
+    #[arg(long, env = "OH_CONVERSATIONS_PATH")]
+    conversations_path: Option<std::path::PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,13 +70,24 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let env_flag = |name: &str| {
+        std::env::var(name).is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+    };
+    let session_api_key = args
+        .session_api_key
+        .clone()
+        .or_else(|| std::env::var("OH_SESSION_API_KEYS_0").ok())
+        .filter(|k| !k.is_empty());
     let cfg = FakeConfig {
-        session_api_key: args.session_api_key.clone(),
+        session_api_key,
+        deferred_init: args.deferred_init || env_flag("OH_DEFERRED_INIT"),
+        secret_key: args.secret_key.clone(),
         host: args.host,
         port: args.port,
         run_steps: args.run_steps,
         step_delay: Duration::from_millis(args.step_delay_ms),
         max_subscribers_per_conversation: args.max_subscribers_per_conversation,
+        persist_dir: args.conversations_path.clone().filter(|p| !p.as_os_str().is_empty()),
         ..FakeConfig::default()
     };
     let server = FakeAgentServer::start(cfg).await?;

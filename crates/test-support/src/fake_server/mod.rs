@@ -39,6 +39,7 @@
 //! * "Local time" is [`FakeConfig::utc_offset`] (UTC by default), not the machine's zone.
 
 mod clock;
+mod deferred;
 mod ops;
 mod rest;
 mod shapes;
@@ -117,6 +118,17 @@ pub struct FakeConfig {
     /// What `GET /api/vscode/url` and `/api/conversations/{id}/vscode/url` answer (`None`:
     /// `{"url": null}`, VS Code not running), e.g. a stand-in VS Code server in a test.
     pub vscode_url: Option<String>,
+    /// Start dormant, like `OH_DEFERRED_INIT=true`: `/api/*` answers 503 and sockets are
+    /// refused until `POST /api/init` (see `deferred.rs`).
+    pub deferred_init: bool,
+    /// The server's secret key (`OH_SECRET_KEY`): what `POST /api/init` must present as
+    /// `X-Init-API-Key` (`None`: the init route is open, like the real server without one).
+    pub secret_key: Option<String>,
+    /// Keep conversations on disk here (`<dir>/<hex id>/meta.json` + `events.jsonl`) and
+    /// load them at start, so a *process* that is killed and started again keeps them, like
+    /// the real server on its `OH_CONVERSATIONS_PATH` (the binary honours that variable).
+    /// `None`: memory only (state survives [`FakeAgentServer::restart`], not a new process).
+    pub persist_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for FakeConfig {
@@ -138,6 +150,9 @@ impl Default for FakeConfig {
             ws_ping_interval: Some(Duration::from_secs(20)),
             system_prompt_event: true,
             vscode_url: None,
+            deferred_init: false,
+            secret_key: None,
+            persist_dir: None,
         }
     }
 }
@@ -206,6 +221,8 @@ pub(crate) struct Inner {
     run_ids: AtomicU64,
     /// What clients presented on socket upgrades, and the text frames they sent.
     pub(crate) socket_log: Mutex<SocketLog>,
+    /// Deferred init (dormant until `POST /api/init`).
+    pub(crate) init: deferred::InitState,
 }
 
 /// One WebSocket upgrade request as the fake saw it (before any validation).
@@ -259,6 +276,9 @@ impl Inner {
 
     /// Whether any session key is configured.
     pub fn auth_enabled(&self) -> bool {
+        if let Some(keys) = self.init.keys() {
+            return !keys.is_empty(); // delivered by POST /api/init: they replace the others
+        }
         self.cfg.session_api_key.is_some() || !self.cfg.extra_session_api_keys.is_empty()
     }
 
@@ -270,6 +290,9 @@ impl Inner {
         let Some(k) = key.filter(|k| !k.is_empty()) else {
             return false;
         };
+        if let Some(keys) = self.init.keys() {
+            return keys.iter().any(|e| e == k);
+        }
         self.cfg.session_api_key.as_deref() == Some(k)
             || self.cfg.extra_session_api_keys.iter().any(|e| e == k)
     }
@@ -316,6 +339,7 @@ impl FakeAgentServer {
         let listener = bind_listener(SocketAddr::new(cfg.host, cfg.port))
             .with_context(|| format!("binding {}:{}", cfg.host, cfg.port))?;
         let addr = listener.local_addr()?;
+        let init = deferred::InitState::new(cfg.deferred_init, cfg.secret_key.clone());
         let inner = Arc::new(Inner {
             cfg,
             store: Store::default(),
@@ -330,7 +354,13 @@ impl FakeAgentServer {
             running: tokio::sync::Mutex::new(None),
             run_ids: AtomicU64::new(1),
             socket_log: Mutex::new(SocketLog::default()),
+            init,
         });
+        if let Some(dir) = inner.cfg.persist_dir.clone() {
+            ops::load_persisted(&inner, &dir);
+            // Like a real server starting on its state: what was running is now an error.
+            ops::recover_after_restart(&inner);
+        }
         let running = spawn_generation(&inner, listener);
         *inner.running.lock().await = Some(running);
         tracing::debug!(%addr, "fake agent-server started");
@@ -357,6 +387,16 @@ impl FakeAgentServer {
 
     pub fn config(&self) -> &FakeConfig {
         &self.inner.cfg
+    }
+
+    /// Whether it is dormant (deferred init, no `POST /api/init` accepted yet).
+    pub fn is_dormant(&self) -> bool {
+        self.inner.init.is_dormant()
+    }
+
+    /// The body of the `POST /api/init` it accepted, if any.
+    pub fn init_request(&self) -> Option<Value> {
+        self.inner.init.request.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Whether the server is currently listening.
@@ -659,6 +699,10 @@ async fn handle(
         }
         _ => {}
     }
+    let req = match deferred::gate(&inner, req).await {
+        Ok(r) => return Ok(r),
+        Err(req) => req,
+    };
     let resp: Result<_, Infallible> = router.oneshot(req).await;
     Ok(match resp {
         Ok(r) => r,

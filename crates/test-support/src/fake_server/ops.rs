@@ -115,14 +115,14 @@ impl CreateSpec {
 
 fn new_meta(cfg: &FakeConfig, id: Uuid, spec: &CreateSpec) -> Meta {
     let now = clock::now_utc();
+    let base = match &cfg.persist_dir {
+        Some(d) => d.to_string_lossy().into_owned(),
+        None => cfg.conversations_path.clone(),
+    };
     Meta {
         agent: spec.agent.clone(),
         workspace: spec.workspace.clone(),
-        persistence_dir: format!(
-            "{}/{}",
-            cfg.conversations_path.trim_end_matches('/'),
-            id.simple()
-        ),
+        persistence_dir: format!("{}/{}", base.trim_end_matches('/'), id.simple()),
         max_iterations: spec.max_iterations.clone(),
         stuck_detection: spec.stuck_detection,
         confirmation_policy: spec.confirmation_policy.clone(),
@@ -158,6 +158,7 @@ pub(crate) fn create(inner: &Arc<Inner>, spec: CreateSpec) -> (Arc<Conv>, bool) 
     if !is_new {
         return (conv, false);
     }
+    persist_meta(inner, &conv);
     if let Some(parent) = spec.parent.and_then(|p| inner.store.get(&p)) {
         let mut pst = parent.lock();
         pst.meta.sub_conversation_ids.push(id);
@@ -468,6 +469,68 @@ pub(crate) fn interrupt_conversation(inner: &Arc<Inner>, conv: &Arc<Conv>) {
     }
 }
 
+/// With `FakeConfig::persist_dir`: write the conversation's `meta.json` (what a create
+/// fixed) and persist its events from now on.
+fn persist_meta(inner: &Arc<Inner>, conv: &Arc<Conv>) {
+    let Some(root) = &inner.cfg.persist_dir else { return };
+    let dir = root.join(conv.id.simple().to_string());
+    let mut st = conv.lock();
+    let m = &st.meta;
+    let meta = json!({
+        "id": conv.id.to_string(),
+        "agent": m.agent, "workspace": m.workspace, "max_iterations": m.max_iterations,
+        "stuck_detection": m.stuck_detection, "confirmation_policy": m.confirmation_policy,
+        "security_analyzer": m.security_analyzer, "hook_config": m.hook_config,
+        "client_tools": m.client_tools, "tool_module_qualnames": m.tool_module_qualnames,
+        "tags": m.tags,
+        "parent_conversation_id": m.parent_conversation_id.map(|p| p.to_string()),
+        "created_at": clock::utc_iso_z(m.created_at),
+    });
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let tmp = dir.join("meta.json.tmp");
+        if std::fs::write(&tmp, meta.to_string()).is_ok() {
+            let _ = std::fs::rename(&tmp, dir.join("meta.json"));
+        }
+        st.persist = Some(dir);
+    }
+}
+
+/// Load what `persist_dir` holds (at start, before serving).
+pub(crate) fn load_persisted(inner: &Arc<Inner>, root: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    let mut loaded: Vec<(time::OffsetDateTime, std::path::PathBuf, Value)> = Vec::new();
+    for e in entries.flatten() {
+        let dir = e.path();
+        let Some(meta) = std::fs::read(dir.join("meta.json")).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()) else {
+            continue;
+        };
+        let created = meta
+            .get("created_at")
+            .and_then(Value::as_str)
+            .and_then(|s| time::OffsetDateTime::parse(s, &time::format_description::well_known::Iso8601::DEFAULT).ok())
+            .unwrap_or_else(clock::now_utc);
+        loaded.push((created, dir, meta));
+    }
+    // Creation order is the sorts' tie-breaker.
+    loaded.sort_by_key(|(c, _, _)| *c);
+    for (created, dir, meta) in loaded {
+        let Some(id) = meta.get("id").and_then(Value::as_str).and_then(|s| Uuid::parse_str(s).ok()) else { continue };
+        let spec = CreateSpec::from_body(Some(id), &meta);
+        let mut m = new_meta(&inner.cfg, id, &spec);
+        m.created_at = created;
+        let (conv, _) = inner.store.insert_new(Conv::new(id, inner.store.next_serial(), m));
+        let mut st = conv.lock();
+        if let Ok(text) = std::fs::read_to_string(dir.join("events.jsonl")) {
+            for line in text.lines() {
+                if let Ok(Value::Object(ev)) = serde_json::from_str::<Value>(line) {
+                    st.append(&inner.cfg, ev);
+                }
+            }
+        }
+        st.persist = Some(dir);
+    }
+}
+
 /// `DELETE /api/conversations/{id}`. Open sockets stay open (and silent), like the real one.
 pub(crate) fn delete(inner: &Arc<Inner>, id: &Uuid) -> bool {
     let Some(conv) = inner.store.remove(id) else {
@@ -477,6 +540,9 @@ pub(crate) fn delete(inner: &Arc<Inner>, id: &Uuid) -> bool {
         let mut st = conv.lock();
         st.deleted = true;
         stop_run(&mut st);
+        if let Some(dir) = st.persist.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         st.meta.parent_conversation_id
     };
     if let Some(p) = parent.and_then(|p| inner.store.get(&p)) {

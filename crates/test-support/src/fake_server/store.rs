@@ -183,6 +183,8 @@ pub(crate) struct ConvState {
     subs: Vec<Sub>,
     info_cache: Option<Bytes>,
     pub deleted: bool,
+    /// Where appended events are persisted (`FakeConfig::persist_dir`), once loaded.
+    pub persist: Option<std::path::PathBuf>,
 }
 
 pub(crate) struct Conv {
@@ -216,6 +218,7 @@ impl Conv {
                 subs: Vec::new(),
                 info_cache: None,
                 deleted: false,
+                persist: None,
             }),
         }
     }
@@ -396,6 +399,15 @@ impl ConvState {
             frame: Frame::new(Some(seq), json),
             search_text,
         });
+        if let Some(dir) = &self.persist {
+            // One line per event; a torn last line (killed mid-write) is skipped on load.
+            use std::io::Write as _;
+            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("events.jsonl")) {
+                let mut line = stored.frame.event.as_str().as_bytes().to_vec();
+                line.push(b'\n');
+                let _ = f.write_all(&line);
+            }
+        }
         self.index.insert(id, self.events.len());
         self.events.push(stored.clone());
         self.info_cache = None;
