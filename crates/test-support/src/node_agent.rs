@@ -651,6 +651,9 @@ impl Agent {
                 nano_cpus,
                 init: Some(true),
                 privileged: Some(false),
+                // Like a cluster's DNS for host services: a fake LLM on the host, nestor's
+                // internal listener on the bridge gateway.
+                extra_hosts: Some(vec!["host.docker.internal:host-gateway".into()]),
                 ..Default::default()
             }),
             ..Default::default()
