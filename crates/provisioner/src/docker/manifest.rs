@@ -14,6 +14,18 @@ use std::path::Path;
 use nestor_core::{ConversationId, SessionKey, UserId};
 use serde::{Deserialize, Serialize};
 
+/// What holds a conversation's files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mount {
+    /// A named volume (`nestor-<instance>-<hex>`) mounted at /workspace.
+    #[default]
+    Volume,
+    /// A host directory under nestor's state (`<state_dir>/docker/data/<hex>`) bind-mounted
+    /// at /workspace: what workspace persistence restores into and pushes from.
+    Bind,
+}
+
 /// Where a conversation is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -37,6 +49,9 @@ pub struct Manifest {
     pub secret_key: SessionKey,
     /// Unix seconds of the provision (for the half-created grace period).
     pub created_unix: u64,
+    /// Fixed at provision: a conversation keeps its kind of storage for life.
+    #[serde(default)]
+    pub mount: Mount,
 }
 
 fn now_unix() -> u64 {
@@ -53,6 +68,7 @@ impl Manifest {
             key: SessionKey::random(),
             secret_key: SessionKey::random(),
             created_unix: now_unix(),
+            mount: Mount::Volume,
         }
     }
 
@@ -94,5 +110,20 @@ mod tests {
         assert_ne!(back.key, back.secret_key);
         assert_eq!(back.phase, Phase::Provisioning);
         assert!(back.age_secs() < 5);
+        assert_eq!(back.mount, Mount::Volume);
+    }
+
+    #[test]
+    fn manifests_without_a_mount_are_volumes() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.json");
+        let mut m = Manifest::new(None, UserId::default_user(), Phase::Active);
+        m.mount = Mount::Bind;
+        m.save(&p).unwrap();
+        assert_eq!(Manifest::load(&p).unwrap().mount, Mount::Bind);
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("mount");
+        std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+        assert_eq!(Manifest::load(&p).unwrap().mount, Mount::Volume);
     }
 }

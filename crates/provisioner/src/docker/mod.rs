@@ -71,6 +71,30 @@
 //! `provisioning_grace_secs`, unknown to the catalog), and notices containers that stopped
 //! behind nestor's back.
 //!
+//! **Workspace persistence** (`[workspace_storage]`, [`crate::sync`]). A named volume can
+//! only be filled through the engine, so with persistence on, new conversations get a host
+//! directory instead, `<state_dir>/docker/data/<hex>/`, bind-mounted at `/workspace` (the
+//! manifest records which kind a conversation has, for life; older conversations keep their
+//! volumes and are not persisted):
+//!
+//! ```text
+//! <state_dir>/docker/data/<hex>/    /workspace (HOME): this host's, not persisted
+//!   state/                          the agent-server's state (persisted tree):
+//!     conversations/ bash_events/ persistence/     OH_CONVERSATIONS_PATH, ... under it
+//!   project/                        OH_WORKSPACE_PATH, the working_dir (persisted tree)
+//! ```
+//!
+//! Before a container is created or started, `state/` and `project/` are restored when they
+//! are missing (a fresh host, or the conversation's local data removed) — into the host
+//! directory, before the agent-server runs, so it never sees a half-restored tree — and
+//! handed to the container's user: nestor, running as root, chowns what it restored to the
+//! configured `user` (10001:10001 by default); a nestor that is not root must run the
+//! containers as its own uid:gid (`user`). Bind mounts need the engine on nestor's host, so
+//! persistence requires a local (`unix://`) engine. Pushes read the same directories while
+//! the container runs; `stop` pushes once more after the container stopped, `release` pushes
+//! and keeps or purges, then removes the directory (kept under `data/.kept/` when a final push
+//! failed). The sweep removes data directories no manifest claims.
+//!
 //! Every engine call is bounded (`api_timeout_secs`); the engine's event stream is the one
 //! long-lived request, ended on shutdown.
 
@@ -101,8 +125,9 @@ pub use config::{ByteSize, DockerConfig, OnShutdown, Settings};
 use engine::{Engine, EngineError};
 pub use labels::Slot;
 use labels::{CONVERSATION, SPEC};
-use manifest::{Manifest, Phase};
+use manifest::{Manifest, Mount as DataMount, Phase};
 
+use crate::sync::{SyncTrees, WorkspaceSync};
 use crate::util::stable_hash;
 use crate::{ProvisionError, ProvisionRequest, Provisioner};
 
@@ -128,6 +153,18 @@ const BASE_ENV: &[(&str, &str)] = &[
     ("PYTHONUNBUFFERED", "1"),
     ("TZ", "UTC"),
 ];
+
+/// Where the agent-server keeps its state in a bind-mounted (persisted) conversation: one
+/// tree, `state/`, beside the project.
+const BIND_STATE_ENV: &[(&str, &str)] = &[
+    ("OH_CONVERSATIONS_PATH", "/workspace/state/conversations"),
+    ("OH_BASH_EVENTS_DIR", "/workspace/state/bash_events"),
+    ("OH_PERSISTENCE_DIR", "/workspace/state/persistence"),
+];
+/// In a conversation's data directory: the two persisted trees.
+const DATA_STATE: &str = "state";
+const DATA_PROJECT: &str = "project";
+const STATE_SUBDIRS: [&str; 3] = ["conversations", "bash_events", "persistence"];
 
 /// One container and its bookkeeping.
 struct Ctr {
@@ -155,6 +192,9 @@ impl Ctr {
     fn is_current(&self, generation: u64) -> bool {
         self.generation.load(Ordering::SeqCst) == generation
     }
+    fn is_bind(&self) -> bool {
+        self.manifest.lock().unwrap().mount == DataMount::Bind
+    }
 }
 
 /// What one [`DockerProvisioner::sweep`] did.
@@ -168,6 +208,8 @@ pub struct SweepReport {
     pub half_created: Vec<ConversationId>,
     /// Ready downstreams found without a running container.
     pub lost: Vec<DownstreamId>,
+    /// Data directories (bind-mounted conversations) no manifest claims, removed.
+    pub orphan_data: Vec<PathBuf>,
 }
 
 /// The `docker` backend. Cheap to clone (all state is shared).
@@ -185,6 +227,14 @@ struct Inner {
     ctrs: DashMap<DownstreamId, Arc<Ctr>>,
     cancel: CancellationToken,
     watching: AtomicBool,
+    /// Workspace persistence (new conversations are bind-mounted when set).
+    sync: Option<Arc<dyn WorkspaceSync>>,
+    /// Where bind-mounted conversations live on the host (absolute).
+    data_root: PathBuf,
+    /// Who restored files are handed to (nestor runs as root), if anyone.
+    chown_to: Option<(u32, u32)>,
+    /// Data directories being released (the sweep leaves them alone).
+    releasing: DashMap<String, ()>,
 }
 
 impl DockerProvisioner {
@@ -201,7 +251,14 @@ impl DockerProvisioner {
         let instance = s.instance_id.clone().unwrap_or_else(|| labels::derive_instance_id(&root));
         let engine = Engine::new(&s.docker_host, s.api_timeout).map_err(ProvisionError::Config)?;
         let spec = spec_hash(&s);
+        let data_root = std::path::absolute(root.join("data")).unwrap_or_else(|_| root.join("data"));
+        // As root, directories made for a container are handed to its user.
+        let chown_to = if nix::unistd::geteuid().is_root() { parse_user(&s.user) } else { None };
         Ok(Self(Arc::new(Inner {
+            data_root,
+            sync: None,
+            chown_to,
+            releasing: DashMap::new(),
             root,
             s,
             instance,
@@ -212,6 +269,42 @@ impl DockerProvisioner {
             cancel: CancellationToken::new(),
             watching: AtomicBool::new(false),
         })))
+    }
+
+    /// Persist new conversations through `sync` (see the module docs): they get a host
+    /// directory bind-mounted at /workspace instead of a volume. Needs a local engine, and
+    /// either root (restored files are chowned to `user`) or containers running as nestor's
+    /// own uid:gid. Call before the provisioner is used (recover included).
+    pub fn with_workspace_sync(mut self, sync: Arc<dyn WorkspaceSync>) -> Result<Self, ProvisionError> {
+        let inner = Arc::get_mut(&mut self.0).expect("with_workspace_sync before the provisioner is shared");
+        if !inner.s.docker_host.starts_with("unix://") {
+            return Err(ProvisionError::Config(format!(
+                "workspace_storage with the docker provisioner needs the Docker engine on nestor's host (a unix:// docker_host, not {:?}): conversations' files are restored into and pushed from host directories bind-mounted into their containers",
+                inner.s.docker_host
+            )));
+        }
+        let (uid, _) = parse_user(&inner.s.user).ok_or_else(|| {
+            ProvisionError::Config(format!(
+                "workspace_storage with the docker provisioner needs a numeric provisioner.docker.user (\"uid:gid\"), not {:?}",
+                inner.s.user
+            ))
+        })?;
+        let me = nix::unistd::geteuid().as_raw();
+        if me != 0 && me != uid {
+            return Err(ProvisionError::Config(format!(
+                "workspace_storage with the docker provisioner: nestor runs as uid {me} and cannot hand restored files to the containers' user {uid}; run nestor as root or set provisioner.docker.user = \"{me}:{}\"",
+                nix::unistd::getegid().as_raw()
+            )));
+        }
+        std::fs::create_dir_all(&inner.data_root)
+            .map_err(|e| ProvisionError::Config(format!("cannot create {}: {e}", inner.data_root.display())))?;
+        inner.sync = Some(sync);
+        Ok(self)
+    }
+
+    /// A conversation's data directory (bind-mounted at /workspace when persisted).
+    pub fn data_dir(&self, conversation: &ConversationId) -> PathBuf {
+        self.0.data_root.join(conversation.hex())
     }
 
     /// The label value that marks this nestor's containers and volumes.
@@ -290,6 +383,32 @@ fn spec_hash(s: &Settings) -> String {
     format!("{:016x}", stable_hash(&text))
 }
 
+/// `"uid[:gid]"` as numbers (gid defaults to uid).
+fn parse_user(u: &str) -> Option<(u32, u32)> {
+    let (uid, gid) = u.split_once(':').unwrap_or((u, u));
+    Some((uid.parse().ok()?, gid.parse().ok()?))
+}
+
+/// Hand `path` (and everything below it when `recursive`) to `uid:gid`, symlinks themselves
+/// (never what they point to).
+fn chown_tree(path: &std::path::Path, uid: u32, gid: u32, recursive: bool) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    if !recursive {
+        return Ok(());
+    }
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir)? {
+            let e = e?;
+            std::os::unix::fs::lchown(e.path(), Some(uid), Some(gid))?;
+            if e.file_type()?.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn is_running(i: &ContainerInspectResponse) -> bool {
     i.state.as_ref().and_then(|s| s.running).unwrap_or(false)
 }
@@ -312,6 +431,60 @@ impl Inner {
 
     fn name(&self, slot: &Slot) -> String {
         labels::object_name(&self.instance, slot)
+    }
+
+    fn data_dir(&self, slot: &Slot) -> PathBuf {
+        self.data_root.join(slot.key())
+    }
+
+    /// The persisted trees of a bind-mounted conversation.
+    fn trees(&self, c: &Ctr) -> Option<SyncTrees> {
+        let m = c.manifest.lock().unwrap();
+        let conversation = m.conversation_id?;
+        (m.mount == DataMount::Bind).then(|| {
+            let d = self.data_dir(&c.slot);
+            SyncTrees { conversation, owner: m.owner.clone(), workspace: d.join(DATA_PROJECT), state: d.join(DATA_STATE) }
+        })
+    }
+
+    /// Before a bind-mounted container is created or started: its data directory exists,
+    /// missing trees are restored (persistence on) and everything is its user's.
+    async fn prepare_data(&self, c: &Ctr) -> Result<(), ProvisionError> {
+        let dir = self.data_dir(&c.slot);
+        let start_err = |e: std::io::Error, p: &std::path::Path| ProvisionError::Start(format!("cannot prepare {}: {e}", p.display()));
+        std::fs::create_dir_all(&dir).map_err(|e| start_err(e, &dir))?;
+        let mut restored = crate::sync::Restored::default();
+        if let (Some(sync), Some(t)) = (&self.sync, self.trees(c)) {
+            restored = sync.restore(&t).await?;
+        }
+        let state = dir.join(DATA_STATE);
+        let mut fresh: Vec<PathBuf> = vec![dir.clone()];
+        for d in STATE_SUBDIRS.iter().map(|s| state.join(s)).chain([dir.join(DATA_PROJECT)]) {
+            if !d.exists() {
+                std::fs::create_dir_all(&d).map_err(|e| start_err(e, &d))?;
+            }
+            fresh.push(d);
+        }
+        fresh.push(state.clone());
+        if let Some((uid, gid)) = self.chown_to {
+            let (project, state_tree) = (dir.join(DATA_PROJECT), state);
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                for d in &fresh {
+                    chown_tree(d, uid, gid, false)?;
+                }
+                if restored.workspace {
+                    chown_tree(&project, uid, gid, true)?;
+                }
+                if restored.state {
+                    chown_tree(&state_tree, uid, gid, true)?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| ProvisionError::Start(e.to_string()))?
+            .map_err(|e| start_err(e, &dir))?;
+        }
+        Ok(())
     }
 
     fn ctr_of(&self, ds: &Downstream) -> Result<Arc<Ctr>, ProvisionError> {
@@ -360,11 +533,17 @@ impl Inner {
 
     /// What a container of `c` is created with.
     fn container_body(&self, c: &Ctr) -> ContainerCreateBody {
-        let (key, secret, owner) = {
+        let (key, secret, owner, bind) = {
             let m = c.manifest.lock().unwrap();
-            (m.key.clone(), m.secret_key.clone(), m.owner.clone())
+            (m.key.clone(), m.secret_key.clone(), m.owner.clone(), m.mount == DataMount::Bind)
         };
-        let mut env: Vec<String> = BASE_ENV.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut env: Vec<String> = BASE_ENV
+            .iter()
+            .map(|(k, v)| {
+                let v = if bind { BIND_STATE_ENV.iter().find(|(b, _)| b == k).map_or(*v, |(_, bv)| *bv) } else { *v };
+                format!("{k}={v}")
+            })
+            .collect();
         env.extend(labels::env_list(&self.s.env));
         env.push(format!("OH_SESSION_API_KEYS_0={}", key.expose()));
         env.push(format!("SESSION_API_KEY={}", key.expose()));
@@ -378,11 +557,20 @@ impl Inner {
             )])
         });
         let host_config = HostConfig {
-            mounts: Some(vec![Mount {
-                typ: Some(MountType::VOLUME),
-                source: Some(c.name.clone()),
-                target: Some(VOLUME_TARGET.into()),
-                ..Default::default()
+            mounts: Some(vec![if bind {
+                Mount {
+                    typ: Some(MountType::BIND),
+                    source: Some(self.data_dir(&c.slot).to_string_lossy().into_owned()),
+                    target: Some(VOLUME_TARGET.into()),
+                    ..Default::default()
+                }
+            } else {
+                Mount {
+                    typ: Some(MountType::VOLUME),
+                    source: Some(c.name.clone()),
+                    target: Some(VOLUME_TARGET.into()),
+                    ..Default::default()
+                }
             }]),
             port_bindings,
             network_mode: self.s.network.clone(),
@@ -454,16 +642,24 @@ impl Inner {
                 found = None;
             }
         }
+        let bind = c.is_bind();
         let info = match found {
             Some(i) if is_running(&i) => i,
             Some(_) => {
+                if bind {
+                    self.prepare_data(c).await?;
+                }
                 eng.start_container(&c.name).await.map_err(|e| self.engine_err(e))?;
                 eng.inspect_container(&c.name).await.map_err(|e| self.engine_err(e))?
             }
             None => {
-                let owner = c.manifest.lock().unwrap().owner.clone();
-                let vol_labels = labels::labels_for(&self.instance, &c.slot, owner.as_str(), &self.s.labels);
-                eng.create_volume(&c.name, vol_labels).await.map_err(|e| self.engine_err(e))?;
+                if bind {
+                    self.prepare_data(c).await?;
+                } else {
+                    let owner = c.manifest.lock().unwrap().owner.clone();
+                    let vol_labels = labels::labels_for(&self.instance, &c.slot, owner.as_str(), &self.s.labels);
+                    eng.create_volume(&c.name, vol_labels).await.map_err(|e| self.engine_err(e))?;
+                }
                 match eng.create_container(&c.name, self.container_body(c)).await {
                     Ok(_) => {}
                     Err(EngineError::NotFound(msg)) if msg.to_ascii_lowercase().contains("image") => {
@@ -492,6 +688,9 @@ impl Inner {
         let me = self.clone();
         let c2 = c.clone();
         tokio::spawn(async move { me.monitor_start(c2, generation).await });
+        if let (Some(sync), Some(t)) = (&self.sync, self.trees(c)) {
+            sync.started(&t);
+        }
         Ok(())
     }
 
@@ -603,8 +802,18 @@ impl Inner {
     }
 
     /// Remove everything of `c`: manifest first (so a crash half-way leaves only orphans the
-    /// sweep removes), then container and volume. Caller holds lifecycle.
+    /// sweep removes), then container and volume or data directory. Caller holds lifecycle.
     async fn remove_ctr(&self, c: &Ctr) -> Result<(), ProvisionError> {
+        self.remove_ctr_keeping(c, false).await
+    }
+
+    /// [`Self::remove_ctr`], leaving a bind-mounted conversation's data directory in place
+    /// when `keep_data` (the caller pushes it first); the sweep leaves it alone meanwhile.
+    async fn remove_ctr_keeping(&self, c: &Ctr, keep_data: bool) -> Result<(), ProvisionError> {
+        let bind = c.is_bind();
+        if bind && keep_data {
+            self.releasing.insert(c.slot.key(), ());
+        }
         c.expect_exit.store(true, Ordering::SeqCst);
         c.bump();
         if let Err(e) = std::fs::remove_file(&c.manifest_path) {
@@ -618,6 +827,10 @@ impl Inner {
         let mut err = None;
         if let Err(e) = self.engine.remove_container(&c.name).await {
             err = Some(e);
+        } else if bind {
+            if !keep_data {
+                self.remove_data(&c.slot);
+            }
         } else if let Err(e) = self.remove_volume_retrying(&c.name).await {
             err = Some(e);
         }
@@ -628,6 +841,30 @@ impl Inner {
                 e, c.name
             ))),
         }
+    }
+
+    /// Remove a bind-mounted conversation's data directory.
+    fn remove_data(&self, slot: &Slot) {
+        let dir = self.data_dir(slot);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %dir.display(), "cannot remove a conversation's data directory: {e}");
+            }
+        }
+        self.releasing.remove(&slot.key());
+    }
+
+    /// Keep a deleted conversation's data directory whose final push failed (the only
+    /// up-to-date copy) under `data/.kept/`, out of the sweep's way.
+    fn keep_data(&self, slot: &Slot, why: &str) {
+        let dir = self.data_dir(slot);
+        let kept = self.data_root.join(".kept").join(slot.key());
+        let moved = std::fs::create_dir_all(self.data_root.join(".kept")).and_then(|_| std::fs::rename(&dir, &kept));
+        match moved {
+            Ok(()) => tracing::warn!(dir = %kept.display(), "keeping the deleted conversation's files here: {why}"),
+            Err(e) => tracing::warn!(dir = %dir.display(), "keeping the deleted conversation's files ({why}); could not move them aside: {e}"),
+        }
+        self.releasing.remove(&slot.key());
     }
 
     /// A volume can stay "in use" for a moment after its container is removed.
@@ -664,7 +901,10 @@ impl Inner {
         }
         self.engine.connect().await.map_err(|e| self.engine_err(e))?;
         self.spawn_watcher();
-        let m = Manifest::new(slot.conversation(), owner, phase);
+        let mut m = Manifest::new(slot.conversation(), owner, phase);
+        if self.sync.is_some() && slot.conversation().is_some() {
+            m.mount = DataMount::Bind;
+        }
         let c = self.new_ctr(slot, m, DownstreamState::Starting);
         // Claim the slot before writing its manifest: a concurrent caller must never
         // overwrite the keys the container is created with.
@@ -755,6 +995,9 @@ impl Inner {
         }))
         .await;
         for (c, alive) in probes.iter().zip(results) {
+            if let (Some(sync), Some(t)) = (&self.sync, self.trees(c)) {
+                sync.started(&t);
+            }
             if alive {
                 c.ds.set_state(DownstreamState::Ready);
             } else {
@@ -904,6 +1147,28 @@ impl Inner {
             }
             report.half_created.push(conv);
         }
+        // 2b. Data directories no manifest claims (and none being released).
+        if let Ok(entries) = std::fs::read_dir(&self.data_root) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') || self.releasing.contains_key(&name) {
+                    continue;
+                }
+                let slot = match ConversationId::parse(&name) {
+                    Ok(c) => Slot::Conversation(c),
+                    Err(_) => continue,
+                };
+                if claimed(&slot) {
+                    continue;
+                }
+                if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                    tracing::warn!(dir = %e.path().display(), "cannot remove orphan data directory: {err}");
+                } else {
+                    tracing::info!(dir = %e.path().display(), "removed orphan conversation data directory");
+                    report.orphan_data.push(e.path());
+                }
+            }
+        }
         // 3. Ready downstreams whose container stopped behind our back (a missed event).
         for c in &ctrs {
             if c.ds.state() != DownstreamState::Ready || c.expect_exit.load(Ordering::SeqCst) {
@@ -1002,7 +1267,11 @@ impl Provisioner for DockerProvisioner {
         if ds.state() == DownstreamState::Released {
             return Ok(());
         }
-        self.0.stop_ctr(&c).await
+        self.0.stop_ctr(&c).await?;
+        if let (Some(sync), Some(t)) = (&self.0.sync, self.0.trees(&c)) {
+            sync.stopped(&t).await;
+        }
+        Ok(())
     }
 
     async fn release(&self, ds: &Arc<Downstream>, conversation: ConversationId, remaining: usize) -> Result<(), ProvisionError> {
@@ -1015,8 +1284,21 @@ impl Provisioner for DockerProvisioner {
             Err(e) => return Err(e),
         };
         let _g = c.lifecycle.lock().await;
-        self.0.remove_ctr(&c).await?;
-        tracing::info!(conversation = %conversation, "released agent-server container and volume");
+        let trees = self.0.trees(&c);
+        let removed = self.0.remove_ctr_keeping(&c, trees.is_some()).await;
+        if let Some(t) = trees {
+            // The container is gone: the trees are final.
+            let pushed = match &self.0.sync {
+                Some(sync) => sync.released(&t).await,
+                None => Ok(()),
+            };
+            match pushed {
+                Ok(()) => self.0.remove_data(&c.slot),
+                Err(e) => self.0.keep_data(&c.slot, &e),
+            }
+        }
+        removed?;
+        tracing::info!(conversation = %conversation, "released agent-server container and its storage");
         Ok(())
     }
 
@@ -1112,6 +1394,51 @@ mod tests {
         assert_eq!(l[labels::OWNER], "alice");
         assert!(l.values().all(|v| !v.contains(key.expose())), "no key in a label");
         assert_eq!(l[SPEC], p.0.spec);
+    }
+
+    #[test]
+    fn persisted_conversations_are_bind_mounted_with_their_state_in_one_tree() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = DockerConfig {
+            image: Some("img:1".into()),
+            docker_host: Some("unix:///nonexistent.sock".into()),
+            ..Default::default()
+        };
+        let p = DockerProvisioner::new(&cfg, d.path().join("docker"), DownstreamClient::default())
+            .unwrap()
+            .with_workspace_sync(Arc::new(crate::sync::RecordingSync::default()))
+            .unwrap();
+        let conv = ConversationId::new_random();
+        let mut m = Manifest::new(Some(conv), UserId::new("alice"), Phase::Provisioning);
+        m.mount = DataMount::Bind;
+        let c = p.0.new_ctr(Slot::Conversation(conv), m, DownstreamState::Starting);
+        let b = p.0.container_body(&c);
+        let h = b.host_config.as_ref().unwrap();
+        let mounts = h.mounts.as_ref().unwrap();
+        assert_eq!(mounts.len(), 1);
+        assert_eq!(mounts[0].typ, Some(MountType::BIND));
+        assert_eq!(mounts[0].target.as_deref(), Some("/workspace"));
+        let src = PathBuf::from(mounts[0].source.as_deref().unwrap());
+        assert!(src.is_absolute() && src.ends_with(format!("docker/data/{}", conv.hex())), "{src:?}");
+        assert_eq!(src, p.data_dir(&conv));
+        let env = b.env.as_ref().unwrap();
+        assert!(env.contains(&"OH_CONVERSATIONS_PATH=/workspace/state/conversations".to_owned()), "{env:?}");
+        assert!(env.contains(&"OH_PERSISTENCE_DIR=/workspace/state/persistence".to_owned()));
+        assert!(env.contains(&"OH_WORKSPACE_PATH=/workspace/project".to_owned()));
+        let t = p.0.trees(&c).unwrap();
+        assert_eq!((t.workspace.clone(), t.state.clone()), (src.join("project"), src.join("state")));
+        assert_eq!(t.owner, UserId::new("alice"));
+        // A remote engine cannot bind-mount nestor's directories.
+        let remote = DockerConfig { docker_host: Some("tcp://10.0.0.1:2375".into()), ..cfg };
+        let e = DockerProvisioner::new(&remote, d.path().join("docker2"), DownstreamClient::default())
+            .unwrap()
+            .with_workspace_sync(Arc::new(crate::sync::RecordingSync::default()))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("unix://"), "{e}");
+        assert_eq!(parse_user("10001:10002"), Some((10001, 10002)));
+        assert_eq!(parse_user("10001"), Some((10001, 10001)));
+        assert_eq!(parse_user("openhands"), None);
     }
 
     #[test]
