@@ -13,12 +13,8 @@
 //!   `Vary: Origin` always, `Access-Control-Allow-Origin` when allowed.
 
 use axum::body::Body;
-use axum::extract::State;
-use axum::middleware::Next;
 use axum::response::Response;
 use http::{header, HeaderValue, Method, Request, StatusCode};
-
-use crate::app::AppState;
 
 /// The configured policy.
 #[derive(Debug, Clone)]
@@ -86,13 +82,18 @@ fn allowed_for(policy: &CorsPolicy, path: &str, origin: &str) -> bool {
     }
 }
 
-/// The middleware.
-pub async fn cors(State(state): State<AppState>, req: Request<Body>, next: Next) -> Response {
-    let Some(origin) = req.headers().get(header::ORIGIN).cloned() else {
-        return next.run(req).await;
-    };
-    let origin_str = origin.to_str().unwrap_or("").to_owned();
-    let allowed = allowed_for(&state.cors, req.uri().path(), &origin_str);
+/// What the CORS layer decided for one request with an `Origin`.
+pub struct Decision {
+    origin: HeaderValue,
+    allowed: bool,
+}
+
+/// Look at a request: `Err(response)` answers a preflight at once; `Ok(Some(decision))`
+/// is applied to the response later with [`finish`]; `Ok(None)` means no `Origin` (nothing
+/// to do, the common case for API clients).
+pub fn begin(policy: &CorsPolicy, req: &Request<Body>) -> Result<Option<Decision>, Response> {
+    let Some(origin) = req.headers().get(header::ORIGIN).cloned() else { return Ok(None) };
+    let allowed = allowed_for(policy, req.uri().path(), origin.to_str().unwrap_or(""));
     if req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) {
         let requested_headers = req.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS).cloned();
         let (status, body) = if allowed { (StatusCode::OK, "OK") } else { (StatusCode::BAD_REQUEST, "Disallowed CORS origin") };
@@ -110,22 +111,24 @@ pub async fn cors(State(state): State<AppState>, req: Request<Body>, next: Next)
             }
         }
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-        return r;
+        return Err(r);
     }
-    let mut r = next.run(req).await;
+    Ok(Some(Decision { origin, allowed }))
+}
+
+/// Apply a [`Decision`] to the response.
+pub fn finish(d: Decision, r: &mut Response) {
     let h = r.headers_mut();
     h.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
-    if allowed {
-        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-    }
-    // The downstream may have answered with its own CORS headers: nestor's decision stands.
-    if !allowed {
+    if d.allowed {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, d.origin);
+    } else {
+        // The downstream may have answered with its own CORS headers: nestor's decision stands.
         h.remove(header::ACCESS_CONTROL_ALLOW_ORIGIN);
     }
     if !h.get_all(header::VARY).iter().any(|v| v.to_str().unwrap_or("").contains("Origin")) {
         h.append(header::VARY, HeaderValue::from_static("Origin"));
     }
-    r
 }
 
 #[cfg(test)]

@@ -111,15 +111,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         let keys = app::resolve_keys(&cfg)?;
         let bind = cfg.bind;
-        let listener = tokio::net::TcpListener::bind(bind)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {bind}: {e}"))?;
+        let listener = listen(bind).map_err(|e| anyhow::anyhow!("cannot listen on {bind}: {e}"))?;
         let internal = match cfg.internal_bind {
-            Some(a) => Some(
-                tokio::net::TcpListener::bind(a)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot listen on internal_bind {a}: {e}"))?,
-            ),
+            Some(a) => Some(listen(a).map_err(|e| anyhow::anyhow!("cannot listen on internal_bind {a}: {e}"))?),
             None => None,
         };
         let state = AppState::start(cfg, keys).await?;
@@ -127,6 +121,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(%bind, "listening");
         server::serve_with_internal(state, listener, internal).await
     })
+}
+
+/// Listen with a deep accept backlog: after a downstream restart or a nestor restart,
+/// hundreds of clients reconnect at once, and the default 128 makes the overflow wait seconds
+/// for SYN retries (the agent-server's uvicorn uses 2048).
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(2048)
 }
 
 fn status(args: StatusArgs) -> anyhow::Result<()> {

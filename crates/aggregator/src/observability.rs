@@ -70,10 +70,15 @@ pub fn route_class(matched: Option<&str>, path: &str) -> &'static str {
     }
 }
 
-/// Middleware: one span per request (with the conversation id when the path has one),
-/// request counter and latency histogram by route class.
-pub async fn track(req: Request<Body>, next: Next) -> Response {
+/// The one middleware of the edge: CORS (crate::cors), one span per request (with the
+/// conversation id when the path has one), request counter and latency histogram by route
+/// class. One layer rather than several: each layer costs allocations on every request.
+pub async fn track(State(state): State<AppState>, req: Request<Body>, next: Next) -> Response {
     let started = Instant::now();
+    let cors = match crate::cors::begin(&state.cors, &req) {
+        Ok(d) => d,
+        Err(preflight) => return preflight,
+    };
     let matched = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned());
     let class = route_class(matched.as_deref(), req.uri().path());
     let method = req.method().clone();
@@ -81,7 +86,10 @@ pub async fn track(req: Request<Body>, next: Next) -> Response {
     // A debug span: free when debug logging is off (the hot path pays ~4 % of its CPU for an
     // info span); warnings on the request path name their conversation themselves.
     let span = tracing::debug_span!("request", %method, class, conversation);
-    let resp = next.run(req).instrument(span).await;
+    let mut resp = next.run(req).instrument(span).await;
+    if let Some(d) = cors {
+        crate::cors::finish(d, &mut resp);
+    }
     let status = resp.status();
     let status_class = match status.as_u16() {
         100..=199 => "1xx",
@@ -90,10 +98,27 @@ pub async fn track(req: Request<Body>, next: Next) -> Response {
         400..=499 => "4xx",
         _ => "5xx",
     };
-    metrics::counter!("nestor_http_requests_total", "class" => class, "method" => method_label(&method), "status" => status_class)
-        .increment(1);
-    metrics::histogram!("nestor_http_request_duration_seconds", "class" => class).record(started.elapsed().as_secs_f64());
+    let (counter, histogram) = handles(class, method_label(&method), status_class);
+    counter.increment(1);
+    histogram.record(started.elapsed().as_secs_f64());
     resp
+}
+
+/// Per-request metric handles, resolved once per label set (building a labelled key on
+/// every request allocates).
+fn handles(class: &'static str, method: &'static str, status: &'static str) -> (metrics::Counter, metrics::Histogram) {
+    type Key = (&'static str, &'static str, &'static str);
+    static CACHE: OnceLock<dashmap::DashMap<Key, (metrics::Counter, metrics::Histogram)>> = OnceLock::new();
+    let cache = CACHE.get_or_init(dashmap::DashMap::new);
+    if let Some(h) = cache.get(&(class, method, status)) {
+        return h.clone();
+    }
+    let h = (
+        metrics::counter!("nestor_http_requests_total", "class" => class, "method" => method, "status" => status),
+        metrics::histogram!("nestor_http_request_duration_seconds", "class" => class),
+    );
+    cache.insert((class, method, status), h.clone());
+    h
 }
 
 fn method_label(m: &http::Method) -> &'static str {

@@ -1,7 +1,11 @@
 //! Serving: bind, accept, and shut down gracefully.
 //!
 //! SIGTERM or SIGINT stops accepting, lets in-flight requests finish (bounded by
-//! `DRAIN_TIMEOUT`), then asks the provisioner to stop what it started (per its policy).
+//! `DRAIN_TIMEOUT`), closes every proxied WebSocket with 1012 "service restart" (clients
+//! retry, against the next nestor), then asks the provisioner to stop what it started (per
+//! its policy: `on_shutdown`). WebSocket pairs are not connections axum's graceful
+//! shutdown knows about once upgraded, so nestor tracks them itself (`AppState::sockets`);
+//! without that they would be cut with no close frame (1006) when the process exits.
 
 use std::time::Duration;
 
@@ -11,6 +15,9 @@ use crate::app::AppState;
 
 /// Longest wait for in-flight requests after a shutdown signal.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Least time given to open WebSockets to close after the drain.
+const SOCKET_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serve on `listener` until `state.shutdown` is cancelled; then drain and shut down.
 pub async fn serve(state: AppState, listener: TcpListener) -> anyhow::Result<()> {
@@ -28,14 +35,29 @@ pub async fn serve_with_internal(state: AppState, listener: TcpListener, interna
     }
     let app = crate::routes::router(state.clone());
     let token = state.shutdown.clone();
+    // No Nagle delay on client connections: WebSocket frames are small and latency-bound.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(async move { token.cancelled().await });
     let drained = tokio::spawn(async move { server.await });
     state.shutdown.cancelled().await;
+    let started = std::time::Instant::now();
+    // Sockets see the same token: each pair closes its client with 1012 at once.
+    state.sockets.close();
+    let open = state.sockets.len();
     match tokio::time::timeout(DRAIN_TIMEOUT, drained).await {
         Ok(Ok(Ok(()))) => tracing::info!("in-flight requests drained"),
         Ok(Ok(Err(e))) => tracing::warn!("server error during drain: {e}"),
         Ok(Err(e)) => tracing::warn!("server task failed: {e}"),
         Err(_) => tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; closing them"),
+    }
+    // A pair closes within a few seconds (close frame, then bounded flush and close).
+    let left = DRAIN_TIMEOUT.saturating_sub(started.elapsed()).max(SOCKET_CLOSE_TIMEOUT);
+    if tokio::time::timeout(left, state.sockets.wait()).await.is_err() {
+        tracing::warn!(left = state.sockets.len(), "WebSockets still open after {left:?}; dropping them");
+    } else if open > 0 {
+        tracing::info!(sockets = open, "WebSockets closed (1012)");
     }
     state.provisioner.shutdown().await;
     tracing::info!("nestor stopped");

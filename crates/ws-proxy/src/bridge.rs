@@ -17,6 +17,9 @@
 //!    Client frames sent meanwhile are buffered (bounded) and delivered after. Past the
 //!    deadline the client is closed with 1012 (retryable for the SDK and the frontend).
 //!    Deliberate downstream closes (4xxx, 1000, policy) are passed to the client as is.
+//! 5. **Shutdown.** When the proxy shuts down ([`bridge_until`]'s `shutdown` completes),
+//!    the client is closed with 1012 "service restart" (retryable: the SDK and the
+//!    frontend reconnect, to this nestor's successor) and the downstream socket is closed.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -197,14 +200,37 @@ where
     }
 }
 
+/// The close code a client gets when the proxy shuts down: 1012 "service restart", which
+/// the SDK and the frontend treat as retryable.
+pub const SHUTDOWN_CLOSE: u16 = 1012;
+
+/// A future that completes when the proxy shuts down.
+pub type Shutdown = futures::future::BoxFuture<'static, ()>;
+
 /// Run one pair to its end. Never panics; every wait is bounded.
-pub async fn bridge<C>(mut client: WebSocketStream<C>, spec: PairSpec, upstream: Arc<dyn Upstream>, cfg: Arc<ProxyConfig>)
+pub async fn bridge<C>(client: WebSocketStream<C>, spec: PairSpec, upstream: Arc<dyn Upstream>, cfg: Arc<ProxyConfig>)
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    bridge_until(client, spec, upstream, cfg, std::future::pending().boxed()).await
+}
+
+/// [`bridge`], ended when `shutdown` completes: the client is closed with
+/// [`SHUTDOWN_CLOSE`] (whatever the pair was doing: authenticating, dialing, resuming or
+/// pumping) and the downstream socket with a normal close.
+pub async fn bridge_until<C>(
+    mut client: WebSocketStream<C>,
+    spec: PairSpec,
+    upstream: Arc<dyn Upstream>,
+    cfg: Arc<ProxyConfig>,
+    shutdown: Shutdown,
+) where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut shutdown = shutdown.fuse();
     // 1. First-message auth.
     if let ClientAuth::FirstFrame(check) = &spec.auth {
-        let ok = tokio::time::timeout(cfg.auth_timeout, async {
+        let auth = tokio::time::timeout(cfg.auth_timeout, async {
             loop {
                 match client.next().await {
                     Some(Ok(Message::Text(t))) => {
@@ -214,9 +240,14 @@ where
                     _ => return false,
                 }
             }
-        })
-        .await
-        .unwrap_or(false);
+        });
+        let ok = tokio::select! {
+            r = auth => r.unwrap_or(false),
+            _ = &mut shutdown => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), client.send(close_msg(SHUTDOWN_CLOSE, "service restart"))).await;
+                return;
+            }
+        };
         if !ok {
             tracing::debug!(conversation = %spec.conversation, "client failed first-message auth");
             let _ = tokio::time::timeout(Duration::from_secs(1), client.send(close_msg(4001, "Authentication failed"))).await;
@@ -235,7 +266,7 @@ where
     let mut writer = writer.fuse();
 
     let mut pair = Pair::new(spec, upstream, cfg, to_client);
-    pair.run(&mut client_rx, &mut writer, &writer_abort).await;
+    pair.run(&mut client_rx, &mut writer, &writer_abort, &mut shutdown).await;
     // Let the writer flush what is queued (a close frame at least), bounded.
     if !writer.is_terminated() && tokio::time::timeout(Duration::from_secs(2), &mut writer).await.is_err() {
         writer_abort.abort();
@@ -363,6 +394,7 @@ impl Pair {
         client_rx: &mut R,
         writer: &mut futures::future::Fuse<tokio::task::JoinHandle<()>>,
         writer_abort: &tokio::task::AbortHandle,
+        shutdown: &mut futures::future::Fuse<Shutdown>,
     )
     where
         R: futures::Stream<Item = Result<Message, WsError>> + Unpin,
@@ -381,6 +413,11 @@ impl Pair {
                 biased;
                 _ = &mut *writer => {
                     // The client's socket failed under the writer.
+                    Step::End
+                }
+                _ = &mut *shutdown => {
+                    tracing::debug!(conversation = %conv, "shutting down; closing the client with {SHUTDOWN_CLOSE}");
+                    self.close_client(SHUTDOWN_CLOSE, "service restart");
                     Step::End
                 }
                 m = client_rx.next() => {
@@ -524,7 +561,11 @@ impl Pair {
             }
         }
         if dialing.is_none() {
-            *dialing = Some(self.dial(Duration::from_secs(5), *backoff));
+            // The first redial goes at once (a restarted downstream is often back within a
+            // millisecond); later ones back off.
+            let first = *backoff == self.cfg.initial_backoff;
+            let delay = if first { Duration::ZERO } else { *backoff };
+            *dialing = Some(self.dial(Duration::from_secs(5), delay));
             *backoff = (*backoff * 2).min(self.cfg.max_backoff);
         }
     }

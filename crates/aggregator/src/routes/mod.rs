@@ -9,6 +9,7 @@
 //! | `/sockets/events/{id}`, `/sockets/conversation/{id}/events`, `/sockets/session/{id}` | proxied WebSockets ([`sockets`]) |
 //! | anything else under `/api/` | the home downstream ([`home`]) |
 
+pub mod compat;
 pub mod conversations;
 pub mod health;
 pub mod home;
@@ -38,7 +39,7 @@ fn internal_router() -> Router<AppState> {
 pub fn internal_only(state: AppState) -> Router {
     internal_router()
         .fallback(|| async { crate::errors::HttpError::from(nestor_core::ApiError::not_found()) })
-        .layer(axum::middleware::from_fn(crate::observability::track))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::observability::track))
         .with_state(state)
 }
 
@@ -48,7 +49,7 @@ pub fn router(state: AppState) -> Router {
     if metrics != MetricsAccess::Off {
         r = r.route("/metrics", get(status::metrics));
     }
-    r
+    let app = r
         .route("/alive", get(health::alive))
         .route("/health", get(health::alive))
         .route("/ready", get(health::ready))
@@ -76,7 +77,8 @@ pub fn router(state: AppState) -> Router {
             axum::routing::post(workspace_session::create).delete(workspace_session::delete),
         )
         .fallback(home::fallback)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::cors::cors))
-        .layer(axum::middleware::from_fn(crate::observability::track))
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::observability::track))
+        .with_state(state);
+    // Outside every route (compat::CompatLayer must see answers after axum's method router).
+    Router::new().fallback_service(app).layer(compat::CompatLayer)
 }
