@@ -53,6 +53,10 @@ pub struct Inner {
     pub upstream_timeout: Duration,
     pub started: std::time::Instant,
     pub shutdown: CancellationToken,
+    /// Proxied WebSocket pairs and spliced upgrades: axum's graceful shutdown does not see
+    /// upgraded connections, so they are tracked here, closed (1012) when `shutdown` is
+    /// cancelled and waited for (bounded) before nestor exits (crate::server).
+    pub sockets: tokio_util::task::TaskTracker,
 }
 
 impl std::ops::Deref for AppState {
@@ -216,6 +220,7 @@ impl AppState {
             creating: DashMap::new(),
             started: std::time::Instant::now(),
             shutdown: CancellationToken::new(),
+            sockets: tokio_util::task::TaskTracker::new(),
             cfg,
         }));
         for ds in downstreams {

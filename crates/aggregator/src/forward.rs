@@ -338,7 +338,10 @@ pub async fn forward_upgrade(
     let mut out = Response::new(Body::empty());
     *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *out.headers_mut() = resp.headers().clone();
-    tokio::spawn(async move {
+    // Tracked like the conversation sockets; a raw splice has no close code to send, so
+    // shutdown just ends it.
+    let shutdown = state.shutdown.clone();
+    state.sockets.spawn(async move {
         let (c, u) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
             Ok(x) => x,
             Err(e) => {
@@ -349,7 +352,10 @@ pub async fn forward_upgrade(
         let mut c = hyper_util::rt::TokioIo::new(c);
         let mut u = hyper_util::rt::TokioIo::new(u);
         metrics::gauge!("nestor_spliced_connections").increment(1.0);
-        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut c, &mut u) => {}
+            _ = shutdown.cancelled() => {}
+        }
         metrics::gauge!("nestor_spliced_connections").decrement(1.0);
     });
     Ok(out)

@@ -17,5 +17,5 @@ pub mod config;
 pub mod resume;
 pub mod upgrade;
 
-pub use bridge::{bridge, ClientAuth, PairSpec, SocketKind, Upstream, UpstreamError};
+pub use bridge::{bridge, bridge_until, ClientAuth, PairSpec, Shutdown, SocketKind, Upstream, UpstreamError, SHUTDOWN_CLOSE};
 pub use config::ProxyConfig;

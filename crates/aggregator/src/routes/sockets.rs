@@ -106,7 +106,9 @@ async fn socket(state: AppState, raw: String, kind: SocketKind, mut req: Request
         auth,
     };
     let cfg = state.ws.clone();
-    tokio::spawn(async move {
+    // Tracked, and closed with 1012 on shutdown (crate::server).
+    let tracker = state.sockets.clone();
+    tracker.spawn(async move {
         let client = match upgrade::finish(on_upgrade, cfg.client_ws_config()).await {
             Ok(c) => c,
             Err(e) => {
@@ -119,7 +121,8 @@ async fn socket(state: AppState, raw: String, kind: SocketKind, mut req: Request
         let _attached = target.and_then(|t| state.catalog.route(&t)).map(|(ds, _)| ds.attach_socket());
         let upstream: Arc<dyn Upstream> = Arc::new(ConversationUpstream { state: state.clone(), target, who });
         let span = tracing::info_span!("socket", conversation = %id, kind = ?kind);
-        nestor_ws_proxy::bridge(client, spec, upstream, cfg).instrument(span).await;
+        let shutdown = Box::pin(state.shutdown.clone().cancelled_owned());
+        nestor_ws_proxy::bridge_until(client, spec, upstream, cfg, shutdown).instrument(span).await;
     });
     resp.map(|()| Body::empty())
 }
