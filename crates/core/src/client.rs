@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::Incoming;
@@ -153,10 +153,26 @@ impl DownstreamClient {
         body: Option<Bytes>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, ClientError> {
+        self.call_with(endpoint, method, path_and_query, body, &[], timeout).await
+    }
+
+    /// [`Self::call`] with extra request headers (e.g. the agent-server's `X-Init-API-Key`).
+    pub async fn call_with(
+        &self,
+        endpoint: &Endpoint,
+        method: Method,
+        path_and_query: &str,
+        body: Option<Bytes>,
+        headers: &[(HeaderName, HeaderValue)],
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, ClientError> {
         let uri = endpoint.uri(path_and_query).map_err(|e| ClientError::Request(e.to_string()))?;
         let mut builder = Request::builder().method(method).uri(uri);
         if let Some(k) = endpoint.key_header() {
             builder = builder.header(crate::SESSION_KEY_HEADER, k.clone());
+        }
+        for (name, value) in headers {
+            builder = builder.header(name, value);
         }
         let body = match body {
             Some(b) => {
@@ -182,8 +198,23 @@ impl DownstreamClient {
         timeout: Duration,
         max_bytes: usize,
     ) -> Result<(StatusCode, Bytes), ClientError> {
+        self.call_bytes_with(endpoint, method, path_and_query, body, &[], timeout, max_bytes).await
+    }
+
+    /// [`Self::call_bytes`] with extra request headers.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn call_bytes_with(
+        &self,
+        endpoint: &Endpoint,
+        method: Method,
+        path_and_query: &str,
+        body: Option<Bytes>,
+        headers: &[(HeaderName, HeaderValue)],
+        timeout: Duration,
+        max_bytes: usize,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
         let fut = async {
-            let resp = self.call(endpoint, method, path_and_query, body, timeout).await?;
+            let resp = self.call_with(endpoint, method, path_and_query, body, headers, timeout).await?;
             let status = resp.status();
             let bytes = Limited::new(resp.into_body(), max_bytes)
                 .collect()

@@ -7,7 +7,7 @@
 //! become ready.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
@@ -166,9 +166,11 @@ pub enum NotReady {
 pub struct Downstream {
     id: DownstreamId,
     kind: &'static str,
-    /// The conversation it was started for (per-conversation provisioners), if any.
-    primary: Option<ConversationId>,
-    owner: Option<UserId>,
+    /// The conversation it was started for (per-conversation provisioners), if any. Set at
+    /// creation, or once later by [`Downstream::bind`] (a warm pool's server, started for no
+    /// one, given to a conversation).
+    primary: OnceLock<ConversationId>,
+    owner: OnceLock<UserId>,
     endpoint: ArcSwapOption<Endpoint>,
     state: watch::Sender<DownstreamState>,
     /// Conversations the catalog currently routes here.
@@ -197,8 +199,8 @@ impl Downstream {
         Arc::new(Self {
             id,
             kind,
-            primary,
-            owner,
+            primary: primary.map(OnceLock::from).unwrap_or_default(),
+            owner: owner.map(OnceLock::from).unwrap_or_default(),
             endpoint: ArcSwapOption::from(endpoint.map(Arc::new)),
             state: watch::Sender::new(state),
             conversations: AtomicUsize::new(0),
@@ -218,11 +220,21 @@ impl Downstream {
     }
 
     pub fn primary(&self) -> Option<ConversationId> {
-        self.primary
+        self.primary.get().copied()
     }
 
     pub fn owner(&self) -> Option<&UserId> {
-        self.owner.as_ref()
+        self.owner.get()
+    }
+
+    /// Give a downstream that was started for no one (a warm pool's) to `conversation` of
+    /// `owner`, for good. False (and nothing changes) when it already belongs to someone.
+    pub fn bind(&self, conversation: ConversationId, owner: UserId) -> bool {
+        if self.primary.set(conversation).is_err() {
+            return false;
+        }
+        let _ = self.owner.set(owner);
+        true
     }
 
     /// Current endpoint (None while it has none, e.g. stopped).
@@ -372,6 +384,19 @@ mod tests {
         assert_eq!(ds.wait_ready(Duration::from_secs(5)).await, Ok(()));
         ds.set_state(DownstreamState::Failed("boom".into()));
         assert!(matches!(ds.wait_ready(Duration::from_secs(5)).await, Err(NotReady::Failed(_))));
+    }
+
+    #[test]
+    fn binds_once() {
+        let ds = Downstream::new(DownstreamId::new("t-1"), "test", None, None, None, DownstreamState::Ready);
+        assert_eq!((ds.primary(), ds.owner()), (None, None));
+        let (a, b) = (ConversationId::new_random(), ConversationId::new_random());
+        assert!(ds.bind(a, UserId::new("alice")));
+        assert!(!ds.bind(b, UserId::new("bob")), "never given to a second conversation");
+        assert_eq!(ds.primary(), Some(a));
+        assert_eq!(ds.owner().map(|u| u.as_str()), Some("alice"));
+        let owned = Downstream::new(DownstreamId::new("t-2"), "test", Some(a), Some(UserId::new("x")), None, DownstreamState::Ready);
+        assert!(!owned.bind(b, UserId::new("y")));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! ([`process::ProcessProvisioner`]), one of a fixed set of remote servers
 //! ([`existing::ExistingProvisioner`]), a container per conversation
 //! ([`docker::DockerProvisioner`]), a pod per conversation
-//! ([`kubernetes::KubernetesProvisioner`]), and later a pre-warmed server.
+//! ([`kubernetes::KubernetesProvisioner`]), or a pre-warmed one taken from a pool
+//! ([`pool::PoolProvisioner`] over a backend that implements [`pool::WarmBackend`]).
 //! Everything above this trait (routing, the catalog, the WebSocket proxy) only sees
 //! [`Downstream`]s, so adding a backend touches nothing else.
 //!
@@ -26,6 +27,7 @@
 pub mod docker;
 pub mod existing;
 pub mod kubernetes;
+pub mod pool;
 pub mod process;
 pub mod sync;
 mod util;

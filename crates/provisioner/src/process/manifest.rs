@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
+    /// A warm pool's server: started dormant (deferred init) for no conversation yet.
+    Warm,
     /// Created for a conversation whose create has not reached the child yet.
     Provisioning,
     /// The conversation exists on the child.
@@ -35,6 +37,10 @@ pub struct Manifest {
     /// Start time of `pid` (clock ticks since boot), to tell it from a reused pid.
     pub pid_start: Option<u64>,
     pub created_at: String,
+    /// Set when the child was started warm for a pool (`pool-<id>` directory, downstream
+    /// `process-pool-<id>`); kept once a conversation claims it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_id: Option<String>,
 }
 
 impl Manifest {
@@ -53,7 +59,24 @@ impl Manifest {
             pid: None,
             pid_start: None,
             created_at: now,
+            warm_id: None,
         }
+    }
+
+    /// A warm pool member: no conversation, a random boot session key (`key`, never handed
+    /// out) and a random init key (`secret_key`, its dormant `OH_SECRET_KEY`).
+    pub fn warm(warm_id: String) -> Self {
+        let mut m = Self::new(ConversationId::from_uuid(uuid::Uuid::nil()), UserId::default_user());
+        m.phase = Phase::Warm;
+        m.warm_id = Some(warm_id);
+        m
+    }
+
+    /// When the manifest was written (now if unreadable).
+    pub fn created(&self) -> std::time::SystemTime {
+        time::OffsetDateTime::parse(&self.created_at, &time::format_description::well_known::Rfc3339)
+            .map(std::time::SystemTime::from)
+            .unwrap_or_else(|_| std::time::SystemTime::now())
     }
 
     pub fn load(path: &Path) -> Result<Self, String> {

@@ -31,6 +31,14 @@
 //!
 //! Children run in their own process group, so a Ctrl-C aimed at nestor's terminal does not
 //! kill them mid-write: nestor stops them itself (SIGTERM, then SIGKILL after a grace).
+//!
+//! **Warm pool** ([`crate::pool`]): a dormant child lives in `<state_dir>/process/pool-<id>/`
+//! (manifest phase `warm`, downstream `process-pool-<id>`), started with
+//! `OH_DEFERRED_INIT=true`, its init key as `OH_SECRET_KEY`, a boot key nobody gets, and the
+//! configured environment minus the webhook settings. A claim rewrites its manifest for the
+//! conversation (owner, fresh keys, phase `provisioning`) before the pool binds it; from
+//! then on it is that conversation's directory like any other (the directory keeps its
+//! name), and a restart of its child is an ordinary one with the conversation's keys.
 
 mod manifest;
 mod proc_info;
@@ -144,6 +152,14 @@ struct Proc {
     lifecycle: Mutex<()>,
     /// Bumped on every start; a monitor of an older start must not touch the state.
     generation: std::sync::atomic::AtomicU64,
+    /// An unclaimed warm pool member (not listed).
+    warm: std::sync::atomic::AtomicBool,
+}
+
+impl Proc {
+    fn is_warm(&self) -> bool {
+        self.warm.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl Proc {
@@ -260,6 +276,19 @@ impl Inner {
         DownstreamId::new("process-home")
     }
 
+    fn pool_id(warm_id: &str) -> DownstreamId {
+        DownstreamId::new(format!("process-pool-{warm_id}"))
+    }
+
+    /// The downstream id a manifest's directory is known by.
+    fn id_of(m: &Manifest) -> DownstreamId {
+        match &m.warm_id {
+            Some(w) => Self::pool_id(w),
+            None if m.conversation_id.as_uuid().is_nil() => Self::home_id(),
+            None => Self::downstream_id(&m.conversation_id),
+        }
+    }
+
     /// Create the bookkeeping for a new child and spawn it (or return the existing one).
     async fn start_new(self: &Arc<Self>, id: DownstreamId, dir: PathBuf, m: Manifest) -> Result<Arc<Downstream>, ProvisionError> {
         if let Some(p) = self.procs.get(&id) {
@@ -267,14 +296,17 @@ impl Inner {
         }
         std::fs::create_dir_all(&dir)
             .map_err(|e| ProvisionError::Start(format!("cannot create {}: {e}", dir.display())))?;
+        let warm = m.phase == Phase::Warm;
         let primary = (!m.conversation_id.as_uuid().is_nil()).then_some(m.conversation_id);
-        let ds = Downstream::new(id.clone(), "process", primary, Some(m.owner.clone()), None, DownstreamState::Starting);
+        let owner = (!warm).then(|| m.owner.clone());
+        let ds = Downstream::new(id.clone(), "process", primary, owner, None, DownstreamState::Starting);
         let p = Arc::new(Proc {
             ds,
             dir,
             manifest: std::sync::Mutex::new(m.clone()),
             lifecycle: Mutex::new(()),
             generation: std::sync::atomic::AtomicU64::new(0),
+            warm: std::sync::atomic::AtomicBool::new(warm),
         });
         self.save_manifest(&p, &m)?;
         let p = self.procs.entry(id).or_insert(p).clone();
@@ -310,9 +342,9 @@ impl Inner {
                 .map_err(|e| ProvisionError::Start(format!("cannot create {}: {e}", dir.display())))?;
         }
         let port = free_loopback_port().map_err(|e| ProvisionError::Start(format!("no free port: {e}")))?;
-        let (key, secret) = {
+        let (key, secret, dormant) = {
             let m = p.manifest.lock().unwrap();
-            (m.key.clone(), m.secret_key.clone())
+            (m.key.clone(), m.secret_key.clone(), m.phase == Phase::Warm)
         };
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -334,9 +366,13 @@ impl Inner {
         for (k, v) in BASE_ENV {
             cmd.env(k, v);
         }
-        cmd.env("SESSION_API_KEY", key.expose())
-            .env("OH_SESSION_API_KEYS_0", key.expose())
-            .env("OH_SECRET_KEY", secret.expose())
+        if dormant {
+            // Deferred init: the secret key is the init key; the boot key is never handed out.
+            cmd.env("OH_DEFERRED_INIT", "true").env("OH_SESSION_API_KEYS_0", key.expose());
+        } else {
+            cmd.env("SESSION_API_KEY", key.expose()).env("OH_SESSION_API_KEYS_0", key.expose());
+        }
+        cmd.env("OH_SECRET_KEY", secret.expose())
             .env("OH_CONVERSATIONS_PATH", state.join("conversations"))
             .env("OH_BASH_EVENTS_DIR", state.join("bash_events"))
             .env("OH_PERSISTENCE_DIR", state.join("persistence"))
@@ -360,6 +396,9 @@ impl Inner {
         };
         cmd.env("NO_PROXY", &no_proxy).env("no_proxy", &no_proxy);
         for (k, v) in &self.cfg.env {
+            if dormant && crate::pool::is_late_bound_env(k) {
+                continue; // bound at claim (POST /api/init)
+            }
             cmd.env(k, v);
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::from(log)).stderr(Stdio::from(log2));
@@ -549,8 +588,20 @@ impl Inner {
         };
         let conv = m.conversation_id;
         let is_home = conv.as_uuid().is_nil();
-        let id = if is_home { Self::home_id() } else { Self::downstream_id(&conv) };
+        let id = Self::id_of(&m);
         let alive = m.pid.filter(|pid| proc_info::is_same_process(*pid, m.pid_start));
+        if m.phase == Phase::Warm {
+            if !self.procs.contains_key(&id) {
+                // A warm pool member no pool re-adopted (recover_warm runs first): remove it.
+                if let Some(pid) = alive {
+                    kill_group(Some(pid), nix::sys::signal::Signal::SIGKILL);
+                }
+                kill_tmux_servers(&tmux_dir_for(dir)).await;
+                tracing::info!(dir = %dir.display(), "removing an unclaimed warm agent-server directory");
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            return None;
+        }
         let has_conversation = [dir.join(STATE_DIR).join("conversations"), dir.join("conversations")]
             .iter()
             .any(|c| c.join(conv.hex()).join("meta.json").exists());
@@ -571,6 +622,7 @@ impl Inner {
             manifest: std::sync::Mutex::new(m.clone()),
             lifecycle: Mutex::new(()),
             generation: std::sync::atomic::AtomicU64::new(0),
+            warm: std::sync::atomic::AtomicBool::new(false),
         });
         if let (Some(pid), Some(port)) = (alive, m.port) {
             let ep = Endpoint::loopback(port, Some(m.key.clone()));
@@ -701,11 +753,11 @@ impl Provisioner for ProcessProvisioner {
     }
 
     fn get(&self, id: &DownstreamId) -> Option<Arc<Downstream>> {
-        self.0.procs.get(id).map(|p| p.ds.clone())
+        self.0.procs.get(id).filter(|p| !p.is_warm()).map(|p| p.ds.clone())
     }
 
     fn list(&self) -> Vec<Arc<Downstream>> {
-        self.0.procs.iter().map(|p| p.ds.clone()).collect()
+        self.0.procs.iter().filter(|p| !p.is_warm()).map(|p| p.ds.clone()).collect()
     }
 
     async fn ensure_ready(&self, ds: &Arc<Downstream>, timeout: Duration) -> Result<(), ProvisionError> {
@@ -826,5 +878,149 @@ impl Provisioner for ProcessProvisioner {
         if tokio::time::timeout(bound, futures::future::join_all(stops)).await.is_err() {
             tracing::warn!("some agent-server processes did not stop within {bound:?}");
         }
+    }
+}
+
+impl Inner {
+    /// Stop a warm child for good and remove its directory (caller does not hold lifecycle).
+    async fn remove_warm(&self, p: &Arc<Proc>) {
+        {
+            let _g = p.lifecycle.lock().await;
+            self.stop_child(p).await;
+            p.ds.set_state(DownstreamState::Released);
+            if let Err(e) = std::fs::remove_dir_all(&p.dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(dir = %p.dir.display(), "could not remove a warm agent-server directory: {e}");
+                }
+            }
+        }
+        self.procs.remove(p.ds.id());
+    }
+}
+
+#[async_trait]
+impl crate::pool::WarmBackend for ProcessProvisioner {
+    async fn start_dormant(&self) -> Result<crate::pool::WarmServer, ProvisionError> {
+        let inner = &self.0;
+        let wid = format!("{:016x}", rand::random::<u64>());
+        let m = Manifest::warm(wid.clone());
+        let init_key = m.secret_key.clone();
+        let id = Inner::pool_id(&wid);
+        match inner.start_new(id.clone(), inner.root.join(format!("pool-{wid}")), m).await {
+            Ok(ds) => Ok(crate::pool::WarmServer { ds, init_key, born: std::time::SystemTime::now() }),
+            Err(e) => {
+                if let Some(p) = inner.procs.get(&id).map(|p| p.clone()) {
+                    inner.remove_warm(&p).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn recover_warm(&self) -> Result<Vec<crate::pool::WarmServer>, ProvisionError> {
+        let inner = &self.0;
+        let entries = std::fs::read_dir(&inner.root)
+            .map_err(|e| ProvisionError::Config(format!("cannot read {}: {e}", inner.root.display())))?;
+        let mut found = Vec::new();
+        for dir in entries.filter_map(|e| e.ok()).map(|e| e.path()) {
+            let Ok(m) = Manifest::load(&dir.join(MANIFEST)) else { continue };
+            if m.phase != Phase::Warm {
+                continue;
+            }
+            let id = Inner::id_of(&m);
+            let alive = m.pid.filter(|pid| proc_info::is_same_process(*pid, m.pid_start));
+            let ep = m.port.map(|port| Endpoint::loopback(port, Some(m.key.clone())));
+            let answering = match (&alive, &ep) {
+                (Some(_), Some(ep)) => inner.client.is_alive(ep, Duration::from_secs(2)).await,
+                _ => false,
+            };
+            if !answering {
+                // Dead or wedged: recover() removes the directory (it is not adopted here).
+                continue;
+            }
+            let ds = Downstream::new(id.clone(), "process", None, None, ep, DownstreamState::Ready);
+            let p = Arc::new(Proc {
+                ds: ds.clone(),
+                dir: dir.clone(),
+                manifest: std::sync::Mutex::new(m.clone()),
+                lifecycle: Mutex::new(()),
+                generation: std::sync::atomic::AtomicU64::new(0),
+                warm: std::sync::atomic::AtomicBool::new(true),
+            });
+            inner.procs.insert(id, p.clone());
+            let me = inner.clone();
+            let pid = alive.unwrap_or_default();
+            tokio::spawn(async move { me.monitor_adopted(p, pid, 0).await });
+            found.push(crate::pool::WarmServer { ds, init_key: m.secret_key.clone(), born: m.created() });
+        }
+        Ok(found)
+    }
+
+    async fn adopt(
+        &self,
+        warm: &crate::pool::WarmServer,
+        req: &ProvisionRequest,
+        keys: &crate::pool::ClaimKeys,
+    ) -> Result<Arc<Downstream>, ProvisionError> {
+        let inner = &self.0;
+        let p = inner.procs.get(warm.ds.id()).map(|p| p.clone()).ok_or_else(|| ProvisionError::UnknownDownstream(warm.ds.id().clone()))?;
+        let _g = p.lifecycle.lock().await;
+        if !p.is_warm() || p.ds.state() != DownstreamState::Ready {
+            return Err(ProvisionError::Start("the warm agent-server is no longer available".into()));
+        }
+        let port = {
+            let mut m = p.manifest.lock().unwrap();
+            let port = m.port.ok_or_else(|| ProvisionError::Start("the warm agent-server has no port".into()))?;
+            m.conversation_id = req.conversation;
+            m.owner = req.owner.clone();
+            m.phase = Phase::Provisioning;
+            m.key = keys.session.clone();
+            m.secret_key = keys.secret.clone();
+            m.created_at = Manifest::new(req.conversation, req.owner.clone()).created_at;
+            inner.save_manifest(&p, &m)?;
+            port
+        };
+        if !p.ds.bind(req.conversation, req.owner.clone()) {
+            return Err(ProvisionError::Other("a warm agent-server was already bound".into()));
+        }
+        p.ds.set_endpoint(Some(Endpoint::loopback(port, Some(keys.session.clone()))));
+        p.warm.store(false, std::sync::atomic::Ordering::SeqCst);
+        if let (Some(sync), Some(t)) = (&inner.sync, p.trees()) {
+            // Its trees exist from now on: persisted like a cold start's (nothing to restore).
+            sync.started(&t);
+        }
+        Ok(p.ds.clone())
+    }
+
+    async fn discard(&self, warm: &crate::pool::WarmServer) {
+        let inner = &self.0;
+        let Some(p) = inner.procs.get(warm.ds.id()).map(|p| p.clone()) else { return };
+        if p.is_warm() {
+            inner.remove_warm(&p).await;
+        }
+    }
+
+    fn init_template(&self, warm: &crate::pool::WarmServer) -> crate::pool::InitTemplate {
+        let inner = &self.0;
+        let dir = inner.procs.get(warm.ds.id()).map(|p| p.dir.clone());
+        crate::pool::InitTemplate {
+            conversations_path: dir.as_ref().map(|d| d.join(STATE_DIR).join("conversations").to_string_lossy().into_owned()),
+            bash_events_dir: dir.as_ref().map(|d| d.join(STATE_DIR).join("bash_events").to_string_lossy().into_owned()),
+            withheld_env: inner
+                .cfg
+                .env
+                .iter()
+                .filter(|(k, _)| crate::pool::is_late_bound_env(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
+    fn keeps_on_shutdown(&self) -> bool {
+        self.0.cfg.on_shutdown == OnShutdown::Keep
+    }
+
+    fn startup_timeout(&self) -> Duration {
+        self.0.startup_timeout
     }
 }
