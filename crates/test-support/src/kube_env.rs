@@ -95,8 +95,15 @@ impl TestNamespace {
     /// Create `<prefix>-<random>` with the shipped Role bound to user `nestor`, and a
     /// read-only Role bound to `nestor-readonly`.
     pub async fn create(env: &KubeEnv, prefix: &str) -> anyhow::Result<TestNamespace> {
-        let client = env.admin_client().await?;
         let name = format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        Self::create_named(&env.admin, &name).await
+    }
+
+    /// The same with a given name, as the admin of kubeconfig `admin`.
+    pub async fn create_named(admin: &Path, name: &str) -> anyhow::Result<TestNamespace> {
+        let env = KubeEnv { admin: admin.to_path_buf(), nestor: PathBuf::new(), readonly: PathBuf::new() };
+        let client = env.admin_client().await?;
+        let name = name.to_owned();
         let nss: Api<Namespace> = Api::all(client.clone());
         let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
         bounded(nss.create(&PostParams::default(), &ns)).await?;

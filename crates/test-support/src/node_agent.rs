@@ -126,6 +126,8 @@ pub async fn connect_docker(host: Option<&str>) -> anyhow::Result<Docker> {
 }
 
 pub async fn kube_client(kubeconfig: &std::path::Path) -> anyhow::Result<kube::Client> {
+    // With two rustls providers compiled in, rustls refuses to guess: choose ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
     let mut cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
     cfg.connect_timeout = Some(Duration::from_secs(5));

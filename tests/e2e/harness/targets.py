@@ -13,6 +13,8 @@ Chosen by ``NESTOR_E2E_TARGET`` (default ``direct``). A target is a context mana
 * ``nestor-docker``: nestor on the ``docker`` provisioner: every conversation gets its own
   agent-server container (image ``$NESTOR_TEST_AGENT_SERVER_IMAGE``); the fake LLM is reached
   through the Docker bridge (``host.docker.internal``).
+* ``nestor-kubernetes``: nestor on the ``kubernetes`` provisioner, a pod per conversation on
+  the test cluster (scripts/setup-kube.sh) run by ``nestor-node-agent``; see kube_target.py.
 * ``nestor-url``: an already running nestor at ``NESTOR_E2E_URL`` with key
   ``NESTOR_E2E_API_KEY``; working dirs from ``NESTOR_E2E_WORKING_DIR`` (a template with
   ``{label}``, default ``/workspace/e2e-{label}``).
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .agent_server import AgentServer, agent_server_bin
+from .kube_target import nestor_kubernetes_target
 from .nestor import Nestor
 from .procs import wait_http_ok
 
@@ -265,6 +268,7 @@ TARGETS: dict[str, Callable[[TargetContext], contextlib.AbstractContextManager[T
     "direct": direct_target,
     "nestor-docker": nestor_docker_target,
     "nestor-existing": nestor_existing_target,
+    "nestor-kubernetes": nestor_kubernetes_target,
     "nestor-process": nestor_process_target,
     "nestor-url": nestor_url_target,
 }

@@ -224,6 +224,7 @@ impl KubernetesProvisioner {
 
     /// Build from an explicit client configuration (tests).
     pub fn with_config(s: Settings, mut kc: kube::Config) -> Result<Self, ProvisionError> {
+        install_crypto_provider();
         kc.connect_timeout = Some(s.api_timeout);
         // Calls are bounded one by one (and the watch by its own idle bound).
         kc.read_timeout = None;
@@ -311,6 +312,12 @@ impl KubernetesProvisioner {
         }
         Ok(missing)
     }
+}
+
+/// Pick rustls' ring provider for kube's TLS unless the process already chose one (with two
+/// providers compiled in, rustls would otherwise refuse to guess and panic).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 fn downstream_id(slot: &Slot) -> DownstreamId {

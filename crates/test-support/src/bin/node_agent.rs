@@ -1,7 +1,8 @@
 //! `nestor-node-agent`: schedules and runs the pods of one namespace as Docker containers, for
 //! testing nestor's kubernetes provisioner against a real kube-apiserver without a cluster
 //! (see `nestor_test_support::node_agent`). Runs until SIGINT/SIGTERM, then removes every
-//! container and volume it made.
+//! container and volume it made (and, with `--create-namespace`, the namespace's contents).
+//! Prints `ready` on stdout once it runs.
 //!
 //! ```text
 //! nestor-node-agent --kubeconfig ~/.cache/nestor/kube-run/admin.kubeconfig --namespace agents
@@ -26,6 +27,11 @@ struct Args {
     /// Docker engine (default: $DOCKER_HOST or the local socket).
     #[arg(long)]
     docker_host: Option<String>,
+    /// Create the namespace first, with deploy/kubernetes/rbac.yaml's Role bound to the test
+    /// user `nestor` (and a read-only Role to `nestor-readonly`); on exit, delete everything
+    /// in it and the namespace.
+    #[arg(long)]
+    create_namespace: bool,
 }
 
 #[tokio::main]
@@ -35,6 +41,11 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let a = Args::parse();
+    let ns = if a.create_namespace {
+        Some(nestor_test_support::kube_env::TestNamespace::create_named(&a.kubeconfig, &a.namespace).await?)
+    } else {
+        None
+    };
     let agent = NodeAgent::start(NodeAgentConfig {
         kubeconfig: a.kubeconfig,
         namespace: a.namespace,
@@ -42,10 +53,14 @@ async fn main() -> anyhow::Result<()> {
         docker_host: a.docker_host,
     })
     .await?;
+    println!("ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+    if let Some(ns) = ns {
+        ns.shutdown().await;
     }
     agent.shutdown().await;
     Ok(())
