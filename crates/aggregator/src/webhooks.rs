@@ -159,12 +159,32 @@ pub async fn receive_events(State(state): State<AppState>, Path(hex): Path<Strin
     state.webhooks.heard_from(ds.id());
     metrics::counter!("nestor_webhooks_received_total", "kind" => "events").increment(1);
     state.catalog.apply_events(&id, ds.id(), &events);
+    if run_ended(&events) && state.catalog.route(&id).is_some_and(|(d, _)| d.id() == ds.id()) {
+        // The agent-server announces neither its auto-title nor other metadata-only updates
+        // (`meta.json`) by webhook: read the conversation's info once when a run ends, so
+        // the catalog (and search) shows its title without listing the downstream.
+        let (st, ds) = (state.clone(), ds.clone());
+        tokio::spawn(async move {
+            if let Err(e) = st.catalog.fetch_live(&ds, &[id], false, crate::forward::INTERNAL_CALL_TIMEOUT).await {
+                tracing::debug!(conversation = %id, "could not read the info after a run: {e}");
+            }
+        });
+    }
     if let Some(ep) = ds.endpoint() {
         for e in &events {
             state.webhooks.emit_event(id, redact(&ep, e));
         }
     }
     Ok(ok())
+}
+
+/// A batch that says a run stopped (`execution_status` left `running`).
+fn run_ended(events: &[Value]) -> bool {
+    events.iter().any(|e| {
+        e.get("kind").and_then(Value::as_str) == Some("ConversationStateUpdateEvent")
+            && e.get("key").and_then(Value::as_str) == Some("execution_status")
+            && matches!(e.get("value").and_then(Value::as_str), Some("finished" | "error" | "stuck" | "paused"))
+    })
 }
 
 fn redact(ep: &Endpoint, v: &Value) -> Value {

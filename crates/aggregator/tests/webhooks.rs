@@ -64,13 +64,35 @@ async fn downstream_webhooks_update_the_catalog_and_are_re_emitted() {
     let r = c.post(format!("{}/nestor/webhooks/events/{hex}", n.url)).header("X-Session-API-Key", CLIENT_KEY).json(&json!([])).send().await.unwrap();
     assert_eq!(r.status(), 401);
 
-    // The downstream reports a finished run (as an agent-server does, with its own key).
+    // The run finishes on the downstream ...
+    let uuid = uuid::Uuid::parse_str(&id).unwrap();
+    a.send_user_message(uuid, "go", true);
+    for _ in 0..100 {
+        if a.execution_status(uuid).as_deref() == Some("finished") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(a.execution_status(uuid).as_deref(), Some("finished"));
+    let reads_before = a.request_count_for("/api/conversations");
+
+    // ... and the downstream reports it (as an agent-server does, with its own key).
     let events = json!([
         {"id": "11111111-1111-4111-8111-111111111111", "timestamp": "2026-01-01T00:00:01", "source": "environment", "kind": "ConversationStateUpdateEvent", "key": "execution_status", "value": "finished"},
         {"id": "22222222-2222-4222-8222-222222222222", "timestamp": "2026-01-01T00:00:02", "source": "environment", "kind": "ConversationStateUpdateEvent", "key": "full_state", "value": {"execution_status": "finished", "stats": {"usage_to_metrics": {"agent": {}}}}}
     ]);
     let r = c.post(format!("{}/nestor/webhooks/events/{hex}", n.url)).header("X-Session-API-Key", &downstream_key).json(&events).send().await.unwrap();
     assert_eq!(r.status(), 200);
+
+    // A run that ended: nestor reads the conversation's info once (the agent-server
+    // announces its auto-title by no webhook), by id, not by listing.
+    for _ in 0..100 {
+        if a.request_count_for("/api/conversations") > reads_before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(a.request_count_for("/api/conversations") - reads_before, 1, "one info read after the run");
 
     // Search reflects it without asking the downstream.
     a.reset_request_counts();

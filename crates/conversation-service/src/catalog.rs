@@ -279,6 +279,15 @@ impl Catalog {
         Ok(seen.len())
     }
 
+    /// Record that the catalog knows everything `ds` holds as of now, as if it had just been
+    /// listed: nestor created the downstream for one conversation and registered that
+    /// conversation from the create answer, so a list would only repeat it. Without this, the
+    /// first search after every create asked that new downstream, webhooks or not.
+    pub fn mark_listed(&self, ds: &DownstreamId) {
+        let state = self.refresh.entry(ds.clone()).or_default().clone();
+        *state.last_ok.lock().unwrap() = Some(Instant::now());
+    }
+
     /// Refresh every running downstream whose list is older than `max_staleness`.
     /// Concurrent callers share one refresh per downstream. Failures are logged, not fatal:
     /// the last known entries stand.

@@ -18,13 +18,19 @@ Chosen by ``NESTOR_E2E_TARGET`` (default ``direct``). A target is a context mana
 * ``nestor-url``: an already running nestor at ``NESTOR_E2E_URL`` with key
   ``NESTOR_E2E_API_KEY``; working dirs from ``NESTOR_E2E_WORKING_DIR`` (a template with
   ``{label}``, default ``/workspace/e2e-{label}``).
+
+A test that needs nestor configured differently (``[[webhooks]]``, other downstream env)
+builds its own target with ``TargetContext(nestor_config=..., downstream_env=...)``; see
+``TargetContext``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
+import socket
 import subprocess
 import uuid
 from dataclasses import dataclass, field
@@ -34,7 +40,7 @@ from typing import Any, Callable, Iterator
 from .agent_server import AgentServer, agent_server_bin
 from .kube_target import nestor_kubernetes_target
 from .nestor import Nestor
-from .procs import wait_http_ok
+from .procs import free_port, wait_http_ok
 
 
 @dataclass
@@ -64,6 +70,9 @@ class Target:
     # For targets that give each conversation its own agent-server: is the one of this
     # conversation id running? (None: conversations share servers.)
     own_downstream_running: Callable[[str], bool] | None = None
+    # The log of the agent-server hosting a conversation (its uvicorn access lines count the
+    # requests nestor made to it); None where the harness cannot read it.
+    downstream_log: Callable[[str], str] | None = None
 
     def __iter__(self):  # allows ``base_url, api_key = server_under_test``
         yield self.base_url
@@ -74,6 +83,22 @@ class Target:
 class TargetContext:
     tmp_dir: Path  # a fresh directory for this target's state
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    # Extra nestor configuration (TOML tables only, e.g. ``[[webhooks]]`` or ``[catalog]``),
+    # appended to the target's own.
+    nestor_config: str = ""
+    # Extra environment for every agent-server behind the target (process/docker: the
+    # provisioner's ``env``; existing: the servers the harness starts).
+    downstream_env: dict[str, str] = field(default_factory=dict)
+    # existing: start the servers with OH_WEBHOOKS_0_* pointing at nestor, as an operator
+    # would (nestor's own downstreams always are).
+    existing_webhooks_to_nestor: bool = False
+
+
+def _env_table(section: str, env: dict[str, str]) -> str:
+    """``[section]`` with ``env`` as TOML (JSON strings are valid TOML basic strings)."""
+    if not env:
+        return ""
+    return f"\n[{section}]\n" + "".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in env.items())
 
 
 @contextlib.contextmanager
@@ -121,8 +146,16 @@ state_dir = "{ctx.tmp_dir / 'nestor-state'}"
 kind = "process"
 [provisioner.process]
 agent_server = "{agent_server_bin()}"
+{_env_table("provisioner.process.env", ctx.downstream_env)}
+{ctx.nestor_config}
 """
     n = Nestor(ctx.tmp_dir / "nestor", config)
+    state = ctx.tmp_dir / "nestor-state"
+
+    def downstream_log(cid: str) -> str:
+        p = state / "process" / cid.replace("-", "") / "agent-server.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
     try:
         n.start()
         yield Target(
@@ -133,6 +166,7 @@ agent_server = "{agent_server_bin()}"
             keeps_working_dir=False,
             nestor=n,
             own_downstream_running=lambda cid: bool(n.agent_server_pids(cid)),
+            downstream_log=downstream_log,
         )
     finally:
         n.stop()
@@ -144,8 +178,20 @@ agent_server = "{agent_server_bin()}"
 @contextlib.contextmanager
 def nestor_existing_target(ctx: TargetContext) -> Iterator[Target]:
     """nestor on the existing provisioner over two real agent-servers started here."""
+    nestor_port = free_port()
+    env = dict(ctx.downstream_env)
+    if ctx.existing_webhooks_to_nestor:
+        # What nestor gives the downstreams it starts (crates/aggregator/src/webhooks.rs).
+        env.update({
+            "OH_WEBHOOKS_0_BASE_URL": f"http://127.0.0.1:{nestor_port}/nestor/webhooks",
+            "OH_WEBHOOKS_0_FLUSH_DELAY": "0.5",
+            "OH_WEBHOOKS_0_EVENT_BUFFER_SIZE": "20",
+            "OH_WEBHOOKS_0_NUM_RETRIES": "5",
+            "OH_WEBHOOKS_0_RETRY_DELAY": "1",
+        })
     servers = [
-        AgentServer(ctx.tmp_dir / f"agent-server-{i}", api_key=f"downstream-{i}-" + secrets.token_hex(8))
+        AgentServer(ctx.tmp_dir / f"agent-server-{i}", api_key=f"downstream-{i}-" + secrets.token_hex(8),
+                    extra_env=dict(env))
         for i in range(2)
     ]
     api_key = "e2e-" + secrets.token_hex(8)
@@ -170,9 +216,19 @@ state_dir = "{ctx.tmp_dir / 'nestor-state'}"
 kind = "existing"
 [provisioner.existing]
 health_interval_secs = 1.0
-{entries}"""
-        n = Nestor(ctx.tmp_dir / "nestor", config)
+{entries}
+{ctx.nestor_config}
+"""
+        n = Nestor(ctx.tmp_dir / "nestor", config, port=nestor_port)
         n.start()
+
+        def downstream_log(cid: str) -> str:
+            # The server holding the conversation: the one whose state has it.
+            for s in servers:
+                if (s.state_dir / "conversations" / cid.replace("-", "")).exists():
+                    return s.log_path.read_text(errors="replace")
+            return ""
+
         yield Target(
             name="nestor-existing",
             base_url=n.base_url,
@@ -180,6 +236,7 @@ health_interval_secs = 1.0
             working_dir_for=lambda label: str(workspaces / label),
             agent_servers=servers,
             nestor=n,
+            downstream_log=downstream_log,
         )
     finally:
         if n is not None:
@@ -203,6 +260,20 @@ def docker_bridge_gateway() -> str:
     return gw[0]
 
 
+def free_port_on(host: str) -> int:
+    """A currently free TCP port on ``host`` (racy by nature, like ``free_port``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def docker_container_of(instance: str, cid: str) -> str | None:
+    """The id of conversation ``cid``'s container (running or not), if any."""
+    out = _docker("ps", "-aq", "--filter", f"label=org.nestor.instance={instance}",
+                  "--filter", f"label=org.nestor.conversation={cid}").split()
+    return out[0] if out else None
+
+
 def docker_cleanup(instance: str) -> None:
     """Remove every container and volume labelled with nestor instance ``instance``."""
     label = f"label=org.nestor.instance={instance}"
@@ -219,21 +290,26 @@ def nestor_docker_target(ctx: TargetContext) -> Iterator[Target]:
     """nestor on the docker provisioner: one agent-server container per conversation, from
     ``$NESTOR_TEST_AGENT_SERVER_IMAGE`` (default ``nestor/agent-server:1.58.2``; built by
     scripts/build-agent-server-image.sh). The fake LLM listens on the bridge gateway too and
-    containers reach it as ``host.docker.internal``. Everything labelled with this run's
-    instance id is removed afterwards."""
+    containers reach it as ``host.docker.internal``; so does nestor's downstream-only
+    listener (``internal_bind`` on the gateway: secret lookups and webhooks from the
+    containers). Everything labelled with this run's instance id is removed afterwards."""
     image = os.environ.get("NESTOR_TEST_AGENT_SERVER_IMAGE") or "nestor/agent-server:1.58.2"
     _docker("image", "inspect", "--format", "{{.Id}}", image)  # fails clearly when absent
     gateway = docker_bridge_gateway()
     instance = f"e2e-{ctx.run_id}"
     api_key = "e2e-" + secrets.token_hex(8)
+    internal_bind = f"{gateway}:{free_port_on(gateway)}"
     config = f"""
 session_api_keys = ["{api_key}"]
 state_dir = "{ctx.tmp_dir / 'nestor-state'}"
+internal_bind = "{internal_bind}"
 [provisioner]
 kind = "docker"
 [provisioner.docker]
 image = "{image}"
 instance_id = "{instance}"
+{_env_table("provisioner.docker.env", ctx.downstream_env)}
+{ctx.nestor_config}
 """
     n = Nestor(ctx.tmp_dir / "nestor", config)
 
@@ -241,6 +317,13 @@ instance_id = "{instance}"
         out = _docker("ps", "-q", "--filter", f"label=org.nestor.instance={instance}",
                       "--filter", f"label=org.nestor.conversation={cid}")
         return bool(out)
+
+    def downstream_log(cid: str) -> str:
+        c = docker_container_of(instance, cid)
+        if not c:
+            return ""
+        r = subprocess.run(["docker", "logs", c], capture_output=True, text=True, timeout=60)
+        return r.stdout + r.stderr
 
     try:
         n.start()
@@ -255,7 +338,8 @@ instance_id = "{instance}"
             keeps_working_dir=False,
             nestor=n,
             own_downstream_running=running,
-            extra={"instance": instance, "image": image},
+            downstream_log=downstream_log,
+            extra={"instance": instance, "image": image, "internal_bind": internal_bind, "gateway": gateway},
         )
     finally:
         try:

@@ -373,6 +373,11 @@ async fn forward_create(
         match serde_json::from_slice::<Value>(&body) {
             Ok(info) => {
                 state.catalog.register(id, ds, user.clone(), info).await;
+                if fresh && ds.primary() == Some(id) && state.catalog.count_on(ds.id()) == 1 {
+                    // Its own new downstream: the catalog holds all of it (the first search
+                    // need not list it; webhooks keep it current from here).
+                    state.catalog.mark_listed(ds.id());
+                }
                 state.provisioner.mark_active(ds);
                 if !state.fleet.knows(ds.id()) {
                     state.fleet.learn(&state.client, ds).await;

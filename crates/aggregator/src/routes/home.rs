@@ -102,17 +102,20 @@ pub fn addressed(
             }
         }
     }
+    // Compared after resolving `.` and `..`: `<working dir>/../x` is outside it, whatever
+    // its text starts with.
+    let paths: Vec<String> = paths.iter().filter_map(|p| normalize_path(p)).collect();
     if paths.is_empty() {
         return Ok(None);
     }
     let mut best: Option<(usize, ConversationId)> = None;
     let mut ambiguous = false;
     for id in state.catalog.visible_ids(state.auth.listing_scope(&who.user).as_ref()) {
-        let Some(wd) = state.catalog.working_dir(&id) else { continue };
-        let wd = wd.trim_end_matches('/');
-        if wd.is_empty() {
+        let Some(wd) = state.catalog.working_dir(&id).as_deref().and_then(normalize_path) else { continue };
+        if wd == "/" {
             continue;
         }
+        let wd = wd.as_str();
         let inside = paths.iter().any(|p| p == wd || p.starts_with(&format!("{wd}/")));
         if !inside {
             continue;
@@ -133,6 +136,25 @@ pub fn addressed(
         }
         _ => Ok(None),
     }
+}
+
+/// An absolute path with `.`, `..` and repeated or trailing `/` resolved lexically (as the
+/// downstream's `Path(...).resolve()` would, symlinks aside); `None` if not absolute.
+fn normalize_path(p: &str) -> Option<String> {
+    if !p.starts_with('/') {
+        return None;
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for seg in p.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            s => parts.push(s),
+        }
+    }
+    Some(format!("/{}", parts.join("/")))
 }
 
 /// Fallback for everything not routed elsewhere.
@@ -252,6 +274,15 @@ async fn openai_gateway(state: AppState, req: Request<Body>) -> HttpResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_are_resolved_before_matching_working_dirs() {
+        assert_eq!(normalize_path("/w/a/./b//c/").as_deref(), Some("/w/a/b/c"));
+        assert_eq!(normalize_path("/w/a/../../../etc/passwd").as_deref(), Some("/etc/passwd"));
+        assert_eq!(normalize_path("/w/a/..").as_deref(), Some("/w"));
+        assert_eq!(normalize_path("/").as_deref(), Some("/"));
+        assert_eq!(normalize_path("w/a"), None);
+    }
 
     #[test]
     fn classes() {
