@@ -25,6 +25,11 @@ pub const SPEC: &str = "org.nestor.spec";
 
 pub const ROLE_CONVERSATION: &str = "conversation";
 pub const ROLE_HOME: &str = "home";
+/// A warm pool member (started dormant; it keeps this role once claimed: labels are
+/// immutable, its manifest says which conversation it serves).
+pub const ROLE_POOL: &str = "pool";
+/// Prefix of a warm pool member's `conversation` label and name suffix (`warm-<16 hex>`).
+pub const WARM_PREFIX: &str = "warm-";
 /// The `conversation` label of the home container.
 pub const HOME: &str = "home";
 
@@ -37,6 +42,8 @@ pub const CONTAINER_PORT_KEY: &str = "8000/tcp";
 pub enum Slot {
     Conversation(ConversationId),
     Home,
+    /// A warm pool member, by its random id (claimed or not: the slot never changes).
+    Warm(u64),
 }
 
 impl Slot {
@@ -44,12 +51,15 @@ impl Slot {
         match self {
             Slot::Conversation(c) => c.to_string(),
             Slot::Home => HOME.to_owned(),
+            Slot::Warm(w) => format!("{WARM_PREFIX}{w:016x}"),
         }
     }
 
     pub fn parse(label: &str) -> Option<Self> {
         if label == HOME {
             Some(Slot::Home)
+        } else if let Some(hex) = label.strip_prefix(WARM_PREFIX) {
+            (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok()).flatten().map(Slot::Warm)
         } else {
             ConversationId::parse(label).ok().map(Slot::Conversation)
         }
@@ -60,13 +70,15 @@ impl Slot {
         match self {
             Slot::Conversation(c) => c.hex(),
             Slot::Home => HOME.to_owned(),
+            Slot::Warm(_) => self.label(),
         }
     }
 
+    /// The conversation of a conversation slot (a warm slot's is in its manifest).
     pub fn conversation(&self) -> Option<ConversationId> {
         match self {
             Slot::Conversation(c) => Some(*c),
-            Slot::Home => None,
+            Slot::Home | Slot::Warm(_) => None,
         }
     }
 }
@@ -95,7 +107,12 @@ pub fn labels_for(
     l.insert(INSTANCE.into(), instance.into());
     l.insert(CONVERSATION.into(), slot.label());
     l.insert(OWNER.into(), owner.into());
-    l.insert(ROLE.into(), if matches!(slot, Slot::Home) { ROLE_HOME } else { ROLE_CONVERSATION }.into());
+    let role = match slot {
+        Slot::Home => ROLE_HOME,
+        Slot::Warm(_) => ROLE_POOL,
+        Slot::Conversation(_) => ROLE_CONVERSATION,
+    };
+    l.insert(ROLE.into(), role.into());
     l
 }
 
@@ -165,6 +182,13 @@ mod tests {
         bad.insert(CONVERSATION.into(), "nope".into());
         assert_eq!(slot_of(Some(&bad)), None);
         assert_eq!(slot_of(None), None);
+        let w = Slot::Warm(0xab);
+        assert_eq!(object_name("abc123", &w), "nestor-abc123-warm-00000000000000ab");
+        let l = labels_for("abc123", &w, "", &Default::default());
+        assert_eq!((l[ROLE].as_str(), l[CONVERSATION].as_str()), (ROLE_POOL, "warm-00000000000000ab"));
+        assert_eq!(slot_of(Some(&l)), Some(w));
+        assert_eq!(Slot::parse("warm-ab"), None);
+        assert_eq!(w.conversation(), None);
         assert_eq!(instance_filter("x")["label"], vec!["org.nestor.instance=x"]);
     }
 

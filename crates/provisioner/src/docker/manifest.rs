@@ -30,6 +30,9 @@ pub enum Mount {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
+    /// A warm pool member, dormant, not claimed yet (`key` is its boot key, never handed
+    /// out; `secret_key` its init key).
+    Warm,
     /// Provisioned for a create that has not succeeded (yet).
     Provisioning,
     /// The conversation exists on its container.
@@ -52,6 +55,9 @@ pub struct Manifest {
     /// Fixed at provision: a conversation keeps its kind of storage for life.
     #[serde(default)]
     pub mount: Mount,
+    /// Set for a container started warm for a pool (slot `warm-<id>`), claimed or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<u64>,
 }
 
 fn now_unix() -> u64 {
@@ -69,6 +75,7 @@ impl Manifest {
             secret_key: SessionKey::random(),
             created_unix: now_unix(),
             mount: Mount::Volume,
+            warm: None,
         }
     }
 

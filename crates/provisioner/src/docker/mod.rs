@@ -95,6 +95,16 @@
 //! and keeps or purges, then removes the directory (kept under `data/.kept/` when a final push
 //! failed). The sweep removes data directories no manifest claims.
 //!
+//! **Warm pool** ([`crate::pool`]): a dormant container is slot `warm-<id>` (container,
+//! volume or data directory `nestor-<instance>-warm-<id>`, label `org.nestor.role=pool`,
+//! manifest `warm-<id>.json` in phase `warm`), created with `OH_DEFERRED_INIT=true`, its init
+//! key as `OH_SECRET_KEY`, a boot key nobody gets and the configured environment minus the
+//! webhook settings. Docker labels cannot change, so a claim is recorded in the manifest
+//! (conversation, owner, fresh keys, phase `provisioning`); the container keeps its slot for
+//! life. Its dormant container is never started again as such: once stopped, the next start
+//! re-creates it (its spec label differs) as an ordinary container with its conversation's
+//! keys, on the same volume.
+//!
 //! Every engine call is bounded (`api_timeout_secs`); the engine's event stream is the one
 //! long-lived request, ended on shutdown.
 
@@ -180,6 +190,8 @@ struct Ctr {
     generation: AtomicU64,
     /// Set while nestor itself stops or removes the container (its exit is expected).
     expect_exit: AtomicBool,
+    /// An unclaimed warm pool member (not listed).
+    warm: AtomicBool,
 }
 
 impl Ctr {
@@ -194,6 +206,9 @@ impl Ctr {
     }
     fn is_bind(&self) -> bool {
         self.manifest.lock().unwrap().mount == DataMount::Bind
+    }
+    fn is_warm(&self) -> bool {
+        self.warm.load(Ordering::SeqCst)
     }
 }
 
@@ -422,6 +437,7 @@ impl Inner {
         match slot {
             Slot::Conversation(c) => DownstreamId::new(format!("docker-{}", c.hex())),
             Slot::Home => DownstreamId::new("docker-home"),
+            Slot::Warm(w) => DownstreamId::new(format!("docker-warm-{w:016x}")),
         }
     }
 
@@ -492,11 +508,14 @@ impl Inner {
     }
 
     fn new_ctr(&self, slot: Slot, m: Manifest, state: DownstreamState) -> Arc<Ctr> {
+        let warm = m.phase == Phase::Warm;
+        // A warm slot's conversation (once claimed) is in its manifest.
+        let primary = slot.conversation().or(if matches!(slot, Slot::Warm(_)) { m.conversation_id } else { None });
         let ds = Downstream::new(
             Self::downstream_id(&slot),
             "docker",
-            slot.conversation(),
-            Some(m.owner.clone()),
+            primary,
+            (!warm).then(|| m.owner.clone()),
             None,
             state,
         );
@@ -509,6 +528,7 @@ impl Inner {
             lifecycle: Mutex::new(()),
             generation: AtomicU64::new(0),
             expect_exit: AtomicBool::new(false),
+            warm: AtomicBool::new(warm),
         })
     }
 
@@ -533,9 +553,9 @@ impl Inner {
 
     /// What a container of `c` is created with.
     fn container_body(&self, c: &Ctr) -> ContainerCreateBody {
-        let (key, secret, owner, bind) = {
+        let (key, secret, owner, bind, dormant) = {
             let m = c.manifest.lock().unwrap();
-            (m.key.clone(), m.secret_key.clone(), m.owner.clone(), m.mount == DataMount::Bind)
+            (m.key.clone(), m.secret_key.clone(), m.owner.clone(), m.mount == DataMount::Bind, m.phase == Phase::Warm)
         };
         let mut env: Vec<String> = BASE_ENV
             .iter()
@@ -544,12 +564,25 @@ impl Inner {
                 format!("{k}={v}")
             })
             .collect();
-        env.extend(labels::env_list(&self.s.env));
-        env.push(format!("OH_SESSION_API_KEYS_0={}", key.expose()));
-        env.push(format!("SESSION_API_KEY={}", key.expose()));
+        if dormant {
+            // A warm pool member: deferred init, the init key as its secret key, a boot key
+            // nobody gets, and none of what is bound at claim (crate::pool).
+            env.extend(
+                labels::env_list(&self.s.env).into_iter().filter(|e| !crate::pool::is_late_bound_env(e.split('=').next().unwrap_or(""))),
+            );
+            env.push("OH_DEFERRED_INIT=true".into());
+            env.push(format!("OH_SESSION_API_KEYS_0={}", key.expose()));
+        } else {
+            env.extend(labels::env_list(&self.s.env));
+            env.push(format!("OH_SESSION_API_KEYS_0={}", key.expose()));
+            env.push(format!("SESSION_API_KEY={}", key.expose()));
+        }
         env.push(format!("OH_SECRET_KEY={}", secret.expose()));
-        let mut lbl = labels::labels_for(&self.instance, &c.slot, owner.as_str(), &self.s.labels);
-        lbl.insert(SPEC.into(), self.spec.clone());
+        let owner_label = if dormant { "" } else { owner.as_str() };
+        let mut lbl = labels::labels_for(&self.instance, &c.slot, owner_label, &self.s.labels);
+        // A dormant container never runs again as itself: once claimed and stopped, its next
+        // start re-creates it (the spec differs) with its conversation's keys.
+        lbl.insert(SPEC.into(), if dormant { format!("{}-dormant", self.spec) } else { self.spec.clone() });
         let port_bindings = self.s.network.is_none().then(|| {
             HashMap::from([(
                 labels::CONTAINER_PORT_KEY.to_owned(),
@@ -905,6 +938,12 @@ impl Inner {
         if self.sync.is_some() && slot.conversation().is_some() {
             m.mount = DataMount::Bind;
         }
+        self.start_slot(slot, m).await
+    }
+
+    /// Bookkeeping for `slot` with manifest `m`, written, then its container started.
+    async fn start_slot(self: &Arc<Self>, slot: Slot, m: Manifest) -> Result<Arc<Downstream>, ProvisionError> {
+        let id = Self::downstream_id(&slot);
         let c = self.new_ctr(slot, m, DownstreamState::Starting);
         // Claim the slot before writing its manifest: a concurrent caller must never
         // overwrite the keys the container is created with.
@@ -953,6 +992,7 @@ impl Inner {
             .map_err(|e| ProvisionError::Config(format!("cannot read {}: {e}", self.root.display())))?;
         let mut probes = Vec::new();
         let mut owned = Vec::new();
+        let mut stale_warm = Vec::new();
         for e in entries.flatten() {
             let path = e.path();
             let fname = e.file_name().to_string_lossy().into_owned();
@@ -966,13 +1006,18 @@ impl Inner {
                     continue;
                 }
             };
-            let slot = m.conversation_id.map(Slot::Conversation).unwrap_or(Slot::Home);
+            let slot = m.warm.map(Slot::Warm).or(m.conversation_id.map(Slot::Conversation)).unwrap_or(Slot::Home);
             if path != self.manifest_path(&slot) {
                 tracing::warn!(file = %path.display(), "skipping docker manifest with a foreign name");
                 continue;
             }
             let id = Self::downstream_id(&slot);
             if self.ctrs.contains_key(&id) {
+                continue;
+            }
+            if m.phase == Phase::Warm {
+                // A warm pool member no pool re-adopted (recover_warm runs first).
+                stale_warm.push(self.new_ctr(slot, m, DownstreamState::Stopped));
                 continue;
             }
             let c = self.new_ctr(slot, m, DownstreamState::Stopped);
@@ -985,6 +1030,12 @@ impl Inner {
             }
             owned.push(c.ds.clone());
             self.ctrs.insert(id, c);
+        }
+        for c in &stale_warm {
+            tracing::info!(container = %c.name, "removing an unclaimed warm agent-server container");
+            if let Err(e) = self.remove_ctr(c).await {
+                tracing::warn!(container = %c.name, "{e}");
+            }
         }
         let orphans = by_slot.keys().filter(|s| !self.ctrs.contains_key(&Self::downstream_id(s))).count();
         let results = futures::future::join_all(probes.iter().map(|c| async move {
@@ -1122,7 +1173,7 @@ impl Inner {
         // 2. Conversations whose create never succeeded.
         let ctrs: Vec<Arc<Ctr>> = self.ctrs.iter().map(|c| c.clone()).collect();
         for c in &ctrs {
-            let Some(conv) = c.slot.conversation() else { continue };
+            let Some(conv) = c.manifest.lock().unwrap().conversation_id else { continue };
             let (phase, age) = {
                 let m = c.manifest.lock().unwrap();
                 (m.phase, m.age_secs())
@@ -1156,7 +1207,10 @@ impl Inner {
                 }
                 let slot = match ConversationId::parse(&name) {
                     Ok(c) => Slot::Conversation(c),
-                    Err(_) => continue,
+                    Err(_) => match Slot::parse(&name) {
+                        Some(w @ Slot::Warm(_)) => w,
+                        _ => continue,
+                    },
                 };
                 if claimed(&slot) {
                     continue;
@@ -1207,11 +1261,11 @@ impl Provisioner for DockerProvisioner {
     }
 
     fn get(&self, id: &DownstreamId) -> Option<Arc<Downstream>> {
-        self.0.ctrs.get(id).map(|c| c.ds.clone())
+        self.0.ctrs.get(id).filter(|c| !c.is_warm()).map(|c| c.ds.clone())
     }
 
     fn list(&self) -> Vec<Arc<Downstream>> {
-        self.0.ctrs.iter().map(|c| c.ds.clone()).collect()
+        self.0.ctrs.iter().filter(|c| !c.is_warm()).map(|c| c.ds.clone()).collect()
     }
 
     async fn ensure_ready(&self, ds: &Arc<Downstream>, timeout: Duration) -> Result<(), ProvisionError> {
@@ -1345,6 +1399,146 @@ impl Provisioner for DockerProvisioner {
     }
 }
 
+fn env_value(name: &str, bind: bool) -> Option<String> {
+    let base = BASE_ENV.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+    let over = if bind { BIND_STATE_ENV.iter().find(|(k, _)| *k == name).map(|(_, v)| *v) } else { None };
+    over.or(base).map(str::to_owned)
+}
+
+#[async_trait]
+impl crate::pool::WarmBackend for DockerProvisioner {
+    async fn start_dormant(&self) -> Result<crate::pool::WarmServer, ProvisionError> {
+        let inner = &self.0;
+        inner.engine.connect().await.map_err(|e| inner.engine_err(e))?;
+        inner.spawn_watcher();
+        let wid: u64 = rand::random();
+        let mut m = Manifest::new(None, UserId::default_user(), Phase::Warm);
+        m.warm = Some(wid);
+        if inner.sync.is_some() {
+            // Claimed, it is a persisted conversation like any other: same kind of storage.
+            m.mount = DataMount::Bind;
+        }
+        let init_key = m.secret_key.clone();
+        let ds = inner.start_slot(Slot::Warm(wid), m).await?;
+        Ok(crate::pool::WarmServer { ds, init_key, born: std::time::SystemTime::now() })
+    }
+
+    async fn recover_warm(&self) -> Result<Vec<crate::pool::WarmServer>, ProvisionError> {
+        let inner = &self.0;
+        inner.engine.connect().await.map_err(|e| {
+            ProvisionError::Config(format!("{e} (is dockerd running? set provisioner.docker.docker_host or DOCKER_HOST)"))
+        })?;
+        let listed = inner
+            .engine
+            .list_containers(labels::instance_filter(&inner.instance))
+            .await
+            .map_err(|e| inner.engine_err(e))?;
+        let by_slot: HashMap<Slot, &bollard::models::ContainerSummary> =
+            listed.iter().filter_map(|c| Some((labels::slot_of(c.labels.as_ref())?, c))).collect();
+        let entries = std::fs::read_dir(&inner.root)
+            .map_err(|e| ProvisionError::Config(format!("cannot read {}: {e}", inner.root.display())))?;
+        let mut found = Vec::new();
+        for e in entries.flatten() {
+            let Ok(m) = Manifest::load(&e.path()) else { continue };
+            let (Phase::Warm, Some(wid)) = (m.phase, m.warm) else { continue };
+            let slot = Slot::Warm(wid);
+            if e.path() != inner.manifest_path(&slot) {
+                continue;
+            }
+            let Some(summary) = by_slot.get(&slot).filter(|s| matches!(s.state, Some(bollard::models::ContainerSummaryStateEnum::RUNNING)))
+            else {
+                continue; // not running: recover() removes it
+            };
+            let (born, init_key) = (std::time::UNIX_EPOCH + Duration::from_secs(m.created_unix), m.secret_key.clone());
+            let c = inner.new_ctr(slot, m, DownstreamState::Stopped);
+            let Some(ep) = inner.endpoint_from_summary(summary, c.key()) else { continue };
+            if !inner.client.is_alive(&ep, Duration::from_secs(2)).await {
+                continue;
+            }
+            c.ds.set_endpoint(Some(ep));
+            c.ds.set_state(DownstreamState::Ready);
+            inner.ctrs.insert(c.ds.id().clone(), c.clone());
+            found.push(crate::pool::WarmServer { ds: c.ds.clone(), init_key, born });
+        }
+        Ok(found)
+    }
+
+    async fn adopt(
+        &self,
+        warm: &crate::pool::WarmServer,
+        req: &ProvisionRequest,
+        keys: &crate::pool::ClaimKeys,
+    ) -> Result<Arc<Downstream>, ProvisionError> {
+        let inner = &self.0;
+        let c = inner.ctr_of(&warm.ds)?;
+        let _g = c.lifecycle.lock().await;
+        if !c.is_warm() || c.ds.state() != DownstreamState::Ready {
+            return Err(ProvisionError::Start("the warm agent-server container is no longer available".into()));
+        }
+        let ep = c.ds.endpoint().ok_or_else(|| ProvisionError::Start("the warm agent-server container has no address".into()))?;
+        {
+            let mut m = c.manifest.lock().unwrap();
+            let mut claimed = m.clone();
+            claimed.conversation_id = Some(req.conversation);
+            claimed.owner = req.owner.clone();
+            claimed.phase = Phase::Provisioning;
+            claimed.key = keys.session.clone();
+            claimed.secret_key = keys.secret.clone();
+            // The half-created grace period counts from the claim.
+            claimed.created_unix = Manifest::new(None, UserId::default_user(), Phase::Provisioning).created_unix;
+            claimed
+                .save(&c.manifest_path)
+                .map_err(|e| ProvisionError::Start(format!("cannot write {}: {e}", c.manifest_path.display())))?;
+            *m = claimed;
+        }
+        if !c.ds.bind(req.conversation, req.owner.clone()) {
+            return Err(ProvisionError::Other("a warm agent-server container was already bound".into()));
+        }
+        c.ds.set_endpoint(Some(Endpoint::new(ep.scheme.clone(), ep.authority.clone(), ep.base_path.clone(), Some(keys.session.clone()))));
+        c.warm.store(false, Ordering::SeqCst);
+        if let (Some(sync), Some(t)) = (&inner.sync, inner.trees(&c)) {
+            sync.started(&t);
+        }
+        Ok(c.ds.clone())
+    }
+
+    async fn discard(&self, warm: &crate::pool::WarmServer) {
+        let inner = &self.0;
+        let Ok(c) = inner.ctr_of(&warm.ds) else { return };
+        if !c.is_warm() {
+            return;
+        }
+        let _g = c.lifecycle.lock().await;
+        if let Err(e) = inner.remove_ctr(&c).await {
+            tracing::warn!(container = %c.name, "could not remove a warm agent-server container: {e}");
+        }
+    }
+
+    fn init_template(&self, warm: &crate::pool::WarmServer) -> crate::pool::InitTemplate {
+        let inner = &self.0;
+        let bind = inner.ctr_of(&warm.ds).map(|c| c.is_bind()).unwrap_or(false);
+        crate::pool::InitTemplate {
+            conversations_path: env_value("OH_CONVERSATIONS_PATH", bind),
+            bash_events_dir: env_value("OH_BASH_EVENTS_DIR", bind),
+            withheld_env: inner
+                .s
+                .env
+                .iter()
+                .filter(|(k, _)| crate::pool::is_late_bound_env(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
+    fn keeps_on_shutdown(&self) -> bool {
+        self.0.s.on_shutdown == OnShutdown::Keep
+    }
+
+    fn startup_timeout(&self) -> Duration {
+        self.0.s.startup_timeout
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1439,6 +1633,50 @@ mod tests {
         assert_eq!(parse_user("10001:10002"), Some((10001, 10002)));
         assert_eq!(parse_user("10001"), Some((10001, 10001)));
         assert_eq!(parse_user("openhands"), None);
+    }
+
+    #[test]
+    fn a_warm_container_boots_dormant_with_nothing_of_a_conversation() {
+        let mut env = std::collections::BTreeMap::new();
+        env.insert("OH_WEBHOOKS_0_BASE_URL".to_owned(), "http://host.docker.internal:8000/nestor/webhooks".to_owned());
+        env.insert("LLM_MODEL".to_owned(), "x".to_owned());
+        let p = prov(DockerConfig {
+            image: Some("img:1".into()),
+            docker_host: Some("unix:///nonexistent.sock".into()),
+            env,
+            ..Default::default()
+        });
+        let mut m = Manifest::new(None, UserId::default_user(), Phase::Warm);
+        m.warm = Some(7);
+        let (boot, init) = (m.key.clone(), m.secret_key.clone());
+        let c = p.0.new_ctr(Slot::Warm(7), m, DownstreamState::Starting);
+        assert_eq!((c.ds.primary(), c.ds.owner()), (None, None));
+        assert_eq!(c.name, format!("nestor-{}-warm-0000000000000007", p.instance_id()));
+        let b = p.0.container_body(&c);
+        let env = b.env.as_ref().unwrap();
+        assert!(env.contains(&"OH_DEFERRED_INIT=true".to_owned()));
+        assert!(env.contains(&format!("OH_SECRET_KEY={}", init.expose())), "the init key is its secret key");
+        assert!(env.contains(&format!("OH_SESSION_API_KEYS_0={}", boot.expose())));
+        assert!(!env.iter().any(|e| e.starts_with("SESSION_API_KEY=")));
+        assert!(!env.iter().any(|e| e.starts_with("OH_WEBHOOKS_")), "webhooks are bound at claim");
+        assert!(env.contains(&"LLM_MODEL=x".to_owned()));
+        let l = b.labels.as_ref().unwrap();
+        assert_eq!((l[labels::ROLE].as_str(), l[labels::OWNER].as_str()), (labels::ROLE_POOL, ""));
+        assert_ne!(l[SPEC], p.0.spec, "a stopped dormant container is re-created, never restarted");
+        // Claimed (as adopt records it), its next container is an ordinary one.
+        {
+            let mut m = c.manifest.lock().unwrap();
+            m.phase = Phase::Active;
+            m.conversation_id = Some(ConversationId::new_random());
+            m.owner = UserId::new("alice");
+        }
+        let b = p.0.container_body(&c);
+        let env = b.env.as_ref().unwrap();
+        assert!(!env.contains(&"OH_DEFERRED_INIT=true".to_owned()));
+        assert!(env.iter().any(|e| e.starts_with("OH_WEBHOOKS_0_BASE_URL=")));
+        let l = b.labels.as_ref().unwrap();
+        assert_eq!((l[labels::OWNER].as_str(), l[labels::CONVERSATION].as_str()), ("alice", "warm-0000000000000007"));
+        assert_eq!(l[SPEC], p.0.spec);
     }
 
     #[test]
