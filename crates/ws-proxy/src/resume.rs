@@ -24,9 +24,12 @@
 //! forwarded once the barrier went by again in the replay, or if it is no older than the
 //! newest event delivered before this connection (a live event racing the replay); the
 //! others predate the subscription and are dropped. Without a barrier (the first
-//! connection delivered nothing live) there is no position to cut at, and everything in
-//! the look-back window is forwarded: an event can be stamped before the subscription's
-//! first frame and still be published after it, and losing it would be worse.
+//! connection delivered nothing live) there is no position in the log to cut at, so the
+//! cut is by time: the first frame of a subscription (the state snapshot) is stamped when
+//! it subscribed, and an event published after that is stamped no earlier than
+//! [`PUBLISH_MARGIN`] before it (events are stamped when created and published right
+//! after). Older replayed events predate the subscription and are dropped; a client that
+//! reconnected (after nestor restarted) does not get its previous connection's events again.
 //! (4) Until anything at all was forwarded, a reconnection repeats the client's own
 //! request: the client has seen nothing, so that is still exactly what it asked for.
 //!
@@ -37,7 +40,9 @@
 //! publication times: an event stamped more than the look-back before the first frame but
 //! published after it is not replayed; a live event racing a replay, stamped before the
 //! newest event already delivered yet published after the reconnection, is taken for
-//! history. The property tests model the downstream (jitter between stamping and
+//! history; without a barrier, an event published after the subscription but created more
+//! than [`PUBLISH_MARGIN`] before it is taken for history, and one created less than that
+//! before it and published before it is forwarded. The property tests model the downstream (jitter between stamping and
 //! publication shorter than an outage) and check exactness within those limits.
 
 use std::cmp::Ordering;
@@ -66,6 +71,11 @@ pub enum History {
 /// How far before the first frame of a live-only subscription a resume looks back, to
 /// catch events stamped just before the subscription but published after it.
 pub const LIVE_LOOKBACK: time::Duration = time::Duration::seconds(5);
+
+/// Longest an event's creation (its timestamp) is assumed to precede its publication: a
+/// resumed live-only subscription with no barrier forwards replayed events stamped no more
+/// than this before its first frame.
+pub const PUBLISH_MARGIN: time::Duration = time::Duration::milliseconds(100);
 
 /// The set of event ids delivered: UUIDs as their 128 bits (compact), anything else as text.
 #[derive(Debug, Clone, Default)]
@@ -204,6 +214,9 @@ impl EventsCursor {
                 // Replayed from before the subscription: the client never asked for it.
                 return Verdict::Drop;
             }
+        } else if self.resumed.is_some() && self.barrier.is_none() && !requested && !self.after_subscription(h) {
+            // No barrier: stamped before the subscription (by more than the margin).
+            return Verdict::Drop;
         }
         self.delivered.insert(&h.id);
         if let Some(ts) = &h.timestamp {
@@ -216,6 +229,14 @@ impl EventsCursor {
         }
         self.forwarded = true;
         Verdict::Forward
+    }
+
+    /// Could this event have been published after the first subscription? (Stamped no
+    /// more than [`PUBLISH_MARGIN`] before its first frame; unknown times: yes.)
+    fn after_subscription(&self, h: &EventHead) -> bool {
+        let (Some(ts), Some(first)) = (&h.timestamp, &self.first_seen) else { return true };
+        let cut = shift_naive(first, -PUBLISH_MARGIN).unwrap_or_else(|| first.clone());
+        cmp_ts(ts, &cut) != Ordering::Less
     }
 
     /// Persisted events delivered so far.
@@ -552,8 +573,8 @@ mod tests {
         /// and step back. The client must receive exactly what its own request asked for:
         /// no loss, nothing twice, and for a live-only client nothing from before it
         /// subscribed, in log order. The one allowed inexactness (documented in the module
-        /// docs): a resume before any persisted event was delivered may repeat history from
-        /// the look-back window that the client did not ask for.
+        /// docs): a resume before any persisted event was delivered may repeat history
+        /// stamped less than PUBLISH_MARGIN before the subscription's first frame.
         #[test]
         fn events_resume_is_exactly_once_and_exact(
             pre in 0usize..8,
@@ -628,9 +649,15 @@ mod tests {
             }
             let extras: Vec<u32> = got.iter().copied().filter(|g| !expected.contains(g)).collect();
             if inexact_resume {
-                // Only history the look-back window replayed, never anything invented.
-                let pre_ids: Vec<u32> = ds.log[..s].iter().map(|e| e.0).collect();
-                prop_assert!(extras.iter().all(|e| pre_ids.contains(e)), "extras {:?}", extras);
+                // Only history stamped within the publication margin before the first
+                // frame, never anything invented.
+                let first = cursor.first_seen.clone().expect("a first frame");
+                let cut = shift_naive(&first, -PUBLISH_MARGIN).unwrap();
+                let pre: Vec<&(u32, u64)> = ds.log[..s].iter().collect();
+                prop_assert!(
+                    extras.iter().all(|e| pre.iter().any(|p| p.0 == *e && ts_text(p.1) >= cut)),
+                    "extras {:?} (cut {})", extras, cut
+                );
             } else {
                 prop_assert!(extras.is_empty(), "not asked for: {:?}; got {:?}, expected {:?}", extras, got, expected);
                 if history == History::None && !server_reordered {
