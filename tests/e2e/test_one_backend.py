@@ -337,7 +337,9 @@ retry_delay = 0.5
                     by_id = searched()
                     if all(by_id[c]["execution_status"] == "finished" and by_id[c]["title"] for c in cids):
                         break
-                    assert time.monotonic() < deadline, [(by_id[c]["execution_status"], by_id[c]["title"]) for c in cids]
+                    assert time.monotonic() < deadline, (
+                        "search: " + repr([(by_id[c]["execution_status"], by_id[c]["title"]) for c in cids])
+                        + " live: " + repr([R.conversation_info(rest, c)["title"] for c in cids]))
                     time.sleep(0.3)
                 assert all(by_id[c]["title"] == "Fake conversation title" for c in cids)
                 assert all(by_id[c]["stats"]["usage_to_metrics"]["default"]["accumulated_token_usage"]["prompt_tokens"] > 0

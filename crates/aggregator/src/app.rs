@@ -53,6 +53,10 @@ pub struct Inner {
     pub upstream_timeout: Duration,
     pub started: std::time::Instant,
     pub shutdown: CancellationToken,
+    /// The warm pool when the provisioner kind is `pool` (its counters, for tests and tools).
+    pub pool: Option<nestor_provisioner::pool::PoolProvisioner>,
+    /// Workspace persistence (`[workspace_storage]`), when configured.
+    pub persistence: Option<Arc<crate::persistence::Persistence>>,
     /// Proxied WebSocket pairs and spliced upgrades: axum's graceful shutdown does not see
     /// upgraded connections, so they are tracked here, closed (1012) when `shutdown` is
     /// cancelled and waited for (bounded) before nestor exits (crate::server).
@@ -122,7 +126,7 @@ impl AppState {
         let client = DownstreamClient::new(Duration::from_secs(5));
         let internal_url = match &cfg.internal_url {
             Some(u) => u.trim_end_matches('/').to_owned(),
-            None if cfg.provisioner.kind == ProvisionerKind::Docker => {
+            None if cfg.provisioner.runs_docker() => {
                 // Containers reach the host by this name (the docker provisioner adds it).
                 let port = cfg.internal_bind.map(|a| a.port()).unwrap_or(cfg.bind.port());
                 if cfg.internal_bind.is_none() {
@@ -146,6 +150,13 @@ impl AppState {
         }
 
         let mut docker = None;
+        let mut pool = None;
+        // Before the provisioner recovers: re-adopted running conversations resume pushing.
+        let persistence = match &cfg.workspace_storage {
+            Some(ws) => Some(crate::persistence::Persistence::start(ws, cfg.state_dir.join("workspace-store")).await?),
+            None => None,
+        };
+        let sync = persistence.as_ref().map(|p| p.hooks());
         let (provisioner, process): (Arc<dyn Provisioner>, Option<ProcessProvisioner>) = match cfg.provisioner.kind {
             ProvisionerKind::Existing => {
                 let p = ExistingProvisioner::new(&cfg.provisioner.existing, client.clone())?;
@@ -159,11 +170,48 @@ impl AppState {
                     crate::config::default_agent_server(),
                     client.clone(),
                 )?;
+                let p = match &sync {
+                    Some(s) => p.with_workspace_sync(s.clone()),
+                    None => p,
+                };
                 (Arc::new(p.clone()), Some(p))
             }
             ProvisionerKind::Docker => {
                 let p = DockerProvisioner::new(&cfg.provisioner.docker, cfg.state_dir.join("docker"), client.clone())?;
+                let p = match &sync {
+                    Some(s) => p.with_workspace_sync(s.clone())?,
+                    None => p,
+                };
                 docker = Some(p.clone());
+                (Arc::new(p), None)
+            }
+            ProvisionerKind::Pool => {
+                use nestor_provisioner::pool::{PoolBackend, PoolProvisioner, WarmBackend};
+                let backend: Arc<dyn WarmBackend> = match cfg.provisioner.pool.backend {
+                    PoolBackend::Process => {
+                        let p = ProcessProvisioner::new(
+                            &cfg.provisioner.process,
+                            cfg.state_dir.join("process"),
+                            crate::config::default_agent_server(),
+                            client.clone(),
+                        )?;
+                        Arc::new(match &sync {
+                            Some(s) => p.with_workspace_sync(s.clone()),
+                            None => p,
+                        })
+                    }
+                    PoolBackend::Docker => {
+                        let p = DockerProvisioner::new(&cfg.provisioner.docker, cfg.state_dir.join("docker"), client.clone())?;
+                        let p = match &sync {
+                            Some(s) => p.with_workspace_sync(s.clone())?,
+                            None => p,
+                        };
+                        docker = Some(p.clone());
+                        Arc::new(p)
+                    }
+                };
+                let p = PoolProvisioner::new(&cfg.provisioner.pool, backend, client.clone())?;
+                pool = Some(p.clone());
                 (Arc::new(p), None)
             }
             ProvisionerKind::Kubernetes => {
@@ -220,6 +268,8 @@ impl AppState {
             creating: DashMap::new(),
             started: std::time::Instant::now(),
             shutdown: CancellationToken::new(),
+            pool,
+            persistence,
             sockets: tokio_util::task::TaskTracker::new(),
             cfg,
         }));

@@ -5,7 +5,7 @@
 //! session_api_keys = ["secret"]        # none: no auth, and only a loopback bind is allowed
 //! state_dir = "/var/lib/nestor"
 //! [provisioner]
-//! kind = "existing"                    # "process" (default) | "existing" | "docker" | "kubernetes"
+//! kind = "existing"                    # "process" (default) | "existing" | "docker" | "kubernetes" | "pool"
 //! [[provisioner.existing.servers]]
 //! url = "http://127.0.0.1:9101"
 //! api_key = "k1"
@@ -13,6 +13,11 @@
 //! agent_server = "/path/to/bin/agent-server"
 //! [provisioner.docker]                 # see nestor_provisioner::docker for every setting
 //! image = "nestor/agent-server:1.58.2"
+//! [provisioner.pool]                   # warm servers of `backend` (its settings above); nestor_provisioner::pool
+//! backend = "process"                  # "process" | "docker"
+//! min_idle = 2
+//! max_size = 32
+//! max_age_secs = 3600
 //! ```
 //!
 //! Environment: every key as `NESTOR_<KEY>` (nested keys joined by `__`, e.g.
@@ -90,6 +95,11 @@ pub struct Config {
     /// Webhooks nestor re-emits what its downstreams report to (the agent-server's shape).
     #[serde(default)]
     pub webhooks: Vec<crate::webhooks::WebhookSpec>,
+    /// Conversations' workspaces and agent-server state kept in S3-compatible object storage
+    /// (`[workspace_storage]`, see nestor_workspace_store::config and crate::persistence), so a
+    /// conversation resumes on a fresh downstream. Absent: files live on this host only.
+    #[serde(default)]
+    pub workspace_storage: Option<nestor_workspace_store::WorkspaceStorageConfig>,
     /// Offer every stored secret to new conversations (as lookups, never values).
     #[serde(default = "yes")]
     pub inject_stored_secrets: bool,
@@ -180,6 +190,7 @@ pub enum ProvisionerKind {
     Existing,
     Docker,
     Kubernetes,
+    Pool,
 }
 
 impl std::str::FromStr for ProvisionerKind {
@@ -190,8 +201,9 @@ impl std::str::FromStr for ProvisionerKind {
             "existing" => Ok(Self::Existing),
             "docker" => Ok(Self::Docker),
             "kubernetes" => Ok(Self::Kubernetes),
+            "pool" => Ok(Self::Pool),
             other => Err(format!(
-                "unknown provisioner kind {other:?} (expected \"process\", \"existing\", \"docker\" or \"kubernetes\")"
+                "unknown provisioner kind {other:?} (expected \"process\", \"existing\", \"docker\", \"kubernetes\" or \"pool\")"
             )),
         }
     }
@@ -210,6 +222,20 @@ pub struct ProvisionerSection {
     /// `[provisioner.kubernetes]`: see nestor_provisioner::kubernetes and deploy/kubernetes.
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
+    /// `[provisioner.pool]`: warm servers of the `process` or `docker` backend.
+    #[serde(default)]
+    pub pool: nestor_provisioner::pool::PoolConfig,
+}
+
+impl ProvisionerSection {
+    /// Whether downstreams are Docker containers (they reach nestor through the bridge).
+    pub fn runs_docker(&self) -> bool {
+        match self.kind {
+            ProvisionerKind::Docker => true,
+            ProvisionerKind::Pool => self.pool.backend == nestor_provisioner::pool::PoolBackend::Docker,
+            _ => false,
+        }
+    }
 }
 
 /// `session_api_keys` as a list, or one comma-separated string (handy in an environment).
@@ -250,6 +276,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "inject_stored_secrets",
     "internal_bind",
     "webhooks",
+    "workspace_storage",
     "provisioner",
 ];
 
@@ -403,6 +430,15 @@ impl Config {
         if self.max_body_bytes == 0 {
             return Err(ConfigError::Invalid("max_body_bytes must be positive".into()));
         }
+        if let Some(ws) = &self.workspace_storage {
+            ws.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            if !matches!(self.provisioner.kind, ProvisionerKind::Process | ProvisionerKind::Docker) {
+                return Err(ConfigError::Invalid(format!(
+                    "workspace_storage works with the process and docker provisioners, not {:?} (nestor must reach the conversations' files)",
+                    self.provisioner.kind
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -483,6 +519,56 @@ agent_server = "/path/to/bin/agent-server"
             let s = d.validate(None).unwrap();
             assert_eq!((s.memory, s.nano_cpus), (Some(2 << 30), Some(1_500_000_000)));
             assert_eq!("docker".parse::<ProvisionerKind>(), Ok(ProvisionerKind::Docker));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn workspace_storage_section() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file(
+                "w.toml",
+                "[workspace_storage]\nbucket = \"nestor-ws\"\nendpoint = \"http://127.0.0.1:9000\"\non_delete = \"purge\"\n[workspace_storage.user_quota]\nmax_bytes = 1000\n[admission]\nmax_running_per_user = 2\n",
+            )?;
+            jail.set_env("NESTOR_WORKSPACE_STORAGE__PUSH_INTERVAL_SECS", "5");
+            let c = Config::load(Some(&jail.directory().join("w.toml")), &Overrides::default()).unwrap();
+            let ws = c.workspace_storage.as_ref().unwrap();
+            assert_eq!(ws.bucket, "nestor-ws");
+            assert_eq!(ws.push_interval_secs, 5);
+            assert_eq!(ws.on_delete, nestor_workspace_store::OnDelete::Purge);
+            assert_eq!(ws.user_quota.max_bytes, Some(1000));
+            assert_eq!(c.admission.max_running_per_user, Some(2));
+            jail.create_file("bad.toml", "[workspace_storage]\nbucket = \"Bad_Bucket\"\n")?;
+            let e = Config::load(Some(&jail.directory().join("bad.toml")), &Overrides::default()).unwrap_err().to_string();
+            assert!(e.contains("workspace_storage.bucket"), "{e}");
+            jail.create_file("ex.toml", "[workspace_storage]\nbucket = \"b-1\"\n[provisioner]\nkind = \"existing\"\n")?;
+            let e = Config::load(Some(&jail.directory().join("ex.toml")), &Overrides::default()).unwrap_err().to_string();
+            assert!(e.contains("process and docker"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn pool_section_and_kind() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file(
+                "p.toml",
+                "[provisioner]\nkind = \"pool\"\n[provisioner.pool]\nbackend = \"docker\"\nmin_idle = 4\nmax_size = 10\nmax_age_secs = 600\n[provisioner.docker]\nimage = \"nestor/agent-server:1.58.2\"\n",
+            )?;
+            jail.set_env("NESTOR_PROVISIONER__POOL__MIN_IDLE", "3");
+            let c = Config::load(Some(&jail.directory().join("p.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.provisioner.kind, ProvisionerKind::Pool);
+            let p = &c.provisioner.pool;
+            assert_eq!((p.backend, p.min_idle, p.max_size), (nestor_provisioner::pool::PoolBackend::Docker, 3, 10));
+            assert_eq!(p.max_age_secs, 600.0);
+            assert!(c.provisioner.runs_docker());
+            assert_eq!("pool".parse::<ProvisionerKind>(), Ok(ProvisionerKind::Pool));
+            jail.create_file("d.toml", "[provisioner]\nkind = \"pool\"\n")?;
+            let c = Config::load(Some(&jail.directory().join("d.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.provisioner.pool.backend, nestor_provisioner::pool::PoolBackend::Process);
+            assert!(!c.provisioner.runs_docker());
             Ok(())
         });
     }

@@ -109,7 +109,7 @@ pub async fn ensure_ready(state: &AppState, ds: &Arc<Downstream>, conv: Option<C
     if ds.state() != DownstreamState::Ready || ds.endpoint().is_none() {
         if matches!(ds.state(), DownstreamState::Stopped | DownstreamState::Failed(_)) && ds.primary().is_some() {
             // Starting it again counts against the admission limits.
-            crate::lifecycle::admit(state)?;
+            crate::lifecycle::admit(state, ds.owner())?;
         }
         let timeout = state.ready_timeout;
         if let Err(e) = state.provisioner.ensure_ready(ds, timeout).await {
@@ -215,8 +215,24 @@ pub async fn forward(
     let _activity = ds.begin_request();
     let ep = ensure_ready(state, ds, conv).await?;
     let origin = public_origin(&parts.headers);
+    let (body, replay) = replayable(&parts, body).await?;
     let req = downstream_request(&ep, parts, path_and_query, body)?;
-    let resp = match tokio::time::timeout(state.upstream_timeout, state.client.send(req)).await {
+    let again = replay.map(|b| (req.method().clone(), req.uri().clone(), req.headers().clone(), b));
+    let mut sent = tokio::time::timeout(state.upstream_timeout, state.client.send(req)).await;
+    if let (Ok(Err(e)), Some((method, uri, headers, body))) = (&sent, again) {
+        if e.is_closed_connection() {
+            // A pooled connection the downstream had closed (see is_closed_connection):
+            // once more on a new one.
+            tracing::debug!(downstream = %ds.id(), "pooled connection was closed ({e}); sending again");
+            let body = if body.is_empty() { nestor_core::client::empty_body() } else { nestor_core::client::full_body(body) };
+            let mut retry = Request::new(body);
+            *retry.method_mut() = method;
+            *retry.uri_mut() = uri;
+            *retry.headers_mut() = headers;
+            sent = tokio::time::timeout(state.upstream_timeout, state.client.send(retry)).await;
+        }
+    }
+    let resp = match sent {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             tracing::warn!(downstream = %ds.id(), conversation = ?conv, "upstream error: {e}");
@@ -256,6 +272,33 @@ pub async fn forward(
     rparts.headers.remove(header::CONTENT_LENGTH);
     let body = Body::new(redactor.wrap(rbody));
     Ok(Forwarded::Response(Response::from_parts(rparts, body)))
+}
+
+/// Request bodies up to this size are read before forwarding, so the request can be sent
+/// again if the pooled connection turns out to be closed.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// The body to send and, when the request can be sent twice, a copy of it: no body, or a
+/// small one with a known length (read first). Large or streamed bodies are not replayable.
+async fn replayable(parts: &http::request::Parts, body: ProxyBody) -> Result<(ProxyBody, Option<Bytes>), ApiError> {
+    if http_body::Body::is_end_stream(&body) {
+        return Ok((body, Some(Bytes::new())));
+    }
+    let small = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n <= REPLAY_LIMIT);
+    if !small {
+        return Ok((body, None));
+    }
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("could not read the request body: {e}")))?
+        .to_bytes();
+    Ok((nestor_core::client::full_body(bytes.clone()), Some(bytes)))
 }
 
 /// Apply the leak guard to header values.

@@ -15,6 +15,7 @@ pub mod fleet;
 pub mod forward;
 pub mod lifecycle;
 pub mod observability;
+pub mod persistence;
 pub mod routes;
 pub mod secrets;
 pub mod server;

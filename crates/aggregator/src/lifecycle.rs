@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use nestor_core::{ApiError, Downstream, DownstreamState};
+use nestor_core::{ApiError, Downstream, DownstreamState, UserId};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -26,6 +26,10 @@ pub struct AdmissionConfig {
     /// Most downstreams starting at once (start-up is CPU-heavy); beyond: 429.
     #[serde(default)]
     pub max_starting: Option<usize>,
+    /// Most conversations of one user running (or starting) at once; beyond: 429 with
+    /// Retry-After, at create and when a stopped one would start again.
+    #[serde(default)]
+    pub max_running_per_user: Option<usize>,
 }
 
 /// `[lifecycle]`.
@@ -38,22 +42,44 @@ pub struct LifecycleConfig {
     pub idle_stop_secs: Option<f64>,
 }
 
-/// May one more downstream start now? Called before provisioning a new one and before
-/// starting a stopped one.
-pub fn admit(state: &AppState) -> Result<(), ApiError> {
+/// May one more downstream start now, for a conversation of `owner`? Called before
+/// provisioning a new one and before starting a stopped one.
+pub fn admit(state: &AppState, owner: Option<&UserId>) -> Result<(), ApiError> {
     let cfg = &state.cfg.admission;
-    if cfg.max_running.is_none() && cfg.max_starting.is_none() {
+    let per_user = cfg.max_running_per_user.zip(owner);
+    if cfg.max_running.is_none() && cfg.max_starting.is_none() && per_user.is_none() {
         return Ok(());
     }
-    let (mut running, mut starting) = (0usize, 0usize);
+    let (mut running, mut starting, mut users) = (0usize, 0usize, 0usize);
     for ds in state.provisioner.list() {
         if ds.primary().is_none() {
             continue; // shared servers (existing, home) are not started per conversation
         }
-        match ds.state() {
-            DownstreamState::Ready => running += 1,
-            DownstreamState::Starting => starting += 1,
-            _ => {}
+        let up = match ds.state() {
+            DownstreamState::Ready => {
+                running += 1;
+                true
+            }
+            DownstreamState::Starting => {
+                starting += 1;
+                true
+            }
+            _ => false,
+        };
+        if up && per_user.is_some_and(|(_, u)| ds.owner() == Some(u)) {
+            users += 1;
+        }
+    }
+    if let Some((max, user)) = per_user {
+        if users >= max {
+            metrics::counter!("nestor_admission_rejections_total", "reason" => "max_running_per_user").increment(1);
+            tracing::info!(user = %user, running = users, limit = max, "start refused: the user's running-conversation limit");
+            return Err(ApiError::TooManyRequests {
+                detail: format!(
+                    "user {user} has {users} conversations running (limit {max}); stop one (DELETE /api/conversations/{{id}}/runtime) or retry later"
+                ),
+                retry_after: Some(Duration::from_secs(30)),
+            });
         }
     }
     if let Some(max) = cfg.max_starting {

@@ -60,6 +60,10 @@ pub async fn serve_with_internal(state: AppState, listener: TcpListener, interna
         tracing::info!(sockets = open, "WebSockets closed (1012)");
     }
     state.provisioner.shutdown().await;
+    if let Some(p) = &state.persistence {
+        // After the downstreams stopped (if they do): the trees are final.
+        p.shutdown().await;
+    }
     tracing::info!("nestor stopped");
     Ok(())
 }

@@ -161,12 +161,25 @@ pub async fn receive_events(State(state): State<AppState>, Path(hex): Path<Strin
     state.catalog.apply_events(&id, ds.id(), &events);
     if run_ended(&events) && state.catalog.route(&id).is_some_and(|(d, _)| d.id() == ds.id()) {
         // The agent-server announces neither its auto-title nor other metadata-only updates
-        // (`meta.json`) by webhook: read the conversation's info once when a run ends, so
-        // the catalog (and search) shows its title without listing the downstream.
+        // (`meta.json`) by webhook: read the conversation's info when a run ends, so the
+        // catalog (and search) shows its title without listing the downstream. The title is
+        // generated concurrently with the first run and may land after it: while it is
+        // missing, read again a few times (bounded, ~7 s).
         let (st, ds) = (state.clone(), ds.clone());
         tokio::spawn(async move {
-            if let Err(e) = st.catalog.fetch_live(&ds, &[id], false, crate::forward::INTERNAL_CALL_TIMEOUT).await {
-                tracing::debug!(conversation = %id, "could not read the info after a run: {e}");
+            for delay_ms in [0u64, 500, 1000, 2000, 4000] {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                match st.catalog.fetch_live(&ds, &[id], false, crate::forward::INTERNAL_CALL_TIMEOUT).await {
+                    Ok(infos) => match infos.first() {
+                        Some(Some(info)) if info.get("title").is_some_and(|t| !t.is_null()) => break,
+                        Some(Some(_)) => {}
+                        _ => break, // gone
+                    },
+                    Err(e) => {
+                        tracing::debug!(conversation = %id, "could not read the info after a run: {e}");
+                        break;
+                    }
+                }
             }
         });
     }

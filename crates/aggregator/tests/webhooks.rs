@@ -74,6 +74,9 @@ async fn downstream_webhooks_update_the_catalog_and_are_re_emitted() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(a.execution_status(uuid).as_deref(), Some("finished"));
+    // (titled, as the agent-server's auto-title does; an untitled one is read again later)
+    let r = n.patch(&format!("/api/conversations/{id}")).json(&json!({"title": "Auto title"})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
     let reads_before = a.request_count_for("/api/conversations");
 
     // ... and the downstream reports it (as an agent-server does, with its own key).

@@ -55,7 +55,18 @@ impl ClientError {
     pub fn is_unreachable(&self) -> bool {
         matches!(self, ClientError::Connect(_) | ClientError::Timeout(_))
     }
+
+    /// True when an established connection was closed or reset before any answer: what a
+    /// pooled keep-alive connection the downstream closed meanwhile gives (uvicorn closes a
+    /// connection after an unhandled-error 500 without announcing it), so the request never
+    /// reached the application and may be sent again on a new connection.
+    pub fn is_closed_connection(&self) -> bool {
+        matches!(self, ClientError::Connect(m) if m == CLOSED_BEFORE_ANSWER || m == RESET)
+    }
 }
+
+const CLOSED_BEFORE_ANSWER: &str = "connection closed before a complete answer";
+const RESET: &str = "connection reset";
 
 /// Describe a hyper client error without leaking the address it was connecting to.
 fn describe(err: &hyper_util::client::legacy::Error) -> String {
@@ -72,7 +83,13 @@ fn describe(err: &hyper_util::client::legacy::Error) -> String {
         }
         if let Some(h) = c.downcast_ref::<hyper::Error>() {
             if h.is_incomplete_message() {
-                return "connection closed before a complete answer".into();
+                return CLOSED_BEFORE_ANSWER.into();
+            }
+            // An I/O error on an established connection (e.g. a reset: the peer had closed it).
+            if let Some(io) = h.source().and_then(|s| s.downcast_ref::<std::io::Error>()) {
+                if matches!(io.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe) {
+                    return RESET.into();
+                }
             }
             return "protocol error".into();
         }

@@ -57,6 +57,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 pub use cipher::{Cipher, SecretKeys};
+pub use routes::json_decode_error;
 pub use error::Error;
 pub use resolve::ResolvedCreate;
 pub use service::{ExposeMode, SettingsService};

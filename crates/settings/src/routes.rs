@@ -73,11 +73,17 @@ pub(crate) fn parse_body(bytes: &Bytes, required: bool) -> Result<Option<Value>>
         return Ok(None);
     }
     serde_json::from_slice(bytes).map(Some).map_err(|e| {
-        let text = String::from_utf8_lossy(bytes);
-        let pos = if e.is_eof() { text.chars().count() } else { char_offset(&text, e.line(), e.column()) };
-        let reason = python_json_reason(&text, pos);
+        let (pos, reason) = json_decode_error(bytes, &e);
         Error::validation(&[FieldError::new("json_invalid", &[json!("body"), json!(pos)], "JSON decode error", &json!({})).with_ctx(json!({"error": reason}))])
     })
+}
+
+/// Where a JSON body is malformed (a character offset) and why, in the words of Python's
+/// `json` module: FastAPI's `json_invalid` 422 carries both.
+pub fn json_decode_error(bytes: &[u8], e: &serde_json::Error) -> (usize, &'static str) {
+    let text = String::from_utf8_lossy(bytes);
+    let pos = if e.is_eof() { text.chars().count() } else { char_offset(&text, e.line(), e.column()) };
+    (pos, python_json_reason(&text, pos))
 }
 
 fn char_offset(text: &str, line: usize, column: usize) -> usize {

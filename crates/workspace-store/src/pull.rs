@@ -187,21 +187,22 @@ impl ConversationStorage {
         }
 
         // Files, one download per distinct content; copies for the duplicates.
-        let mut by_hash: BTreeMap<&str, Vec<(&str, u64, i64, u32)>> = BTreeMap::new();
+        // Owned keys: the future must be Send for callers that box or spawn it (a borrowed
+        // tuple in this closure trips rustc's higher-ranked lifetime inference).
+        let mut by_hash: BTreeMap<String, Vec<(String, u64, i64, u32)>> = BTreeMap::new();
         for (p, e) in &manifest.entries {
             if let Entry::File { size, mtime_ns, mode, hash } = e {
-                by_hash.entry(hash.as_str()).or_default().push((p.as_str(), *size, *mtime_ns, *mode));
+                by_hash.entry(hash.clone()).or_default().push((p.clone(), *size, *mtime_ns, *mode));
             }
         }
         let concurrency = self.inner.cfg.concurrency;
         let restored: Vec<(Vec<RestoredFile>, u64)> = futures::stream::iter(by_hash)
             .map(|(hash, paths)| async move {
-                let (first, size, _, _) = paths[0];
-                let first_abs = tmp.join(first);
-                let downloaded = self.download_blob(area, hash, size, &first_abs).await?;
+                let size = paths[0].1;
+                let first_abs = tmp.join(&paths[0].0);
+                let downloaded = self.download_blob(area, &hash, size, &first_abs).await?;
                 let copies: Vec<(PathBuf, i64, u32, String)> =
-                    paths.iter().map(|(p, _, m, md)| (tmp.join(p), *m, *md, (*p).to_owned())).collect();
-                let hash = hash.to_owned();
+                    paths.into_iter().map(|(p, _, m, md)| (tmp.join(&p), m, md, p)).collect();
                 let stats = tokio::task::spawn_blocking(move || -> Result<Vec<RestoredFile>, StoreError> {
                     let mut out = Vec::with_capacity(copies.len());
                     for (i, (abs, m, md, rel)) in copies.iter().enumerate() {

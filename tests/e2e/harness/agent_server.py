@@ -111,6 +111,29 @@ class AgentServer:
                 stop_process_group(self.proc, term_timeout=5)
         raise RuntimeError(f"agent-server failed to start: {last}\n--- log tail ---\n{tail(self.log_path)}")
 
+    @staticmethod
+    def start_many(servers: list["AgentServer"], timeout: float = STARTUP_TIMEOUT) -> None:
+        """Start several servers at once (they boot in parallel): spawned from this thread
+        (see ``_command``), then waited for; one that fails is started again on its own."""
+        started = []
+        for s in servers:
+            s.port = free_port()
+            log = open(s.log_path, "ab")
+            s._t0 = time.monotonic()
+            s.proc = subprocess.Popen(
+                s._command(), cwd=s.state_dir, env=agent_server_env(s.state_dir, s.api_key, s.tmux_dir, s.extra_env),
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+            log.close()
+            started.append(s)
+        for s in started:
+            try:
+                wait_http_ok(f"{s.base_url}/alive", timeout=timeout, proc=s.proc)
+                s.startup_seconds = time.monotonic() - s._t0
+            except (RuntimeError, TimeoutError):
+                stop_process_group(s.proc, term_timeout=5)
+                s.start(timeout=timeout)
+
     def restart_same_port(self, timeout: float = STARTUP_TIMEOUT, attempts: int = 20) -> "AgentServer":
         """Start again on the **same port** and the same state dirs, after ``kill()`` or
         ``stop()``: what a supervisor restarting a crashed server does, and what a proxy

@@ -50,6 +50,9 @@ pub fn unknown_conversation(id: &ConversationId, rest: &str) -> ApiError {
             ApiError::NotFound(format!("Conversation not found: {id}"))
         }
         "fork" => ApiError::NotFound("Source conversation not found".into()),
+        "children" => ApiError::NotFound("Parent conversation not found".into()),
+        // `download-trajectory`: `GET /api/file/download-trajectory/{id}`.
+        "ask_agent" | "condense" | "navigate" | "download-trajectory" => ApiError::NotFound("Conversation not found".into()),
         _ => ApiError::not_found(),
     }
 }
@@ -254,7 +257,10 @@ pub async fn create(State(state): State<AppState>, req: Request<Body>) -> HttpRe
         if let Ok(ds) = route(&state, &id, &who, "") {
             return forward_create(&state, &ds, id, &user, parts, obj, false).await;
         }
-        crate::lifecycle::admit(&state)?;
+        crate::lifecycle::admit(&state, Some(&user))?;
+        if let Some(p) = &state.persistence {
+            p.check_create(&user).await?;
+        }
         // Settings, profiles and secrets live on nestor: resolve them before a downstream
         // sees the body (errors here cost no downstream).
         let obj = resolve_create_body(&state, &user, id, obj).await?;
@@ -318,7 +324,8 @@ async fn resolve_create_body(
 /// Validate what nestor must read of a create body before spending a downstream on it.
 fn parse_create_body(bytes: &Bytes) -> Result<Map<String, Value>, ApiError> {
     let v: Value = serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::Validation(vec![ValidationItem::json_invalid(e.column().saturating_sub(1), &e.to_string())])
+        let (pos, reason) = nestor_settings::json_decode_error(bytes, &e);
+        ApiError::Validation(vec![ValidationItem::json_invalid(pos, reason)])
     })?;
     let Value::Object(obj) = v else {
         return Err(ApiError::Validation(vec![ValidationItem {
@@ -332,10 +339,62 @@ fn parse_create_body(bytes: &Bytes) -> Result<Map<String, Value>, ApiError> {
     if !obj.contains_key("workspace") {
         return Err(ApiError::Validation(vec![ValidationItem::missing(
             vec![json!("body"), json!("workspace")],
-            Value::Object(obj),
+            validated_input(&obj),
         )]));
     }
     Ok(obj)
+}
+
+/// The `input` the agent-server's 422 shows for a create body: the body as its model's
+/// before-validator leaves it (`StartConversationRequest._normalize_agent_source`: null
+/// agent sources dropped, `agent_settings: null` next to an `agent`, `kind: "Agent"` for an
+/// agent with an `llm` and no kind), with secret-looking values redacted like its
+/// `sanitize_dict` (an error answer never echoes an API key back).
+fn validated_input(obj: &Map<String, Value>) -> Value {
+    let mut p: Map<String, Value> =
+        obj.iter().filter(|(k, v)| !(v.is_null() && (*k == "agent" || *k == "agent_settings"))).map(|(k, v)| (k.clone(), v.clone())).collect();
+    if p.get("agent").is_some_and(|a| !a.is_null()) {
+        p.insert("agent_settings".into(), Value::Null);
+        if let Some(Value::Object(a)) = p.get_mut("agent") {
+            if !a.contains_key("kind") && a.contains_key("llm") {
+                a.insert("kind".into(), json!("Agent"));
+            }
+        }
+    }
+    sanitize(Value::Object(p))
+}
+
+/// The agent-server's `sanitize_dict`: values of keys naming a secret become `<redacted>`;
+/// every value under `env`, `environment` and `headers` too.
+fn sanitize(v: Value) -> Value {
+    fn all(v: Value) -> Value {
+        match v {
+            Value::Object(m) => Value::Object(m.into_iter().map(|(k, v)| (k, all(v))).collect()),
+            Value::Array(a) => Value::Array(a.into_iter().map(all).collect()),
+            _ => json!("<redacted>"),
+        }
+    }
+    const SECRET: [&str; 8] = ["AUTHORIZATION", "COOKIE", "CREDENTIAL", "KEY", "PASSWORD", "SECRET", "SESSION", "TOKEN"];
+    match v {
+        Value::Object(m) => Value::Object(
+            m.into_iter()
+                .map(|(k, v)| {
+                    let lower = k.to_lowercase();
+                    let upper = k.to_uppercase();
+                    let v = if matches!(lower.as_str(), "environment" | "env" | "headers") {
+                        all(v)
+                    } else if SECRET.iter().any(|s| upper.contains(s)) {
+                        json!("<redacted>")
+                    } else {
+                        sanitize(v)
+                    };
+                    (k, v)
+                })
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.into_iter().map(sanitize).collect()),
+        other => other,
+    }
 }
 
 async fn forward_create(
@@ -455,10 +514,16 @@ pub async fn per_conversation(State(state): State<AppState>, req: Request<Body>)
             *r.status_mut() = StatusCode::NO_CONTENT;
             Ok(r)
         }
-        (Method::GET, "runtime") => Ok(json_response(StatusCode::OK, &nestor_conversation_service::runtime_info(&ds))),
+        (Method::GET, "runtime") => Ok(json_response(StatusCode::OK, &runtime_answer(&state, &ds, id))),
         (Method::POST, "runtime/reprovision") => {
             forward::ensure_ready(&state, &ds, Some(id)).await?;
-            Ok(json_response(StatusCode::OK, &nestor_conversation_service::runtime_info(&ds)))
+            Ok(json_response(StatusCode::OK, &runtime_answer(&state, &ds, id)))
+        }
+        (Method::POST, "events" | "run") if state.persistence.is_some() => {
+            if let (Some(p), Some((_, owner))) = (&state.persistence, state.catalog.route(&id)) {
+                p.check_work(&owner, id)?;
+            }
+            forward_streaming(&state, &ds, Some(id), req).await
         }
         (Method::POST, "fork") | (Method::POST, "children") => spawn_on_same(&state, &ds, id, &user, req).await,
         (Method::POST, "secrets") => update_secrets(&state, &ds, id, &user, req).await,
@@ -469,6 +534,18 @@ pub async fn per_conversation(State(state): State<AppState>, req: Request<Body>)
         }
         _ => forward_streaming(&state, &ds, Some(id), req).await,
     }
+}
+
+/// `GET …/runtime`: the agent-server's `ConversationRuntimeInfo` fields, plus nestor's own
+/// under `nestor` (the persistence status of the conversation's files, when configured).
+fn runtime_answer(state: &AppState, ds: &Downstream, id: ConversationId) -> Value {
+    let mut v = nestor_conversation_service::runtime_info(ds);
+    if let (Some(p), Some((_, owner))) = (&state.persistence, state.catalog.route(&id)) {
+        if let Some(o) = v.as_object_mut() {
+            o.insert("nestor".into(), json!({ "workspace_storage": p.status_json(&owner, id) }));
+        }
+    }
+    v
 }
 
 /// The raw key in the `oh_workspace_session_key` cookie, if any.
@@ -598,7 +675,7 @@ pub async fn trajectory(State(state): State<AppState>, Path(raw): Path<String>, 
     let who = state.auth.check_client(req.headers())?;
     let id = path_id(&raw)?;
     locate(&state, &id).await;
-    let ds = route(&state, &id, &who, "")?;
+    let ds = route(&state, &id, &who, "download-trajectory")?;
     forward_streaming(&state, &ds, Some(id), req).await
 }
 

@@ -161,7 +161,18 @@ fn normalize_path(p: &str) -> Option<String> {
 pub async fn fallback(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
     let path = req.uri().path().to_owned();
     if path == "/api/init" {
-        return Err(ApiError::not_found().into());
+        // Process-local (a dormant agent-server's deferred init): answered like an
+        // agent-server that is not in deferred-init mode and whose init key the client
+        // does not have.
+        return Err(match *req.method() {
+            Method::GET => ApiError::NotFound(
+                "server is not running with deferred_init=True; the /api/init endpoint is not available".into(),
+            ),
+            Method::POST => ApiError::Unauthorized,
+            // An empty 405: routes::compat gives it FastAPI's body and `allow`.
+            _ => return Ok(Response::builder().status(http::StatusCode::METHOD_NOT_ALLOWED).body(Body::empty()).unwrap_or_default()),
+        }
+        .into());
     }
     if path.starts_with("/v1/") {
         return openai_gateway(state, req).await;
@@ -175,6 +186,18 @@ pub async fn fallback(State(state): State<AppState>, req: Request<Body>) -> Http
         return forward_streaming(&state, &ds, None, req).await;
     }
     let who = state.auth.check_client(req.headers())?;
+    if path.starts_with("/app-backends/") && nestor_ws_proxy::upgrade::is_upgrade(&req) {
+        // The canvas app-backend socket proxy of the home agent-server: spliced, so its own
+        // answer to the upgrade (e.g. 403) reaches the client.
+        let ds = state.provisioner.home().await.map_err(|e| provision_error(e, "the home agent-server"))?;
+        let ep = crate::forward::ensure_ready(&state, &ds, None).await?;
+        let (parts, body) = req.into_parts();
+        let target = match parts.uri.query().and_then(crate::forward::strip_key_from_query) {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        };
+        return Ok(crate::forward::forward_upgrade(&state, &ep, parts, body, &target).await?);
+    }
     let kind = classify(req.method(), &path);
     if kind == Global::Local && who.conversation().is_some() {
         // A conversation key opens its conversation, not the server's settings.

@@ -55,6 +55,10 @@ async fn socket(state: AppState, raw: String, kind: SocketKind, mut req: Request
     }
     let Ok(id) = ConversationId::parse(&raw) else { return forbidden() };
     let query = QueryParams::parse(req.uri().query());
+    if !query_is_valid(kind, &query) {
+        // FastAPI validates a socket's query before its handler runs: refused (403).
+        return forbidden();
+    }
     // Who is calling, once known (before the upgrade for query/header keys, after the first
     // frame otherwise).
     let who: Arc<Mutex<Option<Principal>>> = Arc::new(Mutex::new(None));
@@ -127,6 +131,36 @@ async fn socket(state: AppState, raw: String, kind: SocketKind, mut req: Request
     resp.map(|()| Body::empty())
 }
 
+/// The agent-server's socket query types (pydantic, lax mode): events `resend_mode`
+/// (`all`|`since`), `after_timestamp` (a datetime), `resend_all` (a bool); session
+/// `after_seq` (an int); bash-events `resend_mode` (`all`), `resend_all`.
+fn query_is_valid(kind: SocketKind, q: &QueryParams) -> bool {
+    fn is_bool(v: &str) -> bool {
+        matches!(v.to_ascii_lowercase().as_str(), "0" | "off" | "f" | "false" | "n" | "no" | "1" | "on" | "t" | "true" | "y" | "yes")
+    }
+    fn is_int(v: &str) -> bool {
+        let v = v.trim();
+        let digits = v.strip_prefix(['+', '-']).unwrap_or(v);
+        !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+    }
+    fn is_datetime(v: &str) -> bool {
+        static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+        let re = RE.get_or_init(|| {
+            regex::Regex::new(r"^(\d{4}-\d{2}-\d{2}([Tt _]\d{2}:\d{2}(:\d{2}(\.\d+)?)?([Zz]|[+-]\d{2}(:?\d{2})?)?)?|[+-]?\d+(\.\d+)?)$")
+                .expect("valid regex")
+        });
+        re.is_match(v.trim())
+    }
+    let ok = |name: &str, f: &dyn Fn(&str) -> bool| q.last(name).is_none_or(f);
+    match kind {
+        SocketKind::Events => {
+            ok("resend_mode", &|v| v == "all" || v == "since") && ok("after_timestamp", &is_datetime) && ok("resend_all", &is_bool)
+        }
+        SocketKind::Session => ok("after_seq", &is_int),
+        SocketKind::BashEvents => ok("resend_mode", &|v| v == "all") && ok("resend_all", &is_bool),
+    }
+}
+
 /// A conversation's downstream as the WebSocket proxy sees it. Resolved when the proxy
 /// dials (after client auth), so the caller's right to the conversation is checked with
 /// the principal the first frame may only now have revealed.
@@ -161,6 +195,10 @@ impl Upstream for ConversationUpstream {
             if let Some(ep) = ds.endpoint() {
                 return Ok(ep);
             }
+        }
+        if matches!(ds.state(), DownstreamState::Stopped | DownstreamState::Failed(_)) && ds.primary().is_some() {
+            // Starting it again counts against the admission limits, as for a request.
+            crate::lifecycle::admit(&self.state, ds.owner()).map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
         }
         let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
         match self.state.provisioner.ensure_ready(&ds, timeout).await {

@@ -62,7 +62,8 @@ pub async fn create(State(state): State<AppState>, req: Request<Body>) -> HttpRe
 
 pub async fn delete(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
     state.auth.check_client(req.headers())?;
-    Ok(no_content(cookie("", 0, secure_context(req.headers()))))
+    // Starlette's `delete_cookie`: an empty value, which Python's cookie module quotes.
+    Ok(no_content(cookie("\"\"", 0, secure_context(req.headers()))))
 }
 
 #[cfg(test)]

@@ -118,3 +118,26 @@ pub fn create_body(id: Option<&str>) -> serde_json::Value {
     }
     v
 }
+
+/// The fake agent-server binary, next to the test executables (`cargo test --workspace`
+/// builds it; a test run of this crate alone builds it here, once). It takes the real
+/// server's `--host/--port` flags, `SESSION_API_KEY` and `OH_CONVERSATIONS_PATH`, so the
+/// process provisioner runs it as a child.
+pub fn fake_bin() -> std::path::PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let p = dir.join("nestor-fake-agent-server");
+    if !p.exists() {
+        BUILD.call_once(|| {
+            let status = std::process::Command::new(env!("CARGO"))
+                .args(["build", "-q", "-p", "nestor-test-support", "--bin", "nestor-fake-agent-server"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "building nestor-fake-agent-server failed");
+        });
+    }
+    assert!(p.exists(), "{} not built: run `cargo build -p nestor-test-support`", p.display());
+    p
+}
