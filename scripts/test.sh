@@ -53,13 +53,16 @@ fi
 
 if has unit; then
   stage unit
-  # A real S3-compatible server (moto_server) for the workspace-store tests; without one they
-  # start their own, or say they skip.
+  # A real S3-compatible server (moto_server) for the workspace-store and persistence tests;
+  # required: a failed set-up fails the stage rather than letting those tests skip.
   if s3=$(timeout 1200 bash scripts/setup-s3.sh); then
     export NESTOR_TEST_S3_ENDPOINT="$s3"
+    # From here on a missing S3 server fails the persistence tests instead of skipping them.
+    export NESTOR_TEST_REQUIRE_S3=1
     trap 'bash scripts/setup-s3.sh --stop' EXIT
   else
-    echo "test.sh: no S3-compatible server; the workspace-store tests start their own or skip" >&2
+    echo "test.sh: no S3-compatible server (scripts/setup-s3.sh failed); the persistence tests cannot run" >&2
+    exit 1
   fi
   if cargo nextest --version >/dev/null 2>&1; then
     timeout 2400 cargo nextest run --workspace --locked --no-fail-fast

@@ -23,7 +23,7 @@ async fn storage_down_during_periodic_pushes_is_retried_reported_and_loses_nothi
     let mut moto = match Moto::start(None) {
         Ok(m) => m,
         Err(why) => {
-            eprintln!("SKIPPED: cannot start a moto_server of its own: {why} (run scripts/setup-s3.sh)");
+            common::skip_without_s3(&format!("cannot start a moto_server of its own: {why}"));
             return;
         }
     };

@@ -3,7 +3,9 @@
 //! `NESTOR_TEST_S3_ENDPOINT` (e.g. from `scripts/setup-s3.sh`) names one to use; otherwise each
 //! test binary starts its own `moto_server` (installed by `scripts/setup-s3.sh --install-only`
 //! into a cached venv) on a free loopback port, killed when the binary exits. When moto cannot
-//! be installed the tests say so and skip. Buckets are created with an unsigned `PUT /bucket`,
+//! be installed the tests say so and skip — unless `NESTOR_TEST_REQUIRE_S3=1` (CI, set by
+//! `scripts/test.sh` once its server is up), which makes a missing server a failure, so a
+//! broken set-up cannot pass as a row of skipped tests. Buckets are created with an unsigned `PUT /bucket`,
 //! which moto accepts; against a server that does not, set `NESTOR_TEST_S3_BUCKET` to an
 //! existing bucket (every test uses its own key prefix). Credentials: `NESTOR_TEST_S3_ACCESS_KEY`
 //! / `NESTOR_TEST_S3_SECRET_KEY`, default `test` / `test`.
@@ -178,14 +180,31 @@ pub fn shared_endpoint() -> Result<String, String> {
     .clone()
 }
 
-/// Skips the test (returns) with a clear message when there is no S3 server.
+/// Whether CI requires a real S3 server (`NESTOR_TEST_REQUIRE_S3=1`): then a missing one fails
+/// the test instead of skipping it.
+pub fn s3_required() -> bool {
+    std::env::var("NESTOR_TEST_REQUIRE_S3").as_deref() == Ok("1")
+}
+
+/// The message for a test that has no S3 server: panics when one is required, else prints
+/// `SKIPPED: …` (the caller then returns).
+pub fn skip_without_s3(why: &str) {
+    let hint = "run scripts/setup-s3.sh and set NESTOR_TEST_S3_ENDPOINT";
+    if s3_required() {
+        panic!("NESTOR_TEST_REQUIRE_S3=1 but there is no S3-compatible server for this test: {why} ({hint})");
+    }
+    eprintln!("SKIPPED: no S3-compatible server for the workspace-store tests: {why} ({hint})");
+}
+
+/// The shared endpoint; when there is none, skips the test (returns) with a clear message,
+/// or fails it when `NESTOR_TEST_REQUIRE_S3=1`.
 #[macro_export]
 macro_rules! s3_or_skip {
     () => {
         match common::shared_endpoint() {
             Ok(ep) => ep,
             Err(why) => {
-                eprintln!("SKIPPED: no S3-compatible server for the workspace-store tests: {why} (run scripts/setup-s3.sh and set NESTOR_TEST_S3_ENDPOINT)");
+                common::skip_without_s3(&why);
                 return;
             }
         }
