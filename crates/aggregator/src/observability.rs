@@ -7,8 +7,12 @@
 //!   `home`, `v1`, `metrics`, `other`); here.
 //! * `nestor_upstream_requests_total`, `nestor_upstream_connections_opened_total`: the
 //!   downstream client (connection reuse = 1 − opened / requests); nestor-core.
-//! * `nestor_ws_pairs`, `nestor_ws_downstream_lost_total`, `nestor_ws_resumed_total`,
-//!   `nestor_ws_resume_seconds`, `nestor_ws_slow_consumers_total`: the WebSocket proxy.
+//! * `nestor_ws_pairs{kind}` (live client/downstream pairs, `events`|`session`|`bash_events`),
+//!   `nestor_ws_downstream_lost_total`, `nestor_ws_resumed_total`, `nestor_ws_resume_seconds`
+//!   (loss → resumed), `nestor_ws_slow_consumers_total`: the WebSocket proxy, through the
+//!   hooks of its `Upstream` trait (`routes::sockets`) and a guard per pair ([`ws_pair`]).
+//!   Registered at zero when the recorder is installed, so a dashboard sees the series (and
+//!   a rate of 0) before the first socket ever drops.
 //! * `nestor_downstreams{provisioner,state}`, `nestor_conversations`: sampled at scrape time.
 //! * `nestor_provision_seconds{provisioner}`, `nestor_admission_rejections_total{reason}`:
 //!   provisioning and admission.
@@ -46,10 +50,64 @@ pub fn install() -> PrometheusHandle {
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::debug!("a metrics recorder was already installed");
+            } else {
+                register_ws_metrics();
             }
             handle
         })
         .clone()
+}
+
+/// The `kind` label of a socket pair.
+pub const WS_KINDS: [&str; 3] = ["events", "session", "bash_events"];
+
+/// The WebSocket proxy's series at zero (a counter or gauge nobody touched is not rendered).
+fn register_ws_metrics() {
+    metrics::describe_gauge!("nestor_ws_pairs", "live proxied WebSocket pairs (client socket + downstream socket)");
+    metrics::describe_counter!("nestor_ws_downstream_lost_total", "downstream sockets lost under a live client socket");
+    metrics::describe_counter!("nestor_ws_resumed_total", "lost downstream sockets re-established (client kept)");
+    metrics::describe_histogram!("nestor_ws_resume_seconds", "time from a downstream socket's loss to its resume");
+    metrics::describe_counter!("nestor_ws_slow_consumers_total", "clients dropped for reading slower than they are sent");
+    for kind in WS_KINDS {
+        metrics::gauge!("nestor_ws_pairs", "kind" => kind).set(0.0);
+    }
+    metrics::counter!("nestor_ws_downstream_lost_total").increment(0);
+    metrics::counter!("nestor_ws_resumed_total").increment(0);
+    metrics::counter!("nestor_ws_slow_consumers_total").increment(0);
+}
+
+/// One live socket pair: counted in `nestor_ws_pairs{kind}` from now until dropped (a guard,
+/// so every way a pair ends — close, error, shutdown, a panic unwinding the task — counts
+/// it out).
+pub struct WsPairGuard(metrics::Gauge);
+
+/// Count a pair of socket `kind` (one of [`WS_KINDS`]) as live.
+pub fn ws_pair(kind: &'static str) -> WsPairGuard {
+    let g = metrics::gauge!("nestor_ws_pairs", "kind" => kind);
+    g.increment(1.0);
+    WsPairGuard(g)
+}
+
+impl Drop for WsPairGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// A downstream socket was lost under a live client.
+pub fn ws_downstream_lost() {
+    metrics::counter!("nestor_ws_downstream_lost_total").increment(1);
+}
+
+/// A lost downstream socket came back `after` its loss.
+pub fn ws_resumed(after: std::time::Duration) {
+    metrics::counter!("nestor_ws_resumed_total").increment(1);
+    metrics::histogram!("nestor_ws_resume_seconds").record(after.as_secs_f64());
+}
+
+/// A client was dropped as a slow consumer.
+pub fn ws_slow_consumer() {
+    metrics::counter!("nestor_ws_slow_consumers_total").increment(1);
 }
 
 /// The route class of a matched route template (or of an unmatched path).

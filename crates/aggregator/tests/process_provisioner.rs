@@ -4,6 +4,7 @@
 //! life cycle quickly: spawn, on-demand restart, re-adoption, delete, failures.
 
 mod support;
+mod ws_common;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -181,7 +182,7 @@ async fn admission_limits_answer_429_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     let toml = config(&dir, &fake_bin(), "").replace("[provisioner]", "[admission]\nmax_running = 2\n[provisioner]");
     let n = start_with_toml(dir, &toml).await;
-    create(&n).await;
+    let first = create(&n).await;
     create(&n).await;
     let r = n.post("/api/conversations").json(&create_body(None)).send().await.unwrap();
     assert_eq!(r.status(), 429);
@@ -190,6 +191,22 @@ async fn admission_limits_answer_429_with_retry_after() {
     assert!(v["detail"].as_str().unwrap().contains("limit 2"), "{v}");
     let metrics = n.client().get(format!("{}/metrics", n.url)).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("nestor_admission_rejections_total{reason=\"max_running\"}"), "{metrics}");
+    // The WebSocket series exist before any socket dropped (registered at zero) …
+    for series in ["nestor_ws_pairs{kind=\"session\"}", "nestor_ws_downstream_lost_total", "nestor_ws_resumed_total", "nestor_ws_slow_consumers_total"] {
+        assert!(metrics.lines().any(|l| l.starts_with(series)), "{series} missing: {metrics}");
+    }
+    // … and a live pair is counted while it lives (no other test in this binary opens
+    // sockets, so the gauge is exact).
+    let pairs = "nestor_ws_pairs{kind=\"events\"}";
+    let mut ws = ws_common::open(&n, &format!("/sockets/events/{first}")).await;
+    ws_common::must_json(&mut ws).await;
+    assert_eq!(ws_common::metric(&n, pairs).await, Some(1.0));
+    drop(ws);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ws_common::metric(&n, pairs).await != Some(0.0) {
+        assert!(std::time::Instant::now() < deadline, "the pair was not counted out");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     n.stop().await;
 }
 

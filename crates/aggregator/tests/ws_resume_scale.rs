@@ -408,5 +408,11 @@ async fn a_live_only_client_gets_nothing_from_before_it_subscribed_after_a_resum
     let pos: Vec<usize> = got.iter().map(|g| log.iter().position(|l| l == g).unwrap()).collect();
     assert_eq!(got, want, "log positions received: {pos:?} (the first 4 predate the subscription)");
     assert!(f.socket_requests().iter().filter(|r| r.query.iter().any(|(k, v)| k == "resend_mode" && v == "since")).count() >= 3);
+    // The proxy's metrics saw the pair, its three losses and three resumes (at least: the
+    // recorder is shared with the tests running alongside).
+    assert!(metric(&n, "nestor_ws_pairs{kind=\"events\"}").await.unwrap() >= 1.0);
+    assert!(metric(&n, "nestor_ws_downstream_lost_total").await.unwrap() >= 3.0);
+    assert!(metric(&n, "nestor_ws_resumed_total").await.unwrap() >= 3.0);
+    assert!(metric(&n, "nestor_ws_resume_seconds_count").await.unwrap() >= 3.0);
     n.stop().await;
 }

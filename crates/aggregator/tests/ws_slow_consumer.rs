@@ -131,6 +131,8 @@ async fn a_client_that_never_reads_is_dropped_at_the_limit_and_memory_stays_boun
     // Unbounded queues would hold ~40 MiB per slow client (240 MiB); the bound is 1 MiB each
     // plus frames in flight through the fake, nestor and the reader.
     assert!(grew < 96 << 20, "RSS grew by {} MiB", grew >> 20);
+    // Each drop was counted (at least: the recorder is shared with the other test here).
+    assert!(metric(&n, "nestor_ws_slow_consumers_total").await.unwrap() >= SLOW as f64);
     n.stop().await;
 }
 

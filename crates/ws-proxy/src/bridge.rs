@@ -108,8 +108,12 @@ pub trait Upstream: Send + Sync + 'static {
     /// Called after a downstream socket was lost (for metrics / health checks).
     fn on_lost(&self) {}
 
-    /// Called when a lost downstream socket was re-established.
+    /// Called when a lost downstream socket was re-established, `after` the loss.
     fn on_resumed(&self, _after: Duration) {}
+
+    /// Called when the client is dropped as a slow consumer (its pending bytes passed
+    /// `max_pending_bytes`).
+    fn on_slow_consumer(&self) {}
 }
 
 type DownSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -501,7 +505,9 @@ impl Pair {
                                 self.upstream.on_lost();
                                 self.lost(&mut dialing, &mut dial_deadline, &mut backoff);
                             } else if tokio::time::timeout(Duration::from_secs(5), d.send(Message::Ping(Default::default()))).await.is_err() {
+                                tracing::info!(conversation = %conv, "downstream ping not sent in time; resuming");
                                 down = None;
+                                self.upstream.on_lost();
                                 self.lost(&mut dialing, &mut dial_deadline, &mut backoff);
                             }
                         }
@@ -511,6 +517,7 @@ impl Pair {
             };
             if self.to_client.pending() > self.cfg.max_pending_bytes {
                 tracing::warn!(conversation = %conv, pending = self.to_client.pending(), "client is a slow consumer; dropping it");
+                self.upstream.on_slow_consumer();
                 writer_abort.abort();
                 if let Some(mut d) = down.take() {
                     let _ = tokio::time::timeout(Duration::from_secs(1), d.close(None)).await;

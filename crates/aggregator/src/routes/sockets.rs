@@ -120,6 +120,12 @@ async fn socket(state: AppState, raw: String, kind: SocketKind, mut req: Request
                 return;
             }
         };
+        // Live from the upgrade to the end of the bridge, however it ends.
+        let _pair = crate::observability::ws_pair(match kind {
+            SocketKind::Events => "events",
+            SocketKind::Session => "session",
+            SocketKind::BashEvents => "bash_events",
+        });
         let target = if kind == SocketKind::BashEvents { header_target } else { Some(id) };
         // Attached sockets keep a downstream from idle stop.
         let _attached = target.and_then(|t| state.catalog.route(&t)).map(|(ds, _)| ds.attach_socket());
@@ -208,6 +214,18 @@ impl Upstream for ConversationUpstream {
             }
             Err(e) => Err(UpstreamError::Unavailable(e.to_string())),
         }
+    }
+
+    fn on_lost(&self) {
+        crate::observability::ws_downstream_lost();
+    }
+
+    fn on_resumed(&self, after: Duration) {
+        crate::observability::ws_resumed(after);
+    }
+
+    fn on_slow_consumer(&self) {
+        crate::observability::ws_slow_consumer();
     }
 }
 

@@ -138,3 +138,11 @@ pub fn rss_bytes() -> u64 {
         .map(|kb| kb * 1024)
         .unwrap_or(0)
 }
+
+/// The value of one series (`name` with its labels exactly as rendered, e.g.
+/// `nestor_ws_pairs{kind="events"}`) in nestor's `GET /metrics`; None if absent. The
+/// recorder is process-wide: tests running alongside in the same binary add to it.
+pub async fn metric(n: &TestNestor, series: &str) -> Option<f64> {
+    let text = n.client().get(format!("{}/metrics", n.url)).send().await.expect("metrics").text().await.expect("metrics body");
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+}
