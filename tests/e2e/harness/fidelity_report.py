@@ -40,7 +40,11 @@ def route_verdicts(routes: list[Route], outcomes: list[Outcome]) -> list[RouteVe
             out.append(RouteVerdict(r, "missing"))
             continue
         worst = max(outs, key=lambda o: ORDER[o.verdict]).verdict
-        designs = list(OrderedDict.fromkeys(o.step.design for o in outs if o.verdict in ("design", "unsupported") and o.step.design))
+        designs = []
+        for o in outs:
+            d = o.step.design
+            if o.verdict in ("design", "unsupported") and d and not any(d is x for x in designs):
+                designs.append(d)
         out.append(RouteVerdict(r, worst, outs, [d.reason for d in designs], designs))
     return out
 

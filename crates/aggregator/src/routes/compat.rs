@@ -51,6 +51,10 @@ const EXTRA: &[(&str, &str)] = &[
     ("POST", "/api/conversations/{conversation_id}/runtime/credentials"),
 ];
 
+/// OpenAPI paths whose last parameter is a Starlette `:path` converter (it takes several
+/// segments; the OpenAPI document drops the converter).
+const PATH_CONVERTERS: &[&str] = &["/api/conversations/{conversation_id}/workspace/{file_path}"];
+
 #[derive(Debug)]
 enum Seg {
     Lit(String),
@@ -119,7 +123,12 @@ fn table() -> &'static [RouteEntry] {
                 // One entry per method, like FastAPI registers one route per operation.
                 for m in ops.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()).unwrap_or_default() {
                     if let Ok(m) = Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
-                        out.push(parse(path, vec![m]));
+                        let path = if PATH_CONVERTERS.contains(&path.as_str()) {
+                            format!("{}:path}}", path.trim_end_matches('}'))
+                        } else {
+                            path.clone()
+                        };
+                        out.push(parse(&path, vec![m]));
                     }
                 }
             }
@@ -326,6 +335,7 @@ mod tests {
         assert_eq!(route(&get, "/sockets/events/x"), Routed::NotFound, "WebSocket routes do not answer HTTP");
         assert_eq!(route(&Method::DELETE, &format!("/api/conversations/{id}/runtime")), Routed::Route);
         assert_eq!(route(&get, "/api/init"), Routed::Route);
+        assert_eq!(route(&get, &format!("/api/conversations/{id}/workspace/site/page.txt")), Routed::Route, "a `:path` parameter");
     }
 
     #[test]
