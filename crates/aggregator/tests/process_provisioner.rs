@@ -237,3 +237,34 @@ async fn idle_downstreams_are_stopped_and_resume_on_the_next_request() {
     assert_eq!(pids_under(&state.join("process")).len(), 1, "started again on demand");
     n.stop().await;
 }
+
+/// A socket opened to a conversation whose downstream the idle policy stopped: nestor
+/// accepts the client, starts the downstream (bounded wait), then connects; the client sees
+/// its first frame, never an error close.
+#[tokio::test]
+async fn a_socket_to_a_stopped_downstream_waits_for_it_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = config(&dir, &fake_bin(), "").replace("[provisioner]", "[lifecycle]\nidle_stop_secs = 1.0\n[provisioner]");
+    let state = dir.path().join("state");
+    let n = start_with_toml(dir, &toml).await;
+    let id = create(&n).await;
+    let mut stopped = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if pids_under(&state.join("process")).is_empty() {
+            stopped = true;
+            break;
+        }
+    }
+    assert!(stopped, "idle downstream stopped");
+    for path in [format!("/sockets/events/{id}"), format!("/sockets/session/{id}")] {
+        let mut ws = ws_common::open(&n, &path).await;
+        match ws_common::next(&mut ws, Duration::from_secs(30)).await {
+            ws_common::Next::Text(t) => assert!(t.starts_with('{'), "{path}: {t}"),
+            other => panic!("{path}: expected the downstream's first frame after it started, got {other:?}"),
+        }
+        assert_eq!(pids_under(&state.join("process")).len(), 1, "{path}: started once, on demand");
+        drop(ws);
+    }
+    n.stop().await;
+}

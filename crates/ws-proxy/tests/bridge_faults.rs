@@ -194,3 +194,59 @@ async fn a_client_socket_failing_under_the_writer_ends_the_pair_without_a_panic(
     tokio::time::timeout(Duration::from_secs(5), closed_rx).await.expect("downstream not closed").unwrap();
     server.abort();
 }
+
+/// An Upstream that answers once, then says "not available" forever (a downstream that went
+/// away and is not coming back).
+struct OnceThenGone {
+    ep: Arc<Endpoint>,
+    calls: AtomicUsize,
+}
+
+#[async_trait]
+impl Upstream for OnceThenGone {
+    async fn endpoint(&self, _timeout: Duration) -> Result<Arc<Endpoint>, UpstreamError> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            Ok(self.ep.clone())
+        } else {
+            Err(UpstreamError::Unavailable("agent-server stopped".into()))
+        }
+    }
+}
+
+/// The downstream is lost and does not come back within `resume_deadline`: the client is
+/// closed with 1012 (retryable for the SDK and the frontend), never 4001/4004, and within a
+/// bounded time after the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downstream_gone_past_the_resume_deadline_closes_the_client_with_1012() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        drop(listener); // nothing listens any more: every redial is refused
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        ws.send(sync_frame(-1)).await.unwrap();
+        let durable = r#"{"type":"durable","seq":0,"event":{"id":"e0","kind":"MessageEvent","timestamp":"2026-01-01T00:00:00"}}"#;
+        ws.send(Message::Text(durable.into())).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(ws); // lost without a close frame
+    });
+    let cfg = Arc::new(ProxyConfig { resume_deadline: Duration::from_millis(800), ..ProxyConfig::default() });
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let proxy_side = WebSocketStream::from_raw_socket(b, Role::Server, Some(cfg.client_ws_config())).await;
+    let mut client = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+    let spec = PairSpec { kind: SocketKind::Session, conversation: ConversationId::new_random(), query: vec![], auth: ClientAuth::Done };
+    let ep = Arc::new(Endpoint::parse(&format!("http://127.0.0.1:{port}"), None).unwrap());
+    let pair = tokio::spawn(bridge(proxy_side, spec, Arc::new(OnceThenGone { ep, calls: AtomicUsize::new(0) }), cfg));
+    let t0 = tokio::time::Instant::now();
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(10), client.next()).await.expect("the client was never closed") {
+            Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            other => panic!("the client socket ended without a close frame: {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1012), "a retryable close once the resume deadline passed");
+    assert!(t0.elapsed() < Duration::from_secs(5), "closed {:?} after the loss", t0.elapsed());
+    let _ = tokio::time::timeout(Duration::from_secs(5), pair).await.expect("the pair ended");
+    server.abort();
+}
