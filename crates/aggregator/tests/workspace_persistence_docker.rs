@@ -112,12 +112,13 @@ impl Setup {
              access_key_id = \"test\"\nsecret_access_key = \"test\"\npush_interval_secs = 2\nrequest_timeout_secs = 20\nconnect_timeout_secs = 2\n\
              [workspace_storage.retry]\nmax_attempts = 3\ninitial_backoff_ms = 100\nmax_backoff_ms = 500\n\
              [provisioner]\nkind = \"docker\"\n[provisioner.docker]\nimage = \"{}\"\ninstance_id = \"{}\"\n\
-             startup_timeout_secs = {READY_SECS}.0\nstop_timeout_secs = 5.0\n",
+             startup_timeout_secs = {READY_SECS}.0\nstop_timeout_secs = 5.0\n{}",
             state.display(),
             self.prefix,
             self.endpoint,
             image(),
-            self.instance
+            self.instance,
+            container_user()
         )
     }
 
@@ -134,6 +135,18 @@ impl Setup {
         for k in keys {
             let _ = raw.delete(&k).await;
         }
+    }
+}
+
+/// As root nestor hands restored files to the image's user; otherwise the containers must run
+/// as this test's own user (see the docker provisioner's module docs).
+fn container_user() -> String {
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    if uid == 0 {
+        String::new()
+    } else {
+        format!("user = \"{uid}:{gid}\"\n")
     }
 }
 
