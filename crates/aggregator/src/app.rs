@@ -238,6 +238,7 @@ impl AppState {
             ready_timeout: Duration::from_secs_f64(cfg.ready_timeout_secs),
             resume_deadline: Duration::from_secs_f64(cfg.websocket.resume_deadline_secs),
             max_pending_bytes: cfg.websocket.max_pending_bytes,
+            read_buffer_size: cfg.websocket.read_buffer_bytes.clamp(256, 1 << 20),
             ..Default::default()
         });
         let cors = crate::cors::CorsPolicy::new(cfg.allow_cors_origins.clone(), cfg.allow_cors_origin_regex.as_deref())?;

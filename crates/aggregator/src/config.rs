@@ -167,12 +167,24 @@ pub struct WebsocketSection {
     /// Bytes queued for one client before it is dropped as a slow consumer.
     #[serde(default = "default_max_pending")]
     pub max_pending_bytes: usize,
+    /// Read buffer of each leg of a proxied socket, bytes: most of an idle pair's memory.
+    /// Larger frames are still read whole, in several reads.
+    #[serde(default = "default_read_buffer")]
+    pub read_buffer_bytes: usize,
 }
 
 impl Default for WebsocketSection {
     fn default() -> Self {
-        Self { resume_deadline_secs: default_resume_deadline(), max_pending_bytes: default_max_pending() }
+        Self {
+            resume_deadline_secs: default_resume_deadline(),
+            max_pending_bytes: default_max_pending(),
+            read_buffer_bytes: default_read_buffer(),
+        }
     }
+}
+
+fn default_read_buffer() -> usize {
+    nestor_ws_proxy::ProxyConfig::default().read_buffer_size
 }
 
 fn default_resume_deadline() -> f64 {
