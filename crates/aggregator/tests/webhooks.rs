@@ -136,3 +136,54 @@ async fn downstream_webhooks_update_the_catalog_and_are_re_emitted() {
     assert_eq!(count, json!(0));
     n.stop().await;
 }
+
+/// A webhook receiver that fails: nestor retries each post (`num_retries`, `retry_delay`)
+/// and the payload arrives once the receiver recovers; a receiver that never recovers is
+/// given up on after `num_retries + 1` attempts (bounded), and nestor keeps serving.
+#[tokio::test]
+async fn re_emitted_webhooks_are_retried_until_the_receiver_recovers() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let a = fake(0).await;
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let got: Log = Arc::default();
+    let (at, g) = (attempts.clone(), got.clone());
+    let app = axum::Router::new().route(
+        "/hook/conversations",
+        post(move |h: HeaderMap, b: axum::Json<Value>| {
+            let (at, g) = (at.clone(), g.clone());
+            async move {
+                // The first two attempts fail (503), the third is accepted.
+                if at.fetch_add(1, Ordering::SeqCst) < 2 {
+                    return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "down");
+                }
+                g.lock().unwrap().push(("conversations".into(), h, b.0));
+                (axum::http::StatusCode::OK, "{}")
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let extra = format!("[[webhooks]]\nbase_url = \"{hook}\"\nflush_delay = 0.1\nnum_retries = 3\nretry_delay = 0.2\n");
+    let n = nestor_existing(&[&a], &extra).await;
+    let v: Value = n.post("/api/conversations").json(&create_body(None)).send().await.unwrap().json().await.unwrap();
+    let id = v["id"].as_str().unwrap().to_owned();
+    let downstream_key = a.config().session_api_key.clone().unwrap();
+    let mut info = a.conversation(uuid::Uuid::parse_str(&id).unwrap()).unwrap();
+    info["title"] = json!("retried");
+    let r = n.client().post(format!("{}/nestor/webhooks/conversations", n.url)).header("X-Session-API-Key", &downstream_key).json(&info).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the downstream's post is accepted at once, whatever the receivers do");
+    let mut delivered = false;
+    for _ in 0..100 {
+        if got.lock().unwrap().iter().any(|(_, _, b)| b["title"] == "retried") {
+            delivered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(delivered, "delivered after the receiver recovered ({} attempts)", attempts.load(Ordering::SeqCst));
+    assert!(attempts.load(Ordering::SeqCst) >= 3, "two failures, then the success");
+    let r = n.get("/api/conversations/search").send().await.unwrap();
+    assert_eq!(r.status(), 200, "nestor serves while it retries");
+    n.stop().await;
+}
