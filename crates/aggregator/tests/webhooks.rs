@@ -187,3 +187,36 @@ async fn re_emitted_webhooks_are_retried_until_the_receiver_recovers() {
     assert_eq!(r.status(), 200, "nestor serves while it retries");
     n.stop().await;
 }
+
+/// A status change seen on a proxied events socket updates the catalog before the client
+/// gets it: a search right after the client saw `finished` says `finished`, with no
+/// webhook yet and no fan-out to the downstream.
+#[tokio::test]
+async fn the_catalog_learns_a_finished_run_from_the_socket_before_the_client() {
+    let a = fake(0).await;
+    let n = nestor_existing(&[&a], "[catalog]\nmax_staleness_ms = 600000\nwebhook_staleness_secs = 600.0\n").await;
+    let v: Value = n.post("/api/conversations").json(&create_body(None)).send().await.unwrap().json().await.unwrap();
+    let id = v["id"].as_str().unwrap().to_owned();
+    let uuid = uuid::Uuid::parse_str(&id).unwrap();
+    let url = format!("{}/sockets/events/{id}", n.url.replacen("http://", "ws://", 1));
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+    req.headers_mut().insert("X-Session-API-Key", CLIENT_KEY.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    use futures::StreamExt;
+    let _snapshot = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap();
+    a.reset_request_counts();
+    a.send_user_message(uuid, "go", true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = tokio::time::timeout_at(deadline, ws.next()).await.expect("no finished status on the socket").unwrap().unwrap();
+        let Ok(t) = m.into_text() else { continue };
+        let Ok(ev) = serde_json::from_str::<Value>(&t) else { continue };
+        if ev["kind"] == "ConversationStateUpdateEvent" && ev["key"] == "execution_status" && ev["value"] == "finished" {
+            break;
+        }
+    }
+    let v: Value = n.get("/api/conversations/search").send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["items"][0]["execution_status"], "finished", "{v}");
+    assert_eq!(a.request_count_for("/api/conversations/search"), 0, "answered from the catalog");
+    n.stop().await;
+}

@@ -114,9 +114,17 @@ pub trait Upstream: Send + Sync + 'static {
     /// Called when the client is dropped as a slow consumer (its pending bytes passed
     /// `max_pending_bytes`).
     fn on_slow_consumer(&self) {}
+
+    /// Called with each `ConversationStateUpdateEvent` the downstream sends (execution
+    /// status, title, stats, …), just before the client gets it: whoever keeps a catalog of
+    /// conversations learns a run finished no later than the client does.
+    fn on_state_update(&self, _event: &serde_json::Value) {}
 }
 
 type DownSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The event kind that carries conversation state changes ([`Upstream::on_state_update`]).
+const STATE_UPDATE_KIND: &str = "ConversationStateUpdateEvent";
 
 /// Why a dial failed.
 #[derive(Debug)]
@@ -647,6 +655,18 @@ impl Pair {
         }
     }
 
+    /// Hand a state-update event (the frame itself on the events socket, its `event` on the
+    /// session socket) to the upstream's hook. Only frames that mention the kind get here.
+    fn report_state_update(&self, text: &str) {
+        let Ok(mut v) = serde_json::from_str::<serde_json::Value>(text) else { return };
+        if self.spec.kind == SocketKind::Session {
+            v = v.get_mut("event").map(serde_json::Value::take).unwrap_or_default();
+        }
+        if v.get("kind").and_then(serde_json::Value::as_str) == Some(STATE_UPDATE_KIND) {
+            self.upstream.on_state_update(&v);
+        }
+    }
+
     fn on_downstream(&mut self, m: Option<Result<Message, WsError>>) -> DownStep {
         let m = match m {
             Some(Ok(m)) => m,
@@ -664,6 +684,9 @@ impl Pair {
                     }
                     Cursor::None => Verdict::Forward,
                 };
+                if verdict == Verdict::Forward && t.contains(STATE_UPDATE_KIND) {
+                    self.report_state_update(&t);
+                }
                 if verdict == Verdict::Forward && !self.to_client.send(Message::Text(t)) {
                     return DownStep::End;
                 }

@@ -227,6 +227,15 @@ impl Upstream for ConversationUpstream {
     fn on_slow_consumer(&self) {
         crate::observability::ws_slow_consumer();
     }
+
+    fn on_state_update(&self, event: &serde_json::Value) {
+        // The catalog learns a status change (e.g. `finished`) before the client does, so a
+        // search right after the client saw it agrees; webhooks come later (flush delay).
+        let Some(id) = self.target else { return };
+        if let Some((ds, _)) = self.state.catalog.route(&id) {
+            self.state.catalog.apply_events(&id, ds.id(), std::slice::from_ref(event));
+        }
+    }
 }
 
 /// The socket proxy's readiness gate for one downstream. When a downstream restarts, every
