@@ -78,7 +78,7 @@ fi
 
 if has e2e-process || has e2e-existing || has e2e-docker; then
   timeout 1800 cargo build --locked -q -p nestor-aggregator
-  export NESTOR_BIN="$ROOT/target/debug/nestor"
+  export NESTOR_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/nestor"
 fi
 for t in process existing docker; do
   if has "e2e-$t"; then
