@@ -271,7 +271,13 @@ def test_idle_stop_then_resume(tmp_path):
             conv1.send_message(_steps_task("first", 2))
             conv1.run(timeout=120)
             first = _container_state(_container(target, cid))
-            start_closing([conv1])(timeout=10)  # the socket goes: nothing keeps it warm
+            # The client goes away. (SDK quirk, see harness/sdk.py start_closing: close() leaves
+            # the socket open until the next frame arrives; a message without a run is one.)
+            closing = start_closing([conv1])
+            r = rest.post(f"/api/conversations/{cid}/events",
+                          json={"role": "user", "content": [{"type": "text", "text": "bye for now"}], "run": False})
+            assert r.status_code == 200, r.text
+            closing(timeout=10)
 
             _wait("the idle container to be stopped",
                   lambda: _container_state(_container(target, cid))["status"] == "exited", timeout=60, interval=0.5)
@@ -372,13 +378,15 @@ def test_create_delete_cycles_with_nestor_killed(tmp_path):
         n.kill()
         n.start()
         t_sweep = time.monotonic()
+        left = (_labelled(instance, "ps"), _labelled(instance, "volume"))
         try:
             _wait("no conversation container or volume left",
                   lambda: not _labelled(instance, "ps") and not _labelled(instance, "volume"), timeout=60, interval=1.0)
         except TimeoutError:
             raise AssertionError(f"left after the sweep: containers {_labelled(instance, 'ps')}, "
                                  f"volumes {_labelled(instance, 'volume')}\n--- nestor log ---\n{n.log_tail(6000)}")
-        print(f"{cycles} cycles with {kills} kills in {t_sweep - t_start:.0f}s; swept in {time.monotonic() - t_sweep:.1f}s")
+        print(f"{cycles} cycles with {kills} kills in {t_sweep - t_start:.0f}s; {len(left[0])} containers and "
+              f"{len(left[1])} volumes left at the last restart, swept in {time.monotonic() - t_sweep:.1f}s")
 
 
 # ------------------------------------------------------------ e. process isolation
