@@ -154,10 +154,10 @@ if ! base_ready; then
     - "$BASE_TAG" <"$BASE_TAR" >&2
   base_ready || die "imported $BASE_TAG but its label $LABEL_KEY is not $BASE_HASH"
   # Older bases (other hashes): untag; docker keeps them while an image still uses them.
-  docker image ls --format '{{.Repository}}:{{.Tag}}' "$BASE_REPO" 2>/dev/null | grep -vxF "$BASE_TAG" |
+  { docker image ls --format '{{.Repository}}:{{.Tag}}' "$BASE_REPO" 2>/dev/null | grep -vxF "$BASE_TAG" || true; } |
     while read -r old; do docker rmi "$old" >/dev/null 2>&1 && log "removed old base $old" || true; done
   for d in "$CACHE_ROOT"/nestor-image/*; do
-    [[ -d "$d" && "$d" != "$BASE_DIR" ]] && { log "removing old cached base $d"; rm -rf "$d"; }
+    if [[ -d "$d" && "$d" != "$BASE_DIR" ]]; then log "removing old cached base $d"; rm -rf "$d"; fi
   done
 fi
 
