@@ -57,6 +57,7 @@ fn env() -> Vec<String> {
         "OPENHANDS_SUPPRESS_BANNER=1",
         "PYTHONUNBUFFERED=1",
         "TZ=UTC",
+        "OH_LEASE_TTL_SECONDS=0",
         "SESSION_API_KEY=bench-key",
         "OH_SECRET_KEY=bench-secret",
     ]
