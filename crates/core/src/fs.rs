@@ -5,10 +5,18 @@ use std::path::Path;
 
 /// Write `bytes` to `path` atomically: temp file in the same directory, fsync, rename,
 /// fsync the directory. A crash leaves either the old or the new file, never half of one.
+///
+/// Concurrent writers of one path each get their own temp file (pid + a process-wide
+/// sequence number): with one temp name per process, two writes at once (the catalog saves
+/// an entry from a create and from a state update in parallel) truncated and wrote the same
+/// inode — the file could end up as one write's bytes over the other's tail — and the second
+/// rename failed with "No such file or directory". Now the last rename wins, whole.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.tmp-{}-{seq}", std::process::id()));
     {
         let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
         #[cfg(unix)]
@@ -39,6 +47,26 @@ mod tests {
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn concurrent_writes_of_one_path_never_mix_or_fail() {
+        let d = std::env::temp_dir().join(format!("nestor-fs-test-concurrent-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("f.json");
+        let contents: Vec<Vec<u8>> = (0..8u8).map(|i| vec![b'a' + i; 4096 + 512 * i as usize]).collect();
+        for _ in 0..50 {
+            std::thread::scope(|s| {
+                for c in &contents {
+                    let p = &p;
+                    s.spawn(move || write_atomic(p, c).expect("every write succeeds"));
+                }
+            });
+            let got = std::fs::read(&p).unwrap();
+            assert!(contents.contains(&got), "mixed content: {} bytes", got.len());
+        }
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1, "temp files left");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
