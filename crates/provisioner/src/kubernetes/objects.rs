@@ -48,6 +48,11 @@ pub const CONTAINER: &str = "agent-server";
 
 /// Environment of every agent-server (running.md): state under the volume, no browser or VS
 /// Code, the local LiteLLM cost map (else +7-10 s offline), UTC timestamps.
+///
+/// `OH_LEASE_TTL_SECONDS=0`: no conversation ownership leases, as for the docker provisioner
+/// (see its `BASE_ENV`): one volume belongs to one pod, and a restarted container keeps the
+/// pod's hostname and its pid numbering, so with leases it took its dead predecessor's lease
+/// for its own, alive, and left an interrupted run `running`.
 pub const BASE_ENV: &[(&str, &str)] = &[
     ("HOME", "/workspace"),
     ("OH_CONVERSATIONS_PATH", "/workspace/conversations"),
@@ -62,6 +67,7 @@ pub const BASE_ENV: &[(&str, &str)] = &[
     ("OPENHANDS_SUPPRESS_BANNER", "1"),
     ("PYTHONUNBUFFERED", "1"),
     ("TZ", "UTC"),
+    ("OH_LEASE_TTL_SECONDS", "0"),
 ];
 
 /// A conversation's slot in the cluster: its own, or the shared home server.
