@@ -10,6 +10,9 @@
 //! Exit status: non-zero only when the harness itself fails (a process does not start, a
 //! socket does not open...), never because something is slow.
 
+mod catalog;
+mod create;
+mod harness;
 mod plot;
 mod procs;
 mod report;
@@ -62,6 +65,12 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         pids: Vec<u32>,
     },
+    /// Catalog search/count/paging over 1,000 conversations on 10 fake downstreams through
+    /// nestor vs one fake holding all of them; then nestor's upstream connection reuse.
+    Catalog(catalog::CatalogArgs),
+    /// Create -> first event with the real agent-server: nestor's process, pool and docker
+    /// provisioners vs the agent-server's own docker mode, in one run.
+    Create(create::CreateArgs),
     /// Render the SVG charts of a results file.
     Plot {
         /// The results file (JSON) of a run.
@@ -192,6 +201,8 @@ fn main() {
                 1
             }
         },
+        Command::Catalog(args) => report_err(catalog::run_cmd(args)),
+        Command::Create(args) => report_err(create::run_cmd(args)),
         Command::Run(args) => match run_cmd(args) {
             Ok(()) => 0,
             Err(e) => {
@@ -201,6 +212,16 @@ fn main() {
         },
     };
     std::process::exit(code);
+}
+
+fn report_err(r: anyhow::Result<()>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("harness error: {e:#}");
+            1
+        }
+    }
 }
 
 fn plot_cmd(results: &Path, out: &Path) -> anyhow::Result<()> {
