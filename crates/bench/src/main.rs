@@ -17,6 +17,7 @@ mod plot;
 mod procs;
 mod report;
 mod rest;
+mod soak;
 mod stats;
 mod sys;
 mod ws;
@@ -65,6 +66,10 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         pids: Vec<u32>,
     },
+    /// Long run under steady REST + WebSocket traffic (1,000 conversations on fake
+    /// downstreams by default, 10 minutes): samples nestor's RSS, open fds and p99 every
+    /// minute and judges whether they stay flat. Exit status 2 when they do not.
+    Soak(soak::SoakArgs),
     /// Catalog search/count/paging over 1,000 conversations on 10 fake downstreams through
     /// nestor vs one fake holding all of them; then nestor's upstream connection reuse.
     Catalog(catalog::CatalogArgs),
@@ -198,6 +203,14 @@ fn main() {
             Ok(()) => 0,
             Err(e) => {
                 tracing::error!("{e:#}");
+                1
+            }
+        },
+        Command::Soak(args) => match soak::run_cmd(args) {
+            Ok(true) => 0,
+            Ok(false) => 2,
+            Err(e) => {
+                tracing::error!("harness error: {e:#}");
                 1
             }
         },

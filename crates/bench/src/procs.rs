@@ -206,24 +206,42 @@ pub async fn start_nestor(
     client_key: &str,
     extra_env: &[(String, String)],
 ) -> anyhow::Result<(Proc, SocketAddr)> {
+    start_nestor_multi(bin, work, name, &[downstream], downstream_key, client_key, extra_env).await
+}
+
+/// nestor with the `existing` provisioner in front of several downstreams (same key).
+pub async fn start_nestor_multi(
+    bin: &Path,
+    work: &Path,
+    name: &str,
+    downstreams: &[SocketAddr],
+    downstream_key: &str,
+    client_key: &str,
+    extra_env: &[(String, String)],
+) -> anyhow::Result<(Proc, SocketAddr)> {
     let dir = work.join(name);
     std::fs::create_dir_all(&dir)?;
     let port = sys::free_port()?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let cfg = format!(
+    let mut cfg = format!(
         r#"bind = "{addr}"
 session_api_keys = ["{client_key}"]
 state_dir = "{state}"
 
 [provisioner]
 kind = "existing"
-
-[[provisioner.existing.servers]]
-url = "http://{downstream}"
-api_key = "{downstream_key}"
 "#,
         state = dir.join("state").display()
     );
+    for downstream in downstreams {
+        cfg.push_str(&format!(
+            r#"
+[[provisioner.existing.servers]]
+url = "http://{downstream}"
+api_key = "{downstream_key}"
+"#
+        ));
+    }
     let cfg_path = dir.join("nestor.toml");
     std::fs::write(&cfg_path, cfg)?;
     let mut cmd = Command::new(bin);
