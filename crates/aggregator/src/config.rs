@@ -356,6 +356,10 @@ struct DefaultProvisioner {
     kind: ProvisionerKind,
 }
 
+/// The largest number of seconds a setting may hold (~31 years): anything larger (or
+/// infinite) would panic where it becomes a `Duration` or a deadline.
+pub const MAX_CONFIG_SECS: f64 = 1e9;
+
 /// A configuration error, for the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -429,8 +433,23 @@ impl Config {
             ("ready_timeout_secs", self.ready_timeout_secs),
             ("websocket.resume_deadline_secs", self.websocket.resume_deadline_secs),
         ] {
-            if !(v.is_finite() && v > 0.0) {
+            if !(v > 0.0 && v <= MAX_CONFIG_SECS) {
                 return Err(ConfigError::Invalid(format!("{what} must be a positive number of seconds")));
+            }
+        }
+        // Seconds that may be 0 (or absent, or negative: read as 0), but must make a usable
+        // `Duration`: building one from infinity or past ~1.8e19 s panics, and so does adding
+        // one past ~9.2e18 s to an `Instant` (found by tests/fuzz.rs: a
+        // `webhook_staleness_secs = inf` made every search request panic).
+        let mut optional = vec![("catalog.webhook_staleness_secs", self.catalog.webhook_staleness_secs)];
+        optional.extend(self.lifecycle.idle_stop_secs.map(|v| ("lifecycle.idle_stop_secs", v)));
+        for w in &self.webhooks {
+            optional.push(("webhooks.flush_delay", w.flush_delay));
+            optional.push(("webhooks.retry_delay", w.retry_delay));
+        }
+        for (what, v) in optional {
+            if v.max(0.0) > MAX_CONFIG_SECS {
+                return Err(ConfigError::Invalid(format!("{what} must be a number of seconds, not {v}")));
             }
         }
         if let Some(u) = &self.internal_url {
@@ -654,6 +673,27 @@ agent_server = "/path/to/bin/agent-server"
             let e = Config::load(Some(&jail.directory().join("bad.toml")), &Overrides::default()).unwrap_err().to_string();
             assert!(e.contains("bnid"), "{e}");
             assert!(Config::load(Some(std::path::Path::new("/nonexistent.toml")), &Overrides::default()).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn refuses_seconds_no_duration_can_hold() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            for (file, text) in [
+                ("a.toml", "ready_timeout_secs = 1e300\n"),
+                ("b.toml", "upstream_timeout_secs = inf\n"),
+                ("c.toml", "[catalog]\nwebhook_staleness_secs = inf\n"),
+                ("d.toml", "[lifecycle]\nidle_stop_secs = 2e19\n"),
+                ("e.toml", "[[webhooks]]\nbase_url = \"http://127.0.0.1:9\"\nretry_delay = 1e20\n"),
+            ] {
+                jail.create_file(file, text)?;
+                let e = Config::load(Some(&jail.directory().join(file)), &Overrides::default()).unwrap_err().to_string();
+                assert!(e.contains("seconds"), "{text}: {e}");
+            }
+            jail.create_file("ok.toml", "ready_timeout_secs = 0.5\n[catalog]\nwebhook_staleness_secs = 0\n[lifecycle]\nidle_stop_secs = 86400\n")?;
+            assert!(Config::load(Some(&jail.directory().join("ok.toml")), &Overrides::default()).is_ok());
             Ok(())
         });
     }

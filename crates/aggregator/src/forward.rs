@@ -42,14 +42,18 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 }
 
 /// Remove `session_api_key` from a query string (it authenticated the client to nestor).
+/// Names are compared percent-decoded, as the downstream reads them: `session%5Fapi%5Fkey`
+/// is the same parameter (found while writing `tests/fuzz.rs`, whose
+/// `fuzz_strip_key_from_query` covers it).
 pub fn strip_key_from_query(q: &str) -> Option<String> {
-    if !q.contains("session_api_key") {
+    if !q.contains("session_api_key") && !q.contains('%') {
         return Some(q.to_owned()).filter(|s| !s.is_empty());
     }
-    let kept: Vec<&str> = q
-        .split('&')
-        .filter(|p| !p.is_empty() && p.split('=').next() != Some("session_api_key"))
-        .collect();
+    let is_key = |p: &str| {
+        let name = p.split('=').next().unwrap_or(p);
+        name == "session_api_key" || form_urlencoded::parse(name.as_bytes()).next().is_some_and(|(k, _)| k == "session_api_key")
+    };
+    let kept: Vec<&str> = q.split('&').filter(|p| !p.is_empty() && !is_key(p)).collect();
     if kept.is_empty() {
         None
     } else {
@@ -151,7 +155,8 @@ fn downstream_request(
 }
 
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those `Connection` names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Public for the fuzz tests (`tests/fuzz.rs`).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
         for n in connection_listed(headers) {
             headers.remove(n);
@@ -326,6 +331,9 @@ mod tests {
         assert_eq!(strip_key_from_query("session_api_key=k"), None);
         assert_eq!(strip_key_from_query("resend_mode=all").as_deref(), Some("resend_mode=all"));
         assert_eq!(strip_key_from_query(""), None);
+        // Percent-encoded names are the same parameter to the downstream.
+        assert_eq!(strip_key_from_query("session%5Fapi%5Fkey=k&a=%41").as_deref(), Some("a=%41"));
+        assert_eq!(strip_key_from_query("%73ession_api_key=k"), None);
     }
 
     #[test]

@@ -100,7 +100,8 @@ impl ExistingProvisioner {
             servers.push(Downstream::new(id, "existing", None, None, Some(ep), DownstreamState::Starting));
         }
         let secs = |v: f64, what: &str| {
-            if v.is_finite() && v > 0.0 {
+            // Bounded: `Duration::from_secs_f64` panics past ~1.8e19 s (found while fuzzing the config).
+            if v.is_finite() && v > 0.0 && v <= 1e9 {
                 Ok(Duration::from_secs_f64(v))
             } else {
                 Err(ProvisionError::Config(format!("provisioner.existing.{what} must be a positive number")))

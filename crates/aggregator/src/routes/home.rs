@@ -140,7 +140,8 @@ pub fn addressed(
 
 /// An absolute path with `.`, `..` and repeated or trailing `/` resolved lexically (as the
 /// downstream's `Path(...).resolve()` would, symlinks aside); `None` if not absolute.
-fn normalize_path(p: &str) -> Option<String> {
+/// Public for the fuzz tests (`tests/fuzz.rs`).
+pub fn normalize_path(p: &str) -> Option<String> {
     if !p.starts_with('/') {
         return None;
     }

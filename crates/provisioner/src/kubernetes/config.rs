@@ -247,7 +247,8 @@ fn cfg_err(s: impl Into<String>) -> ProvisionError {
 
 fn secs(v: Option<f64>, def: f64, what: &str) -> Result<Duration, ProvisionError> {
     let v = v.unwrap_or(def);
-    if v.is_finite() && v > 0.0 {
+    // Bounded: `Duration::from_secs_f64` panics past ~1.8e19 s (found while fuzzing the config).
+    if v.is_finite() && v > 0.0 && v <= 1e9 {
         Ok(Duration::from_secs_f64(v))
     } else {
         Err(cfg_err(format!("provisioner.kubernetes.{what} must be a positive number of seconds")))

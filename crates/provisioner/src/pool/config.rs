@@ -81,7 +81,8 @@ impl PoolConfig {
             return bad(format!("min_idle ({}) must not exceed max_size ({})", self.min_idle, self.max_size));
         }
         let secs = |v: f64, what: &str| -> Result<Duration, ProvisionError> {
-            if v.is_finite() && v > 0.0 {
+            // Bounded: `Duration::from_secs_f64` panics past ~1.8e19 s (found while fuzzing the config).
+            if v.is_finite() && v > 0.0 && v <= 1e9 {
                 Ok(Duration::from_secs_f64(v))
             } else {
                 Err(ProvisionError::Config(format!("provisioner.pool.{what} must be a positive number of seconds")))
