@@ -400,13 +400,27 @@ class Normaliser:
 
     def multiset(self, v: Any, ignore: tuple[str, ...] = ()) -> Any:
         """Event lists as multisets: two agent runs may persist simultaneous events (an
-        action and a stats update) in either order."""
+        action and a stats update) in either order.
+
+        ``execution_status`` updates are left out: the agent-server publishes status
+        transitions from its run loop and from its callbacks, and how many of them it
+        persists depends on timing (on a loaded machine one server persists an extra
+        ``finished``/``idle``/``running`` sequence the other does not, with or without
+        nestor). The status itself is compared by the steps that read the conversation."""
         v = self.blanked(v, ignore)
-        key = lambda x: json.dumps(x, sort_keys=True)  # noqa: E731
+
+        def status_update(x: Any) -> bool:
+            e = x.get("event", x) if isinstance(x, dict) else None
+            return isinstance(e, dict) and e.get("kind") == "ConversationStateUpdateEvent" and e.get("key") == "execution_status"
+
+        def order(items: list[Any]) -> list[Any]:
+            key = lambda x: json.dumps(x, sort_keys=True)  # noqa: E731
+            return sorted((x for x in items if not status_update(x)), key=key)
+
         if isinstance(v, list):
-            return sorted(v, key=key)
+            return order(v)
         if isinstance(v, dict) and isinstance(v.get("items"), list):
-            return {**v, "items": sorted(v["items"], key=key)}
+            return {**v, "items": order(v["items"])}
         return v
 
     def headers(self, rec: Rec) -> dict[str, str]:
