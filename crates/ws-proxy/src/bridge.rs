@@ -684,7 +684,9 @@ impl Pair {
                     }
                     Cursor::None => Verdict::Forward,
                 };
-                if verdict == Verdict::Forward && t.contains(STATE_UPDATE_KIND) {
+                // (Not the `full_state` snapshot each subscription starts with: large, and
+                // nothing new.)
+                if verdict == Verdict::Forward && t.contains(STATE_UPDATE_KIND) && !t.contains("\"full_state\"") {
                     self.report_state_update(&t);
                 }
                 if verdict == Verdict::Forward && !self.to_client.send(Message::Text(t)) {

@@ -231,10 +231,18 @@ impl Upstream for ConversationUpstream {
     fn on_state_update(&self, event: &serde_json::Value) {
         // The catalog learns a status change (e.g. `finished`) before the client does, so a
         // search right after the client saw it agrees; webhooks come later (flush delay).
+        // Only changes: a value the catalog already has (a replay, another client's socket
+        // on the same conversation) writes nothing and leaves `updated_at` alone.
         let Some(id) = self.target else { return };
-        if let Some((ds, _)) = self.state.catalog.route(&id) {
-            self.state.catalog.apply_events(&id, ds.id(), std::slice::from_ref(event));
+        let (Some(key), Some(value)) = (event.get("key").and_then(serde_json::Value::as_str), event.get("value")) else { return };
+        if key == "full_state" {
+            return; // the snapshot every subscription starts with: nothing new
         }
+        let Some(entry) = self.state.catalog.get(&id) else { return };
+        if entry.item.info.get(key) == Some(value) {
+            return;
+        }
+        self.state.catalog.apply_events(&id, entry.downstream.id(), std::slice::from_ref(event));
     }
 }
 
