@@ -12,6 +12,8 @@
 # all cached after the first time). A phase that fails or times out is reported and the next
 # one still runs; the exit status is non-zero if any failed.
 #
+# Charts: docs/bench/*.svg (the run phase's four, catalog.svg, create.svg).
+#
 # Usage: scripts/bench-all.sh [--quick]
 # Env:   BENCH_DIR=<dir>     where results go (default docs/bench)
 #        BENCH_NO_BUILD=1    use the binaries already in target/release
@@ -73,8 +75,8 @@ phase() { # name, timeout, command...
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 phase run 480 env BENCH_NO_BUILD=1 BENCH_OUT="$(next_free "$dir/results-$stamp")" bash scripts/bench.sh "${quick[@]}"
 mkdir -p "$work/catalog" "$work/create"
-phase catalog 150 target/release/nestor-bench catalog --out "$(next_free "$dir/catalog-$stamp")" --work-dir "$work/catalog" "${quick[@]}"
-phase create 420 env "${docker_env[@]}" target/release/nestor-bench create --out "$(next_free "$dir/create-$stamp")" \
+phase catalog 150 target/release/nestor-bench catalog --out "$(next_free "$dir/catalog-$stamp")" --plots "$dir" --work-dir "$work/catalog" "${quick[@]}"
+phase create 420 env "${docker_env[@]}" target/release/nestor-bench create --out "$(next_free "$dir/create-$stamp")" --plots "$dir" \
   --work-dir "$work/create" --agent-server "$venv/bin/agent-server" "${image[@]}" "${quick[@]}"
 log "suite took $((SECONDS - start))s (budget 870s after setup); results in $dir"
 exit "$failed"

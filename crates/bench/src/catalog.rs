@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::harness::{self, Http};
 use crate::stats::{new_hist, record, Latency};
@@ -75,9 +75,16 @@ pub struct CatalogArgs {
     /// A much shorter run, to check the harness.
     #[arg(long)]
     pub quick: bool,
+    /// Also write `catalog.svg` into this directory.
+    #[arg(long)]
+    pub plots: Option<PathBuf>,
+    /// Do not measure: render the chart of this results file (into `--plots`, default
+    /// docs/bench).
+    #[arg(long)]
+    pub plot_from: Option<PathBuf>,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Side {
     pub first_page: Latency,
     pub count: Latency,
@@ -90,7 +97,7 @@ pub struct Side {
     pub first_page_bytes: usize,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct ReuseStep {
     pub phase: String,
     pub upstream_requests: f64,
@@ -98,7 +105,7 @@ pub struct ReuseStep {
     pub requests_per_connection: Option<f64>,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct CatalogResults {
     pub date: String,
     pub git_commit: Option<String>,
@@ -125,6 +132,12 @@ pub fn run_cmd(mut args: CatalogArgs) -> anyhow::Result<()> {
         args.rest_requests = 300;
         args.rest_secs = 1.0;
     }
+    if let Some(f) = &args.plot_from {
+        let r: CatalogResults = serde_json::from_str(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)?;
+        let p = crate::create::plots::catalog_svg(&r, args.plots.as_deref().unwrap_or(std::path::Path::new("docs/bench")))?;
+        tracing::info!(file = %p.display(), "chart written");
+        return Ok(());
+    }
     sys::raise_nofile();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("bench-catalog").enable_all().build()?;
     let (work, _guard) = crate::create::work_dir(&args.work_dir, "catalog")?;
@@ -140,6 +153,10 @@ pub fn run_cmd(mut args: CatalogArgs) -> anyhow::Result<()> {
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&res)? + "\n").with_context(|| format!("writing {}", args.out.display()))?;
     tracing::info!(file = %args.out.display(), "results written");
+    if let Some(dir) = &args.plots {
+        let p = crate::create::plots::catalog_svg(&res, dir)?;
+        tracing::info!(file = %p.display(), "chart written");
+    }
     #[allow(clippy::print_stdout)]
     {
         print!("{}", table(&res));

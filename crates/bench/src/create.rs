@@ -31,9 +31,11 @@ use anyhow::{bail, Context};
 use clap::Args;
 use futures_util::StreamExt;
 use http::Method;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
+
+pub mod plots;
 
 use crate::harness::{self, Spawned};
 use crate::{stats, sys};
@@ -55,8 +57,8 @@ pub struct CreateArgs {
     pub nestor: PathBuf,
     /// The real agent-server (`<venv>/bin/agent-server`; `bash scripts/setup-agent-server.sh`
     /// prints the venv).
-    #[arg(long)]
-    pub agent_server: PathBuf,
+    #[arg(long, required_unless_present = "plot_from")]
+    pub agent_server: Option<PathBuf>,
     /// The agent-server image (`bash scripts/build-agent-server-image.sh`); without it the
     /// two docker targets are left out.
     #[arg(long)]
@@ -75,9 +77,16 @@ pub struct CreateArgs {
     /// One round, to check the harness.
     #[arg(long)]
     pub quick: bool,
+    /// Also write `create.svg` into this directory.
+    #[arg(long)]
+    pub plots: Option<PathBuf>,
+    /// Do not measure: render the chart of this results file (into `--plots`, default
+    /// docs/bench).
+    #[arg(long)]
+    pub plot_from: Option<PathBuf>,
 }
 
-#[derive(Debug, Default, Serialize, Clone)]
+#[derive(Debug, Default, Serialize, Deserialize, Clone)]
 pub struct Sample {
     pub round: usize,
     /// POST answered, ms after the start.
@@ -86,7 +95,7 @@ pub struct Sample {
     pub first_event_ms: f64,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct TargetResult {
     pub name: String,
     pub what: String,
@@ -98,7 +107,7 @@ pub struct TargetResult {
     pub ratio_to_oh_docker: Option<f64>,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct CreateResults {
     pub date: String,
     pub git_commit: Option<String>,
@@ -122,6 +131,12 @@ struct Target {
 }
 
 pub fn run_cmd(mut args: CreateArgs) -> anyhow::Result<()> {
+    if let Some(f) = &args.plot_from {
+        let r: CreateResults = serde_json::from_str(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)?;
+        let p = plots::create_svg(&r, args.plots.as_deref().unwrap_or(Path::new("docs/bench")))?;
+        tracing::info!(file = %p.display(), "chart written");
+        return Ok(());
+    }
     if args.quick {
         args.rounds = 1;
     }
@@ -147,6 +162,10 @@ pub fn run_cmd(mut args: CreateArgs) -> anyhow::Result<()> {
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&res)? + "\n").with_context(|| format!("writing {}", args.out.display()))?;
     tracing::info!(file = %args.out.display(), "results written");
+    if let Some(dir) = &args.plots {
+        let p = plots::create_svg(&res, dir)?;
+        tracing::info!(file = %p.display(), "chart written");
+    }
     #[allow(clippy::print_stdout)]
     {
         print!("{}", table(&res));
@@ -158,9 +177,10 @@ async fn run(args: &CreateArgs, work: &Path, instance: &str, docker_host: &str) 
     let started = Instant::now();
     let loadavg_start = sys::loadavg();
     anyhow::ensure!(args.nestor.is_file(), "{} not found: build it first", args.nestor.display());
-    anyhow::ensure!(args.agent_server.is_file(), "{} not found: run scripts/setup-agent-server.sh", args.agent_server.display());
+    let agent_server = args.agent_server.clone().context("--agent-server is required")?;
+    anyhow::ensure!(agent_server.is_file(), "{} not found: run scripts/setup-agent-server.sh", agent_server.display());
     let mut notes = Vec::new();
-    let agent = args.agent_server.display().to_string();
+    let agent = agent_server.display().to_string();
     let boot = Duration::from_secs(240);
     let mut targets: Vec<Target> = Vec::new();
     for t in &args.targets {
@@ -193,7 +213,7 @@ async fn run(args: &CreateArgs, work: &Path, instance: &str, docker_host: &str) 
                 targets.push(Target { name: "docker", what: "nestor, docker provisioner (cold: a new container)", addr, key: CLIENT_KEY, proc_: p, samples: vec![] });
             }
             "oh-docker" => {
-                let (p, addr) = start_oh_docker(&args.agent_server, work, &image, docker_host, boot).await?;
+                let (p, addr) = start_oh_docker(&agent_server, work, &image, docker_host, boot).await?;
                 targets.push(Target { name: "oh-docker", what: "agent-server's own docker mode (OH_CONVERSATION_RUNTIME=docker)", addr, key: OH_KEY, proc_: p, samples: vec![] });
             }
             other => bail!("unknown target {other:?} (process, pool, docker, oh-docker)"),
