@@ -15,6 +15,6 @@ pub mod query;
 pub mod search;
 mod store;
 
-pub use catalog::{present, runtime_info, Catalog, CatalogConfig, Entry};
+pub use catalog::{present, runtime_info, Catalog, CatalogConfig, Entry, Presented};
 pub use query::{BatchQuery, QueryParams, SearchQuery, SortOrder};
 pub use search::{Page, PageToken, SearchItem};

@@ -112,16 +112,35 @@ pub async fn search(State(state): State<AppState>, req: Request<Body>) -> HttpRe
     refresh_catalog(&state).await;
     let owner = scope(&state, &user);
     let page = state.catalog.search(owner.as_ref(), q.status.as_deref(), q.sort_order, q.page_id.as_deref(), q.limit);
-    let mut items: Vec<Value> = Vec::with_capacity(page.items.len());
-    let live = if q.include_skills { live_infos(&state, page.items.iter().map(|i| i.id).collect(), true).await } else { HashMap::new() };
+    let mut live = if q.include_skills { live_infos(&state, page.items.iter().map(|i| i.id).collect(), true).await } else { HashMap::new() };
+    let mut items: Vec<PageItem> = Vec::with_capacity(page.items.len());
     for it in &page.items {
-        if let Some(v) = live.get(&it.id) {
-            items.push(v.clone());
-        } else if let Some(v) = state.catalog.presented_info(&it.id) {
-            items.push(v);
+        if let Some(v) = live.remove(&it.id) {
+            items.push(PageItem::Live(v));
+        } else if let Some(p) = state.catalog.presented(&it.id) {
+            items.push(PageItem::Catalog(p));
         }
     }
-    Ok(json_response(StatusCode::OK, &json!({ "items": items, "next_page_id": page.next_page_id })))
+    // Serialized straight from the catalog's shared infos (no copy of the page).
+    let body = serde_json::to_vec(&SearchPage { items, next_page_id: page.next_page_id }).unwrap_or_default();
+    let mut r = Response::new(Body::from(body));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(r)
+}
+
+/// A page of `GET /api/conversations/search`, in the agent-server's shape.
+#[derive(serde::Serialize)]
+struct SearchPage {
+    items: Vec<PageItem>,
+    next_page_id: Option<String>,
+}
+
+/// One search result: read live from its downstream (`include_skills`), or from the catalog.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum PageItem {
+    Live(Value),
+    Catalog(nestor_conversation_service::Presented),
 }
 
 /// Bring the catalog up to date before answering from it: each running downstream is
