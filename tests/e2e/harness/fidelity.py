@@ -402,16 +402,18 @@ class Normaliser:
         """Event lists as multisets: two agent runs may persist simultaneous events (an
         action and a stats update) in either order.
 
-        ``execution_status`` updates are left out: the agent-server publishes status
-        transitions from its run loop and from its callbacks, and how many of them it
+        ``execution_status`` and ``stats`` updates are left out: the agent-server publishes
+        status transitions from its run loop and from its callbacks, and how many of them it
         persists depends on timing (on a loaded machine one server persists an extra
         ``finished``/``idle``/``running`` sequence the other does not, with or without
-        nestor). The status itself is compared by the steps that read the conversation."""
+        nestor); a ``stats`` update carries the usage accumulated when it was taken, which
+        may or may not include a side question (``ask_agent``) answered meanwhile. The
+        status and the stats are compared by the steps that read the conversation."""
         v = self.blanked(v, ignore)
 
         def status_update(x: Any) -> bool:
             e = x.get("event", x) if isinstance(x, dict) else None
-            return isinstance(e, dict) and e.get("kind") == "ConversationStateUpdateEvent" and e.get("key") == "execution_status"
+            return isinstance(e, dict) and e.get("kind") == "ConversationStateUpdateEvent" and e.get("key") in ("execution_status", "stats")
 
         def order(items: list[Any]) -> list[Any]:
             key = lambda x: json.dumps(x, sort_keys=True)  # noqa: E731
