@@ -6,7 +6,6 @@
 mod support;
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use http::Method;
@@ -15,25 +14,6 @@ use nestor_core::{ConversationId, DownstreamClient};
 use serde_json::Value;
 use support::*;
 
-/// The fake agent-server binary, next to this test (built once if missing).
-fn fake_bin() -> PathBuf {
-    static BUILD: std::sync::Once = std::sync::Once::new();
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let p = dir.join("nestor-fake-agent-server");
-    if !p.exists() {
-        BUILD.call_once(|| {
-            let status = std::process::Command::new(env!("CARGO"))
-                .args(["build", "-q", "-p", "nestor-test-support", "--bin", "nestor-fake-agent-server"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .expect("cargo runs");
-            assert!(status.success(), "building nestor-fake-agent-server failed");
-        });
-    }
-    assert!(p.exists(), "{} not built", p.display());
-    p
-}
 
 fn config(dir: &tempfile::TempDir, min_idle: usize, max_size: usize) -> String {
     format!(
@@ -43,18 +23,6 @@ fn config(dir: &tempfile::TempDir, min_idle: usize, max_size: usize) -> String {
     )
 }
 
-fn pids_under(dir: &std::path::Path) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        if let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) {
-            if cwd.starts_with(dir) {
-                out.push(pid);
-            }
-        }
-    }
-    out
-}
 
 async fn no_pids_under(dir: &std::path::Path) -> bool {
     for _ in 0..100 {

@@ -6,32 +6,11 @@
 mod support;
 mod ws_common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
 use support::*;
 
-/// The fake agent-server binary, next to this test (`cargo test --workspace` builds it;
-/// a test run of this crate alone builds it here, once).
-fn fake_bin() -> PathBuf {
-    static BUILD: std::sync::Once = std::sync::Once::new();
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let p = dir.join("nestor-fake-agent-server");
-    if !p.exists() {
-        BUILD.call_once(|| {
-            let status = std::process::Command::new(env!("CARGO"))
-                .args(["build", "-q", "-p", "nestor-test-support", "--bin", "nestor-fake-agent-server"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .expect("cargo runs");
-            assert!(status.success(), "building nestor-fake-agent-server failed");
-        });
-    }
-    assert!(p.exists(), "{} not built: run `cargo build -p nestor-test-support`", p.display());
-    p
-}
 
 fn config(dir: &tempfile::TempDir, agent_server: &std::path::Path, extra: &str) -> String {
     format!(
@@ -41,18 +20,6 @@ fn config(dir: &tempfile::TempDir, agent_server: &std::path::Path, extra: &str) 
     )
 }
 
-fn pids_under(dir: &std::path::Path) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        if let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) {
-            if cwd.starts_with(dir) {
-                out.push(pid);
-            }
-        }
-    }
-    out
-}
 
 async fn create(n: &TestNestor) -> String {
     let r = n.post("/api/conversations").json(&create_body(None)).send().await.unwrap();

@@ -141,3 +141,18 @@ pub fn fake_bin() -> std::path::PathBuf {
     assert!(p.exists(), "{} not built: run `cargo build -p nestor-test-support`", p.display());
     p
 }
+
+/// Processes whose working directory is under `dir` (the process provisioner runs each child
+/// in its conversation's directory).
+pub fn pids_under(dir: &std::path::Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) {
+            if cwd.starts_with(dir) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
