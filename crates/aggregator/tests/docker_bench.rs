@@ -41,29 +41,13 @@ fn docker() -> Docker {
     }
 }
 
-/// The provisioner's container environment (docker/mod.rs BASE_ENV) and a key.
+/// The provisioner's container environment and a key.
 fn env() -> Vec<String> {
-    [
-        "HOME=/workspace",
-        "OH_CONVERSATIONS_PATH=/workspace/conversations",
-        "OH_BASH_EVENTS_DIR=/workspace/bash_events",
-        "OH_PERSISTENCE_DIR=/workspace/.openhands",
-        "OH_WORKSPACE_PATH=/workspace/project",
-        "LITELLM_LOCAL_MODEL_COST_MAP=True",
-        "OH_PRELOAD_TOOLS=false",
-        "OH_ENABLE_BROWSER=false",
-        "OH_ENABLE_VSCODE=false",
-        "OH_ENABLE_VNC=false",
-        "OPENHANDS_SUPPRESS_BANNER=1",
-        "PYTHONUNBUFFERED=1",
-        "TZ=UTC",
-        "OH_LEASE_TTL_SECONDS=0",
-        "SESSION_API_KEY=bench-key",
-        "OH_SECRET_KEY=bench-secret",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    nestor_provisioner::container_env::BASE_ENV
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .chain(["SESSION_API_KEY=bench-key".to_owned(), "OH_SECRET_KEY=bench-secret".to_owned()])
+        .collect()
 }
 
 /// Raw start: create + start + first `/alive` 200. Returns (elapsed, container id).

@@ -24,6 +24,7 @@
 //! persist them through the [`sync::WorkspaceSync`] hooks (restore before start, push while
 //! running, final push on stop and delete).
 
+pub mod container_env;
 pub mod docker;
 pub mod existing;
 pub mod kubernetes;

@@ -142,36 +142,11 @@ use crate::util::stable_hash;
 use crate::{ProvisionError, ProvisionRequest, Provisioner};
 
 /// The conversation's working directory inside its container (what `prepare_create` forces).
-pub const WORKSPACE_DIR: &str = "/workspace/project";
+pub use crate::container_env::WORKSPACE_DIR;
 /// Where the conversation's volume is mounted.
 pub const VOLUME_TARGET: &str = "/workspace";
 
-/// Environment of every container (running.md): state under the volume, no browser or VS
-/// Code, the local LiteLLM cost map (else +7-10 s offline), UTC timestamps.
-///
-/// `OH_LEASE_TTL_SECONDS=0`: no conversation ownership leases. A lease guards against two
-/// agent-servers sharing one conversation store; here one volume belongs to one container,
-/// ever. With leases on, a container that died (`docker kill`, OOM) and is started again
-/// cannot recover its interrupted run for the lease's 45 s: the lease names the same host
-/// (the container's hostname) and the same pid (a fresh pid namespace numbers the same way),
-/// which the agent-server takes for itself, alive — the run stayed `running` and the client
-/// waited (tests/e2e/test_docker_lifecycle.py, `test_docker_kill_mid_run`).
-const BASE_ENV: &[(&str, &str)] = &[
-    ("HOME", "/workspace"),
-    ("OH_CONVERSATIONS_PATH", "/workspace/conversations"),
-    ("OH_BASH_EVENTS_DIR", "/workspace/bash_events"),
-    ("OH_PERSISTENCE_DIR", "/workspace/.openhands"),
-    ("OH_WORKSPACE_PATH", WORKSPACE_DIR),
-    ("LITELLM_LOCAL_MODEL_COST_MAP", "True"),
-    ("OH_PRELOAD_TOOLS", "false"),
-    ("OH_ENABLE_BROWSER", "false"),
-    ("OH_ENABLE_VSCODE", "false"),
-    ("OH_ENABLE_VNC", "false"),
-    ("OPENHANDS_SUPPRESS_BANNER", "1"),
-    ("PYTHONUNBUFFERED", "1"),
-    ("TZ", "UTC"),
-    ("OH_LEASE_TTL_SECONDS", "0"),
-];
+use crate::container_env::BASE_ENV;
 
 /// Where the agent-server keeps its state in a bind-mounted (persisted) conversation: one
 /// tree, `state/`, beside the project.

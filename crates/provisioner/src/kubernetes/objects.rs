@@ -43,32 +43,10 @@ pub const KEY_SECRET: &str = "secret-key";
 
 /// Where the state volume is mounted, and the conversation's working directory in it.
 pub const STATE_MOUNT: &str = "/workspace";
-pub const WORKSPACE_DIR: &str = "/workspace/project";
+pub use crate::container_env::WORKSPACE_DIR;
 pub const CONTAINER: &str = "agent-server";
 
-/// Environment of every agent-server (running.md): state under the volume, no browser or VS
-/// Code, the local LiteLLM cost map (else +7-10 s offline), UTC timestamps.
-///
-/// `OH_LEASE_TTL_SECONDS=0`: no conversation ownership leases, as for the docker provisioner
-/// (see its `BASE_ENV`): one volume belongs to one pod, and a restarted container keeps the
-/// pod's hostname and its pid numbering, so with leases it took its dead predecessor's lease
-/// for its own, alive, and left an interrupted run `running`.
-pub const BASE_ENV: &[(&str, &str)] = &[
-    ("HOME", "/workspace"),
-    ("OH_CONVERSATIONS_PATH", "/workspace/conversations"),
-    ("OH_BASH_EVENTS_DIR", "/workspace/bash_events"),
-    ("OH_PERSISTENCE_DIR", "/workspace/.openhands"),
-    ("OH_WORKSPACE_PATH", WORKSPACE_DIR),
-    ("LITELLM_LOCAL_MODEL_COST_MAP", "True"),
-    ("OH_PRELOAD_TOOLS", "false"),
-    ("OH_ENABLE_BROWSER", "false"),
-    ("OH_ENABLE_VSCODE", "false"),
-    ("OH_ENABLE_VNC", "false"),
-    ("OPENHANDS_SUPPRESS_BANNER", "1"),
-    ("PYTHONUNBUFFERED", "1"),
-    ("TZ", "UTC"),
-    ("OH_LEASE_TTL_SECONDS", "0"),
-];
+pub use crate::container_env::BASE_ENV;
 
 /// A conversation's slot in the cluster: its own, or the shared home server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
