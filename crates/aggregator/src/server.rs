@@ -61,6 +61,8 @@ pub async fn serve_with_internal(state: AppState, listener: TcpListener, interna
         tracing::info!(sockets = open, "WebSockets closed (1012)");
     }
     state.provisioner.shutdown().await;
+    // Catalog infos queued for disk (routes were written before their creates answered).
+    state.catalog.flush(std::time::Duration::from_secs(10)).await;
     if let Some(p) = &state.persistence {
         // After the downstreams stopped (if they do): the trees are final.
         p.shutdown().await;

@@ -232,3 +232,42 @@ async fn health_and_server_info_are_public() {
     assert!(doc["paths"]["/api/conversations/search"].is_object());
     n.stop().await;
 }
+
+/// A listing re-reads only infos whose text changed: a title changed behind nestor's back
+/// shows in search once the catalog's view is stale, the others stay as they were, and the
+/// changed info reaches the catalog on disk (background writer) for the next nestor.
+#[tokio::test]
+async fn changes_behind_nestors_back_are_listed_and_persisted() {
+    let a = fake(0).await;
+    let ids: Vec<uuid::Uuid> = (0..3).map(|_| a.create_conversation(None, create_body(None))["id"].as_str().unwrap().parse().unwrap()).collect();
+    let n = nestor_existing(&[&a], "[catalog]\nmax_staleness_ms = 50\n").await;
+    let title_of = |v: &Value, id: &uuid::Uuid| {
+        v["items"].as_array().unwrap().iter().find(|it| it["id"] == id.to_string()).map(|it| it["title"].clone())
+    };
+    let before: Value = n.get("/api/conversations/search").send().await.unwrap().json().await.unwrap();
+    assert_eq!(before["items"].as_array().unwrap().len(), 3);
+
+    let r = reqwest::Client::new()
+        .patch(format!("{}/api/conversations/{}", a.url(), ids[1]))
+        .header("X-Session-API-Key", "downstream-key-0-abcdefgh")
+        .json(&json!({"title": "renamed behind nestor"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+    let after: Value = n.get("/api/conversations/search").send().await.unwrap().json().await.unwrap();
+    assert_eq!(title_of(&after, &ids[1]), Some(json!("renamed behind nestor")));
+    for id in [&ids[0], &ids[2]] {
+        assert_eq!(title_of(&after, id), title_of(&before, id), "unchanged conversation {id}");
+    }
+
+    // The new title was written to the catalog (graceful stop flushes the writer): a
+    // nestor started on the same state, with the downstream gone, still lists it.
+    let dir = n.stop().await;
+    a.stop().await;
+    let n = start_in(dir, &[&a], "[catalog]\nmax_staleness_ms = 600000\n").await;
+    let v: Value = n.get("/api/conversations/search").send().await.unwrap().json().await.unwrap();
+    assert_eq!(title_of(&v, &ids[1]), Some(json!("renamed behind nestor")));
+    n.stop().await;
+}

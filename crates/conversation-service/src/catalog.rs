@@ -21,11 +21,13 @@ use futures::StreamExt;
 use nestor_core::client::ClientError;
 use nestor_core::{ConversationId, Downstream, DownstreamClient, DownstreamId, DownstreamState, UserId};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
 use crate::search::{self, Page, SearchItem};
 use crate::store::{Store, StoredEntry};
+use crate::writer::Writer;
 use crate::query::SortOrder;
 
 /// Tuning of the catalog.
@@ -60,6 +62,9 @@ pub struct Entry {
     pub item: SearchItem,
     /// When nestor registered it (a refresh that started earlier must not remove it).
     pub registered_at: Instant,
+    /// Hash of the info's JSON text as its downstream last listed it (0: the info came from
+    /// elsewhere, or was patched since). A refresh re-parses only infos whose text changed.
+    pub listed_hash: u64,
 }
 
 #[derive(Default)]
@@ -68,17 +73,35 @@ struct RefreshState {
     last_ok: std::sync::Mutex<Option<Instant>>,
 }
 
-/// A downstream's search page, as far as the catalog reads it.
+/// A downstream's search page, as far as the catalog reads it: each item kept as its JSON
+/// text until the catalog knows it changed (parsing ~3 KB infos into `Value`s, comparing and
+/// copying them was ~100 µs per conversation per refresh, the tail of every search).
 #[derive(Deserialize)]
 struct DownstreamPage {
-    items: Vec<Value>,
+    items: Vec<Box<RawValue>>,
     next_page_id: Option<String>,
+}
+
+/// Only the `id` of an info (the rest is skipped without building values).
+#[derive(Deserialize)]
+struct IdOnly<'a> {
+    #[serde(borrow)]
+    id: Option<std::borrow::Cow<'a, str>>,
+}
+
+fn text_hash(s: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.hash(&mut h);
+    // 0 means "not from a listing".
+    h.finish().max(1)
 }
 
 /// The catalog.
 pub struct Catalog {
     entries: DashMap<ConversationId, Entry>,
-    store: Store,
+    /// Writes entries to disk, off the request path (see crate::writer).
+    writer: Writer,
     client: DownstreamClient,
     cfg: CatalogConfig,
     refresh: DashMap<DownstreamId, Arc<RefreshState>>,
@@ -98,10 +121,6 @@ pub fn runtime_info(ds: &Downstream) -> Value {
             "runtime_error": {"code": "runtime_failed", "message": &*m},
         }),
     }
-}
-
-fn conversation_id_of(info: &Value) -> Option<ConversationId> {
-    info.get("id").and_then(Value::as_str).and_then(|s| ConversationId::parse(s).ok())
 }
 
 impl Catalog {
@@ -128,13 +147,14 @@ impl Catalog {
                 Entry {
                     downstream: ds,
                     owner: s.owner,
-                    item: SearchItem::from_info(s.id, Arc::new(s.info)),
+                    item: SearchItem::from_info(s.id, s.info),
                     registered_at: Instant::now(),
+                    listed_hash: 0,
                 },
             );
         }
         tracing::info!(conversations = entries.len(), dropped, "catalog loaded");
-        Ok(Self { entries, store, client, cfg, refresh: DashMap::new() })
+        Ok(Self { entries, writer: Writer::new(store), client, cfg, refresh: DashMap::new() })
     }
 
     /// Where `id` lives (and whose it is).
@@ -161,18 +181,22 @@ impl Catalog {
 
     /// Record (or update) a conversation. Persisted before returning.
     pub async fn register(&self, id: ConversationId, ds: &Arc<Downstream>, owner: UserId, info: Value) {
+        let info = Arc::new(info);
         let stored = StoredEntry { version: 1, id, downstream: ds.id().clone(), owner: owner.clone(), info: info.clone() };
-        self.upsert(id, ds, owner, info);
-        let store = self.store.clone();
-        let res = tokio::task::spawn_blocking(move || store.save(&stored)).await;
-        if let Ok(Err(e)) | Err(e) = res.map_err(std::io::Error::other) {
-            tracing::error!(conversation = %id, "could not persist catalog entry: {e}");
-        }
+        self.upsert(id, ds, owner, info, 0);
+        // The writer logs a failure; the route stands in memory either way.
+        let _ = self.writer.save_durable(stored).await;
+    }
+
+    /// Wait (bounded) until every queued catalog write is on disk (graceful shutdown).
+    pub async fn flush(&self, within: Duration) -> bool {
+        self.writer.flush(within).await
     }
 
     /// Insert or update in memory; returns whether anything changed.
-    fn upsert(&self, id: ConversationId, ds: &Arc<Downstream>, owner: UserId, info: Value) -> bool {
-        let item = SearchItem::from_info(id, Arc::new(info));
+    /// `listed_hash`: the hash of the info's text when it comes from a listing, else 0.
+    fn upsert(&self, id: ConversationId, ds: &Arc<Downstream>, owner: UserId, info: Arc<Value>, listed_hash: u64) -> bool {
+        let item = SearchItem::from_info(id, info);
         match self.entries.entry(id) {
             dashmap::Entry::Occupied(mut o) => {
                 let e = o.get_mut();
@@ -184,11 +208,12 @@ impl Catalog {
                 }
                 let changed = moved || *e.item.info != *item.info;
                 e.item = item;
+                e.listed_hash = listed_hash;
                 changed
             }
             dashmap::Entry::Vacant(v) => {
                 ds.add_conversations(1);
-                v.insert(Entry { downstream: ds.clone(), owner, item, registered_at: Instant::now() });
+                v.insert(Entry { downstream: ds.clone(), owner, item, registered_at: Instant::now(), listed_hash });
                 true
             }
         }
@@ -198,14 +223,8 @@ impl Catalog {
     pub async fn remove(&self, id: &ConversationId) -> Option<Entry> {
         let (_, e) = self.entries.remove(id)?;
         e.downstream.add_conversations(-1);
-        let store = self.store.clone();
-        let id2 = *id;
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Err(e) = store.remove(&id2) {
-                tracing::error!(conversation = %id2, "could not remove catalog entry: {e}");
-            }
-        })
-        .await;
+        // The writer logs a failure.
+        let _ = self.writer.remove_durable(*id).await;
         Some(e)
     }
 
@@ -217,7 +236,7 @@ impl Catalog {
             return Err(ClientError::Connect("the agent-server is not running".into()));
         };
         let fetch = async {
-            let mut found: Vec<Value> = Vec::new();
+            let mut found: Vec<Box<RawValue>> = Vec::new();
             let mut page_id: Option<String> = None;
             for _ in 0..self.cfg.max_pages {
                 let mut path = String::from("/api/conversations/search?limit=100");
@@ -240,16 +259,30 @@ impl Catalog {
 
         let mut seen = HashSet::with_capacity(found.len());
         let mut changed = Vec::new();
-        for info in found {
-            let Some(id) = conversation_id_of(&info) else { continue };
+        for raw in found {
+            let text = raw.get();
+            let Some(id) = serde_json::from_str::<IdOnly>(text).ok().and_then(|i| i.id).and_then(|s| ConversationId::parse(&s).ok()) else { continue };
             seen.insert(id);
+            let hash = text_hash(text);
+            let unchanged = self.entries.get(&id).is_some_and(|e| e.listed_hash == hash && e.downstream.id() == ds.id());
+            if unchanged {
+                continue;
+            }
+            let info: Value = match serde_json::from_str(text) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(conversation = %id, downstream = %ds.id(), "unreadable conversation info in a listing: {e}");
+                    continue;
+                }
+            };
             let owner = self
                 .entries
                 .get(&id)
                 .map(|e| e.owner.clone())
                 .or_else(|| ds.owner().cloned())
                 .unwrap_or_else(UserId::default_user);
-            if self.upsert(id, ds, owner.clone(), info.clone()) {
+            let info = Arc::new(info);
+            if self.upsert(id, ds, owner.clone(), info.clone(), hash) {
                 changed.push(StoredEntry { version: 1, id, downstream: ds.id().clone(), owner, info });
             }
         }
@@ -263,16 +296,9 @@ impl Catalog {
             tracing::info!(conversation = %id, downstream = %ds.id(), "conversation vanished from its agent-server; dropping it");
             self.remove(id).await;
         }
-        if !changed.is_empty() {
-            let store = self.store.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                for e in changed {
-                    if let Err(err) = store.save(&e) {
-                        tracing::error!(conversation = %e.id, "could not persist catalog entry: {err}");
-                    }
-                }
-            })
-            .await;
+        // Cached infos: written in the background (a lost one is listed again).
+        for e in changed {
+            self.writer.save(e);
         }
         let state = self.refresh.entry(ds.id().clone()).or_default().clone();
         *state.last_ok.lock().unwrap() = Some(Instant::now());
@@ -395,7 +421,7 @@ impl Catalog {
             if let Some(info) = info {
                 if !include_skills {
                     if let Some(owner) = self.entries.get(id).map(|e| e.owner.clone()) {
-                        self.upsert(*id, ds, owner, info.clone());
+                        self.upsert(*id, ds, owner, Arc::new(info.clone()), 0);
                     }
                 }
             }
@@ -444,15 +470,13 @@ impl Catalog {
                     .unwrap_or_default()
             );
             obj.insert("updated_at".into(), Value::String(stamp));
-            e.item = SearchItem::from_info(*id, Arc::new(info.clone()));
+            let info = Arc::new(info);
+            e.item = SearchItem::from_info(*id, info.clone());
+            // Patched here: the next listing's text is taken whatever it is.
+            e.listed_hash = 0;
             StoredEntry { version: 1, id: *id, downstream: from.clone(), owner: e.owner.clone(), info }
         };
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Err(err) = store.save(&updated) {
-                tracing::error!(conversation = %updated.id, "could not persist catalog entry: {err}");
-            }
-        });
+        self.writer.save(updated);
     }
 
     /// Ids visible to `owner` (None: everyone's).

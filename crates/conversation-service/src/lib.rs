@@ -9,11 +9,13 @@
 //! * [`query`]: the catalog routes' query parameters, validated like the agent-server.
 //! * [`search`]: the pure merge/sort/page logic and nestor's own page tokens.
 //! * [`catalog`]: the index itself, its refresh from downstreams and its persistence.
+//! * `writer`: the catalog's single coalescing disk writer (writes never wait in a search).
 
 pub mod catalog;
 pub mod query;
 pub mod search;
 mod store;
+mod writer;
 
 pub use catalog::{present, runtime_info, Catalog, CatalogConfig, Entry, Presented};
 pub use query::{BatchQuery, QueryParams, SearchQuery, SortOrder};

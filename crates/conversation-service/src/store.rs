@@ -7,6 +7,7 @@
 //! conversation keeps every write small.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nestor_core::{ConversationId, DownstreamId, UserId};
 use serde::{Deserialize, Serialize};
@@ -18,7 +19,8 @@ pub struct StoredEntry {
     pub id: ConversationId,
     pub downstream: DownstreamId,
     pub owner: UserId,
-    pub info: Value,
+    /// Shared with the catalog's entry (written as a plain JSON object).
+    pub info: Arc<Value>,
 }
 
 #[derive(Debug, Clone)]
