@@ -38,10 +38,16 @@
 //! `release` deletes pod, Secret and PVC. The watch is a list + watch loop of its own: on
 //! `410 Gone` (expired resourceVersion) it lists again and diffs, on errors it backs off
 //! (bounded) and retries; every other call is bounded by `api_timeout_secs`.
+//!
+//! **Workspace persistence** (`[workspace_storage]`): each pod restores and pushes its own
+//! files, with nestor's binary in an init container and a sidecar ([`persistence`]); `stop`
+//! then also works with `storage = "emptydir"` (the next pod restores from the bucket), and
+//! `stop`/`release` ask the sidecar for a final push before deleting the pod.
 
 mod api;
 pub mod config;
 pub mod objects;
+pub mod persistence;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,7 +61,7 @@ use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessR
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use nestor_core::downstream::{Endpoint, NotReady};
-use nestor_core::{ConversationId, Downstream, DownstreamId, DownstreamState, SessionKey, UserId};
+use nestor_core::{ConversationId, Downstream, DownstreamClient, DownstreamId, DownstreamState, SessionKey, UserId};
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
@@ -65,7 +71,9 @@ pub use config::{KubernetesConfig, PullPolicy, Reach, Settings, StorageMode};
 pub use objects::Slot;
 use objects::{CONVERSATION, HOST_PORT, OWNER, PHASE, PHASE_ACTIVE, PHASE_PROVISIONING};
 
+use crate::sync::WorkspaceSync;
 use crate::{ProvisionError, ProvisionRequest, Provisioner};
+use persistence::{PodSync, SYNC_HOST_PORT};
 
 /// Every (verb, resource) nestor uses; the start-up access check and deploy/kubernetes/rbac.yaml
 /// list exactly these.
@@ -96,6 +104,8 @@ struct PodView {
     ready: bool,
     ip: Option<String>,
     host_port: Option<u16>,
+    /// The sync sidecar's published port (test node agent, `reach = "host-port-annotation"`).
+    sync_port: Option<u16>,
     deleting: bool,
     /// `Failed` / `Succeeded`: the pod is over and must be re-created.
     terminal: bool,
@@ -113,7 +123,28 @@ impl PodView {
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
         let phase = status.and_then(|s| s.phase.clone()).unwrap_or_default();
         let mut problem = None;
+        // An init container that failed (the restore) explains why nothing else runs.
+        for cs in status.and_then(|s| s.init_container_statuses.as_ref()).into_iter().flatten() {
+            let st = cs.state.as_ref();
+            if let Some(t) = st.and_then(|s| s.terminated.as_ref()).filter(|t| t.exit_code != 0) {
+                problem = Some(format!("init container {} exited with code {}: {}", cs.name, t.exit_code, t.message.clone().unwrap_or_default()));
+            } else if let Some(w) = st.and_then(|s| s.waiting.as_ref()) {
+                let last = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref());
+                if let Some(t) = last.filter(|t| t.exit_code != 0) {
+                    problem = Some(format!(
+                        "init container {} failed (exit code {}, {}): {}",
+                        cs.name,
+                        t.exit_code,
+                        w.reason.clone().unwrap_or_default(),
+                        t.message.clone().unwrap_or_default()
+                    ));
+                }
+            }
+        }
         for cs in status.and_then(|s| s.container_statuses.as_ref()).into_iter().flatten() {
+            if problem.is_some() {
+                break;
+            }
             let st = cs.state.as_ref();
             if let Some(w) = st.and_then(|s| s.waiting.as_ref()) {
                 let reason = w.reason.clone().unwrap_or_default();
@@ -146,6 +177,7 @@ impl PodView {
             ready,
             ip: status.and_then(|s| s.pod_ip.clone()).filter(|s| !s.is_empty()),
             host_port: meta.annotations.as_ref().and_then(|a| a.get(HOST_PORT)).and_then(|v| v.parse().ok()),
+            sync_port: meta.annotations.as_ref().and_then(|a| a.get(SYNC_HOST_PORT)).and_then(|v| v.parse().ok()),
             deleting: meta.deletion_timestamp.is_some(),
             terminal: phase == "Failed" || phase == "Succeeded",
             problem,
@@ -169,6 +201,8 @@ struct Conv {
     released: AtomicBool,
     /// The pod as last seen (None: no pod). Waiters use it to see a pod go away.
     pod: watch::Sender<Option<PodView>>,
+    /// The sync sidecar's last answer (workspace persistence), shown while no pod runs.
+    sync_status: std::sync::Mutex<Option<serde_json::Value>>,
 }
 
 /// The `kubernetes` backend. Cheap to clone (all state is shared).
@@ -192,6 +226,15 @@ struct Inner {
     watch_ok: AtomicBool,
     /// Lists done by the watch loop (initial + after 410/errors); for tests.
     relists: AtomicU64,
+    /// Workspace persistence (set once, before the first pod is made).
+    sync: std::sync::OnceLock<Arc<KubeSync>>,
+}
+
+/// Workspace persistence of this backend: the pods' sync containers, and nestor's side.
+struct KubeSync {
+    pod: PodSync,
+    hooks: Arc<dyn WorkspaceSync>,
+    client: DownstreamClient,
 }
 
 impl KubernetesProvisioner {
@@ -250,7 +293,31 @@ impl KubernetesProvisioner {
             watching: AtomicBool::new(false),
             watch_ok: AtomicBool::new(false),
             relists: AtomicU64::new(0),
+            sync: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Workspace persistence (`[workspace_storage]`): every pod made from now on restores and
+    /// pushes its files itself ([`persistence`]); `hooks` purges stored copies on delete.
+    pub fn with_workspace_sync(
+        self,
+        storage: &nestor_workspace_store::WorkspaceStorageConfig,
+        hooks: Arc<dyn WorkspaceSync>,
+    ) -> Result<Self, ProvisionError> {
+        let pod = self.0.s.workspace_sync.validate(&self.0.s, storage)?;
+        if pod.credentials.is_empty() && pod.credentials_secret.is_none() {
+            tracing::info!("workspace sync: no storage credentials of nestor's own and no credentials_secret; the sync containers use the pods' identity (service_account_name)");
+        }
+        let ks = KubeSync { pod, hooks, client: DownstreamClient::new(Duration::from_secs(5)) };
+        if self.0.sync.set(Arc::new(ks)).is_err() {
+            return Err(ProvisionError::Config("workspace sync configured twice".into()));
+        }
+        Ok(self)
+    }
+
+    /// Whether the pods persist their files (`[workspace_storage]`).
+    pub fn persists(&self) -> bool {
+        self.0.sync.get().is_some()
     }
 
     pub fn namespace(&self) -> &str {
@@ -354,6 +421,7 @@ impl Inner {
                     failed: std::sync::Mutex::new(None),
                     released: AtomicBool::new(false),
                     pod: watch::Sender::new(None),
+                    sync_status: std::sync::Mutex::new(None),
                 })
             })
             .clone();
@@ -700,7 +768,11 @@ impl Inner {
     /// Create the pod (409: it exists, someone else started it). Caller holds lifecycle.
     async fn create_pod(self: &Arc<Self>, c: &Arc<Conv>) -> Result<(), ProvisionError> {
         let owner = c.ds.owner().cloned().unwrap_or_else(UserId::default_user);
-        let body = objects::pod(&self.s, &c.slot, &self.kube.ns, &owner);
+        let mut body = objects::pod(&self.s, &c.slot, &self.kube.ns, &owner);
+        if let (Some(sync), Slot::Conversation(conversation)) = (self.sync.get(), c.slot) {
+            self.store_sync_credentials(&c.name, &sync.pod).await?;
+            sync.pod.decorate(&self.s, &mut body, &c.name, conversation, &owner);
+        }
         let api = self.pods.clone();
         match self.kube.call("create", "pods", async move { api.create(&PostParams::default(), &body).await }).await {
             Ok(p) => {
@@ -722,6 +794,82 @@ impl Inner {
         let c2 = c.clone();
         tokio::spawn(async move { me.monitor_start(c2, generation).await });
         Ok(())
+    }
+
+    /// Copy nestor's storage credentials into the conversation's Secret (the sync containers
+    /// reference them), before each pod is made: a Secret made before persistence was on, or
+    /// by a replica with other credentials, gets the current ones.
+    async fn store_sync_credentials(&self, name: &str, sync: &PodSync) -> Result<(), KubeError> {
+        let data = sync.secret_data();
+        if data.is_empty() {
+            return Ok(());
+        }
+        let api = self.secrets.clone();
+        let n = name.to_owned();
+        let patch = serde_json::json!({ "data": data });
+        self.kube
+            .call("patch", "secrets", async move { api.patch(&n, &PatchParams::default(), &Patch::Merge(&patch)).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// The pod's sync sidecar (None: no persistence, or no pod with an address).
+    fn sync_endpoint(&self, c: &Conv) -> Option<(Arc<KubeSync>, Endpoint)> {
+        let sync = self.sync.get()?.clone();
+        let v = c.pod.borrow().clone()?;
+        if v.deleting || v.terminal {
+            return None;
+        }
+        let ip = v.ip.as_deref()?;
+        let port = match self.s.reach {
+            Reach::PodIp => sync.pod.port,
+            Reach::HostPortAnnotation => v.sync_port?,
+        };
+        let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_owned() };
+        let ep = Endpoint::parse(&format!("http://{host}:{port}"), Some(c.key.clone())).ok()?;
+        Some((sync, ep))
+    }
+
+    /// The final push before a pod is deleted (stop, delete with keep): the sidecar pushes
+    /// now, bounded by `final_push_secs`. A pod that is not running has nothing newer than
+    /// what its sidecar pushed when it ended. Err: the pod must stay (it holds the only
+    /// up-to-date copy).
+    async fn final_push(&self, c: &Conv) -> Result<(), ProvisionError> {
+        let Some(sync) = self.sync.get() else { return Ok(()) };
+        let running = c.pod.borrow().as_ref().is_some_and(|v| v.ready && !v.deleting && !v.terminal);
+        if !running {
+            return Ok(());
+        }
+        let Some((_, ep)) = self.sync_endpoint(c) else {
+            return Err(ProvisionError::Unavailable {
+                detail: format!("the workspace sync sidecar of pod {} has no address yet; its files cannot be pushed", c.name),
+                retry_after: Some(Duration::from_secs(5)),
+            });
+        };
+        let started = Instant::now();
+        let r = sync
+            .client
+            .call_bytes(&ep, http::Method::POST, "/push", None, sync.pod.final_push + Duration::from_secs(2), 1 << 20)
+            .await;
+        match r {
+            Ok((_, body)) => {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
+                    *c.sync_status.lock().unwrap() = Some(v);
+                }
+                tracing::info!(downstream = %c.ds.id(), took = ?started.elapsed(), "workspace sync: final push done");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(downstream = %c.ds.id(), pod = %c.name, error = %e, "workspace sync: final push failed; the pod is kept");
+                Err(ProvisionError::Unavailable {
+                    detail: format!(
+                        "the files of pod {} could not be pushed to workspace storage ({e}); the pod keeps running and pushing, try again later",
+                        c.name
+                    ),
+                    retry_after: Some(Duration::from_secs(30)),
+                })
+            }
+        }
     }
 
     /// Fail a start that is not Ready within the startup timeout, with the pod's reason, and
@@ -803,6 +951,23 @@ impl Inner {
                 Ok(Ok(())) => {}
                 _ => return false,
             }
+        }
+    }
+
+    /// Wait (bounded) until `c`'s pod is gone from the API (not only marked for deletion).
+    async fn pod_gone(&self, c: &Conv, deadline: tokio::time::Instant) -> bool {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let api = self.pods.clone();
+            let n = c.name.clone();
+            if let Ok(None) = self.kube.call("get", "pods", async move { api.get_opt(&n).await }).await {
+                return true;
+            }
+            if tokio::time::Instant::now() + backoff > deadline {
+                return false;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
 
@@ -1081,12 +1246,15 @@ impl Provisioner for KubernetesProvisioner {
 
     async fn stop(&self, ds: &Arc<Downstream>) -> Result<(), ProvisionError> {
         let inner = &self.0;
-        if inner.s.storage == StorageMode::EmptyDir {
-            // Its state dies with the pod: stopping would lose the conversation.
+        if inner.s.storage == StorageMode::EmptyDir && inner.sync.get().is_none() {
+            // Its state dies with the pod: stopping would lose the conversation (with
+            // workspace persistence the next pod restores it from the bucket).
             return Ok(());
         }
         let c = inner.conv_of(ds)?;
         let _g = c.lifecycle.lock().await;
+        // The pod holds the only up-to-date copy until this push succeeds.
+        inner.final_push(&c).await?;
         c.generation.fetch_add(1, Ordering::SeqCst);
         // Stopped first: a request arriving now waits for a restart instead of reaching a
         // server that is going away.
@@ -1109,12 +1277,31 @@ impl Provisioner for KubernetesProvisioner {
         let c = inner.conv_of(ds)?;
         {
             let _g = c.lifecycle.lock().await;
+            let purge = inner.sync.get().filter(|s| s.pod.on_delete_purge).cloned();
+            if inner.sync.get().is_some() && purge.is_none() {
+                // on_delete = "keep": what the pod holds is stored first, or nothing is
+                // deleted (the pod keeps pushing; its objects stay, with the reason logged).
+                inner.final_push(&c).await?;
+            }
             c.generation.fetch_add(1, Ordering::SeqCst);
             c.released.store(true, Ordering::SeqCst);
             inner.tombstones.insert(c.name.clone(), Instant::now());
             inner.sync_state(&c);
-            // Pod first (a pod never outlives its Secret), then Secret and PVC.
-            let r1 = inner.delete_pod(&c.name, false).await;
+            // Pod first (a pod never outlives its Secret), then Secret and PVC. With purge,
+            // no final push (grace 0), and the stored copy goes once the pod, whose sidecar
+            // could still be pushing, is gone.
+            let r1 = inner.delete_pod(&c.name, purge.is_some()).await;
+            if let (Some(sync), Some(conversation)) = (&purge, c.slot.conversation()) {
+                let deadline = tokio::time::Instant::now() + inner.s.api_timeout * 4;
+                let seen_gone = inner.pod_gone(&c, deadline).await;
+                if !seen_gone {
+                    tracing::warn!(pod = %c.name, "workspace sync: the pod is not gone yet; purging its stored files anyway");
+                }
+                let owner = c.ds.owner().cloned().unwrap_or_else(UserId::default_user);
+                if let Err(e) = sync.hooks.purge(conversation, &owner).await {
+                    tracing::warn!(conversation = %conversation, "workspace sync: purging the stored files failed: {e}");
+                }
+            }
             let r2 = inner.delete_state(&c.name).await;
             inner.convs.remove(ds.id());
             r1.and(r2)?;
@@ -1140,9 +1327,46 @@ impl Provisioner for KubernetesProvisioner {
     }
 
     async fn shutdown(&self) {
-        // Pods belong to the deployment, not to this replica: they keep running for the
-        // other replicas and for the next start. Only the watch ends.
+        // Pods belong to the deployment, not to this replica: they keep running (and, with
+        // workspace persistence, pushing) for the other replicas and for the next start.
+        // Only the watch ends.
         self.0.cancel.cancel();
+    }
+
+    async fn workspace_status(&self, ds: &Downstream) -> Option<serde_json::Value> {
+        let inner = &self.0;
+        let sync = inner.sync.get()?;
+        let c = inner.conv_of(ds).ok()?;
+        let mut v = match inner.sync_endpoint(&c).filter(|_| ds.state() == DownstreamState::Ready) {
+            Some((_, ep)) => match sync.client.get_json::<serde_json::Value>(&ep, "/status", Duration::from_secs(3)).await {
+                Ok(v) => {
+                    *c.sync_status.lock().unwrap() = Some(v.clone());
+                    let mut v = v;
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("sidecar".into(), serde_json::json!({ "reachable": true }));
+                    }
+                    v
+                }
+                Err(e) => {
+                    let mut v = c.sync_status.lock().unwrap().clone().unwrap_or_else(|| serde_json::json!({}));
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("sidecar".into(), serde_json::json!({ "reachable": false, "error": e.to_string() }));
+                    }
+                    v
+                }
+            },
+            None => {
+                let mut v = c.sync_status.lock().unwrap().clone().unwrap_or_else(|| serde_json::json!({}));
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("sidecar".into(), serde_json::json!({ "reachable": false, "error": "no pod runs" }));
+                }
+                v
+            }
+        };
+        if let Some(o) = v.as_object_mut() {
+            o.insert("pushed_by".into(), "pod".into());
+        }
+        Some(v)
     }
 }
 
