@@ -10,7 +10,9 @@
 //!   `Init:Error` and the agent-server never starts on a half-restored tree.
 //! * `serve` (sidecar): the periodic pusher over both trees, an HTTP API on its own port for
 //!   nestor (`GET /status`, the same JSON nestor shows for its own pushes; `POST /push`, a
-//!   push now, answered when it is done), and the final push on SIGTERM (pod deletion),
+//!   push now, answered when it is done; `POST /discard`, stop pushing for good: the
+//!   conversation is deleted and its stored copy purged), and the final push on SIGTERM
+//!   (pod deletion; none after a discard),
 //!   bounded by `NESTOR_SYNC_FINAL_PUSH_SECS`. Both routes require the conversation's
 //!   session key (`X-Session-API-Key`): the port is reachable by anything in the cluster.
 //!
@@ -138,6 +140,7 @@ pub async fn serve(e: &SyncEnv) -> anyhow::Result<()> {
     let app = axum::Router::new()
         .route("/status", get(status))
         .route("/push", post(push_now))
+        .route("/discard", post(discard))
         .with_state(served.clone());
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.with_context(|| format!("cannot listen on port {port}"))?;
     tracing::info!(port, conversation = %e.conversation, interval_secs = e.storage.push_interval_secs, "workspace-sync: pushing");
@@ -218,4 +221,17 @@ async fn push_now(State(s): State<Arc<Served>>, headers: HeaderMap) -> Response 
             (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
         }
     }
+}
+
+async fn discard(State(s): State<Arc<Served>>, headers: HeaderMap) -> Response {
+    if !authorised(&s, &headers) {
+        return unauthorised();
+    }
+    let handle = s.pusher.lock().await.take();
+    if let Some(h) = handle {
+        // A push in flight is abandoned, which is safe (see the store's consistency docs).
+        h.stop().await;
+        tracing::info!("workspace-sync: pushes discarded (the conversation is being deleted)");
+    }
+    Json(json!({"discarded": true})).into_response()
 }

@@ -148,7 +148,7 @@ impl PodView {
             let st = cs.state.as_ref();
             if let Some(w) = st.and_then(|s| s.waiting.as_ref()) {
                 let reason = w.reason.clone().unwrap_or_default();
-                if !reason.is_empty() && reason != "ContainerCreating" {
+                if !reason.is_empty() && reason != "ContainerCreating" && reason != "PodInitializing" {
                     problem = Some(format!("{reason}: {}", w.message.clone().unwrap_or_default()).trim_end_matches(": ").to_owned());
                 }
             } else if let Some(t) = st.and_then(|s| s.terminated.as_ref()) {
@@ -872,6 +872,16 @@ impl Inner {
         }
     }
 
+    /// Delete with purge: the sidecar stops pushing (what it would push is about to be
+    /// deleted). Best effort: a sidecar that does not answer is not running a pusher that
+    /// matters, or is stopped with its pod (nestor purges only once the pod is gone).
+    async fn discard_pushes(&self, c: &Conv) {
+        let Some((sync, ep)) = self.sync_endpoint(c) else { return };
+        if let Err(e) = sync.client.call_bytes(&ep, http::Method::POST, "/discard", None, Duration::from_secs(10), 1 << 16).await {
+            tracing::info!(pod = %c.name, "workspace sync: the sidecar did not stop pushing ({e}); purging after the pod is gone");
+        }
+    }
+
     /// Fail a start that is not Ready within the startup timeout, with the pod's reason, and
     /// delete its pod (Secret and PVC stay: the next request starts it again).
     async fn monitor_start(self: Arc<Self>, c: Arc<Conv>, generation: u64) {
@@ -1288,11 +1298,17 @@ impl Provisioner for KubernetesProvisioner {
             inner.tombstones.insert(c.name.clone(), Instant::now());
             inner.sync_state(&c);
             // Pod first (a pod never outlives its Secret), then Secret and PVC. With purge,
-            // no final push (grace 0), and the stored copy goes once the pod, whose sidecar
-            // could still be pushing, is gone.
-            let r1 = inner.delete_pod(&c.name, purge.is_some()).await;
+            // the sidecar stops pushing first (no final push on SIGTERM), and the stored copy
+            // goes once the pod is gone: a pod object disappears only after the kubelet
+            // stopped its containers (not force-deleted: with grace 0 the object goes at
+            // once while a sidecar could still be pushing).
+            if purge.is_some() {
+                inner.discard_pushes(&c).await;
+            }
+            let r1 = inner.delete_pod(&c.name, false).await;
             if let (Some(sync), Some(conversation)) = (&purge, c.slot.conversation()) {
-                let deadline = tokio::time::Instant::now() + inner.s.api_timeout * 4;
+                let grace = Duration::from_secs(sync.pod.grace_secs(inner.s.termination_grace_secs).max(0) as u64);
+                let deadline = tokio::time::Instant::now() + grace + inner.s.api_timeout * 2;
                 let seen_gone = inner.pod_gone(&c, deadline).await;
                 if !seen_gone {
                     tracing::warn!(pod = %c.name, "workspace sync: the pod is not gone yet; purging its stored files anyway");
