@@ -11,8 +11,9 @@
 //! can only have come from the bucket.
 //!
 //! The sync image is nestor's runtime base (`nestor/runtime-base:*`, scripts/build-nestor-
-//! image.sh) plus the `nestor` binary this test run built, made in seconds and tagged by the
-//! binary's hash, so CI never needs a release image build for it.
+//! image.sh; the agent-server image when that was not built, as in CI) plus the `nestor`
+//! binary this test run built, made in seconds and tagged by the binary's hash, so CI never
+//! needs a release image build for it.
 //!
 //! The pods' containers run on Docker's bridge and cannot reach the host's loopback, where
 //! moto listens: a forwarding proxy on the bridge's gateway address stands in for the
@@ -35,7 +36,7 @@ use k8s_openapi::api::core::v1::Pod;
 use nestor_test_support::kube_env::{kube_required, KubeEnv, TestNamespace};
 use nestor_test_support::node_agent::{self, NodeAgent, NodeAgentConfig};
 use nestor_test_support::ChaosProxy;
-use object_store::ObjectStore;
+use object_store::{ObjectStore, ObjectStoreExt};
 use serde_json::{json, Value};
 use support::{create_body, start_with_toml, TestNestor, CLIENT_KEY};
 
@@ -67,12 +68,20 @@ fn docker(args: &[&str]) -> Result<String, String> {
 /// of debug info), `/workspace` and the sync cache owned by the pods' uid (the node agent has
 /// no fsGroup). Reused while the binary is unchanged.
 fn sync_image() -> Result<String, String> {
+    // Once per test binary (its tests run concurrently).
+    static IMG: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    IMG.get_or_init(build_sync_image).clone()
+}
+
+fn build_sync_image() -> Result<String, String> {
     let bin = env!("CARGO_BIN_EXE_nestor");
+    // nestor's own runtime base when it was built (scripts/build-nestor-image.sh); else the
+    // agent-server image, which CI always has (Debian trixie too, with user 10001).
     let base = docker(&["images", "nestor/runtime-base", "--format", "{{.Repository}}:{{.Tag}}"])?
         .lines()
         .find(|l| !l.ends_with(":<none>"))
         .map(str::to_owned)
-        .ok_or("no nestor/runtime-base image (scripts/build-nestor-image.sh builds it)")?;
+        .unwrap_or_else(image);
     let out = Command::new("sha256sum").arg(bin).output().map_err(|e| format!("sha256sum: {e}"))?;
     let hash = String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_owned();
     let base_id = docker(&["image", "inspect", "--format", "{{.Id}}", &base])?;
@@ -275,8 +284,8 @@ async fn pod_names(ns: &TestNamespace) -> Vec<String> {
     ns.objects().await.unwrap().0
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn files_and_history_come_back_in_a_fresh_pod_from_the_bucket() {
+/// Namespace, node agent, storage proxy and nestor (in this process); None: skipped.
+async fn start(test: &str, on_delete: &str) -> Option<(Fixture, TestNestor)> {
     let (env, sync_image) = match prerequisites().await {
         Ok(v) => v,
         Err(why) => {
@@ -284,29 +293,46 @@ async fn files_and_history_come_back_in_a_fresh_pod_from_the_bucket() {
                 panic!("NESTOR_TEST_REQUIRE_KUBE=1 but: {why}");
             }
             eprintln!("SKIPPED (no test cluster): {why}");
-            return;
+            return None;
         }
     };
-    let s3 = s3_or_skip!();
+    let s3 = match common::shared_endpoint() {
+        Ok(ep) => ep,
+        Err(why) => {
+            common::skip_without_s3(&why);
+            return None;
+        }
+    };
     let _ = bucket(&s3, BUCKET);
     let target: SocketAddr = s3.trim_start_matches("http://").parse().expect("the S3 endpoint is host:port");
     let proxy = ChaosProxy::start_on(SocketAddr::from((bridge_gateway().unwrap(), 0)), target).await.unwrap();
-    let ns = TestNamespace::create(&env, "n-wsp").await.expect("test namespace");
+    let ns = TestNamespace::create(&env, test).await.expect("test namespace");
     let node = format!("node-{}", ns.name);
     let agent = NodeAgent::start(NodeAgentConfig { kubeconfig: env.admin.clone(), namespace: ns.name.clone(), node_name: node.clone(), docker_host: None })
         .await
         .expect("node agent");
-    let fx = Fixture { ns, agent: Some(agent), node, proxy, s3, prefix: unique_prefix("kube"), sync_image };
+    let fx = Fixture { ns, agent: Some(agent), node, proxy, s3, prefix: unique_prefix(test), sync_image };
     let dir = tempfile::tempdir().unwrap();
-    let toml = fx.toml(&dir.path().join("state"), &env);
+    let toml = fx.toml(&dir.path().join("state"), &env).replace("on_delete = \"purge\"", &format!("on_delete = \"{on_delete}\""));
     let n = start_with_toml(dir, &toml).await;
+    Some((fx, n))
+}
+
+async fn create(n: &TestNestor) -> String {
+    let r = call(n, reqwest::Method::POST, "/api/conversations").json(&create_body(None)).send().await.unwrap();
+    assert_eq!(r.status(), 201, "create: {}", r.text().await.unwrap());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["workspace"]["working_dir"], PROJECT, "{v}");
+    v["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn files_and_history_come_back_in_a_fresh_pod_from_the_bucket() {
+    let Some((fx, n)) = start("n-wsp", "purge").await else { return };
 
     // A conversation in its pod: the restore ran first, the sidecar beside the agent-server.
     let t0 = Instant::now();
-    let r = call(&n, reqwest::Method::POST, "/api/conversations").json(&create_body(None)).send().await.unwrap();
-    assert_eq!(r.status(), 201, "create: {}", r.text().await.unwrap());
-    let v: Value = r.json().await.unwrap();
-    let id = v["id"].as_str().unwrap().to_owned();
+    let id = create(&n).await;
     eprintln!("TIMING create (init restore + agent-server + sidecar): {:?}", t0.elapsed());
     let pods = pod_names(&fx.ns).await;
     assert_eq!(pods.len(), 1, "{pods:?}");
@@ -411,4 +437,66 @@ async fn files_and_history_come_back_in_a_fresh_pod_from_the_bucket() {
     }
     n.stop().await;
     fx.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stop_whose_final_push_fails_keeps_the_pod_and_delete_keeps_the_stored_copy() {
+    let Some((fx, n)) = start("n-wsk", "keep").await else { return };
+    let id = create(&n).await;
+    bash(&n, &id, "seq 1 5000 > kept.txt").await;
+    wait_status(&n, &id, "a periodic push", Duration::from_secs(60), |s| s["healthy"] == true && s["pending_bytes"] == 0).await;
+    let pods = pod_names(&fx.ns).await;
+    assert_eq!(pods.len(), 1);
+
+    // Storage down: the stop's final push fails, so the pod (the only up-to-date copy of
+    // what was written since) is not deleted, and the caller is told why.
+    bash(&n, &id, "echo late > late.txt").await;
+    fx.proxy.set_refusing(true);
+    fx.proxy.reset_all();
+    let r = call(&n, reqwest::Method::DELETE, &format!("/api/conversations/{id}/runtime")).send().await.unwrap();
+    let status = r.status();
+    let body = r.text().await.unwrap_or_default();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("could not be pushed"), "{body}");
+    assert_eq!(pod_names(&fx.ns).await, pods, "the pod is kept");
+    let s = storage_status(&n, &id).await;
+    assert_eq!(s["healthy"], false, "{s}");
+
+    // Storage back: the stop succeeds, and the file written during the outage is stored.
+    fx.proxy.set_refusing(false);
+    let r = call(&n, reqwest::Method::DELETE, &format!("/api/conversations/{id}/runtime")).send().await.unwrap();
+    assert_eq!(r.status(), 204, "{}", r.text().await.unwrap_or_default());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !pod_names(&fx.ns).await.is_empty() {
+        assert!(Instant::now() < deadline, "the pod is not gone");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(bash(&n, &id, "cat late.txt").await.trim(), "late", "restored in a fresh pod");
+
+    // Delete with on_delete = "keep": the cluster objects go, the stored copy stays.
+    let r = call(&n, reqwest::Method::DELETE, &format!("/api/conversations/{id}")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = fx.ns.objects().await.unwrap();
+        if (o.0.len(), o.1.len(), o.2.len()) == (0, 0, 0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left after delete: {o:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let keys = fx.stored_keys().await;
+    assert!(keys.iter().any(|k| k.ends_with("/workspace/manifest.json")), "{keys:?}");
+    assert!(keys.iter().any(|k| k.ends_with("/state/manifest.json")), "{keys:?}");
+    n.stop().await;
+    purge_prefix(&fx).await;
+    fx.finish().await;
+}
+
+/// Leaves nothing of a test in the bucket.
+async fn purge_prefix(fx: &Fixture) {
+    let raw = common::config(&fx.s3, BUCKET, &fx.prefix).build_object_store().unwrap();
+    for k in fx.stored_keys().await {
+        let _ = raw.delete(&object_store::path::Path::from(k)).await;
+    }
 }

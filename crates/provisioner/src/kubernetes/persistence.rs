@@ -115,7 +115,7 @@ pub struct WorkspaceSyncConfig {
     pub port: Option<u16>,
     /// Bound on the final push (nestor's `POST /push` before a pod is deleted, and the
     /// sidecar's own push on SIGTERM). The pods' terminationGracePeriodSeconds is raised to
-    /// this + 5. Default 60, at most 3600.
+    /// this + 5. Default 45 (nestor bounds an idle stop to 60 s), at most 3600.
     #[serde(default)]
     pub final_push_secs: Option<u64>,
     /// Requests and limits of each sync container (small: it streams, its memory is bounded
@@ -160,7 +160,7 @@ impl WorkspaceSyncConfig {
         if port == 0 || port == s.port {
             return Err(err(format!("port = {port} must be non-zero and differ from the agent-server's port {}", s.port)));
         }
-        let final_secs = self.final_push_secs.unwrap_or(60);
+        let final_secs = self.final_push_secs.unwrap_or(45);
         if !(1..=3600).contains(&final_secs) {
             return Err(err(format!("final_push_secs = {final_secs} must be between 1 and 3600")));
         }
@@ -385,7 +385,7 @@ mod tests {
         assert_eq!(convs.len(), 1);
         assert_eq!(convs[0].value.as_deref(), Some("/workspace/state/conversations"));
         assert!(!agent_env.iter().any(|e| e.name.starts_with("AWS_")), "the agent never sees storage credentials");
-        assert!(spec.termination_grace_period_seconds.unwrap() >= 65);
+        assert_eq!(spec.termination_grace_period_seconds, Some(50));
         let json = serde_json::to_string(&p).unwrap();
         assert!(!json.contains("S3CR3T-VALUE") && !json.contains("AKID"), "no credential in the pod spec");
         let data = sync.secret_data();
