@@ -316,11 +316,29 @@ impl Persistence {
             .find(|a| a.over_quota)
             .and_then(|a| a.last_error.clone())
             .unwrap_or_else(|| "workspace storage quota exceeded".into());
-        let detail = format!("{why}. Free space (delete files, or other conversations) before giving the agent more work.");
-        tracing::warn!(conversation = %id, user = %owner, "agent work refused: {why}");
-        metrics::counter!("nestor_quota_rejections_total", "quota" => "storage").increment(1);
-        Err(too_large(detail))
+        refuse_work(owner, id, why)
     }
+
+    /// [`Persistence::check_work`] from a status the pod's sync sidecar reported (the
+    /// `workspace_storage` object of the runtime answer).
+    pub fn check_work_status(&self, owner: &UserId, id: ConversationId, status: &Value) -> Result<(), HttpError> {
+        if status["over_quota"] != Value::Bool(true) {
+            return Ok(());
+        }
+        let why = ["workspace", "state"]
+            .into_iter()
+            .find(|a| status[a]["over_quota"] == Value::Bool(true))
+            .and_then(|a| status[a]["last_error"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "workspace storage quota exceeded".into());
+        refuse_work(owner, id, why)
+    }
+}
+
+fn refuse_work(owner: &UserId, id: ConversationId, why: String) -> Result<(), HttpError> {
+    let detail = format!("{why}. Free space (delete files, or other conversations) before giving the agent more work.");
+    tracing::warn!(conversation = %id, user = %owner, "agent work refused: {why}");
+    metrics::counter!("nestor_quota_rejections_total", "quota" => "storage").increment(1);
+    Err(too_large(detail))
 }
 
 fn rfc3339(t: time::OffsetDateTime) -> String {

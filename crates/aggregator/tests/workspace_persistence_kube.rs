@@ -285,7 +285,8 @@ async fn pod_names(ns: &TestNamespace) -> Vec<String> {
 }
 
 /// Namespace, node agent, storage proxy and nestor (in this process); None: skipped.
-async fn start(test: &str, on_delete: &str) -> Option<(Fixture, TestNestor)> {
+/// `storage_extra`: more `[workspace_storage]` TOML (e.g. a quota table).
+async fn start(test: &str, on_delete: &str, storage_extra: &str) -> Option<(Fixture, TestNestor)> {
     let (env, sync_image) = match prerequisites().await {
         Ok(v) => v,
         Err(why) => {
@@ -313,7 +314,10 @@ async fn start(test: &str, on_delete: &str) -> Option<(Fixture, TestNestor)> {
         .expect("node agent");
     let fx = Fixture { ns, agent: Some(agent), node, proxy, s3, prefix: unique_prefix(test), sync_image };
     let dir = tempfile::tempdir().unwrap();
-    let toml = fx.toml(&dir.path().join("state"), &env).replace("on_delete = \"purge\"", &format!("on_delete = \"{on_delete}\""));
+    let toml = fx
+        .toml(&dir.path().join("state"), &env)
+        .replace("on_delete = \"purge\"", &format!("on_delete = \"{on_delete}\""))
+        .replace("[workspace_storage.retry]", &format!("{storage_extra}\n[workspace_storage.retry]"));
     let n = start_with_toml(dir, &toml).await;
     Some((fx, n))
 }
@@ -328,7 +332,7 @@ async fn create(n: &TestNestor) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn files_and_history_come_back_in_a_fresh_pod_from_the_bucket() {
-    let Some((fx, n)) = start("n-wsp", "purge").await else { return };
+    let Some((fx, n)) = start("n-wsp", "purge", "").await else { return };
 
     // A conversation in its pod: the restore ran first, the sidecar beside the agent-server.
     let t0 = Instant::now();
@@ -441,7 +445,7 @@ async fn files_and_history_come_back_in_a_fresh_pod_from_the_bucket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stop_whose_final_push_fails_keeps_the_pod_and_delete_keeps_the_stored_copy() {
-    let Some((fx, n)) = start("n-wsk", "keep").await else { return };
+    let Some((fx, n)) = start("n-wsk", "keep", "").await else { return };
     let id = create(&n).await;
     bash(&n, &id, "seq 1 5000 > kept.txt").await;
     wait_status(&n, &id, "a periodic push", Duration::from_secs(60), |s| s["healthy"] == true && s["pending_bytes"] == 0).await;
@@ -488,6 +492,37 @@ async fn a_stop_whose_final_push_fails_keeps_the_pod_and_delete_keeps_the_stored
     let keys = fx.stored_keys().await;
     assert!(keys.iter().any(|k| k.ends_with("/workspace/manifest.json")), "{keys:?}");
     assert!(keys.iter().any(|k| k.ends_with("/state/manifest.json")), "{keys:?}");
+    n.stop().await;
+    purge_prefix(&fx).await;
+    fx.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_quota_refusal_in_the_pod_is_reported_and_refuses_new_work() {
+    let Some((fx, n)) = start("n-wsq", "purge", "[workspace_storage.quota]\nmax_bytes = 2000000").await else { return };
+    let id = create(&n).await;
+    bash(&n, &id, "seq 1 1000 > small.txt").await;
+    let s = wait_status(&n, &id, "a periodic push", Duration::from_secs(60), |s| s["healthy"] == true && s["pending_bytes"] == 0).await;
+    let stored = s["workspace"]["stored_bytes"].as_u64().unwrap();
+
+    // Over the conversation's quota: the sidecar's push is refused, the stored copy is left
+    // as it was, the status says why, and new agent work gets 413.
+    bash(&n, &id, "head -c 3000000 /dev/urandom > big.bin").await;
+    let s = wait_status(&n, &id, "the quota refusal", Duration::from_secs(60), |s| s["over_quota"] == true).await;
+    assert!(s["last_error"].as_str().is_some_and(|e| e.contains("quota")), "{s}");
+    assert_eq!(s["workspace"]["stored_bytes"].as_u64(), Some(stored), "the stored copy is untouched: {s}");
+    let body = json!({"role": "user", "content": [{"type": "text", "text": "more"}], "run": false});
+    let r = call(&n, reqwest::Method::POST, &format!("/api/conversations/{id}/events")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    assert!(r.text().await.unwrap().contains("quota"));
+
+    // Cleaning up brings it back.
+    bash(&n, &id, "rm big.bin").await;
+    wait_status(&n, &id, "healthy again", Duration::from_secs(60), |s| s["healthy"] == true && s["over_quota"] == false).await;
+    send_message(&n, &id, "more, now").await;
+
+    let r = call(&n, reqwest::Method::DELETE, &format!("/api/conversations/{id}")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
     n.stop().await;
     purge_prefix(&fx).await;
     fx.finish().await;

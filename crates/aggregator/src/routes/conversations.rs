@@ -540,7 +540,11 @@ pub async fn per_conversation(State(state): State<AppState>, req: Request<Body>)
         }
         (Method::POST, "events" | "run") if state.persistence.is_some() => {
             if let (Some(p), Some((_, owner))) = (&state.persistence, state.catalog.route(&id)) {
-                p.check_work(&owner, id)?;
+                // Pushed by the pod (kubernetes): its sidecar's status says; else nestor's own.
+                match state.provisioner.workspace_status(&ds).await {
+                    Some(remote) => p.check_work_status(&owner, id, &remote)?,
+                    None => p.check_work(&owner, id)?,
+                }
             }
             forward_streaming(&state, &ds, Some(id), req).await
         }
