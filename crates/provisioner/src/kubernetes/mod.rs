@@ -203,6 +203,10 @@ struct Conv {
     pod: watch::Sender<Option<PodView>>,
     /// The sync sidecar's last answer (workspace persistence), shown while no pod runs.
     sync_status: std::sync::Mutex<Option<serde_json::Value>>,
+    /// Its pods persist their files (its Secret says `nestor.dev/persisted`, set when it was
+    /// created with persistence on). A conversation created before keeps its layout and its
+    /// PVC for life: turning persistence on must not hide its state.
+    persisted: AtomicBool,
 }
 
 /// The `kubernetes` backend. Cheap to clone (all state is shared).
@@ -387,6 +391,13 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// Secret annotation: the conversation was created with workspace persistence on.
+const PERSISTED: &str = "nestor.dev/persisted";
+
+fn persisted(secret: &Secret) -> bool {
+    secret.metadata.annotations.as_ref().and_then(|a| a.get(PERSISTED)).is_some_and(|v| v == "true")
+}
+
 fn downstream_id(slot: &Slot) -> DownstreamId {
     match slot {
         Slot::Conversation(c) => DownstreamId::new(format!("kubernetes-{}", c.hex())),
@@ -422,6 +433,7 @@ impl Inner {
                     released: AtomicBool::new(false),
                     pod: watch::Sender::new(None),
                     sync_status: std::sync::Mutex::new(None),
+                    persisted: AtomicBool::new(false),
                 })
             })
             .clone();
@@ -587,6 +599,7 @@ impl Inner {
         let n = name.clone();
         let pod = self.kube.call("get", "pods", async move { pods.get_opt(&n).await }).await?;
         let c = self.insert_conv(slot, key, owner, pod.as_ref().map(PodView::of));
+        c.persisted.store(persisted(&secret), Ordering::SeqCst);
         tracing::info!(downstream = %c.ds.id(), state = c.ds.state().as_str(), "adopted agent-server pod");
         Ok(Some(c))
     }
@@ -730,19 +743,24 @@ impl Inner {
 
     // ------------------------------------------------------------------ objects
 
-    /// Create the Secret (or read back the existing one's keys).
-    async fn ensure_secret(&self, slot: &Slot, owner: &UserId) -> Result<SessionKey, KubeError> {
-        let secret = objects::secret(&self.s, slot, &self.kube.ns, owner, &SessionKey::random(), &SessionKey::random());
+    /// Create the Secret (or read back the existing one's keys). Also whether the
+    /// conversation's pods persist their files.
+    async fn ensure_secret(&self, slot: &Slot, owner: &UserId) -> Result<(SessionKey, bool), KubeError> {
+        let mut secret = objects::secret(&self.s, slot, &self.kube.ns, owner, &SessionKey::random(), &SessionKey::random());
+        let persist = self.sync.get().is_some() && matches!(slot, Slot::Conversation(_));
+        if persist {
+            secret.metadata.annotations.get_or_insert_with(Default::default).insert(PERSISTED.into(), "true".into());
+        }
         let api = self.secrets.clone();
         let body = secret.clone();
         match self.kube.call("create", "secrets", async move { api.create(&PostParams::default(), &body).await }).await {
-            Ok(_) => Ok(objects::keys_of(&secret).expect("fresh secret has keys").0),
+            Ok(_) => Ok((objects::keys_of(&secret).expect("fresh secret has keys").0, persist)),
             Err(e) if e.is_conflict() => {
                 // Another replica (or an earlier try) made it: use its keys.
                 let api = self.secrets.clone();
                 let name = self.name(slot);
                 let existing = self.kube.call("get", "secrets", async move { api.get(&name).await }).await?;
-                objects::keys_of(&existing).map(|k| k.0).ok_or_else(|| KubeError::Other {
+                objects::keys_of(&existing).map(|k| (k.0, persisted(&existing))).ok_or_else(|| KubeError::Other {
                     verb: "read",
                     resource: "secrets",
                     detail: format!("Secret {} exists but lacks nestor's keys", self.name(slot)),
@@ -769,9 +787,12 @@ impl Inner {
     async fn create_pod(self: &Arc<Self>, c: &Arc<Conv>) -> Result<(), ProvisionError> {
         let owner = c.ds.owner().cloned().unwrap_or_else(UserId::default_user);
         let mut body = objects::pod(&self.s, &c.slot, &self.kube.ns, &owner);
-        if let (Some(sync), Slot::Conversation(conversation)) = (self.sync.get(), c.slot) {
+        if let (Some(sync), Slot::Conversation(conversation), true) = (self.sync.get(), c.slot, c.persisted.load(Ordering::SeqCst)) {
             self.store_sync_credentials(&c.name, &sync.pod).await?;
             sync.pod.decorate(&self.s, &mut body, &c.name, conversation, &owner);
+        } else if c.persisted.load(Ordering::SeqCst) {
+            tracing::warn!(pod = %c.name, "workspace persistence is off now; this conversation's files are no longer pushed");
+            persistence::state_layout(&mut body);
         }
         let api = self.pods.clone();
         match self.kube.call("create", "pods", async move { api.create(&PostParams::default(), &body).await }).await {
@@ -813,9 +834,14 @@ impl Inner {
             .map(|_| ())
     }
 
+    /// Workspace persistence of `c`'s pods (None: off, or `c` predates it).
+    fn sync_of(&self, c: &Conv) -> Option<Arc<KubeSync>> {
+        self.sync.get().filter(|_| c.persisted.load(Ordering::SeqCst)).cloned()
+    }
+
     /// The pod's sync sidecar (None: no persistence, or no pod with an address).
     fn sync_endpoint(&self, c: &Conv) -> Option<(Arc<KubeSync>, Endpoint)> {
-        let sync = self.sync.get()?.clone();
+        let sync = self.sync_of(c)?;
         let v = c.pod.borrow().clone()?;
         if v.deleting || v.terminal {
             return None;
@@ -835,7 +861,7 @@ impl Inner {
     /// what its sidecar pushed when it ended. Err: the pod must stay (it holds the only
     /// up-to-date copy).
     async fn final_push(&self, c: &Conv) -> Result<(), ProvisionError> {
-        let Some(sync) = self.sync.get() else { return Ok(()) };
+        let Some(sync) = self.sync_of(c) else { return Ok(()) };
         let running = c.pod.borrow().as_ref().is_some_and(|v| v.ready && !v.deleting && !v.terminal);
         if !running {
             return Ok(());
@@ -1065,7 +1091,7 @@ impl Inner {
         }
         let name = self.name(&slot);
         self.tombstones.remove(&name);
-        let key = self.ensure_secret(&slot, &owner).await?;
+        let (key, persist) = self.ensure_secret(&slot, &owner).await?;
         if let Err(e) = self.ensure_pvc(&slot, &owner).await {
             if matches!(slot, Slot::Conversation(_)) {
                 let _ = self.delete_state(&name).await;
@@ -1073,6 +1099,7 @@ impl Inner {
             return Err(e.into());
         }
         let c = self.insert_conv(slot, key, owner, None);
+        c.persisted.store(persist, Ordering::SeqCst);
         let _g = c.lifecycle.lock().await;
         let has_pod = c.pod.borrow().as_ref().is_some_and(|v| !v.deleting && !v.terminal);
         if !has_pod {
@@ -1139,7 +1166,8 @@ impl Provisioner for KubernetesProvisioner {
                 .and_then(|a| a.get(OWNER))
                 .map(|o| UserId::new(o.as_str()))
                 .unwrap_or_else(UserId::default_user);
-            inner.insert_conv(slot, key, owner, None);
+            let c = inner.insert_conv(slot, key, owner, None);
+            c.persisted.store(persisted(s), Ordering::SeqCst);
         }
         let rv = inner.relist().await?;
         match inner.sweep().await {
@@ -1256,12 +1284,12 @@ impl Provisioner for KubernetesProvisioner {
 
     async fn stop(&self, ds: &Arc<Downstream>) -> Result<(), ProvisionError> {
         let inner = &self.0;
-        if inner.s.storage == StorageMode::EmptyDir && inner.sync.get().is_none() {
+        let c = inner.conv_of(ds)?;
+        if inner.s.storage == StorageMode::EmptyDir && inner.sync_of(&c).is_none() {
             // Its state dies with the pod: stopping would lose the conversation (with
             // workspace persistence the next pod restores it from the bucket).
             return Ok(());
         }
-        let c = inner.conv_of(ds)?;
         let _g = c.lifecycle.lock().await;
         // The pod holds the only up-to-date copy until this push succeeds.
         inner.final_push(&c).await?;
@@ -1287,8 +1315,9 @@ impl Provisioner for KubernetesProvisioner {
         let c = inner.conv_of(ds)?;
         {
             let _g = c.lifecycle.lock().await;
-            let purge = inner.sync.get().filter(|s| s.pod.on_delete_purge).cloned();
-            if inner.sync.get().is_some() && purge.is_none() {
+            let sync = inner.sync_of(&c);
+            let purge = sync.clone().filter(|s| s.pod.on_delete_purge);
+            if sync.is_some() && purge.is_none() {
                 // on_delete = "keep": what the pod holds is stored first, or nothing is
                 // deleted (the pod keeps pushing; its objects stay, with the reason logged).
                 inner.final_push(&c).await?;
@@ -1351,8 +1380,8 @@ impl Provisioner for KubernetesProvisioner {
 
     async fn workspace_status(&self, ds: &Downstream) -> Option<serde_json::Value> {
         let inner = &self.0;
-        let sync = inner.sync.get()?;
         let c = inner.conv_of(ds).ok()?;
+        let sync = inner.sync_of(&c)?;
         let mut v = match inner.sync_endpoint(&c).filter(|_| ds.state() == DownstreamState::Ready) {
             Some((_, ep)) => match sync.client.get_json::<serde_json::Value>(&ep, "/status", Duration::from_secs(3)).await {
                 Ok(v) => {

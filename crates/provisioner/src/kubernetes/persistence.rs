@@ -42,6 +42,11 @@
 //! * nestor's exit: pods keep running and pushing (they are the deployment's, not the
 //!   replica's); nothing to do.
 //!
+//! Which conversations: those created while persistence is on; their Secret carries the
+//! annotation `nestor.dev/persisted: "true"`. Older conversations keep their layout (state
+//! directly under /workspace) and their PVC, unpersisted, for life — turning persistence on
+//! must not hide their state.
+//!
 //! Credentials: `credentials_secret` names an existing Secret whose keys become the sync
 //! containers' environment (`envFrom`, e.g. `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`).
 //! Without it, the credentials nestor itself uses (`[workspace_storage]` keys, else its
@@ -225,15 +230,8 @@ impl PodSync {
     /// Adds the init container, the sidecar, their volume and the agent-server's state
     /// layout to a conversation's pod. `secret` is the conversation's Secret.
     pub fn decorate(&self, s: &Settings, pod: &mut Pod, secret: &str, conversation: ConversationId, owner: &UserId) {
+        state_layout(pod);
         let Some(spec) = pod.spec.as_mut() else { return };
-        // The agent-server keeps its state in /workspace/state, beside /workspace/project.
-        if let Some(agent) = spec.containers.iter_mut().find(|c| c.name == CONTAINER) {
-            let env = agent.env.get_or_insert_with(Vec::new);
-            for (k, v) in PERSISTED_STATE_ENV {
-                env.retain(|e| e.name != *k);
-                env.push(EnvVar { name: (*k).into(), value: Some((*v).into()), value_from: None });
-            }
-        }
         let mut env = vec![
             lit(ENV_STORAGE, &self.storage_json),
             lit(ENV_OWNER, owner.as_str()),
@@ -313,6 +311,20 @@ impl PodSync {
         });
         let grace = self.grace_secs(spec.termination_grace_period_seconds.unwrap_or(s.termination_grace_secs));
         spec.termination_grace_period_seconds = Some(grace);
+    }
+}
+
+/// The agent-server keeps its state in /workspace/state, beside /workspace/project (the two
+/// persisted trees). Also for a conversation created with persistence after it was turned
+/// off: its state stays where its pods wrote it.
+pub fn state_layout(pod: &mut Pod) {
+    let Some(spec) = pod.spec.as_mut() else { return };
+    if let Some(agent) = spec.containers.iter_mut().find(|c| c.name == CONTAINER) {
+        let env = agent.env.get_or_insert_with(Vec::new);
+        for (k, v) in PERSISTED_STATE_ENV {
+            env.retain(|e| e.name != *k);
+            env.push(EnvVar { name: (*k).into(), value: Some((*v).into()), value_from: None });
+        }
     }
 }
 
