@@ -17,8 +17,9 @@ pub enum StorageMode {
     /// loss, nestor restarts). Default.
     #[default]
     Pvc,
-    /// An emptyDir: state dies with the pod. Idle stop is then refused (it would lose the
-    /// conversation).
+    /// An emptyDir: state dies with the pod. Idle stop is then skipped (it would lose the
+    /// conversation), unless workspace persistence is on: the next pod restores the
+    /// conversation's files from the bucket.
     #[serde(alias = "emptyDir", alias = "empty-dir")]
     EmptyDir,
 }
