@@ -1320,7 +1320,16 @@ impl Provisioner for KubernetesProvisioner {
             if sync.is_some() && purge.is_none() {
                 // on_delete = "keep": what the pod holds is stored first, or nothing is
                 // deleted (the pod keeps pushing; its objects stay, with the reason logged).
-                inner.final_push(&c).await?;
+                if let Err(e) = inner.final_push(&c).await {
+                    tracing::error!(
+                        conversation = %conversation,
+                        pod = %c.name,
+                        "deleted conversation: its files could not be stored, so its pod, Secret and volume are kept and go on pushing; \
+                         remove them once its sidecar reports a successful push (GET :8001/status; then kubectl delete pod,secret,pvc -l {CONVERSATION}={}): {e}",
+                        c.slot.label()
+                    );
+                    return Err(e);
+                }
             }
             c.generation.fetch_add(1, Ordering::SeqCst);
             c.released.store(true, Ordering::SeqCst);
