@@ -215,7 +215,14 @@ impl AppState {
                 (Arc::new(p), None)
             }
             ProvisionerKind::Kubernetes => {
-                (Arc::new(nestor_provisioner::kubernetes::KubernetesProvisioner::new(&cfg.provisioner.kubernetes).await?), None)
+                let p = nestor_provisioner::kubernetes::KubernetesProvisioner::new(&cfg.provisioner.kubernetes).await?;
+                // Each pod restores and pushes its own files (its sync containers); nestor
+                // keeps the bucket-side work: quotas at create, purge on delete.
+                let p = match (&sync, &cfg.workspace_storage) {
+                    (Some(s), Some(ws)) => p.with_workspace_sync(ws, s.clone())?,
+                    _ => p,
+                };
+                (Arc::new(p), None)
             }
         };
         let downstreams = provisioner.recover().await?;

@@ -463,11 +463,17 @@ impl Config {
         }
         if let Some(ws) = &self.workspace_storage {
             ws.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
-            if !matches!(self.provisioner.kind, ProvisionerKind::Process | ProvisionerKind::Docker) {
+            if !matches!(self.provisioner.kind, ProvisionerKind::Process | ProvisionerKind::Docker | ProvisionerKind::Kubernetes) {
                 return Err(ConfigError::Invalid(format!(
-                    "workspace_storage works with the process and docker provisioners, not {:?} (nestor must reach the conversations' files)",
+                    "workspace_storage works with the process, docker and kubernetes provisioners, not {:?} (nestor, or the pod's sync containers, must reach the conversations' files)",
                     self.provisioner.kind
                 )));
+            }
+            if self.provisioner.kind == ProvisionerKind::Kubernetes {
+                // Checked here too (not only at start) so a bad section fails `nestor serve`
+                // before any API call.
+                let k = self.provisioner.kubernetes.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+                k.workspace_sync.validate(&k, ws).map_err(|e| ConfigError::Invalid(e.to_string()))?;
             }
         }
         Ok(())
@@ -575,7 +581,19 @@ agent_server = "/path/to/bin/agent-server"
             assert!(e.contains("workspace_storage.bucket"), "{e}");
             jail.create_file("ex.toml", "[workspace_storage]\nbucket = \"b-1\"\n[provisioner]\nkind = \"existing\"\n")?;
             let e = Config::load(Some(&jail.directory().join("ex.toml")), &Overrides::default()).unwrap_err().to_string();
-            assert!(e.contains("process and docker"), "{e}");
+            assert!(e.contains("process, docker and kubernetes"), "{e}");
+            jail.create_file(
+                "k.toml",
+                "[workspace_storage]\nbucket = \"b-1\"\n[provisioner]\nkind = \"kubernetes\"\n[provisioner.kubernetes]\nimage = \"img:1\"\n[provisioner.kubernetes.workspace_sync]\nport = 8000\n",
+            )?;
+            let e = Config::load(Some(&jail.directory().join("k.toml")), &Overrides::default()).unwrap_err().to_string();
+            assert!(e.contains("workspace_sync.port"), "{e}");
+            jail.create_file(
+                "k2.toml",
+                "[workspace_storage]\nbucket = \"b-1\"\n[provisioner]\nkind = \"kubernetes\"\n[provisioner.kubernetes]\nimage = \"img:1\"\n[provisioner.kubernetes.workspace_sync]\nimage = \"nestor:1\"\ncredentials_secret = \"s3\"\n",
+            )?;
+            let c = Config::load(Some(&jail.directory().join("k2.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.provisioner.kubernetes.workspace_sync.credentials_secret.as_deref(), Some("s3"));
             Ok(())
         });
     }

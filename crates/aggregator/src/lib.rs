@@ -16,6 +16,7 @@ pub mod forward;
 pub mod lifecycle;
 pub mod observability;
 pub mod persistence;
+pub mod workspace_sync;
 pub mod routes;
 pub mod secrets;
 pub mod server;

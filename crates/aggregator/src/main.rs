@@ -24,6 +24,18 @@ enum Command {
     Serve(ServeArgs),
     /// List the conversations of a running nestor with their downstream, state and age.
     Status(StatusArgs),
+    /// Inside a kubernetes pod (set up by nestor's pod spec): restore or push the
+    /// conversation's files (`[workspace_storage]`).
+    #[command(subcommand)]
+    WorkspaceSync(SyncCommand),
+}
+
+#[derive(Subcommand)]
+enum SyncCommand {
+    /// Init container: restore every missing tree from the bucket, then exit.
+    Pull,
+    /// Sidecar: push periodically, serve /status and /push, final push on SIGTERM.
+    Serve,
 }
 
 #[derive(clap::Args)]
@@ -83,6 +95,7 @@ fn main() {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Status(args) => status(args),
+        Command::WorkspaceSync(cmd) => workspace_sync(cmd),
     };
     if let Err(e) = result {
         // One clear line for the operator (no backtrace: these are expected failures).
@@ -120,6 +133,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         server::on_signals(&state);
         tracing::info!(%bind, "listening");
         server::serve_with_internal(state, listener, internal).await
+    })
+}
+
+fn workspace_sync(cmd: SyncCommand) -> anyhow::Result<()> {
+    init_logging(LogFormat::Human);
+    let env = nestor_aggregator::workspace_sync::SyncEnv::from_env()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        match cmd {
+            SyncCommand::Pull => nestor_aggregator::workspace_sync::pull(&env).await,
+            SyncCommand::Serve => nestor_aggregator::workspace_sync::serve(&env).await,
+        }
     })
 }
 

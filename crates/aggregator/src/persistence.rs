@@ -219,7 +219,35 @@ impl Persistence {
 
     /// The `workspace_storage` object of the runtime answer.
     pub fn status_json(&self, owner: &UserId, id: ConversationId) -> Value {
-        let s = self.status(owner, id).unwrap_or_default();
+        status_value(&self.status(owner, id).unwrap_or_default(), self.cfg.push_interval_secs)
+    }
+
+    /// Deletes every stored object of a conversation, retrying what can be retried.
+    async fn purge_stored(&self, id: ConversationId, storage: &ConversationStorage) {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match storage.purge().await {
+                Ok(r) => {
+                    tracing::info!(conversation = %id, objects = r.objects_deleted, "workspace store: purged the deleted conversation");
+                    return;
+                }
+                Err(e) if e.is_retriable() && attempt < self.cfg.retry.max_attempts => {
+                    tokio::time::sleep(self.cfg.retry.backoff(attempt)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(conversation = %id, prefix = %storage.key_prefix(), error = %e, "workspace store: could not purge the deleted conversation's objects");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The `workspace_storage` object of the runtime answer, from a status (nestor's own, or the
+/// one a pod's sync sidecar serves: the same shape either way).
+pub fn status_value(s: &SyncStatus, push_interval_secs: u64) -> Value {
+    {
         let areas = [&s.workspace, &s.state];
         let last_success = if areas.iter().all(|a| a.last_success_at.is_some()) {
             areas.iter().filter_map(|a| a.last_success_at).min()
@@ -236,16 +264,18 @@ impl Persistence {
             "last_success_at": last_success.map(rfc3339),
             "last_error": last_error.and_then(|a| a.last_error.clone()),
             "last_error_at": last_error.and_then(|a| a.last_error_at).map(rfc3339),
-            "push_interval_secs": self.cfg.push_interval_secs,
+            "push_interval_secs": push_interval_secs,
         });
-        if let Ok(areas) = serde_json::to_value(&s) {
+        if let Ok(areas) = serde_json::to_value(s) {
             if let (Some(o), Some(a)) = (v.as_object_mut(), areas.as_object()) {
                 o.extend(a.clone());
             }
         }
         v
     }
+}
 
+impl Persistence {
     /// A create by `user` when they are at their storage limit: 413.
     pub async fn check_create(&self, user: &UserId) -> Result<(), HttpError> {
         let q = self.cfg.user_quota;
@@ -286,11 +316,29 @@ impl Persistence {
             .find(|a| a.over_quota)
             .and_then(|a| a.last_error.clone())
             .unwrap_or_else(|| "workspace storage quota exceeded".into());
-        let detail = format!("{why}. Free space (delete files, or other conversations) before giving the agent more work.");
-        tracing::warn!(conversation = %id, user = %owner, "agent work refused: {why}");
-        metrics::counter!("nestor_quota_rejections_total", "quota" => "storage").increment(1);
-        Err(too_large(detail))
+        refuse_work(owner, id, why)
     }
+
+    /// [`Persistence::check_work`] from a status the pod's sync sidecar reported (the
+    /// `workspace_storage` object of the runtime answer).
+    pub fn check_work_status(&self, owner: &UserId, id: ConversationId, status: &Value) -> Result<(), HttpError> {
+        if status["over_quota"] != Value::Bool(true) {
+            return Ok(());
+        }
+        let why = ["workspace", "state"]
+            .into_iter()
+            .find(|a| status[a]["over_quota"] == Value::Bool(true))
+            .and_then(|a| status[a]["last_error"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "workspace storage quota exceeded".into());
+        refuse_work(owner, id, why)
+    }
+}
+
+fn refuse_work(owner: &UserId, id: ConversationId, why: String) -> Result<(), HttpError> {
+    let detail = format!("{why}. Free space (delete files, or other conversations) before giving the agent more work.");
+    tracing::warn!(conversation = %id, user = %owner, "agent work refused: {why}");
+    metrics::counter!("nestor_quota_rejections_total", "quota" => "storage").increment(1);
+    Err(too_large(detail))
 }
 
 fn rfc3339(t: time::OffsetDateTime) -> String {
@@ -392,27 +440,21 @@ impl WorkspaceSync for Hooks {
                 if let Some(p) = p {
                     p.handle.stop().await;
                 }
-                let mut attempt = 0;
-                loop {
-                    attempt += 1;
-                    match c.storage.purge().await {
-                        Ok(r) => {
-                            tracing::info!(conversation = %t.conversation, objects = r.objects_deleted, "workspace store: purged the deleted conversation");
-                            break;
-                        }
-                        Err(e) if e.is_retriable() && attempt < self.cfg.retry.max_attempts => {
-                            tokio::time::sleep(self.cfg.retry.backoff(attempt)).await;
-                        }
-                        Err(e) => {
-                            tracing::warn!(conversation = %t.conversation, prefix = %c.storage.key_prefix(), error = %e, "workspace store: could not purge the deleted conversation's objects");
-                            break;
-                        }
-                    }
-                }
+                self.purge_stored(t.conversation, &c.storage).await;
                 Ok(())
             }
         };
         self.convs.remove(&t.conversation);
         r
+    }
+
+    async fn purge(&self, conversation: ConversationId, owner: &UserId) -> Result<(), String> {
+        let storage = self
+            .store
+            .conversation(owner, conversation)
+            .map_err(|e| format!("workspace storage for user {:?}: {e}", owner.as_str()))?;
+        self.purge_stored(conversation, &storage).await;
+        self.convs.remove(&conversation);
+        Ok(())
     }
 }

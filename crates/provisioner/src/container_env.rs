@@ -33,3 +33,19 @@ pub const BASE_ENV: &[(&str, &str)] = &[
 
 /// The conversation's working directory inside its container or pod.
 pub const WORKSPACE_DIR: &str = "/workspace/project";
+
+/// Where the agent-server keeps its state when the conversation is persisted
+/// (`[workspace_storage]`): one tree, `/workspace/state`, beside the project, so the two
+/// persisted trees are sibling directories of the volume (a restore swaps a directory; the
+/// volume's root is a mount point and cannot be swapped). `HOME` stays `/workspace` and is
+/// not persisted. Used by the docker (bind-mounted data) and kubernetes (pod volume) backends.
+pub const PERSISTED_STATE_ENV: &[(&str, &str)] = &[
+    ("OH_CONVERSATIONS_PATH", "/workspace/state/conversations"),
+    ("OH_BASH_EVENTS_DIR", "/workspace/state/bash_events"),
+    ("OH_PERSISTENCE_DIR", "/workspace/state/persistence"),
+];
+/// The persisted trees under the volume: the agent-server's state and the project.
+pub const PERSISTED_STATE_DIR: &str = "state";
+pub const PERSISTED_PROJECT_DIR: &str = "project";
+/// Created in a fresh (or restored) state tree before the agent-server starts.
+pub const PERSISTED_STATE_SUBDIRS: [&str; 3] = ["conversations", "bash_events", "persistence"];

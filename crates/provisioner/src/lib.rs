@@ -130,6 +130,13 @@ pub trait Provisioner: Send + Sync + 'static {
 
     /// Stop what nestor's exit should stop (per the backend's policy), bounded.
     async fn shutdown(&self);
+
+    /// The persistence status of `ds`'s files when the backend, not nestor, pushes them
+    /// (kubernetes: the pod's sync sidecar), for `GET …/runtime`. Default: None (nestor's own
+    /// status applies).
+    async fn workspace_status(&self, _ds: &Downstream) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// How long a shutdown may take before children are killed.

@@ -72,6 +72,13 @@ pub trait WorkspaceSync: Send + Sync + 'static {
 
     /// The conversation is gone. `Err` (with the reason) means its local trees must be kept.
     async fn released(&self, trees: &SyncTrees) -> Result<(), String>;
+
+    /// For backends whose trees are not on nestor's host (kubernetes: the pod restores and
+    /// pushes them itself, see `kubernetes::persistence`): the conversation is deleted with
+    /// `on_delete = "purge"` and its pod is gone; delete its stored copy. Default: nothing.
+    async fn purge(&self, _conversation: ConversationId, _owner: &UserId) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// For tests and backends: a [`WorkspaceSync`] that only records what it is told.

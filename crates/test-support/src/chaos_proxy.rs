@@ -11,7 +11,7 @@
 //!   (the downstream looks down, while the downstream itself is fine).
 //!
 //! Bytes are otherwise forwarded untouched, in both directions, half-closes included. The
-//! proxy listens on loopback only.
+//! proxy listens on loopback (or, with [`ChaosProxy::start_on`], another local address).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -74,9 +74,15 @@ impl std::fmt::Debug for ChaosProxy {
 impl ChaosProxy {
     /// Listen on a free loopback port and forward every connection to `target`.
     pub async fn start(target: SocketAddr) -> std::io::Result<Self> {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), target).await
+    }
+
+    /// Listen on `listen` (a local address, e.g. the Docker bridge's gateway so containers
+    /// reach a loopback-only server on the host) and forward to `target`.
+    pub async fn start_on(listen: SocketAddr, target: SocketAddr) -> std::io::Result<Self> {
         let sock = tokio::net::TcpSocket::new_v4()?;
         sock.set_reuseaddr(true)?;
-        sock.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        sock.bind(listen)?;
         let listener = sock.listen(2048)?;
         let addr = listener.local_addr()?;
         let inner = Arc::new(Inner {

@@ -5,19 +5,26 @@
 //! etcd and kube-apiserver), so this agent does both jobs for one namespace:
 //! * **schedules**: a pod with no `spec.nodeName` is bound to this node (`pods/binding`, as the
 //!   scheduler does);
-//! * **runs** each pod bound to it as a Docker container of the pod's image (first container
-//!   only): env literals and `valueFrom.secretKeyRef` (read from the Secret; a missing Secret
-//!   is `CreateContainerConfigError`, like the kubelet), `command`/`args`, the
-//!   securityContext's user/group, `drop: [ALL]`, no-new-privileges, cpu/memory limits, PVC
-//!   volumes as named Docker volumes (kept until the PVC is deleted) and emptyDirs as
-//!   volumes removed with the pod. The container port is published on **127.0.0.1 only**,
-//!   on a random host port, written into the pod annotation `nestor.dev/host-port`;
+//! * **runs** each pod bound to it as Docker containers, one per container of the pod:
+//!   `initContainers` first, one at a time, in order, each to completion (a failure is
+//!   reported as the kubelet does, `Init:Error`-style waiting/terminated init statuses, and
+//!   the init container is restarted with back-off), then every container at once. Each gets
+//!   env literals, `valueFrom.secretKeyRef` and `envFrom` Secrets (a missing Secret is
+//!   `CreateContainerConfigError`, like the kubelet), `command`/`args`, the
+//!   securityContext's user/group, `drop: [ALL]`, no-new-privileges, cpu/memory limits; the
+//!   pod's volumes are shared by its containers: PVCs as named Docker volumes (kept until the
+//!   PVC is deleted), emptyDirs as volumes removed with the pod (no fsGroup: images must own
+//!   their mount points for the pod's uid). Containers do not share a network namespace (the
+//!   one difference from a pod that matters: they cannot reach each other on localhost).
+//!   Every declared port is published on **127.0.0.1 only**, on a random host port: the
+//!   first container's first port in the annotation `nestor.dev/host-port`, each named port
+//!   in `nestor.dev/host-port-<name>`;
 //! * **reports status** like a kubelet: `podIP` 127.0.0.1, phase, container statuses
 //!   (`ErrImageNeverPull`/`ErrImagePull` for an image that is not present — there is no
 //!   registry —, running, terminated, restarts with back-off), and the `Ready` condition from
 //!   the pod's readinessProbe (`httpGet`, run against the published port);
-//! * **deletes**: a pod marked for deletion has its container stopped (grace period
-//!   honoured, bounded) and removed, then the pod is deleted for good (grace 0), as the
+//! * **deletes**: a pod marked for deletion has its containers stopped together (SIGTERM,
+//!   grace period honoured, bounded to 30 s) and removed, then the pod is deleted for good (grace 0), as the
 //!   kubelet confirms a deletion. Containers whose pod is gone are removed.
 //!
 //! nestor reaches such a pod only with `reach = "host-port-annotation"`; on a real cluster it
@@ -50,6 +57,10 @@ const LABEL_POD_UID: &str = "nestor.test/pod-uid";
 const LABEL_POD: &str = "nestor.test/pod";
 const LABEL_PVC: &str = "nestor.test/pvc";
 const API_TIMEOUT: Duration = Duration::from_secs(15);
+/// The longest termination grace honoured (tests must not wait minutes for a pod to go).
+const MAX_GRACE_SECS: i64 = 30;
+/// Published port of each named container port: `nestor.dev/host-port-<name>`.
+pub const HOST_PORT_ANNOTATION_PREFIX: &str = "nestor.dev/host-port-";
 
 #[derive(Debug, Clone)]
 pub struct NodeAgentConfig {
@@ -65,16 +76,39 @@ pub struct NodeAgentConfig {
 struct Run {
     uid: String,
     name: String,
-    container: String,
-    host_port: Option<u16>,
+    /// Init containers completed so far (they run one at a time, in order).
+    init_done: usize,
+    /// The init container running now (or failed, waiting for its restart).
+    init: Option<Ctr>,
+    /// The main containers, in spec order (empty until every init container succeeded).
+    containers: Vec<Ctr>,
+    started_at: String,
+    reported: Option<serde_json::Value>,
+}
+
+/// One Docker container of a pod.
+#[derive(Debug, Clone)]
+struct Ctr {
+    /// The container's name in the pod spec.
+    name: String,
+    image: String,
+    docker: String,
+    /// `(port name, container port, published loopback port)`.
+    ports: Vec<(Option<String>, u16, Option<u16>)>,
     probe: Option<(String, u16, Duration)>,
     last_probe: Option<Instant>,
     ready: bool,
+    running: bool,
     restarts: i32,
     next_restart: Option<Instant>,
     last_exit: Option<i64>,
     started_at: String,
-    reported: Option<serde_json::Value>,
+}
+
+impl Ctr {
+    fn host_port_of(&self, container_port: u16) -> Option<u16> {
+        self.ports.iter().find(|(_, p, _)| *p == container_port).and_then(|(_, _, h)| *h)
+    }
 }
 
 /// A running agent (a task); stop it with [`NodeAgent::shutdown`].
@@ -299,8 +333,8 @@ impl Agent {
         // Containers whose pod is gone.
         let gone: Vec<String> = self.runs.keys().filter(|u| !live.contains(*u)).cloned().collect();
         for uid in gone {
-            if let Some(r) = self.runs.remove(&uid) {
-                self.remove_container(&r.container, Duration::from_secs(1)).await;
+            if self.runs.remove(&uid).is_some() {
+                self.remove_pod_containers(&uid, Duration::from_secs(1)).await;
                 self.remove_pod_volumes(&uid).await;
             }
         }
@@ -323,19 +357,32 @@ impl Agent {
         Ok(())
     }
 
-    /// Stop and remove the pod's container, then confirm the deletion (grace 0).
+    /// Stop and remove the pod's containers (all at once, each with the grace period, as the
+    /// kubelet sends SIGTERM to every container), then confirm the deletion (grace 0).
     async fn finish_delete(&mut self, p: &Pod) {
         let uid = p.metadata.uid.clone().unwrap_or_default();
         let name = p.metadata.name.clone().unwrap_or_default();
-        let grace = p.metadata.deletion_grace_period_seconds.unwrap_or(0).clamp(0, 10) as u64;
-        if let Some(r) = self.runs.remove(&uid) {
-            self.remove_container(&r.container, Duration::from_secs(grace)).await;
-        } else {
-            self.remove_container(&container_name(&self.ns, &name, &uid), Duration::from_secs(1)).await;
-        }
+        let grace = p.metadata.deletion_grace_period_seconds.unwrap_or(0).clamp(0, MAX_GRACE_SECS) as u64;
+        self.runs.remove(&uid);
+        self.remove_pod_containers(&uid, Duration::from_secs(grace)).await;
         self.remove_pod_volumes(&uid).await;
         let dp = DeleteParams { grace_period_seconds: Some(0), preconditions: Some(Preconditions { uid: Some(uid), resource_version: None }), ..Default::default() };
         let _ = bounded("delete pod", self.pods.delete(&name, &dp)).await;
+    }
+
+    /// Every Docker container of pod `uid` (init containers included), stopped concurrently.
+    async fn remove_pod_containers(&self, uid: &str, grace: Duration) {
+        let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_POD_UID}={uid}")])]);
+        let names: Vec<String> = match dbounded(
+            "list containers",
+            self.docker.list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() })),
+        )
+        .await
+        {
+            Ok(cs) => cs.into_iter().filter_map(|c| c.id).collect(),
+            Err(_) => return,
+        };
+        futures_util::future::join_all(names.iter().map(|n| self.remove_container(n, grace))).await;
     }
 
     async fn remove_container(&self, name: &str, grace: Duration) {
@@ -387,38 +434,48 @@ impl Agent {
         Ok(())
     }
 
-    /// Report a container that cannot start (waiting with a reason), once per change.
-    async fn report_waiting(&mut self, p: &Pod, reason: &str, message: &str) -> anyhow::Result<()> {
+    /// Report a pod that cannot start (a container waiting with a reason), once per change.
+    async fn report_waiting(&mut self, p: &Pod, container: &str, reason: &str, message: &str) -> anyhow::Result<()> {
         let name = p.metadata.name.clone().unwrap_or_default();
-        let cname = p.spec.as_ref().map(|s| s.containers[0].name.clone()).unwrap_or_default();
-        let image = p.spec.as_ref().and_then(|s| s.containers[0].image.clone()).unwrap_or_default();
-        let already = p
-            .status
-            .as_ref()
+        let spec = p.spec.as_ref();
+        let all = spec.map(|s| s.init_containers.iter().flatten().chain(s.containers.iter()).collect::<Vec<_>>()).unwrap_or_default();
+        let image = all.iter().find(|c| c.name == container).and_then(|c| c.image.clone()).unwrap_or_default();
+        let status = p.status.as_ref();
+        let already = status
             .and_then(|s| s.container_statuses.as_ref())
-            .and_then(|cs| cs.first())
-            .and_then(|c| c.state.as_ref())
-            .and_then(|s| s.waiting.as_ref())
-            .is_some_and(|w| w.reason.as_deref() == Some(reason));
+            .into_iter()
+            .chain(status.and_then(|s| s.init_container_statuses.as_ref()))
+            .flatten()
+            .filter(|c| c.name == container)
+            .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
+            .any(|w| w.reason.as_deref() == Some(reason));
         if already {
             return Ok(());
         }
-        self.patch_status(
-            &name,
-            json!({
-                "phase": "Pending",
-                "hostIP": "127.0.0.1",
-                "conditions": [
-                    {"type": "PodScheduled", "status": "True"},
-                    {"type": "Ready", "status": "False", "reason": "ContainersNotReady"},
-                ],
-                "containerStatuses": [{
-                    "name": cname, "image": image, "imageID": "", "ready": false, "restartCount": 0,
-                    "state": {"waiting": {"reason": reason, "message": message}},
-                }],
-            }),
-        )
-        .await
+        let waiting = json!({
+            "name": container, "image": image, "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": reason, "message": message}},
+        });
+        let is_init = spec.is_some_and(|s| s.init_containers.iter().flatten().any(|c| c.name == container));
+        let mut st = json!({
+            "phase": "Pending",
+            "hostIP": "127.0.0.1",
+            "conditions": [
+                {"type": "PodScheduled", "status": "True"},
+                {"type": "Initialized", "status": if is_init { "False" } else { "True" }},
+                {"type": "Ready", "status": "False", "reason": "ContainersNotReady"},
+            ],
+            "containerStatuses": [waiting.clone()],
+        });
+        if is_init {
+            st["initContainerStatuses"] = json!([waiting]);
+            let first = spec.map(|s| s.containers[0].clone()).unwrap_or_default();
+            st["containerStatuses"] = json!([{
+                "name": first.name, "image": first.image, "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "PodInitializing"}},
+            }]);
+        }
+        self.patch_status(&name, st).await
     }
 
     async fn sync_pod(&mut self, p: &Pod) -> anyhow::Result<()> {
@@ -428,45 +485,30 @@ impl Agent {
         }
         let name = p.metadata.name.clone().unwrap_or_default();
         let mut run = self.runs.get(&uid).cloned().expect("present");
-        // Exited? Restart (restartPolicy Always) with back-off.
-        let info = dbounded("inspect container", self.docker.inspect_container(&run.container, None)).await;
-        let running = match &info {
-            Ok(i) => i.state.as_ref().and_then(|s| s.running).unwrap_or(false),
-            Err(e) if is_docker_404(e) => false,
-            Err(_) => return Ok(()),
-        };
-        if !running {
-            run.ready = false;
-            if run.next_restart.is_none() {
-                run.last_exit = info.as_ref().ok().and_then(|i| i.state.as_ref()).and_then(|s| s.exit_code);
-                let backoff = Duration::from_secs(1 << run.restarts.clamp(0, 4));
-                run.next_restart = Some(Instant::now() + backoff);
+        let spec = p.spec.as_ref().context("pod without spec")?;
+        let inits = spec.init_containers.clone().unwrap_or_default();
+        if run.init_done < inits.len() {
+            self.step_init(p, &mut run, &inits).await?;
+            if run.init.is_none() && run.init_done < inits.len() {
+                // The next init container is made next round (or could not be: reported).
+                self.runs.insert(uid, run);
+                return Ok(());
             }
-            if run.next_restart.is_some_and(|t| Instant::now() >= t)
-                && info.is_ok()
-                && dbounded("start container", self.docker.start_container(&run.container, None)).await.is_ok()
-            {
-                run.restarts += 1;
-                run.next_restart = None;
-                run.started_at = now_rfc3339();
-                run.host_port = self.host_port(&run.container).await;
-                if let Some(port) = run.host_port {
-                    self.annotate_port(&name, port).await?;
-                }
+        } else if run.containers.is_empty() {
+            if !self.start_main(p, &mut run).await? {
+                self.runs.insert(uid, run);
+                return Ok(());
             }
-        } else if let (Some((path, _, period)), Some(port)) = (run.probe.clone(), run.host_port) {
-            if run.last_probe.is_none_or(|t| t.elapsed() >= period) {
-                run.last_probe = Some(Instant::now());
-                let url = format!("http://127.0.0.1:{port}{path}");
-                run.ready = matches!(
-                    tokio::time::timeout(Duration::from_secs(2), self.http.get(&url).send()).await,
-                    Ok(Ok(r)) if r.status().is_success()
-                );
+        } else {
+            let mut moved = false;
+            for c in run.containers.iter_mut() {
+                moved |= self.tend(c).await;
             }
-        } else if run.probe.is_none() {
-            run.ready = true;
+            if moved {
+                self.annotate_ports(&name, &run.containers).await?;
+            }
         }
-        let status = self.status_of(p, &run, running);
+        let status = self.status_of(p, &run, &inits);
         if run.reported.as_ref() != Some(&status) {
             self.patch_status(&name, status.clone()).await?;
             run.reported = Some(status);
@@ -475,71 +517,235 @@ impl Agent {
         Ok(())
     }
 
-    fn status_of(&self, p: &Pod, run: &Run, running: bool) -> serde_json::Value {
-        let c = &p.spec.as_ref().expect("spec").containers[0];
-        let ready = running && run.ready;
-        let state = if running {
-            json!({"running": {"startedAt": run.started_at}})
-        } else {
-            json!({"waiting": {"reason": "CrashLoopBackOff", "message": format!("back-off restarting failed container (exit code {})", run.last_exit.unwrap_or(-1))}})
+    /// The init container running now: done → the next one (or the main containers next
+    /// round); failed → restarted with back-off (restartPolicy Always), `Init:Error` meanwhile.
+    async fn step_init(&mut self, p: &Pod, run: &mut Run, inits: &[k8s_openapi::api::core::v1::Container]) -> anyhow::Result<()> {
+        let Some(mut c) = run.init.clone() else {
+            let spec = &inits[run.init_done];
+            match self.create_ctr(p, spec, &format!("{}_init{}", container_name(&self.ns, &run.name, &run.uid), run.init_done), false).await? {
+                Ok(c) => run.init = Some(c),
+                Err((reason, msg)) => self.report_waiting(p, &spec.name, &reason, &msg).await?,
+            }
+            return Ok(());
         };
-        let mut cs = json!({
-            "name": c.name, "image": c.image, "imageID": "", "containerID": format!("docker://{}", run.container),
-            "ready": ready, "started": running, "restartCount": run.restarts, "state": state,
-        });
-        if let Some(code) = run.last_exit.filter(|_| run.restarts > 0 || !running) {
-            cs["lastState"] = json!({"terminated": {"exitCode": code, "reason": "Error"}});
+        let info = dbounded("inspect container", self.docker.inspect_container(&c.docker, None)).await;
+        let state = info.as_ref().ok().and_then(|i| i.state.clone());
+        if state.as_ref().and_then(|s| s.running).unwrap_or(false) {
+            return Ok(());
         }
+        let code = state.as_ref().and_then(|s| s.exit_code).unwrap_or(-1);
+        if code == 0 && info.is_ok() {
+            tracing::debug!(pod = %run.name, container = %c.name, "init container completed");
+            run.init_done += 1;
+            run.init = None;
+            return Ok(());
+        }
+        c.running = false;
+        if c.next_restart.is_none() {
+            c.last_exit = Some(code);
+            c.next_restart = Some(Instant::now() + Duration::from_secs(1 << c.restarts.clamp(0, 4)));
+        }
+        if c.next_restart.is_some_and(|t| Instant::now() >= t)
+            && info.is_ok()
+            && dbounded("start container", self.docker.start_container(&c.docker, None)).await.is_ok()
+        {
+            c.restarts += 1;
+            c.next_restart = None;
+            c.running = true;
+            c.started_at = now_rfc3339();
+        }
+        run.init = Some(c);
+        Ok(())
+    }
+
+    /// Every main container, in order. False when one cannot be made yet (reported).
+    async fn start_main(&mut self, p: &Pod, run: &mut Run) -> anyhow::Result<bool> {
+        let spec = p.spec.as_ref().context("pod without spec")?;
+        let base = container_name(&self.ns, &run.name, &run.uid);
+        let mut made = Vec::new();
+        for (i, c) in spec.containers.iter().enumerate() {
+            // The first keeps the historical name (what `leftovers` and older tests know).
+            let dname = if i == 0 { base.clone() } else { format!("{base}_{}", c.name) };
+            match self.create_ctr(p, c, &dname, true).await? {
+                Ok(ctr) => made.push(ctr),
+                Err((reason, msg)) => {
+                    for m in &made {
+                        self.remove_container(&m.docker, Duration::from_secs(1)).await;
+                    }
+                    self.report_waiting(p, &c.name, &reason, &msg).await?;
+                    return Ok(false);
+                }
+            }
+        }
+        self.annotate_ports(&run.name, &made).await?;
+        run.started_at = now_rfc3339();
+        run.containers = made;
+        tracing::debug!(pod = %run.name, uid = %run.uid, "pod containers started");
+        Ok(true)
+    }
+
+    /// A main container: restarted with back-off when it exited (restartPolicy Always),
+    /// probed when running. True when its published ports changed (restart).
+    async fn tend(&self, c: &mut Ctr) -> bool {
+        let info = dbounded("inspect container", self.docker.inspect_container(&c.docker, None)).await;
+        let running = match &info {
+            Ok(i) => i.state.as_ref().and_then(|s| s.running).unwrap_or(false),
+            Err(e) if is_docker_404(e) => false,
+            Err(_) => return false,
+        };
+        c.running = running;
+        let mut moved = false;
+        if !running {
+            c.ready = false;
+            if c.next_restart.is_none() {
+                c.last_exit = info.as_ref().ok().and_then(|i| i.state.as_ref()).and_then(|s| s.exit_code);
+                c.next_restart = Some(Instant::now() + Duration::from_secs(1 << c.restarts.clamp(0, 4)));
+            }
+            if c.next_restart.is_some_and(|t| Instant::now() >= t)
+                && info.is_ok()
+                && dbounded("start container", self.docker.start_container(&c.docker, None)).await.is_ok()
+            {
+                c.restarts += 1;
+                c.next_restart = None;
+                c.running = true;
+                c.started_at = now_rfc3339();
+                let before = c.ports.clone();
+                self.publish(c).await;
+                moved = before != c.ports;
+            }
+        } else if let Some((path, port, period)) = c.probe.clone() {
+            if c.last_probe.is_none_or(|t| t.elapsed() >= period) {
+                c.last_probe = Some(Instant::now());
+                c.ready = match c.host_port_of(port) {
+                    Some(hp) => matches!(
+                        tokio::time::timeout(Duration::from_secs(2), self.http.get(format!("http://127.0.0.1:{hp}{path}")).send()).await,
+                        Ok(Ok(r)) if r.status().is_success()
+                    ),
+                    None => false,
+                };
+            }
+        } else {
+            c.ready = true;
+        }
+        moved
+    }
+
+    fn status_of(&self, p: &Pod, run: &Run, inits: &[k8s_openapi::api::core::v1::Container]) -> serde_json::Value {
+        let spec = p.spec.as_ref().expect("spec");
+        let initialized = run.init_done >= inits.len();
+        let ctr_status = |c: &Ctr, main: bool| {
+            let state = if c.running {
+                json!({"running": {"startedAt": c.started_at}})
+            } else if main {
+                json!({"waiting": {"reason": "CrashLoopBackOff", "message": format!("back-off restarting failed container (exit code {})", c.last_exit.unwrap_or(-1))}})
+            } else {
+                json!({"waiting": {"reason": "CrashLoopBackOff", "message": format!("back-off restarting failed init container (exit code {})", c.last_exit.unwrap_or(-1))}})
+            };
+            let mut cs = json!({
+                "name": c.name, "image": c.image, "imageID": "", "containerID": format!("docker://{}", c.docker),
+                "ready": main && c.running && c.ready, "started": c.running, "restartCount": c.restarts, "state": state,
+            });
+            if let Some(code) = c.last_exit.filter(|_| c.restarts > 0 || !c.running) {
+                cs["lastState"] = json!({"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" }}});
+            }
+            cs
+        };
+        let init_statuses: Vec<serde_json::Value> = inits
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i < run.init_done {
+                    json!({"name": c.name, "image": c.image, "imageID": "", "ready": true, "restartCount": 0,
+                           "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}})
+                } else if let Some(r) = run.init.as_ref().filter(|_| i == run.init_done) {
+                    ctr_status(r, false)
+                } else {
+                    json!({"name": c.name, "image": c.image, "imageID": "", "ready": false, "restartCount": 0,
+                           "state": {"waiting": {"reason": "PodInitializing"}}})
+                }
+            })
+            .collect();
+        let statuses: Vec<serde_json::Value> = if run.containers.is_empty() {
+            spec.containers
+                .iter()
+                .map(|c| json!({"name": c.name, "image": c.image, "imageID": "", "ready": false, "restartCount": 0,
+                                "state": {"waiting": {"reason": "PodInitializing"}}}))
+                .collect()
+        } else {
+            run.containers.iter().map(|c| ctr_status(c, true)).collect()
+        };
+        let ready = !run.containers.is_empty() && run.containers.iter().all(|c| c.running && c.ready);
         let cond = |t: &str, ok: bool| json!({"type": t, "status": if ok { "True" } else { "False" }});
-        json!({
-            "phase": "Running",
+        let mut st = json!({
+            "phase": if run.containers.is_empty() { "Pending" } else { "Running" },
             "hostIP": "127.0.0.1",
             "podIP": "127.0.0.1",
             "podIPs": [{"ip": "127.0.0.1"}],
             "startTime": run.started_at,
-            "conditions": [cond("PodScheduled", true), cond("Initialized", true), cond("ContainersReady", ready), cond("Ready", ready)],
-            "containerStatuses": [cs],
-        })
+            "conditions": [cond("PodScheduled", true), cond("Initialized", initialized), cond("ContainersReady", ready), cond("Ready", ready)],
+            "containerStatuses": statuses,
+        });
+        if !inits.is_empty() {
+            st["initContainerStatuses"] = json!(init_statuses);
+        }
+        st
     }
 
-    async fn host_port(&self, container: &str) -> Option<u16> {
-        let i = dbounded("inspect container", self.docker.inspect_container(container, None)).await.ok()?;
-        let ports = i.network_settings?.ports?;
-        for (_, bindings) in ports {
-            for b in bindings.unwrap_or_default() {
-                if let Some(p) = b.host_port.and_then(|p| p.parse().ok()) {
-                    return Some(p);
+    /// Reads the container's published loopback ports.
+    async fn publish(&self, c: &mut Ctr) {
+        let Ok(i) = dbounded("inspect container", self.docker.inspect_container(&c.docker, None)).await else { return };
+        let ports = i.network_settings.and_then(|n| n.ports).unwrap_or_default();
+        for (_, port, host) in c.ports.iter_mut() {
+            *host = ports
+                .get(&format!("{port}/tcp"))
+                .cloned()
+                .flatten()
+                .unwrap_or_default()
+                .into_iter()
+                .find_map(|b| b.host_port.and_then(|p| p.parse().ok()));
+        }
+    }
+
+    /// `nestor.dev/host-port` (the first container's first port) and
+    /// `nestor.dev/host-port-<name>` for every named port.
+    async fn annotate_ports(&self, name: &str, containers: &[Ctr]) -> anyhow::Result<()> {
+        let mut ann = serde_json::Map::new();
+        if let Some((_, _, Some(hp))) = containers.first().and_then(|c| c.ports.first()) {
+            ann.insert(HOST_PORT_ANNOTATION.into(), json!(hp.to_string()));
+        }
+        for c in containers {
+            for (pname, _, hp) in &c.ports {
+                if let (Some(n), Some(hp)) = (pname, hp) {
+                    ann.insert(format!("{HOST_PORT_ANNOTATION_PREFIX}{n}"), json!(hp.to_string()));
                 }
             }
         }
-        None
-    }
-
-    async fn annotate_port(&self, name: &str, port: u16) -> anyhow::Result<()> {
-        let patch = json!({"metadata": {"annotations": {HOST_PORT_ANNOTATION: port.to_string()}}});
+        if ann.is_empty() {
+            return Ok(());
+        }
+        let patch = json!({"metadata": {"annotations": ann}});
         bounded("annotate pod", self.pods.patch(name, &PatchParams::default(), &Patch::Merge(&patch))).await?;
         Ok(())
     }
 
-    async fn start_pod(&mut self, p: &Pod) -> anyhow::Result<()> {
-        let uid = p.metadata.uid.clone().unwrap_or_default();
-        let name = p.metadata.name.clone().unwrap_or_default();
-        let spec = p.spec.as_ref().context("pod without spec")?;
-        let c = spec.containers.first().context("pod without containers")?;
-        let image = c.image.clone().unwrap_or_default();
-        // The image: there is no registry, so it must be present.
-        if dbounded("inspect image", self.docker.inspect_image(&image)).await.is_err() {
-            let never = c.image_pull_policy.as_deref() == Some("Never");
-            let (reason, msg) = if never {
-                ("ErrImageNeverPull", format!("Container image \"{image}\" is not present with pull policy of Never"))
-            } else {
-                ("ErrImagePull", format!("image \"{image}\" is not present on the node and no registry is reachable"))
-            };
-            return self.report_waiting(p, reason, &msg).await;
-        }
-        // Environment, with Secret references resolved.
+    /// Environment of `c`: literals, `secretKeyRef`s and `envFrom` Secrets resolved. Err:
+    /// the kubelet's waiting reason and message.
+    async fn resolve_env(&self, c: &k8s_openapi::api::core::v1::Container) -> anyhow::Result<Result<Vec<String>, (String, String)>> {
         let mut env = Vec::new();
         let mut secrets: HashMap<String, Secret> = HashMap::new();
+        let missing = |n: &str| Ok(Err(("CreateContainerConfigError".to_owned(), format!("secret \"{n}\" not found"))));
+        for from in c.env_from.iter().flatten() {
+            let Some(r) = from.secret_ref.as_ref() else { continue };
+            let Some(s) = bounded("get secret", self.secrets.get_opt(&r.name)).await? else {
+                if r.optional == Some(true) {
+                    continue;
+                }
+                return missing(&r.name);
+            };
+            for (k, v) in s.data.iter().flatten() {
+                env.push(format!("{}{k}={}", from.prefix.clone().unwrap_or_default(), String::from_utf8_lossy(&v.0)));
+            }
+        }
         for e in c.env.iter().flatten() {
             if let Some(v) = &e.value {
                 env.push(format!("{}={v}", e.name));
@@ -549,41 +755,58 @@ impl Agent {
                         Some(s) => {
                             secrets.insert(r.name.clone(), s);
                         }
-                        None => {
-                            return self
-                                .report_waiting(p, "CreateContainerConfigError", &format!("secret \"{}\" not found", r.name))
-                                .await
-                        }
+                        None => return missing(&r.name),
                     }
                 }
-                let val = secrets[&r.name]
-                    .data
-                    .as_ref()
-                    .and_then(|d| d.get(&r.key))
-                    .map(|b| String::from_utf8_lossy(&b.0).into_owned());
+                let val = secrets[&r.name].data.as_ref().and_then(|d| d.get(&r.key)).map(|b| String::from_utf8_lossy(&b.0).into_owned());
                 match val {
                     Some(v) => env.push(format!("{}={v}", e.name)),
+                    None if r.optional == Some(true) => {}
                     None => {
-                        return self
-                            .report_waiting(
-                                p,
-                                "CreateContainerConfigError",
-                                &format!("couldn't find key {} in Secret {}/{}", r.key, self.ns, r.name),
-                            )
-                            .await
+                        return Ok(Err((
+                            "CreateContainerConfigError".to_owned(),
+                            format!("couldn't find key {} in Secret {}/{}", r.key, self.ns, r.name),
+                        )))
                     }
                 }
             }
         }
-        // Volumes.
+        Ok(Ok(env))
+    }
+
+    /// Creates and starts one container of pod `p` (its volumes shared with the pod's other
+    /// containers: one Docker volume per pod volume). `publish`: publish its ports on
+    /// loopback (main containers). Err: the kubelet's waiting reason and message.
+    async fn create_ctr(
+        &self,
+        p: &Pod,
+        c: &k8s_openapi::api::core::v1::Container,
+        dname: &str,
+        publish: bool,
+    ) -> anyhow::Result<Result<Ctr, (String, String)>> {
+        let uid = p.metadata.uid.clone().unwrap_or_default();
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let spec = p.spec.as_ref().context("pod without spec")?;
+        let image = c.image.clone().unwrap_or_default();
+        // The image: there is no registry, so it must be present.
+        if dbounded("inspect image", self.docker.inspect_image(&image)).await.is_err() {
+            let never = c.image_pull_policy.as_deref() == Some("Never");
+            return Ok(Err(if never {
+                ("ErrImageNeverPull".into(), format!("Container image \"{image}\" is not present with pull policy of Never"))
+            } else {
+                ("ErrImagePull".into(), format!("image \"{image}\" is not present on the node and no registry is reachable"))
+            }));
+        }
+        let env = match self.resolve_env(c).await? {
+            Ok(e) => e,
+            Err(w) => return Ok(Err(w)),
+        };
         let mut mounts = Vec::new();
         for vm in c.volume_mounts.iter().flatten() {
             let Some(v) = spec.volumes.iter().flatten().find(|v| v.name == vm.name) else { continue };
             let (vol, labels) = if let Some(claim) = &v.persistent_volume_claim {
                 if bounded("get pvc", self.pvcs.get_opt(&claim.claim_name)).await?.is_none() {
-                    return self
-                        .report_waiting(p, "ContainerCreating", &format!("persistentvolumeclaim \"{}\" not found", claim.claim_name))
-                        .await;
+                    return Ok(Err(("ContainerCreating".into(), format!("persistentvolumeclaim \"{}\" not found", claim.claim_name))));
                 }
                 (
                     format!("nna-{}-{}-pvc-{}", self.node, self.ns, claim.claim_name),
@@ -605,7 +828,12 @@ impl Agent {
                 ..Default::default()
             });
         }
-        let port = c.ports.iter().flatten().next().map(|p| p.container_port).unwrap_or(8000);
+        let ports: Vec<(Option<String>, u16, Option<u16>)> = if publish {
+            let declared: Vec<_> = c.ports.iter().flatten().map(|p| (p.name.clone(), p.container_port as u16, None)).collect();
+            declared
+        } else {
+            Vec::new()
+        };
         let psc = spec.security_context.as_ref();
         let sc = c.security_context.as_ref();
         let user = sc.and_then(|s| s.run_as_user).or_else(|| psc.and_then(|s| s.run_as_user));
@@ -619,16 +847,16 @@ impl Agent {
         let limits = c.resources.as_ref().and_then(|r| r.limits.clone()).unwrap_or_default();
         let memory = limits.get("memory").and_then(|q| parse_bytes(&q.0));
         let nano_cpus = limits.get("cpu").and_then(|q| parse_cpu(&q.0));
+        let first_port = ports.first().map(|p| p.1).unwrap_or(8000);
         let probe = c.readiness_probe.as_ref().and_then(|pr| {
             let h = pr.http_get.as_ref()?;
             let pport = match &h.port {
                 k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i) => *i as u16,
-                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(_) => port as u16,
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(_) => first_port,
             };
             Some((h.path.clone().unwrap_or_else(|| "/".into()), pport, Duration::from_secs(pr.period_seconds.unwrap_or(10).max(1) as u64)))
         });
-        let cname = container_name(&self.ns, &name, &uid);
-        let key = format!("{port}/tcp");
+        let keys: Vec<String> = ports.iter().map(|(_, p, _)| format!("{p}/tcp")).collect();
         let body = ContainerCreateBody {
             image: Some(image.clone()),
             entrypoint: c.command.clone(),
@@ -640,13 +868,14 @@ impl Agent {
                 (LABEL_POD_UID.to_owned(), uid.clone()),
                 (LABEL_POD.to_owned(), format!("{}/{name}", self.ns)),
             ])),
-            exposed_ports: Some(vec![key.clone()]),
+            exposed_ports: Some(keys.clone()),
             host_config: Some(HostConfig {
                 mounts: Some(mounts),
-                port_bindings: Some(HashMap::from([(
-                    key,
-                    Some(vec![PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(String::new()) }]),
-                )])),
+                port_bindings: Some(
+                    keys.into_iter()
+                        .map(|k| (k, Some(vec![PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(String::new()) }])))
+                        .collect(),
+                ),
                 cap_drop: drop_caps,
                 security_opt: no_new_privs.then(|| vec!["no-new-privileges:true".into()]),
                 memory,
@@ -662,37 +891,54 @@ impl Agent {
         };
         let _ = dbounded(
             "remove stale container",
-            self.docker.remove_container(&cname, Some(RemoveContainerOptions { force: true, v: false, link: false })),
+            self.docker.remove_container(dname, Some(RemoveContainerOptions { force: true, v: false, link: false })),
         )
         .await;
         dbounded(
             "create container",
-            self.docker.create_container(Some(CreateContainerOptions { name: Some(cname.clone()), ..Default::default() }), body),
+            self.docker.create_container(Some(CreateContainerOptions { name: Some(dname.to_owned()), ..Default::default() }), body),
         )
         .await?;
-        dbounded("start container", self.docker.start_container(&cname, None)).await?;
-        let host_port = self.host_port(&cname).await;
-        if let Some(hp) = host_port {
-            self.annotate_port(&name, hp).await?;
-        }
-        let run = Run {
-            uid: uid.clone(),
-            name: name.clone(),
-            container: cname,
-            host_port,
-            probe: probe.map(|(path, _, period)| (path, port as u16, period)),
+        dbounded("start container", self.docker.start_container(dname, None)).await?;
+        let mut ctr = Ctr {
+            name: c.name.clone(),
+            image,
+            docker: dname.to_owned(),
+            ports,
+            probe,
             last_probe: None,
             ready: false,
+            running: true,
             restarts: 0,
             next_restart: None,
             last_exit: None,
             started_at: now_rfc3339(),
-            reported: None,
         };
-        tracing::debug!(pod = %run.name, uid = %run.uid, port = ?host_port, "pod container started");
-        let status = self.status_of(p, &run, true);
-        self.patch_status(&name, status.clone()).await?;
-        self.runs.insert(uid, Run { reported: Some(status), ..run });
+        self.publish(&mut ctr).await;
+        Ok(Ok(ctr))
+    }
+
+    async fn start_pod(&mut self, p: &Pod) -> anyhow::Result<()> {
+        let uid = p.metadata.uid.clone().unwrap_or_default();
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let spec = p.spec.as_ref().context("pod without spec")?;
+        spec.containers.first().context("pod without containers")?;
+        let mut run = Run { uid: uid.clone(), name, init_done: 0, init: None, containers: Vec::new(), started_at: now_rfc3339(), reported: None };
+        let inits = spec.init_containers.clone().unwrap_or_default();
+        if inits.is_empty() {
+            if !self.start_main(p, &mut run).await? {
+                return Ok(()); // reported; tried again next round
+            }
+        } else {
+            self.step_init(p, &mut run, &inits).await?;
+            if run.init.is_none() {
+                return Ok(()); // could not be made (reported)
+            }
+        }
+        let status = self.status_of(p, &run, &inits);
+        self.patch_status(&run.name.clone(), status.clone()).await?;
+        run.reported = Some(status);
+        self.runs.insert(uid, run);
         Ok(())
     }
 }

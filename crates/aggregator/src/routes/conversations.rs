@@ -533,14 +533,18 @@ pub async fn per_conversation(State(state): State<AppState>, req: Request<Body>)
             *r.status_mut() = StatusCode::NO_CONTENT;
             Ok(r)
         }
-        (Method::GET, "runtime") => Ok(json_response(StatusCode::OK, &runtime_answer(&state, &ds, id))),
+        (Method::GET, "runtime") => Ok(json_response(StatusCode::OK, &runtime_answer(&state, &ds, id).await)),
         (Method::POST, "runtime/reprovision") => {
             forward::ensure_ready(&state, &ds, Some(id)).await?;
-            Ok(json_response(StatusCode::OK, &runtime_answer(&state, &ds, id)))
+            Ok(json_response(StatusCode::OK, &runtime_answer(&state, &ds, id).await))
         }
         (Method::POST, "events" | "run") if state.persistence.is_some() => {
             if let (Some(p), Some((_, owner))) = (&state.persistence, state.catalog.route(&id)) {
-                p.check_work(&owner, id)?;
+                // Pushed by the pod (kubernetes): its sidecar's status says; else nestor's own.
+                match state.provisioner.workspace_status(&ds).await {
+                    Some(remote) => p.check_work_status(&owner, id, &remote)?,
+                    None => p.check_work(&owner, id)?,
+                }
             }
             forward_streaming(&state, &ds, Some(id), req).await
         }
@@ -557,11 +561,16 @@ pub async fn per_conversation(State(state): State<AppState>, req: Request<Body>)
 
 /// `GET …/runtime`: the agent-server's `ConversationRuntimeInfo` fields, plus nestor's own
 /// under `nestor` (the persistence status of the conversation's files, when configured).
-fn runtime_answer(state: &AppState, ds: &Downstream, id: ConversationId) -> Value {
+/// With the kubernetes backend the pod's sync sidecar pushes, and its status is asked for.
+async fn runtime_answer(state: &AppState, ds: &Downstream, id: ConversationId) -> Value {
     let mut v = nestor_conversation_service::runtime_info(ds);
     if let (Some(p), Some((_, owner))) = (&state.persistence, state.catalog.route(&id)) {
+        let storage = match state.provisioner.workspace_status(ds).await {
+            Some(remote) => remote,
+            None => p.status_json(&owner, id),
+        };
         if let Some(o) = v.as_object_mut() {
-            o.insert("nestor".into(), json!({ "workspace_storage": p.status_json(&owner, id) }));
+            o.insert("nestor".into(), json!({ "workspace_storage": storage }));
         }
     }
     v

@@ -150,15 +150,11 @@ use crate::container_env::BASE_ENV;
 
 /// Where the agent-server keeps its state in a bind-mounted (persisted) conversation: one
 /// tree, `state/`, beside the project.
-const BIND_STATE_ENV: &[(&str, &str)] = &[
-    ("OH_CONVERSATIONS_PATH", "/workspace/state/conversations"),
-    ("OH_BASH_EVENTS_DIR", "/workspace/state/bash_events"),
-    ("OH_PERSISTENCE_DIR", "/workspace/state/persistence"),
-];
+use crate::container_env::PERSISTED_STATE_ENV as BIND_STATE_ENV;
 /// In a conversation's data directory: the two persisted trees.
-const DATA_STATE: &str = "state";
-const DATA_PROJECT: &str = "project";
-const STATE_SUBDIRS: [&str; 3] = ["conversations", "bash_events", "persistence"];
+use crate::container_env::{
+    PERSISTED_PROJECT_DIR as DATA_PROJECT, PERSISTED_STATE_DIR as DATA_STATE, PERSISTED_STATE_SUBDIRS as STATE_SUBDIRS,
+};
 
 /// One container and its bookkeeping.
 struct Ctr {

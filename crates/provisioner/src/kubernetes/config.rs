@@ -17,8 +17,9 @@ pub enum StorageMode {
     /// loss, nestor restarts). Default.
     #[default]
     Pvc,
-    /// An emptyDir: state dies with the pod. Idle stop is then refused (it would lose the
-    /// conversation).
+    /// An emptyDir: state dies with the pod. Idle stop is then skipped (it would lose the
+    /// conversation), unless workspace persistence is on: the next pod restores the
+    /// conversation's files from the bucket.
     #[serde(alias = "emptyDir", alias = "empty-dir")]
     EmptyDir,
 }
@@ -193,6 +194,10 @@ pub struct KubernetesConfig {
     /// (default true): a missing one fails the start with its name.
     #[serde(default)]
     pub check_permissions: Option<bool>,
+    /// `[provisioner.kubernetes.workspace_sync]`: the pods' sync containers when
+    /// `[workspace_storage]` is on (see `super::persistence`).
+    #[serde(default)]
+    pub workspace_sync: super::persistence::WorkspaceSyncConfig,
 }
 
 /// Environment nestor sets itself.
@@ -239,6 +244,8 @@ pub struct Settings {
     pub termination_grace_secs: i64,
     pub provisioning_grace: Duration,
     pub check_permissions: bool,
+    /// Checked against `[workspace_storage]` when persistence is on.
+    pub workspace_sync: super::persistence::WorkspaceSyncConfig,
 }
 
 fn cfg_err(s: impl Into<String>) -> ProvisionError {
@@ -337,6 +344,7 @@ impl KubernetesConfig {
             termination_grace_secs: grace,
             provisioning_grace: secs(self.provisioning_grace_secs, 600.0, "provisioning_grace_secs")?,
             check_permissions: self.check_permissions.unwrap_or(true),
+            workspace_sync: self.workspace_sync.clone(),
         })
     }
 }

@@ -38,10 +38,16 @@
 //! `release` deletes pod, Secret and PVC. The watch is a list + watch loop of its own: on
 //! `410 Gone` (expired resourceVersion) it lists again and diffs, on errors it backs off
 //! (bounded) and retries; every other call is bounded by `api_timeout_secs`.
+//!
+//! **Workspace persistence** (`[workspace_storage]`): each pod restores and pushes its own
+//! files, with nestor's binary in an init container and a sidecar ([`persistence`]); `stop`
+//! then also works with `storage = "emptydir"` (the next pod restores from the bucket), and
+//! `stop`/`release` ask the sidecar for a final push before deleting the pod.
 
 mod api;
 pub mod config;
 pub mod objects;
+pub mod persistence;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,7 +61,7 @@ use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessR
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use nestor_core::downstream::{Endpoint, NotReady};
-use nestor_core::{ConversationId, Downstream, DownstreamId, DownstreamState, SessionKey, UserId};
+use nestor_core::{ConversationId, Downstream, DownstreamClient, DownstreamId, DownstreamState, SessionKey, UserId};
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
@@ -65,7 +71,9 @@ pub use config::{KubernetesConfig, PullPolicy, Reach, Settings, StorageMode};
 pub use objects::Slot;
 use objects::{CONVERSATION, HOST_PORT, OWNER, PHASE, PHASE_ACTIVE, PHASE_PROVISIONING};
 
+use crate::sync::WorkspaceSync;
 use crate::{ProvisionError, ProvisionRequest, Provisioner};
+use persistence::{PodSync, SYNC_HOST_PORT};
 
 /// Every (verb, resource) nestor uses; the start-up access check and deploy/kubernetes/rbac.yaml
 /// list exactly these.
@@ -96,6 +104,8 @@ struct PodView {
     ready: bool,
     ip: Option<String>,
     host_port: Option<u16>,
+    /// The sync sidecar's published port (test node agent, `reach = "host-port-annotation"`).
+    sync_port: Option<u16>,
     deleting: bool,
     /// `Failed` / `Succeeded`: the pod is over and must be re-created.
     terminal: bool,
@@ -113,11 +123,32 @@ impl PodView {
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
         let phase = status.and_then(|s| s.phase.clone()).unwrap_or_default();
         let mut problem = None;
+        // An init container that failed (the restore) explains why nothing else runs.
+        for cs in status.and_then(|s| s.init_container_statuses.as_ref()).into_iter().flatten() {
+            let st = cs.state.as_ref();
+            if let Some(t) = st.and_then(|s| s.terminated.as_ref()).filter(|t| t.exit_code != 0) {
+                problem = Some(format!("init container {} exited with code {}: {}", cs.name, t.exit_code, t.message.clone().unwrap_or_default()));
+            } else if let Some(w) = st.and_then(|s| s.waiting.as_ref()) {
+                let last = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref());
+                if let Some(t) = last.filter(|t| t.exit_code != 0) {
+                    problem = Some(format!(
+                        "init container {} failed (exit code {}, {}): {}",
+                        cs.name,
+                        t.exit_code,
+                        w.reason.clone().unwrap_or_default(),
+                        t.message.clone().unwrap_or_default()
+                    ));
+                }
+            }
+        }
         for cs in status.and_then(|s| s.container_statuses.as_ref()).into_iter().flatten() {
+            if problem.is_some() {
+                break;
+            }
             let st = cs.state.as_ref();
             if let Some(w) = st.and_then(|s| s.waiting.as_ref()) {
                 let reason = w.reason.clone().unwrap_or_default();
-                if !reason.is_empty() && reason != "ContainerCreating" {
+                if !reason.is_empty() && reason != "ContainerCreating" && reason != "PodInitializing" {
                     problem = Some(format!("{reason}: {}", w.message.clone().unwrap_or_default()).trim_end_matches(": ").to_owned());
                 }
             } else if let Some(t) = st.and_then(|s| s.terminated.as_ref()) {
@@ -146,6 +177,7 @@ impl PodView {
             ready,
             ip: status.and_then(|s| s.pod_ip.clone()).filter(|s| !s.is_empty()),
             host_port: meta.annotations.as_ref().and_then(|a| a.get(HOST_PORT)).and_then(|v| v.parse().ok()),
+            sync_port: meta.annotations.as_ref().and_then(|a| a.get(SYNC_HOST_PORT)).and_then(|v| v.parse().ok()),
             deleting: meta.deletion_timestamp.is_some(),
             terminal: phase == "Failed" || phase == "Succeeded",
             problem,
@@ -169,6 +201,12 @@ struct Conv {
     released: AtomicBool,
     /// The pod as last seen (None: no pod). Waiters use it to see a pod go away.
     pod: watch::Sender<Option<PodView>>,
+    /// The sync sidecar's last answer (workspace persistence), shown while no pod runs.
+    sync_status: std::sync::Mutex<Option<serde_json::Value>>,
+    /// Its pods persist their files (its Secret says `nestor.dev/persisted`, set when it was
+    /// created with persistence on). A conversation created before keeps its layout and its
+    /// PVC for life: turning persistence on must not hide its state.
+    persisted: AtomicBool,
 }
 
 /// The `kubernetes` backend. Cheap to clone (all state is shared).
@@ -192,6 +230,15 @@ struct Inner {
     watch_ok: AtomicBool,
     /// Lists done by the watch loop (initial + after 410/errors); for tests.
     relists: AtomicU64,
+    /// Workspace persistence (set once, before the first pod is made).
+    sync: std::sync::OnceLock<Arc<KubeSync>>,
+}
+
+/// Workspace persistence of this backend: the pods' sync containers, and nestor's side.
+struct KubeSync {
+    pod: PodSync,
+    hooks: Arc<dyn WorkspaceSync>,
+    client: DownstreamClient,
 }
 
 impl KubernetesProvisioner {
@@ -250,7 +297,31 @@ impl KubernetesProvisioner {
             watching: AtomicBool::new(false),
             watch_ok: AtomicBool::new(false),
             relists: AtomicU64::new(0),
+            sync: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Workspace persistence (`[workspace_storage]`): every pod made from now on restores and
+    /// pushes its files itself ([`persistence`]); `hooks` purges stored copies on delete.
+    pub fn with_workspace_sync(
+        self,
+        storage: &nestor_workspace_store::WorkspaceStorageConfig,
+        hooks: Arc<dyn WorkspaceSync>,
+    ) -> Result<Self, ProvisionError> {
+        let pod = self.0.s.workspace_sync.validate(&self.0.s, storage)?;
+        if pod.credentials.is_empty() && pod.credentials_secret.is_none() {
+            tracing::info!("workspace sync: no storage credentials of nestor's own and no credentials_secret; the sync containers use the pods' identity (service_account_name)");
+        }
+        let ks = KubeSync { pod, hooks, client: DownstreamClient::new(Duration::from_secs(5)) };
+        if self.0.sync.set(Arc::new(ks)).is_err() {
+            return Err(ProvisionError::Config("workspace sync configured twice".into()));
+        }
+        Ok(self)
+    }
+
+    /// Whether the pods persist their files (`[workspace_storage]`).
+    pub fn persists(&self) -> bool {
+        self.0.sync.get().is_some()
     }
 
     pub fn namespace(&self) -> &str {
@@ -320,6 +391,13 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// Secret annotation: the conversation was created with workspace persistence on.
+const PERSISTED: &str = "nestor.dev/persisted";
+
+fn persisted(secret: &Secret) -> bool {
+    secret.metadata.annotations.as_ref().and_then(|a| a.get(PERSISTED)).is_some_and(|v| v == "true")
+}
+
 fn downstream_id(slot: &Slot) -> DownstreamId {
     match slot {
         Slot::Conversation(c) => DownstreamId::new(format!("kubernetes-{}", c.hex())),
@@ -354,6 +432,8 @@ impl Inner {
                     failed: std::sync::Mutex::new(None),
                     released: AtomicBool::new(false),
                     pod: watch::Sender::new(None),
+                    sync_status: std::sync::Mutex::new(None),
+                    persisted: AtomicBool::new(false),
                 })
             })
             .clone();
@@ -519,6 +599,7 @@ impl Inner {
         let n = name.clone();
         let pod = self.kube.call("get", "pods", async move { pods.get_opt(&n).await }).await?;
         let c = self.insert_conv(slot, key, owner, pod.as_ref().map(PodView::of));
+        c.persisted.store(persisted(&secret), Ordering::SeqCst);
         tracing::info!(downstream = %c.ds.id(), state = c.ds.state().as_str(), "adopted agent-server pod");
         Ok(Some(c))
     }
@@ -662,19 +743,24 @@ impl Inner {
 
     // ------------------------------------------------------------------ objects
 
-    /// Create the Secret (or read back the existing one's keys).
-    async fn ensure_secret(&self, slot: &Slot, owner: &UserId) -> Result<SessionKey, KubeError> {
-        let secret = objects::secret(&self.s, slot, &self.kube.ns, owner, &SessionKey::random(), &SessionKey::random());
+    /// Create the Secret (or read back the existing one's keys). Also whether the
+    /// conversation's pods persist their files.
+    async fn ensure_secret(&self, slot: &Slot, owner: &UserId) -> Result<(SessionKey, bool), KubeError> {
+        let mut secret = objects::secret(&self.s, slot, &self.kube.ns, owner, &SessionKey::random(), &SessionKey::random());
+        let persist = self.sync.get().is_some() && matches!(slot, Slot::Conversation(_));
+        if persist {
+            secret.metadata.annotations.get_or_insert_with(Default::default).insert(PERSISTED.into(), "true".into());
+        }
         let api = self.secrets.clone();
         let body = secret.clone();
         match self.kube.call("create", "secrets", async move { api.create(&PostParams::default(), &body).await }).await {
-            Ok(_) => Ok(objects::keys_of(&secret).expect("fresh secret has keys").0),
+            Ok(_) => Ok((objects::keys_of(&secret).expect("fresh secret has keys").0, persist)),
             Err(e) if e.is_conflict() => {
                 // Another replica (or an earlier try) made it: use its keys.
                 let api = self.secrets.clone();
                 let name = self.name(slot);
                 let existing = self.kube.call("get", "secrets", async move { api.get(&name).await }).await?;
-                objects::keys_of(&existing).map(|k| k.0).ok_or_else(|| KubeError::Other {
+                objects::keys_of(&existing).map(|k| (k.0, persisted(&existing))).ok_or_else(|| KubeError::Other {
                     verb: "read",
                     resource: "secrets",
                     detail: format!("Secret {} exists but lacks nestor's keys", self.name(slot)),
@@ -700,7 +786,14 @@ impl Inner {
     /// Create the pod (409: it exists, someone else started it). Caller holds lifecycle.
     async fn create_pod(self: &Arc<Self>, c: &Arc<Conv>) -> Result<(), ProvisionError> {
         let owner = c.ds.owner().cloned().unwrap_or_else(UserId::default_user);
-        let body = objects::pod(&self.s, &c.slot, &self.kube.ns, &owner);
+        let mut body = objects::pod(&self.s, &c.slot, &self.kube.ns, &owner);
+        if let (Some(sync), Slot::Conversation(conversation), true) = (self.sync.get(), c.slot, c.persisted.load(Ordering::SeqCst)) {
+            self.store_sync_credentials(&c.name, &sync.pod).await?;
+            sync.pod.decorate(&self.s, &mut body, &c.name, conversation, &owner);
+        } else if c.persisted.load(Ordering::SeqCst) {
+            tracing::warn!(pod = %c.name, "workspace persistence is off now; this conversation's files are no longer pushed");
+            persistence::state_layout(&mut body);
+        }
         let api = self.pods.clone();
         match self.kube.call("create", "pods", async move { api.create(&PostParams::default(), &body).await }).await {
             Ok(p) => {
@@ -722,6 +815,97 @@ impl Inner {
         let c2 = c.clone();
         tokio::spawn(async move { me.monitor_start(c2, generation).await });
         Ok(())
+    }
+
+    /// Copy nestor's storage credentials into the conversation's Secret (the sync containers
+    /// reference them), before each pod is made: a Secret made before persistence was on, or
+    /// by a replica with other credentials, gets the current ones.
+    async fn store_sync_credentials(&self, name: &str, sync: &PodSync) -> Result<(), KubeError> {
+        let data = sync.secret_data();
+        if data.is_empty() {
+            return Ok(());
+        }
+        let api = self.secrets.clone();
+        let n = name.to_owned();
+        let patch = serde_json::json!({ "data": data });
+        self.kube
+            .call("patch", "secrets", async move { api.patch(&n, &PatchParams::default(), &Patch::Merge(&patch)).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// Workspace persistence of `c`'s pods (None: off, or `c` predates it).
+    fn sync_of(&self, c: &Conv) -> Option<Arc<KubeSync>> {
+        self.sync.get().filter(|_| c.persisted.load(Ordering::SeqCst)).cloned()
+    }
+
+    /// The pod's sync sidecar (None: no persistence, or no pod with an address).
+    fn sync_endpoint(&self, c: &Conv) -> Option<(Arc<KubeSync>, Endpoint)> {
+        let sync = self.sync_of(c)?;
+        let v = c.pod.borrow().clone()?;
+        if v.deleting || v.terminal {
+            return None;
+        }
+        let ip = v.ip.as_deref()?;
+        let port = match self.s.reach {
+            Reach::PodIp => sync.pod.port,
+            Reach::HostPortAnnotation => v.sync_port?,
+        };
+        let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_owned() };
+        let ep = Endpoint::parse(&format!("http://{host}:{port}"), Some(c.key.clone())).ok()?;
+        Some((sync, ep))
+    }
+
+    /// The final push before a pod is deleted (stop, delete with keep): the sidecar pushes
+    /// now, bounded by `final_push_secs`. A pod that is not running has nothing newer than
+    /// what its sidecar pushed when it ended. Err: the pod must stay (it holds the only
+    /// up-to-date copy).
+    async fn final_push(&self, c: &Conv) -> Result<(), ProvisionError> {
+        let Some(sync) = self.sync_of(c) else { return Ok(()) };
+        let running = c.pod.borrow().as_ref().is_some_and(|v| v.ready && !v.deleting && !v.terminal);
+        if !running {
+            return Ok(());
+        }
+        let Some((_, ep)) = self.sync_endpoint(c) else {
+            return Err(ProvisionError::Unavailable {
+                detail: format!("the workspace sync sidecar of pod {} has no address yet; its files cannot be pushed", c.name),
+                retry_after: Some(Duration::from_secs(5)),
+            });
+        };
+        let started = Instant::now();
+        let r = sync
+            .client
+            .call_bytes(&ep, http::Method::POST, "/push", None, sync.pod.final_push + Duration::from_secs(2), 1 << 20)
+            .await;
+        match r {
+            Ok((_, body)) => {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
+                    *c.sync_status.lock().unwrap() = Some(v);
+                }
+                tracing::info!(downstream = %c.ds.id(), took = ?started.elapsed(), "workspace sync: final push done");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(downstream = %c.ds.id(), pod = %c.name, error = %e, "workspace sync: final push failed; the pod is kept");
+                Err(ProvisionError::Unavailable {
+                    detail: format!(
+                        "the files of pod {} could not be pushed to workspace storage ({e}); the pod keeps running and pushing, try again later",
+                        c.name
+                    ),
+                    retry_after: Some(Duration::from_secs(30)),
+                })
+            }
+        }
+    }
+
+    /// Delete with purge: the sidecar stops pushing (what it would push is about to be
+    /// deleted). Best effort: a sidecar that does not answer is not running a pusher that
+    /// matters, or is stopped with its pod (nestor purges only once the pod is gone).
+    async fn discard_pushes(&self, c: &Conv) {
+        let Some((sync, ep)) = self.sync_endpoint(c) else { return };
+        if let Err(e) = sync.client.call_bytes(&ep, http::Method::POST, "/discard", None, Duration::from_secs(10), 1 << 16).await {
+            tracing::info!(pod = %c.name, "workspace sync: the sidecar did not stop pushing ({e}); purging after the pod is gone");
+        }
     }
 
     /// Fail a start that is not Ready within the startup timeout, with the pod's reason, and
@@ -803,6 +987,23 @@ impl Inner {
                 Ok(Ok(())) => {}
                 _ => return false,
             }
+        }
+    }
+
+    /// Wait (bounded) until `c`'s pod is gone from the API (not only marked for deletion).
+    async fn pod_gone(&self, c: &Conv, deadline: tokio::time::Instant) -> bool {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let api = self.pods.clone();
+            let n = c.name.clone();
+            if let Ok(None) = self.kube.call("get", "pods", async move { api.get_opt(&n).await }).await {
+                return true;
+            }
+            if tokio::time::Instant::now() + backoff > deadline {
+                return false;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
 
@@ -890,7 +1091,7 @@ impl Inner {
         }
         let name = self.name(&slot);
         self.tombstones.remove(&name);
-        let key = self.ensure_secret(&slot, &owner).await?;
+        let (key, persist) = self.ensure_secret(&slot, &owner).await?;
         if let Err(e) = self.ensure_pvc(&slot, &owner).await {
             if matches!(slot, Slot::Conversation(_)) {
                 let _ = self.delete_state(&name).await;
@@ -898,6 +1099,7 @@ impl Inner {
             return Err(e.into());
         }
         let c = self.insert_conv(slot, key, owner, None);
+        c.persisted.store(persist, Ordering::SeqCst);
         let _g = c.lifecycle.lock().await;
         let has_pod = c.pod.borrow().as_ref().is_some_and(|v| !v.deleting && !v.terminal);
         if !has_pod {
@@ -964,7 +1166,8 @@ impl Provisioner for KubernetesProvisioner {
                 .and_then(|a| a.get(OWNER))
                 .map(|o| UserId::new(o.as_str()))
                 .unwrap_or_else(UserId::default_user);
-            inner.insert_conv(slot, key, owner, None);
+            let c = inner.insert_conv(slot, key, owner, None);
+            c.persisted.store(persisted(s), Ordering::SeqCst);
         }
         let rv = inner.relist().await?;
         match inner.sweep().await {
@@ -1081,12 +1284,15 @@ impl Provisioner for KubernetesProvisioner {
 
     async fn stop(&self, ds: &Arc<Downstream>) -> Result<(), ProvisionError> {
         let inner = &self.0;
-        if inner.s.storage == StorageMode::EmptyDir {
-            // Its state dies with the pod: stopping would lose the conversation.
+        let c = inner.conv_of(ds)?;
+        if inner.s.storage == StorageMode::EmptyDir && inner.sync_of(&c).is_none() {
+            // Its state dies with the pod: stopping would lose the conversation (with
+            // workspace persistence the next pod restores it from the bucket).
             return Ok(());
         }
-        let c = inner.conv_of(ds)?;
         let _g = c.lifecycle.lock().await;
+        // The pod holds the only up-to-date copy until this push succeeds.
+        inner.final_push(&c).await?;
         c.generation.fetch_add(1, Ordering::SeqCst);
         // Stopped first: a request arriving now waits for a restart instead of reaching a
         // server that is going away.
@@ -1109,12 +1315,47 @@ impl Provisioner for KubernetesProvisioner {
         let c = inner.conv_of(ds)?;
         {
             let _g = c.lifecycle.lock().await;
+            let sync = inner.sync_of(&c);
+            let purge = sync.clone().filter(|s| s.pod.on_delete_purge);
+            if sync.is_some() && purge.is_none() {
+                // on_delete = "keep": what the pod holds is stored first, or nothing is
+                // deleted (the pod keeps pushing; its objects stay, with the reason logged).
+                if let Err(e) = inner.final_push(&c).await {
+                    tracing::error!(
+                        conversation = %conversation,
+                        pod = %c.name,
+                        "deleted conversation: its files could not be stored, so its pod, Secret and volume are kept and go on pushing; \
+                         remove them once its sidecar reports a successful push (GET :8001/status; then kubectl delete pod,secret,pvc -l {CONVERSATION}={}): {e}",
+                        c.slot.label()
+                    );
+                    return Err(e);
+                }
+            }
             c.generation.fetch_add(1, Ordering::SeqCst);
             c.released.store(true, Ordering::SeqCst);
             inner.tombstones.insert(c.name.clone(), Instant::now());
             inner.sync_state(&c);
-            // Pod first (a pod never outlives its Secret), then Secret and PVC.
+            // Pod first (a pod never outlives its Secret), then Secret and PVC. With purge,
+            // the sidecar stops pushing first (no final push on SIGTERM), and the stored copy
+            // goes once the pod is gone: a pod object disappears only after the kubelet
+            // stopped its containers (not force-deleted: with grace 0 the object goes at
+            // once while a sidecar could still be pushing).
+            if purge.is_some() {
+                inner.discard_pushes(&c).await;
+            }
             let r1 = inner.delete_pod(&c.name, false).await;
+            if let (Some(sync), Some(conversation)) = (&purge, c.slot.conversation()) {
+                let grace = Duration::from_secs(sync.pod.grace_secs(inner.s.termination_grace_secs).max(0) as u64);
+                let deadline = tokio::time::Instant::now() + grace + inner.s.api_timeout * 2;
+                let seen_gone = inner.pod_gone(&c, deadline).await;
+                if !seen_gone {
+                    tracing::warn!(pod = %c.name, "workspace sync: the pod is not gone yet; purging its stored files anyway");
+                }
+                let owner = c.ds.owner().cloned().unwrap_or_else(UserId::default_user);
+                if let Err(e) = sync.hooks.purge(conversation, &owner).await {
+                    tracing::warn!(conversation = %conversation, "workspace sync: purging the stored files failed: {e}");
+                }
+            }
             let r2 = inner.delete_state(&c.name).await;
             inner.convs.remove(ds.id());
             r1.and(r2)?;
@@ -1140,9 +1381,46 @@ impl Provisioner for KubernetesProvisioner {
     }
 
     async fn shutdown(&self) {
-        // Pods belong to the deployment, not to this replica: they keep running for the
-        // other replicas and for the next start. Only the watch ends.
+        // Pods belong to the deployment, not to this replica: they keep running (and, with
+        // workspace persistence, pushing) for the other replicas and for the next start.
+        // Only the watch ends.
         self.0.cancel.cancel();
+    }
+
+    async fn workspace_status(&self, ds: &Downstream) -> Option<serde_json::Value> {
+        let inner = &self.0;
+        let c = inner.conv_of(ds).ok()?;
+        let sync = inner.sync_of(&c)?;
+        let mut v = match inner.sync_endpoint(&c).filter(|_| ds.state() == DownstreamState::Ready) {
+            Some((_, ep)) => match sync.client.get_json::<serde_json::Value>(&ep, "/status", Duration::from_secs(3)).await {
+                Ok(v) => {
+                    *c.sync_status.lock().unwrap() = Some(v.clone());
+                    let mut v = v;
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("sidecar".into(), serde_json::json!({ "reachable": true }));
+                    }
+                    v
+                }
+                Err(e) => {
+                    let mut v = c.sync_status.lock().unwrap().clone().unwrap_or_else(|| serde_json::json!({}));
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("sidecar".into(), serde_json::json!({ "reachable": false, "error": e.to_string() }));
+                    }
+                    v
+                }
+            },
+            None => {
+                let mut v = c.sync_status.lock().unwrap().clone().unwrap_or_else(|| serde_json::json!({}));
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("sidecar".into(), serde_json::json!({ "reachable": false, "error": "no pod runs" }));
+                }
+                v
+            }
+        };
+        if let Some(o) = v.as_object_mut() {
+            o.insert("pushed_by".into(), "pod".into());
+        }
+        Some(v)
     }
 }
 

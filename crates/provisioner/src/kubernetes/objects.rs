@@ -153,7 +153,7 @@ pub fn pvc(s: &Settings, slot: &Slot, ns: &str, owner: &UserId) -> PersistentVol
     }
 }
 
-fn from_secret(name: &str, secret: &str, key: &str) -> EnvVar {
+pub(crate) fn from_secret(name: &str, secret: &str, key: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value: None,
