@@ -41,6 +41,13 @@
 //! settings only in the rare case of a container restart inside the claimed pod: the pod spec
 //! is immutable; a pod re-created after a stop has them).
 //!
+//! ## Sizing with replicas
+//!
+//! Each replica runs its own pool: `min_idle` warm pods are kept *per replica* (a replica
+//! claims the pods it started or re-adopted at its start; it does not learn of another's new
+//! warm pods until it restarts), and `max_size` counts this replica's warm pods plus every
+//! running conversation pod of the deployment (every replica's watch sees them all).
+//!
 //! ## Failure and restart
 //!
 //! * A claim that dies between the Secret patch and `mark_active` leaves a conversation in
