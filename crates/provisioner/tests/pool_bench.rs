@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use http::Method;
 use nestor_core::{ConversationId, Downstream, DownstreamClient, UserId};
-use nestor_provisioner::docker::{DockerConfig, DockerProvisioner};
+use nestor_provisioner::docker::{DockerConfig, DockerProvisioner, OnShutdown};
 use nestor_provisioner::kubernetes::{KubernetesConfig, KubernetesProvisioner, Reach};
 use nestor_provisioner::pool::{PoolConfig, PoolProvisioner, WarmBackend};
 use nestor_provisioner::process::{ProcessConfig, ProcessProvisioner};
@@ -203,6 +203,8 @@ async fn pool_figures() {
                     instance_id: Some(instance.clone()),
                     startup_timeout_secs: Some(300.0),
                     stop_timeout_secs: Some(5.0),
+                    // Idle warm containers are removed when the pool shuts down.
+                    on_shutdown: OnShutdown::Stop,
                     ..Default::default()
                 };
                 let backend = DockerProvisioner::new(&cfg, dir.path().join("docker"), client.clone()).unwrap();
