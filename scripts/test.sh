@@ -17,23 +17,27 @@
 #   e2e-process    real agent-server + real Python SDK through nestor, process provisioner
 #   e2e-existing   the same through nestor on the existing provisioner over two real agent-servers
 #   e2e-docker     the same through nestor on the docker provisioner (a container per conversation)
+#   e2e-kube       the same through nestor on the kubernetes provisioner (a pod per conversation, on
+#                  the kube stage's cluster, pods run by nestor-node-agent): 3 SDK conversations, and
+#                  two replicas with kill -9 of one and delete through the other
+#                  (tests/e2e/test_kube_replicas.py); needs the docker and kube stages' set-up
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-STAGES="${NESTOR_TEST_STAGES:-setup docker kube unit e2e-process e2e-existing e2e-docker}"
+STAGES="${NESTOR_TEST_STAGES:-setup docker kube unit e2e-process e2e-existing e2e-docker e2e-kube}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 stage() { echo; echo "=== test.sh: $1 ($(date -u +%H:%M:%S))" >&2; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 started=$(date +%s)
 
-if has setup || has e2e-process || has e2e-existing || has e2e-docker; then
+if has setup || has e2e-process || has e2e-existing || has e2e-docker || has e2e-kube; then
   stage setup
   bash scripts/setup-system.sh tmux
   timeout 1200 bash scripts/setup-agent-server.sh >/dev/null
 fi
 
-if has docker || has e2e-docker; then
+if has docker || has e2e-docker || has e2e-kube; then
   stage docker
   DOCKER_HOST="$(timeout 600 bash scripts/setup-docker.sh)"
   export DOCKER_HOST
@@ -43,7 +47,7 @@ if has docker || has e2e-docker; then
   export NESTOR_TEST_REQUIRE_DOCKER=1
 fi
 
-if has kube; then
+if has kube || has e2e-kube; then
   stage kube
   # Builds kube-apiserver on first use (~13 min on 2 cores), then starts it (~10 s).
   NESTOR_KUBE_BUILD_TIMEOUT=2700 timeout 3000 bash scripts/setup-kube.sh >/dev/null
@@ -71,14 +75,23 @@ if has unit; then
   fi
 fi
 
-if has kube; then
-  # The test cluster is only test infrastructure: stop it and drop its data.
-  bash scripts/setup-kube.sh stop || true
-fi
-
-if has e2e-process || has e2e-existing || has e2e-docker; then
+if has e2e-process || has e2e-existing || has e2e-docker || has e2e-kube; then
   timeout 1800 cargo build --locked -q -p nestor-aggregator
   export NESTOR_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/nestor"
+fi
+
+if has e2e-kube; then
+  # First of the e2e stages, so the cluster can stop before the others run.
+  stage e2e-kube
+  timeout 1800 cargo build --locked -q -p nestor-test-support --bin nestor-node-agent
+  export NESTOR_NODE_AGENT_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/nestor-node-agent"
+  NESTOR_E2E_TARGET="nestor-kubernetes" NESTOR_E2E_TOTAL_TIMEOUT=900 \
+    bash scripts/run-e2e.sh -q test_sdk_conversations.py test_kube_replicas.py
+fi
+
+if has kube || has e2e-kube; then
+  # The test cluster is only test infrastructure: stop it and drop its data.
+  bash scripts/setup-kube.sh stop || true
 fi
 for t in process existing docker; do
   if has "e2e-$t"; then

@@ -209,6 +209,9 @@ impl AppState {
                         docker = Some(p.clone());
                         Arc::new(p)
                     }
+                    PoolBackend::Kubernetes => {
+                        Arc::new(nestor_provisioner::kubernetes::KubernetesProvisioner::new(&cfg.provisioner.kubernetes).await?)
+                    }
                 };
                 let p = PoolProvisioner::new(&cfg.provisioner.pool, backend, client.clone())?;
                 pool = Some(p.clone());

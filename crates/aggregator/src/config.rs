@@ -234,7 +234,7 @@ pub struct ProvisionerSection {
     /// `[provisioner.kubernetes]`: see nestor_provisioner::kubernetes and deploy/kubernetes.
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
-    /// `[provisioner.pool]`: warm servers of the `process` or `docker` backend.
+    /// `[provisioner.pool]`: warm servers of the `process`, `docker` or `kubernetes` backend.
     #[serde(default)]
     pub pool: nestor_provisioner::pool::PoolConfig,
 }

@@ -9,6 +9,11 @@ container it ran when it stops.
 nestor reaches the pods at the loopback port the node agent publishes
 (``reach = "host-port-annotation"``); the pods reach the fake LLM and nestor's internal
 listener through the Docker bridge, as ``host.docker.internal``, like the docker target.
+
+``NESTOR_E2E_KUBE_POOL_MIN_IDLE=<n>`` (n > 0) runs nestor on ``kind = "pool"`` over the
+kubernetes backend instead, with ``n`` warm pods. ``target.extra["start_replica"](work_dir)``
+starts a second nestor replica on the same cluster, namespace and instance (its own state
+directory and internal listener; no shared memory), as a deployment with two replicas has.
 """
 
 from __future__ import annotations
@@ -69,14 +74,18 @@ def nestor_kubernetes_target(ctx) -> Iterator:
         line = agent.stdout.readline() if agent.stdout else ""
         if line.strip() != "ready":
             raise RuntimeError(f"nestor-node-agent did not start (see {ctx.tmp_dir / 'node-agent.log'})")
-        config = f"""
+        min_idle = int(os.environ.get("NESTOR_E2E_KUBE_POOL_MIN_IDLE") or "0")
+        kind = f'kind = "pool"\n[provisioner.pool]\nbackend = "kubernetes"\nmin_idle = {min_idle}' if min_idle > 0 else 'kind = "kubernetes"'
+
+        def config_for(state_dir: Path, internal_bind: str) -> str:
+            return f"""
 session_api_keys = ["{api_key}"]
-state_dir = "{ctx.tmp_dir / 'nestor-state'}"
+state_dir = "{state_dir}"
 internal_bind = "{internal_bind}"
 internal_url = "http://host.docker.internal:{internal_bind.rsplit(':', 1)[1]}"
 ready_timeout_secs = 240
 [provisioner]
-kind = "kubernetes"
+{kind}
 [provisioner.kubernetes]
 kubeconfig = "{nestor_kubeconfig}"
 namespace = "{namespace}"
@@ -87,7 +96,15 @@ termination_grace_secs = 2
 {_env_table("provisioner.kubernetes.env", ctx.downstream_env)}
 {ctx.nestor_config}
 """
-        n = Nestor(ctx.tmp_dir / "nestor", config)
+
+        replicas: list[Nestor] = []
+
+        def start_replica(work_dir: Path) -> Nestor:
+            r = Nestor(work_dir, config_for(Path(work_dir) / "nestor-state", f"{gateway}:{free_port_on(gateway)}"))
+            replicas.append(r)
+            return r.start()
+
+        n = Nestor(ctx.tmp_dir / "nestor", config_for(ctx.tmp_dir / "nestor-state", internal_bind))
         try:
             n.start()
             yield Target(
@@ -100,9 +117,12 @@ termination_grace_secs = 2
                 llm_listen_hosts=[gateway],
                 keeps_working_dir=False,
                 nestor=n,
-                extra={"namespace": namespace, "image": image, "internal_bind": internal_bind},
+                extra={"namespace": namespace, "image": image, "internal_bind": internal_bind, "admin_kubeconfig": str(admin),
+                       "start_replica": start_replica, "pool_min_idle": min_idle},
             )
         finally:
+            for r in replicas:
+                r.stop()
             n.stop()
     finally:
         agent.send_signal(signal.SIGTERM)

@@ -48,6 +48,7 @@ mod api;
 pub mod config;
 pub mod objects;
 pub mod persistence;
+mod warm;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -83,6 +84,7 @@ pub fn required_permissions(storage: StorageMode) -> Vec<(&'static str, &'static
         ("list", "pods"),
         ("watch", "pods"),
         ("create", "pods"),
+        ("patch", "pods"),
         ("delete", "pods"),
         ("get", "secrets"),
         ("list", "secrets"),
@@ -91,7 +93,12 @@ pub fn required_permissions(storage: StorageMode) -> Vec<(&'static str, &'static
         ("delete", "secrets"),
     ];
     if storage == StorageMode::Pvc {
-        v.extend([("list", "persistentvolumeclaims"), ("create", "persistentvolumeclaims"), ("delete", "persistentvolumeclaims")]);
+        v.extend([
+            ("list", "persistentvolumeclaims"),
+            ("create", "persistentvolumeclaims"),
+            ("patch", "persistentvolumeclaims"),
+            ("delete", "persistentvolumeclaims"),
+        ]);
     }
     v
 }
@@ -232,6 +239,10 @@ struct Inner {
     relists: AtomicU64,
     /// Workspace persistence (set once, before the first pod is made).
     sync: std::sync::OnceLock<Arc<KubeSync>>,
+    /// Warm (dormant, unclaimed) pods this replica knows, by name (kind = "pool"; warm.rs).
+    warm: DashMap<String, Arc<warm::WarmPod>>,
+    /// Wrapped by a pool: warm objects are the pool's, not leftovers to remove.
+    warm_mode: AtomicBool,
 }
 
 /// Workspace persistence of this backend: the pods' sync containers, and nestor's side.
@@ -298,6 +309,8 @@ impl KubernetesProvisioner {
             watch_ok: AtomicBool::new(false),
             relists: AtomicU64::new(0),
             sync: std::sync::OnceLock::new(),
+            warm: DashMap::new(),
+            warm_mode: AtomicBool::new(false),
         }))
     }
 
@@ -414,8 +427,9 @@ impl Inner {
         slot.object_name(&self.s.instance)
     }
 
-    /// Insert (or return the existing) bookkeeping for `slot`.
-    fn insert_conv(&self, slot: Slot, key: SessionKey, owner: UserId, pod: Option<PodView>) -> Arc<Conv> {
+    /// Insert (or return the existing) bookkeeping for `slot`, whose objects are called
+    /// `name` (the slot's own name, or the warm server's it was claimed from).
+    fn insert_conv(&self, slot: Slot, key: SessionKey, owner: UserId, pod: Option<PodView>, name: String) -> Arc<Conv> {
         let id = downstream_id(&slot);
         let c = self
             .convs
@@ -425,7 +439,7 @@ impl Inner {
                 Arc::new(Conv {
                     ds,
                     slot,
-                    name: self.name(&slot),
+                    name,
                     key,
                     lifecycle: Mutex::new(()),
                     generation: AtomicU64::new(0),
@@ -446,13 +460,18 @@ impl Inner {
 
     /// Where nestor reaches a pod (None until it has an address).
     fn endpoint_of(&self, c: &Conv, v: &PodView) -> Option<Endpoint> {
+        self.pod_endpoint(v, Some(c.key.clone()))
+    }
+
+    /// Where nestor reaches a pod, with `key` as its session key.
+    fn pod_endpoint(&self, v: &PodView, key: Option<SessionKey>) -> Option<Endpoint> {
         let ip = v.ip.as_deref()?;
         let port = match self.s.reach {
             Reach::PodIp => self.s.port,
             Reach::HostPortAnnotation => v.host_port?,
         };
         let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_owned() };
-        Endpoint::parse(&format!("http://{host}:{port}"), Some(c.key.clone())).ok()
+        Endpoint::parse(&format!("http://{host}:{port}"), key).ok()
     }
 
     /// Derive the downstream's state from what was observed.
@@ -498,6 +517,10 @@ impl Inner {
     fn observe(self: &Arc<Self>, p: &Pod) {
         let Some(name) = p.metadata.name.clone() else { return };
         let v = PodView::of(p);
+        if warm::is_warm(&p.metadata) {
+            self.observe_warm(&name, Some(v));
+            return;
+        }
         let Some(slot) = v.slot else { return };
         match self.convs.get(&downstream_id(&slot)).map(|c| c.clone()) {
             Some(c) => {
@@ -575,12 +598,10 @@ impl Inner {
         if let Some(c) = self.convs.get(&downstream_id(&slot)) {
             return Ok(Some(c.clone()));
         }
-        let name = self.name(&slot);
-        let secrets = self.secrets.clone();
-        let n = name.clone();
-        let Some(secret) = self.kube.call("get", "secrets", async move { secrets.get_opt(&n).await }).await? else {
+        let Some(secret) = self.find_secret(&slot).await? else {
             return Ok(None);
         };
+        let name = secret.metadata.name.clone().unwrap_or_else(|| self.name(&slot));
         if secret.metadata.deletion_timestamp.is_some() {
             return Ok(None);
         }
@@ -598,7 +619,7 @@ impl Inner {
         let pods = self.pods.clone();
         let n = name.clone();
         let pod = self.kube.call("get", "pods", async move { pods.get_opt(&n).await }).await?;
-        let c = self.insert_conv(slot, key, owner, pod.as_ref().map(PodView::of));
+        let c = self.insert_conv(slot, key, owner, pod.as_ref().map(PodView::of), name);
         c.persisted.store(persisted(&secret), Ordering::SeqCst);
         tracing::info!(downstream = %c.ds.id(), state = c.ds.state().as_str(), "adopted agent-server pod");
         Ok(Some(c))
@@ -611,6 +632,7 @@ impl Inner {
         let lp = ListParams::default().labels(&objects::selector(&self.s.instance));
         let list = self.kube.call("list", "pods", async move { pods.list(&lp).await }).await?;
         let mut present: HashSet<Slot> = HashSet::new();
+        self.relisted_warm(&list.items);
         for p in &list.items {
             if let Some(slot) = PodView::of(p).slot {
                 present.insert(slot);
@@ -722,7 +744,11 @@ impl Inner {
                 }
                 WatchEvent::Deleted(p) => {
                     last = p.metadata.resource_version.clone().or(last);
-                    if let Some(slot) = PodView::of(&p).slot {
+                    if warm::is_warm(&p.metadata) {
+                        if let Some(name) = &p.metadata.name {
+                            self.observe_warm(name, None);
+                        }
+                    } else if let Some(slot) = PodView::of(&p).slot {
                         self.observe_gone(slot, p.metadata.uid.as_deref());
                     }
                 }
@@ -787,6 +813,8 @@ impl Inner {
     async fn create_pod(self: &Arc<Self>, c: &Arc<Conv>) -> Result<(), ProvisionError> {
         let owner = c.ds.owner().cloned().unwrap_or_else(UserId::default_user);
         let mut body = objects::pod(&self.s, &c.slot, &self.kube.ns, &owner);
+        // A conversation claimed from the warm pool keeps its warm server's object names.
+        warm::retarget(&mut body, &self.name(&c.slot), &c.name);
         if let (Some(sync), Slot::Conversation(conversation), true) = (self.sync.get(), c.slot, c.persisted.load(Ordering::SeqCst)) {
             self.store_sync_credentials(&c.name, &sync.pod).await?;
             sync.pod.decorate(&self.s, &mut body, &c.name, conversation, &owner);
@@ -1022,14 +1050,16 @@ impl Inner {
     }
 
     /// Remove what a crash left half-made: conversations whose create never completed
-    /// (phase `provisioning` older than the grace), and PVCs/pods without a Secret. Returns
-    /// the names removed.
+    /// (phase `provisioning` older than the grace), and PVCs/pods without a Secret; without
+    /// a pool, also warm pods (warm.rs). Returns the names removed.
     async fn sweep(self: &Arc<Self>) -> Result<Vec<String>, KubeError> {
         let sel = objects::selector(&self.s.instance);
         let grace = self.s.provisioning_grace;
         let old = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-            m.creation_timestamp.as_ref().is_some_and(|t| {
-                let age = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
+            // A conversation claimed from the warm pool is being created since its claim.
+            let since = warm::claimed_at(m).or_else(|| m.creation_timestamp.as_ref().map(|t| t.0));
+            since.is_some_and(|t| {
+                let age = k8s_openapi::jiff::Timestamp::now().duration_since(t);
                 age.as_secs_f64() > grace.as_secs_f64()
             })
         };
@@ -1043,6 +1073,9 @@ impl Inner {
             with_secret.insert(name.clone());
             let phase = s.metadata.annotations.as_ref().and_then(|a| a.get(PHASE)).map(String::as_str);
             if phase == Some(PHASE_PROVISIONING) && old(&s.metadata) {
+                doomed.push(name);
+            } else if warm::is_warm(&s.metadata) && !self.warm_mode.load(Ordering::SeqCst) {
+                // No pool wraps this provisioner: a warm pod a pooled nestor left is a leftover.
                 doomed.push(name);
             }
         }
@@ -1098,7 +1131,7 @@ impl Inner {
             }
             return Err(e.into());
         }
-        let c = self.insert_conv(slot, key, owner, None);
+        let c = self.insert_conv(slot, key, owner, None, name.clone());
         c.persisted.store(persist, Ordering::SeqCst);
         let _g = c.lifecycle.lock().await;
         let has_pod = c.pod.borrow().as_ref().is_some_and(|v| !v.deleting && !v.terminal);
@@ -1166,7 +1199,8 @@ impl Provisioner for KubernetesProvisioner {
                 .and_then(|a| a.get(OWNER))
                 .map(|o| UserId::new(o.as_str()))
                 .unwrap_or_else(UserId::default_user);
-            let c = inner.insert_conv(slot, key, owner, None);
+            let name = s.metadata.name.clone().unwrap_or_else(|| inner.name(&slot));
+            let c = inner.insert_conv(slot, key, owner, None, name);
             c.persisted.store(persisted(s), Ordering::SeqCst);
         }
         let rv = inner.relist().await?;
@@ -1175,6 +1209,7 @@ impl Provisioner for KubernetesProvisioner {
             Ok(_) => {}
             Err(e) => tracing::warn!("kubernetes sweep failed: {e}"),
         }
+
         inner.spawn_watch(Some(rv));
         let owned = self.list();
         let running = owned.iter().filter(|d| d.state() == DownstreamState::Ready).count();

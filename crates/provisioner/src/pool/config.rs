@@ -7,13 +7,14 @@ use serde::Deserialize;
 use crate::ProvisionError;
 
 /// Which backend starts the pool's agent-servers (its own settings stay in
-/// `[provisioner.process]` / `[provisioner.docker]`).
+/// `[provisioner.process]` / `[provisioner.docker]` / `[provisioner.kubernetes]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolBackend {
     #[default]
     Process,
     Docker,
+    Kubernetes,
 }
 
 /// `[provisioner.pool]` as written.
@@ -119,7 +120,9 @@ mod tests {
             let c: PoolConfig = serde_json::from_str(bad).unwrap();
             assert!(c.validate().is_err(), "{bad}");
         }
-        assert!(serde_json::from_str::<PoolConfig>(r#"{"backend": "kubernetes"}"#).is_err(), "not yet");
+        let c: PoolConfig = serde_json::from_str(r#"{"backend": "kubernetes"}"#).unwrap();
+        assert_eq!(c.backend, PoolBackend::Kubernetes);
+        assert!(serde_json::from_str::<PoolConfig>(r#"{"backend": "ec2"}"#).is_err());
         assert!(serde_json::from_str::<PoolConfig>(r#"{"min_idel": 1}"#).is_err());
     }
 }

@@ -74,10 +74,12 @@
 //! ## Backends
 //!
 //! A backend joins the pool by implementing [`WarmBackend`] on top of [`Provisioner`]:
-//! `process` and `docker` do; a `kubernetes` backend would start dormant pods labelled as
-//! pool members and, in `adopt`, patch their conversation/owner labels and annotations (pod
-//! labels are mutable; Docker's are not, so the `docker` backend records the claim in its
-//! manifest and keeps the container's `warm-…` slot label).
+//! `process`, `docker` and `kubernetes` do. The `kubernetes` backend starts dormant pods
+//! labelled as pool members and, in `adopt`, claims one by patching its Secret with a
+//! `resourceVersion` precondition (atomic across nestor replicas, which share the cluster and
+//! nothing else), then relabels pod and PVC to the conversation (kubernetes/warm.rs). Docker's
+//! labels are immutable, so the `docker` backend records the claim in its manifest and keeps
+//! the container's `warm-…` slot label.
 
 mod config;
 
@@ -690,6 +692,11 @@ impl Provisioner for PoolProvisioner {
         metrics::counter!("nestor_pool_cold_starts_total").increment(1);
         tracing::info!(conversation = %req.conversation, "no idle warm agent-server: starting one cold");
         inner.backend.provision(req).await
+    }
+
+    async fn find(&self, conversation: &ConversationId) -> Result<Option<Arc<Downstream>>, ProvisionError> {
+        // Another replica's conversation (kubernetes).
+        self.0.backend.find(conversation).await
     }
 
     fn get(&self, id: &DownstreamId) -> Option<Arc<Downstream>> {

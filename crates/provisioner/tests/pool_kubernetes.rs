@@ -1,0 +1,351 @@
+//! The `pool` provisioner over the `kubernetes` backend against a real kube-apiserver + etcd
+//! (scripts/setup-kube.sh) with pods run by the test node agent as Docker containers of the
+//! real agent-server image: warm pods are dormant and of no conversation, creates are served
+//! from the pool without a cold start, the pool refills, a claimed pod serves only its own
+//! conversation (also after it is stopped and re-created under its warm name), and two
+//! replicas (two provisioners, one cluster, no shared memory) claiming the same warm pods at
+//! once never share one.
+//!
+//! One test (agent-server pods boot in 10-30 s on 2 cores: one namespace, one sequence, 15
+//! pod starts). Prerequisites and skipping as in kubernetes.rs (`NESTOR_TEST_REQUIRE_KUBE=1`
+//! in CI).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Method;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use nestor_core::{ConversationId, Downstream, DownstreamClient, DownstreamState, UserId};
+use nestor_provisioner::kubernetes::{KubernetesConfig, KubernetesProvisioner, Reach};
+use nestor_provisioner::pool::{PoolConfig, PoolProvisioner};
+use nestor_provisioner::{ProvisionRequest, Provisioner};
+use nestor_test_support::kube_env::{kube_required, KubeEnv, TestNamespace};
+use nestor_test_support::node_agent::{self, NodeAgent, NodeAgentConfig};
+
+fn image() -> String {
+    std::env::var("NESTOR_TEST_AGENT_SERVER_IMAGE")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "nestor/agent-server:1.58.2".into())
+}
+
+async fn prerequisites() -> Result<KubeEnv, String> {
+    let env = KubeEnv::get()?;
+    let docker = node_agent::connect_docker(None).await.map_err(|e| format!("no Docker engine: {e}"))?;
+    if docker.inspect_image(&image()).await.is_err() {
+        return Err(format!("image {} is not present (scripts/build-agent-server-image.sh builds it)", image()));
+    }
+    Ok(env)
+}
+
+macro_rules! require_kube {
+    () => {
+        match prerequisites().await {
+            Ok(env) => env,
+            Err(why) => {
+                if kube_required() {
+                    panic!("NESTOR_TEST_REQUIRE_KUBE=1 but: {why}");
+                }
+                eprintln!("SKIPPED (no test cluster): {why}");
+                return;
+            }
+        }
+    };
+}
+
+/// A namespace + node agent for one test, removed afterwards.
+struct Ctx {
+    env: KubeEnv,
+    ns: TestNamespace,
+    agent: Option<NodeAgent>,
+}
+
+impl Ctx {
+    async fn new(env: KubeEnv, prefix: &str) -> Ctx {
+        let ns = TestNamespace::create(&env, prefix).await.expect("test namespace");
+        let agent = NodeAgent::start(NodeAgentConfig {
+            kubeconfig: env.admin.clone(),
+            namespace: ns.name.clone(),
+            node_name: format!("node-{}", ns.name),
+            docker_host: None,
+        })
+        .await
+        .expect("node agent");
+        Ctx { env, ns, agent: Some(agent) }
+    }
+
+    fn cfg(&self) -> KubernetesConfig {
+        KubernetesConfig {
+            kubeconfig: Some(self.env.nestor.clone()),
+            namespace: Some(self.ns.name.clone()),
+            image: Some(image()),
+            reach: Reach::HostPortAnnotation,
+            startup_timeout_secs: Some(240.0),
+            api_timeout_secs: Some(10.0),
+            termination_grace_secs: Some(2),
+            env: BTreeMap::from([("OH_WEBHOOKS_0_BASE_URL".to_owned(), "http://127.0.0.1:9/nestor/webhooks".to_owned())]),
+            ..Default::default()
+        }
+    }
+
+    /// One replica: a kubernetes provisioner of its own (own client, own watch) in a pool.
+    async fn replica(&self, min_idle: usize, max_size: usize) -> PoolProvisioner {
+        let backend = KubernetesProvisioner::new(&self.cfg()).await.expect("provisioner");
+        let cfg = PoolConfig { min_idle, max_size, ..Default::default() };
+        PoolProvisioner::new(&cfg, Arc::new(backend), DownstreamClient::default()).unwrap()
+    }
+
+    fn pods(&self) -> kube::Api<Pod> {
+        kube::Api::namespaced(self.ns.client(), &self.ns.name)
+    }
+
+    fn secrets(&self) -> kube::Api<Secret> {
+        kube::Api::namespaced(self.ns.client(), &self.ns.name)
+    }
+
+    async fn finish(mut self) {
+        let node = format!("node-{}", self.ns.name);
+        self.ns.shutdown().await;
+        if let Some(a) = self.agent.take() {
+            a.shutdown().await;
+        }
+        let docker = node_agent::connect_docker(None).await.unwrap();
+        let (cs, vs) = node_agent::leftovers(&docker, &node).await;
+        assert!(cs.is_empty() && vs.is_empty(), "node agent left {cs:?} {vs:?}");
+    }
+}
+
+fn req(conv: ConversationId) -> ProvisionRequest {
+    ProvisionRequest { conversation: conv, owner: UserId::new("alice") }
+}
+
+async fn call(ds: &Downstream, method: Method, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+    let ep = ds.endpoint().expect("endpoint");
+    let body = body.map(|b| Bytes::from(serde_json::to_vec(&b).unwrap()));
+    match DownstreamClient::default().call_bytes(&ep, method, path, body, Duration::from_secs(60), 16 << 20).await {
+        Ok((s, b)) => (s.as_u16(), serde_json::from_slice(&b).unwrap_or(serde_json::Value::Null)),
+        Err(nestor_core::client::ClientError::Status { status, body }) => (status.as_u16(), serde_json::Value::String(body)),
+        Err(e) => panic!("{path}: {e}"),
+    }
+}
+
+/// Create `conv` on its server, as nestor does (prepare_create, then mark_active).
+async fn create_on(p: &PoolProvisioner, ds: &Arc<Downstream>, conv: ConversationId) {
+    let mut body = serde_json::json!({
+        "conversation_id": conv.to_string(),
+        "agent": {"kind": "Agent", "llm": {"usage_id": "agent", "model": "openai/fake",
+                  "base_url": "http://127.0.0.1:9/v1", "api_key": "x"}, "tools": []},
+        "workspace": {"kind": "LocalWorkspace", "working_dir": "/elsewhere"},
+        "autotitle": false
+    })
+    .as_object()
+    .unwrap()
+    .clone();
+    p.prepare_create(ds, &mut body);
+    let (status, created) = call(ds, Method::POST, "/api/conversations", Some(serde_json::Value::Object(body))).await;
+    assert!((200..300).contains(&status), "{status}: {created}");
+    p.mark_active(ds);
+}
+
+/// The conversations a server holds.
+async fn held(ds: &Downstream) -> Vec<String> {
+    let (status, page) = call(ds, Method::GET, "/api/conversations/search?limit=100", None).await;
+    assert_eq!(status, 200, "{page}");
+    page["items"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().replace('-', "")).collect()
+}
+
+/// The pod (by name) each conversation's label points at.
+async fn pods_by_conversation(ctx: &Ctx) -> HashMap<String, Vec<String>> {
+    let mut m: HashMap<String, Vec<String>> = HashMap::new();
+    for p in ctx.pods().list(&Default::default()).await.unwrap().items {
+        if p.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        if let Some(c) = p.metadata.labels.as_ref().and_then(|l| l.get("nestor.dev/conversation")) {
+            m.entry(c.clone()).or_default().push(p.metadata.name.clone().unwrap());
+        }
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod() {
+    let env = require_kube!();
+    let ctx = Ctx::new(env, "k-pool").await;
+    const N: usize = 10;
+    // A pool big enough for the N creates (they boot in parallel, which is the shortest wall
+    // time here); max_size N + 2: after the N claims the pool refills to 2 (not min_idle),
+    // which bounds the pods this test boots (15 in all).
+    const WARM: usize = N;
+    const LEFT: usize = 2;
+    let p = ctx.replica(WARM, N + LEFT).await;
+    assert!(p.recover().await.unwrap().is_empty());
+    let t0 = Instant::now();
+    assert!(p.wait_idle(WARM, Duration::from_secs(300)).await, "{:?}", p.stats());
+    eprintln!("TIMING {WARM} warm pods ready: {:?}", t0.elapsed());
+
+    // A warm pod: dormant, of no conversation, no webhook settings, keys from its own Secret.
+    let warm = p.idle_downstreams()[0].clone();
+    assert_eq!(call(&warm, Method::GET, "/api/conversations/count", None).await.0, 503, "dormant");
+    let (_, init) = call(&warm, Method::GET, "/api/init", None).await;
+    assert_eq!(init["state"], "dormant");
+    let pods = ctx.pods().list(&Default::default()).await.unwrap().items;
+    assert_eq!(pods.len(), WARM);
+    for pod in &pods {
+        let l = pod.metadata.labels.as_ref().unwrap();
+        assert!(l.contains_key("nestor.dev/warm") && !l.contains_key("nestor.dev/conversation"), "{l:?}");
+        let env = pod.spec.as_ref().unwrap().containers[0].env.as_ref().unwrap();
+        assert!(!env.iter().any(|e| e.name.starts_with("OH_WEBHOOKS_")), "webhooks are bound at claim");
+        assert!(env.iter().all(|e| e.value_from.as_ref().and_then(|f| f.secret_key_ref.as_ref()).is_none_or(|r| Some(&r.name) == pod.metadata.name.as_ref())));
+    }
+
+    // N creates, each taking an idle pod (waiting, when the pool is momentarily empty, for
+    // the refill rather than starting cold).
+    let mut convs = Vec::new();
+    let mut claim_times = Vec::new();
+    for _ in 0..N {
+        assert!(p.wait_idle(1, Duration::from_secs(300)).await, "{:?}", p.stats());
+        let conv = ConversationId::new_random();
+        let t = Instant::now();
+        let ds = p.provision(req(conv)).await.unwrap();
+        claim_times.push(t.elapsed());
+        assert_eq!(ds.state(), DownstreamState::Ready, "a claimed pod is ready at once");
+        assert_eq!(ds.primary(), Some(conv));
+        convs.push((conv, ds));
+    }
+    claim_times.sort();
+    eprintln!("TIMING claim p50 {:?} max {:?}", claim_times[N / 2], claim_times[N - 1]);
+    let s = p.stats();
+    assert_eq!((s.claims, s.cold_starts, s.failed_claims), (N as u64, 0, 0), "{s:?}");
+
+    // Each claimed server carries its own conversation and nothing else, in its own pod.
+    for (conv, ds) in &convs {
+        create_on(&p, ds, *conv).await;
+    }
+    for (conv, ds) in &convs {
+        assert_eq!(held(ds).await, vec![conv.hex()]);
+    }
+    let by_conv = pods_by_conversation(&ctx).await;
+    let mut names = HashSet::new();
+    for (conv, _) in &convs {
+        let pods = &by_conv[&conv.hex()];
+        assert_eq!(pods.len(), 1, "{pods:?}");
+        assert!(pods[0].contains("-warm-"), "claimed pods keep their warm names: {pods:?}");
+        assert!(names.insert(pods[0].clone()), "two conversations on {}", pods[0]);
+    }
+    // The Secret is the conversation's now: its keys, no longer dormant on a restart.
+    let (conv0, ds0) = convs[0].clone();
+    let sec = ctx.secrets().get(&by_conv[&conv0.hex()][0]).await.unwrap();
+    let data = sec.data.unwrap();
+    assert_eq!(data["session-api-key"].0, ds0.endpoint().unwrap().key.clone().unwrap().expose().as_bytes());
+    assert_eq!(data["deferred-init"].0, b"false");
+    assert_eq!(sec.metadata.labels.unwrap()["nestor.dev/conversation"], conv0.hex());
+
+    // The pool refilled behind the claims (N claimed, more started) and refills up to max_size.
+    let t = Instant::now();
+    assert!(p.wait_idle(LEFT, Duration::from_secs(300)).await, "refilled: {:?}", p.stats());
+    eprintln!("TIMING refill to {LEFT}: {:?} ({:?})", t.elapsed(), p.stats());
+    assert_eq!(p.stats().started, (N + LEFT) as u64, "{:?}", p.stats());
+
+    // nestor dies; two replicas start (no refill: min_idle 0). Each re-adopts all the
+    // conversations and the same warm pods, starting none.
+    p.abandon();
+    drop(p);
+    let a = ctx.replica(0, 2 * N + 6).await;
+    let b = ctx.replica(0, 2 * N + 6).await;
+    for r in [&a, &b] {
+        let owned = r.recover().await.unwrap();
+        assert_eq!(owned.len(), N);
+        assert!(owned.iter().all(|d| d.state() == DownstreamState::Ready));
+        assert_eq!((r.stats().idle, r.stats().started), (LEFT, 0), "{:?}", r.stats());
+    }
+    let ds0 = a.get(ds0.id()).unwrap();
+    assert_eq!(ds0.owner().map(|o| o.as_str()), Some("alice"));
+    assert_eq!(held(&ds0).await, vec![conv0.hex()]);
+
+    // Both replicas claim the same warm pods at once: each pod goes to exactly one
+    // conversation; the losers of a race (409) start cold.
+    let racers: Vec<ConversationId> = (0..2 * LEFT).map(|_| ConversationId::new_random()).collect();
+    let creates = racers.iter().enumerate().map(|(i, c)| {
+        let r = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let c = *c;
+        async move { (c, i % 2, r.provision(req(c)).await.expect("create")) }
+    });
+    let raced = futures::future::join_all(creates).await;
+    let (sa, sb) = (a.stats(), b.stats());
+    eprintln!("replica A {sa:?}\nreplica B {sb:?}");
+    assert_eq!(sa.claims + sb.claims, LEFT as u64, "each warm pod claimed exactly once");
+    assert_eq!(sa.cold_starts + sb.cold_starts, LEFT as u64);
+
+    // Meanwhile ds0 is stopped (idle policy) and started again: re-created under its warm
+    // name, as an ordinary pod with its conversation's keys and state.
+    let restart = async {
+        a.stop(&ds0).await.unwrap();
+        a.ensure_ready(&ds0, Duration::from_secs(240)).await.unwrap();
+    };
+    let ready = futures::future::join_all(raced.iter().map(|(_, i, ds)| {
+        let r = if *i == 0 { &a } else { &b };
+        r.ensure_ready(ds, Duration::from_secs(240))
+    }));
+    let ((), ready) = tokio::join!(restart, ready);
+    ready.into_iter().for_each(|r| r.unwrap());
+    assert_eq!(call(&ds0, Method::GET, &format!("/api/conversations/{conv0}"), None).await.0, 200);
+    let pod = ctx.pods().get(&by_conv[&conv0.hex()][0]).await.unwrap();
+    let env = pod.spec.unwrap().containers[0].env.clone().unwrap();
+    assert!(env.iter().any(|e| e.name == "OH_WEBHOOKS_0_BASE_URL"));
+    assert!(!env.iter().any(|e| e.name == "OH_DEFERRED_INIT"));
+
+    for (conv, i, ds) in &raced {
+        create_on(if *i == 0 { &a } else { &b }, ds, *conv).await;
+    }
+    for (conv, _, ds) in &raced {
+        assert_eq!(held(ds).await, vec![conv.hex()], "a server holds only its own conversation");
+    }
+    let by_conv = pods_by_conversation(&ctx).await;
+    let mut names = HashSet::new();
+    for conv in convs.iter().map(|(c, _)| c).chain(racers.iter()) {
+        let pods = &by_conv[&conv.hex()];
+        assert_eq!(pods.len(), 1, "{pods:?}");
+        assert!(names.insert(pods[0].clone()), "two conversations on {}", pods[0]);
+    }
+    assert_eq!(names.iter().filter(|n| n.contains("-warm-")).count(), N + LEFT);
+
+    // Replica A releases every conversation, B's too (found by label); nothing is left.
+    for conv in convs.iter().map(|(c, _)| c).chain(racers.iter()) {
+        let ds = a.find(conv).await.unwrap().expect("replica A finds every conversation");
+        a.release(&ds, *conv, 0).await.unwrap();
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    wait_empty(&ctx).await;
+
+    // A nestor without a pool removes warm objects a pooled one left.
+    let mut leftover: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "nestor-warm-0123456789abcdef", "labels": {
+            "app.kubernetes.io/managed-by": "nestor", "nestor.dev/instance": "nestor", "nestor.dev/warm": "0123456789abcdef"},
+            "annotations": {"nestor.dev/phase": "warm"}},
+        "stringData": {"session-api-key": "a", "secret-key": "b", "deferred-init": "true"}
+    }))
+    .unwrap();
+    leftover.metadata.namespace = Some(ctx.ns.name.clone());
+    ctx.secrets().create(&Default::default(), &leftover).await.unwrap();
+    let plain = KubernetesProvisioner::new(&ctx.cfg()).await.unwrap();
+    assert!(plain.recover().await.unwrap().is_empty());
+    wait_empty(&ctx).await;
+    plain.shutdown().await;
+    ctx.finish().await;
+}
+
+async fn wait_empty(ctx: &Ctx) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (pods, secrets, pvcs) = ctx.ns.objects().await.unwrap();
+        if (pods.len(), secrets.len(), pvcs.len()) == (0, 0, 0) || Instant::now() > deadline {
+            assert_eq!((pods.len(), secrets.len(), pvcs.len()), (0, 0, 0), "{pods:?} {secrets:?} {pvcs:?}");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
