@@ -41,7 +41,7 @@ use crate::harness::{self, Spawned};
 use crate::{stats, sys};
 
 const CLIENT_KEY: &str = "bench-client-key-0123456789";
-const OH_KEY: &str = "bench-oh-docker-key-0123456789";
+pub(crate) const OH_KEY: &str = "bench-oh-docker-key-0123456789";
 /// Bound on one create -> first event (a cold start on a loaded machine included).
 const FIRST_EVENT_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -345,7 +345,7 @@ async fn settle(targets: &mut [Target], pool: Option<SocketAddr>, min_idle: usiz
 
 /// The real agent-server in its docker mode: it keeps the public API and starts one
 /// container of `image` per conversation (api.md §8.2).
-async fn start_oh_docker(bin: &Path, work: &Path, image: &str, docker_host: &str, within: Duration) -> anyhow::Result<(Spawned, SocketAddr)> {
+pub(crate) async fn start_oh_docker(bin: &Path, work: &Path, image: &str, docker_host: &str, within: Duration) -> anyhow::Result<(Spawned, SocketAddr)> {
     let dir = work.join("oh-docker");
     std::fs::create_dir_all(&dir)?;
     let addr: SocketAddr = ([127, 0, 0, 1], sys::free_port()?).into();
@@ -386,19 +386,19 @@ async fn start_oh_docker(bin: &Path, work: &Path, image: &str, docker_host: &str
     Ok((p, addr))
 }
 
-fn docker(host: &str, args: &[&str]) -> Option<String> {
+pub(crate) fn docker(host: &str, args: &[&str]) -> Option<String> {
     let out = Command::new("docker").args(args).env("DOCKER_HOST", host).output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Containers of the agent-server's docker mode (any owner) that exist now.
-fn oh_containers(host: &str) -> HashSet<String> {
+pub(crate) fn oh_containers(host: &str) -> HashSet<String> {
     docker(host, &["ps", "-aq", "--no-trunc", "--filter", "label=ai.openhands.runtime-owner"]).unwrap_or_default().lines().map(str::to_owned).collect()
 }
 
 /// Force-remove this run's leftovers: nestor's containers and volumes of `instance`, and
 /// docker-mode containers that did not exist before the run.
-fn docker_cleanup(host: &str, instance: &str, before: &HashSet<String>) {
+pub(crate) fn docker_cleanup(host: &str, instance: &str, before: &HashSet<String>) {
     let label = format!("label=org.nestor.instance={instance}");
     let mut ids: Vec<String> = docker(host, &["ps", "-aq", "--no-trunc", "--filter", &label]).unwrap_or_default().lines().map(str::to_owned).collect();
     ids.extend(oh_containers(host).into_iter().filter(|c| !before.contains(c)));

@@ -12,6 +12,7 @@
 
 mod catalog;
 mod create;
+mod dockermode;
 mod harness;
 mod plot;
 mod procs;
@@ -76,6 +77,9 @@ enum Command {
     /// Create -> first event with the real agent-server: nestor's process, pool and docker
     /// provisioners vs the agent-server's own docker mode, in one run.
     Create(create::CreateArgs),
+    /// REST, events-socket latency and memory: nestor's docker provisioner vs the
+    /// agent-server's own docker mode, with their containers direct and nginx alongside.
+    Dockermode(dockermode::DockerModeArgs),
     /// Render the SVG charts of a results file.
     Plot {
         /// The results file (JSON) of a run.
@@ -216,6 +220,7 @@ fn main() {
         },
         Command::Catalog(args) => report_err(catalog::run_cmd(args)),
         Command::Create(args) => report_err(create::run_cmd(args)),
+        Command::Dockermode(args) => report_err(dockermode::run_cmd(args)),
         Command::Run(args) => match run_cmd(args) {
             Ok(()) => 0,
             Err(e) => {
