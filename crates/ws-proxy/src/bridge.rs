@@ -364,6 +364,7 @@ impl Pair {
         let path = self.spec.kind.path(&self.spec.conversation);
         let query = self.dial_query();
         let cfg = self.cfg.clone();
+        let conv = self.spec.conversation;
         async move {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
@@ -407,7 +408,12 @@ impl Pair {
                         Ok(false)
                     };
                     match verdict {
-                        Ok(active) if active == ws.get_ref().is_active() => Ok(ws),
+                        Ok(active) if active == ws.get_ref().is_active() => {
+                            if offer {
+                                tracing::debug!(conversation = %conv, "downstream socket: permessage-deflate {}", if active { "negotiated" } else { "declined by the downstream" });
+                            }
+                            Ok(ws)
+                        }
                         Ok(_) => Err(DialError::Retry("the downstream's permessage-deflate answer could not be applied".into())),
                         Err(e) => Err(DialError::Retry(format!("the downstream's Sec-WebSocket-Extensions answer is refused: {e}"))),
                     }
