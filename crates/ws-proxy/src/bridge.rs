@@ -401,16 +401,18 @@ impl Pair {
                     // RFC 6455 §4.1: an extension the client did not offer, or an answer
                     // outside RFC 7692, fails the connection.
                     let verdict = if offer {
-                        deflate::negotiate::parse_answer(answer.iter().copied()).map(|p| p.is_some())
+                        deflate::negotiate::parse_answer(answer.iter().copied())
                     } else if answer.iter().any(|v| !v.trim().is_empty()) {
                         Err(deflate::negotiate::NegotiateError::NotOffered(answer.join(", ")))
                     } else {
-                        Ok(false)
+                        Ok(None)
                     };
                     match verdict {
-                        Ok(active) if active == ws.get_ref().is_active() => {
-                            if offer {
-                                tracing::debug!(conversation = %conv, "downstream socket: permessage-deflate {}", if active { "negotiated" } else { "declined by the downstream" });
+                        Ok(params) if params.is_some() == ws.get_ref().is_active() => {
+                            match params {
+                                Some(p) => tracing::debug!(conversation = %conv, answer = %answer.join(", "), "downstream socket: permessage-deflate negotiated ({p:?})"),
+                                None if offer => tracing::debug!(conversation = %conv, "downstream socket: permessage-deflate declined by the downstream"),
+                                None => {}
                             }
                             Ok(ws)
                         }
