@@ -7,9 +7,9 @@
 //!   switches at the exact byte where frames start (so frames that arrive in the same read
 //!   as the answer are inflated too).
 //! * `Active`: frames are rewritten by [`Inflater`] and [`Deflater`]. When the connection
-//!   has nothing to read the inflater is released, and when a flush completes the
-//!   compressor is: an idle socket keeps only the peer's window (if it uses context
-//!   takeover) and a few hundred bytes of state.
+//!   has nothing to read the inflater is released, and when a flush completes the write
+//!   buffers are: an idle socket keeps only the peer's window (if it uses context takeover)
+//!   and a few hundred bytes of state.
 
 use std::io;
 use std::pin::Pin;
@@ -207,9 +207,15 @@ impl Active {
     fn poll_write<S: AsyncWrite + Unpin>(&mut self, inner: &mut S, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         // Back-pressure: take nothing new while earlier frames are still unwritten.
         ready!(self.poll_drain(inner, cx))?;
-        self.win.extend_from_slice(buf);
-        let used = self.deflater.encode(&self.win, &mut self.wout);
-        self.win.drain(..used);
+        if self.win.is_empty() {
+            // The usual case: tungstenite writes whole frames; encode straight from its buffer.
+            let used = self.deflater.encode(buf, &mut self.wout);
+            self.win.extend_from_slice(&buf[used..]);
+        } else {
+            self.win.extend_from_slice(buf);
+            let used = self.deflater.encode(&self.win, &mut self.wout);
+            self.win.drain(..used);
+        }
         // Start writing now; what does not fit goes on the next write or flush.
         if let Poll::Ready(Err(e)) = self.poll_drain(inner, cx) {
             return Poll::Ready(Err(e));
@@ -220,7 +226,7 @@ impl Active {
     fn poll_flush<S: AsyncWrite + Unpin>(&mut self, inner: &mut S, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_drain(inner, cx))?;
         ready!(Pin::new(&mut *inner).poll_flush(cx))?;
-        // Idle writer: nothing of the compressor is needed until the next message.
+        // Idle writer: no buffer is needed until the next message.
         if self.win.is_empty() {
             self.win = Vec::new();
         }

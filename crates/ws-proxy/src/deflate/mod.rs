@@ -14,8 +14,8 @@
 //! an idle socket holds no compressor; the inflater (~43 KiB) is dropped when the socket
 //! has nothing to read, and a peer that uses context takeover costs a copy of the last
 //! bytes it sent (at most its window, 32 KiB; a browser's few small messages in practice).
-//! Busy sockets hold a compressor (~256 KiB with flate2's miniz_oxide backend) only between
-//! a write and its flush. docs/performance.md has the measured figures.
+//! The compressor (~230 KiB with flate2's miniz_oxide backend) is one per thread, shared by
+//! every socket on it. docs/performance.md has the measured figures.
 
 pub mod codec;
 pub mod io;
