@@ -76,8 +76,11 @@ fn parse(mut b: &[u8]) -> Vec<F> {
     v
 }
 
-/// Data messages (opcode, payload) and the control frames' payloads, from plain frames.
-fn messages(frames: &[F]) -> (Vec<(u8, Vec<u8>)>, Vec<Vec<u8>>) {
+/// Data messages as (opcode, payload).
+type Msgs = Vec<(u8, Vec<u8>)>;
+
+/// Data messages and the control frames' payloads, from plain frames.
+fn messages(frames: &[F]) -> (Msgs, Vec<Vec<u8>>) {
     let (mut msgs, mut ctl) = (Vec::new(), Vec::new());
     let mut cur: Option<(u8, Vec<u8>)> = None;
     for f in frames {
