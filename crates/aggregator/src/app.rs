@@ -249,6 +249,8 @@ impl AppState {
             resume_deadline: Duration::from_secs_f64(cfg.websocket.resume_deadline_secs),
             max_pending_bytes: cfg.websocket.max_pending_bytes,
             read_buffer_size: cfg.websocket.read_buffer_bytes.clamp(256, 1 << 20),
+            permessage_deflate: cfg.websocket.permessage_deflate,
+            downstream_permessage_deflate: cfg.websocket.downstream_permessage_deflate,
             ..Default::default()
         });
         let cors = crate::cors::CorsPolicy::new(cfg.allow_cors_origins.clone(), cfg.allow_cors_origin_regex.as_deref())?;

@@ -171,6 +171,14 @@ pub struct WebsocketSection {
     /// Larger frames are still read whole, in several reads.
     #[serde(default = "default_read_buffer")]
     pub read_buffer_bytes: usize,
+    /// Accept permessage-deflate from clients that offer it (browsers always do). Default
+    /// on: events are JSON that compresses well, and an idle deflate socket costs little.
+    #[serde(default = "default_true")]
+    pub permessage_deflate: bool,
+    /// Offer permessage-deflate to downstreams. Default off: downstream hops are local,
+    /// where compressing costs CPU on both ends and saves nothing that matters.
+    #[serde(default)]
+    pub downstream_permessage_deflate: bool,
 }
 
 impl Default for WebsocketSection {
@@ -179,8 +187,14 @@ impl Default for WebsocketSection {
             resume_deadline_secs: default_resume_deadline(),
             max_pending_bytes: default_max_pending(),
             read_buffer_bytes: default_read_buffer(),
+            permessage_deflate: true,
+            downstream_permessage_deflate: false,
         }
     }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_read_buffer() -> usize {

@@ -162,6 +162,10 @@ struct RunArgs {
     /// Leave out the WebSocket phase.
     #[arg(long)]
     skip_ws: bool,
+    /// WebSocket clients offer permessage-deflate (nestor accepts it on the client leg; the
+    /// fake and nginx decline it, so only nestor's client leg is compressed).
+    #[arg(long)]
+    ws_deflate: bool,
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -442,7 +446,7 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
         // Idle pairs first, while nestor is fresh.
         if idle_pairs > 0 && !args.skip_idle {
             for &t in &targets {
-                let wt = ws::WsTarget { addr: addr_of(t), key: key_of(t).to_owned() };
+                let wt = ws::WsTarget { addr: addr_of(t), key: key_of(t).to_owned(), deflate: args.ws_deflate };
                 let pids = if t == Target::Direct { vec![fake_pid] } else { proxy_pids(t) };
                 tracing::info!(target = t.name(), pairs = idle_pairs, "idle pairs");
                 let r = ws::idle(&wt, &convs, idle_pairs, &pids, &pids).await.with_context(|| format!("idle pairs via {}", t.name()))?;
@@ -560,6 +564,7 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
                 Target::Nginx => nginx_addr,
             },
             key: if t == Target::Nestor { CLIENT_KEY.into() } else { DOWNSTREAM_KEY.into() },
+            deflate: args.ws_deflate,
         };
         let proxy_pids = |t: Target| -> Vec<u32> {
             match t {
@@ -633,6 +638,7 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
         "nestor_env": args.nestor_env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
         "skip_idle": args.skip_idle,
         "skip_ws": args.skip_ws,
+        "ws_deflate": args.ws_deflate,
         "client_runtime_threads": 2,
         "in_process_fake_runtime_threads": 2,
     });

@@ -335,7 +335,7 @@ async fn soak(args: &SoakArgs, work: &Path) -> anyhow::Result<SoakResults> {
     tracing::info!(conversations = convs.len(), downstreams = args.downstreams, "cataloged");
 
     let counters = Counters::new();
-    let target = ws::WsTarget { addr, key: CLIENT_KEY.to_owned() };
+    let target = ws::WsTarget { addr, key: CLIENT_KEY.to_owned(), deflate: false };
     let socket_convs: Vec<Uuid> = convs.iter().take(args.ws_sockets.max(1)).copied().collect();
 
     // Long-lived sockets, opened before the clock starts.

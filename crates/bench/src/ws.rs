@@ -24,12 +24,16 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+use nestor_ws_proxy::deflate::negotiate::CLIENT_OFFER;
+use nestor_ws_proxy::deflate::DeflateStream;
 use uuid::Uuid;
 
 use crate::stats::{self, Latency};
 use crate::sys::{self, now_ns};
 
-pub type Ws = WebSocketStream<TcpStream>;
+/// A client socket; with [`WsTarget::deflate`] it offers permessage-deflate, through
+/// nestor's own adapter (nestor accepts; the fake and nginx decline, so they run plain).
+pub type Ws = WebSocketStream<DeflateStream<TcpStream>>;
 
 /// Bound on one connection (TCP + handshake + first frame).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -39,6 +43,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct WsTarget {
     pub addr: SocketAddr,
     pub key: String,
+    /// Offer permessage-deflate.
+    pub deflate: bool,
 }
 
 /// A small-buffer client configuration (thousands of idle sockets stay cheap in the bench).
@@ -53,6 +59,12 @@ pub async fn open(t: &WsTarget, from: SocketAddr, conv: Uuid, cfg: Option<WebSoc
         let stream = sys::connect_from(from, t.addr).await.with_context(|| format!("connecting to {}", t.addr))?;
         let mut req = format!("ws://{}/sockets/events/{conv}", t.addr).into_client_request()?;
         req.headers_mut().insert("x-session-api-key", t.key.parse()?);
+        let stream = if t.deflate {
+            req.headers_mut().insert("sec-websocket-extensions", CLIENT_OFFER.parse()?);
+            DeflateStream::client_sniffing(stream, 64 << 20)
+        } else {
+            DeflateStream::plain(stream)
+        };
         let (mut ws, _) = tokio_tungstenite::client_async_with_config(req, stream, cfg).await?;
         loop {
             match ws.next().await {

@@ -39,10 +39,11 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::WebSocketStream;
 
 use crate::classify::{self, SessionFrame};
 use crate::config::ProxyConfig;
+use crate::deflate::{self, CodecError, DeflateStream};
 use crate::resume::{EventsCursor, History, SessionCursor, Verdict};
 
 /// Which agent-server socket.
@@ -121,7 +122,7 @@ pub trait Upstream: Send + Sync + 'static {
     fn on_state_update(&self, _event: &serde_json::Value) {}
 }
 
-type DownSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type DownSocket = WebSocketStream<DeflateStream<TcpStream>>;
 
 /// The event kind that carries conversation state changes ([`Upstream::on_state_update`]).
 const STATE_UPDATE_KIND: &str = "ConversationStateUpdateEvent";
@@ -363,6 +364,7 @@ impl Pair {
         let path = self.spec.kind.path(&self.spec.conversation);
         let query = self.dial_query();
         let cfg = self.cfg.clone();
+        let conv = self.spec.conversation;
         async move {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
@@ -381,13 +383,43 @@ impl Pair {
             if let Some(k) = ep.key_header() {
                 req.headers_mut().insert(nestor_core::SESSION_KEY_HEADER, k.clone());
             }
-            match tokio::time::timeout(
-                cfg.dial_timeout,
-                tokio_tungstenite::connect_async_with_config(req, Some(cfg.downstream_ws_config()), true),
-            )
-            .await
-            {
-                Ok(Ok((ws, _))) => Ok(ws),
+            let offer = cfg.downstream_permessage_deflate;
+            if offer {
+                req.headers_mut().insert(http::header::SEC_WEBSOCKET_EXTENSIONS, http::HeaderValue::from_static(deflate::negotiate::CLIENT_OFFER));
+            }
+            let host = req.uri().host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_owned();
+            let port = req.uri().port_u16().unwrap_or(80);
+            let connect = async {
+                let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(WsError::Io)?;
+                let _ = tcp.set_nodelay(true);
+                let io = if offer { DeflateStream::client_sniffing(tcp, cfg.max_downstream_frame) } else { DeflateStream::plain(tcp) };
+                tokio_tungstenite::client_async_with_config(req, io, Some(cfg.downstream_ws_config())).await
+            };
+            match tokio::time::timeout(cfg.dial_timeout, connect).await {
+                Ok(Ok((ws, resp))) => {
+                    let answer = resp.headers().get_all(http::header::SEC_WEBSOCKET_EXTENSIONS).iter().map(|v| v.to_str().unwrap_or("\u{fffd}")).collect::<Vec<_>>();
+                    // RFC 6455 §4.1: an extension the client did not offer, or an answer
+                    // outside RFC 7692, fails the connection.
+                    let verdict = if offer {
+                        deflate::negotiate::parse_answer(answer.iter().copied())
+                    } else if answer.iter().any(|v| !v.trim().is_empty()) {
+                        Err(deflate::negotiate::NegotiateError::NotOffered(answer.join(", ")))
+                    } else {
+                        Ok(None)
+                    };
+                    match verdict {
+                        Ok(params) if params.is_some() == ws.get_ref().is_active() => {
+                            match params {
+                                Some(p) => tracing::debug!(conversation = %conv, answer = %answer.join(", "), "downstream socket: permessage-deflate negotiated ({p:?})"),
+                                None if offer => tracing::debug!(conversation = %conv, "downstream socket: permessage-deflate declined by the downstream"),
+                                None => {}
+                            }
+                            Ok(ws)
+                        }
+                        Ok(_) => Err(DialError::Retry("the downstream's permessage-deflate answer could not be applied".into())),
+                        Err(e) => Err(DialError::Retry(format!("the downstream's Sec-WebSocket-Extensions answer is refused: {e}"))),
+                    }
+                }
                 Ok(Err(WsError::Http(resp))) if resp.status() == http::StatusCode::NOT_FOUND => Err(DialError::NotFound),
                 Ok(Err(e)) => Err(DialError::Retry(describe_ws_error(&e))),
                 Err(_) => Err(DialError::Retry("the agent-server's socket did not answer in time".into())),
@@ -607,6 +639,16 @@ impl Pair {
                 self.close_client(1013, "frame_too_large");
                 return Step::End;
             }
+            // A compressed message refused by the deflate adapter (crate::deflate).
+            Some(Err(WsError::Io(e))) if deflate::codec_error(&e).is_some() => {
+                let (code, reason) = match deflate::codec_error(&e) {
+                    Some(CodecError::TooBig { .. }) => (1009, "message too big"),
+                    _ => (1007, "invalid compressed data"),
+                };
+                tracing::debug!(conversation = %conv, "client socket: {e}");
+                self.close_client(code, reason);
+                return Step::End;
+            }
             Some(Err(e)) => {
                 tracing::debug!(conversation = %conv, "client socket error: {e}");
                 return Step::End;
@@ -737,7 +779,10 @@ async fn poll_opt<T>(f: &mut Option<BoxFuture<'static, T>>) -> T {
 /// A WebSocket error in words that name no address or key.
 fn describe_ws_error(e: &WsError) -> String {
     match e {
-        WsError::Io(io) => format!("{}", io.kind()),
+        WsError::Io(io) => match deflate::codec_error(io) {
+            Some(c) => c.to_string(),
+            None => format!("{}", io.kind()),
+        },
         WsError::Http(r) => format!("handshake refused with HTTP {}", r.status()),
         WsError::ConnectionClosed | WsError::AlreadyClosed => "connection closed".into(),
         WsError::Protocol(p) => format!("protocol error: {p}"),

@@ -35,6 +35,14 @@ pub struct ProxyConfig {
     /// over 9,500 idle pairs (docs/performance.md): 20.5 KiB per pair at 4 KiB, 18.2 at
     /// 2 KiB, 17.5 at 1 KiB; 2 KiB still reads a typical ~1 KiB event in one read.
     pub read_buffer_size: usize,
+    /// Accept permessage-deflate on the client leg when the client offers it (browsers
+    /// always do). On by default: events are JSON that shrinks 3-10x, which matters to
+    /// remote clients, and an idle deflate socket costs nestor little (see [`crate::deflate`]).
+    pub permessage_deflate: bool,
+    /// Offer permessage-deflate to downstreams. Off by default: downstreams are local
+    /// (loopback, a pod network), where bandwidth is cheap and compressing costs CPU on both
+    /// ends of the hop for nothing.
+    pub downstream_permessage_deflate: bool,
 }
 
 impl Default for ProxyConfig {
@@ -53,6 +61,8 @@ impl Default for ProxyConfig {
             max_buffered_client_frames: 64,
             max_buffered_client_bytes: 4 << 20,
             read_buffer_size: 2048,
+            permessage_deflate: true,
+            downstream_permessage_deflate: false,
         }
     }
 }

@@ -10,10 +10,12 @@
 //! * [`classify`]: peeking at frames (event ids, timestamps, seqs).
 //! * [`resume`]: the resume cursors (pure, property-tested).
 //! * [`bridge`]: one proxied pair: client auth, dialing, pumping, reconnecting.
+//! * [`deflate`]: permessage-deflate per leg, below tungstenite.
 
 pub mod bridge;
 pub mod classify;
 pub mod config;
+pub mod deflate;
 pub mod resume;
 pub mod upgrade;
 

@@ -2,8 +2,8 @@
 //!
 //! nestor upgrades client connections itself (rather than through a framework extractor)
 //! so both legs of a pair are the same `tokio-tungstenite` type with the same tuned
-//! configuration. Extensions (permessage-deflate) are declined, which RFC 6455 allows: the
-//! leg then runs uncompressed.
+//! configuration. permessage-deflate is accepted when the client offers it and the proxy
+//! allows it ([`crate::deflate`]); any other extension is declined, which RFC 6455 allows.
 
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -11,8 +11,19 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
+use crate::config::ProxyConfig;
+use crate::deflate::{self, DeflateStream, Params};
+
 /// The upgraded client connection.
-pub type ClientSocket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+pub type ClientSocket = WebSocketStream<DeflateStream<TokioIo<hyper::upgrade::Upgraded>>>;
+
+/// An accepted handshake: the answer to send and what it negotiated.
+#[derive(Debug)]
+pub struct Accepted {
+    pub response: Response<()>,
+    /// permessage-deflate parameters, if the answer accepted an offer.
+    pub deflate: Option<Params>,
+}
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
@@ -50,9 +61,10 @@ impl UpgradeError {
     }
 }
 
-/// Validate the handshake and build the `101 Switching Protocols` answer. The caller sends
+/// Validate the handshake and build the `101 Switching Protocols` answer (accepting the
+/// client's first honourable permessage-deflate offer when `offer_deflate`). The caller sends
 /// it, then awaits [`finish`] to get the socket.
-pub fn accept<B>(req: &Request<B>) -> Result<Response<()>, UpgradeError> {
+pub fn accept<B>(req: &Request<B>, offer_deflate: bool) -> Result<Accepted, UpgradeError> {
     if !is_upgrade(req) {
         return Err(UpgradeError::NotUpgrade);
     }
@@ -67,11 +79,35 @@ pub fn accept<B>(req: &Request<B>) -> Result<Response<()>, UpgradeError> {
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a valid header"));
-    Ok(resp)
+    let mut negotiated = None;
+    if offer_deflate {
+        let offers = req.headers().get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok());
+        if let Some((params, answer)) = deflate::negotiate::accept_offers(offers) {
+            // The answer is built from tokens and digits only.
+            if let Ok(v) = HeaderValue::from_str(&answer) {
+                h.insert(header::SEC_WEBSOCKET_EXTENSIONS, v);
+                negotiated = Some(params);
+            }
+        }
+    }
+    Ok(Accepted { response: resp, deflate: negotiated })
 }
 
-/// Wait for hyper to hand over the upgraded connection and wrap it.
-pub async fn finish(on_upgrade: hyper::upgrade::OnUpgrade, cfg: WebSocketConfig) -> Result<ClientSocket, hyper::Error> {
+/// Wait for hyper to hand over the upgraded connection and wrap it (with the deflate
+/// adapter if [`accept`] negotiated it).
+pub async fn finish(on_upgrade: hyper::upgrade::OnUpgrade, deflate: Option<Params>, cfg: &ProxyConfig) -> Result<ClientSocket, hyper::Error> {
     let upgraded = on_upgrade.await?;
-    Ok(WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(cfg)).await)
+    let io = TokioIo::new(upgraded);
+    let io = match deflate {
+        Some(p) => DeflateStream::active(io, deflate::Side::Server, p, cfg.max_client_frame),
+        None => DeflateStream::plain(io),
+    };
+    Ok(wrap(io, cfg.client_ws_config()).await)
+}
+
+async fn wrap<S>(io: S, cfg: WebSocketConfig) -> WebSocketStream<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    WebSocketStream::from_raw_socket(io, Role::Server, Some(cfg)).await
 }

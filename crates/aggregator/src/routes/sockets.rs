@@ -96,7 +96,7 @@ async fn socket(state: AppState, raw: String, kind: SocketKind, mut req: Request
             }
         }
     }
-    let resp = match upgrade::accept(&req) {
+    let accepted = match upgrade::accept(&req, state.ws.permessage_deflate) {
         Ok(r) => r,
         Err(e) => return (e.status(), e.to_string()).into_response(),
     };
@@ -110,10 +110,11 @@ async fn socket(state: AppState, raw: String, kind: SocketKind, mut req: Request
         auth,
     };
     let cfg = state.ws.clone();
+    let (resp, deflate) = (accepted.response, accepted.deflate);
     // Tracked, and closed with 1012 on shutdown (crate::server).
     let tracker = state.sockets.clone();
     tracker.spawn(async move {
-        let client = match upgrade::finish(on_upgrade, cfg.client_ws_config()).await {
+        let client = match upgrade::finish(on_upgrade, deflate, &cfg).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(conversation = %id, "upgrade failed: {e}");
