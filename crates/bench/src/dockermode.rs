@@ -246,7 +246,7 @@ async fn run(args: &DockerModeArgs, work: &Path, instance: &str, docker_host: &s
         }
     }
     for t in targets.iter_mut().filter(|t| !t.front_pids.is_empty()) {
-        let wt = WsTarget { addr: t.addr, key: t.key.clone() };
+        let wt = WsTarget { addr: t.addr, key: t.key.clone(), deflate: false };
         match ws::idle(&wt, &[t.conv], args.idle_sockets, &t.front_pids, &t.front_pids).await {
             Ok(r) => t.figures.idle = Some(r),
             Err(e) => notes.push(format!("{}: idle sockets not measured: {e:#}", t.name)),
@@ -289,7 +289,7 @@ async fn create_conversation(addr: SocketAddr, key: &str) -> anyhow::Result<Uuid
     anyhow::ensure!((200..300).contains(&st), "create: HTTP {st}: {}", String::from_utf8_lossy(&body[..body.len().min(500)]));
     let v: serde_json::Value = serde_json::from_slice(&body)?;
     let id: Uuid = v["id"].as_str().context("create answer has no id")?.parse()?;
-    let ws = ws::open(&WsTarget { addr, key: key.to_owned() }, sys::source_addr(0), id, None).await?;
+    let ws = ws::open(&WsTarget { addr, key: key.to_owned(), deflate: false }, sys::source_addr(0), id, None).await?;
     ws::close_all(vec![ws]).await;
     Ok(id)
 }
@@ -323,7 +323,7 @@ fn inspect(host: &str, id: &str) -> anyhow::Result<(SocketAddr, String)> {
 /// Per-frame latency (POST a message → its frame on the socket), then one burst of
 /// `burst` posts (4 in flight) timed until all their frames arrived.
 async fn frames(t: &Target, n: usize, burst: usize, round: usize) -> anyhow::Result<(hdrhistogram::Histogram<u64>, f64)> {
-    let wt = WsTarget { addr: t.addr, key: t.key.clone() };
+    let wt = WsTarget { addr: t.addr, key: t.key.clone(), deflate: false };
     let mut sock = ws::open(&wt, sys::source_addr(1), t.conv, None).await?;
     let mut http = Http::open(t.addr).await?;
     let path = format!("/api/conversations/{}/events", t.conv);
