@@ -5,9 +5,12 @@
 #                             vs one fake holding all; upstream connection reuse
 #   3. `nestor-bench create`  create -> first event with the real agent-server: process,
 #                             pool, docker (cold) vs the agent-server's own docker mode
+#   4. `nestor-bench dockermode` REST, events-socket latency and memory: nestor's docker
+#                             provisioner vs the agent-server's docker mode (containers
+#                             direct, nginx alongside); left out with BENCH_NO_DOCKER=1
 # The soak test is not part of it (10 minutes on its own: `nestor-bench soak`).
 #
-# Each phase has its own timeout (run 480 s, catalog 150 s, create 420 s) inside an overall
+# Each phase has its own timeout (run 480 s, catalog 150 s, create 420 s, dockermode 360 s) inside an overall
 # bound of 870 s plus the one-time setup (release build, agent-server venv, image and engine,
 # all cached after the first time). A phase that fails or times out is reported and the next
 # one still runs; the exit status is non-zero if any failed.
@@ -78,5 +81,10 @@ mkdir -p "$work/catalog" "$work/create"
 phase catalog 150 target/release/nestor-bench catalog --out "$(next_free "$dir/catalog-$stamp")" --plots "$dir" --work-dir "$work/catalog" "${quick[@]}"
 phase create 420 env "${docker_env[@]}" target/release/nestor-bench create --out "$(next_free "$dir/create-$stamp")" --plots "$dir" \
   --work-dir "$work/create" --agent-server "$venv/bin/agent-server" "${image[@]}" "${quick[@]}"
+if [[ "${BENCH_NO_DOCKER:-}" != 1 ]]; then
+  mkdir -p "$work/dockermode"
+  phase dockermode 360 env "${docker_env[@]}" target/release/nestor-bench dockermode --out "$(next_free "$dir/dockermode-$stamp")" \
+    --work-dir "$work/dockermode" --agent-server "$venv/bin/agent-server" "${image[@]}" "${quick[@]}"
+fi
 log "suite took $((SECONDS - start))s (budget 870s after setup); results in $dir"
 exit "$failed"
