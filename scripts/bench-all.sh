@@ -15,7 +15,7 @@
 # all cached after the first time). A phase that fails or times out is reported and the next
 # one still runs; the exit status is non-zero if any failed.
 #
-# Charts: docs/bench/*.svg (the run phase's four, catalog.svg, create.svg).
+# Charts: docs/bench/*.svg (the run phase's four, catalog.svg, create.svg, dockermode.svg).
 #
 # Usage: scripts/bench-all.sh [--quick]
 # Env:   BENCH_DIR=<dir>     where results go (default docs/bench)
@@ -83,7 +83,7 @@ phase create 420 env "${docker_env[@]}" target/release/nestor-bench create --out
   --work-dir "$work/create" --agent-server "$venv/bin/agent-server" "${image[@]}" "${quick[@]}"
 if [[ "${BENCH_NO_DOCKER:-}" != 1 ]]; then
   mkdir -p "$work/dockermode"
-  phase dockermode 360 env "${docker_env[@]}" target/release/nestor-bench dockermode --out "$(next_free "$dir/dockermode-$stamp")" \
+  phase dockermode 360 env "${docker_env[@]}" target/release/nestor-bench dockermode --out "$(next_free "$dir/dockermode-$stamp")" --plots "$dir" \
     --work-dir "$work/dockermode" --agent-server "$venv/bin/agent-server" "${image[@]}" "${quick[@]}"
 fi
 log "suite took $((SECONDS - start))s (budget 870s after setup); results in $dir"

@@ -58,6 +58,9 @@ def test_session_socket_live_and_resume(server_under_test, fake_llm, llm_url, re
         events = R.all_events(rest, cid)
         # live-only (no after_seq): sync{from_seq: null, through_seq: last}, no replay
         with SessionSocket(base_url, api_key, cid) as live:
+            # The sync envelope first (however long the path to the downstream takes on a
+            # loaded machine), then whatever else comes until a quiet half second.
+            live.collect_until(lambda e: e.get("type") == "sync", timeout=20)
             live.drain(quiet=0.5, max_time=5)
         sync = live.envelopes[0]
         assert sync.get("type") == "sync" and sync.get("from_seq") is None, sync

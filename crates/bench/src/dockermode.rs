@@ -61,11 +61,18 @@ pub struct DockerModeArgs {
     #[arg(long, default_value = "target/release/nestor")]
     pub nestor: PathBuf,
     /// The real agent-server (`<venv>/bin/agent-server`), run in its docker mode.
-    #[arg(long)]
-    pub agent_server: PathBuf,
+    #[arg(long, required_unless_present = "plot_from")]
+    pub agent_server: Option<PathBuf>,
     /// The agent-server image (`bash scripts/build-agent-server-image.sh`).
+    #[arg(long, required_unless_present = "plot_from")]
+    pub image: Option<String>,
+    /// Also write `dockermode.svg` into this directory.
     #[arg(long)]
-    pub image: String,
+    pub plots: Option<PathBuf>,
+    /// Do not measure: render the chart of this results file (into `--plots`, default
+    /// docs/bench).
+    #[arg(long)]
+    pub plot_from: Option<PathBuf>,
     /// The Docker engine; default `$DOCKER_HOST`.
     #[arg(long)]
     pub docker_host: Option<String>,
@@ -145,6 +152,12 @@ struct Target {
 }
 
 pub fn run_cmd(mut args: DockerModeArgs) -> anyhow::Result<()> {
+    if let Some(f) = &args.plot_from {
+        let r: DockerModeResults = serde_json::from_str(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)?;
+        let p = crate::create::plots::dockermode_svg(&r, args.plots.as_deref().unwrap_or(Path::new("docs/bench")))?;
+        tracing::info!(file = %p.display(), "chart written");
+        return Ok(());
+    }
     if args.quick {
         args.rounds = 1;
         args.requests = 200;
@@ -173,6 +186,10 @@ pub fn run_cmd(mut args: DockerModeArgs) -> anyhow::Result<()> {
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&res)? + "\n").with_context(|| format!("writing {}", args.out.display()))?;
     tracing::info!(file = %args.out.display(), "results written");
+    if let Some(dir) = &args.plots {
+        let p = crate::create::plots::dockermode_svg(&res, dir)?;
+        tracing::info!(file = %p.display(), "chart written");
+    }
     #[allow(clippy::print_stdout)]
     {
         print!("{}", table(&res));
@@ -184,17 +201,19 @@ async fn run(args: &DockerModeArgs, work: &Path, instance: &str, docker_host: &s
     let started = Instant::now();
     let loadavg_start = sys::loadavg();
     anyhow::ensure!(args.nestor.is_file(), "{} not found: build it first", args.nestor.display());
-    anyhow::ensure!(args.agent_server.is_file(), "{} not found: run scripts/setup-agent-server.sh", args.agent_server.display());
+    let agent_server = args.agent_server.clone().context("--agent-server is required")?;
+    let image = args.image.clone().context("--image is required")?;
+    anyhow::ensure!(agent_server.is_file(), "{} not found: run scripts/setup-agent-server.sh", agent_server.display());
     let mut notes = Vec::new();
     let boot = Duration::from_secs(240);
 
     // The two fronts, each with one conversation in its own container.
     let toml = format!(
         "ready_timeout_secs = 240.0\n[provisioner]\nkind = \"docker\"\n[provisioner.docker]\nimage = \"{}\"\ninstance_id = \"{instance}\"\ndocker_host = \"{docker_host}\"\nstartup_timeout_secs = 240.0\nstop_timeout_secs = 5.0\non_shutdown = \"stop\"\n",
-        args.image
+        image
     );
     let (nestor, nestor_addr) = harness::start_nestor(&args.nestor, work, "nestor-docker", CLIENT_KEY, &toml, &[("DOCKER_HOST", docker_host)], boot).await?;
-    let (oh, oh_addr) = start_oh_docker(&args.agent_server, work, &args.image, docker_host, boot).await?;
+    let (oh, oh_addr) = start_oh_docker(&agent_server, work, &image, docker_host, boot).await?;
     let nestor_conv = create_conversation(nestor_addr, CLIENT_KEY).await.context("create through nestor")?;
     let oh_conv = create_conversation(oh_addr, OH_KEY).await.context("create through the agent-server's docker mode")?;
 
@@ -267,7 +286,7 @@ async fn run(args: &DockerModeArgs, work: &Path, instance: &str, docker_host: &s
         wall_secs: started.elapsed().as_secs_f64(),
         settings: serde_json::json!({
             "rounds": args.rounds, "requests": args.requests, "conns": args.conns, "secs": args.secs,
-            "frames": args.frames, "burst": args.burst, "idle_sockets": args.idle_sockets, "image": args.image,
+            "frames": args.frames, "burst": args.burst, "idle_sockets": args.idle_sockets, "image": image,
         }),
         targets: targets.into_iter().map(|t| t.figures).collect(),
         notes,

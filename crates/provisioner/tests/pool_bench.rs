@@ -159,10 +159,16 @@ async fn bench(name: &str, pool: PoolProvisioner, idle_cost: IdleCost) {
     // own create, which any create pays.
     let mut claim_ms = Vec::new();
     let mut seq_ms = Vec::new();
+    let mut adopt_ms = Vec::new();
+    let mut init_ms = Vec::new();
     for _ in 0..warm {
+        let before = pool.stats();
         let (ds, ms, claim) = create(&pool, req()).await;
+        let after = pool.stats();
         seq_ms.push(ms);
         claim_ms.push(claim);
+        adopt_ms.push((after.adopt_us_total - before.adopt_us_total) as f64 / 1000.0);
+        init_ms.push((after.init_us_total - before.init_us_total) as f64 / 1000.0);
         owned.push(ds);
     }
     assert!(pool.wait_idle(warm, Duration::from_secs(600)).await, "{:?}", pool.stats());
@@ -182,6 +188,7 @@ async fn bench(name: &str, pool: PoolProvisioner, idle_cost: IdleCost) {
     println!("POOL-BENCH {name}: create -> first 200, warm: {}", summary(&mut warm_ms));
     println!("POOL-BENCH {name}: create -> first 200, cold: {}", summary(&mut cold_ms));
     println!("POOL-BENCH {name}: one at a time, warm: claim (provisioner's part) {}; whole create {}", summary(&mut claim_ms), summary(&mut seq_ms));
+    println!("POOL-BENCH {name}: one at a time, warm claim split: nestor's records (adopt) {}; the agent-server's POST /api/init {}", summary(&mut adopt_ms), summary(&mut init_ms));
     println!("POOL-BENCH {name}: {:?}; load {}", pool.stats(), std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
     for ds in owned {
         let conv = ds.primary().unwrap();

@@ -2,11 +2,13 @@
 //! backend, text left to the viewer's fonts).
 //!
 //! * `catalog.svg` — search / count / one page of 100: p50 and p99, direct vs nestor;
-//! * `create.svg` — create -> first event, median and max per target.
+//! * `create.svg` — create -> first event, median and max per target;
+//! * `dockermode.svg` — nestor vs the agent-server's docker mode: a forwarded request's and an
+//!   event's latency (p50) and the front's memory, per target.
 //!
 //! Written by `nestor-bench catalog|create --plots DIR`; re-rendered from a results file with
 //! `nestor-bench catalog --plot-from docs/bench/catalog-<date>.json --plots docs/bench` (and
-//! the same for `create`).
+//! the same for `create` and `dockermode`).
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +18,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::catalog::CatalogResults;
 use crate::create::CreateResults;
+use crate::dockermode::DockerModeResults;
 
 const W: u32 = 960;
 const H: u32 = 420;
@@ -112,6 +115,31 @@ pub fn create_svg(r: &CreateResults, out: &Path) -> anyhow::Result<PathBuf> {
             ("max", ORANGE, r.targets.iter().map(|t| t.first_event_max_ms).collect::<Vec<_>>()),
         ];
         bars(&root, &format!("create -> first event, real agent-server ({}, {} rounds)", r.date, r.settings["rounds"]), "ms", &groups, &series)?;
+        root.present().map_err(e)?;
+    }
+    Ok(p)
+}
+
+pub fn dockermode_svg(r: &DockerModeResults, out: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(out)?;
+    let p = out.join("dockermode.svg");
+    {
+        let root = SVGBackend::new(&p, (W * 3 / 2, H)).into_drawing_area();
+        root.fill(&WHITE).map_err(e)?;
+        let panels = root.split_evenly((1, 3));
+        let groups: Vec<String> = r.targets.iter().map(|t| t.name.clone()).collect();
+        let median = |v: Vec<f64>| crate::stats::median(&v);
+        let rest = |pname: &str| -> Vec<f64> {
+            r.targets
+                .iter()
+                .map(|t| t.rest_seq.iter().find(|(n, _)| n == pname).map(|(_, rs)| median(rs.iter().map(|r| r.latency.p50_us / 1000.0).collect())).unwrap_or(f64::NAN))
+                .collect()
+        };
+        bars(&panels[0], &format!("GET …/agent_final_response, 1 conn ({})", r.date), "p50 (ms)", &groups, &[("p50", BLUE, rest("forwarded"))])?;
+        let frame: Vec<f64> = r.targets.iter().map(|t| t.frame_latency.as_ref().map_or(f64::NAN, |l| l.p50_us / 1000.0)).collect();
+        bars(&panels[1], "POST a message -> its frame", "p50 (ms)", &groups, &[("p50", BLUE, frame)])?;
+        let rss: Vec<f64> = r.targets.iter().map(|t| t.front_rss_kib.map_or(f64::NAN, |k| k as f64 / 1024.0)).collect();
+        bars(&panels[2], "front process RSS, one conversation", "MiB", &groups, &[("RSS", ORANGE, rss)])?;
         root.present().map_err(e)?;
     }
     Ok(p)

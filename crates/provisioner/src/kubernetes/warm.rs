@@ -452,18 +452,25 @@ impl WarmBackend for KubernetesProvisioner {
                 "annotations": { OWNER: req.owner.as_str() },
             }
         });
+        // Both at once (independent objects; the claim itself was the Secret's patch): one
+        // API round trip instead of two in every warm create.
         let api = inner.pods.clone();
         let (n, l) = (name.clone(), labels.clone());
-        let mut r = inner.kube.call("patch", "pods", async move { api.patch(&n, &PatchParams::default(), &Patch::Merge(&l)).await }).await.map(|_| ());
-        if r.is_ok() && inner.s.storage == StorageMode::Pvc {
+        let pod = inner.kube.call("patch", "pods", async move { api.patch(&n, &PatchParams::default(), &Patch::Merge(&l)).await });
+        let pvc = async {
+            if inner.s.storage != StorageMode::Pvc {
+                return Ok(());
+            }
             let api = inner.pvcs.clone();
             let n = name.clone();
-            r = inner
+            inner
                 .kube
                 .call("patch", "persistentvolumeclaims", async move { api.patch(&n, &PatchParams::default(), &Patch::Merge(&labels)).await })
                 .await
-                .map(|_| ());
-        }
+                .map(|_| ())
+        };
+        let (p, v) = tokio::join!(pod, pvc);
+        let r = p.map(|_| ()).and(v);
         if let Err(e) = r {
             // Ours, half-relabelled: remove it all (the pool tries another way).
             c.released.store(true, Ordering::SeqCst);

@@ -212,10 +212,18 @@ pub struct PoolStats {
     pub failed_claims: u64,
     /// Idle servers replaced for age or because they died.
     pub recycled: u64,
+    /// Time successful claims spent recording the conversation with the backend
+    /// ([`WarmBackend::adopt`]: nestor's own part), in total, µs.
+    pub adopt_us_total: u64,
+    /// Time successful claims spent in the server's `POST /api/init` (the agent-server's
+    /// part), in total, µs.
+    pub init_us_total: u64,
 }
 
 #[derive(Default)]
 struct Counters {
+    adopt_us: AtomicU64,
+    init_us: AtomicU64,
     started: AtomicU64,
     claims: AtomicU64,
     cold_starts: AtomicU64,
@@ -293,6 +301,8 @@ impl PoolProvisioner {
             failed_starts: n.failed_starts.load(Ordering::Relaxed),
             failed_claims: n.failed_claims.load(Ordering::Relaxed),
             recycled: n.recycled.load(Ordering::Relaxed),
+            adopt_us_total: n.adopt_us.load(Ordering::Relaxed),
+            init_us_total: n.init_us.load(Ordering::Relaxed),
         }
     }
 
@@ -524,14 +534,18 @@ impl Inner {
                 return Err(e);
             }
         };
+        let adopted = started.elapsed();
         if let Err(e) = self.init(&w, &keys).await {
             if let Err(e2) = self.backend.release(&ds, req.conversation, 0).await {
                 tracing::warn!(conversation = %req.conversation, "releasing a server whose init failed: {e2}");
             }
             return Err(e);
         }
-        metrics::histogram!("nestor_pool_claim_seconds").record(started.elapsed().as_secs_f64());
-        tracing::info!(conversation = %req.conversation, downstream = %ds.id(), took = ?started.elapsed(), "claimed a warm agent-server");
+        let took = started.elapsed();
+        self.n.adopt_us.fetch_add(adopted.as_micros() as u64, Ordering::Relaxed);
+        self.n.init_us.fetch_add((took - adopted).as_micros() as u64, Ordering::Relaxed);
+        metrics::histogram!("nestor_pool_claim_seconds").record(took.as_secs_f64());
+        tracing::info!(conversation = %req.conversation, downstream = %ds.id(), ?took, adopt = ?adopted, init = ?(took - adopted), "claimed a warm agent-server");
         Ok(ds)
     }
 
