@@ -84,7 +84,8 @@ phase create 420 env "${docker_env[@]}" target/release/nestor-bench create --out
 if [[ "${BENCH_NO_DOCKER:-}" != 1 ]]; then
   mkdir -p "$work/dockermode"
   phase dockermode 360 env "${docker_env[@]}" target/release/nestor-bench dockermode --out "$(next_free "$dir/dockermode-$stamp")" --plots "$dir" \
-    --work-dir "$work/dockermode" --agent-server "$venv/bin/agent-server" "${image[@]}" "${quick[@]}"
+    --work-dir "$work/dockermode" --agent-server "$venv/bin/agent-server" "${image[@]}" \
+    --rounds 2 --requests 150 --frames 30 --burst 100 "${quick[@]}"
 fi
 log "suite took $((SECONDS - start))s (budget 870s after setup); results in $dir"
 exit "$failed"
