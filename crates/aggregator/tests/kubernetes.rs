@@ -12,42 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nestor_test_support::kube_env::{kube_required, KubeEnv, TestNamespace};
+use nestor_test_support::kube_env::{agent_server_image, KubeEnv, TestNamespace};
 use nestor_test_support::node_agent::{self, NodeAgent, NodeAgentConfig};
 use serde_json::{json, Value};
 
 const KEY: &str = "client-key-kubernetes-0123456789";
-
-fn image() -> String {
-    std::env::var("NESTOR_TEST_AGENT_SERVER_IMAGE")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "nestor/agent-server:1.58.2".into())
-}
-
-async fn prerequisites() -> Result<KubeEnv, String> {
-    let env = KubeEnv::get()?;
-    let docker = node_agent::connect_docker(None).await.map_err(|e| format!("no Docker engine: {e}"))?;
-    if docker.inspect_image(&image()).await.is_err() {
-        return Err(format!("image {} is not present (scripts/build-agent-server-image.sh builds it)", image()));
-    }
-    Ok(env)
-}
-
-macro_rules! require_kube {
-    () => {
-        match prerequisites().await {
-            Ok(env) => env,
-            Err(why) => {
-                if kube_required() {
-                    panic!("NESTOR_TEST_REQUIRE_KUBE=1 but: {why}");
-                }
-                eprintln!("SKIPPED (no test cluster): {why}");
-                return;
-            }
-        }
-    };
-}
 
 /// One `nestor serve` process; SIGKILLed when dropped.
 struct Replica {
@@ -194,7 +163,7 @@ impl Ctx {
     }
 
     async fn replica(&self, name: &'static str) -> Replica {
-        Replica::start(self.dir.path(), name, &self.env.nestor, &self.ns.name, &image(), "").await
+        Replica::start(self.dir.path(), name, &self.env.nestor, &self.ns.name, &agent_server_image(), "").await
     }
 
     /// Wait (bounded) until the namespace holds exactly `want` (pods, secrets, pvcs).
@@ -236,7 +205,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conversations_in_their_own_pods_served_by_any_replica_and_deleted_without_leftovers() {
-    let env = require_kube!();
+    let env = nestor_test_support::require_kube!();
     let ctx = Ctx::new(env, "n-repl").await;
     let a = ctx.replica("a").await;
     let b = ctx.replica("b").await;
@@ -305,12 +274,12 @@ async fn conversations_in_their_own_pods_served_by_any_replica_and_deleted_witho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_fails_clearly_and_in_bounded_time() {
-    let env = require_kube!();
+    let env = nestor_test_support::require_kube!();
     let ctx = Ctx::new(env, "n-bad").await;
     let dir = ctx.dir.path();
 
     // A namespace nestor may not write to: it refuses to start, naming the missing verbs.
-    let cfg = Replica::config(dir, "ro", 1, &ctx.env.readonly, &ctx.ns.name, &image(), "");
+    let cfg = Replica::config(dir, "ro", 1, &ctx.env.readonly, &ctx.ns.name, &agent_server_image(), "");
     let t0 = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_nestor")).arg("serve").arg("--config").arg(&cfg).output().unwrap();
     let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
@@ -324,7 +293,7 @@ async fn bad_input_fails_clearly_and_in_bounded_time() {
     let api_port = std::env::var("NESTOR_KUBE_API_PORT").unwrap_or_else(|_| "26443".into());
     let down = dir.join("down.kubeconfig");
     std::fs::write(&down, kc.replace(&format!("127.0.0.1:{api_port}"), &format!("127.0.0.1:{dead}"))).unwrap();
-    let cfg = Replica::config(dir, "down", 1, &down, &ctx.ns.name, &image(), "");
+    let cfg = Replica::config(dir, "down", 1, &down, &ctx.ns.name, &agent_server_image(), "");
     let t0 = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_nestor")).arg("serve").arg("--config").arg(&cfg).output().unwrap();
     let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use common::{bucket, noise, unique_prefix};
 use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use nestor_test_support::kube_env::{kube_required, KubeEnv, TestNamespace};
+use nestor_test_support::kube_env::{self, agent_server_image, KubeEnv, TestNamespace};
 use nestor_test_support::node_agent::{self, NodeAgent, NodeAgentConfig};
 use nestor_test_support::ChaosProxy;
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -43,10 +43,6 @@ use support::{create_body, start_with_toml, TestNestor, CLIENT_KEY};
 const BUCKET: &str = "nestor-aggregator-tests";
 const PROJECT: &str = "/workspace/project";
 const READY_SECS: u64 = 240;
-
-fn image() -> String {
-    std::env::var("NESTOR_TEST_AGENT_SERVER_IMAGE").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "nestor/agent-server:1.58.2".into())
-}
 
 /// `docker <args>` (the CLI honours `DOCKER_HOST`), bounded; stdout, or why it failed.
 fn docker(args: &[&str]) -> Result<String, String> {
@@ -81,7 +77,7 @@ fn build_sync_image() -> Result<String, String> {
         .lines()
         .find(|l| !l.ends_with(":<none>"))
         .map(str::to_owned)
-        .unwrap_or_else(image);
+        .unwrap_or_else(agent_server_image);
     let out = Command::new("sha256sum").arg(bin).output().map_err(|e| format!("sha256sum: {e}"))?;
     let hash = String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_owned();
     let base_id = docker(&["image", "inspect", "--format", "{{.Id}}", &base])?;
@@ -110,11 +106,7 @@ fn build_sync_image() -> Result<String, String> {
 }
 
 async fn prerequisites() -> Result<(KubeEnv, String), String> {
-    let env = KubeEnv::get()?;
-    let d = node_agent::connect_docker(None).await.map_err(|e| format!("no Docker engine: {e}"))?;
-    if d.inspect_image(&image()).await.is_err() {
-        return Err(format!("image {} is not present (scripts/build-agent-server-image.sh builds it)", image()));
-    }
+    let env = kube_env::prerequisites().await?;
     let img = tokio::task::spawn_blocking(sync_image).await.map_err(|e| e.to_string())??;
     Ok((env, img))
 }
@@ -179,7 +171,7 @@ final_push_secs = 20
             endpoint = self.proxy.url(),
             kc = env.nestor.display(),
             ns = self.ns.name,
-            image = image(),
+            image = agent_server_image(),
             sync = self.sync_image,
         )
     }
@@ -290,7 +282,7 @@ async fn start(test: &str, on_delete: &str, storage_extra: &str) -> Option<(Fixt
     let (env, sync_image) = match prerequisites().await {
         Ok(v) => v,
         Err(why) => {
-            if kube_required() {
+            if kube_env::kube_required() {
                 panic!("NESTOR_TEST_REQUIRE_KUBE=1 but: {why}");
             }
             eprintln!("SKIPPED (no test cluster): {why}");

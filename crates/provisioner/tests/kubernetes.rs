@@ -17,40 +17,8 @@ use http::Method;
 use nestor_core::{ConversationId, Downstream, DownstreamClient, DownstreamState, UserId};
 use nestor_provisioner::kubernetes::{KubernetesConfig, KubernetesProvisioner, Reach};
 use nestor_provisioner::{ProvisionError, ProvisionRequest, Provisioner};
-use nestor_test_support::kube_env::{kube_required, KubeEnv, TestNamespace};
+use nestor_test_support::kube_env::{agent_server_image, KubeEnv, TestNamespace};
 use nestor_test_support::node_agent::{self, NodeAgent, NodeAgentConfig};
-
-fn image() -> String {
-    std::env::var("NESTOR_TEST_AGENT_SERVER_IMAGE")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "nestor/agent-server:1.58.2".into())
-}
-
-/// The cluster, Docker and the image, or why not.
-async fn prerequisites() -> Result<KubeEnv, String> {
-    let env = KubeEnv::get()?;
-    let docker = node_agent::connect_docker(None).await.map_err(|e| format!("no Docker engine: {e}"))?;
-    if docker.inspect_image(&image()).await.is_err() {
-        return Err(format!("image {} is not present (scripts/build-agent-server-image.sh builds it)", image()));
-    }
-    Ok(env)
-}
-
-macro_rules! require_kube {
-    () => {
-        match prerequisites().await {
-            Ok(env) => env,
-            Err(why) => {
-                if kube_required() {
-                    panic!("NESTOR_TEST_REQUIRE_KUBE=1 but: {why}");
-                }
-                eprintln!("SKIPPED (no test cluster): {why}");
-                return;
-            }
-        }
-    };
-}
 
 /// A namespace + node agent for one test, removed afterwards (also on panic).
 struct Ctx {
@@ -77,7 +45,7 @@ impl Ctx {
         KubernetesConfig {
             kubeconfig: Some(self.env.nestor.clone()),
             namespace: Some(self.ns.name.clone()),
-            image: Some(image()),
+            image: Some(agent_server_image()),
             reach: Reach::HostPortAnnotation,
             startup_timeout_secs: Some(240.0),
             api_timeout_secs: Some(10.0),
@@ -143,7 +111,7 @@ async fn wait_objects(ns: &TestNamespace, want: (usize, usize, usize), within: D
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn real_agent_server_pod_life_cycle() {
-    let env = require_kube!();
+    let env = nestor_test_support::require_kube!();
     let ctx = Ctx::new(env, "k-life").await;
     let p = ctx.provisioner(&ctx.cfg()).await;
     assert!(p.recover().await.unwrap().is_empty());
@@ -220,7 +188,7 @@ async fn real_agent_server_pod_life_cycle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_share_pods_through_labels_and_secrets() {
-    let env = require_kube!();
+    let env = nestor_test_support::require_kube!();
     let ctx = Ctx::new(env, "k-repl").await;
     let cfg = ctx.cheap_cfg();
     let a = ctx.provisioner(&cfg).await;
@@ -292,7 +260,7 @@ async fn two_replicas_share_pods_through_labels_and_secrets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_image_that_never_becomes_ready_fails_in_bounded_time() {
-    let env = require_kube!();
+    let env = nestor_test_support::require_kube!();
     let ctx = Ctx::new(env, "k-bad").await;
     let cfg = KubernetesConfig {
         image: Some("nestor/does-not-exist:0".into()),
@@ -324,7 +292,7 @@ async fn an_image_that_never_becomes_ready_fails_in_bounded_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn missing_permissions_are_named() {
-    let env = require_kube!();
+    let env = nestor_test_support::require_kube!();
     let ctx = Ctx::new(env, "k-rbac").await;
     // get/list/watch only: the start-up check names every missing verb.
     let cfg = KubernetesConfig { kubeconfig: Some(ctx.env.readonly.clone()), ..ctx.cheap_cfg() };
@@ -354,7 +322,7 @@ async fn missing_permissions_are_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_server_down_at_start_is_a_clear_bounded_error() {
-    let env = require_kube!();
+    let env = nestor_test_support::require_kube!();
     // The nestor kubeconfig, pointed at a loopback port nothing listens on.
     let text = std::fs::read_to_string(&env.nestor).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -365,7 +333,7 @@ async fn api_server_down_at_start_is_a_clear_bounded_error() {
     let cfg = KubernetesConfig {
         kubeconfig: Some(path),
         namespace: Some("nowhere".into()),
-        image: Some(image()),
+        image: Some(agent_server_image()),
         api_timeout_secs: Some(3.0),
         ..Default::default()
     };

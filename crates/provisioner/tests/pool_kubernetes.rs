@@ -21,39 +21,8 @@ use nestor_core::{ConversationId, Downstream, DownstreamClient, DownstreamState,
 use nestor_provisioner::kubernetes::{KubernetesConfig, KubernetesProvisioner, Reach};
 use nestor_provisioner::pool::{PoolConfig, PoolProvisioner};
 use nestor_provisioner::{ProvisionRequest, Provisioner};
-use nestor_test_support::kube_env::{kube_required, KubeEnv, TestNamespace};
+use nestor_test_support::kube_env::{agent_server_image, KubeEnv, TestNamespace};
 use nestor_test_support::node_agent::{self, NodeAgent, NodeAgentConfig};
-
-fn image() -> String {
-    std::env::var("NESTOR_TEST_AGENT_SERVER_IMAGE")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "nestor/agent-server:1.58.2".into())
-}
-
-async fn prerequisites() -> Result<KubeEnv, String> {
-    let env = KubeEnv::get()?;
-    let docker = node_agent::connect_docker(None).await.map_err(|e| format!("no Docker engine: {e}"))?;
-    if docker.inspect_image(&image()).await.is_err() {
-        return Err(format!("image {} is not present (scripts/build-agent-server-image.sh builds it)", image()));
-    }
-    Ok(env)
-}
-
-macro_rules! require_kube {
-    () => {
-        match prerequisites().await {
-            Ok(env) => env,
-            Err(why) => {
-                if kube_required() {
-                    panic!("NESTOR_TEST_REQUIRE_KUBE=1 but: {why}");
-                }
-                eprintln!("SKIPPED (no test cluster): {why}");
-                return;
-            }
-        }
-    };
-}
 
 /// A namespace + node agent for one test, removed afterwards.
 struct Ctx {
@@ -80,7 +49,7 @@ impl Ctx {
         KubernetesConfig {
             kubeconfig: Some(self.env.nestor.clone()),
             namespace: Some(self.ns.name.clone()),
-            image: Some(image()),
+            image: Some(agent_server_image()),
             reach: Reach::HostPortAnnotation,
             startup_timeout_secs: Some(240.0),
             api_timeout_secs: Some(10.0),
@@ -172,7 +141,7 @@ async fn pods_by_conversation(ctx: &Ctx) -> HashMap<String, Vec<String>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod() {
-    let env = require_kube!();
+    let env = nestor_test_support::require_kube!();
     let ctx = Ctx::new(env, "k-pool").await;
     const N: usize = 10;
     // A pool big enough for the N creates (they boot in parallel, which is the shortest wall

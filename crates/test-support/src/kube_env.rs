@@ -15,6 +15,44 @@ use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 
+/// The agent-server image the pods of the tests run (`NESTOR_TEST_AGENT_SERVER_IMAGE`, as
+/// scripts/build-agent-server-image.sh tags it by default).
+pub fn agent_server_image() -> String {
+    std::env::var("NESTOR_TEST_AGENT_SERVER_IMAGE")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "nestor/agent-server:1.58.2".into())
+}
+
+/// The cluster, Docker and the agent-server image, or why not.
+pub async fn prerequisites() -> Result<KubeEnv, String> {
+    let env = KubeEnv::get()?;
+    let docker = crate::node_agent::connect_docker(None).await.map_err(|e| format!("no Docker engine: {e}"))?;
+    let image = agent_server_image();
+    if docker.inspect_image(&image).await.is_err() {
+        return Err(format!("image {image} is not present (scripts/build-agent-server-image.sh builds it)"));
+    }
+    Ok(env)
+}
+
+/// In an async test: the [`KubeEnv`] when [`prerequisites`] hold; otherwise skip the test
+/// (return), or fail it when `NESTOR_TEST_REQUIRE_KUBE=1`.
+#[macro_export]
+macro_rules! require_kube {
+    () => {
+        match $crate::kube_env::prerequisites().await {
+            Ok(env) => env,
+            Err(why) => {
+                if $crate::kube_env::kube_required() {
+                    panic!("NESTOR_TEST_REQUIRE_KUBE=1 but: {why}");
+                }
+                eprintln!("SKIPPED (no test cluster): {why}");
+                return;
+            }
+        }
+    };
+}
+
 /// The repository root (this crate is crates/test-support).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
