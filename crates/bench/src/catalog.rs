@@ -148,11 +148,7 @@ pub fn run_cmd(mut args: CatalogArgs) -> anyhow::Result<()> {
         }
     })?;
     rt.shutdown_timeout(Duration::from_secs(5));
-    if let Some(dir) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&res)? + "\n").with_context(|| format!("writing {}", args.out.display()))?;
-    tracing::info!(file = %args.out.display(), "results written");
+    crate::report::write_results(&args.out, &res)?;
     if let Some(dir) = &args.plots {
         let p = crate::create::plots::catalog_svg(&res, dir)?;
         tracing::info!(file = %p.display(), "chart written");

@@ -157,11 +157,7 @@ pub fn run_cmd(mut args: CreateArgs) -> anyhow::Result<()> {
         docker_cleanup(&docker_host, &instance, &before);
     }
     let res = res?;
-    if let Some(dir) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&res)? + "\n").with_context(|| format!("writing {}", args.out.display()))?;
-    tracing::info!(file = %args.out.display(), "results written");
+    crate::report::write_results(&args.out, &res)?;
     if let Some(dir) = &args.plots {
         let p = plots::create_svg(&res, dir)?;
         tracing::info!(file = %p.display(), "chart written");

@@ -298,12 +298,7 @@ fn run_cmd(mut args: RunArgs) -> anyhow::Result<()> {
     fake_rt.shutdown_timeout(Duration::from_secs(5));
     client_rt.shutdown_timeout(Duration::from_secs(5));
     let results = result?;
-    let json = serde_json::to_string_pretty(&results)?;
-    if let Some(dir) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&args.out, json + "\n").with_context(|| format!("writing {}", args.out.display()))?;
-    tracing::info!(file = %args.out.display(), "results written");
+    crate::report::write_results(&args.out, &results)?;
     if let Some(dir) = &args.plots {
         for p in plot::render(&results, dir)? {
             tracing::info!(file = %p.display(), "chart written");

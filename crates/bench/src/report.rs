@@ -496,3 +496,14 @@ pub(crate) mod tests {
         assert_eq!(back.rest.body_bytes, 3000);
     }
 }
+
+/// Write a run's results as pretty JSON to `out` (its directory created), and log it.
+pub fn write_results<T: serde::Serialize>(out: &std::path::Path, results: &T) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(out, serde_json::to_string_pretty(results)? + "\n").with_context(|| format!("writing {}", out.display()))?;
+    tracing::info!(file = %out.display(), "results written");
+    Ok(())
+}

@@ -287,11 +287,7 @@ pub fn run_cmd(args: SoakArgs) -> anyhow::Result<bool> {
     });
     rt.shutdown_timeout(Duration::from_secs(5));
     let results = result?;
-    if let Some(dir) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&results)? + "\n").with_context(|| format!("writing {}", args.out.display()))?;
-    tracing::info!(file = %args.out.display(), "soak results written");
+    crate::report::write_results(&args.out, &results)?;
     #[allow(clippy::print_stdout)]
     {
         print!("{}", table(&results));
