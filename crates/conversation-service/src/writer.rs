@@ -118,9 +118,17 @@ impl Writer {
     fn enqueue(&self, id: ConversationId, op: Op, waiter: Option<oneshot::Sender<Result<(), String>>>) {
         let start_worker = {
             let mut st = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
-            let p = st.pending.entry(id).or_insert_with(|| Pending { op: Op::Remove, waiters: Vec::new() });
-            p.op = op;
-            p.waiters.extend(waiter);
+            match st.pending.entry(id) {
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    // The newer operation supersedes the pending one; its waiters wait for it.
+                    let p = o.get_mut();
+                    p.op = op;
+                    p.waiters.extend(waiter);
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(Pending { op, waiters: waiter.into_iter().collect() });
+                }
+            }
             !std::mem::replace(&mut st.worker, true)
         };
         if start_worker {
@@ -130,8 +138,11 @@ impl Writer {
                 }
                 Err(_) => {
                     // No runtime (a synchronous caller, tests): write in place.
-                    self.inner.state.lock().unwrap_or_else(|p| p.into_inner()).worker = false;
-                    let batch = std::mem::take(&mut self.inner.state.lock().unwrap_or_else(|p| p.into_inner()).pending);
+                    let batch = {
+                        let mut st = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+                        st.worker = false;
+                        std::mem::take(&mut st.pending)
+                    };
                     finish(write_batch(&self.inner.store, batch));
                     return;
                 }
