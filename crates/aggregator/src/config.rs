@@ -65,6 +65,8 @@ pub struct Config {
     #[serde(default)]
     pub websocket: WebsocketSection,
     #[serde(default)]
+    pub http: HttpSection,
+    #[serde(default)]
     pub admission: crate::lifecycle::AdmissionConfig,
     #[serde(default)]
     pub lifecycle: crate::lifecycle::LifecycleConfig,
@@ -154,6 +156,22 @@ pub enum MetricsAccess {
     Public,
     Key,
     Off,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// Forward plain conversation requests on the fast path (crate::fastpath): nestor's own
+    /// HTTP/1 reading and writing, no router. Off: every request goes through the router.
+    #[serde(default = "default_true")]
+    pub fast_path: bool,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        Self { fast_path: true }
+    }
 }
 
 /// `[websocket]`.
@@ -291,6 +309,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "log_format",
     "catalog",
     "websocket",
+    "http",
     "admission",
     "lifecycle",
     "metrics",

@@ -4,13 +4,15 @@
 //! each conversation actually lives on its own downstream, started by a provisioner. This
 //! crate is the binary's library: configuration ([`config`]), start-up ([`app`]), client
 //! authentication ([`auth`]), the HTTP surface ([`routes`]), the forwarding hop
-//! ([`forward`]) and serving with graceful shutdown ([`server`]).
+//! ([`forward`]), its fast path for plain conversation requests ([`fastpath`]) and serving
+//! with graceful shutdown ([`server`]).
 
 pub mod app;
 pub mod auth;
 pub mod config;
 pub mod cors;
 pub mod errors;
+pub mod fastpath;
 pub mod fleet;
 pub mod forward;
 pub mod lifecycle;

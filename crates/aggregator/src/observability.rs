@@ -164,7 +164,7 @@ pub async fn track(State(state): State<AppState>, req: Request<Body>, next: Next
 
 /// Per-request metric handles, resolved once per label set (building a labelled key on
 /// every request allocates).
-fn handles(class: &'static str, method: &'static str, status: &'static str) -> (metrics::Counter, metrics::Histogram) {
+pub(crate) fn handles(class: &'static str, method: &'static str, status: &'static str) -> (metrics::Counter, metrics::Histogram) {
     type Key = (&'static str, &'static str, &'static str);
     static CACHE: OnceLock<dashmap::DashMap<Key, (metrics::Counter, metrics::Histogram)>> = OnceLock::new();
     let cache = CACHE.get_or_init(dashmap::DashMap::new);

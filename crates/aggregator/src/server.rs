@@ -34,21 +34,14 @@ pub async fn serve_with_internal(state: AppState, listener: TcpListener, interna
         });
     }
     let app = crate::routes::router(state.clone());
-    let token = state.shutdown.clone();
-    // No Nagle delay on client connections: WebSocket frames are small and latency-bound.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move { token.cancelled().await });
-    let drained = tokio::spawn(async move { server.await });
+    let drained = tokio::spawn(accept_loop(state.clone(), listener, app));
     state.shutdown.cancelled().await;
     let started = std::time::Instant::now();
     // Sockets see the same token: each pair closes its client with 1012 at once.
     state.sockets.close();
     let open = state.sockets.len();
     match tokio::time::timeout(DRAIN_TIMEOUT, drained).await {
-        Ok(Ok(Ok(()))) => tracing::info!("in-flight requests drained"),
-        Ok(Ok(Err(e))) => tracing::warn!("server error during drain: {e}"),
+        Ok(Ok(())) => tracing::info!("in-flight requests drained"),
         Ok(Err(e)) => tracing::warn!("server task failed: {e}"),
         Err(_) => tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; closing them"),
     }
@@ -69,6 +62,44 @@ pub async fn serve_with_internal(state: AppState, listener: TcpListener, interna
     }
     tracing::info!("nestor stopped");
     Ok(())
+}
+
+/// Accept client connections until shutdown, then wait for the open ones to finish their
+/// in-flight requests. Each connection starts on the fast path (crate::fastpath) and goes
+/// to the router (`app`) from its first request the fast path does not take; the router's
+/// connections are shut down gracefully like `axum::serve` does.
+async fn accept_loop(state: AppState, listener: TcpListener, app: axum::Router) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = state.shutdown.cancelled() => break,
+        };
+        match accepted {
+            Ok((tcp, _)) => {
+                // No Nagle delay: answers and WebSocket frames are small and latency-bound.
+                let _ = tcp.set_nodelay(true);
+                connections.spawn(crate::fastpath::serve_connection(state.clone(), app.clone(), tcp, graceful.watcher()));
+            }
+            // Per-connection failures (the peer gave up before accept): keep accepting.
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionRefused) => {}
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::error!("accept failed: {e}; retrying in 1 s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = state.shutdown.cancelled() => break,
+                }
+            }
+        }
+    }
+    drop(listener);
+    connections.close();
+    // Router connections: finish in-flight requests, then close. Fast-path connections see
+    // the same token between requests.
+    graceful.shutdown().await;
+    connections.wait().await;
 }
 
 /// Cancel `state.shutdown` on SIGTERM or SIGINT.

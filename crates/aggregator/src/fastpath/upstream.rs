@@ -1,0 +1,265 @@
+//! The fast path's connections to downstreams: idle keep-alive connections per downstream
+//! address, used by the request's own task (no connection task, no channel between the
+//! request and its connection), and the reading of a downstream's answer head.
+//!
+//! uvicorn (the agent-server) closes a keep-alive connection after 5 s of quiet, without
+//! telling anyone; an idle connection is therefore kept at most [`IDLE_KEEP`], checked for
+//! a close before reuse, and a request that finds its pooled connection closed before any
+//! answer is sent once more on a new one (fast-path requests are small and read whole, so
+//! sending again is safe: the downstream never saw the first copy).
+
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use dashmap::DashMap;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Longest an idle connection is kept (uvicorn closes them after 5 s).
+pub const IDLE_KEEP: Duration = Duration::from_secs(4);
+
+/// Most idle connections kept per downstream address.
+const MAX_IDLE_PER_ADDRESS: usize = 128;
+
+/// Longest a downstream answer head may be.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// Idle connections by downstream authority (`host:port`).
+#[derive(Default)]
+pub struct Pool {
+    idle: DashMap<String, Vec<(TcpStream, Instant)>>,
+}
+
+/// A connection and whether it came from the pool (then it may turn out closed).
+pub struct Conn {
+    pub stream: TcpStream,
+    pub reused: bool,
+}
+
+impl Pool {
+    /// An idle connection to `authority` that is still open, or a new one.
+    pub async fn get(&self, authority: &str, connect_timeout: Duration) -> std::io::Result<Conn> {
+        while let Some(stream) = self.take_idle(authority) {
+            // A closed connection reads EOF (or an error) at once; an open, quiet one would block.
+            let mut probe = [0u8; 1];
+            match stream.try_read(&mut probe) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Conn { stream, reused: true }),
+                _ => continue,
+            }
+        }
+        Ok(Conn { stream: connect(authority, connect_timeout).await?, reused: false })
+    }
+
+    fn take_idle(&self, authority: &str) -> Option<TcpStream> {
+        let mut list = self.idle.get_mut(authority)?;
+        let now = Instant::now();
+        while let Some((stream, since)) = list.pop() {
+            if now.duration_since(since) < IDLE_KEEP {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    /// Keep `stream` for the next request to `authority`.
+    pub fn put(&self, authority: &str, stream: TcpStream) {
+        let now = Instant::now();
+        let mut list = self.idle.entry(authority.to_owned()).or_default();
+        list.retain(|(_, since)| now.duration_since(*since) < IDLE_KEEP);
+        if list.len() < MAX_IDLE_PER_ADDRESS {
+            list.push((stream, now));
+        }
+    }
+}
+
+/// A new connection to `authority`, counted like the router's client's.
+pub async fn connect(authority: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    metrics::counter!("nestor_upstream_connections_opened_total").increment(1);
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(authority))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// How the body of a downstream answer is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the downstream closes the connection.
+    Close,
+}
+
+/// A downstream answer head, with the headers to pass on already selected.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub reason: String,
+    /// (name, value) of the end-to-end headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub framing: Framing,
+    /// The downstream keeps the connection open after this answer.
+    pub keep_alive: bool,
+}
+
+/// Why an exchange failed.
+#[derive(Debug)]
+pub enum ExchangeError {
+    /// The connection ended before any byte of an answer: the request may be sent again
+    /// when the connection came from the pool.
+    ClosedBeforeAnswer,
+    Io(std::io::Error),
+    /// Not an HTTP/1 answer nestor can pass on.
+    Protocol(&'static str),
+}
+
+/// Send `request` on `stream` and read the answer head into `buf` (what follows the head
+/// stays in `buf`: the start of the body). `head_request`: the request was `HEAD` (the answer
+/// has no body whatever its headers say).
+pub async fn exchange(stream: &mut TcpStream, request: &[u8], buf: &mut BytesMut, head_request: bool) -> Result<ResponseHead, ExchangeError> {
+    match stream.write_all(request).await {
+        Ok(()) => {}
+        Err(e) if is_closed(&e) => return Err(ExchangeError::ClosedBeforeAnswer),
+        Err(e) => return Err(ExchangeError::Io(e)),
+    }
+    buf.clear();
+    loop {
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(8192);
+        }
+        let n = match stream.read_buf(buf).await {
+            Ok(0) if buf.is_empty() => return Err(ExchangeError::ClosedBeforeAnswer),
+            Ok(0) => return Err(ExchangeError::Protocol("the connection closed inside the answer head")),
+            Ok(n) => n,
+            Err(e) if buf.is_empty() && is_closed(&e) => return Err(ExchangeError::ClosedBeforeAnswer),
+            Err(e) => return Err(ExchangeError::Io(e)),
+        };
+        debug_assert!(n > 0);
+        match parse_head(buf, head_request)? {
+            Some((head, len)) if (100..200).contains(&head.status) => {
+                // An interim answer (never asked for: no `Expect` is sent): skip it.
+                bytes::Buf::advance(buf, len);
+                continue;
+            }
+            Some((head, len)) => {
+                bytes::Buf::advance(buf, len);
+                return Ok(head);
+            }
+            None if buf.len() > MAX_RESPONSE_HEAD => return Err(ExchangeError::Protocol("the answer head is too long")),
+            None => continue,
+        }
+    }
+}
+
+fn is_closed(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// Parse an answer head; `None`: incomplete. Also returns the head's length.
+pub fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<(ResponseHead, usize)>, ExchangeError> {
+    let mut slots = [httparse::EMPTY_HEADER; 96];
+    let mut resp = httparse::Response::new(&mut slots);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(ExchangeError::Protocol("the answer is not valid HTTP/1")),
+    };
+    let status = resp.code.ok_or(ExchangeError::Protocol("the answer has no status"))?;
+    let mut keep_alive = resp.version == Some(1);
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut headers = Vec::with_capacity(resp.headers.len());
+    for h in resp.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("connection") {
+            let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
+            if v.split(',').any(|t| t.trim() == "close") {
+                keep_alive = false;
+            }
+            continue;
+        }
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
+            // Only plain `chunked` (the last coding must be chunked; others are not used by
+            // the agent-server).
+            if v.trim() != "chunked" || chunked {
+                return Err(ExchangeError::Protocol("unsupported transfer-encoding"));
+            }
+            chunked = true;
+            continue;
+        }
+        if name.eq_ignore_ascii_case("content-length") {
+            let n = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
+            match (n, length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(m)) if n == m => {}
+                _ => return Err(ExchangeError::Protocol("invalid content-length")),
+            }
+            if head_request {
+                // A HEAD answer's length describes the GET body: pass it on as is.
+                headers.push((name.to_owned(), h.value.to_vec()));
+            }
+            continue;
+        }
+        if ["keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authenticate", "proxy-authorization"]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
+        {
+            continue;
+        }
+        headers.push((name.to_owned(), h.value.to_vec()));
+    }
+    let framing = if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
+        Framing::None
+    } else if chunked {
+        Framing::Chunked
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        keep_alive = false;
+        Framing::Close
+    };
+    Ok(Some((ResponseHead { status, reason: resp.reason.unwrap_or("").to_owned(), headers, framing, keep_alive }, len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_and_their_framing() {
+        let raw = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: keep-alive\r\nx-a: b\r\n\r\nhello";
+        let (h, len) = parse_head(raw, false).unwrap().unwrap();
+        assert_eq!((h.status, h.framing, h.keep_alive, len), (200, Framing::Length(5), true, raw.len() - 5));
+        assert_eq!(h.headers, vec![("x-a".to_owned(), b"b".to_vec())]);
+
+        let (h, _) = parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false).unwrap().unwrap();
+        assert_eq!(h.framing, Framing::Chunked);
+        let (h, _) = parse_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", false).unwrap().unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
+        let (h, _) = parse_head(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n", false).unwrap().unwrap();
+        assert_eq!(h.framing, Framing::None);
+        let (h, _) = parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n", true).unwrap().unwrap();
+        assert_eq!(h.framing, Framing::None);
+        assert_eq!(h.headers, vec![("content-length".to_owned(), b"9".to_vec())]);
+        let (h, _) = parse_head(b"HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", false).unwrap().unwrap();
+        assert!(!h.keep_alive);
+
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-", false).unwrap().is_none());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n", false).is_err());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n", false).is_err());
+        assert!(parse_head(b"nonsense\r\n\r\n", false).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400), head in proptest::prelude::any::<bool>()) {
+            let _ = parse_head(&bytes, head);
+        }
+    }
+}

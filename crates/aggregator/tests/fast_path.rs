@@ -1,0 +1,186 @@
+//! The fast path (crate::fastpath) over real TCP: what a client sees must not differ from
+//! the router's answers, on one keep-alive connection that mixes fast-path and router
+//! requests, pipelined requests, HEAD, large streamed answers through the leak guard, a
+//! pooled downstream connection the downstream closed, and with the fast path turned off.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uuid::Uuid;
+
+/// One keep-alive HTTP/1.1 connection to nestor.
+struct Conn {
+    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Conn {
+    async fn open(url: &str) -> Conn {
+        let addr = url.trim_start_matches("http://");
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+        tokio::spawn(conn);
+        Conn { send }
+    }
+
+    async fn call(&mut self, method: &str, path: &str, key: &str, body: Option<Value>) -> (u16, http::HeaderMap, Bytes) {
+        self.send.ready().await.expect("the connection is still open");
+        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let mut req = http::Request::builder().method(method).uri(path).header("host", "nestor.test").header("x-session-api-key", key);
+        if !body.is_empty() {
+            req = req.header("content-type", "application/json");
+        }
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.send.send_request(req.body(Full::new(body)).unwrap()))
+            .await
+            .expect("answered in time")
+            .expect("answered");
+        let (parts, body) = resp.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        (parts.status.as_u16(), parts.headers, bytes)
+    }
+}
+
+fn conversation(a: &nestor_test_support::FakeAgentServer) -> Uuid {
+    let id = a.create_conversation(None, create_body(None))["id"].as_str().unwrap().to_owned();
+    id.parse().unwrap()
+}
+
+#[tokio::test]
+async fn one_connection_mixes_fast_and_router_requests() {
+    let a = fake(0).await;
+    let id = conversation(&a);
+    let n = nestor_existing(&[&a], "").await;
+    let mut c = Conn::open(&n.url).await;
+
+    let (s, h, body) = c.call("GET", &format!("/api/conversations/{id}"), CLIENT_KEY, None).await;
+    assert_eq!(s, 200, "{body:?}");
+    let info: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(info["id"], id.to_string());
+    assert_eq!(h["content-length"], body.len().to_string().as_str());
+    assert!(h.contains_key("date") && h.contains_key("vary"), "{h:?}");
+
+    // A message (body) on the fast path reaches the downstream.
+    let before = a.events(id).len();
+    let msg = json!({"role": "user", "content": [{"type": "text", "text": "hi"}], "run": false});
+    let (s, _, body) = c.call("POST", &format!("/api/conversations/{id}/events"), CLIENT_KEY, Some(msg)).await;
+    assert_eq!(s, 200, "{body:?}");
+    let events = a.events(id);
+    assert!(events.len() > before && events.iter().any(|e| e.to_string().contains("\"hi\"")), "{events:?}");
+
+    // A wrong key is the router's 401 (handed off), and the connection goes on.
+    let (s, _, body) = c.call("GET", &format!("/api/conversations/{id}"), "wrong", None).await;
+    assert_eq!((s, &body[..]), (401, &br#"{"detail":"Unauthorized"}"#[..]));
+    let (s, _, body) = c.call("GET", "/api/conversations/search?limit=5", CLIENT_KEY, None).await;
+    assert_eq!(s, 200);
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["items"][0]["id"], id.to_string());
+    let (s, _, _) = c.call("GET", &format!("/api/conversations/{id}/events/search"), CLIENT_KEY, None).await;
+    assert_eq!(s, 200);
+
+    // An unknown conversation: the router's 404 shape.
+    let (s, _, body) = c.call("GET", &format!("/api/conversations/{}", Uuid::new_v4()), CLIENT_KEY, None).await;
+    assert_eq!((s, &body[..]), (404, &br#"{"detail":"Not Found"}"#[..]));
+    n.stop().await;
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_and_head_has_no_body() {
+    let a = fake(0).await;
+    let id = conversation(&a);
+    let n = nestor_existing(&[&a], "").await;
+    let mut tcp = tokio::net::TcpStream::connect(n.url.trim_start_matches("http://")).await.unwrap();
+    let get = |path: String| format!("GET {path} HTTP/1.1\r\nHost: h\r\nX-Session-API-Key: {CLIENT_KEY}\r\n\r\n");
+    let head = format!("HEAD /api/conversations/{id} HTTP/1.1\r\nHost: h\r\nX-Session-API-Key: {CLIENT_KEY}\r\n\r\n");
+    let last = format!("GET /api/conversations/{id}/events/count HTTP/1.1\r\nHost: h\r\nX-Session-API-Key: {CLIENT_KEY}\r\nConnection: close\r\n\r\n");
+    let all = format!("{}{head}{last}", get(format!("/api/conversations/{id}")));
+    tcp.write_all(all.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut out)).await.expect("closed after the last answer").unwrap();
+    // Three answers, in order: the HEAD one has the GET's length and no body.
+    let mut rest = &out[..];
+    let mut lengths = Vec::new();
+    for (i, has_body) in [true, false, true].into_iter().enumerate() {
+        let mut slots = [httparse::EMPTY_HEADER; 32];
+        let mut r = httparse::Response::new(&mut slots);
+        let head_len = match r.parse(rest).unwrap() {
+            httparse::Status::Complete(n) => n,
+            httparse::Status::Partial => panic!("answer {i} incomplete: {:?}", String::from_utf8_lossy(rest)),
+        };
+        assert_eq!(r.code, Some(200), "answer {i}");
+        let len: usize = r
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+            .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
+            .expect("a length");
+        lengths.push(len);
+        rest = &rest[head_len + if has_body { len } else { 0 }..];
+    }
+    assert_eq!(lengths[0], lengths[1], "HEAD carries the GET's length");
+    assert!(rest.is_empty(), "nothing after the last answer: {:?}", String::from_utf8_lossy(rest));
+    n.stop().await;
+}
+
+#[tokio::test]
+async fn large_answers_stream_through_the_leak_guard() {
+    let a = fake(0).await;
+    let id = conversation(&a);
+    let downstream = a.url();
+    // ~600 KiB of events, each naming the downstream's address and key.
+    let key = a.config().session_api_key.clone().unwrap();
+    for i in 0..40 {
+        let text = format!("{i} see {downstream}/api and {key} ") + &"x".repeat(15_000);
+        a.append_event(id, json!({"kind": "MessageEvent", "source": "agent", "llm_message": {"role": "assistant", "content": [{"type": "text", "text": text}]}}));
+    }
+    let n = nestor_existing(&[&a], "").await;
+    let mut c = Conn::open(&n.url).await;
+    let (s, h, body) = c.call("GET", &format!("/api/conversations/{id}/events/search?limit=100"), CLIENT_KEY, None).await;
+    assert_eq!(s, 200);
+    assert!(body.len() > 256 * 1024, "a streamed (not buffered) answer: {} bytes", body.len());
+    assert!(!h.contains_key("content-length") || h["content-length"] == body.len().to_string().as_str());
+    let text = String::from_utf8_lossy(&body);
+    assert!(!text.contains(&downstream) && !text.contains(&key), "the downstream's address or key leaked");
+    assert_eq!(text.matches("see http://nestor.test/api").count(), 40);
+    let v: Value = serde_json::from_slice(&body).expect("whole JSON");
+    assert_eq!(v["items"].as_array().unwrap().len(), 40);
+    // And the connection still serves the next request.
+    let (s, _, _) = c.call("GET", &format!("/api/conversations/{id}"), CLIENT_KEY, None).await;
+    assert_eq!(s, 200);
+    n.stop().await;
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_downstream_closed_is_replaced() {
+    let a = fake(0).await;
+    let id = conversation(&a);
+    let n = nestor_existing(&[&a], "").await;
+    let mut c = Conn::open(&n.url).await;
+    for round in 0..3 {
+        let (s, _, body) = c.call("GET", &format!("/api/conversations/{id}"), CLIENT_KEY, None).await;
+        assert_eq!(s, 200, "round {round}: {body:?}");
+        // Every connection nestor had to the downstream is cut.
+        a.restart().await;
+    }
+    // The downstream down: the agent-server-shaped 502 (fast path) or 503 (router).
+    a.stop().await;
+    let (s, _, body) = c.call("GET", &format!("/api/conversations/{id}"), CLIENT_KEY, None).await;
+    assert!(s == 502 || s == 503, "{s} {body:?}");
+    assert!(serde_json::from_slice::<Value>(&body).unwrap()["detail"].is_string());
+    n.stop().await;
+}
+
+#[tokio::test]
+async fn the_fast_path_can_be_turned_off() {
+    let a = fake(0).await;
+    let id = conversation(&a);
+    let n = nestor_existing(&[&a], "[http]\nfast_path = false").await;
+    assert!(!n.state.cfg.http.fast_path);
+    let mut c = Conn::open(&n.url).await;
+    let (s, _, _) = c.call("GET", &format!("/api/conversations/{id}"), CLIENT_KEY, None).await;
+    assert_eq!(s, 200);
+    n.stop().await;
+}
