@@ -16,6 +16,7 @@ mod dockermode;
 mod harness;
 mod plot;
 mod procs;
+mod relay;
 mod report;
 mod rest;
 mod soak;
@@ -46,6 +47,14 @@ struct Cli {
 enum Command {
     /// Run the suite; print the table, write the results file (and charts with --plots).
     Run(RunArgs),
+    /// A byte relay from `--listen` to `--target` (the suite's floor target; crate::relay).
+    #[command(hide = true)]
+    Relay {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        target: std::net::SocketAddr,
+    },
     /// Only the closed-loop REST load against one address (for profiling a proxy by hand:
     /// run it while `perf record -p <pid>` samples the proxy). Prints the round as JSON.
     Load {
@@ -114,6 +123,9 @@ struct RunArgs {
     /// Leave nginx out.
     #[arg(long)]
     no_nginx: bool,
+    /// Leave out the byte relay (the floor: what any proxy adds on this machine).
+    #[arg(long)]
+    no_relay: bool,
     /// Rounds of each comparison; targets take turns within a round.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -204,6 +216,13 @@ fn main() {
             Ok(()) => 0,
             Err(e) => {
                 tracing::error!("{e:#}");
+                1
+            }
+        },
+        Command::Relay { listen, target } => match relay::run(listen, target) {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!("relay: {e:#}");
                 1
             }
         },
@@ -381,6 +400,9 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
     if nginx_bin.is_some() {
         targets.push(Target::Nginx);
     }
+    if !args.no_relay {
+        targets.push(Target::Relay);
+    }
     let mut notes = Vec::new();
 
     // nestor needs two descriptors per pair (client + downstream) in one process.
@@ -405,6 +427,9 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
             Some(b) => Some(procs::start_nginx(b, work, "nginx-rest", fake_addr, nofile_hard).await?),
             None => None,
         };
+        let relay = if args.no_relay { None } else { Some(procs::start_relay(work, "relay-rest", fake_addr).await?) };
+        let relay_addr = relay.as_ref().map(|(_, a)| *a).unwrap_or(fake_addr);
+        let relay_pids: Vec<u32> = relay.as_ref().map(|(p, _)| vec![p.pid()]).unwrap_or_default();
         let search = rest::get_json(fake_addr, &format!("/api/conversations/search?limit={}", args.rest_conversations.clamp(1, 100)), DOWNSTREAM_KEY).await?;
         let convs: Vec<Uuid> = search["items"]
             .as_array()
@@ -428,6 +453,7 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
             Target::Direct => fake_addr,
             Target::Nestor => nestor_addr,
             Target::Nginx => nginx_addr,
+            Target::Relay => relay_addr,
         };
         let key_of = |t: Target| if t == Target::Nestor { CLIENT_KEY } else { DOWNSTREAM_KEY };
         let proxy_pids = |t: Target| -> Vec<u32> {
@@ -435,6 +461,7 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
                 Target::Direct => vec![],
                 Target::Nestor => vec![nestor_pid],
                 Target::Nginx => nginx_pids.clone(),
+                Target::Relay => relay_pids.clone(),
             }
         };
 
@@ -507,6 +534,7 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
                 rounds: rs,
             });
         }
+        drop(relay);
         drop(nginx);
         drop(nestor);
         drop(fake);
@@ -546,6 +574,9 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
             Some(b) => Some(procs::start_nginx(b, work, "nginx-ws", fake_addr, nofile_hard).await?),
             None => None,
         };
+        let relay = if args.no_relay { None } else { Some(procs::start_relay(work, "relay-ws", fake_addr).await?) };
+        let relay_addr = relay.as_ref().map(|(_, a)| *a).unwrap_or(fake_addr);
+        let relay_pids: Vec<u32> = relay.as_ref().map(|(p, _)| vec![p.pid()]).unwrap_or_default();
         tokio::time::sleep(Duration::from_millis(500)).await;
         memory.nestor_idle_rss_kib_ws_phase = sys::rss_kib(nestor.pid());
         let pusher = ws::Pusher::new(fake.clone(), fake_rt.clone(), args.frame_bytes);
@@ -557,6 +588,7 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
                 Target::Direct => fake_addr,
                 Target::Nestor => nestor_addr,
                 Target::Nginx => nginx_addr,
+                Target::Relay => relay_addr,
             },
             key: if t == Target::Nestor { CLIENT_KEY.into() } else { DOWNSTREAM_KEY.into() },
             deflate: args.ws_deflate,
@@ -566,6 +598,7 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
                 Target::Direct => vec![],
                 Target::Nestor => vec![nestor_pid],
                 Target::Nginx => nginx_pids.clone(),
+                Target::Relay => relay_pids.clone(),
             }
         };
 
@@ -602,8 +635,9 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
             }
         }
 
-        // Resume: nestor keeps the client; the others cannot.
-        for &t in &targets {
+        // Resume: nestor keeps the client; the others cannot (the relay is left out: it
+        // behaves as nginx does, and is here only as the floor of the other figures).
+        for &t in targets.iter().filter(|t| **t != Target::Relay) {
             let trials = if t == Target::Nestor { args.resume_trials } else { 1 };
             let r = ws::resume(&pusher, &wt(t), resume_conv, trials).await.with_context(|| format!("resume via {}", t.name()))?;
             tracing::info!(target = t.name(), resumed = r.resumed, first_live_ms = ?r.first_live_frame_ms, closed_after_ms = ?r.client_closed_after_ms, "downstream restart");
@@ -612,6 +646,7 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         nestor.check_alive()?;
+        drop(relay);
         drop(nginx);
         drop(nestor);
     }

@@ -25,6 +25,7 @@ fn color(t: Target) -> RGBColor {
         Target::Direct => RGBColor(120, 120, 120),
         Target::Nestor => RGBColor(31, 119, 180),
         Target::Nginx => RGBColor(44, 160, 44),
+        Target::Relay => RGBColor(200, 160, 60),
     }
 }
 

@@ -113,6 +113,24 @@ fn spawn(mut cmd: Command, name: &str, work: &Path, group: bool, as_nobody: bool
     Ok(Proc { name: name.to_owned(), child: Some(child), pidfile, group })
 }
 
+/// The byte relay (crate::relay, this binary's `relay` subcommand) on a free loopback port
+/// in front of `upstream`.
+pub async fn start_relay(work: &Path, name: &str, upstream: SocketAddr) -> anyhow::Result<(Proc, SocketAddr)> {
+    let addr: SocketAddr = ([127, 0, 0, 1], sys::free_port()?).into();
+    let mut cmd = Command::new(std::env::current_exe().context("this executable")?);
+    cmd.arg("relay")
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--target")
+        .arg(upstream.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(work.join(format!("{name}.log")))?);
+    let mut p = spawn(cmd, name, work, false, false)?;
+    wait_listening(&mut p, addr, Duration::from_secs(10)).await?;
+    Ok((p, addr))
+}
+
 /// Environment a child must not inherit (it would change what is measured).
 fn clean_env(cmd: &mut Command) {
     for (k, _) in std::env::vars_os() {

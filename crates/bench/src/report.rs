@@ -127,6 +127,15 @@ pub struct Ratios {
     pub rest_seq_added_us_nginx: Option<Added>,
     pub rest_loaded_added_us_nestor: Option<Added>,
     pub rest_loaded_added_us_nginx: Option<Added>,
+    /// The byte relay: what any proxy adds on this machine.
+    #[serde(default)]
+    pub rest_seq_added_us_relay: Option<Added>,
+    #[serde(default)]
+    pub rest_loaded_added_us_relay: Option<Added>,
+    #[serde(default)]
+    pub rest_cpu_per_req_nestor_over_relay: Option<f64>,
+    #[serde(default)]
+    pub ws_latency_added_us_relay: Option<Added>,
     pub rest_rps_nestor_over_direct: Option<f64>,
     pub rest_rps_nestor_over_nginx: Option<f64>,
     pub rest_rps_nginx_over_direct: Option<f64>,
@@ -190,6 +199,12 @@ impl Results {
         r.rest_seq_added_us_nginx = added(seq.nginx.as_ref().map(|s| &s.latency), seq.direct.as_ref().map(|s| &s.latency));
         r.rest_loaded_added_us_nestor = added(lo.nestor.as_ref().map(|s| &s.latency), lo.direct.as_ref().map(|s| &s.latency));
         r.rest_loaded_added_us_nginx = added(lo.nginx.as_ref().map(|s| &s.latency), lo.direct.as_ref().map(|s| &s.latency));
+        r.rest_seq_added_us_relay = added(seq.relay.as_ref().map(|s| &s.latency), seq.direct.as_ref().map(|s| &s.latency));
+        r.rest_loaded_added_us_relay = added(lo.relay.as_ref().map(|s| &s.latency), lo.direct.as_ref().map(|s| &s.latency));
+        r.rest_cpu_per_req_nestor_over_relay = ratio(
+            lo.nestor.as_ref().and_then(|l| l.proxy_cpu_us_per_req_median),
+            lo.relay.as_ref().and_then(|l| l.proxy_cpu_us_per_req_median),
+        );
         let rps = |t: Target| lo.get(t).map(|l| l.rps_median);
         r.rest_rps_nestor_over_direct = ratio(rps(Target::Nestor), rps(Target::Direct));
         r.rest_rps_nestor_over_nginx = ratio(rps(Target::Nestor), rps(Target::Nginx));
@@ -201,6 +216,7 @@ impl Results {
         let w = &self.ws;
         r.ws_latency_added_us_nestor = added(w.latency.nestor.as_ref().map(|s| &s.latency), w.latency.direct.as_ref().map(|s| &s.latency));
         r.ws_latency_added_us_nginx = added(w.latency.nginx.as_ref().map(|s| &s.latency), w.latency.direct.as_ref().map(|s| &s.latency));
+        r.ws_latency_added_us_relay = added(w.latency.relay.as_ref().map(|s| &s.latency), w.latency.direct.as_ref().map(|s| &s.latency));
         let fps = |p: &PerTarget<Stream>, t: Target| p.get(t).map(|s| s.fps_median);
         r.ws_single_fps_nestor_over_direct = ratio(fps(&w.single, Target::Nestor), fps(&w.single, Target::Direct));
         r.ws_single_fps_nestor_over_nginx = ratio(fps(&w.single, Target::Nestor), fps(&w.single, Target::Nginx));
@@ -386,8 +402,10 @@ impl Results {
         let add = |a: &Option<Added>| a.as_ref().map(|a| format!("p50 {:+.1}  p90 {:+.1}  p99 {:+.1}  max {:+.1} µs", a.p50, a.p90, a.p99, a.max)).unwrap_or_else(|| "-".into());
         let _ = writeln!(s, "  REST added, 1 conn:     nestor {}", add(&r.rest_seq_added_us_nestor));
         let _ = writeln!(s, "                          nginx  {}", add(&r.rest_seq_added_us_nginx));
+        let _ = writeln!(s, "                          relay  {}   (byte relay: the floor)", add(&r.rest_seq_added_us_relay));
         let _ = writeln!(s, "  REST added, loaded:     nestor {}", add(&r.rest_loaded_added_us_nestor));
         let _ = writeln!(s, "                          nginx  {}", add(&r.rest_loaded_added_us_nginx));
+        let _ = writeln!(s, "                          relay  {}", add(&r.rest_loaded_added_us_relay));
         let _ = writeln!(
             s,
             "  REST req/s: nestor/direct {}  nestor/nginx {}  nginx/direct {}; proxy CPU per request nestor/nginx {}",
@@ -398,6 +416,7 @@ impl Results {
         );
         let _ = writeln!(s, "  WS added latency:       nestor {}", add(&r.ws_latency_added_us_nestor));
         let _ = writeln!(s, "                          nginx  {}", add(&r.ws_latency_added_us_nginx));
+        let _ = writeln!(s, "                          relay  {}", add(&r.ws_latency_added_us_relay));
         let _ = writeln!(
             s,
             "  WS frames/s: 1 pair nestor/direct {}  nestor/nginx {};  many pairs nestor/direct {}  nestor/nginx {}; proxy CPU per frame nestor/nginx {}",
@@ -464,11 +483,12 @@ pub(crate) mod tests {
             rest: Rest {
                 path: "/p".into(),
                 body_bytes: 3000,
-                sequential: PerTarget { direct: Some(seq(80.0, 100.0)), nestor: Some(seq(100.0, 300.0)), nginx: Some(seq(90.0, 150.0)) },
+                sequential: PerTarget { direct: Some(seq(80.0, 100.0)), nestor: Some(seq(100.0, 300.0)), nginx: Some(seq(90.0, 150.0)), relay: None },
                 loaded: PerTarget {
                     direct: Some(load(20000.0, None)),
                     nestor: Some(load(12000.0, Some(40.0))),
                     nginx: Some(load(10000.0, Some(30.0))),
+                    relay: None,
                 },
             },
             ws: WsResults::default(),

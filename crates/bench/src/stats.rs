@@ -48,11 +48,19 @@ pub struct PerTarget<T> {
     pub direct: Option<T>,
     pub nestor: Option<T>,
     pub nginx: Option<T>,
+    /// The byte relay (crate::relay): the floor any proxy pays on this machine.
+    #[serde(default = "absent")]
+    pub relay: Option<T>,
+}
+
+/// A target missing from an older results file.
+fn absent<T>() -> Option<T> {
+    None
 }
 
 impl<T> Default for PerTarget<T> {
     fn default() -> Self {
-        PerTarget { direct: None, nestor: None, nginx: None }
+        PerTarget { direct: None, nestor: None, nginx: None, relay: None }
     }
 }
 
@@ -62,6 +70,7 @@ impl<T> PerTarget<T> {
             Target::Direct => self.direct.as_ref(),
             Target::Nestor => self.nestor.as_ref(),
             Target::Nginx => self.nginx.as_ref(),
+            Target::Relay => self.relay.as_ref(),
         }
     }
 
@@ -70,6 +79,7 @@ impl<T> PerTarget<T> {
             Target::Direct => &mut self.direct,
             Target::Nestor => &mut self.nestor,
             Target::Nginx => &mut self.nginx,
+            Target::Relay => &mut self.relay,
         }
     }
 }
@@ -80,16 +90,19 @@ pub enum Target {
     Direct,
     Nestor,
     Nginx,
+    /// A byte relay (crate::relay): the floor.
+    Relay,
 }
 
 impl Target {
-    pub const ALL: [Target; 3] = [Target::Direct, Target::Nestor, Target::Nginx];
+    pub const ALL: [Target; 4] = [Target::Direct, Target::Nestor, Target::Nginx, Target::Relay];
 
     pub fn name(&self) -> &'static str {
         match self {
             Target::Direct => "direct",
             Target::Nestor => "nestor",
             Target::Nginx => "nginx",
+            Target::Relay => "relay",
         }
     }
 }
