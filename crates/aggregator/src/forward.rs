@@ -220,6 +220,7 @@ pub async fn forward(
     let _activity = ds.begin_request();
     let ep = ensure_ready(state, ds, conv).await?;
     let origin = public_origin(&parts.headers);
+    let is_head = parts.method == http::Method::HEAD;
     let (body, replay) = replayable(&parts, body).await?;
     let req = downstream_request(&ep, parts, path_and_query, body)?;
     let again = replay.map(|b| (req.method().clone(), req.uri().clone(), req.headers().clone(), b));
@@ -268,7 +269,10 @@ pub async fn forward(
             std::borrow::Cow::Borrowed(_) => bytes,
             std::borrow::Cow::Owned(v) => Bytes::from(v),
         };
-        rparts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        // A HEAD answer's length is the GET body's (there is no body here to measure).
+        if !is_head {
+            rparts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
         if opts.buffer_answer {
             return Ok(Forwarded::Buffered { status: rparts.status, headers: rparts.headers, body });
         }

@@ -184,3 +184,36 @@ async fn the_fast_path_can_be_turned_off() {
     assert_eq!(s, 200);
     n.stop().await;
 }
+
+/// The same requests through a nestor with the fast path and one without give the same
+/// answers (status, content type, body), on the same downstream.
+#[tokio::test]
+async fn answers_are_the_routers_answers() {
+    let a = fake(0).await;
+    let id = conversation(&a);
+    a.send_user_message(id, "hello", false);
+    let fast = nestor_existing(&[&a], "").await;
+    let slow = nestor_existing(&[&a], "[http]\nfast_path = false").await;
+    let mut f = Conn::open(&fast.url).await;
+    let mut s = Conn::open(&slow.url).await;
+    let requests: Vec<(&str, String, Option<Value>)> = vec![
+        ("GET", format!("/api/conversations/{id}"), None),
+        ("HEAD", format!("/api/conversations/{id}"), None),
+        ("GET", format!("/api/conversations/{id}/events/search?limit=2"), None),
+        ("GET", format!("/api/conversations/{id}/events/count"), None),
+        ("GET", format!("/api/conversations/{id}/no-such-route"), None),
+        ("GET", format!("/api/conversations/{id}/events/not-an-event"), None),
+        ("POST", format!("/api/conversations/{id}/events"), Some(json!({"not": "a message"}))),
+        ("PATCH", format!("/api/conversations/{id}"), Some(json!({"title": "t"}))),
+    ];
+    for (method, path, body) in requests {
+        let (fs, fh, fb) = f.call(method, &path, CLIENT_KEY, body.clone()).await;
+        let (ss, sh, sb) = s.call(method, &path, CLIENT_KEY, body).await;
+        assert_eq!(fs, ss, "{method} {path}: status");
+        assert_eq!(fh.get("content-type"), sh.get("content-type"), "{method} {path}: content-type");
+        assert_eq!(fh.get("content-length"), sh.get("content-length"), "{method} {path}: content-length");
+        assert_eq!(fb, sb, "{method} {path}: body");
+    }
+    fast.stop().await;
+    slow.stop().await;
+}
