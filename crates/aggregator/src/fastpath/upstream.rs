@@ -18,6 +18,9 @@ use tokio::net::TcpStream;
 /// Longest an idle connection is kept (uvicorn closes them after 5 s).
 pub const IDLE_KEEP: Duration = Duration::from_secs(4);
 
+/// Idle connections older than this are checked for a close before reuse.
+const PROBE_AFTER: Duration = Duration::from_millis(250);
+
 /// Most idle connections kept per downstream address.
 const MAX_IDLE_PER_ADDRESS: usize = 128;
 
@@ -39,8 +42,14 @@ pub struct Conn {
 impl Pool {
     /// An idle connection to `authority` that is still open, or a new one.
     pub async fn get(&self, authority: &str, connect_timeout: Duration) -> std::io::Result<Conn> {
-        while let Some(stream) = self.take_idle(authority) {
-            // A closed connection reads EOF (or an error) at once; an open, quiet one would block.
+        while let Some((stream, idle_for)) = self.take_idle(authority) {
+            // A connection quiet for a while may have been closed by the downstream: a closed
+            // one reads EOF (or an error) at once, an open one would block. Under load
+            // connections come back within microseconds and skip this extra system call;
+            // a close that races the request is caught by the caller's one retry.
+            if idle_for < PROBE_AFTER {
+                return Ok(Conn { stream, reused: true });
+            }
             let mut probe = [0u8; 1];
             match stream.try_read(&mut probe) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Conn { stream, reused: true }),
@@ -50,12 +59,14 @@ impl Pool {
         Ok(Conn { stream: connect(authority, connect_timeout).await?, reused: false })
     }
 
-    fn take_idle(&self, authority: &str) -> Option<TcpStream> {
+    /// The most recently returned idle connection to `authority`, and how long it was idle.
+    fn take_idle(&self, authority: &str) -> Option<(TcpStream, Duration)> {
         let mut list = self.idle.get_mut(authority)?;
         let now = Instant::now();
         while let Some((stream, since)) = list.pop() {
-            if now.duration_since(since) < IDLE_KEEP {
-                return Some(stream);
+            let idle_for = now.duration_since(since);
+            if idle_for < IDLE_KEEP {
+                return Some((stream, idle_for));
             }
         }
         None
