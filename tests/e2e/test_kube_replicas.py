@@ -111,13 +111,17 @@ def test_three_conversations_two_replicas_kill9_and_delete(fresh_server_under_te
         ids = [str(c.id) for c in convs]
         log.info("3 conversations created through replica A in %.1fs", time.monotonic() - t0)
 
-        # Each in a pod of its own.
-        pods = _objects(target)["pods"]
-        by_conv = {}
-        for p in pods:
-            c = p["metadata"]["labels"].get("nestor.dev/conversation")
-            if c:
-                by_conv.setdefault(c, []).append(p["metadata"]["name"])
+        # Each in a pod of its own. A claimed warm pod is relabelled to its conversation in the
+        # background right after the claim (its Secret is the record meanwhile): wait for it.
+        def labelled():
+            by_conv = {}
+            for p in _objects(target)["pods"]:
+                c = p["metadata"]["labels"].get("nestor.dev/conversation")
+                if c:
+                    by_conv.setdefault(c, []).append(p["metadata"]["name"])
+            return by_conv if all(cid.replace("-", "") in by_conv for cid in ids) else None
+
+        by_conv = _wait("every conversation's pod labelled", labelled, timeout=30)
         for cid in ids:
             hexid = cid.replace("-", "")
             assert len(by_conv.get(hexid, [])) == 1, (cid, by_conv)

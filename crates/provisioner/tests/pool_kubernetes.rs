@@ -4,9 +4,12 @@
 //! from the pool without a cold start, the pool refills, a claimed pod serves only its own
 //! conversation (also after it is stopped and re-created under its warm name), and two
 //! replicas (two provisioners, one cluster, no shared memory) claiming the same warm pods at
-//! once never share one.
+//! once never share one. A claim whose relabel of pod and PVC never happened (paused: the
+//! replica died right after its claim) is still found and served by another replica (its
+//! Secret is the record), deleted whole, never offered as warm again, and relabelled by the
+//! next replica's sweep.
 //!
-//! One test (agent-server pods boot in 10-30 s on 2 cores: one namespace, one sequence, 15
+//! One test (agent-server pods boot in 10-30 s on 2 cores: one namespace, one sequence, 17
 //! pod starts). Prerequisites and skipping as in kubernetes.rs (`NESTOR_TEST_REQUIRE_KUBE=1`
 //! in CI).
 
@@ -16,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Method;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
+use kube::api::ListParams;
 use nestor_core::{ConversationId, Downstream, DownstreamClient, DownstreamState, UserId};
 use nestor_provisioner::kubernetes::{KubernetesConfig, KubernetesProvisioner, Reach};
 use nestor_provisioner::pool::{PoolConfig, PoolProvisioner};
@@ -61,9 +65,14 @@ impl Ctx {
 
     /// One replica: a kubernetes provisioner of its own (own client, own watch) in a pool.
     async fn replica(&self, min_idle: usize, max_size: usize) -> PoolProvisioner {
+        self.replica_with(min_idle, max_size).await.0
+    }
+
+    /// A replica and its kubernetes backend (the same one: cheap clone, shared state).
+    async fn replica_with(&self, min_idle: usize, max_size: usize) -> (PoolProvisioner, KubernetesProvisioner) {
         let backend = KubernetesProvisioner::new(&self.cfg()).await.expect("provisioner");
         let cfg = PoolConfig { min_idle, max_size, ..Default::default() };
-        PoolProvisioner::new(&cfg, Arc::new(backend), DownstreamClient::default()).unwrap()
+        (PoolProvisioner::new(&cfg, Arc::new(backend.clone()), DownstreamClient::default()).unwrap(), backend)
     }
 
     fn pods(&self) -> kube::Api<Pod> {
@@ -72,6 +81,23 @@ impl Ctx {
 
     fn secrets(&self) -> kube::Api<Secret> {
         kube::Api::namespaced(self.ns.client(), &self.ns.name)
+    }
+
+    fn pvcs(&self) -> kube::Api<PersistentVolumeClaim> {
+        kube::Api::namespaced(self.ns.client(), &self.ns.name)
+    }
+
+    /// The labels of pod `name`.
+    async fn pod_labels(&self, name: &str) -> BTreeMap<String, String> {
+        self.pods().get(name).await.unwrap().metadata.labels.unwrap_or_default()
+    }
+
+    /// The name of the objects of `conv` (from its Secret's label).
+    async fn object_name(&self, conv: ConversationId) -> String {
+        let lp = ListParams::default().labels(&format!("nestor.dev/conversation={}", conv.hex()));
+        let found = self.secrets().list(&lp).await.unwrap().items;
+        assert_eq!(found.len(), 1, "one Secret of {conv}");
+        found[0].metadata.name.clone().unwrap()
     }
 
     async fn finish(mut self) {
@@ -145,11 +171,13 @@ async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod
     let ctx = Ctx::new(env, "k-pool").await;
     const N: usize = 10;
     // A pool big enough for the N creates (they boot in parallel, which is the shortest wall
-    // time here); max_size N + 2: after the N claims the pool refills to 2 (not min_idle),
-    // which bounds the pods this test boots (15 in all).
+    // time here); max_size N + 4: after the N claims the pool refills to 4 (not min_idle),
+    // which bounds the pods this test boots (17 in all): 2 for the lagging relabel, LEFT for
+    // the race.
     const WARM: usize = N;
     const LEFT: usize = 2;
-    let p = ctx.replica(WARM, N + LEFT).await;
+    const LAG: usize = 2;
+    let p = ctx.replica(WARM, N + LEFT + LAG).await;
     assert!(p.recover().await.unwrap().is_empty());
     let t0 = Instant::now();
     assert!(p.wait_idle(WARM, Duration::from_secs(300)).await, "{:?}", p.stats());
@@ -214,22 +242,66 @@ async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod
 
     // The pool refilled behind the claims (N claimed, more started) and refills up to max_size.
     let t = Instant::now();
-    assert!(p.wait_idle(LEFT, Duration::from_secs(300)).await, "refilled: {:?}", p.stats());
-    eprintln!("TIMING refill to {LEFT}: {:?} ({:?})", t.elapsed(), p.stats());
-    assert_eq!(p.stats().started, (N + LEFT) as u64, "{:?}", p.stats());
+    assert!(p.wait_idle(LEFT + LAG, Duration::from_secs(300)).await, "refilled: {:?}", p.stats());
+    eprintln!("TIMING refill to {}: {:?} ({:?})", LEFT + LAG, t.elapsed(), p.stats());
+    assert_eq!(p.stats().started, (N + LEFT + LAG) as u64, "{:?}", p.stats());
 
-    // nestor dies; two replicas start (no refill: min_idle 0). Each re-adopts all the
-    // conversations and the same warm pods, starting none.
+    // nestor dies; replica A starts (no refill: min_idle 0), re-adopting all the
+    // conversations and the warm pods, starting none.
     p.abandon();
     drop(p);
-    let a = ctx.replica(0, 2 * N + 6).await;
-    let b = ctx.replica(0, 2 * N + 6).await;
-    for r in [&a, &b] {
-        let owned = r.recover().await.unwrap();
-        assert_eq!(owned.len(), N);
-        assert!(owned.iter().all(|d| d.state() == DownstreamState::Ready));
-        assert_eq!((r.stats().idle, r.stats().started), (LEFT, 0), "{:?}", r.stats());
+    let (a, ka) = ctx.replica_with(0, 2 * N + 8).await;
+    let owned = a.recover().await.unwrap();
+    assert_eq!(owned.len(), N);
+    assert!(owned.iter().all(|d| d.state() == DownstreamState::Ready));
+    assert_eq!((a.stats().idle, a.stats().started), (LEFT + LAG, 0), "{:?}", a.stats());
+
+    // A claims LAG pods whose relabel never happens (paused: as if A died right after each
+    // claim). The Secret, patched by the claim, is the record; the pods still say warm.
+    ka.pause_relabel_for_tests(true);
+    let (late, gone) = (ConversationId::new_random(), ConversationId::new_random());
+    let late_ds = a.provision(req(late)).await.unwrap();
+    let gone_ds = a.provision(req(gone)).await.unwrap();
+    ka.pause_relabel_for_tests(false);
+    let (late_name, gone_name) = (ctx.object_name(late).await, ctx.object_name(gone).await);
+    for name in [&late_name, &gone_name] {
+        let l = ctx.pod_labels(name).await;
+        assert!(l.contains_key("nestor.dev/warm") && !l.contains_key("nestor.dev/conversation"), "relabel paused: {l:?}");
     }
+    assert_eq!((late_ds.state(), gone_ds.state()), (DownstreamState::Ready, DownstreamState::Ready));
+    create_on(&a, &late_ds, late).await;
+    // A second replica's lookup (a fresh provisioner: no watch, no recover yet) finds both by
+    // their Secrets and reaches the right server with the right key.
+    let fresh = KubernetesProvisioner::new(&ctx.cfg()).await.unwrap();
+    let f_late = fresh.find(&late).await.unwrap().expect("found by its Secret");
+    assert_eq!(f_late.state(), DownstreamState::Ready);
+    assert_eq!(held(&f_late).await, vec![late.hex()]);
+    // Deleted before the relabel (by the other replica): pod, Secret and PVC all go.
+    let f_gone = fresh.find(&gone).await.unwrap().expect("found by its Secret");
+    fresh.release(&f_gone, gone, 0).await.unwrap();
+    fresh.shutdown().await;
+    wait_gone(&ctx, &gone_name).await;
+
+    // Replica B starts now: its warm listing does not offer the claimed pods (only the LEFT
+    // still warm), it serves `late` (routed by the Secret's name while the pod says warm), and
+    // its sweep finishes the relabel A never did.
+    let b = ctx.replica(0, 2 * N + 8).await;
+    let owned = b.recover().await.unwrap();
+    assert_eq!(owned.len(), N + 1);
+    assert!(owned.iter().all(|d| d.state() == DownstreamState::Ready));
+    assert!(owned.iter().any(|d| d.primary() == Some(late)) && !owned.iter().any(|d| d.primary() == Some(gone)));
+    assert_eq!((b.stats().idle, b.stats().started), (LEFT, 0), "{:?}", b.stats());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ctx.pod_labels(&late_name).await.get("nestor.dev/conversation") != Some(&late.hex()) {
+        assert!(Instant::now() < deadline, "B's sweep relabels the claimed pod: {:?}", ctx.pod_labels(&late_name).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let pvc = ctx.pvcs().get(&late_name).await.unwrap().metadata.labels.unwrap();
+    assert_eq!(pvc.get("nestor.dev/conversation"), Some(&late.hex()));
+    assert!(!pvc.contains_key("nestor.dev/warm"));
+    // A's claims so far: the race below counts from here. A dropped `gone` when its pod went.
+    let claims_before = a.stats().claims;
+    assert_eq!(claims_before, LAG as u64);
     let ds0 = a.get(ds0.id()).unwrap();
     assert_eq!(ds0.owner().map(|o| o.as_str()), Some("alice"));
     assert_eq!(held(&ds0).await, vec![conv0.hex()]);
@@ -245,7 +317,7 @@ async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod
     let raced = futures::future::join_all(creates).await;
     let (sa, sb) = (a.stats(), b.stats());
     eprintln!("replica A {sa:?}\nreplica B {sb:?}");
-    assert_eq!(sa.claims + sb.claims, LEFT as u64, "each warm pod claimed exactly once");
+    assert_eq!(sa.claims - claims_before + sb.claims, LEFT as u64, "each warm pod claimed exactly once");
     assert_eq!(sa.cold_starts + sb.cold_starts, LEFT as u64);
 
     // Meanwhile ds0 is stopped (idle policy) and started again: re-created under its warm
@@ -274,15 +346,16 @@ async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod
     }
     let by_conv = pods_by_conversation(&ctx).await;
     let mut names = HashSet::new();
-    for conv in convs.iter().map(|(c, _)| c).chain(racers.iter()) {
+    for conv in convs.iter().map(|(c, _)| c).chain(racers.iter()).chain([&late]) {
         let pods = &by_conv[&conv.hex()];
         assert_eq!(pods.len(), 1, "{pods:?}");
         assert!(names.insert(pods[0].clone()), "two conversations on {}", pods[0]);
     }
-    assert_eq!(names.iter().filter(|n| n.contains("-warm-")).count(), N + LEFT);
+    assert_eq!(names.iter().filter(|n| n.contains("-warm-")).count(), N + LEFT + 1);
+    assert!(!by_conv.contains_key(&gone.hex()));
 
     // Replica A releases every conversation, B's too (found by label); nothing is left.
-    for conv in convs.iter().map(|(c, _)| c).chain(racers.iter()) {
+    for conv in convs.iter().map(|(c, _)| c).chain(racers.iter()).chain([&late]) {
         let ds = a.find(conv).await.unwrap().expect("replica A finds every conversation");
         a.release(&ds, *conv, 0).await.unwrap();
     }
@@ -305,6 +378,21 @@ async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod
     wait_empty(&ctx).await;
     plain.shutdown().await;
     ctx.finish().await;
+}
+
+/// Wait (bounded) until pod, Secret and PVC `name` are gone.
+async fn wait_gone(ctx: &Ctx, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pod = ctx.pods().get_opt(name).await.unwrap().is_some();
+        let secret = ctx.secrets().get_opt(name).await.unwrap().is_some();
+        let pvc = ctx.pvcs().get_opt(name).await.unwrap().is_some();
+        if !(pod || secret || pvc) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} left: pod {pod}, Secret {secret}, PVC {pvc}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn wait_empty(ctx: &Ctx) {

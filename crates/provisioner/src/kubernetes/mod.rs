@@ -22,6 +22,12 @@
 //!   is resolved by [`Provisioner::find`]: one GET of the conversation's Secret (and pod);
 //! * creates race safely: every create that answers 409 AlreadyExists adopts what exists.
 //!
+//! One exception, the warm pool (`kind = "pool"`, [`warm`]): a claimed warm pod and its PVC
+//! are relabelled to their conversation in the background after the claim, so for a moment
+//! (or, if the claiming replica died, until the next sweep) their labels still say warm. Its
+//! **Secret is then the source of truth** (it is relabelled by the claim itself): a pod whose
+//! name is a claimed Secret's is that conversation's, whatever its own labels say.
+//!
 //! **Reaching a pod**: `http://<podIP>:8000` (`reach = "pod-ip"`, the default; nestor runs in
 //! the cluster). No Service per pod: pod IPs are what kube-proxy would route to anyway, the
 //! watch tells nestor the new IP whenever a pod is re-created, and it saves an object, two
@@ -243,6 +249,13 @@ struct Inner {
     warm: DashMap<String, Arc<warm::WarmPod>>,
     /// Wrapped by a pool: warm objects are the pool's, not leftovers to remove.
     warm_mode: AtomicBool,
+    /// Conversations claimed from the warm pool, by their objects' (warm) name: their pod may
+    /// still carry the warm labels (relabelled in the background; warm.rs), so the watch
+    /// routes such a pod by name, from what the Secret (the claim) says.
+    claimed_names: DashMap<String, Slot>,
+    /// Tests only: claims leave pod and PVC labels as they were (a replica that died between
+    /// the claim and the relabel).
+    relabel_paused: AtomicBool,
 }
 
 /// Workspace persistence of this backend: the pods' sync containers, and nestor's side.
@@ -311,6 +324,8 @@ impl KubernetesProvisioner {
             sync: std::sync::OnceLock::new(),
             warm: DashMap::new(),
             warm_mode: AtomicBool::new(false),
+            claimed_names: DashMap::new(),
+            relabel_paused: AtomicBool::new(false),
         }))
     }
 
@@ -348,6 +363,13 @@ impl KubernetesProvisioner {
     /// Pod/Secret/PVC name of a conversation.
     pub fn object_name(&self, conversation: &ConversationId) -> String {
         Slot::Conversation(*conversation).object_name(&self.0.s.instance)
+    }
+
+    /// Tests only: `true` makes warm claims skip the background relabel of pod and PVC (as if
+    /// the replica died right after the claim), `false` restores it for later claims.
+    #[doc(hidden)]
+    pub fn pause_relabel_for_tests(&self, paused: bool) {
+        self.0.relabel_paused.store(paused, Ordering::SeqCst);
     }
 
     /// Whether the pod watch is currently established.
@@ -451,11 +473,23 @@ impl Inner {
                 })
             })
             .clone();
+        if c.name != self.name(&c.slot) {
+            // Claimed from the warm pool: its pod may still be labelled warm.
+            self.claimed_names.insert(c.name.clone(), c.slot);
+            self.warm_taken(&c.name);
+        }
         if pod.is_some() {
             c.pod.send_replace(pod);
         }
         self.sync_state(&c);
         c
+    }
+
+    /// The conversation a pod serves: its label, else (a claimed warm pod whose labels lag)
+    /// the claim recorded in its Secret, known here by name.
+    fn slot_of(&self, p: &Pod) -> Option<Slot> {
+        let by_label = p.metadata.labels.as_ref().and_then(|l| l.get(CONVERSATION)).and_then(|v| Slot::from_label(v));
+        by_label.or_else(|| self.claimed_names.get(p.metadata.name.as_deref()?).map(|s| *s))
     }
 
     /// Where nestor reaches a pod (None until it has an address).
@@ -516,10 +550,19 @@ impl Inner {
     /// Record a pod seen by the list or the watch.
     fn observe(self: &Arc<Self>, p: &Pod) {
         let Some(name) = p.metadata.name.clone() else { return };
-        let v = PodView::of(p);
+        let mut v = PodView::of(p);
         if warm::is_warm(&p.metadata) {
-            self.observe_warm(&name, Some(v));
-            return;
+            match self.claimed_names.get(&name).map(|s| *s) {
+                // Claimed (its Secret says so), relabel pending: the conversation's pod.
+                Some(slot) => v.slot = Some(slot),
+                None => {
+                    self.observe_warm(&name, Some(v));
+                    return;
+                }
+            }
+        } else if self.warm.contains_key(&name) {
+            // Relabelled by the replica that claimed it.
+            self.warm_taken(&name);
         }
         let Some(slot) = v.slot else { return };
         match self.convs.get(&downstream_id(&slot)).map(|c| c.clone()) {
@@ -576,6 +619,7 @@ impl Inner {
         c.released.store(true, Ordering::SeqCst);
         self.sync_state(c);
         self.convs.remove(c.ds.id());
+        self.claimed_names.remove(&c.name);
     }
 
     /// A pod of a conversation this replica does not know: read its Secret, then route it.
@@ -634,7 +678,7 @@ impl Inner {
         let mut present: HashSet<Slot> = HashSet::new();
         self.relisted_warm(&list.items);
         for p in &list.items {
-            if let Some(slot) = PodView::of(p).slot {
+            if let Some(slot) = self.slot_of(p) {
                 present.insert(slot);
             }
             self.observe(p);
@@ -704,6 +748,7 @@ impl Inner {
                 }
             }
             self.tombstones.retain(|_, t| t.elapsed() < Duration::from_secs(600));
+            self.claimed_names.retain(|_, slot| self.convs.contains_key(&downstream_id(slot)));
         }
     }
 
@@ -744,12 +789,10 @@ impl Inner {
                 }
                 WatchEvent::Deleted(p) => {
                     last = p.metadata.resource_version.clone().or(last);
-                    if warm::is_warm(&p.metadata) {
-                        if let Some(name) = &p.metadata.name {
-                            self.observe_warm(name, None);
-                        }
-                    } else if let Some(slot) = PodView::of(&p).slot {
+                    if let Some(slot) = self.slot_of(&p) {
                         self.observe_gone(slot, p.metadata.uid.as_deref());
+                    } else if let Some(name) = p.metadata.name.as_deref().filter(|_| warm::is_warm(&p.metadata)) {
+                        self.observe_warm(name, None);
                     }
                 }
                 WatchEvent::Bookmark(b) => last = Some(b.metadata.resource_version),
@@ -1051,7 +1094,9 @@ impl Inner {
 
     /// Remove what a crash left half-made: conversations whose create never completed
     /// (phase `provisioning` older than the grace), and PVCs/pods without a Secret; without
-    /// a pool, also warm pods (warm.rs). Returns the names removed.
+    /// a pool, also warm pods (warm.rs). Finish the relabel of claimed warm pods and PVCs
+    /// whose labels still say warm (the claiming replica died, or its relabel failed).
+    /// Returns the names removed.
     async fn sweep(self: &Arc<Self>) -> Result<Vec<String>, KubeError> {
         let sel = objects::selector(&self.s.instance);
         let grace = self.s.provisioning_grace;
@@ -1068,9 +1113,15 @@ impl Inner {
         let secrets = self.kube.call("list", "secrets", async move { api.list(&lp).await }).await?;
         let mut with_secret = HashSet::new();
         let mut doomed = Vec::new();
+        // Claimed warm servers (the Secret is the claim), by name: pod and PVC follow it.
+        let mut claims = std::collections::HashMap::new();
+        let mut relabel: Vec<(String, bool)> = Vec::new();
         for s in &secrets.items {
             let Some(name) = s.metadata.name.clone() else { continue };
             with_secret.insert(name.clone());
+            if let Some(claim) = warm::claim_of(s) {
+                claims.insert(name.clone(), claim);
+            }
             let phase = s.metadata.annotations.as_ref().and_then(|a| a.get(PHASE)).map(String::as_str);
             if phase == Some(PHASE_PROVISIONING) && old(&s.metadata) {
                 doomed.push(name);
@@ -1086,6 +1137,8 @@ impl Inner {
             if let Some(name) = &p.metadata.name {
                 if !with_secret.contains(name) && old(&p.metadata) && p.metadata.deletion_timestamp.is_none() {
                     doomed.push(name.clone());
+                } else if warm::is_warm(&p.metadata) && claims.contains_key(name) && p.metadata.deletion_timestamp.is_none() {
+                    relabel.push((name.clone(), true));
                 }
             }
         }
@@ -1097,6 +1150,8 @@ impl Inner {
                 if let Some(name) = &p.metadata.name {
                     if !with_secret.contains(name) && old(&p.metadata) {
                         doomed.push(name.clone());
+                    } else if warm::is_warm(&p.metadata) && claims.contains_key(name) {
+                        relabel.push((name.clone(), false));
                     }
                 }
             }
@@ -1113,6 +1168,14 @@ impl Inner {
             }
             self.delete_pod(name, true).await?;
             self.delete_state(name).await?;
+        }
+        for (name, pod) in relabel.iter().filter(|(n, _)| !doomed.contains(n)) {
+            let (slot, owner) = &claims[name];
+            tracing::info!(name = %name, conversation = %slot.label(), "finishing the relabel of a claimed warm agent-server");
+            let r = if *pod { self.relabel_pod(name, *slot, owner).await } else { self.relabel_pvc(name, *slot, owner).await };
+            if let Err(e) = r {
+                tracing::warn!(name = %name, "could not relabel a claimed warm agent-server (its Secret is the record; next sweep retries): {e}");
+            }
         }
         Ok(doomed)
     }
@@ -1393,6 +1456,7 @@ impl Provisioner for KubernetesProvisioner {
             }
             let r2 = inner.delete_state(&c.name).await;
             inner.convs.remove(ds.id());
+            inner.claimed_names.remove(&c.name);
             r1.and(r2)?;
         }
         tracing::info!(conversation = %conversation, pod = %c.name, "released agent-server pod, secret and volume");

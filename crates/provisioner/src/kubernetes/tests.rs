@@ -314,3 +314,29 @@ async fn a_missing_namespace_is_a_configuration_error() {
     let _ = server.await;
     p.shutdown().await;
 }
+
+/// A claimed warm pod whose relabel has not landed (still `nestor.dev/warm`) is routed to the
+/// conversation its Secret names (the claim), and its deletion is that conversation's pod
+/// going; an unclaimed warm pod stays nobody's.
+#[tokio::test]
+async fn a_claimed_pod_still_labelled_warm_is_routed_by_its_secret() {
+    let (p, _h) = mock_provisioner();
+    let conv = ConversationId::new_random();
+    let slot = Slot::Conversation(conv);
+    let name = "nestor-warm-0123456789abcdef";
+    let c = p.0.insert_conv(slot, SessionKey::random(), UserId::new("bob"), None, name.into());
+    let mut v = pod_json(&conv, "u1", true, "5");
+    v["metadata"]["name"] = json!(name);
+    v["metadata"]["labels"] =
+        json!({"app.kubernetes.io/managed-by": "nestor", "nestor.dev/instance": "nestor", "nestor.dev/warm": "0123456789abcdef"});
+    let pod: Pod = serde_json::from_value(v).unwrap();
+    assert_eq!(p.0.slot_of(&pod), Some(slot));
+    p.0.observe(&pod);
+    assert_eq!(c.ds.state(), DownstreamState::Ready);
+    assert_eq!(c.ds.endpoint().unwrap().authority.to_string(), "127.0.0.1:40123");
+    let mut other = pod.clone();
+    other.metadata.name = Some("nestor-warm-fedcba9876543210".into());
+    assert_eq!(p.0.slot_of(&other), None, "an unclaimed warm pod is no conversation's");
+    p.0.observe_gone(slot, Some("u1"));
+    assert_eq!(c.ds.state(), DownstreamState::Stopped);
+}

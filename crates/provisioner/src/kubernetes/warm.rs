@@ -27,8 +27,37 @@
 //! conversation, sets owner, phase `provisioning` and `nestor.dev/claimed-at`, replaces both
 //! keys by the conversation's and sets `deferred-init` to `"false"`. The API server accepts one
 //! such patch; the loser gets 409 and the pool tries its next idle pod (or starts cold).
-//! Only then are the pod's and PVC's labels patched to the conversation (so the pod watch of
-//! every replica routes it), and the pool posts `POST /api/init`.
+//! That patch is the only API write on the create path; the pool then posts `POST /api/init`.
+//!
+//! ## Ownership: the Secret, while the labels catch up
+//!
+//! The pod's and the PVC's labels are moved to the conversation **in the background** after
+//! the claim (both at once, [`RELABEL_TRIES`] tries with backoff, a warning when they all
+//! fail), not in the create: two more API writes there doubled nestor's part of a warm create
+//! (~20 ms each on the test cluster). Until they land, pod and PVC still say `nestor.dev/warm`
+//! and **the Secret is the source of truth**: a warm server whose Secret carries
+//! `nestor.dev/conversation` (and `nestor.dev/claimed-at`) is that conversation's, whatever
+//! its pod's labels say. Every reader follows that rule:
+//!
+//! * routing, in any replica: a conversation is loaded from its Secret (`recover` lists the
+//!   Secrets; `find` reads the Secret by label), and its objects' name comes from there; the
+//!   pod watch then routes a pod still labelled warm by that name (`claimed_names`), so a
+//!   second replica or a restarted one serves the conversation before the relabel lands;
+//! * the warm pool: `recover_warm` offers a pod only when its Secret still says warm, and
+//!   `discard` (max age, death) deletes at the warm `resourceVersion`, so a claimed pod is
+//!   never offered, counted idle or recycled; a replica that holds it as idle drops it as soon
+//!   as it sees the Secret's claim (`find`/`recover`) or the relabelled pod, and a claim it
+//!   tries meanwhile gets 409;
+//! * delete: `release` deletes pod, Secret and PVC by the name the Secret gave, never by
+//!   label; a relabel still under way then finds nothing (404) or stops;
+//! * a replica that died between claim and relabel: the next sweep of any replica (at its
+//!   start, then every 5 minutes) relabels the pod and PVC of every claimed Secret.
+//!
+//! Overlapping the Secret patch with `POST /api/init` would save the init's time too, but is
+//! not done: the init rotates the server's keys, so an init posted by a replica whose patch
+//! then loses the race binds the server to a conversation that does not exist (the winner's
+//! own init is then refused and its create falls back); the patch first keeps a lost race
+//! free of side effects.
 //!
 //! **A claimed conversation keeps its warm server's object names.** Pods cannot be renamed,
 //! and the Secret and PVC are the pod's (its env references the Secret, its volume the PVC), so
@@ -113,6 +142,25 @@ pub(super) fn is_warm(m: &ObjectMeta) -> bool {
 pub(super) fn claimed_at(m: &ObjectMeta) -> Option<Timestamp> {
     m.annotations.as_ref()?.get(CLAIMED_AT)?.parse().ok()
 }
+
+/// The claim a Secret records: the conversation and owner a warm server now belongs to
+/// (None: not a claimed warm server's Secret, or being deleted).
+pub(super) fn claim_of(s: &k8s_openapi::api::core::v1::Secret) -> Option<(Slot, UserId)> {
+    let m = &s.metadata;
+    if is_warm(m) || m.deletion_timestamp.is_some() {
+        return None;
+    }
+    m.annotations.as_ref()?.get(CLAIMED_AT)?;
+    let slot = Slot::from_label(m.labels.as_ref()?.get(CONVERSATION)?)?;
+    let owner = m.annotations.as_ref()?.get(OWNER).map(|o| UserId::new(o.as_str())).unwrap_or_else(UserId::default_user);
+    Some((slot, owner))
+}
+
+/// How often a claim's background relabel tries (then the sweep takes over), and its
+/// first pause between tries (doubling, at most [`RELABEL_MAX_PAUSE`]).
+const RELABEL_TRIES: u32 = 5;
+const RELABEL_FIRST_PAUSE: Duration = Duration::from_millis(250);
+const RELABEL_MAX_PAUSE: Duration = Duration::from_secs(4);
 
 /// Rename the objects a pod built for one name refers to: the pod itself, its Secret
 /// references and its PVC. Used for warm pods and for conversations claimed from them.
@@ -206,6 +254,16 @@ fn warm_secret(s: &super::Settings, ns: &str, name: &str, id: &str, boot: &Sessi
     sec
 }
 
+/// The merge patch that moves a claimed warm server's pod or PVC to its conversation.
+fn claimed_labels(slot: Slot, owner: &UserId) -> Value {
+    json!({
+        "metadata": {
+            "labels": { CONVERSATION: slot.label(), WARM: null },
+            "annotations": { OWNER: owner.as_str() },
+        }
+    })
+}
+
 fn b64(v: &str) -> Value {
     serde_json::to_value(ByteString(v.as_bytes().to_vec())).unwrap_or(Value::Null)
 }
@@ -243,6 +301,104 @@ impl Inner {
             if self.warm.get(&name).is_some_and(|w| w.view.lock().unwrap().is_some()) {
                 self.observe_warm(&name, None);
             }
+        }
+    }
+
+    /// A warm pod this replica knew is some conversation's now (another replica claimed it):
+    /// it is no longer offered, counted idle or recycled here (the pool drops a failed one;
+    /// `discard` then finds nothing of it to remove).
+    pub(super) fn warm_taken(&self, name: &str) {
+        if let Some((_, w)) = self.warm.remove(name) {
+            tracing::info!(pod = %name, "warm agent-server pod claimed by another replica");
+            w.ds.set_endpoint(None);
+            w.ds.set_state(DownstreamState::Failed("claimed by another replica".into()));
+        }
+    }
+
+    /// Finish a claim off the create path: the pod and the PVC join the conversation's labels
+    /// (module docs). Bounded: [`RELABEL_TRIES`] tries with backoff, each bounded by the API
+    /// timeout; after that the sweep of any replica finishes it.
+    pub(super) fn spawn_relabel(self: &Arc<Self>, c: Arc<super::Conv>) {
+        if self.relabel_paused.load(Ordering::SeqCst) {
+            tracing::info!(pod = %c.name, "relabel of a claimed warm pod skipped (paused for a test)");
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let owner = c.ds.owner().cloned().unwrap_or_else(UserId::default_user);
+            let (mut pod_done, mut pvc_done) = (false, me.s.storage != StorageMode::Pvc);
+            let mut pause = RELABEL_FIRST_PAUSE;
+            for attempt in 1..=RELABEL_TRIES {
+                if c.released.load(Ordering::SeqCst) || me.cancel.is_cancelled() {
+                    return;
+                }
+                let pod = async {
+                    if pod_done {
+                        return Ok(());
+                    }
+                    me.relabel_pod(&c.name, c.slot, &owner).await
+                };
+                let pvc = async {
+                    if pvc_done {
+                        return Ok(());
+                    }
+                    me.relabel_pvc(&c.name, c.slot, &owner).await
+                };
+                let (p, v) = tokio::join!(pod, pvc);
+                pod_done |= p.is_ok();
+                pvc_done |= v.is_ok();
+                let err = match (p, v) {
+                    (Ok(()), Ok(())) => {
+                        tracing::debug!(pod = %c.name, took = ?started.elapsed(), "claimed warm pod relabelled");
+                        return;
+                    }
+                    (Err(e), _) | (_, Err(e)) => e,
+                };
+                if attempt == RELABEL_TRIES {
+                    tracing::warn!(
+                        pod = %c.name,
+                        conversation = %c.slot.label(),
+                        "could not relabel a claimed warm pod after {attempt} tries; its Secret is the record, the sweep retries: {err}"
+                    );
+                    return;
+                }
+                tracing::info!(pod = %c.name, retry_in = ?pause, "relabelling a claimed warm pod failed: {err}");
+                tokio::select! {
+                    _ = me.cancel.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(RELABEL_MAX_PAUSE);
+            }
+        });
+    }
+
+    /// The pod `name` joins `slot`'s labels (404: gone, nothing to relabel).
+    pub(super) async fn relabel_pod(&self, name: &str, slot: Slot, owner: &UserId) -> Result<(), KubeError> {
+        let api = self.pods.clone();
+        let (n, l) = (name.to_owned(), claimed_labels(slot, owner));
+        match self.kube.call("patch", "pods", async move { api.patch(&n, &PatchParams::default(), &Patch::Merge(&l)).await }).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The PVC `name` joins `slot`'s labels (404: gone, or no PVC with `storage = "emptydir"`).
+    pub(super) async fn relabel_pvc(&self, name: &str, slot: Slot, owner: &UserId) -> Result<(), KubeError> {
+        if self.s.storage != StorageMode::Pvc {
+            return Ok(());
+        }
+        let api = self.pvcs.clone();
+        let (n, l) = (name.to_owned(), claimed_labels(slot, owner));
+        let r = self
+            .kube
+            .call("patch", "persistentvolumeclaims", async move { api.patch(&n, &PatchParams::default(), &Patch::Merge(&l)).await })
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
@@ -373,7 +529,7 @@ impl WarmBackend for KubernetesProvisioner {
             let Some(name) = p.metadata.name.as_deref() else { continue };
             with_pod.insert(name.to_owned());
             let Some(id) = p.metadata.labels.as_ref().and_then(|l| l.get(WARM)).cloned() else { continue };
-            // Its Secret relabelled: being claimed by another replica (or the sweep's).
+            // Its Secret no longer warm: claimed (the Secret is the record; the pod's labels lag).
             let Some(secret) = by_name.get(name) else { continue };
             let Some((_, init_key)) = objects::keys_of(secret) else { continue };
             if p.metadata.deletion_timestamp.is_some() {
@@ -444,43 +600,10 @@ impl WarmBackend for KubernetesProvisioner {
         }
         inner.warm.remove(&name);
         let view = w.view.lock().unwrap().clone();
+        // Routed by name until the pod's labels follow the Secret (`claimed_names`).
         let c = inner.insert_conv(slot, keys.session.clone(), req.owner.clone(), view, name.clone());
-        // Pod and PVC join the conversation: every replica's watch now routes the pod to it.
-        let labels = json!({
-            "metadata": {
-                "labels": { CONVERSATION: slot.label(), WARM: null },
-                "annotations": { OWNER: req.owner.as_str() },
-            }
-        });
-        // Both at once (independent objects; the claim itself was the Secret's patch): one
-        // API round trip instead of two in every warm create.
-        let api = inner.pods.clone();
-        let (n, l) = (name.clone(), labels.clone());
-        let pod = inner.kube.call("patch", "pods", async move { api.patch(&n, &PatchParams::default(), &Patch::Merge(&l)).await });
-        let pvc = async {
-            if inner.s.storage != StorageMode::Pvc {
-                return Ok(());
-            }
-            let api = inner.pvcs.clone();
-            let n = name.clone();
-            inner
-                .kube
-                .call("patch", "persistentvolumeclaims", async move { api.patch(&n, &PatchParams::default(), &Patch::Merge(&labels)).await })
-                .await
-                .map(|_| ())
-        };
-        let (p, v) = tokio::join!(pod, pvc);
-        let r = p.map(|_| ()).and(v);
-        if let Err(e) = r {
-            // Ours, half-relabelled: remove it all (the pool tries another way).
-            c.released.store(true, Ordering::SeqCst);
-            inner.tombstones.insert(name.clone(), std::time::Instant::now());
-            inner.sync_state(&c);
-            inner.convs.remove(c.ds.id());
-            let _ = inner.delete_pod(&name, true).await;
-            let _ = inner.delete_state(&name).await;
-            return Err(e.into());
-        }
+        // Pod and PVC join the conversation in the background: the claim is done.
+        inner.spawn_relabel(c.clone());
         tracing::info!(conversation = %req.conversation, pod = %name, "warm agent-server pod claimed");
         Ok(c.ds.clone())
     }
@@ -576,6 +699,34 @@ mod tests {
         let json = serde_json::to_string(&p).unwrap();
         assert!(!json.contains(&slot.object_name(&s.instance)), "no reference to the slot's own names is left");
         assert_eq!(PodView::of(&p).slot, Some(slot), "still labelled with its conversation");
+    }
+
+    #[test]
+    fn the_claim_is_read_from_the_secret() {
+        let s = settings();
+        let (boot, init) = (SessionKey::random(), SessionKey::random());
+        let mut sec = warm_secret(&s, "ns", "n-warm-x", "x", &boot, &init);
+        assert!(claim_of(&sec).is_none(), "still warm");
+        let conv = nestor_core::ConversationId::new_random();
+        let l = sec.metadata.labels.as_mut().unwrap();
+        l.remove(WARM);
+        l.insert(CONVERSATION.to_owned(), Slot::Conversation(conv).label());
+        let a = sec.metadata.annotations.as_mut().unwrap();
+        a.insert(OWNER.to_owned(), "alice".to_owned());
+        assert!(claim_of(&sec).is_none(), "a conversation's Secret that was never warm is no claim");
+        sec.metadata.annotations.as_mut().unwrap().insert(CLAIMED_AT.to_owned(), Timestamp::now().to_string());
+        assert_eq!(claim_of(&sec), Some((Slot::Conversation(conv), UserId::new("alice"))));
+        sec.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()));
+        assert!(claim_of(&sec).is_none(), "being deleted");
+    }
+
+    #[test]
+    fn claimed_labels_move_pod_and_pvc_to_the_conversation() {
+        let conv = nestor_core::ConversationId::new_random();
+        let v = claimed_labels(Slot::Conversation(conv), &UserId::new("bob"));
+        assert_eq!(v["metadata"]["labels"][CONVERSATION], Slot::Conversation(conv).label());
+        assert!(v["metadata"]["labels"][WARM].is_null(), "the warm label is removed");
+        assert_eq!(v["metadata"]["annotations"][OWNER], "bob");
     }
 
     #[test]

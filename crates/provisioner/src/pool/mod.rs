@@ -77,7 +77,8 @@
 //! `process`, `docker` and `kubernetes` do. The `kubernetes` backend starts dormant pods
 //! labelled as pool members and, in `adopt`, claims one by patching its Secret with a
 //! `resourceVersion` precondition (atomic across nestor replicas, which share the cluster and
-//! nothing else), then relabels pod and PVC to the conversation (kubernetes/warm.rs). Docker's
+//! nothing else); pod and PVC are relabelled to the conversation in the background, the
+//! Secret being the record of ownership meanwhile (kubernetes/warm.rs). Docker's
 //! labels are immutable, so the `docker` backend records the claim in its manifest and keeps
 //! the container's `warm-…` slot label.
 
