@@ -9,7 +9,8 @@
 //!         secret-key       the init key (the dormant server's OH_SECRET_KEY = X-Init-API-Key)
 //!         deferred-init    "true" (the pod's OH_DEFERRED_INIT comes from here)
 //! PVC     its own /workspace (or an emptyDir)
-//! Pod     the agent-server, dormant; no OH_WEBHOOKS_* (bound at claim by POST /api/init)
+//! Pod     the agent-server, dormant; OH_WEBHOOKS_* only from the Secret's optional
+//!         late.* keys, written by the claim (and bound by POST /api/init at once)
 //! ```
 //!
 //! All three carry the deployment's labels and `nestor.dev/warm=<16 hex>` instead of
@@ -66,9 +67,10 @@
 //! then one list by label), and its pod, when re-created after an idle stop, is built with
 //! those names ([`retarget`]). Since the Secret holds the conversation's keys and
 //! `deferred-init=false` from the claim on, a re-created pod or a restarted container boots
-//! normally as that conversation's server, like a cold one (without the withheld webhook
-//! settings only in the rare case of a container restart inside the claimed pod: the pod spec
-//! is immutable; a pod re-created after a stop has them).
+//! normally as that conversation's server, like a cold one. The webhook settings a dormant
+//! server must not have are referenced by the warm pod from optional Secret keys
+//! (`late.OH_WEBHOOKS_…`) that only the claim writes, so even a container restarted inside the
+//! claimed pod (whose spec is immutable) boots with them.
 //!
 //! ## Sizing with replicas
 //!
@@ -232,6 +234,19 @@ pub(super) fn warm_pod(s: &super::Settings, ns: &str, name: &str, id: &str) -> P
             let env = c.env.get_or_insert_with(Vec::new);
             env.retain(|e| !crate::pool::is_late_bound_env(&e.name) && e.name != "OH_DEFERRED_INIT");
             if c.name == objects::CONTAINER {
+                // Late-bound settings (webhooks) come from Secret keys the claim adds: absent
+                // (optional) while dormant, so a warm server boots without them; present from
+                // the claim on, so a container restarted inside the claimed pod has them too.
+                for k in s.env.keys().filter(|k| crate::pool::is_late_bound_env(k)) {
+                    env.push(EnvVar {
+                        name: k.clone(),
+                        value: None,
+                        value_from: Some(EnvVarSource {
+                            secret_key_ref: Some(SecretKeySelector { name: name.into(), key: late_key(k), optional: Some(true) }),
+                            ..Default::default()
+                        }),
+                    });
+                }
                 env.push(EnvVar {
                     name: "OH_DEFERRED_INIT".into(),
                     value: None,
@@ -246,12 +261,30 @@ pub(super) fn warm_pod(s: &super::Settings, ns: &str, name: &str, id: &str) -> P
     p
 }
 
+/// The Secret key that carries the late-bound variable `var` of a claimed warm server.
+fn late_key(var: &str) -> String {
+    format!("late.{var}")
+}
+
 fn warm_secret(s: &super::Settings, ns: &str, name: &str, id: &str, boot: &SessionKey, init: &SessionKey) -> k8s_openapi::api::core::v1::Secret {
     let mut sec = objects::secret(s, &Slot::Home, ns, &UserId::default_user(), boot, init);
     warm_meta(&mut sec.metadata, name, id);
     sec.metadata.annotations = Some(BTreeMap::from([(PHASE.to_owned(), PHASE_WARM.to_owned())]));
     sec.data.get_or_insert_with(Default::default).insert(KEY_DEFERRED.to_owned(), ByteString(b"true".to_vec()));
     sec
+}
+
+/// The Secret data a claim writes: the conversation's keys, the end of dormancy, and the
+/// late-bound settings (see [`warm_pod`]).
+fn claim_data(s: &super::Settings, keys: &crate::pool::ClaimKeys) -> serde_json::Map<String, Value> {
+    let mut data = serde_json::Map::new();
+    data.insert(KEY_SESSION.to_owned(), json!(b64(keys.session.expose())));
+    data.insert(KEY_SECRET.to_owned(), json!(b64(keys.secret.expose())));
+    data.insert(KEY_DEFERRED.to_owned(), json!(b64("false")));
+    for (k, v) in s.env.iter().filter(|(k, _)| crate::pool::is_late_bound_env(k)) {
+        data.insert(late_key(k), json!(b64(v)));
+    }
+    data
 }
 
 /// The merge patch that moves a claimed warm server's pod or PVC to its conversation.
@@ -582,11 +615,7 @@ impl WarmBackend for KubernetesProvisioner {
                 "labels": { CONVERSATION: slot.label(), WARM: null },
                 "annotations": { OWNER: req.owner.as_str(), PHASE: PHASE_PROVISIONING, CLAIMED_AT: Timestamp::now().to_string() },
             },
-            "data": {
-                KEY_SESSION: b64(keys.session.expose()),
-                KEY_SECRET: b64(keys.secret.expose()),
-                KEY_DEFERRED: b64("false"),
-            },
+            "data": claim_data(&inner.s, keys),
         });
         let api = inner.secrets.clone();
         let n = name.clone();
@@ -666,7 +695,15 @@ mod tests {
         assert!(PodView::of(&p).slot.is_none(), "never taken for a conversation's pod");
         let spec = p.spec.as_ref().unwrap();
         let env = spec.containers[0].env.as_ref().unwrap();
-        assert!(env.iter().all(|e| !e.name.starts_with("OH_WEBHOOKS_")), "webhooks are bound at claim");
+        // Webhooks only from the Secret's optional late keys: absent while dormant.
+        let hook = env.iter().find(|e| e.name == "OH_WEBHOOKS_0_BASE_URL").expect("a late-bound reference");
+        assert!(hook.value.is_none(), "never a literal in a warm pod");
+        let r = hook.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+        assert_eq!((r.key.as_str(), r.optional), ("late.OH_WEBHOOKS_0_BASE_URL", Some(true)));
+        assert!(!warm_secret(&s, "ns", &name, "0123456789abcdef", &SessionKey::random(), &SessionKey::random()).data.unwrap().contains_key("late.OH_WEBHOOKS_0_BASE_URL"));
+        let claimed = claim_data(&s, &crate::pool::ClaimKeys::random());
+        assert_eq!(claimed["late.OH_WEBHOOKS_0_BASE_URL"], json!(b64("http://n/nestor/webhooks")), "the claim delivers them");
+        assert_eq!(claimed[KEY_DEFERRED], json!(b64("false")));
         assert!(env.iter().any(|e| e.name == "LLM_MODEL"));
         for e in env.iter().filter_map(|e| e.value_from.as_ref()?.secret_key_ref.as_ref()) {
             assert_eq!(e.name, name, "every key from its own Secret");
