@@ -29,9 +29,17 @@ impl Conn {
     }
 
     async fn call(&mut self, method: &str, path: &str, key: &str, body: Option<Value>) -> (u16, http::HeaderMap, Bytes) {
+        self.call_from(None, method, path, key, body).await
+    }
+
+    /// [`Conn::call`] from a browser page at `origin`.
+    async fn call_from(&mut self, origin: Option<&str>, method: &str, path: &str, key: &str, body: Option<Value>) -> (u16, http::HeaderMap, Bytes) {
         self.send.ready().await.expect("the connection is still open");
         let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
         let mut req = http::Request::builder().method(method).uri(path).header("host", "nestor.test").header("x-session-api-key", key);
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
         if !body.is_empty() {
             req = req.header("content-type", "application/json");
         }
@@ -206,13 +214,20 @@ async fn answers_are_the_routers_answers() {
         ("POST", format!("/api/conversations/{id}/events"), Some(json!({"not": "a message"}))),
         ("PATCH", format!("/api/conversations/{id}"), Some(json!({"title": "t"}))),
     ];
-    for (method, path, body) in requests {
-        let (fs, fh, fb) = f.call(method, &path, CLIENT_KEY, body.clone()).await;
-        let (ss, sh, sb) = s.call(method, &path, CLIENT_KEY, body).await;
-        assert_eq!(fs, ss, "{method} {path}: status");
-        assert_eq!(fh.get("content-type"), sh.get("content-type"), "{method} {path}: content-type");
-        assert_eq!(fh.get("content-length"), sh.get("content-length"), "{method} {path}: content-length");
-        assert_eq!(fb, sb, "{method} {path}: body");
+    // Without an Origin, from an allowed one (localhost) and from a refused one.
+    for origin in [None, Some("http://localhost:3000"), Some("http://evil.example")] {
+        for (method, path, body) in &requests {
+            let (fs, fh, fb) = f.call_from(origin, method, path, CLIENT_KEY, body.clone()).await;
+            let (ss, sh, sb) = s.call_from(origin, method, path, CLIENT_KEY, body.clone()).await;
+            let what = format!("{method} {path} from {origin:?}");
+            assert_eq!(fs, ss, "{what}: status");
+            for h in ["content-type", "content-length", "access-control-allow-origin", "access-control-allow-credentials"] {
+                assert_eq!(fh.get(h), sh.get(h), "{what}: {h}");
+            }
+            let vary = |m: &http::HeaderMap| m.get_all("vary").iter().map(|v| v.to_str().unwrap().to_owned()).collect::<Vec<_>>();
+            assert_eq!(vary(&fh), vary(&sh), "{what}: vary");
+            assert_eq!(fb, sb, "{what}: body");
+        }
     }
     fast.stop().await;
     slow.stop().await;

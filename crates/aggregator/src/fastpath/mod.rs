@@ -14,9 +14,9 @@
 //! What it takes (all must hold; see [`request::parse`]): HTTP/1.1; a canonical conversation
 //! id under `/api/conversations/`; a sub-route the router only forwards (not delete, fork,
 //! secrets, runtime, VS Code URL, workspace files, nor agent work when persistence quotas
-//! apply); a body of known length up to 64 KiB; no `Origin` (CORS stays with the router),
-//! no upgrade, no `Expect`, no key in the query; an `X-Session-API-Key` that opens the
-//! conversation; a downstream that is running now. Anything else — including a request
+//! apply); a body of known length up to 64 KiB (and within `max_body_bytes`); no upgrade,
+//! no `Expect`, no key in the query; an `X-Session-API-Key` that opens the conversation; a
+//! downstream that is running now. Anything else — including a request
 //! whose conversation is unknown, whose key is wrong or whose downstream is starting — is
 //! **handed off**: the bytes read so far and the connection go to the router (hyper + axum),
 //! which answers it and everything after it on that connection exactly as before. The
@@ -25,7 +25,8 @@
 //! What it keeps from the router's forward (crate::forward): the downstream's own key
 //! replaces the client's; hop-by-hop headers are dropped both ways; the client's `Host` is
 //! kept; the answer passes the leak guard (small answers whole with an exact
-//! `Content-Length`, larger or unsized ones as they stream, re-chunked); `Vary: Origin` and
+//! `Content-Length`, larger or unsized ones as they stream, re-chunked); CORS is decided as
+//! the router decides it (crate::cors; preflights go to the router); `Vary: Origin` and
 //! `Date` are added when the downstream gave none; the request and upstream counters and the
 //! latency histogram are the same series; the downstream's activity is counted (idle
 //! reaping); upstream errors are the same 502/504 answers.
@@ -223,15 +224,16 @@ async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: 
             };
             tracing::warn!(downstream = %ds.id(), conversation = %req.conversation, "upstream error: {why}");
             let e = ApiError::BadGateway(format!("{} is unreachable: {why}", who()));
-            return respond_error(tcp, &req, e, started).await;
+            return respond_error(tcp, &req, cors_of(state, &req).as_ref(), e, started).await;
         }
         Err(_) => {
             let e = ApiError::GatewayTimeout(format!("the agent-server did not answer within {:?}", state.upstream_timeout));
-            return respond_error(tcp, &req, e, started).await;
+            return respond_error(tcp, &req, cors_of(state, &req).as_ref(), e, started).await;
         }
     };
     let redactor = ep.redactor(req.origin.as_deref());
     let status = head.status;
+    let cors = cors_of(state, &req);
     let mut reader = BodyReader::new(head.framing, state.upstream_timeout);
     let small = matches!(head.framing, Framing::None) || matches!(head.framing, Framing::Length(n) if n <= BUFFER_LIMIT);
     let outcome = if small {
@@ -244,12 +246,12 @@ async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: 
                 Err(e) => {
                     tracing::warn!(downstream = %ds.id(), conversation = %req.conversation, "{e}");
                     let e = ApiError::BadGateway(format!("the agent-server's answer could not be read: {e}"));
-                    return respond_error(tcp, &req, e, started).await;
+                    return respond_error(tcp, &req, cors_of(state, &req).as_ref(), e, started).await;
                 }
             }
         }
         let body = redactor.apply(&body);
-        let mut wire = response_head(&head, &redactor, &req, Some(body.len()));
+        let mut wire = response_head(&head, &redactor, &req, cors.as_ref(), Some(body.len()));
         wire.extend_from_slice(&body);
         if write_client(tcp, &wire).await.is_err() {
             Outcome::Close
@@ -259,7 +261,7 @@ async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: 
             Outcome::Close
         }
     } else {
-        stream_body(tcp, &mut up, &mut rbuf, &mut reader, &head, &redactor, &req).await
+        stream_body(tcp, &mut up, &mut rbuf, &mut reader, &head, &redactor, &req, cors.as_ref()).await
     };
     record(&req, status, started);
     // The downstream connection serves the next request only if this answer ended cleanly.
@@ -283,8 +285,9 @@ async fn stream_body(
     head: &ResponseHead,
     redactor: &nestor_core::leak_guard::Redactor,
     req: &FastRequest,
+    cors: Option<&Cors>,
 ) -> Outcome {
-    let wire = response_head(head, redactor, req, None);
+    let wire = response_head(head, redactor, req, cors, None);
     if write_client(tcp, &wire).await.is_err() {
         return Outcome::Close;
     }
@@ -318,29 +321,65 @@ async fn stream_body(
     }
 }
 
+/// The CORS decision for a request with an `Origin` (crate::cors, as the router decides).
+struct Cors {
+    origin: String,
+    allowed: bool,
+}
+
+fn cors_of(state: &AppState, req: &FastRequest) -> Option<Cors> {
+    let origin = req.cors_origin.clone()?;
+    let allowed = crate::cors::allowed_for(&state.cors, &req.target[..req.path_len], &origin);
+    Some(Cors { origin, allowed })
+}
+
+/// What the router's edge adds to every answer: the CORS headers when the request had an
+/// `Origin` (nestor's decision replaces the downstream's), and `Vary: Origin` (crate::cors,
+/// routes::compat). `vary`: the answer has a `Vary`; `vary_origin`: one naming `Origin`.
+fn edge_headers(w: &mut Vec<u8>, cors: Option<&Cors>, vary: bool, vary_origin: bool) {
+    match cors {
+        Some(c) => {
+            w.extend_from_slice(b"access-control-allow-credentials: true\r\n");
+            if c.allowed {
+                w.extend_from_slice(b"access-control-allow-origin: ");
+                w.extend_from_slice(c.origin.as_bytes());
+                w.extend_from_slice(b"\r\n");
+            }
+            if !vary_origin {
+                w.extend_from_slice(b"vary: Origin\r\n");
+            }
+        }
+        None if !vary => w.extend_from_slice(b"vary: Origin\r\n"),
+        None => {}
+    }
+}
+
 /// The client's answer head. `length`: the exact body length (else chunked). Answers to
 /// `HEAD` keep the downstream's length; 1xx/204/304 have none.
-fn response_head(head: &ResponseHead, redactor: &nestor_core::leak_guard::Redactor, req: &FastRequest, length: Option<usize>) -> Vec<u8> {
+fn response_head(head: &ResponseHead, redactor: &nestor_core::leak_guard::Redactor, req: &FastRequest, cors: Option<&Cors>, length: Option<usize>) -> Vec<u8> {
     let mut w = Vec::with_capacity(512);
     w.extend_from_slice(b"HTTP/1.1 ");
     w.extend_from_slice(head.status.to_string().as_bytes());
     w.push(b' ');
     w.extend_from_slice(head.reason.as_bytes());
     w.extend_from_slice(b"\r\n");
-    let mut vary = false;
-    let mut date = false;
+    let (mut vary, mut vary_origin, mut date) = (false, false, false);
     let head_request = req.method == request::Method::Head;
     for (name, value) in &head.headers {
-        vary |= name.eq_ignore_ascii_case("vary");
+        if cors.is_some() && (name.eq_ignore_ascii_case("access-control-allow-origin") || name.eq_ignore_ascii_case("access-control-allow-credentials")) {
+            continue;
+        }
+        if name.eq_ignore_ascii_case("vary") {
+            vary = true;
+            vary_origin |= memchr::memmem::find(value, b"Origin").is_some();
+        }
         date |= name.eq_ignore_ascii_case("date");
         w.extend_from_slice(name.as_bytes());
         w.extend_from_slice(b": ");
         w.extend_from_slice(&redactor.apply(value));
         w.extend_from_slice(b"\r\n");
     }
-    if !vary {
-        w.extend_from_slice(b"vary: Origin\r\n");
-    }
+    edge_headers(&mut w, cors, vary, vary_origin);
     if !date {
         w.extend_from_slice(b"date: ");
         w.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
@@ -364,7 +403,7 @@ fn response_head(head: &ResponseHead, redactor: &nestor_core::leak_guard::Redact
 }
 
 /// Answer with an error in the agent-server's shape.
-async fn respond_error(tcp: &mut TcpStream, req: &FastRequest, e: ApiError, started: Instant) -> Outcome {
+async fn respond_error(tcp: &mut TcpStream, req: &FastRequest, cors: Option<&Cors>, e: ApiError, started: Instant) -> Outcome {
     let resp = e.to_http::<Bytes>();
     let body = resp.body();
     let mut w = Vec::with_capacity(256 + body.len());
@@ -375,7 +414,8 @@ async fn respond_error(tcp: &mut TcpStream, req: &FastRequest, e: ApiError, star
         w.extend_from_slice(value.as_bytes());
         w.extend_from_slice(b"\r\n");
     }
-    w.extend_from_slice(format!("content-length: {}\r\nvary: Origin\r\ndate: {}\r\n", body.len(), httpdate::fmt_http_date(std::time::SystemTime::now())).as_bytes());
+    w.extend_from_slice(format!("content-length: {}\r\ndate: {}\r\n", body.len(), httpdate::fmt_http_date(std::time::SystemTime::now())).as_bytes());
+    edge_headers(&mut w, cors, false, false);
     if !req.keep_alive {
         w.extend_from_slice(b"connection: close\r\n");
     }

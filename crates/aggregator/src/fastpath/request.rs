@@ -68,6 +68,10 @@ pub struct FastRequest {
     pub client_key: Vec<u8>,
     /// `http(s)://host` the client reached nestor at (for the leak guard).
     pub origin: Option<String>,
+    /// The browser's `Origin` header (CORS is decided on it, like the router does).
+    pub cors_origin: Option<String>,
+    /// The path, without the query (CORS rules depend on it).
+    pub path_len: usize,
     /// The client wants the connection kept open after this answer.
     pub keep_alive: bool,
     /// Bytes of the head (the body starts right after).
@@ -167,6 +171,7 @@ pub fn parse(buf: &[u8], rules: Rules) -> Parsed {
     let mut out = Vec::with_capacity(buf.len().min(2048));
     let mut client_key: Option<&[u8]> = None;
     let mut host: Option<&str> = None;
+    let mut cors_origin: Option<&str> = None;
     let mut proto = "http";
     let mut body_len: Option<usize> = None;
     let mut keep_alive = true;
@@ -197,9 +202,9 @@ pub fn parse(buf: &[u8], rules: Rules) -> Parsed {
             // Hop-by-hop (RFC 9110 §7.6.1), or the client's bearer credentials.
             continue;
         }
-        // Bodies of unknown length, upgrades, 100-continue, CORS, the workspace cookie:
-        // the router handles each of these.
-        if ["transfer-encoding", "upgrade", "expect", "origin"].iter().any(|n| name.eq_ignore_ascii_case(n)) {
+        // Bodies of unknown length, upgrades, 100-continue, the workspace cookie: the router
+        // handles each of these.
+        if ["transfer-encoding", "upgrade", "expect"].iter().any(|n| name.eq_ignore_ascii_case(n)) {
             return Parsed::HandOff;
         }
         if name.eq_ignore_ascii_case("cookie") && memchr::memmem::find(value, super::WORKSPACE_COOKIE.as_bytes()).is_some() {
@@ -214,6 +219,11 @@ pub fn parse(buf: &[u8], rules: Rules) -> Parsed {
         } else if name.eq_ignore_ascii_case("host") {
             match std::str::from_utf8(value) {
                 Ok(v) if host.is_none() => host = Some(v),
+                _ => return Parsed::HandOff,
+            }
+        } else if name.eq_ignore_ascii_case("origin") {
+            match std::str::from_utf8(value) {
+                Ok(v) if cors_origin.is_none() => cors_origin = Some(v),
                 _ => return Parsed::HandOff,
             }
         } else if name.eq_ignore_ascii_case("x-forwarded-proto") {
@@ -236,6 +246,8 @@ pub fn parse(buf: &[u8], rules: Rules) -> Parsed {
         headers: out,
         client_key: client_key.unwrap_or_default().to_vec(),
         origin: Some(format!("{proto}://{host}")),
+        cors_origin: cors_origin.map(str::to_owned),
+        path_len: path.len(),
         keep_alive,
         head_len,
         body_len: body_len.unwrap_or(0),
@@ -310,7 +322,7 @@ mod tests {
             format!("GET /api/conversations/{ID}/events/../x HTTP/1.1\r\n{h}\r\n"),
             format!("GET /api/conversations/{} HTTP/1.1\r\n{h}\r\n", ID.to_uppercase().replace('-', "")),
             format!("GET /api/conversations/{ID}?session_api_key=k HTTP/1.1\r\nHost: h\r\n\r\n"),
-            format!("GET /api/conversations/{ID} HTTP/1.1\r\n{h}Origin: http://x\r\n\r\n"),
+            format!("GET /api/conversations/{ID} HTTP/1.1\r\n{h}Origin: http://x\r\nOrigin: http://y\r\n\r\n"),
             format!("GET /api/conversations/{ID} HTTP/1.1\r\n{h}Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n"),
             format!("POST /api/conversations/{ID}/events HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\n\r\n"),
             format!("POST /api/conversations/{ID}/events HTTP/1.1\r\n{h}Expect: 100-continue\r\nContent-Length: 3\r\n\r\n"),
