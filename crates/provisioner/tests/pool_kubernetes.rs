@@ -194,7 +194,12 @@ async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod
         let l = pod.metadata.labels.as_ref().unwrap();
         assert!(l.contains_key("nestor.dev/warm") && !l.contains_key("nestor.dev/conversation"), "{l:?}");
         let env = pod.spec.as_ref().unwrap().containers[0].env.as_ref().unwrap();
-        assert!(!env.iter().any(|e| e.name.starts_with("OH_WEBHOOKS_")), "webhooks are bound at claim");
+        // Webhook settings only as optional references to Secret keys the claim writes.
+        for e in env.iter().filter(|e| e.name.starts_with("OH_WEBHOOKS_")) {
+            assert!(e.value.is_none(), "no literal webhook settings in a warm pod: {e:?}");
+            let r = e.value_from.as_ref().and_then(|f| f.secret_key_ref.as_ref()).expect("from the Secret");
+            assert!(r.optional == Some(true) && r.key.starts_with("late."), "{r:?}");
+        }
         assert!(env.iter().all(|e| e.value_from.as_ref().and_then(|f| f.secret_key_ref.as_ref()).is_none_or(|r| Some(&r.name) == pod.metadata.name.as_ref())));
     }
 
@@ -238,6 +243,8 @@ async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod
     let data = sec.data.unwrap();
     assert_eq!(data["session-api-key"].0, ds0.endpoint().unwrap().key.clone().unwrap().expose().as_bytes());
     assert_eq!(data["deferred-init"].0, b"false");
+    // The late-bound settings, for a container restarted inside the claimed pod.
+    assert_eq!(data["late.OH_WEBHOOKS_0_BASE_URL"].0, b"http://127.0.0.1:9/nestor/webhooks");
     assert_eq!(sec.metadata.labels.unwrap()["nestor.dev/conversation"], conv0.hex());
 
     // The pool refilled behind the claims (N claimed, more started) and refills up to max_size.
