@@ -185,8 +185,9 @@ pub struct WebsocketSection {
     /// Bytes queued for one client before it is dropped as a slow consumer.
     #[serde(default = "default_max_pending")]
     pub max_pending_bytes: usize,
-    /// Read buffer of each leg of a proxied socket, bytes: most of an idle pair's memory.
-    /// Larger frames are still read whole, in several reads.
+    /// Read buffer of the downstream leg of a proxied socket (where events stream in),
+    /// bytes. Larger frames are still read whole, in several reads. (The client leg, where
+    /// clients send little, reads with 512 bytes.)
     #[serde(default = "default_read_buffer")]
     pub read_buffer_bytes: usize,
     /// Accept permessage-deflate from clients that offer it (browsers always do). Default

@@ -22,7 +22,6 @@
 //!    frontend reconnect, to this nestor's successor) and the downstream socket is closed.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,7 +32,6 @@ use futures::{FutureExt, SinkExt, StreamExt};
 use nestor_core::{ConversationId, Endpoint};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -44,6 +42,7 @@ use tokio_tungstenite::WebSocketStream;
 use crate::classify::{self, SessionFrame};
 use crate::config::ProxyConfig;
 use crate::deflate::{self, CodecError, DeflateStream};
+use crate::outbox::{outbox, Inbox, Outbox};
 use crate::resume::{EventsCursor, History, SessionCursor, Verdict};
 
 /// Which agent-server socket.
@@ -168,25 +167,21 @@ fn is_loss(frame: &Option<CloseFrame>) -> bool {
     }
 }
 
-/// Queue towards the client with a byte count.
-#[derive(Clone)]
-struct ClientTx {
-    tx: mpsc::UnboundedSender<Message>,
-    pending: Arc<AtomicUsize>,
-}
+/// Queue towards the client with a byte count ([`crate::outbox`]: holds no buffer while idle).
+struct ClientTx(Outbox<Message>);
 
 impl ClientTx {
     fn send(&self, m: Message) -> bool {
-        self.pending.fetch_add(msg_len(&m), Ordering::Relaxed);
-        self.tx.send(m).is_ok()
+        let n = msg_len(&m);
+        self.0.send(m, n)
     }
     fn pending(&self) -> usize {
-        self.pending.load(Ordering::Relaxed)
+        self.0.pending()
     }
 }
 
 /// Drain the queue into the client socket, batching writes before each flush.
-async fn client_writer<S>(mut sink: S, mut rx: mpsc::UnboundedReceiver<Message>, pending: Arc<AtomicUsize>)
+async fn client_writer<S>(mut sink: S, mut rx: Inbox<Message>)
 where
     S: futures::Sink<Message, Error = WsError> + Unpin,
 {
@@ -196,15 +191,15 @@ where
         if sink.feed(m).await.is_err() {
             return;
         }
-        pending.fetch_sub(n, Ordering::Relaxed);
+        rx.done(n);
         while !closing {
-            let Ok(m) = rx.try_recv() else { break };
+            let Some(m) = rx.try_recv() else { break };
             closing = matches!(m, Message::Close(_));
             let n = msg_len(&m);
             if sink.feed(m).await.is_err() {
                 return;
             }
-            pending.fetch_sub(n, Ordering::Relaxed);
+            rx.done(n);
         }
         if sink.flush().await.is_err() || closing {
             let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
@@ -269,10 +264,9 @@ pub async fn bridge_until<C>(
     }
 
     let (sink, mut client_rx) = client.split();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let pending = Arc::new(AtomicUsize::new(0));
-    let to_client = ClientTx { tx, pending: pending.clone() };
-    let writer = tokio::spawn(client_writer(sink, rx, pending));
+    let (tx, rx) = outbox();
+    let to_client = ClientTx(tx);
+    let writer = tokio::spawn(client_writer(sink, rx));
     let writer_abort = writer.abort_handle();
     // Fused: once the pair saw the writer end, polling it again must not panic
     // ("JoinHandle polled after completion").
@@ -392,7 +386,7 @@ impl Pair {
             let connect = async {
                 let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(WsError::Io)?;
                 let _ = tcp.set_nodelay(true);
-                let io = if offer { DeflateStream::client_sniffing(tcp, cfg.max_downstream_frame) } else { DeflateStream::plain(tcp) };
+                let io = if offer { DeflateStream::client_sniffing(tcp, cfg.max_downstream_frame) } else { DeflateStream::client_declining(tcp) };
                 tokio_tungstenite::client_async_with_config(req, io, Some(cfg.downstream_ws_config())).await
             };
             match tokio::time::timeout(cfg.dial_timeout, connect).await {
@@ -414,7 +408,7 @@ impl Pair {
                                 None if offer => tracing::debug!(conversation = %conv, "downstream socket: permessage-deflate declined by the downstream"),
                                 None => {}
                             }
-                            Ok(ws)
+                            Ok(without_handshake_buffer(ws, &cfg).await)
                         }
                         Ok(_) => Err(DialError::Retry("the downstream's permessage-deflate answer could not be applied".into())),
                         Err(e) => Err(DialError::Retry(format!("the downstream's Sec-WebSocket-Extensions answer is refused: {e}"))),
@@ -774,6 +768,22 @@ async fn poll_opt<T>(f: &mut Option<BoxFuture<'static, T>>) -> T {
         Some(f) => f.await,
         None => std::future::pending().await,
     }
+}
+
+/// The downstream socket rebuilt around its connection, when that loses nothing.
+///
+/// tungstenite's client handshake reads the answer through a 4 KiB buffer and hands that
+/// buffer (whatever it holds) to the socket as its read buffer, so every downstream leg kept
+/// 4 KiB for its life instead of the configured `read_buffer_size` (issue 4: 16 KiB per idle
+/// pair). The deflate adapter hands tungstenite the answer alone
+/// ([`DeflateStream::handed_answer_alone`]; frames after it stay in the adapter), so right
+/// after the handshake that buffer holds nothing and a fresh socket (same role and config;
+/// no frame was read or written yet) is the same socket with a right-sized buffer.
+async fn without_handshake_buffer(ws: DownSocket, cfg: &ProxyConfig) -> DownSocket {
+    if !ws.get_ref().handed_answer_alone() {
+        return ws;
+    }
+    WebSocketStream::from_raw_socket(ws.into_inner(), tokio_tungstenite::tungstenite::protocol::Role::Client, Some(cfg.downstream_ws_config())).await
 }
 
 /// A WebSocket error in words that name no address or key.

@@ -30,11 +30,15 @@ pub struct ProxyConfig {
     /// Client frames kept while the downstream is away (count and bytes).
     pub max_buffered_client_frames: usize,
     pub max_buffered_client_bytes: usize,
-    /// Socket read buffer per leg. tungstenite's default is 128 KiB; small keeps idle
-    /// pairs cheap (frames larger than this are still read, in several reads). Measured
-    /// over 9,500 idle pairs (docs/performance.md): 20.5 KiB per pair at 4 KiB, 18.2 at
-    /// 2 KiB, 17.5 at 1 KiB; 2 KiB still reads a typical ~1 KiB event in one read.
+    /// Socket read buffer of the downstream leg, where events stream in. tungstenite's
+    /// default is 128 KiB; small keeps idle pairs cheap (frames larger than this are still
+    /// read, in several reads); 2 KiB still reads a typical ~1 KiB event in one read.
+    /// docs/performance.md has the idle memory measured against it.
     pub read_buffer_size: usize,
+    /// Socket read buffer of the client leg. Clients send little and rarely (auth, user
+    /// messages, pongs), so this leg reads with a small buffer (larger frames are read in
+    /// several reads): 1.5 KiB less per idle pair than the downstream leg's 2 KiB.
+    pub client_read_buffer_size: usize,
     /// Accept permessage-deflate on the client leg when the client offers it (browsers
     /// always do). On by default: events are JSON that shrinks 3-10x, which matters to
     /// remote clients, and an idle deflate socket costs nestor little (see [`crate::deflate`]).
@@ -61,6 +65,7 @@ impl Default for ProxyConfig {
             max_buffered_client_frames: 64,
             max_buffered_client_bytes: 4 << 20,
             read_buffer_size: 2048,
+            client_read_buffer_size: 512,
             permessage_deflate: true,
             downstream_permessage_deflate: false,
         }
@@ -71,7 +76,7 @@ impl ProxyConfig {
     /// tungstenite settings for the client leg.
     pub fn client_ws_config(&self) -> WebSocketConfig {
         WebSocketConfig::default()
-            .read_buffer_size(self.read_buffer_size)
+            .read_buffer_size(self.client_read_buffer_size)
             .write_buffer_size(0)
             .max_message_size(Some(self.max_client_frame))
             .max_frame_size(Some(self.max_client_frame))

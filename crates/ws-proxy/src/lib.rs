@@ -10,12 +10,14 @@
 //! * [`classify`]: peeking at frames (event ids, timestamps, seqs).
 //! * [`resume`]: the resume cursors (pure, property-tested).
 //! * [`bridge`]: one proxied pair: client auth, dialing, pumping, reconnecting.
+//! * [`outbox`]: the queue from a pair to its client writer (no buffer while idle).
 //! * [`deflate`]: permessage-deflate per leg, below tungstenite.
 
 pub mod bridge;
 pub mod classify;
 pub mod config;
 pub mod deflate;
+pub mod outbox;
 pub mod resume;
 pub mod upgrade;
 

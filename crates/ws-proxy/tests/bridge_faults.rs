@@ -250,3 +250,73 @@ async fn a_downstream_gone_past_the_resume_deadline_closes_the_client_with_1012(
     let _ = tokio::time::timeout(Duration::from_secs(5), pair).await.expect("the pair ended");
     server.abort();
 }
+
+/// A downstream that sends its first frames in the same write as its handshake answer.
+/// nestor rebuilds the downstream socket right after the handshake (dropping the buffer
+/// tungstenite's handshake leaves behind, issue 4's idle memory): the frames glued to the
+/// answer must still reach the client, in order, and the socket must go on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_glued_to_the_downstream_answer_are_not_lost() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut req = Vec::new();
+        let mut b = [0u8; 2048];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut b).await.unwrap();
+            assert!(n > 0, "the request ended early");
+            req.extend_from_slice(&b[..n]);
+        }
+        let text = String::from_utf8_lossy(&req).to_string();
+        let key = text
+            .lines()
+            .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("sec-websocket-key")).map(|(_, v)| v.trim().to_owned()))
+            .expect("a Sec-WebSocket-Key");
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let mut out = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes();
+        for t in [r#"{"n":1}"#, r#"{"n":2}"#] {
+            out.extend_from_slice(&[0x81, t.len() as u8]);
+            out.extend_from_slice(t.as_bytes());
+        }
+        // The answer and both frames in one write (one segment on loopback).
+        s.write_all(&out).await.unwrap();
+        // Then a tungstenite server on what is left of the connection.
+        let mut ws = WebSocketStream::from_raw_socket(s, Role::Server, None).await;
+        ws.send(Message::Text(r#"{"n":3}"#.into())).await.unwrap();
+        while let Some(Ok(m)) = ws.next().await {
+            if let Message::Text(t) = m {
+                ws.send(Message::Text(format!("echo {t}").into())).await.unwrap();
+            }
+        }
+    });
+
+    let cfg = Arc::new(ProxyConfig::default());
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let proxy_side = WebSocketStream::from_raw_socket(b, Role::Server, Some(cfg.client_ws_config())).await;
+    let mut client = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+    let spec = PairSpec { kind: SocketKind::BashEvents, conversation: ConversationId::new_random(), query: vec![], auth: ClientAuth::Done };
+    let ep = Arc::new(Endpoint::parse(&format!("http://127.0.0.1:{port}"), None).unwrap());
+    let pair = tokio::spawn(bridge(proxy_side, spec, Arc::new(Fixed(ep)), cfg));
+
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let m = tokio::time::timeout(Duration::from_secs(5), client.next()).await.expect("a frame in time").unwrap().unwrap();
+        if let Message::Text(t) = m {
+            got.push(t.to_string());
+        }
+    }
+    assert_eq!(got, vec![r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#]);
+    client.send(Message::Text("hi".into())).await.unwrap();
+    let echo = loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), client.next()).await.expect("the echo in time").unwrap().unwrap();
+        if let Message::Text(t) = m {
+            break t.to_string();
+        }
+    };
+    assert_eq!(echo, "echo hi");
+    drop(client);
+    let _ = tokio::time::timeout(Duration::from_secs(10), pair).await.expect("the pair ended");
+    server.abort();
+}

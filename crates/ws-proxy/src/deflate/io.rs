@@ -5,7 +5,11 @@
 //! * `Sniffing` (client role, before the handshake answer): the request goes out untouched,
 //!   the answer's header block is watched for `Sec-WebSocket-Extensions`; the stream
 //!   switches at the exact byte where frames start (so frames that arrive in the same read
-//!   as the answer are inflated too).
+//!   as the answer are inflated too). A client that did not offer deflate sniffs too
+//!   ([`DeflateStream::client_declining`]), only to hand tungstenite the answer alone: then
+//!   nothing but the handshake is in tungstenite's buffer, and the dialer can rebuild the
+//!   `WebSocketStream` without the 4 KiB buffer its handshake leaves behind
+//!   ([`DeflateStream::handed_answer_alone`]).
 //! * `Active`: frames are rewritten by [`Inflater`] and [`Deflater`]. When the connection
 //!   has nothing to read the inflater is released, and when a flush completes the write
 //!   buffers are: an idle socket keeps only the peer's window (if it uses context takeover)
@@ -29,11 +33,14 @@ const MAX_HANDSHAKE: usize = 16 * 1024;
 pub struct DeflateStream<S> {
     inner: S,
     mode: Mode,
+    /// Sniffing ended exactly at the end of the answer's header block.
+    answer_alone: bool,
 }
 
 enum Mode {
     Plain { leftover: Vec<u8> },
-    Sniffing { side: Side, max_message: usize, seen: Vec<u8> },
+    /// `accept`: switch to `Active` if the answer negotiated deflate (else always `Plain`).
+    Sniffing { side: Side, max_message: usize, seen: Vec<u8>, accept: bool },
     Active(Box<Active>),
 }
 
@@ -64,18 +71,34 @@ pub fn codec_error(e: &io::Error) -> Option<&CodecError> {
 impl<S> DeflateStream<S> {
     /// No extension: bytes pass as they are.
     pub fn plain(inner: S) -> Self {
-        Self { inner, mode: Mode::Plain { leftover: Vec::new() } }
+        Self { inner, mode: Mode::Plain { leftover: Vec::new() }, answer_alone: false }
     }
 
     /// Deflate negotiated (for a server: in the handshake nestor answered; for a client: in
     /// the answer it got).
     pub fn active(inner: S, side: Side, params: Params, max_message: usize) -> Self {
-        Self { inner, mode: Mode::Active(Box::new(Active::new(side, params, max_message))) }
+        Self { inner, mode: Mode::Active(Box::new(Active::new(side, params, max_message))), answer_alone: false }
     }
 
     /// A client that offered deflate and has not read the answer yet.
     pub fn client_sniffing(inner: S, max_message: usize) -> Self {
-        Self { inner, mode: Mode::Sniffing { side: Side::Client, max_message, seen: Vec::new() } }
+        Self { inner, mode: Mode::Sniffing { side: Side::Client, max_message, seen: Vec::new(), accept: true }, answer_alone: false }
+    }
+
+    /// A client that did not offer deflate and has not read the answer yet: bytes pass as
+    /// they are, but the answer's header block is handed over alone (the frames after it on
+    /// the next read), so [`Self::handed_answer_alone`] can tell the dialer that tungstenite
+    /// holds nothing beyond the handshake.
+    pub fn client_declining(inner: S) -> Self {
+        Self { inner, mode: Mode::Sniffing { side: Side::Client, max_message: 0, seen: Vec::new(), accept: false }, answer_alone: false }
+    }
+
+    /// Did the handshake answer reach tungstenite alone (no frame bytes in the same read)?
+    /// Then, right after the handshake, tungstenite's read buffer is empty and the socket
+    /// can be rebuilt around this stream (`WebSocketStream::from_raw_socket`) without losing
+    /// a byte.
+    pub fn handed_answer_alone(&self) -> bool {
+        self.answer_alone
     }
 
     /// Is deflate in use?
@@ -274,7 +297,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DeflateStream<S> {
                 Poll::Ready(Ok(()))
             }
             Mode::Active(a) => a.poll_read(&mut this.inner, cx, buf),
-            Mode::Sniffing { side, max_message, seen } => {
+            Mode::Sniffing { side, max_message, seen, accept } => {
                 let start = buf.filled().len();
                 ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
                 let got = &buf.filled()[start..];
@@ -294,14 +317,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DeflateStream<S> {
                 let keep = end - before;
                 let rest = got[keep..].to_vec();
                 buf.set_filled(start + keep);
-                let (side, max_message) = (*side, *max_message);
-                this.mode = match sniffed_params(&seen[..end]) {
+                let (side, max_message, accept) = (*side, *max_message, *accept);
+                this.answer_alone = true;
+                this.mode = match if accept { sniffed_params(&seen[..end]) } else { Ok(None) } {
                     Ok(Some(p)) => {
                         let mut a = Active::new(side, p, max_message);
                         a.rbuf = rest;
                         Mode::Active(Box::new(a))
                     }
-                    // No extension, or a bad answer (the dialer fails the connect on it).
+                    // No extension, none offered, or a bad answer (the dialer fails the
+                    // connect on it).
                     _ => Mode::Plain { leftover: rest },
                 };
                 Poll::Ready(Ok(()))

@@ -15,7 +15,10 @@
 //! has nothing to read, and a peer that uses context takeover costs a copy of the last
 //! bytes it sent (at most its window, 32 KiB; a browser's few small messages in practice).
 //! The compressor (~230 KiB with flate2's miniz_oxide backend) is one per thread, shared by
-//! every socket on it. docs/performance.md has the measured figures.
+//! every socket on it. So an idle deflate pair holds its adapter's state (~340 bytes) more
+//! than a plain one (counted in tests/idle_memory.rs); docs/performance.md has the measured
+//! RSS figures (what looked like +12-20 KiB per pair over 500 pairs is allocator pages kept
+//! from the handshake burst, a fixed cost that fades over more pairs).
 
 pub mod codec;
 pub mod io;
