@@ -39,6 +39,11 @@ pub struct ProxyConfig {
     /// messages, pongs), so this leg reads with a small buffer (larger frames are read in
     /// several reads): 1.5 KiB less per idle pair than the downstream leg's 2 KiB.
     pub client_read_buffer_size: usize,
+    /// Frames queued for a client are written to its socket together, up to about this many
+    /// bytes per write (tungstenite's write buffer). The writer flushes whenever its queue is
+    /// empty, so a lone frame is never held back; under a burst this turns one system call
+    /// per frame into one per batch (docs/performance.md). 0: one write per frame.
+    pub client_write_batch_bytes: usize,
     /// Accept permessage-deflate on the client leg when the client offers it (browsers
     /// always do). On by default: events are JSON that shrinks 3-10x, which matters to
     /// remote clients, and an idle deflate socket costs nestor little (see [`crate::deflate`]).
@@ -66,6 +71,7 @@ impl Default for ProxyConfig {
             max_buffered_client_bytes: 4 << 20,
             read_buffer_size: 2048,
             client_read_buffer_size: 512,
+            client_write_batch_bytes: 8192,
             permessage_deflate: true,
             downstream_permessage_deflate: false,
         }
@@ -77,7 +83,7 @@ impl ProxyConfig {
     pub fn client_ws_config(&self) -> WebSocketConfig {
         WebSocketConfig::default()
             .read_buffer_size(self.client_read_buffer_size)
-            .write_buffer_size(0)
+            .write_buffer_size(self.client_write_batch_bytes)
             .max_message_size(Some(self.max_client_frame))
             .max_frame_size(Some(self.max_client_frame))
     }
