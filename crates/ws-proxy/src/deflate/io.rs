@@ -28,10 +28,6 @@ use super::{negotiate, Params};
 const READ_CHUNK: usize = 4096;
 /// Largest handshake answer header block watched while sniffing.
 const MAX_HANDSHAKE: usize = 16 * 1024;
-/// Read-ahead of a plain connection whose reads keep filling tungstenite's small read
-/// buffer (a busy event stream): one system call per this many bytes instead of per read
-/// buffer. Held only while unread bytes remain, so an idle socket keeps none of it.
-const READ_AHEAD: usize = 16 * 1024;
 
 /// A connection with permessage-deflate (or without: see [`DeflateStream::plain`]).
 pub struct DeflateStream<S> {
@@ -42,9 +38,7 @@ pub struct DeflateStream<S> {
 }
 
 enum Mode {
-    /// `leftover`: bytes read from the connection and not yet handed on (frames glued to
-    /// the handshake answer, or a read-ahead).
-    Plain { leftover: bytes::Bytes },
+    Plain { leftover: Vec<u8> },
     /// `accept`: switch to `Active` if the answer negotiated deflate (else always `Plain`).
     Sniffing { side: Side, max_message: usize, seen: Vec<u8>, accept: bool },
     Active(Box<Active>),
@@ -77,7 +71,7 @@ pub fn codec_error(e: &io::Error) -> Option<&CodecError> {
 impl<S> DeflateStream<S> {
     /// No extension: bytes pass as they are.
     pub fn plain(inner: S) -> Self {
-        Self { inner, mode: Mode::Plain { leftover: bytes::Bytes::new() }, answer_alone: false }
+        Self { inner, mode: Mode::Plain { leftover: Vec::new() }, answer_alone: false }
     }
 
     /// Deflate negotiated (for a server: in the handshake nestor answered; for a client: in
@@ -119,7 +113,7 @@ impl<S> DeflateStream<S> {
     /// Heap bytes the deflate state holds now (beyond the connection itself).
     pub fn held_bytes(&self) -> usize {
         match &self.mode {
-            Mode::Plain { leftover } => leftover.len(),
+            Mode::Plain { leftover } => leftover.capacity(),
             Mode::Sniffing { seen, .. } => seen.capacity(),
             Mode::Active(a) => {
                 std::mem::size_of::<Active>()
@@ -292,33 +286,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DeflateStream<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         match &mut this.mode {
-            Mode::Plain { leftover } if leftover.is_empty() => {
-                let want = buf.remaining();
-                let start = buf.filled().len();
-                ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-                if want > 0 && want < READ_AHEAD && buf.filled().len() - start == want {
-                    // The read filled the buffer: more is likely waiting. Take what is there
-                    // now (never waiting for it), so the next reads need no system call.
-                    let mut ahead = vec![0u8; READ_AHEAD];
-                    let mut rb = ReadBuf::new(&mut ahead);
-                    // Pending (nothing more yet), EOF or an error: nothing read ahead; an
-                    // error or EOF shows on the next read.
-                    if let Poll::Ready(Ok(())) = Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
-                        let n = rb.filled().len();
-                        if n > 0 {
-                            ahead.truncate(n);
-                            *leftover = bytes::Bytes::from(ahead);
-                        }
-                    }
-                }
-                Poll::Ready(Ok(()))
-            }
+            Mode::Plain { leftover } if leftover.is_empty() => Pin::new(&mut this.inner).poll_read(cx, buf),
             Mode::Plain { leftover } => {
                 let n = leftover.len().min(buf.remaining());
-                buf.put_slice(&leftover.split_to(n));
+                buf.put_slice(&leftover[..n]);
+                leftover.drain(..n);
                 if leftover.is_empty() {
-                    // Release the read-ahead's memory.
-                    *leftover = bytes::Bytes::new();
+                    *leftover = Vec::new();
                 }
                 Poll::Ready(Ok(()))
             }
@@ -335,7 +309,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DeflateStream<S> {
                 let Some(end) = header_end(seen) else {
                     if seen.len() > MAX_HANDSHAKE {
                         // Not a WebSocket answer tungstenite will take either; stop watching.
-                        this.mode = Mode::Plain { leftover: bytes::Bytes::new() };
+                        this.mode = Mode::Plain { leftover: Vec::new() };
                     }
                     return Poll::Ready(Ok(()));
                 };
@@ -353,7 +327,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DeflateStream<S> {
                     }
                     // No extension, none offered, or a bad answer (the dialer fails the
                     // connect on it).
-                    _ => Mode::Plain { leftover: bytes::Bytes::from(rest) },
+                    _ => Mode::Plain { leftover: rest },
                 };
                 Poll::Ready(Ok(()))
             }
@@ -384,33 +358,5 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for DeflateStream<S> {
             ready!(a.poll_drain(&mut this.inner, cx))?;
         }
         Pin::new(&mut this.inner).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    /// A busy plain stream read in small pieces: every byte once, in order, and no memory
-    /// held once drained (the read-ahead is released).
-    #[tokio::test]
-    async fn read_ahead_keeps_every_byte_and_holds_nothing_when_drained() {
-        let (mut peer, ours) = tokio::io::duplex(256 * 1024);
-        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        peer.write_all(&data).await.unwrap();
-        let mut s = DeflateStream::plain(ours);
-        let mut got = Vec::new();
-        let mut piece = [0u8; 2048];
-        while got.len() < data.len() {
-            let n = s.read(&mut piece).await.unwrap();
-            assert!(n > 0);
-            got.extend_from_slice(&piece[..n]);
-        }
-        assert_eq!(got, data);
-        assert_eq!(s.held_bytes(), 0, "drained: the read-ahead is released");
-        // EOF still shows after a read-ahead.
-        drop(peer);
-        assert_eq!(s.read(&mut piece).await.unwrap(), 0);
     }
 }
