@@ -169,7 +169,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-const HOP_BY_HOP: &[&str] =
+/// Hop-by-hop headers (besides those `Connection` names); the fast path drops the same.
+pub(crate) const HOP_BY_HOP: &[&str] =
     &["connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"];
 
 /// A `Cookie` header without the workspace cookie (None if nothing is left).

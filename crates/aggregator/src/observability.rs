@@ -148,23 +148,28 @@ pub async fn track(State(state): State<AppState>, req: Request<Body>, next: Next
     if let Some(d) = cors {
         crate::cors::finish(d, &mut resp);
     }
-    let status = resp.status();
-    let status_class = match status.as_u16() {
+    count_request(class, method_label(&method), resp.status().as_u16(), started);
+    resp
+}
+
+/// Count one answered request in `nestor_http_requests_total` and its latency since
+/// `started` in `nestor_http_request_duration_seconds` (the router's edge and the fast path).
+pub(crate) fn count_request(class: &'static str, method: &'static str, status: u16, started: Instant) {
+    let status_class = match status {
         100..=199 => "1xx",
         200..=299 => "2xx",
         300..=399 => "3xx",
         400..=499 => "4xx",
         _ => "5xx",
     };
-    let (counter, histogram) = handles(class, method_label(&method), status_class);
+    let (counter, histogram) = handles(class, method, status_class);
     counter.increment(1);
     histogram.record(started.elapsed().as_secs_f64());
-    resp
 }
 
 /// Per-request metric handles, resolved once per label set (building a labelled key on
 /// every request allocates).
-pub(crate) fn handles(class: &'static str, method: &'static str, status: &'static str) -> (metrics::Counter, metrics::Histogram) {
+fn handles(class: &'static str, method: &'static str, status: &'static str) -> (metrics::Counter, metrics::Histogram) {
     type Key = (&'static str, &'static str, &'static str);
     static CACHE: OnceLock<dashmap::DashMap<Key, (metrics::Counter, metrics::Histogram)>> = OnceLock::new();
     let cache = CACHE.get_or_init(dashmap::DashMap::new);

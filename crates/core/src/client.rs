@@ -68,18 +68,23 @@ impl ClientError {
 const CLOSED_BEFORE_ANSWER: &str = "connection closed before a complete answer";
 const RESET: &str = "connection reset";
 
+/// Describe an I/O error reaching a downstream in words, without its address.
+pub fn describe_io(io: &std::io::Error) -> String {
+    match io.kind() {
+        std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
+        std::io::ErrorKind::ConnectionReset => "connection reset".into(),
+        std::io::ErrorKind::TimedOut => "connect timed out".into(),
+        k => format!("{k}"),
+    }
+}
+
 /// Describe a hyper client error without leaking the address it was connecting to.
 fn describe(err: &hyper_util::client::legacy::Error) -> String {
     use std::error::Error;
     let mut cause: Option<&dyn Error> = err.source();
     while let Some(c) = cause {
         if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            return match io.kind() {
-                std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
-                std::io::ErrorKind::ConnectionReset => "connection reset".into(),
-                std::io::ErrorKind::TimedOut => "connect timed out".into(),
-                k => format!("{k}"),
-            };
+            return describe_io(io);
         }
         if let Some(h) = c.downcast_ref::<hyper::Error>() {
             if h.is_incomplete_message() {

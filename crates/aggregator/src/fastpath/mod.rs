@@ -219,7 +219,7 @@ async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: 
         Ok(Err(e)) => {
             let why = match e {
                 ExchangeError::ClosedBeforeAnswer => "connection closed before a complete answer".to_owned(),
-                ExchangeError::Io(e) => describe_io(&e),
+                ExchangeError::Io(e) => nestor_core::client::describe_io(&e),
                 ExchangeError::Protocol(p) => p.to_owned(),
             };
             tracing::warn!(downstream = %ds.id(), conversation = %req.conversation, "upstream error: {why}");
@@ -261,7 +261,7 @@ async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: 
             Outcome::Close
         }
     } else {
-        stream_body(tcp, &mut up, &mut rbuf, &mut reader, &head, &redactor, &req, cors.as_ref()).await
+        stream_body(tcp, &mut up, &mut rbuf, &mut reader, response_head(&head, &redactor, &req, cors.as_ref(), None), &redactor, &req).await
     };
     record(&req, status, started);
     // The downstream connection serves the next request only if this answer ended cleanly.
@@ -276,18 +276,17 @@ fn has_no_body(status: u16) -> bool {
     (100..200).contains(&status) || status == 204 || status == 304
 }
 
-/// Stream a large or unsized answer to the client, chunked, through the leak guard.
+/// Stream a large or unsized answer to the client, chunked, through the leak guard, after
+/// its head `wire` (built by [`response_head`] without a length).
 async fn stream_body(
     tcp: &mut TcpStream,
     up: &mut TcpStream,
     rbuf: &mut BytesMut,
     reader: &mut BodyReader,
-    head: &ResponseHead,
+    wire: Vec<u8>,
     redactor: &nestor_core::leak_guard::Redactor,
     req: &FastRequest,
-    cors: Option<&Cors>,
 ) -> Outcome {
-    let wire = response_head(head, redactor, req, cors, None);
     if write_client(tcp, &wire).await.is_err() {
         return Outcome::Close;
     }
@@ -437,26 +436,7 @@ async fn write_client(tcp: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
 
 /// The request counter and latency histogram (the router's series, class `conversation`).
 fn record(req: &FastRequest, status: u16, started: Instant) {
-    let status_class = match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    };
-    let (counter, histogram) = crate::observability::handles("conversation", req.method.as_str(), status_class);
-    counter.increment(1);
-    histogram.record(started.elapsed().as_secs_f64());
-}
-
-/// An I/O error in words, without the address.
-fn describe_io(e: &std::io::Error) -> String {
-    match e.kind() {
-        std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
-        std::io::ErrorKind::ConnectionReset => "connection reset".into(),
-        std::io::ErrorKind::TimedOut => "connect timed out".into(),
-        k => format!("{k}"),
-    }
+    crate::observability::count_request("conversation", req.method.as_str(), status, started);
 }
 
 /// A connection whose first bytes were already read: they are read again first.

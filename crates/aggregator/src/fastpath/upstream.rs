@@ -217,10 +217,9 @@ pub fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<(ResponseHead
             }
             continue;
         }
-        if ["keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authenticate", "proxy-authorization"]
-            .iter()
-            .any(|n| name.eq_ignore_ascii_case(n))
-        {
+        // `connection` and `transfer-encoding` were read above; the other hop-by-hop headers
+        // are dropped as the router drops them.
+        if crate::forward::HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n)) {
             continue;
         }
         headers.push((name.to_owned(), h.value.to_vec()));
