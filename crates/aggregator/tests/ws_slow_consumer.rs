@@ -85,9 +85,12 @@ async fn a_client_that_never_reads_is_dropped_at_the_limit_and_memory_stays_boun
     let rss0 = rss_bytes();
     let t0 = Instant::now();
     let mut peak = rss0;
-    for chunk in 0..(FRAMES / 10) {
-        publish(&f, id, 10, &format!("c{chunk}-"));
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // One frame (a quarter of the limit) every 10 ms: a reader that keeps up never has the
+    // limit queued. (A burst larger than the limit can drop even a reading client, as on
+    // the agent-server: nestor reads the downstream as fast as it sends.)
+    for chunk in 0..FRAMES {
+        publish(&f, id, 1, &format!("c{chunk}-"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
         peak = peak.max(rss_bytes());
     }
     let (mut fast, bytes) = tokio::time::timeout(Duration::from_secs(60), reader).await.expect("the reader got everything").unwrap();

@@ -39,7 +39,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::classify::{self, SessionFrame};
+use crate::classify::{self, SessionFrame, STATE_UPDATE_KIND};
 use crate::config::ProxyConfig;
 use crate::deflate::{self, CodecError, DeflateStream};
 use crate::outbox::{outbox, Inbox, Outbox};
@@ -123,8 +123,6 @@ pub trait Upstream: Send + Sync + 'static {
 
 type DownSocket = WebSocketStream<DeflateStream<TcpStream>>;
 
-/// The event kind that carries conversation state changes ([`Upstream::on_state_update`]).
-const STATE_UPDATE_KIND: &str = "ConversationStateUpdateEvent";
 
 /// Why a dial failed.
 #[derive(Debug)]
@@ -711,18 +709,22 @@ impl Pair {
         };
         match m {
             Message::Text(t) => {
-                let verdict = match &mut self.cursor {
-                    Cursor::Events(c) => c.on_frame(classify::event_head(&t).as_ref()),
+                // State updates go to the upstream's hook, but not the `full_state` snapshot
+                // each subscription starts with (large, and nothing new). The events socket's
+                // peek already read the kind; other sockets nest it, so look for the text.
+                let (verdict, state_update) = match &mut self.cursor {
+                    Cursor::Events(c) => {
+                        let head = classify::event_head(&t);
+                        (c.on_frame(head.as_ref()), head.is_some_and(|h| h.state_update))
+                    }
                     Cursor::Session(c) => {
                         let f = classify::session_frame(&t);
                         let id = if matches!(f, SessionFrame::Durable { .. }) { classify::durable_event_id(&t) } else { None };
-                        c.on_frame(&f, id.as_deref())
+                        (c.on_frame(&f, id.as_deref()), mentions_state_update(&t))
                     }
-                    Cursor::None => Verdict::Forward,
+                    Cursor::None => (Verdict::Forward, mentions_state_update(&t)),
                 };
-                // (Not the `full_state` snapshot each subscription starts with: large, and
-                // nothing new.)
-                if verdict == Verdict::Forward && t.contains(STATE_UPDATE_KIND) && !t.contains("\"full_state\"") {
+                if verdict == Verdict::Forward && state_update {
                     self.report_state_update(&t);
                 }
                 if verdict == Verdict::Forward && !self.to_client.send(Message::Text(t)) {
@@ -748,6 +750,11 @@ impl Pair {
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => DownStep::Continue,
         }
     }
+}
+
+/// Might this (session or bash socket) frame carry a state update other than the snapshot?
+fn mentions_state_update(text: &str) -> bool {
+    text.contains(STATE_UPDATE_KIND) && !text.contains("\"full_state\"")
 }
 
 enum DownStep {

@@ -7,44 +7,54 @@
 //! * session socket (`/sockets/session/{id}`): envelopes with a `type` (`sync`, `durable`
 //!   with `seq`, `transient`, `item_started`/`delta`/`item_aborted` with `item_id`, `error`).
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 
 /// Event kinds the agent-server publishes without persisting them. They are never part of a
 /// resume position (a `since` replay does not repeat them).
 const TRANSIENT_KINDS: &[&str] = &["StreamingDeltaEvent", "LLMCompletionLogEvent", "ServerErrorEvent"];
 
-/// What the proxy needs of an events-socket frame.
+/// What the proxy needs of an events-socket frame: borrowed from the frame's text (a
+/// field is only copied when JSON escapes in it had to be decoded), so peeking at a frame
+/// allocates nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EventHead {
-    pub id: String,
-    pub timestamp: Option<String>,
+pub struct EventHead<'a> {
+    pub id: Cow<'a, str>,
+    pub timestamp: Option<Cow<'a, str>>,
     /// Persisted in the conversation's log (so a `since` replay can repeat it).
     pub persisted: bool,
     /// A `ConversationStateUpdateEvent` carrying the whole state (`key == "full_state"`).
     pub full_state: bool,
+    /// A `ConversationStateUpdateEvent` other than the full-state snapshot.
+    pub state_update: bool,
 }
 
 #[derive(Deserialize)]
 struct RawEvent<'a> {
     #[serde(borrow)]
-    id: Option<std::borrow::Cow<'a, str>>,
+    id: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    timestamp: Option<std::borrow::Cow<'a, str>>,
+    timestamp: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    kind: Option<std::borrow::Cow<'a, str>>,
+    kind: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    key: Option<std::borrow::Cow<'a, str>>,
+    key: Option<Cow<'a, str>>,
 }
+
+/// The kind of the state-update events nestor watches (to keep a conversation's status).
+pub const STATE_UPDATE_KIND: &str = "ConversationStateUpdateEvent";
 
 /// Peek at an events-socket frame. None when it is not an event with an id (it is then
 /// forwarded without bookkeeping).
-pub fn event_head(text: &str) -> Option<EventHead> {
+pub fn event_head(text: &str) -> Option<EventHead<'_>> {
     let raw: RawEvent<'_> = serde_json::from_str(text).ok()?;
-    let id = raw.id?.into_owned();
+    let id = raw.id?;
     let kind = raw.kind.as_deref().unwrap_or("");
-    let full_state = kind == "ConversationStateUpdateEvent" && raw.key.as_deref() == Some("full_state");
+    let is_update = kind == STATE_UPDATE_KIND;
+    let full_state = is_update && raw.key.as_deref() == Some("full_state");
     let persisted = !full_state && !TRANSIENT_KINDS.contains(&kind);
-    Some(EventHead { id, timestamp: raw.timestamp.map(|t| t.into_owned()), persisted, full_state })
+    Some(EventHead { id, timestamp: raw.timestamp, persisted, full_state, state_update: is_update && !full_state })
 }
 
 /// A session-socket envelope, as far as the proxy reads it.
@@ -64,12 +74,12 @@ pub enum SessionFrame {
 #[derive(Deserialize)]
 struct RawEnvelope<'a> {
     #[serde(borrow, rename = "type")]
-    kind: Option<std::borrow::Cow<'a, str>>,
+    kind: Option<Cow<'a, str>>,
     seq: Option<i64>,
     through_seq: Option<i64>,
     attempt: Option<i64>,
     #[serde(borrow)]
-    item_id: Option<std::borrow::Cow<'a, str>>,
+    item_id: Option<Cow<'a, str>>,
 }
 
 /// Peek at a session-socket frame.
@@ -107,7 +117,7 @@ pub fn durable_event_id(text: &str) -> Option<String> {
     #[derive(Deserialize)]
     struct Inner<'a> {
         #[serde(borrow)]
-        id: Option<std::borrow::Cow<'a, str>>,
+        id: Option<Cow<'a, str>>,
     }
     serde_json::from_str::<Env<'_>>(text).ok()?.event?.id.map(|s| s.into_owned())
 }

@@ -78,25 +78,43 @@ pub const LIVE_LOOKBACK: time::Duration = time::Duration::seconds(5);
 pub const PUBLISH_MARGIN: time::Duration = time::Duration::milliseconds(100);
 
 /// The set of event ids delivered: UUIDs as their 128 bits (compact), anything else as text.
+/// Hashed with foldhash, randomly seeded per process (the ids come from the downstream).
 #[derive(Debug, Clone, Default)]
 struct IdSet {
-    uuids: HashSet<u128>,
-    other: HashSet<String>,
+    uuids: HashSet<u128, foldhash::fast::RandomState>,
+    other: HashSet<String, foldhash::fast::RandomState>,
+}
+
+/// An id as the set keys it (parsed once per frame).
+enum IdKey<'a> {
+    Uuid(u128),
+    Text(&'a str),
+}
+
+impl<'a> IdKey<'a> {
+    fn of(id: &'a str) -> Self {
+        parse_uuid(id).map_or(IdKey::Text(id), IdKey::Uuid)
+    }
 }
 
 impl IdSet {
     /// Insert; false if it was already there.
+    #[cfg(test)]
     fn insert(&mut self, id: &str) -> bool {
-        match parse_uuid(id) {
-            Some(u) => self.uuids.insert(u),
-            None => self.other.insert(id.to_owned()),
+        self.insert_key(&IdKey::of(id))
+    }
+
+    fn insert_key(&mut self, k: &IdKey<'_>) -> bool {
+        match *k {
+            IdKey::Uuid(u) => self.uuids.insert(u),
+            IdKey::Text(t) => self.other.insert(t.to_owned()),
         }
     }
 
-    fn contains(&self, id: &str) -> bool {
-        match parse_uuid(id) {
-            Some(u) => self.uuids.contains(&u),
-            None => self.other.contains(id),
+    fn contains_key(&self, k: &IdKey<'_>) -> bool {
+        match *k {
+            IdKey::Uuid(u) => self.uuids.contains(&u),
+            IdKey::Text(t) => self.other.contains(t),
         }
     }
 
@@ -173,7 +191,7 @@ impl EventsCursor {
     }
 
     /// Does the client's own history request ask for this event?
-    fn requested(&self, h: &EventHead) -> bool {
+    fn requested(&self, h: &EventHead<'_>) -> bool {
         match &self.history {
             History::None => false,
             History::All => true,
@@ -182,31 +200,31 @@ impl EventsCursor {
     }
 
     /// Decide on one downstream frame (None head: not an event, forward as is).
-    pub fn on_frame(&mut self, head: Option<&EventHead>) -> Verdict {
+    pub fn on_frame(&mut self, head: Option<&EventHead<'_>>) -> Verdict {
         let Some(h) = head else {
             self.forwarded = true;
             return Verdict::Forward;
         };
+        let ts = h.timestamp.as_deref();
         if self.first_seen.is_none() {
-            if let Some(ts) = &h.timestamp {
-                self.first_seen = Some(ts.clone());
-            }
+            self.first_seen = ts.map(str::to_owned);
         }
         if !h.persisted {
             self.forwarded = true;
             return Verdict::Forward;
         }
         let requested = self.requested(h);
-        if self.delivered.contains(&h.id) {
+        let key = IdKey::of(&h.id);
+        if self.delivered.contains_key(&key) {
             if let Some(r) = &mut self.resumed {
-                if self.barrier.as_deref() == Some(h.id.as_str()) {
+                if self.barrier.as_deref() == Some(&*h.id) {
                     r.reached = true;
                 }
             }
             return Verdict::Drop;
         }
         if let Some(r) = self.resumed.as_ref().filter(|r| !r.reached && !requested) {
-            let not_older = match (&h.timestamp, &r.floor) {
+            let not_older = match (ts, &r.floor) {
                 (Some(ts), Some(f)) => cmp_ts(ts, f) != Ordering::Less,
                 _ => false,
             };
@@ -218,14 +236,20 @@ impl EventsCursor {
             // No barrier: stamped before the subscription (by more than the margin).
             return Verdict::Drop;
         }
-        self.delivered.insert(&h.id);
-        if let Some(ts) = &h.timestamp {
-            if self.newest.as_deref().is_none_or(|n| cmp_ts(ts, n) == Ordering::Greater) {
-                self.newest = Some(ts.clone());
+        self.delivered.insert_key(&key);
+        if let Some(ts) = ts {
+            match &mut self.newest {
+                // Reuse the buffer: this runs for nearly every frame.
+                Some(n) if cmp_ts(ts, n) == Ordering::Greater => {
+                    n.clear();
+                    n.push_str(ts);
+                }
+                Some(_) => {}
+                None => self.newest = Some(ts.to_owned()),
             }
         }
         if self.resumed.is_none() && !requested && self.barrier.is_none() {
-            self.barrier = Some(h.id.clone());
+            self.barrier = Some(h.id.clone().into_owned());
         }
         self.forwarded = true;
         Verdict::Forward
@@ -233,7 +257,7 @@ impl EventsCursor {
 
     /// Could this event have been published after the first subscription? (Stamped no
     /// more than [`PUBLISH_MARGIN`] before its first frame; unknown times: yes.)
-    fn after_subscription(&self, h: &EventHead) -> bool {
+    fn after_subscription(&self, h: &EventHead<'_>) -> bool {
         let (Some(ts), Some(first)) = (&h.timestamp, &self.first_seen) else { return true };
         let cut = shift_naive(first, -PUBLISH_MARGIN).unwrap_or_else(|| first.clone());
         cmp_ts(ts, &cut) != Ordering::Less
@@ -268,6 +292,11 @@ impl EventsCursor {
 /// either does not parse.
 pub fn cmp_ts(a: &str, b: &str) -> Ordering {
     use time::format_description::well_known::Iso8601;
+    // Fast path, taken for nearly every frame: the agent-server writes every timestamp the
+    // same fixed-width way, and two such texts of one shape order as their times do.
+    if same_fixed_width_shape(a, b) {
+        return a.as_bytes().cmp(b.as_bytes());
+    }
     match (
         time::PrimitiveDateTime::parse(a, &Iso8601::DEFAULT),
         time::PrimitiveDateTime::parse(b, &Iso8601::DEFAULT),
@@ -275,6 +304,21 @@ pub fn cmp_ts(a: &str, b: &str) -> Ordering {
         (Ok(x), Ok(y)) => x.cmp(&y),
         _ => a.cmp(b),
     }
+}
+
+/// Are `a` and `b` naive ISO date-times (`YYYY-MM-DDTHH:MM:SS` with an optional fraction)
+/// with digits and separators at the same places? Then every field has the same width in
+/// both, and comparing the bytes compares the times.
+fn same_fixed_width_shape(a: &str, b: &str) -> bool {
+    const SHAPE: &[u8; 19] = b"0000-00-00T00:00:00";
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() || a.len() < SHAPE.len() || a.len() == SHAPE.len() + 1 {
+        return false;
+    }
+    let digit_at = |i: usize| a[i].is_ascii_digit() && b[i].is_ascii_digit();
+    let head = SHAPE.iter().enumerate().all(|(i, &c)| if c == b'0' { digit_at(i) } else { a[i] == c && b[i] == c });
+    let frac = a.len() == SHAPE.len() || (a[SHAPE.len()] == b'.' && b[SHAPE.len()] == b'.' && (SHAPE.len() + 1..a.len()).all(digit_at));
+    head && frac
 }
 
 /// Shift a naive ISO timestamp (`YYYY-MM-DDTHH:MM:SS[.ffffff]`) by `d`, keeping the format.
@@ -396,12 +440,45 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn ev(id: u32, ts: u32, persisted: bool) -> EventHead {
+    fn ev(id: u32, ts: u32, persisted: bool) -> EventHead<'static> {
         EventHead {
-            id: format!("00000000-0000-4000-8000-{id:012}"),
-            timestamp: Some(format!("2026-01-01T00:00:{:02}.{:06}", ts / 1000, ts % 1000)),
+            id: format!("00000000-0000-4000-8000-{id:012}").into(),
+            timestamp: Some(format!("2026-01-01T00:00:{:02}.{:06}", ts / 1000, ts % 1000).into()),
             persisted,
             full_state: !persisted,
+            state_update: false,
+        }
+    }
+
+    /// Compare as the agent-server's times, the slow way.
+    fn cmp_parsed(a: &str, b: &str) -> Ordering {
+        use time::format_description::well_known::Iso8601;
+        match (time::PrimitiveDateTime::parse(a, &Iso8601::DEFAULT), time::PrimitiveDateTime::parse(b, &Iso8601::DEFAULT)) {
+            (Ok(x), Ok(y)) => x.cmp(&y),
+            _ => a.cmp(b),
+        }
+    }
+
+    proptest! {
+        /// The byte-compare fast path orders timestamps exactly as parsing them does: same
+        /// and different widths, fractions or none, and text that is not a time at all.
+        #[test]
+        fn timestamp_fast_path_agrees_with_parsing(
+            a in (2000u32..2100, 1u32..13, 1u32..29, 0u32..24, 0u32..60, 0u32..60, proptest::option::of(0u32..1_000_000), 0usize..7),
+            b in (2000u32..2100, 1u32..13, 1u32..29, 0u32..24, 0u32..60, 0u32..60, proptest::option::of(0u32..1_000_000), 0usize..7),
+            junk in "[0-9T:.-]{0,28}",
+        ) {
+            let text = |(y, mo, d, h, mi, s, f, w): (u32, u32, u32, u32, u32, u32, Option<u32>, usize)| {
+                let base = format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}");
+                match f {
+                    Some(f) if w > 0 => format!("{base}.{}", &format!("{f:06}")[..w]),
+                    _ => base,
+                }
+            };
+            let (a, b) = (text(a), text(b));
+            prop_assert_eq!(cmp_ts(&a, &b), cmp_parsed(&a, &b), "{} vs {}", a, b);
+            prop_assert_eq!(cmp_ts(&a, &a), Ordering::Equal);
+            prop_assert_eq!(cmp_ts(&a, &junk), cmp_parsed(&a, &junk), "{} vs {}", a, junk);
         }
     }
 
@@ -521,8 +598,8 @@ mod tests {
         /// events before the snapshot (seen on real servers), the snapshot, then the replay
         /// interleaved with the remaining live events; the replay may also repeat live ones.
         /// Also says, per frame, whether it is a live one.
-        fn events_frames(&self, req: &History, live: &[(u32, u64)], early: usize, interleave: &[bool], repeat_live: bool, snap_id: u32) -> Vec<(EventHead, bool)> {
-            let head = |e: &(u32, u64)| EventHead { id: uuid_of(e.0), timestamp: Some(ts_text(e.1)), persisted: true, full_state: false };
+        fn events_frames(&self, req: &History, live: &[(u32, u64)], early: usize, interleave: &[bool], repeat_live: bool, snap_id: u32) -> Vec<(EventHead<'static>, bool)> {
+            let head = |e: &(u32, u64)| EventHead { id: uuid_of(e.0).into(), timestamp: Some(ts_text(e.1).into()), persisted: true, full_state: false, state_update: false };
             let wanted = |e: &&(u32, u64)| match req {
                 History::None => false,
                 History::All => true,
@@ -533,8 +610,8 @@ mod tests {
                 replay.extend(live.iter().filter(wanted).copied());
             }
             let early = early.min(live.len());
-            let mut out: Vec<(EventHead, bool)> = live[..early].iter().map(|e| (head(e), true)).collect();
-            out.push((EventHead { id: format!("snapshot-{snap_id}"), timestamp: Some(ts_text(self.now)), persisted: false, full_state: true }, false));
+            let mut out: Vec<(EventHead<'static>, bool)> = live[..early].iter().map(|e| (head(e), true)).collect();
+            out.push((EventHead { id: format!("snapshot-{snap_id}").into(), timestamp: Some(ts_text(self.now).into()), persisted: false, full_state: true, state_update: false }, false));
             let (mut r, mut l, mut k) = (0, early, 0);
             while r < replay.len() || l < live.len() {
                 let take_live = l < live.len() && (r >= replay.len() || interleave.get(k).copied().unwrap_or(false));

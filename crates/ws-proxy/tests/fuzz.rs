@@ -154,11 +154,12 @@ proptest! {
         match (str_field(&m, "id"), head) {
             (Some(id), Some(h)) => {
                 prop_assert!(typed);
-                prop_assert_eq!(h.id.as_str(), id);
+                prop_assert_eq!(&*h.id, id);
                 prop_assert_eq!(h.timestamp.as_deref(), str_field(&m, "timestamp"));
                 let kind = str_field(&m, "kind").unwrap_or("");
                 let full = kind == "ConversationStateUpdateEvent" && str_field(&m, "key") == Some("full_state");
                 prop_assert_eq!(h.full_state, full);
+                prop_assert_eq!(h.state_update, kind == "ConversationStateUpdateEvent" && !full);
                 if full || matches!(kind, "StreamingDeltaEvent" | "LLMCompletionLogEvent" | "ServerErrorEvent") {
                     prop_assert!(!h.persisted);
                 } else {

@@ -1,7 +1,8 @@
 //! [`DeflateStream`]: the codec as an `AsyncRead + AsyncWrite` between tungstenite and the
 //! raw connection.
 //!
-//! * `Plain`: bytes pass untouched (no extension negotiated; no cost beyond a branch).
+//! * `Plain`: bytes pass untouched (no extension negotiated), read in batches while the
+//!   connection is busy ([`PlainReader`]).
 //! * `Sniffing` (client role, before the handshake answer): the request goes out untouched,
 //!   the answer's header block is watched for `Sec-WebSocket-Extensions`; the stream
 //!   switches at the exact byte where frames start (so frames that arrive in the same read
@@ -22,6 +23,7 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::codec::{CodecError, Deflater, Inflater, Side};
+use super::plain::PlainReader;
 use super::{negotiate, Params};
 
 /// Bytes read from the connection at a time while deflate is active.
@@ -38,7 +40,7 @@ pub struct DeflateStream<S> {
 }
 
 enum Mode {
-    Plain { leftover: Vec<u8> },
+    Plain(PlainReader),
     /// `accept`: switch to `Active` if the answer negotiated deflate (else always `Plain`).
     Sniffing { side: Side, max_message: usize, seen: Vec<u8>, accept: bool },
     Active(Box<Active>),
@@ -71,7 +73,7 @@ pub fn codec_error(e: &io::Error) -> Option<&CodecError> {
 impl<S> DeflateStream<S> {
     /// No extension: bytes pass as they are.
     pub fn plain(inner: S) -> Self {
-        Self { inner, mode: Mode::Plain { leftover: Vec::new() }, answer_alone: false }
+        Self { inner, mode: Mode::Plain(PlainReader::default()), answer_alone: false }
     }
 
     /// Deflate negotiated (for a server: in the handshake nestor answered; for a client: in
@@ -113,7 +115,7 @@ impl<S> DeflateStream<S> {
     /// Heap bytes the deflate state holds now (beyond the connection itself).
     pub fn held_bytes(&self) -> usize {
         match &self.mode {
-            Mode::Plain { leftover } => leftover.capacity(),
+            Mode::Plain(r) => r.held_bytes(),
             Mode::Sniffing { seen, .. } => seen.capacity(),
             Mode::Active(a) => {
                 std::mem::size_of::<Active>()
@@ -286,16 +288,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DeflateStream<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         match &mut this.mode {
-            Mode::Plain { leftover } if leftover.is_empty() => Pin::new(&mut this.inner).poll_read(cx, buf),
-            Mode::Plain { leftover } => {
-                let n = leftover.len().min(buf.remaining());
-                buf.put_slice(&leftover[..n]);
-                leftover.drain(..n);
-                if leftover.is_empty() {
-                    *leftover = Vec::new();
-                }
-                Poll::Ready(Ok(()))
-            }
+            Mode::Plain(r) => r.poll_read(&mut this.inner, cx, buf),
             Mode::Active(a) => a.poll_read(&mut this.inner, cx, buf),
             Mode::Sniffing { side, max_message, seen, accept } => {
                 let start = buf.filled().len();
@@ -309,7 +302,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DeflateStream<S> {
                 let Some(end) = header_end(seen) else {
                     if seen.len() > MAX_HANDSHAKE {
                         // Not a WebSocket answer tungstenite will take either; stop watching.
-                        this.mode = Mode::Plain { leftover: Vec::new() };
+                        this.mode = Mode::Plain(PlainReader::default());
                     }
                     return Poll::Ready(Ok(()));
                 };
@@ -327,7 +320,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DeflateStream<S> {
                     }
                     // No extension, none offered, or a bad answer (the dialer fails the
                     // connect on it).
-                    _ => Mode::Plain { leftover: rest },
+                    _ => Mode::Plain(PlainReader::with_leftover(rest)),
                 };
                 Poll::Ready(Ok(()))
             }

@@ -9,6 +9,7 @@
 //! * [`codec`]: the frame rewriting, without I/O (property-tested against flate2 used
 //!   directly and against itself in both roles).
 //! * [`io`]: the adapter.
+//! * [`plain`]: its reads when no extension is in use (batched while the connection is busy).
 //!
 //! Memory: nestor compresses each message on its own (no context takeover on its side), so
 //! an idle socket holds no compressor; the inflater (~43 KiB) is dropped when the socket
@@ -23,6 +24,7 @@
 pub mod codec;
 pub mod io;
 pub mod negotiate;
+pub mod plain;
 
 pub use codec::{CodecError, Side};
 pub use io::{codec_error, DeflateStream};
