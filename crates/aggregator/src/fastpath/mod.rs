@@ -87,6 +87,7 @@ enum Outcome {
 pub async fn serve_connection(state: AppState, router: axum::Router, mut tcp: TcpStream, watcher: hyper_util::server::graceful::Watcher) {
     let mut buf = BytesMut::with_capacity(4096);
     if state.cfg.http.fast_path {
+        let mut scratch = Scratch::default();
         let rules = request::Rules { persistence: state.persistence.is_some(), max_body: state.cfg.max_body_bytes };
         loop {
             // Read until the head at the front of `buf` can be decided.
@@ -104,7 +105,7 @@ pub async fn serve_connection(state: AppState, router: axum::Router, mut tcp: Tc
                 Parsed::Fast(req) => req,
                 _ => break,
             };
-            match answer(&state, &mut tcp, &mut buf, req).await {
+            match answer(&state, &mut tcp, &mut buf, req, &mut scratch).await {
                 Outcome::Answered => continue,
                 Outcome::HandOff => break,
                 Outcome::Close => {
@@ -115,6 +116,15 @@ pub async fn serve_connection(state: AppState, router: axum::Router, mut tcp: Tc
         }
     }
     hand_off(router, tcp, buf.freeze(), watcher).await;
+}
+
+/// Buffers one connection's requests reuse (allocated once, not per request).
+#[derive(Default)]
+struct Scratch {
+    /// The request as sent downstream.
+    out: Vec<u8>,
+    /// Bytes read from the downstream connection.
+    rbuf: BytesMut,
 }
 
 /// Read more of a request. `None`: the connection is done (closed by the client, failed,
@@ -167,7 +177,7 @@ fn ready_downstream(state: &AppState, req: &FastRequest) -> Option<(Arc<Downstre
 }
 
 /// Answer one fast-path request at the front of `buf`.
-async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: FastRequest) -> Outcome {
+async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: FastRequest, scratch: &mut Scratch) -> Outcome {
     let Some((ds, ep)) = ready_downstream(state, &req) else { return Outcome::HandOff };
     let started = Instant::now();
     // The whole body first (it is small): then the request can be sent twice if needed.
@@ -181,7 +191,9 @@ async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: 
     let _activity = ds.begin_request();
     metrics::counter!("nestor_upstream_requests_total").increment(1);
 
-    let mut out = Vec::with_capacity(total + 128);
+    let out = &mut scratch.out;
+    out.clear();
+    out.reserve(total + 128);
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(ep.base_path.as_bytes());
@@ -198,15 +210,18 @@ async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: 
 
     let authority = ep.authority.as_str();
     let head_request = req.method == request::Method::Head;
-    let mut rbuf = BytesMut::with_capacity(8192);
+    let rbuf = &mut scratch.rbuf;
+    rbuf.clear();
+    rbuf.reserve(8192);
+    let out = &*out;
     let exchanged = tokio::time::timeout(state.upstream_timeout, async {
         let mut conn = state.fast_pool.get(authority, CONNECT_TIMEOUT).await.map_err(ExchangeError::Io)?;
-        match upstream::exchange(&mut conn.stream, &out, &mut rbuf, head_request).await {
+        match upstream::exchange(&mut conn.stream, out, rbuf, head_request).await {
             Err(ExchangeError::ClosedBeforeAnswer) if conn.reused => {
                 // A pooled connection the downstream had closed: once more on a new one.
                 tracing::debug!(downstream = %ds.id(), "pooled connection was closed; sending again");
                 let mut stream = upstream::connect(authority, CONNECT_TIMEOUT).await.map_err(ExchangeError::Io)?;
-                let head = upstream::exchange(&mut stream, &out, &mut rbuf, head_request).await?;
+                let head = upstream::exchange(&mut stream, out, rbuf, head_request).await?;
                 Ok((stream, head))
             }
             r => r.map(|head| (conn.stream, head)),
@@ -237,11 +252,18 @@ async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: 
     let mut reader = BodyReader::new(head.framing, state.upstream_timeout);
     let small = matches!(head.framing, Framing::None) || matches!(head.framing, Framing::Length(n) if n <= BUFFER_LIMIT);
     let outcome = if small {
-        // Whole, redacted, with its exact length.
-        let mut body = BytesMut::new();
+        // Whole, redacted, with its exact length. (Usually one piece, taken as it is.)
+        let mut first: Option<Bytes> = None;
+        let mut more = BytesMut::new();
         loop {
-            match reader.next(&mut up, &mut rbuf).await {
-                Ok(Some(piece)) => body.extend_from_slice(&piece),
+            match reader.next(&mut up, rbuf).await {
+                Ok(Some(piece)) if first.is_none() => first = Some(piece),
+                Ok(Some(piece)) => {
+                    if more.is_empty() {
+                        more.extend_from_slice(first.as_deref().unwrap_or_default());
+                    }
+                    more.extend_from_slice(&piece);
+                }
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(downstream = %ds.id(), conversation = %req.conversation, "{e}");
@@ -250,10 +272,10 @@ async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: 
                 }
             }
         }
-        let body = redactor.apply(&body);
-        let mut wire = response_head(&head, &redactor, &req, cors.as_ref(), Some(body.len()));
-        wire.extend_from_slice(&body);
-        if write_client(tcp, &wire).await.is_err() {
+        let whole = if more.is_empty() { first.unwrap_or_default() } else { more.freeze() };
+        let body = redactor.apply(&whole);
+        let wire = response_head(&head, &redactor, &req, cors.as_ref(), Some(body.len()));
+        if write_client_parts(tcp, &wire, &body).await.is_err() {
             Outcome::Close
         } else if req.keep_alive {
             Outcome::Answered
@@ -261,7 +283,7 @@ async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: 
             Outcome::Close
         }
     } else {
-        stream_body(tcp, &mut up, &mut rbuf, &mut reader, response_head(&head, &redactor, &req, cors.as_ref(), None), &redactor, &req).await
+        stream_body(tcp, &mut up, rbuf, &mut reader, response_head(&head, &redactor, &req, cors.as_ref(), None), &redactor, &req).await
     };
     record(&req, status, started);
     // The downstream connection serves the next request only if this answer ended cleanly.
@@ -358,7 +380,7 @@ fn edge_headers(w: &mut Vec<u8>, cors: Option<&Cors>, vary: bool, vary_origin: b
 fn response_head(head: &ResponseHead, redactor: &nestor_core::leak_guard::Redactor, req: &FastRequest, cors: Option<&Cors>, length: Option<usize>) -> Vec<u8> {
     let mut w = Vec::with_capacity(512);
     w.extend_from_slice(b"HTTP/1.1 ");
-    w.extend_from_slice(head.status.to_string().as_bytes());
+    push_decimal(&mut w, head.status as usize);
     w.push(b' ');
     w.extend_from_slice(head.reason.as_bytes());
     w.extend_from_slice(b"\r\n");
@@ -388,7 +410,7 @@ fn response_head(head: &ResponseHead, redactor: &nestor_core::leak_guard::Redact
         match length {
             Some(n) => {
                 w.extend_from_slice(b"content-length: ");
-                w.extend_from_slice(n.to_string().as_bytes());
+                push_decimal(&mut w, n);
                 w.extend_from_slice(b"\r\n");
             }
             None => w.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -399,6 +421,21 @@ fn response_head(head: &ResponseHead, redactor: &nestor_core::leak_guard::Redact
     }
     w.extend_from_slice(b"\r\n");
     w
+}
+
+/// Append `n` in decimal (no formatting machinery, no allocation).
+fn push_decimal(w: &mut Vec<u8>, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    w.extend_from_slice(&digits[i..]);
 }
 
 /// Answer with an error in the agent-server's shape.
@@ -428,7 +465,26 @@ async fn respond_error(tcp: &mut TcpStream, req: &FastRequest, cors: Option<&Cor
 }
 
 async fn write_client(tcp: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
-    match tokio::time::timeout(CLIENT_WRITE_TIMEOUT, tcp.write_all(data)).await {
+    write_client_parts(tcp, data, &[]).await
+}
+
+/// Write `head` then `body` to the client, in one system call when the socket takes both
+/// (a gathered write: no copy of the body behind the head).
+async fn write_client_parts(tcp: &mut TcpStream, head: &[u8], body: &[u8]) -> std::io::Result<()> {
+    let write = async {
+        let (mut head, mut body) = (head, body);
+        while !(head.is_empty() && body.is_empty()) {
+            let n = tcp.write_vectored(&[std::io::IoSlice::new(head), std::io::IoSlice::new(body)]).await?;
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
+            }
+            let from_head = n.min(head.len());
+            head = &head[from_head..];
+            body = &body[n - from_head..];
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(CLIENT_WRITE_TIMEOUT, write).await {
         Ok(r) => r,
         Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client stopped reading")),
     }
@@ -476,5 +532,19 @@ impl AsyncWrite for Prefixed {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_decimal;
+
+    #[test]
+    fn writes_decimals() {
+        for n in [0usize, 7, 10, 200, 404, 2954, usize::MAX] {
+            let mut w = b"x".to_vec();
+            push_decimal(&mut w, n);
+            assert_eq!(w, format!("x{n}").into_bytes());
+        }
     }
 }

@@ -245,7 +245,7 @@ pub fn parse(buf: &[u8], rules: Rules) -> Parsed {
         target: target.to_owned(),
         headers: out,
         client_key: client_key.unwrap_or_default().to_vec(),
-        origin: Some(format!("{proto}://{host}")),
+        origin: Some([proto, "://", host].concat()),
         cors_origin: cors_origin.map(str::to_owned),
         path_len: path.len(),
         keep_alive,
