@@ -79,9 +79,16 @@ pub const PUBLISH_MARGIN: time::Duration = time::Duration::milliseconds(100);
 
 /// The set of event ids delivered: UUIDs as their 128 bits (compact), anything else as text.
 /// Hashed with foldhash, randomly seeded per process (the ids come from the downstream).
+///
+/// Looking an id up is only needed once a replay can repeat events (after a reconnection,
+/// or when the client asked for history); a live subscription delivers each event once.
+/// Until then UUIDs are only appended to `unindexed` (a sequential write instead of a
+/// hash-table probe that misses the cache on every event of a busy stream), and indexed
+/// the first time a lookup is needed.
 #[derive(Debug, Clone, Default)]
 struct IdSet {
     uuids: HashSet<u128, foldhash::fast::RandomState>,
+    unindexed: Vec<u128>,
     other: HashSet<String, foldhash::fast::RandomState>,
 }
 
@@ -101,25 +108,41 @@ impl IdSet {
     /// Insert; false if it was already there.
     #[cfg(test)]
     fn insert(&mut self, id: &str) -> bool {
-        self.insert_key(&IdKey::of(id))
+        let k = IdKey::of(id);
+        let fresh = !self.contains_key(&k);
+        self.insert_key(&k);
+        fresh
     }
 
-    fn insert_key(&mut self, k: &IdKey<'_>) -> bool {
+    /// Record an id (indexed if the set is, else appended for later).
+    fn insert_key(&mut self, k: &IdKey<'_>) {
         match *k {
-            IdKey::Uuid(u) => self.uuids.insert(u),
-            IdKey::Text(t) => self.other.insert(t.to_owned()),
+            IdKey::Uuid(u) if self.unindexed.is_empty() && !self.uuids.is_empty() => {
+                self.uuids.insert(u);
+            }
+            IdKey::Uuid(u) => self.unindexed.push(u),
+            IdKey::Text(t) => {
+                self.other.insert(t.to_owned());
+            }
         }
     }
 
-    fn contains_key(&self, k: &IdKey<'_>) -> bool {
+    /// Was this id recorded? (Indexes what was appended so far.)
+    fn contains_key(&mut self, k: &IdKey<'_>) -> bool {
         match *k {
-            IdKey::Uuid(u) => self.uuids.contains(&u),
+            IdKey::Uuid(u) => {
+                if !self.unindexed.is_empty() {
+                    self.uuids.extend(self.unindexed.drain(..));
+                    self.unindexed = Vec::new();
+                }
+                self.uuids.contains(&u)
+            }
             IdKey::Text(t) => self.other.contains(t),
         }
     }
 
     fn len(&self) -> usize {
-        self.uuids.len() + self.other.len()
+        self.uuids.len() + self.unindexed.len() + self.other.len()
     }
 }
 
@@ -130,11 +153,17 @@ fn parse_uuid(s: &str) -> Option<u128> {
         return None;
     }
     let mut v: u128 = 0;
-    for (i, c) in b.iter().enumerate() {
+    for (i, &c) in b.iter().enumerate() {
         if matches!(i, 8 | 13 | 18 | 23) {
             continue;
         }
-        v = v << 4 | (*c as char).to_digit(16)? as u128;
+        let d = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            b'A'..=b'F' => c - b'A' + 10,
+            _ => return None,
+        };
+        v = v << 4 | d as u128;
     }
     Some(v)
 }
@@ -215,7 +244,10 @@ impl EventsCursor {
         }
         let requested = self.requested(h);
         let key = IdKey::of(&h.id);
-        if self.delivered.contains_key(&key) {
+        // Only a replay can repeat an event: the client's own history request, or any
+        // connection after the first.
+        let replay_possible = self.resumed.is_some() || self.history != History::None;
+        if replay_possible && self.delivered.contains_key(&key) {
             if let Some(r) = &mut self.resumed {
                 if self.barrier.as_deref() == Some(&*h.id) {
                     r.reached = true;
@@ -499,6 +531,23 @@ mod tests {
         assert_eq!(s.len(), 2);
         assert_eq!(parse_uuid("00000000-0000-0000-0000-0000000000ff"), Some(255));
         assert_eq!(parse_uuid("00000000-0000-0000-0000-0000000000fg"), None);
+        assert_eq!(parse_uuid("00000000-0000-0000-0000-0000000000FF"), Some(255));
+        assert_eq!(parse_uuid("00000000-0000-0000-0000-00000000000é"), None);
+    }
+
+    #[test]
+    fn id_set_appends_until_a_lookup_then_indexes() {
+        let id = |n: u32| format!("00000000-0000-4000-8000-{n:012}");
+        let mut s = IdSet::default();
+        for n in 0..100 {
+            s.insert_key(&IdKey::of(&id(n)));
+        }
+        assert_eq!((s.unindexed.len(), s.uuids.len()), (100, 0), "appended, not indexed");
+        assert!(s.contains_key(&IdKey::of(&id(42))));
+        assert_eq!((s.unindexed.len(), s.uuids.len()), (0, 100), "indexed on the first lookup");
+        s.insert_key(&IdKey::of(&id(100)));
+        assert!(s.contains_key(&IdKey::of(&id(100))) && !s.contains_key(&IdKey::of(&id(101))));
+        assert_eq!(s.len(), 101);
     }
 
     #[test]
