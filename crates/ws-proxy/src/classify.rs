@@ -1,15 +1,20 @@
 //! Reading just enough of each downstream frame to resume correctly.
 //!
-//! Frames are forwarded byte for byte; nestor only peeks at a few fields (with a borrowed,
-//! field-skipping parse) to keep its resume cursor:
+//! Frames are forwarded byte for byte; nestor only peeks at a few fields (borrowed, with a
+//! scanner that skips what it does not need ([`peek`]), or serde_json when the scanner is
+//! unsure) to keep its resume cursor:
 //! * events socket (`/sockets/events/{id}`): every frame is one event JSON with `id`,
 //!   `timestamp` (naive local ISO text) and `kind` (`key` for state updates);
 //! * session socket (`/sockets/session/{id}`): envelopes with a `type` (`sync`, `durable`
 //!   with `seq`, `transient`, `item_started`/`delta`/`item_aborted` with `item_id`, `error`).
 
+mod peek;
+
 use std::borrow::Cow;
 
 use serde::Deserialize;
+
+use peek::Peek;
 
 /// Event kinds the agent-server publishes without persisting them. They are never part of a
 /// resume position (a `since` replay does not repeat them).
@@ -48,13 +53,23 @@ pub const STATE_UPDATE_KIND: &str = "ConversationStateUpdateEvent";
 /// Peek at an events-socket frame. None when it is not an event with an id (it is then
 /// forwarded without bookkeeping).
 pub fn event_head(text: &str) -> Option<EventHead<'_>> {
-    let raw: RawEvent<'_> = serde_json::from_str(text).ok()?;
-    let id = raw.id?;
-    let kind = raw.kind.as_deref().unwrap_or("");
+    let (id, timestamp, kind, key) = match peek::fields(text, ["id", "timestamp", "kind", "key"]) {
+        Peek::Found([id, timestamp, kind, key]) => (Cow::Borrowed(id.as_str()?), timestamp.as_str().map(Cow::Borrowed), kind.as_str(), key.as_str()),
+        // Escapes and the like: read it properly.
+        Peek::Unsure => {
+            let raw: RawEvent<'_> = serde_json::from_str(text).ok()?;
+            let head = |kind: &str, key: Option<&str>| head_of(raw.id.clone()?, raw.timestamp.clone(), kind, key);
+            return head(raw.kind.as_deref().unwrap_or(""), raw.key.as_deref());
+        }
+    };
+    head_of(id, timestamp, kind.unwrap_or(""), key)
+}
+
+fn head_of<'a>(id: Cow<'a, str>, timestamp: Option<Cow<'a, str>>, kind: &str, key: Option<&str>) -> Option<EventHead<'a>> {
     let is_update = kind == STATE_UPDATE_KIND;
-    let full_state = is_update && raw.key.as_deref() == Some("full_state");
+    let full_state = is_update && key == Some("full_state");
     let persisted = !full_state && !TRANSIENT_KINDS.contains(&kind);
-    Some(EventHead { id, timestamp: raw.timestamp, persisted, full_state, state_update: is_update && !full_state })
+    Some(EventHead { id, timestamp, persisted, full_state, state_update: is_update && !full_state })
 }
 
 /// A session-socket envelope, as far as the proxy reads it.
