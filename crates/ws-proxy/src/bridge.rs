@@ -295,6 +295,10 @@ struct Pair {
     /// Set while reconnecting: when the loss happened.
     lost_at: Option<Instant>,
     connected_once: bool,
+    /// The current downstream connection has delivered a data frame (or there has been
+    /// none yet). Losing a proven connection redials at once; an unproven one backs off, so a
+    /// downstream that accepts and drops at once is never retried in a tight loop.
+    proven: bool,
 }
 
 enum Step {
@@ -318,7 +322,7 @@ impl Pair {
             SocketKind::Session => Cursor::Session(SessionCursor::new(q("after_seq").and_then(|s| s.parse().ok()))),
             SocketKind::BashEvents => Cursor::None,
         };
-        Self { spec, upstream, cfg, to_client, cursor, held: VecDeque::new(), held_bytes: 0, lost_at: None, connected_once: false }
+        Self { spec, upstream, cfg, to_client, cursor, held: VecDeque::new(), held_bytes: 0, lost_at: None, connected_once: false, proven: true }
     }
 
     /// The query for the next dial: the client's own until anything was forwarded to the
@@ -467,6 +471,10 @@ impl Pair {
                 }
                 m = next_frame(&mut down), if down.is_some() => {
                     down_seen = Instant::now();
+                    if !self.proven && matches!(m, Some(Ok(Message::Text(_) | Message::Binary(_)))) {
+                        self.proven = true;
+                        backoff = self.cfg.initial_backoff;
+                    }
                     let mut step = self.after_downstream_frame(m, &mut down, &mut dialing, &mut dial_deadline, &mut backoff);
                     // Frames already read need no trip through the select (fewer polls of
                     // the other branches per frame on a busy stream); a bounded batch, and
@@ -487,7 +495,10 @@ impl Pair {
                         Ok(ws) => {
                             down = Some(ws);
                             down_seen = Instant::now();
-                            backoff = self.cfg.initial_backoff;
+                            // The backoff starts over once this connection delivers a frame,
+                            // not before: a downstream that accepts and drops at once is
+                            // retried with growing delays, never in a tight loop.
+                            self.proven = false;
                             if let Some(t) = self.lost_at.take() {
                                 tracing::info!(conversation = %conv, after_ms = t.elapsed().as_millis() as u64, "downstream socket resumed");
                                 self.upstream.on_resumed(t.elapsed());
@@ -631,12 +642,15 @@ impl Pair {
             }
         }
         if dialing.is_none() {
-            // The first redial goes at once (a restarted downstream is often back within a
-            // millisecond); later ones back off.
-            let first = *backoff == self.cfg.initial_backoff;
-            let delay = if first { Duration::ZERO } else { *backoff };
-            *dialing = Some(self.dial(Duration::from_secs(5), delay));
-            *backoff = (*backoff * 2).min(self.cfg.max_backoff);
+            // After losing a connection that delivered frames, the first redial goes at once
+            // (a restarted downstream is often back within a millisecond) and the retry after
+            // it waits `initial_backoff`; later ones back off.
+            if std::mem::replace(&mut self.proven, false) {
+                *dialing = Some(self.dial(Duration::from_secs(5), Duration::ZERO));
+            } else {
+                *dialing = Some(self.dial(Duration::from_secs(5), *backoff));
+                *backoff = (*backoff * 2).min(self.cfg.max_backoff);
+            }
         }
     }
 

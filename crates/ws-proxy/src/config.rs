@@ -13,7 +13,9 @@ pub struct ProxyConfig {
     /// How long a lost downstream may take to come back before the client is closed
     /// (with a retryable code).
     pub resume_deadline: Duration,
-    /// Backoff between reconnection attempts: starts here, doubles, capped at `max_backoff`.
+    /// Backoff between reconnection attempts: the first goes at once, then this, doubling,
+    /// capped at `max_backoff`. The cap bounds how long a stream stays stopped after its
+    /// downstream is back (issue 4: 100 ms): at most the cap plus one handshake.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     /// Bound on one dial (TCP + WebSocket handshake).
@@ -61,7 +63,7 @@ impl Default for ProxyConfig {
             ready_timeout: Duration::from_secs(120),
             resume_deadline: Duration::from_secs(120),
             initial_backoff: Duration::from_millis(20),
-            max_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(80),
             dial_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(20),
             max_pending_bytes: 16 << 20,
