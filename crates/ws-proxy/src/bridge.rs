@@ -295,10 +295,12 @@ struct Pair {
     /// Set while reconnecting: when the loss happened.
     lost_at: Option<Instant>,
     connected_once: bool,
-    /// The current downstream connection has delivered a data frame (or there has been
-    /// none yet). Losing a proven connection redials at once; an unproven one backs off, so a
-    /// downstream that accepts and drops at once is never retried in a tight loop.
-    proven: bool,
+    /// Data frames the current downstream connection delivered. One that delivered more
+    /// than its subscription's first frame (the snapshot or `sync`) really streamed: losing
+    /// it redials at once and starts the backoff over. Any other loss backs off, so a
+    /// downstream that accepts and drops at once (or right after the first frame) is never
+    /// redialed in a tight loop.
+    data_frames: u32,
 }
 
 enum Step {
@@ -322,7 +324,7 @@ impl Pair {
             SocketKind::Session => Cursor::Session(SessionCursor::new(q("after_seq").and_then(|s| s.parse().ok()))),
             SocketKind::BashEvents => Cursor::None,
         };
-        Self { spec, upstream, cfg, to_client, cursor, held: VecDeque::new(), held_bytes: 0, lost_at: None, connected_once: false, proven: true }
+        Self { spec, upstream, cfg, to_client, cursor, held: VecDeque::new(), held_bytes: 0, lost_at: None, connected_once: false, data_frames: 0 }
     }
 
     /// The query for the next dial: the client's own until anything was forwarded to the
@@ -471,10 +473,6 @@ impl Pair {
                 }
                 m = next_frame(&mut down), if down.is_some() => {
                     down_seen = Instant::now();
-                    if !self.proven && matches!(m, Some(Ok(Message::Text(_) | Message::Binary(_)))) {
-                        self.proven = true;
-                        backoff = self.cfg.initial_backoff;
-                    }
                     let mut step = self.after_downstream_frame(m, &mut down, &mut dialing, &mut dial_deadline, &mut backoff);
                     // Frames already read need no trip through the select (fewer polls of
                     // the other branches per frame on a busy stream); a bounded batch, and
@@ -498,7 +496,7 @@ impl Pair {
                             // The backoff starts over once this connection delivers a frame,
                             // not before: a downstream that accepts and drops at once is
                             // retried with growing delays, never in a tight loop.
-                            self.proven = false;
+                            self.data_frames = 0;
                             if let Some(t) = self.lost_at.take() {
                                 tracing::info!(conversation = %conv, after_ms = t.elapsed().as_millis() as u64, "downstream socket resumed");
                                 self.upstream.on_resumed(t.elapsed());
@@ -607,6 +605,14 @@ impl Pair {
         backoff: &mut Duration,
     ) -> Step {
         let conv = self.spec.conversation;
+        if matches!(m, Some(Ok(Message::Text(_) | Message::Binary(_)))) {
+            self.data_frames = self.data_frames.saturating_add(1);
+            // The first data frame of a subscription is its snapshot (`full_state`) or
+            // `sync`; one more means the connection really streams.
+            if self.data_frames == 2 {
+                *backoff = self.cfg.initial_backoff;
+            }
+        }
         match self.on_downstream(m) {
             DownStep::Continue => Step::Continue,
             DownStep::End => Step::End,
@@ -642,10 +648,10 @@ impl Pair {
             }
         }
         if dialing.is_none() {
-            // After losing a connection that delivered frames, the first redial goes at once
-            // (a restarted downstream is often back within a millisecond) and the retry after
-            // it waits `initial_backoff`; later ones back off.
-            if std::mem::replace(&mut self.proven, false) {
+            // After losing a connection that streamed, the first redial goes at once (a
+            // restarted downstream is often back within a millisecond) and the retry after it
+            // waits `initial_backoff`; later ones back off.
+            if std::mem::replace(&mut self.data_frames, 0) >= 2 {
                 *dialing = Some(self.dial(Duration::from_secs(5), Duration::ZERO));
             } else {
                 *dialing = Some(self.dial(Duration::from_secs(5), *backoff));

@@ -321,42 +321,51 @@ async fn frames_glued_to_the_downstream_answer_are_not_lost() {
     server.abort();
 }
 
-/// A downstream that completes the handshake and drops every connection before sending
-/// anything: nestor keeps redialing (the client stays open), but with growing delays, never
-/// in a tight loop; and once a connection delivers frames, the next loss redials at once.
+/// A downstream that completes the handshake and drops every connection, before sending
+/// anything or right after its first frame (a subscription's `sync`): nestor keeps
+/// redialing (the client stays open), but with growing delays, never in a tight loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_downstream_that_drops_every_connection_is_redialed_with_backoff() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let acc = accepted.clone();
-    let server = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
-            acc.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                if let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await {
-                    let _ = ws.close(None).await;
-                }
-            });
-        }
-    });
-    let cfg = Arc::new(ProxyConfig { resume_deadline: Duration::from_secs(30), ..ProxyConfig::default() });
-    let (a, b) = tokio::io::duplex(1 << 16);
-    let proxy_side = WebSocketStream::from_raw_socket(b, Role::Server, Some(cfg.client_ws_config())).await;
-    let mut client = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
-    let spec = PairSpec { kind: SocketKind::Session, conversation: ConversationId::new_random(), query: vec![], auth: ClientAuth::Done };
-    let ep = Arc::new(Endpoint::parse(&format!("http://127.0.0.1:{port}"), None).unwrap());
-    let pair = tokio::spawn(bridge(proxy_side, spec, Arc::new(Fixed(ep)), cfg.clone()));
+    for send_first in [false, true] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let acc = accepted.clone();
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let n = acc.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    if let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await {
+                        if send_first {
+                            let _ = ws.send(sync_frame(n as i64)).await;
+                        }
+                        let _ = ws.close(None).await;
+                    }
+                });
+            }
+        });
+        let cfg = Arc::new(ProxyConfig { resume_deadline: Duration::from_secs(30), ..ProxyConfig::default() });
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let proxy_side = WebSocketStream::from_raw_socket(b, Role::Server, Some(cfg.client_ws_config())).await;
+        let mut client = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+        let spec = PairSpec { kind: SocketKind::Session, conversation: ConversationId::new_random(), query: vec![], auth: ClientAuth::Done };
+        let ep = Arc::new(Endpoint::parse(&format!("http://127.0.0.1:{port}"), None).unwrap());
+        let pair = tokio::spawn(bridge(proxy_side, spec, Arc::new(Fixed(ep)), cfg.clone()));
 
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let n = accepted.load(Ordering::SeqCst);
-    // Delays 0, 20, 40, 80, 80, … ms: about 13 connections in a second. A tight loop would
-    // make thousands.
-    assert!((3..=20).contains(&n), "{n} connections in 1 s");
-    // The client was not closed meanwhile.
-    assert!(tokio::time::timeout(Duration::from_millis(50), client.next()).await.is_err(), "the client heard something");
-    drop(client);
-    let _ = tokio::time::timeout(Duration::from_secs(5), pair).await;
-    server.abort();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let n = accepted.load(Ordering::SeqCst);
+        // Delays 0, 20, 40, 80, 80, … ms: about 13 connections in a second. A tight loop
+        // makes thousands (2,252 before the fix).
+        assert!((3..=20).contains(&n), "{n} connections in 1 s (first frame sent: {send_first})");
+        // The client stays open: at most the first connection's sync reached it.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, client.next()).await {
+            let m = m.unwrap();
+            assert!(m.to_text().unwrap_or_default().contains("sync"), "{m:?}");
+        }
+        drop(client);
+        let _ = tokio::time::timeout(Duration::from_secs(5), pair).await;
+        server.abort();
+    }
 }

@@ -106,7 +106,15 @@ pub async fn serve_connection(state: AppState, router: axum::Router, mut tcp: Tc
                 _ => break,
             };
             match answer(&state, &mut tcp, &mut buf, req, &mut scratch).await {
-                Outcome::Answered => continue,
+                Outcome::Answered => {
+                    if buf.is_empty() {
+                        // Idle until the client's next request: hold no request buffers
+                        // meanwhile (as nginx frees its per-request memory), so idle
+                        // keep-alive connections stay small.
+                        scratch = Scratch::default();
+                    }
+                    continue;
+                }
                 Outcome::HandOff => break,
                 Outcome::Close => {
                     let _ = tokio::time::timeout(Duration::from_secs(1), tcp.shutdown()).await;
@@ -118,7 +126,8 @@ pub async fn serve_connection(state: AppState, router: axum::Router, mut tcp: Tc
     hand_off(router, tcp, buf.freeze(), watcher).await;
 }
 
-/// Buffers one connection's requests reuse (allocated once, not per request).
+/// Buffers a connection's requests reuse while they come back to back (dropped whenever the
+/// connection goes idle).
 #[derive(Default)]
 struct Scratch {
     /// The request as sent downstream.
