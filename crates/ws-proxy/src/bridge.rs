@@ -124,7 +124,6 @@ pub trait Upstream: Send + Sync + 'static {
 
 type DownSocket = WebSocketStream<DeflateStream<TcpStream>>;
 
-
 /// Why a dial failed.
 #[derive(Debug)]
 enum DialError {
@@ -169,6 +168,10 @@ fn is_loss(frame: &Option<CloseFrame>) -> bool {
 /// Most downstream frames handled per wake-up of the pair before its other events are
 /// looked at again.
 const DRAIN_BATCH: usize = 32;
+
+/// Data frames after which a downstream connection counts as streaming: more than the
+/// first, which every subscription starts with (the `full_state` snapshot, or `sync`).
+const STREAMING_AFTER_FRAMES: u32 = 2;
 
 /// Queue towards the client with a byte count ([`crate::outbox`]: holds no buffer while idle).
 struct ClientTx(Outbox<Message>);
@@ -295,9 +298,8 @@ struct Pair {
     /// Set while reconnecting: when the loss happened.
     lost_at: Option<Instant>,
     connected_once: bool,
-    /// Data frames the current downstream connection delivered. One that delivered more
-    /// than its subscription's first frame (the snapshot or `sync`) really streamed: losing
-    /// it redials at once and starts the backoff over. Any other loss backs off, so a
+    /// Data frames the current downstream connection delivered. One that streamed
+    /// ([`STREAMING_AFTER_FRAMES`]) starts the backoff over, and losing it redials at once. Any other loss backs off, so a
     /// downstream that accepts and drops at once (or right after the first frame) is never
     /// redialed in a tight loop.
     data_frames: u32,
@@ -493,9 +495,8 @@ impl Pair {
                         Ok(ws) => {
                             down = Some(ws);
                             down_seen = Instant::now();
-                            // The backoff starts over once this connection delivers a frame,
-                            // not before: a downstream that accepts and drops at once is
-                            // retried with growing delays, never in a tight loop.
+                            // The backoff starts over once this connection streams, not
+                            // before (`data_frames`).
                             self.data_frames = 0;
                             if let Some(t) = self.lost_at.take() {
                                 tracing::info!(conversation = %conv, after_ms = t.elapsed().as_millis() as u64, "downstream socket resumed");
@@ -607,9 +608,7 @@ impl Pair {
         let conv = self.spec.conversation;
         if matches!(m, Some(Ok(Message::Text(_) | Message::Binary(_)))) {
             self.data_frames = self.data_frames.saturating_add(1);
-            // The first data frame of a subscription is its snapshot (`full_state`) or
-            // `sync`; one more means the connection really streams.
-            if self.data_frames == 2 {
+            if self.data_frames == STREAMING_AFTER_FRAMES {
                 *backoff = self.cfg.initial_backoff;
             }
         }
@@ -651,7 +650,7 @@ impl Pair {
             // After losing a connection that streamed, the first redial goes at once (a
             // restarted downstream is often back within a millisecond) and the retry after it
             // waits `initial_backoff`; later ones back off.
-            if std::mem::replace(&mut self.data_frames, 0) >= 2 {
+            if std::mem::replace(&mut self.data_frames, 0) >= STREAMING_AFTER_FRAMES {
                 *dialing = Some(self.dial(Duration::from_secs(5), Duration::ZERO));
             } else {
                 *dialing = Some(self.dial(Duration::from_secs(5), *backoff));

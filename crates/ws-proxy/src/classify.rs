@@ -58,8 +58,7 @@ pub fn event_head(text: &str) -> Option<EventHead<'_>> {
         // Escapes and the like: read it properly.
         Peek::Unsure => {
             let raw: RawEvent<'_> = serde_json::from_str(text).ok()?;
-            let head = |kind: &str, key: Option<&str>| head_of(raw.id.clone()?, raw.timestamp.clone(), kind, key);
-            return head(raw.kind.as_deref().unwrap_or(""), raw.key.as_deref());
+            return head_of(raw.id?, raw.timestamp, raw.kind.as_deref().unwrap_or(""), raw.key.as_deref());
         }
     };
     head_of(id, timestamp, kind.unwrap_or(""), key)

@@ -131,10 +131,7 @@ impl IdSet {
     fn contains_key(&mut self, k: &IdKey<'_>) -> bool {
         match *k {
             IdKey::Uuid(u) => {
-                if !self.unindexed.is_empty() {
-                    self.uuids.extend(self.unindexed.drain(..));
-                    self.unindexed = Vec::new();
-                }
+                self.uuids.extend(std::mem::take(&mut self.unindexed));
                 self.uuids.contains(&u)
             }
             IdKey::Text(t) => self.other.contains(t),
@@ -323,12 +320,17 @@ impl EventsCursor {
 /// Order two naive ISO timestamps as times (`…:05` equals `…:05.000000`); text order if
 /// either does not parse.
 pub fn cmp_ts(a: &str, b: &str) -> Ordering {
-    use time::format_description::well_known::Iso8601;
     // Fast path, taken for nearly every frame: the agent-server writes every timestamp the
     // same fixed-width way, and two such texts of one shape order as their times do.
     if same_fixed_width_shape(a, b) {
         return a.as_bytes().cmp(b.as_bytes());
     }
+    cmp_ts_parsed(a, b)
+}
+
+/// [`cmp_ts`] the slow way: parse both.
+fn cmp_ts_parsed(a: &str, b: &str) -> Ordering {
+    use time::format_description::well_known::Iso8601;
     match (
         time::PrimitiveDateTime::parse(a, &Iso8601::DEFAULT),
         time::PrimitiveDateTime::parse(b, &Iso8601::DEFAULT),
@@ -482,15 +484,6 @@ mod tests {
         }
     }
 
-    /// Compare as the agent-server's times, the slow way.
-    fn cmp_parsed(a: &str, b: &str) -> Ordering {
-        use time::format_description::well_known::Iso8601;
-        match (time::PrimitiveDateTime::parse(a, &Iso8601::DEFAULT), time::PrimitiveDateTime::parse(b, &Iso8601::DEFAULT)) {
-            (Ok(x), Ok(y)) => x.cmp(&y),
-            _ => a.cmp(b),
-        }
-    }
-
     proptest! {
         /// The byte-compare fast path orders timestamps exactly as parsing them does: same
         /// and different widths, fractions or none, and text that is not a time at all.
@@ -508,9 +501,9 @@ mod tests {
                 }
             };
             let (a, b) = (text(a), text(b));
-            prop_assert_eq!(cmp_ts(&a, &b), cmp_parsed(&a, &b), "{} vs {}", a, b);
+            prop_assert_eq!(cmp_ts(&a, &b), cmp_ts_parsed(&a, &b), "{} vs {}", a, b);
             prop_assert_eq!(cmp_ts(&a, &a), Ordering::Equal);
-            prop_assert_eq!(cmp_ts(&a, &junk), cmp_parsed(&a, &junk), "{} vs {}", a, junk);
+            prop_assert_eq!(cmp_ts(&a, &junk), cmp_ts_parsed(&a, &junk), "{} vs {}", a, junk);
         }
     }
 

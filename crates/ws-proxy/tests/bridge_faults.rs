@@ -32,6 +32,21 @@ fn sync_frame(through: i64) -> Message {
     Message::Text(format!(r#"{{"type":"sync","through_seq":{through}}}"#).into())
 }
 
+/// The downstream listening on loopback `port`.
+fn endpoint(port: u16) -> Arc<Endpoint> {
+    Arc::new(Endpoint::parse(&format!("http://127.0.0.1:{port}"), None).unwrap())
+}
+
+/// A pair of `kind` bridged to `upstream`, with an in-memory client socket: the client's
+/// end and the pair's task.
+async fn bridged(kind: SocketKind, upstream: Arc<dyn Upstream>, cfg: Arc<ProxyConfig>) -> (WebSocketStream<DuplexStream>, tokio::task::JoinHandle<()>) {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let proxy_side = WebSocketStream::from_raw_socket(b, Role::Server, Some(cfg.client_ws_config())).await;
+    let client = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+    let spec = PairSpec { kind, conversation: ConversationId::new_random(), query: vec![], auth: ClientAuth::Done };
+    (client, tokio::spawn(bridge(proxy_side, spec, upstream, cfg)))
+}
+
 /// A client frame that cannot be written to the downstream (it stopped reading, the write
 /// times out) must not leave the pair without a downstream: nestor redials, delivers the
 /// frame to the new connection, and the client goes on receiving.
@@ -72,17 +87,7 @@ async fn a_write_that_times_out_leads_to_a_redial() {
     });
 
     let cfg = Arc::new(ProxyConfig { dial_timeout: Duration::from_millis(300), ..ProxyConfig::default() });
-    let (a, b) = tokio::io::duplex(1 << 20);
-    let proxy_side = WebSocketStream::from_raw_socket(b, Role::Server, Some(cfg.client_ws_config())).await;
-    let mut client = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
-    let spec = PairSpec {
-        kind: SocketKind::Session,
-        conversation: ConversationId::new_random(),
-        query: vec![],
-        auth: ClientAuth::Done,
-    };
-    let ep = Arc::new(Endpoint::parse(&format!("http://127.0.0.1:{port}"), None).unwrap());
-    let pair = tokio::spawn(bridge(proxy_side, spec, Arc::new(Fixed(ep)), cfg));
+    let (mut client, pair) = bridged(SocketKind::Session, Arc::new(Fixed(endpoint(port))), cfg).await;
 
     let first = tokio::time::timeout(Duration::from_secs(5), client.next()).await.unwrap().unwrap().unwrap();
     assert!(first.to_text().unwrap().contains("sync"), "{first:?}");
@@ -187,8 +192,7 @@ async fn a_client_socket_failing_under_the_writer_ends_the_pair_without_a_panic(
     let proxy_side = WebSocketStream::from_raw_socket(FailingWrites { inner: b, budget: 2_000 }, Role::Server, Some(cfg.client_ws_config())).await;
     let _client = WebSocketStream::from_raw_socket(a, Role::Client, None).await; // never reads, never closes
     let spec = PairSpec { kind: SocketKind::Session, conversation: ConversationId::new_random(), query: vec![], auth: ClientAuth::Done };
-    let ep = Arc::new(Endpoint::parse(&format!("http://127.0.0.1:{port}"), None).unwrap());
-    let pair = tokio::spawn(bridge(proxy_side, spec, Arc::new(Fixed(ep)), cfg));
+    let pair = tokio::spawn(bridge(proxy_side, spec, Arc::new(Fixed(endpoint(port))), cfg));
     let ended = tokio::time::timeout(Duration::from_secs(10), pair).await.expect("the pair did not end");
     assert!(ended.is_ok(), "the pair's task panicked: {:?}", ended.err());
     tokio::time::timeout(Duration::from_secs(5), closed_rx).await.expect("downstream not closed").unwrap();
@@ -231,12 +235,7 @@ async fn a_downstream_gone_past_the_resume_deadline_closes_the_client_with_1012(
         drop(ws); // lost without a close frame
     });
     let cfg = Arc::new(ProxyConfig { resume_deadline: Duration::from_millis(800), ..ProxyConfig::default() });
-    let (a, b) = tokio::io::duplex(1 << 20);
-    let proxy_side = WebSocketStream::from_raw_socket(b, Role::Server, Some(cfg.client_ws_config())).await;
-    let mut client = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
-    let spec = PairSpec { kind: SocketKind::Session, conversation: ConversationId::new_random(), query: vec![], auth: ClientAuth::Done };
-    let ep = Arc::new(Endpoint::parse(&format!("http://127.0.0.1:{port}"), None).unwrap());
-    let pair = tokio::spawn(bridge(proxy_side, spec, Arc::new(OnceThenGone { ep, calls: AtomicUsize::new(0) }), cfg));
+    let (mut client, pair) = bridged(SocketKind::Session, Arc::new(OnceThenGone { ep: endpoint(port), calls: AtomicUsize::new(0) }), cfg).await;
     let t0 = tokio::time::Instant::now();
     let code = loop {
         match tokio::time::timeout(Duration::from_secs(10), client.next()).await.expect("the client was never closed") {
@@ -293,12 +292,7 @@ async fn frames_glued_to_the_downstream_answer_are_not_lost() {
     });
 
     let cfg = Arc::new(ProxyConfig::default());
-    let (a, b) = tokio::io::duplex(1 << 16);
-    let proxy_side = WebSocketStream::from_raw_socket(b, Role::Server, Some(cfg.client_ws_config())).await;
-    let mut client = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
-    let spec = PairSpec { kind: SocketKind::BashEvents, conversation: ConversationId::new_random(), query: vec![], auth: ClientAuth::Done };
-    let ep = Arc::new(Endpoint::parse(&format!("http://127.0.0.1:{port}"), None).unwrap());
-    let pair = tokio::spawn(bridge(proxy_side, spec, Arc::new(Fixed(ep)), cfg));
+    let (mut client, pair) = bridged(SocketKind::BashEvents, Arc::new(Fixed(endpoint(port))), cfg).await;
 
     let mut got = Vec::new();
     while got.len() < 3 {
@@ -346,12 +340,7 @@ async fn a_downstream_that_drops_every_connection_is_redialed_with_backoff() {
             }
         });
         let cfg = Arc::new(ProxyConfig { resume_deadline: Duration::from_secs(30), ..ProxyConfig::default() });
-        let (a, b) = tokio::io::duplex(1 << 16);
-        let proxy_side = WebSocketStream::from_raw_socket(b, Role::Server, Some(cfg.client_ws_config())).await;
-        let mut client = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
-        let spec = PairSpec { kind: SocketKind::Session, conversation: ConversationId::new_random(), query: vec![], auth: ClientAuth::Done };
-        let ep = Arc::new(Endpoint::parse(&format!("http://127.0.0.1:{port}"), None).unwrap());
-        let pair = tokio::spawn(bridge(proxy_side, spec, Arc::new(Fixed(ep)), cfg.clone()));
+        let (mut client, pair) = bridged(SocketKind::Session, Arc::new(Fixed(endpoint(port))), cfg).await;
 
         tokio::time::sleep(Duration::from_millis(1000)).await;
         let n = accepted.load(Ordering::SeqCst);

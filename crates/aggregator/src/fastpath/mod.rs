@@ -87,7 +87,6 @@ enum Outcome {
 pub async fn serve_connection(state: AppState, router: axum::Router, mut tcp: TcpStream, watcher: hyper_util::server::graceful::Watcher) {
     let mut buf = BytesMut::with_capacity(4096);
     if state.cfg.http.fast_path {
-        let mut scratch = Scratch::default();
         let rules = request::Rules { persistence: state.persistence.is_some(), max_body: state.cfg.max_body_bytes };
         loop {
             // Read until the head at the front of `buf` can be decided.
@@ -105,16 +104,8 @@ pub async fn serve_connection(state: AppState, router: axum::Router, mut tcp: Tc
                 Parsed::Fast(req) => req,
                 _ => break,
             };
-            match answer(&state, &mut tcp, &mut buf, req, &mut scratch).await {
-                Outcome::Answered => {
-                    if buf.is_empty() {
-                        // Idle until the client's next request: hold no request buffers
-                        // meanwhile (as nginx frees its per-request memory), so idle
-                        // keep-alive connections stay small.
-                        scratch = Scratch::default();
-                    }
-                    continue;
-                }
+            match answer(&state, &mut tcp, &mut buf, req).await {
+                Outcome::Answered => continue,
                 Outcome::HandOff => break,
                 Outcome::Close => {
                     let _ = tokio::time::timeout(Duration::from_secs(1), tcp.shutdown()).await;
@@ -124,16 +115,6 @@ pub async fn serve_connection(state: AppState, router: axum::Router, mut tcp: Tc
         }
     }
     hand_off(router, tcp, buf.freeze(), watcher).await;
-}
-
-/// Buffers a connection's requests reuse while they come back to back (dropped whenever the
-/// connection goes idle).
-#[derive(Default)]
-struct Scratch {
-    /// The request as sent downstream.
-    out: Vec<u8>,
-    /// Bytes read from the downstream connection.
-    rbuf: BytesMut,
 }
 
 /// Read more of a request. `None`: the connection is done (closed by the client, failed,
@@ -186,7 +167,7 @@ fn ready_downstream(state: &AppState, req: &FastRequest) -> Option<(Arc<Downstre
 }
 
 /// Answer one fast-path request at the front of `buf`.
-async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: FastRequest, scratch: &mut Scratch) -> Outcome {
+async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: FastRequest) -> Outcome {
     let Some((ds, ep)) = ready_downstream(state, &req) else { return Outcome::HandOff };
     let started = Instant::now();
     // The whole body first (it is small): then the request can be sent twice if needed.
@@ -200,9 +181,9 @@ async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: 
     let _activity = ds.begin_request();
     metrics::counter!("nestor_upstream_requests_total").increment(1);
 
-    let out = &mut scratch.out;
-    out.clear();
-    out.reserve(total + 128);
+    // Per request, not per connection: an idle keep-alive connection holds no request
+    // buffers (as nginx frees its per-request memory).
+    let mut out = Vec::with_capacity(total + 128);
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(ep.base_path.as_bytes());
@@ -219,18 +200,15 @@ async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: 
 
     let authority = ep.authority.as_str();
     let head_request = req.method == request::Method::Head;
-    let rbuf = &mut scratch.rbuf;
-    rbuf.clear();
-    rbuf.reserve(8192);
-    let out = &*out;
+    let mut rbuf = BytesMut::with_capacity(8192);
     let exchanged = tokio::time::timeout(state.upstream_timeout, async {
         let mut conn = state.fast_pool.get(authority, CONNECT_TIMEOUT).await.map_err(ExchangeError::Io)?;
-        match upstream::exchange(&mut conn.stream, out, rbuf, head_request).await {
+        match upstream::exchange(&mut conn.stream, &out, &mut rbuf, head_request).await {
             Err(ExchangeError::ClosedBeforeAnswer) if conn.reused => {
                 // A pooled connection the downstream had closed: once more on a new one.
                 tracing::debug!(downstream = %ds.id(), "pooled connection was closed; sending again");
                 let mut stream = upstream::connect(authority, CONNECT_TIMEOUT).await.map_err(ExchangeError::Io)?;
-                let head = upstream::exchange(&mut stream, out, rbuf, head_request).await?;
+                let head = upstream::exchange(&mut stream, &out, &mut rbuf, head_request).await?;
                 Ok((stream, head))
             }
             r => r.map(|head| (conn.stream, head)),
@@ -265,7 +243,7 @@ async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: 
         let mut first: Option<Bytes> = None;
         let mut more = BytesMut::new();
         loop {
-            match reader.next(&mut up, rbuf).await {
+            match reader.next(&mut up, &mut rbuf).await {
                 Ok(Some(piece)) if first.is_none() => first = Some(piece),
                 Ok(Some(piece)) => {
                     if more.is_empty() {
@@ -292,7 +270,7 @@ async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: 
             Outcome::Close
         }
     } else {
-        stream_body(tcp, &mut up, rbuf, &mut reader, response_head(&head, &redactor, &req, cors.as_ref(), None), &redactor, &req).await
+        stream_body(tcp, &mut up, &mut rbuf, &mut reader, response_head(&head, &redactor, &req, cors.as_ref(), None), &redactor, &req).await
     };
     record(&req, status, started);
     // The downstream connection serves the next request only if this answer ended cleanly.

@@ -80,8 +80,7 @@ impl PlainReader {
                 Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             };
         }
-        // Read into the buffer's spare room (not zeroed first).
-        self.buf.clear();
+        // Read into the buffer's spare room (not zeroed first). It is empty here.
         self.buf.reserve(READ_AHEAD);
         match tokio_util::io::poll_read_buf(Pin::new(inner), cx, &mut self.buf) {
             Poll::Ready(Ok(n)) => {
