@@ -61,8 +61,6 @@ pub struct Inner {
     /// upgraded connections, so they are tracked here, closed (1012) when `shutdown` is
     /// cancelled and waited for (bounded) before nestor exits (crate::server).
     pub sockets: tokio_util::task::TaskTracker,
-    /// The fast path's idle downstream connections (crate::fastpath).
-    pub fast_pool: crate::fastpath::Pool,
 }
 
 impl std::ops::Deref for AppState {
@@ -286,7 +284,6 @@ impl AppState {
             pool,
             persistence,
             sockets: tokio_util::task::TaskTracker::new(),
-            fast_pool: Default::default(),
             cfg,
         }));
         for ds in downstreams {

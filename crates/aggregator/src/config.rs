@@ -166,11 +166,42 @@ pub struct HttpSection {
     /// HTTP/1 reading and writing, no router. Off: every request goes through the router.
     #[serde(default = "default_true")]
     pub fast_path: bool,
+    /// Threads that serve client connections on the fast path, each with an event loop of
+    /// its own (crate::io_threads). Unset: one per CPU. 0: serve them on the shared runtime.
+    #[serde(default)]
+    pub io_threads: Option<usize>,
+    /// Longest time (µs) an I/O thread keeps checking its sockets after activity before it
+    /// sleeps (crate::io_threads::BusyPoll: adaptive, it polls only while that pays). 0: never.
+    #[serde(default = "default_busy_poll_us")]
+    pub busy_poll_us: u64,
 }
+
+fn default_busy_poll_us() -> u64 {
+    100
+}
+
+impl HttpSection {
+    /// The longest busy-poll window of an I/O thread.
+    pub fn busy_poll(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.busy_poll_us)
+    }
+
+    /// The number of I/O threads to start (0: none).
+    pub fn io_thread_count(&self) -> usize {
+        if !self.fast_path {
+            return 0;
+        }
+        self.io_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_AUTO_IO_THREADS))
+    }
+}
+
+/// Most I/O threads started when `[http] io_threads` is unset (a large machine's hundred
+/// cores are better spent on the rest of nestor and its downstreams).
+const MAX_AUTO_IO_THREADS: usize = 8;
 
 impl Default for HttpSection {
     fn default() -> Self {
-        Self { fast_path: true }
+        Self { fast_path: true, io_threads: None, busy_poll_us: default_busy_poll_us() }
     }
 }
 
@@ -694,6 +725,25 @@ agent_server = "/path/to/bin/agent-server"
             assert_eq!(c.bind.port(), 3);
             assert_eq!(c.session_api_keys, Some(vec![SessionKey::new("c")]));
             assert_eq!(c.provisioner.kind, ProvisionerKind::Process);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn io_threads_and_busy_polling_are_configurable() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            let c = Config::load(None, &Overrides::default()).unwrap();
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            assert_eq!(c.http.io_thread_count(), cpus.min(MAX_AUTO_IO_THREADS));
+            assert_eq!(c.http.busy_poll(), std::time::Duration::from_micros(100));
+            jail.set_env("NESTOR_HTTP__IO_THREADS", "3");
+            jail.set_env("NESTOR_HTTP__BUSY_POLL_US", "0");
+            let c = Config::load(None, &Overrides::default()).unwrap();
+            assert_eq!((c.http.io_thread_count(), c.http.busy_poll()), (3, std::time::Duration::ZERO));
+            // Without the fast path there is nothing for I/O threads to serve.
+            jail.set_env("NESTOR_HTTP__FAST_PATH", "false");
+            assert_eq!(Config::load(None, &Overrides::default()).unwrap().http.io_thread_count(), 0);
             Ok(())
         });
     }

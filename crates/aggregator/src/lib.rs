@@ -14,6 +14,7 @@ pub mod cors;
 pub mod errors;
 pub mod fastpath;
 pub mod fleet;
+pub mod io_threads;
 pub mod forward;
 pub mod lifecycle;
 pub mod observability;

@@ -167,21 +167,33 @@ pub(crate) fn count_request(class: &'static str, method: &'static str, status: u
     histogram.record(started.elapsed().as_secs_f64());
 }
 
-/// Per-request metric handles, resolved once per label set (building a labelled key on
-/// every request allocates).
+/// Per-request metric handles, resolved once per label set and thread (building a labelled
+/// key on every request allocates; a shared cache would bounce between the I/O threads).
 fn handles(class: &'static str, method: &'static str, status: &'static str) -> (metrics::Counter, metrics::Histogram) {
     type Key = (&'static str, &'static str, &'static str);
-    static CACHE: OnceLock<dashmap::DashMap<Key, (metrics::Counter, metrics::Histogram)>> = OnceLock::new();
-    let cache = CACHE.get_or_init(dashmap::DashMap::new);
-    if let Some(h) = cache.get(&(class, method, status)) {
-        return h.clone();
+    thread_local! {
+        static CACHE: std::cell::RefCell<std::collections::HashMap<Key, (metrics::Counter, metrics::Histogram)>> = Default::default();
     }
-    let h = (
-        metrics::counter!("nestor_http_requests_total", "class" => class, "method" => method, "status" => status),
-        metrics::histogram!("nestor_http_request_duration_seconds", "class" => class),
-    );
-    cache.insert((class, method, status), h.clone());
-    h
+    CACHE.with_borrow_mut(|cache| {
+        cache
+            .entry((class, method, status))
+            .or_insert_with(|| {
+                (
+                    metrics::counter!("nestor_http_requests_total", "class" => class, "method" => method, "status" => status),
+                    metrics::histogram!("nestor_http_request_duration_seconds", "class" => class),
+                )
+            })
+            .clone()
+    })
+}
+
+/// Count one request sent to a downstream in `nestor_upstream_requests_total` (the fast
+/// path's; the router's client counts its own).
+pub(crate) fn count_upstream_request() {
+    thread_local! {
+        static COUNTER: metrics::Counter = metrics::counter!("nestor_upstream_requests_total");
+    }
+    COUNTER.with(|c| c.increment(1));
 }
 
 fn method_label(m: &http::Method) -> &'static str {

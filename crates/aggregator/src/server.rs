@@ -65,12 +65,26 @@ pub async fn serve_with_internal(state: AppState, listener: TcpListener, interna
 }
 
 /// Accept client connections until shutdown, then wait for the open ones to finish their
-/// in-flight requests. Each connection starts on the fast path (crate::fastpath) and goes
-/// to the router (`app`) from its first request the fast path does not take; the router's
-/// connections are shut down gracefully like `axum::serve` does.
+/// in-flight requests. Each connection starts on the fast path (crate::fastpath), on an I/O
+/// thread when there are any (crate::io_threads, `[http] io_threads`), and goes to the
+/// router (`app`) on this runtime from its first request the fast path does not take; the
+/// router's connections are shut down gracefully like `axum::serve` does.
 async fn accept_loop(state: AppState, listener: TcpListener, app: axum::Router) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let connections = tokio_util::task::TaskTracker::new();
+    let io = match state.cfg.http.io_thread_count() {
+        0 => None,
+        n => match crate::io_threads::IoThreads::start(n, state.cfg.http.busy_poll(), &state.shutdown) {
+            Ok(io) => Some(io),
+            Err(e) => {
+                tracing::warn!("cannot start {n} I/O threads ({e}); serving connections on the main runtime");
+                None
+            }
+        },
+    };
+    // The fast path's downstream connections when connections are served here.
+    let pool = std::sync::Arc::new(crate::fastpath::Pool::default());
+    let main = tokio::runtime::Handle::current();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -80,7 +94,23 @@ async fn accept_loop(state: AppState, listener: TcpListener, app: axum::Router) 
             Ok((tcp, _)) => {
                 // No Nagle delay: answers and WebSocket frames are small and latency-bound.
                 let _ = tcp.set_nodelay(true);
-                connections.spawn(crate::fastpath::serve_connection(state.clone(), app.clone(), tcp, graceful.watcher()));
+                let (state, router, watcher) = (state.clone(), app.clone(), graceful.watcher());
+                match &io {
+                    Some(io) => {
+                        let token = connections.token();
+                        let main = Some((main.clone(), connections.clone()));
+                        io.serve(tcp, move |tcp, local| async move {
+                            let _tracked = token;
+                            let serving = crate::fastpath::Serving { router, watcher, pool: local.pool, stop: local.stop, busy: Some(local.busy), main };
+                            crate::fastpath::serve_connection(state, serving, tcp).await;
+                        });
+                    }
+                    None => {
+                        let stop = state.shutdown.clone();
+                        let serving = crate::fastpath::Serving { router, watcher, pool: pool.clone(), stop, busy: None, main: None };
+                        connections.spawn(crate::fastpath::serve_connection(state, serving, tcp));
+                    }
+                }
             }
             // Per-connection failures (the peer gave up before accept): keep accepting.
             Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionRefused) => {}
@@ -100,6 +130,8 @@ async fn accept_loop(state: AppState, listener: TcpListener, app: axum::Router) 
     // the same token between requests.
     graceful.shutdown().await;
     connections.wait().await;
+    // Every connection is done: the I/O threads have nothing left to serve.
+    drop(io);
 }
 
 /// Cancel `state.shutdown` on SIGTERM or SIGINT.

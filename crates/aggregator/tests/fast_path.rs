@@ -1,7 +1,8 @@
 //! The fast path (crate::fastpath) over real TCP: what a client sees must not differ from
 //! the router's answers, on one keep-alive connection that mixes fast-path and router
 //! requests, pipelined requests, HEAD, large streamed answers through the leak guard, a
-//! pooled downstream connection the downstream closed, and with the fast path turned off.
+//! pooled downstream connection the downstream closed, and with the fast path turned off;
+//! with connections on I/O threads (the default) and on the shared runtime.
 
 mod support;
 
@@ -58,11 +59,24 @@ fn conversation(a: &nestor_test_support::FakeAgentServer) -> Uuid {
     id.parse().unwrap()
 }
 
+/// On an I/O thread (the default): the connection moves to the router's runtime at its first
+/// request the fast path does not take.
 #[tokio::test]
 async fn one_connection_mixes_fast_and_router_requests() {
+    mixes_fast_and_router_requests("").await;
+}
+
+/// The same on the shared runtime (`io_threads = 0`), and with I/O threads that never poll.
+#[tokio::test]
+async fn one_connection_mixes_fast_and_router_requests_without_io_threads_or_polling() {
+    mixes_fast_and_router_requests("[http]\nio_threads = 0").await;
+    mixes_fast_and_router_requests("[http]\nio_threads = 1\nbusy_poll_us = 0").await;
+}
+
+async fn mixes_fast_and_router_requests(config: &str) {
     let a = fake(0).await;
     let id = conversation(&a);
-    let n = nestor_existing(&[&a], "").await;
+    let n = nestor_existing(&[&a], config).await;
     let mut c = Conn::open(&n.url).await;
 
     let (s, h, body) = c.call("GET", &format!("/api/conversations/{id}"), CLIENT_KEY, None).await;

@@ -26,6 +26,8 @@ pub const MASK: &str = "**********";
 pub struct Redactor {
     rules: Arc<Vec<(Finder<'static>, Bytes)>>,
     max_len: usize,
+    /// The shortest pattern: shorter data cannot match (most header values).
+    min_len: usize,
 }
 
 impl std::fmt::Debug for Redactor {
@@ -44,7 +46,8 @@ impl Redactor {
             .map(|(p, r)| (Finder::new(&p).into_owned(), r))
             .collect();
         let max_len = rules.iter().map(|(f, _)| f.needle().len()).max().unwrap_or(0);
-        Self { rules: Arc::new(rules), max_len }
+        let min_len = rules.iter().map(|(f, _)| f.needle().len()).min().unwrap_or(0);
+        Self { rules: Arc::new(rules), max_len, min_len }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -67,7 +70,7 @@ impl Redactor {
 
     /// Replace every match in a complete buffer. Borrows when nothing matches.
     pub fn apply<'a>(&self, data: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
-        if self.rules.is_empty() {
+        if self.rules.is_empty() || data.len() < self.min_len {
             return std::borrow::Cow::Borrowed(data);
         }
         let Some(first) = self.find(data, 0) else {

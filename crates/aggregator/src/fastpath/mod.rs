@@ -82,9 +82,34 @@ enum Outcome {
     Close,
 }
 
+/// What a connection is served with.
+pub struct Serving {
+    /// Answers what the fast path does not take.
+    pub router: axum::Router,
+    /// The router's graceful shutdown.
+    pub watcher: hyper_util::server::graceful::Watcher,
+    /// Idle downstream connections of the event loop this connection is served on.
+    pub pool: Arc<Pool>,
+    /// Cancelled at shutdown: the connection closes between requests. (On an I/O thread, a
+    /// child of `AppState::shutdown` of that thread's own, so waiting for it between requests
+    /// shares no lock with other threads.)
+    pub stop: tokio_util::sync::CancellationToken,
+    /// The I/O thread's activity (crate::io_threads::BusyPoll), when on one.
+    pub busy: Option<Arc<crate::io_threads::BusyPoll>>,
+    /// When this connection is on an I/O thread (crate::io_threads): the main runtime, where
+    /// a hand-off moves it (tracked by `tracker`, so shutdown waits for it there too).
+    pub main: Option<(tokio::runtime::Handle, tokio_util::task::TaskTracker)>,
+}
+
 /// Serve one client connection: fast-path requests here, the rest (from the first request
-/// the fast path does not take) by `router`.
-pub async fn serve_connection(state: AppState, router: axum::Router, mut tcp: TcpStream, watcher: hyper_util::server::graceful::Watcher) {
+/// the fast path does not take) by the router.
+pub async fn serve_connection(state: AppState, serving: Serving, mut tcp: TcpStream) {
+    let Serving { router, watcher, pool, stop, busy, main } = serving;
+    let touch = || {
+        if let Some(b) = &busy {
+            b.touch();
+        }
+    };
     let mut buf = BytesMut::with_capacity(4096);
     if state.cfg.http.fast_path {
         let rules = request::Rules { persistence: state.persistence.is_some(), max_body: state.cfg.max_body_bytes };
@@ -95,7 +120,7 @@ pub async fn serve_connection(state: AppState, router: axum::Router, mut tcp: Tc
                     Parsed::Partial => {}
                     decided => break decided,
                 }
-                match read_more(&state, &mut tcp, &mut buf).await {
+                match read_more(&stop, &mut tcp, &mut buf).await {
                     Some(()) => continue,
                     None => return,
                 }
@@ -104,7 +129,10 @@ pub async fn serve_connection(state: AppState, router: axum::Router, mut tcp: Tc
                 Parsed::Fast(req) => req,
                 _ => break,
             };
-            match answer(&state, &mut tcp, &mut buf, req).await {
+            touch();
+            let outcome = answer(&state, &pool, &stop, &mut tcp, &mut buf, req).await;
+            touch();
+            match outcome {
                 Outcome::Answered => continue,
                 Outcome::HandOff => break,
                 Outcome::Close => {
@@ -114,12 +142,27 @@ pub async fn serve_connection(state: AppState, router: axum::Router, mut tcp: Tc
             }
         }
     }
-    hand_off(router, tcp, buf.freeze(), watcher).await;
+    let prefix = buf.freeze();
+    let Some((main, tracker)) = main else {
+        return hand_off(router, tcp, prefix, watcher).await;
+    };
+    // The router, its upgrades and its background work live on the main runtime.
+    match tcp.into_std() {
+        Ok(tcp) => {
+            main.spawn(tracker.track_future(async move {
+                match TcpStream::from_std(tcp) {
+                    Ok(tcp) => hand_off(router, tcp, prefix, watcher).await,
+                    Err(e) => tracing::debug!("cannot move a connection to the router: {e}"),
+                }
+            }));
+        }
+        Err(e) => tracing::debug!("cannot move a connection to the router: {e}"),
+    }
 }
 
 /// Read more of a request. `None`: the connection is done (closed by the client, failed,
 /// too slow mid-request, or idle at shutdown).
-async fn read_more(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut) -> Option<()> {
+async fn read_more(stop: &tokio_util::sync::CancellationToken, tcp: &mut TcpStream, buf: &mut BytesMut) -> Option<()> {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(4096);
     }
@@ -127,7 +170,7 @@ async fn read_more(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut) ->
         // Between requests: wait as long as the client likes, but not past shutdown.
         tokio::select! {
             r = tcp.read_buf(buf) => r,
-            _ = state.shutdown.cancelled() => return None,
+            _ = stop.cancelled() => return None,
         }
     } else {
         tokio::time::timeout(CLIENT_READ_TIMEOUT, tcp.read_buf(buf)).await.ok()?
@@ -167,19 +210,19 @@ fn ready_downstream(state: &AppState, req: &FastRequest) -> Option<(Arc<Downstre
 }
 
 /// Answer one fast-path request at the front of `buf`.
-async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: FastRequest) -> Outcome {
+async fn answer(state: &AppState, pool: &Pool, stop: &tokio_util::sync::CancellationToken, tcp: &mut TcpStream, buf: &mut BytesMut, req: FastRequest) -> Outcome {
     let Some((ds, ep)) = ready_downstream(state, &req) else { return Outcome::HandOff };
     let started = Instant::now();
     // The whole body first (it is small): then the request can be sent twice if needed.
     let total = req.head_len + req.body_len;
     while buf.len() < total {
-        if read_more(state, tcp, buf).await.is_none() {
+        if read_more(stop, tcp, buf).await.is_none() {
             return Outcome::Close;
         }
     }
     let raw = buf.split_to(total);
     let _activity = ds.begin_request();
-    metrics::counter!("nestor_upstream_requests_total").increment(1);
+    crate::observability::count_upstream_request();
 
     // Per request, not per connection: an idle keep-alive connection holds no request
     // buffers (as nginx frees its per-request memory).
@@ -202,7 +245,7 @@ async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: 
     let head_request = req.method == request::Method::Head;
     let mut rbuf = BytesMut::with_capacity(8192);
     let exchanged = tokio::time::timeout(state.upstream_timeout, async {
-        let mut conn = state.fast_pool.get(authority, CONNECT_TIMEOUT).await.map_err(ExchangeError::Io)?;
+        let mut conn = pool.get(authority, CONNECT_TIMEOUT).await.map_err(ExchangeError::Io)?;
         match upstream::exchange(&mut conn.stream, &out, &mut rbuf, head_request).await {
             Err(ExchangeError::ClosedBeforeAnswer) if conn.reused => {
                 // A pooled connection the downstream had closed: once more on a new one.
@@ -275,7 +318,7 @@ async fn answer(state: &AppState, tcp: &mut TcpStream, buf: &mut BytesMut, req: 
     record(&req, status, started);
     // The downstream connection serves the next request only if this answer ended cleanly.
     if head.keep_alive && reader.is_done() && rbuf.is_empty() {
-        state.fast_pool.put(authority, up);
+        pool.put(authority, up);
     }
     outcome
 }
@@ -369,20 +412,20 @@ fn response_head(head: &ResponseHead, redactor: &nestor_core::leak_guard::Redact
     w.extend_from_slice(b"HTTP/1.1 ");
     push_decimal(&mut w, head.status as usize);
     w.push(b' ');
-    w.extend_from_slice(head.reason.as_bytes());
+    w.extend_from_slice(head.reason());
     w.extend_from_slice(b"\r\n");
     let (mut vary, mut vary_origin, mut date) = (false, false, false);
     let head_request = req.method == request::Method::Head;
-    for (name, value) in &head.headers {
-        if cors.is_some() && (name.eq_ignore_ascii_case("access-control-allow-origin") || name.eq_ignore_ascii_case("access-control-allow-credentials")) {
+    for (name, value) in head.headers() {
+        if cors.is_some() && (name.eq_ignore_ascii_case(b"access-control-allow-origin") || name.eq_ignore_ascii_case(b"access-control-allow-credentials")) {
             continue;
         }
-        if name.eq_ignore_ascii_case("vary") {
+        if name.eq_ignore_ascii_case(b"vary") {
             vary = true;
             vary_origin |= memchr::memmem::find(value, b"Origin").is_some();
         }
-        date |= name.eq_ignore_ascii_case("date");
-        w.extend_from_slice(name.as_bytes());
+        date |= name.eq_ignore_ascii_case(b"date");
+        w.extend_from_slice(name);
         w.extend_from_slice(b": ");
         w.extend_from_slice(&redactor.apply(value));
         w.extend_from_slice(b"\r\n");

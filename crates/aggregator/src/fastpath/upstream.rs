@@ -10,7 +10,9 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -75,8 +77,14 @@ impl Pool {
     /// Keep `stream` for the next request to `authority`.
     pub fn put(&self, authority: &str, stream: TcpStream) {
         let now = Instant::now();
-        let mut list = self.idle.entry(authority.to_owned()).or_default();
-        list.retain(|(_, since)| now.duration_since(*since) < IDLE_KEEP);
+        // The common case, an address already known, without allocating its key.
+        let mut list = match self.idle.get_mut(authority) {
+            Some(list) => list,
+            None => self.idle.entry(authority.to_owned()).or_default(),
+        };
+        // Expired connections are at the front (the list is in return order).
+        let expired = list.iter().take_while(|(_, since)| now.duration_since(*since) >= IDLE_KEEP).count();
+        list.drain(..expired);
         if list.len() < MAX_IDLE_PER_ADDRESS {
             list.push((stream, now));
         }
@@ -103,16 +111,30 @@ pub enum Framing {
     Close,
 }
 
-/// A downstream answer head, with the headers to pass on already selected.
+/// A downstream answer head, with the headers to pass on already selected (as places in
+/// the head as received: no copy, no allocation per header).
 #[derive(Debug)]
 pub struct ResponseHead {
     pub status: u16,
-    pub reason: String,
+    /// The head as received.
+    raw: Bytes,
+    reason: Range<usize>,
     /// (name, value) of the end-to-end headers.
-    pub headers: Vec<(String, Vec<u8>)>,
+    headers: Vec<(Range<usize>, Range<usize>)>,
     pub framing: Framing,
     /// The downstream keeps the connection open after this answer.
     pub keep_alive: bool,
+}
+
+impl ResponseHead {
+    pub fn reason(&self) -> &[u8] {
+        &self.raw[self.reason.clone()]
+    }
+
+    /// The end-to-end headers, (name, value), in the downstream's order.
+    pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.headers.iter().map(|(n, v)| (&self.raw[n.clone()], &self.raw[v.clone()]))
+    }
 }
 
 /// Why an exchange failed.
@@ -149,15 +171,9 @@ pub async fn exchange(stream: &mut TcpStream, request: &[u8], buf: &mut BytesMut
         };
         debug_assert!(n > 0);
         match parse_head(buf, head_request)? {
-            Some((head, len)) if (100..200).contains(&head.status) => {
-                // An interim answer (never asked for: no `Expect` is sent): skip it.
-                bytes::Buf::advance(buf, len);
-                continue;
-            }
-            Some((head, len)) => {
-                bytes::Buf::advance(buf, len);
-                return Ok(head);
-            }
+            // An interim answer (never asked for: no `Expect` is sent): skip it.
+            Some(head) if (100..200).contains(&head.status) => continue,
+            Some(head) => return Ok(head),
             None if buf.len() > MAX_RESPONSE_HEAD => return Err(ExchangeError::Protocol("the answer head is too long")),
             None => continue,
         }
@@ -171,8 +187,14 @@ fn is_closed(e: &std::io::Error) -> bool {
     )
 }
 
-/// Parse an answer head; `None`: incomplete. Also returns the head's length.
-pub fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<(ResponseHead, usize)>, ExchangeError> {
+/// Parse the answer head at the front of `buf` and take it from there (what follows, the
+/// start of the body, stays); `None`: incomplete.
+pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseHead>, ExchangeError> {
+    let start = buf.as_ptr() as usize;
+    let place = |part: &[u8]| {
+        let from = part.as_ptr() as usize - start;
+        from..from + part.len()
+    };
     let mut slots = [httparse::EMPTY_HEADER; 96];
     let mut resp = httparse::Response::new(&mut slots);
     let len = match resp.parse(buf) {
@@ -213,7 +235,7 @@ pub fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<(ResponseHead
             }
             if head_request {
                 // A HEAD answer's length describes the GET body: pass it on as is.
-                headers.push((name.to_owned(), h.value.to_vec()));
+                headers.push((place(name.as_bytes()), place(h.value)));
             }
             continue;
         }
@@ -222,7 +244,7 @@ pub fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<(ResponseHead
         if crate::forward::HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n)) {
             continue;
         }
-        headers.push((name.to_owned(), h.value.to_vec()));
+        headers.push((place(name.as_bytes()), place(h.value)));
     }
     let framing = if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
         Framing::None
@@ -234,7 +256,9 @@ pub fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<(ResponseHead
         keep_alive = false;
         Framing::Close
     };
-    Ok(Some((ResponseHead { status, reason: resp.reason.unwrap_or("").to_owned(), headers, framing, keep_alive }, len)))
+    let reason = resp.reason.map_or(0..0, |r| place(r.as_bytes()));
+    let raw = buf.split_to(len).freeze();
+    Ok(Some(ResponseHead { status, raw, reason, headers, framing, keep_alive }))
 }
 
 #[cfg(test)]
@@ -243,21 +267,23 @@ mod tests {
 
     #[test]
     fn heads_and_their_framing() {
-        let raw = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: keep-alive\r\nx-a: b\r\n\r\nhello";
-        let (h, len) = parse_head(raw, false).unwrap().unwrap();
-        assert_eq!((h.status, h.framing, h.keep_alive, len), (200, Framing::Length(5), true, raw.len() - 5));
-        assert_eq!(h.headers, vec![("x-a".to_owned(), b"b".to_vec())]);
+        let parse_head = |raw: &[u8], head_request| parse_head(&mut BytesMut::from(raw), head_request);
+        let headers = |h: &ResponseHead| h.headers().map(|(n, v)| (n.to_vec(), v.to_vec())).collect::<Vec<_>>();
+        let mut raw = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: keep-alive\r\nx-a: b\r\n\r\nhello"[..]);
+        let h = super::parse_head(&mut raw, false).unwrap().unwrap();
+        assert_eq!((h.status, h.framing, h.keep_alive, &raw[..]), (200, Framing::Length(5), true, &b"hello"[..]));
+        assert_eq!((h.reason(), headers(&h)), (&b"OK"[..], vec![(b"x-a".to_vec(), b"b".to_vec())]));
 
-        let (h, _) = parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false).unwrap().unwrap();
+        let h = parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false).unwrap().unwrap();
         assert_eq!(h.framing, Framing::Chunked);
-        let (h, _) = parse_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", false).unwrap().unwrap();
+        let h = parse_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", false).unwrap().unwrap();
         assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
-        let (h, _) = parse_head(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n", false).unwrap().unwrap();
+        let h = parse_head(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n", false).unwrap().unwrap();
         assert_eq!(h.framing, Framing::None);
-        let (h, _) = parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n", true).unwrap().unwrap();
+        let h = parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n", true).unwrap().unwrap();
         assert_eq!(h.framing, Framing::None);
-        assert_eq!(h.headers, vec![("content-length".to_owned(), b"9".to_vec())]);
-        let (h, _) = parse_head(b"HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", false).unwrap().unwrap();
+        assert_eq!(headers(&h), vec![(b"content-length".to_vec(), b"9".to_vec())]);
+        let h = parse_head(b"HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", false).unwrap().unwrap();
         assert!(!h.keep_alive);
 
         assert!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-", false).unwrap().is_none());
@@ -269,7 +295,11 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400), head in proptest::prelude::any::<bool>()) {
-            let _ = parse_head(&bytes, head);
+            let mut buf = BytesMut::from(&bytes[..]);
+            if let Ok(Some(h)) = parse_head(&mut buf, head) {
+                // Every place is inside the head.
+                let _ = (h.reason(), h.headers().count());
+            }
         }
     }
 }
