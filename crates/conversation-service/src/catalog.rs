@@ -162,6 +162,13 @@ impl Catalog {
         self.entries.get(id).map(|e| (e.downstream.clone(), e.owner.clone()))
     }
 
+    /// The downstream of `id` if `allowed(owner)`: [`Catalog::route`] without copying the
+    /// owner (the fast path's check, on every request).
+    pub fn route_if(&self, id: &ConversationId, allowed: impl FnOnce(&UserId) -> bool) -> Option<Arc<Downstream>> {
+        let e = self.entries.get(id)?;
+        allowed(&e.owner).then(|| e.downstream.clone())
+    }
+
     pub fn get(&self, id: &ConversationId) -> Option<Entry> {
         self.entries.get(id).map(|e| e.clone())
     }

@@ -6,7 +6,7 @@
 //! [`DownstreamState`] is a `watch` channel, so anyone can wait, with a bound, for it to
 //! become ready.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -173,6 +173,8 @@ pub struct Downstream {
     owner: OnceLock<UserId>,
     endpoint: ArcSwapOption<Endpoint>,
     state: watch::Sender<DownstreamState>,
+    /// `state` is `Ready` (read on every proxied request without the watch's lock).
+    ready: AtomicBool,
     /// Conversations the catalog currently routes here.
     conversations: AtomicUsize,
     /// Client WebSockets currently attached (keeps it from idle stop).
@@ -202,6 +204,7 @@ impl Downstream {
             primary: primary.map(OnceLock::from).unwrap_or_default(),
             owner: owner.map(OnceLock::from).unwrap_or_default(),
             endpoint: ArcSwapOption::from(endpoint.map(Arc::new)),
+            ready: AtomicBool::new(state == DownstreamState::Ready),
             state: watch::Sender::new(state),
             conversations: AtomicUsize::new(0),
             attached_sockets: AtomicUsize::new(0),
@@ -250,12 +253,18 @@ impl Downstream {
         self.state.borrow().clone()
     }
 
+    /// Whether the state is `Ready`, without taking the state's lock.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
     pub fn set_state(&self, s: DownstreamState) {
         self.state.send_if_modified(|cur| {
             if *cur == s {
                 false
             } else {
                 tracing::debug!(downstream = %self.id, from = cur.as_str(), to = s.as_str(), "downstream state");
+                self.ready.store(s == DownstreamState::Ready, Ordering::Release);
                 *cur = s;
                 true
             }
@@ -309,7 +318,12 @@ impl Downstream {
 
     /// Record activity (a request or socket frame) now.
     pub fn touch(&self) {
-        self.last_activity_ms.store(now_ms(), Ordering::Relaxed);
+        // Written once per millisecond at most: requests on several threads then share the
+        // value's cache line instead of passing it between them on every request.
+        let now = now_ms();
+        if self.last_activity_ms.load(Ordering::Relaxed) != now {
+            self.last_activity_ms.store(now, Ordering::Relaxed);
+        }
     }
 
     /// Time since the last activity.

@@ -44,7 +44,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use nestor_core::{ApiError, Downstream, DownstreamState, Endpoint};
+use nestor_core::{ApiError, Downstream, Endpoint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -198,11 +198,9 @@ fn ready_downstream(state: &AppState, req: &FastRequest) -> Option<(Arc<Downstre
     if matches!(who.scope, Scope::Secrets(_) | Scope::Vscode(_)) {
         return None;
     }
-    let (ds, owner) = state.catalog.route(&req.conversation)?;
-    if !(state.auth.is_open() || who.may_access(&req.conversation, &owner)) {
-        return None;
-    }
-    if ds.state() != DownstreamState::Ready {
+    let open = state.auth.is_open();
+    let ds = state.catalog.route_if(&req.conversation, |owner| open || who.may_access(&req.conversation, owner))?;
+    if !ds.is_ready() {
         return None;
     }
     let ep = ds.endpoint()?;
