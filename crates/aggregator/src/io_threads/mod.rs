@@ -60,23 +60,34 @@ impl IoThreads {
     /// Start `count` threads (at least one), each polling up to `busy_poll` after activity
     /// ([`BusyPoll`]; zero: never). `shutdown`: cancelled when connections should close.
     pub fn start(count: usize, busy_poll: std::time::Duration, shutdown: &CancellationToken) -> std::io::Result<Self> {
-        let stop = CancellationToken::new();
-        let mut threads = Vec::with_capacity(count.max(1));
+        // Built up in place: if a thread cannot start, dropping `this` stops those that did.
+        let mut this = Self { threads: Vec::with_capacity(count.max(1)), stop: CancellationToken::new() };
         for i in 0..count.max(1) {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let handle = rt.handle().clone();
-            let stopped = stop.clone();
-            let busy = BusyPoll::new(busy_poll);
-            handle.spawn(busy.clone().run());
+            // The runtime is built and dropped on its own thread (dropping one inside the
+            // caller's runtime would panic); its handle comes back once it exists.
+            let (handle_tx, handle_rx) = std::sync::mpsc::sync_channel(1);
+            let stopped = this.stop.clone();
             std::thread::Builder::new().name(format!("nestor-io-{i}")).spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = handle_tx.send(Ok(rt.handle().clone()));
                 // Tasks spawned here run while this is driven. When it returns, what is left
                 // (nothing, after a graceful shutdown) is dropped with the runtime.
                 rt.block_on(stopped.cancelled());
             })?;
-            threads.push(IoThread { handle, open: Arc::default(), local: Local { pool: Arc::default(), stop: shutdown.child_token(), busy } });
+            // A thread starting: microseconds, once, at start.
+            let handle = handle_rx.recv().map_err(|_| std::io::Error::other("an I/O thread ended while starting"))??;
+            let busy = BusyPoll::new(busy_poll);
+            handle.spawn(busy.clone().run());
+            this.threads.push(IoThread { handle, open: Arc::default(), local: Local { pool: Arc::default(), stop: shutdown.child_token(), busy } });
         }
-        tracing::debug!(threads = threads.len(), "I/O threads started");
-        Ok(Self { threads, stop })
+        tracing::debug!(threads = this.threads.len(), "I/O threads started");
+        Ok(this)
     }
 
     /// How many threads serve connections.
