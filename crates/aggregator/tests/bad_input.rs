@@ -82,7 +82,9 @@ async fn missing_and_wrong_keys_get_401() {
 async fn invalid_create_bodies_get_422_without_provisioning() {
     let a = fake(0).await;
     let n = nestor_existing(&[&a], "").await;
-    let before = a.request_count();
+    // Creates, not all requests: nestor's health checks and catalog refreshes reach the
+    // downstream on their own schedule (a slow machine can fit one into this test).
+    let before = a.create_bodies().len();
     for (body, kind) in [
         ("{bad", "json_invalid"),
         ("[1,2]", "model_attributes_type"),
@@ -100,7 +102,7 @@ async fn invalid_create_bodies_get_422_without_provisioning() {
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["detail"][0]["type"], kind, "{body}: {v}");
     }
-    assert_eq!(a.request_count(), before, "nothing reached the downstream");
+    assert_eq!(a.create_bodies().len(), before, "no create reached the downstream");
     n.stop().await;
 }
 
@@ -177,10 +179,10 @@ async fn a_downstream_that_is_down_gets_a_clear_502_or_503() {
 async fn unknown_root_paths_are_404_and_not_forwarded() {
     let a = fake(0).await;
     let n = nestor_existing(&[&a], "").await;
-    let before = a.request_count();
     let r = n.client().get(format!("{}/nothing-here", n.url)).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"detail": "Not Found"}));
-    assert_eq!(a.request_count(), before);
+    // Counted by path: nestor's own health checks reach the downstream on their schedule.
+    assert_eq!(a.request_count_for("/nothing-here"), 0);
     n.stop().await;
 }

@@ -33,6 +33,8 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 #[derive(Default)]
 pub struct Pool {
     idle: DashMap<String, Vec<(TcpStream, Instant)>>,
+    /// When expired connections to all addresses were last closed.
+    last_sweep: std::sync::Mutex<Option<Instant>>,
 }
 
 /// A connection and whether it came from the pool (then it may turn out closed).
@@ -77,6 +79,7 @@ impl Pool {
     /// Keep `stream` for the next request to `authority`.
     pub fn put(&self, authority: &str, stream: TcpStream) {
         let now = Instant::now();
+        self.sweep(now);
         // The common case, an address already known, without allocating its key.
         let mut list = match self.idle.get_mut(authority) {
             Some(list) => list,
@@ -88,6 +91,23 @@ impl Pool {
         if list.len() < MAX_IDLE_PER_ADDRESS {
             list.push((stream, now));
         }
+    }
+
+    /// At most once per [`IDLE_KEEP`]: close expired connections to every address, and forget
+    /// addresses with none left (a downstream that went away is not asked again, so its
+    /// connections would otherwise stay open).
+    fn sweep(&self, now: Instant) {
+        {
+            let mut last = self.last_sweep.lock().unwrap_or_else(|e| e.into_inner());
+            match *last {
+                Some(at) if now.duration_since(at) < IDLE_KEEP => return,
+                _ => *last = Some(now),
+            }
+        }
+        self.idle.retain(|_, list| {
+            list.retain(|(_, since)| now.duration_since(*since) < IDLE_KEEP);
+            !list.is_empty()
+        });
     }
 }
 
@@ -158,24 +178,33 @@ pub async fn exchange(stream: &mut TcpStream, request: &[u8], buf: &mut BytesMut
         Err(e) => return Err(ExchangeError::Io(e)),
     }
     buf.clear();
+    // An interim answer was skipped: the downstream has seen the request.
+    let mut interim = false;
     loop {
+        // What is already read may hold a head: an interim answer and the final one can
+        // arrive in one read.
+        if !buf.is_empty() {
+            match parse_head(buf, head_request)? {
+                // An interim answer (never asked for: no `Expect` is sent): skip it.
+                Some(head) if (100..200).contains(&head.status) => {
+                    interim = true;
+                    continue;
+                }
+                Some(head) => return Ok(head),
+                None if buf.len() > MAX_RESPONSE_HEAD => return Err(ExchangeError::Protocol("the answer head is too long")),
+                None => {}
+            }
+        }
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(8192);
         }
-        let n = match stream.read_buf(buf).await {
-            Ok(0) if buf.is_empty() => return Err(ExchangeError::ClosedBeforeAnswer),
+        let before_answer = buf.is_empty() && !interim;
+        match stream.read_buf(buf).await {
+            Ok(0) if before_answer => return Err(ExchangeError::ClosedBeforeAnswer),
             Ok(0) => return Err(ExchangeError::Protocol("the connection closed inside the answer head")),
-            Ok(n) => n,
-            Err(e) if buf.is_empty() && is_closed(&e) => return Err(ExchangeError::ClosedBeforeAnswer),
+            Ok(_) => {}
+            Err(e) if before_answer && is_closed(&e) => return Err(ExchangeError::ClosedBeforeAnswer),
             Err(e) => return Err(ExchangeError::Io(e)),
-        };
-        debug_assert!(n > 0);
-        match parse_head(buf, head_request)? {
-            // An interim answer (never asked for: no `Expect` is sent): skip it.
-            Some(head) if (100..200).contains(&head.status) => continue,
-            Some(head) => return Ok(head),
-            None if buf.len() > MAX_RESPONSE_HEAD => return Err(ExchangeError::Protocol("the answer head is too long")),
-            None => continue,
         }
     }
 }
@@ -190,10 +219,15 @@ fn is_closed(e: &std::io::Error) -> bool {
 /// Parse the answer head at the front of `buf` and take it from there (what follows, the
 /// start of the body, stays); `None`: incomplete.
 pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseHead>, ExchangeError> {
-    let start = buf.as_ptr() as usize;
+    let (start, end) = (buf.as_ptr() as usize, buf.as_ptr() as usize + buf.len());
+    // Where `part` is in `buf`. httparse returns a static "" (not a slice of `buf`) for a
+    // missing or non-ASCII reason phrase: that is the empty range.
     let place = |part: &[u8]| {
-        let from = part.as_ptr() as usize - start;
-        from..from + part.len()
+        let at = part.as_ptr() as usize;
+        if part.is_empty() || at < start || at + part.len() > end {
+            return 0..0;
+        }
+        at - start..at - start + part.len()
     };
     let mut slots = [httparse::EMPTY_HEADER; 96];
     let mut resp = httparse::Response::new(&mut slots);
@@ -286,10 +320,38 @@ mod tests {
         let h = parse_head(b"HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", false).unwrap().unwrap();
         assert!(!h.keep_alive);
 
+        // No reason phrase, or one httparse does not pass on (non-ASCII): empty.
+        let h = parse_head(b"HTTP/1.1 200\r\ncontent-length: 0\r\n\r\n", false).unwrap().unwrap();
+        assert_eq!((h.status, h.reason()), (200, &b""[..]));
+        let h = parse_head(b"HTTP/1.1 200 \xC3\xA9t\xC3\xA9\r\nx-a: b\r\n\r\n", false).unwrap().unwrap();
+        assert_eq!((h.reason(), headers(&h)), (&b""[..], vec![(b"x-a".to_vec(), b"b".to_vec())]));
+
         assert!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-", false).unwrap().is_none());
         assert!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n", false).is_err());
         assert!(parse_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n", false).is_err());
         assert!(parse_head(b"nonsense\r\n\r\n", false).is_err());
+    }
+
+    /// An interim answer and the final one in one read: both are seen without waiting for
+    /// more bytes.
+    #[tokio::test]
+    async fn an_interim_answer_and_the_final_one_in_one_read() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut req = [0u8; 256];
+            let _ = tcp.read(&mut req).await.unwrap();
+            tcp.write_all(b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi").await.unwrap();
+            // Keep the connection open: the answer must not wait for a close.
+            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        });
+        let mut stream = connect(&addr.to_string(), std::time::Duration::from_secs(5)).await.unwrap();
+        let mut buf = BytesMut::new();
+        let exchanged = tokio::time::timeout(std::time::Duration::from_secs(5), exchange(&mut stream, b"GET / HTTP/1.1\r\nhost: h\r\n\r\n", &mut buf, false));
+        let head = exchanged.await.expect("answered without waiting").unwrap();
+        assert_eq!((head.status, head.framing, &buf[..]), (200, Framing::Length(2), &b"hi"[..]));
+        server.abort();
     }
 
     proptest::proptest! {

@@ -65,6 +65,8 @@ impl BusyPoll {
     }
 
     /// The poller: spawned on its I/O thread for the thread's life.
+    // `%`, not `is_multiple_of`: the workspace's rust-version is 1.85.
+    #[allow(clippy::manual_is_multiple_of)]
     pub async fn run(self: Arc<Self>) {
         if self.max.is_zero() {
             return;
@@ -95,7 +97,7 @@ impl BusyPoll {
                     break;
                 }
                 round = round.wrapping_add(1);
-                if round.is_multiple_of(YIELD_EVERY) {
+                if round % YIELD_EVERY == 0 {
                     std::thread::yield_now();
                 }
             }
