@@ -17,7 +17,7 @@
 //! runnable thread every few rounds (`sched_yield`).
 //!
 //! Cost: a thread serving back-to-back requests of one client polls between them, so it
-//! stays on a CPU (as haltpoll's does); on a saturated machine polling costs ~1 % of
+//! stays on a CPU (as haltpoll's does); on a saturated machine polling costs ~1–2 % of
 //! throughput (docs/performance.md). `[http] busy_poll_us = 0` turns it off, e.g. where CPU
 //! time is metered or capped (a Kubernetes CPU limit).
 

@@ -6,7 +6,7 @@
 //! when the driver finds it work. In a closed loop of 64 connections this left ~10 % of the
 //! machine idle (78 of 800 scheduler ticks, against 16 for nginx, whose workers are
 //! single-threaded event loops) and held throughput at 0.93× nginx's, with the same CPU per
-//! request (docs/performance.md, "Connections on I/O threads"). A `current_thread` runtime
+//! request (docs/performance.md, "Latest results": I/O threads). A `current_thread` runtime
 //! per thread waits in its own epoll and runs what it finds there, with no hand-over.
 //!
 //! What runs here: the fast path only (crate::fastpath). The first request of a connection
@@ -90,18 +90,9 @@ impl IoThreads {
         Ok(this)
     }
 
-    /// How many threads serve connections.
-    pub fn len(&self) -> usize {
-        self.threads.len()
-    }
-
-    /// Whether there are none (never: [`IoThreads::start`] starts at least one).
-    pub fn is_empty(&self) -> bool {
-        self.threads.is_empty()
-    }
-
-    /// Connections each thread serves now (for tests and the status page).
-    pub fn open_per_thread(&self) -> Vec<usize> {
+    /// Connections each thread serves now.
+    #[cfg(test)]
+    fn open_per_thread(&self) -> Vec<usize> {
         self.threads.iter().map(|t| t.open.load(Ordering::Relaxed)).collect()
     }
 
