@@ -195,6 +195,35 @@ async fn a_pooled_connection_the_downstream_closed_is_replaced() {
     n.stop().await;
 }
 
+/// A downstream slower than `upstream_timeout_secs`: the agent-server-shaped 504, well before
+/// the downstream would have answered, and the same connection goes on serving (the
+/// connection's one deadline timer is re-armed for each request).
+#[tokio::test]
+async fn a_slow_downstream_gets_a_504_and_the_connection_goes_on() {
+    let a = fake(0).await;
+    let id = conversation(&a);
+    let n = nestor_existing(&[&a], "upstream_timeout_secs = 0.3").await;
+    let mut c = Conn::open(&n.url).await;
+    let path = format!("/api/conversations/{id}");
+    let (s, _, _) = c.call("GET", &path, CLIENT_KEY, None).await;
+    assert_eq!(s, 200);
+    // Slower than the timeout, quicker than the health probes' 2 s (the downstream stays up).
+    a.set_fault(nestor_test_support::Fault::Delay(Duration::from_millis(1500)));
+    let t0 = std::time::Instant::now();
+    let (s, _, body) = c.call("GET", &path, CLIENT_KEY, None).await;
+    let waited = t0.elapsed();
+    assert_eq!(s, 504, "{body:?}");
+    let detail = serde_json::from_slice::<Value>(&body).unwrap()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("did not answer within"), "{detail}");
+    assert!(waited >= Duration::from_millis(300), "gave up early: {waited:?}");
+    a.set_fault(nestor_test_support::Fault::None);
+    for _ in 0..3 {
+        let (s, _, body) = c.call("GET", &path, CLIENT_KEY, None).await;
+        assert_eq!(s, 200, "{body:?}");
+    }
+    n.stop().await;
+}
+
 #[tokio::test]
 async fn the_fast_path_can_be_turned_off() {
     let a = fake(0).await;

@@ -35,6 +35,7 @@
 //! request then goes to the router.
 
 mod body;
+mod deadline;
 mod request;
 mod upstream;
 
@@ -57,6 +58,7 @@ pub use upstream::Pool;
 pub(crate) use crate::routes::conversations::WORKSPACE_COOKIE;
 
 use body::BodyReader;
+use deadline::Deadline;
 use upstream::{ExchangeError, Framing, ResponseHead};
 
 /// Answers up to this size are read whole and redacted with an exact `Content-Length`
@@ -111,6 +113,7 @@ pub async fn serve_connection(state: AppState, serving: Serving, mut tcp: TcpStr
         }
     };
     let mut buf = BytesMut::with_capacity(4096);
+    let mut deadline = Deadline::new(state.upstream_timeout);
     if state.cfg.http.fast_path {
         let rules = request::Rules { persistence: state.persistence.is_some(), max_body: state.cfg.max_body_bytes };
         loop {
@@ -130,7 +133,7 @@ pub async fn serve_connection(state: AppState, serving: Serving, mut tcp: TcpStr
                 _ => break,
             };
             touch();
-            let outcome = answer(&state, &pool, &stop, &mut tcp, &mut buf, req).await;
+            let outcome = answer(&state, &pool, &stop, &mut deadline, &mut tcp, &mut buf, req).await;
             touch();
             match outcome {
                 Outcome::Answered => continue,
@@ -208,9 +211,18 @@ fn ready_downstream(state: &AppState, req: &FastRequest) -> Option<(Arc<Downstre
 }
 
 /// Answer one fast-path request at the front of `buf`.
-async fn answer(state: &AppState, pool: &Pool, stop: &tokio_util::sync::CancellationToken, tcp: &mut TcpStream, buf: &mut BytesMut, req: FastRequest) -> Outcome {
+async fn answer(
+    state: &AppState,
+    pool: &Pool,
+    stop: &tokio_util::sync::CancellationToken,
+    deadline: &mut Deadline,
+    tcp: &mut TcpStream,
+    buf: &mut BytesMut,
+    req: FastRequest,
+) -> Outcome {
     let Some((ds, ep)) = ready_downstream(state, &req) else { return Outcome::HandOff };
-    let started = Instant::now();
+    let clock = tokio::time::Instant::now();
+    let started = clock.into_std();
     // The whole body first (it is small): then the request can be sent twice if needed.
     let total = req.head_len + req.body_len;
     while buf.len() < total {
@@ -242,7 +254,7 @@ async fn answer(state: &AppState, pool: &Pool, stop: &tokio_util::sync::Cancella
     let authority = ep.authority.as_str();
     let head_request = req.method == request::Method::Head;
     let mut rbuf = BytesMut::with_capacity(8192);
-    let exchanged = tokio::time::timeout(state.upstream_timeout, async {
+    let exchange = async {
         let mut conn = pool.get(authority, CONNECT_TIMEOUT).await.map_err(ExchangeError::Io)?;
         match upstream::exchange(&mut conn.stream, &out, &mut rbuf, head_request).await {
             Err(ExchangeError::ClosedBeforeAnswer) if conn.reused => {
@@ -254,8 +266,12 @@ async fn answer(state: &AppState, pool: &Pool, stop: &tokio_util::sync::Cancella
             }
             r => r.map(|head| (conn.stream, head)),
         }
-    })
-    .await;
+    };
+    let exchanged = tokio::select! {
+        biased;
+        r = exchange => Ok(r),
+        () = deadline.arm(clock) => Err(()),
+    };
     let who = || format!("conversation {}'s agent-server", req.conversation);
     let (mut up, head) = match exchanged {
         Ok(Ok(x)) => x,
@@ -270,7 +286,7 @@ async fn answer(state: &AppState, pool: &Pool, stop: &tokio_util::sync::Cancella
             return respond_error(tcp, &req, cors_of(state, &req).as_ref(), e, started).await;
         }
         Err(_) => {
-            let e = ApiError::GatewayTimeout(format!("the agent-server did not answer within {:?}", state.upstream_timeout));
+            let e = ApiError::GatewayTimeout(format!("the agent-server did not answer within {:?}", deadline.timeout()));
             return respond_error(tcp, &req, cors_of(state, &req).as_ref(), e, started).await;
         }
     };
