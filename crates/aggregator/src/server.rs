@@ -70,7 +70,6 @@ pub async fn serve_with_internal(state: AppState, listener: TcpListener, interna
 /// router (`app`) on this runtime from its first request the fast path does not take; the
 /// router's connections are shut down gracefully like `axum::serve` does.
 async fn accept_loop(state: AppState, listener: TcpListener, app: axum::Router) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let connections = tokio_util::task::TaskTracker::new();
     let io = match state.cfg.http.io_thread_count() {
         0 => None,
@@ -94,20 +93,20 @@ async fn accept_loop(state: AppState, listener: TcpListener, app: axum::Router) 
             Ok((tcp, _)) => {
                 // No Nagle delay: answers and WebSocket frames are small and latency-bound.
                 let _ = tcp.set_nodelay(true);
-                let (state, router, watcher) = (state.clone(), app.clone(), graceful.watcher());
+                let (state, router) = (state.clone(), app.clone());
                 match &io {
                     Some(io) => {
                         let token = connections.token();
                         let main = Some((main.clone(), connections.clone()));
                         io.serve(tcp, move |tcp, local| async move {
                             let _tracked = token;
-                            let serving = crate::fastpath::Serving { router, watcher, pool: local.pool, stop: local.stop, busy: Some(local.busy), main };
+                            let serving = crate::fastpath::Serving { router, pool: local.pool, stop: local.stop, busy: Some(local.busy), main };
                             crate::fastpath::serve_connection(state, serving, tcp).await;
                         });
                     }
                     None => {
                         let stop = state.shutdown.clone();
-                        let serving = crate::fastpath::Serving { router, watcher, pool: pool.clone(), stop, busy: None, main: None };
+                        let serving = crate::fastpath::Serving { router, pool: pool.clone(), stop, busy: None, main: None };
                         connections.spawn(crate::fastpath::serve_connection(state, serving, tcp));
                     }
                 }
@@ -126,9 +125,8 @@ async fn accept_loop(state: AppState, listener: TcpListener, app: axum::Router) 
     }
     drop(listener);
     connections.close();
-    // Router connections: finish in-flight requests, then close. Fast-path connections see
-    // the same token between requests.
-    graceful.shutdown().await;
+    // Every connection sees the shutdown token: the fast path's between requests, the
+    // router's through hyper's graceful shutdown (in-flight requests finish, then close).
     connections.wait().await;
     // Every connection is done: the I/O threads have nothing left to serve.
     drop(io);

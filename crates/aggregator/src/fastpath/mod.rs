@@ -88,8 +88,6 @@ enum Outcome {
 pub struct Serving {
     /// Answers what the fast path does not take.
     pub router: axum::Router,
-    /// The router's graceful shutdown.
-    pub watcher: hyper_util::server::graceful::Watcher,
     /// Idle downstream connections of the event loop this connection is served on.
     pub pool: Arc<Pool>,
     /// Cancelled at shutdown: the connection closes between requests. (On an I/O thread, a
@@ -106,7 +104,7 @@ pub struct Serving {
 /// Serve one client connection: fast-path requests here, the rest (from the first request
 /// the fast path does not take) by the router.
 pub async fn serve_connection(state: AppState, serving: Serving, mut tcp: TcpStream) {
-    let Serving { router, watcher, pool, stop, busy, main } = serving;
+    let Serving { router, pool, stop, busy, main } = serving;
     let touch = || {
         if let Some(b) = &busy {
             b.touch();
@@ -128,10 +126,14 @@ pub async fn serve_connection(state: AppState, serving: Serving, mut tcp: TcpStr
                     None => return,
                 }
             };
-            let req = match parsed {
+            let mut req = match parsed {
                 Parsed::Fast(req) => req,
                 _ => break,
             };
+            // Shutting down: this one is answered, with `Connection: close`, and no other.
+            if stop.is_cancelled() {
+                req.keep_alive = false;
+            }
             touch();
             let outcome = answer(&state, &pool, &stop, &mut deadline, &mut tcp, &mut buf, req).await;
             touch();
@@ -147,14 +149,17 @@ pub async fn serve_connection(state: AppState, serving: Serving, mut tcp: TcpStr
     }
     let prefix = buf.freeze();
     let Some((main, tracker)) = main else {
-        return hand_off(router, tcp, prefix, watcher).await;
+        return hand_off(router, tcp, prefix, stop).await;
     };
+    // On the main runtime, wait on the shared token: this thread's child token is for
+    // this thread's own connections.
+    let stop = state.shutdown.clone();
     // The router, its upgrades and its background work live on the main runtime.
     match tcp.into_std() {
         Ok(tcp) => {
             main.spawn(tracker.track_future(async move {
                 match TcpStream::from_std(tcp) {
-                    Ok(tcp) => hand_off(router, tcp, prefix, watcher).await,
+                    Ok(tcp) => hand_off(router, tcp, prefix, stop).await,
                     Err(e) => tracing::debug!("cannot move a connection to the router: {e}"),
                 }
             }));
@@ -170,8 +175,11 @@ async fn read_more(stop: &tokio_util::sync::CancellationToken, tcp: &mut TcpStre
         buf.reserve(4096);
     }
     let read = if buf.is_empty() {
-        // Between requests: wait as long as the client likes, but not past shutdown.
+        // Between requests: wait as long as the client likes, but not past shutdown. Bytes
+        // already there when shutdown comes are read first (a request crossing the signal
+        // is answered, with `Connection: close`).
         tokio::select! {
+            biased;
             r = tcp.read_buf(buf) => r,
             _ = stop.cancelled() => return None,
         }
@@ -184,13 +192,32 @@ async fn read_more(stop: &tokio_util::sync::CancellationToken, tcp: &mut TcpStre
     }
 }
 
-/// Give the connection, with the bytes already read from it, to the router.
-async fn hand_off(router: axum::Router, tcp: TcpStream, prefix: Bytes, watcher: hyper_util::server::graceful::Watcher) {
+/// Give the connection, with the bytes already read from it, to the router, which serves it
+/// until the client closes it or nestor shuts down (`stop`).
+///
+/// Shutdown is hyper's graceful one (in-flight requests finish, then the connection
+/// closes), with one difference from hyper-util's `GracefulShutdown`: that one, signalled
+/// before the connection was first polled, closes it while it is still reading its first
+/// request, and the request already read into `prefix` would go unanswered. Here the
+/// connection is polled once first, which reads that request, so shutdown finds it in
+/// flight: it is answered, with `Connection: close`.
+async fn hand_off(router: axum::Router, tcp: TcpStream, prefix: Bytes, stop: tokio_util::sync::CancellationToken) {
     let io = hyper_util::rt::TokioIo::new(Prefixed { prefix, inner: tcp });
     let service = hyper_util::service::TowerToHyperService::new(router);
     let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
     let conn = builder.serve_connection_with_upgrades(io, service);
-    if let Err(e) = watcher.watch(conn.into_owned()).await {
+    tokio::pin!(conn);
+    let ended = match futures::poll!(conn.as_mut()) {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => tokio::select! {
+            r = conn.as_mut() => r,
+            () = stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        },
+    };
+    if let Err(e) = ended {
         tracing::trace!("client connection ended: {e}");
     }
 }
