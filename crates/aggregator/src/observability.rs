@@ -162,28 +162,37 @@ pub(crate) fn count_request(class: &'static str, method: &'static str, status: u
         400..=499 => "4xx",
         _ => "5xx",
     };
-    let (counter, histogram) = handles(class, method, status_class);
-    counter.increment(1);
-    histogram.record(started.elapsed().as_secs_f64());
+    let seconds = started.elapsed().as_secs_f64();
+    with_handles(class, method, status_class, |counter, histogram| {
+        counter.increment(1);
+        histogram.record(seconds);
+    });
 }
 
 /// Per-request metric handles, resolved once per label set and thread (building a labelled
 /// key on every request allocates; a shared cache would bounce between the I/O threads).
-fn handles(class: &'static str, method: &'static str, status: &'static str) -> (metrics::Counter, metrics::Histogram) {
+/// A short list searched in order: a thread sees a handful of label sets, and comparing
+/// three short labels costs less than hashing them.
+fn with_handles(class: &'static str, method: &'static str, status: &'static str, f: impl FnOnce(&metrics::Counter, &metrics::Histogram)) {
     type Key = (&'static str, &'static str, &'static str);
     thread_local! {
-        static CACHE: std::cell::RefCell<std::collections::HashMap<Key, (metrics::Counter, metrics::Histogram)>> = Default::default();
+        static CACHE: std::cell::RefCell<Vec<(Key, metrics::Counter, metrics::Histogram)>> = const { std::cell::RefCell::new(Vec::new()) };
     }
+    let key = (class, method, status);
     CACHE.with_borrow_mut(|cache| {
-        cache
-            .entry((class, method, status))
-            .or_insert_with(|| {
-                (
+        let i = match cache.iter().position(|(k, _, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                cache.push((
+                    key,
                     metrics::counter!("nestor_http_requests_total", "class" => class, "method" => method, "status" => status),
                     metrics::histogram!("nestor_http_request_duration_seconds", "class" => class),
-                )
-            })
-            .clone()
+                ));
+                cache.len() - 1
+            }
+        };
+        let (_, counter, histogram) = &cache[i];
+        f(counter, histogram);
     })
 }
 
