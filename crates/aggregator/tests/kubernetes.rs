@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nestor_test_support::kube_env::{agent_server_image, KubeEnv, TestNamespace};
-use nestor_test_support::node_agent::{self, NodeAgent, NodeAgentConfig};
+use nestor_test_support::kube_env::{agent_server_image, KubeEnv};
+use nestor_test_support::node_agent::TestNode;
 use serde_json::{json, Value};
 
 const KEY: &str = "client-key-kubernetes-0123456789";
@@ -143,34 +143,25 @@ fn create_body() -> Value {
 
 struct Ctx {
     env: KubeEnv,
-    ns: TestNamespace,
-    agent: Option<NodeAgent>,
+    node: TestNode,
     dir: tempfile::TempDir,
 }
 
 impl Ctx {
     async fn new(env: KubeEnv, prefix: &str) -> Ctx {
-        let ns = TestNamespace::create(&env, prefix).await.expect("test namespace");
-        let agent = NodeAgent::start(NodeAgentConfig {
-            kubeconfig: env.admin.clone(),
-            namespace: ns.name.clone(),
-            node_name: format!("node-{}", ns.name),
-            docker_host: None,
-        })
-        .await
-        .expect("node agent");
-        Ctx { env, ns, agent: Some(agent), dir: tempfile::tempdir().unwrap() }
+        let node = TestNode::start(&env, prefix).await;
+        Ctx { env, node, dir: tempfile::tempdir().unwrap() }
     }
 
     async fn replica(&self, name: &'static str) -> Replica {
-        Replica::start(self.dir.path(), name, &self.env.nestor, &self.ns.name, &agent_server_image(), "").await
+        Replica::start(self.dir.path(), name, &self.env.nestor, &self.node.ns.name, &agent_server_image(), "").await
     }
 
     /// Wait (bounded) until the namespace holds exactly `want` (pods, secrets, pvcs).
     async fn wait_objects(&self, want: (usize, usize, usize), within: Duration) -> (Vec<String>, Vec<String>, Vec<String>) {
         let deadline = Instant::now() + within;
         loop {
-            let o = self.ns.objects().await.unwrap();
+            let o = self.node.ns.objects().await.unwrap();
             if (o.0.len(), o.1.len(), o.2.len()) == want || Instant::now() > deadline {
                 return o;
             }
@@ -178,15 +169,8 @@ impl Ctx {
         }
     }
 
-    async fn finish(mut self) {
-        let node = format!("node-{}", self.ns.name);
-        self.ns.shutdown().await;
-        if let Some(a) = self.agent.take() {
-            a.shutdown().await;
-        }
-        let docker = node_agent::connect_docker(None).await.unwrap();
-        let (cs, vs) = node_agent::leftovers(&docker, &node).await;
-        assert!(cs.is_empty() && vs.is_empty(), "node agent left {cs:?} {vs:?}");
+    async fn finish(self) {
+        self.node.finish().await;
     }
 }
 
@@ -221,7 +205,7 @@ async fn conversations_in_their_own_pods_served_by_any_replica_and_deleted_witho
         ids.push(info["id"].as_str().unwrap().to_owned());
     }
     eprintln!("TIMING 3 creates through nestor (pods created -> ready -> conversation created): {:?}", t0.elapsed());
-    let (pods, secrets, pvcs) = ctx.ns.objects().await.unwrap();
+    let (pods, secrets, pvcs) = ctx.node.ns.objects().await.unwrap();
     assert_eq!((pods.len(), secrets.len(), pvcs.len()), (3, 3, 3), "{pods:?} {secrets:?} {pvcs:?}");
     for id in &ids {
         let hex = id.replace('-', "");
@@ -279,7 +263,7 @@ async fn bad_input_fails_clearly_and_in_bounded_time() {
     let dir = ctx.dir.path();
 
     // A namespace nestor may not write to: it refuses to start, naming the missing verbs.
-    let cfg = Replica::config(dir, "ro", 1, &ctx.env.readonly, &ctx.ns.name, &agent_server_image(), "");
+    let cfg = Replica::config(dir, "ro", 1, &ctx.env.readonly, &ctx.node.ns.name, &agent_server_image(), "");
     let t0 = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_nestor")).arg("serve").arg("--config").arg(&cfg).output().unwrap();
     let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
@@ -293,7 +277,7 @@ async fn bad_input_fails_clearly_and_in_bounded_time() {
     let api_port = std::env::var("NESTOR_KUBE_API_PORT").unwrap_or_else(|_| "26443".into());
     let down = dir.join("down.kubeconfig");
     std::fs::write(&down, kc.replace(&format!("127.0.0.1:{api_port}"), &format!("127.0.0.1:{dead}"))).unwrap();
-    let cfg = Replica::config(dir, "down", 1, &down, &ctx.ns.name, &agent_server_image(), "");
+    let cfg = Replica::config(dir, "down", 1, &down, &ctx.node.ns.name, &agent_server_image(), "");
     let t0 = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_nestor")).arg("serve").arg("--config").arg(&cfg).output().unwrap();
     let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
@@ -304,7 +288,7 @@ async fn bad_input_fails_clearly_and_in_bounded_time() {
     // An image that never becomes ready: the create fails within the startup bound, says
     // why, and leaves nothing behind.
     // (A short startup bound for this replica.)
-    let cfg = Replica::config(dir, "badimg2", 1, &ctx.env.nestor, &ctx.ns.name, "nestor/does-not-exist:0", "");
+    let cfg = Replica::config(dir, "badimg2", 1, &ctx.env.nestor, &ctx.node.ns.name, "nestor/does-not-exist:0", "");
     let text = std::fs::read_to_string(&cfg).unwrap().replace("startup_timeout_secs = 240.0", "startup_timeout_secs = 8.0");
     std::fs::write(&cfg, &text).unwrap();
     let n = Replica::start_with_config(dir, "badimg2", &cfg).await;

@@ -18,33 +18,24 @@ use nestor_core::{ConversationId, Downstream, DownstreamClient, DownstreamState,
 use nestor_provisioner::kubernetes::{KubernetesConfig, KubernetesProvisioner, Reach};
 use nestor_provisioner::{ProvisionError, ProvisionRequest, Provisioner};
 use nestor_test_support::kube_env::{agent_server_image, KubeEnv, TestNamespace};
-use nestor_test_support::node_agent::{self, NodeAgent, NodeAgentConfig};
+use nestor_test_support::node_agent::TestNode;
 
 /// A namespace + node agent for one test, removed afterwards (also on panic).
 struct Ctx {
     env: KubeEnv,
-    ns: TestNamespace,
-    agent: Option<NodeAgent>,
+    node: TestNode,
 }
 
 impl Ctx {
     async fn new(env: KubeEnv, prefix: &str) -> Ctx {
-        let ns = TestNamespace::create(&env, prefix).await.expect("test namespace");
-        let agent = NodeAgent::start(NodeAgentConfig {
-            kubeconfig: env.admin.clone(),
-            namespace: ns.name.clone(),
-            node_name: format!("node-{}", ns.name),
-            docker_host: None,
-        })
-        .await
-        .expect("node agent");
-        Ctx { env, ns, agent: Some(agent) }
+        let node = TestNode::start(&env, prefix).await;
+        Ctx { env, node }
     }
 
     fn cfg(&self) -> KubernetesConfig {
         KubernetesConfig {
             kubeconfig: Some(self.env.nestor.clone()),
-            namespace: Some(self.ns.name.clone()),
+            namespace: Some(self.node.ns.name.clone()),
             image: Some(agent_server_image()),
             reach: Reach::HostPortAnnotation,
             startup_timeout_secs: Some(240.0),
@@ -71,15 +62,8 @@ impl Ctx {
         KubernetesProvisioner::new(cfg).await.expect("provisioner")
     }
 
-    async fn finish(mut self) {
-        let node = format!("node-{}", self.ns.name);
-        self.ns.shutdown().await;
-        if let Some(a) = self.agent.take() {
-            a.shutdown().await;
-        }
-        let docker = node_agent::connect_docker(None).await.unwrap();
-        let (cs, vs) = node_agent::leftovers(&docker, &node).await;
-        assert!(cs.is_empty() && vs.is_empty(), "node agent left {cs:?} {vs:?}");
+    async fn finish(self) {
+        self.node.finish().await;
     }
 }
 
@@ -135,7 +119,7 @@ async fn real_agent_server_pod_life_cycle() {
     assert!(matches!(r, Err(nestor_core::client::ClientError::Status { status, .. }) if status.as_u16() == 401), "{r:?}");
 
     // Pod spec: hardened, keys from the Secret.
-    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(ctx.ns.client(), &ctx.ns.name);
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(ctx.node.ns.client(), &ctx.node.ns.name);
     let pod = pods.get(&p.object_name(&conv)).await.unwrap();
     let spec = pod.spec.unwrap();
     let c = &spec.containers[0];
@@ -145,7 +129,7 @@ async fn real_agent_server_pod_life_cycle() {
     assert_eq!(spec.automount_service_account_token, Some(false));
     let key_env = c.env.as_ref().unwrap().iter().find(|e| e.name == "SESSION_API_KEY").unwrap();
     assert!(key_env.value.is_none() && key_env.value_from.as_ref().unwrap().secret_key_ref.is_some());
-    let (pods_now, secrets, pvcs) = ctx.ns.objects().await.unwrap();
+    let (pods_now, secrets, pvcs) = ctx.node.ns.objects().await.unwrap();
     assert_eq!((pods_now.len(), secrets.len(), pvcs.len()), (1, 1, 1), "{pods_now:?} {secrets:?} {pvcs:?}");
 
     // A conversation on it, in its workspace.
@@ -168,7 +152,7 @@ async fn real_agent_server_pod_life_cycle() {
     // Idle stop: pod gone, Secret and PVC kept; ensure_ready brings it back with its state.
     p.stop(&ds).await.unwrap();
     assert_eq!(ds.state(), DownstreamState::Stopped);
-    let o = wait_objects(&ctx.ns, (0, 1, 1), Duration::from_secs(30)).await;
+    let o = wait_objects(&ctx.node.ns, (0, 1, 1), Duration::from_secs(30)).await;
     assert_eq!((o.0.len(), o.1.len(), o.2.len()), (0, 1, 1), "{o:?}");
     let t1 = Instant::now();
     p.ensure_ready(&ds, Duration::from_secs(240)).await.unwrap();
@@ -179,7 +163,7 @@ async fn real_agent_server_pod_life_cycle() {
     // Release removes pod, Secret and PVC.
     p.release(&ds, conv, 0).await.unwrap();
     assert_eq!(ds.state(), DownstreamState::Released);
-    let o = wait_objects(&ctx.ns, (0, 0, 0), Duration::from_secs(30)).await;
+    let o = wait_objects(&ctx.node.ns, (0, 0, 0), Duration::from_secs(30)).await;
     assert_eq!((o.0.len(), o.1.len(), o.2.len()), (0, 0, 0), "{o:?}");
     assert!(p.list().is_empty());
     p.shutdown().await;
@@ -251,7 +235,7 @@ async fn two_replicas_share_pods_through_labels_and_secrets() {
     for ds in a.list() {
         a.release(&ds, ds.primary().unwrap(), 0).await.unwrap();
     }
-    let o = wait_objects(&ctx.ns, (0, 0, 0), Duration::from_secs(30)).await;
+    let o = wait_objects(&ctx.node.ns, (0, 0, 0), Duration::from_secs(30)).await;
     assert_eq!((o.0.len(), o.1.len(), o.2.len()), (0, 0, 0), "{o:?}");
     a.shutdown().await;
     b.shutdown().await;
@@ -282,10 +266,10 @@ async fn an_image_that_never_becomes_ready_fails_in_bounded_time() {
     assert!(msg.contains("did not become ready") && msg.contains("ErrImagePull"), "{msg}");
     assert!(matches!(ds.state(), DownstreamState::Failed(_)));
     // Its pod is deleted; Secret and PVC wait for release (the aggregator releases a failed create).
-    let o = wait_objects(&ctx.ns, (0, 1, 1), Duration::from_secs(30)).await;
+    let o = wait_objects(&ctx.node.ns, (0, 1, 1), Duration::from_secs(30)).await;
     assert_eq!(o.0.len(), 0, "{o:?}");
     p.release(&ds, conv, 0).await.unwrap();
-    let o = wait_objects(&ctx.ns, (0, 0, 0), Duration::from_secs(30)).await;
+    let o = wait_objects(&ctx.node.ns, (0, 0, 0), Duration::from_secs(30)).await;
     assert_eq!((o.0.len(), o.1.len(), o.2.len()), (0, 0, 0), "{o:?}");
     ctx.finish().await;
 }
@@ -304,7 +288,7 @@ async fn missing_permissions_are_named() {
         assert!(msg.contains(want), "{want} missing from: {msg}");
     }
     assert!(!msg.contains("list pods"), "{msg}");
-    assert!(msg.contains(&ctx.ns.name), "{msg}");
+    assert!(msg.contains(&ctx.node.ns.name), "{msg}");
 
     // Without the check, the failing call itself names its verb.
     let cfg = KubernetesConfig { check_permissions: Some(false), ..cfg };

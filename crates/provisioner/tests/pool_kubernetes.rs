@@ -25,34 +25,25 @@ use nestor_core::{ConversationId, Downstream, DownstreamClient, DownstreamState,
 use nestor_provisioner::kubernetes::{KubernetesConfig, KubernetesProvisioner, Reach};
 use nestor_provisioner::pool::{PoolConfig, PoolProvisioner};
 use nestor_provisioner::{ProvisionRequest, Provisioner};
-use nestor_test_support::kube_env::{agent_server_image, KubeEnv, TestNamespace};
-use nestor_test_support::node_agent::{self, NodeAgent, NodeAgentConfig};
+use nestor_test_support::kube_env::{agent_server_image, KubeEnv};
+use nestor_test_support::node_agent::TestNode;
 
 /// A namespace + node agent for one test, removed afterwards.
 struct Ctx {
     env: KubeEnv,
-    ns: TestNamespace,
-    agent: Option<NodeAgent>,
+    node: TestNode,
 }
 
 impl Ctx {
     async fn new(env: KubeEnv, prefix: &str) -> Ctx {
-        let ns = TestNamespace::create(&env, prefix).await.expect("test namespace");
-        let agent = NodeAgent::start(NodeAgentConfig {
-            kubeconfig: env.admin.clone(),
-            namespace: ns.name.clone(),
-            node_name: format!("node-{}", ns.name),
-            docker_host: None,
-        })
-        .await
-        .expect("node agent");
-        Ctx { env, ns, agent: Some(agent) }
+        let node = TestNode::start(&env, prefix).await;
+        Ctx { env, node }
     }
 
     fn cfg(&self) -> KubernetesConfig {
         KubernetesConfig {
             kubeconfig: Some(self.env.nestor.clone()),
-            namespace: Some(self.ns.name.clone()),
+            namespace: Some(self.node.ns.name.clone()),
             image: Some(agent_server_image()),
             reach: Reach::HostPortAnnotation,
             startup_timeout_secs: Some(240.0),
@@ -76,15 +67,15 @@ impl Ctx {
     }
 
     fn pods(&self) -> kube::Api<Pod> {
-        kube::Api::namespaced(self.ns.client(), &self.ns.name)
+        kube::Api::namespaced(self.node.ns.client(), &self.node.ns.name)
     }
 
     fn secrets(&self) -> kube::Api<Secret> {
-        kube::Api::namespaced(self.ns.client(), &self.ns.name)
+        kube::Api::namespaced(self.node.ns.client(), &self.node.ns.name)
     }
 
     fn pvcs(&self) -> kube::Api<PersistentVolumeClaim> {
-        kube::Api::namespaced(self.ns.client(), &self.ns.name)
+        kube::Api::namespaced(self.node.ns.client(), &self.node.ns.name)
     }
 
     /// The labels of pod `name`.
@@ -100,15 +91,8 @@ impl Ctx {
         found[0].metadata.name.clone().unwrap()
     }
 
-    async fn finish(mut self) {
-        let node = format!("node-{}", self.ns.name);
-        self.ns.shutdown().await;
-        if let Some(a) = self.agent.take() {
-            a.shutdown().await;
-        }
-        let docker = node_agent::connect_docker(None).await.unwrap();
-        let (cs, vs) = node_agent::leftovers(&docker, &node).await;
-        assert!(cs.is_empty() && vs.is_empty(), "node agent left {cs:?} {vs:?}");
+    async fn finish(self) {
+        self.node.finish().await;
     }
 }
 
@@ -378,7 +362,7 @@ async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod
         "stringData": {"session-api-key": "a", "secret-key": "b", "deferred-init": "true"}
     }))
     .unwrap();
-    leftover.metadata.namespace = Some(ctx.ns.name.clone());
+    leftover.metadata.namespace = Some(ctx.node.ns.name.clone());
     ctx.secrets().create(&Default::default(), &leftover).await.unwrap();
     let plain = KubernetesProvisioner::new(&ctx.cfg()).await.unwrap();
     assert!(plain.recover().await.unwrap().is_empty());
@@ -405,7 +389,7 @@ async fn wait_gone(ctx: &Ctx, name: &str) {
 async fn wait_empty(ctx: &Ctx) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (pods, secrets, pvcs) = ctx.ns.objects().await.unwrap();
+        let (pods, secrets, pvcs) = ctx.node.ns.objects().await.unwrap();
         if (pods.len(), secrets.len(), pvcs.len()) == (0, 0, 0) || Instant::now() > deadline {
             assert_eq!((pods.len(), secrets.len(), pvcs.len()), (0, 0, 0), "{pods:?} {secrets:?} {pvcs:?}");
             return;

@@ -975,6 +975,42 @@ fn parse_cpu(q: &str) -> Option<i64> {
     q.parse::<f64>().ok().map(|v| (v * 1e9) as i64)
 }
 
+/// What every Kubernetes test starts with: a namespace of its own and a node agent running
+/// that namespace's pods. [`TestNode::finish`] removes both and checks that the agent left
+/// no container or volume behind.
+pub struct TestNode {
+    pub ns: crate::kube_env::TestNamespace,
+    agent: Option<NodeAgent>,
+}
+
+impl TestNode {
+    /// A namespace named `prefix-<random>` and its node agent (panics on failure: tests only).
+    pub async fn start(env: &crate::kube_env::KubeEnv, prefix: &str) -> TestNode {
+        let ns = crate::kube_env::TestNamespace::create(env, prefix).await.expect("test namespace");
+        let agent = NodeAgent::start(NodeAgentConfig {
+            kubeconfig: env.admin.clone(),
+            namespace: ns.name.clone(),
+            node_name: format!("node-{}", ns.name),
+            docker_host: None,
+        })
+        .await
+        .expect("node agent");
+        TestNode { ns, agent: Some(agent) }
+    }
+
+    /// Delete the namespace, stop the agent, and assert nothing of the node is left.
+    pub async fn finish(mut self) {
+        let node = format!("node-{}", self.ns.name);
+        self.ns.shutdown().await;
+        if let Some(a) = self.agent.take() {
+            a.shutdown().await;
+        }
+        let docker = connect_docker(None).await.expect("docker");
+        let (cs, vs) = leftovers(&docker, &node).await;
+        assert!(cs.is_empty() && vs.is_empty(), "node agent left {cs:?} {vs:?}");
+    }
+}
+
 /// Everything the agent made for `node`, for tests that check cleanup.
 pub async fn leftovers(docker: &Docker, node: &str) -> (Vec<String>, Vec<String>) {
     let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_NODE}={node}")])]);
