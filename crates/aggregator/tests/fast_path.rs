@@ -207,8 +207,8 @@ async fn a_slow_downstream_gets_a_504_and_the_connection_goes_on() {
     let path = format!("/api/conversations/{id}");
     let (s, _, _) = c.call("GET", &path, CLIENT_KEY, None).await;
     assert_eq!(s, 200);
-    // Slower than the timeout, quicker than the health probes' 2 s (the downstream stays up).
-    a.set_fault(nestor_test_support::Fault::Delay(Duration::from_millis(1500)));
+    // Slower than the timeout, well within the health probes' 2 s (the downstream stays up).
+    a.set_fault(nestor_test_support::Fault::Delay(Duration::from_millis(800)));
     let t0 = std::time::Instant::now();
     let (s, _, body) = c.call("GET", &path, CLIENT_KEY, None).await;
     let waited = t0.elapsed();
@@ -224,6 +224,25 @@ async fn a_slow_downstream_gets_a_504_and_the_connection_goes_on() {
     n.stop().await;
 }
 
+/// One whole HTTP/1.1 answer with a `Content-Length` (lower-cased, as text), read within 10 s.
+async fn read_answer(tcp: &mut tokio::net::TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 16384];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head.lines().find_map(|l| l.strip_prefix("content-length: ")).map(|l| l.trim().parse::<usize>().unwrap());
+            if length.is_some_and(|l| body.len() >= l) {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout_at(deadline, tcp.read(&mut chunk)).await.expect("an answer within 10 s").unwrap();
+        assert!(n > 0, "closed before a whole answer: {text:?}");
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// Requests whose heads are still arriving when shutdown begins are answered, and then
 /// their connections close: one the fast path takes, one it
 /// hands to the router after the signal (once closed unanswered: the router's graceful
@@ -236,16 +255,21 @@ async fn requests_crossing_the_shutdown_signal_are_answered_then_closed() {
         let id = conversation(&a);
         let n = nestor_existing(&[&a], config).await;
         let addr = n.url.trim_start_matches("http://").to_owned();
+        let head = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: nestor.test\r\nx-session-api-key: {CLIENT_KEY}\r\n\r\n");
         let mut conns = Vec::new();
         for path in [format!("/api/conversations/{id}"), "/api/conversations/search?limit=1".to_owned()] {
-            let head = format!("GET {path} HTTP/1.1\r\nhost: nestor.test\r\nx-session-api-key: {CLIENT_KEY}\r\n\r\n");
-            let (first, rest) = head.split_at(head.len() / 2);
             let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            // One whole request first: the connection is accepted and served (on the fast path).
+            tcp.write_all(head(&format!("/api/conversations/{id}")).as_bytes()).await.unwrap();
+            let answer = read_answer(&mut tcp).await;
+            assert!(answer.starts_with("http/1.1 200 "), "{config:?}: {answer:?}");
+            let second = head(&path);
+            let (first, rest) = second.split_at(second.len() / 2);
             tcp.write_all(first.as_bytes()).await.unwrap();
             conns.push((path, tcp, rest.to_owned()));
         }
-        // Let both halves land, then shut down, then let the router's drain begin.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Let both halves be read, then shut down, then let the router's drain begin.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         n.state.shutdown.cancel();
         tokio::time::sleep(Duration::from_millis(100)).await;
         for (path, tcp, rest) in &mut conns {

@@ -147,6 +147,8 @@ pub async fn serve_connection(state: AppState, serving: Serving, mut tcp: TcpStr
             }
         }
     }
+    // The router has its own timeouts: no timer of this connection's stays armed.
+    drop(deadline);
     let prefix = buf.freeze();
     let Some((main, tracker)) = main else {
         return hand_off(router, tcp, prefix, stop).await;
@@ -248,14 +250,19 @@ async fn answer(
     req: FastRequest,
 ) -> Outcome {
     let Some((ds, ep)) = ready_downstream(state, &req) else { return Outcome::HandOff };
-    let clock = tokio::time::Instant::now();
+    // When the request started (metrics), and when the downstream's time starts (the
+    // deadline): the same reading unless the body was still arriving.
+    let mut clock = tokio::time::Instant::now();
     let started = clock.into_std();
     // The whole body first (it is small): then the request can be sent twice if needed.
     let total = req.head_len + req.body_len;
-    while buf.len() < total {
-        if read_more(stop, tcp, buf).await.is_none() {
-            return Outcome::Close;
+    if buf.len() < total {
+        while buf.len() < total {
+            if read_more(stop, tcp, buf).await.is_none() {
+                return Outcome::Close;
+            }
         }
+        clock = tokio::time::Instant::now();
     }
     let raw = buf.split_to(total);
     let _activity = ds.begin_request();
