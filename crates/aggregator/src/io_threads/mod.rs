@@ -6,7 +6,7 @@
 //! when the driver finds it work. In a closed loop of 64 connections this left ~10 % of the
 //! machine idle (78 of 800 scheduler ticks, against 16 for nginx, whose workers are
 //! single-threaded event loops) and held throughput at 0.93× nginx's, with the same CPU per
-//! request (docs/performance.md, "Latest results": I/O threads). A `current_thread` runtime
+//! request (docs/performance.md, the results of commit 09f640d: I/O threads). A `current_thread` runtime
 //! per thread waits in its own epoll and runs what it finds there, with no hand-over.
 //!
 //! What runs here: the fast path only (crate::fastpath). The first request of a connection
