@@ -32,8 +32,8 @@ use nestor_provisioner::kubernetes::{KubernetesConfig, KubernetesProvisioner, Re
 use nestor_provisioner::pool::{PoolConfig, PoolProvisioner, WarmBackend};
 use nestor_provisioner::process::{ProcessConfig, ProcessProvisioner};
 use nestor_provisioner::{ProvisionRequest, Provisioner};
-use nestor_test_support::kube_env::{KubeEnv, TestNamespace};
-use nestor_test_support::node_agent::{NodeAgent, NodeAgentConfig};
+use nestor_test_support::kube_env::KubeEnv;
+use nestor_test_support::node_agent::TestNode;
 
 fn env_usize(k: &str, d: usize) -> usize {
     std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
@@ -238,15 +238,8 @@ async fn pool_figures() {
             }
             "kubernetes" => {
                 let env = KubeEnv::get().expect("test cluster (scripts/setup-kube.sh)");
-                let ns = TestNamespace::create(&env, "k-bench").await.unwrap();
-                let agent = NodeAgent::start(NodeAgentConfig {
-                    kubeconfig: env.admin.clone(),
-                    namespace: ns.name.clone(),
-                    node_name: format!("node-{}", ns.name),
-                    docker_host: None,
-                })
-                .await
-                .unwrap();
+                let node = TestNode::start(&env, "k-bench").await;
+                let ns = &node.ns;
                 let cfg = KubernetesConfig {
                     kubeconfig: Some(env.nestor.clone()),
                     namespace: Some(ns.name.clone()),
@@ -262,8 +255,7 @@ async fn pool_figures() {
                 // The node agent names containers after namespace and pod: the warm ones.
                 let filter = format!("name=k8s_{}_nestor-warm-", ns.name);
                 bench("kubernetes", pool, Box::new(move |_| docker_mem_mib(&filter))).await;
-                ns.shutdown().await;
-                agent.shutdown().await;
+                node.finish().await;
             }
             other => panic!("unknown backend {other:?}"),
         }
