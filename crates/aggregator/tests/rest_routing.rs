@@ -67,6 +67,9 @@ async fn concurrent_creates_of_one_id_provision_once() {
     assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "{statuses:?}");
     assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 15, "{statuses:?}");
     assert_eq!(a.conversation_count() + b.conversation_count(), 1);
+    // The per-id create lock is gone once no create of the id is in progress (it was kept
+    // for every id ever created).
+    assert!(n.state.creating.is_empty(), "{} create locks left", n.state.creating.len());
     n.stop().await;
 }
 

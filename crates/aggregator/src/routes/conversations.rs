@@ -270,8 +270,10 @@ pub async fn create(State(state): State<AppState>, req: Request<Body>) -> HttpRe
         return Err(ApiError::Conflict(format!("conversation {id} cannot be created")).into());
     }
 
-    let lock = state.creating.entry(id).or_default().clone();
-    let _guard = lock.lock().await;
+    // One create per id at a time. The entry goes when its last holder is done, also when
+    // this request is cancelled mid-way (the client went away).
+    let creating = CreatingEntry::take(&state.creating, id);
+    let _guard = creating.lock().await;
     let result = async {
         if let Ok(ds) = route(&state, &id, &who, "") {
             return forward_create(&state, &ds, id, &user, parts, obj, false).await;
@@ -295,9 +297,35 @@ pub async fn create(State(state): State<AppState>, req: Request<Body>) -> HttpRe
         r
     }
     .await;
-    drop(_guard);
-    state.creating.remove_if(&id, |_, l| Arc::strong_count(l) <= 1);
     result
+}
+
+/// A holder of the per-id create lock (`AppState::creating`); dropping the last holder
+/// removes the id's entry, so the map holds only creates in progress.
+struct CreatingEntry<'a> {
+    map: &'a dashmap::DashMap<ConversationId, Arc<tokio::sync::Mutex<()>>>,
+    id: ConversationId,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl<'a> CreatingEntry<'a> {
+    fn take(map: &'a dashmap::DashMap<ConversationId, Arc<tokio::sync::Mutex<()>>>, id: ConversationId) -> Self {
+        let lock = map.entry(id).or_default().clone();
+        CreatingEntry { map, id, lock }
+    }
+
+    /// Wait for the id's create lock (held until the guard drops; drop the guard first).
+    async fn lock(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.lock.clone().lock_owned().await
+    }
+}
+
+impl Drop for CreatingEntry<'_> {
+    fn drop(&mut self) {
+        // Only the map's handle and ours left: no one else is creating this id. The check
+        // and removal run under the map's shard lock, as `take`'s insert does.
+        self.map.remove_if(&self.id, |_, l| Arc::ptr_eq(l, &self.lock) && Arc::strong_count(l) <= 2);
+    }
 }
 
 /// Resolve a new conversation's body against nestor's store: a body naming no agent gets
