@@ -173,6 +173,12 @@ const DRAIN_BATCH: usize = 32;
 /// first, which every subscription starts with (the `full_state` snapshot, or `sync`).
 const STREAMING_AFTER_FRAMES: u32 = 2;
 
+/// A downstream connection up this long ended the outage before it even if it streamed
+/// nothing (an idle conversation sends only its first frame): its loss starts a new one,
+/// with a new resume deadline. Shorter-lived connections do not: a downstream that accepts
+/// and drops every connection is given up on at the deadline of the first loss.
+const STABLE_AFTER: Duration = Duration::from_secs(5);
+
 /// Queue towards the client with a byte count ([`crate::outbox`]: holds no buffer while idle).
 struct ClientTx(Outbox<Message>);
 
@@ -212,6 +218,9 @@ where
             return;
         }
     }
+    // The pair ended without a close of its own: the client closed. Its close frame was
+    // read, and the reply tungstenite queued goes out with this (bounded).
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
 }
 
 /// The close code a client gets when the proxy shuts down: 1012 "service restart", which
@@ -280,6 +289,9 @@ pub async fn bridge_until<C>(
 
     let mut pair = Pair::new(spec, upstream, cfg, to_client);
     pair.run(&mut client_rx, &mut writer, &writer_abort, &mut shutdown).await;
+    // The queue's sender goes with the pair: the writer sees the end of the queue.
+    drop(pair);
+    drop(client_rx);
     // Let the writer flush what is queued (a close frame at least), bounded.
     if !writer.is_terminated() && tokio::time::timeout(Duration::from_secs(2), &mut writer).await.is_err() {
         writer_abort.abort();
@@ -295,8 +307,13 @@ struct Pair {
     /// Client frames waiting for a downstream.
     held: VecDeque<Message>,
     held_bytes: usize,
-    /// Set while reconnecting: when the loss happened.
+    /// Set while reconnecting, and until a new connection proved itself (it streamed, or
+    /// stayed up [`STABLE_AFTER`]): when the loss happened. The resume deadline counts from it.
     lost_at: Option<Instant>,
+    /// The outage's first reconnection was reported (log, `on_resumed`).
+    resume_reported: bool,
+    /// When the current downstream connection was made.
+    connected_at: Option<Instant>,
     connected_once: bool,
     /// Data frames the current downstream connection delivered. One that streamed
     /// ([`STREAMING_AFTER_FRAMES`]) starts the backoff over, and losing it redials at once. Any other loss backs off, so a
@@ -326,7 +343,7 @@ impl Pair {
             SocketKind::Session => Cursor::Session(SessionCursor::new(q("after_seq").and_then(|s| s.parse().ok()))),
             SocketKind::BashEvents => Cursor::None,
         };
-        Self { spec, upstream, cfg, to_client, cursor, held: VecDeque::new(), held_bytes: 0, lost_at: None, connected_once: false, data_frames: 0 }
+        Self { spec, upstream, cfg, to_client, cursor, held: VecDeque::new(), held_bytes: 0, lost_at: None, resume_reported: false, connected_at: None, connected_once: false, data_frames: 0 }
     }
 
     /// The query for the next dial: the client's own until anything was forwarded to the
@@ -498,9 +515,15 @@ impl Pair {
                             // The backoff starts over once this connection streams, not
                             // before (`data_frames`).
                             self.data_frames = 0;
-                            if let Some(t) = self.lost_at.take() {
-                                tracing::info!(conversation = %conv, after_ms = t.elapsed().as_millis() as u64, "downstream socket resumed");
-                                self.upstream.on_resumed(t.elapsed());
+                            self.connected_at = Some(Instant::now());
+                            match self.lost_at {
+                                Some(t) if !self.resume_reported => {
+                                    self.resume_reported = true;
+                                    tracing::info!(conversation = %conv, after_ms = t.elapsed().as_millis() as u64, "downstream socket resumed");
+                                    self.upstream.on_resumed(t.elapsed());
+                                }
+                                Some(t) => tracing::debug!(conversation = %conv, after_ms = t.elapsed().as_millis() as u64, "downstream socket reconnected"),
+                                None => {}
                             }
                             self.connected_once = true;
                             if let Cursor::Events(c) = &mut self.cursor {
@@ -508,8 +531,7 @@ impl Pair {
                             }
                             if self.flush_held(&mut down).await { Step::Continue } else {
                                 down = None;
-                                self.lost(&mut dialing, &mut dial_deadline, &mut backoff);
-                                Step::Continue
+                                self.lost(&mut dialing, &mut dial_deadline, &mut backoff)
                             }
                         }
                         Err(DialError::NotFound) => {
@@ -542,20 +564,30 @@ impl Pair {
                         Step::End
                     } else {
                         self.to_client.send(Message::Ping(Default::default()));
-                        if let Some(d) = down.as_mut() {
-                            if down_seen.elapsed() > silent + self.cfg.ping_interval {
-                                tracing::info!(conversation = %conv, "downstream silent; resuming");
+                        let gone = match down.as_mut() {
+                            Some(_) if down_seen.elapsed() > silent + self.cfg.ping_interval => Some("downstream silent"),
+                            Some(d) => tokio::time::timeout(Duration::from_secs(5), d.send(Message::Ping(Default::default())))
+                                .await
+                                .is_err()
+                                .then_some("downstream ping not sent in time"),
+                            None => None,
+                        };
+                        match gone {
+                            // A socket that cannot resume is closed below (no downstream,
+                            // no dial), as on every other loss.
+                            Some(why) if matches!(self.cursor, Cursor::None) => {
+                                tracing::info!(conversation = %conv, "{why}");
                                 down = None;
-                                self.upstream.on_lost();
-                                self.lost(&mut dialing, &mut dial_deadline, &mut backoff);
-                            } else if tokio::time::timeout(Duration::from_secs(5), d.send(Message::Ping(Default::default()))).await.is_err() {
-                                tracing::info!(conversation = %conv, "downstream ping not sent in time; resuming");
-                                down = None;
-                                self.upstream.on_lost();
-                                self.lost(&mut dialing, &mut dial_deadline, &mut backoff);
+                                Step::Continue
                             }
+                            Some(why) => {
+                                tracing::info!(conversation = %conv, "{why}; resuming");
+                                down = None;
+                                self.upstream.on_lost();
+                                self.lost(&mut dialing, &mut dial_deadline, &mut backoff)
+                            }
+                            None => Step::Continue,
                         }
-                        Step::Continue
                     }
                 }
             };
@@ -580,8 +612,7 @@ impl Pair {
                     } else {
                         tracing::info!(conversation = %conv, "downstream socket lost (write failed); resuming");
                         self.upstream.on_lost();
-                        self.lost(&mut dialing, &mut dial_deadline, &mut backoff);
-                        Step::Continue
+                        self.lost(&mut dialing, &mut dial_deadline, &mut backoff)
                     }
                 }
                 other => other,
@@ -610,6 +641,8 @@ impl Pair {
             self.data_frames = self.data_frames.saturating_add(1);
             if self.data_frames == STREAMING_AFTER_FRAMES {
                 *backoff = self.cfg.initial_backoff;
+                // Streaming again: the outage is over.
+                self.lost_at = None;
             }
         }
         match self.on_downstream(m) {
@@ -624,22 +657,31 @@ impl Pair {
                 tracing::info!(conversation = %conv, "downstream socket lost ({why}); resuming");
                 self.upstream.on_lost();
                 *down = None;
-                self.lost(dialing, deadline, backoff);
-                Step::Continue
+                self.lost(dialing, deadline, backoff)
             }
         }
     }
 
-    /// Enter the reconnecting state.
+    /// Enter the reconnecting state; `End` (the client closed) when the outage this loss
+    /// belongs to is past the resume deadline.
     fn lost(
         &mut self,
         dialing: &mut Option<BoxFuture<'static, Result<DownSocket, DialError>>>,
         deadline: &mut Instant,
         backoff: &mut Duration,
-    ) {
-        if self.lost_at.is_none() {
-            self.lost_at = Some(Instant::now());
-            *deadline = Instant::now() + self.cfg.resume_deadline;
+    ) -> Step {
+        let now = Instant::now();
+        let proved = self.connected_at.take().is_some_and(|t| now.duration_since(t) >= STABLE_AFTER);
+        if self.lost_at.is_none() || proved {
+            self.lost_at = Some(now);
+            self.resume_reported = false;
+            *deadline = now + self.cfg.resume_deadline;
+        } else if now >= *deadline {
+            // Every connection since the loss was dropped at once (e.g. closed with 1011
+            // right after the handshake): as unreachable as a refused one.
+            tracing::warn!(conversation = %self.spec.conversation, "giving up on the downstream socket: no connection held since the loss");
+            self.close_client(1012, "downstream unavailable");
+            return Step::End;
         }
         if let Cursor::Session(c) = &mut self.cursor {
             for f in c.abort_open_items() {
@@ -657,6 +699,7 @@ impl Pair {
                 *backoff = (*backoff * 2).min(self.cfg.max_backoff);
             }
         }
+        Step::Continue
     }
 
     /// Send held client frames to a fresh downstream. False if the downstream failed.

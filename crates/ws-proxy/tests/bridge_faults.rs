@@ -358,3 +358,109 @@ async fn a_downstream_that_drops_every_connection_is_redialed_with_backoff() {
         server.abort();
     }
 }
+
+/// Read until the client socket is closed; the close code (None: it ended without one).
+async fn close_code_within(client: &mut WebSocketStream<DuplexStream>, within: Duration) -> Option<u16> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, client.next()).await.expect("the client was never closed") {
+            Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
+
+/// A downstream that accepts every connection and drops it at once (as the agent-server
+/// does with 1011 when a conversation cannot be loaded): each dial succeeds, so this used
+/// to start the resume deadline over forever (a redial every 80 ms, the client open and
+/// told nothing). Now the outage keeps its first deadline, and the client gets 1012.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downstream_that_drops_every_connection_is_given_up_at_the_resume_deadline() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let acc = accepted.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let n = acc.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { return };
+                if n == 0 {
+                    // The first connection works for a moment.
+                    let _ = ws.send(sync_frame(-1)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let _ = ws.close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                    code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Error,
+                    reason: "".into(),
+                }))
+                .await;
+            });
+        }
+    });
+    let cfg = Arc::new(ProxyConfig { resume_deadline: Duration::from_millis(800), ..ProxyConfig::default() });
+    let (mut client, pair) = bridged(SocketKind::Session, Arc::new(Fixed(endpoint(port))), cfg).await;
+    let t0 = tokio::time::Instant::now();
+    assert_eq!(close_code_within(&mut client, Duration::from_secs(10)).await, Some(1012));
+    assert!(t0.elapsed() < Duration::from_secs(5), "closed {:?} after the loss", t0.elapsed());
+    assert!(accepted.load(Ordering::SeqCst) >= 3, "it did redial meanwhile");
+    let _ = tokio::time::timeout(Duration::from_secs(5), pair).await.expect("the pair ended");
+    server.abort();
+}
+
+/// A bash-events socket cannot resume (it has no position): a downstream that goes silent
+/// closes the client with 1012 instead of being redialed with the client's original query
+/// (which would replay or skip events without telling the client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_bash_events_downstream_closes_the_client_instead_of_redialing() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let acc = accepted.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            acc.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(ws) = tokio_tungstenite::accept_async(tcp).await else { return };
+                // Silent: never reads (so never answers a ping), never writes.
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop(ws);
+            });
+        }
+    });
+    let cfg = Arc::new(ProxyConfig { ping_interval: Duration::from_millis(200), ..ProxyConfig::default() });
+    let (mut client, pair) = bridged(SocketKind::BashEvents, Arc::new(Fixed(endpoint(port))), cfg).await;
+    // Silent for 3 ping intervals: closed within a few more.
+    assert_eq!(close_code_within(&mut client, Duration::from_secs(10)).await, Some(1012));
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "no redial");
+    let _ = tokio::time::timeout(Duration::from_secs(5), pair).await.expect("the pair ended");
+    server.abort();
+}
+
+/// A client that closes gets the close handshake answered (RFC 6455 §5.5.1), not a
+/// connection dropped after a timeout (1006, `wasClean = false` in a browser).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_from_the_client_is_answered() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        ws.send(sync_frame(-1)).await.unwrap();
+        while let Some(Ok(_)) = ws.next().await {}
+    });
+    let (mut client, pair) = bridged(SocketKind::Session, Arc::new(Fixed(endpoint(port))), Arc::new(ProxyConfig::default())).await;
+    let first = tokio::time::timeout(Duration::from_secs(5), client.next()).await.unwrap().unwrap().unwrap();
+    assert!(first.to_text().unwrap().contains("sync"), "{first:?}");
+    let t0 = tokio::time::Instant::now();
+    client.close(None).await.unwrap();
+    // The reply arrives, and the stream then ends cleanly.
+    let reply = tokio::time::timeout(Duration::from_secs(5), client.next()).await.expect("no reply to the close");
+    assert!(matches!(reply, Some(Ok(Message::Close(_))) | None), "{reply:?}");
+    assert!(t0.elapsed() < Duration::from_millis(1500), "answered after {:?}", t0.elapsed());
+    let _ = tokio::time::timeout(Duration::from_secs(5), pair).await.expect("the pair ended");
+    server.abort();
+}
