@@ -217,8 +217,8 @@ pub async fn forward(
     opts: ForwardOpts,
 ) -> Result<Forwarded, ApiError> {
     // Counted in flight before waiting, so the idle reaper never stops a downstream a
-    // request is about to use.
-    let _activity = ds.begin_request();
+    // request is about to use; a streamed answer keeps it counted until it is sent.
+    let activity = ds.begin_request();
     let ep = ensure_ready(state, ds, conv).await?;
     let origin = public_origin(&parts.headers);
     let is_head = parts.method == http::Method::HEAD;
@@ -280,8 +280,39 @@ pub async fn forward(
         return Ok(Forwarded::Response(Response::from_parts(rparts, Body::from(body))));
     }
     rparts.headers.remove(header::CONTENT_LENGTH);
-    let body = Body::new(redactor.wrap(rbody));
+    let body = Body::new(InFlight { inner: redactor.wrap(rbody), _activity: activity });
     Ok(Forwarded::Response(Response::from_parts(rparts, body)))
+}
+
+pin_project_lite::pin_project! {
+    /// A streamed answer that keeps its downstream counted in flight until the body is
+    /// done (read to its end, or dropped with the client's connection): the idle reaper
+    /// must not stop an agent-server in the middle of a long download.
+    struct InFlight<B> {
+        #[pin]
+        inner: B,
+        _activity: nestor_core::downstream::ActivityGuard,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for InFlight<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Request bodies up to this size are read before forwarding, so the request can be sent

@@ -295,6 +295,49 @@ async fn requests_crossing_the_shutdown_signal_are_answered_then_closed() {
     }
 }
 
+/// A large answer streamed by the router keeps its downstream counted in flight until the
+/// client has it all: the idle reaper (`lifecycle.idle_stop_secs`) must not stop an
+/// agent-server in the middle of a slow download (it was counted only until the head).
+#[tokio::test]
+async fn a_streamed_router_answer_counts_in_flight_until_it_is_sent() {
+    let a = fake(0).await;
+    let id = conversation(&a);
+    // ~8 MiB: more than the socket buffers between nestor and a client that stops reading.
+    for i in 0..160 {
+        let text = format!("{i} ") + &"x".repeat(50_000);
+        a.append_event(id, json!({"kind": "MessageEvent", "source": "agent", "llm_message": {"role": "assistant", "content": [{"type": "text", "text": text}]}}));
+    }
+    let n = nestor_existing(&[&a], "[http]\nfast_path = false").await;
+    let (ds, _) = n.state.catalog.route(&nestor_core::ConversationId::parse(&id.to_string()).unwrap()).expect("routed");
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(16 * 1024).unwrap();
+    let mut tcp = sock.connect(n.url.trim_start_matches("http://").parse().unwrap()).await.unwrap();
+    let head = format!("GET /api/conversations/{id}/events/search?limit=100 HTTP/1.1\r\nhost: nestor.test\r\nx-session-api-key: {CLIENT_KEY}\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut first = [0u8; 1024];
+    let got = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut first)).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first[..got]).starts_with("HTTP/1.1 200"));
+    // The client reads no more for a while: the answer is still being sent.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ds.in_flight(), 1, "the downstream is counted while its answer streams");
+    // Read it all; then the count goes back to zero.
+    let mut rest = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !rest.ends_with(b"0\r\n\r\n") {
+        let n = tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await.expect("the whole answer in time").unwrap();
+        assert!(n > 0, "closed mid-answer after {} bytes", rest.len());
+        rest.extend_from_slice(&buf[..n]);
+    }
+    assert!(rest.len() > 4 << 20, "{} bytes", rest.len());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while ds.in_flight() != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "still counted in flight after the answer ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    n.stop().await;
+}
+
 #[tokio::test]
 async fn the_fast_path_can_be_turned_off() {
     let a = fake(0).await;
