@@ -182,6 +182,11 @@ pub struct Inflater {
     pending: Vec<u8>,
     /// The inflater's last call filled its output: it may hold more.
     more_output: bool,
+    /// The message's deflate data so far ends exactly at the end of a block with BFINAL=1
+    /// (RFC 7692 7.2.3.4): the sender appended no empty stored block after it (or put its
+    /// header bits in the final block's last byte), so the `00 00 ff ff` tail would be read
+    /// by the next stream as the start of a stored block and must not be fed.
+    stream_ended: bool,
 }
 
 impl Inflater {
@@ -199,6 +204,7 @@ impl Inflater {
             history: Vec::new(),
             pending: Vec::new(),
             more_output: false,
+            stream_ended: false,
         }
     }
 
@@ -239,6 +245,12 @@ impl Inflater {
             match &mut self.state {
                 RState::Tail { fed } => {
                     let from = *fed;
+                    if from == 0 && self.stream_ended {
+                        // Nothing follows the final block: the message is complete as is.
+                        self.finish_message(out);
+                        self.state = RState::Header;
+                        continue;
+                    }
                     let n = self.inflate(&TAIL[from..], None, 0, out)?;
                     if let RState::Tail { fed } = &mut self.state {
                         *fed += n;
@@ -310,13 +322,17 @@ impl Inflater {
     /// Inflate `data` (masked with `mask` from key offset `pos`), framing output as it
     /// comes. Returns the bytes of `data` used.
     fn inflate(&mut self, data: &[u8], mask: Option<[u8; 4]>, pos: usize, out: &mut Vec<u8>) -> Result<usize, CodecError> {
-        if self.inflater.is_none() {
-            self.inflater = Some(self.fresh_inflater()?);
-        }
         let start_out = out.len();
         let mut used = 0;
         let mut scratch = [0u8; 4096];
+        // Bounded: every pass consumes input, produces output (each at most `CHUNK` before
+        // returning), ends a stream (which consumed its last byte), or fails.
         loop {
+            if self.inflater.is_none() {
+                // The first data of the socket, of a message without context takeover, or
+                // after a final block: a new raw stream whose window is the peer's history.
+                self.inflater = Some(self.fresh_inflater()?);
+            }
             if self.pending.len() >= CHUNK {
                 self.emit(false, out);
             }
@@ -352,6 +368,9 @@ impl Inflater {
             let consumed = (d.total_in() - in0) as usize;
             let produced = (d.total_out() - out0) as usize;
             used += consumed;
+            if consumed > 0 {
+                self.stream_ended = false;
+            }
             if let Some((_, _, total)) = &mut self.in_compressed {
                 *total += produced;
                 if *total > self.max_message {
@@ -369,15 +388,23 @@ impl Inflater {
             let output_full = self.pending.len() - before == limit;
             self.more_output = output_full;
             if status == Status::StreamEnd {
-                // A final block ends the deflate stream: nothing may follow it in this
-                // message, and the next message starts a fresh stream.
-                if used < data.len() {
-                    return Err(CodecError::Corrupt("data after the final deflate block".into()));
-                }
+                // A block with BFINAL=1 ends zlib's stream, but not the peer's: RFC 7692
+                // 7.2.3.4 lets a sender flush with one, followed by an empty stored block
+                // (its header byte sent, its `00 00 ff ff` stripped as the tail) and then
+                // possibly more blocks, to be read "in the same manner" as if BFINAL were
+                // unset. So the rest is read by a new raw stream that keeps the window
+                // (`history`, unless the peer has no context takeover): a sender that
+                // restarted its compressor never reaches back past its own output, one that
+                // kept its window finds it. The inflater is rebuilt on the next input; a
+                // finished one would read nothing more.
                 self.inflater = None;
-                self.history.clear();
+                self.stream_ended = true;
+                // zlib reports the end only once all of the stream's output is out.
                 self.more_output = false;
-                return Ok(data.len());
+                if used == data.len() {
+                    return Ok(used);
+                }
+                continue;
             }
             if used == data.len() && !output_full {
                 return Ok(used);
@@ -426,6 +453,7 @@ impl Inflater {
     fn finish_message(&mut self, out: &mut Vec<u8>) {
         self.emit(true, out);
         self.in_compressed = None;
+        self.stream_ended = false;
         if self.params.peer_no_context_takeover {
             self.inflater = None;
         }
@@ -560,5 +588,165 @@ impl Deflater {
 
     pub fn held_bytes(&self) -> usize {
         self.scratch.capacity() + self.packed.capacity()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn takeover_params() -> Params {
+        Params { our_max_window_bits: 15, peer_no_context_takeover: false, peer_max_window_bits: 15 }
+    }
+
+    /// Raw deflate of `data` ended with Z_FINISH: its last block has BFINAL=1.
+    fn finished(data: &[u8]) -> Vec<u8> {
+        let mut c = Compress::new(Compression::default(), false);
+        let mut out = Vec::with_capacity(data.len() + 64);
+        // Bounded: each pass either finishes or grows the output buffer it filled.
+        for _ in 0..64 {
+            let done = c.total_in() as usize;
+            if out.len() == out.capacity() {
+                out.reserve(64 + out.capacity());
+            }
+            if c.compress_vec(&data[done..], &mut out, FlushCompress::Finish).unwrap() == Status::StreamEnd {
+                return out;
+            }
+        }
+        panic!("compressor did not finish");
+    }
+
+    /// One masked compressed text frame, as a client sends it.
+    fn client_frame(fin: bool, rsv1: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        let mut wire = Vec::new();
+        write_header(&mut wire, fin, rsv1, opcode, Some(key), payload.len());
+        let at = wire.len();
+        wire.extend_from_slice(payload);
+        apply_mask(&mut wire[at..], key, 0);
+        wire
+    }
+
+    /// Feed `wire` in pieces of `step` bytes (draining as `feed` asks), then the data
+    /// messages of the plain frames that come out.
+    fn decode(inf: &mut Inflater, wire: &[u8], step: usize) -> Result<Vec<Vec<u8>>, CodecError> {
+        let mut out = Vec::new();
+        for piece in wire.chunks(step) {
+            let mut used = 0;
+            // Bounded: a call uses all of `piece` unless it produced a chunk of output.
+            for _ in 0..=piece.len() + 8 {
+                let before = out.len();
+                used += inf.feed(&piece[used..], &mut out)?;
+                if used == piece.len() && out.len() - before < CHUNK {
+                    break;
+                }
+            }
+            assert_eq!(used, piece.len());
+        }
+        for _ in 0..8 {
+            let before = out.len();
+            inf.feed(&[], &mut out)?;
+            if out.len() == before {
+                break;
+            }
+        }
+        let (mut msgs, mut cur, mut b) = (Vec::new(), Vec::new(), &out[..]);
+        while !b.is_empty() {
+            let h = Header::parse(b).expect("a whole frame");
+            assert!(!h.rsv1 && !h.is_control());
+            let end = h.header_len + h.len as usize;
+            let mut p = b[h.header_len..end].to_vec();
+            apply_mask(&mut p, h.mask.unwrap_or([0; 4]), 0);
+            cur.extend_from_slice(&p);
+            if h.fin {
+                msgs.push(std::mem::take(&mut cur));
+            }
+            b = &b[end..];
+        }
+        assert!(cur.is_empty(), "unfinished message");
+        Ok(msgs)
+    }
+
+    const FIRST: &[u8] = b"{\"type\":\"event\",\"text\":\"hello hello hello, the first message\"}";
+    const SECOND: &[u8] = b"{\"type\":\"event\",\"text\":\"and the second one, after a final block\"}";
+
+    /// The regression: with context takeover, a message ending with a BFINAL=1 block and
+    /// nothing after it left an inflater half way into a stored block made of the tail, and
+    /// the next message failed with "invalid stored block lengths".
+    #[test]
+    fn bfinal_messages_back_to_back_with_context_takeover() {
+        let mut wire = client_frame(true, true, 1, &finished(FIRST));
+        wire.extend(client_frame(true, true, 1, &finished(SECOND)));
+        for step in [1, 3, 7, wire.len()] {
+            let mut inf = Inflater::new(Side::Server, takeover_params(), 1 << 20);
+            assert_eq!(decode(&mut inf, &wire, step).unwrap(), vec![FIRST.to_vec(), SECOND.to_vec()], "step {step}");
+        }
+    }
+
+    /// RFC 7692 7.2.3.4's form: the final block, then the header byte of an empty stored
+    /// block whose `00 00 ff ff` was stripped as the tail.
+    #[test]
+    fn bfinal_messages_with_the_empty_stored_block_header() {
+        let mut wire = Vec::new();
+        for m in [FIRST, SECOND, FIRST] {
+            let mut p = finished(m);
+            p.push(0x00);
+            wire.extend(client_frame(true, true, 1, &p));
+        }
+        for step in [1, 5, wire.len()] {
+            let mut inf = Inflater::new(Side::Server, takeover_params(), 1 << 20);
+            assert_eq!(decode(&mut inf, &wire, step).unwrap(), vec![FIRST.to_vec(), SECOND.to_vec(), FIRST.to_vec()], "step {step}");
+        }
+    }
+
+    /// The RFC's own example bytes ("Hello", BFINAL=1, then the empty block's header).
+    #[test]
+    fn rfc_7692_bfinal_example() {
+        let wire = client_frame(true, true, 1, &[0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00]);
+        let mut inf = Inflater::new(Side::Server, takeover_params(), 1 << 20);
+        assert_eq!(decode(&mut inf, &wire, wire.len()).unwrap(), vec![b"Hello".to_vec()]);
+    }
+
+    /// A BFINAL=1 flush inside a message (and across its frames), followed by a sync-flushed
+    /// message from a compressor that takes over the window of the stream after it.
+    #[test]
+    fn bfinal_flush_mid_message_then_a_sync_flushed_message() {
+        let mut payload = finished(FIRST);
+        payload.extend_from_slice(&[0x00, 0x00, 0x00, 0xff, 0xff]); // the empty stored block
+        payload.extend(finished(SECOND));
+        let (a, b) = payload.split_at(payload.len() / 2);
+        let mut wire = client_frame(false, true, 1, a);
+        wire.extend(client_frame(true, false, 0, b));
+        // The next message: a sync flush with a (new) compressor that keeps its window for
+        // the message after, which references it.
+        let mut c = Compress::new(Compression::default(), false);
+        let mut sync = |data: &[u8]| {
+            let mut out = Vec::with_capacity(data.len() + 64);
+            c.compress_vec(data, &mut out, FlushCompress::Sync).unwrap();
+            assert!(out.ends_with(&TAIL));
+            out.truncate(out.len() - TAIL.len());
+            out
+        };
+        wire.extend(client_frame(true, true, 1, &sync(SECOND)));
+        wire.extend(client_frame(true, true, 1, &sync(SECOND)));
+        let mut joined = FIRST.to_vec();
+        joined.extend_from_slice(SECOND);
+        for step in [1, 4, wire.len()] {
+            let mut inf = Inflater::new(Side::Server, takeover_params(), 1 << 20);
+            let got = decode(&mut inf, &wire, step).unwrap();
+            assert_eq!(got, vec![joined.clone(), SECOND.to_vec(), SECOND.to_vec()], "step {step}");
+        }
+    }
+
+    /// Released between messages (the inflater dropped and rebuilt from the window), a
+    /// BFINAL message still leaves the socket readable.
+    #[test]
+    fn bfinal_message_then_release_then_another() {
+        let mut inf = Inflater::new(Side::Server, takeover_params(), 1 << 20);
+        let first = client_frame(true, true, 1, &finished(FIRST));
+        assert_eq!(decode(&mut inf, &first, first.len()).unwrap(), vec![FIRST.to_vec()]);
+        inf.release();
+        let second = client_frame(true, true, 1, &finished(SECOND));
+        assert_eq!(decode(&mut inf, &second, 2).unwrap(), vec![SECOND.to_vec()]);
     }
 }
