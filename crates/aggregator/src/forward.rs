@@ -137,21 +137,26 @@ fn downstream_request(
     parts.version = http::Version::HTTP_11;
     parts.extensions = http::Extensions::new();
     strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(nestor_core::SESSION_KEY_HEADER);
-    // `/v1/*` accepts the session key as a bearer token: never pass the client's on.
-    parts.headers.remove(header::AUTHORIZATION);
-    // The workspace cookie is the client's key: authenticated here, not passed on.
-    if parts.headers.contains_key(header::COOKIE) {
-        let cookies: Vec<HeaderValue> = parts.headers.get_all(header::COOKIE).iter().filter_map(without_workspace_cookie).collect();
-        parts.headers.remove(header::COOKIE);
-        for c in cookies {
-            parts.headers.append(header::COOKIE, c);
-        }
-    }
+    strip_client_credentials(&mut parts.headers);
     if let Some(k) = ep.key_header() {
         parts.headers.insert(HeaderName::from_static(nestor_core::SESSION_KEY_HEADER), k.clone());
     }
     Ok(Request::from_parts(parts, body))
+}
+
+/// Take out what authenticates the client to nestor: it is never passed to a downstream.
+fn strip_client_credentials(headers: &mut HeaderMap) {
+    headers.remove(nestor_core::SESSION_KEY_HEADER);
+    // `/v1/*` accepts the session key as a bearer token: never pass the client's on.
+    headers.remove(header::AUTHORIZATION);
+    // The workspace cookie is the client's key: authenticated here, not passed on.
+    if headers.contains_key(header::COOKIE) {
+        let cookies: Vec<HeaderValue> = headers.get_all(header::COOKIE).iter().filter_map(without_workspace_cookie).collect();
+        headers.remove(header::COOKIE);
+        for c in cookies {
+            headers.append(header::COOKIE, c);
+        }
+    }
 }
 
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1), including those `Connection` names.
@@ -400,15 +405,18 @@ pub async fn forward_upgrade(
         .remove::<hyper::upgrade::OnUpgrade>()
         .ok_or_else(|| ApiError::BadRequest("connection cannot be upgraded".into()))?;
     let uri = ep.uri(path_and_query).map_err(|e| ApiError::BadRequest(format!("invalid request target: {e}")))?;
+    let redactor = ep.redactor(public_origin(&parts.headers).as_deref());
     let mut req = Request::new(nestor_core::client::empty_body());
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
+    // `Connection` and `Upgrade` stay: they ask for the upgrade.
     for (name, value) in parts.headers.iter() {
         if matches!(name.as_str(), "keep-alive" | "proxy-connection" | "te" | "trailer" | "transfer-encoding") {
             continue;
         }
         req.headers_mut().append(name.clone(), value.clone());
     }
+    strip_client_credentials(req.headers_mut());
     if let Some(k) = ep.key_header() {
         req.headers_mut().insert(HeaderName::from_static(nestor_core::SESSION_KEY_HEADER), k.clone());
     }
@@ -418,13 +426,18 @@ pub async fn forward_upgrade(
         Err(_) => return Err(ApiError::GatewayTimeout("the upgrade target did not answer".into())),
     };
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        let (p, b) = resp.into_parts();
-        return Ok(Response::from_parts(p, Body::new(b)));
+        // Refused: an answer like any other, through the leak guard.
+        let (mut p, b) = resp.into_parts();
+        strip_hop_by_hop(&mut p.headers);
+        redact_headers(&mut p.headers, &redactor);
+        p.headers.remove(header::CONTENT_LENGTH);
+        return Ok(Response::from_parts(p, Body::new(redactor.wrap(b))));
     }
     let upstream_upgrade = hyper::upgrade::on(&mut resp);
     let mut out = Response::new(Body::empty());
     *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *out.headers_mut() = resp.headers().clone();
+    redact_headers(out.headers_mut(), &redactor);
     // Tracked like the conversation sockets; a raw splice has no close code to send, so
     // shutdown just ends it.
     let shutdown = state.shutdown.clone();

@@ -23,6 +23,8 @@ fn authorized(q: &HashMap<String, String>, h: &HeaderMap) -> bool {
 
 /// The stand-in: `/` (needs the token), `/static/app.js`, `/ws` (echo, needs the token).
 async fn stand_in() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
     let app = axum::Router::new()
         .route(
             "/",
@@ -35,6 +37,14 @@ async fn stand_in() -> u16 {
             }),
         )
         .route("/static/app.js", get(|| async { "console.log('vscode')" }))
+        // An upgrade refused with an answer that names the server itself.
+        .route(
+            "/ws-refused",
+            get(move || async move {
+                let own = format!("http://127.0.0.1:{port}/login");
+                (axum::http::StatusCode::FORBIDDEN, [("x-login", own.clone())], format!("log in at {own}")).into_response()
+            }),
+        )
         .route(
             "/ws",
             get(|Query(q): Query<HashMap<String, String>>, h: HeaderMap, ws: WebSocketUpgrade| async move {
@@ -52,8 +62,6 @@ async fn stand_in() -> u16 {
                 })
             }),
         );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
     port
 }
@@ -99,6 +107,19 @@ async fn vscode_is_served_through_nestor_with_its_own_token() {
     ws.send(tokio_tungstenite::tungstenite::Message::Text("hello".into())).await.unwrap();
     let m = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(m.to_text().unwrap(), "echo:hello");
+    // A refused upgrade: its answer passes the leak guard like any other (VS Code's own
+    // address never reaches the browser).
+    let refused = format!("{}/nestor/vscode/{conv}/ws-refused?tkn={token}", n.url.replace("http://", "ws://"));
+    match tokio_tungstenite::connect_async(refused).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 403);
+            let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).into_owned();
+            let login = resp.headers().get("x-login").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+            assert!(body.contains("log in at http://") && !body.contains(&vs_port.to_string()), "{body}");
+            assert!(!login.contains(&vs_port.to_string()), "{login}");
+        }
+        other => panic!("expected the refusal, got {other:?}"),
+    }
 
     // The VS Code token opens nothing else.
     let r = n.client().get(format!("{}/api/conversations/{conv}", n.url)).header("X-Session-API-Key", &token).send().await.unwrap();
