@@ -11,6 +11,15 @@
 //! also adopts conversations nestor did not create (present on an `existing` server at
 //! start, children started by an agent). Downstreams that are stopped keep their last known
 //! entries, so the list stays complete while they sleep.
+//!
+//! Removals leave a short-lived **tombstone** (the id and when it was removed). A listing
+//! is a snapshot taken over the network: one that was already in flight when a delete
+//! succeeded (or whose earlier page was read before it) still names the deleted
+//! conversation, and adopting it as "new" brought it back into search and count, wrote it
+//! to disk again, and kept its per-conversation downstream from being released (the
+//! delete's `count_on` saw it). So a refresh does not adopt an id removed after the
+//! refresh started, and [`Catalog::fetch_live`] only updates entries, never inserts. An
+//! explicit [`Catalog::register`] (a create, possibly re-using the id) clears the tombstone.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -29,6 +38,24 @@ use crate::search::{self, Page, SearchItem};
 use crate::store::{Store, StoredEntry};
 use crate::writer::Writer;
 use crate::query::SortOrder;
+
+/// How long a removal's tombstone is kept at least (see the module docs). It only has to
+/// outlive the refreshes in flight at the removal, which are bounded by
+/// [`CatalogConfig::refresh_timeout`] (plus their in-memory merge); the effective lifetime
+/// is the larger of this and a few refresh timeouts.
+const TOMBSTONE_TTL: Duration = Duration::from_secs(300);
+
+/// Whether [`Catalog::upsert`] may insert an id the catalog does not hold.
+#[derive(Debug, Clone, Copy)]
+enum Adopt {
+    /// Yes: an explicit registration (create, fork, webhook, provisioner lookup).
+    Always,
+    /// Unless it was removed at or after this instant: a listing requested then, which may
+    /// predate the removal.
+    UnlessRemovedSince(Instant),
+    /// No, only update: a live read of conversations the caller found in the catalog.
+    Never,
+}
 
 /// Tuning of the catalog.
 #[derive(Debug, Clone)]
@@ -105,6 +132,8 @@ pub struct Catalog {
     client: DownstreamClient,
     cfg: CatalogConfig,
     refresh: DashMap<DownstreamId, Arc<RefreshState>>,
+    /// Recently removed ids and when (see the module docs); pruned on every removal.
+    tombstones: DashMap<ConversationId, Instant>,
 }
 
 /// `runtime_info` as nestor reports it: the provisioning state of the conversation's
@@ -154,7 +183,7 @@ impl Catalog {
             );
         }
         tracing::info!(conversations = entries.len(), dropped, "catalog loaded");
-        Ok(Self { entries, writer: Writer::new(store), client, cfg, refresh: DashMap::new() })
+        Ok(Self { entries, writer: Writer::new(store), client, cfg, refresh: DashMap::new(), tombstones: DashMap::new() })
     }
 
     /// Where `id` lives (and whose it is).
@@ -187,10 +216,13 @@ impl Catalog {
     }
 
     /// Record (or update) a conversation. Persisted before returning.
+    /// The caller knows it exists now (a create may re-use a deleted id), so this clears a
+    /// removal's tombstone.
     pub async fn register(&self, id: ConversationId, ds: &Arc<Downstream>, owner: UserId, info: Value) {
         let info = Arc::new(info);
         let stored = StoredEntry { version: 1, id, downstream: ds.id().clone(), owner: owner.clone(), info: info.clone() };
-        self.upsert(id, ds, owner, info, 0);
+        self.tombstones.remove(&id);
+        self.upsert(id, ds, owner, info, 0, Adopt::Always);
         // The writer logs a failure; the route stands in memory either way.
         let _ = self.writer.save_durable(stored).await;
     }
@@ -202,7 +234,8 @@ impl Catalog {
 
     /// Insert or update in memory; returns whether anything changed.
     /// `listed_hash`: the hash of the info's text when it comes from a listing, else 0.
-    fn upsert(&self, id: ConversationId, ds: &Arc<Downstream>, owner: UserId, info: Arc<Value>, listed_hash: u64) -> bool {
+    /// `adopt`: whether an id the catalog does not hold may be inserted.
+    fn upsert(&self, id: ConversationId, ds: &Arc<Downstream>, owner: UserId, info: Arc<Value>, listed_hash: u64, adopt: Adopt) -> bool {
         let item = SearchItem::from_info(id, info);
         match self.entries.entry(id) {
             dashmap::Entry::Occupied(mut o) => {
@@ -219,6 +252,18 @@ impl Catalog {
                 changed
             }
             dashmap::Entry::Vacant(v) => {
+                // Decided while holding the entry's shard: `remove` writes the tombstone
+                // before taking the entry, so either the tombstone is seen here, or the
+                // removal comes after this insert and removes it.
+                let allowed = match adopt {
+                    Adopt::Always => true,
+                    Adopt::Never => false,
+                    Adopt::UnlessRemovedSince(since) => self.tombstones.get(&id).is_none_or(|t| *t < since),
+                };
+                if !allowed {
+                    tracing::debug!(conversation = %id, downstream = %ds.id(), ?adopt, "not re-adding a conversation removed meanwhile");
+                    return false;
+                }
                 ds.add_conversations(1);
                 v.insert(Entry { downstream: ds.clone(), owner, item, registered_at: Instant::now(), listed_hash });
                 true
@@ -227,12 +272,27 @@ impl Catalog {
     }
 
     /// Forget a conversation (deleted). Returns its entry.
+    /// Leaves a tombstone (even when the id was not held: a refresh may be about to add it).
     pub async fn remove(&self, id: &ConversationId) -> Option<Entry> {
+        self.bury(*id);
         let (_, e) = self.entries.remove(id)?;
         e.downstream.add_conversations(-1);
         // The writer logs a failure.
         let _ = self.writer.remove_durable(*id).await;
         Some(e)
+    }
+
+    /// Record `id`'s removal now, pruning tombstones old enough that no refresh in flight
+    /// can predate them (bounded by the removals of the last [`Catalog::tombstone_ttl`]).
+    fn bury(&self, id: ConversationId) {
+        let now = Instant::now();
+        let ttl = self.tombstone_ttl();
+        self.tombstones.retain(|_, t| now.saturating_duration_since(*t) < ttl);
+        self.tombstones.insert(id, now);
+    }
+
+    fn tombstone_ttl(&self) -> Duration {
+        TOMBSTONE_TTL.max(self.cfg.refresh_timeout.saturating_mul(4))
     }
 
     /// Fetch `ds`'s whole conversation list and merge it in: new conversations are adopted,
@@ -289,7 +349,8 @@ impl Catalog {
                 .or_else(|| ds.owner().cloned())
                 .unwrap_or_else(UserId::default_user);
             let info = Arc::new(info);
-            if self.upsert(id, ds, owner.clone(), info.clone(), hash) {
+            // Not re-adding one removed since this listing was requested (module docs).
+            if self.upsert(id, ds, owner.clone(), info.clone(), hash, Adopt::UnlessRemovedSince(started)) {
                 changed.push(StoredEntry { version: 1, id, downstream: ds.id().clone(), owner, info });
             }
         }
@@ -304,8 +365,15 @@ impl Catalog {
             self.remove(id).await;
         }
         // Cached infos: written in the background (a lost one is listed again).
+        // Only entries still held on `ds`, checked under the entry's lock: a removal since
+        // either is seen here, or queues its file removal after this save (which it then
+        // supersedes); saving regardless wrote a deleted conversation back to disk.
         for e in changed {
-            self.writer.save(e);
+            if let Some(cur) = self.entries.get(&e.id) {
+                if cur.downstream.id() == &e.downstream {
+                    self.writer.save(e);
+                }
+            }
         }
         let state = self.refresh.entry(ds.id().clone()).or_default().clone();
         *state.last_ok.lock().unwrap() = Some(Instant::now());
@@ -400,7 +468,8 @@ impl Catalog {
         Some(Presented { info: e.item.info.clone(), runtime_info: runtime_info(&e.downstream) })
     }
 
-    /// Fetch `ids` (all on `ds`) live from the downstream, updating the catalog.
+    /// Fetch `ids` (all on `ds`) live from the downstream, updating the catalog's entries
+    /// for them (never adding one).
     /// Returns the infos in request order (None: the downstream does not know it).
     pub async fn fetch_live(
         &self,
@@ -427,8 +496,10 @@ impl Catalog {
         for (id, info) in ids.iter().zip(&infos) {
             if let Some(info) = info {
                 if !include_skills {
+                    // Update only: it may have been removed (deleted) while this read was in
+                    // flight, and must not come back from its answer.
                     if let Some(owner) = self.entries.get(id).map(|e| e.owner.clone()) {
-                        self.upsert(*id, ds, owner, Arc::new(info.clone()), 0);
+                        self.upsert(*id, ds, owner, Arc::new(info.clone()), 0, Adopt::Never);
                     }
                 }
             }
@@ -551,5 +622,189 @@ mod tests {
         assert_eq!(serde_json::to_value(&p).unwrap(), expected);
         let not_an_object = Presented { info: Arc::new(serde_json::json!([1])), runtime_info: Value::Null };
         assert_eq!(serde_json::to_value(&not_an_object).unwrap(), serde_json::json!([1]));
+    }
+
+    use nestor_core::Endpoint;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::mpsc;
+
+    /// Bound on every wait of these tests (generous: they only wait on each other).
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// A downstream whose answers the test releases, so a listing can be held in flight.
+    /// Each request's path is reported on the first channel; it is answered (200, JSON, then
+    /// the connection closed) with the next body the test sends on the second.
+    async fn gated_downstream() -> (Arc<Downstream>, mpsc::Receiver<String>, mpsc::Sender<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (req_tx, req_rx) = mpsc::channel(16);
+        let (ans_tx, mut ans_rx) = mpsc::channel::<String>(16);
+        tokio::spawn(async move {
+            // Ends when the test drops its sender or the listener fails.
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < (64 << 10) {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_owned();
+                let path = line.split(' ').nth(1).unwrap_or_default().to_owned();
+                if req_tx.send(path).await.is_err() {
+                    return;
+                }
+                let Some(body) = ans_rx.recv().await else { return };
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            }
+        });
+        let ds = Downstream::new(
+            DownstreamId::new("gated"),
+            "test",
+            None,
+            None,
+            Some(Endpoint::loopback(port, None)),
+            DownstreamState::Ready,
+        );
+        (ds, req_rx, ans_tx)
+    }
+
+    async fn next_request(rx: &mut mpsc::Receiver<String>) -> String {
+        tokio::time::timeout(WAIT, rx.recv()).await.expect("the catalog asked its downstream in time").expect("server running")
+    }
+
+    fn info(id: ConversationId) -> Value {
+        json!({"id": id.to_string(), "title": "t", "execution_status": "idle"})
+    }
+
+    fn open(dir: &std::path::Path) -> Arc<Catalog> {
+        Arc::new(Catalog::open(dir, DownstreamClient::default(), CatalogConfig::default(), |_| None).unwrap())
+    }
+
+    /// A listing requested before a delete, answered after it, still names the deleted
+    /// conversation: it must stay gone (route, count, the downstream's count, disk), so the
+    /// delete's `count_on` lets the downstream be released. Then a create of the same id
+    /// registers it again, and a later listing naming it keeps it.
+    #[tokio::test]
+    async fn a_listing_in_flight_does_not_bring_back_a_deleted_conversation() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = open(dir.path());
+        let (ds, mut requests, answers) = gated_downstream().await;
+        let x = ConversationId::new_random();
+        catalog.register(x, &ds, UserId::default_user(), info(x)).await;
+        assert_eq!(catalog.count_on(ds.id()), 1);
+
+        let refresh = tokio::spawn({
+            let (catalog, ds) = (catalog.clone(), ds.clone());
+            async move { catalog.refresh(&ds).await }
+        });
+        assert!(next_request(&mut requests).await.starts_with("/api/conversations/search"));
+        // The delete succeeds while the listing is in flight.
+        assert!(catalog.remove(&x).await.is_some());
+        assert_eq!(catalog.count_on(ds.id()), 0);
+        answers.send(json!({"items": [info(x)], "next_page_id": null}).to_string()).await.unwrap();
+        let listed = tokio::time::timeout(WAIT, refresh).await.unwrap().unwrap().unwrap();
+        assert_eq!(listed, 1);
+
+        assert!(catalog.route(&x).is_none(), "the deleted conversation came back");
+        assert_eq!(catalog.count(None, None), 0);
+        assert_eq!(catalog.count_on(ds.id()), 0);
+        assert_eq!(ds.conversation_count(), 0);
+        assert!(catalog.flush(WAIT).await);
+        assert!(Store::open(dir.path()).unwrap().load_all().is_empty(), "written back to disk");
+
+        // Created again with the same id: registered, and kept by a listing naming it.
+        catalog.register(x, &ds, UserId::default_user(), info(x)).await;
+        let refresh = tokio::spawn({
+            let (catalog, ds) = (catalog.clone(), ds.clone());
+            async move { catalog.refresh(&ds).await }
+        });
+        next_request(&mut requests).await;
+        answers.send(json!({"items": [info(x)], "next_page_id": null}).to_string()).await.unwrap();
+        tokio::time::timeout(WAIT, refresh).await.unwrap().unwrap().unwrap();
+        assert!(catalog.route(&x).is_some());
+        assert_eq!(catalog.count_on(ds.id()), 1);
+        assert_eq!(ds.conversation_count(), 1);
+    }
+
+    /// The same over a multi-page listing: the deleted conversation was on a page read
+    /// before the delete, while a later page (adopting a new conversation) was in flight.
+    /// A listing requested after the delete adopts the id again (it really exists then).
+    #[tokio::test]
+    async fn a_conversation_on_an_earlier_page_stays_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = open(dir.path());
+        let (ds, mut requests, answers) = gated_downstream().await;
+        let (x, z) = (ConversationId::new_random(), ConversationId::new_random());
+        catalog.register(x, &ds, UserId::default_user(), info(x)).await;
+
+        let refresh = tokio::spawn({
+            let (catalog, ds) = (catalog.clone(), ds.clone());
+            async move { catalog.refresh(&ds).await }
+        });
+        next_request(&mut requests).await;
+        answers.send(json!({"items": [info(x)], "next_page_id": "p2"}).to_string()).await.unwrap();
+        assert!(next_request(&mut requests).await.contains("page_id=p2"));
+        catalog.remove(&x).await;
+        answers.send(json!({"items": [info(z)], "next_page_id": null}).to_string()).await.unwrap();
+        assert_eq!(tokio::time::timeout(WAIT, refresh).await.unwrap().unwrap().unwrap(), 2);
+        assert!(catalog.route(&x).is_none());
+        assert!(catalog.route(&z).is_some(), "a new conversation is still adopted");
+        assert_eq!(catalog.ids_on(ds.id()), vec![z]);
+        assert_eq!(ds.conversation_count(), 1);
+        assert!(catalog.flush(WAIT).await);
+        let on_disk: Vec<_> = Store::open(dir.path()).unwrap().load_all().into_iter().map(|e| e.id).collect();
+        assert_eq!(on_disk, vec![z]);
+
+        let refresh = tokio::spawn({
+            let (catalog, ds) = (catalog.clone(), ds.clone());
+            async move { catalog.refresh(&ds).await }
+        });
+        next_request(&mut requests).await;
+        answers.send(json!({"items": [info(x), info(z)], "next_page_id": null}).to_string()).await.unwrap();
+        tokio::time::timeout(WAIT, refresh).await.unwrap().unwrap().unwrap();
+        assert!(catalog.route(&x).is_some(), "listed after its removal: adopted");
+        assert_eq!(ds.conversation_count(), 2);
+    }
+
+    /// A live read in flight when the conversation is deleted does not re-add it (and still
+    /// answers what the downstream said). Also the narrower interleaving, driven step by
+    /// step: `fetch_live` found the entry's owner, then the delete removed it, then its
+    /// update ran (`Adopt::Never`): nothing is inserted.
+    #[tokio::test]
+    async fn a_live_read_in_flight_does_not_bring_back_a_deleted_conversation() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = open(dir.path());
+        let (ds, mut requests, answers) = gated_downstream().await;
+        let x = ConversationId::new_random();
+        catalog.register(x, &ds, UserId::default_user(), info(x)).await;
+
+        let read = tokio::spawn({
+            let (catalog, ds) = (catalog.clone(), ds.clone());
+            async move { catalog.fetch_live(&ds, &[x], false, WAIT).await }
+        });
+        assert!(next_request(&mut requests).await.starts_with("/api/conversations?ids="));
+        catalog.remove(&x).await;
+        answers.send(json!([info(x)]).to_string()).await.unwrap();
+        let infos = tokio::time::timeout(WAIT, read).await.unwrap().unwrap().unwrap();
+        assert_eq!(infos.len(), 1);
+        assert_eq!(infos[0].as_ref().unwrap()["id"], x.to_string());
+        assert!(catalog.route(&x).is_none(), "the deleted conversation came back");
+        assert_eq!(catalog.count(None, None), 0);
+        assert_eq!(ds.conversation_count(), 0);
+
+        let y = ConversationId::new_random();
+        catalog.register(y, &ds, UserId::default_user(), info(y)).await;
+        let owner = catalog.get(&y).map(|e| e.owner).unwrap();
+        catalog.remove(&y).await;
+        assert!(!catalog.upsert(y, &ds, owner, Arc::new(info(y)), 0, Adopt::Never));
+        assert!(catalog.route(&y).is_none());
+        assert_eq!(ds.conversation_count(), 0);
     }
 }

@@ -63,10 +63,86 @@ impl Store {
         nestor_core::fs::write_atomic(&self.path(&e.id), &bytes)
     }
 
+    /// Remove `id`'s file, durably: a delete nestor confirmed must not come back after a
+    /// power loss. Unlinking only changes the directory, so the directory is fsynced after
+    /// it (as [`nestor_core::fs::write_atomic`] does after its rename); until then the
+    /// removal may sit in the page cache only. A file that is already gone is not an error,
+    /// but the directory is still synced: an earlier attempt may have unlinked it and
+    /// failed before its sync.
     pub fn remove(&self, id: &ConversationId) -> std::io::Result<()> {
-        match std::fs::remove_file(self.path(id)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        let path = self.path(id);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(with_context(e, format!("removing catalog entry {}", path.display())));
+            }
+            _ => {}
         }
+        sync_dir(&self.dir)
+    }
+}
+
+/// Make the directory's entries (a removal) durable. A directory that no longer exists
+/// holds no entry to bring back, so that is not an error.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        let d = match std::fs::File::open(dir) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(with_context(e, format!("opening catalog directory {} to sync it", dir.display()))),
+        };
+        d.sync_all().map_err(|e| with_context(e, format!("syncing catalog directory {}", dir.display())))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir; // directories cannot be opened and synced there; the unlink stands.
+    Ok(())
+}
+
+/// `e` with what was being done, keeping its kind (callers match on it).
+fn with_context(e: std::io::Error, what: String) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("nestor-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    /// A removal deletes the file and syncs the directory; removing again (the file already
+    /// gone) and removing from a vanished directory both succeed.
+    #[test]
+    fn remove_is_durable_and_idempotent() {
+        let d = dir("remove");
+        let store = Store::open(&d).unwrap();
+        let id = ConversationId::new_random();
+        let e = StoredEntry { version: 1, id, downstream: DownstreamId::new("d"), owner: UserId::default_user(), info: Arc::new(json!({"id": id.to_string()})) };
+        store.save(&e).unwrap();
+        assert_eq!(store.load_all().len(), 1);
+        store.remove(&id).unwrap();
+        assert!(store.load_all().is_empty());
+        assert!(!store.path(&id).exists());
+        store.remove(&id).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+        store.remove(&id).unwrap();
+    }
+
+    /// A failure other than NotFound is reported with the file it concerns.
+    #[cfg(unix)]
+    #[test]
+    fn remove_failure_names_the_file() {
+        let d = dir("remove-fail");
+        let store = Store::open(&d).unwrap();
+        let id = ConversationId::new_random();
+        // A non-empty directory in the file's place: unlinking it fails (EISDIR/EPERM).
+        std::fs::create_dir_all(store.path(&id).join("x")).unwrap();
+        let err = store.remove(&id).unwrap_err();
+        assert!(err.to_string().contains(&id.hex()), "{err}");
+        let _ = std::fs::remove_dir_all(&d);
     }
 }
