@@ -140,7 +140,9 @@ pub async fn receive_conversation(State(state): State<AppState>, req: Request<Bo
         }
     } else {
         let owner = state.catalog.route(&id).map(|(_, o)| o).or_else(|| ds.owner().cloned()).unwrap_or_else(nestor_core::UserId::default_user);
-        state.catalog.register(id, &ds, owner, info.clone()).await;
+        // Not `register`: a report sent before nestor's own delete of it must not bring the
+        // conversation back.
+        state.catalog.report(id, &ds, owner, info.clone()).await;
     }
     if let Some(ep) = ds.endpoint() {
         state.webhooks.emit_conversation(redact(&ep, &info));

@@ -48,8 +48,11 @@ const TOMBSTONE_TTL: Duration = Duration::from_secs(300);
 /// Whether [`Catalog::upsert`] may insert an id the catalog does not hold.
 #[derive(Debug, Clone, Copy)]
 enum Adopt {
-    /// Yes: an explicit registration (create, fork, webhook, provisioner lookup).
+    /// Yes: an explicit registration (create, fork, provisioner lookup).
     Always,
+    /// Unless it was removed lately (it has a tombstone): what a downstream reports on its
+    /// own (a webhook), which may have been sent before the removal.
+    UnlessRemoved,
     /// Unless it was removed at or after this instant: a listing requested then, which may
     /// predate the removal.
     UnlessRemovedSince(Instant),
@@ -227,6 +230,20 @@ impl Catalog {
         let _ = self.writer.save_durable(stored).await;
     }
 
+    /// Record what a downstream reports about a conversation on its own (a webhook): as
+    /// [`Catalog::register`], except that a conversation removed lately is not brought back
+    /// by a report sent before its removal. Returns whether it is held now.
+    pub async fn report(&self, id: ConversationId, ds: &Arc<Downstream>, owner: UserId, info: Value) -> bool {
+        let info = Arc::new(info);
+        let changed = self.upsert(id, ds, owner.clone(), info.clone(), 0, Adopt::UnlessRemoved);
+        if changed {
+            let stored = StoredEntry { version: 1, id, downstream: ds.id().clone(), owner, info };
+            // The writer logs a failure; the route stands in memory either way.
+            let _ = self.writer.save_durable(stored).await;
+        }
+        self.entries.contains_key(&id)
+    }
+
     /// Wait (bounded) until every queued catalog write is on disk (graceful shutdown).
     pub async fn flush(&self, within: Duration) -> bool {
         self.writer.flush(within).await
@@ -257,6 +274,7 @@ impl Catalog {
                 // removal comes after this insert and removes it.
                 let allowed = match adopt {
                     Adopt::Always => true,
+                    Adopt::UnlessRemoved => !self.tombstones.contains_key(&id),
                     Adopt::Never => false,
                     Adopt::UnlessRemovedSince(since) => self.tombstones.get(&id).is_none_or(|t| *t < since),
                 };
@@ -806,5 +824,25 @@ mod tests {
         assert!(!catalog.upsert(y, &ds, owner, Arc::new(info(y)), 0, Adopt::Never));
         assert!(catalog.route(&y).is_none());
         assert_eq!(ds.conversation_count(), 0);
+    }
+
+    /// A downstream's report (webhook) sent before a delete and arriving after it does not
+    /// bring the conversation back; one about a conversation nestor never removed is
+    /// adopted; a create of the removed id again (register) still works.
+    #[tokio::test]
+    async fn a_stale_report_does_not_bring_back_a_deleted_conversation() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = open(dir.path());
+        let (ds, _requests, _answers) = gated_downstream().await;
+        let x = ConversationId::new_random();
+        catalog.register(x, &ds, UserId::default_user(), info(x)).await;
+        catalog.remove(&x).await;
+        assert!(!catalog.report(x, &ds, UserId::default_user(), info(x)).await);
+        assert!(catalog.route(&x).is_none(), "the deleted conversation came back");
+        let z = ConversationId::new_random();
+        assert!(catalog.report(z, &ds, UserId::default_user(), info(z)).await, "a new one is adopted");
+        catalog.register(x, &ds, UserId::default_user(), info(x)).await;
+        assert!(catalog.route(&x).is_some());
+        assert_eq!(ds.conversation_count(), 2);
     }
 }
