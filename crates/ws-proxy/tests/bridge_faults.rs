@@ -431,10 +431,27 @@ async fn a_silent_bash_events_downstream_closes_the_client_instead_of_redialing(
             });
         }
     });
-    let cfg = Arc::new(ProxyConfig { ping_interval: Duration::from_millis(200), ..ProxyConfig::default() });
-    let (mut client, pair) = bridged(SocketKind::BashEvents, Arc::new(Fixed(endpoint(port))), cfg).await;
+    let cfg = Arc::new(ProxyConfig { ping_interval: Duration::from_millis(500), ..ProxyConfig::default() });
+    // The client over real TCP, not an in-memory pipe: the proxy answers pings and closes
+    // right after its close frame, and a pipe's write to a dropped end fails at once, so a
+    // client's pending pong would fail the read before it reaches the close frame.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client_tcp = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (proxy_tcp, _) = l.accept().await.unwrap();
+    let proxy_side = WebSocketStream::from_raw_socket(proxy_tcp, Role::Server, Some(cfg.client_ws_config())).await;
+    let mut client = WebSocketStream::from_raw_socket(client_tcp, Role::Client, None).await;
+    let spec = PairSpec { kind: SocketKind::BashEvents, conversation: ConversationId::new_random(), query: vec![], auth: ClientAuth::Done };
+    let pair = tokio::spawn(bridge(proxy_side, spec, Arc::new(Fixed(endpoint(port))), cfg));
     // Silent for 3 ping intervals: closed within a few more.
-    assert_eq!(close_code_within(&mut client, Duration::from_secs(10)).await, Some(1012));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        match tokio::time::timeout_at(deadline, client.next()).await.expect("the client was never closed") {
+            Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            other => panic!("the client socket ended without a close frame: {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1012));
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "no redial");
     let _ = tokio::time::timeout(Duration::from_secs(5), pair).await.expect("the pair ended");
     server.abort();
