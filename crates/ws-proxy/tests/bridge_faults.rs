@@ -237,13 +237,7 @@ async fn a_downstream_gone_past_the_resume_deadline_closes_the_client_with_1012(
     let cfg = Arc::new(ProxyConfig { resume_deadline: Duration::from_millis(800), ..ProxyConfig::default() });
     let (mut client, pair) = bridged(SocketKind::Session, Arc::new(OnceThenGone { ep: endpoint(port), calls: AtomicUsize::new(0) }), cfg).await;
     let t0 = tokio::time::Instant::now();
-    let code = loop {
-        match tokio::time::timeout(Duration::from_secs(10), client.next()).await.expect("the client was never closed") {
-            Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
-            Some(Ok(_)) => continue,
-            other => panic!("the client socket ended without a close frame: {other:?}"),
-        }
-    };
+    let code = close_code_within(&mut client, Duration::from_secs(10)).await;
     assert_eq!(code, Some(1012), "a retryable close once the resume deadline passed");
     assert!(t0.elapsed() < Duration::from_secs(5), "closed {:?} after the loss", t0.elapsed());
     let _ = tokio::time::timeout(Duration::from_secs(5), pair).await.expect("the pair ended");
@@ -359,14 +353,18 @@ async fn a_downstream_that_drops_every_connection_is_redialed_with_backoff() {
     }
 }
 
-/// Read until the client socket is closed; the close code (None: it ended without one).
-async fn close_code_within(client: &mut WebSocketStream<DuplexStream>, within: Duration) -> Option<u16> {
+/// Read until the client gets its close frame, within `within`: the frame's code (None: a
+/// close frame without one). Panics if the socket ends without a close frame.
+async fn close_code_within<S>(client: &mut WebSocketStream<S>, within: Duration) -> Option<u16>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let deadline = tokio::time::Instant::now() + within;
     loop {
         match tokio::time::timeout_at(deadline, client.next()).await.expect("the client was never closed") {
             Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
             Some(Ok(_)) => continue,
-            Some(Err(_)) | None => return None,
+            other => panic!("the client socket ended without a close frame: {other:?}"),
         }
     }
 }
@@ -443,15 +441,7 @@ async fn a_silent_bash_events_downstream_closes_the_client_instead_of_redialing(
     let spec = PairSpec { kind: SocketKind::BashEvents, conversation: ConversationId::new_random(), query: vec![], auth: ClientAuth::Done };
     let pair = tokio::spawn(bridge(proxy_side, spec, Arc::new(Fixed(endpoint(port))), cfg));
     // Silent for 3 ping intervals: closed within a few more.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        match tokio::time::timeout_at(deadline, client.next()).await.expect("the client was never closed") {
-            Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
-            Some(Ok(_)) => continue,
-            other => panic!("the client socket ended without a close frame: {other:?}"),
-        }
-    };
-    assert_eq!(code, Some(1012));
+    assert_eq!(close_code_within(&mut client, Duration::from_secs(10)).await, Some(1012));
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "no redial");
     let _ = tokio::time::timeout(Duration::from_secs(5), pair).await.expect("the pair ended");
     server.abort();
