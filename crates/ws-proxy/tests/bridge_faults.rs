@@ -47,6 +47,33 @@ async fn bridged(kind: SocketKind, upstream: Arc<dyn Upstream>, cfg: Arc<ProxyCo
     (client, tokio::spawn(bridge(proxy_side, spec, upstream, cfg)))
 }
 
+/// A WebSocket downstream on `listener`: every connection it accepts is upgraded and handed
+/// to `on_socket` with its number (from 0), in a task of its own. Returns the port, the count
+/// of connections accepted so far, and the accept loop (abort it at the end of the test).
+fn ws_downstream<F, Fut>(listener: TcpListener, on_socket: F) -> (u16, Arc<AtomicUsize>, tokio::task::JoinHandle<()>)
+where
+    F: Fn(usize, WebSocketStream<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let acc = accepted.clone();
+    let on_socket = Arc::new(on_socket);
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let n = acc.fetch_add(1, Ordering::SeqCst);
+            let on_socket = on_socket.clone();
+            tokio::spawn(async move {
+                if let Ok(ws) = tokio_tungstenite::accept_async(tcp).await {
+                    on_socket(n, ws).await;
+                }
+            });
+        }
+    });
+    (port, accepted, server)
+}
+
 /// A client frame that cannot be written to the downstream (it stopped reading, the write
 /// times out) must not leave the pair without a downstream: nestor redials, delivers the
 /// frame to the new connection, and the client goes on receiving.
@@ -57,32 +84,24 @@ async fn a_write_that_times_out_leads_to_a_redial() {
     sock.set_recv_buffer_size(16 * 1024).unwrap();
     sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let listener = sock.listen(16).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let accepted = Arc::new(AtomicUsize::new(0));
     let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let acc = accepted.clone();
-    let server = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
-            let n = acc.fetch_add(1, Ordering::SeqCst);
-            let got_tx = got_tx.clone();
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { return };
-                if ws.send(sync_frame(n as i64)).await.is_err() {
-                    return;
+    let (port, accepted, server) = ws_downstream(listener, move |n, mut ws| {
+        let got_tx = got_tx.clone();
+        async move {
+            if ws.send(sync_frame(n as i64)).await.is_err() {
+                return;
+            }
+            if n == 0 {
+                // Stall: never read again (keep the socket open).
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                return;
+            }
+            while let Some(Ok(m)) = ws.next().await {
+                if let Message::Text(t) = m {
+                    let _ = got_tx.send(t.to_string());
+                    let _ = ws.send(Message::Text(r#"{"type":"transient","event":{"id":"after-redial"}}"#.into())).await;
                 }
-                if n == 0 {
-                    // Stall: never read again (keep the socket open).
-                    tokio::time::sleep(Duration::from_secs(60)).await;
-                    return;
-                }
-                while let Some(Ok(m)) = ws.next().await {
-                    if let Message::Text(t) = m {
-                        let _ = got_tx.send(t.to_string());
-                        let _ = ws.send(Message::Text(r#"{"type":"transient","event":{"id":"after-redial"}}"#.into())).await;
-                    }
-                }
-            });
+            }
         }
     });
 
@@ -316,22 +335,11 @@ async fn frames_glued_to_the_downstream_answer_are_not_lost() {
 async fn a_downstream_that_drops_every_connection_is_redialed_with_backoff() {
     for send_first in [false, true] {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let acc = accepted.clone();
-        let server = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else { return };
-                let n = acc.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    if let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await {
-                        if send_first {
-                            let _ = ws.send(sync_frame(n as i64)).await;
-                        }
-                        let _ = ws.close(None).await;
-                    }
-                });
+        let (port, accepted, server) = ws_downstream(listener, move |n, mut ws| async move {
+            if send_first {
+                let _ = ws.send(sync_frame(n as i64)).await;
             }
+            let _ = ws.close(None).await;
         });
         let cfg = Arc::new(ProxyConfig { resume_deadline: Duration::from_secs(30), ..ProxyConfig::default() });
         let (mut client, pair) = bridged(SocketKind::Session, Arc::new(Fixed(endpoint(port))), cfg).await;
@@ -376,27 +384,18 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_downstream_that_drops_every_connection_is_given_up_at_the_resume_deadline() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let acc = accepted.clone();
-    let server = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
-            let n = acc.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { return };
-                if n == 0 {
-                    // The first connection works for a moment.
-                    let _ = ws.send(sync_frame(-1)).await;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                let _ = ws.close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
-                    code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Error,
-                    reason: "".into(),
-                }))
-                .await;
-            });
+    let (port, accepted, server) = ws_downstream(listener, |n, mut ws| async move {
+        if n == 0 {
+            // The first connection works for a moment.
+            let _ = ws.send(sync_frame(-1)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let _ = ws
+            .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Error,
+                reason: "".into(),
+            }))
+            .await;
     });
     let cfg = Arc::new(ProxyConfig { resume_deadline: Duration::from_millis(800), ..ProxyConfig::default() });
     let (mut client, pair) = bridged(SocketKind::Session, Arc::new(Fixed(endpoint(port))), cfg).await;
@@ -414,20 +413,10 @@ async fn a_downstream_that_drops_every_connection_is_given_up_at_the_resume_dead
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_bash_events_downstream_closes_the_client_instead_of_redialing() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let acc = accepted.clone();
-    let server = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
-            acc.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let Ok(ws) = tokio_tungstenite::accept_async(tcp).await else { return };
-                // Silent: never reads (so never answers a ping), never writes.
-                tokio::time::sleep(Duration::from_secs(30)).await;
-                drop(ws);
-            });
-        }
+    let (port, accepted, server) = ws_downstream(listener, |_, ws| async move {
+        // Silent: never reads (so never answers a ping), never writes.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(ws);
     });
     let cfg = Arc::new(ProxyConfig { ping_interval: Duration::from_millis(500), ..ProxyConfig::default() });
     // The client over real TCP, not an in-memory pipe: the proxy answers pings and closes
