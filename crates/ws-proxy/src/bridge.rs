@@ -530,8 +530,7 @@ impl Pair {
                                 c.on_connected();
                             }
                             if self.flush_held(&mut down).await { Step::Continue } else {
-                                down = None;
-                                self.lost(&mut dialing, &mut dial_deadline, &mut backoff)
+                                self.lost("downstream socket lost (held client frames could not be sent)", &mut down, &mut dialing, &mut dial_deadline, &mut backoff)
                             }
                         }
                         Err(DialError::NotFound) => {
@@ -573,19 +572,7 @@ impl Pair {
                             None => None,
                         };
                         match gone {
-                            // A socket that cannot resume is closed below (no downstream,
-                            // no dial), as on every other loss.
-                            Some(why) if matches!(self.cursor, Cursor::None) => {
-                                tracing::info!(conversation = %conv, "{why}");
-                                down = None;
-                                Step::Continue
-                            }
-                            Some(why) => {
-                                tracing::info!(conversation = %conv, "{why}; resuming");
-                                down = None;
-                                self.upstream.on_lost();
-                                self.lost(&mut dialing, &mut dial_deadline, &mut backoff)
-                            }
+                            Some(why) => self.lost(why, &mut down, &mut dialing, &mut dial_deadline, &mut backoff),
                             None => Step::Continue,
                         }
                     }
@@ -605,15 +592,7 @@ impl Pair {
                 // could not be written to it): without this the pair would wait forever with
                 // no downstream and no dial.
                 Step::Continue if down.is_none() && dialing.is_none() => {
-                    if matches!(self.cursor, Cursor::None) {
-                        tracing::info!(conversation = %conv, "downstream socket lost; this socket cannot resume");
-                        self.close_client(1012, "downstream unavailable");
-                        Step::End
-                    } else {
-                        tracing::info!(conversation = %conv, "downstream socket lost (write failed); resuming");
-                        self.upstream.on_lost();
-                        self.lost(&mut dialing, &mut dial_deadline, &mut backoff)
-                    }
+                    self.lost("downstream socket lost (write failed)", &mut down, &mut dialing, &mut dial_deadline, &mut backoff)
                 }
                 other => other,
             };
@@ -636,7 +615,6 @@ impl Pair {
         deadline: &mut Instant,
         backoff: &mut Duration,
     ) -> Step {
-        let conv = self.spec.conversation;
         if matches!(m, Some(Ok(Message::Text(_) | Message::Binary(_)))) {
             self.data_frames = self.data_frames.saturating_add(1);
             if self.data_frames == STREAMING_AFTER_FRAMES {
@@ -648,28 +626,30 @@ impl Pair {
         match self.on_downstream(m) {
             DownStep::Continue => Step::Continue,
             DownStep::End => Step::End,
-            DownStep::Lost(why) if matches!(self.cursor, Cursor::None) => {
-                tracing::info!(conversation = %conv, "downstream socket lost ({why}); this socket cannot resume");
-                self.close_client(1012, "downstream unavailable");
-                Step::End
-            }
-            DownStep::Lost(why) => {
-                tracing::info!(conversation = %conv, "downstream socket lost ({why}); resuming");
-                self.upstream.on_lost();
-                *down = None;
-                self.lost(dialing, deadline, backoff)
-            }
+            DownStep::Lost(why) => self.lost(&format!("downstream socket lost ({why})"), down, dialing, deadline, backoff),
         }
     }
 
-    /// Enter the reconnecting state; `End` (the client closed) when the outage this loss
-    /// belongs to is past the resume deadline.
+    /// The downstream connection is gone (`why`, for the log): every loss comes here. The
+    /// pair reconnects; or, `End`, the client is closed with 1012 when the socket cannot
+    /// resume (it has no position: bash-events) or the outage is past its resume deadline.
     fn lost(
         &mut self,
+        why: &str,
+        down: &mut Option<DownSocket>,
         dialing: &mut Option<BoxFuture<'static, Result<DownSocket, DialError>>>,
         deadline: &mut Instant,
         backoff: &mut Duration,
     ) -> Step {
+        *down = None;
+        let conv = self.spec.conversation;
+        if matches!(self.cursor, Cursor::None) {
+            tracing::info!(conversation = %conv, "{why}; this socket cannot resume");
+            self.close_client(1012, "downstream unavailable");
+            return Step::End;
+        }
+        tracing::info!(conversation = %conv, "{why}; resuming");
+        self.upstream.on_lost();
         let now = Instant::now();
         let proved = self.connected_at.take().is_some_and(|t| now.duration_since(t) >= STABLE_AFTER);
         if self.lost_at.is_none() || proved {
@@ -679,7 +659,7 @@ impl Pair {
         } else if now >= *deadline {
             // Every connection since the loss was dropped at once (e.g. closed with 1011
             // right after the handshake): as unreachable as a refused one.
-            tracing::warn!(conversation = %self.spec.conversation, "giving up on the downstream socket: no connection held since the loss");
+            tracing::warn!(conversation = %conv, "giving up on the downstream socket: no connection held since the loss");
             self.close_client(1012, "downstream unavailable");
             return Step::End;
         }
