@@ -65,7 +65,7 @@ impl Store {
 
     /// Remove `id`'s file, durably: a delete nestor confirmed must not come back after a
     /// power loss. Unlinking only changes the directory, so the directory is fsynced after
-    /// it (as [`nestor_core::fs::write_atomic`] does after its rename); until then the
+    /// it ([`nestor_core::fs::sync_dir`], as `write_atomic` does after its rename); until then the
     /// removal may sit in the page cache only. A file that is already gone is not an error,
     /// but the directory is still synced: an earlier attempt may have unlinked it and
     /// failed before its sync.
@@ -77,25 +77,8 @@ impl Store {
             }
             _ => {}
         }
-        sync_dir(&self.dir)
+        nestor_core::fs::sync_dir(&self.dir).map_err(|e| with_context(e, format!("syncing catalog directory {}", self.dir.display())))
     }
-}
-
-/// Make the directory's entries (a removal) durable. A directory that no longer exists
-/// holds no entry to bring back, so that is not an error.
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        let d = match std::fs::File::open(dir) {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(with_context(e, format!("opening catalog directory {} to sync it", dir.display()))),
-        };
-        d.sync_all().map_err(|e| with_context(e, format!("syncing catalog directory {}", dir.display())))?;
-    }
-    #[cfg(not(unix))]
-    let _ = dir; // directories cannot be opened and synced there; the unlink stands.
-    Ok(())
 }
 
 /// `e` with what was being done, keeping its kind (callers match on it).

@@ -28,9 +28,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
+    // Best effort: the new file is whole either way.
+    let _ = sync_dir(dir);
+    Ok(())
+}
+
+/// Make `dir`'s entries durable (a rename, a new file or a removal in it): until its
+/// directory is synced, such a change may sit in the page cache only. A directory that no
+/// longer exists holds nothing to bring back, so that is not an error; where directories
+/// cannot be opened (not Unix) there is nothing to do.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    match std::fs::File::open(dir) {
+        Ok(d) => d.sync_all()?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
+    #[cfg(not(unix))]
+    let _ = dir;
     Ok(())
 }
 

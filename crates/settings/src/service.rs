@@ -910,10 +910,9 @@ fn strip_secrets(root: &Value, v: &Value) -> Value {
     unmark(v, &marked)
 }
 
+/// Best effort ([`nestor_core::fs::sync_dir`]): the change itself already stands.
 pub(crate) fn fsync_dir(dir: Option<&Path>) {
     if let Some(d) = dir {
-        if let Ok(f) = std::fs::File::open(d) {
-            let _ = f.sync_all();
-        }
+        let _ = nestor_core::fs::sync_dir(d);
     }
 }
