@@ -45,11 +45,6 @@ impl Deadline {
         }
         sleep.as_mut()
     }
-
-    /// The configured timeout (for messages).
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
 }
 
 #[cfg(test)]

@@ -320,7 +320,7 @@ async fn answer(
             return respond_error(tcp, &req, cors_of(state, &req).as_ref(), e, started).await;
         }
         Err(_) => {
-            let e = ApiError::GatewayTimeout(format!("the agent-server did not answer within {:?}", deadline.timeout()));
+            let e = ApiError::GatewayTimeout(format!("the agent-server did not answer within {:?}", state.upstream_timeout));
             return respond_error(tcp, &req, cors_of(state, &req).as_ref(), e, started).await;
         }
     };
