@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { echo "bench: $*" >&2; }
 
-bash scripts/setup-system.sh nginx
+bash scripts/setup-system.sh nginx wrk
 
 if [[ "${BENCH_NO_BUILD:-}" != 1 ]]; then
   log "building release binaries"
