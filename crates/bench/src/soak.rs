@@ -855,7 +855,7 @@ pub fn table(r: &SoakResults) -> String {
     );
     let _ = writeln!(
         o,
-        "{:>7} {:>10} {:>6} {:>9} {:>9} {:>9} {:>7} {:>8} {:>10} {:>9} {:>6} {:>10} {:>10}  {}",
+        "{:>7} {:>10} {:>6} {:>9} {:>9} {:>9} {:>7} {:>8} {:>10} {:>9} {:>6} {:>10} {:>10}  p99 µs by kind (get/events/search/count/post), loadavg",
         "t s",
         "RSS KiB",
         "fds",
@@ -869,7 +869,6 @@ pub fn table(r: &SoakResults) -> String {
         "drops",
         "nestor µs",
         "fakes µs",
-        "p99 µs by kind (get/events/search/count/post), loadavg"
     );
     let b = &r.before_traffic;
     let _ = writeln!(
