@@ -105,21 +105,40 @@ pub struct SequentialRound {
 
 /// `n` sequential requests over one connection after `warmup` unmeasured ones.
 ///
-/// The loop runs as a task on the client runtime's worker, as every closed-loop connection
-/// does, not on the thread that drives `block_on`: there each answer found by a worker's
-/// event loop had to wake that other thread first, a cross-thread hand-off per request that
-/// added ~20 µs of the client's own to every target's round trip (direct 64 µs instead of
-/// ~40 µs here) and its noise to every difference taken from them.
+/// The client is single-threaded, as wrk's is: the loop and its connection's task run on a
+/// `current_thread` runtime on a thread of their own. On the shared 2-worker runtime each
+/// answer could cross threads once or twice (the worker whose event loop saw it, the one
+/// running the connection's task, the one running the loop), and on this virtual machine
+/// each such hand-off is a wake-up through the hypervisor: first run on the `block_on`
+/// thread, the same loop measured direct at 64 µs instead of 41, and the differences taken
+/// from those round trips moved with the client's own scheduling, not only the proxy's.
 pub async fn sequential(
     t: &HttpTarget,
     warmup: usize,
     n: usize,
     hist: &mut Histogram<u64>,
 ) -> anyhow::Result<SequentialRound> {
-    let c = Conn::open(t.addr, sys::source_addr(0)).await?;
     let t = t.clone();
-    let (round, secs, body_bytes) =
-        tokio::spawn(async move { sequential_loop(c, &t, warmup, n).await }).await??;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bench-sequential".into())
+        .spawn(move || {
+            let r = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(async {
+                        let c = Conn::open(t.addr, sys::source_addr(0)).await?;
+                        sequential_loop(c, &t, warmup, n).await
+                    })
+                });
+            let _ = tx.send(r);
+        })?;
+    // Bounded: every request of the loop has its own timeout.
+    let (round, secs, body_bytes) = rx
+        .await
+        .context("the sequential client's thread ended without an answer")??;
     hist.add(&round).ok();
     Ok(SequentialRound {
         latency: Latency::from_hist(&round),
