@@ -18,19 +18,33 @@ const LIMIT: usize = 1 << 20;
 const FRAME: usize = 256 << 10;
 
 fn fake_config() -> FakeConfig {
-    FakeConfig { ws_ping_interval: None, system_prompt_event: false, ..FakeConfig::with_key("downstream-key-slow-0123") }
+    FakeConfig {
+        ws_ping_interval: None,
+        system_prompt_event: false,
+        ..FakeConfig::with_key("downstream-key-slow-0123")
+    }
 }
 
 /// A client socket with a small kernel receive buffer (so what it does not read piles up
 /// in nestor, not in the kernel).
 async fn tight_client(url: &str) -> Ws {
-    let addr: std::net::SocketAddr = url.trim_start_matches("ws://").split('/').next().unwrap().parse().unwrap();
+    let addr: std::net::SocketAddr = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(16 << 10).unwrap();
     let tcp = sock.connect(addr).await.unwrap();
     let mut req = url.into_client_request().unwrap();
-    req.headers_mut().insert("X-Session-API-Key", CLIENT_KEY.parse().unwrap());
-    let (ws, _) = tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(tcp)).await.unwrap();
+    req.headers_mut()
+        .insert("X-Session-API-Key", CLIENT_KEY.parse().unwrap());
+    let (ws, _) =
+        tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(tcp))
+            .await
+            .unwrap();
     ws
 }
 
@@ -55,7 +69,11 @@ async fn a_client_that_never_reads_is_dropped_at_the_limit_and_memory_stays_boun
     assert_eq!(must_json(&mut fast).await["key"], "full_state");
     let mut slow = Vec::new();
     for i in 0..SLOW {
-        let path = if i % 2 == 0 { format!("/sockets/events/{id}") } else { format!("/sockets/session/{id}") };
+        let path = if i % 2 == 0 {
+            format!("/sockets/events/{id}")
+        } else {
+            format!("/sockets/session/{id}")
+        };
         let mut ws = tight_client(&ws_url(&n, &path)).await;
         must_json(&mut ws).await;
         slow.push(ws);
@@ -93,13 +111,20 @@ async fn a_client_that_never_reads_is_dropped_at_the_limit_and_memory_stays_boun
         tokio::time::sleep(Duration::from_millis(10)).await;
         peak = peak.max(rss_bytes());
     }
-    let (mut fast, bytes) = tokio::time::timeout(Duration::from_secs(60), reader).await.expect("the reader got everything").unwrap();
+    let (mut fast, bytes) = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("the reader got everything")
+        .unwrap();
     assert!(bytes >= FRAMES * FRAME);
     let published = t0.elapsed();
     // The slow clients' downstream subscriptions are gone: only the reader's is left.
     let deadline = Instant::now() + Duration::from_secs(10);
     while f.subscriber_count(id) > 1 {
-        assert!(Instant::now() < deadline, "slow consumers still subscribed downstream: {}", f.subscriber_count(id));
+        assert!(
+            Instant::now() < deadline,
+            "slow consumers still subscribed downstream: {}",
+            f.subscriber_count(id)
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Each slow client finds its socket ended after what little was buffered for it.
@@ -112,10 +137,16 @@ async fn a_client_that_never_reads_is_dropped_at_the_limit_and_memory_stays_boun
                 Next::Timeout => panic!("slow client {i} still open after reading {got} bytes"),
             }
         }
-        assert!(got < 8 * LIMIT, "slow client {i} was sent {got} bytes before being dropped");
+        assert!(
+            got < 8 * LIMIT,
+            "slow client {i} was sent {got} bytes before being dropped"
+        );
     }
     // The reader is untouched and still live.
-    f.publish_transient(id, json!({"source": "agent", "content": "after", "kind": "StreamingDeltaEvent"}));
+    f.publish_transient(
+        id,
+        json!({"source": "agent", "content": "after", "kind": "StreamingDeltaEvent"}),
+    );
     loop {
         match next(&mut fast, Duration::from_secs(10)).await {
             Next::Text(t) if t.contains("\"after\"") => break,
@@ -161,5 +192,52 @@ async fn a_reader_that_pauses_below_the_limit_is_kept() {
         frames += 1;
     }
     assert_eq!(frames, LIMIT / FRAME / 2);
+    n.stop().await;
+}
+
+/// One frame larger than the whole limit (under the 64 MiB frame limit) reaches a client
+/// that reads: the limit counts what waits behind the frame being written, not the frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_frame_larger_than_the_limit_reaches_a_reading_client() {
+    let f = FakeAgentServer::start(fake_config()).await.unwrap();
+    let n = nestor_existing(&[&f], &format!("[websocket]\nmax_pending_bytes = {LIMIT}")).await;
+    let id = create_conversation(&n).await;
+    for path in [
+        format!("/sockets/events/{id}"),
+        format!("/sockets/session/{id}"),
+    ] {
+        let mut ws = open(&n, &path).await;
+        must_json(&mut ws).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while f.subscriber_count(id) < 1 {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let big = "y".repeat(3 * LIMIT);
+        f.publish_transient(id, json!({"source": "agent", "content": format!("big:{big}"), "kind": "StreamingDeltaEvent"}));
+        f.publish_transient(
+            id,
+            json!({"source": "agent", "content": "after-big", "kind": "StreamingDeltaEvent"}),
+        );
+        let (mut got_big, mut got_after) = (false, false);
+        while !got_after {
+            match next(&mut ws, Duration::from_secs(20)).await {
+                Next::Text(t) if t.contains("big:") => {
+                    assert!(t.len() > 3 * LIMIT);
+                    got_big = true;
+                }
+                Next::Text(t) if t.contains("after-big") => got_after = true,
+                Next::Text(_) => {}
+                other => panic!("{path}: the reading client lost its socket: {other:?}"),
+            }
+        }
+        assert!(got_big, "{path}: the large frame came before the next one");
+        drop(ws);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while f.subscriber_count(id) > 0 {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     n.stop().await;
 }

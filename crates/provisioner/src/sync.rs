@@ -110,7 +110,10 @@ impl WorkspaceSync for RecordingSync {
     }
 
     async fn released(&self, t: &SyncTrees) -> Result<(), String> {
-        self.calls.lock().unwrap().push(("released", t.conversation));
+        self.calls
+            .lock()
+            .unwrap()
+            .push(("released", t.conversation));
         Ok(())
     }
 }

@@ -23,7 +23,8 @@ pub struct ProxyConfig {
     /// Protocol pings to both legs; a leg silent for `2 × ping_interval` is dead.
     pub ping_interval: Duration,
     /// Bytes queued for a client beyond which it is dropped as a slow consumer
-    /// (the agent-server's session-socket rule: 16 MiB).
+    /// (the agent-server's session-socket rule: 16 MiB), not counting the message being
+    /// written: one frame larger than this alone does not drop a client that reads.
     pub max_pending_bytes: usize,
     /// Largest frame a client may send (the agent-server's 4 MiB).
     pub max_client_frame: usize,

@@ -10,6 +10,8 @@
 //!
 //! The byte count is what makes a slow consumer detectable: a message counts from
 //! [`Outbox::send`] until the writer has handed it to the socket ([`Inbox::done`]).
+//! [`Outbox::backlog`] leaves out the oldest message, the one the writer is on or takes
+//! next: a single message larger than the limit says nothing about the client's speed.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,10 +25,13 @@ struct Shared<T> {
     wake: Notify,
     /// Bytes sent and not yet [`Inbox::done`].
     pending: AtomicUsize,
+    /// Of those, bytes the receiver has taken and not yet [`Inbox::done`].
+    taken: AtomicUsize,
 }
 
 struct State<T> {
-    items: VecDeque<T>,
+    /// Items with their byte counts.
+    items: VecDeque<(T, usize)>,
     sender_alive: bool,
     receiver_alive: bool,
 }
@@ -52,11 +57,21 @@ pub struct Inbox<T> {
 /// A new queue.
 pub fn outbox<T>() -> (Outbox<T>, Inbox<T>) {
     let shared = Arc::new(Shared {
-        state: Mutex::new(State { items: VecDeque::new(), sender_alive: true, receiver_alive: true }),
+        state: Mutex::new(State {
+            items: VecDeque::new(),
+            sender_alive: true,
+            receiver_alive: true,
+        }),
         wake: Notify::new(),
         pending: AtomicUsize::new(0),
+        taken: AtomicUsize::new(0),
     });
-    (Outbox { shared: shared.clone() }, Inbox { shared })
+    (
+        Outbox {
+            shared: shared.clone(),
+        },
+        Inbox { shared },
+    )
 }
 
 impl<T> Outbox<T> {
@@ -67,7 +82,7 @@ impl<T> Outbox<T> {
             if !s.receiver_alive {
                 return false;
             }
-            s.items.push_back(item);
+            s.items.push_back((item, bytes));
         }
         self.shared.pending.fetch_add(bytes, Ordering::Relaxed);
         self.shared.wake.notify_one();
@@ -77,6 +92,23 @@ impl<T> Outbox<T> {
     /// Bytes queued and not yet handed to the socket.
     pub fn pending(&self) -> usize {
         self.shared.pending.load(Ordering::Relaxed)
+    }
+
+    /// [`Outbox::pending`] without the oldest message (the one the receiver is handing to
+    /// the socket, or takes next): what waits behind it. Takes the queue's lock; check
+    /// `pending` first.
+    pub fn backlog(&self) -> usize {
+        let s = self.shared.lock();
+        let taken = self.shared.taken.load(Ordering::Relaxed);
+        let oldest = if taken > 0 {
+            taken
+        } else {
+            s.items.front().map_or(0, |(_, n)| *n)
+        };
+        self.shared
+            .pending
+            .load(Ordering::Relaxed)
+            .saturating_sub(oldest)
     }
 }
 
@@ -94,7 +126,8 @@ impl<T> Inbox<T> {
         loop {
             {
                 let mut s = self.shared.lock();
-                if let Some(item) = s.items.pop_front() {
+                if let Some((item, n)) = s.items.pop_front() {
+                    self.shared.taken.fetch_add(n, Ordering::Relaxed);
                     return Some(item);
                 }
                 if !s.sender_alive {
@@ -110,17 +143,20 @@ impl<T> Inbox<T> {
 
     /// The next item if one is queued.
     pub fn try_recv(&mut self) -> Option<T> {
-        self.shared.lock().items.pop_front()
+        let (item, n) = self.shared.lock().items.pop_front()?;
+        self.shared.taken.fetch_add(n, Ordering::Relaxed);
+        Some(item)
     }
 
     /// `bytes` of what was received are now the socket's.
     pub fn done(&self, bytes: usize) {
+        self.shared.taken.fetch_sub(bytes, Ordering::Relaxed);
         self.shared.pending.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// Bytes of queue buffer held now (for tests).
     pub fn held_capacity(&self) -> usize {
-        self.shared.lock().items.capacity() * std::mem::size_of::<T>()
+        self.shared.lock().items.capacity() * std::mem::size_of::<(T, usize)>()
     }
 }
 
@@ -156,6 +192,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_backlog_leaves_out_the_oldest_message() {
+        let (tx, mut rx) = outbox::<u32>();
+        assert!(tx.send(1, 100));
+        assert_eq!(
+            (tx.pending(), tx.backlog()),
+            (100, 0),
+            "queued alone: no backlog"
+        );
+        assert!(tx.send(2, 5));
+        assert_eq!(tx.backlog(), 5);
+        assert_eq!(rx.recv().await, Some(1));
+        assert_eq!(tx.backlog(), 5, "taken and being written: still the oldest");
+        rx.done(100);
+        assert_eq!((tx.pending(), tx.backlog()), (5, 0));
+        assert_eq!(rx.try_recv(), Some(2));
+        rx.done(5);
+        assert_eq!((tx.pending(), tx.backlog()), (0, 0));
+    }
+
+    #[tokio::test]
     async fn wakes_a_waiting_receiver_and_ends_when_the_sender_is_gone() {
         let (tx, mut rx) = outbox::<u32>();
         let reader = tokio::spawn(async move {
@@ -170,7 +226,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(tx.send(8, 1));
         drop(tx);
-        let got = tokio::time::timeout(Duration::from_secs(5), reader).await.expect("the receiver ended").unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("the receiver ended")
+            .unwrap();
         assert_eq!(got, vec![7, 8]);
     }
 
