@@ -271,9 +271,10 @@ fn default_max_pending() -> usize {
     16 << 20
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProvisionerKind {
+    #[default]
     Process,
     Existing,
     Docker,
@@ -427,12 +428,6 @@ pub struct Overrides {
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct ProvisionerOverride {
     pub kind: ProvisionerKind,
-}
-
-impl Default for ProvisionerKind {
-    fn default() -> Self {
-        Self::Process
-    }
 }
 
 #[derive(Serialize)]
@@ -634,6 +629,8 @@ impl Config {
 }
 
 #[cfg(test)]
+// figment::Jail's closures return figment::Error, whatever its size.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use std::io::Write;

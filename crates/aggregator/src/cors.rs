@@ -106,6 +106,7 @@ pub struct Decision {
 /// Look at a request: `Err(response)` answers a preflight at once; `Ok(Some(decision))`
 /// is applied to the response later with [`finish`]; `Ok(None)` means no `Origin` (nothing
 /// to do, the common case for API clients).
+#[allow(clippy::result_large_err)] // the Err is the preflight's answer, returned as it is
 pub fn begin(policy: &CorsPolicy, req: &Request<Body>) -> Result<Option<Decision>, Response> {
     let Some(origin) = req.headers().get(header::ORIGIN).cloned() else {
         return Ok(None);

@@ -11,7 +11,8 @@ use nestor_provisioner::ProvisionError;
 #[derive(Debug)]
 pub enum HttpError {
     Api(ApiError),
-    Raw(Response),
+    /// Boxed: a `Response` is large, and this error travels in every handler's `Result`.
+    Raw(Box<Response>),
 }
 
 impl From<ApiError> for HttpError {
@@ -24,7 +25,7 @@ impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         match self {
             HttpError::Api(e) => e.to_http::<Body>(),
-            HttpError::Raw(r) => r,
+            HttpError::Raw(r) => *r,
         }
     }
 }

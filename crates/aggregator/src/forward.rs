@@ -470,45 +470,6 @@ fn redact_headers(headers: &mut HeaderMap, redactor: &Redactor) {
 /// The timeout for small internal calls to downstreams.
 pub const INTERNAL_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use nestor_core::SessionKey;
-
-    #[test]
-    fn strips_only_the_key_from_queries() {
-        assert_eq!(
-            strip_key_from_query("a=1&session_api_key=k&b=2").as_deref(),
-            Some("a=1&b=2")
-        );
-        assert_eq!(strip_key_from_query("session_api_key=k"), None);
-        assert_eq!(
-            strip_key_from_query("resend_mode=all").as_deref(),
-            Some("resend_mode=all")
-        );
-        assert_eq!(strip_key_from_query(""), None);
-        // Percent-encoded names are the same parameter to the downstream.
-        assert_eq!(
-            strip_key_from_query("session%5Fapi%5Fkey=k&a=%41").as_deref(),
-            Some("a=%41")
-        );
-        assert_eq!(strip_key_from_query("%73ession_api_key=k"), None);
-    }
-
-    #[test]
-    fn redactor_hides_key_and_address() {
-        let ep = Endpoint::loopback(41234, Some(SessionKey::new("downstreamkey123")));
-        let r = redactor_for(&ep, Some("http://nestor.example:8000"));
-        let out = r.apply(
-            b"http://127.0.0.1:41234/x?tkn=downstreamkey123 ws://127.0.0.1:41234/s 127.0.0.1:41234",
-        );
-        assert_eq!(
-            std::str::from_utf8(&out).unwrap(),
-            "http://nestor.example:8000/x?tkn=********** ws://nestor.example:8000/s nestor.example:8000"
-        );
-    }
-}
-
 /// Forward an upgrade request (a WebSocket that is not a conversation socket, e.g. VS
 /// Code's) and, on `101`, splice the two upgraded connections byte for byte. No timeout on
 /// the spliced connection: it lives as long as either side keeps it (a per-request timeout
@@ -596,4 +557,43 @@ pub async fn forward_upgrade(
         metrics::gauge!("nestor_spliced_connections").decrement(1.0);
     });
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nestor_core::SessionKey;
+
+    #[test]
+    fn strips_only_the_key_from_queries() {
+        assert_eq!(
+            strip_key_from_query("a=1&session_api_key=k&b=2").as_deref(),
+            Some("a=1&b=2")
+        );
+        assert_eq!(strip_key_from_query("session_api_key=k"), None);
+        assert_eq!(
+            strip_key_from_query("resend_mode=all").as_deref(),
+            Some("resend_mode=all")
+        );
+        assert_eq!(strip_key_from_query(""), None);
+        // Percent-encoded names are the same parameter to the downstream.
+        assert_eq!(
+            strip_key_from_query("session%5Fapi%5Fkey=k&a=%41").as_deref(),
+            Some("a=%41")
+        );
+        assert_eq!(strip_key_from_query("%73ession_api_key=k"), None);
+    }
+
+    #[test]
+    fn redactor_hides_key_and_address() {
+        let ep = Endpoint::loopback(41234, Some(SessionKey::new("downstreamkey123")));
+        let r = redactor_for(&ep, Some("http://nestor.example:8000"));
+        let out = r.apply(
+            b"http://127.0.0.1:41234/x?tkn=downstreamkey123 ws://127.0.0.1:41234/s 127.0.0.1:41234",
+        );
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "http://nestor.example:8000/x?tkn=********** ws://nestor.example:8000/s nestor.example:8000"
+        );
+    }
 }

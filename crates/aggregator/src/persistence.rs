@@ -404,10 +404,10 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
 }
 
 fn too_large(detail: String) -> HttpError {
-    HttpError::Raw(crate::routes::conversations::json_response(
+    HttpError::Raw(Box::new(crate::routes::conversations::json_response(
         StatusCode::PAYLOAD_TOO_LARGE,
         &json!({ "detail": detail }),
-    ))
+    )))
 }
 
 /// A store error as the start of a downstream sees it.

@@ -750,7 +750,7 @@ fn describe(problems: &[String]) -> String {
         *kinds.entry(k).or_default() += 1;
     }
     let mut kinds: Vec<_> = kinds.into_iter().collect();
-    kinds.sort_by(|a, b| b.1.cmp(&a.1));
+    kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
     let mut out = format!("{} problems, by kind:\n", problems.len());
     for (k, n) in kinds.iter().take(15) {
         out.push_str(&format!("  {n} × {k}\n"));

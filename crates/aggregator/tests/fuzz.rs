@@ -517,6 +517,7 @@ fn check_accepted(c: &Config) -> Result<(), TestCaseError> {
 /// Runs inside a `figment::Jail` (its own directory and an empty environment, so a
 /// developer's `NESTOR_*` variables do not leak in), one file rewritten per case.
 #[test]
+#[allow(clippy::result_large_err)] // figment::Jail's closure returns figment::Error
 fn fuzz_config_parsing() {
     // A file per case: a tenth of the cases of the in-memory targets.
     let n = (cases(5000) / 10).max(100);

@@ -691,6 +691,21 @@ impl Results {
     }
 }
 
+/// Write a run's results as pretty JSON to `out` (its directory created), and log it.
+pub fn write_results<T: serde::Serialize>(
+    out: &std::path::Path,
+    results: &T,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(out, serde_json::to_string_pretty(results)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+    tracing::info!(file = %out.display(), "results written");
+    Ok(())
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -819,19 +834,4 @@ pub(crate) mod tests {
         let back: Results = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back.rest.body_bytes, 3000);
     }
-}
-
-/// Write a run's results as pretty JSON to `out` (its directory created), and log it.
-pub fn write_results<T: serde::Serialize>(
-    out: &std::path::Path,
-    results: &T,
-) -> anyhow::Result<()> {
-    use anyhow::Context;
-    if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(out, serde_json::to_string_pretty(results)? + "\n")
-        .with_context(|| format!("writing {}", out.display()))?;
-    tracing::info!(file = %out.display(), "results written");
-    Ok(())
 }

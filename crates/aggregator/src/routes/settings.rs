@@ -47,7 +47,7 @@ fn settings_error(e: nestor_settings::Error) -> HttpError {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    HttpError::Raw(r)
+    HttpError::Raw(Box::new(r))
 }
 
 /// `POST /api/profiles/{name}/validate`: resolve the draft here, test it on the home.
