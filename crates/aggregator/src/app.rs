@@ -96,9 +96,7 @@ pub fn resolve_keys(cfg: &Config) -> anyhow::Result<Vec<SessionKey>> {
     }
     if let Some(keys) = &cfg.session_api_keys {
         if keys.is_empty() && cfg.users.is_empty() {
-            tracing::warn!(
-                "session_api_keys is empty: nestor accepts requests without authentication"
-            );
+            tracing::warn!("session_api_keys is empty: nestor accepts requests without authentication");
         }
         return Ok(keys.clone());
     }
@@ -122,19 +120,15 @@ pub fn resolve_keys(cfg: &Config) -> anyhow::Result<Vec<SessionKey>> {
 impl AppState {
     /// Build and recover everything (see the module docs for the order).
     pub async fn start(cfg: Config, keys: Vec<SessionKey>) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
-            anyhow::anyhow!("cannot create state_dir {}: {e}", cfg.state_dir.display())
-        })?;
+        std::fs::create_dir_all(&cfg.state_dir)
+            .map_err(|e| anyhow::anyhow!("cannot create state_dir {}: {e}", cfg.state_dir.display()))?;
         crate::observability::install();
         let client = DownstreamClient::new(Duration::from_secs(5));
         let internal_url = match &cfg.internal_url {
             Some(u) => u.trim_end_matches('/').to_owned(),
             None if cfg.provisioner.runs_docker() => {
                 // Containers reach the host by this name (the docker provisioner adds it).
-                let port = cfg
-                    .internal_bind
-                    .map(|a| a.port())
-                    .unwrap_or(cfg.bind.port());
+                let port = cfg.internal_bind.map(|a| a.port()).unwrap_or(cfg.bind.port());
                 if cfg.internal_bind.is_none() {
                     tracing::warn!("docker provisioner without internal_bind: containers reach nestor only if it listens on an address they can reach (e.g. internal_bind = \"172.17.0.1:{port}\")");
                 }
@@ -142,32 +136,16 @@ impl AppState {
             }
             None => {
                 let addr = cfg.internal_bind.unwrap_or(cfg.bind);
-                let ip = if addr.ip().is_unspecified() {
-                    "127.0.0.1".to_owned()
-                } else {
-                    addr.ip().to_string()
-                };
-                let ip = if ip.contains(':') {
-                    format!("[{ip}]")
-                } else {
-                    ip
-                };
+                let ip = if addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { addr.ip().to_string() };
+                let ip = if ip.contains(':') { format!("[{ip}]") } else { ip };
                 format!("http://{ip}:{}", addr.port())
             }
         };
         // Every downstream nestor starts posts its webhooks back here.
         let mut cfg = cfg;
         for (k, v) in crate::webhooks::downstream_env(&internal_url) {
-            cfg.provisioner
-                .process
-                .env
-                .entry(k.clone())
-                .or_insert_with(|| v.clone());
-            cfg.provisioner
-                .docker
-                .env
-                .entry(k.clone())
-                .or_insert_with(|| v.clone());
+            cfg.provisioner.process.env.entry(k.clone()).or_insert_with(|| v.clone());
+            cfg.provisioner.docker.env.entry(k.clone()).or_insert_with(|| v.clone());
             cfg.provisioner.kubernetes.env.entry(k).or_insert(v);
         }
 
@@ -175,111 +153,88 @@ impl AppState {
         let mut pool = None;
         // Before the provisioner recovers: re-adopted running conversations resume pushing.
         let persistence = match &cfg.workspace_storage {
-            Some(ws) => Some(
-                crate::persistence::Persistence::start(ws, cfg.state_dir.join("workspace-store"))
-                    .await?,
-            ),
+            Some(ws) => Some(crate::persistence::Persistence::start(ws, cfg.state_dir.join("workspace-store")).await?),
             None => None,
         };
         let sync = persistence.as_ref().map(|p| p.hooks());
-        let (provisioner, process): (Arc<dyn Provisioner>, Option<ProcessProvisioner>) =
-            match cfg.provisioner.kind {
-                ProvisionerKind::Existing => {
-                    let p = ExistingProvisioner::new(&cfg.provisioner.existing, client.clone())?;
-                    p.spawn_health_loop();
-                    (p, None)
-                }
-                ProvisionerKind::Process => {
-                    let p = ProcessProvisioner::new(
-                        &cfg.provisioner.process,
-                        cfg.state_dir.join("process"),
-                        crate::config::default_agent_server(),
-                        client.clone(),
-                    )?;
-                    let p = match &sync {
-                        Some(s) => p.with_workspace_sync(s.clone()),
-                        None => p,
-                    };
-                    (Arc::new(p.clone()), Some(p))
-                }
-                ProvisionerKind::Docker => {
-                    let p = DockerProvisioner::new(
-                        &cfg.provisioner.docker,
-                        cfg.state_dir.join("docker"),
-                        client.clone(),
-                    )?;
-                    let p = match &sync {
-                        Some(s) => p.with_workspace_sync(s.clone())?,
-                        None => p,
-                    };
-                    docker = Some(p.clone());
-                    (Arc::new(p), None)
-                }
-                ProvisionerKind::Pool => {
-                    use nestor_provisioner::pool::{PoolBackend, PoolProvisioner, WarmBackend};
-                    let backend: Arc<dyn WarmBackend> = match cfg.provisioner.pool.backend {
-                        PoolBackend::Process => {
-                            let p = ProcessProvisioner::new(
-                                &cfg.provisioner.process,
-                                cfg.state_dir.join("process"),
-                                crate::config::default_agent_server(),
-                                client.clone(),
-                            )?;
-                            Arc::new(match &sync {
-                                Some(s) => p.with_workspace_sync(s.clone()),
-                                None => p,
-                            })
-                        }
-                        PoolBackend::Docker => {
-                            let p = DockerProvisioner::new(
-                                &cfg.provisioner.docker,
-                                cfg.state_dir.join("docker"),
-                                client.clone(),
-                            )?;
-                            let p = match &sync {
-                                Some(s) => p.with_workspace_sync(s.clone())?,
-                                None => p,
-                            };
-                            docker = Some(p.clone());
-                            Arc::new(p)
-                        }
-                        PoolBackend::Kubernetes => Arc::new(
-                            nestor_provisioner::kubernetes::KubernetesProvisioner::new(
-                                &cfg.provisioner.kubernetes,
-                            )
-                            .await?,
-                        ),
-                    };
-                    let p = PoolProvisioner::new(&cfg.provisioner.pool, backend, client.clone())?;
-                    pool = Some(p.clone());
-                    (Arc::new(p), None)
-                }
-                ProvisionerKind::Kubernetes => {
-                    let p = nestor_provisioner::kubernetes::KubernetesProvisioner::new(
-                        &cfg.provisioner.kubernetes,
-                    )
-                    .await?;
-                    // Each pod restores and pushes its own files (its sync containers); nestor
-                    // keeps the bucket-side work: quotas at create, purge on delete.
-                    let p = match (&sync, &cfg.workspace_storage) {
-                        (Some(s), Some(ws)) => p.with_workspace_sync(ws, s.clone())?,
-                        _ => p,
-                    };
-                    (Arc::new(p), None)
-                }
-            };
+        let (provisioner, process): (Arc<dyn Provisioner>, Option<ProcessProvisioner>) = match cfg.provisioner.kind {
+            ProvisionerKind::Existing => {
+                let p = ExistingProvisioner::new(&cfg.provisioner.existing, client.clone())?;
+                p.spawn_health_loop();
+                (p, None)
+            }
+            ProvisionerKind::Process => {
+                let p = ProcessProvisioner::new(
+                    &cfg.provisioner.process,
+                    cfg.state_dir.join("process"),
+                    crate::config::default_agent_server(),
+                    client.clone(),
+                )?;
+                let p = match &sync {
+                    Some(s) => p.with_workspace_sync(s.clone()),
+                    None => p,
+                };
+                (Arc::new(p.clone()), Some(p))
+            }
+            ProvisionerKind::Docker => {
+                let p = DockerProvisioner::new(&cfg.provisioner.docker, cfg.state_dir.join("docker"), client.clone())?;
+                let p = match &sync {
+                    Some(s) => p.with_workspace_sync(s.clone())?,
+                    None => p,
+                };
+                docker = Some(p.clone());
+                (Arc::new(p), None)
+            }
+            ProvisionerKind::Pool => {
+                use nestor_provisioner::pool::{PoolBackend, PoolProvisioner, WarmBackend};
+                let backend: Arc<dyn WarmBackend> = match cfg.provisioner.pool.backend {
+                    PoolBackend::Process => {
+                        let p = ProcessProvisioner::new(
+                            &cfg.provisioner.process,
+                            cfg.state_dir.join("process"),
+                            crate::config::default_agent_server(),
+                            client.clone(),
+                        )?;
+                        Arc::new(match &sync {
+                            Some(s) => p.with_workspace_sync(s.clone()),
+                            None => p,
+                        })
+                    }
+                    PoolBackend::Docker => {
+                        let p = DockerProvisioner::new(&cfg.provisioner.docker, cfg.state_dir.join("docker"), client.clone())?;
+                        let p = match &sync {
+                            Some(s) => p.with_workspace_sync(s.clone())?,
+                            None => p,
+                        };
+                        docker = Some(p.clone());
+                        Arc::new(p)
+                    }
+                    PoolBackend::Kubernetes => {
+                        Arc::new(nestor_provisioner::kubernetes::KubernetesProvisioner::new(&cfg.provisioner.kubernetes).await?)
+                    }
+                };
+                let p = PoolProvisioner::new(&cfg.provisioner.pool, backend, client.clone())?;
+                pool = Some(p.clone());
+                (Arc::new(p), None)
+            }
+            ProvisionerKind::Kubernetes => {
+                let p = nestor_provisioner::kubernetes::KubernetesProvisioner::new(&cfg.provisioner.kubernetes).await?;
+                // Each pod restores and pushes its own files (its sync containers); nestor
+                // keeps the bucket-side work: quotas at create, purge on delete.
+                let p = match (&sync, &cfg.workspace_storage) {
+                    (Some(s), Some(ws)) => p.with_workspace_sync(ws, s.clone())?,
+                    _ => p,
+                };
+                (Arc::new(p), None)
+            }
+        };
         let downstreams = provisioner.recover().await?;
         let catalog_cfg = CatalogConfig {
             max_staleness: Duration::from_millis(cfg.catalog.max_staleness_ms),
             ..CatalogConfig::default()
         };
         let prov = provisioner.clone();
-        let catalog = Catalog::open(
-            &cfg.state_dir.join("catalog"),
-            client.clone(),
-            catalog_cfg,
-            move |id| prov.get(id),
-        )?;
+        let catalog = Catalog::open(&cfg.state_dir.join("catalog"), client.clone(), catalog_cfg, move |id| prov.get(id))?;
         let catalog = Arc::new(catalog);
         // Adopt what running downstreams hold (bounded: the catalog's refresh timeout).
         catalog.refresh_stale(downstreams.clone()).await;
@@ -298,41 +253,16 @@ impl AppState {
             downstream_permessage_deflate: cfg.websocket.downstream_permessage_deflate,
             ..Default::default()
         });
-        let cors = crate::cors::CorsPolicy::new(
-            cfg.allow_cors_origins.clone(),
-            cfg.allow_cors_origin_regex.as_deref(),
-        )?;
+        let cors = crate::cors::CorsPolicy::new(cfg.allow_cors_origins.clone(), cfg.allow_cors_origin_regex.as_deref())?;
         let secret_keys = match &cfg.secret_key {
             Some(k) => nestor_settings::SecretKeys::new(k.expose().to_owned()),
-            None => {
-                nestor_settings::SecretKeys::load_or_generate(&cfg.state_dir.join("secret_key"))
-                    .map_err(|e| {
-                        anyhow::anyhow!(
-                            "cannot read or create {}: {e}",
-                            cfg.state_dir.join("secret_key").display()
-                        )
-                    })?
-            }
+            None => nestor_settings::SecretKeys::load_or_generate(&cfg.state_dir.join("secret_key"))
+                .map_err(|e| anyhow::anyhow!("cannot read or create {}: {e}", cfg.state_dir.join("secret_key").display()))?,
         }
-        .with_previous(
-            cfg.previous_secret_keys
-                .iter()
-                .map(|k| k.expose().to_owned())
-                .collect::<Vec<_>>(),
-        );
-        let settings = nestor_settings::SettingsService::open(
-            cfg.state_dir.join("settings"),
-            Some(secret_keys),
-        )?;
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .map_err(|e| anyhow::anyhow!("http client: {e}"))?;
-        let webhooks = crate::webhooks::Webhooks::start(
-            &cfg.webhooks,
-            keys.first().map(|k| k.expose().to_owned()),
-            http,
-        );
+        .with_previous(cfg.previous_secret_keys.iter().map(|k| k.expose().to_owned()).collect::<Vec<_>>());
+        let settings = nestor_settings::SettingsService::open(cfg.state_dir.join("settings"), Some(secret_keys))?;
+        let http = reqwest::Client::builder().no_proxy().build().map_err(|e| anyhow::anyhow!("http client: {e}"))?;
+        let webhooks = crate::webhooks::Webhooks::start(&cfg.webhooks, keys.first().map(|k| k.expose().to_owned()), http);
         let state = AppState(Arc::new(Inner {
             cors,
             settings,
@@ -342,11 +272,7 @@ impl AppState {
             ws,
             ready_timeout: Duration::from_secs_f64(cfg.ready_timeout_secs),
             upstream_timeout: Duration::from_secs_f64(cfg.upstream_timeout_secs),
-            auth: Arc::new(Auth::with_users(
-                keys,
-                &cfg.users,
-                Some(cfg.state_dir.join("conversation_keys.json")),
-            )),
+            auth: Arc::new(Auth::with_users(keys, &cfg.users, Some(cfg.state_dir.join("conversation_keys.json")))),
             provisioner,
             process,
             catalog,

@@ -127,15 +127,9 @@ impl Auth {
     }
 
     /// Top-level keys (user `default`), `[[users]]`, and where conversation keys persist.
-    pub fn with_users(
-        default_keys: Vec<SessionKey>,
-        users: &[UserConfig],
-        store: Option<PathBuf>,
-    ) -> Self {
-        let mut keys: Vec<(SessionKey, UserId)> = default_keys
-            .into_iter()
-            .map(|k| (k, UserId::default_user()))
-            .collect();
+    pub fn with_users(default_keys: Vec<SessionKey>, users: &[UserConfig], store: Option<PathBuf>) -> Self {
+        let mut keys: Vec<(SessionKey, UserId)> =
+            default_keys.into_iter().map(|k| (k, UserId::default_user())).collect();
         for u in users {
             for k in &u.session_api_keys {
                 keys.push((k.clone(), UserId::new(u.id.as_str())));
@@ -152,17 +146,11 @@ impl Auth {
                             }
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(file = %p.display(), "ignoring unreadable conversation keys: {e}")
-                    }
+                    Err(e) => tracing::warn!(file = %p.display(), "ignoring unreadable conversation keys: {e}"),
                 }
             }
         }
-        Self {
-            keys,
-            conversation_keys: RwLock::new(conversation_keys),
-            store,
-        }
+        Self { keys, conversation_keys: RwLock::new(conversation_keys), store }
     }
 
     /// True when no key is configured (open server).
@@ -178,10 +166,7 @@ impl Auth {
     /// Who a presented key belongs to, if anyone.
     pub fn principal_for_key(&self, presented: &[u8]) -> Option<Principal> {
         if self.is_open() {
-            return Some(Principal {
-                user: UserId::default_user(),
-                scope: Scope::User,
-            });
+            return Some(Principal { user: UserId::default_user(), scope: Scope::User });
         }
         // Check every key (no early exit) so timing does not reveal which one matched.
         let mut found: Option<&UserId> = None;
@@ -191,10 +176,7 @@ impl Auth {
             }
         }
         if let Some(u) = found {
-            return Some(Principal {
-                user: u.clone(),
-                scope: Scope::User,
-            });
+            return Some(Principal { user: u.clone(), scope: Scope::User });
         }
         let map = self.conversation_keys.read().unwrap();
         if map.is_empty() || presented.is_empty() {
@@ -217,22 +199,15 @@ impl Auth {
 
     /// Authenticate a REST request by its `X-Session-API-Key` header.
     pub fn check_headers(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {
-        let presented = headers
-            .get(nestor_core::SESSION_KEY_HEADER)
-            .map(|v| v.as_bytes())
-            .unwrap_or(b"");
-        self.principal_for_key(presented)
-            .ok_or(ApiError::Unauthorized)
+        let presented = headers.get(nestor_core::SESSION_KEY_HEADER).map(|v| v.as_bytes()).unwrap_or(b"");
+        self.principal_for_key(presented).ok_or(ApiError::Unauthorized)
     }
 
     /// Authenticate and require a user key (not a conversation key): for routes that are
     /// not about one conversation (create, search, settings, …).
     pub fn check_user(&self, headers: &HeaderMap) -> Result<UserId, ApiError> {
         match self.check_headers(headers)? {
-            Principal {
-                user,
-                scope: Scope::User,
-            } => Ok(user),
+            Principal { user, scope: Scope::User } => Ok(user),
             _ => Err(ApiError::Unauthorized),
         }
     }
@@ -240,10 +215,7 @@ impl Auth {
     /// Authenticate and reject secrets-only credentials (they open nothing but lookups).
     pub fn check_client(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {
         match self.check_headers(headers)? {
-            Principal {
-                scope: Scope::Secrets(_) | Scope::Vscode(_),
-                ..
-            } => Err(ApiError::Unauthorized),
+            Principal { scope: Scope::Secrets(_) | Scope::Vscode(_), .. } => Err(ApiError::Unauthorized),
             p => Ok(p),
         }
     }
@@ -260,20 +232,13 @@ impl Auth {
 
     /// Mint the credential a conversation's downstream presents when it looks up one of
     /// the user's secrets at nestor. It opens nothing else.
-    pub fn mint_secrets_credential(
-        &self,
-        conversation: ConversationId,
-        user: UserId,
-    ) -> SessionKey {
+    pub fn mint_secrets_credential(&self, conversation: ConversationId, user: UserId) -> SessionKey {
         self.mint(conversation, user, KeyKind::Secrets)
     }
 
     fn mint(&self, conversation: ConversationId, user: UserId, kind: KeyKind) -> SessionKey {
         let key = SessionKey::random();
-        self.conversation_keys
-            .write()
-            .unwrap()
-            .insert(digest(key.expose().as_bytes()), (conversation, user, kind));
+        self.conversation_keys.write().unwrap().insert(digest(key.expose().as_bytes()), (conversation, user, kind));
         self.persist();
         key
     }
@@ -298,12 +263,7 @@ impl Auth {
             .read()
             .unwrap()
             .iter()
-            .map(|(h, (c, u, k))| StoredConversationKey {
-                sha256: hex(h),
-                conversation: *c,
-                user: u.clone(),
-                kind: *k,
-            })
+            .map(|(h, (c, u, k))| StoredConversationKey { sha256: hex(h), conversation: *c, user: u.clone(), kind: *k })
             .collect();
         match serde_json::to_vec(&v) {
             Ok(bytes) => {
@@ -335,10 +295,7 @@ mod tests {
     #[test]
     fn rotation_and_missing_keys() {
         let a = Auth::new(vec![SessionKey::new("old"), SessionKey::new("new")]);
-        assert!(matches!(
-            a.check_headers(&HeaderMap::new()),
-            Err(ApiError::Unauthorized)
-        ));
+        assert!(matches!(a.check_headers(&HeaderMap::new()), Err(ApiError::Unauthorized)));
         assert!(a.check_headers(&h("new")).is_ok());
         assert!(a.check_headers(&h("old")).is_ok());
         assert!(a.check_headers(&h("nope")).is_err());
@@ -347,10 +304,7 @@ mod tests {
 
     #[test]
     fn users_and_conversation_keys() {
-        let users = vec![UserConfig {
-            id: "alice".into(),
-            session_api_keys: vec![SessionKey::new("a1")],
-        }];
+        let users = vec![UserConfig { id: "alice".into(), session_api_keys: vec![SessionKey::new("a1")] }];
         let dir = std::env::temp_dir().join(format!("nestor-auth-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let store = dir.join("keys.json");
@@ -363,23 +317,15 @@ mod tests {
         assert_eq!(p.conversation(), Some(c));
         assert!(p.may_access(&c, &UserId::new("alice")));
         assert!(!p.may_access(&ConversationId::new_random(), &UserId::new("alice")));
-        assert!(
-            a.check_user(&h(k.expose())).is_err(),
-            "a conversation key is not a user key"
-        );
+        assert!(a.check_user(&h(k.expose())).is_err(), "a conversation key is not a user key");
         // Persisted (hashed) and reloaded; revoked on delete.
-        assert!(!std::fs::read_to_string(&store)
-            .unwrap()
-            .contains(k.expose()));
+        assert!(!std::fs::read_to_string(&store).unwrap().contains(k.expose()));
         let b = Auth::with_users(vec![SessionKey::new("d")], &users, Some(store.clone()));
         assert!(b.check_headers(&h(k.expose())).is_ok());
         b.revoke_conversation(&c);
         assert!(b.check_headers(&h(k.expose())).is_err());
         let alice = a.check_headers(&h("a1")).unwrap();
-        assert!(
-            !alice.may_access(&c, &UserId::default_user()),
-            "another user's conversation"
-        );
+        assert!(!alice.may_access(&c, &UserId::default_user()), "another user's conversation");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

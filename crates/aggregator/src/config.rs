@@ -32,8 +32,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use nestor_core::SessionKey;
 use nestor_provisioner::docker::DockerConfig;
-use nestor_provisioner::existing::ExistingConfig;
 use nestor_provisioner::kubernetes::KubernetesConfig;
+use nestor_provisioner::existing::ExistingConfig;
 use nestor_provisioner::process::ProcessConfig;
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -133,10 +133,7 @@ pub struct CatalogSection {
 
 impl Default for CatalogSection {
     fn default() -> Self {
-        Self {
-            max_staleness_ms: default_staleness_ms(),
-            webhook_staleness_secs: default_webhook_staleness(),
-        }
+        Self { max_staleness_ms: default_staleness_ms(), webhook_staleness_secs: default_webhook_staleness() }
     }
 }
 
@@ -194,11 +191,7 @@ impl HttpSection {
         if !self.fast_path {
             return 0;
         }
-        self.io_threads.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(MAX_AUTO_IO_THREADS)
-        })
+        self.io_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_AUTO_IO_THREADS))
     }
 }
 
@@ -208,11 +201,7 @@ const MAX_AUTO_IO_THREADS: usize = 8;
 
 impl Default for HttpSection {
     fn default() -> Self {
-        Self {
-            fast_path: true,
-            io_threads: None,
-            busy_poll_us: default_busy_poll_us(),
-        }
+        Self { fast_path: true, io_threads: None, busy_poll_us: default_busy_poll_us() }
     }
 }
 
@@ -321,9 +310,7 @@ impl ProvisionerSection {
     pub fn runs_docker(&self) -> bool {
         match self.kind {
             ProvisionerKind::Docker => true,
-            ProvisionerKind::Pool => {
-                self.pool.backend == nestor_provisioner::pool::PoolBackend::Docker
-            }
+            ProvisionerKind::Pool => self.pool.backend == nestor_provisioner::pool::PoolBackend::Docker,
             _ => false,
         }
     }
@@ -341,12 +328,7 @@ fn keys<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<SessionKey>>, D::E
         Keys::One(s) => s.split(',').map(|k| k.trim().to_owned()).collect(),
         Keys::Many(v) => v,
     };
-    Ok(Some(
-        raw.into_iter()
-            .filter(|k| !k.is_empty())
-            .map(SessionKey::new)
-            .collect(),
-    ))
+    Ok(Some(raw.into_iter().filter(|k| !k.is_empty()).map(SessionKey::new).collect()))
 }
 
 /// Top-level keys of [`Config`] (what `NESTOR_<KEY>` may set).
@@ -382,9 +364,7 @@ pub fn default_state_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
         return PathBuf::from(x).join("nestor");
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     home.join(".local/state/nestor")
 }
 
@@ -393,21 +373,12 @@ pub fn default_agent_server() -> PathBuf {
     let cache = std::env::var_os("NESTOR_CACHE_DIR")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .filter(|v| !v.is_empty())
-                .map(|x| PathBuf::from(x).join("nestor"))
-        })
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()).map(|x| PathBuf::from(x).join("nestor")))
         .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("."));
+            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
             home.join(".cache/nestor")
         });
-    cache.join(format!(
-        "agent-server-{}/venv/bin/agent-server",
-        nestor_core::AGENT_SERVER_API_VERSION
-    ))
+    cache.join(format!("agent-server-{}/venv/bin/agent-server", nestor_core::AGENT_SERVER_API_VERSION))
 }
 
 /// Command-line overrides (highest precedence).
@@ -459,10 +430,7 @@ pub enum ConfigError {
 
 impl Config {
     /// Load: defaults < `file` < environment (`NESTOR_*`, `SESSION_API_KEY`) < `overrides`.
-    pub fn load(
-        file: Option<&std::path::Path>,
-        overrides: &Overrides,
-    ) -> Result<Self, ConfigError> {
+    pub fn load(file: Option<&std::path::Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
         let mut fig = Figment::from(Serialized::defaults(Defaults {
             bind: "127.0.0.1:8000",
             state_dir: default_state_dir(),
@@ -470,16 +438,11 @@ impl Config {
             upstream_timeout_secs: 660.0,
             ready_timeout_secs: 120.0,
             log_format: LogFormat::Human,
-            provisioner: DefaultProvisioner {
-                kind: ProvisionerKind::Process,
-            },
+            provisioner: DefaultProvisioner { kind: ProvisionerKind::Process },
         }));
         if let Some(f) = file {
             if !f.is_file() {
-                return Err(ConfigError::Invalid(format!(
-                    "config file {} does not exist",
-                    f.display()
-                )));
+                return Err(ConfigError::Invalid(format!("config file {} does not exist", f.display())));
             }
             fig = fig.merge(Toml::file_exact(f));
         }
@@ -495,20 +458,13 @@ impl Config {
                 // (NESTOR_LOG, NESTOR_CACHE_DIR, …).
                 Env::prefixed("NESTOR_")
                     .filter(|k| {
-                        let top = k
-                            .as_str()
-                            .split("__")
-                            .next()
-                            .unwrap_or("")
-                            .to_ascii_lowercase();
+                        let top = k.as_str().split("__").next().unwrap_or("").to_ascii_lowercase();
                         TOP_LEVEL_KEYS.contains(&top.as_str())
                     })
                     .split("__"),
             )
             .merge(Serialized::defaults(overrides));
-        let cfg: Config = fig
-            .extract()
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let cfg: Config = fig.extract().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -516,32 +472,17 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let mut ids = std::collections::HashSet::new();
         for u in &self.users {
-            if u.id.is_empty()
-                || !u
-                    .id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(ConfigError::Invalid(format!(
-                    "users: id {:?} must be non-empty letters, digits, '-' or '_'",
-                    u.id
-                )));
+            if u.id.is_empty() || !u.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(ConfigError::Invalid(format!("users: id {:?} must be non-empty letters, digits, '-' or '_'", u.id)));
             }
             if !ids.insert(u.id.clone()) {
-                return Err(ConfigError::Invalid(format!(
-                    "users: {:?} is listed twice",
-                    u.id
-                )));
+                return Err(ConfigError::Invalid(format!("users: {:?} is listed twice", u.id)));
             }
             if u.session_api_keys.is_empty() {
-                return Err(ConfigError::Invalid(format!(
-                    "users: {:?} has no session_api_keys",
-                    u.id
-                )));
+                return Err(ConfigError::Invalid(format!("users: {:?} has no session_api_keys", u.id)));
             }
         }
-        let open =
-            self.session_api_keys.as_ref().is_some_and(|k| k.is_empty()) && self.users.is_empty();
+        let open = self.session_api_keys.as_ref().is_some_and(|k| k.is_empty()) && self.users.is_empty();
         if open && !self.bind.ip().is_loopback() {
             return Err(ConfigError::Invalid(format!(
                 "refusing to listen on {} with an empty session_api_keys (no authentication): set a key (session_api_keys, NESTOR_SESSION_API_KEYS, SESSION_API_KEY or --session-api-key) or bind to a loopback address",
@@ -551,61 +492,39 @@ impl Config {
         for (what, v) in [
             ("upstream_timeout_secs", self.upstream_timeout_secs),
             ("ready_timeout_secs", self.ready_timeout_secs),
-            (
-                "websocket.resume_deadline_secs",
-                self.websocket.resume_deadline_secs,
-            ),
+            ("websocket.resume_deadline_secs", self.websocket.resume_deadline_secs),
         ] {
             if !(v > 0.0 && v <= MAX_CONFIG_SECS) {
-                return Err(ConfigError::Invalid(format!(
-                    "{what} must be a positive number of seconds"
-                )));
+                return Err(ConfigError::Invalid(format!("{what} must be a positive number of seconds")));
             }
         }
         // Seconds that may be 0 (or absent, or negative: read as 0), but must make a usable
         // `Duration`: building one from infinity or past ~1.8e19 s panics, and so does adding
         // one past ~9.2e18 s to an `Instant` (found by tests/fuzz.rs: a
         // `webhook_staleness_secs = inf` made every search request panic).
-        let mut optional = vec![(
-            "catalog.webhook_staleness_secs",
-            self.catalog.webhook_staleness_secs,
-        )];
-        optional.extend(
-            self.lifecycle
-                .idle_stop_secs
-                .map(|v| ("lifecycle.idle_stop_secs", v)),
-        );
+        let mut optional = vec![("catalog.webhook_staleness_secs", self.catalog.webhook_staleness_secs)];
+        optional.extend(self.lifecycle.idle_stop_secs.map(|v| ("lifecycle.idle_stop_secs", v)));
         for w in &self.webhooks {
             optional.push(("webhooks.flush_delay", w.flush_delay));
             optional.push(("webhooks.retry_delay", w.retry_delay));
         }
         for (what, v) in optional {
             if v.max(0.0) > MAX_CONFIG_SECS {
-                return Err(ConfigError::Invalid(format!(
-                    "{what} must be a number of seconds, not {v}"
-                )));
+                return Err(ConfigError::Invalid(format!("{what} must be a number of seconds, not {v}")));
             }
         }
         if let Some(u) = &self.internal_url {
-            nestor_core::Endpoint::parse(u, None)
-                .map_err(|e| ConfigError::Invalid(format!("internal_url: {e}")))?;
+            nestor_core::Endpoint::parse(u, None).map_err(|e| ConfigError::Invalid(format!("internal_url: {e}")))?;
         }
         if let Some(r) = &self.allow_cors_origin_regex {
-            regex::Regex::new(r)
-                .map_err(|e| ConfigError::Invalid(format!("allow_cors_origin_regex: {e}")))?;
+            regex::Regex::new(r).map_err(|e| ConfigError::Invalid(format!("allow_cors_origin_regex: {e}")))?;
         }
         if self.max_body_bytes == 0 {
-            return Err(ConfigError::Invalid(
-                "max_body_bytes must be positive".into(),
-            ));
+            return Err(ConfigError::Invalid("max_body_bytes must be positive".into()));
         }
         if let Some(ws) = &self.workspace_storage {
-            ws.validate()
-                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-            if !matches!(
-                self.provisioner.kind,
-                ProvisionerKind::Process | ProvisionerKind::Docker | ProvisionerKind::Kubernetes
-            ) {
+            ws.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            if !matches!(self.provisioner.kind, ProvisionerKind::Process | ProvisionerKind::Docker | ProvisionerKind::Kubernetes) {
                 return Err(ConfigError::Invalid(format!(
                     "workspace_storage works with the process, docker and kubernetes provisioners, not {:?} (nestor, or the pod's sync containers, must reach the conversations' files)",
                     self.provisioner.kind
@@ -614,14 +533,8 @@ impl Config {
             if self.provisioner.kind == ProvisionerKind::Kubernetes {
                 // Checked here too (not only at start) so a bad section fails `nestor serve`
                 // before any API call.
-                let k = self
-                    .provisioner
-                    .kubernetes
-                    .validate()
-                    .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-                k.workspace_sync
-                    .validate(&k, ws)
-                    .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+                let k = self.provisioner.kubernetes.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+                k.workspace_sync.validate(&k, ws).map_err(|e| ConfigError::Invalid(e.to_string()))?;
             }
         }
         Ok(())
@@ -656,27 +569,14 @@ agent_server = "/path/to/bin/agent-server"
 "#,
             )
             .unwrap();
-            let c = Config::load(
-                Some(&jail.directory().join("nestor.toml")),
-                &Overrides::default(),
-            )
-            .unwrap();
+            let c = Config::load(Some(&jail.directory().join("nestor.toml")), &Overrides::default()).unwrap();
             assert_eq!(c.bind.to_string(), "127.0.0.1:8000");
             assert_eq!(c.session_api_keys, Some(vec![SessionKey::new("secret")]));
             assert_eq!(c.state_dir, PathBuf::from("/var/lib/nestor"));
             assert_eq!(c.provisioner.kind, ProvisionerKind::Existing);
-            assert_eq!(
-                c.provisioner.existing.servers[0].url,
-                "http://127.0.0.1:9101"
-            );
-            assert_eq!(
-                c.provisioner.existing.servers[0].api_key,
-                Some(SessionKey::new("k1"))
-            );
-            assert_eq!(
-                c.provisioner.process.agent_server,
-                Some(PathBuf::from("/path/to/bin/agent-server"))
-            );
+            assert_eq!(c.provisioner.existing.servers[0].url, "http://127.0.0.1:9101");
+            assert_eq!(c.provisioner.existing.servers[0].api_key, Some(SessionKey::new("k1")));
+            assert_eq!(c.provisioner.process.agent_server, Some(PathBuf::from("/path/to/bin/agent-server")));
             Ok(())
         });
     }
@@ -689,25 +589,14 @@ agent_server = "/path/to/bin/agent-server"
                 "k.toml",
                 "[provisioner]\nkind = \"kubernetes\"\n[provisioner.kubernetes]\nimage = \"nestor/agent-server:1.58.2\"\nnamespace = \"nestor-agents\"\nstorage_class = \"fast\"\nruntime_class_name = \"gvisor\"\n",
             )?;
-            let c = Config::load(
-                Some(&jail.directory().join("k.toml")),
-                &Overrides::default(),
-            )
-            .unwrap();
+            let c = Config::load(Some(&jail.directory().join("k.toml")), &Overrides::default()).unwrap();
             assert_eq!(c.provisioner.kind, ProvisionerKind::Kubernetes);
             let k = &c.provisioner.kubernetes;
             assert_eq!(k.namespace.as_deref(), Some("nestor-agents"));
             assert_eq!(k.runtime_class_name.as_deref(), Some("gvisor"));
-            assert_eq!(
-                "kubernetes".parse::<ProvisionerKind>(),
-                Ok(ProvisionerKind::Kubernetes)
-            );
+            assert_eq!("kubernetes".parse::<ProvisionerKind>(), Ok(ProvisionerKind::Kubernetes));
             jail.set_env("NESTOR_PROVISIONER__KUBERNETES__INSTANCE", "prod");
-            let c = Config::load(
-                Some(&jail.directory().join("k.toml")),
-                &Overrides::default(),
-            )
-            .unwrap();
+            let c = Config::load(Some(&jail.directory().join("k.toml")), &Overrides::default()).unwrap();
             assert_eq!(c.provisioner.kubernetes.instance.as_deref(), Some("prod"));
             Ok(())
         });
@@ -722,24 +611,14 @@ agent_server = "/path/to/bin/agent-server"
                 "[provisioner]\nkind = \"docker\"\n[provisioner.docker]\nimage = \"nestor/agent-server:1.58.2\"\nmemory = \"2g\"\ncpus = 1.5\n[provisioner.docker.env]\nLLM_MODEL = \"x\"\n",
             )?;
             jail.set_env("NESTOR_PROVISIONER__DOCKER__PIDS_LIMIT", "256");
-            let c = Config::load(
-                Some(&jail.directory().join("d.toml")),
-                &Overrides::default(),
-            )
-            .unwrap();
+            let c = Config::load(Some(&jail.directory().join("d.toml")), &Overrides::default()).unwrap();
             assert_eq!(c.provisioner.kind, ProvisionerKind::Docker);
             let d = &c.provisioner.docker;
             assert_eq!(d.image.as_deref(), Some("nestor/agent-server:1.58.2"));
             assert_eq!(d.pids_limit, Some(256));
             let s = d.validate(None).unwrap();
-            assert_eq!(
-                (s.memory, s.nano_cpus),
-                (Some(2 << 30), Some(1_500_000_000))
-            );
-            assert_eq!(
-                "docker".parse::<ProvisionerKind>(),
-                Ok(ProvisionerKind::Docker)
-            );
+            assert_eq!((s.memory, s.nano_cpus), (Some(2 << 30), Some(1_500_000_000)));
+            assert_eq!("docker".parse::<ProvisionerKind>(), Ok(ProvisionerKind::Docker));
             Ok(())
         });
     }
@@ -753,11 +632,7 @@ agent_server = "/path/to/bin/agent-server"
                 "[workspace_storage]\nbucket = \"nestor-ws\"\nendpoint = \"http://127.0.0.1:9000\"\non_delete = \"purge\"\n[workspace_storage.user_quota]\nmax_bytes = 1000\n[admission]\nmax_running_per_user = 2\n",
             )?;
             jail.set_env("NESTOR_WORKSPACE_STORAGE__PUSH_INTERVAL_SECS", "5");
-            let c = Config::load(
-                Some(&jail.directory().join("w.toml")),
-                &Overrides::default(),
-            )
-            .unwrap();
+            let c = Config::load(Some(&jail.directory().join("w.toml")), &Overrides::default()).unwrap();
             let ws = c.workspace_storage.as_ref().unwrap();
             assert_eq!(ws.bucket, "nestor-ws");
             assert_eq!(ws.push_interval_secs, 5);
@@ -765,52 +640,23 @@ agent_server = "/path/to/bin/agent-server"
             assert_eq!(ws.user_quota.max_bytes, Some(1000));
             assert_eq!(c.admission.max_running_per_user, Some(2));
             jail.create_file("bad.toml", "[workspace_storage]\nbucket = \"Bad_Bucket\"\n")?;
-            let e = Config::load(
-                Some(&jail.directory().join("bad.toml")),
-                &Overrides::default(),
-            )
-            .unwrap_err()
-            .to_string();
+            let e = Config::load(Some(&jail.directory().join("bad.toml")), &Overrides::default()).unwrap_err().to_string();
             assert!(e.contains("workspace_storage.bucket"), "{e}");
-            jail.create_file(
-                "ex.toml",
-                "[workspace_storage]\nbucket = \"b-1\"\n[provisioner]\nkind = \"existing\"\n",
-            )?;
-            let e = Config::load(
-                Some(&jail.directory().join("ex.toml")),
-                &Overrides::default(),
-            )
-            .unwrap_err()
-            .to_string();
+            jail.create_file("ex.toml", "[workspace_storage]\nbucket = \"b-1\"\n[provisioner]\nkind = \"existing\"\n")?;
+            let e = Config::load(Some(&jail.directory().join("ex.toml")), &Overrides::default()).unwrap_err().to_string();
             assert!(e.contains("process, docker and kubernetes"), "{e}");
             jail.create_file(
                 "k.toml",
                 "[workspace_storage]\nbucket = \"b-1\"\n[provisioner]\nkind = \"kubernetes\"\n[provisioner.kubernetes]\nimage = \"img:1\"\n[provisioner.kubernetes.workspace_sync]\nport = 8000\n",
             )?;
-            let e = Config::load(
-                Some(&jail.directory().join("k.toml")),
-                &Overrides::default(),
-            )
-            .unwrap_err()
-            .to_string();
+            let e = Config::load(Some(&jail.directory().join("k.toml")), &Overrides::default()).unwrap_err().to_string();
             assert!(e.contains("workspace_sync.port"), "{e}");
             jail.create_file(
                 "k2.toml",
                 "[workspace_storage]\nbucket = \"b-1\"\n[provisioner]\nkind = \"kubernetes\"\n[provisioner.kubernetes]\nimage = \"img:1\"\n[provisioner.kubernetes.workspace_sync]\nimage = \"nestor:1\"\ncredentials_secret = \"s3\"\n",
             )?;
-            let c = Config::load(
-                Some(&jail.directory().join("k2.toml")),
-                &Overrides::default(),
-            )
-            .unwrap();
-            assert_eq!(
-                c.provisioner
-                    .kubernetes
-                    .workspace_sync
-                    .credentials_secret
-                    .as_deref(),
-                Some("s3")
-            );
+            let c = Config::load(Some(&jail.directory().join("k2.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.provisioner.kubernetes.workspace_sync.credentials_secret.as_deref(), Some("s3"));
             Ok(())
         });
     }
@@ -824,30 +670,16 @@ agent_server = "/path/to/bin/agent-server"
                 "[provisioner]\nkind = \"pool\"\n[provisioner.pool]\nbackend = \"docker\"\nmin_idle = 4\nmax_size = 10\nmax_age_secs = 600\n[provisioner.docker]\nimage = \"nestor/agent-server:1.58.2\"\n",
             )?;
             jail.set_env("NESTOR_PROVISIONER__POOL__MIN_IDLE", "3");
-            let c = Config::load(
-                Some(&jail.directory().join("p.toml")),
-                &Overrides::default(),
-            )
-            .unwrap();
+            let c = Config::load(Some(&jail.directory().join("p.toml")), &Overrides::default()).unwrap();
             assert_eq!(c.provisioner.kind, ProvisionerKind::Pool);
             let p = &c.provisioner.pool;
-            assert_eq!(
-                (p.backend, p.min_idle, p.max_size),
-                (nestor_provisioner::pool::PoolBackend::Docker, 3, 10)
-            );
+            assert_eq!((p.backend, p.min_idle, p.max_size), (nestor_provisioner::pool::PoolBackend::Docker, 3, 10));
             assert_eq!(p.max_age_secs, 600.0);
             assert!(c.provisioner.runs_docker());
             assert_eq!("pool".parse::<ProvisionerKind>(), Ok(ProvisionerKind::Pool));
             jail.create_file("d.toml", "[provisioner]\nkind = \"pool\"\n")?;
-            let c = Config::load(
-                Some(&jail.directory().join("d.toml")),
-                &Overrides::default(),
-            )
-            .unwrap();
-            assert_eq!(
-                c.provisioner.pool.backend,
-                nestor_provisioner::pool::PoolBackend::Process
-            );
+            let c = Config::load(Some(&jail.directory().join("d.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.provisioner.pool.backend, nestor_provisioner::pool::PoolBackend::Process);
             assert!(!c.provisioner.runs_docker());
             Ok(())
         });
@@ -869,37 +701,22 @@ agent_server = "/path/to/bin/agent-server"
     fn environment_overrides_file_and_flags_override_environment() {
         figment::Jail::expect_with(|jail| {
             jail.clear_env();
-            jail.create_file(
-                "n.toml",
-                "bind = \"127.0.0.1:1\"\n[provisioner]\nkind = \"process\"\n",
-            )?;
+            jail.create_file("n.toml", "bind = \"127.0.0.1:1\"\n[provisioner]\nkind = \"process\"\n")?;
             jail.set_env("NESTOR_BIND", "127.0.0.1:2");
             jail.set_env("NESTOR_PROVISIONER__KIND", "existing");
             jail.set_env("NESTOR_SESSION_API_KEYS", "a, b");
-            jail.set_env(
-                "NESTOR_PROVISIONER__EXISTING__SERVERS",
-                r#"[{url="http://127.0.0.1:5"}]"#,
-            );
+            jail.set_env("NESTOR_PROVISIONER__EXISTING__SERVERS", r#"[{url="http://127.0.0.1:5"}]"#);
             jail.set_env("NESTOR_LOG", "debug");
             jail.set_env("NESTOR_AGENT_SERVER_BIN", "/x");
-            let c = Config::load(
-                Some(&jail.directory().join("n.toml")),
-                &Overrides::default(),
-            )
-            .unwrap();
+            let c = Config::load(Some(&jail.directory().join("n.toml")), &Overrides::default()).unwrap();
             assert_eq!(c.bind.port(), 2);
             assert_eq!(c.provisioner.kind, ProvisionerKind::Existing);
-            assert_eq!(
-                c.session_api_keys,
-                Some(vec![SessionKey::new("a"), SessionKey::new("b")])
-            );
+            assert_eq!(c.session_api_keys, Some(vec![SessionKey::new("a"), SessionKey::new("b")]));
             assert_eq!(c.provisioner.existing.servers.len(), 1);
             let o = Overrides {
                 bind: Some("127.0.0.1:3".into()),
                 session_api_keys: Some(vec!["c".into()]),
-                provisioner: Some(ProvisionerOverride {
-                    kind: ProvisionerKind::Process,
-                }),
+                provisioner: Some(ProvisionerOverride { kind: ProvisionerKind::Process }),
                 ..Default::default()
             };
             let c = Config::load(Some(&jail.directory().join("n.toml")), &o).unwrap();
@@ -921,19 +738,10 @@ agent_server = "/path/to/bin/agent-server"
             jail.set_env("NESTOR_HTTP__IO_THREADS", "3");
             jail.set_env("NESTOR_HTTP__BUSY_POLL_US", "0");
             let c = Config::load(None, &Overrides::default()).unwrap();
-            assert_eq!(
-                (c.http.io_thread_count(), c.http.busy_poll()),
-                (3, std::time::Duration::ZERO)
-            );
+            assert_eq!((c.http.io_thread_count(), c.http.busy_poll()), (3, std::time::Duration::ZERO));
             // Without the fast path there is nothing for I/O threads to serve.
             jail.set_env("NESTOR_HTTP__FAST_PATH", "false");
-            assert_eq!(
-                Config::load(None, &Overrides::default())
-                    .unwrap()
-                    .http
-                    .io_thread_count(),
-                0
-            );
+            assert_eq!(Config::load(None, &Overrides::default()).unwrap().http.io_thread_count(), 0);
             Ok(())
         });
     }
@@ -956,32 +764,15 @@ agent_server = "/path/to/bin/agent-server"
     fn refuses_open_non_loopback_bind_and_bad_values() {
         figment::Jail::expect_with(|jail| {
             jail.clear_env();
-            let o = Overrides {
-                bind: Some("0.0.0.0:8000".into()),
-                session_api_keys: Some(vec![]),
-                ..Default::default()
-            };
+            let o = Overrides { bind: Some("0.0.0.0:8000".into()), session_api_keys: Some(vec![]), ..Default::default() };
             let e = Config::load(None, &o).unwrap_err().to_string();
             assert!(e.contains("refusing to listen on 0.0.0.0:8000"), "{e}");
-            let o = Overrides {
-                bind: Some("0.0.0.0:8000".into()),
-                session_api_keys: Some(vec!["k".into()]),
-                ..Default::default()
-            };
+            let o = Overrides { bind: Some("0.0.0.0:8000".into()), session_api_keys: Some(vec!["k".into()]), ..Default::default() };
             assert!(Config::load(None, &o).is_ok());
             jail.create_file("bad.toml", "bnid = \"x\"\n")?;
-            let e = Config::load(
-                Some(&jail.directory().join("bad.toml")),
-                &Overrides::default(),
-            )
-            .unwrap_err()
-            .to_string();
+            let e = Config::load(Some(&jail.directory().join("bad.toml")), &Overrides::default()).unwrap_err().to_string();
             assert!(e.contains("bnid"), "{e}");
-            assert!(Config::load(
-                Some(std::path::Path::new("/nonexistent.toml")),
-                &Overrides::default()
-            )
-            .is_err());
+            assert!(Config::load(Some(std::path::Path::new("/nonexistent.toml")), &Overrides::default()).is_err());
             Ok(())
         });
     }
@@ -995,23 +786,14 @@ agent_server = "/path/to/bin/agent-server"
                 ("b.toml", "upstream_timeout_secs = inf\n"),
                 ("c.toml", "[catalog]\nwebhook_staleness_secs = inf\n"),
                 ("d.toml", "[lifecycle]\nidle_stop_secs = 2e19\n"),
-                (
-                    "e.toml",
-                    "[[webhooks]]\nbase_url = \"http://127.0.0.1:9\"\nretry_delay = 1e20\n",
-                ),
+                ("e.toml", "[[webhooks]]\nbase_url = \"http://127.0.0.1:9\"\nretry_delay = 1e20\n"),
             ] {
                 jail.create_file(file, text)?;
-                let e = Config::load(Some(&jail.directory().join(file)), &Overrides::default())
-                    .unwrap_err()
-                    .to_string();
+                let e = Config::load(Some(&jail.directory().join(file)), &Overrides::default()).unwrap_err().to_string();
                 assert!(e.contains("seconds"), "{text}: {e}");
             }
             jail.create_file("ok.toml", "ready_timeout_secs = 0.5\n[catalog]\nwebhook_staleness_secs = 0\n[lifecycle]\nidle_stop_secs = 86400\n")?;
-            assert!(Config::load(
-                Some(&jail.directory().join("ok.toml")),
-                &Overrides::default()
-            )
-            .is_ok());
+            assert!(Config::load(Some(&jail.directory().join("ok.toml")), &Overrides::default()).is_ok());
             Ok(())
         });
     }

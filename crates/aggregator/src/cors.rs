@@ -31,17 +31,9 @@ const PREFLIGHT_VARY: &str =
 impl CorsPolicy {
     pub fn new(origins: Vec<String>, regex: Option<&str>) -> Result<Self, regex::Error> {
         // Starlette matches the whole origin (`re.fullmatch`).
-        let regex = regex
-            .map(|r| regex::Regex::new(&format!("^(?:{r})$")))
-            .transpose()?;
-        let docker_host_addr = std::env::var("DOCKER_HOST_ADDR")
-            .ok()
-            .filter(|s| !s.is_empty());
-        Ok(Self {
-            origins,
-            regex,
-            docker_host_addr,
-        })
+        let regex = regex.map(|r| regex::Regex::new(&format!("^(?:{r})$"))).transpose()?;
+        let docker_host_addr = std::env::var("DOCKER_HOST_ADDR").ok().filter(|s| !s.is_empty());
+        Ok(Self { origins, regex, docker_host_addr })
     }
 
     fn host_of(origin: &str) -> Option<&str> {
@@ -50,10 +42,7 @@ impl CorsPolicy {
         let host = if let Some(v6) = authority.strip_prefix('[') {
             v6.split(']').next()?
         } else {
-            authority
-                .rsplit_once(':')
-                .map(|(h, _)| h)
-                .unwrap_or(authority)
+            authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority)
         };
         Some(host)
     }
@@ -69,8 +58,7 @@ impl CorsPolicy {
                 return true;
             }
         }
-        self.origins.iter().any(|o| o == "*" || o == origin)
-            || self.regex.as_ref().is_some_and(|r| r.is_match(origin))
+        self.origins.iter().any(|o| o == "*" || o == origin) || self.regex.as_ref().is_some_and(|r| r.is_match(origin))
     }
 }
 
@@ -79,9 +67,7 @@ pub fn is_workspace_cookie_path(path: &str) -> bool {
     if path == "/api/auth/workspace-session" {
         return true;
     }
-    let Some(rest) = path.strip_prefix("/api/conversations/") else {
-        return false;
-    };
+    let Some(rest) = path.strip_prefix("/api/conversations/") else { return false };
     let mut parts = rest.splitn(2, '/');
     let id = parts.next().unwrap_or("");
     let tail = parts.next().unwrap_or("");
@@ -108,50 +94,25 @@ pub struct Decision {
 /// to do, the common case for API clients).
 #[allow(clippy::result_large_err)] // the Err is the preflight's answer, returned as it is
 pub fn begin(policy: &CorsPolicy, req: &Request<Body>) -> Result<Option<Decision>, Response> {
-    let Some(origin) = req.headers().get(header::ORIGIN).cloned() else {
-        return Ok(None);
-    };
+    let Some(origin) = req.headers().get(header::ORIGIN).cloned() else { return Ok(None) };
     let allowed = allowed_for(policy, req.uri().path(), origin.to_str().unwrap_or(""));
-    if req.method() == Method::OPTIONS
-        && req
-            .headers()
-            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
-    {
-        let requested_headers = req
-            .headers()
-            .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
-            .cloned();
-        let (status, body) = if allowed {
-            (StatusCode::OK, "OK")
-        } else {
-            (StatusCode::BAD_REQUEST, "Disallowed CORS origin")
-        };
+    if req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) {
+        let requested_headers = req.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS).cloned();
+        let (status, body) = if allowed { (StatusCode::OK, "OK") } else { (StatusCode::BAD_REQUEST, "Disallowed CORS origin") };
         let mut r = Response::new(Body::from(body));
         *r.status_mut() = status;
         let h = r.headers_mut();
         h.insert(header::VARY, HeaderValue::from_static(PREFLIGHT_VARY));
-        h.insert(
-            header::ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static(ALLOW_METHODS),
-        );
-        h.insert(
-            header::ACCESS_CONTROL_MAX_AGE,
-            HeaderValue::from_static("600"),
-        );
-        h.insert(
-            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-            HeaderValue::from_static("true"),
-        );
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static(ALLOW_METHODS));
+        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        h.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
         if allowed {
             h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
             if let Some(rh) = requested_headers {
                 h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, rh);
             }
         }
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
         return Err(r);
     }
     Ok(Some(Decision { origin, allowed }))
@@ -160,21 +121,14 @@ pub fn begin(policy: &CorsPolicy, req: &Request<Body>) -> Result<Option<Decision
 /// Apply a [`Decision`] to the response.
 pub fn finish(d: Decision, r: &mut Response) {
     let h = r.headers_mut();
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-        HeaderValue::from_static("true"),
-    );
+    h.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
     if d.allowed {
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, d.origin);
     } else {
         // The downstream may have answered with its own CORS headers: nestor's decision stands.
         h.remove(header::ACCESS_CONTROL_ALLOW_ORIGIN);
     }
-    if !h
-        .get_all(header::VARY)
-        .iter()
-        .any(|v| v.to_str().unwrap_or("").contains("Origin"))
-    {
+    if !h.get_all(header::VARY).iter().any(|v| v.to_str().unwrap_or("").contains("Origin")) {
         h.append(header::VARY, HeaderValue::from_static("Origin"));
     }
 }
@@ -185,29 +139,18 @@ mod tests {
 
     #[test]
     fn origins() {
-        let p = CorsPolicy::new(
-            vec!["https://app.example.com".into()],
-            Some(r"https://.*\.example\.org"),
-        )
-        .unwrap();
+        let p = CorsPolicy::new(vec!["https://app.example.com".into()], Some(r"https://.*\.example\.org")).unwrap();
         assert!(p.allows("http://localhost:3000"));
         assert!(p.allows("http://127.0.0.1"));
         assert!(p.allows("https://app.example.com"));
         assert!(p.allows("https://x.example.org"));
-        assert!(
-            !p.allows("https://x.example.org.evil.com"),
-            "full match only"
-        );
+        assert!(!p.allows("https://x.example.org.evil.com"), "full match only");
         assert!(!p.allows("http://evil.com"));
         assert!(!p.allows("null"));
         assert!(is_workspace_cookie_path("/api/auth/workspace-session"));
         assert!(is_workspace_cookie_path("/api/conversations/abc/workspace"));
-        assert!(is_workspace_cookie_path(
-            "/api/conversations/abc/workspace/a/b.html"
-        ));
-        assert!(!is_workspace_cookie_path(
-            "/api/conversations/abc/workspaces"
-        ));
+        assert!(is_workspace_cookie_path("/api/conversations/abc/workspace/a/b.html"));
+        assert!(!is_workspace_cookie_path("/api/conversations/abc/workspaces"));
         assert!(!is_workspace_cookie_path("/api/conversations/search"));
     }
 }

@@ -37,34 +37,21 @@ pub type HttpResult<T = Response> = Result<T, HttpError>;
 pub fn provision_error(e: ProvisionError, who: &str) -> ApiError {
     use std::time::Duration;
     match e {
-        ProvisionError::Unavailable {
-            detail,
-            retry_after,
-        } => ApiError::Unavailable {
-            detail: format!("{who} is unavailable: {detail}"),
-            retry_after,
-        },
+        ProvisionError::Unavailable { detail, retry_after } => {
+            ApiError::Unavailable { detail: format!("{who} is unavailable: {detail}"), retry_after }
+        }
         ProvisionError::NotReady(NotReady::Timeout(t)) => ApiError::Unavailable {
-            detail: format!(
-                "{who} is still starting after {}s; retry shortly",
-                t.as_secs()
-            ),
+            detail: format!("{who} is still starting after {}s; retry shortly", t.as_secs()),
             retry_after: Some(Duration::from_secs(5)),
         },
         ProvisionError::NotReady(NotReady::Released) => ApiError::not_found(),
-        ProvisionError::NotReady(NotReady::Failed(m)) => {
-            ApiError::BadGateway(format!("{who} failed: {m}"))
-        }
+        ProvisionError::NotReady(NotReady::Failed(m)) => ApiError::BadGateway(format!("{who} failed: {m}")),
         ProvisionError::NotReady(NotReady::Stopped) => ApiError::Unavailable {
             detail: format!("{who} is stopped; retry shortly"),
             retry_after: Some(Duration::from_secs(2)),
         },
-        ProvisionError::Start(m) => {
-            ApiError::BadGateway(format!("{who} could not be started: {m}"))
-        }
+        ProvisionError::Start(m) => ApiError::BadGateway(format!("{who} could not be started: {m}")),
         ProvisionError::Config(m) => ApiError::Internal(format!("nestor is misconfigured: {m}")),
-        ProvisionError::UnknownDownstream(_) | ProvisionError::Other(_) => {
-            ApiError::Internal(e.to_string())
-        }
+        ProvisionError::UnknownDownstream(_) | ProvisionError::Other(_) => ApiError::Internal(e.to_string()),
     }
 }

@@ -30,26 +30,18 @@ impl Fleet {
             .and_then(|b| serde_json::from_slice::<HashMap<DownstreamId, Value>>(&b).ok())
             .map(|m| m.into_iter().map(|(k, v)| (k, Arc::new(v))).collect())
             .unwrap_or_default();
-        Self {
-            path,
-            infos: RwLock::new(infos),
-        }
+        Self { path, infos: RwLock::new(infos) }
     }
 
     /// Fetch and remember `ds`'s `/server_info` (best effort, bounded).
     pub async fn learn(&self, client: &DownstreamClient, ds: &Downstream) {
         let Some(ep) = ds.endpoint() else { return };
-        match client
-            .get_json::<Value>(&ep, "/server_info", Duration::from_secs(5))
-            .await
-        {
+        match client.get_json::<Value>(&ep, "/server_info", Duration::from_secs(5)).await {
             Ok(info) => {
                 let snapshot = {
                     let mut m = self.infos.write().unwrap();
                     m.insert(ds.id().clone(), Arc::new(info));
-                    m.iter()
-                        .map(|(k, v)| (k.clone(), (**v).clone()))
-                        .collect::<HashMap<_, _>>()
+                    m.iter().map(|(k, v)| (k.clone(), (**v).clone())).collect::<HashMap<_, _>>()
                 };
                 if let Ok(bytes) = serde_json::to_vec(&snapshot) {
                     if let Err(e) = nestor_core::fs::write_atomic(&self.path, &bytes) {
@@ -73,53 +65,35 @@ impl Fleet {
     /// The `/server_info` answer.
     pub fn server_info(&self, uptime: f64) -> Value {
         let infos: Vec<Arc<Value>> = self.infos.read().unwrap().values().cloned().collect();
-        let base: Value = infos.first().map(|v| (**v).clone()).unwrap_or_else(|| {
-            serde_json::from_str(BUILT_IN).expect("built-in server_info is JSON")
-        });
+        let base: Value = infos
+            .first()
+            .map(|v| (**v).clone())
+            .unwrap_or_else(|| serde_json::from_str(BUILT_IN).expect("built-in server_info is JSON"));
         let mut out: Map<String, Value> = base.as_object().cloned().unwrap_or_default();
         if infos.len() > 1 {
             for key in ["capabilities", "usable_tools"] {
-                let mut common: Vec<Value> = out
-                    .get(key)
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
+                let mut common: Vec<Value> = out.get(key).and_then(Value::as_array).cloned().unwrap_or_default();
                 for other in &infos[1..] {
-                    let theirs = other
-                        .get(key)
-                        .and_then(Value::as_array)
-                        .cloned()
-                        .unwrap_or_default();
+                    let theirs = other.get(key).and_then(Value::as_array).cloned().unwrap_or_default();
                     common.retain(|c| theirs.contains(c));
                 }
                 out.insert(key.into(), Value::Array(common));
             }
             // The oldest version in the fleet is what every conversation can rely on.
-            if let Some(min) = infos
-                .iter()
-                .filter_map(|i| i.get("version").and_then(Value::as_str))
-                .min_by(|a, b| version_cmp(a, b))
-            {
+            if let Some(min) = infos.iter().filter_map(|i| i.get("version").and_then(Value::as_str)).min_by(|a, b| version_cmp(a, b)) {
                 out.insert("version".into(), Value::String(min.to_owned()));
             }
         }
         out.insert("uptime".into(), Value::from(uptime));
         out.insert("idle_time".into(), Value::from(uptime));
-        out.insert(
-            "nestor_version".into(),
-            Value::String(env!("CARGO_PKG_VERSION").to_owned()),
-        );
+        out.insert("nestor_version".into(), Value::String(env!("CARGO_PKG_VERSION").to_owned()));
         Value::Object(out)
     }
 }
 
 /// Compare dotted versions numerically ("1.58.2" < "1.100.0").
 fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
-    let parse = |s: &str| {
-        s.split('.')
-            .map(|p| p.parse::<u64>().unwrap_or(0))
-            .collect::<Vec<_>>()
-    };
+    let parse = |s: &str| s.split('.').map(|p| p.parse::<u64>().unwrap_or(0)).collect::<Vec<_>>();
     parse(a).cmp(&parse(b))
 }
 
@@ -132,10 +106,7 @@ mod tests {
         let f = Fleet::open(PathBuf::from("/nonexistent/x.json"));
         let v = f.server_info(1.0);
         assert_eq!(v["version"], "1.58.2");
-        assert!(v["capabilities"]
-            .as_array()
-            .unwrap()
-            .contains(&Value::String("conversation_runtime_routes_v1".into())));
+        assert!(v["capabilities"].as_array().unwrap().contains(&Value::String("conversation_runtime_routes_v1".into())));
         assert!(v["nestor_version"].is_string());
     }
 

@@ -51,15 +51,9 @@ pub fn strip_key_from_query(q: &str) -> Option<String> {
     }
     let is_key = |p: &str| {
         let name = p.split('=').next().unwrap_or(p);
-        name == "session_api_key"
-            || form_urlencoded::parse(name.as_bytes())
-                .next()
-                .is_some_and(|(k, _)| k == "session_api_key")
+        name == "session_api_key" || form_urlencoded::parse(name.as_bytes()).next().is_some_and(|(k, _)| k == "session_api_key")
     };
-    let kept: Vec<&str> = q
-        .split('&')
-        .filter(|p| !p.is_empty() && !is_key(p))
-        .collect();
+    let kept: Vec<&str> = q.split('&').filter(|p| !p.is_empty() && !is_key(p)).collect();
     if kept.is_empty() {
         None
     } else {
@@ -97,22 +91,14 @@ pub enum Forwarded {
     /// Streamed to the client as is.
     Response(Response<Body>),
     /// Read whole (already redacted), for the caller to inspect before answering.
-    Buffered {
-        status: StatusCode,
-        headers: HeaderMap,
-        body: Bytes,
-    },
+    Buffered { status: StatusCode, headers: HeaderMap, body: Bytes },
 }
 
 impl Forwarded {
     pub fn into_response(self) -> Response<Body> {
         match self {
             Forwarded::Response(r) => r,
-            Forwarded::Buffered {
-                status,
-                headers,
-                body,
-            } => {
+            Forwarded::Buffered { status, headers, body } => {
                 let mut r = Response::new(Body::from(body));
                 *r.status_mut() = status;
                 *r.headers_mut() = headers;
@@ -123,31 +109,20 @@ impl Forwarded {
 }
 
 /// Wait (bounded) until `ds` can take requests, starting it if its provisioner can.
-pub async fn ensure_ready(
-    state: &AppState,
-    ds: &Arc<Downstream>,
-    conv: Option<ConversationId>,
-) -> Result<Arc<Endpoint>, ApiError> {
+pub async fn ensure_ready(state: &AppState, ds: &Arc<Downstream>, conv: Option<ConversationId>) -> Result<Arc<Endpoint>, ApiError> {
     if ds.state() != DownstreamState::Ready || ds.endpoint().is_none() {
-        if matches!(
-            ds.state(),
-            DownstreamState::Stopped | DownstreamState::Failed(_)
-        ) && ds.primary().is_some()
-        {
+        if matches!(ds.state(), DownstreamState::Stopped | DownstreamState::Failed(_)) && ds.primary().is_some() {
             // Starting it again counts against the admission limits.
             crate::lifecycle::admit(state, ds.owner())?;
         }
         let timeout = state.ready_timeout;
         if let Err(e) = state.provisioner.ensure_ready(ds, timeout).await {
-            let who = conv
-                .map(|c| format!("conversation {c}'s agent-server"))
-                .unwrap_or_else(|| "the agent-server".into());
+            let who = conv.map(|c| format!("conversation {c}'s agent-server")).unwrap_or_else(|| "the agent-server".into());
             tracing::warn!(downstream = %ds.id(), "not ready: {e}");
             return Err(crate::errors::provision_error(e, &who));
         }
     }
-    ds.endpoint()
-        .ok_or_else(|| ApiError::unavailable("the agent-server is not running; retry shortly"))
+    ds.endpoint().ok_or_else(|| ApiError::unavailable("the agent-server is not running; retry shortly"))
 }
 
 /// Make the client's request the downstream's, in place (no header copies): the target
@@ -158,18 +133,13 @@ fn downstream_request(
     path_and_query: &str,
     body: ProxyBody,
 ) -> Result<Request<ProxyBody>, ApiError> {
-    parts.uri = ep
-        .uri(path_and_query)
-        .map_err(|e| ApiError::BadRequest(format!("invalid request target: {e}")))?;
+    parts.uri = ep.uri(path_and_query).map_err(|e| ApiError::BadRequest(format!("invalid request target: {e}")))?;
     parts.version = http::Version::HTTP_11;
     parts.extensions = http::Extensions::new();
     strip_hop_by_hop(&mut parts.headers);
     strip_client_credentials(&mut parts.headers);
     if let Some(k) = ep.key_header() {
-        parts.headers.insert(
-            HeaderName::from_static(nestor_core::SESSION_KEY_HEADER),
-            k.clone(),
-        );
+        parts.headers.insert(HeaderName::from_static(nestor_core::SESSION_KEY_HEADER), k.clone());
     }
     Ok(Request::from_parts(parts, body))
 }
@@ -181,11 +151,7 @@ fn strip_client_credentials(headers: &mut HeaderMap) {
     headers.remove(header::AUTHORIZATION);
     // The workspace cookie is the client's key: authenticated here, not passed on.
     if headers.contains_key(header::COOKIE) {
-        let cookies: Vec<HeaderValue> = headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(without_workspace_cookie)
-            .collect();
+        let cookies: Vec<HeaderValue> = headers.get_all(header::COOKIE).iter().filter_map(without_workspace_cookie).collect();
         headers.remove(header::COOKIE);
         for c in cookies {
             headers.append(header::COOKIE, c);
@@ -209,17 +175,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Hop-by-hop headers (besides those `Connection` names); the fast path drops the same.
-pub(crate) const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
+pub(crate) const HOP_BY_HOP: &[&str] =
+    &["connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"];
 
 /// A `Cookie` header without the workspace cookie (None if nothing is left).
 fn without_workspace_cookie(v: &HeaderValue) -> Option<HeaderValue> {
@@ -230,13 +187,7 @@ fn without_workspace_cookie(v: &HeaderValue) -> Option<HeaderValue> {
     let kept: Vec<&str> = s
         .split(';')
         .map(str::trim)
-        .filter(|c| {
-            !c.is_empty()
-                && !c.starts_with(&format!(
-                    "{}=",
-                    crate::routes::conversations::WORKSPACE_COOKIE
-                ))
-        })
+        .filter(|c| !c.is_empty() && !c.starts_with(&format!("{}=", crate::routes::conversations::WORKSPACE_COOKIE)))
         .collect();
     if kept.is_empty() {
         None
@@ -247,17 +198,8 @@ fn without_workspace_cookie(v: &HeaderValue) -> Option<HeaderValue> {
 
 /// Turn the client's body into a bounded streaming body (413 when `content-length` says
 /// it is too big; a stream that grows past the limit is cut with an error).
-pub fn bounded_body(
-    parts: &http::request::Parts,
-    body: Body,
-    limit: u64,
-) -> Result<ProxyBody, ApiError> {
-    if let Some(len) = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
+pub fn bounded_body(parts: &http::request::Parts, body: Body, limit: u64) -> Result<ProxyBody, ApiError> {
+    if let Some(len) = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
         if len > limit {
             return Err(ApiError::PayloadTooLarge { limit });
         }
@@ -266,9 +208,7 @@ pub fn bounded_body(
     if http_body::Body::is_end_stream(&body) {
         return Ok(nestor_core::client::empty_body());
     }
-    Ok(Limited::new(body, limit as usize)
-        .map_err(|e: BoxError| e)
-        .boxed_unsync())
+    Ok(Limited::new(body, limit as usize).map_err(|e: BoxError| e).boxed_unsync())
 }
 
 /// Forward the client's request to `ds` at `path_and_query`.
@@ -289,25 +229,14 @@ pub async fn forward(
     let is_head = parts.method == http::Method::HEAD;
     let (body, replay) = replayable(&parts, body).await?;
     let req = downstream_request(&ep, parts, path_and_query, body)?;
-    let again = replay.map(|b| {
-        (
-            req.method().clone(),
-            req.uri().clone(),
-            req.headers().clone(),
-            b,
-        )
-    });
+    let again = replay.map(|b| (req.method().clone(), req.uri().clone(), req.headers().clone(), b));
     let mut sent = tokio::time::timeout(state.upstream_timeout, state.client.send(req)).await;
     if let (Ok(Err(e)), Some((method, uri, headers, body))) = (&sent, again) {
         if e.is_closed_connection() {
             // A pooled connection the downstream had closed (see is_closed_connection):
             // once more on a new one.
             tracing::debug!(downstream = %ds.id(), "pooled connection was closed ({e}); sending again");
-            let body = if body.is_empty() {
-                nestor_core::client::empty_body()
-            } else {
-                nestor_core::client::full_body(body)
-            };
+            let body = if body.is_empty() { nestor_core::client::empty_body() } else { nestor_core::client::full_body(body) };
             let mut retry = Request::new(body);
             *retry.method_mut() = method;
             *retry.uri_mut() = uri;
@@ -319,9 +248,7 @@ pub async fn forward(
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             tracing::warn!(downstream = %ds.id(), conversation = ?conv, "upstream error: {e}");
-            let who = conv
-                .map(|c| format!("conversation {c}'s agent-server"))
-                .unwrap_or_else(|| "the agent-server".into());
+            let who = conv.map(|c| format!("conversation {c}'s agent-server")).unwrap_or_else(|| "the agent-server".into());
             return Err(ApiError::BadGateway(format!("{who} is unreachable: {e}")));
         }
         Err(_) => {
@@ -336,34 +263,13 @@ pub async fn forward(
     strip_hop_by_hop(&mut rparts.headers);
     redact_headers(&mut rparts.headers, &redactor);
 
-    let size = rparts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let size = rparts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if opts.buffer_answer || size.is_some_and(|s| s <= BUFFER_LIMIT) {
-        let limit = if opts.buffer_answer {
-            64 << 20
-        } else {
-            BUFFER_LIMIT as usize
-        };
-        let bytes = match tokio::time::timeout(
-            state.upstream_timeout,
-            Limited::new(rbody, limit).collect(),
-        )
-        .await
-        {
+        let limit = if opts.buffer_answer { 64 << 20 } else { BUFFER_LIMIT as usize };
+        let bytes = match tokio::time::timeout(state.upstream_timeout, Limited::new(rbody, limit).collect()).await {
             Ok(Ok(c)) => c.to_bytes(),
-            Ok(Err(e)) => {
-                return Err(ApiError::BadGateway(format!(
-                    "the agent-server's answer could not be read: {e}"
-                )))
-            }
-            Err(_) => {
-                return Err(ApiError::GatewayTimeout(
-                    "the agent-server's answer stalled".into(),
-                ))
-            }
+            Ok(Err(e)) => return Err(ApiError::BadGateway(format!("the agent-server's answer could not be read: {e}"))),
+            Err(_) => return Err(ApiError::GatewayTimeout("the agent-server's answer stalled".into())),
         };
         let body = match redactor.apply(&bytes) {
             std::borrow::Cow::Borrowed(_) => bytes,
@@ -371,27 +277,15 @@ pub async fn forward(
         };
         // A HEAD answer's length is the GET body's (there is no body here to measure).
         if !is_head {
-            rparts
-                .headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            rparts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
         if opts.buffer_answer {
-            return Ok(Forwarded::Buffered {
-                status: rparts.status,
-                headers: rparts.headers,
-                body,
-            });
+            return Ok(Forwarded::Buffered { status: rparts.status, headers: rparts.headers, body });
         }
-        return Ok(Forwarded::Response(Response::from_parts(
-            rparts,
-            Body::from(body),
-        )));
+        return Ok(Forwarded::Response(Response::from_parts(rparts, Body::from(body))));
     }
     rparts.headers.remove(header::CONTENT_LENGTH);
-    let body = Body::new(InFlight {
-        inner: redactor.wrap(rbody),
-        _activity: activity,
-    });
+    let body = Body::new(InFlight { inner: redactor.wrap(rbody), _activity: activity });
     Ok(Forwarded::Response(Response::from_parts(rparts, body)))
 }
 
@@ -432,10 +326,7 @@ const REPLAY_LIMIT: u64 = 64 * 1024;
 
 /// The body to send and, when the request can be sent twice, a copy of it: no body, or a
 /// small one with a known length (read first). Large or streamed bodies are not replayable.
-async fn replayable(
-    parts: &http::request::Parts,
-    body: ProxyBody,
-) -> Result<(ProxyBody, Option<Bytes>), ApiError> {
+async fn replayable(parts: &http::request::Parts, body: ProxyBody) -> Result<(ProxyBody, Option<Bytes>), ApiError> {
     if http_body::Body::is_end_stream(&body) {
         return Ok((body, Some(Bytes::new())));
     }
@@ -485,43 +376,26 @@ pub async fn forward_upgrade(
         .extensions
         .remove::<hyper::upgrade::OnUpgrade>()
         .ok_or_else(|| ApiError::BadRequest("connection cannot be upgraded".into()))?;
-    let uri = ep
-        .uri(path_and_query)
-        .map_err(|e| ApiError::BadRequest(format!("invalid request target: {e}")))?;
+    let uri = ep.uri(path_and_query).map_err(|e| ApiError::BadRequest(format!("invalid request target: {e}")))?;
     let redactor = ep.redactor(public_origin(&parts.headers).as_deref());
     let mut req = Request::new(nestor_core::client::empty_body());
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
     // `Connection` and `Upgrade` stay: they ask for the upgrade.
     for (name, value) in parts.headers.iter() {
-        if matches!(
-            name.as_str(),
-            "keep-alive" | "proxy-connection" | "te" | "trailer" | "transfer-encoding"
-        ) {
+        if matches!(name.as_str(), "keep-alive" | "proxy-connection" | "te" | "trailer" | "transfer-encoding") {
             continue;
         }
         req.headers_mut().append(name.clone(), value.clone());
     }
     strip_client_credentials(req.headers_mut());
     if let Some(k) = ep.key_header() {
-        req.headers_mut().insert(
-            HeaderName::from_static(nestor_core::SESSION_KEY_HEADER),
-            k.clone(),
-        );
+        req.headers_mut().insert(HeaderName::from_static(nestor_core::SESSION_KEY_HEADER), k.clone());
     }
-    let mut resp = match tokio::time::timeout(state.upstream_timeout, state.client.send(req)).await
-    {
+    let mut resp = match tokio::time::timeout(state.upstream_timeout, state.client.send(req)).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            return Err(ApiError::BadGateway(format!(
-                "the upgrade target is unreachable: {e}"
-            )))
-        }
-        Err(_) => {
-            return Err(ApiError::GatewayTimeout(
-                "the upgrade target did not answer".into(),
-            ))
-        }
+        Ok(Err(e)) => return Err(ApiError::BadGateway(format!("the upgrade target is unreachable: {e}"))),
+        Err(_) => return Err(ApiError::GatewayTimeout("the upgrade target did not answer".into())),
     };
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         // Refused: an answer like any other, through the leak guard.
@@ -566,21 +440,12 @@ mod tests {
 
     #[test]
     fn strips_only_the_key_from_queries() {
-        assert_eq!(
-            strip_key_from_query("a=1&session_api_key=k&b=2").as_deref(),
-            Some("a=1&b=2")
-        );
+        assert_eq!(strip_key_from_query("a=1&session_api_key=k&b=2").as_deref(), Some("a=1&b=2"));
         assert_eq!(strip_key_from_query("session_api_key=k"), None);
-        assert_eq!(
-            strip_key_from_query("resend_mode=all").as_deref(),
-            Some("resend_mode=all")
-        );
+        assert_eq!(strip_key_from_query("resend_mode=all").as_deref(), Some("resend_mode=all"));
         assert_eq!(strip_key_from_query(""), None);
         // Percent-encoded names are the same parameter to the downstream.
-        assert_eq!(
-            strip_key_from_query("session%5Fapi%5Fkey=k&a=%41").as_deref(),
-            Some("a=%41")
-        );
+        assert_eq!(strip_key_from_query("session%5Fapi%5Fkey=k&a=%41").as_deref(), Some("a=%41"));
         assert_eq!(strip_key_from_query("%73ession_api_key=k"), None);
     }
 
@@ -588,9 +453,7 @@ mod tests {
     fn redactor_hides_key_and_address() {
         let ep = Endpoint::loopback(41234, Some(SessionKey::new("downstreamkey123")));
         let r = redactor_for(&ep, Some("http://nestor.example:8000"));
-        let out = r.apply(
-            b"http://127.0.0.1:41234/x?tkn=downstreamkey123 ws://127.0.0.1:41234/s 127.0.0.1:41234",
-        );
+        let out = r.apply(b"http://127.0.0.1:41234/x?tkn=downstreamkey123 ws://127.0.0.1:41234/s 127.0.0.1:41234");
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             "http://nestor.example:8000/x?tkn=********** ws://nestor.example:8000/s nestor.example:8000"

@@ -14,16 +14,16 @@ pub mod cors;
 pub mod errors;
 pub mod fastpath;
 pub mod fleet;
-pub mod forward;
 pub mod io_threads;
+pub mod forward;
 pub mod lifecycle;
 pub mod observability;
 pub mod persistence;
+pub mod workspace_sync;
 pub mod routes;
 pub mod secrets;
 pub mod server;
 pub mod webhooks;
-pub mod workspace_sync;
 
 pub use app::AppState;
 pub use config::Config;

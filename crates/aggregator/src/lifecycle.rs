@@ -84,25 +84,18 @@ pub fn admit(state: &AppState, owner: Option<&UserId>) -> Result<(), ApiError> {
     }
     if let Some(max) = cfg.max_starting {
         if starting >= max {
-            metrics::counter!("nestor_admission_rejections_total", "reason" => "max_starting")
-                .increment(1);
+            metrics::counter!("nestor_admission_rejections_total", "reason" => "max_starting").increment(1);
             return Err(ApiError::TooManyRequests {
-                detail: format!(
-                    "{starting} agent-servers are starting (limit {max}); retry shortly"
-                ),
+                detail: format!("{starting} agent-servers are starting (limit {max}); retry shortly"),
                 retry_after: Some(Duration::from_secs(5)),
             });
         }
     }
     if let Some(max) = cfg.max_running {
         if running + starting >= max {
-            metrics::counter!("nestor_admission_rejections_total", "reason" => "max_running")
-                .increment(1);
+            metrics::counter!("nestor_admission_rejections_total", "reason" => "max_running").increment(1);
             return Err(ApiError::TooManyRequests {
-                detail: format!(
-                    "{} agent-servers are running (limit {max}); retry later",
-                    running + starting
-                ),
+                detail: format!("{} agent-servers are running (limit {max}); retry later", running + starting),
                 retry_after: Some(Duration::from_secs(30)),
             });
         }
@@ -112,9 +105,7 @@ pub fn admit(state: &AppState, owner: Option<&UserId>) -> Result<(), ApiError> {
 
 /// Start the idle reaper if the configuration asks for one.
 pub fn spawn_idle_reaper(state: &AppState) {
-    let Some(secs) = state.cfg.lifecycle.idle_stop_secs.filter(|s| *s > 0.0) else {
-        return;
-    };
+    let Some(secs) = state.cfg.lifecycle.idle_stop_secs.filter(|s| *s > 0.0) else { return };
     let idle = Duration::from_secs_f64(secs);
     let every = (idle / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
     let st = state.clone();
@@ -150,11 +141,7 @@ async fn busy(state: &AppState, ds: &Arc<Downstream>) -> bool {
     if ids.is_empty() {
         return false;
     }
-    match state
-        .catalog
-        .fetch_live(ds, &ids, false, Duration::from_secs(10))
-        .await
-    {
+    match state.catalog.fetch_live(ds, &ids, false, Duration::from_secs(10)).await {
         Ok(infos) => infos.iter().flatten().any(|i| {
             matches!(
                 i.get("execution_status").and_then(Value::as_str),
@@ -173,8 +160,7 @@ async fn stop_idle(state: &AppState, ds: &Arc<Downstream>) {
         return; // someone came back meanwhile
     }
     tracing::info!(downstream = %ds.id(), idle_for = ?ds.idle_for(), "stopping idle agent-server");
-    metrics::counter!("nestor_idle_stops_total", "provisioner" => state.provisioner.kind())
-        .increment(1);
+    metrics::counter!("nestor_idle_stops_total", "provisioner" => state.provisioner.kind()).increment(1);
     match tokio::time::timeout(Duration::from_secs(60), state.provisioner.stop(ds)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(downstream = %ds.id(), "idle stop failed: {e}"),

@@ -8,17 +8,11 @@ use clap::{Parser, Subcommand};
 /// of nestor's CPU under load (docs/performance.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use nestor_aggregator::config::{
-    Config, LogFormat, Overrides, ProvisionerKind, ProvisionerOverride,
-};
+use nestor_aggregator::config::{Config, LogFormat, Overrides, ProvisionerKind, ProvisionerOverride};
 use nestor_aggregator::{app, server, AppState};
 
 #[derive(Parser)]
-#[command(
-    name = "nestor",
-    version,
-    about = "One OpenHands agent-server API in front of many isolated agent-servers"
-)]
+#[command(name = "nestor", version, about = "One OpenHands agent-server API in front of many isolated agent-servers")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -126,18 +120,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     init_logging(cfg.log_format);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let keys = app::resolve_keys(&cfg)?;
         let bind = cfg.bind;
         let listener = listen(bind).map_err(|e| anyhow::anyhow!("cannot listen on {bind}: {e}"))?;
         let internal = match cfg.internal_bind {
-            Some(a) => Some(
-                listen(a)
-                    .map_err(|e| anyhow::anyhow!("cannot listen on internal_bind {a}: {e}"))?,
-            ),
+            Some(a) => Some(listen(a).map_err(|e| anyhow::anyhow!("cannot listen on internal_bind {a}: {e}"))?),
             None => None,
         };
         let state = AppState::start(cfg, keys).await?;
@@ -150,10 +139,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 fn workspace_sync(cmd: SyncCommand) -> anyhow::Result<()> {
     init_logging(LogFormat::Human);
     let env = nestor_aggregator::workspace_sync::SyncEnv::from_env()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         match cmd {
             SyncCommand::Pull => nestor_aggregator::workspace_sync::pull(&env).await,
@@ -166,11 +152,7 @@ fn workspace_sync(cmd: SyncCommand) -> anyhow::Result<()> {
 /// hundreds of clients reconnect at once, and the default 128 makes the overflow wait seconds
 /// for SYN retries (the agent-server's uvicorn uses 2048).
 fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
@@ -180,31 +162,18 @@ fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener
 fn status(args: StatusArgs) -> anyhow::Result<()> {
     let key = args
         .key
+        .or_else(|| std::env::var("SESSION_API_KEY").ok().filter(|k| !k.is_empty()))
         .or_else(|| {
-            std::env::var("SESSION_API_KEY")
-                .ok()
-                .filter(|k| !k.is_empty())
-        })
-        .or_else(|| {
-            let dir = args
-                .state_dir
-                .clone()
-                .unwrap_or_else(nestor_aggregator::config::default_state_dir);
-            std::fs::read_to_string(dir.join("session_api_key"))
-                .ok()
-                .map(|s| s.trim().to_owned())
+            let dir = args.state_dir.clone().unwrap_or_else(nestor_aggregator::config::default_state_dir);
+            std::fs::read_to_string(dir.join("session_api_key")).ok().map(|s| s.trim().to_owned())
         });
     let ep = nestor_core::Endpoint::parse(&args.url, key.map(nestor_core::SessionKey::new))?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let v: serde_json::Value = rt
-        .block_on(async {
-            nestor_core::DownstreamClient::default()
-                .get_json(&ep, "/nestor/status", std::time::Duration::from_secs(10))
-                .await
-        })
-        .map_err(|e| anyhow::anyhow!("{} ({})", e, args.url))?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let v: serde_json::Value = rt.block_on(async {
+        nestor_core::DownstreamClient::default()
+            .get_json(&ep, "/nestor/status", std::time::Duration::from_secs(10))
+            .await
+    }).map_err(|e| anyhow::anyhow!("{} ({})", e, args.url))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -215,15 +184,9 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
         v["provisioner"].as_str().unwrap_or("?"),
         v["uptime_seconds"]
     );
-    println!(
-        "{:<36}  {:<44}  {:<8}  {:<10}  {:>8}  TITLE",
-        "CONVERSATION", "DOWNSTREAM", "STATE", "STATUS", "AGE"
-    );
+    println!("{:<36}  {:<44}  {:<8}  {:<10}  {:>8}  TITLE", "CONVERSATION", "DOWNSTREAM", "STATE", "STATUS", "AGE");
     for c in v["conversations"].as_array().into_iter().flatten() {
-        let age = c["age_seconds"]
-            .as_i64()
-            .map(human_age)
-            .unwrap_or_else(|| "-".into());
+        let age = c["age_seconds"].as_i64().map(human_age).unwrap_or_else(|| "-".into());
         println!(
             "{:<36}  {:<44}  {:<8}  {:<10}  {:>8}  {}",
             c["id"].as_str().unwrap_or(""),

@@ -40,8 +40,8 @@ pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let latency = &[
-                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
-                0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
             ];
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), latency)
@@ -63,26 +63,11 @@ pub const WS_KINDS: [&str; 3] = ["events", "session", "bash_events"];
 
 /// The WebSocket proxy's series at zero (a counter or gauge nobody touched is not rendered).
 fn register_ws_metrics() {
-    metrics::describe_gauge!(
-        "nestor_ws_pairs",
-        "live proxied WebSocket pairs (client socket + downstream socket)"
-    );
-    metrics::describe_counter!(
-        "nestor_ws_downstream_lost_total",
-        "downstream sockets lost under a live client socket"
-    );
-    metrics::describe_counter!(
-        "nestor_ws_resumed_total",
-        "lost downstream sockets re-established (client kept)"
-    );
-    metrics::describe_histogram!(
-        "nestor_ws_resume_seconds",
-        "time from a downstream socket's loss to its resume"
-    );
-    metrics::describe_counter!(
-        "nestor_ws_slow_consumers_total",
-        "clients dropped for reading slower than they are sent"
-    );
+    metrics::describe_gauge!("nestor_ws_pairs", "live proxied WebSocket pairs (client socket + downstream socket)");
+    metrics::describe_counter!("nestor_ws_downstream_lost_total", "downstream sockets lost under a live client socket");
+    metrics::describe_counter!("nestor_ws_resumed_total", "lost downstream sockets re-established (client kept)");
+    metrics::describe_histogram!("nestor_ws_resume_seconds", "time from a downstream socket's loss to its resume");
+    metrics::describe_counter!("nestor_ws_slow_consumers_total", "clients dropped for reading slower than they are sent");
     for kind in WS_KINDS {
         metrics::gauge!("nestor_ws_pairs", "kind" => kind).set(0.0);
     }
@@ -133,10 +118,7 @@ pub fn route_class(matched: Option<&str>, path: &str) -> &'static str {
         Some("/api/conversations/search" | "/api/conversations/count") => "catalog",
         Some("/api/conversations") => "create_or_batch",
         Some(p) if p.starts_with("/sockets/") => "socket",
-        Some(p)
-            if p.starts_with("/api/conversations/{id}")
-                || p.starts_with("/api/file/download-trajectory") =>
-        {
+        Some(p) if p.starts_with("/api/conversations/{id}") || p.starts_with("/api/file/download-trajectory") => {
             "conversation"
         }
         Some(_) => "other",
@@ -155,10 +137,7 @@ pub async fn track(State(state): State<AppState>, req: Request<Body>, next: Next
         Ok(d) => d,
         Err(preflight) => return preflight,
     };
-    let matched = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_owned());
+    let matched = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned());
     let class = route_class(matched.as_deref(), req.uri().path());
     let method = req.method().clone();
     let conversation = conversation_in_path(req.uri().path()).unwrap_or("");
@@ -169,23 +148,13 @@ pub async fn track(State(state): State<AppState>, req: Request<Body>, next: Next
     if let Some(d) = cors {
         crate::cors::finish(d, &mut resp);
     }
-    count_request(
-        class,
-        method_label(&method),
-        resp.status().as_u16(),
-        started,
-    );
+    count_request(class, method_label(&method), resp.status().as_u16(), started);
     resp
 }
 
 /// Count one answered request in `nestor_http_requests_total` and its latency since
 /// `started` in `nestor_http_request_duration_seconds` (the router's edge and the fast path).
-pub(crate) fn count_request(
-    class: &'static str,
-    method: &'static str,
-    status: u16,
-    started: Instant,
-) {
+pub(crate) fn count_request(class: &'static str, method: &'static str, status: u16, started: Instant) {
     let status_class = match status {
         100..=199 => "1xx",
         200..=299 => "2xx",
@@ -204,12 +173,7 @@ pub(crate) fn count_request(
 /// key on every request allocates; a shared cache would bounce between the I/O threads).
 /// A short list searched in order: a thread sees a handful of label sets, and comparing
 /// three short labels costs less than hashing them.
-fn with_handles(
-    class: &'static str,
-    method: &'static str,
-    status: &'static str,
-    f: impl FnOnce(&metrics::Counter, &metrics::Histogram),
-) {
+fn with_handles(class: &'static str, method: &'static str, status: &'static str, f: impl FnOnce(&metrics::Counter, &metrics::Histogram)) {
     type Key = (&'static str, &'static str, &'static str);
     thread_local! {
         static CACHE: std::cell::RefCell<Vec<(Key, metrics::Counter, metrics::Histogram)>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -284,10 +248,7 @@ pub async fn metrics_handler(State(state): State<AppState>) -> Response {
     let body = install().render();
     let mut r = Response::new(Body::from(body));
     *r.status_mut() = StatusCode::OK;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     r
 }
 
@@ -297,18 +258,12 @@ mod tests {
 
     #[test]
     fn classes() {
-        assert_eq!(
-            route_class(Some("/api/conversations/{id}/{*rest}"), "/x"),
-            "conversation"
-        );
+        assert_eq!(route_class(Some("/api/conversations/{id}/{*rest}"), "/x"), "conversation");
         assert_eq!(route_class(Some("/sockets/events/{id}"), "/x"), "socket");
         assert_eq!(route_class(None, "/api/settings"), "home");
         assert_eq!(route_class(None, "/v1/models"), "v1");
         assert_eq!(route_class(None, "/nope"), "other");
-        assert_eq!(
-            conversation_in_path("/api/conversations/0a8b12be-0792-4413-8dd9-066610cb0473/events"),
-            Some("0a8b12be-0792-4413-8dd9-066610cb0473")
-        );
+        assert_eq!(conversation_in_path("/api/conversations/0a8b12be-0792-4413-8dd9-066610cb0473/events"), Some("0a8b12be-0792-4413-8dd9-066610cb0473"));
         assert_eq!(conversation_in_path("/api/conversations/search"), None);
     }
 }

@@ -35,8 +35,7 @@ use nestor_core::{ConversationId, UserId};
 use nestor_provisioner::sync::{Restored, SyncTrees, WorkspaceSync};
 use nestor_provisioner::ProvisionError;
 use nestor_workspace_store::{
-    Area, ConversationStorage, OnDelete, PusherHandle, StoreError, SyncStatus, TreeSpec,
-    WorkspaceStorageConfig, WorkspaceStore,
+    Area, ConversationStorage, OnDelete, PusherHandle, StoreError, SyncStatus, TreeSpec, WorkspaceStorageConfig, WorkspaceStore,
 };
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -77,22 +76,15 @@ struct Pusher {
 
 impl std::fmt::Debug for Persistence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Persistence")
-            .field("store", &self.store)
-            .field("conversations", &self.convs.len())
-            .finish()
+        f.debug_struct("Persistence").field("store", &self.store).field("conversations", &self.convs.len()).finish()
     }
 }
 
 impl Persistence {
     /// Connect to the bucket and check it answers (bounded), so a misconfiguration stops
     /// nestor at start with a clear message. `cache_root` is private to nestor.
-    pub async fn start(
-        cfg: &WorkspaceStorageConfig,
-        cache_root: std::path::PathBuf,
-    ) -> anyhow::Result<Arc<Self>> {
-        let store =
-            WorkspaceStore::connect(cfg, &cache_root).map_err(|e| anyhow::anyhow!("{e}"))?;
+    pub async fn start(cfg: &WorkspaceStorageConfig, cache_root: std::path::PathBuf) -> anyhow::Result<Arc<Self>> {
+        let store = WorkspaceStore::connect(cfg, &cache_root).map_err(|e| anyhow::anyhow!("{e}"))?;
         match tokio::time::timeout(PROBE_TIMEOUT, store.probe()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => anyhow::bail!(
@@ -107,12 +99,7 @@ impl Persistence {
             ),
         }
         tracing::info!(bucket = %cfg.bucket, prefix = %cfg.prefix, push_interval_secs = cfg.push_interval_secs, on_delete = ?cfg.on_delete, "workspace storage ready");
-        Ok(Arc::new(Self {
-            store,
-            cfg: cfg.clone(),
-            convs: DashMap::new(),
-            cancel: CancellationToken::new(),
-        }))
+        Ok(Arc::new(Self { store, cfg: cfg.clone(), convs: DashMap::new(), cancel: CancellationToken::new() }))
     }
 
     pub fn store(&self) -> &WorkspaceStore {
@@ -127,30 +114,15 @@ impl Persistence {
         let storage = self
             .store
             .conversation(&t.owner, t.conversation)
-            .map_err(|e| {
-                ProvisionError::Config(format!(
-                    "workspace storage for user {:?}: {e}",
-                    t.owner.as_str()
-                ))
-            })?;
-        let c = Arc::new(Conv {
-            storage,
-            trees: Mutex::new(t.clone()),
-            pusher: Mutex::new(None),
-        });
+            .map_err(|e| ProvisionError::Config(format!("workspace storage for user {:?}: {e}", t.owner.as_str())))?;
+        let c = Arc::new(Conv { storage, trees: Mutex::new(t.clone()), pusher: Mutex::new(None) });
         Ok(self.convs.entry(t.conversation).or_insert(c).clone())
     }
 
     fn spawn_pusher(&self, c: &Conv, retrying: bool) -> Pusher {
         let t = c.trees.lock().unwrap().clone();
-        let trees = vec![
-            TreeSpec::new(Area::Workspace, t.workspace),
-            TreeSpec::new(Area::State, t.state),
-        ];
-        Pusher {
-            handle: c.storage.spawn_pusher(trees, self.cfg.push_interval()),
-            retrying,
-        }
+        let trees = vec![TreeSpec::new(Area::Workspace, t.workspace), TreeSpec::new(Area::State, t.state)];
+        Pusher { handle: c.storage.spawn_pusher(trees, self.cfg.push_interval()), retrying }
     }
 
     /// The final push of `c`: its pusher's, or a one-off one. Runs in a task of its own.
@@ -163,16 +135,9 @@ impl Persistence {
                     let t = c.trees.lock().unwrap().clone();
                     for (area, dir) in [(Area::Workspace, &t.workspace), (Area::State, &t.state)] {
                         if dir.is_dir() {
-                            tokio::time::timeout(
-                                FINAL_PUSH_TIMEOUT,
-                                c.storage.push_with_retry(area, dir),
-                            )
-                            .await
-                            .map_err(|_| StoreError::Timeout {
-                                op: "final push",
-                                key: c.storage.key_prefix().to_owned(),
-                                after: FINAL_PUSH_TIMEOUT,
-                            })??;
+                            tokio::time::timeout(FINAL_PUSH_TIMEOUT, c.storage.push_with_retry(area, dir))
+                                .await
+                                .map_err(|_| StoreError::Timeout { op: "final push", key: c.storage.key_prefix().to_owned(), after: FINAL_PUSH_TIMEOUT })??;
                         }
                     }
                     Ok(())
@@ -204,9 +169,7 @@ impl Persistence {
                     _ = tokio::time::sleep(every) => {}
                 }
                 let st = c.storage.status();
-                let done = st.healthy()
-                    && st.workspace.last_success_at.is_some()
-                    && st.state.last_success_at.is_some();
+                let done = st.healthy() && st.workspace.last_success_at.is_some() && st.state.last_success_at.is_some();
                 let finished = {
                     let mut slot = c.pusher.lock().unwrap();
                     match slot.as_ref() {
@@ -230,11 +193,7 @@ impl Persistence {
 
     /// Final pushes of every conversation with a pusher (nestor exits), concurrently, bounded.
     pub async fn shutdown(self: &Arc<Self>) {
-        let convs: Vec<(ConversationId, Arc<Conv>)> = self
-            .convs
-            .iter()
-            .map(|e| (*e.key(), e.value().clone()))
-            .collect();
+        let convs: Vec<(ConversationId, Arc<Conv>)> = self.convs.iter().map(|e| (*e.key(), e.value().clone())).collect();
         let pushes = convs.into_iter().filter(|(_, c)| c.pusher.lock().unwrap().is_some()).map(|(id, c)| async move {
             if let Err(e) = self.final_push(c).await {
                 tracing::warn!(conversation = %id, error = %e, "workspace store: final push at shutdown failed; the files stay on this host and are pushed by the next nestor");
@@ -242,10 +201,7 @@ impl Persistence {
         });
         let pushes: Vec<_> = pushes.collect();
         let n = pushes.len();
-        if tokio::time::timeout(SHUTDOWN_PUSH_TIMEOUT, futures::future::join_all(pushes))
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(SHUTDOWN_PUSH_TIMEOUT, futures::future::join_all(pushes)).await.is_err() {
             tracing::warn!("workspace store: final pushes still running after {SHUTDOWN_PUSH_TIMEOUT:?}; abandoned (stored copies stay at their last generation)");
         } else if n > 0 {
             tracing::info!(conversations = n, "workspace store: final pushes done");
@@ -263,10 +219,7 @@ impl Persistence {
 
     /// The `workspace_storage` object of the runtime answer.
     pub fn status_json(&self, owner: &UserId, id: ConversationId) -> Value {
-        status_value(
-            &self.status(owner, id).unwrap_or_default(),
-            self.cfg.push_interval_secs,
-        )
+        status_value(&self.status(owner, id).unwrap_or_default(), self.cfg.push_interval_secs)
     }
 
     /// Deletes every stored object of a conversation, retrying what can be retried.
@@ -301,10 +254,7 @@ pub fn status_value(s: &SyncStatus, push_interval_secs: u64) -> Value {
         } else {
             None
         };
-        let last_error = areas
-            .iter()
-            .filter(|a| a.last_error_at.is_some())
-            .max_by_key(|a| a.last_error_at);
+        let last_error = areas.iter().filter(|a| a.last_error_at.is_some()).max_by_key(|a| a.last_error_at);
         let mut v = json!({
             "healthy": s.healthy(),
             "over_quota": s.over_quota(),
@@ -357,9 +307,7 @@ impl Persistence {
     /// New agent work on a conversation whose last push a quota refused: 413 (its files are
     /// safe locally; the stored copy is the last one within the quota).
     pub fn check_work(&self, owner: &UserId, id: ConversationId) -> Result<(), HttpError> {
-        let Some(s) = self.status(owner, id) else {
-            return Ok(());
-        };
+        let Some(s) = self.status(owner, id) else { return Ok(()) };
         if !s.over_quota() {
             return Ok(());
         }
@@ -373,12 +321,7 @@ impl Persistence {
 
     /// [`Persistence::check_work`] from a status the pod's sync sidecar reported (the
     /// `workspace_storage` object of the runtime answer).
-    pub fn check_work_status(
-        &self,
-        owner: &UserId,
-        id: ConversationId,
-        status: &Value,
-    ) -> Result<(), HttpError> {
+    pub fn check_work_status(&self, owner: &UserId, id: ConversationId, status: &Value) -> Result<(), HttpError> {
         if status["over_quota"] != Value::Bool(true) {
             return Ok(());
         }
@@ -399,15 +342,11 @@ fn refuse_work(owner: &UserId, id: ConversationId, why: String) -> Result<(), Ht
 }
 
 fn rfc3339(t: time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 fn too_large(detail: String) -> HttpError {
-    HttpError::Raw(Box::new(crate::routes::conversations::json_response(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        &json!({ "detail": detail }),
-    )))
+    HttpError::Raw(Box::new(crate::routes::conversations::json_response(StatusCode::PAYLOAD_TOO_LARGE, &json!({ "detail": detail }))))
 }
 
 /// A store error as the start of a downstream sees it.
@@ -418,9 +357,7 @@ fn restore_error(id: ConversationId, e: StoreError) -> ProvisionError {
             retry_after: Some(Duration::from_secs(5)),
         }
     } else {
-        ProvisionError::Start(format!(
-            "cannot restore the stored files of conversation {id}: {e}"
-        ))
+        ProvisionError::Start(format!("cannot restore the stored files of conversation {id}: {e}"))
     }
 }
 
@@ -486,9 +423,7 @@ impl WorkspaceSync for Hooks {
     async fn stopped(&self, t: &SyncTrees) {
         let Ok(c) = self.conv(t) else { return };
         match self.final_push(c.clone()).await {
-            Ok(()) => {
-                tracing::debug!(conversation = %t.conversation, "workspace store: final push done")
-            }
+            Ok(()) => tracing::debug!(conversation = %t.conversation, "workspace store: final push done"),
             Err(e) => {
                 tracing::warn!(conversation = %t.conversation, error = %e, "workspace store: final push failed; retrying in the background");
                 self.retry_in_background(t.conversation, c);
@@ -499,10 +434,7 @@ impl WorkspaceSync for Hooks {
     async fn released(&self, t: &SyncTrees) -> Result<(), String> {
         let c = self.conv(t).map_err(|e| e.to_string())?;
         let r = match self.cfg.on_delete {
-            OnDelete::Keep => self
-                .final_push(c.clone())
-                .await
-                .map_err(|e| format!("the final push failed: {e}")),
+            OnDelete::Keep => self.final_push(c.clone()).await.map_err(|e| format!("the final push failed: {e}")),
             OnDelete::Purge => {
                 let p = c.pusher.lock().unwrap().take();
                 if let Some(p) = p {

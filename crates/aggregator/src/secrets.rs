@@ -49,13 +49,7 @@ pub fn settings_secret_name(url: &str) -> Option<&str> {
 }
 
 /// The `LookupSecret` a downstream gets for `name`.
-fn lookup_secret(
-    state: &AppState,
-    conversation: &ConversationId,
-    name: &str,
-    credential: &str,
-    description: Option<&Value>,
-) -> Value {
+fn lookup_secret(state: &AppState, conversation: &ConversationId, name: &str, credential: &str, description: Option<&Value>) -> Value {
     let mut v = json!({
         "kind": "LookupSecret",
         "url": format!("{}/nestor/secrets/{}/{}", state.internal_url, conversation, name),
@@ -79,13 +73,7 @@ impl Credential<'_> {
     fn get(&mut self) -> String {
         let (state, conversation, user) = (self.state, self.conversation, self.user);
         self.key
-            .get_or_insert_with(|| {
-                state
-                    .auth
-                    .mint_secrets_credential(conversation, user.clone())
-                    .expose()
-                    .to_owned()
-            })
+            .get_or_insert_with(|| state.auth.mint_secrets_credential(conversation, user.clone()).expose().to_owned())
             .clone()
     }
 }
@@ -93,37 +81,15 @@ impl Credential<'_> {
 /// Rewrite `secrets` (a create body's or a `POST /{id}/secrets` body's) so every
 /// settings-secret lookup points at nestor (before any profile resolution, which would
 /// otherwise turn them into values).
-pub fn rewrite(
-    state: &AppState,
-    conversation: ConversationId,
-    user: &UserId,
-    secrets: &mut Map<String, Value>,
-) {
-    let mut cred = Credential {
-        state,
-        conversation,
-        user,
-        key: None,
-    };
+pub fn rewrite(state: &AppState, conversation: ConversationId, user: &UserId, secrets: &mut Map<String, Value>) {
+    let mut cred = Credential { state, conversation, user, key: None };
     rewrite_with(state, conversation, secrets, &mut cred);
 }
 
-fn rewrite_with(
-    state: &AppState,
-    conversation: ConversationId,
-    secrets: &mut Map<String, Value>,
-    cred: &mut Credential<'_>,
-) {
+fn rewrite_with(state: &AppState, conversation: ConversationId, secrets: &mut Map<String, Value>, cred: &mut Credential<'_>) {
     for (_, v) in secrets.iter_mut() {
         let is_lookup = v.get("kind").and_then(Value::as_str) == Some("LookupSecret");
-        let name = is_lookup
-            .then(|| {
-                v.get("url")
-                    .and_then(Value::as_str)
-                    .and_then(settings_secret_name)
-                    .map(str::to_owned)
-            })
-            .flatten();
+        let name = is_lookup.then(|| v.get("url").and_then(Value::as_str).and_then(settings_secret_name).map(str::to_owned)).flatten();
         if let Some(name) = name {
             let c = cred.get();
             *v = lookup_secret(state, &conversation, &name, &c, v.get("description"));
@@ -140,20 +106,10 @@ pub async fn inject(
     secrets: &mut Map<String, Value>,
     allowed: Option<&[String]>,
 ) {
-    let mut cred = Credential {
-        state,
-        conversation,
-        user,
-        key: None,
-    };
+    let mut cred = Credential { state, conversation, user, key: None };
     // Reuse the credential already handed out by `rewrite`, if any: one per conversation.
     for v in secrets.values() {
-        if let Some(k) = v
-            .get("url")
-            .and_then(Value::as_str)
-            .filter(|u| u.starts_with(&state.internal_url))
-            .and(v["headers"]["X-Session-API-Key"].as_str())
-        {
+        if let Some(k) = v.get("url").and_then(Value::as_str).filter(|u| u.starts_with(&state.internal_url)).and(v["headers"]["X-Session-API-Key"].as_str()) {
             cred.key = Some(k.to_owned());
             break;
         }
@@ -170,11 +126,7 @@ pub async fn inject(
 
 /// `GET /nestor/secrets/{conversation}/{name}`: the value, as `text/plain`, for the
 /// conversation's downstream presenting that conversation's credential.
-pub async fn lookup(
-    State(state): State<AppState>,
-    Path((conv, name)): Path<(String, String)>,
-    req: Request<Body>,
-) -> HttpResult {
+pub async fn lookup(State(state): State<AppState>, Path((conv, name)): Path<(String, String)>, req: Request<Body>) -> HttpResult {
     let who = state.auth.check_headers(req.headers())?;
     let conversation = ConversationId::parse(&conv).map_err(|_| ApiError::Unauthorized)?;
     if who.scope != Scope::Secrets(conversation) || state.catalog.route(&conversation).is_none() {
@@ -184,10 +136,7 @@ pub async fn lookup(
         Some(value) => {
             metrics::counter!("nestor_secret_lookups_total", "result" => "ok").increment(1);
             let mut r = Response::new(Body::from(value));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
-            );
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
             *r.status_mut() = StatusCode::OK;
             Ok(r)
         }
@@ -205,10 +154,7 @@ mod tests {
     #[test]
     fn recognises_settings_secret_urls() {
         assert_eq!(settings_secret_name("/api/settings/secrets/GH"), Some("GH"));
-        assert_eq!(
-            settings_secret_name("http://127.0.0.1:8000/api/settings/secrets/GH"),
-            Some("GH")
-        );
+        assert_eq!(settings_secret_name("http://127.0.0.1:8000/api/settings/secrets/GH"), Some("GH"));
         assert_eq!(settings_secret_name("/api/settings/secrets/a/b"), None);
         assert_eq!(settings_secret_name("https://vault.example/x"), None);
     }

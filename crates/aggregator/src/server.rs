@@ -25,18 +25,12 @@ pub async fn serve(state: AppState, listener: TcpListener) -> anyhow::Result<()>
 }
 
 /// [`serve`], plus the downstream-only listener (`internal_bind`) when given.
-pub async fn serve_with_internal(
-    state: AppState,
-    listener: TcpListener,
-    internal: Option<TcpListener>,
-) -> anyhow::Result<()> {
+pub async fn serve_with_internal(state: AppState, listener: TcpListener, internal: Option<TcpListener>) -> anyhow::Result<()> {
     if let Some(l) = internal {
         let app = crate::routes::internal_only(state.clone());
         let token = state.shutdown.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(l, app)
-                .with_graceful_shutdown(async move { token.cancelled().await })
-                .await;
+            let _ = axum::serve(l, app).with_graceful_shutdown(async move { token.cancelled().await }).await;
         });
     }
     let app = crate::routes::router(state.clone());
@@ -52,27 +46,16 @@ pub async fn serve_with_internal(
         Err(_) => tracing::warn!("requests still in flight after {DRAIN_TIMEOUT:?}; closing them"),
     }
     // A pair closes within a few seconds (close frame, then bounded flush and close).
-    let left = DRAIN_TIMEOUT
-        .saturating_sub(started.elapsed())
-        .max(SOCKET_CLOSE_TIMEOUT);
-    if tokio::time::timeout(left, state.sockets.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            left = state.sockets.len(),
-            "WebSockets still open after {left:?}; dropping them"
-        );
+    let left = DRAIN_TIMEOUT.saturating_sub(started.elapsed()).max(SOCKET_CLOSE_TIMEOUT);
+    if tokio::time::timeout(left, state.sockets.wait()).await.is_err() {
+        tracing::warn!(left = state.sockets.len(), "WebSockets still open after {left:?}; dropping them");
     } else {
         // `open` may undercount: pairs see the same token and may be gone before it is read.
         tracing::info!(sockets = open, "WebSockets closed (1012)");
     }
     state.provisioner.shutdown().await;
     // Catalog infos queued for disk (routes were written before their creates answered).
-    state
-        .catalog
-        .flush(std::time::Duration::from_secs(10))
-        .await;
+    state.catalog.flush(std::time::Duration::from_secs(10)).await;
     if let Some(p) = &state.persistence {
         // After the downstreams stopped (if they do): the trees are final.
         p.shutdown().await;
@@ -90,19 +73,13 @@ async fn accept_loop(state: AppState, listener: TcpListener, app: axum::Router) 
     let connections = tokio_util::task::TaskTracker::new();
     let io = match state.cfg.http.io_thread_count() {
         0 => None,
-        n => {
-            match crate::io_threads::IoThreads::start(
-                n,
-                state.cfg.http.busy_poll(),
-                &state.shutdown,
-            ) {
-                Ok(io) => Some(io),
-                Err(e) => {
-                    tracing::warn!("cannot start {n} I/O threads ({e}); serving connections on the main runtime");
-                    None
-                }
+        n => match crate::io_threads::IoThreads::start(n, state.cfg.http.busy_poll(), &state.shutdown) {
+            Ok(io) => Some(io),
+            Err(e) => {
+                tracing::warn!("cannot start {n} I/O threads ({e}); serving connections on the main runtime");
+                None
             }
-        }
+        },
     };
     // The fast path's downstream connections when connections are served here.
     let pool = std::sync::Arc::new(crate::fastpath::Pool::default());
@@ -123,37 +100,19 @@ async fn accept_loop(state: AppState, listener: TcpListener, app: axum::Router) 
                         let main = Some((main.clone(), connections.clone()));
                         io.serve(tcp, move |tcp, local| async move {
                             let _tracked = token;
-                            let serving = crate::fastpath::Serving {
-                                router,
-                                pool: local.pool,
-                                stop: local.stop,
-                                busy: Some(local.busy),
-                                main,
-                            };
+                            let serving = crate::fastpath::Serving { router, pool: local.pool, stop: local.stop, busy: Some(local.busy), main };
                             crate::fastpath::serve_connection(state, serving, tcp).await;
                         });
                     }
                     None => {
                         let stop = state.shutdown.clone();
-                        let serving = crate::fastpath::Serving {
-                            router,
-                            pool: pool.clone(),
-                            stop,
-                            busy: None,
-                            main: None,
-                        };
+                        let serving = crate::fastpath::Serving { router, pool: pool.clone(), stop, busy: None, main: None };
                         connections.spawn(crate::fastpath::serve_connection(state, serving, tcp));
                     }
                 }
             }
             // Per-connection failures (the peer gave up before accept): keep accepting.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionAborted
-                        | std::io::ErrorKind::ConnectionReset
-                        | std::io::ErrorKind::ConnectionRefused
-                ) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionRefused) => {}
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
                 tracing::error!("accept failed: {e}; retrying in 1 s");
@@ -178,10 +137,7 @@ pub fn on_signals(state: &AppState) {
     let token = state.shutdown.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
             tracing::error!("cannot install signal handlers");
             return;
         };

@@ -90,10 +90,7 @@ pub const RECEIVER_PATH: &str = "/nestor/webhooks";
 /// Short flush delay: the catalog should learn of a finished run within a second.
 pub fn downstream_env(internal_url: &str) -> Vec<(String, String)> {
     vec![
-        (
-            "OH_WEBHOOKS_0_BASE_URL".into(),
-            format!("{internal_url}{RECEIVER_PATH}"),
-        ),
+        ("OH_WEBHOOKS_0_BASE_URL".into(), format!("{internal_url}{RECEIVER_PATH}")),
         ("OH_WEBHOOKS_0_FLUSH_DELAY".into(), "0.5".into()),
         ("OH_WEBHOOKS_0_EVENT_BUFFER_SIZE".into(), "20".into()),
         ("OH_WEBHOOKS_0_NUM_RETRIES".into(), "5".into()),
@@ -105,8 +102,7 @@ pub fn downstream_env(internal_url: &str) -> Vec<(String, String)> {
 fn sender(state: &AppState, headers: &HeaderMap) -> Option<Arc<Downstream>> {
     let presented = headers.get(nestor_core::SESSION_KEY_HEADER)?.as_bytes();
     state.provisioner.list().into_iter().find(|ds| {
-        ds.endpoint()
-            .is_some_and(|ep| ep.key.as_ref().is_some_and(|k| k.matches(presented)))
+        ds.endpoint().is_some_and(|ep| ep.key.as_ref().is_some_and(|k| k.matches(presented)))
     })
 }
 
@@ -117,8 +113,7 @@ async fn read_json(req: Request<Body>, limit: usize) -> Result<(HeaderMap, Value
         .await
         .map_err(|e| ApiError::BadRequest(format!("could not read the webhook body: {e}")))?
         .to_bytes();
-    let v = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::BadRequest(format!("webhook body is not JSON: {e}")))?;
+    let v = serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("webhook body is not JSON: {e}")))?;
     Ok((parts.headers, v))
 }
 
@@ -130,36 +125,21 @@ fn ok() -> Response {
 
 /// `POST /nestor/webhooks/conversations`.
 pub async fn receive_conversation(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
-    let Some(ds) = sender(&state, req.headers()) else {
-        return Err(ApiError::Unauthorized.into());
-    };
+    let Some(ds) = sender(&state, req.headers()) else { return Err(ApiError::Unauthorized.into()) };
     let (_, info) = read_json(req, 16 << 20).await?;
-    let Some(id) = info
-        .get("id")
-        .and_then(Value::as_str)
-        .and_then(|s| ConversationId::parse(s).ok())
-    else {
+    let Some(id) = info.get("id").and_then(Value::as_str).and_then(|s| ConversationId::parse(s).ok()) else {
         return Err(ApiError::BadRequest("conversation webhook without an id".into()).into());
     };
     state.webhooks.heard_from(ds.id());
     metrics::counter!("nestor_webhooks_received_total", "kind" => "conversation").increment(1);
     if info.get("execution_status").and_then(Value::as_str) == Some("deleting") {
         // Deleted on the downstream (by nestor's own DELETE, or behind its back).
-        if state
-            .catalog
-            .route(&id)
-            .is_some_and(|(d, _)| d.id() == ds.id())
-        {
+        if state.catalog.route(&id).is_some_and(|(d, _)| d.id() == ds.id()) {
             state.catalog.remove(&id).await;
             state.auth.revoke_conversation(&id);
         }
     } else {
-        let owner = state
-            .catalog
-            .route(&id)
-            .map(|(_, o)| o)
-            .or_else(|| ds.owner().cloned())
-            .unwrap_or_else(nestor_core::UserId::default_user);
+        let owner = state.catalog.route(&id).map(|(_, o)| o).or_else(|| ds.owner().cloned()).unwrap_or_else(nestor_core::UserId::default_user);
         // Not `register`: a report sent before nestor's own delete of it must not bring the
         // conversation back.
         state.catalog.report(id, &ds, owner, info.clone()).await;
@@ -171,16 +151,9 @@ pub async fn receive_conversation(State(state): State<AppState>, req: Request<Bo
 }
 
 /// `POST /nestor/webhooks/events/{id-hex}`.
-pub async fn receive_events(
-    State(state): State<AppState>,
-    Path(hex): Path<String>,
-    req: Request<Body>,
-) -> HttpResult {
-    let Some(ds) = sender(&state, req.headers()) else {
-        return Err(ApiError::Unauthorized.into());
-    };
-    let id = ConversationId::parse(&hex)
-        .map_err(|_| ApiError::BadRequest(format!("not a conversation id: {hex:?}")))?;
+pub async fn receive_events(State(state): State<AppState>, Path(hex): Path<String>, req: Request<Body>) -> HttpResult {
+    let Some(ds) = sender(&state, req.headers()) else { return Err(ApiError::Unauthorized.into()) };
+    let id = ConversationId::parse(&hex).map_err(|_| ApiError::BadRequest(format!("not a conversation id: {hex:?}")))?;
     let (_, events) = read_json(req, 64 << 20).await?;
     let Value::Array(events) = events else {
         return Err(ApiError::BadRequest("an events webhook body is a JSON array".into()).into());
@@ -188,12 +161,7 @@ pub async fn receive_events(
     state.webhooks.heard_from(ds.id());
     metrics::counter!("nestor_webhooks_received_total", "kind" => "events").increment(1);
     state.catalog.apply_events(&id, ds.id(), &events);
-    if run_ended(&events)
-        && state
-            .catalog
-            .route(&id)
-            .is_some_and(|(d, _)| d.id() == ds.id())
-    {
+    if run_ended(&events) && state.catalog.route(&id).is_some_and(|(d, _)| d.id() == ds.id()) {
         // The agent-server announces neither its auto-title nor other metadata-only updates
         // (`meta.json`) by webhook: read the conversation's info when a run ends, so the
         // catalog (and search) shows its title without listing the downstream. The title is
@@ -203,15 +171,9 @@ pub async fn receive_events(
         tokio::spawn(async move {
             for delay_ms in [0u64, 500, 1000, 2000, 4000] {
                 tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-                match st
-                    .catalog
-                    .fetch_live(&ds, &[id], false, crate::forward::INTERNAL_CALL_TIMEOUT)
-                    .await
-                {
+                match st.catalog.fetch_live(&ds, &[id], false, crate::forward::INTERNAL_CALL_TIMEOUT).await {
                     Ok(infos) => match infos.first() {
-                        Some(Some(info)) if info.get("title").is_some_and(|t| !t.is_null()) => {
-                            break
-                        }
+                        Some(Some(info)) if info.get("title").is_some_and(|t| !t.is_null()) => break,
                         Some(Some(_)) => {}
                         _ => break, // gone
                     },
@@ -236,10 +198,7 @@ fn run_ended(events: &[Value]) -> bool {
     events.iter().any(|e| {
         e.get("kind").and_then(Value::as_str) == Some("ConversationStateUpdateEvent")
             && e.get("key").and_then(Value::as_str) == Some("execution_status")
-            && matches!(
-                e.get("value").and_then(Value::as_str),
-                Some("finished" | "error" | "stuck" | "paused")
-            )
+            && matches!(e.get("value").and_then(Value::as_str), Some("finished" | "error" | "stuck" | "paused"))
     })
 }
 
@@ -275,10 +234,7 @@ impl Webhooks {
                 tx
             })
             .collect();
-        Self {
-            heard: DashMap::new(),
-            workers,
-        }
+        Self { heard: DashMap::new(), workers }
     }
 
     pub fn heard_from(&self, ds: &DownstreamId) {
@@ -318,18 +274,11 @@ struct Buffer {
 /// (flushed at `event_buffer_size` events, `max_batch_bytes`, or `flush_delay` after the
 /// first), each post tried `num_retries + 1` times. Bounded: past `max_queue_bytes` of
 /// buffered events the oldest are dropped (and counted).
-async fn worker(
-    spec: WebhookSpec,
-    key: Option<String>,
-    client: reqwest::Client,
-    mut rx: mpsc::Receiver<Outgoing>,
-) {
+async fn worker(spec: WebhookSpec, key: Option<String>, client: reqwest::Client, mut rx: mpsc::Receiver<Outgoing>) {
     let base = spec.base_url.trim_end_matches('/').to_owned();
     let flush_delay = Duration::from_secs_f64(spec.flush_delay.max(0.0));
     let mut buffers: HashMap<ConversationId, Buffer> = HashMap::new();
-    let mut tick = tokio::time::interval(
-        Duration::from_millis(100).min(flush_delay.max(Duration::from_millis(10))),
-    );
+    let mut tick = tokio::time::interval(Duration::from_millis(100).min(flush_delay.max(Duration::from_millis(10))));
     loop {
         tokio::select! {
             msg = rx.recv() => match msg {
@@ -369,38 +318,15 @@ async fn worker(
     }
 }
 
-async fn send_batch(
-    client: &reqwest::Client,
-    spec: &WebhookSpec,
-    key: Option<&str>,
-    base: &str,
-    id: ConversationId,
-    events: Vec<Value>,
-) {
-    post(
-        client,
-        spec,
-        key,
-        &format!("{base}/events/{}", id.hex()),
-        &Value::Array(events),
-    )
-    .await;
+async fn send_batch(client: &reqwest::Client, spec: &WebhookSpec, key: Option<&str>, base: &str, id: ConversationId, events: Vec<Value>) {
+    post(client, spec, key, &format!("{base}/events/{}", id.hex()), &Value::Array(events)).await;
 }
 
 /// POST with retries (`num_retries + 1` attempts, `retry_delay` apart, 30 s each).
-async fn post(
-    client: &reqwest::Client,
-    spec: &WebhookSpec,
-    key: Option<&str>,
-    url: &str,
-    body: &Value,
-) -> bool {
+async fn post(client: &reqwest::Client, spec: &WebhookSpec, key: Option<&str>, url: &str, body: &Value) -> bool {
     let bytes = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
     for attempt in 0..=spec.num_retries {
-        let mut rb = client
-            .request(Method::POST, url)
-            .timeout(Duration::from_secs(30))
-            .header("content-type", "application/json");
+        let mut rb = client.request(Method::POST, url).timeout(Duration::from_secs(30)).header("content-type", "application/json");
         for (k, v) in &spec.headers {
             rb = rb.header(k, v);
         }

@@ -31,13 +31,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
 use nestor_core::{ConversationId, UserId};
-use nestor_provisioner::container_env::{
-    PERSISTED_PROJECT_DIR, PERSISTED_STATE_DIR, PERSISTED_STATE_SUBDIRS,
-};
+use nestor_provisioner::container_env::{PERSISTED_PROJECT_DIR, PERSISTED_STATE_DIR, PERSISTED_STATE_SUBDIRS};
 use nestor_provisioner::kubernetes::persistence as env;
-use nestor_workspace_store::{
-    Area, ConversationStorage, PusherHandle, TreeSpec, WorkspaceStorageConfig, WorkspaceStore,
-};
+use nestor_workspace_store::{Area, ConversationStorage, PusherHandle, TreeSpec, WorkspaceStorageConfig, WorkspaceStore};
 use serde_json::json;
 
 /// Attempts of a pull inside one init-container run (the kubelet retries the container too).
@@ -53,21 +49,14 @@ pub struct SyncEnv {
 }
 
 fn var(name: &str) -> anyhow::Result<String> {
-    std::env::var(name)
-        .ok()
-        .filter(|v| !v.is_empty())
-        .with_context(|| format!("{name} is not set (set by nestor's pod spec)"))
+    std::env::var(name).ok().filter(|v| !v.is_empty()).with_context(|| format!("{name} is not set (set by nestor's pod spec)"))
 }
 
 impl SyncEnv {
     pub fn from_env() -> anyhow::Result<Self> {
-        let storage: WorkspaceStorageConfig = serde_json::from_str(&var(env::ENV_STORAGE)?)
-            .with_context(|| {
-                format!("{} is not a [workspace_storage] section", env::ENV_STORAGE)
-            })?;
-        storage
-            .validate()
-            .map_err(|e| anyhow::anyhow!("{}: {e}", env::ENV_STORAGE))?;
+        let storage: WorkspaceStorageConfig =
+            serde_json::from_str(&var(env::ENV_STORAGE)?).with_context(|| format!("{} is not a [workspace_storage] section", env::ENV_STORAGE))?;
+        storage.validate().map_err(|e| anyhow::anyhow!("{}: {e}", env::ENV_STORAGE))?;
         let conversation = ConversationId::parse(&var(env::ENV_CONVERSATION)?)
             .map_err(|e| anyhow::anyhow!("{}: {e}", env::ENV_CONVERSATION))?;
         Ok(Self {
@@ -80,20 +69,14 @@ impl SyncEnv {
     }
 
     fn trees(&self) -> [(Area, PathBuf); 2] {
-        [
-            (Area::State, self.root.join(PERSISTED_STATE_DIR)),
-            (Area::Workspace, self.root.join(PERSISTED_PROJECT_DIR)),
-        ]
+        [(Area::State, self.root.join(PERSISTED_STATE_DIR)), (Area::Workspace, self.root.join(PERSISTED_PROJECT_DIR))]
     }
 
     fn storage(&self) -> anyhow::Result<ConversationStorage> {
-        let store = WorkspaceStore::connect(&self.storage, &self.cache)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let store = WorkspaceStore::connect(&self.storage, &self.cache).map_err(|e| anyhow::anyhow!("{e}"))?;
         store
             .conversation(&self.owner, self.conversation)
-            .map_err(|e| {
-                anyhow::anyhow!("workspace storage for user {:?}: {e}", self.owner.as_str())
-            })
+            .map_err(|e| anyhow::anyhow!("workspace storage for user {:?}: {e}", self.owner.as_str()))
     }
 }
 
@@ -115,22 +98,13 @@ pub async fn pull(e: &SyncEnv) -> anyhow::Result<()> {
                     tracing::warn!(%area, error = %err, "workspace-sync: restore failed; retrying in {pause:?}");
                     tokio::time::sleep(pause).await;
                 }
-                Err(err) => {
-                    return Err(anyhow::anyhow!(
-                        "restoring {area} of conversation {} failed: {err}",
-                        e.conversation
-                    ))
-                }
+                Err(err) => return Err(anyhow::anyhow!("restoring {area} of conversation {} failed: {err}", e.conversation)),
             }
         };
         tracing::info!(%area, found = r.found, files = r.files, bytes = r.bytes, generation = r.generation, elapsed_ms = r.elapsed_ms, "workspace-sync: restored");
     }
     let state = e.root.join(PERSISTED_STATE_DIR);
-    for d in PERSISTED_STATE_SUBDIRS
-        .iter()
-        .map(|s| state.join(s))
-        .chain([e.root.join(PERSISTED_PROJECT_DIR)])
-    {
+    for d in PERSISTED_STATE_SUBDIRS.iter().map(|s| state.join(s)).chain([e.root.join(PERSISTED_PROJECT_DIR)]) {
         create_dir(&d)?;
     }
     Ok(())
@@ -150,19 +124,11 @@ struct Served {
 
 /// The sidecar: push periodically, answer nestor, final push on SIGTERM.
 pub async fn serve(e: &SyncEnv) -> anyhow::Result<()> {
-    let port: u16 = var(env::ENV_PORT)?
-        .parse()
-        .with_context(|| format!("{} is not a port", env::ENV_PORT))?;
-    let final_secs: u64 = var(env::ENV_FINAL_PUSH_SECS)?
-        .parse()
-        .with_context(|| format!("{} is not a number", env::ENV_FINAL_PUSH_SECS))?;
+    let port: u16 = var(env::ENV_PORT)?.parse().with_context(|| format!("{} is not a port", env::ENV_PORT))?;
+    let final_secs: u64 = var(env::ENV_FINAL_PUSH_SECS)?.parse().with_context(|| format!("{} is not a number", env::ENV_FINAL_PUSH_SECS))?;
     let key = var(env::ENV_KEY)?;
     let storage = e.storage()?;
-    let trees = e
-        .trees()
-        .into_iter()
-        .map(|(a, d)| TreeSpec::new(a, d))
-        .collect();
+    let trees = e.trees().into_iter().map(|(a, d)| TreeSpec::new(a, d)).collect();
     let handle = storage.spawn_pusher(trees, e.storage.push_interval());
     let served = Arc::new(Served {
         storage: storage.clone(),
@@ -176,16 +142,12 @@ pub async fn serve(e: &SyncEnv) -> anyhow::Result<()> {
         .route("/push", post(push_now))
         .route("/discard", post(discard))
         .with_state(served.clone());
-    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
-        .await
-        .with_context(|| format!("cannot listen on port {port}"))?;
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.with_context(|| format!("cannot listen on port {port}"))?;
     tracing::info!(port, conversation = %e.conversation, interval_secs = e.storage.push_interval_secs, "workspace-sync: pushing");
     let stop = tokio_util::sync::CancellationToken::new();
     let s2 = stop.clone();
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { s2.cancelled().await })
-            .await
+        axum::serve(listener, app).with_graceful_shutdown(async move { s2.cancelled().await }).await
     });
     terminated().await?;
     tracing::info!("workspace-sync: terminating; final push");
@@ -201,9 +163,7 @@ pub async fn serve(e: &SyncEnv) -> anyhow::Result<()> {
             tracing::info!("workspace-sync: final push done");
             Ok(())
         }
-        Err(err) => Err(anyhow::anyhow!(
-            "final push failed: {err} (the stored copy stays at its last generation)"
-        )),
+        Err(err) => Err(anyhow::anyhow!("final push failed: {err} (the stored copy stays at its last generation)")),
     }
 }
 
@@ -219,34 +179,21 @@ async fn terminated() -> anyhow::Result<()> {
 }
 
 fn authorised(s: &Served, headers: &HeaderMap) -> bool {
-    let Some(got) = headers
-        .get(nestor_core::SESSION_KEY_HEADER)
-        .map(|v| v.as_bytes())
-    else {
-        return false;
-    };
+    let Some(got) = headers.get(nestor_core::SESSION_KEY_HEADER).map(|v| v.as_bytes()) else { return false };
     let want = s.key.as_bytes();
     // Constant-time over the expected length.
     got.len() == want.len() && got.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 fn unauthorised() -> Response {
-    (
-        StatusCode::UNAUTHORIZED,
-        Json(json!({"detail": "Unauthorized"})),
-    )
-        .into_response()
+    (StatusCode::UNAUTHORIZED, Json(json!({"detail": "Unauthorized"}))).into_response()
 }
 
 async fn status(State(s): State<Arc<Served>>, headers: HeaderMap) -> Response {
     if !authorised(&s, &headers) {
         return unauthorised();
     }
-    Json(crate::persistence::status_value(
-        &s.storage.status(),
-        s.interval_secs,
-    ))
-    .into_response()
+    Json(crate::persistence::status_value(&s.storage.status(), s.interval_secs)).into_response()
 }
 
 async fn push_now(State(s): State<Arc<Served>>, headers: HeaderMap) -> Response {

@@ -52,14 +52,10 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 /// xorshift64*, seeded (printed; `NESTOR_TEST_SEED` replays).
@@ -106,12 +102,7 @@ impl World {
             shutting_down: AtomicBool::new(false),
             stop_rounds: AtomicBool::new(false),
             stop_readers: AtomicBool::new(false),
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .timeout(Duration::from_secs(15))
-                .pool_max_idle_per_host(4)
-                .build()
-                .unwrap(),
+            http: reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(15)).pool_max_idle_per_host(4).build().unwrap(),
         })
     }
 }
@@ -156,9 +147,7 @@ struct Seen {
 
 impl Seen {
     fn ingest(&mut self, ev: &Value, via_rest: bool) -> bool {
-        let Some(id) = ev["id"].as_str() else {
-            return false;
-        };
+        let Some(id) = ev["id"].as_str() else { return false };
         if !self.have.insert(id.to_owned()) {
             return false;
         }
@@ -173,8 +162,7 @@ impl Seen {
                 }
             }
             Some("ConversationStateUpdateEvent") if ev["key"] == "execution_status" => {
-                self.statuses
-                    .push((ts, ev["value"].as_str().unwrap_or("").to_owned()));
+                self.statuses.push((ts, ev["value"].as_str().unwrap_or("").to_owned()));
             }
             _ => {}
         }
@@ -183,20 +171,14 @@ impl Seen {
 
     /// Has the round whose message is `text` finished (a `finished` status after it)?
     fn round_done(&self, text: &str) -> bool {
-        let Some(t) = self.user_msgs.get(text) else {
-            return false;
-        };
-        self.statuses
-            .iter()
-            .any(|(ts, v)| ts > t && v == "finished")
+        let Some(t) = self.user_msgs.get(text) else { return false };
+        self.statuses.iter().any(|(ts, v)| ts > t && v == "finished")
     }
 }
 
 fn is_persisted(v: &Value) -> bool {
     let kind = v["kind"].as_str().unwrap_or("");
-    !(kind == "StreamingDeltaEvent"
-        || kind == "LLMCompletionLogEvent"
-        || (kind == "ConversationStateUpdateEvent" && v["key"] == "full_state"))
+    !(kind == "StreamingDeltaEvent" || kind == "LLMCompletionLogEvent" || (kind == "ConversationStateUpdateEvent" && v["key"] == "full_state"))
 }
 
 struct Client {
@@ -220,20 +202,11 @@ impl Client {
 
     /// One request, retried while nestor or the downstream is away (connection errors,
     /// 502/503/504, and 404 for a moment after a nestor restart), bounded.
-    async fn request(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<(u16, Value), String> {
+    async fn request(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<(u16, Value), String> {
         let deadline = Instant::now() + Duration::from_secs(90);
         let mut delay = Duration::from_millis(50);
         loop {
-            let mut rb = self
-                .world
-                .http
-                .request(method.clone(), self.url(path))
-                .header("X-Session-API-Key", CLIENT_KEY);
+            let mut rb = self.world.http.request(method.clone(), self.url(path)).header("X-Session-API-Key", CLIENT_KEY);
             if let Some(b) = body {
                 rb = rb.json(b);
             }
@@ -252,16 +225,8 @@ impl Client {
             match out {
                 Ok(x) => return Ok(x),
                 // POSTs that may have happened are not retried here: the caller decides.
-                Err(e)
-                    if method == reqwest::Method::POST
-                        && !path.ends_with("/run")
-                        && path != "/api/conversations" =>
-                {
-                    return Err(e)
-                }
-                Err(e) if Instant::now() > deadline => {
-                    return Err(format!("{method} {path}: {e} (gave up after 90 s)"))
-                }
+                Err(e) if method == reqwest::Method::POST && !path.ends_with("/run") && path != "/api/conversations" => return Err(e),
+                Err(e) if Instant::now() > deadline => return Err(format!("{method} {path}: {e} (gave up after 90 s)")),
                 Err(_) => {
                     self.http_retries.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(delay).await;
@@ -299,9 +264,7 @@ impl Client {
             "agent": {"kind": "Agent", "llm": {"usage_id": "agent", "model": "openai/fake", "api_key": "x"}, "tools": [{"name": "terminal"}]},
             "workspace": {"kind": "LocalWorkspace", "working_dir": "/tmp/w"},
         });
-        let (st, v) = self
-            .request(reqwest::Method::POST, "/api/conversations", Some(&body))
-            .await?;
+        let (st, v) = self.request(reqwest::Method::POST, "/api/conversations", Some(&body)).await?;
         if st == 200 || st == 201 {
             Ok(())
         } else {
@@ -323,20 +286,10 @@ impl Client {
         let mut delay = Duration::from_millis(50);
         let deadline = Instant::now() + Duration::from_secs(90);
         while !self.world.stop_readers.load(Ordering::SeqCst) && Instant::now() < deadline {
-            let url = format!(
-                "{}{}",
-                self.world.url.replacen("http://", "ws://", 1),
-                self.socket_path(reconnect)
-            );
+            let url = format!("{}{}", self.world.url.replacen("http://", "ws://", 1), self.socket_path(reconnect));
             let mut req = url.into_client_request().unwrap();
-            req.headers_mut()
-                .insert("X-Session-API-Key", CLIENT_KEY.parse().unwrap());
-            if let Ok(Ok((ws, _))) = tokio::time::timeout(
-                Duration::from_secs(10),
-                tokio_tungstenite::connect_async(req),
-            )
-            .await
-            {
+            req.headers_mut().insert("X-Session-API-Key", CLIENT_KEY.parse().unwrap());
+            if let Ok(Ok((ws, _))) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(req)).await {
                 return Some(ws);
             }
             tokio::time::sleep(delay).await;
@@ -353,16 +306,11 @@ impl Client {
             let epoch = self.world.epoch.load(Ordering::SeqCst);
             let Some(mut ws) = self.connect(reconnect).await else {
                 if !self.world.stop_readers.load(Ordering::SeqCst) {
-                    self.seen()
-                        .problems
-                        .push("could not connect its socket for 90 s".into());
+                    self.seen().problems.push("could not connect its socket for 90 s".into());
                 }
                 return;
             };
-            self.seen().conns.push(Conn {
-                epoch,
-                ..Default::default()
-            });
+            self.seen().conns.push(Conn { epoch, ..Default::default() });
             let mut got_first = false;
             let closed = loop {
                 let m = tokio::select! {
@@ -398,20 +346,13 @@ impl Client {
                                             s.ingest(e, true);
                                         }
                                     }
-                                    Err(e) => self
-                                        .seen()
-                                        .problems
-                                        .push(format!("reconciliation failed: {e}")),
+                                    Err(e) => self.seen().problems.push(format!("reconciliation failed: {e}")),
                                 }
                             }
                         }
                         self.on_frame(&v);
                     }
-                    Some(Ok(Message::Close(f))) => {
-                        break f
-                            .map(|f| format!("close {} {}", u16::from(f.code), f.reason))
-                            .unwrap_or_else(|| "close".into())
-                    }
+                    Some(Ok(Message::Close(f))) => break f.map(|f| format!("close {} {}", u16::from(f.code), f.reason)).unwrap_or_else(|| "close".into()),
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => break format!("error: {e}"),
                     None => break "ended".into(),
@@ -426,15 +367,12 @@ impl Client {
                 }
                 if final_close {
                     if !closed.starts_with("close 1012") {
-                        s.problems.push(format!(
-                            "at SIGTERM the socket ended with {closed:?}, not 1012"
-                        ));
+                        s.problems.push(format!("at SIGTERM the socket ended with {closed:?}, not 1012"));
                     }
                     return;
                 }
                 if !killed_since {
-                    s.problems
-                        .push(format!("socket closed while nestor was up: {closed}"));
+                    s.problems.push(format!("socket closed while nestor was up: {closed}"));
                 }
             }
             if self.world.stop_readers.load(Ordering::SeqCst) {
@@ -458,9 +396,7 @@ impl Client {
                     if s.from_rest.contains(&id) {
                         s.overlap += 1;
                     } else {
-                        s.problems.push(format!(
-                            "connection {conn_no}: event {id} delivered twice by sockets"
-                        ));
+                        s.problems.push(format!("connection {conn_no}: event {id} delivered twice by sockets"));
                     }
                 } else {
                     s.ingest(v, false);
@@ -471,27 +407,20 @@ impl Client {
                     let c = s.conns.last_mut().unwrap();
                     c.syncs += 1;
                     if c.syncs > 1 {
-                        s.problems
-                            .push(format!("connection {conn_no}: a second sync"));
+                        s.problems.push(format!("connection {conn_no}: a second sync"));
                     }
                 }
                 Some("durable") => {
                     let seq = v["seq"].as_i64().unwrap_or(-2);
                     let want = s.last_seq + 1;
                     if seq != want {
-                        s.problems
-                            .push(format!("connection {conn_no}: seq {seq}, want {want}"));
+                        s.problems.push(format!("connection {conn_no}: seq {seq}, want {want}"));
                     }
                     s.last_seq = s.last_seq.max(seq);
                     let ev = &v["event"];
-                    s.conns
-                        .last_mut()
-                        .unwrap()
-                        .frames
-                        .push(ev["id"].as_str().unwrap_or("").to_owned());
+                    s.conns.last_mut().unwrap().frames.push(ev["id"].as_str().unwrap_or("").to_owned());
                     if !s.ingest(ev, false) {
-                        s.problems
-                            .push(format!("connection {conn_no}: event {} twice", ev["id"]));
+                        s.problems.push(format!("connection {conn_no}: event {} twice", ev["id"]));
                     }
                 }
                 _ => {}
@@ -510,10 +439,7 @@ impl Client {
             }
             self.rounds_done.fetch_add(1, Ordering::Relaxed);
             round += 1;
-            tokio::time::sleep(Duration::from_millis(
-                pause_ms / 2 + self.id.as_u128() as u64 % pause_ms.max(1),
-            ))
-            .await;
+            tokio::time::sleep(Duration::from_millis(pause_ms / 2 + self.id.as_u128() as u64 % pause_ms.max(1))).await;
         }
     }
 
@@ -533,10 +459,7 @@ impl Client {
                         break;
                     }
                     let evs = self.all_events().await?;
-                    if evs
-                        .iter()
-                        .any(|e| e["llm_message"]["content"][0]["text"].as_str() == Some(text))
-                    {
+                    if evs.iter().any(|e| e["llm_message"]["content"][0]["text"].as_str() == Some(text)) {
                         break;
                     }
                 }
@@ -552,32 +475,16 @@ impl Client {
             }
             if Instant::now() > deadline {
                 let s = self.seen();
-                return Err(format!(
-                    "not finished after 120 s (message seen: {}, statuses: {:?})",
-                    s.user_msgs.contains_key(text),
-                    s.statuses.iter().rev().take(3).collect::<Vec<_>>()
-                ));
+                return Err(format!("not finished after 120 s (message seen: {}, statuses: {:?})", s.user_msgs.contains_key(text), s.statuses.iter().rev().take(3).collect::<Vec<_>>()));
             }
             if last_check.elapsed() > Duration::from_millis(1500) {
                 last_check = Instant::now();
                 // A run killed by a downstream restart comes back as `error`: run again.
-                let (st, v) = self
-                    .request(
-                        reqwest::Method::GET,
-                        &format!("/api/conversations/{}", self.id),
-                        None,
-                    )
-                    .await?;
+                let (st, v) = self.request(reqwest::Method::GET, &format!("/api/conversations/{}", self.id), None).await?;
                 let status = v["execution_status"].as_str().unwrap_or("");
                 if st == 200 && matches!(status, "error" | "idle" | "paused" | "stuck") {
                     self.reruns.fetch_add(1, Ordering::Relaxed);
-                    let _ = self
-                        .request(
-                            reqwest::Method::POST,
-                            &format!("/api/conversations/{}/run", self.id),
-                            None,
-                        )
-                        .await;
+                    let _ = self.request(reqwest::Method::POST, &format!("/api/conversations/{}/run", self.id), None).await;
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -588,34 +495,21 @@ impl Client {
     fn verify(&self, log: &[Value]) -> Vec<String> {
         let s = self.seen();
         let mut out: Vec<String> = s.problems.clone();
-        let pos: HashMap<&str, usize> = log
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| e["id"].as_str().map(|id| (id, i)))
-            .collect();
+        let pos: HashMap<&str, usize> = log.iter().enumerate().filter_map(|(i, e)| e["id"].as_str().map(|id| (id, i))).collect();
         let log_ids: HashSet<&str> = pos.keys().copied().collect();
         let have: HashSet<&str> = s.have.iter().map(String::as_str).collect();
         let missing = log_ids.difference(&have).count();
         let extra: Vec<&&str> = have.difference(&log_ids).collect();
         if missing > 0 {
-            out.push(format!(
-                "{missing} of {} events never reached the client",
-                log.len()
-            ));
+            out.push(format!("{missing} of {} events never reached the client", log.len()));
         }
         if !extra.is_empty() {
-            out.push(format!(
-                "{} events not in the log: {:?}",
-                extra.len(),
-                extra.iter().take(3).collect::<Vec<_>>()
-            ));
+            out.push(format!("{} events not in the log: {:?}", extra.len(), extra.iter().take(3).collect::<Vec<_>>()));
         }
         for (n, c) in s.conns.iter().enumerate() {
             let mut prev: Option<usize> = None;
             for id in &c.frames {
-                let Some(&p) = pos.get(id.as_str()) else {
-                    continue;
-                };
+                let Some(&p) = pos.get(id.as_str()) else { continue };
                 if let Some(q) = prev {
                     if p != q + 1 {
                         out.push(format!("connection {}: log position {p} after {q} (a gap or a repeat on one connection)", n + 1));
@@ -629,43 +523,23 @@ impl Client {
             }
         }
         if self.kind == Kind::Session && s.last_seq + 1 != log.len() as i64 {
-            out.push(format!(
-                "last seq {} but the log has {} events",
-                s.last_seq,
-                log.len()
-            ));
+            out.push(format!("last seq {} but the log has {} events", s.last_seq, log.len()));
         }
         out
     }
 }
 
 /// Start every client: create, subscribe (first frame), then drive. Returns their tasks.
-async fn start_clients(
-    world: &Arc<World>,
-    n: usize,
-    min_rounds: u64,
-    pause_ms: u64,
-) -> (
-    Vec<Arc<Client>>,
-    Vec<tokio::task::JoinHandle<()>>,
-    Vec<tokio::task::JoinHandle<()>>,
-) {
+async fn start_clients(world: &Arc<World>, n: usize, min_rounds: u64, pause_ms: u64) -> (Vec<Arc<Client>>, Vec<tokio::task::JoinHandle<()>>, Vec<tokio::task::JoinHandle<()>>) {
     let mut clients = Vec::new();
     let mut readers = Vec::new();
     let mut drivers = Vec::new();
     for i in 0..n {
         let c = Arc::new(Client {
             id: Uuid::new_v4(),
-            kind: if i % 2 == 0 {
-                Kind::Events
-            } else {
-                Kind::Session
-            },
+            kind: if i % 2 == 0 { Kind::Events } else { Kind::Session },
             world: world.clone(),
-            seen: Mutex::new(Seen {
-                last_seq: -1,
-                ..Default::default()
-            }),
+            seen: Mutex::new(Seen { last_seq: -1, ..Default::default() }),
             rounds_done: AtomicU64::new(0),
             reruns: AtomicU64::new(0),
             http_retries: AtomicU64::new(0),
@@ -686,10 +560,7 @@ async fn start_clients(
             waits.push((c, rx));
         }
         for (c, rx) in waits {
-            if tokio::time::timeout(Duration::from_secs(30), rx)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(Duration::from_secs(30), rx).await.is_err() {
                 c.seen().problems.push("no first frame within 30 s".into());
             }
             drivers.push(tokio::spawn(c.clone().drive(min_rounds, pause_ms)));
@@ -699,18 +570,10 @@ async fn start_clients(
 }
 
 /// Wait (bounded) for every driver, then until each client has every event of its log.
-async fn finish_clients(
-    world: &Arc<World>,
-    clients: &[Arc<Client>],
-    drivers: Vec<tokio::task::JoinHandle<()>>,
-    log_of: impl Fn(Uuid) -> Vec<Value>,
-) {
+async fn finish_clients(world: &Arc<World>, clients: &[Arc<Client>], drivers: Vec<tokio::task::JoinHandle<()>>, log_of: impl Fn(Uuid) -> Vec<Value>) {
     world.stop_rounds.store(true, Ordering::SeqCst);
     for d in drivers {
-        if tokio::time::timeout(Duration::from_secs(150), d)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(Duration::from_secs(150), d).await.is_err() {
             panic!("a client did not finish its rounds within 150 s");
         }
     }
@@ -720,8 +583,7 @@ async fn finish_clients(
             let log = log_of(c.id);
             let ok = {
                 let s = c.seen();
-                log.iter()
-                    .all(|e| e["id"].as_str().is_some_and(|id| s.have.contains(id)))
+                log.iter().all(|e| e["id"].as_str().is_some_and(|id| s.have.contains(id)))
             };
             if ok || Instant::now() > deadline {
                 break;
@@ -738,13 +600,7 @@ fn describe(problems: &[String]) -> String {
     for p in problems {
         let k: String = p
             .split_whitespace()
-            .map(|w| {
-                if w.chars().any(|c| c.is_ascii_digit()) {
-                    "#"
-                } else {
-                    w
-                }
-            })
+            .map(|w| if w.chars().any(|c| c.is_ascii_digit()) { "#" } else { w })
             .collect::<Vec<_>>()
             .join(" ");
         *kinds.entry(k).or_default() += 1;
@@ -764,8 +620,7 @@ fn describe(problems: &[String]) -> String {
 
 fn report(clients: &[Arc<Client>], log_of: impl Fn(Uuid) -> Vec<Value>) -> (Vec<String>, String) {
     let mut problems = Vec::new();
-    let (mut events, mut conns, mut overlap, mut rounds, mut reruns, mut retries) =
-        (0usize, 0usize, 0usize, 0u64, 0u64, 0u64);
+    let (mut events, mut conns, mut overlap, mut rounds, mut reruns, mut retries) = (0usize, 0usize, 0usize, 0u64, 0u64, 0u64);
     for (i, c) in clients.iter().enumerate() {
         let log = log_of(c.id);
         events += log.len();
@@ -826,14 +681,9 @@ async fn fifty_conversations_through_downstream_restarts_resets_and_nestor_kills
     // Chaos.
     let fakes_c = fakes.clone();
     let log_of = move |id: Uuid| -> Vec<Value> {
-        fakes_c
-            .iter()
-            .find(|f| f.conversation(id).is_some())
-            .map(|f| f.events(id))
-            .unwrap_or_default()
+        fakes_c.iter().find(|f| f.conversation(id).is_some()).map(|f| f.events(id)).unwrap_or_default()
     };
-    let (mut restarts, mut resets, mut stalls, mut refusals, mut kills) =
-        (0u32, 0usize, 0u32, 0u32, 0u32);
+    let (mut restarts, mut resets, mut stalls, mut refusals, mut kills) = (0u32, 0usize, 0u32, 0u32, 0u32);
     let chaos_start = Instant::now();
     let chaos_for = Duration::from_secs(chaos_secs);
     let mut next_kill = chaos_start + chaos_for / 3;
@@ -856,11 +706,7 @@ async fn fifty_conversations_through_downstream_restarts_resets_and_nestor_kills
             }
             3..=6 => {
                 let n = 1 + rng.below(6) as usize;
-                resets += if rng.below(4) == 0 {
-                    p.reset_all()
-                } else {
-                    p.reset_some(n, |len| rng.below(len as u64) as usize)
-                };
+                resets += if rng.below(4) == 0 { p.reset_all() } else { p.reset_some(n, |len| rng.below(len as u64) as usize) };
             }
             7..=8 => {
                 p.stall(Duration::from_millis(200 + rng.below(1300)));
@@ -891,10 +737,7 @@ async fn fifty_conversations_through_downstream_restarts_resets_and_nestor_kills
     let (mut problems, summary) = report(&clients, &log_of);
     // Each conversation lives on exactly one downstream.
     for c in &clients {
-        let holders = fakes
-            .iter()
-            .filter(|f| f.conversation(c.id).is_some())
-            .count();
+        let holders = fakes.iter().filter(|f| f.conversation(c.id).is_some()).count();
         if holders != 1 {
             problems.push(format!("conversation {} is on {holders} downstreams", c.id));
         }
@@ -913,10 +756,7 @@ async fn fifty_conversations_through_downstream_restarts_resets_and_nestor_kills
         eprintln!("nestor log tail:\n{}", nestor.log_tail(60));
     }
     assert!(problems.is_empty(), "{}", describe(&problems));
-    assert!(
-        kills >= 1 && restarts >= 1 && resets >= 1,
-        "not enough chaos happened"
-    );
+    assert!(kills >= 1 && restarts >= 1 && resets >= 1, "not enough chaos happened");
     for p in &proxies {
         p.stop();
     }
@@ -929,9 +769,7 @@ fn manifests(root: &Path) -> Vec<(PathBuf, Option<i32>)> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
         let p = e.path();
-        let Ok(text) = std::fs::read_to_string(p.join("nestor-process.json")) else {
-            continue;
-        };
+        let Ok(text) = std::fs::read_to_string(p.join("nestor-process.json")) else { continue };
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         out.push((p, v["pid"].as_i64().map(|x| x as i32)));
     }
@@ -950,10 +788,7 @@ async fn orphans(root: &Path) -> Vec<String> {
             let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
             match ms.iter().find(|(d, _)| cwd.starts_with(d)) {
                 Some((_, Some(m))) if *m == pid => {}
-                Some((d, m)) => last.push(format!(
-                    "pid {pid} in {} (manifest names {m:?})",
-                    d.display()
-                )),
+                Some((d, m)) => last.push(format!("pid {pid} in {} (manifest names {m:?})", d.display())),
                 None => last.push(format!("pid {pid} in {} (no manifest)", cwd.display())),
             }
         }
@@ -1009,11 +844,7 @@ async fn process_provisioner_children_killed_and_nestor_killed_leave_no_orphans(
             }
             let after = pids_under(&root);
             let readopted = before.iter().filter(|p| after.contains(p)).count();
-            eprintln!(
-                "nestor restart {kills}: {} children before, {} after, {readopted} re-adopted",
-                before.len(),
-                after.len()
-            );
+            eprintln!("nestor restart {kills}: {} children before, {} after, {readopted} re-adopted", before.len(), after.len());
             next_kill = Instant::now() + Duration::from_secs(6 + rng.below(chaos_secs / 3 + 1));
             continue;
         }
@@ -1035,23 +866,10 @@ async fn process_provisioner_children_killed_and_nestor_killed_leave_no_orphans(
     let chaos_took = chaos_start.elapsed();
     let log_of = |id: Uuid| -> Vec<Value> {
         // The child persists its log as one JSON line per event.
-        let path = root
-            .join(id.simple().to_string())
-            .join("state")
-            .join("conversations")
-            .join(id.simple().to_string())
-            .join("events.jsonl");
-        let alt = root
-            .join(id.simple().to_string())
-            .join("conversations")
-            .join(id.simple().to_string())
-            .join("events.jsonl");
-        let text = std::fs::read_to_string(&path)
-            .or_else(|_| std::fs::read_to_string(&alt))
-            .unwrap_or_default();
-        text.lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        let path = root.join(id.simple().to_string()).join("state").join("conversations").join(id.simple().to_string()).join("events.jsonl");
+        let alt = root.join(id.simple().to_string()).join("conversations").join(id.simple().to_string()).join("events.jsonl");
+        let text = std::fs::read_to_string(&path).or_else(|_| std::fs::read_to_string(&alt)).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
     };
     finish_clients(&world, &clients, drivers, &log_of).await;
     for o in orphans(&root).await {
@@ -1065,16 +883,12 @@ async fn process_provisioner_children_killed_and_nestor_killed_leave_no_orphans(
         let _ = tokio::time::timeout(Duration::from_secs(10), r).await;
     }
     match term {
-        Some((st, took)) if st.success() => {
-            eprintln!("SIGTERM: nestor exited in {took:?}, stopping {children} children")
-        }
+        Some((st, took)) if st.success() => eprintln!("SIGTERM: nestor exited in {took:?}, stopping {children} children"),
         other => problems.push(format!("nestor did not exit cleanly on SIGTERM: {other:?}")),
     }
     let left = pids_under(dir.path());
     if !left.is_empty() {
-        problems.push(format!(
-            "processes left after nestor's graceful shutdown: {left:?}"
-        ));
+        problems.push(format!("processes left after nestor's graceful shutdown: {left:?}"));
     }
     let (p2, summary) = report(&clients, log_of);
     problems.extend(p2);

@@ -24,22 +24,16 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
-use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
-};
+use bollard::query_parameters::{CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder};
 use bollard::Docker;
 use support::{create_body, start_with_toml, CLIENT_KEY};
 
 fn image() -> String {
-    std::env::var("NESTOR_TEST_AGENT_SERVER_IMAGE")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "nestor/agent-server:1.58.2".into())
+    std::env::var("NESTOR_TEST_AGENT_SERVER_IMAGE").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "nestor/agent-server:1.58.2".into())
 }
 
 fn docker() -> Docker {
-    let host =
-        std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
+    let host = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
     if host.starts_with("unix://") {
         Docker::connect_with_unix(&host, 120, bollard::API_DEFAULT_VERSION).expect("docker socket")
     } else {
@@ -52,10 +46,7 @@ fn env() -> Vec<String> {
     nestor_provisioner::container_env::BASE_ENV
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
-        .chain([
-            "SESSION_API_KEY=bench-key".to_owned(),
-            "OH_SECRET_KEY=bench-secret".to_owned(),
-        ])
+        .chain(["SESSION_API_KEY=bench-key".to_owned(), "OH_SECRET_KEY=bench-secret".to_owned()])
         .collect()
 }
 
@@ -65,51 +56,22 @@ async fn raw_start(d: &Docker, instance: &str, n: usize) -> (Duration, String) {
     let body = ContainerCreateBody {
         image: Some(image()),
         env: Some(env()),
-        labels: Some(HashMap::from([(
-            "org.nestor.instance".to_owned(),
-            instance.to_owned(),
-        )])),
+        labels: Some(HashMap::from([("org.nestor.instance".to_owned(), instance.to_owned())])),
         exposed_ports: Some(vec!["8000/tcp".into()]),
         host_config: Some(HostConfig {
             port_bindings: Some(HashMap::from([(
                 "8000/tcp".to_owned(),
-                Some(vec![PortBinding {
-                    host_ip: Some("127.0.0.1".into()),
-                    host_port: Some(String::new()),
-                }]),
+                Some(vec![PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(String::new()) }]),
             )])),
             ..Default::default()
         }),
         ..Default::default()
     };
     let name = format!("nestor-bench-raw-{instance}-{n}");
-    let id = d
-        .create_container(
-            Some(CreateContainerOptionsBuilder::default().name(&name).build()),
-            body,
-        )
-        .await
-        .expect("create")
-        .id;
-    d.start_container(
-        &id,
-        None::<bollard::query_parameters::StartContainerOptions>,
-    )
-    .await
-    .expect("start");
-    let info = d
-        .inspect_container(
-            &id,
-            None::<bollard::query_parameters::InspectContainerOptions>,
-        )
-        .await
-        .expect("inspect");
-    let port = info
-        .network_settings
-        .and_then(|n| n.ports)
-        .and_then(|p| p.get("8000/tcp").cloned().flatten())
-        .and_then(|b| b.first().and_then(|b| b.host_port.clone()))
-        .expect("published port");
+    let id = d.create_container(Some(CreateContainerOptionsBuilder::default().name(&name).build()), body).await.expect("create").id;
+    d.start_container(&id, None::<bollard::query_parameters::StartContainerOptions>).await.expect("start");
+    let info = d.inspect_container(&id, None::<bollard::query_parameters::InspectContainerOptions>).await.expect("inspect");
+    let port = info.network_settings.and_then(|n| n.ports).and_then(|p| p.get("8000/tcp").cloned().flatten()).and_then(|b| b.first().and_then(|b| b.host_port.clone())).expect("published port");
     let url = format!("http://127.0.0.1:{port}/alive");
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(240);
@@ -119,10 +81,7 @@ async fn raw_start(d: &Docker, instance: &str, n: usize) -> (Duration, String) {
                 break;
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "raw container never answered /alive"
-        );
+        assert!(Instant::now() < deadline, "raw container never answered /alive");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     (t0.elapsed(), id)
@@ -131,21 +90,11 @@ async fn raw_start(d: &Docker, instance: &str, n: usize) -> (Duration, String) {
 /// Through nestor: create, then the events socket's first frame.
 async fn nestor_start(n: &support::TestNestor) -> (Duration, String) {
     let t0 = Instant::now();
-    let r = n
-        .post("/api/conversations")
-        .json(&create_body(None))
-        .send()
-        .await
-        .expect("create sent");
+    let r = n.post("/api/conversations").json(&create_body(None)).send().await.expect("create sent");
     assert!(r.status().is_success(), "create: {}", r.status());
     let v: serde_json::Value = r.json().await.unwrap();
     let id = v["id"].as_str().unwrap().to_owned();
-    let mut ws = ws_common::connect(
-        &ws_common::ws_url(n, &format!("/sockets/events/{id}")),
-        Some(CLIENT_KEY),
-    )
-    .await
-    .expect("socket");
+    let mut ws = ws_common::connect(&ws_common::ws_url(n, &format!("/sockets/events/{id}")), Some(CLIENT_KEY)).await.expect("socket");
     match ws_common::next(&mut ws, Duration::from_secs(60)).await {
         ws_common::Next::Text(_) => {}
         other => panic!("no first event: {other:?}"),
@@ -154,32 +103,11 @@ async fn nestor_start(n: &support::TestNestor) -> (Duration, String) {
 }
 
 async fn remove_labelled(d: &Docker, instance: &str) {
-    let filters = HashMap::from([(
-        "label".to_owned(),
-        vec![format!("org.nestor.instance={instance}")],
-    )]);
-    let list = d
-        .list_containers(Some(
-            ListContainersOptionsBuilder::default()
-                .all(true)
-                .filters(&filters)
-                .build(),
-        ))
-        .await
-        .unwrap_or_default();
+    let filters = HashMap::from([("label".to_owned(), vec![format!("org.nestor.instance={instance}")])]);
+    let list = d.list_containers(Some(ListContainersOptionsBuilder::default().all(true).filters(&filters).build())).await.unwrap_or_default();
     for c in list {
         if let Some(id) = c.id {
-            let _ = d
-                .remove_container(
-                    &id,
-                    Some(
-                        RemoveContainerOptionsBuilder::default()
-                            .force(true)
-                            .v(true)
-                            .build(),
-                    ),
-                )
-                .await;
+            let _ = d.remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).v(true).build())).await;
         }
     }
 }
@@ -192,10 +120,7 @@ fn median(v: &mut [Duration]) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: needs the Docker engine and the agent-server image; run with --ignored"]
 async fn docker_create_to_first_event_vs_raw_bollard() {
-    let rounds: usize = std::env::var("NESTOR_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let rounds: usize = std::env::var("NESTOR_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let d = docker();
     let instance = format!("bench{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
@@ -208,64 +133,28 @@ async fn docker_create_to_first_event_vs_raw_bollard() {
     let (mut raw, mut through) = (Vec::new(), Vec::new());
     let mut ids = Vec::new();
     for r in 0..rounds {
-        let order = if r % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        };
+        let order = if r % 2 == 0 { [true, false] } else { [false, true] };
         for raw_first in order {
             if raw_first {
                 let (t, id) = raw_start(&d, &instance, r).await;
                 raw.push(t);
-                let _ = d
-                    .remove_container(
-                        &id,
-                        Some(
-                            RemoveContainerOptionsBuilder::default()
-                                .force(true)
-                                .v(true)
-                                .build(),
-                        ),
-                    )
-                    .await;
+                let _ = d.remove_container(&id, Some(RemoveContainerOptionsBuilder::default().force(true).v(true).build())).await;
             } else {
                 let (t, id) = nestor_start(&n).await;
                 through.push(t);
                 ids.push(id);
             }
         }
-        eprintln!(
-            "round {r}: raw {:?}, nestor {:?}",
-            raw.last().unwrap(),
-            through.last().unwrap()
-        );
+        eprintln!("round {r}: raw {:?}, nestor {:?}", raw.last().unwrap(), through.last().unwrap());
     }
     // Idle memory of one conversation's container (the last one, idle now).
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let filters = HashMap::from([(
-        "label".to_owned(),
-        vec![format!("org.nestor.instance={instance}")],
-    )]);
-    let running = d
-        .list_containers(Some(
-            ListContainersOptionsBuilder::default()
-                .filters(&filters)
-                .build(),
-        ))
-        .await
-        .unwrap();
+    let filters = HashMap::from([("label".to_owned(), vec![format!("org.nestor.instance={instance}")])]);
+    let running = d.list_containers(Some(ListContainersOptionsBuilder::default().filters(&filters).build())).await.unwrap();
     let mut mem = Vec::new();
     for c in running.iter().take(3) {
         let id = c.id.clone().unwrap();
-        let mut s = d.stats(
-            &id,
-            Some(
-                bollard::query_parameters::StatsOptionsBuilder::default()
-                    .stream(false)
-                    .one_shot(true)
-                    .build(),
-            ),
-        );
+        let mut s = d.stats(&id, Some(bollard::query_parameters::StatsOptionsBuilder::default().stream(false).one_shot(true).build()));
         use futures::StreamExt;
         if let Some(Ok(st)) = s.next().await {
             if let Some(m) = st.memory_stats.and_then(|m| m.usage) {
@@ -278,22 +167,12 @@ async fn docker_create_to_first_event_vs_raw_bollard() {
     let t = Instant::now();
     let n2 = start_with_toml(dir2, &toml).await;
     let readopt = t.elapsed();
-    let listed: serde_json::Value = n2
-        .get("/api/conversations/count")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: serde_json::Value = n2.get("/api/conversations/count").send().await.unwrap().json().await.unwrap();
     let (raw_m, thr_m) = (median(&mut raw.clone()), median(&mut through.clone()));
     eprintln!("RESULT rounds={rounds}");
     eprintln!("RESULT raw create+start+/alive: median {raw_m:?}, all {raw:?}");
     eprintln!("RESULT nestor create->first event: median {thr_m:?}, all {through:?}");
-    eprintln!(
-        "RESULT added by nestor (median - median): {:?}",
-        thr_m.saturating_sub(raw_m)
-    );
+    eprintln!("RESULT added by nestor (median - median): {:?}", thr_m.saturating_sub(raw_m));
     eprintln!("RESULT idle container memory (bytes): {mem:?}");
     eprintln!("RESULT re-adopt of {} containers (nestor start to ready): {readopt:?}; count answers {listed}", ids.len());
     n2.stop().await;

@@ -36,32 +36,19 @@ use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 
 fn cases(smoke: u32) -> u32 {
-    std::env::var("NESTOR_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(smoke)
+    std::env::var("NESTOR_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(smoke)
 }
 
 fn config(smoke: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases: cases(smoke),
-        max_shrink_iters: 10_000,
-        failure_persistence: Some(Box::new(
-            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
-        )),
-        ..ProptestConfig::default()
-    }
+    ProptestConfig { cases: cases(smoke), max_shrink_iters: 10_000, failure_persistence: Some(Box::new(proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"))), ..ProptestConfig::default() }
 }
 
 // ------------------------------------------------------------------------ routing
 
-const METHODS: &[&str] = &[
-    "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "PROPFIND",
-];
+const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "PROPFIND"];
 
 fn method() -> impl Strategy<Value = Method> {
-    proptest::sample::select(METHODS)
-        .prop_map(|m| Method::from_bytes(m.as_bytes()).expect("valid method"))
+    proptest::sample::select(METHODS).prop_map(|m| Method::from_bytes(m.as_bytes()).expect("valid method"))
 }
 
 /// Segments that mean something to the router, near misses, and noise.
@@ -107,10 +94,7 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("GET", "/api/conversations/{id}/events/{event}"),
     ("POST", "/api/conversations/{id}/run"),
     ("GET", "/api/conversations/{id}/workspace/{path:path}"),
-    (
-        "POST",
-        "/api/conversations/{id}/bash/bash_commands/{cmd}/stop",
-    ),
+    ("POST", "/api/conversations/{id}/bash/bash_commands/{cmd}/stop"),
     ("GET", "/api/bash/bash_events/search"),
     ("GET", "/api/git/commits/{sha}/changes"),
     ("GET", "/api/file/download-trajectory/{id}"),
@@ -146,10 +130,7 @@ fn filled_template() -> impl Strategy<Value = (Method, String)> {
                     }
                 })
                 .collect();
-            (
-                Method::from_bytes(m.as_bytes()).expect("valid method"),
-                segs.join("/"),
-            )
+            (Method::from_bytes(m.as_bytes()).expect("valid method"), segs.join("/"))
         })
 }
 
@@ -162,17 +143,7 @@ fn toggled(path: &str) -> String {
 
 // ------------------------------------------------------------------------ headers
 
-const HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
+const HOP: &[&str] = &["connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"];
 
 fn header_name() -> impl Strategy<Value = HeaderName> {
     prop_oneof![
@@ -186,18 +157,8 @@ fn header_name() -> impl Strategy<Value = HeaderName> {
 /// A `Connection` value: comma lists of tokens (some naming headers present), noise.
 fn connection_value() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
-        proptest::collection::vec(
-            prop_oneof![
-                Just("close".to_owned()),
-                Just("X-Custom".to_owned()),
-                Just(" accept ".to_owned()),
-                Just("upgrade".to_owned()),
-                "[a-zA-Z0-9-]{0,10}",
-                "[ -~]{0,10}"
-            ],
-            0..5
-        )
-        .prop_map(|v| v.join(",").into_bytes()),
+        proptest::collection::vec(prop_oneof![Just("close".to_owned()), Just("X-Custom".to_owned()), Just(" accept ".to_owned()), Just("upgrade".to_owned()), "[a-zA-Z0-9-]{0,10}", "[ -~]{0,10}"], 0..5)
+            .prop_map(|v| v.join(",").into_bytes()),
         proptest::collection::vec(any::<u8>(), 0..24),
     ]
 }
@@ -343,21 +304,9 @@ proptest! {
 
 /// Keys the configuration knows, at their level, for the structured TOML generator.
 const TOP_KEYS: &[&str] = &[
-    "bind",
-    "session_api_keys",
-    "state_dir",
-    "max_body_bytes",
-    "ready_timeout_secs",
-    "upstream_timeout_secs",
-    "secret_key",
-    "inject_stored_secrets",
-    "internal_url",
-    "internal_bind",
-    "allow_cors_origins",
-    "allow_cors_origin_regex",
-    "metrics",
-    "log_format",
-    "unknown_key",
+    "bind", "session_api_keys", "state_dir", "max_body_bytes", "ready_timeout_secs", "upstream_timeout_secs",
+    "secret_key", "inject_stored_secrets", "internal_url", "internal_bind", "allow_cors_origins",
+    "allow_cors_origin_regex", "metrics", "log_format", "unknown_key",
 ];
 
 fn toml_scalar() -> impl Strategy<Value = String> {
@@ -401,8 +350,7 @@ fn secs() -> BoxedStrategy<String> {
 /// A value for `key`: mostly of the right type (so whole documents get accepted and their
 /// invariants checked), sometimes any scalar.
 fn value_for(key: &str) -> BoxedStrategy<String> {
-    let pick =
-        |v: &'static [&'static str]| proptest::sample::select(v).prop_map(str::to_owned).boxed();
+    let pick = |v: &'static [&'static str]| proptest::sample::select(v).prop_map(str::to_owned).boxed();
     let typed = match key {
         "bind" => pick(&["\"127.0.0.1:0\"", "\"0.0.0.0:8000\"", "\"[::1]:9\""]),
         "session_api_keys" => pick(&["[\"k\"]", "[]", "\"a,b\"", "[\"\"]"]),
@@ -411,12 +359,7 @@ fn value_for(key: &str) -> BoxedStrategy<String> {
         "ready_timeout_secs" | "upstream_timeout_secs" => secs(),
         "secret_key" => pick(&["\"s\"", "\"\""]),
         "inject_stored_secrets" => pick(&["true", "false"]),
-        "internal_url" => pick(&[
-            "\"http://127.0.0.1:9\"",
-            "\"ftp://x\"",
-            "\"::\"",
-            "\"http://h/p?q\"",
-        ]),
+        "internal_url" => pick(&["\"http://127.0.0.1:9\"", "\"ftp://x\"", "\"::\"", "\"http://h/p?q\""]),
         "internal_bind" => pick(&["\"127.0.0.1:1\"", "\"x\""]),
         "allow_cors_origins" => pick(&["[\"https://a.example\"]", "[]"]),
         "allow_cors_origin_regex" => pick(&["\"https://.*\\\\.example\"", "\"((\""]),
@@ -428,11 +371,8 @@ fn value_for(key: &str) -> BoxedStrategy<String> {
 }
 
 fn toml_doc() -> impl Strategy<Value = String> {
-    let top = proptest::sample::subsequence(TOP_KEYS, 0..6).prop_flat_map(|keys| {
-        keys.into_iter()
-            .map(|k| value_for(k).prop_map(move |v| format!("{k} = {v}\n")))
-            .collect::<Vec<_>>()
-    });
+    let top = proptest::sample::subsequence(TOP_KEYS, 0..6)
+        .prop_flat_map(|keys| keys.into_iter().map(|k| value_for(k).prop_map(move |v| format!("{k} = {v}\n"))).collect::<Vec<_>>());
     (
         top,
         proptest::option::of((
@@ -463,20 +403,13 @@ fn toml_doc() -> impl Strategy<Value = String> {
 }
 
 fn check_accepted(c: &Config) -> Result<(), TestCaseError> {
-    for v in [
-        c.upstream_timeout_secs,
-        c.ready_timeout_secs,
-        c.websocket.resume_deadline_secs,
-    ] {
+    for v in [c.upstream_timeout_secs, c.ready_timeout_secs, c.websocket.resume_deadline_secs] {
         prop_assert!(v.is_finite() && v > 0.0, "accepted a timeout of {}", v);
     }
     prop_assert!(c.max_body_bytes > 0);
     // Every duration nestor builds from the configuration is representable
     // (`Duration::from_secs_f64` panics on NaN, infinity and values past ~1.8e19 s).
-    let mut secs = vec![(
-        "catalog.webhook_staleness_secs",
-        c.catalog.webhook_staleness_secs.max(0.0),
-    )];
+    let mut secs = vec![("catalog.webhook_staleness_secs", c.catalog.webhook_staleness_secs.max(0.0))];
     if let Some(v) = c.lifecycle.idle_stop_secs.filter(|v| *v > 0.0) {
         secs.push(("lifecycle.idle_stop_secs", v));
     }
@@ -484,27 +417,16 @@ fn check_accepted(c: &Config) -> Result<(), TestCaseError> {
         secs.push(("webhooks.flush_delay", w.flush_delay.max(0.0)));
         secs.push(("webhooks.retry_delay", w.retry_delay.max(0.0)));
     }
-    for v in [
-        c.upstream_timeout_secs,
-        c.ready_timeout_secs,
-        c.websocket.resume_deadline_secs,
-    ] {
+    for v in [c.upstream_timeout_secs, c.ready_timeout_secs, c.websocket.resume_deadline_secs] {
         secs.push(("timeout", v));
     }
     for (what, v) in secs {
-        let usable = std::time::Duration::try_from_secs_f64(v)
-            .ok()
-            .and_then(|d| std::time::Instant::now().checked_add(d));
+        let usable = std::time::Duration::try_from_secs_f64(v).ok().and_then(|d| std::time::Instant::now().checked_add(d));
         prop_assert!(usable.is_some(), "accepted {} = {}", what, v);
     }
     let mut ids = std::collections::HashSet::new();
     for u in &c.users {
-        prop_assert!(
-            !u.id.is_empty()
-                && u.id
-                    .chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
-        );
+        prop_assert!(!u.id.is_empty() && u.id.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_'));
         prop_assert!(ids.insert(u.id.clone()));
         prop_assert!(!u.session_api_keys.is_empty());
     }
@@ -524,12 +446,7 @@ fn fuzz_config_parsing() {
     figment::Jail::expect_with(|jail| {
         jail.clear_env();
         let path = jail.directory().join("nestor.toml");
-        let mut runner = TestRunner::new(ProptestConfig {
-            cases: n,
-            max_shrink_iters: 2_000,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        });
+        let mut runner = TestRunner::new(ProptestConfig { cases: n, max_shrink_iters: 2_000, failure_persistence: None, ..ProptestConfig::default() });
         let texts = prop_oneof![3 => toml_doc(), 1 => any::<String>(), 1 => "[ -~\n]{0,80}"];
         let result = runner.run(&texts, |text| {
             std::fs::write(&path, &text).map_err(|e| TestCaseError::fail(e.to_string()))?;
@@ -542,19 +459,8 @@ fn fuzz_config_parsing() {
             panic!("config fuzzing failed: {e}");
         }
         // A valid configuration, generated: loads with exactly its values.
-        let mut runner = TestRunner::new(ProptestConfig {
-            cases: n,
-            max_shrink_iters: 2_000,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        });
-        let valid = (
-            1u16..,
-            proptest::collection::vec("[A-Za-z0-9_-]{1,40}", 0..4),
-            proptest::collection::vec(1u16.., 1..4),
-            1u32..100_000,
-            1u64..=i64::MAX as u64,
-        ); // TOML integers are i64
+        let mut runner = TestRunner::new(ProptestConfig { cases: n, max_shrink_iters: 2_000, failure_persistence: None, ..ProptestConfig::default() });
+        let valid = (1u16.., proptest::collection::vec("[A-Za-z0-9_-]{1,40}", 0..4), proptest::collection::vec(1u16.., 1..4), 1u32..100_000, 1u64..=i64::MAX as u64); // TOML integers are i64
         let result = runner.run(&valid, |(port, keys, servers, timeout, body)| {
             let mut s = format!(
                 "bind = \"127.0.0.1:{port}\"\nsession_api_keys = {keys:?}\nupstream_timeout_secs = {timeout}\nmax_body_bytes = {body}\n[provisioner]\nkind = \"existing\"\n"

@@ -15,8 +15,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Longest a SIGTERM may take to end nestor in these tests (in-flight requests of ~1.5 s,
 /// sockets, downstream stops with a 3 s grace).
@@ -38,26 +37,15 @@ async fn create(n: &NestorProc) -> String {
         .await
         .unwrap();
     assert!(r.status().is_success(), "create: {}", r.status());
-    r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
 }
 
 async fn open(n: &NestorProc, path: &str, header_key: bool) -> Ws {
     let mut req = n.ws(path).into_client_request().unwrap();
     if header_key {
-        req.headers_mut()
-            .insert("X-Session-API-Key", CLIENT_KEY.parse().unwrap());
+        req.headers_mut().insert("X-Session-API-Key", CLIENT_KEY.parse().unwrap());
     }
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::connect_async(req),
-    )
-    .await
-    .unwrap()
-    .unwrap()
-    .0
+    tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(req)).await.unwrap().unwrap().0
 }
 
 /// Read until the close frame; its code (None: the connection just ended).
@@ -75,10 +63,7 @@ async fn close_code(ws: &mut Ws, within: Duration) -> Option<u16> {
 
 async fn first_text(ws: &mut Ws) -> Value {
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .unwrap()
-        {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap() {
             Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
             Some(Ok(_)) => continue,
             other => panic!("expected a frame, got {other:?}"),
@@ -88,9 +73,7 @@ async fn first_text(ws: &mut Ws) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_requests_closes_sockets_with_1012_and_exits_in_bounded_time() {
-    let fake = FakeAgentServer::start(FakeConfig::with_key("downstream-key-graceful"))
-        .await
-        .unwrap();
+    let fake = FakeAgentServer::start(FakeConfig::with_key("downstream-key-graceful")).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
         "session_api_keys = [\"{CLIENT_KEY}\"]\nstate_dir = \"{}\"\n[provisioner]\nkind = \"existing\"\n[[provisioner.existing.servers]]\nurl = \"{}\"\napi_key = \"downstream-key-graceful\"\n",
@@ -113,15 +96,8 @@ async fn sigterm_drains_requests_closes_sockets_with_1012_and_exits_in_bounded_t
     let url = format!("{}/api/conversations/{id}", n.url());
     let slow = tokio::spawn(async move {
         let t = Instant::now();
-        let r = NestorProc::client()
-            .get(url)
-            .header("X-Session-API-Key", CLIENT_KEY)
-            .send()
-            .await;
-        (
-            r.map(|r| r.status().as_u16()).map_err(|e| e.to_string()),
-            t.elapsed(),
-        )
+        let r = NestorProc::client().get(url).header("X-Session-API-Key", CLIENT_KEY).send().await;
+        (r.map(|r| r.status().as_u16()).map_err(|e| e.to_string()), t.elapsed())
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -140,44 +116,23 @@ async fn sigterm_drains_requests_closes_sockets_with_1012_and_exits_in_bounded_t
         close_code(&mut unauthenticated, Duration::from_secs(5))
     );
     let sockets_closed = t.elapsed();
-    assert_eq!(
-        (a, b, c),
-        (Some(1012), Some(1012), Some(1012)),
-        "every client socket is closed with 1012"
-    );
-    assert!(
-        sockets_closed < Duration::from_secs(3),
-        "sockets closed only after {sockets_closed:?}"
-    );
+    assert_eq!((a, b, c), (Some(1012), Some(1012), Some(1012)), "every client socket is closed with 1012");
+    assert!(sockets_closed < Duration::from_secs(3), "sockets closed only after {sockets_closed:?}");
 
     let (status, took) = slow.await.unwrap();
     assert_eq!(status, Ok(200), "the in-flight request completes");
     assert!(took >= Duration::from_millis(1400), "{took:?}");
 
-    let (st, exited) = n
-        .sigterm(BOUND)
-        .await
-        .expect("nestor exits after SIGTERM within the bound");
+    let (st, exited) = n.sigterm(BOUND).await.expect("nestor exits after SIGTERM within the bound");
     assert!(st.success(), "exit status {st}; log:\n{}", n.log_tail(30));
     eprintln!("sockets closed (1012) {sockets_closed:?} after SIGTERM; slow request took {took:?}; nestor exited {exited:?} after being waited for");
     // Gone: new connections are refused.
-    assert!(NestorProc::client()
-        .get(format!("{}/alive", n.url()))
-        .send()
-        .await
-        .is_err());
+    assert!(NestorProc::client().get(format!("{}/alive", n.url())).send().await.is_err());
     // The existing server is not nestor's to stop.
     fake.set_fault(Fault::None);
-    assert!(reqwest::get(format!("{}/alive", fake.url()))
-        .await
-        .unwrap()
-        .status()
-        .is_success());
+    assert!(reqwest::get(format!("{}/alive", fake.url())).await.unwrap().status().is_success());
     let log = std::fs::read_to_string(&n.log).unwrap();
-    assert!(
-        log.contains("in-flight requests drained") && log.contains("WebSockets closed (1012)"),
-        "{log}"
-    );
+    assert!(log.contains("in-flight requests drained") && log.contains("WebSockets closed (1012)"), "{log}");
 }
 
 fn process_toml(dir: &std::path::Path, on_shutdown: &str) -> String {
@@ -206,25 +161,15 @@ async fn process_downstreams_are_stopped_or_kept_per_on_shutdown() {
         unsafe {
             libc::kill(pid, libc::SIGTERM);
         }
-        assert_eq!(
-            close_code(&mut ws, Duration::from_secs(5)).await,
-            Some(1012),
-            "{policy}"
-        );
+        assert_eq!(close_code(&mut ws, Duration::from_secs(5)).await, Some(1012), "{policy}");
         let (st, took) = n.sigterm(BOUND).await.expect("exits within the bound");
         assert!(st.success(), "{policy}: {st}");
         let after = pids_under(&procs);
         eprintln!("on_shutdown = {policy}: exited in {took:?}, children before {before:?}, after {after:?}");
         if policy == "stop" {
-            assert!(
-                after.is_empty(),
-                "on_shutdown = stop leaves no child: {after:?}"
-            );
+            assert!(after.is_empty(), "on_shutdown = stop leaves no child: {after:?}");
         } else {
-            assert_eq!(
-                after, before,
-                "on_shutdown = keep leaves the children running"
-            );
+            assert_eq!(after, before, "on_shutdown = keep leaves the children running");
             // The next nestor re-adopts them: same processes, the conversation answers.
             n.spawn().await;
             let r = NestorProc::client()

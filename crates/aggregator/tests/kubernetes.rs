@@ -27,15 +27,7 @@ struct Replica {
 }
 
 impl Replica {
-    fn config(
-        dir: &Path,
-        name: &str,
-        port: u16,
-        kubeconfig: &Path,
-        ns: &str,
-        image: &str,
-        extra: &str,
-    ) -> PathBuf {
+    fn config(dir: &Path, name: &str, port: u16, kubeconfig: &Path, ns: &str, image: &str, extra: &str) -> PathBuf {
         let toml = format!(
             r#"bind = "127.0.0.1:{port}"
 session_api_keys = ["{KEY}"]
@@ -62,26 +54,11 @@ api_timeout_secs = 10.0
     }
 
     /// Start and wait (bounded) until it answers `/alive`.
-    async fn start(
-        dir: &Path,
-        name: &'static str,
-        kubeconfig: &Path,
-        ns: &str,
-        image: &str,
-        extra: &str,
-    ) -> Replica {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+    async fn start(dir: &Path, name: &'static str, kubeconfig: &Path, ns: &str, image: &str, extra: &str) -> Replica {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let cfg = Self::config(dir, name, port, kubeconfig, ns, image, extra);
         let log = dir.join(format!("{name}.log"));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_nestor"))
             .arg("serve")
             .arg("--config")
@@ -93,12 +70,7 @@ api_timeout_secs = 10.0
             .stderr(out)
             .spawn()
             .unwrap();
-        let mut r = Replica {
-            name,
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            log,
-        };
+        let mut r = Replica { name, child, url: format!("http://127.0.0.1:{port}"), log };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(resp) = http().get(format!("{}/alive", r.url)).send().await {
@@ -109,11 +81,7 @@ api_timeout_secs = 10.0
             if let Ok(Some(st)) = r.child.try_wait() {
                 panic!("nestor {name} exited at start ({st}): {}", r.log_text());
             }
-            assert!(
-                Instant::now() < deadline,
-                "nestor {name} did not answer within 60 s: {}",
-                r.log_text()
-            );
+            assert!(Instant::now() < deadline, "nestor {name} did not answer within 60 s: {}", r.log_text());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -128,12 +96,7 @@ api_timeout_secs = 10.0
     }
 
     async fn get(&self, path: &str) -> (u16, Value) {
-        let r = http()
-            .get(format!("{}{path}", self.url))
-            .header("X-Session-API-Key", KEY)
-            .send()
-            .await
-            .unwrap();
+        let r = http().get(format!("{}{path}", self.url)).header("X-Session-API-Key", KEY).send().await.unwrap();
         let s = r.status().as_u16();
         (s, r.json().await.unwrap_or(Value::Null))
     }
@@ -151,14 +114,7 @@ api_timeout_secs = 10.0
     }
 
     async fn delete(&self, path: &str) -> u16 {
-        http()
-            .delete(format!("{}{path}", self.url))
-            .header("X-Session-API-Key", KEY)
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
+        http().delete(format!("{}{path}", self.url)).header("X-Session-API-Key", KEY).send().await.unwrap().status().as_u16()
     }
 }
 
@@ -173,11 +129,7 @@ impl Drop for Replica {
 }
 
 fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(300))
-        .build()
-        .unwrap()
+    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(300)).build().unwrap()
 }
 
 fn create_body() -> Value {
@@ -198,31 +150,15 @@ struct Ctx {
 impl Ctx {
     async fn new(env: KubeEnv, prefix: &str) -> Ctx {
         let node = TestNode::start(&env, prefix).await;
-        Ctx {
-            env,
-            node,
-            dir: tempfile::tempdir().unwrap(),
-        }
+        Ctx { env, node, dir: tempfile::tempdir().unwrap() }
     }
 
     async fn replica(&self, name: &'static str) -> Replica {
-        Replica::start(
-            self.dir.path(),
-            name,
-            &self.env.nestor,
-            &self.node.ns.name,
-            &agent_server_image(),
-            "",
-        )
-        .await
+        Replica::start(self.dir.path(), name, &self.env.nestor, &self.node.ns.name, &agent_server_image(), "").await
     }
 
     /// Wait (bounded) until the namespace holds exactly `want` (pods, secrets, pvcs).
-    async fn wait_objects(
-        &self,
-        want: (usize, usize, usize),
-        within: Duration,
-    ) -> (Vec<String>, Vec<String>, Vec<String>) {
+    async fn wait_objects(&self, want: (usize, usize, usize), within: Duration) -> (Vec<String>, Vec<String>, Vec<String>) {
         let deadline = Instant::now() + within;
         loop {
             let o = self.node.ns.objects().await.unwrap();
@@ -268,22 +204,12 @@ async fn conversations_in_their_own_pods_served_by_any_replica_and_deleted_witho
         assert_eq!(info["workspace"]["working_dir"], "/workspace/project");
         ids.push(info["id"].as_str().unwrap().to_owned());
     }
-    eprintln!(
-        "TIMING 3 creates through nestor (pods created -> ready -> conversation created): {:?}",
-        t0.elapsed()
-    );
+    eprintln!("TIMING 3 creates through nestor (pods created -> ready -> conversation created): {:?}", t0.elapsed());
     let (pods, secrets, pvcs) = ctx.node.ns.objects().await.unwrap();
-    assert_eq!(
-        (pods.len(), secrets.len(), pvcs.len()),
-        (3, 3, 3),
-        "{pods:?} {secrets:?} {pvcs:?}"
-    );
+    assert_eq!((pods.len(), secrets.len(), pvcs.len()), (3, 3, 3), "{pods:?} {secrets:?} {pvcs:?}");
     for id in &ids {
         let hex = id.replace('-', "");
-        assert!(
-            pods.iter().any(|p| p.ends_with(&hex)),
-            "conversation {id} has its own pod: {pods:?}"
-        );
+        assert!(pods.iter().any(|p| p.ends_with(&hex)), "conversation {id} has its own pod: {pods:?}");
     }
 
     // B never saw the creates: it serves them (watch, or a lookup on its catalog miss).
@@ -291,9 +217,7 @@ async fn conversations_in_their_own_pods_served_by_any_replica_and_deleted_witho
         let (s, v) = b.get(&format!("/api/conversations/{id}")).await;
         assert_eq!(s, 200, "B serves {id}: {v}");
         assert_eq!(v["id"], json!(id));
-        let (s, _) = b
-            .get(&format!("/api/conversations/{id}/events/search"))
-            .await;
+        let (s, _) = b.get(&format!("/api/conversations/{id}/events/search")).await;
         assert_eq!(s, 200);
     }
 
@@ -306,47 +230,28 @@ async fn conversations_in_their_own_pods_served_by_any_replica_and_deleted_witho
     let c = ctx.replica("c").await;
     let (s, page) = c.get("/api/conversations/search?limit=100").await;
     assert_eq!(s, 200);
-    let listed: Vec<&str> = page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|i| i["id"].as_str())
-        .collect();
+    let listed: Vec<&str> = page["items"].as_array().unwrap().iter().filter_map(|i| i["id"].as_str()).collect();
     for id in &ids {
-        assert!(
-            listed.contains(&id.as_str()),
-            "a fresh replica lists {id}: {listed:?}"
-        );
+        assert!(listed.contains(&id.as_str()), "a fresh replica lists {id}: {listed:?}");
         assert_eq!(c.get(&format!("/api/conversations/{id}")).await.0, 200);
     }
 
     // Delete through B what A created: its pod, Secret and PVC go; C stops routing it.
-    assert_eq!(
-        b.delete(&format!("/api/conversations/{}", ids[0])).await,
-        200
-    );
+    assert_eq!(b.delete(&format!("/api/conversations/{}", ids[0])).await, 200);
     let o = ctx.wait_objects((2, 2, 2), Duration::from_secs(60)).await;
     assert_eq!((o.0.len(), o.1.len(), o.2.len()), (2, 2, 2), "{o:?}");
     let gone = ids[0].clone();
-    eventually(
-        "C answers 404 for the deleted conversation",
-        Duration::from_secs(30),
-        || {
-            let c = &c;
-            let gone = gone.clone();
-            async move { c.get(&format!("/api/conversations/{gone}")).await.0 == 404 }
-        },
-    )
+    eventually("C answers 404 for the deleted conversation", Duration::from_secs(30), || {
+        let c = &c;
+        let gone = gone.clone();
+        async move { c.get(&format!("/api/conversations/{gone}")).await.0 == 404 }
+    })
     .await;
     for id in &ids[1..] {
         assert_eq!(c.delete(&format!("/api/conversations/{id}")).await, 200);
     }
     let o = ctx.wait_objects((0, 0, 0), Duration::from_secs(60)).await;
-    assert_eq!(
-        (o.0.len(), o.1.len(), o.2.len()),
-        (0, 0, 0),
-        "nothing left: {o:?}"
-    );
+    assert_eq!((o.0.len(), o.1.len(), o.2.len()), (0, 0, 0), "nothing left: {o:?}");
     drop((b, c));
     ctx.finish().await;
 }
@@ -358,90 +263,33 @@ async fn bad_input_fails_clearly_and_in_bounded_time() {
     let dir = ctx.dir.path();
 
     // A namespace nestor may not write to: it refuses to start, naming the missing verbs.
-    let cfg = Replica::config(
-        dir,
-        "ro",
-        1,
-        &ctx.env.readonly,
-        &ctx.node.ns.name,
-        &agent_server_image(),
-        "",
-    );
+    let cfg = Replica::config(dir, "ro", 1, &ctx.env.readonly, &ctx.node.ns.name, &agent_server_image(), "");
     let t0 = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_nestor"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let out = Command::new(env!("CARGO_BIN_EXE_nestor")).arg("serve").arg("--config").arg(&cfg).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{text}");
     assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
-    assert!(
-        text.contains("lacks permissions")
-            && text.contains("create pods")
-            && text.contains("create secrets"),
-        "{text}"
-    );
+    assert!(text.contains("lacks permissions") && text.contains("create pods") && text.contains("create secrets"), "{text}");
 
     // The API server down at start: a clear error, bounded.
     let kc = std::fs::read_to_string(&ctx.env.nestor).unwrap();
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let api_port = std::env::var("NESTOR_KUBE_API_PORT").unwrap_or_else(|_| "26443".into());
     let down = dir.join("down.kubeconfig");
-    std::fs::write(
-        &down,
-        kc.replace(
-            &format!("127.0.0.1:{api_port}"),
-            &format!("127.0.0.1:{dead}"),
-        ),
-    )
-    .unwrap();
-    let cfg = Replica::config(
-        dir,
-        "down",
-        1,
-        &down,
-        &ctx.node.ns.name,
-        &agent_server_image(),
-        "",
-    );
+    std::fs::write(&down, kc.replace(&format!("127.0.0.1:{api_port}"), &format!("127.0.0.1:{dead}"))).unwrap();
+    let cfg = Replica::config(dir, "down", 1, &down, &ctx.node.ns.name, &agent_server_image(), "");
     let t0 = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_nestor"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let out = Command::new(env!("CARGO_BIN_EXE_nestor")).arg("serve").arg("--config").arg(&cfg).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{text}");
     assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
-    assert!(
-        text.contains("unreachable") && text.contains(&format!("127.0.0.1:{dead}")),
-        "{text}"
-    );
+    assert!(text.contains("unreachable") && text.contains(&format!("127.0.0.1:{dead}")), "{text}");
 
     // An image that never becomes ready: the create fails within the startup bound, says
     // why, and leaves nothing behind.
     // (A short startup bound for this replica.)
-    let cfg = Replica::config(
-        dir,
-        "badimg2",
-        1,
-        &ctx.env.nestor,
-        &ctx.node.ns.name,
-        "nestor/does-not-exist:0",
-        "",
-    );
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("startup_timeout_secs = 240.0", "startup_timeout_secs = 8.0");
+    let cfg = Replica::config(dir, "badimg2", 1, &ctx.env.nestor, &ctx.node.ns.name, "nestor/does-not-exist:0", "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("startup_timeout_secs = 240.0", "startup_timeout_secs = 8.0");
     std::fs::write(&cfg, &text).unwrap();
     let n = Replica::start_with_config(dir, "badimg2", &cfg).await;
     let t0 = Instant::now();
@@ -449,17 +297,10 @@ async fn bad_input_fails_clearly_and_in_bounded_time() {
     let took = t0.elapsed();
     assert!(status == 502 || status == 503, "{status}: {body}");
     let detail = body.to_string();
-    assert!(
-        detail.contains("ErrImagePull") && detail.contains("did not become ready"),
-        "{detail}"
-    );
+    assert!(detail.contains("ErrImagePull") && detail.contains("did not become ready"), "{detail}");
     assert!(took < Duration::from_secs(40), "bounded: {took:?}");
     let o = ctx.wait_objects((0, 0, 0), Duration::from_secs(30)).await;
-    assert_eq!(
-        (o.0.len(), o.1.len(), o.2.len()),
-        (0, 0, 0),
-        "a failed create leaves nothing: {o:?}"
-    );
+    assert_eq!((o.0.len(), o.1.len(), o.2.len()), (0, 0, 0), "a failed create leaves nothing: {o:?}");
     let (s, page) = n.get("/api/conversations/search").await;
     assert_eq!(s, 200);
     assert_eq!(page["items"].as_array().map(|a| a.len()), Some(0), "{page}");
@@ -470,29 +311,15 @@ async fn bad_input_fails_clearly_and_in_bounded_time() {
 impl Replica {
     async fn start_with_config(dir: &Path, name: &'static str, cfg: &Path) -> Replica {
         let text = std::fs::read_to_string(cfg).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let text = text
             .lines()
-            .map(|l| {
-                if l.starts_with("bind = ") {
-                    format!("bind = \"127.0.0.1:{port}\"")
-                } else {
-                    l.to_owned()
-                }
-            })
+            .map(|l| if l.starts_with("bind = ") { format!("bind = \"127.0.0.1:{port}\"") } else { l.to_owned() })
             .collect::<Vec<_>>()
             .join("\n");
         std::fs::write(cfg, text).unwrap();
         let log = dir.join(format!("{name}.log"));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_nestor"))
             .arg("serve")
             .arg("--config")
@@ -503,12 +330,7 @@ impl Replica {
             .stderr(out)
             .spawn()
             .unwrap();
-        let r = Replica {
-            name,
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            log,
-        };
+        let r = Replica { name, child, url: format!("http://127.0.0.1:{port}"), log };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(resp) = http().get(format!("{}/alive", r.url)).send().await {
@@ -516,11 +338,7 @@ impl Replica {
                     return r;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "nestor {name} did not answer: {}",
-                r.log_text()
-            );
+            assert!(Instant::now() < deadline, "nestor {name} did not answer: {}", r.log_text());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -532,29 +350,15 @@ fn shipped_configmap_is_a_valid_configuration() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let text = std::fs::read_to_string(root.join("deploy/kubernetes/configmap.yaml")).unwrap();
     let cm: Value = serde_yaml::from_str(&text).unwrap();
-    let toml = cm["data"]["nestor.toml"]
-        .as_str()
-        .expect("data.nestor.toml");
+    let toml = cm["data"]["nestor.toml"].as_str().expect("data.nestor.toml");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nestor.toml");
     std::fs::write(&path, toml).unwrap();
-    let cfg =
-        nestor_aggregator::config::Config::load(Some(&path), &Default::default()).expect("loads");
-    assert_eq!(
-        cfg.provisioner.kind,
-        nestor_aggregator::config::ProvisionerKind::Kubernetes
-    );
-    let s = cfg
-        .provisioner
-        .kubernetes
-        .validate()
-        .expect("valid kubernetes settings");
+    let cfg = nestor_aggregator::config::Config::load(Some(&path), &Default::default()).expect("loads");
+    assert_eq!(cfg.provisioner.kind, nestor_aggregator::config::ProvisionerKind::Kubernetes);
+    let s = cfg.provisioner.kubernetes.validate().expect("valid kubernetes settings");
     assert_eq!(s.namespace.as_deref(), Some("nestor-agents"));
-    assert_eq!(
-        s.reach,
-        nestor_provisioner::kubernetes::Reach::PodIp,
-        "real clusters reach pods at their IP"
-    );
+    assert_eq!(s.reach, nestor_provisioner::kubernetes::Reach::PodIp, "real clusters reach pods at their IP");
     // The Role in rbac.yaml is for the same namespace.
     let role = nestor_test_support::kube_env::shipped_role().unwrap();
     assert_eq!(role.metadata.namespace.as_deref(), Some("nestor-agents"));

@@ -18,40 +18,21 @@ async fn create_is_idempotent_and_placed_on_the_least_loaded_server() {
     let (a, b) = (fake(0).await, fake(1).await);
     let n = nestor_existing(&[&a, &b], "").await;
 
-    let r = n
-        .post("/api/conversations")
-        .json(&create_body(None))
-        .send()
-        .await
-        .unwrap();
+    let r = n.post("/api/conversations").json(&create_body(None)).send().await.unwrap();
     assert_eq!(r.status(), 201);
     let first: Value = r.json().await.unwrap();
     let id = id_of(&first);
     uuid::Uuid::parse_str(&id).expect("nestor minted a UUID");
-    assert_eq!(
-        first["runtime_info"],
-        Value::Null,
-        "create answers like upstream"
-    );
+    assert_eq!(first["runtime_info"], Value::Null, "create answers like upstream");
 
     // Same id again: 200 with the existing conversation, no second downstream conversation.
-    let r = n
-        .post("/api/conversations")
-        .json(&create_body(Some(&id)))
-        .send()
-        .await
-        .unwrap();
+    let r = n.post("/api/conversations").json(&create_body(Some(&id))).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(a.conversation_count() + b.conversation_count(), 1);
 
     // Three more: placement evens out (least conversations first).
     for _ in 0..3 {
-        let r = n
-            .post("/api/conversations")
-            .json(&create_body(None))
-            .send()
-            .await
-            .unwrap();
+        let r = n.post("/api/conversations").json(&create_body(None)).send().await.unwrap();
         assert_eq!(r.status(), 201);
     }
     assert_eq!((a.conversation_count(), b.conversation_count()), (2, 2));
@@ -60,16 +41,9 @@ async fn create_is_idempotent_and_placed_on_the_least_loaded_server() {
     for f in [&a, &b] {
         for cid in f.conversation_ids() {
             let before = f.request_count_for(&format!("/api/conversations/{cid}"));
-            let r = n
-                .get(&format!("/api/conversations/{cid}"))
-                .send()
-                .await
-                .unwrap();
+            let r = n.get(&format!("/api/conversations/{cid}")).send().await.unwrap();
             assert_eq!(r.status(), 200);
-            assert_eq!(
-                f.request_count_for(&format!("/api/conversations/{cid}")),
-                before + 1
-            );
+            assert_eq!(f.request_count_for(&format!("/api/conversations/{cid}")), before + 1);
         }
     }
     n.stop().await;
@@ -83,33 +57,19 @@ async fn concurrent_creates_of_one_id_provision_once() {
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let req = n.post("/api/conversations").json(&create_body(Some(&id)));
-        tasks.push(tokio::spawn(async move {
-            req.send().await.unwrap().status().as_u16()
-        }));
+        tasks.push(tokio::spawn(async move { req.send().await.unwrap().status().as_u16() }));
     }
     let mut statuses = Vec::new();
     for t in tasks {
         statuses.push(t.await.unwrap());
     }
     statuses.sort();
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 201).count(),
-        1,
-        "{statuses:?}"
-    );
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 200).count(),
-        15,
-        "{statuses:?}"
-    );
+    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 15, "{statuses:?}");
     assert_eq!(a.conversation_count() + b.conversation_count(), 1);
     // The per-id create lock is gone once no create of the id is in progress (it was kept
     // for every id ever created).
-    assert!(
-        n.state.creating.is_empty(),
-        "{} create locks left",
-        n.state.creating.len()
-    );
+    assert!(n.state.creating.is_empty(), "{} create locks left", n.state.creating.len());
     n.stop().await;
 }
 
@@ -123,26 +83,13 @@ async fn merged_search_count_and_batch_across_servers() {
     b.create_conversation(None, create_body(None));
     let n = nestor_existing(&[&a, &b], "").await;
     for _ in 0..2 {
-        n.post("/api/conversations")
-            .json(&create_body(None))
-            .send()
-            .await
-            .unwrap();
+        n.post("/api/conversations").json(&create_body(None)).send().await.unwrap();
     }
-    let all: HashSet<String> = a
-        .conversation_ids()
-        .into_iter()
-        .chain(b.conversation_ids())
-        .map(|u| u.to_string())
-        .collect();
+    let all: HashSet<String> =
+        a.conversation_ids().into_iter().chain(b.conversation_ids()).map(|u| u.to_string()).collect();
     assert_eq!(all.len(), 6);
 
-    for order in [
-        "CREATED_AT",
-        "CREATED_AT_DESC",
-        "UPDATED_AT",
-        "UPDATED_AT_DESC",
-    ] {
+    for order in ["CREATED_AT", "CREATED_AT_DESC", "UPDATED_AT", "UPDATED_AT_DESC"] {
         let mut seen = Vec::new();
         let mut page: Option<String> = None;
         let mut stamps = Vec::new();
@@ -156,11 +103,7 @@ async fn merged_search_count_and_batch_across_servers() {
             assert!(items.len() <= 1);
             for it in items {
                 seen.push(id_of(it));
-                let key = if order.starts_with("UPDATED") {
-                    "updated_at"
-                } else {
-                    "created_at"
-                };
+                let key = if order.starts_with("UPDATED") { "updated_at" } else { "created_at" };
                 stamps.push(it[key].as_str().unwrap().to_owned());
                 assert_eq!(it["runtime_info"]["runtime_status"], "available");
             }
@@ -179,41 +122,17 @@ async fn merged_search_count_and_batch_across_servers() {
         assert_eq!(stamps, sorted, "{order} is sorted");
     }
 
-    let count: Value = n
-        .get("/api/conversations/count")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let count: Value = n.get("/api/conversations/count").send().await.unwrap().json().await.unwrap();
     assert_eq!(count, json!(6));
-    let count: Value = n
-        .get("/api/conversations/count?status=running")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let count: Value = n.get("/api/conversations/count?status=running").send().await.unwrap().json().await.unwrap();
     assert_eq!(count, json!(0));
-    let v: Value = n
-        .get("/api/conversations/search?status=idle")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = n.get("/api/conversations/search?status=idle").send().await.unwrap().json().await.unwrap();
     assert_eq!(v["items"].as_array().unwrap().len(), 6);
 
     // Batch: request order kept, null for unknown ids.
     let ids: Vec<String> = all.iter().cloned().collect();
     let unknown = uuid::Uuid::new_v4().to_string();
-    let q = format!(
-        "/api/conversations?ids={}&ids={unknown}&ids={}",
-        ids[0], ids[1]
-    );
+    let q = format!("/api/conversations?ids={}&ids={unknown}&ids={}", ids[0], ids[1]);
     let v: Vec<Value> = n.get(&q).send().await.unwrap().json().await.unwrap();
     assert_eq!(v.len(), 3);
     assert_eq!(id_of(&v[0]), ids[0]);
@@ -226,68 +145,26 @@ async fn merged_search_count_and_batch_across_servers() {
 async fn fork_lands_on_the_parents_server_and_delete_releases() {
     let (a, b) = (fake(0).await, fake(1).await);
     let n = nestor_existing(&[&a, &b], "").await;
-    let parent: Value = n
-        .post("/api/conversations")
-        .json(&create_body(None))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let parent: Value = n.post("/api/conversations").json(&create_body(None)).send().await.unwrap().json().await.unwrap();
     let pid = id_of(&parent);
-    let host = if a.conversation_ids().iter().any(|u| u.to_string() == pid) {
-        &a
-    } else {
-        &b
-    };
+    let host = if a.conversation_ids().iter().any(|u| u.to_string() == pid) { &a } else { &b };
 
-    let r = n
-        .post(&format!("/api/conversations/{pid}/fork"))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    let r = n.post(&format!("/api/conversations/{pid}/fork")).json(&json!({})).send().await.unwrap();
     assert_eq!(r.status(), 201);
     let fork: Value = r.json().await.unwrap();
     let fid = id_of(&fork);
-    assert!(
-        host.conversation_ids().iter().any(|u| u.to_string() == fid),
-        "fork is on the parent's server"
-    );
-    let r = n
-        .get(&format!("/api/conversations/{fid}"))
-        .send()
-        .await
-        .unwrap();
+    assert!(host.conversation_ids().iter().any(|u| u.to_string() == fid), "fork is on the parent's server");
+    let r = n.get(&format!("/api/conversations/{fid}")).send().await.unwrap();
     assert_eq!(r.status(), 200, "nestor routes the fork");
 
-    let r = n
-        .delete(&format!("/api/conversations/{fid}"))
-        .send()
-        .await
-        .unwrap();
+    let r = n.delete(&format!("/api/conversations/{fid}")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"success": true}));
     assert!(!host.conversation_ids().iter().any(|u| u.to_string() == fid));
-    let r = n
-        .get(&format!("/api/conversations/{fid}"))
-        .send()
-        .await
-        .unwrap();
+    let r = n.get(&format!("/api/conversations/{fid}")).send().await.unwrap();
     assert_eq!(r.status(), 404);
-    assert_eq!(
-        r.json::<Value>().await.unwrap(),
-        json!({"detail": "Not Found"})
-    );
-    let v: Value = n
-        .get("/api/conversations/search")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"detail": "Not Found"}));
+    let v: Value = n.get("/api/conversations/search").send().await.unwrap().json().await.unwrap();
     let listed: Vec<String> = v["items"].as_array().unwrap().iter().map(id_of).collect();
     assert_eq!(listed, vec![pid]);
     n.stop().await;
@@ -299,37 +176,15 @@ async fn routes_survive_a_nestor_restart() {
     let n = nestor_existing(&[&a, &b], "").await;
     let mut ids = Vec::new();
     for _ in 0..4 {
-        let v: Value = n
-            .post("/api/conversations")
-            .json(&create_body(None))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = n.post("/api/conversations").json(&create_body(None)).send().await.unwrap().json().await.unwrap();
         ids.push(id_of(&v));
     }
     let dir = n.stop().await;
     let n = start_in(dir, &[&a, &b], "").await;
     for id in &ids {
-        assert_eq!(
-            n.get(&format!("/api/conversations/{id}"))
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(n.get(&format!("/api/conversations/{id}")).send().await.unwrap().status(), 200);
     }
-    let count: Value = n
-        .get("/api/conversations/count")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let count: Value = n.get("/api/conversations/count").send().await.unwrap().json().await.unwrap();
     assert_eq!(count, json!(4));
     n.stop().await;
 }
@@ -338,52 +193,22 @@ async fn routes_survive_a_nestor_restart() {
 async fn downstream_keys_and_addresses_never_reach_the_client() {
     let a = fake(0).await;
     let n = nestor_existing(&[&a], "").await;
-    let v: Value = n
-        .post("/api/conversations")
-        .json(&create_body(None))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = n.post("/api/conversations").json(&create_body(None)).send().await.unwrap().json().await.unwrap();
     let id = id_of(&v);
     let key = a.config().session_api_key.clone().unwrap();
     // Make the downstream echo its own key and address back in a field.
     let title = format!("see {}/x?tkn={key}", a.url());
-    let r = n
-        .patch(&format!("/api/conversations/{id}"))
-        .json(&json!({"title": title}))
-        .send()
-        .await
-        .unwrap();
+    let r = n.patch(&format!("/api/conversations/{id}")).json(&json!({"title": title})).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let r = n
-        .get(&format!("/api/conversations/{id}"))
-        .send()
-        .await
-        .unwrap();
+    let r = n.get(&format!("/api/conversations/{id}")).send().await.unwrap();
     let headers = format!("{:?}", r.headers());
     let text = r.text().await.unwrap();
     let nestor_host = n.url.trim_start_matches("http://");
-    assert!(
-        !text.contains(&key) && !headers.contains(&key),
-        "key leaked"
-    );
+    assert!(!text.contains(&key) && !headers.contains(&key), "key leaked");
     assert!(!text.contains(&a.url()), "address leaked");
-    assert!(
-        text.contains(&format!("see http://{nestor_host}/x?tkn=**********")),
-        "{text}"
-    );
+    assert!(text.contains(&format!("see http://{nestor_host}/x?tkn=**********")), "{text}");
     // Search answers too (served from nestor's catalog).
-    let text = n
-        .get("/api/conversations/search")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = n.get("/api/conversations/search").send().await.unwrap().text().await.unwrap();
     assert!(!text.contains(&key), "key leaked through search");
     n.stop().await;
 }
@@ -400,26 +225,11 @@ async fn health_and_server_info_are_public() {
     }
     let r = c.get(format!("{}/ready", n.url)).send().await.unwrap();
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"status": "ready"}));
-    let info: Value = c
-        .get(format!("{}/server_info", n.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = c.get(format!("{}/server_info", n.url)).send().await.unwrap().json().await.unwrap();
     assert_eq!(info["version"], "1.58.2");
     assert!(info["nestor_version"].is_string());
-    assert!(info["capabilities"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|c| c == "conversation_runtime_routes_v1"));
-    let r = c
-        .get(format!("{}/openapi.json", n.url))
-        .send()
-        .await
-        .unwrap();
+    assert!(info["capabilities"].as_array().unwrap().iter().any(|c| c == "conversation_runtime_routes_v1"));
+    let r = c.get(format!("{}/openapi.json", n.url)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let doc: Value = r.json().await.unwrap();
     assert!(doc["paths"]["/api/conversations/search"].is_object());
@@ -432,32 +242,12 @@ async fn health_and_server_info_are_public() {
 #[tokio::test]
 async fn changes_behind_nestors_back_are_listed_and_persisted() {
     let a = fake(0).await;
-    let ids: Vec<uuid::Uuid> = (0..3)
-        .map(|_| {
-            a.create_conversation(None, create_body(None))["id"]
-                .as_str()
-                .unwrap()
-                .parse()
-                .unwrap()
-        })
-        .collect();
+    let ids: Vec<uuid::Uuid> = (0..3).map(|_| a.create_conversation(None, create_body(None))["id"].as_str().unwrap().parse().unwrap()).collect();
     let n = nestor_existing(&[&a], "[catalog]\nmax_staleness_ms = 50\n").await;
     let title_of = |v: &Value, id: &uuid::Uuid| {
-        v["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|it| it["id"] == id.to_string())
-            .map(|it| it["title"].clone())
+        v["items"].as_array().unwrap().iter().find(|it| it["id"] == id.to_string()).map(|it| it["title"].clone())
     };
-    let before: Value = n
-        .get("/api/conversations/search")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let before: Value = n.get("/api/conversations/search").send().await.unwrap().json().await.unwrap();
     assert_eq!(before["items"].as_array().unwrap().len(), 3);
 
     let r = reqwest::Client::new()
@@ -469,24 +259,10 @@ async fn changes_behind_nestors_back_are_listed_and_persisted() {
         .unwrap();
     assert!(r.status().is_success(), "{}", r.status());
     tokio::time::sleep(std::time::Duration::from_millis(120)).await;
-    let after: Value = n
-        .get("/api/conversations/search")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        title_of(&after, &ids[1]),
-        Some(json!("renamed behind nestor"))
-    );
+    let after: Value = n.get("/api/conversations/search").send().await.unwrap().json().await.unwrap();
+    assert_eq!(title_of(&after, &ids[1]), Some(json!("renamed behind nestor")));
     for id in [&ids[0], &ids[2]] {
-        assert_eq!(
-            title_of(&after, id),
-            title_of(&before, id),
-            "unchanged conversation {id}"
-        );
+        assert_eq!(title_of(&after, id), title_of(&before, id), "unchanged conversation {id}");
     }
 
     // The new title was written to the catalog (graceful stop flushes the writer): a
@@ -494,14 +270,7 @@ async fn changes_behind_nestors_back_are_listed_and_persisted() {
     let dir = n.stop().await;
     a.stop().await;
     let n = start_in(dir, &[&a], "[catalog]\nmax_staleness_ms = 600000\n").await;
-    let v: Value = n
-        .get("/api/conversations/search")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = n.get("/api/conversations/search").send().await.unwrap().json().await.unwrap();
     assert_eq!(title_of(&v, &ids[1]), Some(json!("renamed behind nestor")));
     n.stop().await;
 }

@@ -49,37 +49,16 @@ async fn a_50_mib_file_round_trips_through_nestor_with_bounded_memory() {
         fake_bin().display()
     );
     let n = start_with_toml(dir, &toml).await;
-    let r = n
-        .post("/api/conversations")
-        .json(&create_body(None))
-        .send()
-        .await
-        .unwrap();
+    let r = n.post("/api/conversations").json(&create_body(None)).send().await.unwrap();
     assert_eq!(r.status(), 201);
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
     let hex = uuid::Uuid::parse_str(&id).unwrap().simple().to_string();
-    let ws = n
-        .dir
-        .path()
-        .join("state/process")
-        .join(&hex)
-        .join("workspace");
+    let ws = n.dir.path().join("state/process").join(&hex).join("workspace");
     let storage = |n: &TestNestor| {
         let url = format!("{}/api/conversations/{id}/runtime", n.url);
         let c = n.client();
         async move {
-            let v: Value = c
-                .get(url)
-                .header("X-Session-API-Key", CLIENT_KEY)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v: Value = c.get(url).header("X-Session-API-Key", CLIENT_KEY).send().await.unwrap().json().await.unwrap();
             v["nestor"]["workspace_storage"].clone()
         }
     };
@@ -107,36 +86,21 @@ async fn a_50_mib_file_round_trips_through_nestor_with_bounded_memory() {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let s = storage(&n).await;
-        if s["workspace"]["stored_bytes"].as_u64() == Some(50 * MIB + 1) && s["pending_bytes"] == 0
-        {
+        if s["workspace"]["stored_bytes"].as_u64() == Some(50 * MIB + 1) && s["pending_bytes"] == 0 {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the 50 MiB file was not pushed: {s}"
-        );
+        assert!(Instant::now() < deadline, "the 50 MiB file was not pushed: {s}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let push_peak = peak_rss().saturating_sub(base);
 
     // Stop, lose the local copy, resume: restored before the child starts.
-    assert_eq!(
-        n.delete(&format!("/api/conversations/{id}/runtime"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        204
-    );
+    assert_eq!(n.delete(&format!("/api/conversations/{id}/runtime")).send().await.unwrap().status(), 204);
     std::fs::remove_dir_all(&ws).unwrap();
     reset_peak_rss();
     let base = rss();
     let started = Instant::now();
-    let r = n
-        .post(&format!("/api/conversations/{id}/runtime/reprovision"))
-        .send()
-        .await
-        .unwrap();
+    let r = n.post(&format!("/api/conversations/{id}/runtime/reprovision")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let restore_time = started.elapsed();
     let pull_peak = peak_rss().saturating_sub(base);
@@ -151,22 +115,9 @@ async fn a_50_mib_file_round_trips_through_nestor_with_bounded_memory() {
     );
     if can_reset {
         // The store's buffer budget (15 MiB) plus the HTTP stack's copies; never the file.
-        assert!(
-            push_peak < 40 * MIB,
-            "push grew nestor's RSS by {push_peak} bytes"
-        );
-        assert!(
-            pull_peak < 24 * MIB,
-            "restore grew nestor's RSS by {pull_peak} bytes"
-        );
+        assert!(push_peak < 40 * MIB, "push grew nestor's RSS by {push_peak} bytes");
+        assert!(pull_peak < 24 * MIB, "restore grew nestor's RSS by {pull_peak} bytes");
     }
-    assert_eq!(
-        n.delete(&format!("/api/conversations/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(n.delete(&format!("/api/conversations/{id}")).send().await.unwrap().status(), 200);
     n.stop().await;
 }

@@ -36,20 +36,11 @@ struct Setup {
 impl Setup {
     fn new(endpoint: &str, test: &str) -> Setup {
         let _ = bucket(endpoint, BUCKET);
-        Setup {
-            endpoint: endpoint.to_owned(),
-            prefix: unique_prefix(test),
-            storage_extra: String::new(),
-            top_extra: String::new(),
-        }
+        Setup { endpoint: endpoint.to_owned(), prefix: unique_prefix(test), storage_extra: String::new(), top_extra: String::new() }
     }
 
     fn toml(&self, state: &Path) -> String {
-        let keys = if self.top_extra.contains("[[users]]") {
-            String::new()
-        } else {
-            format!("session_api_keys = [\"{CLIENT_KEY}\"]\n")
-        };
+        let keys = if self.top_extra.contains("[[users]]") { String::new() } else { format!("session_api_keys = [\"{CLIENT_KEY}\"]\n") };
         format!(
             "bind = \"127.0.0.1:0\"\n{keys}state_dir = \"{}\"\nready_timeout_secs = 30.0\n{}\n\
              [workspace_storage]\nbucket = \"{BUCKET}\"\nprefix = \"{}\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\n\
@@ -72,20 +63,12 @@ impl Setup {
 
     /// The bucket, raw.
     fn raw(&self) -> std::sync::Arc<dyn ObjectStore> {
-        common::config(&self.endpoint, BUCKET, &self.prefix)
-            .build_object_store()
-            .unwrap()
+        common::config(&self.endpoint, BUCKET, &self.prefix).build_object_store().unwrap()
     }
 
     async fn keys(&self) -> Vec<String> {
         let p = object_store::path::Path::parse(&self.prefix).unwrap();
-        let mut keys: Vec<String> = self
-            .raw()
-            .list(Some(&p))
-            .map_ok(|m| m.location.to_string())
-            .try_collect()
-            .await
-            .unwrap();
+        let mut keys: Vec<String> = self.raw().list(Some(&p)).map_ok(|m| m.location.to_string()).try_collect().await.unwrap();
         keys.sort();
         keys
     }
@@ -104,27 +87,13 @@ fn with_key(r: reqwest::RequestBuilder, key: &str) -> reqwest::RequestBuilder {
 }
 
 async fn create_as(n: &TestNestor, key: &str) -> String {
-    let r = with_key(n.client().post(format!("{}/api/conversations", n.url)), key)
-        .json(&create_body(None))
-        .send()
-        .await
-        .unwrap();
+    let r = with_key(n.client().post(format!("{}/api/conversations", n.url)), key).json(&create_body(None)).send().await.unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-    r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
 }
 
 async fn runtime_as(n: &TestNestor, id: &str, key: &str) -> Value {
-    let r = with_key(
-        n.client()
-            .get(format!("{}/api/conversations/{id}/runtime", n.url)),
-        key,
-    )
-    .send()
-    .await
-    .unwrap();
+    let r = with_key(n.client().get(format!("{}/api/conversations/{id}/runtime", n.url)), key).send().await.unwrap();
     assert_eq!(r.status(), 200);
     r.json().await.unwrap()
 }
@@ -134,39 +103,22 @@ async fn storage_as(n: &TestNestor, id: &str, key: &str) -> Value {
 }
 
 async fn send_message_as(n: &TestNestor, id: &str, key: &str, text: &str) -> reqwest::Response {
-    with_key(
-        n.client()
-            .post(format!("{}/api/conversations/{id}/events", n.url)),
-        key,
-    )
-    .json(&json!({"role": "user", "content": [{"type": "text", "text": text}], "run": false}))
-    .send()
-    .await
-    .unwrap()
+    with_key(n.client().post(format!("{}/api/conversations/{id}/events", n.url)), key)
+        .json(&json!({"role": "user", "content": [{"type": "text", "text": text}], "run": false}))
+        .send()
+        .await
+        .unwrap()
 }
 
 async fn event_texts(n: &TestNestor, id: &str, key: &str) -> Vec<String> {
-    let r = with_key(
-        n.client().get(format!(
-            "{}/api/conversations/{id}/events/search?limit=100",
-            n.url
-        )),
-        key,
-    )
-    .send()
-    .await
-    .unwrap();
+    let r = with_key(n.client().get(format!("{}/api/conversations/{id}/events/search?limit=100", n.url)), key).send().await.unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     let v: Value = r.json().await.unwrap();
     v["items"]
         .as_array()
         .unwrap()
         .iter()
-        .filter_map(|e| {
-            e["llm_message"]["content"][0]["text"]
-                .as_str()
-                .map(str::to_owned)
-        })
+        .filter_map(|e| e["llm_message"]["content"][0]["text"].as_str().map(str::to_owned))
         .collect()
 }
 
@@ -192,10 +144,7 @@ async fn wait_stored(n: &TestNestor, id: &str, key: &str, since: time::OffsetDat
     wait_for("a complete push", 30, || async {
         let s = storage_as(n, id, key).await;
         let after = |v: &Value| parse_time(v).is_some_and(|t| t > since);
-        after(&s["workspace"]["last_success_at"])
-            && after(&s["state"]["last_success_at"])
-            && s["pending_bytes"] == 0
-            && s["healthy"] == true
+        after(&s["workspace"]["last_success_at"]) && after(&s["state"]["last_success_at"]) && s["pending_bytes"] == 0 && s["healthy"] == true
     })
     .await;
 }
@@ -224,20 +173,9 @@ async fn a_conversation_resumes_on_a_fresh_host_with_every_file_and_its_history(
     let n = setup.start(tempfile::tempdir().unwrap()).await;
     let id = create_as(&n, CLIENT_KEY).await;
     let d = conv_dir(&n, &id);
-    assert!(
-        d.join("state/conversations")
-            .join(hex(&id))
-            .join("meta.json")
-            .exists(),
-        "state lives under state/"
-    );
+    assert!(d.join("state/conversations").join(hex(&id)).join("meta.json").exists(), "state lives under state/");
     for i in 0..3 {
-        assert_eq!(
-            send_message_as(&n, &id, CLIENT_KEY, &format!("message {i}"))
-                .await
-                .status(),
-            200
-        );
+        assert_eq!(send_message_as(&n, &id, CLIENT_KEY, &format!("message {i}")).await.status(), 200);
     }
     let ws = d.join("workspace");
     write(&ws, "README.md", "# project\n");
@@ -251,43 +189,24 @@ async fn a_conversation_resumes_on_a_fresh_host_with_every_file_and_its_history(
     assert!(history.iter().any(|t| t == "message 2"), "{history:?}");
 
     // Stopped (as the idle policy does): the final push stores everything.
-    let r = n
-        .delete(&format!("/api/conversations/{id}/runtime"))
-        .send()
-        .await
-        .unwrap();
+    let r = n.delete(&format!("/api/conversations/{id}/runtime")).send().await.unwrap();
     assert_eq!(r.status(), 204);
     let s = storage_as(&n, &id, CLIENT_KEY).await;
     assert_eq!(s["healthy"], true, "{s}");
     assert_eq!(s["pending_bytes"], 0, "{s}");
     assert!(s["last_success_at"].is_string(), "{s}");
-    assert!(
-        s["workspace"]["stored_bytes"].as_u64().unwrap() >= 300_000,
-        "{s}"
-    );
+    assert!(s["workspace"]["stored_bytes"].as_u64().unwrap() >= 300_000, "{s}");
     let rt = runtime_as(&n, &id, CLIENT_KEY).await;
-    assert_eq!(
-        rt["runtime_status"], "missing",
-        "the 1.58 fields are kept: {rt}"
-    );
+    assert_eq!(rt["runtime_status"], "missing", "the 1.58 fields are kept: {rt}");
     assert_eq!(rt["can_resume"], true);
 
     // nestor goes away; the conversation's files are gone from this host.
     let dir = n.stop().await;
     let base = format!("{}/default/{}", setup.prefix, hex(&id));
     let keys = setup.keys().await;
-    assert!(
-        keys.contains(&format!("{base}/workspace/manifest.json")),
-        "{keys:?}"
-    );
-    assert!(
-        keys.contains(&format!("{base}/state/manifest.json")),
-        "{keys:?}"
-    );
-    assert!(
-        keys.iter().all(|k| k.starts_with(&format!("{base}/"))),
-        "{keys:?}"
-    );
+    assert!(keys.contains(&format!("{base}/workspace/manifest.json")), "{keys:?}");
+    assert!(keys.contains(&format!("{base}/state/manifest.json")), "{keys:?}");
+    assert!(keys.iter().all(|k| k.starts_with(&format!("{base}/"))), "{keys:?}");
     let n = setup.start(dir).await;
     lose_local_trees(&n, &id);
 
@@ -296,33 +215,14 @@ async fn a_conversation_resumes_on_a_fresh_host_with_every_file_and_its_history(
     assert_eq!(snapshot(&conv_dir(&n, &id).join("workspace")), files);
     // And it goes on from there.
     let t = now();
-    assert_eq!(
-        send_message_as(&n, &id, CLIENT_KEY, "after the move")
-            .await
-            .status(),
-        200
-    );
-    write(
-        &conv_dir(&n, &id).join("workspace"),
-        "new.txt",
-        "written on the new host",
-    );
+    assert_eq!(send_message_as(&n, &id, CLIENT_KEY, "after the move").await.status(), 200);
+    write(&conv_dir(&n, &id).join("workspace"), "new.txt", "written on the new host");
     wait_stored(&n, &id, CLIENT_KEY, t).await;
 
     // Delete with the default on_delete = "keep": pushed once more, objects kept.
-    assert_eq!(
-        n.delete(&format!("/api/conversations/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(n.delete(&format!("/api/conversations/{id}")).send().await.unwrap().status(), 200);
     assert!(!conv_dir(&n, &id).exists());
-    assert!(setup
-        .keys()
-        .await
-        .contains(&format!("{base}/workspace/manifest.json")));
+    assert!(setup.keys().await.contains(&format!("{base}/workspace/manifest.json")));
     n.stop().await;
     purge_prefix(&setup).await;
 }
@@ -344,24 +244,14 @@ async fn a_deleted_file_stays_deleted_after_a_push_and_purge_on_delete_removes_e
     std::fs::remove_dir_all(ws.join("old")).unwrap();
     let t = now();
     wait_stored(&n, &id, CLIENT_KEY, t).await;
-    let generation = storage_as(&n, &id, CLIENT_KEY).await["workspace"]["generation"]
-        .as_u64()
-        .unwrap();
+    let generation = storage_as(&n, &id, CLIENT_KEY).await["workspace"]["generation"].as_u64().unwrap();
     assert!(generation >= 2, "the deletion is a new generation");
 
     // On a fresh host the deleted paths do not come back.
-    let r = n
-        .delete(&format!("/api/conversations/{id}/runtime"))
-        .send()
-        .await
-        .unwrap();
+    let r = n.delete(&format!("/api/conversations/{id}/runtime")).send().await.unwrap();
     assert_eq!(r.status(), 204);
     lose_local_trees(&n, &id);
-    let r = n
-        .post(&format!("/api/conversations/{id}/runtime/reprovision"))
-        .send()
-        .await
-        .unwrap();
+    let r = n.post(&format!("/api/conversations/{id}/runtime/reprovision")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let ws = conv_dir(&n, &id).join("workspace");
     assert!(ws.join("keep.txt").exists());
@@ -369,14 +259,7 @@ async fn a_deleted_file_stays_deleted_after_a_push_and_purge_on_delete_removes_e
 
     // on_delete = "purge": nothing of it stays in the bucket.
     assert!(!setup.keys().await.is_empty());
-    assert_eq!(
-        n.delete(&format!("/api/conversations/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(n.delete(&format!("/api/conversations/{id}")).send().await.unwrap().status(), 200);
     assert_eq!(setup.keys().await, Vec::<String>::new());
     n.stop().await;
 }
@@ -395,38 +278,14 @@ async fn each_users_objects_live_under_their_own_prefix_and_stay_theirs() {
     wait_stored(&n, &a, ALICE, t).await;
     wait_stored(&n, &b, BOB, t).await;
     let keys = setup.keys().await;
-    let (pa, pb) = (
-        format!("{}/alice/{}/", setup.prefix, hex(&a)),
-        format!("{}/bob/{}/", setup.prefix, hex(&b)),
-    );
-    assert!(
-        keys.iter().any(|k| k.starts_with(&pa)) && keys.iter().any(|k| k.starts_with(&pb)),
-        "{keys:?}"
-    );
-    assert!(
-        keys.iter()
-            .all(|k| k.starts_with(&pa) || k.starts_with(&pb)),
-        "{keys:?}"
-    );
+    let (pa, pb) = (format!("{}/alice/{}/", setup.prefix, hex(&a)), format!("{}/bob/{}/", setup.prefix, hex(&b)));
+    assert!(keys.iter().any(|k| k.starts_with(&pa)) && keys.iter().any(|k| k.starts_with(&pb)), "{keys:?}");
+    assert!(keys.iter().all(|k| k.starts_with(&pa) || k.starts_with(&pb)), "{keys:?}");
     // Neither reads the other's status.
-    let r = with_key(
-        n.client()
-            .get(format!("{}/api/conversations/{a}/runtime", n.url)),
-        BOB,
-    )
-    .send()
-    .await
-    .unwrap();
+    let r = with_key(n.client().get(format!("{}/api/conversations/{a}/runtime", n.url)), BOB).send().await.unwrap();
     assert_eq!(r.status(), 404);
     for (id, key) in [(&a, ALICE), (&b, BOB)] {
-        let r = with_key(
-            n.client()
-                .delete(format!("{}/api/conversations/{id}", n.url)),
-            key,
-        )
-        .send()
-        .await
-        .unwrap();
+        let r = with_key(n.client().delete(format!("{}/api/conversations/{id}", n.url)), key).send().await.unwrap();
         assert_eq!(r.status(), 200);
     }
     n.stop().await;
@@ -447,65 +306,25 @@ async fn a_conversation_over_its_quota_gets_a_clear_error_and_keeps_what_was_sto
     let stored = snapshot(&ws);
 
     write(&ws, "huge.bin", noise(2, 400_000));
-    wait_for("the quota refusal", 30, || async {
-        storage_as(&n, &id, CLIENT_KEY).await["over_quota"] == true
-    })
-    .await;
+    wait_for("the quota refusal", 30, || async { storage_as(&n, &id, CLIENT_KEY).await["over_quota"] == true }).await;
     let s = storage_as(&n, &id, CLIENT_KEY).await;
     let err = s["last_error"].as_str().unwrap();
-    assert!(
-        err.contains("quota exceeded") && err.contains("limit 200000") && err.contains("unchanged"),
-        "{s}"
-    );
+    assert!(err.contains("quota exceeded") && err.contains("limit 200000") && err.contains("unchanged"), "{s}");
     assert!(s["pending_bytes"].as_u64().unwrap() >= 400_000, "{s}");
     assert_eq!(s["healthy"], false);
     // New agent work is refused with the reason; reading is not.
     let r = send_message_as(&n, &id, CLIENT_KEY, "more work").await;
     assert_eq!(r.status(), 413);
-    let detail = r.json::<Value>().await.unwrap()["detail"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert!(
-        detail.contains("quota exceeded") && detail.contains("Free space"),
-        "{detail}"
-    );
-    assert_eq!(
-        n.get(&format!("/api/conversations/{id}/events/search"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    let detail = r.json::<Value>().await.unwrap()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("quota exceeded") && detail.contains("Free space"), "{detail}");
+    assert_eq!(n.get(&format!("/api/conversations/{id}/events/search")).send().await.unwrap().status(), 200);
 
     // The stored copy is the last one within the quota: a fresh host gets exactly it.
-    assert_eq!(
-        n.delete(&format!("/api/conversations/{id}/runtime"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        204
-    );
+    assert_eq!(n.delete(&format!("/api/conversations/{id}/runtime")).send().await.unwrap().status(), 204);
     let elsewhere = tempfile::tempdir().unwrap();
-    let store = nestor_workspace_store::WorkspaceStore::connect(
-        &common::config(&ep, BUCKET, &setup.prefix),
-        elsewhere.path().join("cache"),
-    )
-    .unwrap();
-    let c = store
-        .conversation(
-            &nestor_core::UserId::default_user(),
-            nestor_core::ConversationId::parse(&id).unwrap(),
-        )
-        .unwrap();
-    c.pull(
-        nestor_workspace_store::Area::Workspace,
-        &elsewhere.path().join("ws"),
-    )
-    .await
-    .unwrap();
+    let store = nestor_workspace_store::WorkspaceStore::connect(&common::config(&ep, BUCKET, &setup.prefix), elsewhere.path().join("cache")).unwrap();
+    let c = store.conversation(&nestor_core::UserId::default_user(), nestor_core::ConversationId::parse(&id).unwrap()).unwrap();
+    c.pull(nestor_workspace_store::Area::Workspace, &elsewhere.path().join("ws")).await.unwrap();
     assert_eq!(snapshot(&elsewhere.path().join("ws")), stored);
 
     // Cleaning up brings it back (the background retries of the stopped conversation store it).
@@ -516,20 +335,8 @@ async fn a_conversation_over_its_quota_gets_a_clear_error_and_keeps_what_was_sto
         s["over_quota"] == false && s["healthy"] == true && s["pending_bytes"] == 0
     })
     .await;
-    assert_eq!(
-        send_message_as(&n, &id, CLIENT_KEY, "more work")
-            .await
-            .status(),
-        200
-    );
-    assert_eq!(
-        n.delete(&format!("/api/conversations/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(send_message_as(&n, &id, CLIENT_KEY, "more work").await.status(), 200);
+    assert_eq!(n.delete(&format!("/api/conversations/{id}")).send().await.unwrap().status(), 200);
     n.stop().await;
     purge_prefix(&setup).await;
 }
@@ -542,81 +349,36 @@ async fn a_user_over_their_quota_cannot_store_more_nor_create_and_keeps_what_was
     setup.storage_extra = "[workspace_storage.user_quota]\nmax_bytes = 300000\n".into();
     let n = setup.start(tempfile::tempdir().unwrap()).await;
     let a1 = create_as(&n, ALICE).await;
-    write(
-        &conv_dir(&n, &a1).join("workspace"),
-        "one.bin",
-        noise(1, 200_000),
-    );
+    write(&conv_dir(&n, &a1).join("workspace"), "one.bin", noise(1, 200_000));
     let t = now();
     wait_stored(&n, &a1, ALICE, t).await;
     // A second conversation of Alice's would take her over: refused, reported.
     let a2 = create_as(&n, ALICE).await;
-    write(
-        &conv_dir(&n, &a2).join("workspace"),
-        "two.bin",
-        noise(2, 200_000),
-    );
-    wait_for("the user quota refusal", 30, || async {
-        storage_as(&n, &a2, ALICE).await["over_quota"] == true
-    })
-    .await;
+    write(&conv_dir(&n, &a2).join("workspace"), "two.bin", noise(2, 200_000));
+    wait_for("the user quota refusal", 30, || async { storage_as(&n, &a2, ALICE).await["over_quota"] == true }).await;
     let s = storage_as(&n, &a2, ALICE).await;
-    assert!(
-        s["last_error"].as_str().unwrap().contains("for user alice"),
-        "{s}"
-    );
+    assert!(s["last_error"].as_str().unwrap().contains("for user alice"), "{s}");
     assert_eq!(send_message_as(&n, &a2, ALICE, "work").await.status(), 413);
     // Bob is not affected.
     let b = create_as(&n, BOB).await;
-    write(
-        &conv_dir(&n, &b).join("workspace"),
-        "b.bin",
-        noise(3, 200_000),
-    );
+    write(&conv_dir(&n, &b).join("workspace"), "b.bin", noise(3, 200_000));
     let t = now();
     wait_stored(&n, &b, BOB, t).await;
     // Alice's first conversation is intact in the bucket.
-    assert_eq!(
-        storage_as(&n, &a1, ALICE).await["workspace"]["stored_bytes"],
-        200_000
-    );
+    assert_eq!(storage_as(&n, &a1, ALICE).await["workspace"]["stored_bytes"], 200_000);
 
     // The operator lowers the limit below what Alice stores: her creates are refused (413).
     let dir = n.stop().await;
     setup.storage_extra = "[workspace_storage.user_quota]\nmax_bytes = 100000\n".into();
     let n = setup.start(dir).await;
-    let r = with_key(
-        n.client().post(format!("{}/api/conversations", n.url)),
-        ALICE,
-    )
-    .json(&create_body(None))
-    .send()
-    .await
-    .unwrap();
+    let r = with_key(n.client().post(format!("{}/api/conversations", n.url)), ALICE).json(&create_body(None)).send().await.unwrap();
     assert_eq!(r.status(), 413);
-    let detail = r.json::<Value>().await.unwrap()["detail"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert!(
-        detail.contains("user alice") && detail.contains("limit 100000"),
-        "{detail}"
-    );
-    let r = with_key(n.client().post(format!("{}/api/conversations", n.url)), BOB)
-        .json(&create_body(None))
-        .send()
-        .await
-        .unwrap();
+    let detail = r.json::<Value>().await.unwrap()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("user alice") && detail.contains("limit 100000"), "{detail}");
+    let r = with_key(n.client().post(format!("{}/api/conversations", n.url)), BOB).json(&create_body(None)).send().await.unwrap();
     assert_eq!(r.status(), 413, "Bob stores 200 kB too");
     for (id, key) in [(&a1, ALICE), (&a2, ALICE), (&b, BOB)] {
-        let r = with_key(
-            n.client()
-                .delete(format!("{}/api/conversations/{id}", n.url)),
-            key,
-        )
-        .send()
-        .await
-        .unwrap();
+        let r = with_key(n.client().delete(format!("{}/api/conversations/{id}", n.url)), key).send().await.unwrap();
         assert_eq!(r.status(), 200);
     }
     n.stop().await;
@@ -641,27 +403,16 @@ async fn storage_down_during_periodic_pushes_is_retried_reported_and_loses_nothi
     proxy.set_refusing(true);
     proxy.reset_all();
     write(&ws, "during.bin", noise(9, 150_000));
-    assert_eq!(
-        send_message_as(&n, &id, CLIENT_KEY, "during the outage")
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(send_message_as(&n, &id, CLIENT_KEY, "during the outage").await.status(), 200);
     wait_for("failed pushes to be reported", 30, || async {
         let s = storage_as(&n, &id, CLIENT_KEY).await;
         s["consecutive_failures"].as_u64().unwrap_or(0) >= 2 && s["healthy"] == false
     })
     .await;
     let s = storage_as(&n, &id, CLIENT_KEY).await;
-    assert!(
-        s["last_error"].as_str().unwrap().contains("object storage"),
-        "{s}"
-    );
+    assert!(s["last_error"].as_str().unwrap().contains("object storage"), "{s}");
     assert!(s["pending_bytes"].as_u64().unwrap() >= 150_000, "{s}");
-    assert!(
-        parse_time(&s["last_error_at"]).unwrap() > parse_time(&s["last_success_at"]).unwrap(),
-        "{s}"
-    );
+    assert!(parse_time(&s["last_error_at"]).unwrap() > parse_time(&s["last_success_at"]).unwrap(), "{s}");
 
     // It comes back: the next pushes store everything, nothing is lost.
     proxy.set_refusing(false);
@@ -670,53 +421,25 @@ async fn storage_down_during_periodic_pushes_is_retried_reported_and_loses_nothi
     let files = snapshot(&ws);
     let history = event_texts(&n, &id, CLIENT_KEY).await;
     assert!(history.iter().any(|h| h == "during the outage"));
-    assert_eq!(
-        n.delete(&format!("/api/conversations/{id}/runtime"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        204
-    );
+    assert_eq!(n.delete(&format!("/api/conversations/{id}/runtime")).send().await.unwrap().status(), 204);
     lose_local_trees(&n, &id);
     assert_eq!(event_texts(&n, &id, CLIENT_KEY).await, history);
     assert_eq!(snapshot(&conv_dir(&n, &id).join("workspace")), files);
 
     // Storage down when a conversation must be restored: a clear 503 with Retry-After, and
     // nothing half-restored is left for the agent to see.
-    assert_eq!(
-        n.delete(&format!("/api/conversations/{id}/runtime"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        204
-    );
+    assert_eq!(n.delete(&format!("/api/conversations/{id}/runtime")).send().await.unwrap().status(), 204);
     lose_local_trees(&n, &id);
     proxy.set_refusing(true);
     proxy.reset_all();
-    let r = n
-        .get(&format!("/api/conversations/{id}/events/search"))
-        .send()
-        .await
-        .unwrap();
+    let r = n.get(&format!("/api/conversations/{id}/events/search")).send().await.unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
-    assert!(r.json::<Value>().await.unwrap()["detail"]
-        .as_str()
-        .unwrap()
-        .contains("cannot be restored now"));
+    assert!(r.json::<Value>().await.unwrap()["detail"].as_str().unwrap().contains("cannot be restored now"));
     assert!(!conv_dir(&n, &id).join("workspace").exists());
     proxy.set_refusing(false);
     assert_eq!(event_texts(&n, &id, CLIENT_KEY).await, history);
-    assert_eq!(
-        n.delete(&format!("/api/conversations/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(n.delete(&format!("/api/conversations/{id}")).send().await.unwrap().status(), 200);
     n.stop().await;
     purge_prefix(&setup).await;
 }
@@ -726,22 +449,12 @@ async fn a_misconfigured_bucket_stops_nestor_at_start_with_a_clear_error() {
     let ep = s3_or_skip!();
     let setup = Setup::new(&ep, "probe");
     let dir = tempfile::tempdir().unwrap();
-    let toml = setup.toml(&dir.path().join("state")).replace(
-        &format!("bucket = \"{BUCKET}\""),
-        "bucket = \"no-such-bucket-here\"",
-    );
+    let toml = setup.toml(&dir.path().join("state")).replace(&format!("bucket = \"{BUCKET}\""), "bucket = \"no-such-bucket-here\"");
     let path = dir.path().join("nestor.toml");
     std::fs::write(&path, toml).unwrap();
     let cfg = nestor_aggregator::Config::load(Some(&path), &Default::default()).unwrap();
-    let err = nestor_aggregator::AppState::start(cfg, vec![])
-        .await
-        .err()
-        .expect("refuses to start")
-        .to_string();
-    assert!(
-        err.contains("no-such-bucket-here") && err.contains("does not exist"),
-        "{err}"
-    );
+    let err = nestor_aggregator::AppState::start(cfg, vec![]).await.err().expect("refuses to start").to_string();
+    assert!(err.contains("no-such-bucket-here") && err.contains("does not exist"), "{err}");
 }
 
 /// Leaves nothing of a test in the bucket.
@@ -749,9 +462,7 @@ async fn purge_prefix(setup: &Setup) {
     let raw = setup.raw();
     let keys = setup.keys().await;
     for k in keys {
-        let _ = raw
-            .delete(&object_store::path::Path::parse(&k).unwrap())
-            .await;
+        let _ = raw.delete(&object_store::path::Path::parse(&k).unwrap()).await;
     }
 }
 
@@ -778,31 +489,11 @@ async fn a_conversation_directory_of_an_older_nestor_is_moved_to_the_state_layou
         fake_bin().display()
     );
     let n = start_with_toml(dir, &toml).await;
-    let ds = n
-        .state
-        .provisioner
-        .list()
-        .into_iter()
-        .find(|d| d.primary() == Some(nestor_core::ConversationId::from_uuid(id)))
-        .unwrap();
-    n.state
-        .provisioner
-        .ensure_ready(&ds, Duration::from_secs(20))
-        .await
-        .unwrap();
-    assert!(
-        !d.join("conversations").exists()
-            && !d.join("bash_events").exists()
-            && !d.join("persistence").exists()
-    );
-    assert_eq!(
-        std::fs::read_to_string(d.join("state/bash_events/e1")).unwrap(),
-        "event"
-    );
+    let ds = n.state.provisioner.list().into_iter().find(|d| d.primary() == Some(nestor_core::ConversationId::from_uuid(id))).unwrap();
+    n.state.provisioner.ensure_ready(&ds, Duration::from_secs(20)).await.unwrap();
+    assert!(!d.join("conversations").exists() && !d.join("bash_events").exists() && !d.join("persistence").exists());
+    assert_eq!(std::fs::read_to_string(d.join("state/bash_events/e1")).unwrap(), "event");
     assert!(d.join("state/conversations").is_dir() && d.join("state/persistence").is_dir());
-    assert_eq!(
-        std::fs::read_to_string(d.join("workspace/kept.txt")).unwrap(),
-        "kept"
-    );
+    assert_eq!(std::fs::read_to_string(d.join("workspace/kept.txt")).unwrap(), "kept");
     n.stop().await;
 }

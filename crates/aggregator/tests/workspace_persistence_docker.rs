@@ -37,10 +37,7 @@ const PROJECT: &str = "/workspace/project";
 const READY_SECS: u64 = 240;
 
 fn image() -> String {
-    std::env::var("NESTOR_TEST_AGENT_SERVER_IMAGE")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "nestor/agent-server:1.58.2".into())
+    std::env::var("NESTOR_TEST_AGENT_SERVER_IMAGE").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "nestor/agent-server:1.58.2".into())
 }
 
 /// `docker <args>` (the CLI honours `DOCKER_HOST`), bounded; stdout, or why it failed.
@@ -53,24 +50,17 @@ fn docker(args: &[&str]) -> Result<String, String> {
         .output()
         .map_err(|e| format!("cannot run the docker CLI: {e}"))?;
     if !out.status.success() {
-        return Err(format!(
-            "docker {}: {} {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(format!("docker {}: {} {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim()));
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// The engine answers and has the image; else why not.
 fn engine() -> Result<(), String> {
-    docker(&["version", "--format", "{{.Server.Version}}"])
-        .map_err(|e| format!("no Docker engine (scripts/setup-docker.sh): {e}"))?;
+    docker(&["version", "--format", "{{.Server.Version}}"]).map_err(|e| format!("no Docker engine (scripts/setup-docker.sh): {e}"))?;
     let img = image();
-    docker(&["image", "inspect", "--format", "{{.Id}}", &img]).map_err(|_| {
-        format!("image {img} is not present (scripts/build-agent-server-image.sh builds it)")
-    })?;
+    docker(&["image", "inspect", "--format", "{{.Id}}", &img])
+        .map_err(|_| format!("image {img} is not present (scripts/build-agent-server-image.sh builds it)"))?;
     Ok(())
 }
 
@@ -139,16 +129,9 @@ impl Setup {
 
     /// Leaves nothing of the test in the bucket.
     async fn purge(&self) {
-        let raw = common::config(&self.endpoint, BUCKET, &self.prefix)
-            .build_object_store()
-            .unwrap();
+        let raw = common::config(&self.endpoint, BUCKET, &self.prefix).build_object_store().unwrap();
         let p = object_store::path::Path::parse(&self.prefix).unwrap();
-        let keys: Vec<_> = raw
-            .list(Some(&p))
-            .map_ok(|m| m.location)
-            .try_collect()
-            .await
-            .unwrap_or_default();
+        let keys: Vec<_> = raw.list(Some(&p)).map_ok(|m| m.location).try_collect().await.unwrap_or_default();
         for k in keys {
             let _ = raw.delete(&k).await;
         }
@@ -177,25 +160,15 @@ fn container_name(instance: &str, id: &str) -> String {
 
 /// A client whose requests may wait for a container to start (and be restored).
 fn slow_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(READY_SECS + 60))
-        .build()
-        .unwrap()
+    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(READY_SECS + 60)).build().unwrap()
 }
 
 fn call(n: &TestNestor, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-    slow_client()
-        .request(method, format!("{}{path}", n.url))
-        .header("X-Session-API-Key", CLIENT_KEY)
+    slow_client().request(method, format!("{}{path}", n.url)).header("X-Session-API-Key", CLIENT_KEY)
 }
 
 async fn create(n: &TestNestor) -> String {
-    let r = call(n, reqwest::Method::POST, "/api/conversations")
-        .json(&create_body(None))
-        .send()
-        .await
-        .unwrap();
+    let r = call(n, reqwest::Method::POST, "/api/conversations").json(&create_body(None)).send().await.unwrap();
     assert_eq!(r.status(), 201, "create: {}", r.text().await.unwrap());
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["workspace"]["working_dir"], PROJECT, "{v}");
@@ -206,21 +179,8 @@ async fn create(n: &TestNestor) -> String {
 /// nestor); its stdout. Fails the test on a non-zero exit.
 async fn bash(n: &TestNestor, id: &str, command: &str) -> String {
     let body = json!({"command": command, "cwd": PROJECT, "timeout": 60});
-    let r = call(
-        n,
-        reqwest::Method::POST,
-        &format!("/api/conversations/{id}/bash/execute_bash_command"),
-    )
-    .json(&body)
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(
-        r.status(),
-        200,
-        "bash {command:?}: {}",
-        r.text().await.unwrap()
-    );
+    let r = call(n, reqwest::Method::POST, &format!("/api/conversations/{id}/bash/execute_bash_command")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200, "bash {command:?}: {}", r.text().await.unwrap());
     let out: Value = r.json().await.unwrap();
     assert_eq!(out["exit_code"], 0, "bash {command:?}: {out}");
     out["stdout"].as_str().unwrap_or_default().to_owned()
@@ -235,81 +195,36 @@ async fn upload(n: &TestNestor, id: &str, path: &str, content: &[u8]) {
     .into_bytes();
     body.extend_from_slice(content);
     body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    let r = call(
-        n,
-        reqwest::Method::POST,
-        &format!("/api/conversations/{id}/file/upload"),
-    )
-    .query(&[("path", path)])
-    .header(
-        "content-type",
-        format!("multipart/form-data; boundary={boundary}"),
-    )
-    .body(body)
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(
-        r.status(),
-        200,
-        "upload {path}: {}",
-        r.text().await.unwrap()
-    );
+    let r = call(n, reqwest::Method::POST, &format!("/api/conversations/{id}/file/upload"))
+        .query(&[("path", path)])
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "upload {path}: {}", r.text().await.unwrap());
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["file_size"], content.len(), "{v}");
 }
 
 async fn download(n: &TestNestor, id: &str, path: &str) -> Vec<u8> {
-    let r = call(
-        n,
-        reqwest::Method::GET,
-        &format!("/api/conversations/{id}/file/download"),
-    )
-    .query(&[("path", path)])
-    .send()
-    .await
-    .unwrap();
+    let r = call(n, reqwest::Method::GET, &format!("/api/conversations/{id}/file/download")).query(&[("path", path)]).send().await.unwrap();
     assert_eq!(r.status(), 200, "download {path}");
     r.bytes().await.unwrap().to_vec()
 }
 
 async fn send_message(n: &TestNestor, id: &str, text: &str) {
     let body = json!({"role": "user", "content": [{"type": "text", "text": text}], "run": false});
-    let r = call(
-        n,
-        reqwest::Method::POST,
-        &format!("/api/conversations/{id}/events"),
-    )
-    .json(&body)
-    .send()
-    .await
-    .unwrap();
+    let r = call(n, reqwest::Method::POST, &format!("/api/conversations/{id}/events")).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 200, "send message: {}", r.text().await.unwrap());
 }
 
 /// The conversation's events as (id, kind), in order.
 async fn history(n: &TestNestor, id: &str) -> Vec<(String, String)> {
-    let r = call(
-        n,
-        reqwest::Method::GET,
-        &format!("/api/conversations/{id}/events/search?limit=100"),
-    )
-    .send()
-    .await
-    .unwrap();
+    let r = call(n, reqwest::Method::GET, &format!("/api/conversations/{id}/events/search?limit=100")).send().await.unwrap();
     assert_eq!(r.status(), 200, "events: {}", r.text().await.unwrap());
     let v: Value = r.json().await.unwrap();
-    v["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["id"].as_str().unwrap_or_default().to_owned(),
-                e["kind"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect()
+    v["items"].as_array().unwrap().iter().map(|e| (e["id"].as_str().unwrap_or_default().to_owned(), e["kind"].as_str().unwrap_or_default().to_owned())).collect()
 }
 
 /// Every path of the project as the container sees it: type, mode, symlink target, and a
@@ -320,22 +235,12 @@ async fn inventory(n: &TestNestor, id: &str) -> String {
 
 /// The runtime's storage status says everything is stored.
 async fn assert_stored(n: &TestNestor, id: &str) {
-    let r = call(
-        n,
-        reqwest::Method::GET,
-        &format!("/api/conversations/{id}/runtime"),
-    )
-    .send()
-    .await
-    .unwrap();
+    let r = call(n, reqwest::Method::GET, &format!("/api/conversations/{id}/runtime")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let s = r.json::<Value>().await.unwrap()["nestor"]["workspace_storage"].clone();
     assert_eq!(s["healthy"], true, "{s}");
     assert_eq!(s["pending_bytes"], 0, "{s}");
-    assert!(
-        s["workspace"]["stored_bytes"].as_u64().unwrap_or(0) >= 100_000,
-        "{s}"
-    );
+    assert!(s["workspace"]["stored_bytes"].as_u64().unwrap_or(0) >= 100_000, "{s}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -343,14 +248,8 @@ async fn files_and_history_survive_losing_the_container_and_the_local_data() {
     require_engine!();
     let ep = s3_or_skip!();
     let _ = bucket(&ep, BUCKET);
-    let setup = Setup {
-        endpoint: ep,
-        prefix: unique_prefix("docker"),
-        instance: format!("t-wsp-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
-    };
-    let _cleanup = Cleanup {
-        instance: setup.instance.clone(),
-    };
+    let setup = Setup { endpoint: ep, prefix: unique_prefix("docker"), instance: format!("t-wsp-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]) };
+    let _cleanup = Cleanup { instance: setup.instance.clone() };
     let n = setup.start(tempfile::tempdir().unwrap()).await;
     let id = create(&n).await;
 
@@ -366,91 +265,42 @@ async fn files_and_history_survive_losing_the_container_and_the_local_data() {
     .await;
     send_message(&n, &id, "remember this across containers").await;
     let files = inventory(&n, &id).await;
-    for p in [
-        "./uploaded.bin",
-        "./src/deep/main.rs",
-        "./numbers.txt",
-        "./link -> numbers.txt",
-        "./empty/dir",
-    ] {
+    for p in ["./uploaded.bin", "./src/deep/main.rs", "./numbers.txt", "./link -> numbers.txt", "./empty/dir"] {
         assert!(files.contains(p), "{p} in {files}");
     }
     let events = history(&n, &id).await;
-    assert!(
-        events.iter().any(|(_, k)| k == "MessageEvent"),
-        "{events:?}"
-    );
+    assert!(events.iter().any(|(_, k)| k == "MessageEvent"), "{events:?}");
 
     // Stopped: the final push stores it all.
-    let r = call(
-        &n,
-        reqwest::Method::DELETE,
-        &format!("/api/conversations/{id}/runtime"),
-    )
-    .send()
-    .await
-    .unwrap();
+    let r = call(&n, reqwest::Method::DELETE, &format!("/api/conversations/{id}/runtime")).send().await.unwrap();
     assert_eq!(r.status(), 204);
     assert_stored(&n, &id).await;
     let name = container_name(&setup.instance, &id);
-    let old_container =
-        docker(&["inspect", "--format", "{{.Id}}", &name]).expect("the stopped container is kept");
+    let old_container = docker(&["inspect", "--format", "{{.Id}}", &name]).expect("the stopped container is kept");
 
     // nestor restarts; the container and this host's copy of the files are gone.
     let dir = n.stop().await;
     docker(&["rm", "-f", &name]).unwrap();
     let data = dir.path().join("state/docker/data").join(hex(&id));
-    assert!(
-        data.join("project/uploaded.bin").exists(),
-        "the data directory is where the docs say"
-    );
+    assert!(data.join("project/uploaded.bin").exists(), "the data directory is where the docs say");
     std::fs::remove_dir_all(&data).unwrap();
     let _ = std::fs::remove_dir_all(dir.path().join("state/workspace-store"));
-    assert!(
-        docker(&["inspect", &name]).is_err(),
-        "the container is gone"
-    );
+    assert!(docker(&["inspect", &name]).is_err(), "the container is gone");
     let n = setup.start(dir).await;
 
     // The next request restores, then starts a new container: everything is there.
-    assert_eq!(
-        history(&n, &id).await,
-        events,
-        "the history after the restore"
-    );
-    let new_container =
-        docker(&["inspect", "--format", "{{.Id}}", &name]).expect("a new container");
+    assert_eq!(history(&n, &id).await, events, "the history after the restore");
+    let new_container = docker(&["inspect", "--format", "{{.Id}}", &name]).expect("a new container");
     assert_ne!(new_container, old_container);
-    assert_eq!(
-        inventory(&n, &id).await,
-        files,
-        "the files after the restore"
-    );
-    assert_eq!(
-        download(&n, &id, &format!("{PROJECT}/uploaded.bin")).await,
-        uploaded
-    );
-    assert!(
-        data.join("project/uploaded.bin").exists(),
-        "restored into a new data directory"
-    );
-    eprintln!(
-        "restored into a new container: {} events, {} inventory lines",
-        events.len(),
-        files.lines().count()
-    );
+    assert_eq!(inventory(&n, &id).await, files, "the files after the restore");
+    assert_eq!(download(&n, &id, &format!("{PROJECT}/uploaded.bin")).await, uploaded);
+    assert!(data.join("project/uploaded.bin").exists(), "restored into a new data directory");
+    eprintln!("restored into a new container: {} events, {} inventory lines", events.len(), files.lines().count());
     // And the conversation goes on in it.
     send_message(&n, &id, "after the move").await;
     bash(&n, &id, "echo more >> numbers.txt").await;
 
-    let r = call(
-        &n,
-        reqwest::Method::DELETE,
-        &format!("/api/conversations/{id}"),
-    )
-    .send()
-    .await
-    .unwrap();
+    let r = call(&n, reqwest::Method::DELETE, &format!("/api/conversations/{id}")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     n.stop().await;
     setup.purge().await;

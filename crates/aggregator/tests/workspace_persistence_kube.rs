@@ -55,12 +55,7 @@ fn docker(args: &[&str]) -> Result<String, String> {
         .output()
         .map_err(|e| format!("cannot run the docker CLI: {e}"))?;
     if !out.status.success() {
-        return Err(format!(
-            "docker {}: {} {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(format!("docker {}: {} {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim()));
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
@@ -78,41 +73,22 @@ fn build_sync_image() -> Result<String, String> {
     let bin = env!("CARGO_BIN_EXE_nestor");
     // nestor's own runtime base when it was built (scripts/build-nestor-image.sh); else the
     // agent-server image, which CI always has (Debian trixie too, with user 10001).
-    let base = docker(&[
-        "images",
-        "nestor/runtime-base",
-        "--format",
-        "{{.Repository}}:{{.Tag}}",
-    ])?
-    .lines()
-    .find(|l| !l.ends_with(":<none>"))
-    .map(str::to_owned)
-    .unwrap_or_else(agent_server_image);
-    let out = Command::new("sha256sum")
-        .arg(bin)
-        .output()
-        .map_err(|e| format!("sha256sum: {e}"))?;
-    let hash = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned();
+    let base = docker(&["images", "nestor/runtime-base", "--format", "{{.Repository}}:{{.Tag}}"])?
+        .lines()
+        .find(|l| !l.ends_with(":<none>"))
+        .map(str::to_owned)
+        .unwrap_or_else(agent_server_image);
+    let out = Command::new("sha256sum").arg(bin).output().map_err(|e| format!("sha256sum: {e}"))?;
+    let hash = String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_owned();
     let base_id = docker(&["image", "inspect", "--format", "{{.Id}}", &base])?;
-    let tag = format!(
-        "nestor-sync-test:{}-{}",
-        &hash[..12],
-        &base_id.trim_start_matches("sha256:")[..8]
-    );
+    let tag = format!("nestor-sync-test:{}-{}", &hash[..12], &base_id.trim_start_matches("sha256:")[..8]);
     if docker(&["image", "inspect", "--format", "{{.Id}}", &tag]).is_ok() {
         return Ok(tag);
     }
     let t0 = Instant::now();
     let ctx = tempfile::tempdir().map_err(|e| e.to_string())?;
     std::fs::copy(bin, ctx.path().join("nestor")).map_err(|e| format!("copy {bin}: {e}"))?;
-    let _ = Command::new("strip")
-        .arg("--strip-debug")
-        .arg(ctx.path().join("nestor"))
-        .status();
+    let _ = Command::new("strip").arg("--strip-debug").arg(ctx.path().join("nestor")).status();
     std::fs::create_dir(ctx.path().join("empty")).map_err(|e| e.to_string())?;
     std::fs::write(
         ctx.path().join("Dockerfile"),
@@ -131,23 +107,14 @@ fn build_sync_image() -> Result<String, String> {
 
 async fn prerequisites() -> Result<(KubeEnv, String), String> {
     let env = kube_env::prerequisites().await?;
-    let img = tokio::task::spawn_blocking(sync_image)
-        .await
-        .map_err(|e| e.to_string())??;
+    let img = tokio::task::spawn_blocking(sync_image).await.map_err(|e| e.to_string())??;
     Ok((env, img))
 }
 
 /// The Docker bridge's gateway: a local address the pods' containers reach.
 fn bridge_gateway() -> Result<std::net::Ipv4Addr, String> {
-    let gw = docker(&[
-        "network",
-        "inspect",
-        "bridge",
-        "--format",
-        "{{(index .IPAM.Config 0).Gateway}}",
-    ])?;
-    gw.parse()
-        .map_err(|e| format!("bridge gateway {gw:?}: {e}"))
+    let gw = docker(&["network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"])?;
+    gw.parse().map_err(|e| format!("bridge gateway {gw:?}: {e}"))
 }
 
 struct Fixture {
@@ -211,15 +178,9 @@ final_push_secs = 20
 
     /// Objects of the test in the bucket.
     async fn stored_keys(&self) -> Vec<String> {
-        let raw = common::config(&self.s3, BUCKET, &self.prefix)
-            .build_object_store()
-            .unwrap();
+        let raw = common::config(&self.s3, BUCKET, &self.prefix).build_object_store().unwrap();
         let p = object_store::path::Path::parse(&self.prefix).unwrap();
-        raw.list(Some(&p))
-            .map_ok(|m| m.location.to_string())
-            .try_collect()
-            .await
-            .unwrap_or_default()
+        raw.list(Some(&p)).map_ok(|m| m.location.to_string()).try_collect().await.unwrap_or_default()
     }
 
     async fn finish(mut self) {
@@ -230,44 +191,22 @@ final_push_secs = 20
         self.proxy.stop();
         let d = node_agent::connect_docker(None).await.unwrap();
         let (cs, vs) = node_agent::leftovers(&d, &self.node).await;
-        assert!(
-            cs.is_empty() && vs.is_empty(),
-            "node agent left {cs:?} {vs:?}"
-        );
+        assert!(cs.is_empty() && vs.is_empty(), "node agent left {cs:?} {vs:?}");
     }
 }
 
 fn slow_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(READY_SECS + 60))
-        .build()
-        .unwrap()
+    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(READY_SECS + 60)).build().unwrap()
 }
 
 fn call(n: &TestNestor, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-    slow_client()
-        .request(method, format!("{}{path}", n.url))
-        .header("X-Session-API-Key", CLIENT_KEY)
+    slow_client().request(method, format!("{}{path}", n.url)).header("X-Session-API-Key", CLIENT_KEY)
 }
 
 async fn bash(n: &TestNestor, id: &str, command: &str) -> String {
     let body = json!({"command": command, "cwd": PROJECT, "timeout": 60});
-    let r = call(
-        n,
-        reqwest::Method::POST,
-        &format!("/api/conversations/{id}/bash/execute_bash_command"),
-    )
-    .json(&body)
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(
-        r.status(),
-        200,
-        "bash {command:?}: {}",
-        r.text().await.unwrap()
-    );
+    let r = call(n, reqwest::Method::POST, &format!("/api/conversations/{id}/bash/execute_bash_command")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200, "bash {command:?}: {}", r.text().await.unwrap());
     let out: Value = r.json().await.unwrap();
     assert_eq!(out["exit_code"], 0, "bash {command:?}: {out}");
     out["stdout"].as_str().unwrap_or_default().to_owned()
@@ -281,78 +220,33 @@ async fn upload(n: &TestNestor, id: &str, path: &str, content: &[u8]) {
     .into_bytes();
     body.extend_from_slice(content);
     body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    let r = call(
-        n,
-        reqwest::Method::POST,
-        &format!("/api/conversations/{id}/file/upload"),
-    )
-    .query(&[("path", path)])
-    .header(
-        "content-type",
-        format!("multipart/form-data; boundary={boundary}"),
-    )
-    .body(body)
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(
-        r.status(),
-        200,
-        "upload {path}: {}",
-        r.text().await.unwrap()
-    );
+    let r = call(n, reqwest::Method::POST, &format!("/api/conversations/{id}/file/upload"))
+        .query(&[("path", path)])
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "upload {path}: {}", r.text().await.unwrap());
 }
 
 async fn download(n: &TestNestor, id: &str, path: &str) -> Vec<u8> {
-    let r = call(
-        n,
-        reqwest::Method::GET,
-        &format!("/api/conversations/{id}/file/download"),
-    )
-    .query(&[("path", path)])
-    .send()
-    .await
-    .unwrap();
+    let r = call(n, reqwest::Method::GET, &format!("/api/conversations/{id}/file/download")).query(&[("path", path)]).send().await.unwrap();
     assert_eq!(r.status(), 200, "download {path}");
     r.bytes().await.unwrap().to_vec()
 }
 
 async fn send_message(n: &TestNestor, id: &str, text: &str) {
     let body = json!({"role": "user", "content": [{"type": "text", "text": text}], "run": false});
-    let r = call(
-        n,
-        reqwest::Method::POST,
-        &format!("/api/conversations/{id}/events"),
-    )
-    .json(&body)
-    .send()
-    .await
-    .unwrap();
+    let r = call(n, reqwest::Method::POST, &format!("/api/conversations/{id}/events")).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 200, "send message: {}", r.text().await.unwrap());
 }
 
 async fn history(n: &TestNestor, id: &str) -> Vec<(String, String)> {
-    let r = call(
-        n,
-        reqwest::Method::GET,
-        &format!("/api/conversations/{id}/events/search?limit=100"),
-    )
-    .send()
-    .await
-    .unwrap();
+    let r = call(n, reqwest::Method::GET, &format!("/api/conversations/{id}/events/search?limit=100")).send().await.unwrap();
     assert_eq!(r.status(), 200, "events: {}", r.text().await.unwrap());
     let v: Value = r.json().await.unwrap();
-    v["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["id"].as_str().unwrap_or_default().to_owned(),
-                e["kind"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect()
+    v["items"].as_array().unwrap().iter().map(|e| (e["id"].as_str().unwrap_or_default().to_owned(), e["kind"].as_str().unwrap_or_default().to_owned())).collect()
 }
 
 async fn inventory(n: &TestNestor, id: &str) -> String {
@@ -360,36 +254,20 @@ async fn inventory(n: &TestNestor, id: &str) -> String {
 }
 
 async fn storage_status(n: &TestNestor, id: &str) -> Value {
-    let r = call(
-        n,
-        reqwest::Method::GET,
-        &format!("/api/conversations/{id}/runtime"),
-    )
-    .send()
-    .await
-    .unwrap();
+    let r = call(n, reqwest::Method::GET, &format!("/api/conversations/{id}/runtime")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     r.json::<Value>().await.unwrap()["nestor"]["workspace_storage"].clone()
 }
 
 /// Polls the runtime's storage status until `ok` holds (bounded); the last status.
-async fn wait_status(
-    n: &TestNestor,
-    id: &str,
-    what: &str,
-    within: Duration,
-    ok: impl Fn(&Value) -> bool,
-) -> Value {
+async fn wait_status(n: &TestNestor, id: &str, what: &str, within: Duration, ok: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + within;
     loop {
         let s = storage_status(n, id).await;
         if ok(&s) {
             return s;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {s}"
-        );
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: {s}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -419,55 +297,25 @@ async fn start(test: &str, on_delete: &str, storage_extra: &str) -> Option<(Fixt
         }
     };
     let _ = bucket(&s3, BUCKET);
-    let target: SocketAddr = s3
-        .trim_start_matches("http://")
-        .parse()
-        .expect("the S3 endpoint is host:port");
-    let proxy = ChaosProxy::start_on(SocketAddr::from((bridge_gateway().unwrap(), 0)), target)
-        .await
-        .unwrap();
-    let ns = TestNamespace::create(&env, test)
-        .await
-        .expect("test namespace");
+    let target: SocketAddr = s3.trim_start_matches("http://").parse().expect("the S3 endpoint is host:port");
+    let proxy = ChaosProxy::start_on(SocketAddr::from((bridge_gateway().unwrap(), 0)), target).await.unwrap();
+    let ns = TestNamespace::create(&env, test).await.expect("test namespace");
     let node = format!("node-{}", ns.name);
-    let agent = NodeAgent::start(NodeAgentConfig {
-        kubeconfig: env.admin.clone(),
-        namespace: ns.name.clone(),
-        node_name: node.clone(),
-        docker_host: None,
-    })
-    .await
-    .expect("node agent");
-    let fx = Fixture {
-        ns,
-        agent: Some(agent),
-        node,
-        proxy,
-        s3,
-        prefix: unique_prefix(test),
-        sync_image,
-    };
+    let agent = NodeAgent::start(NodeAgentConfig { kubeconfig: env.admin.clone(), namespace: ns.name.clone(), node_name: node.clone(), docker_host: None })
+        .await
+        .expect("node agent");
+    let fx = Fixture { ns, agent: Some(agent), node, proxy, s3, prefix: unique_prefix(test), sync_image };
     let dir = tempfile::tempdir().unwrap();
     let toml = fx
         .toml(&dir.path().join("state"), &env)
-        .replace(
-            "on_delete = \"purge\"",
-            &format!("on_delete = \"{on_delete}\""),
-        )
-        .replace(
-            "[workspace_storage.retry]",
-            &format!("{storage_extra}\n[workspace_storage.retry]"),
-        );
+        .replace("on_delete = \"purge\"", &format!("on_delete = \"{on_delete}\""))
+        .replace("[workspace_storage.retry]", &format!("{storage_extra}\n[workspace_storage.retry]"));
     let n = start_with_toml(dir, &toml).await;
     Some((fx, n))
 }
 
 async fn create(n: &TestNestor) -> String {
-    let r = call(n, reqwest::Method::POST, "/api/conversations")
-        .json(&create_body(None))
-        .send()
-        .await
-        .unwrap();
+    let r = call(n, reqwest::Method::POST, "/api/conversations").json(&create_body(None)).send().await.unwrap();
     assert_eq!(r.status(), 201, "create: {}", r.text().await.unwrap());
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["workspace"]["working_dir"], PROJECT, "{v}");
@@ -476,40 +324,23 @@ async fn create(n: &TestNestor) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn files_and_history_come_back_in_a_fresh_pod_from_the_bucket() {
-    let Some((fx, n)) = start("n-wsp", "purge", "").await else {
-        return;
-    };
+    let Some((fx, n)) = start("n-wsp", "purge", "").await else { return };
 
     // A conversation in its pod: the restore ran first, the sidecar beside the agent-server.
     let t0 = Instant::now();
     let id = create(&n).await;
-    eprintln!(
-        "TIMING create (init restore + agent-server + sidecar): {:?}",
-        t0.elapsed()
-    );
+    eprintln!("TIMING create (init restore + agent-server + sidecar): {:?}", t0.elapsed());
     let pods = pod_names(&fx.ns).await;
     assert_eq!(pods.len(), 1, "{pods:?}");
     let api: kube::Api<Pod> = kube::Api::namespaced(fx.ns.client(), &fx.ns.name);
     let pod = api.get(&pods[0]).await.unwrap();
     let spec = pod.spec.as_ref().unwrap();
-    assert_eq!(
-        spec.init_containers.as_ref().unwrap()[0].name,
-        "workspace-sync-pull"
-    );
+    assert_eq!(spec.init_containers.as_ref().unwrap()[0].name, "workspace-sync-pull");
     let names: Vec<_> = spec.containers.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["agent-server", "workspace-sync"]);
     let st = pod.status.as_ref().unwrap();
     let init = &st.init_container_statuses.as_ref().unwrap()[0];
-    assert_eq!(
-        init.state
-            .as_ref()
-            .unwrap()
-            .terminated
-            .as_ref()
-            .map(|t| t.exit_code),
-        Some(0),
-        "{init:?}"
-    );
+    assert_eq!(init.state.as_ref().unwrap().terminated.as_ref().map(|t| t.exit_code), Some(0), "{init:?}");
 
     // Written like clients write: an upload, the agent's shell, a message.
     let uploaded = noise(7, 300_000);
@@ -524,17 +355,9 @@ async fn files_and_history_come_back_in_a_fresh_pod_from_the_bucket() {
     send_message(&n, &id, "remember this across pods").await;
 
     // The sidecar pushes on its own, and nestor shows its status.
-    let s = wait_status(
-        &n,
-        &id,
-        "a periodic push of everything",
-        Duration::from_secs(60),
-        |s| {
-            s["healthy"] == true
-                && s["pending_bytes"] == 0
-                && s["workspace"]["stored_bytes"].as_u64().unwrap_or(0) >= 300_000
-        },
-    )
+    let s = wait_status(&n, &id, "a periodic push of everything", Duration::from_secs(60), |s| {
+        s["healthy"] == true && s["pending_bytes"] == 0 && s["workspace"]["stored_bytes"].as_u64().unwrap_or(0) >= 300_000
+    })
     .await;
     assert_eq!(s["pushed_by"], "pod", "{s}");
     assert_eq!(s["sidecar"]["reachable"], true, "{s}");
@@ -543,134 +366,60 @@ async fn files_and_history_come_back_in_a_fresh_pod_from_the_bucket() {
 
     // A deleted file is deleted from the stored copy too.
     bash(&n, &id, "rm doomed.txt").await;
-    wait_status(
-        &n,
-        &id,
-        "the deletion pushed",
-        Duration::from_secs(60),
-        |s| {
-            s["healthy"] == true
-                && s["workspace"]["stored_files"].as_u64() == Some(stored_files - 1)
-        },
-    )
+    wait_status(&n, &id, "the deletion pushed", Duration::from_secs(60), |s| {
+        s["healthy"] == true && s["workspace"]["stored_files"].as_u64() == Some(stored_files - 1)
+    })
     .await;
 
     // Storage down during periodic pushes: reported, then recovered.
     fx.proxy.set_refusing(true);
     fx.proxy.reset_all();
     bash(&n, &id, "echo during-outage > outage.txt").await;
-    let s = wait_status(
-        &n,
-        &id,
-        "the failed pushes reported",
-        Duration::from_secs(60),
-        |s| s["healthy"] == false && s["consecutive_failures"].as_u64().unwrap_or(0) > 0,
-    )
+    let s = wait_status(&n, &id, "the failed pushes reported", Duration::from_secs(60), |s| {
+        s["healthy"] == false && s["consecutive_failures"].as_u64().unwrap_or(0) > 0
+    })
     .await;
-    assert!(
-        s["last_error"].as_str().is_some_and(|e| !e.is_empty()),
-        "{s}"
-    );
+    assert!(s["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{s}");
     fx.proxy.set_refusing(false);
-    wait_status(
-        &n,
-        &id,
-        "recovery after the outage",
-        Duration::from_secs(90),
-        |s| s["healthy"] == true && s["pending_bytes"] == 0,
-    )
-    .await;
+    wait_status(&n, &id, "recovery after the outage", Duration::from_secs(90), |s| s["healthy"] == true && s["pending_bytes"] == 0).await;
 
     let files = inventory(&n, &id).await;
-    for p in [
-        "./uploaded.bin",
-        "./src/deep/main.rs",
-        "./numbers.txt",
-        "./link -> numbers.txt",
-        "./empty/dir",
-        "./outage.txt",
-    ] {
+    for p in ["./uploaded.bin", "./src/deep/main.rs", "./numbers.txt", "./link -> numbers.txt", "./empty/dir", "./outage.txt"] {
         assert!(files.contains(p), "{p} in {files}");
     }
     assert!(!files.contains("doomed.txt"), "{files}");
     let events = history(&n, &id).await;
-    assert!(
-        events.iter().any(|(_, k)| k == "MessageEvent"),
-        "{events:?}"
-    );
+    assert!(events.iter().any(|(_, k)| k == "MessageEvent"), "{events:?}");
 
     // Idle stop: the pod (and its emptyDir) goes; the Secret stays.
     let t0 = Instant::now();
-    let r = call(
-        &n,
-        reqwest::Method::DELETE,
-        &format!("/api/conversations/{id}/runtime"),
-    )
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(
-        r.status(),
-        204,
-        "stop: {}",
-        r.text().await.unwrap_or_default()
-    );
+    let r = call(&n, reqwest::Method::DELETE, &format!("/api/conversations/{id}/runtime")).send().await.unwrap();
+    assert_eq!(r.status(), 204, "stop: {}", r.text().await.unwrap_or_default());
     let deadline = Instant::now() + Duration::from_secs(60);
     while !pod_names(&fx.ns).await.is_empty() {
         assert!(Instant::now() < deadline, "the pod is not gone");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    eprintln!(
-        "TIMING stop (final push + pod deletion): {:?}",
-        t0.elapsed()
-    );
+    eprintln!("TIMING stop (final push + pod deletion): {:?}", t0.elapsed());
     let s = storage_status(&n, &id).await;
     assert_eq!(s["sidecar"]["reachable"], false, "{s}");
     assert_eq!(s["healthy"], true, "the last status stays visible: {s}");
 
     // The next request starts a fresh pod, restored from the bucket before the agent starts.
     let t0 = Instant::now();
-    assert_eq!(
-        history(&n, &id).await,
-        events,
-        "the history after the restore"
-    );
-    eprintln!(
-        "TIMING resume (new pod, restore, agent-server ready): {:?}",
-        t0.elapsed()
-    );
+    assert_eq!(history(&n, &id).await, events, "the history after the restore");
+    eprintln!("TIMING resume (new pod, restore, agent-server ready): {:?}", t0.elapsed());
     let pods = pod_names(&fx.ns).await;
     assert_eq!(pods.len(), 1);
-    assert_ne!(
-        api.get(&pods[0]).await.unwrap().metadata.uid,
-        pod.metadata.uid,
-        "a new pod"
-    );
-    assert_eq!(
-        inventory(&n, &id).await,
-        files,
-        "the files after the restore"
-    );
-    assert_eq!(
-        download(&n, &id, &format!("{PROJECT}/uploaded.bin")).await,
-        uploaded
-    );
+    assert_ne!(api.get(&pods[0]).await.unwrap().metadata.uid, pod.metadata.uid, "a new pod");
+    assert_eq!(inventory(&n, &id).await, files, "the files after the restore");
+    assert_eq!(download(&n, &id, &format!("{PROJECT}/uploaded.bin")).await, uploaded);
     send_message(&n, &id, "after the move").await;
-    wait_status(&n, &id, "pushing again", Duration::from_secs(60), |s| {
-        s["healthy"] == true && s["sidecar"]["reachable"] == true
-    })
-    .await;
+    wait_status(&n, &id, "pushing again", Duration::from_secs(60), |s| s["healthy"] == true && s["sidecar"]["reachable"] == true).await;
 
     // Delete with on_delete = "purge": no objects, no pods, Secrets or PVCs.
     assert!(!fx.stored_keys().await.is_empty());
-    let r = call(
-        &n,
-        reqwest::Method::DELETE,
-        &format!("/api/conversations/{id}"),
-    )
-    .send()
-    .await
-    .unwrap();
+    let r = call(&n, reqwest::Method::DELETE, &format!("/api/conversations/{id}")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -679,10 +428,7 @@ async fn files_and_history_come_back_in_a_fresh_pod_from_the_bucket() {
         if (o.0.len(), o.1.len(), o.2.len()) == (0, 0, 0) && keys.is_empty() {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "left after delete: {o:?} {keys:?}"
-        );
+        assert!(Instant::now() < deadline, "left after delete: {o:?} {keys:?}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     n.stop().await;
@@ -691,15 +437,10 @@ async fn files_and_history_come_back_in_a_fresh_pod_from_the_bucket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stop_whose_final_push_fails_keeps_the_pod_and_delete_keeps_the_stored_copy() {
-    let Some((fx, n)) = start("n-wsk", "keep", "").await else {
-        return;
-    };
+    let Some((fx, n)) = start("n-wsk", "keep", "").await else { return };
     let id = create(&n).await;
     bash(&n, &id, "seq 1 5000 > kept.txt").await;
-    wait_status(&n, &id, "a periodic push", Duration::from_secs(60), |s| {
-        s["healthy"] == true && s["pending_bytes"] == 0
-    })
-    .await;
+    wait_status(&n, &id, "a periodic push", Duration::from_secs(60), |s| s["healthy"] == true && s["pending_bytes"] == 0).await;
     let pods = pod_names(&fx.ns).await;
     assert_eq!(pods.len(), 1);
 
@@ -708,14 +449,7 @@ async fn a_stop_whose_final_push_fails_keeps_the_pod_and_delete_keeps_the_stored
     bash(&n, &id, "echo late > late.txt").await;
     fx.proxy.set_refusing(true);
     fx.proxy.reset_all();
-    let r = call(
-        &n,
-        reqwest::Method::DELETE,
-        &format!("/api/conversations/{id}/runtime"),
-    )
-    .send()
-    .await
-    .unwrap();
+    let r = call(&n, reqwest::Method::DELETE, &format!("/api/conversations/{id}/runtime")).send().await.unwrap();
     let status = r.status();
     let body = r.text().await.unwrap_or_default();
     assert_eq!(status, 503, "{body}");
@@ -726,35 +460,17 @@ async fn a_stop_whose_final_push_fails_keeps_the_pod_and_delete_keeps_the_stored
 
     // Storage back: the stop succeeds, and the file written during the outage is stored.
     fx.proxy.set_refusing(false);
-    let r = call(
-        &n,
-        reqwest::Method::DELETE,
-        &format!("/api/conversations/{id}/runtime"),
-    )
-    .send()
-    .await
-    .unwrap();
+    let r = call(&n, reqwest::Method::DELETE, &format!("/api/conversations/{id}/runtime")).send().await.unwrap();
     assert_eq!(r.status(), 204, "{}", r.text().await.unwrap_or_default());
     let deadline = Instant::now() + Duration::from_secs(60);
     while !pod_names(&fx.ns).await.is_empty() {
         assert!(Instant::now() < deadline, "the pod is not gone");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert_eq!(
-        bash(&n, &id, "cat late.txt").await.trim(),
-        "late",
-        "restored in a fresh pod"
-    );
+    assert_eq!(bash(&n, &id, "cat late.txt").await.trim(), "late", "restored in a fresh pod");
 
     // Delete with on_delete = "keep": the cluster objects go, the stored copy stays.
-    let r = call(
-        &n,
-        reqwest::Method::DELETE,
-        &format!("/api/conversations/{id}"),
-    )
-    .send()
-    .await
-    .unwrap();
+    let r = call(&n, reqwest::Method::DELETE, &format!("/api/conversations/{id}")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -766,14 +482,8 @@ async fn a_stop_whose_final_push_fails_keeps_the_pod_and_delete_keeps_the_stored
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let keys = fx.stored_keys().await;
-    assert!(
-        keys.iter().any(|k| k.ends_with("/workspace/manifest.json")),
-        "{keys:?}"
-    );
-    assert!(
-        keys.iter().any(|k| k.ends_with("/state/manifest.json")),
-        "{keys:?}"
-    );
+    assert!(keys.iter().any(|k| k.ends_with("/workspace/manifest.json")), "{keys:?}");
+    assert!(keys.iter().any(|k| k.ends_with("/state/manifest.json")), "{keys:?}");
     n.stop().await;
     purge_prefix(&fx).await;
     fx.finish().await;
@@ -781,70 +491,29 @@ async fn a_stop_whose_final_push_fails_keeps_the_pod_and_delete_keeps_the_stored
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_quota_refusal_in_the_pod_is_reported_and_refuses_new_work() {
-    let Some((fx, n)) = start(
-        "n-wsq",
-        "purge",
-        "[workspace_storage.quota]\nmax_bytes = 2000000",
-    )
-    .await
-    else {
-        return;
-    };
+    let Some((fx, n)) = start("n-wsq", "purge", "[workspace_storage.quota]\nmax_bytes = 2000000").await else { return };
     let id = create(&n).await;
     bash(&n, &id, "seq 1 1000 > small.txt").await;
-    let s = wait_status(&n, &id, "a periodic push", Duration::from_secs(60), |s| {
-        s["healthy"] == true && s["pending_bytes"] == 0
-    })
-    .await;
+    let s = wait_status(&n, &id, "a periodic push", Duration::from_secs(60), |s| s["healthy"] == true && s["pending_bytes"] == 0).await;
     let stored = s["workspace"]["stored_bytes"].as_u64().unwrap();
 
     // Over the conversation's quota: the sidecar's push is refused, the stored copy is left
     // as it was, the status says why, and new agent work gets 413.
     bash(&n, &id, "head -c 3000000 /dev/urandom > big.bin").await;
-    let s = wait_status(&n, &id, "the quota refusal", Duration::from_secs(60), |s| {
-        s["over_quota"] == true
-    })
-    .await;
-    assert!(
-        s["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("quota")),
-        "{s}"
-    );
-    assert_eq!(
-        s["workspace"]["stored_bytes"].as_u64(),
-        Some(stored),
-        "the stored copy is untouched: {s}"
-    );
+    let s = wait_status(&n, &id, "the quota refusal", Duration::from_secs(60), |s| s["over_quota"] == true).await;
+    assert!(s["last_error"].as_str().is_some_and(|e| e.contains("quota")), "{s}");
+    assert_eq!(s["workspace"]["stored_bytes"].as_u64(), Some(stored), "the stored copy is untouched: {s}");
     let body = json!({"role": "user", "content": [{"type": "text", "text": "more"}], "run": false});
-    let r = call(
-        &n,
-        reqwest::Method::POST,
-        &format!("/api/conversations/{id}/events"),
-    )
-    .json(&body)
-    .send()
-    .await
-    .unwrap();
+    let r = call(&n, reqwest::Method::POST, &format!("/api/conversations/{id}/events")).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 413);
     assert!(r.text().await.unwrap().contains("quota"));
 
     // Cleaning up brings it back.
     bash(&n, &id, "rm big.bin").await;
-    wait_status(&n, &id, "healthy again", Duration::from_secs(60), |s| {
-        s["healthy"] == true && s["over_quota"] == false
-    })
-    .await;
+    wait_status(&n, &id, "healthy again", Duration::from_secs(60), |s| s["healthy"] == true && s["over_quota"] == false).await;
     send_message(&n, &id, "more, now").await;
 
-    let r = call(
-        &n,
-        reqwest::Method::DELETE,
-        &format!("/api/conversations/{id}"),
-    )
-    .send()
-    .await
-    .unwrap();
+    let r = call(&n, reqwest::Method::DELETE, &format!("/api/conversations/{id}")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     n.stop().await;
     purge_prefix(&fx).await;
@@ -853,9 +522,7 @@ async fn a_quota_refusal_in_the_pod_is_reported_and_refuses_new_work() {
 
 /// Leaves nothing of a test in the bucket.
 async fn purge_prefix(fx: &Fixture) {
-    let raw = common::config(&fx.s3, BUCKET, &fx.prefix)
-        .build_object_store()
-        .unwrap();
+    let raw = common::config(&fx.s3, BUCKET, &fx.prefix).build_object_store().unwrap();
     for k in fx.stored_keys().await {
         let _ = raw.delete(&object_store::path::Path::from(k)).await;
     }

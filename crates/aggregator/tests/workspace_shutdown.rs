@@ -42,9 +42,7 @@ fn toml(state: &Path, endpoint: &str, prefix: &str, on_shutdown: &str) -> String
 }
 
 fn request(method: reqwest::Method, n: &NestorProc, path: &str) -> reqwest::RequestBuilder {
-    NestorProc::client()
-        .request(method, format!("{}{path}", n.url()))
-        .header("X-Session-API-Key", CLIENT_KEY)
+    NestorProc::client().request(method, format!("{}{path}", n.url())).header("X-Session-API-Key", CLIENT_KEY)
 }
 
 fn create_body() -> Value {
@@ -56,60 +54,33 @@ fn create_body() -> Value {
 }
 
 async fn create(n: &NestorProc) -> String {
-    let r = request(reqwest::Method::POST, n, "/api/conversations")
-        .json(&create_body())
-        .send()
-        .await
-        .unwrap();
+    let r = request(reqwest::Method::POST, n, "/api/conversations").json(&create_body()).send().await.unwrap();
     assert_eq!(r.status(), 201, "create");
-    r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
 }
 
 async fn send_message(n: &NestorProc, id: &str, text: &str) {
     let body = json!({"role": "user", "content": [{"type": "text", "text": text}], "run": false});
-    let r = request(
-        reqwest::Method::POST,
-        n,
-        &format!("/api/conversations/{id}/events"),
-    )
-    .json(&body)
-    .send()
-    .await
-    .unwrap();
+    let r = request(reqwest::Method::POST, n, &format!("/api/conversations/{id}/events")).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 200, "send message");
 }
 
 fn conv_dir(state: &Path, id: &str) -> PathBuf {
-    state
-        .join("process")
-        .join(uuid::Uuid::parse_str(id).unwrap().simple().to_string())
+    state.join("process").join(uuid::Uuid::parse_str(id).unwrap().simple().to_string())
 }
 
 /// Every key stored under `prefix`.
 async fn stored_keys(endpoint: &str, prefix: &str) -> Vec<String> {
-    let raw = common::config(endpoint, BUCKET, prefix)
-        .build_object_store()
-        .unwrap();
+    let raw = common::config(endpoint, BUCKET, prefix).build_object_store().unwrap();
     let p = object_store::path::Path::parse(prefix).unwrap();
-    raw.list(Some(&p))
-        .map_ok(|m| m.location.to_string())
-        .try_collect()
-        .await
-        .unwrap()
+    raw.list(Some(&p)).map_ok(|m| m.location.to_string()).try_collect().await.unwrap()
 }
 
 /// Leaves nothing of a test in the bucket.
 async fn purge(endpoint: &str, prefix: &str) {
-    let raw = common::config(endpoint, BUCKET, prefix)
-        .build_object_store()
-        .unwrap();
+    let raw = common::config(endpoint, BUCKET, prefix).build_object_store().unwrap();
     for k in stored_keys(endpoint, prefix).await {
-        let _ = raw
-            .delete(&object_store::path::Path::parse(&k).unwrap())
-            .await;
+        let _ = raw.delete(&object_store::path::Path::parse(&k).unwrap()).await;
     }
 }
 
@@ -129,61 +100,31 @@ async fn sigterm_pushes_what_a_conversation_wrote_since_its_last_push() {
         let mut n = NestorProc::start(dir.path(), &toml(&state, &ep, &prefix, policy)).await;
         let id = create(&n).await;
         let ws = conv_dir(&state, &id).join("workspace");
-        write(
-            &ws,
-            "notes/written-before-sigterm.txt",
-            format!("written by the conversation ({policy})"),
-        );
+        write(&ws, "notes/written-before-sigterm.txt", format!("written by the conversation ({policy})"));
         write(&ws, "data.bin", noise(3, 200_000));
         let message = format!("last words before SIGTERM ({policy})");
         send_message(&n, &id, &message).await;
         let files = snapshot(&ws);
-        assert!(
-            stored_keys(&ep, &prefix).await.is_empty(),
-            "{policy}: nothing is pushed before the first interval"
-        );
+        assert!(stored_keys(&ep, &prefix).await.is_empty(), "{policy}: nothing is pushed before the first interval");
 
-        let (st, took) = n
-            .sigterm(BOUND)
-            .await
-            .unwrap_or_else(|| panic!("{policy}: nestor exits within {BOUND:?}"));
+        let (st, took) = n.sigterm(BOUND).await.unwrap_or_else(|| panic!("{policy}: nestor exits within {BOUND:?}"));
         let log = std::fs::read_to_string(&n.log).unwrap_or_default();
         assert!(st.success(), "{policy}: {st}; log:\n{log}");
         eprintln!("on_shutdown = {policy}: exited {took:?} after SIGTERM");
         kill_all_under(&state);
         if policy == "keep" {
             // The downstream kept running: nestor's own shutdown did the final push.
-            assert!(
-                log.contains("workspace store: final pushes done"),
-                "keep: {log}"
-            );
+            assert!(log.contains("workspace store: final pushes done"), "keep: {log}");
         }
 
         // Another host reads it back through the store: the files and the history.
         let elsewhere = tempfile::tempdir().unwrap();
-        let store = WorkspaceStore::connect(
-            &common::config(&ep, BUCKET, &prefix),
-            elsewhere.path().join("cache"),
-        )
-        .unwrap();
-        let c = store
-            .conversation(&UserId::default_user(), ConversationId::parse(&id).unwrap())
-            .unwrap();
-        c.pull(Area::Workspace, &elsewhere.path().join("ws"))
-            .await
-            .unwrap();
-        c.pull(Area::State, &elsewhere.path().join("state"))
-            .await
-            .unwrap();
-        assert_eq!(
-            snapshot(&elsewhere.path().join("ws")),
-            files,
-            "{policy}: the workspace as it was at SIGTERM; log:\n{log}"
-        );
-        assert!(
-            tree_contains(&elsewhere.path().join("state"), message.as_bytes()),
-            "{policy}: the history has the last message"
-        );
+        let store = WorkspaceStore::connect(&common::config(&ep, BUCKET, &prefix), elsewhere.path().join("cache")).unwrap();
+        let c = store.conversation(&UserId::default_user(), ConversationId::parse(&id).unwrap()).unwrap();
+        c.pull(Area::Workspace, &elsewhere.path().join("ws")).await.unwrap();
+        c.pull(Area::State, &elsewhere.path().join("state")).await.unwrap();
+        assert_eq!(snapshot(&elsewhere.path().join("ws")), files, "{policy}: the workspace as it was at SIGTERM; log:\n{log}");
+        assert!(tree_contains(&elsewhere.path().join("state"), message.as_bytes()), "{policy}: the history has the last message");
         purge(&ep, &prefix).await;
     }
 }

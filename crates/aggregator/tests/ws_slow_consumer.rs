@@ -18,33 +18,19 @@ const LIMIT: usize = 1 << 20;
 const FRAME: usize = 256 << 10;
 
 fn fake_config() -> FakeConfig {
-    FakeConfig {
-        ws_ping_interval: None,
-        system_prompt_event: false,
-        ..FakeConfig::with_key("downstream-key-slow-0123")
-    }
+    FakeConfig { ws_ping_interval: None, system_prompt_event: false, ..FakeConfig::with_key("downstream-key-slow-0123") }
 }
 
 /// A client socket with a small kernel receive buffer (so what it does not read piles up
 /// in nestor, not in the kernel).
 async fn tight_client(url: &str) -> Ws {
-    let addr: std::net::SocketAddr = url
-        .trim_start_matches("ws://")
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let addr: std::net::SocketAddr = url.trim_start_matches("ws://").split('/').next().unwrap().parse().unwrap();
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(16 << 10).unwrap();
     let tcp = sock.connect(addr).await.unwrap();
     let mut req = url.into_client_request().unwrap();
-    req.headers_mut()
-        .insert("X-Session-API-Key", CLIENT_KEY.parse().unwrap());
-    let (ws, _) =
-        tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(tcp))
-            .await
-            .unwrap();
+    req.headers_mut().insert("X-Session-API-Key", CLIENT_KEY.parse().unwrap());
+    let (ws, _) = tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(tcp)).await.unwrap();
     ws
 }
 
@@ -69,11 +55,7 @@ async fn a_client_that_never_reads_is_dropped_at_the_limit_and_memory_stays_boun
     assert_eq!(must_json(&mut fast).await["key"], "full_state");
     let mut slow = Vec::new();
     for i in 0..SLOW {
-        let path = if i % 2 == 0 {
-            format!("/sockets/events/{id}")
-        } else {
-            format!("/sockets/session/{id}")
-        };
+        let path = if i % 2 == 0 { format!("/sockets/events/{id}") } else { format!("/sockets/session/{id}") };
         let mut ws = tight_client(&ws_url(&n, &path)).await;
         must_json(&mut ws).await;
         slow.push(ws);
@@ -111,20 +93,13 @@ async fn a_client_that_never_reads_is_dropped_at_the_limit_and_memory_stays_boun
         tokio::time::sleep(Duration::from_millis(10)).await;
         peak = peak.max(rss_bytes());
     }
-    let (mut fast, bytes) = tokio::time::timeout(Duration::from_secs(60), reader)
-        .await
-        .expect("the reader got everything")
-        .unwrap();
+    let (mut fast, bytes) = tokio::time::timeout(Duration::from_secs(60), reader).await.expect("the reader got everything").unwrap();
     assert!(bytes >= FRAMES * FRAME);
     let published = t0.elapsed();
     // The slow clients' downstream subscriptions are gone: only the reader's is left.
     let deadline = Instant::now() + Duration::from_secs(10);
     while f.subscriber_count(id) > 1 {
-        assert!(
-            Instant::now() < deadline,
-            "slow consumers still subscribed downstream: {}",
-            f.subscriber_count(id)
-        );
+        assert!(Instant::now() < deadline, "slow consumers still subscribed downstream: {}", f.subscriber_count(id));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Each slow client finds its socket ended after what little was buffered for it.
@@ -137,16 +112,10 @@ async fn a_client_that_never_reads_is_dropped_at_the_limit_and_memory_stays_boun
                 Next::Timeout => panic!("slow client {i} still open after reading {got} bytes"),
             }
         }
-        assert!(
-            got < 8 * LIMIT,
-            "slow client {i} was sent {got} bytes before being dropped"
-        );
+        assert!(got < 8 * LIMIT, "slow client {i} was sent {got} bytes before being dropped");
     }
     // The reader is untouched and still live.
-    f.publish_transient(
-        id,
-        json!({"source": "agent", "content": "after", "kind": "StreamingDeltaEvent"}),
-    );
+    f.publish_transient(id, json!({"source": "agent", "content": "after", "kind": "StreamingDeltaEvent"}));
     loop {
         match next(&mut fast, Duration::from_secs(10)).await {
             Next::Text(t) if t.contains("\"after\"") => break,

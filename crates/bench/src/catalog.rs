@@ -133,24 +133,13 @@ pub fn run_cmd(mut args: CatalogArgs) -> anyhow::Result<()> {
         args.rest_secs = 1.0;
     }
     if let Some(f) = &args.plot_from {
-        let r: CatalogResults = serde_json::from_str(
-            &std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
-        )?;
-        let p = crate::create::plots::catalog_svg(
-            &r,
-            args.plots
-                .as_deref()
-                .unwrap_or(std::path::Path::new("docs/bench")),
-        )?;
+        let r: CatalogResults = serde_json::from_str(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)?;
+        let p = crate::create::plots::catalog_svg(&r, args.plots.as_deref().unwrap_or(std::path::Path::new("docs/bench")))?;
         tracing::info!(file = %p.display(), "chart written");
         return Ok(());
     }
     sys::raise_nofile();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("bench-catalog")
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("bench-catalog").enable_all().build()?;
     let (work, _guard) = crate::create::work_dir(&args.work_dir, "catalog")?;
     let res = rt.block_on(async {
         tokio::select! {
@@ -174,91 +163,42 @@ pub fn run_cmd(mut args: CatalogArgs) -> anyhow::Result<()> {
 async fn run(args: &CatalogArgs, work: &std::path::Path) -> anyhow::Result<CatalogResults> {
     let started = Instant::now();
     let loadavg_start = sys::loadavg();
-    anyhow::ensure!(
-        args.downstreams > 0 && args.conversations >= args.downstreams,
-        "need at least one conversation per downstream"
-    );
+    anyhow::ensure!(args.downstreams > 0 && args.conversations >= args.downstreams, "need at least one conversation per downstream");
     for b in [&args.nestor, &args.fake] {
-        anyhow::ensure!(
-            b.is_file(),
-            "{} not found: build it first (cargo build --release)",
-            b.display()
-        );
+        anyhow::ensure!(b.is_file(), "{} not found: build it first (cargo build --release)", b.display());
     }
     let per = args.conversations / args.downstreams;
     let total = per * args.downstreams;
     tracing::info!(downstreams = args.downstreams, per, "starting fakes");
     let mut fakes = Vec::new();
     for i in 0..args.downstreams {
-        fakes.push(
-            procs::start_fake(
-                &args.fake,
-                work,
-                &format!("fake-cat-{i}"),
-                DOWNSTREAM_KEY,
-                per,
-                args.events,
-            )
-            .await?,
-        );
+        fakes.push(procs::start_fake(&args.fake, work, &format!("fake-cat-{i}"), DOWNSTREAM_KEY, per, args.events).await?);
     }
-    let (_direct_proc, direct) = procs::start_fake(
-        &args.fake,
-        work,
-        "fake-cat-all",
-        DOWNSTREAM_KEY,
-        total,
-        args.events,
-    )
-    .await?;
+    let (_direct_proc, direct) = procs::start_fake(&args.fake, work, "fake-cat-all", DOWNSTREAM_KEY, total, args.events).await?;
     let mut servers = String::from("[provisioner]\nkind = \"existing\"\n");
     for (_, a) in &fakes {
         servers.push_str(&format!("[[provisioner.existing.servers]]\nurl = \"http://{a}\"\napi_key = \"{DOWNSTREAM_KEY}\"\n"));
     }
-    let (mut nestor_proc, nestor) = harness::start_nestor(
-        &args.nestor,
-        work,
-        "nestor-catalog",
-        CLIENT_KEY,
-        &servers,
-        &[],
-        Duration::from_secs(60),
-    )
-    .await?;
+    let (mut nestor_proc, nestor) = harness::start_nestor(&args.nestor, work, "nestor-catalog", CLIENT_KEY, &servers, &[], Duration::from_secs(60)).await?;
     let m0 = harness::scrape(nestor).await?;
 
     // nestor adopts the downstreams' conversations on its first refreshes.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let mut c = Http::open(nestor).await?;
-        let n = c
-            .get_json("/api/conversations/count", Some(CLIENT_KEY))
-            .await?;
+        let n = c.get_json("/api/conversations/count", Some(CLIENT_KEY)).await?;
         if n.as_u64() == Some(total as u64) {
             break;
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "nestor counts {n} conversations, expected {total}"
-        );
+        anyhow::ensure!(Instant::now() < deadline, "nestor counts {n} conversations, expected {total}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut c = Http::open(direct).await?;
-    let n = c
-        .get_json("/api/conversations/count", Some(DOWNSTREAM_KEY))
-        .await?;
-    anyhow::ensure!(
-        n.as_u64() == Some(total as u64),
-        "the direct fake counts {n}, expected {total}"
-    );
+    let n = c.get_json("/api/conversations/count", Some(DOWNSTREAM_KEY)).await?;
+    anyhow::ensure!(n.as_u64() == Some(total as u64), "the direct fake counts {n}, expected {total}");
 
-    let sides = [
-        ("direct", direct, DOWNSTREAM_KEY),
-        ("nestor", nestor, CLIENT_KEY),
-    ];
-    let mut h: Vec<[Histogram<u64>; 4]> = (0..2)
-        .map(|_| [new_hist(), new_hist(), new_hist(), new_hist()])
-        .collect();
+    let sides = [("direct", direct, DOWNSTREAM_KEY), ("nestor", nestor, CLIENT_KEY)];
+    let mut h: Vec<[Histogram<u64>; 4]> = (0..2).map(|_| [new_hist(), new_hist(), new_hist(), new_hist()]).collect();
     let mut out = [Side::default(), Side::default()];
     for round in 0..args.rounds {
         let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
@@ -315,21 +255,11 @@ async fn run(args: &CatalogArgs, work: &std::path::Path) -> anyhow::Result<Catal
                     }
                 }
                 record(&mut h[i][2], t.elapsed().as_nanos() as u64);
-                anyhow::ensure!(
-                    seen.len() == total,
-                    "{name}: a walk saw {} of {total} conversations",
-                    seen.len()
-                );
+                anyhow::ensure!(seen.len() == total, "{name}: a walk saw {} of {total} conversations", seen.len());
                 out[i].pages_per_walk = pages;
             }
             let l = Latency::from_hist(&h[i][0]);
-            tracing::info!(
-                round,
-                target = name,
-                first_page_p50_us = l.p50_us,
-                walk_p50_ms = Latency::from_hist(&h[i][2]).p50_us / 1000.0,
-                "catalog"
-            );
+            tracing::info!(round, target = name, first_page_p50_us = l.p50_us, walk_p50_ms = Latency::from_hist(&h[i][2]).p50_us / 1000.0, "catalog");
             nestor_proc.check_alive()?;
         }
     }
@@ -353,13 +283,7 @@ async fn run(args: &CatalogArgs, work: &std::path::Path) -> anyhow::Result<Catal
                 None => "/api/conversations/search?limit=100".to_owned(),
             };
             let v = conn.get_json(&path, Some(CLIENT_KEY)).await?;
-            ids.extend(
-                v["items"]
-                    .as_array()
-                    .context("no items")?
-                    .iter()
-                    .filter_map(|i| i["id"].as_str().map(str::to_owned)),
-            );
+            ids.extend(v["items"].as_array().context("no items")?.iter().filter_map(|i| i["id"].as_str().map(str::to_owned)));
             match v["next_page_id"].as_str() {
                 Some(p) => page = Some(p.to_owned()),
                 None => break,
@@ -367,77 +291,29 @@ async fn run(args: &CatalogArgs, work: &std::path::Path) -> anyhow::Result<Catal
         }
         for j in 0..args.rest_requests {
             let id = &ids[j % ids.len()];
-            let (st, _) = conn
-                .get(&format!("/api/conversations/{id}"), Some(CLIENT_KEY))
-                .await?;
+            let (st, _) = conn.get(&format!("/api/conversations/{id}"), Some(CLIENT_KEY)).await?;
             anyhow::ensure!(st == 200, "GET conversation through nestor: HTTP {st}");
         }
     }
     let m2 = harness::scrape(nestor).await?;
-    let ht = rest::HttpTarget {
-        addr: nestor,
-        key: CLIENT_KEY.into(),
-        path: format!("/api/conversations/{}", ids[0]),
-    };
+    let ht = rest::HttpTarget { addr: nestor, key: CLIENT_KEY.into(), path: format!("/api/conversations/{}", ids[0]) };
     let mut hist = new_hist();
-    let lr = rest::closed_loop(
-        &ht,
-        64,
-        Duration::from_secs(1),
-        Duration::from_secs_f64(args.rest_secs),
-        &[nestor_proc.pid()],
-        &[],
-        &mut hist,
-    )
-    .await?;
+    let lr = rest::closed_loop(&ht, 64, Duration::from_secs(1), Duration::from_secs_f64(args.rest_secs), &[nestor_proc.pid()], &[], &mut hist).await?;
     tracing::info!(rps = lr.rps as u64, "reuse: closed loop done");
     let m3 = harness::scrape(nestor).await?;
     let nestor_rss_kib = sys::rss_kib(nestor_proc.pid());
     nestor_proc.check_alive()?;
 
-    let snap = |phase: &str, text: &str| {
-        ReuseStep::new(
-            phase,
-            harness::metric_sum(text, "nestor_upstream_requests_total").unwrap_or(0.0),
-            harness::metric_sum(text, "nestor_upstream_connections_opened_total").unwrap_or(0.0),
-        )
-    };
-    let steps = vec![
-        snap("nestor started, catalog loaded", &m0),
-        snap("after search/count/paging", &m1),
-        snap("after 1-connection GETs", &m2),
-        snap("after 64-connection closed loop", &m3),
-    ];
+    let snap = |phase: &str, text: &str| ReuseStep::new(phase, harness::metric_sum(text, "nestor_upstream_requests_total").unwrap_or(0.0), harness::metric_sum(text, "nestor_upstream_connections_opened_total").unwrap_or(0.0));
+    let steps = vec![snap("nestor started, catalog loaded", &m0), snap("after search/count/paging", &m1), snap("after 1-connection GETs", &m2), snap("after 64-connection closed loop", &m3)];
     let mut per_phase = Vec::new();
-    let names = [
-        "start (initial refreshes, probes)",
-        "search/count/paging",
-        "GET /api/conversations/{id}, 1 connection",
-        "GET /api/conversations/{id}, 64 connections",
-    ];
+    let names = ["start (initial refreshes, probes)", "search/count/paging", "GET /api/conversations/{id}, 1 connection", "GET /api/conversations/{id}, 64 connections"];
     for (k, s) in steps.iter().enumerate() {
-        let (pr, po) = if k == 0 {
-            (0.0, 0.0)
-        } else {
-            (
-                steps[k - 1].upstream_requests,
-                steps[k - 1].connections_opened,
-            )
-        };
-        per_phase.push(ReuseStep::new(
-            names[k],
-            s.upstream_requests - pr,
-            s.connections_opened - po,
-        ));
+        let (pr, po) = if k == 0 { (0.0, 0.0) } else { (steps[k - 1].upstream_requests, steps[k - 1].connections_opened) };
+        per_phase.push(ReuseStep::new(names[k], s.upstream_requests - pr, s.connections_opened - po));
     }
 
-    let r = |a: f64, b: f64| {
-        if b > 0.0 {
-            serde_json::json!((a / b * 100.0).round() / 100.0)
-        } else {
-            serde_json::Value::Null
-        }
-    };
+    let r = |a: f64, b: f64| if b > 0.0 { serde_json::json!((a / b * 100.0).round() / 100.0) } else { serde_json::Value::Null };
     let (d, n) = (&out[0], &out[1]);
     let ratios = serde_json::json!({
         "first_page_p50": r(n.first_page.p50_us, d.first_page.p50_us),
@@ -476,12 +352,7 @@ async fn run(args: &CatalogArgs, work: &std::path::Path) -> anyhow::Result<Catal
 
 impl ReuseStep {
     fn new(phase: &str, req: f64, opened: f64) -> ReuseStep {
-        ReuseStep {
-            phase: phase.into(),
-            upstream_requests: req,
-            connections_opened: opened,
-            requests_per_connection: (opened > 0.0).then(|| (req / opened * 10.0).round() / 10.0),
-        }
+        ReuseStep { phase: phase.into(), upstream_requests: req, connections_opened: opened, requests_per_connection: (opened > 0.0).then(|| (req / opened * 10.0).round() / 10.0) }
     }
 }
 
@@ -491,52 +362,17 @@ fn table(r: &CatalogResults) -> String {
         r.settings["conversations"], r.settings["downstreams"]
     );
     s += "| workload | direct p50 | direct p99 | nestor p50 | nestor p99 | ratio p50 | ratio p99 |\n|---|---|---|---|---|---|---|\n";
-    let row = |name: &str, d: &Latency, n: &Latency| {
-        format!(
-            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |\n",
-            d.p50_us,
-            d.p99_us,
-            n.p50_us,
-            n.p99_us,
-            n.p50_us / d.p50_us,
-            n.p99_us / d.p99_us
-        )
-    };
-    s += &row(
-        "search, first page",
-        &r.direct.first_page,
-        &r.nestor.first_page,
-    );
+    let row = |name: &str, d: &Latency, n: &Latency| format!("| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |\n", d.p50_us, d.p99_us, n.p50_us, n.p99_us, n.p50_us / d.p50_us, n.p99_us / d.p99_us);
+    s += &row("search, first page", &r.direct.first_page, &r.nestor.first_page);
     s += &row("count", &r.direct.count, &r.nestor.count);
-    s += &row(
-        "one page of limit=100",
-        &r.direct.walk_page,
-        &r.nestor.walk_page,
-    );
-    s += &row(
-        &format!("whole walk ({} pages)", r.nestor.pages_per_walk),
-        &r.direct.walk,
-        &r.nestor.walk,
-    );
+    s += &row("one page of limit=100", &r.direct.walk_page, &r.nestor.walk_page);
+    s += &row(&format!("whole walk ({} pages)", r.nestor.pages_per_walk), &r.direct.walk, &r.nestor.walk);
     s += "\nUpstream connection reuse (nestor /metrics)\n| phase | upstream requests | connections opened | requests per connection |\n|---|---|---|---|\n";
     for p in &r.reuse_per_phase {
-        s += &format!(
-            "| {} | {} | {} | {} |\n",
-            p.phase,
-            p.upstream_requests,
-            p.connections_opened,
-            p.requests_per_connection
-                .map_or("-".into(), |v| v.to_string())
-        );
+        s += &format!("| {} | {} | {} | {} |\n", p.phase, p.upstream_requests, p.connections_opened, p.requests_per_connection.map_or("-".into(), |v| v.to_string()));
     }
     if let Some(t) = r.reuse.last() {
-        s += &format!(
-            "| **total** | {} | {} | {} |\n",
-            t.upstream_requests,
-            t.connections_opened,
-            t.requests_per_connection
-                .map_or("-".into(), |v| v.to_string())
-        );
+        s += &format!("| **total** | {} | {} | {} |\n", t.upstream_requests, t.connections_opened, t.requests_per_connection.map_or("-".into(), |v| v.to_string()));
     }
     s
 }

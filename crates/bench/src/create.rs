@@ -67,11 +67,7 @@ pub struct CreateArgs {
     #[arg(long)]
     pub docker_host: Option<String>,
     /// Targets, in the order of the first round: process, pool, docker, oh-docker.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "process,pool,docker,oh-docker"
-    )]
+    #[arg(long, value_delimiter = ',', default_value = "process,pool,docker,oh-docker")]
     pub targets: Vec<String>,
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
@@ -136,9 +132,7 @@ struct Target {
 
 pub fn run_cmd(mut args: CreateArgs) -> anyhow::Result<()> {
     if let Some(f) = &args.plot_from {
-        let r: CreateResults = serde_json::from_str(
-            &std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
-        )?;
+        let r: CreateResults = serde_json::from_str(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)?;
         let p = plots::create_svg(&r, args.plots.as_deref().unwrap_or(Path::new("docs/bench")))?;
         tracing::info!(file = %p.display(), "chart written");
         return Ok(());
@@ -146,18 +140,10 @@ pub fn run_cmd(mut args: CreateArgs) -> anyhow::Result<()> {
     if args.quick {
         args.rounds = 1;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("bench-create")
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("bench-create").enable_all().build()?;
     let (work, _guard) = work_dir(&args.work_dir, "create")?;
     let instance = format!("bench{}", std::process::id());
-    let docker_host = args
-        .docker_host
-        .clone()
-        .or_else(|| std::env::var("DOCKER_HOST").ok())
-        .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
+    let docker_host = args.docker_host.clone().or_else(|| std::env::var("DOCKER_HOST").ok()).unwrap_or_else(|| "unix:///var/run/docker.sock".into());
     let before = oh_containers(&docker_host);
     let res = rt.block_on(async {
         tokio::select! {
@@ -183,28 +169,12 @@ pub fn run_cmd(mut args: CreateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(
-    args: &CreateArgs,
-    work: &Path,
-    instance: &str,
-    docker_host: &str,
-) -> anyhow::Result<CreateResults> {
+async fn run(args: &CreateArgs, work: &Path, instance: &str, docker_host: &str) -> anyhow::Result<CreateResults> {
     let started = Instant::now();
     let loadavg_start = sys::loadavg();
-    anyhow::ensure!(
-        args.nestor.is_file(),
-        "{} not found: build it first",
-        args.nestor.display()
-    );
-    let agent_server = args
-        .agent_server
-        .clone()
-        .context("--agent-server is required")?;
-    anyhow::ensure!(
-        agent_server.is_file(),
-        "{} not found: run scripts/setup-agent-server.sh",
-        agent_server.display()
-    );
+    anyhow::ensure!(args.nestor.is_file(), "{} not found: build it first", args.nestor.display());
+    let agent_server = args.agent_server.clone().context("--agent-server is required")?;
+    anyhow::ensure!(agent_server.is_file(), "{} not found: run scripts/setup-agent-server.sh", agent_server.display());
     let mut notes = Vec::new();
     let agent = agent_server.display().to_string();
     let boot = Duration::from_secs(240);
@@ -220,83 +190,27 @@ async fn run(
         match t.as_str() {
             "process" => {
                 let toml = format!("{common}[provisioner]\nkind = \"process\"\n[provisioner.process]\nagent_server = \"{agent}\"\nstartup_timeout_secs = 240.0\non_shutdown = \"stop\"\n");
-                let (p, addr) = harness::start_nestor(
-                    &args.nestor,
-                    work,
-                    "nestor-process",
-                    CLIENT_KEY,
-                    &toml,
-                    &[],
-                    boot,
-                )
-                .await?;
-                targets.push(Target {
-                    name: "process",
-                    what: "nestor, process provisioner (a new agent-server subprocess)",
-                    addr,
-                    key: CLIENT_KEY,
-                    proc_: p,
-                    samples: vec![],
-                });
+                let (p, addr) = harness::start_nestor(&args.nestor, work, "nestor-process", CLIENT_KEY, &toml, &[], boot).await?;
+                targets.push(Target { name: "process", what: "nestor, process provisioner (a new agent-server subprocess)", addr, key: CLIENT_KEY, proc_: p, samples: vec![] });
             }
             "pool" => {
                 let toml = format!(
                     "{common}[provisioner]\nkind = \"pool\"\n[provisioner.pool]\nbackend = \"process\"\nmin_idle = {}\n[provisioner.process]\nagent_server = \"{agent}\"\nstartup_timeout_secs = 240.0\non_shutdown = \"stop\"\n",
                     args.pool_min_idle
                 );
-                let (p, addr) = harness::start_nestor(
-                    &args.nestor,
-                    work,
-                    "nestor-pool",
-                    CLIENT_KEY,
-                    &toml,
-                    &[],
-                    boot,
-                )
-                .await?;
-                targets.push(Target {
-                    name: "pool",
-                    what: "nestor, pool provisioner (process backend, warm claim)",
-                    addr,
-                    key: CLIENT_KEY,
-                    proc_: p,
-                    samples: vec![],
-                });
+                let (p, addr) = harness::start_nestor(&args.nestor, work, "nestor-pool", CLIENT_KEY, &toml, &[], boot).await?;
+                targets.push(Target { name: "pool", what: "nestor, pool provisioner (process backend, warm claim)", addr, key: CLIENT_KEY, proc_: p, samples: vec![] });
             }
             "docker" => {
                 let toml = format!(
                     "{common}[provisioner]\nkind = \"docker\"\n[provisioner.docker]\nimage = \"{image}\"\ninstance_id = \"{instance}\"\ndocker_host = \"{docker_host}\"\nstartup_timeout_secs = 240.0\nstop_timeout_secs = 5.0\non_shutdown = \"stop\"\n"
                 );
-                let (p, addr) = harness::start_nestor(
-                    &args.nestor,
-                    work,
-                    "nestor-docker",
-                    CLIENT_KEY,
-                    &toml,
-                    &[("DOCKER_HOST", docker_host)],
-                    boot,
-                )
-                .await?;
-                targets.push(Target {
-                    name: "docker",
-                    what: "nestor, docker provisioner (cold: a new container)",
-                    addr,
-                    key: CLIENT_KEY,
-                    proc_: p,
-                    samples: vec![],
-                });
+                let (p, addr) = harness::start_nestor(&args.nestor, work, "nestor-docker", CLIENT_KEY, &toml, &[("DOCKER_HOST", docker_host)], boot).await?;
+                targets.push(Target { name: "docker", what: "nestor, docker provisioner (cold: a new container)", addr, key: CLIENT_KEY, proc_: p, samples: vec![] });
             }
             "oh-docker" => {
-                let (p, addr) =
-                    start_oh_docker(&agent_server, work, &image, docker_host, boot).await?;
-                targets.push(Target {
-                    name: "oh-docker",
-                    what: "agent-server's own docker mode (OH_CONVERSATION_RUNTIME=docker)",
-                    addr,
-                    key: OH_KEY,
-                    proc_: p,
-                    samples: vec![],
-                });
+                let (p, addr) = start_oh_docker(&agent_server, work, &image, docker_host, boot).await?;
+                targets.push(Target { name: "oh-docker", what: "agent-server's own docker mode (OH_CONVERSATION_RUNTIME=docker)", addr, key: OH_KEY, proc_: p, samples: vec![] });
             }
             other => bail!("unknown target {other:?} (process, pool, docker, oh-docker)"),
         }
@@ -310,16 +224,8 @@ async fn run(
             let i = (k + round) % n;
             settle(&mut targets, pool_addr, args.pool_min_idle).await?;
             let t = &mut targets[i];
-            let s = once(t.addr, t.key, round)
-                .await
-                .with_context(|| format!("create -> first event via {}", t.name))?;
-            tracing::info!(
-                round,
-                target = t.name,
-                create_ms = s.create_ms,
-                first_event_ms = s.first_event_ms,
-                "create -> first event"
-            );
+            let s = once(t.addr, t.key, round).await.with_context(|| format!("create -> first event via {}", t.name))?;
+            tracing::info!(round, target = t.name, create_ms = s.create_ms, first_event_ms = s.first_event_ms, "create -> first event");
             t.samples.push(s);
             t.proc_.check_alive()?;
         }
@@ -328,14 +234,7 @@ async fn run(
     let _ = settle(&mut targets, pool_addr, args.pool_min_idle).await;
 
     let median_of = |v: &[f64]| stats::median(v);
-    let oh_median = targets.iter().find(|t| t.name == "oh-docker").map(|t| {
-        median_of(
-            &t.samples
-                .iter()
-                .map(|s| s.first_event_ms)
-                .collect::<Vec<_>>(),
-        )
-    });
+    let oh_median = targets.iter().find(|t| t.name == "oh-docker").map(|t| median_of(&t.samples.iter().map(|s| s.first_event_ms).collect::<Vec<_>>()));
     let mut out = Vec::new();
     for t in targets.drain(..) {
         let fe: Vec<f64> = t.samples.iter().map(|s| s.first_event_ms).collect();
@@ -347,9 +246,7 @@ async fn run(
             first_event_median_ms: med,
             first_event_max_ms: fe.iter().copied().fold(0.0, f64::max),
             create_median_ms: median_of(&cr),
-            ratio_to_oh_docker: oh_median
-                .filter(|m| *m > 0.0)
-                .map(|m| (med / m * 100.0).round() / 100.0),
+            ratio_to_oh_docker: oh_median.filter(|m| *m > 0.0).map(|m| (med / m * 100.0).round() / 100.0),
             samples: t.samples,
         });
         drop(t.proc_);
@@ -384,25 +281,11 @@ pub fn create_body() -> serde_json::Value {
 /// One create -> first event, then the conversation is deleted (not timed).
 async fn once(addr: SocketAddr, key: &str, round: usize) -> anyhow::Result<Sample> {
     let t0 = Instant::now();
-    let (st, body) = harness::once(
-        addr,
-        Method::POST,
-        "/api/conversations",
-        Some(key),
-        Some(&create_body()),
-    )
-    .await?;
+    let (st, body) = harness::once(addr, Method::POST, "/api/conversations", Some(key), Some(&create_body())).await?;
     let create_ms = t0.elapsed().as_secs_f64() * 1000.0;
-    anyhow::ensure!(
-        (200..300).contains(&st),
-        "create: HTTP {st}: {}",
-        String::from_utf8_lossy(&body[..body.len().min(500)])
-    );
+    anyhow::ensure!((200..300).contains(&st), "create: HTTP {st}: {}", String::from_utf8_lossy(&body[..body.len().min(500)]));
     let v: serde_json::Value = serde_json::from_slice(&body)?;
-    let id = v["id"]
-        .as_str()
-        .context("create answer has no id")?
-        .to_owned();
+    let id = v["id"].as_str().context("create answer has no id")?.to_owned();
     let first = async {
         let stream = sys::connect_from(sys::source_addr(0), addr).await?;
         let mut req = format!("ws://{addr}/sockets/events/{id}").into_client_request()?;
@@ -420,41 +303,19 @@ async fn once(addr: SocketAddr, key: &str, round: usize) -> anyhow::Result<Sampl
         let _ = ws.close(None).await;
         anyhow::Ok(())
     };
-    tokio::time::timeout(FIRST_EVENT_TIMEOUT, first)
-        .await
-        .context("no first event in time")??;
+    tokio::time::timeout(FIRST_EVENT_TIMEOUT, first).await.context("no first event in time")??;
     let first_event_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let td = Instant::now();
-    match harness::once(
-        addr,
-        Method::DELETE,
-        &format!("/api/conversations/{id}"),
-        Some(key),
-        None,
-    )
-    .await
-    {
-        Ok((st, _)) => tracing::info!(
-            status = st,
-            ms = td.elapsed().as_millis() as u64,
-            "conversation deleted"
-        ),
+    match harness::once(addr, Method::DELETE, &format!("/api/conversations/{id}"), Some(key), None).await {
+        Ok((st, _)) => tracing::info!(status = st, ms = td.elapsed().as_millis() as u64, "conversation deleted"),
         Err(e) => tracing::warn!("delete: {e:#}"),
     }
-    Ok(Sample {
-        round,
-        create_ms,
-        first_event_ms,
-    })
+    Ok(Sample { round, create_ms, first_event_ms })
 }
 
 /// Wait (bounded) until the pool is full and idle, so no target's background boots run
 /// during a measurement.
-async fn settle(
-    targets: &mut [Target],
-    pool: Option<SocketAddr>,
-    min_idle: usize,
-) -> anyhow::Result<()> {
+async fn settle(targets: &mut [Target], pool: Option<SocketAddr>, min_idle: usize) -> anyhow::Result<()> {
     let Some(addr) = pool else { return Ok(()) };
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
@@ -480,13 +341,7 @@ async fn settle(
 
 /// The real agent-server in its docker mode: it keeps the public API and starts one
 /// container of `image` per conversation (api.md §8.2).
-pub(crate) async fn start_oh_docker(
-    bin: &Path,
-    work: &Path,
-    image: &str,
-    docker_host: &str,
-    within: Duration,
-) -> anyhow::Result<(Spawned, SocketAddr)> {
+pub(crate) async fn start_oh_docker(bin: &Path, work: &Path, image: &str, docker_host: &str, within: Duration) -> anyhow::Result<(Spawned, SocketAddr)> {
     let dir = work.join("oh-docker");
     std::fs::create_dir_all(&dir)?;
     let addr: SocketAddr = ([127, 0, 0, 1], sys::free_port()?).into();
@@ -528,59 +383,28 @@ pub(crate) async fn start_oh_docker(
 }
 
 pub(crate) fn docker(host: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new("docker")
-        .args(args)
-        .env("DOCKER_HOST", host)
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    let out = Command::new("docker").args(args).env("DOCKER_HOST", host).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Containers of the agent-server's docker mode (any owner) that exist now.
 pub(crate) fn oh_containers(host: &str) -> HashSet<String> {
-    docker(
-        host,
-        &[
-            "ps",
-            "-aq",
-            "--no-trunc",
-            "--filter",
-            "label=ai.openhands.runtime-owner",
-        ],
-    )
-    .unwrap_or_default()
-    .lines()
-    .map(str::to_owned)
-    .collect()
+    docker(host, &["ps", "-aq", "--no-trunc", "--filter", "label=ai.openhands.runtime-owner"]).unwrap_or_default().lines().map(str::to_owned).collect()
 }
 
 /// Force-remove this run's leftovers: nestor's containers and volumes of `instance`, and
 /// docker-mode containers that did not exist before the run.
 pub(crate) fn docker_cleanup(host: &str, instance: &str, before: &HashSet<String>) {
     let label = format!("label=org.nestor.instance={instance}");
-    let mut ids: Vec<String> = docker(host, &["ps", "-aq", "--no-trunc", "--filter", &label])
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    ids.extend(
-        oh_containers(host)
-            .into_iter()
-            .filter(|c| !before.contains(c)),
-    );
+    let mut ids: Vec<String> = docker(host, &["ps", "-aq", "--no-trunc", "--filter", &label]).unwrap_or_default().lines().map(str::to_owned).collect();
+    ids.extend(oh_containers(host).into_iter().filter(|c| !before.contains(c)));
     if !ids.is_empty() {
         let mut a = vec!["rm", "-f", "-v"];
         a.extend(ids.iter().map(String::as_str));
         let _ = docker(host, &a);
         tracing::info!(containers = ids.len(), "leftover containers removed");
     }
-    let vols: Vec<String> = docker(host, &["volume", "ls", "-q", "--filter", &label])
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect();
+    let vols: Vec<String> = docker(host, &["volume", "ls", "-q", "--filter", &label]).unwrap_or_default().lines().map(str::to_owned).collect();
     if !vols.is_empty() {
         let mut a = vec!["volume", "rm", "-f"];
         a.extend(vols.iter().map(String::as_str));
@@ -598,8 +422,7 @@ fn table(r: &CreateResults) -> String {
             t.first_event_median_ms,
             t.first_event_max_ms,
             t.create_median_ms,
-            t.ratio_to_oh_docker
-                .map_or("-".into(), |v| format!("{v:.2}")),
+            t.ratio_to_oh_docker.map_or("-".into(), |v| format!("{v:.2}")),
             t.samples.len()
         );
     }
@@ -612,21 +435,14 @@ fn table(r: &CreateResults) -> String {
 // ----------------------------------------------------------------- small shared helpers
 
 /// A scratch directory: the given one, or a new temp dir removed when the guard drops.
-pub fn work_dir(
-    given: &Option<PathBuf>,
-    what: &str,
-) -> anyhow::Result<(PathBuf, Option<RemoveOnDrop>)> {
+pub fn work_dir(given: &Option<PathBuf>, what: &str) -> anyhow::Result<(PathBuf, Option<RemoveOnDrop>)> {
     match given {
         Some(d) => {
             std::fs::create_dir_all(d)?;
             Ok((d.clone(), None))
         }
         None => {
-            let d = std::env::temp_dir().join(format!(
-                "nestor-bench-{what}-{}-{}",
-                std::process::id(),
-                uuid::Uuid::new_v4().simple()
-            ));
+            let d = std::env::temp_dir().join(format!("nestor-bench-{what}-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()));
             std::fs::create_dir_all(&d)?;
             Ok((d.clone(), Some(RemoveOnDrop(d))))
         }
@@ -643,10 +459,7 @@ impl Drop for RemoveOnDrop {
 
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         std::future::pending::<()>().await;
         return;
     };
@@ -658,12 +471,7 @@ pub async fn shutdown_signal() {
 
 pub fn today() -> String {
     let now = time::OffsetDateTime::now_utc();
-    format!(
-        "{:04}-{:02}-{:02}",
-        now.year(),
-        now.month() as u8,
-        now.day()
-    )
+    format!("{:04}-{:02}-{:02}", now.year(), now.month() as u8, now.day())
 }
 
 /// `BENCH_COMMIT`, else `git rev-parse --short HEAD` (`-dirty` when tracked files differ).
@@ -671,18 +479,12 @@ pub fn git_commit() -> Option<String> {
     if let Ok(c) = std::env::var("BENCH_COMMIT") {
         return Some(c);
     }
-    let out = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()?;
+    let out = Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().ok()?;
     if !out.status.success() {
         return None;
     }
     let mut c = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let st = Command::new("git")
-        .args(["status", "--porcelain", "--untracked-files=no"])
-        .output()
-        .ok()?;
+    let st = Command::new("git").args(["status", "--porcelain", "--untracked-files=no"]).output().ok()?;
     if !st.stdout.is_empty() {
         c.push_str("-dirty");
     }

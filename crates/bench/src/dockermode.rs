@@ -38,9 +38,7 @@ use serde::{Deserialize, Serialize};
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-use crate::create::{
-    self, create_body, docker, docker_cleanup, oh_containers, start_oh_docker, OH_KEY,
-};
+use crate::create::{self, create_body, docker, docker_cleanup, oh_containers, start_oh_docker, OH_KEY};
 use crate::harness::{self, Http};
 use crate::procs;
 use crate::rest::{self, HttpTarget, LoadRound, SequentialRound};
@@ -155,13 +153,8 @@ struct Target {
 
 pub fn run_cmd(mut args: DockerModeArgs) -> anyhow::Result<()> {
     if let Some(f) = &args.plot_from {
-        let r: DockerModeResults = serde_json::from_str(
-            &std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
-        )?;
-        let p = crate::create::plots::dockermode_svg(
-            &r,
-            args.plots.as_deref().unwrap_or(Path::new("docs/bench")),
-        )?;
+        let r: DockerModeResults = serde_json::from_str(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)?;
+        let p = crate::create::plots::dockermode_svg(&r, args.plots.as_deref().unwrap_or(Path::new("docs/bench")))?;
         tracing::info!(file = %p.display(), "chart written");
         return Ok(());
     }
@@ -174,18 +167,10 @@ pub fn run_cmd(mut args: DockerModeArgs) -> anyhow::Result<()> {
         args.idle_sockets = 20;
     }
     sys::raise_nofile();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("bench-dockermode")
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("bench-dockermode").enable_all().build()?;
     let (work, _guard) = create::work_dir(&args.work_dir, "dockermode")?;
     let instance = format!("benchdm{}", std::process::id());
-    let docker_host = args
-        .docker_host
-        .clone()
-        .or_else(|| std::env::var("DOCKER_HOST").ok())
-        .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
+    let docker_host = args.docker_host.clone().or_else(|| std::env::var("DOCKER_HOST").ok()).unwrap_or_else(|| "unix:///var/run/docker.sock".into());
     let before = oh_containers(&docker_host);
     let res = rt.block_on(async {
         tokio::select! {
@@ -208,30 +193,13 @@ pub fn run_cmd(mut args: DockerModeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(
-    args: &DockerModeArgs,
-    work: &Path,
-    instance: &str,
-    docker_host: &str,
-    before: &HashSet<String>,
-) -> anyhow::Result<DockerModeResults> {
+async fn run(args: &DockerModeArgs, work: &Path, instance: &str, docker_host: &str, before: &HashSet<String>) -> anyhow::Result<DockerModeResults> {
     let started = Instant::now();
     let loadavg_start = sys::loadavg();
-    anyhow::ensure!(
-        args.nestor.is_file(),
-        "{} not found: build it first",
-        args.nestor.display()
-    );
-    let agent_server = args
-        .agent_server
-        .clone()
-        .context("--agent-server is required")?;
+    anyhow::ensure!(args.nestor.is_file(), "{} not found: build it first", args.nestor.display());
+    let agent_server = args.agent_server.clone().context("--agent-server is required")?;
     let image = args.image.clone().context("--image is required")?;
-    anyhow::ensure!(
-        agent_server.is_file(),
-        "{} not found: run scripts/setup-agent-server.sh",
-        agent_server.display()
-    );
+    anyhow::ensure!(agent_server.is_file(), "{} not found: run scripts/setup-agent-server.sh", agent_server.display());
     let mut notes = Vec::new();
     let boot = Duration::from_secs(240);
 
@@ -240,102 +208,29 @@ async fn run(
         "ready_timeout_secs = 240.0\n[provisioner]\nkind = \"docker\"\n[provisioner.docker]\nimage = \"{}\"\ninstance_id = \"{instance}\"\ndocker_host = \"{docker_host}\"\nstartup_timeout_secs = 240.0\nstop_timeout_secs = 5.0\non_shutdown = \"stop\"\n",
         image
     );
-    let (nestor, nestor_addr) = harness::start_nestor(
-        &args.nestor,
-        work,
-        "nestor-docker",
-        CLIENT_KEY,
-        &toml,
-        &[("DOCKER_HOST", docker_host)],
-        boot,
-    )
-    .await?;
+    let (nestor, nestor_addr) = harness::start_nestor(&args.nestor, work, "nestor-docker", CLIENT_KEY, &toml, &[("DOCKER_HOST", docker_host)], boot).await?;
     let (oh, oh_addr) = start_oh_docker(&agent_server, work, &image, docker_host, boot).await?;
-    let nestor_conv = create_conversation(nestor_addr, CLIENT_KEY)
-        .await
-        .context("create through nestor")?;
-    let oh_conv = create_conversation(oh_addr, OH_KEY)
-        .await
-        .context("create through the agent-server's docker mode")?;
+    let nestor_conv = create_conversation(nestor_addr, CLIENT_KEY).await.context("create through nestor")?;
+    let oh_conv = create_conversation(oh_addr, OH_KEY).await.context("create through the agent-server's docker mode")?;
 
     let label = format!("label=org.nestor.instance={instance}");
-    let nestor_ctr = container(
-        docker_host,
-        &[
-            "ps",
-            "-q",
-            "--no-trunc",
-            "--filter",
-            &label,
-            "--filter",
-            "label=org.nestor.role=conversation",
-        ],
-        &HashSet::new(),
-    )?;
-    let oh_ctr = container(
-        docker_host,
-        &[
-            "ps",
-            "-q",
-            "--no-trunc",
-            "--filter",
-            "label=ai.openhands.runtime-owner",
-        ],
-        before,
-    )?;
+    let nestor_ctr = container(docker_host, &["ps", "-q", "--no-trunc", "--filter", &label, "--filter", "label=org.nestor.role=conversation"], &HashSet::new())?;
+    let oh_ctr = container(docker_host, &["ps", "-q", "--no-trunc", "--filter", "label=ai.openhands.runtime-owner"], before)?;
     let (nestor_ctr_addr, nestor_ctr_key) = inspect(docker_host, &nestor_ctr)?;
     let (oh_ctr_addr, oh_ctr_key) = inspect(docker_host, &oh_ctr)?;
 
     let mut targets = vec![
-        Target::new(
-            "direct",
-            "nestor's container, directly",
-            nestor_ctr_addr,
-            &nestor_ctr_key,
-            nestor_conv,
-            vec![],
-        ),
-        Target::new(
-            "nestor",
-            "nestor, docker provisioner",
-            nestor_addr,
-            CLIENT_KEY,
-            nestor_conv,
-            vec![nestor.pid()],
-        ),
-        Target::new(
-            "oh-direct",
-            "docker mode's container, directly",
-            oh_ctr_addr,
-            &oh_ctr_key,
-            oh_conv,
-            vec![],
-        ),
-        Target::new(
-            "oh-docker",
-            "agent-server docker mode (OH_CONVERSATION_RUNTIME=docker)",
-            oh_addr,
-            OH_KEY,
-            oh_conv,
-            vec![oh.pid()],
-        ),
+        Target::new("direct", "nestor's container, directly", nestor_ctr_addr, &nestor_ctr_key, nestor_conv, vec![]),
+        Target::new("nestor", "nestor, docker provisioner", nestor_addr, CLIENT_KEY, nestor_conv, vec![nestor.pid()]),
+        Target::new("oh-direct", "docker mode's container, directly", oh_ctr_addr, &oh_ctr_key, oh_conv, vec![]),
+        Target::new("oh-docker", "agent-server docker mode (OH_CONVERSATION_RUNTIME=docker)", oh_addr, OH_KEY, oh_conv, vec![oh.pid()]),
     ];
     let _nginx = match args.nginx.clone().or_else(|| procs::which("nginx")) {
         Some(bin) => {
             let (p, addr) = procs::start_nginx(&bin, work, "nginx", nestor_ctr_addr, 65536).await?;
             let mut pids = vec![p.pid()];
             pids.extend(sys::children_of(p.pid()));
-            targets.insert(
-                1,
-                Target::new(
-                    "nginx",
-                    "nginx reverse proxy to nestor's container",
-                    addr,
-                    &nestor_ctr_key,
-                    nestor_conv,
-                    pids,
-                ),
-            );
+            targets.insert(1, Target::new("nginx", "nginx reverse proxy to nestor's container", addr, &nestor_ctr_key, nestor_conv, pids));
             Some(p)
         }
         None => {
@@ -344,9 +239,7 @@ async fn run(
         }
     };
     for t in &mut targets {
-        t.figures.front_rss_kib = (!t.front_pids.is_empty())
-            .then(|| sys::rss_kib_sum(&t.front_pids))
-            .flatten();
+        t.figures.front_rss_kib = (!t.front_pids.is_empty()).then(|| sys::rss_kib_sum(&t.front_pids)).flatten();
     }
 
     let paths = [("info", ""), ("forwarded", "/agent_final_response")];
@@ -355,32 +248,16 @@ async fn run(
         for k in 0..n {
             let t = &mut targets[(k + round) % n];
             for (pname, suffix) in paths {
-                let ht = HttpTarget {
-                    addr: t.addr,
-                    key: t.key.clone(),
-                    path: format!("/api/conversations/{}{suffix}", t.conv),
-                };
+                let ht = HttpTarget { addr: t.addr, key: t.key.clone(), path: format!("/api/conversations/{}{suffix}", t.conv) };
                 let mut h = stats::new_hist();
-                let seq = rest::sequential(&ht, 50, args.requests, &mut h)
-                    .await
-                    .with_context(|| format!("{} GET {}", t.name, ht.path))?;
+                let seq = rest::sequential(&ht, 50, args.requests, &mut h).await.with_context(|| format!("{} GET {}", t.name, ht.path))?;
                 push_round(&mut t.figures.rest_seq, pname, seq);
-                let load = rest::closed_loop(
-                    &ht,
-                    args.conns,
-                    Duration::from_secs(1),
-                    Duration::from_secs_f64(args.secs),
-                    &t.front_pids,
-                    &[],
-                    &mut h,
-                )
-                .await
-                .with_context(|| format!("{} closed loop on {}", t.name, ht.path))?;
+                let load = rest::closed_loop(&ht, args.conns, Duration::from_secs(1), Duration::from_secs_f64(args.secs), &t.front_pids, &[], &mut h)
+                    .await
+                    .with_context(|| format!("{} closed loop on {}", t.name, ht.path))?;
                 push_round(&mut t.figures.rest_load, pname, load);
             }
-            let (lat, fps) = frames(t, args.frames, args.burst, round)
-                .await
-                .with_context(|| format!("{} events socket", t.name))?;
+            let (lat, fps) = frames(t, args.frames, args.burst, round).await.with_context(|| format!("{} events socket", t.name))?;
             t.frame_hist.add(&lat).ok();
             t.figures.frame_latency = Some(Latency::from_hist(&t.frame_hist));
             t.figures.frames_per_sec.push(fps);
@@ -388,20 +265,8 @@ async fn run(
         }
     }
     for t in targets.iter_mut().filter(|t| !t.front_pids.is_empty()) {
-        let wt = WsTarget {
-            addr: t.addr,
-            key: t.key.clone(),
-            deflate: false,
-        };
-        match ws::idle(
-            &wt,
-            &[t.conv],
-            args.idle_sockets,
-            &t.front_pids,
-            &t.front_pids,
-        )
-        .await
-        {
+        let wt = WsTarget { addr: t.addr, key: t.key.clone(), deflate: false };
+        match ws::idle(&wt, &[t.conv], args.idle_sockets, &t.front_pids, &t.front_pids).await {
             Ok(r) => t.figures.idle = Some(r),
             Err(e) => notes.push(format!("{}: idle sockets not measured: {e:#}", t.name)),
         }
@@ -425,27 +290,8 @@ async fn run(
 }
 
 impl Target {
-    fn new(
-        name: &'static str,
-        what: &'static str,
-        addr: SocketAddr,
-        key: &str,
-        conv: Uuid,
-        front_pids: Vec<u32>,
-    ) -> Target {
-        Target {
-            name,
-            addr,
-            key: key.to_owned(),
-            conv,
-            front_pids,
-            frame_hist: stats::new_hist(),
-            figures: TargetFigures {
-                name: name.into(),
-                what: what.into(),
-                ..Default::default()
-            },
-        }
+    fn new(name: &'static str, what: &'static str, addr: SocketAddr, key: &str, conv: Uuid, front_pids: Vec<u32>) -> Target {
+        Target { name, addr, key: key.to_owned(), conv, front_pids, frame_hist: stats::new_hist(), figures: TargetFigures { name: name.into(), what: what.into(), ..Default::default() } }
     }
 }
 
@@ -458,35 +304,11 @@ fn push_round<T>(v: &mut Vec<(String, Vec<T>)>, name: &str, r: T) {
 
 /// Create a conversation and wait until its events socket gives the first frame.
 async fn create_conversation(addr: SocketAddr, key: &str) -> anyhow::Result<Uuid> {
-    let (st, body) = harness::once(
-        addr,
-        Method::POST,
-        "/api/conversations",
-        Some(key),
-        Some(&create_body()),
-    )
-    .await?;
-    anyhow::ensure!(
-        (200..300).contains(&st),
-        "create: HTTP {st}: {}",
-        String::from_utf8_lossy(&body[..body.len().min(500)])
-    );
+    let (st, body) = harness::once(addr, Method::POST, "/api/conversations", Some(key), Some(&create_body())).await?;
+    anyhow::ensure!((200..300).contains(&st), "create: HTTP {st}: {}", String::from_utf8_lossy(&body[..body.len().min(500)]));
     let v: serde_json::Value = serde_json::from_slice(&body)?;
-    let id: Uuid = v["id"]
-        .as_str()
-        .context("create answer has no id")?
-        .parse()?;
-    let ws = ws::open(
-        &WsTarget {
-            addr,
-            key: key.to_owned(),
-            deflate: false,
-        },
-        sys::source_addr(0),
-        id,
-        None,
-    )
-    .await?;
+    let id: Uuid = v["id"].as_str().context("create answer has no id")?.parse()?;
+    let ws = ws::open(&WsTarget { addr, key: key.to_owned(), deflate: false }, sys::source_addr(0), id, None).await?;
     ws::close_all(vec![ws]).await;
     Ok(id)
 }
@@ -506,10 +328,7 @@ fn inspect(host: &str, id: &str) -> anyhow::Result<(SocketAddr, String)> {
     let out = docker(host, &["inspect", id]).context("docker inspect failed")?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
     let c = &v[0];
-    let port: u16 = c["NetworkSettings"]["Ports"]["8000/tcp"][0]["HostPort"]
-        .as_str()
-        .context("port 8000 not published")?
-        .parse()?;
+    let port: u16 = c["NetworkSettings"]["Ports"]["8000/tcp"][0]["HostPort"].as_str().context("port 8000 not published")?.parse()?;
     let key = c["Config"]["Env"]
         .as_array()
         .into_iter()
@@ -522,17 +341,8 @@ fn inspect(host: &str, id: &str) -> anyhow::Result<(SocketAddr, String)> {
 
 /// Per-frame latency (POST a message → its frame on the socket), then one burst of
 /// `burst` posts (4 in flight) timed until all their frames arrived.
-async fn frames(
-    t: &Target,
-    n: usize,
-    burst: usize,
-    round: usize,
-) -> anyhow::Result<(hdrhistogram::Histogram<u64>, f64)> {
-    let wt = WsTarget {
-        addr: t.addr,
-        key: t.key.clone(),
-        deflate: false,
-    };
+async fn frames(t: &Target, n: usize, burst: usize, round: usize) -> anyhow::Result<(hdrhistogram::Histogram<u64>, f64)> {
+    let wt = WsTarget { addr: t.addr, key: t.key.clone(), deflate: false };
     let mut sock = ws::open(&wt, sys::source_addr(1), t.conv, None).await?;
     let mut http = Http::open(t.addr).await?;
     let path = format!("/api/conversations/{}/events", t.conv);
@@ -541,14 +351,8 @@ async fn frames(
     for i in 0..n {
         let marker = format!("{tag}-lat-{i}");
         let t0 = Instant::now();
-        let (st, body) = http
-            .send(Method::POST, &path, Some(&t.key), Some(&message(&marker)))
-            .await?;
-        anyhow::ensure!(
-            st == 200,
-            "POST events: HTTP {st}: {}",
-            String::from_utf8_lossy(&body)
-        );
+        let (st, body) = http.send(Method::POST, &path, Some(&t.key), Some(&message(&marker))).await?;
+        anyhow::ensure!(st == 200, "POST events: HTTP {st}: {}", String::from_utf8_lossy(&body));
         wait_frame(&mut sock, &marker).await?;
         stats::record(&mut h, t0.elapsed().as_nanos() as u64);
     }
@@ -561,14 +365,7 @@ async fn frames(
         posters.push(tokio::spawn(async move {
             let mut http = Http::open(addr).await?;
             for i in (p..burst).step_by(4) {
-                let (st, _) = http
-                    .send(
-                        Method::POST,
-                        &path,
-                        Some(&key),
-                        Some(&message(&format!("{prefix}{i}"))),
-                    )
-                    .await?;
+                let (st, _) = http.send(Method::POST, &path, Some(&key), Some(&message(&format!("{prefix}{i}")))).await?;
                 anyhow::ensure!(st == 200, "POST events: HTTP {st}");
             }
             anyhow::Ok(())
@@ -577,15 +374,9 @@ async fn frames(
     let mut seen = 0;
     let deadline = Instant::now() + FRAME_TIMEOUT * 4;
     while seen < burst {
-        let left = deadline
-            .checked_duration_since(Instant::now())
-            .context("burst frames did not all arrive in time")?;
+        let left = deadline.checked_duration_since(Instant::now()).context("burst frames did not all arrive in time")?;
         match tokio::time::timeout(left, sock.next()).await {
-            Ok(Some(Ok(Message::Text(txt))))
-                if txt.contains(&prefix) && txt.contains("MessageEvent") =>
-            {
-                seen += 1
-            }
+            Ok(Some(Ok(Message::Text(txt)))) if txt.contains(&prefix) && txt.contains("MessageEvent") => seen += 1,
             Ok(Some(Ok(Message::Close(f)))) => bail!("socket closed during the burst: {f:?}"),
             Ok(Some(Ok(_))) => {}
             Ok(Some(Err(e))) => return Err(e.into()),
@@ -608,15 +399,9 @@ fn message(text: &str) -> serde_json::Value {
 async fn wait_frame(sock: &mut ws::Ws, marker: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + FRAME_TIMEOUT;
     loop {
-        let left = deadline
-            .checked_duration_since(Instant::now())
-            .context("frame did not arrive in time")?;
+        let left = deadline.checked_duration_since(Instant::now()).context("frame did not arrive in time")?;
         match tokio::time::timeout(left, sock.next()).await {
-            Ok(Some(Ok(Message::Text(txt))))
-                if txt.contains(marker) && txt.contains("MessageEvent") =>
-            {
-                return Ok(())
-            }
+            Ok(Some(Ok(Message::Text(txt)))) if txt.contains(marker) && txt.contains("MessageEvent") => return Ok(()),
             Ok(Some(Ok(Message::Close(f)))) => bail!("socket closed: {f:?}"),
             Ok(Some(Ok(_))) => {}
             Ok(Some(Err(e))) => return Err(e.into()),
@@ -634,41 +419,19 @@ fn med(v: impl Iterator<Item = f64>) -> f64 {
 pub fn table(r: &DockerModeResults) -> String {
     use std::fmt::Write;
     let mut s = String::new();
-    let base = |name: &str| {
-        if name.starts_with("oh-") {
-            "oh-direct"
-        } else {
-            "direct"
-        }
-    };
+    let base = |name: &str| if name.starts_with("oh-") { "oh-direct" } else { "direct" };
     let find = |name: &str| r.targets.iter().find(|t| t.name == name);
-    for (pname, label) in [
-        ("info", "GET /api/conversations/{id}"),
-        (
-            "forwarded",
-            "GET /api/conversations/{id}/agent_final_response",
-        ),
-    ] {
+    for (pname, label) in [("info", "GET /api/conversations/{id}"), ("forwarded", "GET /api/conversations/{id}/agent_final_response")] {
         let _ = writeln!(s, "\n{label}\n| target | 1 conn p50 µs | p99 µs | added p50 µs | added p99 µs | {} conns req/s | p99 µs | front CPU µs/req |\n|---|---|---|---|---|---|---|---|", r.settings["conns"]);
         for t in &r.targets {
             let seq = |t: &TargetFigures, f: fn(&SequentialRound) -> f64| {
-                t.rest_seq
-                    .iter()
-                    .find(|(n, _)| n == pname)
-                    .map(|(_, rs)| med(rs.iter().map(f)))
-                    .unwrap_or(f64::NAN)
+                t.rest_seq.iter().find(|(n, _)| n == pname).map(|(_, rs)| med(rs.iter().map(f))).unwrap_or(f64::NAN)
             };
             let load = |t: &TargetFigures, f: fn(&LoadRound) -> f64| {
-                t.rest_load
-                    .iter()
-                    .find(|(n, _)| n == pname)
-                    .map(|(_, rs)| med(rs.iter().map(f)))
-                    .unwrap_or(f64::NAN)
+                t.rest_load.iter().find(|(n, _)| n == pname).map(|(_, rs)| med(rs.iter().map(f))).unwrap_or(f64::NAN)
             };
             let (p50, p99) = (seq(t, |r| r.latency.p50_us), seq(t, |r| r.latency.p99_us));
-            let (b50, b99) = find(base(&t.name))
-                .map(|b| (seq(b, |r| r.latency.p50_us), seq(b, |r| r.latency.p99_us)))
-                .unwrap_or((f64::NAN, f64::NAN));
+            let (b50, b99) = find(base(&t.name)).map(|b| (seq(b, |r| r.latency.p50_us), seq(b, |r| r.latency.p99_us))).unwrap_or((f64::NAN, f64::NAN));
             let cpu = load(t, |r| r.proxy_cpu_us_per_req.unwrap_or(f64::NAN));
             let _ = writeln!(
                 s,
@@ -678,21 +441,14 @@ pub fn table(r: &DockerModeResults) -> String {
                 p99 - b99,
                 load(t, |r| r.rps),
                 load(t, |r| r.latency.p99_us),
-                if cpu.is_nan() {
-                    "-".into()
-                } else {
-                    format!("{cpu:.0}")
-                }
+                if cpu.is_nan() { "-".into() } else { format!("{cpu:.0}") }
             );
         }
     }
     let _ = writeln!(s, "\nEvents socket: POST a message -> its frame; bursts of posts\n| target | p50 µs | p99 µs | added p50 µs | frames/s (burst) | front RSS MiB | idle socket KiB |\n|---|---|---|---|---|---|---|");
     for t in &r.targets {
         let l = t.frame_latency.as_ref();
-        let b = find(base(&t.name))
-            .and_then(|b| b.frame_latency.as_ref())
-            .map(|l| l.p50_us)
-            .unwrap_or(f64::NAN);
+        let b = find(base(&t.name)).and_then(|b| b.frame_latency.as_ref()).map(|l| l.p50_us).unwrap_or(f64::NAN);
         let _ = writeln!(
             s,
             "| {} | {:.0} | {:.0} | {:+.0} | {:.0} | {} | {} |",
@@ -701,11 +457,8 @@ pub fn table(r: &DockerModeResults) -> String {
             l.map_or(f64::NAN, |l| l.p99_us),
             l.map_or(f64::NAN, |l| l.p50_us) - b,
             med(t.frames_per_sec.iter().copied()),
-            t.front_rss_kib
-                .map_or("-".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
-            t.idle
-                .as_ref()
-                .map_or("-".into(), |i| format!("{:.1}", i.rss_per_pair_kib)),
+            t.front_rss_kib.map_or("-".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
+            t.idle.as_ref().map_or("-".into(), |i| format!("{:.1}", i.rss_per_pair_kib)),
         );
     }
     for n in &r.notes {

@@ -37,12 +37,7 @@ pub struct Spawned {
 }
 
 impl Spawned {
-    pub fn spawn(
-        mut cmd: Command,
-        name: &str,
-        work: &Path,
-        grace: Duration,
-    ) -> anyhow::Result<Spawned> {
+    pub fn spawn(mut cmd: Command, name: &str, work: &Path, grace: Duration) -> anyhow::Result<Spawned> {
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
@@ -57,12 +52,7 @@ impl Spawned {
         let pidfile = piddir.join(format!("{name}.pid"));
         std::fs::write(&pidfile, format!("{}\n", child.id()))?;
         tracing::info!(name, pid = child.id(), "started");
-        Ok(Spawned {
-            name: name.to_owned(),
-            child: Some(child),
-            pidfile,
-            grace,
-        })
+        Ok(Spawned { name: name.to_owned(), child: Some(child), pidfile, grace })
     }
 
     pub fn pid(&self) -> u32 {
@@ -81,9 +71,7 @@ impl Spawned {
     /// SIGTERM to the process (it stops what it started: nestor's children, containers),
     /// up to `grace`, then SIGKILL to its whole group.
     pub fn stop(&mut self) {
-        let Some(mut c) = self.child.take() else {
-            return;
-        };
+        let Some(mut c) = self.child.take() else { return };
         let pid = c.id() as i32;
         // SAFETY: signalling a process we started and have not reaped yet.
         unsafe {
@@ -93,9 +81,7 @@ impl Spawned {
         loop {
             match c.try_wait() {
                 Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
                 _ => {
                     tracing::warn!(name = %self.name, "did not stop on SIGTERM in time; killing its group");
                     // SAFETY: as above; the group id is our child's pid.
@@ -130,34 +116,19 @@ pub struct Http {
 
 impl Http {
     pub async fn open(addr: SocketAddr) -> anyhow::Result<Http> {
-        let stream = tokio::time::timeout(
-            Duration::from_secs(10),
-            sys::connect_from(sys::source_addr(0), addr),
-        )
-        .await
-        .context("connect timed out")?
-        .with_context(|| format!("connecting to {addr}"))?;
+        let stream = tokio::time::timeout(Duration::from_secs(10), sys::connect_from(sys::source_addr(0), addr))
+            .await
+            .context("connect timed out")?
+            .with_context(|| format!("connecting to {addr}"))?;
         let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        Ok(Http {
-            sender,
-            host: http::HeaderValue::from_str(&addr.to_string())?,
-        })
+        Ok(Http { sender, host: http::HeaderValue::from_str(&addr.to_string())? })
     }
 
-    pub async fn send(
-        &mut self,
-        method: Method,
-        path: &str,
-        key: Option<&str>,
-        json: Option<&serde_json::Value>,
-    ) -> anyhow::Result<(u16, Bytes)> {
-        let mut b = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::HOST, self.host.clone());
+    pub async fn send(&mut self, method: Method, path: &str, key: Option<&str>, json: Option<&serde_json::Value>) -> anyhow::Result<(u16, Bytes)> {
+        let mut b = Request::builder().method(method).uri(path).header(header::HOST, self.host.clone());
         if let Some(k) = key {
             b = b.header("x-session-api-key", k);
         }
@@ -176,9 +147,7 @@ impl Http {
             let body = resp.into_body().collect().await?.to_bytes();
             anyhow::Ok((status, body))
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, fut)
-            .await
-            .with_context(|| format!("{path}: no answer within {REQUEST_TIMEOUT:?}"))?
+        tokio::time::timeout(REQUEST_TIMEOUT, fut).await.with_context(|| format!("{path}: no answer within {REQUEST_TIMEOUT:?}"))?
     }
 
     pub async fn get(&mut self, path: &str, key: Option<&str>) -> anyhow::Result<(u16, Bytes)> {
@@ -186,30 +155,17 @@ impl Http {
     }
 
     /// `GET` expecting 200 and JSON.
-    pub async fn get_json(
-        &mut self,
-        path: &str,
-        key: Option<&str>,
-    ) -> anyhow::Result<serde_json::Value> {
+    pub async fn get_json(&mut self, path: &str, key: Option<&str>) -> anyhow::Result<serde_json::Value> {
         let (st, body) = self.get(path, key).await?;
         if st != 200 {
-            bail!(
-                "GET {path}: HTTP {st}: {}",
-                String::from_utf8_lossy(&body[..body.len().min(300)])
-            );
+            bail!("GET {path}: HTTP {st}: {}", String::from_utf8_lossy(&body[..body.len().min(300)]));
         }
         Ok(serde_json::from_slice(&body)?)
     }
 }
 
 /// One request on a fresh connection.
-pub async fn once(
-    addr: SocketAddr,
-    method: Method,
-    path: &str,
-    key: Option<&str>,
-    json: Option<&serde_json::Value>,
-) -> anyhow::Result<(u16, Bytes)> {
+pub async fn once(addr: SocketAddr, method: Method, path: &str, key: Option<&str>, json: Option<&serde_json::Value>) -> anyhow::Result<(u16, Bytes)> {
     Http::open(addr).await?.send(method, path, key, json).await
 }
 
@@ -220,9 +176,7 @@ pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
         if line.starts_with('#') {
             continue;
         }
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
+        let Some(rest) = line.strip_prefix(name) else { continue };
         if !(rest.starts_with(' ') || rest.starts_with('{')) {
             continue;
         }
@@ -241,29 +195,15 @@ pub async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
 }
 
 /// Wait until `GET path` answers 200 (bounded), checking the process is alive.
-pub async fn wait_ok(
-    p: &mut Spawned,
-    addr: SocketAddr,
-    path: &str,
-    key: Option<&str>,
-    within: Duration,
-) -> anyhow::Result<()> {
+pub async fn wait_ok(p: &mut Spawned, addr: SocketAddr, path: &str, key: Option<&str>, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     loop {
         p.check_alive()?;
-        if let Ok(Ok((200, _))) = tokio::time::timeout(
-            Duration::from_secs(2),
-            once(addr, Method::GET, path, key, None),
-        )
-        .await
-        {
+        if let Ok(Ok((200, _))) = tokio::time::timeout(Duration::from_secs(2), once(addr, Method::GET, path, key, None)).await {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!(
-                "{} did not answer GET {path} on {addr} within {within:?}",
-                p.name
-            );
+            bail!("{} did not answer GET {path} on {addr} within {within:?}", p.name);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -271,15 +211,7 @@ pub async fn wait_ok(
 
 /// nestor on a free loopback port with `client_key`, its state under `<work>/<name>/`, and
 /// `rest` appended to the generated TOML (the provisioner sections). Waits for `/alive`.
-pub async fn start_nestor(
-    bin: &Path,
-    work: &Path,
-    name: &str,
-    client_key: &str,
-    rest: &str,
-    env: &[(&str, &str)],
-    within: Duration,
-) -> anyhow::Result<(Spawned, SocketAddr)> {
+pub async fn start_nestor(bin: &Path, work: &Path, name: &str, client_key: &str, rest: &str, env: &[(&str, &str)], within: Duration) -> anyhow::Result<(Spawned, SocketAddr)> {
     let dir = work.join(name);
     std::fs::create_dir_all(&dir)?;
     let addr: SocketAddr = ([127, 0, 0, 1], sys::free_port()?).into();
@@ -292,10 +224,7 @@ pub async fn start_nestor(
     let mut cmd = Command::new(bin);
     for (k, _) in std::env::vars_os() {
         if let Some(k) = k.to_str() {
-            if (k.starts_with("NESTOR_") && k != "NESTOR_LOG")
-                || k == "SESSION_API_KEY"
-                || k == "RUST_LOG"
-            {
+            if (k.starts_with("NESTOR_") && k != "NESTOR_LOG") || k == "SESSION_API_KEY" || k == "RUST_LOG" {
                 cmd.env_remove(k);
             }
         }
@@ -303,10 +232,7 @@ pub async fn start_nestor(
     cmd.arg("serve")
         .arg("-c")
         .arg(&cfg_path)
-        .env(
-            "NESTOR_LOG",
-            std::env::var("NESTOR_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .env("NESTOR_LOG", std::env::var("NESTOR_LOG").unwrap_or_else(|_| "info".into()))
         .envs(env.iter().copied())
         .stdout(std::fs::File::create(dir.join("stdout.log"))?)
         .stderr(std::fs::File::create(dir.join("stderr.log"))?);

@@ -38,10 +38,7 @@ use crate::report::{Memory, Rest, RestLoad, RestSeq, Results, Stream, WsResults}
 use crate::stats::{median, new_hist, spread_pct, Latency, Target};
 
 #[derive(Parser)]
-#[command(
-    name = "nestor-bench",
-    about = "nestor vs direct vs nginx, side by side"
-)]
+#[command(name = "nestor-bench", about = "nestor vs direct vs nginx, side by side")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -195,9 +192,7 @@ struct RunArgs {
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
 impl RunArgs {
@@ -224,8 +219,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NESTOR_BENCH_LOG")
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("NESTOR_BENCH_LOG").unwrap_or_else(|_| "info".into()),
         )
         .init();
     let cli = Cli::parse();
@@ -244,14 +238,7 @@ fn main() {
                 1
             }
         },
-        Command::Load {
-            addr,
-            key,
-            path,
-            conns,
-            secs,
-            pids,
-        } => match load_cmd(addr, key, path, conns, secs, pids) {
+        Command::Load { addr, key, path, conns, secs, pids } => match load_cmd(addr, key, path, conns, secs, pids) {
             Ok(()) => 0,
             Err(e) => {
                 tracing::error!("{e:#}");
@@ -291,8 +278,7 @@ fn report_err(r: anyhow::Result<()>) -> i32 {
 }
 
 fn plot_cmd(results: &Path, out: &Path) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(results)
-        .with_context(|| format!("reading {}", results.display()))?;
+    let text = std::fs::read_to_string(results).with_context(|| format!("reading {}", results.display()))?;
     let r: Results = serde_json::from_str(&text).context("parsing the results file")?;
     for p in plot::render(&r, out)? {
         tracing::info!(file = %p.display(), "chart written");
@@ -300,30 +286,12 @@ fn plot_cmd(results: &Path, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load_cmd(
-    addr: std::net::SocketAddr,
-    key: String,
-    path: String,
-    conns: usize,
-    secs: f64,
-    pids: Vec<u32>,
-) -> anyhow::Result<()> {
+fn load_cmd(addr: std::net::SocketAddr, key: String, path: String, conns: usize, secs: f64, pids: Vec<u32>) -> anyhow::Result<()> {
     sys::raise_nofile();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let t = rest::HttpTarget { addr, key, path };
     let mut h = new_hist();
-    let r = rt.block_on(rest::closed_loop(
-        &t,
-        conns,
-        Duration::from_secs(1),
-        Duration::from_secs_f64(secs),
-        &pids,
-        &[],
-        &mut h,
-    ))?;
+    let r = rt.block_on(rest::closed_loop(&t, conns, Duration::from_secs(1), Duration::from_secs_f64(secs), &pids, &[], &mut h))?;
     #[allow(clippy::print_stdout)]
     {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -338,16 +306,8 @@ fn run_cmd(mut args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(soft, hard, "open files limit");
     // The load generator (and the orchestration) and the in-process fake downstream run on
     // separate runtimes, so one never starves the other's scheduler.
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("bench-client")
-        .enable_all()
-        .build()?;
-    let fake_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("bench-fake")
-        .enable_all()
-        .build()?;
+    let client_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("bench-client").enable_all().build()?;
+    let fake_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("bench-fake").enable_all().build()?;
     let (work, _tmp_guard) = match &args.work_dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
@@ -384,10 +344,7 @@ fn run_cmd(mut args: RunArgs) -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         std::future::pending::<()>().await;
         return;
     };
@@ -406,11 +363,7 @@ impl Drop for RemoveOnDrop {
 }
 
 fn tempfile_dir() -> anyhow::Result<PathBuf> {
-    let d = std::env::temp_dir().join(format!(
-        "nestor-bench-{}-{}",
-        std::process::id(),
-        Uuid::new_v4().simple()
-    ));
+    let d = std::env::temp_dir().join(format!("nestor-bench-{}-{}", std::process::id(), Uuid::new_v4().simple()));
     std::fs::create_dir_all(&d)?;
     Ok(d)
 }
@@ -421,18 +374,12 @@ fn git_commit() -> Option<String> {
     if let Ok(c) = std::env::var("BENCH_COMMIT") {
         return Some(c);
     }
-    let out = std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()?;
+    let out = std::process::Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().ok()?;
     if !out.status.success() {
         return None;
     }
     let mut c = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let st = std::process::Command::new("git")
-        .args(["status", "--porcelain", "--untracked-files=no"])
-        .output()
-        .ok()?;
+    let st = std::process::Command::new("git").args(["status", "--porcelain", "--untracked-files=no"]).output().ok()?;
     if !st.stdout.is_empty() {
         c.push_str("-dirty");
     }
@@ -441,21 +388,31 @@ fn git_commit() -> Option<String> {
 
 fn today() -> String {
     let now = time::OffsetDateTime::now_utc();
-    format!(
-        "{:04}-{:02}-{:02}",
-        now.year(),
-        now.month() as u8,
-        now.day()
-    )
+    format!("{:04}-{:02}-{:02}", now.year(), now.month() as u8, now.day())
+}
+
+/// wrk's rounds against every target, the targets taking turns within a round.
+async fn wrk_rounds(
+    wrk: &wrk::Wrk,
+    targets: &[Target],
+    args: &RunArgs,
+    path: &str,
+    at: impl Fn(Target) -> (std::net::SocketAddr, &'static str),
+) -> anyhow::Result<Vec<(Target, Vec<wrk::WrkRound>)>> {
+    let mut per_target: Vec<(Target, Vec<wrk::WrkRound>)> = targets.iter().map(|&t| (t, Vec::new())).collect();
+    for round in 0..args.rounds {
+        for (t, rounds) in per_target.iter_mut() {
+            let (addr, key) = at(*t);
+            let r = wrk.one_connection(addr, key, path, args.wrk_secs).await.with_context(|| format!("wrk via {}", t.name()))?;
+            tracing::info!(round, target = t.name(), p50_us = r.p50_us, p99_us = r.p99_us, "REST, 1 connection, wrk");
+            rounds.push(r);
+        }
+    }
+    Ok(per_target)
 }
 
 /// The whole suite. Every process it starts lives in a `Proc` that kills it when dropped.
-async fn run(
-    args: &RunArgs,
-    work: &Path,
-    nofile_hard: u64,
-    fake_rt: tokio::runtime::Handle,
-) -> anyhow::Result<Results> {
+async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runtime::Handle) -> anyhow::Result<Results> {
     let started = Instant::now();
     let loadavg_start = sys::loadavg();
     let nginx_bin = if args.no_nginx {
@@ -465,17 +422,11 @@ async fn run(
             args.nginx
                 .clone()
                 .or_else(|| procs::which("nginx"))
-                .context(
-                    "nginx not found (run scripts/setup-system.sh nginx, or pass --no-nginx)",
-                )?,
+                .context("nginx not found (run scripts/setup-system.sh nginx, or pass --no-nginx)")?,
         )
     };
     for b in [&args.nestor, &args.fake] {
-        anyhow::ensure!(
-            b.is_file(),
-            "{} not found: build it first (cargo build --release)",
-            b.display()
-        );
+        anyhow::ensure!(b.is_file(), "{} not found: build it first (cargo build --release)", b.display());
     }
     let mut targets: Vec<Target> = vec![Target::Direct, Target::Nestor];
     if nginx_bin.is_some() {
@@ -496,59 +447,22 @@ async fn run(
         ));
     }
 
-    let mut memory = Memory {
-        idle_pairs_requested: args.idle_pairs,
-        ..Default::default()
-    };
+    let mut memory = Memory { idle_pairs_requested: args.idle_pairs, ..Default::default() };
     let mut rest = Rest::default();
 
     // ------------------------------------------------------------ phase 1: REST + idle
     {
         tracing::info!("phase 1: fake downstream process, nestor, nginx");
-        let (mut fake, fake_addr) = procs::start_fake(
-            &args.fake,
-            work,
-            "fake-rest",
-            DOWNSTREAM_KEY,
-            args.rest_conversations,
-            10,
-        )
-        .await?;
-        let (mut nestor, nestor_addr) = procs::start_nestor(
-            &args.nestor,
-            work,
-            "nestor-rest",
-            fake_addr,
-            DOWNSTREAM_KEY,
-            CLIENT_KEY,
-            &args.nestor_env,
-        )
-        .await?;
+        let (mut fake, fake_addr) = procs::start_fake(&args.fake, work, "fake-rest", DOWNSTREAM_KEY, args.rest_conversations, 10).await?;
+        let (mut nestor, nestor_addr) = procs::start_nestor(&args.nestor, work, "nestor-rest", fake_addr, DOWNSTREAM_KEY, CLIENT_KEY, &args.nestor_env).await?;
         let mut nginx = match &nginx_bin {
-            Some(b) => {
-                Some(procs::start_nginx(b, work, "nginx-rest", fake_addr, nofile_hard).await?)
-            }
+            Some(b) => Some(procs::start_nginx(b, work, "nginx-rest", fake_addr, nofile_hard).await?),
             None => None,
         };
-        let relay = if args.no_relay {
-            None
-        } else {
-            Some(procs::start_relay(work, "relay-rest", fake_addr).await?)
-        };
+        let relay = if args.no_relay { None } else { Some(procs::start_relay(work, "relay-rest", fake_addr).await?) };
         let relay_addr = relay.as_ref().map(|(_, a)| *a).unwrap_or(fake_addr);
-        let relay_pids: Vec<u32> = relay
-            .as_ref()
-            .map(|(p, _)| vec![p.pid()])
-            .unwrap_or_default();
-        let search = rest::get_json(
-            fake_addr,
-            &format!(
-                "/api/conversations/search?limit={}",
-                args.rest_conversations.clamp(1, 100)
-            ),
-            DOWNSTREAM_KEY,
-        )
-        .await?;
+        let relay_pids: Vec<u32> = relay.as_ref().map(|(p, _)| vec![p.pid()]).unwrap_or_default();
+        let search = rest::get_json(fake_addr, &format!("/api/conversations/search?limit={}", args.rest_conversations.clamp(1, 100)), DOWNSTREAM_KEY).await?;
         let convs: Vec<Uuid> = search["items"]
             .as_array()
             .context("search answer has no items")?
@@ -557,23 +471,12 @@ async fn run(
             .collect();
         anyhow::ensure!(!convs.is_empty(), "the fake has no conversations");
         // nestor must know them all (its catalog was loaded at start).
-        let (st, _) = rest::Conn::open(nestor_addr, sys::source_addr(0))
-            .await?
-            .get(
-                &format!("/api/conversations/{}", convs[0]),
-                Some(CLIENT_KEY),
-            )
-            .await?;
-        anyhow::ensure!(
-            st == 200,
-            "nestor does not route the seeded conversation (HTTP {st})"
-        );
+        let (st, _) = rest::Conn::open(nestor_addr, sys::source_addr(0)).await?.get(&format!("/api/conversations/{}", convs[0]), Some(CLIENT_KEY)).await?;
+        anyhow::ensure!(st == 200, "nestor does not route the seeded conversation (HTTP {st})");
 
         tokio::time::sleep(Duration::from_millis(1000)).await;
         memory.nestor_idle_rss_kib = sys::rss_kib(nestor.pid());
-        memory.nginx_idle_rss_kib = nginx
-            .as_ref()
-            .and_then(|(p, _)| sys::rss_kib_sum(&p.pids()));
+        memory.nginx_idle_rss_kib = nginx.as_ref().and_then(|(p, _)| sys::rss_kib_sum(&p.pids()));
 
         let nginx_addr = nginx.as_ref().map(|(_, a)| *a).unwrap_or(fake_addr);
         let nginx_pids = nginx.as_ref().map(|(p, _)| p.pids()).unwrap_or_default();
@@ -584,13 +487,7 @@ async fn run(
             Target::Nginx => nginx_addr,
             Target::Relay => relay_addr,
         };
-        let key_of = |t: Target| {
-            if t == Target::Nestor {
-                CLIENT_KEY
-            } else {
-                DOWNSTREAM_KEY
-            }
-        };
+        let key_of = |t: Target| if t == Target::Nestor { CLIENT_KEY } else { DOWNSTREAM_KEY };
         let proxy_pids = |t: Target| -> Vec<u32> {
             match t {
                 Target::Direct => vec![],
@@ -603,25 +500,11 @@ async fn run(
         // Idle pairs first, while nestor is fresh.
         if idle_pairs > 0 && !args.skip_idle {
             for &t in &targets {
-                let wt = ws::WsTarget {
-                    addr: addr_of(t),
-                    key: key_of(t).to_owned(),
-                    deflate: args.ws_deflate,
-                };
-                let pids = if t == Target::Direct {
-                    vec![fake_pid]
-                } else {
-                    proxy_pids(t)
-                };
+                let wt = ws::WsTarget { addr: addr_of(t), key: key_of(t).to_owned(), deflate: args.ws_deflate };
+                let pids = if t == Target::Direct { vec![fake_pid] } else { proxy_pids(t) };
                 tracing::info!(target = t.name(), pairs = idle_pairs, "idle pairs");
-                let r = ws::idle(&wt, &convs, idle_pairs, &pids, &pids)
-                    .await
-                    .with_context(|| format!("idle pairs via {}", t.name()))?;
-                tracing::info!(
-                    target = t.name(),
-                    per_pair_kib = r.rss_per_pair_kib,
-                    "idle pairs measured"
-                );
+                let r = ws::idle(&wt, &convs, idle_pairs, &pids, &pids).await.with_context(|| format!("idle pairs via {}", t.name()))?;
+                tracing::info!(target = t.name(), per_pair_kib = r.rss_per_pair_kib, "idle pairs measured");
                 *memory.idle_pairs.get_mut(t) = Some(r);
                 check_alive(&mut fake, &mut nestor, &mut nginx)?;
             }
@@ -631,56 +514,34 @@ async fn run(
         rest.path = "/api/conversations/{id}".into();
         // Sequential.
         let mut hists: Vec<_> = targets.iter().map(|_| new_hist()).collect();
-        let mut rounds: Vec<Vec<rest::SequentialRound>> =
-            targets.iter().map(|_| Vec::new()).collect();
+        let mut rounds: Vec<Vec<rest::SequentialRound>> = targets.iter().map(|_| Vec::new()).collect();
         for round in 0..args.rounds {
             for (i, &t) in targets.iter().enumerate() {
-                let ht = rest::HttpTarget {
-                    addr: addr_of(t),
-                    key: key_of(t).to_owned(),
-                    path: path.clone(),
-                };
-                let r = rest::sequential(&ht, args.rest_warmup, args.rest_requests, &mut hists[i])
-                    .await
-                    .with_context(|| format!("sequential REST via {}", t.name()))?;
-                tracing::info!(
-                    round,
-                    target = t.name(),
-                    p50_us = r.latency.p50_us,
-                    p99_us = r.latency.p99_us,
-                    "REST, 1 connection"
-                );
+                let ht = rest::HttpTarget { addr: addr_of(t), key: key_of(t).to_owned(), path: path.clone() };
+                let r = rest::sequential(&ht, args.rest_warmup, args.rest_requests, &mut hists[i]).await.with_context(|| format!("sequential REST via {}", t.name()))?;
+                tracing::info!(round, target = t.name(), p50_us = r.latency.p50_us, p99_us = r.latency.p99_us, "REST, 1 connection");
                 rest.body_bytes = r.body_bytes;
                 rounds[i].push(r);
             }
         }
         for (i, &t) in targets.iter().enumerate() {
-            *rest.sequential.get_mut(t) = Some(RestSeq {
-                latency: Latency::from_hist(&hists[i]),
-                rounds: std::mem::take(&mut rounds[i]),
-            });
+            *rest.sequential.get_mut(t) = Some(RestSeq { latency: Latency::from_hist(&hists[i]), rounds: std::mem::take(&mut rounds[i]) });
         }
-        // The same, with wrk as the client (crate::wrk says why).
-        let wrk_bin = if args.no_wrk {
-            None
-        } else {
-            args.wrk.clone().or_else(|| procs::which("wrk"))
-        };
+        // The same, with wrk as the client (crate::wrk says why). An optional second
+        // instrument: if it fails, the run goes on with a note.
+        let wrk_bin = if args.no_wrk { None } else { args.wrk.clone().or_else(|| procs::which("wrk")) };
         match wrk_bin {
-            Some(bin) => {
-                let wrk = wrk::Wrk::new(bin, work)?;
-                let mut rounds: Vec<Vec<wrk::WrkRound>> = targets.iter().map(|_| Vec::new()).collect();
-                for round in 0..args.rounds {
-                    for (i, &t) in targets.iter().enumerate() {
-                        let r = wrk.one_connection(addr_of(t), key_of(t), &path, args.wrk_secs).await.with_context(|| format!("wrk via {}", t.name()))?;
-                        tracing::info!(round, target = t.name(), p50_us = r.p50_us, p99_us = r.p99_us, "REST, 1 connection, wrk");
-                        rounds[i].push(r);
+            Some(bin) => match wrk_rounds(&wrk::Wrk::new(bin, work)?, &targets, args, &path, |t| (addr_of(t), key_of(t))).await {
+                Ok(per_target) => {
+                    for (t, rounds) in per_target {
+                        *rest.wrk.get_mut(t) = Some(report::WrkSeq::of(rounds));
                     }
                 }
-                for (i, &t) in targets.iter().enumerate() {
-                    *rest.wrk.get_mut(t) = Some(report::WrkSeq::of(std::mem::take(&mut rounds[i])));
+                Err(e) => {
+                    tracing::warn!("wrk's measurement left out: {e:#}");
+                    notes.push(format!("wrk's 1-connection measurement failed and was left out: {e:#}"));
                 }
-            }
+            },
             None if !args.no_wrk => notes.push("wrk not found: the 1-connection latency was measured by nestor-bench's own client only (scripts/setup-system.sh wrk installs it)".into()),
             None => {}
         }
@@ -689,11 +550,7 @@ async fn run(
         let mut rounds: Vec<Vec<rest::LoadRound>> = targets.iter().map(|_| Vec::new()).collect();
         for round in 0..args.rounds {
             for (i, &t) in targets.iter().enumerate() {
-                let ht = rest::HttpTarget {
-                    addr: addr_of(t),
-                    key: key_of(t).to_owned(),
-                    path: path.clone(),
-                };
+                let ht = rest::HttpTarget { addr: addr_of(t), key: key_of(t).to_owned(), path: path.clone() };
                 let r = rest::closed_loop(
                     &ht,
                     args.rest_conns,
@@ -705,14 +562,7 @@ async fn run(
                 )
                 .await
                 .with_context(|| format!("closed-loop REST via {}", t.name()))?;
-                tracing::info!(
-                    round,
-                    target = t.name(),
-                    rps = r.rps as u64,
-                    p50_us = r.latency.p50_us,
-                    p99_us = r.latency.p99_us,
-                    "REST, closed loop"
-                );
+                tracing::info!(round, target = t.name(), rps = r.rps as u64, p50_us = r.latency.p50_us, p99_us = r.latency.p99_us, "REST, closed loop");
                 rounds[i].push(r);
                 check_alive(&mut fake, &mut nestor, &mut nginx)?;
             }
@@ -751,9 +601,7 @@ async fn run(
         };
         let fake = {
             let cfg = cfg.clone();
-            fake_rt
-                .spawn(async move { FakeAgentServer::start(cfg).await })
-                .await??
+            fake_rt.spawn(async move { FakeAgentServer::start(cfg).await }).await??
         };
         let _stop_fake = StopFake(fake.clone(), fake_rt.clone());
         let n_convs = args.ws_pairs.max(1) + 1;
@@ -767,39 +615,18 @@ async fn run(
                     "tags": {"bench": i.to_string()},
                 }),
             );
-            convs.push(
-                info["id"]
-                    .as_str()
-                    .and_then(|s| Uuid::parse_str(s).ok())
-                    .context("created conversation has no id")?,
-            );
+            convs.push(info["id"].as_str().and_then(|s| Uuid::parse_str(s).ok()).context("created conversation has no id")?);
         }
         let resume_conv = convs.pop().context("no conversation")?;
         let fake_addr = fake.addr();
-        let (mut nestor, nestor_addr) = procs::start_nestor(
-            &args.nestor,
-            work,
-            "nestor-ws",
-            fake_addr,
-            DOWNSTREAM_KEY,
-            CLIENT_KEY,
-            &args.nestor_env,
-        )
-        .await?;
+        let (mut nestor, nestor_addr) = procs::start_nestor(&args.nestor, work, "nestor-ws", fake_addr, DOWNSTREAM_KEY, CLIENT_KEY, &args.nestor_env).await?;
         let nginx = match &nginx_bin {
             Some(b) => Some(procs::start_nginx(b, work, "nginx-ws", fake_addr, nofile_hard).await?),
             None => None,
         };
-        let relay = if args.no_relay {
-            None
-        } else {
-            Some(procs::start_relay(work, "relay-ws", fake_addr).await?)
-        };
+        let relay = if args.no_relay { None } else { Some(procs::start_relay(work, "relay-ws", fake_addr).await?) };
         let relay_addr = relay.as_ref().map(|(_, a)| *a).unwrap_or(fake_addr);
-        let relay_pids: Vec<u32> = relay
-            .as_ref()
-            .map(|(p, _)| vec![p.pid()])
-            .unwrap_or_default();
+        let relay_pids: Vec<u32> = relay.as_ref().map(|(p, _)| vec![p.pid()]).unwrap_or_default();
         tokio::time::sleep(Duration::from_millis(500)).await;
         memory.nestor_idle_rss_kib_ws_phase = sys::rss_kib(nestor.pid());
         let pusher = ws::Pusher::new(fake.clone(), fake_rt.clone(), args.frame_bytes);
@@ -813,11 +640,7 @@ async fn run(
                 Target::Nginx => nginx_addr,
                 Target::Relay => relay_addr,
             },
-            key: if t == Target::Nestor {
-                CLIENT_KEY.into()
-            } else {
-                DOWNSTREAM_KEY.into()
-            },
+            key: if t == Target::Nestor { CLIENT_KEY.into() } else { DOWNSTREAM_KEY.into() },
             deflate: args.ws_deflate,
         };
         let proxy_pids = |t: Target| -> Vec<u32> {
@@ -831,79 +654,28 @@ async fn run(
 
         type Runs = Vec<(&'static str, usize, u64, ws::Span)>;
         let runs: Runs = vec![
-            (
-                "latency",
-                1,
-                1,
-                ws::Span::Frames {
-                    warmup: 500,
-                    frames: args.ws_latency_frames,
-                    limit: Duration::from_secs(60),
-                },
-            ),
-            (
-                "single",
-                1,
-                256,
-                ws::Span::Time {
-                    warmup: Duration::from_secs(1),
-                    measure: Duration::from_secs_f64(args.ws_secs),
-                },
-            ),
-            (
-                "many",
-                args.ws_pairs,
-                32,
-                ws::Span::Time {
-                    warmup: Duration::from_secs(1),
-                    measure: Duration::from_secs_f64(args.ws_secs),
-                },
-            ),
+            ("latency", 1, 1, ws::Span::Frames { warmup: 500, frames: args.ws_latency_frames, limit: Duration::from_secs(60) }),
+            ("single", 1, 256, ws::Span::Time { warmup: Duration::from_secs(1), measure: Duration::from_secs_f64(args.ws_secs) }),
+            ("many", args.ws_pairs, 32, ws::Span::Time { warmup: Duration::from_secs(1), measure: Duration::from_secs_f64(args.ws_secs) }),
         ];
         for (name, pairs, window, span) in runs {
             let mut hists: Vec<_> = targets.iter().map(|_| new_hist()).collect();
-            let mut rounds: Vec<Vec<ws::StreamResult>> =
-                targets.iter().map(|_| Vec::new()).collect();
+            let mut rounds: Vec<Vec<ws::StreamResult>> = targets.iter().map(|_| Vec::new()).collect();
             for round in 0..args.rounds {
                 for (i, &t) in targets.iter().enumerate() {
-                    let r = ws::stream(
-                        &pusher,
-                        &wt(t),
-                        &convs,
-                        pairs,
-                        window,
-                        span,
-                        &proxy_pids(t),
-                        &mut hists[i],
-                    )
-                    .await
-                    .with_context(|| format!("WebSocket {name} via {}", t.name()))?;
-                    tracing::info!(
-                        round,
-                        run = name,
-                        target = t.name(),
-                        fps = r.frames_per_sec as u64,
-                        p50_us = r.latency.p50_us,
-                        p99_us = r.latency.p99_us,
-                        broken = r.broken_pairs,
-                        "WebSocket"
-                    );
+                    let r = ws::stream(&pusher, &wt(t), &convs, pairs, window, span, &proxy_pids(t), &mut hists[i])
+                        .await
+                        .with_context(|| format!("WebSocket {name} via {}", t.name()))?;
+                    tracing::info!(round, run = name, target = t.name(), fps = r.frames_per_sec as u64, p50_us = r.latency.p50_us, p99_us = r.latency.p99_us, broken = r.broken_pairs, "WebSocket");
                     if r.broken_pairs > 0 {
-                        notes.push(format!(
-                            "WebSocket {name} via {}: {} pairs ended early in round {round}",
-                            t.name(),
-                            r.broken_pairs
-                        ));
+                        notes.push(format!("WebSocket {name} via {}: {} pairs ended early in round {round}", t.name(), r.broken_pairs));
                     }
                     rounds[i].push(r);
                     nestor.check_alive()?;
                 }
             }
             for (i, &t) in targets.iter().enumerate() {
-                let s = Stream::from_rounds(
-                    std::mem::take(&mut rounds[i]),
-                    Latency::from_hist(&hists[i]),
-                );
+                let s = Stream::from_rounds(std::mem::take(&mut rounds[i]), Latency::from_hist(&hists[i]));
                 let slot = match name {
                     "latency" => &mut wsr.latency,
                     "single" => &mut wsr.single,
@@ -916,14 +688,8 @@ async fn run(
         // Resume: nestor keeps the client; the others cannot (the relay is left out: it
         // behaves as nginx does, and is here only as the floor of the other figures).
         for &t in targets.iter().filter(|t| **t != Target::Relay) {
-            let trials = if t == Target::Nestor {
-                args.resume_trials
-            } else {
-                1
-            };
-            let r = ws::resume(&pusher, &wt(t), resume_conv, trials)
-                .await
-                .with_context(|| format!("resume via {}", t.name()))?;
+            let trials = if t == Target::Nestor { args.resume_trials } else { 1 };
+            let r = ws::resume(&pusher, &wt(t), resume_conv, trials).await.with_context(|| format!("resume via {}", t.name()))?;
             tracing::info!(target = t.name(), resumed = r.resumed, first_live_ms = ?r.first_live_frame_ms, closed_after_ms = ?r.client_closed_after_ms, "downstream restart");
             *wsr.resume.get_mut(t) = Some(r);
             // Let nestor's own probes settle after the restarts.
@@ -980,11 +746,7 @@ async fn run(
     Ok(results)
 }
 
-fn check_alive(
-    fake: &mut procs::Proc,
-    nestor: &mut procs::Proc,
-    nginx: &mut Option<(procs::Proc, std::net::SocketAddr)>,
-) -> anyhow::Result<()> {
+fn check_alive(fake: &mut procs::Proc, nestor: &mut procs::Proc, nginx: &mut Option<(procs::Proc, std::net::SocketAddr)>) -> anyhow::Result<()> {
     fake.check_alive()?;
     nestor.check_alive()?;
     if let Some((n, _)) = nginx.as_mut() {
@@ -1002,3 +764,4 @@ impl Drop for StopFake {
         self.1.spawn(async move { f.stop().await });
     }
 }
+

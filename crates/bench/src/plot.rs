@@ -32,20 +32,9 @@ fn color(t: Target) -> RGBColor {
 type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
 
 /// Bars grouped by `groups`, one bar per series in each group; values printed on the bars.
-fn grouped_bars(
-    area: &Area<'_>,
-    title: &str,
-    y_desc: &str,
-    groups: &[String],
-    series: &[(Target, Vec<f64>)],
-    decimals: usize,
-) -> anyhow::Result<()> {
+fn grouped_bars(area: &Area<'_>, title: &str, y_desc: &str, groups: &[String], series: &[(Target, Vec<f64>)], decimals: usize) -> anyhow::Result<()> {
     let n = groups.len().max(1);
-    let max = series
-        .iter()
-        .flat_map(|(_, v)| v.iter().cloned())
-        .filter(|v| v.is_finite())
-        .fold(0.0f64, f64::max);
+    let max = series.iter().flat_map(|(_, v)| v.iter().cloned()).filter(|v| v.is_finite()).fold(0.0f64, f64::max);
     let top = if max > 0.0 { max * 1.18 } else { 1.0 };
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 18))
@@ -77,10 +66,7 @@ fn grouped_bars(
             })
             .collect();
         chart
-            .draw_series(
-                bars.iter()
-                    .map(|(x0, x1, v)| Rectangle::new([(*x0, 0.0), (*x1, *v)], c.filled())),
-            )
+            .draw_series(bars.iter().map(|(x0, x1, v)| Rectangle::new([(*x0, 0.0), (*x1, *v)], c.filled())))
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .label(t.name())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
@@ -89,10 +75,7 @@ fn grouped_bars(
                 Text::new(
                     format!("{v:.decimals$}"),
                     ((x0 + x1) / 2.0, *v + top * 0.01),
-                    ("sans-serif", 11)
-                        .into_font()
-                        .color(&BLACK)
-                        .pos(Pos::new(HPos::Center, VPos::Bottom)),
+                    ("sans-serif", 11).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Bottom)),
                 )
             }))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -103,10 +86,7 @@ fn grouped_bars(
             Text::new(
                 g.clone(),
                 (i as f64 + 0.5, -top * 0.02),
-                ("sans-serif", 14)
-                    .into_font()
-                    .color(&BLACK)
-                    .pos(Pos::new(HPos::Center, VPos::Top)),
+                ("sans-serif", 14).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Top)),
             )
         }))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -152,14 +132,7 @@ pub fn render(r: &Results, out: &Path) -> anyhow::Result<Vec<std::path::PathBuf>
             &percentile_series(|t| r.rest.sequential.get(t).map(|s| s.latency.clone())),
             0,
         )?;
-        let conns = r
-            .rest
-            .loaded
-            .direct
-            .as_ref()
-            .or(r.rest.loaded.nestor.as_ref())
-            .map(|l| l.connections)
-            .unwrap_or(0);
+        let conns = r.rest.loaded.direct.as_ref().or(r.rest.loaded.nestor.as_ref()).map(|l| l.connections).unwrap_or(0);
         grouped_bars(
             &b,
             &format!("REST GET conversation, {conns} connections"),
@@ -178,44 +151,15 @@ pub fn render(r: &Results, out: &Path) -> anyhow::Result<Vec<std::path::PathBuf>
         let root = SVGBackend::new(&p, (W, H)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
         let (a, b) = root.split_horizontally(W / 2);
-        let conns = r
-            .rest
-            .loaded
-            .direct
-            .as_ref()
-            .or(r.rest.loaded.nestor.as_ref())
-            .map(|l| l.connections)
-            .unwrap_or(0);
-        let rps: Vec<(Target, Vec<f64>)> = Target::ALL
-            .iter()
-            .filter_map(|t| r.rest.loaded.get(*t).map(|l| (*t, vec![l.rps_median])))
-            .collect();
-        grouped_bars(
-            &a,
-            &format!("REST throughput, {conns} connections{stamp}"),
-            "requests/s",
-            &["req/s".into()],
-            &rps,
-            0,
-        )?;
+        let conns = r.rest.loaded.direct.as_ref().or(r.rest.loaded.nestor.as_ref()).map(|l| l.connections).unwrap_or(0);
+        let rps: Vec<(Target, Vec<f64>)> =
+            Target::ALL.iter().filter_map(|t| r.rest.loaded.get(*t).map(|l| (*t, vec![l.rps_median]))).collect();
+        grouped_bars(&a, &format!("REST throughput, {conns} connections{stamp}"), "requests/s", &["req/s".into()], &rps, 0)?;
         let cpu: Vec<(Target, Vec<f64>)> = [Target::Nestor, Target::Nginx]
             .iter()
-            .filter_map(|t| {
-                r.rest
-                    .loaded
-                    .get(*t)
-                    .and_then(|l| l.proxy_cpu_us_per_req_median)
-                    .map(|c| (*t, vec![c]))
-            })
+            .filter_map(|t| r.rest.loaded.get(*t).and_then(|l| l.proxy_cpu_us_per_req_median).map(|c| (*t, vec![c])))
             .collect();
-        grouped_bars(
-            &b,
-            "proxy CPU time per request",
-            "CPU µs / request",
-            &["CPU µs/req".into()],
-            &cpu,
-            1,
-        )?;
+        grouped_bars(&b, "proxy CPU time per request", "CPU µs / request", &["CPU µs/req".into()], &cpu, 1)?;
         root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     written.push(p);
@@ -243,37 +187,11 @@ pub fn render(r: &Results, out: &Path) -> anyhow::Result<Vec<std::path::PathBuf>
         let root = SVGBackend::new(&p, (W, H)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
         let (a, b) = root.split_horizontally(W / 2);
-        let one: Vec<(Target, Vec<f64>)> = Target::ALL
-            .iter()
-            .filter_map(|t| r.ws.single.get(*t).map(|s| (*t, vec![s.fps_median])))
-            .collect();
-        grouped_bars(
-            &a,
-            &format!("WebSocket frames/s, 1 pair{stamp}"),
-            "frames/s",
-            &["1 pair".into()],
-            &one,
-            0,
-        )?;
-        let pairs =
-            r.ws.many
-                .direct
-                .as_ref()
-                .or(r.ws.many.nestor.as_ref())
-                .map(|s| s.pairs)
-                .unwrap_or(0);
-        let many: Vec<(Target, Vec<f64>)> = Target::ALL
-            .iter()
-            .filter_map(|t| r.ws.many.get(*t).map(|s| (*t, vec![s.fps_median])))
-            .collect();
-        grouped_bars(
-            &b,
-            &format!("WebSocket frames/s, {pairs} pairs (aggregate)"),
-            "frames/s",
-            &[format!("{pairs} pairs")],
-            &many,
-            0,
-        )?;
+        let one: Vec<(Target, Vec<f64>)> = Target::ALL.iter().filter_map(|t| r.ws.single.get(*t).map(|s| (*t, vec![s.fps_median]))).collect();
+        grouped_bars(&a, &format!("WebSocket frames/s, 1 pair{stamp}"), "frames/s", &["1 pair".into()], &one, 0)?;
+        let pairs = r.ws.many.direct.as_ref().or(r.ws.many.nestor.as_ref()).map(|s| s.pairs).unwrap_or(0);
+        let many: Vec<(Target, Vec<f64>)> = Target::ALL.iter().filter_map(|t| r.ws.many.get(*t).map(|s| (*t, vec![s.fps_median]))).collect();
+        grouped_bars(&b, &format!("WebSocket frames/s, {pairs} pairs (aggregate)"), "frames/s", &[format!("{pairs} pairs")], &many, 0)?;
         root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     written.push(p);
@@ -292,11 +210,7 @@ mod tests {
             let s = std::fs::read_to_string(&f).unwrap();
             assert!(s.starts_with("<svg"), "{}", f.display());
             if f.to_string_lossy().contains("rest-") {
-                assert!(
-                    s.contains("nestor") && s.contains("nginx"),
-                    "{}",
-                    f.display()
-                );
+                assert!(s.contains("nestor") && s.contains("nginx"), "{}", f.display());
             }
         }
         let _ = std::fs::remove_dir_all(&dir);

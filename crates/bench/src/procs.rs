@@ -48,9 +48,7 @@ impl Proc {
 
     /// Stop now: SIGTERM, up to 3 s, then SIGKILL.
     pub fn stop(&mut self) {
-        let Some(mut c) = self.child.take() else {
-            return;
-        };
+        let Some(mut c) = self.child.take() else { return };
         let pid = c.id() as i32;
         let target = if self.group { -pid } else { pid };
         // SAFETY: signalling a process (group) we started and have not reaped yet.
@@ -61,9 +59,7 @@ impl Proc {
         loop {
             match c.try_wait() {
                 Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
                 _ => {
                     tracing::warn!(name = %self.name, "did not stop on SIGTERM; killing");
                     // SAFETY: as above.
@@ -94,13 +90,7 @@ impl Drop for Proc {
 }
 
 /// Spawn `cmd` with a death signal and a pid file; `group`: in its own process group.
-fn spawn(
-    mut cmd: Command,
-    name: &str,
-    work: &Path,
-    group: bool,
-    as_nobody: bool,
-) -> anyhow::Result<Proc> {
+fn spawn(mut cmd: Command, name: &str, work: &Path, group: bool, as_nobody: bool) -> anyhow::Result<Proc> {
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -120,21 +110,12 @@ fn spawn(
     let pidfile = piddir.join(format!("{name}.pid"));
     std::fs::write(&pidfile, format!("{}\n", child.id()))?;
     tracing::info!(name, pid = child.id(), "started");
-    Ok(Proc {
-        name: name.to_owned(),
-        child: Some(child),
-        pidfile,
-        group,
-    })
+    Ok(Proc { name: name.to_owned(), child: Some(child), pidfile, group })
 }
 
 /// The byte relay (crate::relay, this binary's `relay` subcommand) on a free loopback port
 /// in front of `upstream`.
-pub async fn start_relay(
-    work: &Path,
-    name: &str,
-    upstream: SocketAddr,
-) -> anyhow::Result<(Proc, SocketAddr)> {
+pub async fn start_relay(work: &Path, name: &str, upstream: SocketAddr) -> anyhow::Result<(Proc, SocketAddr)> {
     let addr: SocketAddr = ([127, 0, 0, 1], sys::free_port()?).into();
     let mut cmd = Command::new(std::env::current_exe().context("this executable")?);
     cmd.arg("relay")
@@ -154,10 +135,7 @@ pub async fn start_relay(
 fn clean_env(cmd: &mut Command) {
     for (k, _) in std::env::vars_os() {
         if let Some(k) = k.to_str() {
-            if (k.starts_with("NESTOR_") && k != "NESTOR_LOG")
-                || k == "SESSION_API_KEY"
-                || k == "RUST_LOG"
-            {
+            if (k.starts_with("NESTOR_") && k != "NESTOR_LOG") || k == "SESSION_API_KEY" || k == "RUST_LOG" {
                 cmd.env_remove(k);
             }
         }
@@ -165,11 +143,7 @@ fn clean_env(cmd: &mut Command) {
 }
 
 /// Wait until `addr` accepts TCP connections (bounded), checking the process is alive.
-pub async fn wait_listening(
-    p: &mut Proc,
-    addr: SocketAddr,
-    within: Duration,
-) -> anyhow::Result<()> {
+pub async fn wait_listening(p: &mut Proc, addr: SocketAddr, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     loop {
         p.check_alive()?;
@@ -184,28 +158,15 @@ pub async fn wait_listening(
 }
 
 /// Wait until `GET path` answers 200 (bounded).
-pub async fn wait_http_ok(
-    p: &mut Proc,
-    addr: SocketAddr,
-    path: &str,
-    within: Duration,
-) -> anyhow::Result<()> {
+pub async fn wait_http_ok(p: &mut Proc, addr: SocketAddr, path: &str, within: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     loop {
         p.check_alive()?;
-        if let Ok(Ok(200)) = tokio::time::timeout(
-            Duration::from_secs(2),
-            crate::rest::get_status(addr, path, None),
-        )
-        .await
-        {
+        if let Ok(Ok(200)) = tokio::time::timeout(Duration::from_secs(2), crate::rest::get_status(addr, path, None)).await {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!(
-                "{} did not answer GET {path} on {addr} within {within:?}",
-                p.name
-            );
+            bail!("{} did not answer GET {path} on {addr} within {within:?}", p.name);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -239,24 +200,15 @@ pub async fn start_fake(
     .stdout(Stdio::piped())
     .stderr(std::fs::File::create(work.join(format!("{name}.log")))?);
     let mut p = spawn(cmd, name, work, false, false)?;
-    let stdout = p
-        .child
-        .as_mut()
-        .and_then(|c| c.stdout.take())
-        .context("fake stdout")?;
+    let stdout = p.child.as_mut().and_then(|c| c.stdout.take()).context("fake stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut line = String::new();
         let _ = BufReader::new(stdout).read_line(&mut line);
         let _ = tx.send(line);
     });
-    let line = rx
-        .recv_timeout(Duration::from_secs(60))
-        .context("the fake agent-server did not print its address")?;
-    let url = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .with_context(|| format!("unexpected fake output {line:?}"))?;
+    let line = rx.recv_timeout(Duration::from_secs(60)).context("the fake agent-server did not print its address")?;
+    let url = line.trim().strip_prefix("listening on http://").with_context(|| format!("unexpected fake output {line:?}"))?;
     let addr: SocketAddr = url.trim_end_matches('/').parse()?;
     wait_listening(&mut p, addr, Duration::from_secs(10)).await?;
     Ok((p, addr))
@@ -272,16 +224,7 @@ pub async fn start_nestor(
     client_key: &str,
     extra_env: &[(String, String)],
 ) -> anyhow::Result<(Proc, SocketAddr)> {
-    start_nestor_multi(
-        bin,
-        work,
-        name,
-        &[downstream],
-        downstream_key,
-        client_key,
-        extra_env,
-    )
-    .await
+    start_nestor_multi(bin, work, name, &[downstream], downstream_key, client_key, extra_env).await
 }
 
 /// nestor with the `existing` provisioner in front of several downstreams (same key).
@@ -324,10 +267,7 @@ api_key = "{downstream_key}"
     cmd.arg("serve")
         .arg("-c")
         .arg(&cfg_path)
-        .env(
-            "NESTOR_LOG",
-            std::env::var("NESTOR_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .env("NESTOR_LOG", std::env::var("NESTOR_LOG").unwrap_or_else(|_| "info".into()))
         .envs(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(dir.join("stdout.log"))?)
@@ -338,13 +278,7 @@ api_key = "{downstream_key}"
 }
 
 /// nginx as a foreground, unprivileged reverse proxy in front of `upstream`.
-pub async fn start_nginx(
-    bin: &Path,
-    work: &Path,
-    name: &str,
-    upstream: SocketAddr,
-    nofile: u64,
-) -> anyhow::Result<(Proc, SocketAddr)> {
+pub async fn start_nginx(bin: &Path, work: &Path, name: &str, upstream: SocketAddr, nofile: u64) -> anyhow::Result<(Proc, SocketAddr)> {
     let dir = work.join(name);
     std::fs::create_dir_all(&dir)?;
     let port = sys::free_port()?;
@@ -379,8 +313,7 @@ pub async fn start_nginx(
 }
 
 fn chown_nobody(p: &Path) -> anyhow::Result<()> {
-    std::os::unix::fs::chown(p, Some(65534), Some(65534))
-        .with_context(|| format!("chown {}", p.display()))
+    std::os::unix::fs::chown(p, Some(65534), Some(65534)).with_context(|| format!("chown {}", p.display()))
 }
 
 /// The generated configuration: a plain, fair reverse proxy (keep-alive upstream, HTTP/1.1,
@@ -456,11 +389,7 @@ pub fn nginx_version(bin: &Path) -> Option<String> {
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .chain(
-            ["/usr/sbin", "/usr/local/sbin", "/sbin"]
-                .iter()
-                .map(PathBuf::from),
-        )
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].iter().map(PathBuf::from))
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
@@ -471,12 +400,7 @@ mod tests {
 
     #[test]
     fn nginx_config_is_a_fair_plain_proxy() {
-        let c = nginx_conf(
-            Path::new("/tmp/x"),
-            ([127, 0, 0, 1], 8080).into(),
-            ([127, 0, 0, 1], 9090).into(),
-            20000,
-        );
+        let c = nginx_conf(Path::new("/tmp/x"), ([127, 0, 0, 1], 8080).into(), ([127, 0, 0, 1], 9090).into(), 20000);
         for needle in [
             "daemon off;",
             "master_process on;",

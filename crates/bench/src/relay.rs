@@ -10,9 +10,7 @@ use std::net::SocketAddr;
 
 /// Relay every connection accepted on `listen` to `target` until killed.
 pub fn run(listen: SocketAddr, target: SocketAddr) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         loop {
@@ -26,9 +24,7 @@ pub fn run(listen: SocketAddr, target: SocketAddr) -> anyhow::Result<()> {
             };
             tokio::spawn(async move {
                 let _ = client.set_nodelay(true);
-                let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else {
-                    return;
-                };
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else { return };
                 let _ = upstream.set_nodelay(true);
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
             });

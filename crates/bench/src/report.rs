@@ -73,13 +73,7 @@ pub struct WrkSeq {
 impl WrkSeq {
     pub fn of(rounds: Vec<WrkRound>) -> Self {
         let m = |f: fn(&WrkRound) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
-        Self {
-            p50_us: m(|r| r.p50_us),
-            p90_us: m(|r| r.p90_us),
-            p99_us: m(|r| r.p99_us),
-            max_us: m(|r| r.max_us),
-            rounds,
-        }
+        Self { p50_us: m(|r| r.p50_us), p90_us: m(|r| r.p90_us), p99_us: m(|r| r.p99_us), max_us: m(|r| r.max_us), rounds }
     }
 }
 
@@ -133,10 +127,7 @@ pub struct Stream {
 impl Stream {
     pub fn from_rounds(rounds: Vec<StreamResult>, latency: Latency) -> Self {
         let fps: Vec<f64> = rounds.iter().map(|r| r.frames_per_sec).collect();
-        let cpu: Vec<f64> = rounds
-            .iter()
-            .filter_map(|r| r.proxy_cpu_us_per_frame)
-            .collect();
+        let cpu: Vec<f64> = rounds.iter().filter_map(|r| r.proxy_cpu_us_per_frame).collect();
         Stream {
             pairs: rounds.first().map(|r| r.pairs).unwrap_or(0),
             window: rounds.first().map(|r| r.window).unwrap_or(0),
@@ -206,12 +197,7 @@ impl Added {
     }
 
     fn of_wrk(proxy: &WrkSeq, direct: &WrkSeq) -> Self {
-        Added {
-            p50: proxy.p50_us - direct.p50_us,
-            p90: proxy.p90_us - direct.p90_us,
-            p99: proxy.p99_us - direct.p99_us,
-            max: proxy.max_us - direct.max_us,
-        }
+        Added { p50: proxy.p50_us - direct.p50_us, p90: proxy.p90_us - direct.p90_us, p99: proxy.p99_us - direct.p99_us, max: proxy.max_us - direct.max_us }
     }
 }
 
@@ -241,30 +227,12 @@ impl Results {
             (Some(p), Some(d)) => Some(Added::of(p, d)),
             _ => None,
         };
-        r.rest_seq_added_us_nestor = added(
-            seq.nestor.as_ref().map(|s| &s.latency),
-            seq.direct.as_ref().map(|s| &s.latency),
-        );
-        r.rest_seq_added_us_nginx = added(
-            seq.nginx.as_ref().map(|s| &s.latency),
-            seq.direct.as_ref().map(|s| &s.latency),
-        );
-        r.rest_loaded_added_us_nestor = added(
-            lo.nestor.as_ref().map(|s| &s.latency),
-            lo.direct.as_ref().map(|s| &s.latency),
-        );
-        r.rest_loaded_added_us_nginx = added(
-            lo.nginx.as_ref().map(|s| &s.latency),
-            lo.direct.as_ref().map(|s| &s.latency),
-        );
-        r.rest_seq_added_us_relay = added(
-            seq.relay.as_ref().map(|s| &s.latency),
-            seq.direct.as_ref().map(|s| &s.latency),
-        );
-        r.rest_loaded_added_us_relay = added(
-            lo.relay.as_ref().map(|s| &s.latency),
-            lo.direct.as_ref().map(|s| &s.latency),
-        );
+        r.rest_seq_added_us_nestor = added(seq.nestor.as_ref().map(|s| &s.latency), seq.direct.as_ref().map(|s| &s.latency));
+        r.rest_seq_added_us_nginx = added(seq.nginx.as_ref().map(|s| &s.latency), seq.direct.as_ref().map(|s| &s.latency));
+        r.rest_loaded_added_us_nestor = added(lo.nestor.as_ref().map(|s| &s.latency), lo.direct.as_ref().map(|s| &s.latency));
+        r.rest_loaded_added_us_nginx = added(lo.nginx.as_ref().map(|s| &s.latency), lo.direct.as_ref().map(|s| &s.latency));
+        r.rest_seq_added_us_relay = added(seq.relay.as_ref().map(|s| &s.latency), seq.direct.as_ref().map(|s| &s.latency));
+        r.rest_loaded_added_us_relay = added(lo.relay.as_ref().map(|s| &s.latency), lo.direct.as_ref().map(|s| &s.latency));
         let wrk = &self.rest.wrk;
         let added_wrk = |t: Target| match (wrk.get(t), wrk.direct.as_ref()) {
             (Some(p), Some(d)) => Some(Added::of_wrk(p, d)),
@@ -274,60 +242,29 @@ impl Results {
         r.rest_seq_added_us_nginx_wrk = added_wrk(Target::Nginx);
         r.rest_seq_added_us_relay_wrk = added_wrk(Target::Relay);
         r.rest_cpu_per_req_nestor_over_relay = ratio(
-            lo.nestor
-                .as_ref()
-                .and_then(|l| l.proxy_cpu_us_per_req_median),
-            lo.relay
-                .as_ref()
-                .and_then(|l| l.proxy_cpu_us_per_req_median),
+            lo.nestor.as_ref().and_then(|l| l.proxy_cpu_us_per_req_median),
+            lo.relay.as_ref().and_then(|l| l.proxy_cpu_us_per_req_median),
         );
         let rps = |t: Target| lo.get(t).map(|l| l.rps_median);
         r.rest_rps_nestor_over_direct = ratio(rps(Target::Nestor), rps(Target::Direct));
         r.rest_rps_nestor_over_nginx = ratio(rps(Target::Nestor), rps(Target::Nginx));
         r.rest_rps_nginx_over_direct = ratio(rps(Target::Nginx), rps(Target::Direct));
         r.rest_cpu_per_req_nestor_over_nginx = ratio(
-            lo.nestor
-                .as_ref()
-                .and_then(|l| l.proxy_cpu_us_per_req_median),
-            lo.nginx
-                .as_ref()
-                .and_then(|l| l.proxy_cpu_us_per_req_median),
+            lo.nestor.as_ref().and_then(|l| l.proxy_cpu_us_per_req_median),
+            lo.nginx.as_ref().and_then(|l| l.proxy_cpu_us_per_req_median),
         );
         let w = &self.ws;
-        r.ws_latency_added_us_nestor = added(
-            w.latency.nestor.as_ref().map(|s| &s.latency),
-            w.latency.direct.as_ref().map(|s| &s.latency),
-        );
-        r.ws_latency_added_us_nginx = added(
-            w.latency.nginx.as_ref().map(|s| &s.latency),
-            w.latency.direct.as_ref().map(|s| &s.latency),
-        );
-        r.ws_latency_added_us_relay = added(
-            w.latency.relay.as_ref().map(|s| &s.latency),
-            w.latency.direct.as_ref().map(|s| &s.latency),
-        );
+        r.ws_latency_added_us_nestor = added(w.latency.nestor.as_ref().map(|s| &s.latency), w.latency.direct.as_ref().map(|s| &s.latency));
+        r.ws_latency_added_us_nginx = added(w.latency.nginx.as_ref().map(|s| &s.latency), w.latency.direct.as_ref().map(|s| &s.latency));
+        r.ws_latency_added_us_relay = added(w.latency.relay.as_ref().map(|s| &s.latency), w.latency.direct.as_ref().map(|s| &s.latency));
         let fps = |p: &PerTarget<Stream>, t: Target| p.get(t).map(|s| s.fps_median);
-        r.ws_single_fps_nestor_over_direct = ratio(
-            fps(&w.single, Target::Nestor),
-            fps(&w.single, Target::Direct),
-        );
-        r.ws_single_fps_nestor_over_nginx = ratio(
-            fps(&w.single, Target::Nestor),
-            fps(&w.single, Target::Nginx),
-        );
-        r.ws_many_fps_nestor_over_direct =
-            ratio(fps(&w.many, Target::Nestor), fps(&w.many, Target::Direct));
-        r.ws_many_fps_nestor_over_nginx =
-            ratio(fps(&w.many, Target::Nestor), fps(&w.many, Target::Nginx));
+        r.ws_single_fps_nestor_over_direct = ratio(fps(&w.single, Target::Nestor), fps(&w.single, Target::Direct));
+        r.ws_single_fps_nestor_over_nginx = ratio(fps(&w.single, Target::Nestor), fps(&w.single, Target::Nginx));
+        r.ws_many_fps_nestor_over_direct = ratio(fps(&w.many, Target::Nestor), fps(&w.many, Target::Direct));
+        r.ws_many_fps_nestor_over_nginx = ratio(fps(&w.many, Target::Nestor), fps(&w.many, Target::Nginx));
         r.ws_cpu_per_frame_nestor_over_nginx = ratio(
-            w.many
-                .nestor
-                .as_ref()
-                .and_then(|s| s.proxy_cpu_us_per_frame_median),
-            w.many
-                .nginx
-                .as_ref()
-                .and_then(|s| s.proxy_cpu_us_per_frame_median),
+            w.many.nestor.as_ref().and_then(|s| s.proxy_cpu_us_per_frame_median),
+            w.many.nginx.as_ref().and_then(|s| s.proxy_cpu_us_per_frame_median),
         );
 
         let mut checks = Vec::new();
@@ -335,36 +272,24 @@ impl Results {
         checks.push(Check {
             what: "REST added latency p50 (nestor − direct, 1 connection)".into(),
             target: "≤ +30 µs".into(),
-            measured: a
-                .map(|a| format!("{:+.1} µs", a.p50))
-                .unwrap_or_else(|| "n/a".into()),
+            measured: a.map(|a| format!("{:+.1} µs", a.p50)).unwrap_or_else(|| "n/a".into()),
             met: a.map(|a| a.p50 <= 30.0),
         });
         checks.push(Check {
             what: "REST added latency p99 (nestor − direct, 1 connection)".into(),
             target: "≤ +150 µs".into(),
-            measured: a
-                .map(|a| format!("{:+.1} µs", a.p99))
-                .unwrap_or_else(|| "n/a".into()),
+            measured: a.map(|a| format!("{:+.1} µs", a.p99)).unwrap_or_else(|| "n/a".into()),
             met: a.map(|a| a.p99 <= 150.0),
         });
         // Saturated, latency is connections / throughput for any proxy (Little's law): with
         // the client, the proxy and the downstream sharing the machine's cores, a proxy halves
         // throughput and so doubles latency, and no proxy adds +30 µs there. The issue's
         // latency targets are the 1-connection rows above; here nestor is held to nginx's.
-        let (a, n) = (
-            r.rest_loaded_added_us_nestor.as_ref(),
-            r.rest_loaded_added_us_nginx.as_ref(),
-        );
+        let (a, n) = (r.rest_loaded_added_us_nestor.as_ref(), r.rest_loaded_added_us_nginx.as_ref());
         let conns = lo.nestor.as_ref().map(|l| l.connections).unwrap_or(0);
-        for (name, pick) in [
-            ("p50", (|a: &Added| a.p50) as fn(&Added) -> f64),
-            ("p99", |a: &Added| a.p99),
-        ] {
+        for (name, pick) in [("p50", (|a: &Added| a.p50) as fn(&Added) -> f64), ("p99", |a: &Added| a.p99)] {
             checks.push(Check {
-                what: format!(
-                    "REST added latency {name} at {conns} connections (saturated), nestor vs nginx"
-                ),
+                what: format!("REST added latency {name} at {conns} connections (saturated), nestor vs nginx"),
                 target: "≤ nginx's".into(),
                 measured: match (a, n) {
                     (Some(a), Some(n)) => format!("{:+.1} vs {:+.1} µs", pick(a), pick(n)),
@@ -376,16 +301,12 @@ impl Results {
         checks.push(Check {
             what: format!("REST throughput nestor / nginx ({conns} connections)"),
             target: "≥ 1.00".into(),
-            measured: r
-                .rest_rps_nestor_over_nginx
-                .map(|x| format!("{x:.2}"))
-                .unwrap_or_else(|| "n/a".into()),
+            measured: r.rest_rps_nestor_over_nginx.map(|x| format!("{x:.2}")).unwrap_or_else(|| "n/a".into()),
             met: r.rest_rps_nestor_over_nginx.map(|x| x >= 1.0),
         });
         if let Some(a) = r.rest_seq_added_us_nestor_wrk.as_ref() {
             checks.push(Check {
-                what: "REST added latency p50 (nestor − direct, 1 connection), wrk as the client"
-                    .into(),
+                what: "REST added latency p50 (nestor − direct, 1 connection), wrk as the client".into(),
                 target: "≤ +30 µs".into(),
                 measured: format!("{:+.1} µs", a.p50),
                 met: Some(a.p50 <= 30.0),
@@ -398,12 +319,7 @@ impl Results {
     pub fn table(&self) -> String {
         let mut s = String::new();
         let m = &self.meta;
-        let _ = writeln!(
-            s,
-            "nestor-bench {}  ({} s wall)",
-            m.date,
-            m.wall_secs.round()
-        );
+        let _ = writeln!(s, "nestor-bench {}  ({} s wall)", m.date, m.wall_secs.round());
         let _ = writeln!(
             s,
             "machine: {} CPUs {}, {} GiB, kernel {}; nginx {}; commit {}",
@@ -414,50 +330,20 @@ impl Results {
             m.nginx_version.as_deref().unwrap_or("n/a"),
             m.git_commit.as_deref().unwrap_or("?"),
         );
-        let _ = writeln!(
-            s,
-            "load average at start: {}; at end: {}",
-            m.loadavg_start, m.loadavg_end
-        );
-        let fmt =
-            |v: Option<f64>, d: usize| v.map(|v| format!("{v:.d$}")).unwrap_or_else(|| "-".into());
+        let _ = writeln!(s, "load average at start: {}; at end: {}", m.loadavg_start, m.loadavg_end);
+        let fmt = |v: Option<f64>, d: usize| v.map(|v| format!("{v:.d$}")).unwrap_or_else(|| "-".into());
 
-        let _ = writeln!(
-            s,
-            "\nREST  GET {}  ({} B answer)",
-            self.rest.path, self.rest.body_bytes
-        );
+        let _ = writeln!(s, "\nREST  GET {}  ({} B answer)", self.rest.path, self.rest.body_bytes);
         let _ = writeln!(s, "  1 connection, sequential           p50 µs    p90 µs    p99 µs    max µs     req/s   rounds p50 µs");
         for t in Target::ALL {
             if let Some(q) = self.rest.sequential.get(t) {
                 let l = &q.latency;
                 let rps = median(&q.rounds.iter().map(|r| r.rps).collect::<Vec<_>>());
-                let per: Vec<String> = q
-                    .rounds
-                    .iter()
-                    .map(|r| format!("{:.1}", r.latency.p50_us))
-                    .collect();
-                let _ = writeln!(
-                    s,
-                    "  {:<34} {:>8.1}  {:>8.1}  {:>8.1}  {:>8.1}  {:>8.0}   {}",
-                    t.name(),
-                    l.p50_us,
-                    l.p90_us,
-                    l.p99_us,
-                    l.max_us,
-                    rps,
-                    per.join(" ")
-                );
+                let per: Vec<String> = q.rounds.iter().map(|r| format!("{:.1}", r.latency.p50_us)).collect();
+                let _ = writeln!(s, "  {:<34} {:>8.1}  {:>8.1}  {:>8.1}  {:>8.1}  {:>8.0}   {}", t.name(), l.p50_us, l.p90_us, l.p99_us, l.max_us, rps, per.join(" "));
             }
         }
-        let conns = self
-            .rest
-            .loaded
-            .direct
-            .as_ref()
-            .or(self.rest.loaded.nestor.as_ref())
-            .map(|l| l.connections)
-            .unwrap_or(0);
+        let conns = self.rest.loaded.direct.as_ref().or(self.rest.loaded.nestor.as_ref()).map(|l| l.connections).unwrap_or(0);
         let _ = writeln!(s, "  {conns} connections, closed loop         p50 µs    p90 µs    p99 µs    max µs     req/s  (spread)  proxy CPU µs/req (user+sys)");
         for t in Target::ALL {
             if let Some(q) = self.rest.loaded.get(t) {
@@ -480,31 +366,17 @@ impl Results {
         }
 
         let w = &self.ws;
-        let _ = writeln!(
-            s,
-            "\nWebSocket /sockets/events/{{id}}, frames pushed by the downstream"
-        );
+        let _ = writeln!(s, "\nWebSocket /sockets/events/{{id}}, frames pushed by the downstream");
         if let Some(x) = w.latency.direct.as_ref().or(w.latency.nestor.as_ref()) {
             let _ = writeln!(s, "  per-frame latency, 1 pair, 1 frame in flight ({} B)   p50 µs    p90 µs    p99 µs    max µs", x.frame_bytes);
         }
         for t in Target::ALL {
             if let Some(q) = w.latency.get(t) {
                 let l = &q.latency;
-                let _ = writeln!(
-                    s,
-                    "  {:<52} {:>8.1}  {:>8.1}  {:>8.1}  {:>8.1}",
-                    t.name(),
-                    l.p50_us,
-                    l.p90_us,
-                    l.p99_us,
-                    l.max_us
-                );
+                let _ = writeln!(s, "  {:<52} {:>8.1}  {:>8.1}  {:>8.1}  {:>8.1}", t.name(), l.p50_us, l.p90_us, l.p99_us, l.max_us);
             }
         }
-        for (title, p) in [
-            ("throughput, 1 pair", &w.single),
-            ("throughput, many pairs", &w.many),
-        ] {
+        for (title, p) in [("throughput, 1 pair", &w.single), ("throughput, many pairs", &w.many)] {
             if let Some(x) = p.direct.as_ref().or(p.nestor.as_ref()) {
                 let _ = writeln!(
                     s,
@@ -567,11 +439,7 @@ impl Results {
         );
         for t in Target::ALL {
             if let Some(i) = mem.idle_pairs.get(t) {
-                let who = if t == Target::Direct {
-                    "fake downstream itself"
-                } else {
-                    t.name()
-                };
+                let who = if t == Target::Direct { "fake downstream itself" } else { t.name() };
                 let _ = writeln!(
                     s,
                     "  {:<24} {} idle pairs: RSS {} → {} KiB = {:.1} KiB per pair (opened in {:.1} s)",
@@ -582,63 +450,18 @@ impl Results {
 
         let r = &self.ratios;
         let _ = writeln!(s, "\nRatios (side by side, same run)");
-        let add = |a: &Option<Added>| {
-            a.as_ref()
-                .map(|a| {
-                    format!(
-                        "p50 {:+.1}  p90 {:+.1}  p99 {:+.1}  max {:+.1} µs",
-                        a.p50, a.p90, a.p99, a.max
-                    )
-                })
-                .unwrap_or_else(|| "-".into())
-        };
-        let _ = writeln!(
-            s,
-            "  REST added, 1 conn:     nestor {}",
-            add(&r.rest_seq_added_us_nestor)
-        );
-        let _ = writeln!(
-            s,
-            "                          nginx  {}",
-            add(&r.rest_seq_added_us_nginx)
-        );
-        let _ = writeln!(
-            s,
-            "                          relay  {}   (byte relay: the floor)",
-            add(&r.rest_seq_added_us_relay)
-        );
+        let add = |a: &Option<Added>| a.as_ref().map(|a| format!("p50 {:+.1}  p90 {:+.1}  p99 {:+.1}  max {:+.1} µs", a.p50, a.p90, a.p99, a.max)).unwrap_or_else(|| "-".into());
+        let _ = writeln!(s, "  REST added, 1 conn:     nestor {}", add(&r.rest_seq_added_us_nestor));
+        let _ = writeln!(s, "                          nginx  {}", add(&r.rest_seq_added_us_nginx));
+        let _ = writeln!(s, "                          relay  {}   (byte relay: the floor)", add(&r.rest_seq_added_us_relay));
         if r.rest_seq_added_us_nestor_wrk.is_some() {
-            let _ = writeln!(
-                s,
-                "  REST added, 1 conn, wrk: nestor {}",
-                add(&r.rest_seq_added_us_nestor_wrk)
-            );
-            let _ = writeln!(
-                s,
-                "                          nginx  {}",
-                add(&r.rest_seq_added_us_nginx_wrk)
-            );
-            let _ = writeln!(
-                s,
-                "                          relay  {}",
-                add(&r.rest_seq_added_us_relay_wrk)
-            );
+            let _ = writeln!(s, "  REST added, 1 conn, wrk: nestor {}", add(&r.rest_seq_added_us_nestor_wrk));
+            let _ = writeln!(s, "                          nginx  {}", add(&r.rest_seq_added_us_nginx_wrk));
+            let _ = writeln!(s, "                          relay  {}", add(&r.rest_seq_added_us_relay_wrk));
         }
-        let _ = writeln!(
-            s,
-            "  REST added, loaded:     nestor {}",
-            add(&r.rest_loaded_added_us_nestor)
-        );
-        let _ = writeln!(
-            s,
-            "                          nginx  {}",
-            add(&r.rest_loaded_added_us_nginx)
-        );
-        let _ = writeln!(
-            s,
-            "                          relay  {}",
-            add(&r.rest_loaded_added_us_relay)
-        );
+        let _ = writeln!(s, "  REST added, loaded:     nestor {}", add(&r.rest_loaded_added_us_nestor));
+        let _ = writeln!(s, "                          nginx  {}", add(&r.rest_loaded_added_us_nginx));
+        let _ = writeln!(s, "                          relay  {}", add(&r.rest_loaded_added_us_relay));
         let _ = writeln!(
             s,
             "  REST req/s: nestor/direct {}  nestor/nginx {}  nginx/direct {}; proxy CPU per request nestor/nginx {}",
@@ -647,21 +470,9 @@ impl Results {
             fmt(r.rest_rps_nginx_over_direct, 2),
             fmt(r.rest_cpu_per_req_nestor_over_nginx, 2)
         );
-        let _ = writeln!(
-            s,
-            "  WS added latency:       nestor {}",
-            add(&r.ws_latency_added_us_nestor)
-        );
-        let _ = writeln!(
-            s,
-            "                          nginx  {}",
-            add(&r.ws_latency_added_us_nginx)
-        );
-        let _ = writeln!(
-            s,
-            "                          relay  {}",
-            add(&r.ws_latency_added_us_relay)
-        );
+        let _ = writeln!(s, "  WS added latency:       nestor {}", add(&r.ws_latency_added_us_nestor));
+        let _ = writeln!(s, "                          nginx  {}", add(&r.ws_latency_added_us_nginx));
+        let _ = writeln!(s, "                          relay  {}", add(&r.ws_latency_added_us_relay));
         let _ = writeln!(
             s,
             "  WS frames/s: 1 pair nestor/direct {}  nestor/nginx {};  many pairs nestor/direct {}  nestor/nginx {}; proxy CPU per frame nestor/nginx {}",
@@ -678,11 +489,7 @@ impl Results {
                 Some(false) => "MISSED",
                 None => "n/a",
             };
-            let _ = writeln!(
-                s,
-                "  {:<70} target {:<10} measured {:<12} {}",
-                c.what, c.target, c.measured, v
-            );
+            let _ = writeln!(s, "  {:<70} target {:<10} measured {:<12} {}", c.what, c.target, c.measured, v);
         }
         for n in &m.notes {
             let _ = writeln!(s, "note: {n}");
@@ -692,16 +499,12 @@ impl Results {
 }
 
 /// Write a run's results as pretty JSON to `out` (its directory created), and log it.
-pub fn write_results<T: serde::Serialize>(
-    out: &std::path::Path,
-    results: &T,
-) -> anyhow::Result<()> {
+pub fn write_results<T: serde::Serialize>(out: &std::path::Path, results: &T) -> anyhow::Result<()> {
     use anyhow::Context;
     if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(out, serde_json::to_string_pretty(results)? + "\n")
-        .with_context(|| format!("writing {}", out.display()))?;
+    std::fs::write(out, serde_json::to_string_pretty(results)? + "\n").with_context(|| format!("writing {}", out.display()))?;
     tracing::info!(file = %out.display(), "results written");
     Ok(())
 }
@@ -712,25 +515,13 @@ pub(crate) mod tests {
     use crate::rest::SequentialRound;
 
     fn lat(p50: f64, p99: f64) -> Latency {
-        Latency {
-            count: 10,
-            mean_us: p50,
-            p50_us: p50,
-            p90_us: p50,
-            p99_us: p99,
-            p999_us: p99,
-            max_us: p99,
-        }
+        Latency { count: 10, mean_us: p50, p50_us: p50, p90_us: p50, p99_us: p99, p999_us: p99, max_us: p99 }
     }
 
     pub fn sample() -> Results {
         let seq = |p50, p99| RestSeq {
             latency: lat(p50, p99),
-            rounds: vec![SequentialRound {
-                latency: lat(p50, p99),
-                rps: 1000.0,
-                body_bytes: 3000,
-            }],
+            rounds: vec![SequentialRound { latency: lat(p50, p99), rps: 1000.0, body_bytes: 3000 }],
         };
         let load = |rps: f64, cpu: Option<f64>| RestLoad {
             connections: 64,
@@ -744,17 +535,7 @@ pub(crate) mod tests {
         };
         // Three wrk rounds around `p50`: the median is kept.
         let wrk = |p50: f64| {
-            WrkSeq::of(
-                [p50 + 5.0, p50, p50 - 1.0]
-                    .map(|p| WrkRound {
-                        requests: 1000,
-                        p50_us: p,
-                        p90_us: p,
-                        p99_us: p,
-                        max_us: p,
-                    })
-                    .to_vec(),
-            )
+            WrkSeq::of([p50 + 5.0, p50, p50 - 1.0].map(|p| WrkRound { requests: 1000, p50_us: p, p90_us: p, p99_us: p, max_us: p }).to_vec())
         };
         let mut r = Results {
             meta: Meta {
@@ -773,24 +554,14 @@ pub(crate) mod tests {
             rest: Rest {
                 path: "/p".into(),
                 body_bytes: 3000,
-                sequential: PerTarget {
-                    direct: Some(seq(80.0, 100.0)),
-                    nestor: Some(seq(100.0, 300.0)),
-                    nginx: Some(seq(90.0, 150.0)),
-                    relay: None,
-                },
+                sequential: PerTarget { direct: Some(seq(80.0, 100.0)), nestor: Some(seq(100.0, 300.0)), nginx: Some(seq(90.0, 150.0)), relay: None },
                 loaded: PerTarget {
                     direct: Some(load(20000.0, None)),
                     nestor: Some(load(12000.0, Some(40.0))),
                     nginx: Some(load(10000.0, Some(30.0))),
                     relay: None,
                 },
-                wrk: PerTarget {
-                    direct: Some(wrk(35.0)),
-                    nestor: Some(wrk(56.0)),
-                    nginx: Some(wrk(74.0)),
-                    relay: None,
-                },
+                wrk: PerTarget { direct: Some(wrk(35.0)), nestor: Some(wrk(56.0)), nginx: Some(wrk(74.0)), relay: None },
             },
             ws: WsResults::default(),
             ratios: Ratios::default(),
@@ -809,24 +580,10 @@ pub(crate) mod tests {
         assert_eq!(r.ratios.rest_rps_nestor_over_nginx, Some(1.2));
         assert_eq!(r.checks[0].met, Some(true), "p50 +20 µs meets ≤ +30");
         assert_eq!(r.checks[1].met, Some(false), "p99 +200 µs misses ≤ +150");
-        assert_eq!(
-            r.checks[2].met,
-            Some(true),
-            "saturated: nestor's added p50 is nginx's"
-        );
+        assert_eq!(r.checks[2].met, Some(true), "saturated: nestor's added p50 is nginx's");
         assert_eq!(r.checks[4].met, Some(true), "1.2× nginx meets ≥ 1");
-        assert_eq!(
-            r.ratios
-                .rest_seq_added_us_nestor_wrk
-                .as_ref()
-                .map(|a| a.p50),
-            Some(21.0),
-            "medians of wrk's rounds"
-        );
-        assert_eq!(
-            r.ratios.rest_seq_added_us_nginx_wrk.as_ref().map(|a| a.p50),
-            Some(39.0)
-        );
+        assert_eq!(r.ratios.rest_seq_added_us_nestor_wrk.as_ref().map(|a| a.p50), Some(21.0), "medians of wrk's rounds");
+        assert_eq!(r.ratios.rest_seq_added_us_nginx_wrk.as_ref().map(|a| a.p50), Some(39.0));
         assert_eq!(r.checks[5].met, Some(true), "wrk's +21 µs meets ≤ +30");
         let t = r.table();
         assert!(t.contains("MISSED") && t.contains("met"), "{t}");

@@ -38,17 +38,12 @@ pub struct Conn {
 
 impl Conn {
     pub async fn open(addr: SocketAddr, from: SocketAddr) -> anyhow::Result<Conn> {
-        let stream = sys::connect_from(from, addr)
-            .await
-            .with_context(|| format!("connecting to {addr}"))?;
+        let stream = sys::connect_from(from, addr).await.with_context(|| format!("connecting to {addr}"))?;
         let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        Ok(Conn {
-            sender,
-            host: http::HeaderValue::from_str(&addr.to_string())?,
-        })
+        Ok(Conn { sender, host: http::HeaderValue::from_str(&addr.to_string())? })
     }
 
     /// `GET path`; returns (status, body length).
@@ -73,20 +68,13 @@ pub async fn get_status(addr: SocketAddr, path: &str, key: Option<&str>) -> anyh
 }
 
 /// `GET` a JSON document.
-pub async fn get_json(
-    addr: SocketAddr,
-    path: &str,
-    key: &str,
-) -> anyhow::Result<serde_json::Value> {
+pub async fn get_json(addr: SocketAddr, path: &str, key: &str) -> anyhow::Result<serde_json::Value> {
     let stream = sys::connect_from(sys::source_addr(0), addr).await?;
     let (mut sender, conn) = http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let req = Request::get(path)
-        .header(header::HOST, addr.to_string())
-        .header("x-session-api-key", key)
-        .body(Empty::new())?;
+    let req = Request::get(path).header(header::HOST, addr.to_string()).header("x-session-api-key", key).body(Empty::new())?;
     let resp = tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(req)).await??;
     if resp.status() != 200 {
         bail!("GET {path}: HTTP {}", resp.status());
@@ -112,52 +100,29 @@ pub struct SequentialRound {
 /// each such hand-off is a wake-up through the hypervisor: first run on the `block_on`
 /// thread, the same loop measured direct at 64 µs instead of 41, and the differences taken
 /// from those round trips moved with the client's own scheduling, not only the proxy's.
-pub async fn sequential(
-    t: &HttpTarget,
-    warmup: usize,
-    n: usize,
-    hist: &mut Histogram<u64>,
-) -> anyhow::Result<SequentialRound> {
+pub async fn sequential(t: &HttpTarget, warmup: usize, n: usize, hist: &mut Histogram<u64>) -> anyhow::Result<SequentialRound> {
     let t = t.clone();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("bench-sequential".into())
-        .spawn(move || {
-            let r = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| {
-                    rt.block_on(async {
-                        let c = Conn::open(t.addr, sys::source_addr(0)).await?;
-                        sequential_loop(c, &t, warmup, n).await
-                    })
-                });
-            let _ = tx.send(r);
-        })?;
-    // Bounded: every request of the loop has its own timeout.
-    let (round, secs, body_bytes) = rx
-        .await
-        .context("the sequential client's thread ended without an answer")??;
+    std::thread::Builder::new().name("bench-sequential".into()).spawn(move || {
+        let r = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from).and_then(|rt| {
+            rt.block_on(async {
+                let c = tokio::time::timeout(REQUEST_TIMEOUT, Conn::open(t.addr, sys::source_addr(0))).await.context("connecting took too long")??;
+                sequential_loop(c, &t, warmup, n).await
+            })
+        });
+        let _ = tx.send(r);
+    })?;
+    // Bounded: the connection and every request of the loop have their own timeouts.
+    let (round, secs, body_bytes) = rx.await.context("the sequential client's thread ended without an answer")??;
     hist.add(&round).ok();
-    Ok(SequentialRound {
-        latency: Latency::from_hist(&round),
-        rps: n as f64 / secs,
-        body_bytes,
-    })
+    Ok(SequentialRound { latency: Latency::from_hist(&round), rps: n as f64 / secs, body_bytes })
 }
 
 /// [`sequential`]'s loop: the round's histogram, its seconds and the answer's body size.
-async fn sequential_loop(
-    mut c: Conn,
-    t: &HttpTarget,
-    warmup: usize,
-    n: usize,
-) -> anyhow::Result<(Histogram<u64>, f64, usize)> {
+async fn sequential_loop(mut c: Conn, t: &HttpTarget, warmup: usize, n: usize) -> anyhow::Result<(Histogram<u64>, f64, usize)> {
     let mut body_bytes = 0;
     for _ in 0..warmup {
-        let (st, len) =
-            tokio::time::timeout(REQUEST_TIMEOUT, c.get(&t.path, Some(&t.key))).await??;
+        let (st, len) = tokio::time::timeout(REQUEST_TIMEOUT, c.get(&t.path, Some(&t.key))).await??;
         if st != 200 {
             bail!("GET {} answered HTTP {st}", t.path);
         }
@@ -254,25 +219,15 @@ pub async fn closed_loop(
     }
     // CPU accounting over the measured window.
     tokio::time::sleep_until(t_start.into()).await;
-    let cpu0 = (
-        sys::cpu_us_sum(proxy_pids),
-        sys::cpu_us_sum(downstream_pids),
-        sys::self_cpu_us(),
-    );
+    let cpu0 = (sys::cpu_us_sum(proxy_pids), sys::cpu_us_sum(downstream_pids), sys::self_cpu_us());
     let split0 = sys::cpu_split_us(proxy_pids);
     tokio::time::sleep_until(t_end.into()).await;
-    let cpu1 = (
-        sys::cpu_us_sum(proxy_pids),
-        sys::cpu_us_sum(downstream_pids),
-        sys::self_cpu_us(),
-    );
+    let cpu1 = (sys::cpu_us_sum(proxy_pids), sys::cpu_us_sum(downstream_pids), sys::self_cpu_us());
     let split1 = sys::cpu_split_us(proxy_pids);
     let mut round = stats::new_hist();
     let mut requests = 0;
     for task in tasks {
-        let (h, done) = tokio::time::timeout(REQUEST_TIMEOUT * 2, task)
-            .await
-            .context("a load task hung")??;
+        let (h, done) = tokio::time::timeout(REQUEST_TIMEOUT * 2, task).await.context("a load task hung")??;
         round.add(&h).ok();
         requests += done;
     }
@@ -289,21 +244,9 @@ pub async fn closed_loop(
         rps: requests as f64 / duration.as_secs_f64(),
         requests,
         errors: errors.load(Ordering::Relaxed),
-        proxy_cpu_us_per_req: if proxy_pids.is_empty() {
-            None
-        } else {
-            per_req(cpu0.0, cpu1.0)
-        },
-        proxy_user_us_per_req: if proxy_pids.is_empty() {
-            None
-        } else {
-            per_req(split0.map(|s| s.0), split1.map(|s| s.0))
-        },
-        proxy_sys_us_per_req: if proxy_pids.is_empty() {
-            None
-        } else {
-            per_req(split0.map(|s| s.1), split1.map(|s| s.1))
-        },
+        proxy_cpu_us_per_req: if proxy_pids.is_empty() { None } else { per_req(cpu0.0, cpu1.0) },
+        proxy_user_us_per_req: if proxy_pids.is_empty() { None } else { per_req(split0.map(|s| s.0), split1.map(|s| s.0)) },
+        proxy_sys_us_per_req: if proxy_pids.is_empty() { None } else { per_req(split0.map(|s| s.1), split1.map(|s| s.1)) },
         downstream_cpu_us_per_req: per_req(cpu0.1, cpu1.1),
         client_cpu_us_per_req: per_req(cpu0.2, cpu1.2),
     })

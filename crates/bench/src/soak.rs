@@ -235,9 +235,7 @@ struct Conn {
 
 impl Conn {
     async fn open(addr: SocketAddr, from: SocketAddr) -> anyhow::Result<Conn> {
-        let stream = sys::connect_from(from, addr)
-            .await
-            .with_context(|| format!("connecting to {addr}"))?;
+        let stream = sys::connect_from(from, addr).await.with_context(|| format!("connecting to {addr}"))?;
         let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             let _ = conn.await;
@@ -246,12 +244,7 @@ impl Conn {
     }
 
     /// Send one request; returns (status, body).
-    async fn send(
-        &mut self,
-        method: http::Method,
-        path: &str,
-        body: Option<&str>,
-    ) -> anyhow::Result<(u16, Bytes)> {
+    async fn send(&mut self, method: http::Method, path: &str, body: Option<&str>) -> anyhow::Result<(u16, Bytes)> {
         let mut b = Request::builder()
             .method(method)
             .uri(path)
@@ -272,30 +265,16 @@ impl Conn {
 pub fn run_cmd(args: SoakArgs) -> anyhow::Result<bool> {
     let (soft, hard) = sys::raise_nofile();
     tracing::info!(soft, hard, "open files limit");
-    anyhow::ensure!(
-        args.downstreams >= 1 && args.conversations >= args.downstreams,
-        "need at least one conversation per downstream"
-    );
-    anyhow::ensure!(
-        args.sample_secs >= 1 && args.duration_secs >= args.sample_secs,
-        "duration must cover at least one sample"
-    );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("soak-client")
-        .enable_all()
-        .build()?;
+    anyhow::ensure!(args.downstreams >= 1 && args.conversations >= args.downstreams, "need at least one conversation per downstream");
+    anyhow::ensure!(args.sample_secs >= 1 && args.duration_secs >= args.sample_secs, "duration must cover at least one sample");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("soak-client").enable_all().build()?;
     let (work, _guard) = match &args.work_dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
             (d.clone(), None)
         }
         None => {
-            let d = std::env::temp_dir().join(format!(
-                "nestor-soak-{}-{}",
-                std::process::id(),
-                Uuid::new_v4().simple()
-            ));
+            let d = std::env::temp_dir().join(format!("nestor-soak-{}-{}", std::process::id(), Uuid::new_v4().simple()));
             std::fs::create_dir_all(&d)?;
             (d.clone(), Some(crate::RemoveOnDrop(d)))
         }
@@ -319,139 +298,63 @@ pub fn run_cmd(args: SoakArgs) -> anyhow::Result<bool> {
 async fn soak(args: &SoakArgs, work: &Path) -> anyhow::Result<SoakResults> {
     let loadavg_start = sys::loadavg();
     for b in [&args.nestor, &args.fake] {
-        anyhow::ensure!(
-            b.is_file(),
-            "{} not found: build it first (cargo build --release)",
-            b.display()
-        );
+        anyhow::ensure!(b.is_file(), "{} not found: build it first (cargo build --release)", b.display());
     }
     // Downstreams, conversations spread evenly.
     let mut fakes = Vec::new();
     let mut fake_addrs = Vec::new();
     for i in 0..args.downstreams {
-        let n = args.conversations / args.downstreams
-            + usize::from(i < args.conversations % args.downstreams);
-        let (p, a) = procs::start_fake(
-            &args.fake,
-            work,
-            &format!("fake-{i}"),
-            DOWNSTREAM_KEY,
-            n,
-            args.events_per_conversation,
-        )
-        .await?;
+        let n = args.conversations / args.downstreams + usize::from(i < args.conversations % args.downstreams);
+        let (p, a) = procs::start_fake(&args.fake, work, &format!("fake-{i}"), DOWNSTREAM_KEY, n, args.events_per_conversation).await?;
         fakes.push(p);
         fake_addrs.push(a);
     }
-    let (mut nestor, addr) = procs::start_nestor_multi(
-        &args.nestor,
-        work,
-        "nestor-soak",
-        &fake_addrs,
-        DOWNSTREAM_KEY,
-        CLIENT_KEY,
-        &[],
-    )
-    .await?;
+    let (mut nestor, addr) = procs::start_nestor_multi(&args.nestor, work, "nestor-soak", &fake_addrs, DOWNSTREAM_KEY, CLIENT_KEY, &[]).await?;
     let pid = nestor.pid();
 
     // Every conversation cataloged (bounded), then their ids in nestor's order.
     let mut conn = Conn::open(addr, sys::source_addr(0)).await?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let (st, body) = conn
-            .send(http::Method::GET, "/api/conversations/count", None)
-            .await?;
-        let n: usize = std::str::from_utf8(&body)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
+        let (st, body) = conn.send(http::Method::GET, "/api/conversations/count", None).await?;
+        let n: usize = std::str::from_utf8(&body).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
         if st == 200 && n >= args.conversations {
             break;
         }
         if Instant::now() > deadline {
-            bail!(
-                "nestor cataloged {n} of {} conversations within 120 s (HTTP {st})",
-                args.conversations
-            );
+            bail!("nestor cataloged {n} of {} conversations within 120 s (HTTP {st})", args.conversations);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let convs = all_ids(&mut conn).await?;
-    anyhow::ensure!(
-        convs.len() >= args.conversations,
-        "nestor lists {} of {} conversations",
-        convs.len(),
-        args.conversations
-    );
-    tracing::info!(
-        conversations = convs.len(),
-        downstreams = args.downstreams,
-        "cataloged"
-    );
+    anyhow::ensure!(convs.len() >= args.conversations, "nestor lists {} of {} conversations", convs.len(), args.conversations);
+    tracing::info!(conversations = convs.len(), downstreams = args.downstreams, "cataloged");
 
     let counters = Counters::new();
-    let target = ws::WsTarget {
-        addr,
-        key: CLIENT_KEY.to_owned(),
-        deflate: false,
-    };
+    let target = ws::WsTarget { addr, key: CLIENT_KEY.to_owned(), deflate: false };
     let socket_convs: Vec<Uuid> = convs.iter().take(args.ws_sockets.max(1)).copied().collect();
 
     // Long-lived sockets, opened before the clock starts.
-    let socks = ws::open_many(
-        &target,
-        &socket_convs,
-        args.ws_sockets,
-        64,
-        Some(ws::lean_config()),
-        Duration::from_secs(120),
-    )
-    .await?;
+    let socks = ws::open_many(&target, &socket_convs, args.ws_sockets, 64, Some(ws::lean_config()), Duration::from_secs(120)).await?;
     let mut tasks = Vec::new();
     for (i, s) in socks.into_iter().enumerate() {
-        let (t, c, conv) = (
-            target.clone(),
-            counters.clone(),
-            socket_convs[i % socket_convs.len()],
-        );
+        let (t, c, conv) = (target.clone(), counters.clone(), socket_convs[i % socket_convs.len()]);
         tasks.push(tokio::spawn(long_lived(t, c, conv, i, s)));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let before_traffic = Sample {
-        rss_kib: sys::rss_kib(pid).unwrap_or(0),
-        fds: sys::fd_count(pid).unwrap_or(0),
-        ..Default::default()
-    };
-    tracing::info!(
-        rss_kib = before_traffic.rss_kib,
-        fds = before_traffic.fds,
-        sockets = args.ws_sockets,
-        "traffic starts"
-    );
+    let before_traffic = Sample { rss_kib: sys::rss_kib(pid).unwrap_or(0), fds: sys::fd_count(pid).unwrap_or(0), ..Default::default() };
+    tracing::info!(rss_kib = before_traffic.rss_kib, fds = before_traffic.fds, sockets = args.ws_sockets, "traffic starts");
 
     // REST workers: each its own connection and share of the rate.
     let conns = args.rest_conns.max(1);
     let period = Duration::from_secs_f64(conns as f64 / f64::from(args.rest_rps.max(1)));
     for w in 0..conns {
         let (c, convs, socket_convs) = (counters.clone(), convs.clone(), socket_convs.clone());
-        tasks.push(tokio::spawn(rest_worker(
-            addr,
-            w,
-            period,
-            c,
-            convs,
-            socket_convs,
-        )));
+        tasks.push(tokio::spawn(rest_worker(addr, w, period, c, convs, socket_convs)));
     }
     if args.ws_churn_per_sec > 0 {
         let (c, t, convs) = (counters.clone(), target.clone(), convs.clone());
-        tasks.push(tokio::spawn(churn(
-            t,
-            c,
-            convs,
-            Duration::from_secs_f64(1.0 / f64::from(args.ws_churn_per_sec)),
-        )));
+        tasks.push(tokio::spawn(churn(t, c, convs, Duration::from_secs_f64(1.0 / f64::from(args.ws_churn_per_sec)))));
     }
 
     // Sampler.
@@ -468,11 +371,8 @@ async fn soak(args: &SoakArgs, work: &Path) -> anyhow::Result<SoakResults> {
             f.check_alive()?;
         }
         let cpu = (sys::cpu_us_sum(&[pid]), sys::cpu_us_sum(&fake_pids));
-        let by_kind: std::collections::BTreeMap<String, Latency> = KINDS
-            .iter()
-            .zip(&counters.by_kind)
-            .map(|(k, h)| ((*k).to_owned(), Counters::take(h)))
-            .collect();
+        let by_kind: std::collections::BTreeMap<String, Latency> =
+            KINDS.iter().zip(&counters.by_kind).map(|(k, h)| ((*k).to_owned(), Counters::take(h))).collect();
         let rest = Counters::take(&counters.rest_hist);
         let per_req = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) if rest.count > 0 => Some((b - a) / rest.count as f64),
@@ -521,12 +421,7 @@ async fn soak(args: &SoakArgs, work: &Path) -> anyhow::Result<SoakResults> {
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     nestor.check_alive()?;
-    let after_traffic = Sample {
-        t_secs: started.elapsed().as_secs_f64(),
-        rss_kib: sys::rss_kib(pid).unwrap_or(0),
-        fds: sys::fd_count(pid).unwrap_or(0),
-        ..Default::default()
-    };
+    let after_traffic = Sample { t_secs: started.elapsed().as_secs_f64(), rss_kib: sys::rss_kib(pid).unwrap_or(0), fds: sys::fd_count(pid).unwrap_or(0), ..Default::default() };
     let rest_total = Counters::take(&counters.rest_total);
     drop(nestor);
     drop(fakes);
@@ -572,13 +467,7 @@ async fn all_ids(conn: &mut Conn) -> anyhow::Result<Vec<Uuid>> {
         let (st, body) = conn.send(http::Method::GET, &path, None).await?;
         anyhow::ensure!(st == 200, "GET {path}: HTTP {st}");
         let v: serde_json::Value = serde_json::from_slice(&body)?;
-        out.extend(
-            v["items"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|i| i["id"].as_str().and_then(|s| Uuid::parse_str(s).ok())),
-        );
+        out.extend(v["items"].as_array().into_iter().flatten().filter_map(|i| i["id"].as_str().and_then(|s| Uuid::parse_str(s).ok())));
         match v["next_page_id"].as_str() {
             Some(p) if !p.is_empty() => page = Some(percent_encode(p)),
             _ => return Ok(out),
@@ -602,20 +491,10 @@ fn percent_encode(s: &str) -> String {
 
 /// One REST connection at a fixed rate (open loop: a slow answer delays only this worker's
 /// next tick; missed ticks are not burst-replayed).
-async fn rest_worker(
-    addr: SocketAddr,
-    w: usize,
-    period: Duration,
-    c: Arc<Counters>,
-    convs: Vec<Uuid>,
-    socket_convs: Vec<Uuid>,
-) {
+async fn rest_worker(addr: SocketAddr, w: usize, period: Duration, c: Arc<Counters>, convs: Vec<Uuid>, socket_convs: Vec<Uuid>) {
     let mut rng = Rng::new(w as u64 + 1);
     let mut conn: Option<Conn> = None;
-    let mut tick = tokio::time::interval_at(
-        tokio::time::Instant::now() + period.mul_f64(w as f64 / 16.0),
-        period,
-    );
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period.mul_f64(w as f64 / 16.0), period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut i: u64 = w as u64;
     while !c.stopped() {
@@ -626,42 +505,15 @@ async fn rest_worker(
         i += 1;
         let conv = convs[rng.below(convs.len())];
         let (kind, method, path, body) = match i % 20 {
-            0..=11 => (
-                0,
-                http::Method::GET,
-                format!("/api/conversations/{conv}"),
-                None,
-            ),
-            12..=15 => (
-                1,
-                http::Method::GET,
-                format!("/api/conversations/{conv}/events/search?limit=5"),
-                None,
-            ),
-            16 | 17 => (
-                2,
-                http::Method::GET,
-                "/api/conversations/search?limit=20".to_owned(),
-                None,
-            ),
-            18 => (
-                3,
-                http::Method::GET,
-                "/api/conversations/count".to_owned(),
-                None,
-            ),
+            0..=11 => (0, http::Method::GET, format!("/api/conversations/{conv}"), None),
+            12..=15 => (1, http::Method::GET, format!("/api/conversations/{conv}/events/search?limit=5"), None),
+            16 | 17 => (2, http::Method::GET, "/api/conversations/search?limit=20".to_owned(), None),
+            18 => (3, http::Method::GET, "/api/conversations/count".to_owned(), None),
             _ => {
                 // Messages go to conversations with a long-lived socket, so frames flow.
                 let conv = socket_convs[rng.below(socket_convs.len())];
-                let body = format!(
-                    r#"{{"role":"user","content":[{{"type":"text","text":"soak {i}"}}],"run":true}}"#
-                );
-                (
-                    4,
-                    http::Method::POST,
-                    format!("/api/conversations/{conv}/events"),
-                    Some(body),
-                )
+                let body = format!(r#"{{"role":"user","content":[{{"type":"text","text":"soak {i}"}}],"run":true}}"#);
+                (4, http::Method::POST, format!("/api/conversations/{conv}/events"), Some(body))
             }
         };
         if conn.is_none() {
@@ -676,12 +528,7 @@ async fn rest_worker(
         }
         let Some(cn) = conn.as_mut() else { continue };
         let t0 = Instant::now();
-        match tokio::time::timeout(
-            REQUEST_TIMEOUT,
-            cn.send(method.clone(), &path, body.as_deref()),
-        )
-        .await
-        {
+        match tokio::time::timeout(REQUEST_TIMEOUT, cn.send(method.clone(), &path, body.as_deref())).await {
             Ok(Ok((st, _))) if (200..300).contains(&st) => {
                 let ns = t0.elapsed().as_nanos() as u64;
                 Counters::record(&c.rest_hist, ns);
@@ -690,10 +537,7 @@ async fn rest_worker(
             }
             other => {
                 let what = match other {
-                    Ok(Ok((st, b))) => format!(
-                        "HTTP {st}: {}",
-                        String::from_utf8_lossy(&b[..b.len().min(200)])
-                    ),
+                    Ok(Ok((st, b))) => format!("HTTP {st}: {}", String::from_utf8_lossy(&b[..b.len().min(200)])),
                     Ok(Err(e)) => format!("{e:#}"),
                     Err(_) => "timed out".to_owned(),
                 };
@@ -784,24 +628,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn verdict(samples: &[Sample]) -> (Vec<Check>, f64) {
     let mut checks = Vec::new();
     let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
-        return (
-            vec![Check {
-                what: "samples".into(),
-                pass: false,
-                detail: "no samples".into(),
-            }],
-            0.0,
-        );
+        return (vec![Check { what: "samples".into(), pass: false, detail: "no samples".into() }], 0.0);
     };
     let growth = last.rss_kib as i64 - first.rss_kib as i64;
     let allowed = ((first.rss_kib / 10).max(8 * 1024)) as i64;
     checks.push(Check {
         what: "RSS flat".into(),
         pass: growth <= allowed,
-        detail: format!(
-            "{} → {} KiB ({growth:+} KiB; allowed +{allowed})",
-            first.rss_kib, last.rss_kib
-        ),
+        detail: format!("{} → {} KiB ({growth:+} KiB; allowed +{allowed})", first.rss_kib, last.rss_kib),
     });
     let fd_growth = last.fds as i64 - first.fds as i64;
     checks.push(Check {
@@ -811,28 +645,18 @@ pub fn verdict(samples: &[Sample]) -> (Vec<Check>, f64) {
     });
     let k = samples.len().min(3);
     let head = median(samples[..k].iter().map(|s| s.rest.p99_us).collect());
-    let tail = median(
-        samples[samples.len() - k..]
-            .iter()
-            .map(|s| s.rest.p99_us)
-            .collect(),
-    );
+    let tail = median(samples[samples.len() - k..].iter().map(|s| s.rest.p99_us).collect());
     checks.push(Check {
         what: "p99 stable".into(),
         pass: tail <= 1.5 * head.max(1.0),
         detail: format!("median p99 of the first {k} intervals {head:.0} µs, of the last {k} {tail:.0} µs (allowed ≤ 1.5×)"),
     });
-    let errors: u64 = samples
-        .iter()
-        .map(|s| s.rest_errors + s.ws_open_errors)
-        .sum();
+    let errors: u64 = samples.iter().map(|s| s.rest_errors + s.ws_open_errors).sum();
     let drops: u64 = samples.iter().map(|s| s.ws_drops).sum();
     checks.push(Check {
         what: "no errors".into(),
         pass: errors == 0 && drops == 0,
-        detail: format!(
-            "{errors} failed requests/socket opens, {drops} long-lived sockets dropped"
-        ),
+        detail: format!("{errors} failed requests/socket opens, {drops} long-lived sockets dropped"),
     });
     // Least squares slope of RSS against minutes.
     let n = samples.len() as f64;
@@ -848,34 +672,14 @@ pub fn verdict(samples: &[Sample]) -> (Vec<Check>, f64) {
 pub fn table(r: &SoakResults) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "\nsoak: {} conversations on {} downstreams, {} s",
-        r.settings["conversations"], r.settings["downstreams"], r.settings["duration_secs"]
-    );
+    let _ = writeln!(o, "\nsoak: {} conversations on {} downstreams, {} s", r.settings["conversations"], r.settings["downstreams"], r.settings["duration_secs"]);
     let _ = writeln!(
         o,
         "{:>7} {:>10} {:>6} {:>9} {:>9} {:>9} {:>7} {:>8} {:>10} {:>9} {:>6} {:>10} {:>10}  p99 µs by kind (get/events/search/count/post), loadavg",
-        "t s",
-        "RSS KiB",
-        "fds",
-        "requests",
-        "p50 µs",
-        "p99 µs",
-        "errors",
-        "ws opens",
-        "open p99",
-        "frames",
-        "drops",
-        "nestor µs",
-        "fakes µs",
+        "t s", "RSS KiB", "fds", "requests", "p50 µs", "p99 µs", "errors", "ws opens", "open p99", "frames", "drops", "nestor µs", "fakes µs"
     );
     let b = &r.before_traffic;
-    let _ = writeln!(
-        o,
-        "{:>7} {:>10} {:>6}   (before traffic)",
-        0, b.rss_kib, b.fds
-    );
+    let _ = writeln!(o, "{:>7} {:>10} {:>6}   (before traffic)", 0, b.rss_kib, b.fds);
     for s in &r.samples {
         let _ = writeln!(
             o,
@@ -898,30 +702,12 @@ pub fn table(r: &SoakResults) -> String {
         );
     }
     let a = &r.after_traffic;
-    let _ = writeln!(
-        o,
-        "{:>7.0} {:>10} {:>6}   (3 s after traffic stopped)",
-        a.t_secs, a.rss_kib, a.fds
-    );
-    let _ = writeln!(
-        o,
-        "REST overall: {} requests, p50 {:.0} µs, p99 {:.0} µs; RSS slope {:+.1} KiB/min",
-        r.rest_total.count, r.rest_total.p50_us, r.rest_total.p99_us, r.rss_slope_kib_per_min
-    );
+    let _ = writeln!(o, "{:>7.0} {:>10} {:>6}   (3 s after traffic stopped)", a.t_secs, a.rss_kib, a.fds);
+    let _ = writeln!(o, "REST overall: {} requests, p50 {:.0} µs, p99 {:.0} µs; RSS slope {:+.1} KiB/min", r.rest_total.count, r.rest_total.p50_us, r.rest_total.p99_us, r.rss_slope_kib_per_min);
     for c in &r.checks {
-        let _ = writeln!(
-            o,
-            "  [{}] {}: {}",
-            if c.pass { "pass" } else { "FAIL" },
-            c.what,
-            c.detail
-        );
+        let _ = writeln!(o, "  [{}] {}: {}", if c.pass { "pass" } else { "FAIL" }, c.what, c.detail);
     }
-    let _ = writeln!(
-        o,
-        "verdict: {}",
-        if r.pass { "PASS (flat)" } else { "FAIL" }
-    );
+    let _ = writeln!(o, "verdict: {}", if r.pass { "PASS (flat)" } else { "FAIL" });
     o
 }
 
@@ -930,45 +716,17 @@ mod tests {
     use super::*;
 
     fn s(t: f64, rss: u64, fds: usize, p99: f64) -> Sample {
-        Sample {
-            t_secs: t,
-            rss_kib: rss,
-            fds,
-            rest: Latency {
-                p99_us: p99,
-                count: 10,
-                ..Default::default()
-            },
-            ..Default::default()
-        }
+        Sample { t_secs: t, rss_kib: rss, fds, rest: Latency { p99_us: p99, count: 10, ..Default::default() }, ..Default::default() }
     }
 
     #[test]
     fn flat_run_passes_and_a_leak_fails() {
-        let flat: Vec<_> = (1..=10)
-            .map(|m| {
-                s(
-                    m as f64 * 60.0,
-                    60_000 + (m % 2) * 300,
-                    250 + (m as usize % 3),
-                    2000.0,
-                )
-            })
-            .collect();
+        let flat: Vec<_> = (1..=10).map(|m| s(m as f64 * 60.0, 60_000 + (m % 2) * 300, 250 + (m as usize % 3), 2000.0)).collect();
         let (checks, slope) = verdict(&flat);
         assert!(checks.iter().all(|c| c.pass), "{checks:?}");
         assert!(slope.abs() < 100.0, "{slope}");
 
-        let leak: Vec<_> = (1..=10)
-            .map(|m| {
-                s(
-                    m as f64 * 60.0,
-                    60_000 + m * 2_000,
-                    250 + m as usize * 10,
-                    2000.0 + m as f64 * 500.0,
-                )
-            })
-            .collect();
+        let leak: Vec<_> = (1..=10).map(|m| s(m as f64 * 60.0, 60_000 + m * 2_000, 250 + m as usize * 10, 2000.0 + m as f64 * 500.0)).collect();
         let (checks, slope) = verdict(&leak);
         assert!(checks.iter().filter(|c| !c.pass).count() >= 3, "{checks:?}");
         assert!((slope - 2_000.0).abs() < 1.0, "{slope}");

@@ -60,12 +60,7 @@ fn absent<T>() -> Option<T> {
 
 impl<T> Default for PerTarget<T> {
     fn default() -> Self {
-        PerTarget {
-            direct: None,
-            nestor: None,
-            nginx: None,
-            relay: None,
-        }
+        PerTarget { direct: None, nestor: None, nginx: None, relay: None }
     }
 }
 
@@ -133,9 +128,7 @@ pub fn spread_pct(v: &[f64]) -> f64 {
         return 0.0;
     }
     let m = median(v);
-    let (lo, hi) = v
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+    let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
     if m == 0.0 {
         0.0
     } else {

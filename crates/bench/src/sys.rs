@@ -18,18 +18,12 @@ pub fn now_ns() -> u64 {
 pub fn raise_nofile() -> (u64, u64) {
     // SAFETY: plain getrlimit/setrlimit on a stack struct.
     unsafe {
-        let mut r = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
             return (1024, 1024);
         }
         if r.rlim_cur < r.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: r.rlim_max,
-                rlim_max: r.rlim_max,
-            };
+            let want = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
                 r.rlim_cur = r.rlim_max;
             }
@@ -118,21 +112,12 @@ pub fn fd_count(pid: u32) -> Option<usize> {
 /// Direct children of `pid` (from `/proc/*/stat`).
 pub fn children_of(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
+    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
     for e in dir.flatten() {
-        let Some(child) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(s) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
-            continue;
-        };
+        let Some(child) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(s) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
         let Some(close) = s.rfind(')') else { continue };
-        let ppid = s[close + 2..]
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse::<u32>().ok());
+        let ppid = s[close + 2..].split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok());
         if ppid == Some(pid) {
             out.push(child);
         }
@@ -150,19 +135,13 @@ pub fn free_port() -> std::io::Result<u16> {
 /// Loopback source addresses used round-robin by clients that open many connections, so
 /// ephemeral ports never run out (each source address has its own port range).
 pub fn source_addr(i: usize) -> SocketAddr {
-    SocketAddr::V4(SocketAddrV4::new(
-        Ipv4Addr::new(127, 0, 0, 1 + (i % 8) as u8),
-        0,
-    ))
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1 + (i % 8) as u8), 0))
 }
 
 /// Connect to `to` from `from` (port 0), with `TCP_NODELAY`. `IP_BIND_ADDRESS_NO_PORT`
 /// lets the kernel pick the source port at connect time (per destination), so binding a
 /// source address does not exhaust ports early.
-pub async fn connect_from(
-    from: SocketAddr,
-    to: SocketAddr,
-) -> std::io::Result<tokio::net::TcpStream> {
+pub async fn connect_from(from: SocketAddr, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
     let sock = tokio::net::TcpSocket::new_v4()?;
     {
         use std::os::fd::AsRawFd;
@@ -200,10 +179,7 @@ pub fn machine() -> serde_json::Value {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
     serde_json::json!({
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "cpu_model": model,

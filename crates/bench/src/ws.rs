@@ -16,8 +16,6 @@ use anyhow::{bail, Context};
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use nestor_test_support::FakeAgentServer;
-use nestor_ws_proxy::deflate::negotiate::CLIENT_OFFER;
-use nestor_ws_proxy::deflate::DeflateStream;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
@@ -26,6 +24,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+use nestor_ws_proxy::deflate::negotiate::CLIENT_OFFER;
+use nestor_ws_proxy::deflate::DeflateStream;
 use uuid::Uuid;
 
 use crate::stats::{self, Latency};
@@ -49,29 +49,18 @@ pub struct WsTarget {
 
 /// A small-buffer client configuration (thousands of idle sockets stay cheap in the bench).
 pub fn lean_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
+    WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0)
 }
 
 /// Open `/sockets/events/{conv}` from source address `from` and wait for its first frame
 /// (the `full_state` snapshot: the pair is established end to end).
-pub async fn open(
-    t: &WsTarget,
-    from: SocketAddr,
-    conv: Uuid,
-    cfg: Option<WebSocketConfig>,
-) -> anyhow::Result<Ws> {
+pub async fn open(t: &WsTarget, from: SocketAddr, conv: Uuid, cfg: Option<WebSocketConfig>) -> anyhow::Result<Ws> {
     let fut = async {
-        let stream = sys::connect_from(from, t.addr)
-            .await
-            .with_context(|| format!("connecting to {}", t.addr))?;
+        let stream = sys::connect_from(from, t.addr).await.with_context(|| format!("connecting to {}", t.addr))?;
         let mut req = format!("ws://{}/sockets/events/{conv}", t.addr).into_client_request()?;
-        req.headers_mut()
-            .insert("x-session-api-key", t.key.parse()?);
+        req.headers_mut().insert("x-session-api-key", t.key.parse()?);
         let stream = if t.deflate {
-            req.headers_mut()
-                .insert("sec-websocket-extensions", CLIENT_OFFER.parse()?);
+            req.headers_mut().insert("sec-websocket-extensions", CLIENT_OFFER.parse()?);
             DeflateStream::client_sniffing(stream, 64 << 20)
         } else {
             DeflateStream::plain(stream)
@@ -87,9 +76,7 @@ pub async fn open(
             }
         }
     };
-    tokio::time::timeout(CONNECT_TIMEOUT, fut)
-        .await
-        .context("socket did not open in time")?
+    tokio::time::timeout(CONNECT_TIMEOUT, fut).await.context("socket did not open in time")?
 }
 
 /// Open `n` sockets with at most `concurrency` handshakes in flight, spread over `convs`
@@ -180,15 +167,9 @@ impl Pusher {
             "bench_seq": 10_000_000u64,
             "pad": "",
         });
-        let base = serde_json::to_string(&sample)
-            .map(|s| s.len())
-            .unwrap_or(200);
+        let base = serde_json::to_string(&sample).map(|s| s.len()).unwrap_or(200);
         let pad: String = "x".repeat(frame_bytes.saturating_sub(base));
-        Self {
-            fake,
-            rt,
-            pad: pad.into(),
-        }
+        Self { fake, rt, pad: pad.into() }
     }
 
     fn event(&self, seq: u64) -> Value {
@@ -250,13 +231,7 @@ struct Window {
 
 /// Read one pair's frames: count them, give credit back, record latencies of frames
 /// published inside the window. Ends on `quit` (closing politely) or when the socket ends.
-async fn reader(
-    mut ws: Ws,
-    credit: Arc<Credit>,
-    total: Arc<AtomicU64>,
-    win: Arc<Window>,
-    mut quit: watch::Receiver<bool>,
-) -> (Histogram<u64>, bool) {
+async fn reader(mut ws: Ws, credit: Arc<Credit>, total: Arc<AtomicU64>, win: Arc<Window>, mut quit: watch::Receiver<bool>) -> (Histogram<u64>, bool) {
     let mut h = stats::new_hist();
     let mut healthy = true;
     loop {
@@ -293,11 +268,7 @@ pub enum Span {
     /// Warm up, then measure for a fixed time.
     Time { warmup: Duration, measure: Duration },
     /// Warm up with `warmup` frames, then measure `frames` frames (bounded by `limit`).
-    Frames {
-        warmup: u64,
-        frames: u64,
-        limit: Duration,
-    },
+    Frames { warmup: u64, frames: u64, limit: Duration },
 }
 
 /// What one streaming run measured.
@@ -338,10 +309,7 @@ pub async fn stream(
         serde_json::to_string(&probe).map(|s| s.len()).unwrap_or(0) + 70 // + id and timestamp
     };
     let total = Arc::new(AtomicU64::new(0));
-    let win = Arc::new(Window {
-        start_ns: AtomicU64::new(u64::MAX),
-        end_ns: AtomicU64::new(u64::MAX),
-    });
+    let win = Arc::new(Window { start_ns: AtomicU64::new(u64::MAX), end_ns: AtomicU64::new(u64::MAX) });
     let (quit_tx, quit_rx) = watch::channel(false);
     let mut readers = Vec::with_capacity(pairs);
     let mut credits = Vec::with_capacity(pairs);
@@ -353,13 +321,7 @@ pub async fn stream(
             notify: Notify::new(),
             stop: AtomicBool::new(false),
         });
-        readers.push(tokio::spawn(reader(
-            ws,
-            credit.clone(),
-            total.clone(),
-            win.clone(),
-            quit_rx.clone(),
-        )));
+        readers.push(tokio::spawn(reader(ws, credit.clone(), total.clone(), win.clone(), quit_rx.clone())));
         let conv = convs[i % convs.len()];
         pubs.push(p.rt.spawn(publisher(p.clone(), conv, credit.clone(), window)));
         credits.push(credit);
@@ -379,11 +341,7 @@ pub async fn stream(
                 c1 = total.load(Ordering::Relaxed);
                 cpu1 = sys::cpu_us_sum(proxy_pids);
             }
-            Span::Frames {
-                warmup,
-                frames,
-                limit,
-            } => {
+            Span::Frames { warmup, frames, limit } => {
                 let deadline = Instant::now() + limit;
                 while total.load(Ordering::Relaxed) < warmup {
                     if Instant::now() > deadline {
@@ -407,11 +365,7 @@ pub async fn stream(
                 cpu1 = sys::cpu_us_sum(proxy_pids);
             }
         }
-        let rss = if proxy_pids.is_empty() {
-            None
-        } else {
-            sys::rss_kib_sum(proxy_pids)
-        };
+        let rss = if proxy_pids.is_empty() { None } else { sys::rss_kib_sum(proxy_pids) };
         Ok((c1 - c0, (t1 - t0) as f64 / 1e9, cpu0, cpu1, rss))
     }
     .await;
@@ -473,31 +427,12 @@ pub struct IdleResult {
 }
 
 /// Open `n` idle pairs, measure the RSS of `pids` before and after (settled), close them.
-pub async fn idle(
-    t: &WsTarget,
-    convs: &[Uuid],
-    n: usize,
-    pids: &[u32],
-    fd_pids: &[u32],
-) -> anyhow::Result<IdleResult> {
-    let fds = || {
-        fd_pids
-            .iter()
-            .filter_map(|p| sys::fd_count(*p))
-            .sum::<usize>()
-    };
+pub async fn idle(t: &WsTarget, convs: &[Uuid], n: usize, pids: &[u32], fd_pids: &[u32]) -> anyhow::Result<IdleResult> {
+    let fds = || fd_pids.iter().filter_map(|p| sys::fd_count(*p)).sum::<usize>();
     let rss_before = sys::rss_kib_sum(pids).context("reading RSS")?;
     let fds_before = fds();
     let start = Instant::now();
-    let socks = open_many(
-        t,
-        convs,
-        n,
-        128,
-        Some(lean_config()),
-        Duration::from_secs(240),
-    )
-    .await?;
+    let socks = open_many(t, convs, n, 128, Some(lean_config()), Duration::from_secs(240)).await?;
     let open_secs = start.elapsed().as_secs_f64();
     // Let the proxy finish whatever follows a handshake (timers, buffers) before sampling.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -544,12 +479,7 @@ enum Seen {
 }
 
 /// Restart the downstream `trials` times while a client streams through `t`.
-pub async fn resume(
-    p: &Pusher,
-    t: &WsTarget,
-    conv: Uuid,
-    trials: usize,
-) -> anyhow::Result<ResumeResult> {
+pub async fn resume(p: &Pusher, t: &WsTarget, conv: Uuid, trials: usize) -> anyhow::Result<ResumeResult> {
     let period = Duration::from_millis(1);
     let mut ws = open(t, sys::source_addr(0), conv, None).await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -598,17 +528,13 @@ pub async fn resume(
                 match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
                     Ok(Some(Seen::Frame { sent: Some(_), .. })) => live += 1,
                     Ok(Some(Seen::Frame { .. })) => {}
-                    Ok(Some(Seen::Closed { .. })) | Ok(None) => {
-                        bail!("the client socket closed before trial {trial}")
-                    }
+                    Ok(Some(Seen::Closed { .. })) | Ok(None) => bail!("the client socket closed before trial {trial}"),
                     Err(_) => bail!("no frames before trial {trial}"),
                 }
             }
             let t_down = now_ns();
             let fake = p.fake.clone();
-            p.rt.spawn(async move { fake.restart().await })
-                .await
-                .context("restarting the fake")?;
+            p.rt.spawn(async move { fake.restart().await }).await.context("restarting the fake")?;
             let t_up = now_ns();
             out.downtime_ms.push((t_up - t_down) as f64 / 1e6);
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -620,8 +546,7 @@ pub async fn resume(
                             first_any = Some(at);
                         }
                         if sent.is_some_and(|s| s >= t_up) {
-                            out.first_frame_ms
-                                .push((first_any.unwrap_or(at) - t_up) as f64 / 1e6);
+                            out.first_frame_ms.push((first_any.unwrap_or(at) - t_up) as f64 / 1e6);
                             out.first_live_frame_ms.push((at - t_up) as f64 / 1e6);
                             break;
                         }
@@ -633,8 +558,7 @@ pub async fn resume(
                     }
                     Ok(None) => {
                         out.resumed = false;
-                        out.client_closed_after_ms =
-                            Some(now_ns().saturating_sub(t_down) as f64 / 1e6);
+                        out.client_closed_after_ms = Some(now_ns().saturating_sub(t_down) as f64 / 1e6);
                         return Ok(());
                     }
                     Err(_) => {

@@ -28,18 +28,16 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use futures::StreamExt;
 use nestor_core::client::ClientError;
-use nestor_core::{
-    ConversationId, Downstream, DownstreamClient, DownstreamId, DownstreamState, UserId,
-};
+use nestor_core::{ConversationId, Downstream, DownstreamClient, DownstreamId, DownstreamState, UserId};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
-use crate::query::SortOrder;
 use crate::search::{self, Page, SearchItem};
 use crate::store::{Store, StoredEntry};
 use crate::writer::Writer;
+use crate::query::SortOrder;
 
 /// How long a removal's tombstone is kept at least (see the module docs). It only has to
 /// outlive the refreshes in flight at the removal, which are bounded by
@@ -145,18 +143,10 @@ pub struct Catalog {
 /// downstream (the 1.58 `ConversationRuntimeInfo` shape).
 pub fn runtime_info(ds: &Downstream) -> Value {
     match ds.state() {
-        DownstreamState::Ready => {
-            json!({"runtime_status": "available", "can_resume": true, "runtime_error": null})
-        }
-        DownstreamState::Starting => {
-            json!({"runtime_status": "starting", "can_resume": true, "runtime_error": null})
-        }
-        DownstreamState::Stopped => {
-            json!({"runtime_status": "missing", "can_resume": true, "runtime_error": null})
-        }
-        DownstreamState::Released => {
-            json!({"runtime_status": "missing", "can_resume": false, "runtime_error": null})
-        }
+        DownstreamState::Ready => json!({"runtime_status": "available", "can_resume": true, "runtime_error": null}),
+        DownstreamState::Starting => json!({"runtime_status": "starting", "can_resume": true, "runtime_error": null}),
+        DownstreamState::Stopped => json!({"runtime_status": "missing", "can_resume": true, "runtime_error": null}),
+        DownstreamState::Released => json!({"runtime_status": "missing", "can_resume": false, "runtime_error": null}),
         DownstreamState::Failed(m) => json!({
             "runtime_status": "error",
             "can_resume": true,
@@ -196,30 +186,17 @@ impl Catalog {
             );
         }
         tracing::info!(conversations = entries.len(), dropped, "catalog loaded");
-        Ok(Self {
-            entries,
-            writer: Writer::new(store),
-            client,
-            cfg,
-            refresh: DashMap::new(),
-            tombstones: DashMap::new(),
-        })
+        Ok(Self { entries, writer: Writer::new(store), client, cfg, refresh: DashMap::new(), tombstones: DashMap::new() })
     }
 
     /// Where `id` lives (and whose it is).
     pub fn route(&self, id: &ConversationId) -> Option<(Arc<Downstream>, UserId)> {
-        self.entries
-            .get(id)
-            .map(|e| (e.downstream.clone(), e.owner.clone()))
+        self.entries.get(id).map(|e| (e.downstream.clone(), e.owner.clone()))
     }
 
     /// The downstream of `id` if `allowed(owner)`: [`Catalog::route`] without copying the
     /// owner (the fast path's check, on every request).
-    pub fn route_if(
-        &self,
-        id: &ConversationId,
-        allowed: impl FnOnce(&UserId) -> bool,
-    ) -> Option<Arc<Downstream>> {
+    pub fn route_if(&self, id: &ConversationId, allowed: impl FnOnce(&UserId) -> bool) -> Option<Arc<Downstream>> {
         let e = self.entries.get(id)?;
         allowed(&e.owner).then(|| e.downstream.clone())
     }
@@ -238,30 +215,15 @@ impl Catalog {
 
     /// Conversations routed to `ds`.
     pub fn count_on(&self, ds: &DownstreamId) -> usize {
-        self.entries
-            .iter()
-            .filter(|e| e.downstream.id() == ds)
-            .count()
+        self.entries.iter().filter(|e| e.downstream.id() == ds).count()
     }
 
     /// Record (or update) a conversation. Persisted before returning.
     /// The caller knows it exists now (a create may re-use a deleted id), so this clears a
     /// removal's tombstone.
-    pub async fn register(
-        &self,
-        id: ConversationId,
-        ds: &Arc<Downstream>,
-        owner: UserId,
-        info: Value,
-    ) {
+    pub async fn register(&self, id: ConversationId, ds: &Arc<Downstream>, owner: UserId, info: Value) {
         let info = Arc::new(info);
-        let stored = StoredEntry {
-            version: 1,
-            id,
-            downstream: ds.id().clone(),
-            owner: owner.clone(),
-            info: info.clone(),
-        };
+        let stored = StoredEntry { version: 1, id, downstream: ds.id().clone(), owner: owner.clone(), info: info.clone() };
         self.tombstones.remove(&id);
         self.upsert(id, ds, owner, info, 0, Adopt::Always);
         // The writer logs a failure; the route stands in memory either way.
@@ -271,23 +233,11 @@ impl Catalog {
     /// Record what a downstream reports about a conversation on its own (a webhook): as
     /// [`Catalog::register`], except that a conversation removed lately is not brought back
     /// by a report sent before its removal. Returns whether it is held now.
-    pub async fn report(
-        &self,
-        id: ConversationId,
-        ds: &Arc<Downstream>,
-        owner: UserId,
-        info: Value,
-    ) -> bool {
+    pub async fn report(&self, id: ConversationId, ds: &Arc<Downstream>, owner: UserId, info: Value) -> bool {
         let info = Arc::new(info);
         let changed = self.upsert(id, ds, owner.clone(), info.clone(), 0, Adopt::UnlessRemoved);
         if changed {
-            let stored = StoredEntry {
-                version: 1,
-                id,
-                downstream: ds.id().clone(),
-                owner,
-                info,
-            };
+            let stored = StoredEntry { version: 1, id, downstream: ds.id().clone(), owner, info };
             // The writer logs a failure; the route stands in memory either way.
             let _ = self.writer.save_durable(stored).await;
         }
@@ -302,15 +252,7 @@ impl Catalog {
     /// Insert or update in memory; returns whether anything changed.
     /// `listed_hash`: the hash of the info's text when it comes from a listing, else 0.
     /// `adopt`: whether an id the catalog does not hold may be inserted.
-    fn upsert(
-        &self,
-        id: ConversationId,
-        ds: &Arc<Downstream>,
-        owner: UserId,
-        info: Arc<Value>,
-        listed_hash: u64,
-        adopt: Adopt,
-    ) -> bool {
+    fn upsert(&self, id: ConversationId, ds: &Arc<Downstream>, owner: UserId, info: Arc<Value>, listed_hash: u64, adopt: Adopt) -> bool {
         let item = SearchItem::from_info(id, info);
         match self.entries.entry(id) {
             dashmap::Entry::Occupied(mut o) => {
@@ -334,22 +276,14 @@ impl Catalog {
                     Adopt::Always => true,
                     Adopt::UnlessRemoved => !self.tombstones.contains_key(&id),
                     Adopt::Never => false,
-                    Adopt::UnlessRemovedSince(since) => {
-                        self.tombstones.get(&id).is_none_or(|t| *t < since)
-                    }
+                    Adopt::UnlessRemovedSince(since) => self.tombstones.get(&id).is_none_or(|t| *t < since),
                 };
                 if !allowed {
                     tracing::debug!(conversation = %id, downstream = %ds.id(), ?adopt, "not re-adding a conversation removed meanwhile");
                     return false;
                 }
                 ds.add_conversations(1);
-                v.insert(Entry {
-                    downstream: ds.clone(),
-                    owner,
-                    item,
-                    registered_at: Instant::now(),
-                    listed_hash,
-                });
+                v.insert(Entry { downstream: ds.clone(), owner, item, registered_at: Instant::now(), listed_hash });
                 true
             }
         }
@@ -371,8 +305,7 @@ impl Catalog {
     fn bury(&self, id: ConversationId) {
         let now = Instant::now();
         let ttl = self.tombstone_ttl();
-        self.tombstones
-            .retain(|_, t| now.saturating_duration_since(*t) < ttl);
+        self.tombstones.retain(|_, t| now.saturating_duration_since(*t) < ttl);
         self.tombstones.insert(id, now);
     }
 
@@ -385,9 +318,7 @@ impl Catalog {
     pub async fn refresh(&self, ds: &Arc<Downstream>) -> Result<usize, ClientError> {
         let started = Instant::now();
         let Some(ep) = ds.endpoint() else {
-            return Err(ClientError::Connect(
-                "the agent-server is not running".into(),
-            ));
+            return Err(ClientError::Connect("the agent-server is not running".into()));
         };
         let fetch = async {
             let mut found: Vec<Box<RawValue>> = Vec::new();
@@ -398,10 +329,7 @@ impl Catalog {
                     path.push_str("&page_id=");
                     path.extend(form_urlencoded::byte_serialize(p.as_bytes()));
                 }
-                let page: DownstreamPage = self
-                    .client
-                    .get_json(&ep, &path, self.cfg.refresh_timeout)
-                    .await?;
+                let page: DownstreamPage = self.client.get_json(&ep, &path, self.cfg.refresh_timeout).await?;
                 found.extend(page.items);
                 match page.next_page_id {
                     Some(p) if Some(&p) != page_id.as_ref() => page_id = Some(p),
@@ -418,19 +346,10 @@ impl Catalog {
         let mut changed = Vec::new();
         for raw in found {
             let text = raw.get();
-            let Some(id) = serde_json::from_str::<IdOnly>(text)
-                .ok()
-                .and_then(|i| i.id)
-                .and_then(|s| ConversationId::parse(&s).ok())
-            else {
-                continue;
-            };
+            let Some(id) = serde_json::from_str::<IdOnly>(text).ok().and_then(|i| i.id).and_then(|s| ConversationId::parse(&s).ok()) else { continue };
             seen.insert(id);
             let hash = text_hash(text);
-            let unchanged = self
-                .entries
-                .get(&id)
-                .is_some_and(|e| e.listed_hash == hash && e.downstream.id() == ds.id());
+            let unchanged = self.entries.get(&id).is_some_and(|e| e.listed_hash == hash && e.downstream.id() == ds.id());
             if unchanged {
                 continue;
             }
@@ -449,29 +368,14 @@ impl Catalog {
                 .unwrap_or_else(UserId::default_user);
             let info = Arc::new(info);
             // Not re-adding one removed since this listing was requested (module docs).
-            if self.upsert(
-                id,
-                ds,
-                owner.clone(),
-                info.clone(),
-                hash,
-                Adopt::UnlessRemovedSince(started),
-            ) {
-                changed.push(StoredEntry {
-                    version: 1,
-                    id,
-                    downstream: ds.id().clone(),
-                    owner,
-                    info,
-                });
+            if self.upsert(id, ds, owner.clone(), info.clone(), hash, Adopt::UnlessRemovedSince(started)) {
+                changed.push(StoredEntry { version: 1, id, downstream: ds.id().clone(), owner, info });
             }
         }
         let gone: Vec<ConversationId> = self
             .entries
             .iter()
-            .filter(|e| {
-                e.downstream.id() == ds.id() && !seen.contains(e.key()) && e.registered_at < started
-            })
+            .filter(|e| e.downstream.id() == ds.id() && !seen.contains(e.key()) && e.registered_at < started)
             .map(|e| *e.key())
             .collect();
         for id in &gone {
@@ -513,11 +417,7 @@ impl Catalog {
 
     /// [`Catalog::refresh_stale`] with a per-downstream bound on the list's age (a
     /// downstream that reports changes by webhook can be re-listed far less often).
-    pub async fn refresh_stale_with(
-        &self,
-        downstreams: Vec<Arc<Downstream>>,
-        max_age_for: impl Fn(&DownstreamId) -> Duration,
-    ) {
+    pub async fn refresh_stale_with(&self, downstreams: Vec<Arc<Downstream>>, max_age_for: impl Fn(&DownstreamId) -> Duration) {
         let fresh = |ds: &DownstreamId| {
             let max_age = max_age_for(ds);
             self.refresh
@@ -525,27 +425,23 @@ impl Catalog {
                 .and_then(|s| *s.last_ok.lock().unwrap())
                 .is_some_and(|t| t.elapsed() < max_age)
         };
-        futures::stream::iter(
-            downstreams
-                .into_iter()
-                .filter(|d| d.state() == DownstreamState::Ready),
-        )
-        .map(|ds| async move {
-            if fresh(ds.id()) {
-                return;
-            }
-            let state = self.refresh.entry(ds.id().clone()).or_default().clone();
-            let _g = state.lock.lock().await;
-            if fresh(ds.id()) {
-                return; // someone refreshed it while we waited
-            }
-            if let Err(e) = self.refresh(&ds).await {
-                tracing::warn!(downstream = %ds.id(), "could not refresh conversation list: {e}");
-            }
-        })
-        .buffer_unordered(self.cfg.refresh_concurrency.max(1))
-        .collect::<Vec<()>>()
-        .await;
+        futures::stream::iter(downstreams.into_iter().filter(|d| d.state() == DownstreamState::Ready))
+            .map(|ds| async move {
+                if fresh(ds.id()) {
+                    return;
+                }
+                let state = self.refresh.entry(ds.id().clone()).or_default().clone();
+                let _g = state.lock.lock().await;
+                if fresh(ds.id()) {
+                    return; // someone refreshed it while we waited
+                }
+                if let Err(e) = self.refresh(&ds).await {
+                    tracing::warn!(downstream = %ds.id(), "could not refresh conversation list: {e}");
+                }
+            })
+            .buffer_unordered(self.cfg.refresh_concurrency.max(1))
+            .collect::<Vec<()>>()
+            .await;
     }
 
     /// Items visible to `owner` (None: everyone's).
@@ -587,10 +483,7 @@ impl Catalog {
     /// the `runtime_info` that replaces its own (see [`Presented`]).
     pub fn presented(&self, id: &ConversationId) -> Option<Presented> {
         let e = self.entries.get(id)?;
-        Some(Presented {
-            info: e.item.info.clone(),
-            runtime_info: runtime_info(&e.downstream),
-        })
+        Some(Presented { info: e.item.info.clone(), runtime_info: runtime_info(&e.downstream) })
     }
 
     /// Fetch `ids` (all on `ds`) live from the downstream, updating the catalog's entries
@@ -604,9 +497,7 @@ impl Catalog {
         timeout: Duration,
     ) -> Result<Vec<Option<Value>>, ClientError> {
         let Some(ep) = ds.endpoint() else {
-            return Err(ClientError::Connect(
-                "the agent-server is not running".into(),
-            ));
+            return Err(ClientError::Connect("the agent-server is not running".into()));
         };
         let mut path = String::from("/api/conversations?");
         for (i, id) in ids.iter().enumerate() {
@@ -631,10 +522,7 @@ impl Catalog {
                 }
             }
         }
-        Ok(infos
-            .into_iter()
-            .map(|i| i.map(|v| present(&v, ds)))
-            .collect())
+        Ok(infos.into_iter().map(|i| i.map(|v| present(&v, ds))).collect())
     }
 
     /// Fold a batch of events a downstream reported (webhook) into `id`'s info: state
@@ -642,31 +530,22 @@ impl Catalog {
     /// matching fields, and `updated_at` moves to now. Persisted in the background.
     pub fn apply_events(&self, id: &ConversationId, from: &DownstreamId, events: &[Value]) {
         let updated = {
-            let Some(mut e) = self.entries.get_mut(id) else {
-                return;
-            };
+            let Some(mut e) = self.entries.get_mut(id) else { return };
             if e.downstream.id() != from {
                 return; // not its downstream: ignore
             }
             let mut info = (*e.item.info).clone();
-            let Some(obj) = info.as_object_mut() else {
-                return;
-            };
+            let Some(obj) = info.as_object_mut() else { return };
             let mut changed = false;
             for ev in events {
                 if ev.get("kind").and_then(Value::as_str) != Some("ConversationStateUpdateEvent") {
                     continue;
                 }
-                let (Some(key), Some(value)) =
-                    (ev.get("key").and_then(Value::as_str), ev.get("value"))
-                else {
-                    continue;
-                };
+                let (Some(key), Some(value)) = (ev.get("key").and_then(Value::as_str), ev.get("value")) else { continue };
                 if key == "full_state" {
                     if let Some(state) = value.as_object() {
                         for (k, v) in state {
-                            if obj.contains_key(k) && k != "id" && k != "agent" && k != "workspace"
-                            {
+                            if obj.contains_key(k) && k != "id" && k != "agent" && k != "workspace" {
                                 obj.insert(k.clone(), v.clone());
                                 changed = true;
                             }
@@ -683,54 +562,33 @@ impl Catalog {
             let now = time::OffsetDateTime::now_utc();
             let stamp = format!(
                 "{}Z",
-                now.format(&time::macros::format_description!(
-                    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]"
-                ))
-                .unwrap_or_default()
+                now.format(&time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]"))
+                    .unwrap_or_default()
             );
             obj.insert("updated_at".into(), Value::String(stamp));
             let info = Arc::new(info);
             e.item = SearchItem::from_info(*id, info.clone());
             // Patched here: the next listing's text is taken whatever it is.
             e.listed_hash = 0;
-            StoredEntry {
-                version: 1,
-                id: *id,
-                downstream: from.clone(),
-                owner: e.owner.clone(),
-                info,
-            }
+            StoredEntry { version: 1, id: *id, downstream: from.clone(), owner: e.owner.clone(), info }
         };
         self.writer.save(updated);
     }
 
     /// Ids visible to `owner` (None: everyone's).
     pub fn visible_ids(&self, owner: Option<&UserId>) -> Vec<ConversationId> {
-        self.entries
-            .iter()
-            .filter(|e| owner.is_none_or(|o| &e.owner == o))
-            .map(|e| *e.key())
-            .collect()
+        self.entries.iter().filter(|e| owner.is_none_or(|o| &e.owner == o)).map(|e| *e.key()).collect()
     }
 
     /// The conversation's working directory (as its downstream reported it).
     pub fn working_dir(&self, id: &ConversationId) -> Option<String> {
         let e = self.entries.get(id)?;
-        e.item
-            .info
-            .get("workspace")?
-            .get("working_dir")?
-            .as_str()
-            .map(str::to_owned)
+        e.item.info.get("workspace")?.get("working_dir")?.as_str().map(str::to_owned)
     }
 
     /// Entries whose downstream is `ds`.
     pub fn ids_on(&self, ds: &DownstreamId) -> Vec<ConversationId> {
-        self.entries
-            .iter()
-            .filter(|e| e.downstream.id() == ds)
-            .map(|e| *e.key())
-            .collect()
+        self.entries.iter().filter(|e| e.downstream.id() == ds).map(|e| *e.key()).collect()
     }
 }
 
@@ -746,9 +604,7 @@ pub struct Presented {
 impl serde::Serialize for Presented {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let Some(obj) = self.info.as_object() else {
-            return self.info.serialize(s);
-        };
+        let Some(obj) = self.info.as_object() else { return self.info.serialize(s) };
         let mut m = s.serialize_map(None)?;
         for (k, v) in obj {
             if k != "runtime_info" {
@@ -778,21 +634,12 @@ mod tests {
     fn presented_serializes_like_present() {
         let info = serde_json::json!({"id": "x", "title": "t", "runtime_info": {"stale": true}, "tags": {"a": "b"}});
         let runtime = serde_json::json!({"runtime_status": "available"});
-        let p = Presented {
-            info: Arc::new(info.clone()),
-            runtime_info: runtime.clone(),
-        };
+        let p = Presented { info: Arc::new(info.clone()), runtime_info: runtime.clone() };
         let mut expected = info;
         expected["runtime_info"] = runtime;
         assert_eq!(serde_json::to_value(&p).unwrap(), expected);
-        let not_an_object = Presented {
-            info: Arc::new(serde_json::json!([1])),
-            runtime_info: Value::Null,
-        };
-        assert_eq!(
-            serde_json::to_value(&not_an_object).unwrap(),
-            serde_json::json!([1])
-        );
+        let not_an_object = Presented { info: Arc::new(serde_json::json!([1])), runtime_info: Value::Null };
+        assert_eq!(serde_json::to_value(&not_an_object).unwrap(), serde_json::json!([1]));
     }
 
     use nestor_core::Endpoint;
@@ -805,11 +652,7 @@ mod tests {
     /// A downstream whose answers the test releases, so a listing can be held in flight.
     /// Each request's path is reported on the first channel; it is answered (200, JSON, then
     /// the connection closed) with the next body the test sends on the second.
-    async fn gated_downstream() -> (
-        Arc<Downstream>,
-        mpsc::Receiver<String>,
-        mpsc::Sender<String>,
-    ) {
+    async fn gated_downstream() -> (Arc<Downstream>, mpsc::Receiver<String>, mpsc::Sender<String>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (req_tx, req_rx) = mpsc::channel(16);
@@ -825,18 +668,12 @@ mod tests {
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
-                let line = String::from_utf8_lossy(&head)
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
+                let line = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_owned();
                 let path = line.split(' ').nth(1).unwrap_or_default().to_owned();
                 if req_tx.send(path).await.is_err() {
                     return;
                 }
-                let Some(body) = ans_rx.recv().await else {
-                    return;
-                };
+                let Some(body) = ans_rx.recv().await else { return };
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
@@ -857,10 +694,7 @@ mod tests {
     }
 
     async fn next_request(rx: &mut mpsc::Receiver<String>) -> String {
-        tokio::time::timeout(WAIT, rx.recv())
-            .await
-            .expect("the catalog asked its downstream in time")
-            .expect("server running")
+        tokio::time::timeout(WAIT, rx.recv()).await.expect("the catalog asked its downstream in time").expect("server running")
     }
 
     fn info(id: ConversationId) -> Value {
@@ -868,15 +702,7 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path) -> Arc<Catalog> {
-        Arc::new(
-            Catalog::open(
-                dir,
-                DownstreamClient::default(),
-                CatalogConfig::default(),
-                |_| None,
-            )
-            .unwrap(),
-        )
+        Arc::new(Catalog::open(dir, DownstreamClient::default(), CatalogConfig::default(), |_| None).unwrap())
     }
 
     /// A listing requested before a delete, answered after it, still names the deleted
@@ -889,63 +715,37 @@ mod tests {
         let catalog = open(dir.path());
         let (ds, mut requests, answers) = gated_downstream().await;
         let x = ConversationId::new_random();
-        catalog
-            .register(x, &ds, UserId::default_user(), info(x))
-            .await;
+        catalog.register(x, &ds, UserId::default_user(), info(x)).await;
         assert_eq!(catalog.count_on(ds.id()), 1);
 
         let refresh = tokio::spawn({
             let (catalog, ds) = (catalog.clone(), ds.clone());
             async move { catalog.refresh(&ds).await }
         });
-        assert!(next_request(&mut requests)
-            .await
-            .starts_with("/api/conversations/search"));
+        assert!(next_request(&mut requests).await.starts_with("/api/conversations/search"));
         // The delete succeeds while the listing is in flight.
         assert!(catalog.remove(&x).await.is_some());
         assert_eq!(catalog.count_on(ds.id()), 0);
-        answers
-            .send(json!({"items": [info(x)], "next_page_id": null}).to_string())
-            .await
-            .unwrap();
-        let listed = tokio::time::timeout(WAIT, refresh)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        answers.send(json!({"items": [info(x)], "next_page_id": null}).to_string()).await.unwrap();
+        let listed = tokio::time::timeout(WAIT, refresh).await.unwrap().unwrap().unwrap();
         assert_eq!(listed, 1);
 
-        assert!(
-            catalog.route(&x).is_none(),
-            "the deleted conversation came back"
-        );
+        assert!(catalog.route(&x).is_none(), "the deleted conversation came back");
         assert_eq!(catalog.count(None, None), 0);
         assert_eq!(catalog.count_on(ds.id()), 0);
         assert_eq!(ds.conversation_count(), 0);
         assert!(catalog.flush(WAIT).await);
-        assert!(
-            Store::open(dir.path()).unwrap().load_all().is_empty(),
-            "written back to disk"
-        );
+        assert!(Store::open(dir.path()).unwrap().load_all().is_empty(), "written back to disk");
 
         // Created again with the same id: registered, and kept by a listing naming it.
-        catalog
-            .register(x, &ds, UserId::default_user(), info(x))
-            .await;
+        catalog.register(x, &ds, UserId::default_user(), info(x)).await;
         let refresh = tokio::spawn({
             let (catalog, ds) = (catalog.clone(), ds.clone());
             async move { catalog.refresh(&ds).await }
         });
         next_request(&mut requests).await;
-        answers
-            .send(json!({"items": [info(x)], "next_page_id": null}).to_string())
-            .await
-            .unwrap();
-        tokio::time::timeout(WAIT, refresh)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        answers.send(json!({"items": [info(x)], "next_page_id": null}).to_string()).await.unwrap();
+        tokio::time::timeout(WAIT, refresh).await.unwrap().unwrap().unwrap();
         assert!(catalog.route(&x).is_some());
         assert_eq!(catalog.count_on(ds.id()), 1);
         assert_eq!(ds.conversation_count(), 1);
@@ -960,47 +760,24 @@ mod tests {
         let catalog = open(dir.path());
         let (ds, mut requests, answers) = gated_downstream().await;
         let (x, z) = (ConversationId::new_random(), ConversationId::new_random());
-        catalog
-            .register(x, &ds, UserId::default_user(), info(x))
-            .await;
+        catalog.register(x, &ds, UserId::default_user(), info(x)).await;
 
         let refresh = tokio::spawn({
             let (catalog, ds) = (catalog.clone(), ds.clone());
             async move { catalog.refresh(&ds).await }
         });
         next_request(&mut requests).await;
-        answers
-            .send(json!({"items": [info(x)], "next_page_id": "p2"}).to_string())
-            .await
-            .unwrap();
+        answers.send(json!({"items": [info(x)], "next_page_id": "p2"}).to_string()).await.unwrap();
         assert!(next_request(&mut requests).await.contains("page_id=p2"));
         catalog.remove(&x).await;
-        answers
-            .send(json!({"items": [info(z)], "next_page_id": null}).to_string())
-            .await
-            .unwrap();
-        assert_eq!(
-            tokio::time::timeout(WAIT, refresh)
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap(),
-            2
-        );
+        answers.send(json!({"items": [info(z)], "next_page_id": null}).to_string()).await.unwrap();
+        assert_eq!(tokio::time::timeout(WAIT, refresh).await.unwrap().unwrap().unwrap(), 2);
         assert!(catalog.route(&x).is_none());
-        assert!(
-            catalog.route(&z).is_some(),
-            "a new conversation is still adopted"
-        );
+        assert!(catalog.route(&z).is_some(), "a new conversation is still adopted");
         assert_eq!(catalog.ids_on(ds.id()), vec![z]);
         assert_eq!(ds.conversation_count(), 1);
         assert!(catalog.flush(WAIT).await);
-        let on_disk: Vec<_> = Store::open(dir.path())
-            .unwrap()
-            .load_all()
-            .into_iter()
-            .map(|e| e.id)
-            .collect();
+        let on_disk: Vec<_> = Store::open(dir.path()).unwrap().load_all().into_iter().map(|e| e.id).collect();
         assert_eq!(on_disk, vec![z]);
 
         let refresh = tokio::spawn({
@@ -1008,19 +785,9 @@ mod tests {
             async move { catalog.refresh(&ds).await }
         });
         next_request(&mut requests).await;
-        answers
-            .send(json!({"items": [info(x), info(z)], "next_page_id": null}).to_string())
-            .await
-            .unwrap();
-        tokio::time::timeout(WAIT, refresh)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert!(
-            catalog.route(&x).is_some(),
-            "listed after its removal: adopted"
-        );
+        answers.send(json!({"items": [info(x), info(z)], "next_page_id": null}).to_string()).await.unwrap();
+        tokio::time::timeout(WAIT, refresh).await.unwrap().unwrap().unwrap();
+        assert!(catalog.route(&x).is_some(), "listed after its removal: adopted");
         assert_eq!(ds.conversation_count(), 2);
     }
 
@@ -1034,37 +801,24 @@ mod tests {
         let catalog = open(dir.path());
         let (ds, mut requests, answers) = gated_downstream().await;
         let x = ConversationId::new_random();
-        catalog
-            .register(x, &ds, UserId::default_user(), info(x))
-            .await;
+        catalog.register(x, &ds, UserId::default_user(), info(x)).await;
 
         let read = tokio::spawn({
             let (catalog, ds) = (catalog.clone(), ds.clone());
             async move { catalog.fetch_live(&ds, &[x], false, WAIT).await }
         });
-        assert!(next_request(&mut requests)
-            .await
-            .starts_with("/api/conversations?ids="));
+        assert!(next_request(&mut requests).await.starts_with("/api/conversations?ids="));
         catalog.remove(&x).await;
         answers.send(json!([info(x)]).to_string()).await.unwrap();
-        let infos = tokio::time::timeout(WAIT, read)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let infos = tokio::time::timeout(WAIT, read).await.unwrap().unwrap().unwrap();
         assert_eq!(infos.len(), 1);
         assert_eq!(infos[0].as_ref().unwrap()["id"], x.to_string());
-        assert!(
-            catalog.route(&x).is_none(),
-            "the deleted conversation came back"
-        );
+        assert!(catalog.route(&x).is_none(), "the deleted conversation came back");
         assert_eq!(catalog.count(None, None), 0);
         assert_eq!(ds.conversation_count(), 0);
 
         let y = ConversationId::new_random();
-        catalog
-            .register(y, &ds, UserId::default_user(), info(y))
-            .await;
+        catalog.register(y, &ds, UserId::default_user(), info(y)).await;
         let owner = catalog.get(&y).map(|e| e.owner).unwrap();
         catalog.remove(&y).await;
         assert!(!catalog.upsert(y, &ds, owner, Arc::new(info(y)), 0, Adopt::Never));
@@ -1081,29 +835,13 @@ mod tests {
         let catalog = open(dir.path());
         let (ds, _requests, _answers) = gated_downstream().await;
         let x = ConversationId::new_random();
-        catalog
-            .register(x, &ds, UserId::default_user(), info(x))
-            .await;
+        catalog.register(x, &ds, UserId::default_user(), info(x)).await;
         catalog.remove(&x).await;
-        assert!(
-            !catalog
-                .report(x, &ds, UserId::default_user(), info(x))
-                .await
-        );
-        assert!(
-            catalog.route(&x).is_none(),
-            "the deleted conversation came back"
-        );
+        assert!(!catalog.report(x, &ds, UserId::default_user(), info(x)).await);
+        assert!(catalog.route(&x).is_none(), "the deleted conversation came back");
         let z = ConversationId::new_random();
-        assert!(
-            catalog
-                .report(z, &ds, UserId::default_user(), info(z))
-                .await,
-            "a new one is adopted"
-        );
-        catalog
-            .register(x, &ds, UserId::default_user(), info(x))
-            .await;
+        assert!(catalog.report(z, &ds, UserId::default_user(), info(z)).await, "a new one is adopted");
+        catalog.register(x, &ds, UserId::default_user(), info(x)).await;
         assert!(catalog.route(&x).is_some());
         assert_eq!(ds.conversation_count(), 2);
     }

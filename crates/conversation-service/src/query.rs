@@ -7,16 +7,8 @@ use nestor_core::ConversationId;
 use serde_json::json;
 
 /// `ConversationExecutionStatus`.
-pub const STATUSES: &[&str] = &[
-    "idle",
-    "running",
-    "paused",
-    "waiting_for_confirmation",
-    "finished",
-    "error",
-    "stuck",
-    "deleting",
-];
+pub const STATUSES: &[&str] =
+    &["idle", "running", "paused", "waiting_for_confirmation", "finished", "error", "stuck", "deleting"];
 
 /// `ConversationSortOrder`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -28,12 +20,7 @@ pub enum SortOrder {
 }
 
 impl SortOrder {
-    pub const NAMES: &'static [&'static str] = &[
-        "CREATED_AT",
-        "UPDATED_AT",
-        "CREATED_AT_DESC",
-        "UPDATED_AT_DESC",
-    ];
+    pub const NAMES: &'static [&'static str] = &["CREATED_AT", "UPDATED_AT", "CREATED_AT_DESC", "UPDATED_AT_DESC"];
 
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
@@ -72,19 +59,12 @@ impl QueryParams {
 
     /// The last value of `name` (FastAPI's rule for scalar parameters).
     pub fn last(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.0.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     /// Every value of `name`, in order (list parameters).
     pub fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.0
-            .iter()
-            .filter(move |(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.0.iter().filter(move |(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     pub fn pairs(&self) -> &[(String, String)] {
@@ -105,12 +85,7 @@ pub fn parse_bool(s: &str) -> Option<bool> {
     }
 }
 
-fn bool_param(
-    q: &QueryParams,
-    name: &str,
-    default: bool,
-    errors: &mut Vec<ValidationItem>,
-) -> bool {
+fn bool_param(q: &QueryParams, name: &str, default: bool, errors: &mut Vec<ValidationItem>) -> bool {
     match q.last(name) {
         None => default,
         Some(v) => parse_bool(v).unwrap_or_else(|| {
@@ -151,21 +126,11 @@ impl SearchQuery {
                     100
                 }
                 Ok(n) if n <= 0 => {
-                    errors.push(ValidationItem::int_bound(
-                        loc("limit"),
-                        v,
-                        "greater_than",
-                        0,
-                    ));
+                    errors.push(ValidationItem::int_bound(loc("limit"), v, "greater_than", 0));
                     100
                 }
                 Ok(n) if n > 100 => {
-                    errors.push(ValidationItem::int_bound(
-                        loc("limit"),
-                        v,
-                        "less_than_equal",
-                        100,
-                    ));
+                    errors.push(ValidationItem::int_bound(loc("limit"), v, "less_than_equal", 100));
                     100
                 }
                 Ok(n) => n as usize,
@@ -175,11 +140,7 @@ impl SearchQuery {
         let sort_order = match q.last("sort_order") {
             None => SortOrder::CreatedAtDesc,
             Some(v) => SortOrder::parse(v).unwrap_or_else(|| {
-                errors.push(ValidationItem::enum_value(
-                    loc("sort_order"),
-                    v,
-                    SortOrder::NAMES,
-                ));
+                errors.push(ValidationItem::enum_value(loc("sort_order"), v, SortOrder::NAMES));
                 SortOrder::CreatedAtDesc
             }),
         };
@@ -187,13 +148,7 @@ impl SearchQuery {
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok(Self {
-            page_id: q.last("page_id").map(str::to_owned),
-            limit,
-            status,
-            sort_order,
-            include_skills,
-        })
+        Ok(Self { page_id: q.last("page_id").map(str::to_owned), limit, status, sort_order, include_skills })
     }
 }
 
@@ -226,14 +181,9 @@ impl BatchQuery {
             errors.push(ValidationItem {
                 kind: "too_long".into(),
                 loc: loc("ids"),
-                msg: format!(
-                    "List should have at most 99 items after validation, not {}",
-                    raw.len()
-                ),
+                msg: format!("List should have at most 99 items after validation, not {}", raw.len()),
                 input: json!(raw),
-                ctx: Some(
-                    json!({"field_type": "List", "max_length": 99, "actual_length": raw.len()}),
-                ),
+                ctx: Some(json!({"field_type": "List", "max_length": 99, "actual_length": raw.len()})),
             });
         } else {
             for (i, s) in raw.iter().enumerate() {
@@ -251,10 +201,7 @@ impl BatchQuery {
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok(Self {
-            ids,
-            include_skills,
-        })
+        Ok(Self { ids, include_skills })
     }
 }
 
@@ -299,10 +246,7 @@ mod tests {
 
     #[test]
     fn batch_ids() {
-        let e = BatchQuery::parse(&q(
-            "ids=00000000-0000-0000-0000-000000000001&ids=abc&ids=xyz",
-        ))
-        .unwrap_err();
+        let e = BatchQuery::parse(&q("ids=00000000-0000-0000-0000-000000000001&ids=abc&ids=xyz")).unwrap_err();
         assert_eq!(
             serde_json::to_string(&json!({"detail": e})).unwrap(),
             r#"{"detail":[{"type":"uuid_parsing","loc":["query","ids",1],"msg":"Input should be a valid UUID, invalid length: found 3","input":"abc","ctx":{"error":"invalid length: found 3"}},{"type":"uuid_parsing","loc":["query","ids",2],"msg":"Input should be a valid UUID, invalid character: found `x` at 0","input":"xyz","ctx":{"error":"invalid character: found `x` at 0"}}]}"#

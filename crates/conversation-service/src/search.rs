@@ -32,20 +32,12 @@ pub struct SearchItem {
 impl SearchItem {
     /// Build from a `ConversationInfo` document.
     pub fn from_info(id: ConversationId, info: Arc<Value>) -> Self {
-        let ts = |k: &str| {
-            info.get(k)
-                .and_then(Value::as_str)
-                .map(parse_timestamp)
-                .unwrap_or(i128::MIN)
-        };
+        let ts = |k: &str| info.get(k).and_then(Value::as_str).map(parse_timestamp).unwrap_or(i128::MIN);
         Self {
             id,
             created: ts("created_at"),
             updated: ts("updated_at"),
-            status: info
-                .get("execution_status")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
+            status: info.get("execution_status").and_then(Value::as_str).map(str::to_owned),
             info,
         }
     }
@@ -83,20 +75,13 @@ const TOKEN_VERSION: &str = "n1";
 
 impl PageToken {
     pub fn encode(&self) -> String {
-        let raw = format!(
-            "{TOKEN_VERSION}:{}:{}:{}",
-            self.order.as_str(),
-            self.key,
-            self.id.hex()
-        );
+        let raw = format!("{TOKEN_VERSION}:{}:{}:{}", self.order.as_str(), self.key, self.id.hex());
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
     }
 
     /// None for anything that is not a token nestor made.
     pub fn decode(s: &str) -> Option<Self> {
-        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(s)
-            .ok()?;
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()?;
         let raw = String::from_utf8(raw).ok()?;
         let mut parts = raw.splitn(4, ':');
         if parts.next()? != TOKEN_VERSION {
@@ -110,11 +95,7 @@ impl PageToken {
 }
 
 /// Compare two items in `order`: `Less` means `a` comes first.
-fn cmp_in(
-    order: SortOrder,
-    a: (i128, ConversationId),
-    b: (i128, ConversationId),
-) -> std::cmp::Ordering {
+fn cmp_in(order: SortOrder, a: (i128, ConversationId), b: (i128, ConversationId)) -> std::cmp::Ordering {
     let c = a.cmp(&b);
     if order.descending() {
         c.reverse()
@@ -146,33 +127,18 @@ pub fn page(
     let start = page_id
         .and_then(PageToken::decode)
         .filter(|t| t.order == order)
-        .map(|t| {
-            all.partition_point(|i| cmp_in(order, (i.key(order), i.id), (t.key, t.id)).is_lt())
-        })
+        .map(|t| all.partition_point(|i| cmp_in(order, (i.key(order), i.id), (t.key, t.id)).is_lt()))
         .unwrap_or(0);
     let limit = limit.max(1);
     let end = (start + limit).min(all.len());
-    let next_page_id = all.get(end).map(|n| {
-        PageToken {
-            order,
-            key: n.key(order),
-            id: n.id,
-        }
-        .encode()
-    });
+    let next_page_id = all.get(end).map(|n| PageToken { order, key: n.key(order), id: n.id }.encode());
     let items = all.drain(start..end).collect();
-    Page {
-        items,
-        next_page_id,
-    }
+    Page { items, next_page_id }
 }
 
 /// Count items with `status` (all when None).
 pub fn count<'a>(items: impl IntoIterator<Item = &'a SearchItem>, status: Option<&str>) -> usize {
-    items
-        .into_iter()
-        .filter(|i| status.is_none_or(|s| i.status.as_deref() == Some(s)))
-        .count()
+    items.into_iter().filter(|i| status.is_none_or(|s| i.status.as_deref() == Some(s))).count()
 }
 
 #[cfg(test)]
@@ -195,20 +161,13 @@ mod tests {
     fn parses_agent_server_timestamps() {
         assert_eq!(parse_timestamp("1970-01-01T00:00:01Z"), 1_000_000_000);
         assert_eq!(parse_timestamp("1970-01-01T00:00:01.5"), 1_500_000_000);
-        assert_eq!(
-            parse_timestamp("2026-11-25T18:56:14.488216Z") % 1_000_000_000,
-            488_216_000
-        );
+        assert_eq!(parse_timestamp("2026-11-25T18:56:14.488216Z") % 1_000_000_000, 488_216_000);
         assert_eq!(parse_timestamp("garbage"), i128::MIN);
     }
 
     #[test]
     fn token_round_trip_and_garbage() {
-        let t = PageToken {
-            order: SortOrder::UpdatedAtDesc,
-            key: -5,
-            id: ConversationId::new_random(),
-        };
+        let t = PageToken { order: SortOrder::UpdatedAtDesc, key: -5, id: ConversationId::new_random() };
         assert_eq!(PageToken::decode(&t.encode()), Some(t));
         assert_eq!(PageToken::decode("zzz"), None);
         assert_eq!(PageToken::decode(&ConversationId::new_random().hex()), None);
@@ -220,43 +179,30 @@ mod tests {
         let p = page(items.clone(), None, SortOrder::CreatedAt, None, 1);
         let tok = p.next_page_id.unwrap();
         let p2 = page(items, None, SortOrder::CreatedAtDesc, Some(&tok), 1);
-        assert_eq!(
-            p2.items[0].id,
-            ConversationId::from_uuid(uuid::Uuid::from_u128(2))
-        );
+        assert_eq!(p2.items[0].id, ConversationId::from_uuid(uuid::Uuid::from_u128(2)));
     }
 
     #[test]
     fn position_survives_deletion_and_insertion() {
-        let mut items: Vec<_> = (1..=5)
-            .map(|n| item(n, n as i128 * 10, 0, "idle"))
-            .collect();
+        let mut items: Vec<_> = (1..=5).map(|n| item(n, n as i128 * 10, 0, "idle")).collect();
         let p1 = page(items.clone(), None, SortOrder::CreatedAt, None, 2);
         assert_eq!(p1.items.len(), 2);
         // Delete the item the token points at, and add one before the cursor.
         items.retain(|i| i.created != 30);
         items.push(item(9, 5, 0, "idle"));
-        let p2 = page(
-            items,
-            None,
-            SortOrder::CreatedAt,
-            p1.next_page_id.as_deref(),
-            10,
-        );
+        let p2 = page(items, None, SortOrder::CreatedAt, p1.next_page_id.as_deref(), 10);
         let created: Vec<i128> = p2.items.iter().map(|i| i.created).collect();
         assert_eq!(created, vec![40, 50]);
     }
 
     fn arb_items() -> impl Strategy<Value = Vec<SearchItem>> {
-        proptest::collection::vec((any::<u16>(), 0i128..20, 0i128..20, 0usize..3), 0..60).prop_map(
-            |v| {
-                let mut seen = HashSet::new();
-                v.into_iter()
-                    .filter(|(id, ..)| seen.insert(*id))
-                    .map(|(id, c, u, s)| item(id as u128, c, u, ["idle", "running", "finished"][s]))
-                    .collect()
-            },
-        )
+        proptest::collection::vec((any::<u16>(), 0i128..20, 0i128..20, 0usize..3), 0..60).prop_map(|v| {
+            let mut seen = HashSet::new();
+            v.into_iter()
+                .filter(|(id, ..)| seen.insert(*id))
+                .map(|(id, c, u, s)| item(id as u128, c, u, ["idle", "running", "finished"][s]))
+                .collect()
+        })
     }
 
     fn arb_order() -> impl Strategy<Value = SortOrder> {

@@ -31,9 +31,7 @@ pub struct Store {
 impl Store {
     pub fn open(dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-        })
+        Ok(Self { dir: dir.to_path_buf() })
     }
 
     fn path(&self, id: &ConversationId) -> PathBuf {
@@ -43,25 +41,18 @@ impl Store {
     /// Every readable entry; unreadable files are reported and skipped (never deleted).
     pub fn load_all(&self) -> Vec<StoredEntry> {
         let mut out = Vec::new();
-        let Ok(rd) = std::fs::read_dir(&self.dir) else {
-            return out;
-        };
+        let Ok(rd) = std::fs::read_dir(&self.dir) else { return out };
         for e in rd.flatten() {
             let p = e.path();
             if p.extension().and_then(|x| x.to_str()) != Some("json") {
                 continue;
             }
-            match std::fs::read(&p)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<StoredEntry>(&b).map_err(|e| e.to_string()))
-            {
+            match std::fs::read(&p).map_err(|e| e.to_string()).and_then(|b| {
+                serde_json::from_slice::<StoredEntry>(&b).map_err(|e| e.to_string())
+            }) {
                 Ok(s) if s.version == 1 => out.push(s),
-                Ok(s) => {
-                    tracing::warn!(file = %p.display(), version = s.version, "skipping catalog entry of unknown version")
-                }
-                Err(e) => {
-                    tracing::warn!(file = %p.display(), "skipping unreadable catalog entry: {e}")
-                }
+                Ok(s) => tracing::warn!(file = %p.display(), version = s.version, "skipping catalog entry of unknown version"),
+                Err(e) => tracing::warn!(file = %p.display(), "skipping unreadable catalog entry: {e}"),
             }
         }
         out
@@ -82,19 +73,11 @@ impl Store {
         let path = self.path(id);
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(with_context(
-                    e,
-                    format!("removing catalog entry {}", path.display()),
-                ));
+                return Err(with_context(e, format!("removing catalog entry {}", path.display())));
             }
             _ => {}
         }
-        nestor_core::fs::sync_dir(&self.dir).map_err(|e| {
-            with_context(
-                e,
-                format!("syncing catalog directory {}", self.dir.display()),
-            )
-        })
+        nestor_core::fs::sync_dir(&self.dir).map_err(|e| with_context(e, format!("syncing catalog directory {}", self.dir.display())))
     }
 }
 
@@ -121,13 +104,7 @@ mod tests {
         let d = dir("remove");
         let store = Store::open(&d).unwrap();
         let id = ConversationId::new_random();
-        let e = StoredEntry {
-            version: 1,
-            id,
-            downstream: DownstreamId::new("d"),
-            owner: UserId::default_user(),
-            info: Arc::new(json!({"id": id.to_string()})),
-        };
+        let e = StoredEntry { version: 1, id, downstream: DownstreamId::new("d"), owner: UserId::default_user(), info: Arc::new(json!({"id": id.to_string()})) };
         store.save(&e).unwrap();
         assert_eq!(store.load_all().len(), 1);
         store.remove(&id).unwrap();

@@ -63,13 +63,7 @@ pub struct Writer {
 
 impl Writer {
     pub fn new(store: Store) -> Writer {
-        Writer {
-            inner: Arc::new(Inner {
-                store,
-                state: Mutex::new(State::default()),
-                wake: Notify::new(),
-            }),
-        }
+        Writer { inner: Arc::new(Inner { store, state: Mutex::new(State::default()), wake: Notify::new() }) }
     }
 
     /// Queue a save; returns at once.
@@ -114,22 +108,14 @@ impl Writer {
                 return true;
             }
             if Instant::now() >= deadline {
-                tracing::warn!(
-                    backlog = self.backlog(),
-                    "catalog writes still queued after {within:?}"
-                );
+                tracing::warn!(backlog = self.backlog(), "catalog writes still queued after {within:?}");
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
-    fn enqueue(
-        &self,
-        id: ConversationId,
-        op: Op,
-        waiter: Option<oneshot::Sender<Result<(), String>>>,
-    ) {
+    fn enqueue(&self, id: ConversationId, op: Op, waiter: Option<oneshot::Sender<Result<(), String>>>) {
         let start_worker = {
             let mut st = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
             match st.pending.entry(id) {
@@ -140,10 +126,7 @@ impl Writer {
                     p.waiters.extend(waiter);
                 }
                 std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(Pending {
-                        op,
-                        waiters: waiter.into_iter().collect(),
-                    });
+                    v.insert(Pending { op, waiters: waiter.into_iter().collect() });
                 }
             }
             !std::mem::replace(&mut st.worker, true)
@@ -173,14 +156,7 @@ impl Drop for Writer {
     fn drop(&mut self) {
         // What is still queued is written here (the catalog is going away: process exit or a
         // test); the worker holds only a weak reference and ends when woken.
-        let batch = std::mem::take(
-            &mut self
-                .inner
-                .state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pending,
-        );
+        let batch = std::mem::take(&mut self.inner.state.lock().unwrap_or_else(|p| p.into_inner()).pending);
         if !batch.is_empty() {
             finish(write_batch(&self.inner.store, batch));
         }
@@ -191,18 +167,14 @@ impl Drop for Writer {
 async fn wait(rx: oneshot::Receiver<Result<(), String>>) -> std::io::Result<()> {
     match rx.await {
         Ok(r) => r.map_err(std::io::Error::other),
-        Err(_) => Err(std::io::Error::other(
-            "the catalog writer stopped before writing",
-        )),
+        Err(_) => Err(std::io::Error::other("the catalog writer stopped before writing")),
     }
 }
 
 /// Write queued batches until the catalog is dropped.
 async fn worker(inner: Weak<Inner>) {
     loop {
-        let Some(strong) = inner.upgrade() else {
-            return;
-        };
+        let Some(strong) = inner.upgrade() else { return };
         let batch = {
             let mut st = strong.state.lock().unwrap_or_else(|p| p.into_inner());
             st.busy = !st.pending.is_empty();
@@ -228,11 +200,7 @@ async fn worker(inner: Weak<Inner>) {
     }
 }
 
-type Done = Vec<(
-    ConversationId,
-    Result<(), String>,
-    Vec<oneshot::Sender<Result<(), String>>>,
-)>;
+type Done = Vec<(ConversationId, Result<(), String>, Vec<oneshot::Sender<Result<(), String>>>)>;
 
 fn write_batch(store: &Store, batch: HashMap<ConversationId, Pending>) -> Done {
     batch
@@ -265,13 +233,7 @@ mod tests {
     use serde_json::json;
 
     fn entry(id: ConversationId, title: &str) -> StoredEntry {
-        StoredEntry {
-            version: 1,
-            id,
-            downstream: DownstreamId::new("d"),
-            owner: UserId::default_user(),
-            info: std::sync::Arc::new(json!({"id": id.to_string(), "title": title})),
-        }
+        StoredEntry { version: 1, id, downstream: DownstreamId::new("d"), owner: UserId::default_user(), info: std::sync::Arc::new(json!({"id": id.to_string(), "title": title})) }
     }
 
     fn dir(name: &str) -> std::path::PathBuf {

@@ -23,39 +23,18 @@ use std::sync::Arc;
 
 use nestor_conversation_service::query::{parse_bool, parse_count, STATUSES};
 use nestor_conversation_service::search::{page, parse_timestamp};
-use nestor_conversation_service::{
-    BatchQuery, PageToken, QueryParams, SearchItem, SearchQuery, SortOrder,
-};
+use nestor_conversation_service::{BatchQuery, PageToken, QueryParams, SearchItem, SearchQuery, SortOrder};
 use nestor_core::ConversationId;
 use proptest::prelude::*;
 use serde_json::json;
 use uuid::Uuid;
 
 fn config(smoke: u32) -> ProptestConfig {
-    let cases = std::env::var("NESTOR_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(smoke);
-    ProptestConfig {
-        cases,
-        max_shrink_iters: 10_000,
-        failure_persistence: Some(Box::new(
-            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
-        )),
-        ..ProptestConfig::default()
-    }
+    let cases = std::env::var("NESTOR_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(smoke);
+    ProptestConfig { cases, max_shrink_iters: 10_000, failure_persistence: Some(Box::new(proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"))), ..ProptestConfig::default() }
 }
 
-const NAMES: &[&str] = &[
-    "limit",
-    "status",
-    "sort_order",
-    "include_skills",
-    "page_id",
-    "ids",
-    "session_api_key",
-    "x",
-];
+const NAMES: &[&str] = &["limit", "status", "sort_order", "include_skills", "page_id", "ids", "session_api_key", "x"];
 
 /// A value for one of the parameters: plausible, near misses, or noise.
 fn value() -> impl Strategy<Value = String> {
@@ -64,21 +43,14 @@ fn value() -> impl Strategy<Value = String> {
         " ?[+-]?[0-9]{1,25} ?",
         proptest::sample::select(STATUSES).prop_map(str::to_owned),
         proptest::sample::select(SortOrder::NAMES).prop_map(str::to_owned),
-        proptest::sample::select(&["true", "FALSE", "On", "no", "1", "0", "y", "maybe", ""][..])
-            .prop_map(str::to_owned),
+        proptest::sample::select(&["true", "FALSE", "On", "no", "1", "0", "y", "maybe", ""][..]).prop_map(str::to_owned),
         any::<[u8; 16]>().prop_map(|b| Uuid::from_bytes(b).to_string()),
         any::<String>(),
     ]
 }
 
 fn pairs() -> impl Strategy<Value = Vec<(String, String)>> {
-    proptest::collection::vec(
-        (
-            prop_oneof![4 => proptest::sample::select(NAMES).prop_map(str::to_owned), 1 => any::<String>()],
-            value(),
-        ),
-        0..8,
-    )
+    proptest::collection::vec((prop_oneof![4 => proptest::sample::select(NAMES).prop_map(str::to_owned), 1 => any::<String>()], value()), 0..8)
 }
 
 fn encode(pairs: &[(String, String)]) -> String {
@@ -90,11 +62,7 @@ fn encode(pairs: &[(String, String)]) -> String {
 }
 
 fn last<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    pairs
-        .iter()
-        .rev()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
+    pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
 fn item(n: u128, created: i64, updated: i64, status: Option<&str>) -> SearchItem {
@@ -108,14 +76,7 @@ fn item(n: u128, created: i64, updated: i64, status: Option<&str>) -> SearchItem
 }
 
 fn order() -> impl Strategy<Value = SortOrder> {
-    proptest::sample::select(
-        &[
-            SortOrder::CreatedAt,
-            SortOrder::UpdatedAt,
-            SortOrder::CreatedAtDesc,
-            SortOrder::UpdatedAtDesc,
-        ][..],
-    )
+    proptest::sample::select(&[SortOrder::CreatedAt, SortOrder::UpdatedAt, SortOrder::CreatedAtDesc, SortOrder::UpdatedAtDesc][..])
 }
 
 proptest! {

@@ -25,16 +25,12 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// An empty [`ProxyBody`].
 pub fn empty_body() -> ProxyBody {
-    Empty::<Bytes>::new()
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync()
 }
 
 /// A [`ProxyBody`] holding `bytes`.
 pub fn full_body(bytes: impl Into<Bytes>) -> ProxyBody {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
 /// What went wrong talking to a downstream. Messages never contain its address or key.
@@ -96,10 +92,7 @@ fn describe(err: &hyper_util::client::legacy::Error) -> String {
             }
             // An I/O error on an established connection (e.g. a reset: the peer had closed it).
             if let Some(io) = h.source().and_then(|s| s.downcast_ref::<std::io::Error>()) {
-                if matches!(
-                    io.kind(),
-                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-                ) {
+                if matches!(io.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe) {
                     return RESET.into();
                 }
             }
@@ -125,10 +118,7 @@ impl tower_service::Service<http::Uri> for CountingConnector {
     type Error = <HttpConnector as tower_service::Service<http::Uri>>::Error;
     type Future = <HttpConnector as tower_service::Service<http::Uri>>::Future;
 
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
         self.0.poll_ready(cx)
     }
 
@@ -173,10 +163,7 @@ impl DownstreamClient {
     /// Send a request as is (the caller set URI, key header and body).
     pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ClientError> {
         metrics::counter!("nestor_upstream_requests_total").increment(1);
-        self.inner
-            .request(req)
-            .await
-            .map_err(|e| ClientError::Connect(describe(&e)))
+        self.inner.request(req).await.map_err(|e| ClientError::Connect(describe(&e)))
     }
 
     /// A request to `endpoint` with its key set, bounded by `timeout` until response headers.
@@ -188,8 +175,7 @@ impl DownstreamClient {
         body: Option<Bytes>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, ClientError> {
-        self.call_with(endpoint, method, path_and_query, body, &[], timeout)
-            .await
+        self.call_with(endpoint, method, path_and_query, body, &[], timeout).await
     }
 
     /// [`Self::call`] with extra request headers (e.g. the agent-server's `X-Init-API-Key`).
@@ -202,9 +188,7 @@ impl DownstreamClient {
         headers: &[(HeaderName, HeaderValue)],
         timeout: Duration,
     ) -> Result<Response<Incoming>, ClientError> {
-        let uri = endpoint
-            .uri(path_and_query)
-            .map_err(|e| ClientError::Request(e.to_string()))?;
+        let uri = endpoint.uri(path_and_query).map_err(|e| ClientError::Request(e.to_string()))?;
         let mut builder = Request::builder().method(method).uri(uri);
         if let Some(k) = endpoint.key_header() {
             builder = builder.header(crate::SESSION_KEY_HEADER, k.clone());
@@ -219,9 +203,7 @@ impl DownstreamClient {
             }
             None => empty_body(),
         };
-        let req = builder
-            .body(body)
-            .map_err(|e| ClientError::Request(e.to_string()))?;
+        let req = builder.body(body).map_err(|e| ClientError::Request(e.to_string()))?;
         match tokio::time::timeout(timeout, self.send(req)).await {
             Ok(r) => r,
             Err(_) => Err(ClientError::Timeout(timeout)),
@@ -238,16 +220,7 @@ impl DownstreamClient {
         timeout: Duration,
         max_bytes: usize,
     ) -> Result<(StatusCode, Bytes), ClientError> {
-        self.call_bytes_with(
-            endpoint,
-            method,
-            path_and_query,
-            body,
-            &[],
-            timeout,
-            max_bytes,
-        )
-        .await
+        self.call_bytes_with(endpoint, method, path_and_query, body, &[], timeout, max_bytes).await
     }
 
     /// [`Self::call_bytes`] with extra request headers.
@@ -263,9 +236,7 @@ impl DownstreamClient {
         max_bytes: usize,
     ) -> Result<(StatusCode, Bytes), ClientError> {
         let fut = async {
-            let resp = self
-                .call_with(endpoint, method, path_and_query, body, headers, timeout)
-                .await?;
+            let resp = self.call_with(endpoint, method, path_and_query, body, headers, timeout).await?;
             let status = resp.status();
             let bytes = Limited::new(resp.into_body(), max_bytes)
                 .collect()
@@ -291,24 +262,15 @@ impl DownstreamClient {
         path_and_query: &str,
         timeout: Duration,
     ) -> Result<T, ClientError> {
-        let (_, bytes) = self
-            .call_bytes(
-                endpoint,
-                Method::GET,
-                path_and_query,
-                None,
-                timeout,
-                64 << 20,
-            )
-            .await?;
+        let (_, bytes) =
+            self.call_bytes(endpoint, Method::GET, path_and_query, None, timeout, 64 << 20).await?;
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
     }
 
     /// True when `GET /alive` answers 200 within `timeout`.
     pub async fn is_alive(&self, endpoint: &Endpoint, timeout: Duration) -> bool {
         matches!(
-            self.call_bytes(endpoint, Method::GET, "/alive", None, timeout, 4096)
-                .await,
+            self.call_bytes(endpoint, Method::GET, "/alive", None, timeout, 4096).await,
             Ok((StatusCode::OK, _))
         )
     }

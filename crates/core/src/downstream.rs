@@ -35,12 +35,7 @@ pub struct Endpoint {
 
 impl Clone for Endpoint {
     fn clone(&self) -> Self {
-        Self::new(
-            self.scheme.clone(),
-            self.authority.clone(),
-            self.base_path.clone(),
-            self.key.clone(),
-        )
+        Self::new(self.scheme.clone(), self.authority.clone(), self.base_path.clone(), self.key.clone())
     }
 }
 
@@ -55,24 +50,13 @@ pub struct EndpointError {
 impl Endpoint {
     /// Parse `http://host:port[/prefix]`.
     pub fn parse(url: &str, key: Option<SessionKey>) -> Result<Self, EndpointError> {
-        let err = |reason: &str| EndpointError {
-            url: url.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| err(&e.to_string()))?;
-        let scheme = uri
-            .scheme()
-            .cloned()
-            .ok_or_else(|| err("missing scheme (http:// or https://)"))?;
+        let err = |reason: &str| EndpointError { url: url.to_owned(), reason: reason.to_owned() };
+        let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| err(&e.to_string()))?;
+        let scheme = uri.scheme().cloned().ok_or_else(|| err("missing scheme (http:// or https://)"))?;
         if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
             return Err(err("scheme must be http or https"));
         }
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| err("missing host"))?;
+        let authority = uri.authority().cloned().ok_or_else(|| err("missing host"))?;
         if uri.query().is_some() {
             return Err(err("must not have a query"));
         }
@@ -80,25 +64,13 @@ impl Endpoint {
         Ok(Self::new(scheme, authority, base_path, key))
     }
 
-    pub fn new(
-        scheme: Scheme,
-        authority: Authority,
-        base_path: String,
-        key: Option<SessionKey>,
-    ) -> Self {
+    pub fn new(scheme: Scheme, authority: Authority, base_path: String, key: Option<SessionKey>) -> Self {
         let key_header = key.as_ref().filter(|k| !k.is_empty()).and_then(|k| {
             let mut v = HeaderValue::from_str(k.expose()).ok()?;
             v.set_sensitive(true);
             Some(v)
         });
-        Self {
-            scheme,
-            authority,
-            base_path,
-            key,
-            key_header,
-            redactor: ArcSwapOption::empty(),
-        }
+        Self { scheme, authority, base_path, key, key_header, redactor: ArcSwapOption::empty() }
     }
 
     /// The leak guard for answers from this endpoint to a client that reached nestor at
@@ -110,16 +82,13 @@ impl Endpoint {
             }
         }
         let r = crate::leak_guard::Redactor::for_endpoint(self, origin);
-        self.redactor
-            .store(Some(Arc::new((origin.map(str::to_owned), r.clone()))));
+        self.redactor.store(Some(Arc::new((origin.map(str::to_owned), r.clone()))));
         r
     }
 
     /// `http://127.0.0.1:PORT` style loopback endpoint.
     pub fn loopback(port: u16, key: Option<SessionKey>) -> Self {
-        let authority: Authority = format!("127.0.0.1:{port}")
-            .parse()
-            .expect("valid authority");
+        let authority: Authority = format!("127.0.0.1:{port}").parse().expect("valid authority");
         Self::new(Scheme::HTTP, authority, String::new(), key)
     }
 
@@ -147,11 +116,7 @@ impl Endpoint {
 
     /// The WebSocket origin (`ws://…` / `wss://…`).
     pub fn ws_origin(&self) -> String {
-        let scheme = if self.scheme == Scheme::HTTPS {
-            "wss"
-        } else {
-            "ws"
-        };
+        let scheme = if self.scheme == Scheme::HTTPS { "wss" } else { "ws" };
         format!("{scheme}://{}{}", self.authority, self.base_path)
     }
 }
@@ -221,10 +186,7 @@ pub struct Downstream {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl Downstream {
@@ -344,11 +306,9 @@ impl Downstream {
         if n >= 0 {
             self.conversations.fetch_add(n as usize, Ordering::Relaxed);
         } else {
-            let _ = self
-                .conversations
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
-                    Some(c.saturating_sub(n.unsigned_abs()))
-                });
+            let _ = self.conversations.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                Some(c.saturating_sub(n.unsigned_abs()))
+            });
         }
     }
 
@@ -368,29 +328,21 @@ impl Downstream {
 
     /// Time since the last activity.
     pub fn idle_for(&self) -> Duration {
-        Duration::from_millis(
-            now_ms().saturating_sub(self.last_activity_ms.load(Ordering::Relaxed)),
-        )
+        Duration::from_millis(now_ms().saturating_sub(self.last_activity_ms.load(Ordering::Relaxed)))
     }
 
     /// A guard counting one attached client socket while it lives.
     pub fn attach_socket(self: &Arc<Self>) -> ActivityGuard {
         self.attached_sockets.fetch_add(1, Ordering::Relaxed);
         self.touch();
-        ActivityGuard {
-            ds: self.clone(),
-            socket: true,
-        }
+        ActivityGuard { ds: self.clone(), socket: true }
     }
 
     /// A guard counting one in-flight request while it lives.
     pub fn begin_request(self: &Arc<Self>) -> ActivityGuard {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.touch();
-        ActivityGuard {
-            ds: self.clone(),
-            socket: false,
-        }
+        ActivityGuard { ds: self.clone(), socket: false }
     }
 
     pub fn attached_sockets(&self) -> usize {
@@ -411,11 +363,7 @@ pub struct ActivityGuard {
 
 impl Drop for ActivityGuard {
     fn drop(&mut self) {
-        let counter = if self.socket {
-            &self.ds.attached_sockets
-        } else {
-            &self.ds.in_flight
-        };
+        let counter = if self.socket { &self.ds.attached_sockets } else { &self.ds.in_flight };
         counter.fetch_sub(1, Ordering::Relaxed);
         self.ds.touch();
     }
@@ -427,13 +375,9 @@ mod tests {
 
     #[test]
     fn parses_urls_with_prefix() {
-        let ep =
-            Endpoint::parse("http://127.0.0.1:9101/agent/", Some(SessionKey::new("k1"))).unwrap();
+        let ep = Endpoint::parse("http://127.0.0.1:9101/agent/", Some(SessionKey::new("k1"))).unwrap();
         assert_eq!(ep.base_path, "/agent");
-        assert_eq!(
-            ep.uri("/api/x?y=1").unwrap().to_string(),
-            "http://127.0.0.1:9101/agent/api/x?y=1"
-        );
+        assert_eq!(ep.uri("/api/x?y=1").unwrap().to_string(), "http://127.0.0.1:9101/agent/api/x?y=1");
         assert!(ep.key_header().unwrap().is_sensitive());
         assert!(Endpoint::parse("127.0.0.1:9101", None).is_err());
         assert!(Endpoint::parse("ftp://x", None).is_err());
@@ -441,14 +385,7 @@ mod tests {
 
     #[tokio::test]
     async fn wait_ready_is_bounded_and_wakes() {
-        let ds = Downstream::new(
-            DownstreamId::new("t-1"),
-            "test",
-            None,
-            None,
-            None,
-            DownstreamState::Starting,
-        );
+        let ds = Downstream::new(DownstreamId::new("t-1"), "test", None, None, None, DownstreamState::Starting);
         assert_eq!(
             ds.wait_ready(Duration::from_millis(20)).await,
             Err(NotReady::Timeout(Duration::from_millis(20)))
@@ -460,52 +397,25 @@ mod tests {
         });
         assert_eq!(ds.wait_ready(Duration::from_secs(5)).await, Ok(()));
         ds.set_state(DownstreamState::Failed("boom".into()));
-        assert!(matches!(
-            ds.wait_ready(Duration::from_secs(5)).await,
-            Err(NotReady::Failed(_))
-        ));
+        assert!(matches!(ds.wait_ready(Duration::from_secs(5)).await, Err(NotReady::Failed(_))));
     }
 
     #[test]
     fn binds_once() {
-        let ds = Downstream::new(
-            DownstreamId::new("t-1"),
-            "test",
-            None,
-            None,
-            None,
-            DownstreamState::Ready,
-        );
+        let ds = Downstream::new(DownstreamId::new("t-1"), "test", None, None, None, DownstreamState::Ready);
         assert_eq!((ds.primary(), ds.owner()), (None, None));
         let (a, b) = (ConversationId::new_random(), ConversationId::new_random());
         assert!(ds.bind(a, UserId::new("alice")));
-        assert!(
-            !ds.bind(b, UserId::new("bob")),
-            "never given to a second conversation"
-        );
+        assert!(!ds.bind(b, UserId::new("bob")), "never given to a second conversation");
         assert_eq!(ds.primary(), Some(a));
         assert_eq!(ds.owner().map(|u| u.as_str()), Some("alice"));
-        let owned = Downstream::new(
-            DownstreamId::new("t-2"),
-            "test",
-            Some(a),
-            Some(UserId::new("x")),
-            None,
-            DownstreamState::Ready,
-        );
+        let owned = Downstream::new(DownstreamId::new("t-2"), "test", Some(a), Some(UserId::new("x")), None, DownstreamState::Ready);
         assert!(!owned.bind(b, UserId::new("y")));
     }
 
     #[test]
     fn activity_guards_count() {
-        let ds = Downstream::new(
-            DownstreamId::new("t-1"),
-            "test",
-            None,
-            None,
-            None,
-            DownstreamState::Ready,
-        );
+        let ds = Downstream::new(DownstreamId::new("t-1"), "test", None, None, None, DownstreamState::Ready);
         {
             let _a = ds.attach_socket();
             let _b = ds.begin_request();

@@ -52,28 +52,16 @@ impl ValidationItem {
 
     /// A required field that is absent.
     pub fn missing(loc: Vec<Value>, input: Value) -> Self {
-        Self {
-            kind: "missing".into(),
-            loc,
-            msg: "Field required".into(),
-            input,
-            ctx: None,
-        }
+        Self { kind: "missing".into(), loc, msg: "Field required".into(), input, ctx: None }
     }
 
     /// An integer query parameter outside its bounds (`greater_than` / `less_than_equal`).
     pub fn int_bound(loc: Vec<Value>, input: &str, kind: &str, bound: i64) -> Self {
         let (msg, ctx_key) = match kind {
             "greater_than" => (format!("Input should be greater than {bound}"), "gt"),
-            "greater_than_equal" => (
-                format!("Input should be greater than or equal to {bound}"),
-                "ge",
-            ),
+            "greater_than_equal" => (format!("Input should be greater than or equal to {bound}"), "ge"),
             "less_than" => (format!("Input should be less than {bound}"), "lt"),
-            _ => (
-                format!("Input should be less than or equal to {bound}"),
-                "le",
-            ),
+            _ => (format!("Input should be less than or equal to {bound}"), "le"),
         };
         Self {
             kind: kind.into(),
@@ -146,17 +134,11 @@ pub enum ApiError {
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: u64 },
     #[error("too many requests: {detail}")]
-    TooManyRequests {
-        detail: String,
-        retry_after: Option<Duration>,
-    },
+    TooManyRequests { detail: String, retry_after: Option<Duration> },
     #[error("bad gateway: {0}")]
     BadGateway(String),
     #[error("service unavailable: {detail}")]
-    Unavailable {
-        detail: String,
-        retry_after: Option<Duration>,
-    },
+    Unavailable { detail: String, retry_after: Option<Duration> },
     #[error("gateway timeout: {0}")]
     GatewayTimeout(String),
     #[error("not implemented: {0}")]
@@ -171,10 +153,7 @@ impl ApiError {
     }
 
     pub fn unavailable(detail: impl Into<String>) -> Self {
-        ApiError::Unavailable {
-            detail: detail.into(),
-            retry_after: None,
-        }
+        ApiError::Unavailable { detail: detail.into(), retry_after: None }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -221,8 +200,9 @@ impl ApiError {
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            ApiError::TooManyRequests { retry_after, .. }
-            | ApiError::Unavailable { retry_after, .. } => *retry_after,
+            ApiError::TooManyRequests { retry_after, .. } | ApiError::Unavailable { retry_after, .. } => {
+                *retry_after
+            }
             _ => None,
         }
     }
@@ -233,10 +213,7 @@ impl ApiError {
         let mut resp = http::Response::new(B::from(body));
         *resp.status_mut() = self.status();
         let headers = resp.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(d) = self.retry_after() {
             let secs = d.as_secs().max(1);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -268,12 +245,7 @@ mod tests {
         let e = ApiError::Validation(vec![ValidationItem::enum_value(
             vec![json!("query"), json!("sort_order")],
             "BAD",
-            &[
-                "CREATED_AT",
-                "UPDATED_AT",
-                "CREATED_AT_DESC",
-                "UPDATED_AT_DESC",
-            ],
+            &["CREATED_AT", "UPDATED_AT", "CREATED_AT_DESC", "UPDATED_AT_DESC"],
         )]);
         assert_eq!(
             serde_json::to_string(&e.body_json()).unwrap(),
@@ -293,10 +265,7 @@ mod tests {
 
     #[test]
     fn retry_after_is_set() {
-        let e = ApiError::TooManyRequests {
-            detail: "busy".into(),
-            retry_after: Some(Duration::from_secs(3)),
-        };
+        let e = ApiError::TooManyRequests { detail: "busy".into(), retry_after: Some(Duration::from_secs(3)) };
         let r: http::Response<Bytes> = e.to_http();
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()[header::RETRY_AFTER], "3");

@@ -14,18 +14,11 @@ use std::path::Path;
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(".{name}.tmp-{}-{seq}", std::process::id()));
     {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -74,13 +67,10 @@ mod tests {
 
     #[test]
     fn concurrent_writes_of_one_path_never_mix_or_fail() {
-        let d =
-            std::env::temp_dir().join(format!("nestor-fs-test-concurrent-{}", std::process::id()));
+        let d = std::env::temp_dir().join(format!("nestor-fs-test-concurrent-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         let p = d.join("f.json");
-        let contents: Vec<Vec<u8>> = (0..8u8)
-            .map(|i| vec![b'a' + i; 4096 + 512 * i as usize])
-            .collect();
+        let contents: Vec<Vec<u8>> = (0..8u8).map(|i| vec![b'a' + i; 4096 + 512 * i as usize]).collect();
         for _ in 0..50 {
             std::thread::scope(|s| {
                 for c in &contents {
@@ -89,11 +79,7 @@ mod tests {
                 }
             });
             let got = std::fs::read(&p).unwrap();
-            assert!(
-                contents.contains(&got),
-                "mixed content: {} bytes",
-                got.len()
-            );
+            assert!(contents.contains(&got), "mixed content: {} bytes", got.len());
         }
         assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1, "temp files left");
         std::fs::remove_dir_all(&d).unwrap();

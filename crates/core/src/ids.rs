@@ -152,19 +152,10 @@ mod tests {
         // Messages captured from a real agent-server 1.58.2.
         let cases = [
             ("xyz", "invalid character: found `x` at 0"),
-            (
-                "00000000-0000-0000-0000-00000000000",
-                "invalid group length in group 4: expected 12, found 11",
-            ),
+            ("00000000-0000-0000-0000-00000000000", "invalid group length in group 4: expected 12, found 11"),
             ("0000-0000", "invalid group count: expected 5, found 2"),
-            (
-                "00000000000000000000000000000000000",
-                "invalid length: found 35",
-            ),
-            (
-                "00000000-0000-0000-0000_000000000001",
-                "invalid character: found `_` at 23",
-            ),
+            ("00000000000000000000000000000000000", "invalid length: found 35"),
+            ("00000000-0000-0000-0000_000000000001", "invalid character: found `_` at 23"),
             ("ÄÖ", "invalid character: found `Ä` at 0"),
         ];
         for (input, msg) in cases {

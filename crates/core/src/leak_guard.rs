@@ -50,23 +50,10 @@ impl Redactor {
             .filter(|(p, _)| !p.is_empty())
             .map(|(p, r)| (Finder::new(&p).into_owned(), r))
             .collect();
-        let max_len = rules
-            .iter()
-            .map(|(f, _)| f.needle().len())
-            .max()
-            .unwrap_or(0);
-        let min_len = rules
-            .iter()
-            .map(|(f, _)| f.needle().len())
-            .min()
-            .unwrap_or(0);
+        let max_len = rules.iter().map(|(f, _)| f.needle().len()).max().unwrap_or(0);
+        let min_len = rules.iter().map(|(f, _)| f.needle().len()).min().unwrap_or(0);
         let order = Arc::new(search_order(&rules));
-        Self {
-            rules: Arc::new(rules),
-            max_len,
-            min_len,
-            order,
-        }
+        Self { rules: Arc::new(rules), max_len, min_len, order }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -157,11 +144,7 @@ impl Redactor {
             pos = p + self.rules[i].0.needle().len();
             copied = true;
         }
-        let keep = if last {
-            0
-        } else {
-            self.pending_prefix(&data[pos..])
-        };
+        let keep = if last { 0 } else { self.pending_prefix(&data[pos..]) };
         let emit_end = data.len() - keep;
         carry.extend_from_slice(&data[emit_end..]);
         if !copied {
@@ -178,50 +161,27 @@ impl Redactor {
         let mut rules: Vec<(Vec<u8>, Bytes)> = Vec::with_capacity(4);
         if let Some(k) = &ep.key {
             if k.expose().len() >= 8 {
-                rules.push((
-                    k.expose().as_bytes().to_vec(),
-                    Bytes::from_static(MASK.as_bytes()),
-                ));
+                rules.push((k.expose().as_bytes().to_vec(), Bytes::from_static(MASK.as_bytes())));
             }
         }
         let authority = ep.authority.as_str();
         let (nestor_http, nestor_ws, nestor_host) = match origin {
             Some(o) => {
                 let host = o.split_once("://").map(|(_, h)| h).unwrap_or(o).to_owned();
-                let ws = if o.starts_with("https://") {
-                    format!("wss://{host}")
-                } else {
-                    format!("ws://{host}")
-                };
+                let ws = if o.starts_with("https://") { format!("wss://{host}") } else { format!("ws://{host}") };
                 (o.to_owned(), ws, host)
             }
-            None => (
-                "http://nestor".to_owned(),
-                "ws://nestor".to_owned(),
-                "nestor".to_owned(),
-            ),
+            None => ("http://nestor".to_owned(), "ws://nestor".to_owned(), "nestor".to_owned()),
         };
-        rules.push((
-            format!("{}://{authority}", ep.scheme).into_bytes(),
-            Bytes::from(nestor_http),
-        ));
-        rules.push((
-            format!("ws://{authority}").into_bytes(),
-            Bytes::from(nestor_ws),
-        ));
+        rules.push((format!("{}://{authority}", ep.scheme).into_bytes(), Bytes::from(nestor_http)));
+        rules.push((format!("ws://{authority}").into_bytes(), Bytes::from(nestor_ws)));
         rules.push((authority.as_bytes().to_vec(), Bytes::from(nestor_host)));
         Self::new(rules)
     }
 
     /// Wrap a body so its data passes through this redactor.
     pub fn wrap<B>(&self, body: B) -> RedactedBody<B> {
-        RedactedBody {
-            inner: body,
-            redactor: self.clone(),
-            carry: BytesMut::new(),
-            done: false,
-            trailers: None,
-        }
+        RedactedBody { inner: body, redactor: self.clone(), carry: BytesMut::new(), done: false, trailers: None }
     }
 
     /// The longest pattern length (for tests and sizing).
@@ -233,9 +193,7 @@ impl Redactor {
 /// [`Redactor::order`]: patterns that contain no other pattern first, then each of the rest
 /// with one (among the first 64) it contains.
 fn search_order(rules: &[(Finder<'static>, Bytes)]) -> Vec<(usize, Option<usize>)> {
-    let contains = |hay: &[u8], needle: &[u8]| {
-        hay.len() > needle.len() && memchr::memmem::find(hay, needle).is_some()
-    };
+    let contains = |hay: &[u8], needle: &[u8]| hay.len() > needle.len() && memchr::memmem::find(hay, needle).is_some();
     let inside: Vec<Option<usize>> = rules
         .iter()
         .map(|(f, _)| {
@@ -246,18 +204,8 @@ fn search_order(rules: &[(Finder<'static>, Bytes)]) -> Vec<(usize, Option<usize>
             })
         })
         .collect();
-    let mut order: Vec<_> = inside
-        .iter()
-        .enumerate()
-        .filter(|(_, j)| j.is_none())
-        .map(|(i, _)| (i, None))
-        .collect();
-    order.extend(
-        inside
-            .iter()
-            .enumerate()
-            .filter_map(|(i, j)| j.map(|j| (i, Some(j)))),
-    );
+    let mut order: Vec<_> = inside.iter().enumerate().filter(|(_, j)| j.is_none()).map(|(i, _)| (i, None)).collect();
+    order.extend(inside.iter().enumerate().filter_map(|(i, j)| j.map(|j| (i, Some(j)))));
     order
 }
 
@@ -280,10 +228,7 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.project();
         loop {
             if *this.done {
@@ -344,14 +289,8 @@ mod tests {
 
     fn redactor() -> Redactor {
         Redactor::new([
-            (
-                b"SECRETKEY123".to_vec(),
-                Bytes::from_static(MASK.as_bytes()),
-            ),
-            (
-                b"http://127.0.0.1:9101".to_vec(),
-                Bytes::from_static(b"http://nestor:8000"),
-            ),
+            (b"SECRETKEY123".to_vec(), Bytes::from_static(MASK.as_bytes())),
+            (b"http://127.0.0.1:9101".to_vec(), Bytes::from_static(b"http://nestor:8000")),
         ])
     }
 
@@ -363,10 +302,7 @@ mod tests {
             r.apply(s).as_ref(),
             br#"{"url":"http://nestor:8000/?tkn=**********&x=1"}"#
         );
-        assert!(matches!(
-            r.apply(b"nothing here"),
-            std::borrow::Cow::Borrowed(_)
-        ));
+        assert!(matches!(r.apply(b"nothing here"), std::borrow::Cow::Borrowed(_)));
     }
 
     fn stream_through(r: &Redactor, chunks: &[&[u8]]) -> Vec<u8> {
@@ -382,10 +318,7 @@ mod tests {
     #[test]
     fn finds_matches_split_across_chunks() {
         let r = redactor();
-        let out = stream_through(
-            &r,
-            &[b"aa SECRET", b"KEY1", b"23 bb http://127.", b"0.0.1:9101/x"],
-        );
+        let out = stream_through(&r, &[b"aa SECRET", b"KEY1", b"23 bb http://127.", b"0.0.1:9101/x"]);
         assert_eq!(out, b"aa ********** bb http://nestor:8000/x");
     }
 
@@ -434,30 +367,13 @@ mod tests {
 
     #[test]
     fn patterns_inside_others_are_searched_after_them() {
-        let r = Redactor::for_endpoint(
-            &crate::Endpoint::loopback(9101, Some(crate::SessionKey::new("SECRETKEY123"))),
-            None,
-        );
+        let r = Redactor::for_endpoint(&crate::Endpoint::loopback(9101, Some(crate::SessionKey::new("SECRETKEY123"))), None);
         // Key and authority first; the two URLs (which contain the authority) after it.
-        let firsts: Vec<_> = r
-            .order
-            .iter()
-            .filter(|(_, inside)| inside.is_none())
-            .map(|&(i, _)| r.rules[i].0.needle().to_vec())
-            .collect();
-        assert_eq!(
-            firsts,
-            [b"SECRETKEY123".to_vec(), b"127.0.0.1:9101".to_vec()]
-        );
+        let firsts: Vec<_> = r.order.iter().filter(|(_, inside)| inside.is_none()).map(|&(i, _)| r.rules[i].0.needle().to_vec()).collect();
+        assert_eq!(firsts, [b"SECRETKEY123".to_vec(), b"127.0.0.1:9101".to_vec()]);
         let s = b"ws://127.0.0.1:9101/x http://127.0.0.1:9101 127.0.0.1:9101 SECRETKEY123";
-        assert_eq!(
-            r.apply(s).as_ref(),
-            b"ws://nestor/x http://nestor nestor **********"
-        );
-        assert!(matches!(
-            r.apply(b"127.0.0.1:9102 and nothing else"),
-            std::borrow::Cow::Borrowed(_)
-        ));
+        assert_eq!(r.apply(s).as_ref(), b"ws://nestor/x http://nestor nestor **********");
+        assert!(matches!(r.apply(b"127.0.0.1:9102 and nothing else"), std::borrow::Cow::Borrowed(_)));
     }
 
     proptest! {

@@ -24,18 +24,8 @@ use uuid::Uuid;
 
 /// Cases per property: `NESTOR_FUZZ_CASES` for a long run, else the smoke count.
 fn config(smoke: u32) -> ProptestConfig {
-    let cases = std::env::var("NESTOR_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(smoke);
-    ProptestConfig {
-        cases,
-        max_shrink_iters: 10_000,
-        failure_persistence: Some(Box::new(
-            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
-        )),
-        ..ProptestConfig::default()
-    }
+    let cases = std::env::var("NESTOR_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(smoke);
+    ProptestConfig { cases, max_shrink_iters: 10_000, failure_persistence: Some(Box::new(proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"))), ..ProptestConfig::default() }
 }
 
 /// Text: arbitrary Unicode, ASCII noise, or id-like shapes (near misses of a UUID).
@@ -65,11 +55,7 @@ struct Setup {
 fn setup() -> impl Strategy<Value = Setup> {
     (
         any::<bool>(),
-        prop_oneof![
-            Just("127.0.0.1".to_owned()),
-            "10\\.[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}",
-            "[a-z][a-z0-9-]{0,12}(\\.[a-z]{2,5})?"
-        ],
+        prop_oneof![Just("127.0.0.1".to_owned()), "10\\.[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}", "[a-z][a-z0-9-]{0,12}(\\.[a-z]{2,5})?"],
         1024u16..,
         "[A-Za-z0-9]{8,48}",
         proptest::option::of(prop_oneof![
@@ -78,13 +64,7 @@ fn setup() -> impl Strategy<Value = Setup> {
             "https?://\\[::1\\]:[0-9]{2,5}",
         ]),
     )
-        .prop_map(|(https, host, port, key, origin)| Setup {
-            https,
-            host,
-            port,
-            key,
-            origin,
-        })
+        .prop_map(|(https, host, port, key, origin)| Setup { https, host, port, key, origin })
 }
 
 impl Setup {
@@ -94,11 +74,7 @@ impl Setup {
 
     fn endpoint(&self) -> Endpoint {
         let scheme = if self.https { "https" } else { "http" };
-        Endpoint::parse(
-            &format!("{scheme}://{}", self.authority()),
-            Some(SessionKey::new(self.key.clone())),
-        )
-        .expect("generated URL is valid")
+        Endpoint::parse(&format!("{scheme}://{}", self.authority()), Some(SessionKey::new(self.key.clone()))).expect("generated URL is valid")
     }
 
     /// The leak guard's rules as documented (key → mask, origins and authority → nestor's),
@@ -109,30 +85,15 @@ impl Setup {
         let (http, ws, host) = match &self.origin {
             Some(o) => {
                 let host = o.split_once("://").map(|(_, h)| h).unwrap_or(o).to_owned();
-                let ws = if o.starts_with("https://") {
-                    format!("wss://{host}")
-                } else {
-                    format!("ws://{host}")
-                };
+                let ws = if o.starts_with("https://") { format!("wss://{host}") } else { format!("ws://{host}") };
                 (o.clone(), ws, host)
             }
-            None => (
-                "http://nestor".to_owned(),
-                "ws://nestor".to_owned(),
-                "nestor".to_owned(),
-            ),
+            None => ("http://nestor".to_owned(), "ws://nestor".to_owned(), "nestor".to_owned()),
         };
-        let rep = |b: String| {
-            marker
-                .map(Bytes::from_static)
-                .unwrap_or_else(|| Bytes::from(b))
-        };
+        let rep = |b: String| marker.map(Bytes::from_static).unwrap_or_else(|| Bytes::from(b));
         Redactor::new([
             (self.key.as_bytes().to_vec(), rep(MASK.to_owned())),
-            (
-                format!("{scheme}://{}", self.authority()).into_bytes(),
-                rep(http),
-            ),
+            (format!("{scheme}://{}", self.authority()).into_bytes(), rep(http)),
             (format!("ws://{}", self.authority()).into_bytes(), rep(ws)),
             (self.authority().into_bytes(), rep(host)),
         ])
@@ -175,18 +136,10 @@ fn stream_through(r: &Redactor, data: &[u8], cuts: &[usize]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len());
     let mut prev = 0;
     for c in cuts {
-        out.extend_from_slice(&r.process_chunk(
-            &mut carry,
-            Bytes::copy_from_slice(&data[prev..c]),
-            false,
-        ));
+        out.extend_from_slice(&r.process_chunk(&mut carry, Bytes::copy_from_slice(&data[prev..c]), false));
         prev = c;
     }
-    out.extend_from_slice(&r.process_chunk(
-        &mut carry,
-        Bytes::copy_from_slice(&data[prev..]),
-        true,
-    ));
+    out.extend_from_slice(&r.process_chunk(&mut carry, Bytes::copy_from_slice(&data[prev..]), true));
     out
 }
 

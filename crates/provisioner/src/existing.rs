@@ -12,9 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use nestor_core::downstream::Endpoint;
-use nestor_core::{
-    ConversationId, Downstream, DownstreamClient, DownstreamId, DownstreamState, SessionKey,
-};
+use nestor_core::{ConversationId, Downstream, DownstreamClient, DownstreamId, DownstreamState, SessionKey};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -76,10 +74,7 @@ pub struct ExistingProvisioner {
 }
 
 impl ExistingProvisioner {
-    pub fn new(
-        cfg: &ExistingConfig,
-        client: DownstreamClient,
-    ) -> Result<Arc<Self>, ProvisionError> {
+    pub fn new(cfg: &ExistingConfig, client: DownstreamClient) -> Result<Arc<Self>, ProvisionError> {
         if cfg.servers.is_empty() {
             return Err(ProvisionError::Config(
                 "provisioner \"existing\" needs at least one [[provisioner.existing.servers]] entry with a url"
@@ -89,15 +84,11 @@ impl ExistingProvisioner {
         let mut servers = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for s in &cfg.servers {
-            let ep = Endpoint::parse(&s.url, s.api_key.clone()).map_err(|e| {
-                ProvisionError::Config(format!("provisioner.existing.servers: {e}"))
-            })?;
+            let ep = Endpoint::parse(&s.url, s.api_key.clone())
+                .map_err(|e| ProvisionError::Config(format!("provisioner.existing.servers: {e}")))?;
             let name = match &s.name {
                 Some(n) => n.clone(),
-                None => format!(
-                    "{:012x}",
-                    stable_hash(s.url.trim_end_matches('/')) & 0xffff_ffff_ffff
-                ),
+                None => format!("{:012x}", stable_hash(s.url.trim_end_matches('/')) & 0xffff_ffff_ffff),
             };
             let id = DownstreamId::new(format!("existing-{name}"));
             if !seen.insert(id.clone()) {
@@ -106,23 +97,14 @@ impl ExistingProvisioner {
                     s.url
                 )));
             }
-            servers.push(Downstream::new(
-                id,
-                "existing",
-                None,
-                None,
-                Some(ep),
-                DownstreamState::Starting,
-            ));
+            servers.push(Downstream::new(id, "existing", None, None, Some(ep), DownstreamState::Starting));
         }
         let secs = |v: f64, what: &str| {
             // Bounded: `Duration::from_secs_f64` panics past ~1.8e19 s (found while fuzzing the config).
             if v.is_finite() && v > 0.0 && v <= 1e9 {
                 Ok(Duration::from_secs_f64(v))
             } else {
-                Err(ProvisionError::Config(format!(
-                    "provisioner.existing.{what} must be a positive number"
-                )))
+                Err(ProvisionError::Config(format!("provisioner.existing.{what} must be a positive number")))
             }
         };
         Ok(Arc::new(Self {
@@ -136,9 +118,7 @@ impl ExistingProvisioner {
 
     /// Probe one server and record the result.
     async fn probe(&self, ds: &Downstream) -> bool {
-        let Some(ep) = ds.endpoint() else {
-            return false;
-        };
+        let Some(ep) = ds.endpoint() else { return false };
         let ok = self.client.is_alive(&ep, self.probe_timeout).await;
         let was = ds.state();
         if ok {
@@ -150,9 +130,7 @@ impl ExistingProvisioner {
             if was == DownstreamState::Ready || was == DownstreamState::Starting {
                 tracing::warn!(downstream = %ds.id(), "agent-server unhealthy: /alive did not answer 200");
             }
-            ds.set_state(DownstreamState::Failed(
-                "the agent-server is not answering its health check".into(),
-            ));
+            ds.set_state(DownstreamState::Failed("the agent-server is not answering its health check".into()));
         }
         ok
     }
@@ -204,14 +182,12 @@ impl Provisioner for ExistingProvisioner {
     async fn home(&self) -> Result<Arc<Downstream>, ProvisionError> {
         // The first healthy server, in configured order: stable, so settings written
         // through nestor are read back from the same place.
-        self.servers
-            .iter()
-            .find(|s| s.state() == DownstreamState::Ready)
-            .cloned()
-            .ok_or_else(|| ProvisionError::Unavailable {
+        self.servers.iter().find(|s| s.state() == DownstreamState::Ready).cloned().ok_or_else(|| {
+            ProvisionError::Unavailable {
                 detail: "no healthy agent-server is available".into(),
                 retry_after: Some(self.interval),
-            })
+            }
+        })
     }
 
     fn get(&self, id: &DownstreamId) -> Option<Arc<Downstream>> {
@@ -222,11 +198,7 @@ impl Provisioner for ExistingProvisioner {
         self.servers.clone()
     }
 
-    async fn ensure_ready(
-        &self,
-        ds: &Arc<Downstream>,
-        timeout: Duration,
-    ) -> Result<(), ProvisionError> {
+    async fn ensure_ready(&self, ds: &Arc<Downstream>, timeout: Duration) -> Result<(), ProvisionError> {
         if ds.state() == DownstreamState::Ready {
             return Ok(());
         }
@@ -247,12 +219,7 @@ impl Provisioner for ExistingProvisioner {
         }
     }
 
-    async fn release(
-        &self,
-        _ds: &Arc<Downstream>,
-        _c: ConversationId,
-        _remaining: usize,
-    ) -> Result<(), ProvisionError> {
+    async fn release(&self, _ds: &Arc<Downstream>, _c: ConversationId, _remaining: usize) -> Result<(), ProvisionError> {
         Ok(())
     }
 
@@ -269,11 +236,7 @@ mod tests {
         ExistingConfig {
             servers: urls
                 .iter()
-                .map(|u| ServerConfig {
-                    url: u.to_string(),
-                    api_key: Some(SessionKey::new("k")),
-                    name: None,
-                })
+                .map(|u| ServerConfig { url: u.to_string(), api_key: Some(SessionKey::new("k")), name: None })
                 .collect(),
             ..Default::default()
         }
@@ -297,11 +260,8 @@ mod tests {
 
     #[tokio::test]
     async fn places_on_least_loaded_healthy_server() {
-        let p = ExistingProvisioner::new(
-            &cfg(&["http://a:1", "http://b:2", "http://c:3"]),
-            DownstreamClient::default(),
-        )
-        .unwrap();
+        let p = ExistingProvisioner::new(&cfg(&["http://a:1", "http://b:2", "http://c:3"]), DownstreamClient::default())
+            .unwrap();
         for s in &p.servers {
             s.set_state(DownstreamState::Ready);
         }
@@ -309,20 +269,11 @@ mod tests {
         p.servers[1].set_conversation_count(1);
         p.servers[2].set_conversation_count(0);
         p.servers[2].set_state(DownstreamState::Failed("down".into()));
-        let req = ProvisionRequest {
-            conversation: ConversationId::new_random(),
-            owner: nestor_core::UserId::default_user(),
-        };
-        assert_eq!(
-            p.provision(req.clone()).await.unwrap().id(),
-            p.servers[1].id()
-        );
+        let req = ProvisionRequest { conversation: ConversationId::new_random(), owner: nestor_core::UserId::default_user() };
+        assert_eq!(p.provision(req.clone()).await.unwrap().id(), p.servers[1].id());
         for s in &p.servers {
             s.set_state(DownstreamState::Failed("down".into()));
         }
-        assert!(matches!(
-            p.provision(req).await,
-            Err(ProvisionError::Unavailable { .. })
-        ));
+        assert!(matches!(p.provision(req).await, Err(ProvisionError::Unavailable { .. })));
     }
 }

@@ -56,10 +56,7 @@ pub enum ProvisionError {
     Config(String),
     /// No capacity now (all servers unhealthy, limits reached); retry later.
     #[error("{detail}")]
-    Unavailable {
-        detail: String,
-        retry_after: Option<Duration>,
-    },
+    Unavailable { detail: String, retry_after: Option<Duration> },
     /// Starting the downstream failed.
     #[error("could not start an agent-server: {0}")]
     Start(String),
@@ -90,10 +87,7 @@ pub trait Provisioner: Send + Sync + 'static {
     /// on a catalog miss, so a replica serves conversations another replica created (the
     /// `kubernetes` backend looks the conversation's objects up by name and label). The
     /// downstream returned is then owned (`get`, `list`) like any other. Default: None.
-    async fn find(
-        &self,
-        _conversation: &ConversationId,
-    ) -> Result<Option<Arc<Downstream>>, ProvisionError> {
+    async fn find(&self, _conversation: &ConversationId) -> Result<Option<Arc<Downstream>>, ProvisionError> {
         Ok(None)
     }
 
@@ -105,11 +99,7 @@ pub trait Provisioner: Send + Sync + 'static {
 
     /// Make sure `ds` runs (start it again if it was stopped) and wait until it is ready,
     /// at most `timeout`.
-    async fn ensure_ready(
-        &self,
-        ds: &Arc<Downstream>,
-        timeout: Duration,
-    ) -> Result<(), ProvisionError>;
+    async fn ensure_ready(&self, ds: &Arc<Downstream>, timeout: Duration) -> Result<(), ProvisionError>;
 
     /// Stop `ds` but keep its state (idle policy); the next [`Provisioner::ensure_ready`]
     /// starts it again. Backends that do not own their downstreams do nothing.
@@ -136,12 +126,7 @@ pub trait Provisioner: Send + Sync + 'static {
 
     /// Adjust a create body for this downstream before it is forwarded (e.g. point the
     /// workspace at the conversation's own directory).
-    fn prepare_create(
-        &self,
-        _ds: &Downstream,
-        _body: &mut serde_json::Map<String, serde_json::Value>,
-    ) {
-    }
+    fn prepare_create(&self, _ds: &Downstream, _body: &mut serde_json::Map<String, serde_json::Value>) {}
 
     /// Stop what nestor's exit should stop (per the backend's policy), bounded.
     async fn shutdown(&self);

@@ -110,10 +110,7 @@ impl WorkspaceSync for RecordingSync {
     }
 
     async fn released(&self, t: &SyncTrees) -> Result<(), String> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(("released", t.conversation));
+        self.calls.lock().unwrap().push(("released", t.conversation));
         Ok(())
     }
 }

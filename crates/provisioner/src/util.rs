@@ -25,10 +25,7 @@ mod tests {
     #[test]
     fn hash_is_stable() {
         // Pinned: ids persisted by one build must be found by the next.
-        assert_eq!(
-            stable_hash("http://127.0.0.1:9101"),
-            stable_hash("http://127.0.0.1:9101")
-        );
+        assert_eq!(stable_hash("http://127.0.0.1:9101"), stable_hash("http://127.0.0.1:9101"));
         assert_eq!(stable_hash(""), 0xcbf29ce484222325);
         assert_eq!(stable_hash("a"), 0xaf63dc4c8601ec8c);
     }

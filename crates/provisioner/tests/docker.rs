@@ -16,8 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bollard::query_parameters::{
-    InspectContainerOptions, ListContainersOptions, ListVolumesOptions, RemoveContainerOptions,
-    RemoveVolumeOptions,
+    InspectContainerOptions, ListContainersOptions, ListVolumesOptions, RemoveContainerOptions, RemoveVolumeOptions,
 };
 use bollard::Docker;
 use bytes::Bytes;
@@ -37,8 +36,7 @@ fn image() -> String {
 }
 
 fn docker() -> Option<Docker> {
-    let host =
-        std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
+    let host = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
     let d = if host.starts_with("unix://") {
         Docker::connect_with_unix(&host, 30, bollard::API_DEFAULT_VERSION).ok()?
     } else {
@@ -56,9 +54,7 @@ async fn engine() -> Result<Docker, String> {
         .map_err(|e| format!("no Docker engine reachable: {e}"))?;
     let img = image();
     if d.inspect_image(&img).await.is_err() {
-        return Err(format!(
-            "image {img} is not present (scripts/build-agent-server-image.sh builds it)"
-        ));
+        return Err(format!("image {img} is not present (scripts/build-agent-server-image.sh builds it)"));
     }
     Ok(d)
 }
@@ -122,103 +118,53 @@ impl Ctx {
     }
 
     async fn containers(&self) -> Vec<bollard::models::ContainerSummary> {
-        let filters = HashMap::from([(
-            "label".to_owned(),
-            vec![format!("{INSTANCE_LABEL}={}", self.instance)],
-        )]);
+        let filters = HashMap::from([("label".to_owned(), vec![format!("{INSTANCE_LABEL}={}", self.instance)])]);
         self.docker
-            .list_containers(Some(ListContainersOptions {
-                all: true,
-                filters: Some(filters),
-                ..Default::default()
-            }))
+            .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
             .await
             .unwrap()
     }
 
     async fn volumes(&self) -> Vec<String> {
-        let filters = HashMap::from([(
-            "label".to_owned(),
-            vec![format!("{INSTANCE_LABEL}={}", self.instance)],
-        )]);
-        let v = self
-            .docker
-            .list_volumes(Some(ListVolumesOptions {
-                filters: Some(filters),
-            }))
-            .await
-            .unwrap();
-        v.volumes
-            .unwrap_or_default()
-            .into_iter()
-            .map(|v| v.name)
-            .collect()
+        let filters = HashMap::from([("label".to_owned(), vec![format!("{INSTANCE_LABEL}={}", self.instance)])]);
+        let v = self.docker.list_volumes(Some(ListVolumesOptions { filters: Some(filters) })).await.unwrap();
+        v.volumes.unwrap_or_default().into_iter().map(|v| v.name).collect()
     }
 
     async fn inspect(&self, name: &str) -> Option<bollard::models::ContainerInspectResponse> {
-        self.docker
-            .inspect_container(name, None::<InspectContainerOptions>)
-            .await
-            .ok()
+        self.docker.inspect_container(name, None::<InspectContainerOptions>).await.ok()
     }
 
     async fn started_at(&self, name: &str) -> String {
-        self.inspect(name)
-            .await
-            .unwrap()
-            .state
-            .unwrap()
-            .started_at
-            .unwrap()
+        self.inspect(name).await.unwrap().state.unwrap().started_at.unwrap()
     }
 }
 
 /// Remove every container and volume labelled with `instance`.
 async fn cleanup(docker: &Docker, instance: &str) {
-    let filters = HashMap::from([(
-        "label".to_owned(),
-        vec![format!("{INSTANCE_LABEL}={instance}")],
-    )]);
+    let filters = HashMap::from([("label".to_owned(), vec![format!("{INSTANCE_LABEL}={instance}")])]);
     if let Ok(list) = docker
-        .list_containers(Some(ListContainersOptions {
-            all: true,
-            filters: Some(filters.clone()),
-            ..Default::default()
-        }))
+        .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters.clone()), ..Default::default() }))
         .await
     {
         let removals = list.into_iter().filter_map(|c| c.id).map(|id| {
             let d = docker.clone();
             async move {
-                let opts = RemoveContainerOptions {
-                    force: true,
-                    ..Default::default()
-                };
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(30),
-                    d.remove_container(&id, Some(opts)),
-                )
-                .await;
+                let opts = RemoveContainerOptions { force: true, ..Default::default() };
+                let _ = tokio::time::timeout(Duration::from_secs(30), d.remove_container(&id, Some(opts))).await;
             }
         });
         futures::future::join_all(removals).await;
     }
     if let Ok(nets) = docker
-        .list_networks(Some(bollard::query_parameters::ListNetworksOptions {
-            filters: Some(filters.clone()),
-        }))
+        .list_networks(Some(bollard::query_parameters::ListNetworksOptions { filters: Some(filters.clone()) }))
         .await
     {
         for n in nets.into_iter().filter_map(|n| n.id) {
             let _ = tokio::time::timeout(Duration::from_secs(30), docker.remove_network(&n)).await;
         }
     }
-    if let Ok(v) = docker
-        .list_volumes(Some(ListVolumesOptions {
-            filters: Some(filters),
-        }))
-        .await
-    {
+    if let Ok(v) = docker.list_volumes(Some(ListVolumesOptions { filters: Some(filters) })).await {
         for v in v.volumes.unwrap_or_default() {
             let _ = tokio::time::timeout(
                 Duration::from_secs(30),
@@ -236,11 +182,7 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let instance = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-    let ctx = Arc::new(Ctx {
-        dir: tempfile::tempdir().unwrap(),
-        instance: instance.clone(),
-        docker: docker.clone(),
-    });
+    let ctx = Arc::new(Ctx { dir: tempfile::tempdir().unwrap(), instance: instance.clone(), docker: docker.clone() });
     let r = tokio::spawn(f(ctx.clone())).await;
     cleanup(&docker, &instance).await;
     if let Err(e) = r {
@@ -252,29 +194,15 @@ where
 }
 
 fn req(conv: ConversationId) -> ProvisionRequest {
-    ProvisionRequest {
-        conversation: conv,
-        owner: UserId::new("alice"),
-    }
+    ProvisionRequest { conversation: conv, owner: UserId::new("alice") }
 }
 
-async fn call(
-    ds: &Downstream,
-    method: Method,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> (u16, serde_json::Value) {
+async fn call(ds: &Downstream, method: Method, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
     let ep = ds.endpoint().expect("endpoint");
     let client = DownstreamClient::default();
     let body = body.map(|b| Bytes::from(serde_json::to_vec(&b).unwrap()));
-    match client
-        .call_bytes(&ep, method, path, body, Duration::from_secs(60), 16 << 20)
-        .await
-    {
-        Ok((s, b)) => (
-            s.as_u16(),
-            serde_json::from_slice(&b).unwrap_or(serde_json::Value::Null),
-        ),
+    match client.call_bytes(&ep, method, path, body, Duration::from_secs(60), 16 << 20).await {
+        Ok((s, b)) => (s.as_u16(), serde_json::from_slice(&b).unwrap_or(serde_json::Value::Null)),
         Err(nestor_core::client::ClientError::Status { status, body }) => {
             (status.as_u16(), serde_json::Value::String(body))
         }
@@ -398,10 +326,7 @@ async fn recover_readopts_running_containers_without_restarting_them() {
         let started = ctx.started_at(&name).await;
         a.shutdown().await; // on_shutdown = keep (default)
         drop(a);
-        assert_eq!(
-            ctx.inspect(&name).await.unwrap().state.unwrap().running,
-            Some(true)
-        );
+        assert_eq!(ctx.inspect(&name).await.unwrap().state.unwrap().running, Some(true));
 
         let b = ctx.provisioner(&ctx.cfg());
         let t = Instant::now();
@@ -410,11 +335,7 @@ async fn recover_readopts_running_containers_without_restarting_them() {
         eprintln!("TIMING re-adopt of 2 real containers: {took:?}");
         assert_eq!(owned.len(), 2);
         let ds2 = b.get(ds.id()).unwrap();
-        assert_eq!(
-            ds2.state(),
-            DownstreamState::Ready,
-            "routable right after recover"
-        );
+        assert_eq!(ds2.state(), DownstreamState::Ready, "routable right after recover");
         assert!(took < Duration::from_secs(3), "{took:?}");
         assert_eq!(ctx.started_at(&name).await, started, "not restarted");
         assert_eq!(ds2.owner().map(|o| o.as_str()), Some("alice"));
@@ -440,20 +361,12 @@ async fn concurrent_ensure_ready_starts_once() {
         p.stop(&ds).await.unwrap();
 
         let filters = HashMap::from([
-            (
-                "label".to_owned(),
-                vec![format!("{INSTANCE_LABEL}={}", ctx.instance)],
-            ),
+            ("label".to_owned(), vec![format!("{INSTANCE_LABEL}={}", ctx.instance)]),
             ("type".to_owned(), vec!["container".to_owned()]),
-            (
-                "event".to_owned(),
-                vec!["start".to_owned(), "create".to_owned()],
-            ),
+            ("event".to_owned(), vec!["start".to_owned(), "create".to_owned()]),
         ]);
         let now = || {
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap();
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
             format!("{}.{:09}", t.as_secs(), t.subsec_nanos())
         };
         let since = now();
@@ -467,33 +380,16 @@ async fn concurrent_ensure_ready_starts_once() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         let until = now();
-        let opts = bollard::query_parameters::EventsOptions {
-            since: Some(since),
-            until: Some(until),
-            filters: Some(filters),
-        };
+        let opts = bollard::query_parameters::EventsOptions { since: Some(since), until: Some(until), filters: Some(filters) };
         let events: Vec<_> = ctx.docker.events(Some(opts)).collect().await;
-        let starts = events
-            .iter()
-            .filter(|e| e.as_ref().unwrap().action.as_deref() == Some("start"))
-            .count();
+        let starts = events.iter().filter(|e| e.as_ref().unwrap().action.as_deref() == Some("start")).count();
         assert_eq!(starts, 1, "8 concurrent callers, one start: {events:?}");
 
         // A container that dies while ready is noticed (engine event), and started again.
-        ctx.docker
-            .kill_container(
-                &p.container_name(&conv),
-                None::<bollard::query_parameters::KillContainerOptions>,
-            )
-            .await
-            .unwrap();
+        ctx.docker.kill_container(&p.container_name(&conv), None::<bollard::query_parameters::KillContainerOptions>).await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !matches!(ds.state(), DownstreamState::Failed(_)) {
-            assert!(
-                Instant::now() < deadline,
-                "death not noticed: {:?}",
-                ds.state()
-            );
+            assert!(Instant::now() < deadline, "death not noticed: {:?}", ds.state());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         p.ensure_ready(&ds, Duration::from_secs(60)).await.unwrap();
@@ -528,10 +424,7 @@ async fn sweep_removes_orphans_and_half_created() {
                 name: Some(format!("nestor-{}-stray", ctx.instance)),
                 labels: Some(HashMap::from([
                     (INSTANCE_LABEL.to_owned(), ctx.instance.clone()),
-                    (
-                        "org.nestor.conversation".to_owned(),
-                        ConversationId::new_random().to_string(),
-                    ),
+                    ("org.nestor.conversation".to_owned(), ConversationId::new_random().to_string()),
                 ])),
                 ..Default::default()
             })
@@ -570,11 +463,7 @@ async fn sweep_removes_orphans_and_half_created() {
         let ds = p.get(dss[&active].id()).unwrap();
         assert_eq!(ds.state(), DownstreamState::Ready);
         let r = p.sweep(&known).await.unwrap();
-        assert!(
-            r.orphan_containers.is_empty()
-                && r.orphan_volumes.is_empty()
-                && r.half_created.is_empty()
-        );
+        assert!(r.orphan_containers.is_empty() && r.orphan_volumes.is_empty() && r.half_created.is_empty());
         p.shutdown().await;
     })
     .await;
@@ -597,10 +486,7 @@ async fn unknown_image_is_a_clear_error_and_leaves_nothing() {
         assert!(msg.contains("nestor/no-such-image:0.0.0"), "{msg}");
         assert!(ctx.containers().await.is_empty());
         assert!(ctx.volumes().await.is_empty());
-        assert!(
-            std::fs::read_dir(ctx.root()).unwrap().next().is_none(),
-            "no manifest left"
-        );
+        assert!(std::fs::read_dir(ctx.root()).unwrap().next().is_none(), "no manifest left");
         assert!(p.list().is_empty());
     })
     .await;
@@ -621,15 +507,8 @@ async fn container_exiting_at_start_fails_with_its_log_tail() {
         let conv = ConversationId::new_random();
         let ds = p.provision(req(conv)).await.unwrap();
         let t = Instant::now();
-        let e = p
-            .ensure_ready(&ds, Duration::from_secs(60))
-            .await
-            .unwrap_err();
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "fails fast, not at the timeout: {:?}",
-            t.elapsed()
-        );
+        let e = p.ensure_ready(&ds, Duration::from_secs(60)).await.unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(10), "fails fast, not at the timeout: {:?}", t.elapsed());
         let msg = e.to_string();
         assert!(msg.contains("exit code 3"), "{msg}");
         assert!(msg.contains("marker-7f3a"), "{msg}");
@@ -649,10 +528,7 @@ async fn user_network_is_reached_by_address_and_bad_runtime_is_clear() {
         ctx.docker
             .create_network(bollard::models::NetworkCreateRequest {
                 name: net.clone(),
-                labels: Some(HashMap::from([(
-                    INSTANCE_LABEL.to_owned(),
-                    ctx.instance.clone(),
-                )])),
+                labels: Some(HashMap::from([(INSTANCE_LABEL.to_owned(), ctx.instance.clone())])),
                 ..Default::default()
             })
             .await
@@ -665,11 +541,7 @@ async fn user_network_is_reached_by_address_and_bad_runtime_is_clear() {
         let ds = p.provision(req(conv)).await.unwrap();
         p.ensure_ready(&ds, Duration::from_secs(60)).await.unwrap();
         let ep = ds.endpoint().unwrap();
-        assert_ne!(
-            ep.authority.host(),
-            "127.0.0.1",
-            "reached at its address on {net}"
-        );
+        assert_ne!(ep.authority.host(), "127.0.0.1", "reached at its address on {net}");
         assert_eq!(ep.authority.port_u16(), Some(8000));
         let info = ctx.inspect(&p.container_name(&conv)).await.unwrap();
         let ports = info.host_config.unwrap().port_bindings.unwrap_or_default();
@@ -685,24 +557,14 @@ async fn user_network_is_reached_by_address_and_bad_runtime_is_clear() {
 
         let mut cfg = ctx.cheap_cfg();
         cfg.network = Some(format!("nestor-{}-no-such-net", ctx.instance));
-        let e = ctx
-            .provisioner(&cfg)
-            .provision(req(ConversationId::new_random()))
-            .await
-            .unwrap_err();
+        let e = ctx.provisioner(&cfg).provision(req(ConversationId::new_random())).await.unwrap_err();
         assert!(e.to_string().contains("no-such-net"), "{e}");
-        assert!(
-            !e.to_string().contains("image"),
-            "not mistaken for a missing image: {e}"
-        );
+        assert!(!e.to_string().contains("image"), "not mistaken for a missing image: {e}");
 
         let mut cfg = ctx.cheap_cfg();
         cfg.runtime = Some("no-such-runtime".into());
         let p3 = ctx.provisioner(&cfg);
-        let e = p3
-            .provision(req(ConversationId::new_random()))
-            .await
-            .unwrap_err();
+        let e = p3.provision(req(ConversationId::new_random())).await.unwrap_err();
         assert!(e.to_string().contains("no-such-runtime"), "{e}");
         assert!(ctx.containers().await.is_empty());
         assert!(ctx.volumes().await.is_empty());
@@ -716,10 +578,7 @@ async fn user_network_is_reached_by_address_and_bad_runtime_is_clear() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn readopting_many_containers_is_fast() {
     let docker = require_engine!();
-    let n: usize = std::env::var("NESTOR_TEST_READOPT_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let n: usize = std::env::var("NESTOR_TEST_READOPT_N").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
     with_instance(docker, move |ctx| async move {
         let cfg = ctx.cheap_cfg();
         let a = ctx.provisioner(&cfg);
@@ -739,10 +598,7 @@ async fn readopting_many_containers_is_fast() {
             }
         });
         futures::future::join_all(starts).await;
-        eprintln!(
-            "TIMING {n} cheap containers provisioned and ready in {:?}",
-            t.elapsed()
-        );
+        eprintln!("TIMING {n} cheap containers provisioned and ready in {:?}", t.elapsed());
         a.shutdown().await;
         drop(a);
 
@@ -753,10 +609,7 @@ async fn readopting_many_containers_is_fast() {
         eprintln!("TIMING re-adopt of {n} running containers: {took:?}");
         assert_eq!(owned.len(), n);
         assert!(owned.iter().all(|d| d.state() == DownstreamState::Ready));
-        assert!(
-            took < Duration::from_secs(1),
-            "{n} containers re-adopted in {took:?}"
-        );
+        assert!(took < Duration::from_secs(1), "{n} containers re-adopted in {took:?}");
         b.shutdown().await;
     })
     .await;
@@ -774,24 +627,15 @@ async fn unreachable_engine_fails_quickly_naming_the_host() {
             api_timeout_secs: Some(3.0),
             ..Default::default()
         };
-        let p =
-            DockerProvisioner::new(&cfg, dir.path().join("docker"), DownstreamClient::default())
-                .unwrap();
+        let p = DockerProvisioner::new(&cfg, dir.path().join("docker"), DownstreamClient::default()).unwrap();
         let t = Instant::now();
         let e = p.recover().await.unwrap_err();
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "{host}: {:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < Duration::from_secs(5), "{host}: {:?}", t.elapsed());
         let msg = e.to_string();
         assert!(msg.contains(host), "{msg}");
         assert!(msg.contains("DOCKER_HOST"), "{msg}");
         let t = Instant::now();
-        let e = p
-            .provision(req(ConversationId::new_random()))
-            .await
-            .unwrap_err();
+        let e = p.provision(req(ConversationId::new_random())).await.unwrap_err();
         assert!(t.elapsed() < Duration::from_secs(5));
         assert!(e.to_string().contains(host), "{e}");
         assert!(p.list().is_empty());
@@ -816,8 +660,7 @@ async fn silent_engine_is_bounded_by_the_api_timeout() {
         api_timeout_secs: Some(1.0),
         ..Default::default()
     };
-    let p = DockerProvisioner::new(&cfg, dir.path().join("docker"), DownstreamClient::default())
-        .unwrap();
+    let p = DockerProvisioner::new(&cfg, dir.path().join("docker"), DownstreamClient::default()).unwrap();
     let t = Instant::now();
     let e = p.recover().await.unwrap_err();
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());

@@ -36,24 +36,15 @@ use nestor_test_support::kube_env::KubeEnv;
 use nestor_test_support::node_agent::TestNode;
 
 fn env_usize(k: &str, d: usize) -> usize {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
+    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
 }
 
 fn image() -> String {
-    std::env::var("NESTOR_TEST_AGENT_SERVER_IMAGE")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "nestor/agent-server:1.58.2".into())
+    std::env::var("NESTOR_TEST_AGENT_SERVER_IMAGE").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "nestor/agent-server:1.58.2".into())
 }
 
 fn req() -> ProvisionRequest {
-    ProvisionRequest {
-        conversation: ConversationId::new_random(),
-        owner: UserId::new("bench"),
-    }
+    ProvisionRequest { conversation: ConversationId::new_random(), owner: UserId::new("bench") }
 }
 
 /// Claim/start, then the agent-server's create answered: ms.
@@ -62,9 +53,7 @@ fn req() -> ProvisionRequest {
 async fn create(p: &dyn Provisioner, r: ProvisionRequest) -> (Arc<Downstream>, f64, f64) {
     let t = Instant::now();
     let ds = p.provision(r.clone()).await.expect("provision");
-    p.ensure_ready(&ds, Duration::from_secs(300))
-        .await
-        .expect("ready");
+    p.ensure_ready(&ds, Duration::from_secs(300)).await.expect("ready");
     let provisioned_ms = t.elapsed().as_secs_f64() * 1000.0;
     let mut body = serde_json::json!({
         "conversation_id": r.conversation.to_string(),
@@ -78,14 +67,7 @@ async fn create(p: &dyn Provisioner, r: ProvisionRequest) -> (Arc<Downstream>, f
     let ep = ds.endpoint().expect("endpoint");
     let bytes = serde_json::to_vec(&serde_json::Value::Object(body)).unwrap();
     let (status, _) = DownstreamClient::default()
-        .call_bytes(
-            &ep,
-            Method::POST,
-            "/api/conversations",
-            Some(bytes.into()),
-            Duration::from_secs(120),
-            1 << 20,
-        )
+        .call_bytes(&ep, Method::POST, "/api/conversations", Some(bytes.into()), Duration::from_secs(120), 1 << 20)
         .await
         .expect("create answered");
     assert!(status.is_success(), "{status}");
@@ -96,13 +78,7 @@ async fn create(p: &dyn Provisioner, r: ProvisionRequest) -> (Arc<Downstream>, f
 fn summary(v: &mut [f64]) -> String {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
-    format!(
-        "n={} p50={:.0} ms max(=p99)={:.0} ms all={:?}",
-        v.len(),
-        p(0.5),
-        p(1.0),
-        v.iter().map(|x| x.round() as i64).collect::<Vec<_>>()
-    )
+    format!("n={} p50={:.0} ms max(=p99)={:.0} ms all={:?}", v.len(), p(0.5), p(1.0), v.iter().map(|x| x.round() as i64).collect::<Vec<_>>())
 }
 
 /// Memory of one idle warm server, MiB (median over the idle ones).
@@ -113,22 +89,13 @@ type IdleCost = Box<dyn Fn(&PoolProvisioner) -> Vec<f64> + Send + Sync>;
 fn rss_mib_under(dir: &Path, n: usize) -> Vec<f64> {
     let mut total = 0.0;
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) else {
-            continue;
-        };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) else { continue };
         if !cwd.starts_with(dir) {
             continue;
         }
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let kb: f64 = status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
+        let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0.0);
         total += kb / 1024.0;
     }
     if n == 0 || total == 0.0 {
@@ -138,14 +105,8 @@ fn rss_mib_under(dir: &Path, n: usize) -> Vec<f64> {
 }
 
 fn docker_mem_mib(name_filter: &str) -> Vec<f64> {
-    let ids = std::process::Command::new("docker")
-        .args(["ps", "-q", "--filter", name_filter])
-        .output()
-        .unwrap();
-    let ids: Vec<String> = String::from_utf8_lossy(&ids.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect();
+    let ids = std::process::Command::new("docker").args(["ps", "-q", "--filter", name_filter]).output().unwrap();
+    let ids: Vec<String> = String::from_utf8_lossy(&ids.stdout).lines().map(str::to_owned).collect();
     if ids.is_empty() {
         return vec![];
     }
@@ -175,19 +136,11 @@ async fn bench(name: &str, pool: PoolProvisioner, idle_cost: IdleCost) {
     let cold = env_usize("NESTOR_BENCH_COLD", 3);
     let t = Instant::now();
     pool.recover().await.unwrap();
-    assert!(
-        pool.wait_idle(warm, Duration::from_secs(600)).await,
-        "{:?}",
-        pool.stats()
-    );
+    assert!(pool.wait_idle(warm, Duration::from_secs(600)).await, "{:?}", pool.stats());
     let fill = t.elapsed();
     tokio::time::sleep(Duration::from_secs(5)).await; // settle after boot
     let mut mem = idle_cost(&pool);
-    let mem_s = if mem.is_empty() {
-        "n/a".to_owned()
-    } else {
-        summary(&mut mem).replace(" ms", " MiB")
-    };
+    let mem_s = if mem.is_empty() { "n/a".to_owned() } else { summary(&mut mem).replace(" ms", " MiB") };
     let mut warm_ms = Vec::new();
     let mut refills = Vec::new();
     let mut owned = Vec::new();
@@ -198,11 +151,7 @@ async fn bench(name: &str, pool: PoolProvisioner, idle_cost: IdleCost) {
             warm_ms.push(ms);
             owned.push(ds);
         }
-        assert!(
-            pool.wait_idle(warm, Duration::from_secs(600)).await,
-            "{:?}",
-            pool.stats()
-        );
+        assert!(pool.wait_idle(warm, Duration::from_secs(600)).await, "{:?}", pool.stats());
         refills.push(t.elapsed().as_secs_f64());
     }
     // One claim at a time (nothing else running): the provisioner's part of a warm create
@@ -222,11 +171,7 @@ async fn bench(name: &str, pool: PoolProvisioner, idle_cost: IdleCost) {
         init_ms.push((after.init_us_total - before.init_us_total) as f64 / 1000.0);
         owned.push(ds);
     }
-    assert!(
-        pool.wait_idle(warm, Duration::from_secs(600)).await,
-        "{:?}",
-        pool.stats()
-    );
+    assert!(pool.wait_idle(warm, Duration::from_secs(600)).await, "{:?}", pool.stats());
     let s = pool.stats();
     assert_eq!(s.cold_starts, 0, "{s:?}");
     let backend: Arc<dyn WarmBackend> = pool.backend().clone();
@@ -236,41 +181,15 @@ async fn bench(name: &str, pool: PoolProvisioner, idle_cost: IdleCost) {
         cold_ms.push(ms);
         owned.push(ds);
     }
-    let rates: Vec<String> = refills
-        .iter()
-        .map(|s| format!("{:.1}/min ({warm} in {s:.1} s)", warm as f64 * 60.0 / s))
-        .collect();
-    println!(
-        "POOL-BENCH {name}: first fill {warm} in {:.1} s ({:.1}/min)",
-        fill.as_secs_f64(),
-        warm as f64 * 60.0 / fill.as_secs_f64()
-    );
-    println!(
-        "POOL-BENCH {name}: refill after draining: {}",
-        rates.join(", ")
-    );
+    let rates: Vec<String> = refills.iter().map(|s| format!("{:.1}/min ({warm} in {s:.1} s)", warm as f64 * 60.0 / s)).collect();
+    println!("POOL-BENCH {name}: first fill {warm} in {:.1} s ({:.1}/min)", fill.as_secs_f64(), warm as f64 * 60.0 / fill.as_secs_f64());
+    println!("POOL-BENCH {name}: refill after draining: {}", rates.join(", "));
     println!("POOL-BENCH {name}: idle warm server memory: {mem_s}");
-    println!(
-        "POOL-BENCH {name}: create -> first 200, warm: {}",
-        summary(&mut warm_ms)
-    );
-    println!(
-        "POOL-BENCH {name}: create -> first 200, cold: {}",
-        summary(&mut cold_ms)
-    );
-    println!(
-        "POOL-BENCH {name}: one at a time, warm: claim (provisioner's part) {}; whole create {}",
-        summary(&mut claim_ms),
-        summary(&mut seq_ms)
-    );
+    println!("POOL-BENCH {name}: create -> first 200, warm: {}", summary(&mut warm_ms));
+    println!("POOL-BENCH {name}: create -> first 200, cold: {}", summary(&mut cold_ms));
+    println!("POOL-BENCH {name}: one at a time, warm: claim (provisioner's part) {}; whole create {}", summary(&mut claim_ms), summary(&mut seq_ms));
     println!("POOL-BENCH {name}: one at a time, warm claim split: nestor's records (adopt) {}; the agent-server's POST /api/init {}", summary(&mut adopt_ms), summary(&mut init_ms));
-    println!(
-        "POOL-BENCH {name}: {:?}; load {}",
-        pool.stats(),
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
-    );
+    println!("POOL-BENCH {name}: {:?}; load {}", pool.stats(), std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
     for ds in owned {
         let conv = ds.primary().unwrap();
         let _ = pool.release(&ds, conv, 0).await;
@@ -279,46 +198,25 @@ async fn bench(name: &str, pool: PoolProvisioner, idle_cost: IdleCost) {
 }
 
 fn pool_cfg(warm: usize) -> PoolConfig {
-    PoolConfig {
-        min_idle: warm,
-        max_size: 4 * warm + env_usize("NESTOR_BENCH_COLD", 3) + 2,
-        ..Default::default()
-    }
+    PoolConfig { min_idle: warm, max_size: 4 * warm + env_usize("NESTOR_BENCH_COLD", 3) + 2, ..Default::default() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "benchmark: run by hand (see the module docs)"]
 async fn pool_figures() {
     let warm = env_usize("NESTOR_BENCH_WARM", 3);
-    let backends = std::env::var("NESTOR_BENCH_BACKENDS")
-        .unwrap_or_else(|_| "process,docker,kubernetes".into());
+    let backends = std::env::var("NESTOR_BENCH_BACKENDS").unwrap_or_else(|_| "process,docker,kubernetes".into());
     let client = DownstreamClient::default();
     for b in backends.split(',') {
         match b {
             "process" => {
-                let bin = PathBuf::from(
-                    std::env::var("NESTOR_BENCH_AGENT_SERVER")
-                        .expect("NESTOR_BENCH_AGENT_SERVER=<venv>/bin/agent-server"),
-                );
+                let bin = PathBuf::from(std::env::var("NESTOR_BENCH_AGENT_SERVER").expect("NESTOR_BENCH_AGENT_SERVER=<venv>/bin/agent-server"));
                 let dir = tempfile::tempdir().unwrap();
-                let cfg = ProcessConfig {
-                    agent_server: Some(bin.clone()),
-                    startup_timeout_secs: Some(300.0),
-                    stop_timeout_secs: Some(5.0),
-                    ..Default::default()
-                };
-                let backend =
-                    ProcessProvisioner::new(&cfg, dir.path().join("process"), bin, client.clone())
-                        .unwrap();
+                let cfg = ProcessConfig { agent_server: Some(bin.clone()), startup_timeout_secs: Some(300.0), stop_timeout_secs: Some(5.0), ..Default::default() };
+                let backend = ProcessProvisioner::new(&cfg, dir.path().join("process"), bin, client.clone()).unwrap();
                 let root = dir.path().join("process");
-                let pool = PoolProvisioner::new(&pool_cfg(warm), Arc::new(backend), client.clone())
-                    .unwrap();
-                bench(
-                    "process",
-                    pool,
-                    Box::new(move |p| rss_mib_under(&root, p.stats().idle)),
-                )
-                .await;
+                let pool = PoolProvisioner::new(&pool_cfg(warm), Arc::new(backend), client.clone()).unwrap();
+                bench("process", pool, Box::new(move |p| rss_mib_under(&root, p.stats().idle))).await;
             }
             "docker" => {
                 let dir = tempfile::tempdir().unwrap();
@@ -332,11 +230,8 @@ async fn pool_figures() {
                     on_shutdown: OnShutdown::Stop,
                     ..Default::default()
                 };
-                let backend =
-                    DockerProvisioner::new(&cfg, dir.path().join("docker"), client.clone())
-                        .unwrap();
-                let pool = PoolProvisioner::new(&pool_cfg(warm), Arc::new(backend), client.clone())
-                    .unwrap();
+                let backend = DockerProvisioner::new(&cfg, dir.path().join("docker"), client.clone()).unwrap();
+                let pool = PoolProvisioner::new(&pool_cfg(warm), Arc::new(backend), client.clone()).unwrap();
                 // Before any claim, this instance's containers are the warm ones.
                 let filter = format!("label=org.nestor.instance={instance}");
                 bench("docker", pool, Box::new(move |_| docker_mem_mib(&filter))).await;
@@ -356,16 +251,10 @@ async fn pool_figures() {
                     ..Default::default()
                 };
                 let backend = KubernetesProvisioner::new(&cfg).await.unwrap();
-                let pool = PoolProvisioner::new(&pool_cfg(warm), Arc::new(backend), client.clone())
-                    .unwrap();
+                let pool = PoolProvisioner::new(&pool_cfg(warm), Arc::new(backend), client.clone()).unwrap();
                 // The node agent names containers after namespace and pod: the warm ones.
                 let filter = format!("name=k8s_{}_nestor-warm-", ns.name);
-                bench(
-                    "kubernetes",
-                    pool,
-                    Box::new(move |_| docker_mem_mib(&filter)),
-                )
-                .await;
+                bench("kubernetes", pool, Box::new(move |_| docker_mem_mib(&filter))).await;
                 node.finish().await;
             }
             other => panic!("unknown backend {other:?}"),

@@ -10,10 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bollard::query_parameters::{
-    InspectContainerOptions, ListContainersOptions, ListVolumesOptions, RemoveContainerOptions,
-    RemoveVolumeOptions,
-};
+use bollard::query_parameters::{InspectContainerOptions, ListContainersOptions, ListVolumesOptions, RemoveContainerOptions, RemoveVolumeOptions};
 use bollard::Docker;
 use http::Method;
 use nestor_core::{ConversationId, Downstream, DownstreamClient, DownstreamState, UserId};
@@ -24,15 +21,11 @@ use nestor_provisioner::{ProvisionRequest, Provisioner};
 const INSTANCE_LABEL: &str = "org.nestor.instance";
 
 fn image() -> String {
-    std::env::var("NESTOR_TEST_AGENT_SERVER_IMAGE")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "nestor/agent-server:1.58.2".into())
+    std::env::var("NESTOR_TEST_AGENT_SERVER_IMAGE").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "nestor/agent-server:1.58.2".into())
 }
 
 async fn engine() -> Result<Docker, String> {
-    let host =
-        std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
+    let host = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
     let d = if host.starts_with("unix://") {
         Docker::connect_with_unix(&host, 30, bollard::API_DEFAULT_VERSION)
     } else {
@@ -44,51 +37,26 @@ async fn engine() -> Result<Docker, String> {
         .map_err(|_| "the Docker engine does not answer".to_owned())?
         .map_err(|e| format!("no Docker engine reachable: {e}"))?;
     if d.inspect_image(&image()).await.is_err() {
-        return Err(format!(
-            "image {} is not present (scripts/build-agent-server-image.sh builds it)",
-            image()
-        ));
+        return Err(format!("image {} is not present (scripts/build-agent-server-image.sh builds it)", image()));
     }
     Ok(d)
 }
 
 async fn cleanup(docker: &Docker, instance: &str) {
-    let filters = HashMap::from([(
-        "label".to_owned(),
-        vec![format!("{INSTANCE_LABEL}={instance}")],
-    )]);
+    let filters = HashMap::from([("label".to_owned(), vec![format!("{INSTANCE_LABEL}={instance}")])]);
     if let Ok(list) = docker
-        .list_containers(Some(ListContainersOptions {
-            all: true,
-            filters: Some(filters.clone()),
-            ..Default::default()
-        }))
+        .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters.clone()), ..Default::default() }))
         .await
     {
         for id in list.into_iter().filter_map(|c| c.id) {
-            let opts = RemoveContainerOptions {
-                force: true,
-                ..Default::default()
-            };
-            let _ = tokio::time::timeout(
-                Duration::from_secs(30),
-                docker.remove_container(&id, Some(opts)),
-            )
-            .await;
+            let opts = RemoveContainerOptions { force: true, ..Default::default() };
+            let _ = tokio::time::timeout(Duration::from_secs(30), docker.remove_container(&id, Some(opts))).await;
         }
     }
-    if let Ok(v) = docker
-        .list_volumes(Some(ListVolumesOptions {
-            filters: Some(filters),
-        }))
-        .await
-    {
+    if let Ok(v) = docker.list_volumes(Some(ListVolumesOptions { filters: Some(filters) })).await {
         for v in v.volumes.unwrap_or_default() {
-            let _ = tokio::time::timeout(
-                Duration::from_secs(30),
-                docker.remove_volume(&v.name, Some(RemoveVolumeOptions { force: true })),
-            )
-            .await;
+            let _ = tokio::time::timeout(Duration::from_secs(30), docker.remove_volume(&v.name, Some(RemoveVolumeOptions { force: true })))
+                .await;
         }
     }
 }
@@ -96,10 +64,7 @@ async fn cleanup(docker: &Docker, instance: &str) {
 async fn call(ds: &Downstream, method: Method, path: &str, body: Option<serde_json::Value>) -> u16 {
     let ep = ds.endpoint().expect("endpoint");
     let body = body.map(|b| serde_json::to_vec(&b).unwrap().into());
-    match DownstreamClient::default()
-        .call_bytes(&ep, method, path, body, Duration::from_secs(60), 16 << 20)
-        .await
-    {
+    match DownstreamClient::default().call_bytes(&ep, method, path, body, Duration::from_secs(60), 16 << 20).await {
         Ok((s, _)) => s.as_u16(),
         Err(nestor_core::client::ClientError::Status { status, .. }) => status.as_u16(),
         Err(e) => panic!("{path}: {e}"),
@@ -108,10 +73,7 @@ async fn call(ds: &Downstream, method: Method, path: &str, body: Option<serde_js
 
 fn pool(dir: &std::path::Path, instance: &str, min_idle: usize) -> PoolProvisioner {
     let mut env = std::collections::BTreeMap::new();
-    env.insert(
-        "OH_WEBHOOKS_0_BASE_URL".to_owned(),
-        "http://host.docker.internal:9/nestor/webhooks".to_owned(),
-    );
+    env.insert("OH_WEBHOOKS_0_BASE_URL".to_owned(), "http://host.docker.internal:9/nestor/webhooks".to_owned());
     let cfg = DockerConfig {
         image: Some(image()),
         instance_id: Some(instance.to_owned()),
@@ -122,16 +84,7 @@ fn pool(dir: &std::path::Path, instance: &str, min_idle: usize) -> PoolProvision
     };
     let client = DownstreamClient::default();
     let backend = DockerProvisioner::new(&cfg, dir.join("docker"), client.clone()).unwrap();
-    PoolProvisioner::new(
-        &PoolConfig {
-            min_idle,
-            max_size: 4,
-            ..Default::default()
-        },
-        Arc::new(backend),
-        client,
-    )
-    .unwrap()
+    PoolProvisioner::new(&PoolConfig { min_idle, max_size: 4, ..Default::default() }, Arc::new(backend), client).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -49,10 +49,7 @@ impl Ctx {
             startup_timeout_secs: Some(240.0),
             api_timeout_secs: Some(10.0),
             termination_grace_secs: Some(2),
-            env: BTreeMap::from([(
-                "OH_WEBHOOKS_0_BASE_URL".to_owned(),
-                "http://127.0.0.1:9/nestor/webhooks".to_owned(),
-            )]),
+            env: BTreeMap::from([("OH_WEBHOOKS_0_BASE_URL".to_owned(), "http://127.0.0.1:9/nestor/webhooks".to_owned())]),
             ..Default::default()
         }
     }
@@ -63,24 +60,10 @@ impl Ctx {
     }
 
     /// A replica and its kubernetes backend (the same one: cheap clone, shared state).
-    async fn replica_with(
-        &self,
-        min_idle: usize,
-        max_size: usize,
-    ) -> (PoolProvisioner, KubernetesProvisioner) {
-        let backend = KubernetesProvisioner::new(&self.cfg())
-            .await
-            .expect("provisioner");
-        let cfg = PoolConfig {
-            min_idle,
-            max_size,
-            ..Default::default()
-        };
-        (
-            PoolProvisioner::new(&cfg, Arc::new(backend.clone()), DownstreamClient::default())
-                .unwrap(),
-            backend,
-        )
+    async fn replica_with(&self, min_idle: usize, max_size: usize) -> (PoolProvisioner, KubernetesProvisioner) {
+        let backend = KubernetesProvisioner::new(&self.cfg()).await.expect("provisioner");
+        let cfg = PoolConfig { min_idle, max_size, ..Default::default() };
+        (PoolProvisioner::new(&cfg, Arc::new(backend.clone()), DownstreamClient::default()).unwrap(), backend)
     }
 
     fn pods(&self) -> kube::Api<Pod> {
@@ -97,13 +80,7 @@ impl Ctx {
 
     /// The labels of pod `name`.
     async fn pod_labels(&self, name: &str) -> BTreeMap<String, String> {
-        self.pods()
-            .get(name)
-            .await
-            .unwrap()
-            .metadata
-            .labels
-            .unwrap_or_default()
+        self.pods().get(name).await.unwrap().metadata.labels.unwrap_or_default()
     }
 
     /// The name of the objects of `conv` (from its Secret's label).
@@ -120,31 +97,15 @@ impl Ctx {
 }
 
 fn req(conv: ConversationId) -> ProvisionRequest {
-    ProvisionRequest {
-        conversation: conv,
-        owner: UserId::new("alice"),
-    }
+    ProvisionRequest { conversation: conv, owner: UserId::new("alice") }
 }
 
-async fn call(
-    ds: &Downstream,
-    method: Method,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> (u16, serde_json::Value) {
+async fn call(ds: &Downstream, method: Method, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
     let ep = ds.endpoint().expect("endpoint");
     let body = body.map(|b| Bytes::from(serde_json::to_vec(&b).unwrap()));
-    match DownstreamClient::default()
-        .call_bytes(&ep, method, path, body, Duration::from_secs(60), 16 << 20)
-        .await
-    {
-        Ok((s, b)) => (
-            s.as_u16(),
-            serde_json::from_slice(&b).unwrap_or(serde_json::Value::Null),
-        ),
-        Err(nestor_core::client::ClientError::Status { status, body }) => {
-            (status.as_u16(), serde_json::Value::String(body))
-        }
+    match DownstreamClient::default().call_bytes(&ep, method, path, body, Duration::from_secs(60), 16 << 20).await {
+        Ok((s, b)) => (s.as_u16(), serde_json::from_slice(&b).unwrap_or(serde_json::Value::Null)),
+        Err(nestor_core::client::ClientError::Status { status, body }) => (status.as_u16(), serde_json::Value::String(body)),
         Err(e) => panic!("{path}: {e}"),
     }
 }
@@ -162,13 +123,7 @@ async fn create_on(p: &PoolProvisioner, ds: &Arc<Downstream>, conv: Conversation
     .unwrap()
     .clone();
     p.prepare_create(ds, &mut body);
-    let (status, created) = call(
-        ds,
-        Method::POST,
-        "/api/conversations",
-        Some(serde_json::Value::Object(body)),
-    )
-    .await;
+    let (status, created) = call(ds, Method::POST, "/api/conversations", Some(serde_json::Value::Object(body))).await;
     assert!((200..300).contains(&status), "{status}: {created}");
     p.mark_active(ds);
 }
@@ -177,12 +132,7 @@ async fn create_on(p: &PoolProvisioner, ds: &Arc<Downstream>, conv: Conversation
 async fn held(ds: &Downstream) -> Vec<String> {
     let (status, page) = call(ds, Method::GET, "/api/conversations/search?limit=100", None).await;
     assert_eq!(status, 200, "{page}");
-    page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["id"].as_str().unwrap().replace('-', ""))
-        .collect()
+    page["items"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().replace('-', "")).collect()
 }
 
 /// The pod (by name) each conversation's label points at.
@@ -192,15 +142,8 @@ async fn pods_by_conversation(ctx: &Ctx) -> HashMap<String, Vec<String>> {
         if p.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        if let Some(c) = p
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get("nestor.dev/conversation"))
-        {
-            m.entry(c.clone())
-                .or_default()
-                .push(p.metadata.name.clone().unwrap());
+        if let Some(c) = p.metadata.labels.as_ref().and_then(|l| l.get("nestor.dev/conversation")) {
+            m.entry(c.clone()).or_default().push(p.metadata.name.clone().unwrap());
         }
     }
     m
@@ -221,57 +164,27 @@ async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod
     let p = ctx.replica(WARM, N + LEFT + LAG).await;
     assert!(p.recover().await.unwrap().is_empty());
     let t0 = Instant::now();
-    assert!(
-        p.wait_idle(WARM, Duration::from_secs(300)).await,
-        "{:?}",
-        p.stats()
-    );
+    assert!(p.wait_idle(WARM, Duration::from_secs(300)).await, "{:?}", p.stats());
     eprintln!("TIMING {WARM} warm pods ready: {:?}", t0.elapsed());
 
     // A warm pod: dormant, of no conversation, no webhook settings, keys from its own Secret.
     let warm = p.idle_downstreams()[0].clone();
-    assert_eq!(
-        call(&warm, Method::GET, "/api/conversations/count", None)
-            .await
-            .0,
-        503,
-        "dormant"
-    );
+    assert_eq!(call(&warm, Method::GET, "/api/conversations/count", None).await.0, 503, "dormant");
     let (_, init) = call(&warm, Method::GET, "/api/init", None).await;
     assert_eq!(init["state"], "dormant");
     let pods = ctx.pods().list(&Default::default()).await.unwrap().items;
     assert_eq!(pods.len(), WARM);
     for pod in &pods {
         let l = pod.metadata.labels.as_ref().unwrap();
-        assert!(
-            l.contains_key("nestor.dev/warm") && !l.contains_key("nestor.dev/conversation"),
-            "{l:?}"
-        );
-        let env = pod.spec.as_ref().unwrap().containers[0]
-            .env
-            .as_ref()
-            .unwrap();
+        assert!(l.contains_key("nestor.dev/warm") && !l.contains_key("nestor.dev/conversation"), "{l:?}");
+        let env = pod.spec.as_ref().unwrap().containers[0].env.as_ref().unwrap();
         // Webhook settings only as optional references to Secret keys the claim writes.
         for e in env.iter().filter(|e| e.name.starts_with("OH_WEBHOOKS_")) {
-            assert!(
-                e.value.is_none(),
-                "no literal webhook settings in a warm pod: {e:?}"
-            );
-            let r = e
-                .value_from
-                .as_ref()
-                .and_then(|f| f.secret_key_ref.as_ref())
-                .expect("from the Secret");
-            assert!(
-                r.optional == Some(true) && r.key.starts_with("late."),
-                "{r:?}"
-            );
+            assert!(e.value.is_none(), "no literal webhook settings in a warm pod: {e:?}");
+            let r = e.value_from.as_ref().and_then(|f| f.secret_key_ref.as_ref()).expect("from the Secret");
+            assert!(r.optional == Some(true) && r.key.starts_with("late."), "{r:?}");
         }
-        assert!(env.iter().all(|e| e
-            .value_from
-            .as_ref()
-            .and_then(|f| f.secret_key_ref.as_ref())
-            .is_none_or(|r| Some(&r.name) == pod.metadata.name.as_ref())));
+        assert!(env.iter().all(|e| e.value_from.as_ref().and_then(|f| f.secret_key_ref.as_ref()).is_none_or(|r| Some(&r.name) == pod.metadata.name.as_ref())));
     }
 
     // N creates, each taking an idle pod (waiting, when the pool is momentarily empty, for
@@ -279,35 +192,19 @@ async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod
     let mut convs = Vec::new();
     let mut claim_times = Vec::new();
     for _ in 0..N {
-        assert!(
-            p.wait_idle(1, Duration::from_secs(300)).await,
-            "{:?}",
-            p.stats()
-        );
+        assert!(p.wait_idle(1, Duration::from_secs(300)).await, "{:?}", p.stats());
         let conv = ConversationId::new_random();
         let t = Instant::now();
         let ds = p.provision(req(conv)).await.unwrap();
         claim_times.push(t.elapsed());
-        assert_eq!(
-            ds.state(),
-            DownstreamState::Ready,
-            "a claimed pod is ready at once"
-        );
+        assert_eq!(ds.state(), DownstreamState::Ready, "a claimed pod is ready at once");
         assert_eq!(ds.primary(), Some(conv));
         convs.push((conv, ds));
     }
     claim_times.sort();
-    eprintln!(
-        "TIMING claim p50 {:?} max {:?}",
-        claim_times[N / 2],
-        claim_times[N - 1]
-    );
+    eprintln!("TIMING claim p50 {:?} max {:?}", claim_times[N / 2], claim_times[N - 1]);
     let s = p.stats();
-    assert_eq!(
-        (s.claims, s.cold_starts, s.failed_claims),
-        (N as u64, 0, 0),
-        "{s:?}"
-    );
+    assert_eq!((s.claims, s.cold_starts, s.failed_claims), (N as u64, 0, 0), "{s:?}");
 
     // Each claimed server carries its own conversation and nothing else, in its own pod.
     for (conv, ds) in &convs {
@@ -321,60 +218,24 @@ async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod
     for (conv, _) in &convs {
         let pods = &by_conv[&conv.hex()];
         assert_eq!(pods.len(), 1, "{pods:?}");
-        assert!(
-            pods[0].contains("-warm-"),
-            "claimed pods keep their warm names: {pods:?}"
-        );
-        assert!(
-            names.insert(pods[0].clone()),
-            "two conversations on {}",
-            pods[0]
-        );
+        assert!(pods[0].contains("-warm-"), "claimed pods keep their warm names: {pods:?}");
+        assert!(names.insert(pods[0].clone()), "two conversations on {}", pods[0]);
     }
     // The Secret is the conversation's now: its keys, no longer dormant on a restart.
     let (conv0, ds0) = convs[0].clone();
     let sec = ctx.secrets().get(&by_conv[&conv0.hex()][0]).await.unwrap();
     let data = sec.data.unwrap();
-    assert_eq!(
-        data["session-api-key"].0,
-        ds0.endpoint()
-            .unwrap()
-            .key
-            .clone()
-            .unwrap()
-            .expose()
-            .as_bytes()
-    );
+    assert_eq!(data["session-api-key"].0, ds0.endpoint().unwrap().key.clone().unwrap().expose().as_bytes());
     assert_eq!(data["deferred-init"].0, b"false");
     // The late-bound settings, for a container restarted inside the claimed pod.
-    assert_eq!(
-        data["late.OH_WEBHOOKS_0_BASE_URL"].0,
-        b"http://127.0.0.1:9/nestor/webhooks"
-    );
-    assert_eq!(
-        sec.metadata.labels.unwrap()["nestor.dev/conversation"],
-        conv0.hex()
-    );
+    assert_eq!(data["late.OH_WEBHOOKS_0_BASE_URL"].0, b"http://127.0.0.1:9/nestor/webhooks");
+    assert_eq!(sec.metadata.labels.unwrap()["nestor.dev/conversation"], conv0.hex());
 
     // The pool refilled behind the claims (N claimed, more started) and refills up to max_size.
     let t = Instant::now();
-    assert!(
-        p.wait_idle(LEFT + LAG, Duration::from_secs(300)).await,
-        "refilled: {:?}",
-        p.stats()
-    );
-    eprintln!(
-        "TIMING refill to {}: {:?} ({:?})",
-        LEFT + LAG,
-        t.elapsed(),
-        p.stats()
-    );
-    assert_eq!(
-        p.stats().started,
-        (N + LEFT + LAG) as u64,
-        "{:?}",
-        p.stats()
-    );
+    assert!(p.wait_idle(LEFT + LAG, Duration::from_secs(300)).await, "refilled: {:?}", p.stats());
+    eprintln!("TIMING refill to {}: {:?} ({:?})", LEFT + LAG, t.elapsed(), p.stats());
+    assert_eq!(p.stats().started, (N + LEFT + LAG) as u64, "{:?}", p.stats());
 
     // nestor dies; replica A starts (no refill: min_idle 0), re-adopting all the
     // conversations and the warm pods, starting none.
@@ -384,12 +245,7 @@ async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod
     let owned = a.recover().await.unwrap();
     assert_eq!(owned.len(), N);
     assert!(owned.iter().all(|d| d.state() == DownstreamState::Ready));
-    assert_eq!(
-        (a.stats().idle, a.stats().started),
-        (LEFT + LAG, 0),
-        "{:?}",
-        a.stats()
-    );
+    assert_eq!((a.stats().idle, a.stats().started), (LEFT + LAG, 0), "{:?}", a.stats());
 
     // A claims LAG pods whose relabel never happens (paused: as if A died right after each
     // claim). The Secret, patched by the claim, is the record; the pods still say warm.
@@ -401,32 +257,18 @@ async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod
     let (late_name, gone_name) = (ctx.object_name(late).await, ctx.object_name(gone).await);
     for name in [&late_name, &gone_name] {
         let l = ctx.pod_labels(name).await;
-        assert!(
-            l.contains_key("nestor.dev/warm") && !l.contains_key("nestor.dev/conversation"),
-            "relabel paused: {l:?}"
-        );
+        assert!(l.contains_key("nestor.dev/warm") && !l.contains_key("nestor.dev/conversation"), "relabel paused: {l:?}");
     }
-    assert_eq!(
-        (late_ds.state(), gone_ds.state()),
-        (DownstreamState::Ready, DownstreamState::Ready)
-    );
+    assert_eq!((late_ds.state(), gone_ds.state()), (DownstreamState::Ready, DownstreamState::Ready));
     create_on(&a, &late_ds, late).await;
     // A second replica's lookup (a fresh provisioner: no watch, no recover yet) finds both by
     // their Secrets and reaches the right server with the right key.
     let fresh = KubernetesProvisioner::new(&ctx.cfg()).await.unwrap();
-    let f_late = fresh
-        .find(&late)
-        .await
-        .unwrap()
-        .expect("found by its Secret");
+    let f_late = fresh.find(&late).await.unwrap().expect("found by its Secret");
     assert_eq!(f_late.state(), DownstreamState::Ready);
     assert_eq!(held(&f_late).await, vec![late.hex()]);
     // Deleted before the relabel (by the other replica): pod, Secret and PVC all go.
-    let f_gone = fresh
-        .find(&gone)
-        .await
-        .unwrap()
-        .expect("found by its Secret");
+    let f_gone = fresh.find(&gone).await.unwrap().expect("found by its Secret");
     fresh.release(&f_gone, gone, 0).await.unwrap();
     fresh.shutdown().await;
     wait_gone(&ctx, &gone_name).await;
@@ -438,38 +280,14 @@ async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod
     let owned = b.recover().await.unwrap();
     assert_eq!(owned.len(), N + 1);
     assert!(owned.iter().all(|d| d.state() == DownstreamState::Ready));
-    assert!(
-        owned.iter().any(|d| d.primary() == Some(late))
-            && !owned.iter().any(|d| d.primary() == Some(gone))
-    );
-    assert_eq!(
-        (b.stats().idle, b.stats().started),
-        (LEFT, 0),
-        "{:?}",
-        b.stats()
-    );
+    assert!(owned.iter().any(|d| d.primary() == Some(late)) && !owned.iter().any(|d| d.primary() == Some(gone)));
+    assert_eq!((b.stats().idle, b.stats().started), (LEFT, 0), "{:?}", b.stats());
     let deadline = Instant::now() + Duration::from_secs(30);
-    while ctx
-        .pod_labels(&late_name)
-        .await
-        .get("nestor.dev/conversation")
-        != Some(&late.hex())
-    {
-        assert!(
-            Instant::now() < deadline,
-            "B's sweep relabels the claimed pod: {:?}",
-            ctx.pod_labels(&late_name).await
-        );
+    while ctx.pod_labels(&late_name).await.get("nestor.dev/conversation") != Some(&late.hex()) {
+        assert!(Instant::now() < deadline, "B's sweep relabels the claimed pod: {:?}", ctx.pod_labels(&late_name).await);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let pvc = ctx
-        .pvcs()
-        .get(&late_name)
-        .await
-        .unwrap()
-        .metadata
-        .labels
-        .unwrap();
+    let pvc = ctx.pvcs().get(&late_name).await.unwrap().metadata.labels.unwrap();
     assert_eq!(pvc.get("nestor.dev/conversation"), Some(&late.hex()));
     assert!(!pvc.contains_key("nestor.dev/warm"));
     // A's claims so far: the race below counts from here. A dropped `gone` when its pod went.
@@ -481,9 +299,7 @@ async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod
 
     // Both replicas claim the same warm pods at once: each pod goes to exactly one
     // conversation; the losers of a race (409) start cold.
-    let racers: Vec<ConversationId> = (0..2 * LEFT)
-        .map(|_| ConversationId::new_random())
-        .collect();
+    let racers: Vec<ConversationId> = (0..2 * LEFT).map(|_| ConversationId::new_random()).collect();
     let creates = racers.iter().enumerate().map(|(i, c)| {
         let r = if i % 2 == 0 { a.clone() } else { b.clone() };
         let c = *c;
@@ -492,20 +308,14 @@ async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod
     let raced = futures::future::join_all(creates).await;
     let (sa, sb) = (a.stats(), b.stats());
     eprintln!("replica A {sa:?}\nreplica B {sb:?}");
-    assert_eq!(
-        sa.claims - claims_before + sb.claims,
-        LEFT as u64,
-        "each warm pod claimed exactly once"
-    );
+    assert_eq!(sa.claims - claims_before + sb.claims, LEFT as u64, "each warm pod claimed exactly once");
     assert_eq!(sa.cold_starts + sb.cold_starts, LEFT as u64);
 
     // Meanwhile ds0 is stopped (idle policy) and started again: re-created under its warm
     // name, as an ordinary pod with its conversation's keys and state.
     let restart = async {
         a.stop(&ds0).await.unwrap();
-        a.ensure_ready(&ds0, Duration::from_secs(240))
-            .await
-            .unwrap();
+        a.ensure_ready(&ds0, Duration::from_secs(240)).await.unwrap();
     };
     let ready = futures::future::join_all(raced.iter().map(|(_, i, ds)| {
         let r = if *i == 0 { &a } else { &b };
@@ -513,17 +323,7 @@ async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod
     }));
     let ((), ready) = tokio::join!(restart, ready);
     ready.into_iter().for_each(|r| r.unwrap());
-    assert_eq!(
-        call(
-            &ds0,
-            Method::GET,
-            &format!("/api/conversations/{conv0}"),
-            None
-        )
-        .await
-        .0,
-        200
-    );
+    assert_eq!(call(&ds0, Method::GET, &format!("/api/conversations/{conv0}"), None).await.0, 200);
     let pod = ctx.pods().get(&by_conv[&conv0.hex()][0]).await.unwrap();
     let env = pod.spec.unwrap().containers[0].env.clone().unwrap();
     assert!(env.iter().any(|e| e.name == "OH_WEBHOOKS_0_BASE_URL"));
@@ -533,46 +333,21 @@ async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod
         create_on(if *i == 0 { &a } else { &b }, ds, *conv).await;
     }
     for (conv, _, ds) in &raced {
-        assert_eq!(
-            held(ds).await,
-            vec![conv.hex()],
-            "a server holds only its own conversation"
-        );
+        assert_eq!(held(ds).await, vec![conv.hex()], "a server holds only its own conversation");
     }
     let by_conv = pods_by_conversation(&ctx).await;
     let mut names = HashSet::new();
-    for conv in convs
-        .iter()
-        .map(|(c, _)| c)
-        .chain(racers.iter())
-        .chain([&late])
-    {
+    for conv in convs.iter().map(|(c, _)| c).chain(racers.iter()).chain([&late]) {
         let pods = &by_conv[&conv.hex()];
         assert_eq!(pods.len(), 1, "{pods:?}");
-        assert!(
-            names.insert(pods[0].clone()),
-            "two conversations on {}",
-            pods[0]
-        );
+        assert!(names.insert(pods[0].clone()), "two conversations on {}", pods[0]);
     }
-    assert_eq!(
-        names.iter().filter(|n| n.contains("-warm-")).count(),
-        N + LEFT + 1
-    );
+    assert_eq!(names.iter().filter(|n| n.contains("-warm-")).count(), N + LEFT + 1);
     assert!(!by_conv.contains_key(&gone.hex()));
 
     // Replica A releases every conversation, B's too (found by label); nothing is left.
-    for conv in convs
-        .iter()
-        .map(|(c, _)| c)
-        .chain(racers.iter())
-        .chain([&late])
-    {
-        let ds = a
-            .find(conv)
-            .await
-            .unwrap()
-            .expect("replica A finds every conversation");
+    for conv in convs.iter().map(|(c, _)| c).chain(racers.iter()).chain([&late]) {
+        let ds = a.find(conv).await.unwrap().expect("replica A finds every conversation");
         a.release(&ds, *conv, 0).await.unwrap();
     }
     a.shutdown().await;
@@ -588,10 +363,7 @@ async fn creates_are_served_warm_the_pool_refills_and_replicas_never_share_a_pod
     }))
     .unwrap();
     leftover.metadata.namespace = Some(ctx.node.ns.name.clone());
-    ctx.secrets()
-        .create(&Default::default(), &leftover)
-        .await
-        .unwrap();
+    ctx.secrets().create(&Default::default(), &leftover).await.unwrap();
     let plain = KubernetesProvisioner::new(&ctx.cfg()).await.unwrap();
     assert!(plain.recover().await.unwrap().is_empty());
     wait_empty(&ctx).await;
@@ -609,10 +381,7 @@ async fn wait_gone(ctx: &Ctx, name: &str) {
         if !(pod || secret || pvc) {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{name} left: pod {pod}, Secret {secret}, PVC {pvc}"
-        );
+        assert!(Instant::now() < deadline, "{name} left: pod {pod}, Secret {secret}, PVC {pvc}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -622,11 +391,7 @@ async fn wait_empty(ctx: &Ctx) {
     loop {
         let (pods, secrets, pvcs) = ctx.node.ns.objects().await.unwrap();
         if (pods.len(), secrets.len(), pvcs.len()) == (0, 0, 0) || Instant::now() > deadline {
-            assert_eq!(
-                (pods.len(), secrets.len(), pvcs.len()),
-                (0, 0, 0),
-                "{pods:?} {secrets:?} {pvcs:?}"
-            );
+            assert_eq!((pods.len(), secrets.len(), pvcs.len()), (0, 0, 0), "{pods:?} {secrets:?} {pvcs:?}");
             return;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -47,10 +47,7 @@ impl FernetKey {
         let mut encryption = [0u8; 16];
         signing.copy_from_slice(&raw[..16]);
         encryption.copy_from_slice(&raw[16..32]);
-        Self {
-            signing,
-            encryption,
-        }
+        Self { signing, encryption }
     }
 
     fn encrypt(&self, plaintext: &[u8]) -> String {
@@ -61,8 +58,7 @@ impl FernetKey {
     }
 
     fn encrypt_with(&self, plaintext: &[u8], iv: [u8; 16], ts: u64) -> String {
-        let ct = Aes128CbcEnc::new(&self.encryption.into(), &iv.into())
-            .encrypt_padded_vec_mut::<Pkcs7>(plaintext);
+        let ct = Aes128CbcEnc::new(&self.encryption.into(), &iv.into()).encrypt_padded_vec_mut::<Pkcs7>(plaintext);
         let mut token = Vec::with_capacity(1 + 8 + 16 + ct.len() + 32);
         token.push(0x80);
         token.extend_from_slice(&ts.to_be_bytes());
@@ -88,9 +84,7 @@ impl FernetKey {
         if ct.len() % 16 != 0 {
             return None;
         }
-        Aes128CbcDec::new(&self.encryption.into(), &iv.into())
-            .decrypt_padded_vec_mut::<Pkcs7>(ct)
-            .ok()
+        Aes128CbcDec::new(&self.encryption.into(), &iv.into()).decrypt_padded_vec_mut::<Pkcs7>(ct).ok()
     }
 }
 
@@ -98,11 +92,7 @@ fn decode_token(token: &str) -> Option<Vec<u8>> {
     // Python's urlsafe_b64decode tolerates missing padding only when the length allows it;
     // tokens produced by Fernet are always padded. Accept both.
     let t = token.trim();
-    URL_SAFE.decode(t).ok().or_else(|| {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(t.trim_end_matches('='))
-            .ok()
-    })
+    URL_SAFE.decode(t).ok().or_else(|| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t.trim_end_matches('=')).ok())
 }
 
 /// The secret keys from configuration: the current one and those it replaced (newest first).
@@ -114,20 +104,13 @@ pub struct SecretKeys {
 
 impl std::fmt::Debug for SecretKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "SecretKeys(current=**********, previous={})",
-            self.previous.len()
-        )
+        write!(f, "SecretKeys(current=**********, previous={})", self.previous.len())
     }
 }
 
 impl SecretKeys {
     pub fn new(current: impl Into<String>) -> Self {
-        Self {
-            current: current.into(),
-            previous: Vec::new(),
-        }
+        Self { current: current.into(), previous: Vec::new() }
     }
 
     pub fn with_previous(mut self, previous: impl IntoIterator<Item = String>) -> Self {
@@ -179,10 +162,7 @@ impl Cipher {
             seen.push(k);
             previous.push(FernetKey::derive(k));
         }
-        Self {
-            current: FernetKey::derive(&keys.current),
-            previous,
-        }
+        Self { current: FernetKey::derive(&keys.current), previous }
     }
 
     pub fn has_previous_keys(&self) -> bool {
@@ -236,15 +216,8 @@ mod tests {
         assert_eq!(new.decrypt(&token).as_deref(), Some("hunter2"));
         let rotated = new.rotate(&token).unwrap();
         assert!(new.is_current(&rotated));
-        assert_eq!(
-            Cipher::new(&SecretKeys::new("new"))
-                .decrypt(&rotated)
-                .as_deref(),
-            Some("hunter2")
-        );
-        assert!(Cipher::new(&SecretKeys::new("other"))
-            .decrypt(&token)
-            .is_none());
+        assert_eq!(Cipher::new(&SecretKeys::new("new")).decrypt(&rotated).as_deref(), Some("hunter2"));
+        assert!(Cipher::new(&SecretKeys::new("other")).decrypt(&token).is_none());
     }
 
     #[test]

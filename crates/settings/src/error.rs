@@ -23,10 +23,7 @@ impl std::error::Error for Error {}
 
 impl Error {
     pub fn detail(status: StatusCode, detail: impl Into<String>) -> Self {
-        Self {
-            status,
-            body: json!({ "detail": detail.into() }),
-        }
+        Self { status, body: json!({ "detail": detail.into() }) }
     }
     pub fn not_found(detail: impl Into<String>) -> Self {
         Self::detail(StatusCode::NOT_FOUND, detail)
@@ -42,17 +39,11 @@ impl Error {
     }
     /// FastAPI's request-validation answer.
     pub fn validation(items: &[FieldError]) -> Self {
-        Self {
-            status: StatusCode::UNPROCESSABLE_ENTITY,
-            body: json!({ "detail": items.iter().map(FieldError::to_json).collect::<Vec<_>>() }),
-        }
+        Self { status: StatusCode::UNPROCESSABLE_ENTITY, body: json!({ "detail": items.iter().map(FieldError::to_json).collect::<Vec<_>>() }) }
     }
     /// A 422 whose `detail` list has been shaped by the caller.
     pub fn validation_raw(items: Vec<Value>) -> Self {
-        Self {
-            status: StatusCode::UNPROCESSABLE_ENTITY,
-            body: json!({ "detail": items }),
-        }
+        Self { status: StatusCode::UNPROCESSABLE_ENTITY, body: json!({ "detail": items }) }
     }
     /// A pydantic `value_error` raised by a model validator, at `loc`.
     pub fn value_error(loc: Vec<Value>, msg: &str, input: &Value) -> Self {

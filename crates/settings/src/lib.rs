@@ -57,9 +57,9 @@ use std::sync::Arc;
 use serde_json::Value;
 
 pub use cipher::{Cipher, SecretKeys};
+pub use routes::json_decode_error;
 pub use error::Error;
 pub use resolve::ResolvedCreate;
-pub use routes::json_decode_error;
 pub use service::{ExposeMode, SettingsService};
 
 use nestor_core::UserId;
@@ -97,10 +97,7 @@ pub enum StartupError {
     )]
     WrongKey { path: PathBuf },
     #[error("cannot read the settings directory {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 fn collect_tokens(v: &Value, out: &mut Vec<String>) {
@@ -123,9 +120,7 @@ fn json_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
         let p = e.path();
         if e.file_type()?.is_dir() {
             json_files(&p, out)?;
-        } else if p.extension().is_some_and(|x| x == "json")
-            && !e.file_name().to_string_lossy().starts_with('.')
-        {
+        } else if p.extension().is_some_and(|x| x == "json") && !e.file_name().to_string_lossy().starts_with('.') {
             out.push(p);
         }
     }
@@ -137,34 +132,21 @@ impl SettingsService {
     /// no key, any token is [`StartupError::MissingKey`]; with keys, a token none of them
     /// decrypts is [`StartupError::WrongKey`]. Tokens under a previous key are re-encrypted
     /// under the current one.
-    pub fn open(
-        dir: impl Into<PathBuf>,
-        keys: Option<SecretKeys>,
-    ) -> Result<Arc<Self>, StartupError> {
+    pub fn open(dir: impl Into<PathBuf>, keys: Option<SecretKeys>) -> Result<Arc<Self>, StartupError> {
         let base = dir.into();
-        store::ensure_dir(&base).map_err(|source| StartupError::Io {
-            path: base.clone(),
-            source,
-        })?;
+        store::ensure_dir(&base).map_err(|source| StartupError::Io { path: base.clone(), source })?;
         let cipher = keys.as_ref().map(Cipher::new);
         let mut files = Vec::new();
-        json_files(&base.join("users"), &mut files).map_err(|source| StartupError::Io {
-            path: base.clone(),
-            source,
-        })?;
+        json_files(&base.join("users"), &mut files).map_err(|source| StartupError::Io { path: base.clone(), source })?;
         let mut stale = Vec::new();
         for f in &files {
-            let Ok(store::Read::Json(v)) = store::read_json(f) else {
-                continue;
-            };
+            let Ok(store::Read::Json(v)) = store::read_json(f) else { continue };
             let mut tokens = Vec::new();
             collect_tokens(&v, &mut tokens);
             if tokens.is_empty() {
                 continue;
             }
-            let Some(c) = &cipher else {
-                return Err(StartupError::MissingKey { path: f.clone() });
-            };
+            let Some(c) = &cipher else { return Err(StartupError::MissingKey { path: f.clone() }) };
             if tokens.iter().any(|t| c.decrypt(t).is_none()) {
                 return Err(StartupError::WrongKey { path: f.clone() });
             }
@@ -182,11 +164,7 @@ impl SettingsService {
                 }
             }
         }
-        Ok(Arc::new(Self {
-            base,
-            cipher,
-            locks: store::Locks::default(),
-        }))
+        Ok(Arc::new(Self { base, cipher, locks: store::Locks::default() }))
     }
 
     /// A secret's plaintext for `user` (the `LookupSecret` endpoint), `None` if absent.
@@ -195,26 +173,17 @@ impl SettingsService {
             return None;
         }
         let (svc, u, n) = (self.clone(), user.clone(), name.to_owned());
-        tokio::task::spawn_blocking(move || svc.secret_value(u.as_str(), &n))
-            .await
-            .ok()
-            .flatten()
+        tokio::task::spawn_blocking(move || svc.secret_value(u.as_str(), &n)).await.ok().flatten()
     }
 
     /// The default agent source for a create that names none: the active agent profile's
     /// id if the user activated one, else the stored `agent_settings` (with plaintext
     /// secrets, for the downstream to build the agent from).
-    pub async fn default_agent_source(
-        self: &Arc<Self>,
-        user: &UserId,
-    ) -> Result<(String, Value), Error> {
+    pub async fn default_agent_source(self: &Arc<Self>, user: &UserId) -> Result<(String, Value), Error> {
         let (svc, u) = (self.clone(), user.clone());
         routes::blocking(move || {
             let s = svc.load_settings(u.as_str())?;
-            if let Some(id) = s["active_agent_profile_id"]
-                .as_str()
-                .filter(|i| !i.is_empty())
-            {
+            if let Some(id) = s["active_agent_profile_id"].as_str().filter(|i| !i.is_empty()) {
                 return Ok(("agent_profile_id".to_owned(), Value::String(id.to_owned())));
             }
             Ok(("agent_settings".to_owned(), s["agent_settings"].clone()))
@@ -231,21 +200,12 @@ impl SettingsService {
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|s| {
-                Some((
-                    s["name"].as_str()?.to_owned(),
-                    s.get("description").filter(|d| !d.is_null()).cloned(),
-                ))
-            })
+            .filter_map(|s| Some((s["name"].as_str()?.to_owned(), s.get("description").filter(|d| !d.is_null()).cloned())))
             .collect()
     }
 
     /// Rewrite a create body for a downstream (see [`resolve`]).
-    pub async fn resolve_create(
-        self: &Arc<Self>,
-        user: &UserId,
-        body: Value,
-    ) -> Result<ResolvedCreate, Error> {
+    pub async fn resolve_create(self: &Arc<Self>, user: &UserId, body: Value) -> Result<ResolvedCreate, Error> {
         let (svc, u) = (self.clone(), user.clone());
         routes::blocking(move || svc.resolve_create_blocking(u.as_str(), &body)).await
     }
@@ -260,23 +220,11 @@ impl SettingsService {
 
     /// For the delegated `/validate`: apply a linked provider connection to a draft `llm`
     /// and decrypt nestor cipher text, so the downstream tests the real credentials.
-    pub async fn resolve_llm_for_validation(
-        self: &Arc<Self>,
-        user: &UserId,
-        llm: Value,
-    ) -> Result<Value, Error> {
+    pub async fn resolve_llm_for_validation(self: &Arc<Self>, user: &UserId, llm: Value) -> Result<Value, Error> {
         let (svc, u) = (self.clone(), user.clone());
         routes::blocking(move || {
-            let v = schema::validate(
-                schema::model("LLM"),
-                &llm,
-                &[serde_json::json!("body"), serde_json::json!("llm")],
-                schema::Opts {
-                    cipher: svc.cipher.as_ref(),
-                    strict_decrypt: false,
-                },
-            )
-            .map_err(|e| Error::validation(&e))?;
+            let v = schema::validate(schema::model("LLM"), &llm, &[serde_json::json!("body"), serde_json::json!("llm")], schema::Opts { cipher: svc.cipher.as_ref(), strict_decrypt: false })
+                .map_err(|e| Error::validation(&e))?;
             svc.resolve_provider_connection(u.as_str(), None, v)
         })
         .await
@@ -290,14 +238,8 @@ impl SettingsService {
 
 fn rotate_all(v: &Value, c: &Cipher) -> Value {
     match v {
-        Value::String(s) if cipher::looks_encrypted(s) => {
-            Value::String(c.rotate(s).unwrap_or_else(|| s.clone()))
-        }
-        Value::Object(m) => Value::Object(
-            m.iter()
-                .map(|(k, x)| (k.clone(), rotate_all(x, c)))
-                .collect(),
-        ),
+        Value::String(s) if cipher::looks_encrypted(s) => Value::String(c.rotate(s).unwrap_or_else(|| s.clone())),
+        Value::Object(m) => Value::Object(m.iter().map(|(k, x)| (k.clone(), rotate_all(x, c))).collect()),
         Value::Array(a) => Value::Array(a.iter().map(|x| rotate_all(x, c)).collect()),
         _ => v.clone(),
     }

@@ -69,17 +69,9 @@ fn split_command(s: &str) -> Vec<String> {
 
 impl SettingsService {
     /// `resolve(profile, stores)`: every reference copied in, plaintext secrets.
-    pub(crate) fn resolve_profile(
-        &self,
-        user: &str,
-        profile: &Value,
-        llm_override: Option<&str>,
-    ) -> Result<std::result::Result<Resolved, Unresolved>> {
+    pub(crate) fn resolve_profile(&self, user: &str, profile: &Value, llm_override: Option<&str>) -> Result<std::result::Result<Resolved, Unresolved>> {
         let settings = self.load_settings(user)?;
-        let all_mcp = settings["agent_settings"]["mcp_config"]
-            .as_object()
-            .cloned()
-            .unwrap_or_default();
+        let all_mcp = settings["agent_settings"]["mcp_config"].as_object().cloned().unwrap_or_default();
         let (mcp, dangling_mcp) = match profile["mcp_server_refs"].as_array() {
             None => (all_mcp.clone(), Vec::new()),
             Some(refs) => {
@@ -103,21 +95,9 @@ impl SettingsService {
         });
         if profile["agent_kind"] == "acp" {
             if !dangling_mcp.is_empty() {
-                return Ok(Err(Unresolved {
-                    problems: vec![format!(
-                        "MCP server(s) not configured: {}",
-                        dangling_mcp.join(", ")
-                    )],
-                    llm_missing: false,
-                    dangling_mcp,
-                    dangling_meta: None,
-                    dangling_meta_llms: vec![],
-                }));
+                return Ok(Err(Unresolved { problems: vec![format!("MCP server(s) not configured: {}", dangling_mcp.join(", "))], llm_missing: false, dangling_mcp, dangling_meta: None, dangling_meta_llms: vec![] }));
             }
-            let command = profile["acp_command"]
-                .as_str()
-                .map(split_command)
-                .unwrap_or_default();
+            let command = profile["acp_command"].as_str().map(split_command).unwrap_or_default();
             if profile["acp_server"] == "custom" && command.is_empty() {
                 return Err(Error::unprocessable("acp_command is required when acp_server='custom' — there is no default launch command to fall back to"));
             }
@@ -128,54 +108,26 @@ impl SettingsService {
                 "acp_args": profile["acp_args"].as_array().cloned().unwrap_or_default(), "mcp_config": mcp,
                 "agent_context": {"skills": [], "current_datetime": null, "load_project_skills": false},
             });
-            let s = crate::service::validate_agent_settings(&payload, Opts::default()).map_err(
-                |e| {
-                    Error::unprocessable(format!(
-                        "Failed to build agent settings: {:?}",
-                        e.first().map(|x| &x.msg)
-                    ))
-                },
-            )?;
-            return Ok(Ok(Resolved {
-                settings: s,
-                profile: provenance,
-            }));
+            let s = crate::service::validate_agent_settings(&payload, Opts::default()).map_err(|e| Error::unprocessable(format!("Failed to build agent settings: {:?}", e.first().map(|x| &x.msg))))?;
+            return Ok(Ok(Resolved { settings: s, profile: provenance }));
         }
-        let llm_ref = llm_override
-            .map(str::to_owned)
-            .or_else(|| profile["llm_profile_ref"].as_str().map(str::to_owned))
-            .unwrap_or_default();
+        let llm_ref = llm_override.map(str::to_owned).or_else(|| profile["llm_profile_ref"].as_str().map(str::to_owned)).unwrap_or_default();
         let llm = match self.load_llm_profile(user, &llm_ref, true) {
             Ok(l) => Some(l),
             Err(ProfileLoadError::NotFound) => None,
-            Err(ProfileLoadError::Other(e))
-                if e.status == http::StatusCode::UNPROCESSABLE_ENTITY =>
-            {
-                return Err(Error::unprocessable(format!(
-                    "LLM profile '{llm_ref}': {}",
-                    e.body["detail"].as_str().unwrap_or_default()
-                )))
+            Err(ProfileLoadError::Other(e)) if e.status == http::StatusCode::UNPROCESSABLE_ENTITY => {
+                return Err(Error::unprocessable(format!("LLM profile '{llm_ref}': {}", e.body["detail"].as_str().unwrap_or_default())))
             }
             Err(ProfileLoadError::Other(e)) => return Err(e),
         };
-        let (mut meta, mut meta_llms, mut dangling_meta, mut dangling_meta_llms) =
-            (Value::Null, Map::new(), None, Vec::new());
+        let (mut meta, mut meta_llms, mut dangling_meta, mut dangling_meta_llms) = (Value::Null, Map::new(), None, Vec::new());
         if profile["enable_classify_and_switch_llm_tool"] == true {
             if let Some(name) = profile["meta_profile_ref"].as_str() {
                 match self.load_meta_profile(user, name)? {
                     None => dangling_meta = Some(name.to_owned()),
                     Some(mp) => {
-                        let mut refs = vec![mp["classifier_model"]
-                            .as_str()
-                            .unwrap_or_default()
-                            .to_owned()];
-                        refs.extend(
-                            mp["classes"]
-                                .as_array()
-                                .into_iter()
-                                .flatten()
-                                .filter_map(|c| c["model"].as_str().map(str::to_owned)),
-                        );
+                        let mut refs = vec![mp["classifier_model"].as_str().unwrap_or_default().to_owned()];
+                        refs.extend(mp["classes"].as_array().into_iter().flatten().filter_map(|c| c["model"].as_str().map(str::to_owned)));
                         for r in refs {
                             if meta_llms.contains_key(&r) || dangling_meta_llms.contains(&r) {
                                 continue;
@@ -188,8 +140,7 @@ impl SettingsService {
                             }
                         }
                         if !mp["prompt_template"].is_null() {
-                            for (n, _) in crate::store::list_named(&self.dir(user).join("profiles"))
-                            {
+                            for (n, _) in crate::store::list_named(&self.dir(user).join("profiles")) {
                                 if !meta_llms.contains_key(&n) {
                                     if let Ok(l) = self.load_llm_profile(user, &n, true) {
                                         meta_llms.insert(n, l);
@@ -202,43 +153,26 @@ impl SettingsService {
                 }
             }
         }
-        if llm.is_none()
-            || !dangling_mcp.is_empty()
-            || dangling_meta.is_some()
-            || !dangling_meta_llms.is_empty()
-        {
+        if llm.is_none() || !dangling_mcp.is_empty() || dangling_meta.is_some() || !dangling_meta_llms.is_empty() {
             let mut problems = Vec::new();
             if llm.is_none() {
                 problems.push(format!("LLM profile '{llm_ref}' not found"));
             }
             if !dangling_mcp.is_empty() {
-                problems.push(format!(
-                    "MCP server(s) not configured: {}",
-                    dangling_mcp.join(", ")
-                ));
+                problems.push(format!("MCP server(s) not configured: {}", dangling_mcp.join(", ")));
             }
             if let Some(m) = &dangling_meta {
                 problems.push(format!("Meta-profile '{m}' not found"));
             }
             if !dangling_meta_llms.is_empty() {
-                problems.push(format!(
-                    "LLM profile(s) routed to by the meta-profile not found: {}",
-                    dangling_meta_llms.join(", ")
-                ));
+                problems.push(format!("LLM profile(s) routed to by the meta-profile not found: {}", dangling_meta_llms.join(", ")));
             }
-            return Ok(Err(Unresolved {
-                problems,
-                llm_missing: llm.is_none(),
-                dangling_mcp,
-                dangling_meta,
-                dangling_meta_llms,
-            }));
+            return Ok(Err(Unresolved { problems, llm_missing: llm.is_none(), dangling_mcp, dangling_meta, dangling_meta_llms }));
         }
         let mut llm = llm.unwrap_or_default();
         llm["stream"] = json!(true);
         let mut verification = profile["verification"].clone();
-        verification["critic_api_key"] =
-            settings["agent_settings"]["verification"]["critic_api_key"].clone();
+        verification["critic_api_key"] = settings["agent_settings"]["verification"]["critic_api_key"].clone();
         let payload = json!({
             "agent_kind": "openhands", "agent": profile["agent"], "llm": llm, "mcp_config": mcp,
             "tools": profile["tools"], "persona": profile["persona"],
@@ -251,17 +185,9 @@ impl SettingsService {
             "active_meta_profile": profile["meta_profile_ref"], "meta_profile": meta,
             "meta_profile_llms": meta_llms, "tool_concurrency_limit": profile["tool_concurrency_limit"],
         });
-        let s =
-            crate::service::validate_agent_settings(&payload, Opts::default()).map_err(|e| {
-                Error::unprocessable(format!(
-                    "Failed to build agent settings: {}",
-                    e.first().map(|x| x.msg.clone()).unwrap_or_default()
-                ))
-            })?;
-        Ok(Ok(Resolved {
-            settings: s,
-            profile: provenance,
-        }))
+        let s = crate::service::validate_agent_settings(&payload, Opts::default())
+            .map_err(|e| Error::unprocessable(format!("Failed to build agent settings: {}", e.first().map(|x| x.msg.clone()).unwrap_or_default())))?;
+        Ok(Ok(Resolved { settings: s, profile: provenance }))
     }
 }
 
@@ -270,17 +196,10 @@ impl SettingsService {
 /// catalog; see module docs).
 pub(crate) fn diagnostics(svc: &SettingsService, user: &str, profile: &Value) -> Result<Value> {
     let settings = svc.load_settings(user)?;
-    let all_mcp = settings["agent_settings"]["mcp_config"]
-        .as_object()
-        .cloned()
-        .unwrap_or_default();
+    let all_mcp = settings["agent_settings"]["mcp_config"].as_object().cloned().unwrap_or_default();
     let resolved_keys: Vec<Value> = match profile["mcp_server_refs"].as_array() {
         None => all_mcp.keys().map(|k| json!(k)).collect(),
-        Some(r) => r
-            .iter()
-            .filter(|x| x.as_str().is_some_and(|k| all_mcp.contains_key(k)))
-            .cloned()
-            .collect(),
+        Some(r) => r.iter().filter(|x| x.as_str().is_some_and(|k| all_mcp.contains_key(k))).cloned().collect(),
     };
     let oh = profile["agent_kind"] != "acp";
     let mut d = json!({
@@ -300,15 +219,9 @@ pub(crate) fn diagnostics(svc: &SettingsService, user: &str, profile: &Value) ->
         Ok(Ok(r)) => {
             if oh {
                 d["llm_profile_resolved"] = json!(true);
-                d["llm_api_key_set"] = json!(r.settings["llm"]["api_key"]
-                    .as_str()
-                    .is_some_and(|k| !k.trim().is_empty()));
+                d["llm_api_key_set"] = json!(r.settings["llm"]["api_key"].as_str().is_some_and(|k| !k.trim().is_empty()));
             }
-            let model = if oh {
-                schema::model("OpenHandsAgentSettings")
-            } else {
-                schema::model("ACPAgentSettings")
-            };
+            let model = if oh { schema::model("OpenHandsAgentSettings") } else { schema::model("ACPAgentSettings") };
             d["resolved_settings"] = schema::serialize(model, &r.settings, Expose::Redact);
             d["valid"] = json!(true);
         }
@@ -321,17 +234,13 @@ pub(crate) fn diagnostics(svc: &SettingsService, user: &str, profile: &Value) ->
                 d["llm_profile_resolved"] = json!(true);
                 if let Some(r) = profile["llm_profile_ref"].as_str() {
                     if let Ok(l) = svc.load_llm_profile(user, r, true) {
-                        d["llm_api_key_set"] =
-                            json!(l["api_key"].as_str().is_some_and(|k| !k.trim().is_empty()));
+                        d["llm_api_key_set"] = json!(l["api_key"].as_str().is_some_and(|k| !k.trim().is_empty()));
                     }
                 }
             }
         }
         Err(e) => {
-            d["errors"] = json!([format!(
-                "Failed to build agent settings: {}",
-                e.body["detail"].as_str().unwrap_or_default()
-            )]);
+            d["errors"] = json!([format!("Failed to build agent settings: {}", e.body["detail"].as_str().unwrap_or_default())]);
         }
     }
     Ok(d)
@@ -351,15 +260,8 @@ pub struct ResolvedCreate {
 /// Decrypt every string of `v` that nestor's key decrypts.
 fn decrypt_all(v: &Value, c: Option<&crate::cipher::Cipher>) -> Value {
     match v {
-        Value::String(s) if looks_encrypted(s) => c
-            .and_then(|c| c.decrypt(s))
-            .map(Value::String)
-            .unwrap_or_else(|| v.clone()),
-        Value::Object(m) => Value::Object(
-            m.iter()
-                .map(|(k, x)| (k.clone(), decrypt_all(x, c)))
-                .collect(),
-        ),
+        Value::String(s) if looks_encrypted(s) => c.and_then(|c| c.decrypt(s)).map(Value::String).unwrap_or_else(|| v.clone()),
+        Value::Object(m) => Value::Object(m.iter().map(|(k, x)| (k.clone(), decrypt_all(x, c))).collect()),
         Value::Array(a) => Value::Array(a.iter().map(|x| decrypt_all(x, c)).collect()),
         _ => v.clone(),
     }
@@ -412,18 +314,10 @@ impl SettingsService {
         let mut launched = None;
         if let Some(id) = b.get("agent_profile_id").filter(|v| !v.is_null()).cloned() {
             let id_s = id.as_str().unwrap_or_default().to_owned();
-            let name = self.agent_profile_name_for_id(user, &id_s).ok_or_else(|| {
-                Error::not_found(format!("Agent profile with id '{id_s}' not found"))
-            })?;
+            let name = self.agent_profile_name_for_id(user, &id_s).ok_or_else(|| Error::not_found(format!("Agent profile with id '{id_s}' not found")))?;
             let profile = self.load_agent_profile(user, &name)?;
-            let mut additions = b
-                .get("agent_launch_additions")
-                .and_then(Value::as_object)
-                .cloned()
-                .unwrap_or_default();
-            let llm_override = additions
-                .remove("llm_profile_ref")
-                .and_then(|v| v.as_str().map(str::to_owned));
+            let mut additions = b.get("agent_launch_additions").and_then(Value::as_object).cloned().unwrap_or_default();
+            let llm_override = additions.remove("llm_profile_ref").and_then(|v| v.as_str().map(str::to_owned));
             if llm_override.is_some() && profile["agent_kind"] != "openhands" {
                 return Err(Error::unprocessable("agent_launch_additions.llm_profile_ref applies only to an OpenHands Agent Profile"));
             }
@@ -434,31 +328,15 @@ impl SettingsService {
             b.remove("agent_profile_id");
             b.remove("agent");
             b.insert("agent_settings".into(), r.settings);
-            b.insert(
-                "agent_launch_additions".into(),
-                if additions.is_empty() {
-                    Value::Null
-                } else {
-                    Value::Object(additions)
-                },
-            );
-            if let (Some(refs), Some(Value::Object(secrets))) =
-                (r.profile["secret_refs"].as_array(), b.get_mut("secrets"))
-            {
+            b.insert("agent_launch_additions".into(), if additions.is_empty() { Value::Null } else { Value::Object(additions) });
+            if let (Some(refs), Some(Value::Object(secrets))) = (r.profile["secret_refs"].as_array(), b.get_mut("secrets")) {
                 secrets.retain(|k, _| refs.iter().any(|r| r.as_str() == Some(k)));
             }
             launched = Some(r.profile);
         }
         if let Some(Value::Object(secrets)) = b.get_mut("secrets") {
             for (_, v) in secrets.iter_mut() {
-                let name = (v["kind"] == "LookupSecret")
-                    .then(|| {
-                        v["url"]
-                            .as_str()
-                            .and_then(own_secret_name)
-                            .map(str::to_owned)
-                    })
-                    .flatten();
+                let name = (v["kind"] == "LookupSecret").then(|| v["url"].as_str().and_then(own_secret_name).map(str::to_owned)).flatten();
                 if let Some(n) = name {
                     if let Some(val) = self.secret_value(user, &n) {
                         *v = json!({"kind": "StaticSecret", "value": val, "description": v.get("description").cloned().unwrap_or(Value::Null)});
@@ -466,10 +344,7 @@ impl SettingsService {
                 }
             }
         }
-        Ok(ResolvedCreate {
-            body: Value::Object(b),
-            launched_agent_profile: launched,
-        })
+        Ok(ResolvedCreate { body: Value::Object(b), launched_agent_profile: launched })
     }
 }
 
@@ -480,15 +355,9 @@ mod tests {
     #[test]
     fn recognises_own_secret_urls() {
         assert_eq!(own_secret_name("/api/settings/secrets/GH"), Some("GH"));
-        assert_eq!(
-            own_secret_name("http://127.0.0.1:8000/api/settings/secrets/GH?x=1"),
-            Some("GH")
-        );
+        assert_eq!(own_secret_name("http://127.0.0.1:8000/api/settings/secrets/GH?x=1"), Some("GH"));
         assert_eq!(own_secret_name("/api/settings/secrets/a/b"), None);
         assert_eq!(own_secret_name("https://vault.example/x"), None);
-        assert_eq!(
-            split_command("npx -y 'a b' \"c\""),
-            vec!["npx", "-y", "a b", "c"]
-        );
+        assert_eq!(split_command("npx -y 'a b' \"c\""), vec!["npx", "-y", "a b", "c"]);
     }
 }

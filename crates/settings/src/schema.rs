@@ -33,11 +33,8 @@ static MODELS: OnceLock<Value> = OnceLock::new();
 
 /// The schema of one exported model (`OpenHandsAgentSettings`, `LLM`, `MCPServer`, …).
 pub fn model(name: &str) -> &'static Value {
-    let all = MODELS.get_or_init(|| {
-        serde_json::from_str(include_str!("../assets/models.json")).expect("models.json")
-    });
-    all.get(name)
-        .unwrap_or_else(|| panic!("no schema for {name}"))
+    let all = MODELS.get_or_init(|| serde_json::from_str(include_str!("../assets/models.json")).expect("models.json"));
+    all.get(name).unwrap_or_else(|| panic!("no schema for {name}"))
 }
 
 /// One validation error, pydantic style.
@@ -52,13 +49,7 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(kind: &str, loc: &[Value], msg: impl Into<String>, input: &Value) -> Self {
-        Self {
-            kind: kind.into(),
-            loc: loc.to_vec(),
-            msg: msg.into(),
-            input: input.clone(),
-            ctx: None,
-        }
+        Self { kind: kind.into(), loc: loc.to_vec(), msg: msg.into(), input: input.clone(), ctx: None }
     }
     pub fn with_ctx(mut self, ctx: Value) -> Self {
         self.ctx = Some(ctx);
@@ -99,27 +90,12 @@ struct Ctx<'a> {
 
 /// Validate `value` against model `root` (whose `$defs` resolve refs), with `loc` prefixed
 /// to error locations. Returns the normalised value (defaults filled, coerced) or the errors.
-pub fn validate(
-    root: &Value,
-    value: &Value,
-    loc: &[Value],
-    opts: Opts<'_>,
-) -> Result<Value, Vec<FieldError>> {
-    let mut cx = Ctx {
-        root,
-        opts,
-        errors: Vec::new(),
-        undecryptable: false,
-    };
+pub fn validate(root: &Value, value: &Value, loc: &[Value], opts: Opts<'_>) -> Result<Value, Vec<FieldError>> {
+    let mut cx = Ctx { root, opts, errors: Vec::new(), undecryptable: false };
     let mut l = loc.to_vec();
     let out = validate_node(&mut cx, root, value, &mut l);
     if cx.undecryptable {
-        return Err(vec![FieldError::new(
-            "undecryptable",
-            loc,
-            "A stored secret cannot be decrypted with any configured key",
-            &Value::Null,
-        )]);
+        return Err(vec![FieldError::new("undecryptable", loc, "A stored secret cannot be decrypted with any configured key", &Value::Null)]);
     }
     match out {
         Some(v) if cx.errors.is_empty() => Ok(v),
@@ -128,17 +104,8 @@ pub fn validate(
 }
 
 /// Like [`validate`] but tells an undecryptable stored secret apart from invalid data.
-pub fn validate_stored(
-    root: &Value,
-    value: &Value,
-    opts: Opts<'_>,
-) -> Result<Result<Value, Vec<FieldError>>, Undecryptable> {
-    let mut cx = Ctx {
-        root,
-        opts,
-        errors: Vec::new(),
-        undecryptable: false,
-    };
+pub fn validate_stored(root: &Value, value: &Value, opts: Opts<'_>) -> Result<Result<Value, Vec<FieldError>>, Undecryptable> {
+    let mut cx = Ctx { root, opts, errors: Vec::new(), undecryptable: false };
     let out = validate_node(&mut cx, root, value, &mut Vec::new());
     if cx.undecryptable {
         return Err(Undecryptable);
@@ -167,8 +134,7 @@ fn resolve<'a>(root: &'a Value, schema: &'a Value) -> &'a Value {
 }
 
 pub(crate) fn is_secret(schema: &Value) -> bool {
-    schema.get("format").and_then(Value::as_str) == Some("password")
-        || schema.get("writeOnly") == Some(&Value::Bool(true))
+    schema.get("format").and_then(Value::as_str) == Some("password") || schema.get("writeOnly") == Some(&Value::Bool(true))
 }
 
 fn json_type(v: &Value) -> &'static str {
@@ -196,11 +162,7 @@ fn exact_match(root: &Value, schema: &Value, v: &Value) -> bool {
         None => {
             if s.get("properties").is_some() {
                 v.is_object()
-            } else if let Some(bs) = s
-                .get("anyOf")
-                .or_else(|| s.get("oneOf"))
-                .and_then(Value::as_array)
-            {
+            } else if let Some(bs) = s.get("anyOf").or_else(|| s.get("oneOf")).and_then(Value::as_array) {
                 bs.iter().any(|b| exact_match(root, b, v))
             } else {
                 true
@@ -217,23 +179,14 @@ fn secret_branch<'a>(root: &Value, branches: &'a [Value], v: &Value) -> Option<&
     branches.iter().find(|b| is_secret(resolve(root, b)))
 }
 
-fn validate_node(
-    cx: &mut Ctx<'_>,
-    schema: &Value,
-    v: &Value,
-    loc: &mut Vec<Value>,
-) -> Option<Value> {
+fn validate_node(cx: &mut Ctx<'_>, schema: &Value, v: &Value, loc: &mut Vec<Value>) -> Option<Value> {
     let s = resolve(cx.root, schema);
     if let Some(all) = s.get("allOf").and_then(Value::as_array) {
         if all.len() == 1 {
             return validate_node(cx, &all[0], v, loc);
         }
     }
-    if let Some(branches) = s
-        .get("oneOf")
-        .or_else(|| s.get("anyOf"))
-        .and_then(Value::as_array)
-    {
+    if let Some(branches) = s.get("oneOf").or_else(|| s.get("anyOf")).and_then(Value::as_array) {
         return validate_union(cx, s, branches, v, loc);
     }
     if is_secret(s) {
@@ -258,12 +211,7 @@ fn validate_node(
             if v.is_null() {
                 Some(Value::Null)
             } else {
-                cx.errors.push(FieldError::new(
-                    "none_required",
-                    loc,
-                    "Input should be None",
-                    v,
-                ));
+                cx.errors.push(FieldError::new("none_required", loc, "Input should be None", v));
                 None
             }
         }
@@ -271,40 +219,19 @@ fn validate_node(
     }
 }
 
-fn validate_union(
-    cx: &mut Ctx<'_>,
-    s: &Value,
-    branches: &[Value],
-    v: &Value,
-    loc: &mut Vec<Value>,
-) -> Option<Value> {
+fn validate_union(cx: &mut Ctx<'_>, s: &Value, branches: &[Value], v: &Value, loc: &mut Vec<Value>) -> Option<Value> {
     if let Some(d) = s.get("discriminator") {
-        let prop = d
-            .get("propertyName")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
+        let prop = d.get("propertyName").and_then(Value::as_str).unwrap_or_default();
         let Some(obj) = v.as_object() else {
-            cx.errors.push(FieldError::new(
-                "model_attributes_type",
-                loc,
-                "Input should be a valid dictionary or object to extract fields from",
-                v,
-            ));
+            cx.errors.push(FieldError::new("model_attributes_type", loc, "Input should be a valid dictionary or object to extract fields from", v));
             return None;
         };
         let mapping = d.get("mapping").and_then(Value::as_object);
-        let tags: Vec<String> = mapping
-            .map(|m| m.keys().map(|k| format!("'{k}'")).collect())
-            .unwrap_or_default();
+        let tags: Vec<String> = mapping.map(|m| m.keys().map(|k| format!("'{k}'")).collect()).unwrap_or_default();
         let Some(tag) = obj.get(prop).and_then(Value::as_str) else {
             cx.errors.push(
-                FieldError::new(
-                    "union_tag_not_found",
-                    loc,
-                    format!("Unable to extract tag using discriminator '{prop}'"),
-                    v,
-                )
-                .with_ctx(json!({"discriminator": format!("'{prop}'")})),
+                FieldError::new("union_tag_not_found", loc, format!("Unable to extract tag using discriminator '{prop}'"), v)
+                    .with_ctx(json!({"discriminator": format!("'{prop}'")})),
             );
             return None;
         };
@@ -326,11 +253,7 @@ fn validate_union(
         return r;
     }
     // Null goes to a null branch when there is one.
-    if v.is_null()
-        && branches
-            .iter()
-            .any(|b| resolve(cx.root, b).get("type").and_then(Value::as_str) == Some("null"))
-    {
+    if v.is_null() && branches.iter().any(|b| resolve(cx.root, b).get("type").and_then(Value::as_str) == Some("null")) {
         return Some(Value::Null);
     }
     // Smart-mode approximation: branches that take the value as is first, then lax ones.
@@ -361,12 +284,7 @@ fn validate_secret(cx: &mut Ctx<'_>, s: &Value, v: &Value, loc: &mut Vec<Value>)
         if v.is_null() {
             return Some(Value::Null);
         }
-        cx.errors.push(FieldError::new(
-            "string_type",
-            loc,
-            "Input should be a valid string",
-            v,
-        ));
+        cx.errors.push(FieldError::new("string_type", loc, "Input should be a valid string", v));
         return None;
     };
     if raw.trim().is_empty() || raw == REDACTED {
@@ -394,12 +312,7 @@ fn quote(v: &Value) -> String {
     }
 }
 
-fn validate_literal(
-    cx: &mut Ctx<'_>,
-    choices: &[Value],
-    v: &Value,
-    loc: &mut Vec<Value>,
-) -> Option<Value> {
+fn validate_literal(cx: &mut Ctx<'_>, choices: &[Value], v: &Value, loc: &mut Vec<Value>) -> Option<Value> {
     if choices.contains(v) {
         return Some(v.clone());
     }
@@ -409,26 +322,14 @@ fn validate_literal(
         1 => q[0].clone(),
         n => format!("{} or {}", q[..n - 1].join(", "), q[n - 1]),
     };
-    cx.errors.push(
-        FieldError::new(
-            "literal_error",
-            loc,
-            format!("Input should be {expected}"),
-            v,
-        )
-        .with_ctx(json!({"expected": expected})),
-    );
+    cx.errors.push(FieldError::new("literal_error", loc, format!("Input should be {expected}"), v).with_ctx(json!({"expected": expected})));
     None
 }
 
 fn fill_default(d: &Value) -> Value {
     match d {
         Value::String(s) if s == "__now__" => json!(now_iso()),
-        Value::Object(m) => Value::Object(
-            m.iter()
-                .map(|(k, v)| (k.clone(), fill_default(v)))
-                .collect(),
-        ),
+        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), fill_default(v))).collect()),
         Value::Array(a) => Value::Array(a.iter().map(fill_default).collect()),
         other => other.clone(),
     }
@@ -451,24 +352,11 @@ pub fn now_iso() -> String {
 
 fn validate_model(cx: &mut Ctx<'_>, s: &Value, v: &Value, loc: &mut Vec<Value>) -> Option<Value> {
     let Some(obj) = v.as_object() else {
-        cx.errors.push(FieldError::new(
-            "model_attributes_type",
-            loc,
-            "Input should be a valid dictionary or object to extract fields from",
-            v,
-        ));
+        cx.errors.push(FieldError::new("model_attributes_type", loc, "Input should be a valid dictionary or object to extract fields from", v));
         return None;
     };
-    let props = s
-        .get("properties")
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
-    let required: Vec<&str> = s
-        .get("required")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
+    let props = s.get("properties").and_then(Value::as_object).cloned().unwrap_or_default();
+    let required: Vec<&str> = s.get("required").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
     let mut out = Map::new();
     let mut ok = true;
     for (name, ps) in &props {
@@ -484,8 +372,7 @@ fn validate_model(cx: &mut Ctx<'_>, s: &Value, v: &Value, loc: &mut Vec<Value>) 
                 if let Some(d) = ps.get("default") {
                     out.insert(name.clone(), fill_default(d));
                 } else if required.contains(&name.as_str()) {
-                    cx.errors
-                        .push(FieldError::new("missing", loc, "Field required", v));
+                    cx.errors.push(FieldError::new("missing", loc, "Field required", v));
                     ok = false;
                 }
             }
@@ -497,12 +384,7 @@ fn validate_model(cx: &mut Ctx<'_>, s: &Value, v: &Value, loc: &mut Vec<Value>) 
             for (k, val) in obj {
                 if !props.contains_key(k) {
                     loc.push(json!(k));
-                    cx.errors.push(FieldError::new(
-                        "extra_forbidden",
-                        loc,
-                        "Extra inputs are not permitted",
-                        val,
-                    ));
+                    cx.errors.push(FieldError::new("extra_forbidden", loc, "Extra inputs are not permitted", val));
                     loc.pop();
                     ok = false;
                 }
@@ -546,8 +428,7 @@ fn validate_model(cx: &mut Ctx<'_>, s: &Value, v: &Value, loc: &mut Vec<Value>) 
                     dumped.insert(k.to_owned(), x);
                 }
                 None if k == "is_subscription" => {
-                    let sub =
-                        dumped.get("auth_type").and_then(Value::as_str) == Some("subscription");
+                    let sub = dumped.get("auth_type").and_then(Value::as_str) == Some("subscription");
                     dumped.insert(k.to_owned(), json!(sub));
                 }
                 None => {}
@@ -563,18 +444,11 @@ fn validate_model(cx: &mut Ctx<'_>, s: &Value, v: &Value, loc: &mut Vec<Value>) 
 
 fn validate_dict(cx: &mut Ctx<'_>, s: &Value, v: &Value, loc: &mut Vec<Value>) -> Option<Value> {
     let Some(obj) = v.as_object() else {
-        cx.errors.push(FieldError::new(
-            "dict_type",
-            loc,
-            "Input should be a valid dictionary",
-            v,
-        ));
+        cx.errors.push(FieldError::new("dict_type", loc, "Input should be a valid dictionary", v));
         return None;
     };
     let item = s.get("additionalProperties").filter(|a| a.is_object());
-    let Some(item) = item else {
-        return Some(v.clone());
-    };
+    let Some(item) = item else { return Some(v.clone()) };
     // A map of bare secrets (MCP env/headers) drops entries that validate to None.
     let secret_map = is_secret(resolve(cx.root, item));
     let mut out = Map::new();
@@ -595,12 +469,7 @@ fn validate_dict(cx: &mut Ctx<'_>, s: &Value, v: &Value, loc: &mut Vec<Value>) -
 
 fn validate_array(cx: &mut Ctx<'_>, s: &Value, v: &Value, loc: &mut Vec<Value>) -> Option<Value> {
     let Some(arr) = v.as_array() else {
-        cx.errors.push(FieldError::new(
-            "list_type",
-            loc,
-            "Input should be a valid list",
-            v,
-        ));
+        cx.errors.push(FieldError::new("list_type", loc, "Input should be a valid list", v));
         return None;
     };
     let mut out = Vec::with_capacity(arr.len());
@@ -619,19 +488,8 @@ fn validate_array(cx: &mut Ctx<'_>, s: &Value, v: &Value, loc: &mut Vec<Value>) 
     if let Some(min) = s.get("minItems").and_then(Value::as_u64) {
         if (out.len() as u64) < min && ok {
             cx.errors.push(
-                FieldError::new(
-                    "too_short",
-                    loc,
-                    format!(
-                        "List should have at least {min} item{} after validation, not {}",
-                        if min == 1 { "" } else { "s" },
-                        out.len()
-                    ),
-                    v,
-                )
-                .with_ctx(
-                    json!({"field_type": "List", "min_length": min, "actual_length": out.len()}),
-                ),
+                FieldError::new("too_short", loc, format!("List should have at least {min} item{} after validation, not {}", if min == 1 { "" } else { "s" }, out.len()), v)
+                    .with_ctx(json!({"field_type": "List", "min_length": min, "actual_length": out.len()})),
             );
             return None;
         }
@@ -645,35 +503,20 @@ fn regex_cached(p: &str) -> Option<Regex> {
     static CACHE: OnceLock<Mutex<HashMap<String, Option<Regex>>>> = OnceLock::new();
     let m = CACHE.get_or_init(Default::default);
     let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
-    g.entry(p.to_owned())
-        .or_insert_with(|| Regex::new(p).ok())
-        .clone()
+    g.entry(p.to_owned()).or_insert_with(|| Regex::new(p).ok()).clone()
 }
 
 fn validate_string(cx: &mut Ctx<'_>, s: &Value, v: &Value, loc: &mut Vec<Value>) -> Option<Value> {
     let Some(st) = v.as_str() else {
-        cx.errors.push(FieldError::new(
-            "string_type",
-            loc,
-            "Input should be a valid string",
-            v,
-        ));
+        cx.errors.push(FieldError::new("string_type", loc, "Input should be a valid string", v));
         return None;
     };
     let n = st.chars().count() as u64;
     if let Some(min) = s.get("minLength").and_then(Value::as_u64) {
         if n < min {
             cx.errors.push(
-                FieldError::new(
-                    "string_too_short",
-                    loc,
-                    format!(
-                        "String should have at least {min} character{}",
-                        if min == 1 { "" } else { "s" }
-                    ),
-                    v,
-                )
-                .with_ctx(json!({"min_length": min})),
+                FieldError::new("string_too_short", loc, format!("String should have at least {min} character{}", if min == 1 { "" } else { "s" }), v)
+                    .with_ctx(json!({"min_length": min})),
             );
             return None;
         }
@@ -681,16 +524,8 @@ fn validate_string(cx: &mut Ctx<'_>, s: &Value, v: &Value, loc: &mut Vec<Value>)
     if let Some(max) = s.get("maxLength").and_then(Value::as_u64) {
         if n > max {
             cx.errors.push(
-                FieldError::new(
-                    "string_too_long",
-                    loc,
-                    format!(
-                        "String should have at most {max} character{}",
-                        if max == 1 { "" } else { "s" }
-                    ),
-                    v,
-                )
-                .with_ctx(json!({"max_length": max})),
+                FieldError::new("string_too_long", loc, format!("String should have at most {max} character{}", if max == 1 { "" } else { "s" }), v)
+                    .with_ctx(json!({"max_length": max})),
             );
             return None;
         }
@@ -698,15 +533,7 @@ fn validate_string(cx: &mut Ctx<'_>, s: &Value, v: &Value, loc: &mut Vec<Value>)
     if let Some(p) = s.get("pattern").and_then(Value::as_str) {
         if let Some(re) = regex_cached(p) {
             if !re.is_match(st) {
-                cx.errors.push(
-                    FieldError::new(
-                        "string_pattern_mismatch",
-                        loc,
-                        format!("String should match pattern '{p}'"),
-                        v,
-                    )
-                    .with_ctx(json!({"pattern": p})),
-                );
+                cx.errors.push(FieldError::new("string_pattern_mismatch", loc, format!("String should match pattern '{p}'"), v).with_ctx(json!({"pattern": p})));
                 return None;
             }
         }
@@ -715,15 +542,7 @@ fn validate_string(cx: &mut Ctx<'_>, s: &Value, v: &Value, loc: &mut Vec<Value>)
         return match uuid::Uuid::parse_str(st) {
             Ok(u) => Some(json!(u.to_string())),
             Err(e) => {
-                cx.errors.push(
-                    FieldError::new(
-                        "uuid_parsing",
-                        loc,
-                        format!("Input should be a valid UUID, {e}"),
-                        v,
-                    )
-                    .with_ctx(json!({"error": e.to_string()})),
-                );
+                cx.errors.push(FieldError::new("uuid_parsing", loc, format!("Input should be a valid UUID, {e}"), v).with_ctx(json!({"error": e.to_string()})));
                 None
             }
         };
@@ -748,10 +567,7 @@ fn check_bounds(cx: &mut Ctx<'_>, s: &Value, x: f64, loc: &[Value], v: &Value) -
                     "less_than_equal" => "less than or equal to",
                     _ => "less than",
                 };
-                cx.errors.push(
-                    FieldError::new(kind, loc, format!("Input should be {words} {b}"), v)
-                        .with_ctx(json!({ ck: b })),
-                );
+                cx.errors.push(FieldError::new(kind, loc, format!("Input should be {words} {b}"), v).with_ctx(json!({ ck: b })));
                 return false;
             }
         }
@@ -768,12 +584,7 @@ fn validate_int(cx: &mut Ctx<'_>, s: &Value, v: &Value, loc: &mut Vec<Value>) ->
             if f.fract() == 0.0 && f.is_finite() {
                 Some(f as i64)
             } else {
-                cx.errors.push(FieldError::new(
-                    "int_from_float",
-                    loc,
-                    "Input should be a valid integer, got a number with a fractional part",
-                    v,
-                ));
+                cx.errors.push(FieldError::new("int_from_float", loc, "Input should be a valid integer, got a number with a fractional part", v));
                 return None;
             }
         }
@@ -781,22 +592,12 @@ fn validate_int(cx: &mut Ctx<'_>, s: &Value, v: &Value, loc: &mut Vec<Value>) ->
         Value::String(st) => match st.trim().parse::<i64>() {
             Ok(i) => Some(i),
             Err(_) => {
-                cx.errors.push(FieldError::new(
-                    "int_parsing",
-                    loc,
-                    "Input should be a valid integer, unable to parse string as an integer",
-                    v,
-                ));
+                cx.errors.push(FieldError::new("int_parsing", loc, "Input should be a valid integer, unable to parse string as an integer", v));
                 return None;
             }
         },
         _ => {
-            cx.errors.push(FieldError::new(
-                "int_type",
-                loc,
-                "Input should be a valid integer",
-                v,
-            ));
+            cx.errors.push(FieldError::new("int_type", loc, "Input should be a valid integer", v));
             return None;
         }
     };
@@ -811,59 +612,35 @@ fn validate_float(cx: &mut Ctx<'_>, s: &Value, v: &Value, loc: &mut Vec<Value>) 
         Value::String(st) => match st.trim().parse::<f64>() {
             Ok(f) => Some(f),
             Err(_) => {
-                cx.errors.push(FieldError::new(
-                    "float_parsing",
-                    loc,
-                    "Input should be a valid number, unable to parse string as a number",
-                    v,
-                ));
+                cx.errors.push(FieldError::new("float_parsing", loc, "Input should be a valid number, unable to parse string as a number", v));
                 return None;
             }
         },
         _ => {
-            cx.errors.push(FieldError::new(
-                "float_type",
-                loc,
-                "Input should be a valid number",
-                v,
-            ));
+            cx.errors.push(FieldError::new("float_type", loc, "Input should be a valid number", v));
             return None;
         }
     }?;
     if !check_bounds(cx, s, f, loc, v) {
         return None;
     }
-    serde_json::Number::from_f64(f)
-        .map(Value::Number)
-        .or(Some(Value::Null))
+    serde_json::Number::from_f64(f).map(Value::Number).or(Some(Value::Null))
 }
 
 fn validate_bool(cx: &mut Ctx<'_>, v: &Value, loc: &mut Vec<Value>) -> Option<Value> {
     match v {
         Value::Bool(b) => Some(json!(b)),
-        Value::Number(n) if n.as_i64() == Some(0) || n.as_i64() == Some(1) => {
-            Some(json!(n.as_i64() == Some(1)))
-        }
+        Value::Number(n) if n.as_i64() == Some(0) || n.as_i64() == Some(1) => Some(json!(n.as_i64() == Some(1))),
         Value::String(st) => match st.to_ascii_lowercase().as_str() {
             "0" | "off" | "f" | "false" | "n" | "no" => Some(json!(false)),
             "1" | "on" | "t" | "true" | "y" | "yes" => Some(json!(true)),
             _ => {
-                cx.errors.push(FieldError::new(
-                    "bool_parsing",
-                    loc,
-                    "Input should be a valid boolean, unable to interpret input",
-                    v,
-                ));
+                cx.errors.push(FieldError::new("bool_parsing", loc, "Input should be a valid boolean, unable to interpret input", v));
                 None
             }
         },
         _ => {
-            cx.errors.push(FieldError::new(
-                "bool_type",
-                loc,
-                "Input should be a valid boolean",
-                v,
-            ));
+            cx.errors.push(FieldError::new("bool_type", loc, "Input should be a valid boolean", v));
             None
         }
     }
@@ -892,35 +669,19 @@ fn ser_node(root: &Value, schema: &Value, v: &Value, mode: Expose<'_>) -> Value 
             return ser_node(root, &all[0], v, mode);
         }
     }
-    if let Some(branches) = s
-        .get("oneOf")
-        .or_else(|| s.get("anyOf"))
-        .and_then(Value::as_array)
-    {
+    if let Some(branches) = s.get("oneOf").or_else(|| s.get("anyOf")).and_then(Value::as_array) {
         if v.is_null() {
             return Value::Null;
         }
         if let (Some(d), Some(obj)) = (s.get("discriminator"), v.as_object()) {
-            let prop = d
-                .get("propertyName")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            if let Some(target) = obj
-                .get(prop)
-                .and_then(Value::as_str)
-                .and_then(|t| d.get("mapping").and_then(|m| m.get(t)))
-            {
+            let prop = d.get("propertyName").and_then(Value::as_str).unwrap_or_default();
+            if let Some(target) = obj.get(prop).and_then(Value::as_str).and_then(|t| d.get("mapping").and_then(|m| m.get(t))) {
                 return ser_node(root, &json!({"$ref": target}), v, mode);
             }
         }
         // The branch the value was validated into: a secret one for strings, else the first
         // whose shape takes it.
-        let pick = secret_branch(root, branches, v).or_else(|| {
-            branches
-                .iter()
-                .find(|b| exact_match(root, b, v) && branch_accepts(root, b, v))
-                .or_else(|| branches.iter().find(|b| exact_match(root, b, v)))
-        });
+        let pick = secret_branch(root, branches, v).or_else(|| branches.iter().find(|b| exact_match(root, b, v) && branch_accepts(root, b, v)).or_else(|| branches.iter().find(|b| exact_match(root, b, v))));
         return match pick {
             Some(b) => ser_node(root, b, v, mode),
             None => v.clone(),
@@ -947,11 +708,7 @@ fn ser_node(root: &Value, schema: &Value, v: &Value, mode: Expose<'_>) -> Value 
                 obj.iter()
                     .map(|(k, x)| {
                         let sub = props.and_then(|p| p.get(k)).or(extra);
-                        (
-                            k.clone(),
-                            sub.map(|ss| ser_node(root, ss, x, mode))
-                                .unwrap_or_else(|| x.clone()),
-                        )
+                        (k.clone(), sub.map(|ss| ser_node(root, ss, x, mode)).unwrap_or_else(|| x.clone()))
                     })
                     .collect(),
             )
@@ -966,12 +723,7 @@ fn ser_node(root: &Value, schema: &Value, v: &Value, mode: Expose<'_>) -> Value 
 
 /// Whether a branch's validation accepts `v` (cheap check: validate without secrets handling).
 fn branch_accepts(root: &Value, b: &Value, v: &Value) -> bool {
-    let mut cx = Ctx {
-        root,
-        opts: Opts::default(),
-        errors: Vec::new(),
-        undecryptable: false,
-    };
+    let mut cx = Ctx { root, opts: Opts::default(), errors: Vec::new(), undecryptable: false };
     validate_node(&mut cx, b, v, &mut Vec::new()).is_some() && cx.errors.is_empty()
 }
 
@@ -986,30 +738,17 @@ fn collect(root: &Value, schema: &Value, v: &Value, out: &mut Vec<String>) {
     // Reuse the serializer walk: mark leaves by serializing in "plain" and diffing is costly;
     // walk directly instead.
     let s = resolve(root, schema);
-    if let Some(branches) = s
-        .get("oneOf")
-        .or_else(|| s.get("anyOf"))
-        .and_then(Value::as_array)
-    {
+    if let Some(branches) = s.get("oneOf").or_else(|| s.get("anyOf")).and_then(Value::as_array) {
         if v.is_null() {
             return;
         }
         if let (Some(d), Some(obj)) = (s.get("discriminator"), v.as_object()) {
-            let prop = d
-                .get("propertyName")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            if let Some(target) = obj
-                .get(prop)
-                .and_then(Value::as_str)
-                .and_then(|t| d.get("mapping").and_then(|m| m.get(t)))
-            {
+            let prop = d.get("propertyName").and_then(Value::as_str).unwrap_or_default();
+            if let Some(target) = obj.get(prop).and_then(Value::as_str).and_then(|t| d.get("mapping").and_then(|m| m.get(t))) {
                 return collect(root, &json!({"$ref": target}), v, out);
             }
         }
-        if let Some(b) = secret_branch(root, branches, v)
-            .or_else(|| branches.iter().find(|b| exact_match(root, b, v)))
-        {
+        if let Some(b) = secret_branch(root, branches, v).or_else(|| branches.iter().find(|b| exact_match(root, b, v))) {
             collect(root, b, v, out);
         }
         return;
@@ -1051,13 +790,7 @@ mod tests {
         let v = validate(m, &json!({"max_iterations": "77"}), &[], Opts::default()).unwrap();
         assert_eq!(v["max_iterations"], json!(77));
         assert_eq!(v["confirmation_mode"], json!(false));
-        let e = validate(
-            m,
-            &json!({"max_iterations": "abc"}),
-            &[json!("body")],
-            Opts::default(),
-        )
-        .unwrap_err();
+        let e = validate(m, &json!({"max_iterations": "abc"}), &[json!("body")], Opts::default()).unwrap_err();
         assert_eq!(e[0].kind, "int_parsing");
         assert_eq!(e[0].loc, vec![json!("body"), json!("max_iterations")]);
     }
@@ -1065,32 +798,11 @@ mod tests {
     #[test]
     fn secrets_are_found_redacted_and_dropped() {
         let m = model("MCPServer");
-        let v = validate(
-            m,
-            &json!({"command": "npx", "env": {"A": "x", "B": "", "C": "**********"}}),
-            &[],
-            Opts::default(),
-        )
-        .unwrap();
-        assert_eq!(
-            v,
-            json!({"command": "npx", "env": {"A": "x"}, "enabled": true})
-        );
-        assert_eq!(
-            serialize(m, &v, Expose::Redact)["env"]["A"],
-            json!(REDACTED)
-        );
+        let v = validate(m, &json!({"command": "npx", "env": {"A": "x", "B": "", "C": "**********"}}), &[], Opts::default()).unwrap();
+        assert_eq!(v, json!({"command": "npx", "env": {"A": "x"}, "enabled": true}));
+        assert_eq!(serialize(m, &v, Expose::Redact)["env"]["A"], json!(REDACTED));
         assert_eq!(secret_leaves(m, &v), vec!["x".to_string()]);
-        let e = validate(
-            m,
-            &json!({"command": "x", "bogus": 1}),
-            &[json!("body")],
-            Opts::default(),
-        )
-        .unwrap_err();
-        assert_eq!(
-            e[0].to_json(),
-            json!({"type": "extra_forbidden", "loc": ["body", "bogus"], "msg": "Extra inputs are not permitted", "input": 1})
-        );
+        let e = validate(m, &json!({"command": "x", "bogus": 1}), &[json!("body")], Opts::default()).unwrap_err();
+        assert_eq!(e[0].to_json(), json!({"type": "extra_forbidden", "loc": ["body", "bogus"], "msg": "Extra inputs are not permitted", "input": 1}));
     }
 }

@@ -30,17 +30,13 @@ pub fn valid_profile_name(n: &str) -> bool {
     !b.is_empty()
         && b.len() <= 64
         && b[0].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
 }
 
 /// `^[A-Za-z][A-Za-z0-9_]{0,63}$`
 pub fn valid_secret_name(n: &str) -> bool {
     let b = n.as_bytes();
-    !b.is_empty()
-        && b.len() <= 64
-        && b[0].is_ascii_alphabetic()
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+    !b.is_empty() && b.len() <= 64 && b[0].is_ascii_alphabetic() && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
 }
 
 /// `foo.json` addresses profile `foo`.
@@ -59,8 +55,7 @@ pub fn merge_patch(base: &Value, diff: &Value) -> Value {
         for (k, v) in d {
             if v.is_null() {
                 out.remove(k);
-            } else if let (Some(_), Some(b)) = (v.as_object(), out.get(k).filter(|b| b.is_object()))
-            {
+            } else if let (Some(_), Some(b)) = (v.as_object(), out.get(k).filter(|b| b.is_object())) {
                 let merged = merge_patch(b, v);
                 out.insert(k.clone(), merged);
             } else {
@@ -80,8 +75,7 @@ pub fn deep_merge(base: &Value, overlay: &Value, unset_nulls: bool) -> Value {
         for (k, v) in o {
             if v.is_null() && unset_nulls {
                 out.remove(k);
-            } else if let (Some(_), Some(b)) = (v.as_object(), out.get(k).filter(|b| b.is_object()))
-            {
+            } else if let (Some(_), Some(b)) = (v.as_object(), out.get(k).filter(|b| b.is_object())) {
                 let merged = deep_merge(b, v, true);
                 out.insert(k.clone(), merged);
             } else {
@@ -107,10 +101,7 @@ fn agent_model(v: &Value) -> std::result::Result<(&'static Value, &'static str),
 }
 
 /// Validate an agent-settings payload (either variant) into its canonical plaintext form.
-pub fn validate_agent_settings(
-    v: &Value,
-    opts: Opts<'_>,
-) -> std::result::Result<Value, Vec<FieldError>> {
+pub fn validate_agent_settings(v: &Value, opts: Opts<'_>) -> std::result::Result<Value, Vec<FieldError>> {
     let (model, kind) = agent_model(v).map_err(|e| vec![e])?;
     let mut payload = obj(v);
     payload.insert("agent_kind".into(), json!(kind));
@@ -119,20 +110,14 @@ pub fn validate_agent_settings(
 }
 
 fn agent_schema_of(agent: &Value) -> &'static Value {
-    agent_model(agent)
-        .map(|(m, _)| m)
-        .unwrap_or_else(|_| schema::model("OpenHandsAgentSettings"))
+    agent_model(agent).map(|(m, _)| m).unwrap_or_else(|_| schema::model("OpenHandsAgentSettings"))
 }
 
 fn keep_dump_keys(model: &Value, v: Value) -> Value {
     match (model.get("x-dump-keys").and_then(Value::as_array), v) {
         (Some(keys), Value::Object(m)) => {
             let keys: Vec<&str> = keys.iter().filter_map(Value::as_str).collect();
-            Value::Object(
-                m.into_iter()
-                    .filter(|(k, _)| keys.contains(&k.as_str()))
-                    .collect(),
-            )
+            Value::Object(m.into_iter().filter(|(k, _)| keys.contains(&k.as_str())).collect())
         }
         (_, v) => v,
     }
@@ -186,10 +171,7 @@ impl SettingsService {
     }
 
     fn opts(&self, strict: bool) -> Opts<'_> {
-        Opts {
-            cipher: self.cipher.as_ref(),
-            strict_decrypt: strict,
-        }
+        Opts { cipher: self.cipher.as_ref(), strict_decrypt: strict }
     }
 
     fn expose(&self, mode: ExposeMode, root: &Value, v: &Value) -> Result<Value> {
@@ -221,10 +203,8 @@ impl SettingsService {
     // ── settings ──────────────────────────────────────────────────────────
 
     pub fn default_settings(&self) -> Value {
-        let agent =
-            validate_agent_settings(&json!({}), Opts::default()).expect("default agent settings");
-        let conv =
-            validate_conversation_settings(&json!({})).expect("default conversation settings");
+        let agent = validate_agent_settings(&json!({}), Opts::default()).expect("default agent settings");
+        let conv = validate_conversation_settings(&json!({})).expect("default conversation settings");
         json!({
             "schema_version": PERSISTED_SETTINGS_SCHEMA_VERSION,
             "agent_settings": agent,
@@ -237,9 +217,7 @@ impl SettingsService {
     }
 
     fn parse_settings(&self, data: &Value, strict: bool) -> Loaded {
-        let Some(m) = data.as_object() else {
-            return Loaded::Bad;
-        };
+        let Some(m) = data.as_object() else { return Loaded::Bad };
         let version = m.get("schema_version").cloned().unwrap_or(json!(0));
         match version.as_i64() {
             Some(v) if v <= PERSISTED_SETTINGS_SCHEMA_VERSION && !version.is_f64() => {}
@@ -263,11 +241,7 @@ impl SettingsService {
                 Err(_) => return Loaded::Bad,
             }
         }
-        for k in [
-            "active_profile",
-            "active_agent_profile_id",
-            "active_meta_profile",
-        ] {
+        for k in ["active_profile", "active_agent_profile_id", "active_meta_profile"] {
             if let Some(v) = m.get(k) {
                 if !(v.is_null() || v.is_string()) {
                     return Loaded::Bad;
@@ -306,8 +280,7 @@ impl SettingsService {
 
     fn save_settings(&self, user: &str, s: &Value) -> Result<()> {
         let mut out = s.clone();
-        out["agent_settings"] =
-            self.at_rest(agent_schema_of(&s["agent_settings"]), &s["agent_settings"])?;
+        out["agent_settings"] = self.at_rest(agent_schema_of(&s["agent_settings"]), &s["agent_settings"])?;
         store::write_json(&self.dir(user).join("settings.json"), &out).map_err(Error::io)
     }
 
@@ -323,12 +296,7 @@ impl SettingsService {
         self.update_settings_locked(user, conflict, f)
     }
 
-    fn update_settings_locked<T>(
-        &self,
-        user: &str,
-        conflict: Error,
-        f: impl FnOnce(&mut Value) -> Result<T>,
-    ) -> Result<(Value, T)> {
+    fn update_settings_locked<T>(&self, user: &str, conflict: Error, f: impl FnOnce(&mut Value) -> Result<T>) -> Result<(Value, T)> {
         let mut s = match self.load_settings_raw(user, true)? {
             Loaded::Ok(v) => v,
             Loaded::Missing => self.default_settings(),
@@ -358,20 +326,12 @@ impl SettingsService {
     /// client sent (pointers may be `null` = clear).
     pub fn patch_settings(&self, user: &str, payload: Map<String, Value>) -> Result<Value> {
         let mut update = Map::new();
-        for k in [
-            "agent_settings_diff",
-            "conversation_settings_diff",
-            "misc_settings_diff",
-        ] {
+        for k in ["agent_settings_diff", "conversation_settings_diff", "misc_settings_diff"] {
             if let Some(v) = payload.get(k).filter(|v| !v.is_null()) {
                 update.insert(k.into(), v.clone());
             }
         }
-        for k in [
-            "active_profile",
-            "active_agent_profile_id",
-            "active_meta_profile",
-        ] {
+        for k in ["active_profile", "active_agent_profile_id", "active_meta_profile"] {
             if let Some(v) = payload.get(k) {
                 update.insert(k.into(), v.clone());
             }
@@ -379,14 +339,9 @@ impl SettingsService {
         if update.is_empty() {
             return Err(Error::bad_request("At least one of agent_settings_diff, conversation_settings_diff, misc_settings_diff, active_profile, active_agent_profile_id, or active_meta_profile must be provided"));
         }
-        if let Some(id) = update
-            .get("active_agent_profile_id")
-            .and_then(Value::as_str)
-        {
+        if let Some(id) = update.get("active_agent_profile_id").and_then(Value::as_str) {
             if self.agent_profile_name_for_id(user, id).is_none() {
-                return Err(Error::not_found(format!(
-                    "Agent profile with id '{id}' not found"
-                )));
+                return Err(Error::not_found(format!("Agent profile with id '{id}' not found")));
             }
         }
         if let Some(name) = update.get("active_meta_profile").and_then(Value::as_str) {
@@ -394,8 +349,7 @@ impl SettingsService {
                 return Err(Error::not_found(format!("Meta-profile '{name}' not found")));
             }
         }
-        self.apply_settings_update(user, Value::Object(update), |_| Ok(()))
-            .map(|(s, _)| s)
+        self.apply_settings_update(user, Value::Object(update), |_| Ok(())).map(|(s, _)| s)
     }
 
     /// `_apply_settings_update`: fold the active profile's LLM in, merge, validate, save.
@@ -406,21 +360,11 @@ impl SettingsService {
         before: impl FnOnce(&Value) -> Result<()>,
     ) -> Result<(Value, ())> {
         let profile_llm = match update.get("active_profile").and_then(Value::as_str) {
-            Some(name)
-                if update
-                    .get("agent_settings_diff")
-                    .and_then(|d| d.get("llm"))
-                    .is_none() =>
-            {
-                Some(
-                    self.load_llm_profile(user, name, true)
-                        .map_err(|e| match e {
-                            ProfileLoadError::NotFound => {
-                                Error::not_found(format!("Profile '{name}' not found"))
-                            }
-                            ProfileLoadError::Other(e) => e,
-                        })?,
-                )
+            Some(name) if update.get("agent_settings_diff").and_then(|d| d.get("llm")).is_none() => {
+                Some(self.load_llm_profile(user, name, true).map_err(|e| match e {
+                    ProfileLoadError::NotFound => Error::not_found(format!("Profile '{name}' not found")),
+                    ProfileLoadError::Other(e) => e,
+                })?)
             }
             _ => None,
         };
@@ -429,62 +373,36 @@ impl SettingsService {
             before(s)?;
             let mut update = update;
             if let Some(llm) = profile_llm {
-                let mut diff = update
-                    .get("agent_settings_diff")
-                    .cloned()
-                    .filter(Value::is_object)
-                    .unwrap_or(json!({}));
-                let kind = diff
-                    .get("agent_kind")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| {
-                        s["agent_settings"]["agent_kind"]
-                            .as_str()
-                            .unwrap_or("openhands")
-                            .to_owned()
-                    });
+                let mut diff = update.get("agent_settings_diff").cloned().filter(Value::is_object).unwrap_or(json!({}));
+                let kind = diff.get("agent_kind").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| s["agent_settings"]["agent_kind"].as_str().unwrap_or("openhands").to_owned());
                 if kind != "acp" {
                     diff["llm"] = llm;
                     update["agent_settings_diff"] = diff;
                 }
             }
-            apply_update(s, &update, self.opts(false))
-                .map_err(|_| Error::unprocessable("Settings validation failed"))
+            apply_update(s, &update, self.opts(false)).map_err(|_| Error::unprocessable("Settings validation failed"))
         })
     }
 }
 
 /// `PersistedSettings.update`: validate every part first, then apply them together.
-pub(crate) fn apply_update(
-    s: &mut Value,
-    update: &Value,
-    opts: Opts<'_>,
-) -> std::result::Result<(), Vec<FieldError>> {
+pub(crate) fn apply_update(s: &mut Value, update: &Value, opts: Opts<'_>) -> std::result::Result<(), Vec<FieldError>> {
     let mut new_agent = None;
     if let Some(diff) = update.get("agent_settings_diff").filter(|d| d.is_object()) {
         let base = &s["agent_settings"];
         let base_kind = base["agent_kind"].as_str().unwrap_or("openhands");
         let merged = match diff.get("agent_kind").and_then(Value::as_str) {
-            Some(k) if !k.is_empty() && k != base_kind => {
-                merge_patch(&json!({"agent_kind": k}), diff)
-            }
+            Some(k) if !k.is_empty() && k != base_kind => merge_patch(&json!({"agent_kind": k}), diff),
             _ => merge_patch(base, diff),
         };
         new_agent = Some(validate_agent_settings(&merged, opts)?);
     }
     let mut new_conv = None;
-    if let Some(diff) = update
-        .get("conversation_settings_diff")
-        .filter(|d| d.is_object())
-    {
+    if let Some(diff) = update.get("conversation_settings_diff").filter(|d| d.is_object()) {
         let merged = deep_merge(&s["conversation_settings"], diff, false);
         new_conv = Some(validate_conversation_settings(&merged)?);
     }
-    let new_misc = update
-        .get("misc_settings_diff")
-        .filter(|d| d.is_object())
-        .map(|d| deep_merge(&s["misc_settings"], d, false));
+    let new_misc = update.get("misc_settings_diff").filter(|d| d.is_object()).map(|d| deep_merge(&s["misc_settings"], d, false));
     if let Some(a) = new_agent {
         s["agent_settings"] = a;
     }
@@ -518,10 +436,7 @@ pub(crate) fn apply_update(
 /// `llm_api_key_is_set`: an OpenHands agent whose LLM has a non-blank key.
 pub fn llm_api_key_is_set(s: &Value) -> bool {
     let a = &s["agent_settings"];
-    a["agent_kind"].as_str() == Some("openhands")
-        && a["llm"]["api_key"]
-            .as_str()
-            .is_some_and(|k| !k.trim().is_empty())
+    a["agent_kind"].as_str() == Some("openhands") && a["llm"]["api_key"].as_str().is_some_and(|k| !k.trim().is_empty())
 }
 
 pub(crate) enum ProfileLoadError {
@@ -537,11 +452,7 @@ impl SettingsService {
     }
 
     /// `(name, plaintext or None, description)` in stored order; `Err` when unreadable.
-    fn read_secrets(
-        &self,
-        user: &str,
-        strict: bool,
-    ) -> std::result::Result<Option<(Vec<(String, Option<String>, Value)>, Value)>, ()> {
+    fn read_secrets(&self, user: &str, strict: bool) -> std::result::Result<Option<(Vec<(String, Option<String>, Value)>, Value)>, ()> {
         let data = match store::read_json(&self.secrets_path(user)) {
             Ok(Read::Missing) => return Ok(None),
             Ok(Read::Json(v)) => v,
@@ -549,29 +460,20 @@ impl SettingsService {
         };
         let mut out = Vec::new();
         let Some(map) = data.get("custom_secrets").and_then(Value::as_object) else {
-            return if data.is_object() {
-                Ok(Some((out, data)))
-            } else {
-                Err(())
-            };
+            return if data.is_object() { Ok(Some((out, data))) } else { Err(()) };
         };
         for (name, entry) in map {
             let (raw, desc) = match entry {
                 Value::String(s) => (Some(s.clone()), Value::Null),
-                Value::Object(o) => (
-                    o.get("secret").and_then(Value::as_str).map(str::to_owned),
-                    o.get("description").cloned().unwrap_or(Value::Null),
-                ),
+                Value::Object(o) => (o.get("secret").and_then(Value::as_str).map(str::to_owned), o.get("description").cloned().unwrap_or(Value::Null)),
                 _ => continue,
             };
             let value = match raw {
-                Some(r) if crate::cipher::looks_encrypted(&r) => {
-                    match self.cipher.as_ref().and_then(|c| c.decrypt(&r)) {
-                        Some(p) => Some(p),
-                        None if strict => return Err(()),
-                        None => None,
-                    }
-                }
+                Some(r) if crate::cipher::looks_encrypted(&r) => match self.cipher.as_ref().and_then(|c| c.decrypt(&r)) {
+                    Some(p) => Some(p),
+                    None if strict => return Err(()),
+                    None => None,
+                },
                 Some(r) if r.trim().is_empty() || r == schema::REDACTED => None,
                 other => other,
             };
@@ -580,12 +482,7 @@ impl SettingsService {
         Ok(Some((out, data)))
     }
 
-    fn write_secrets(
-        &self,
-        user: &str,
-        items: &[(String, Option<String>, Value)],
-        previous: &Value,
-    ) -> Result<()> {
+    fn write_secrets(&self, user: &str, items: &[(String, Option<String>, Value)], previous: &Value) -> Result<()> {
         let mut map = Map::new();
         for (name, value, desc) in items {
             let secret = match (value, &self.cipher) {
@@ -593,22 +490,12 @@ impl SettingsService {
                 (Some(v), Some(c)) => json!(c.encrypt(v)),
                 (Some(_), None) => return Err(Error::no_key()),
             };
-            map.insert(
-                name.clone(),
-                json!({"name": name, "secret": secret, "description": desc}),
-            );
+            map.insert(name.clone(), json!({"name": name, "secret": secret, "description": desc}));
         }
         let mut data = json!({ "custom_secrets": map });
         // Credential-binding generations are kept (and dropped with their secret).
-        if let Some(v) = previous
-            .get("_credential_versions")
-            .and_then(Value::as_object)
-        {
-            let kept: Map<String, Value> = v
-                .iter()
-                .filter(|(k, _)| items.iter().any(|(n, val, _)| n == *k && val.is_some()))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
+        if let Some(v) = previous.get("_credential_versions").and_then(Value::as_object) {
+            let kept: Map<String, Value> = v.iter().filter(|(k, _)| items.iter().any(|(n, val, _)| n == *k && val.is_some())).map(|(k, v)| (k.clone(), v.clone())).collect();
             if !kept.is_empty() {
                 data["_credential_versions"] = Value::Object(kept);
             }
@@ -621,24 +508,12 @@ impl SettingsService {
         let allowed: Option<Vec<String>> = match agent_profile_id {
             None => None,
             Some(id) => {
-                let name = self
-                    .agent_profile_name_for_id(user, id)
-                    .ok_or_else(|| Error::not_found("Agent profile not found"))?;
+                let name = self.agent_profile_name_for_id(user, id).ok_or_else(|| Error::not_found("Agent profile not found"))?;
                 let p = self.load_agent_profile(user, &name)?;
-                p.get("secret_refs").and_then(Value::as_array).map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_str)
-                        .map(str::to_owned)
-                        .collect()
-                })
+                p.get("secret_refs").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
             }
         };
-        let items = self
-            .read_secrets(user, false)
-            .ok()
-            .flatten()
-            .map(|(i, _)| i)
-            .unwrap_or_default();
+        let items = self.read_secrets(user, false).ok().flatten().map(|(i, _)| i).unwrap_or_default();
         let list: Vec<Value> = items
             .into_iter()
             .filter(|(n, _, _)| allowed.as_ref().is_none_or(|a| a.contains(n)))
@@ -650,20 +525,11 @@ impl SettingsService {
     /// A secret's plaintext (the `LookupSecret` target). `None`: no such secret.
     pub fn secret_value(&self, user: &str, name: &str) -> Option<String> {
         let (items, _) = self.read_secrets(user, false).ok().flatten()?;
-        items
-            .into_iter()
-            .find(|(n, _, _)| n == name)
-            .and_then(|(_, v, _)| v)
+        items.into_iter().find(|(n, _, _)| n == name).and_then(|(_, v, _)| v)
     }
 
     /// Upsert (name and value already validated by the route).
-    pub fn set_secret(
-        &self,
-        user: &str,
-        name: &str,
-        value: &str,
-        description: Option<&str>,
-    ) -> Result<()> {
+    pub fn set_secret(&self, user: &str, name: &str, value: &str, description: Option<&str>) -> Result<()> {
         let _g = self.locks.lock(&self.dir(user)).map_err(Error::io)?;
         let (mut items, prev) = match self.read_secrets(user, true) {
             Ok(Some(x)) => x,
@@ -701,55 +567,27 @@ impl SettingsService {
     // ── LLM profiles ──────────────────────────────────────────────────────
 
     fn profile_path(&self, user: &str, name: &str) -> PathBuf {
-        self.dir(user)
-            .join("profiles")
-            .join(format!("{}.json", canonical(name)))
+        self.dir(user).join("profiles").join(format!("{}.json", canonical(name)))
     }
 
-    pub(crate) fn load_llm_profile(
-        &self,
-        user: &str,
-        name: &str,
-        resolve_provider: bool,
-    ) -> std::result::Result<Value, ProfileLoadError> {
+    pub(crate) fn load_llm_profile(&self, user: &str, name: &str, resolve_provider: bool) -> std::result::Result<Value, ProfileLoadError> {
         let data = match store::read_json(&self.profile_path(user, name)) {
             Ok(Read::Missing) => return Err(ProfileLoadError::NotFound),
             Ok(Read::Json(v)) => v,
-            Ok(Read::Corrupt(e)) => {
-                return Err(ProfileLoadError::Other(Error::bad_request(format!(
-                    "Failed to load profile `{name}`: {e}"
-                ))))
-            }
+            Ok(Read::Corrupt(e)) => return Err(ProfileLoadError::Other(Error::bad_request(format!("Failed to load profile `{name}`: {e}")))),
             Err(e) => return Err(ProfileLoadError::Other(Error::io(e))),
         };
-        let llm =
-            schema::validate(schema::model("LLM"), &data, &[], self.opts(false)).map_err(|_| {
-                ProfileLoadError::Other(Error::bad_request(format!(
-                    "Failed to load profile `{name}`: invalid LLM configuration"
-                )))
-            })?;
+        let llm = schema::validate(schema::model("LLM"), &data, &[], self.opts(false))
+            .map_err(|_| ProfileLoadError::Other(Error::bad_request(format!("Failed to load profile `{name}`: invalid LLM configuration"))))?;
         if resolve_provider {
-            return self
-                .resolve_provider_connection(user, Some(name), llm)
-                .map_err(ProfileLoadError::Other);
+            return self.resolve_provider_connection(user, Some(name), llm).map_err(ProfileLoadError::Other);
         }
         Ok(llm)
     }
 
     /// Apply a linked provider connection's key and base URL (read at use).
-    pub(crate) fn resolve_provider_connection(
-        &self,
-        user: &str,
-        profile: Option<&str>,
-        mut llm: Value,
-    ) -> Result<Value> {
-        let Some(id) = llm
-            .get("provider_connection_id")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-        else {
-            return Ok(llm);
-        };
+    pub(crate) fn resolve_provider_connection(&self, user: &str, profile: Option<&str>, mut llm: Value) -> Result<Value> {
+        let Some(id) = llm.get("provider_connection_id").and_then(Value::as_str).map(str::to_owned) else { return Ok(llm) };
         match self.provider_connection(user, &id)? {
             Some(c) => {
                 llm["base_url"] = c["base_url"].clone();
@@ -758,16 +596,9 @@ impl SettingsService {
                 }
                 Ok(llm)
             }
-            None if llm["api_key"]
-                .as_str()
-                .is_some_and(|k| !k.trim().is_empty() && k != schema::REDACTED) =>
-            {
-                Ok(llm)
-            }
+            None if llm["api_key"].as_str().is_some_and(|k| !k.trim().is_empty() && k != schema::REDACTED) => Ok(llm),
             None => {
-                let owner = profile
-                    .map(|p| format!("Profile '{p}'"))
-                    .unwrap_or_else(|| "LLM config".into());
+                let owner = profile.map(|p| format!("Profile '{p}'")).unwrap_or_else(|| "LLM config".into());
                 Err(Error::unprocessable(format!(
                     "{owner} references provider connection '{id}', which does not exist. Update the profile or recreate the connection."
                 )))
@@ -776,27 +607,13 @@ impl SettingsService {
     }
 
     /// Save an (already validated, plaintext) LLM as profile `name`.
-    pub fn save_llm_profile(
-        &self,
-        user: &str,
-        name: &str,
-        mut llm: Value,
-        include_secrets: bool,
-    ) -> Result<()> {
+    pub fn save_llm_profile(&self, user: &str, name: &str, mut llm: Value, include_secrets: bool) -> Result<()> {
         let _g = self.locks.lock(&self.dir(user)).map_err(Error::io)?;
         let path = self.profile_path(user, name);
-        if !path.exists()
-            && store::list_named(&self.dir(user).join("profiles")).len() >= MAX_PROFILES
-        {
-            return Err(Error::conflict(format!(
-                "Profile limit reached ({MAX_PROFILES}). Delete a profile before saving a new one."
-            )));
+        if !path.exists() && store::list_named(&self.dir(user).join("profiles")).len() >= MAX_PROFILES {
+            return Err(Error::conflict(format!("Profile limit reached ({MAX_PROFILES}). Delete a profile before saving a new one.")));
         }
-        if llm
-            .get("provider_connection_id")
-            .and_then(Value::as_str)
-            .is_some_and(|s| !s.is_empty())
-        {
+        if llm.get("provider_connection_id").and_then(Value::as_str).is_some_and(|s| !s.is_empty()) {
             llm["api_key"] = Value::Null;
             llm["base_url"] = Value::Null;
         }
@@ -813,25 +630,15 @@ impl SettingsService {
         store::list_named(&self.dir(user).join("profiles"))
             .into_iter()
             .filter_map(|(name, path)| {
-                let Ok(Read::Json(data)) = store::read_json(&path) else {
-                    return None;
-                };
+                let Ok(Read::Json(data)) = store::read_json(&path) else { return None };
                 data.as_object()?;
-                let mut api_key_set = data["api_key"]
-                    .as_str()
-                    .is_some_and(|k| !k.trim().is_empty() && k != schema::REDACTED);
-                let cid = data
-                    .get("provider_connection_id")
-                    .cloned()
-                    .unwrap_or(Value::Null);
+                let mut api_key_set = data["api_key"].as_str().is_some_and(|k| !k.trim().is_empty() && k != schema::REDACTED);
+                let cid = data.get("provider_connection_id").cloned().unwrap_or(Value::Null);
                 let mut broken = false;
                 if let Some(id) = cid.as_str() {
                     match conns.iter().find(|c| c["id"].as_str() == Some(id)) {
                         None => broken = true,
-                        Some(c) if !api_key_set => {
-                            api_key_set =
-                                c["api_key"].as_str().is_some_and(|k| !k.trim().is_empty())
-                        }
+                        Some(c) if !api_key_set => api_key_set = c["api_key"].as_str().is_some_and(|k| !k.trim().is_empty()),
                         _ => {}
                     }
                 }
@@ -849,18 +656,11 @@ impl SettingsService {
 
     /// Effective key presence: the profile's own key, or its provider connection's.
     pub(crate) fn profile_api_key_set(&self, user: &str, llm: &Value) -> Result<bool> {
-        if llm["api_key"]
-            .as_str()
-            .is_some_and(|k| !k.trim().is_empty())
-        {
+        if llm["api_key"].as_str().is_some_and(|k| !k.trim().is_empty()) {
             return Ok(true);
         }
-        let Some(id) = llm["provider_connection_id"].as_str() else {
-            return Ok(false);
-        };
-        Ok(self
-            .provider_connection(user, id)?
-            .is_some_and(|c| c["api_key"].as_str().is_some_and(|k| !k.trim().is_empty())))
+        let Some(id) = llm["provider_connection_id"].as_str() else { return Ok(false) };
+        Ok(self.provider_connection(user, id)?.is_some_and(|c| c["api_key"].as_str().is_some_and(|k| !k.trim().is_empty())))
     }
 
     pub(crate) fn llm_expose(&self, llm: &Value, mode: ExposeMode) -> Result<Value> {
@@ -929,26 +729,17 @@ impl SettingsService {
     fn llm_profile_referrers(&self, user: &str, llm_name: &str) -> Vec<String> {
         self.agent_profile_summaries(user)
             .into_iter()
-            .filter(|s| {
-                s["agent_kind"] == "openhands"
-                    && s["llm_profile_ref"]
-                        .as_str()
-                        .is_some_and(|r| canonical(r) == canonical(llm_name))
-            })
+            .filter(|s| s["agent_kind"] == "openhands" && s["llm_profile_ref"].as_str().is_some_and(|r| canonical(r) == canonical(llm_name)))
             .filter_map(|s| s["name"].as_str().map(str::to_owned))
             .collect()
     }
 
     /// `POST /api/profiles/{name}/activate`: apply the LLM to the settings, remember the name.
     pub fn activate_llm_profile(&self, user: &str, name: &str) -> Result<bool> {
-        let llm = self
-            .load_llm_profile(user, name, true)
-            .map_err(|e| match e {
-                ProfileLoadError::NotFound => {
-                    Error::not_found(format!("Profile '{name}' not found"))
-                }
-                ProfileLoadError::Other(e) => e,
-            })?;
+        let llm = self.load_llm_profile(user, name, true).map_err(|e| match e {
+            ProfileLoadError::NotFound => Error::not_found(format!("Profile '{name}' not found")),
+            ProfileLoadError::Other(e) => e,
+        })?;
         let (_, applied) = self.update_settings_with(user, Error::conflict(KEY_HINT), |s| {
             let mut applied = false;
             if s["agent_settings"]["agent_kind"] == "openhands" {
@@ -964,27 +755,17 @@ impl SettingsService {
     // ── provider connections ──────────────────────────────────────────────
 
     fn connections_path(&self, user: &str) -> PathBuf {
-        self.dir(user)
-            .join("provider-connections")
-            .join("provider_connections.json")
+        self.dir(user).join("provider-connections").join("provider_connections.json")
     }
 
     /// Stored connections with `api_key` decrypted.
     pub(crate) fn provider_connections_raw(&self, user: &str) -> Result<Vec<Value>> {
         let data = match store::read_json(&self.connections_path(user)).map_err(Error::io)? {
             Read::Missing => return Ok(Vec::new()),
-            Read::Corrupt(e) => {
-                return Err(Error::bad_request(format!(
-                    "Provider connections file is unreadable: {e}"
-                )))
-            }
+            Read::Corrupt(e) => return Err(Error::bad_request(format!("Provider connections file is unreadable: {e}"))),
             Read::Json(v) => v,
         };
-        let list = data
-            .get("connections")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
+        let list = data.get("connections").and_then(Value::as_array).cloned().unwrap_or_default();
         list.into_iter()
             .map(|mut c| {
                 if let Some(k) = c["api_key"].as_str().map(str::to_owned) {
@@ -1005,10 +786,7 @@ impl SettingsService {
     }
 
     pub(crate) fn provider_connection(&self, user: &str, id: &str) -> Result<Option<Value>> {
-        Ok(self
-            .provider_connections_raw(user)?
-            .into_iter()
-            .find(|c| c["id"].as_str() == Some(id)))
+        Ok(self.provider_connections_raw(user)?.into_iter().find(|c| c["id"].as_str() == Some(id)))
     }
 
     pub(crate) fn write_provider_connections(&self, user: &str, list: &[Value]) -> Result<()> {
@@ -1023,45 +801,29 @@ impl SettingsService {
             }
             out.push(c);
         }
-        store::write_json(
-            &self.connections_path(user),
-            &json!({"schema_version": 1, "connections": out}),
-        )
-        .map_err(Error::io)
+        store::write_json(&self.connections_path(user), &json!({"schema_version": 1, "connections": out})).map_err(Error::io)
     }
 
     // ── meta-profiles ─────────────────────────────────────────────────────
 
     pub(crate) fn meta_path(&self, user: &str, name: &str) -> PathBuf {
-        self.dir(user)
-            .join("meta-profiles")
-            .join(format!("{}.json", canonical(name)))
+        self.dir(user).join("meta-profiles").join(format!("{}.json", canonical(name)))
     }
 
     pub(crate) fn load_meta_profile(&self, user: &str, name: &str) -> Result<Option<Value>> {
         match store::read_json(&self.meta_path(user, name)).map_err(Error::io)? {
             Read::Missing => Ok(None),
-            Read::Corrupt(e) => Err(Error::bad_request(format!(
-                "Failed to load meta-profile `{name}`: {e}"
-            ))),
-            Read::Json(v) => {
-                schema::validate(schema::model("MetaProfile"), &v, &[], Opts::default())
-                    .map(Some)
-                    .map_err(|_| {
-                        Error::bad_request(format!(
-                            "Failed to load meta-profile `{name}`: invalid meta-profile"
-                        ))
-                    })
-            }
+            Read::Corrupt(e) => Err(Error::bad_request(format!("Failed to load meta-profile `{name}`: {e}"))),
+            Read::Json(v) => schema::validate(schema::model("MetaProfile"), &v, &[], Opts::default())
+                .map(Some)
+                .map_err(|_| Error::bad_request(format!("Failed to load meta-profile `{name}`: invalid meta-profile"))),
         }
     }
 
     // ── agent profiles ────────────────────────────────────────────────────
 
     pub(crate) fn agent_profile_path(&self, user: &str, name: &str) -> PathBuf {
-        self.dir(user)
-            .join("agent-profiles")
-            .join(format!("{}.json", canonical(name)))
+        self.dir(user).join("agent-profiles").join(format!("{}.json", canonical(name)))
     }
 
     pub fn agent_profile_summaries(&self, user: &str) -> Vec<Value> {
@@ -1084,24 +846,15 @@ impl SettingsService {
     }
 
     pub fn agent_profile_name_for_id(&self, user: &str, id: &str) -> Option<String> {
-        self.agent_profile_summaries(user)
-            .into_iter()
-            .find(|s| s["id"].as_str() == Some(id))
-            .and_then(|s| s["name"].as_str().map(str::to_owned))
+        self.agent_profile_summaries(user).into_iter().find(|s| s["id"].as_str() == Some(id)).and_then(|s| s["name"].as_str().map(str::to_owned))
     }
 
     /// A stored agent profile, validated. 404 when absent, 400 when unreadable.
     pub fn load_agent_profile(&self, user: &str, name: &str) -> Result<Value> {
         match store::read_json(&self.agent_profile_path(user, name)).map_err(Error::io)? {
-            Read::Missing => Err(Error::not_found(format!(
-                "Agent profile '{name}' not found"
-            ))),
-            Read::Corrupt(e) => Err(Error::bad_request(format!(
-                "Failed to load profile `{name}`: {e}"
-            ))),
-            Read::Json(v) => validate_agent_profile(&v).map_err(|_| {
-                Error::bad_request(format!("Failed to load profile `{name}`: invalid profile"))
-            }),
+            Read::Missing => Err(Error::not_found(format!("Agent profile '{name}' not found"))),
+            Read::Corrupt(e) => Err(Error::bad_request(format!("Failed to load profile `{name}`: {e}"))),
+            Read::Json(v) => validate_agent_profile(&v).map_err(|_| Error::bad_request(format!("Failed to load profile `{name}`: invalid profile"))),
         }
     }
 }
@@ -1110,9 +863,7 @@ impl SettingsService {
 /// `safe_validation_error_detail`: `loc` starts with the variant tag, no `input`.
 pub fn validate_agent_profile(v: &Value) -> std::result::Result<Value, Vec<Value>> {
     let Some(m) = v.as_object() else {
-        return Err(vec![
-            json!({"loc": [], "type": "model_attributes_type", "msg": "Input should be a valid dictionary or object to extract fields from"}),
-        ]);
+        return Err(vec![json!({"loc": [], "type": "model_attributes_type", "msg": "Input should be a valid dictionary or object to extract fields from"})]);
     };
     let mut payload = m.clone();
     match payload.get("schema_version") {
@@ -1126,17 +877,9 @@ pub fn validate_agent_profile(v: &Value) -> std::result::Result<Value, Vec<Value
             payload.remove("enable_switch_llm_tool");
             payload.insert("schema_version".into(), json!(4));
         }
-        Some(_) => {
-            return Err(vec![
-                json!({"loc": [], "type": "value_error", "msg": "Value error, AgentProfile schema_version is not supported"}),
-            ])
-        }
+        Some(_) => return Err(vec![json!({"loc": [], "type": "value_error", "msg": "Value error, AgentProfile schema_version is not supported"})]),
     }
-    let tag = payload
-        .get("agent_kind")
-        .and_then(Value::as_str)
-        .unwrap_or("openhands")
-        .to_owned();
+    let tag = payload.get("agent_kind").and_then(Value::as_str).unwrap_or("openhands").to_owned();
     let model = match tag.as_str() {
         "openhands" => schema::model("OpenHandsAgentProfile"),
         "acp" => schema::model("ACPAgentProfile"),
@@ -1148,17 +891,8 @@ pub fn validate_agent_profile(v: &Value) -> std::result::Result<Value, Vec<Value
             })])
         }
     };
-    schema::validate(
-        model,
-        &Value::Object(payload),
-        &[json!(tag)],
-        Opts::default(),
-    )
-    .map_err(|errs| {
-        errs.iter()
-            .map(|e| json!({"loc": e.loc, "type": e.kind, "msg": e.msg}))
-            .collect()
-    })
+    schema::validate(model, &Value::Object(payload), &[json!(tag)], Opts::default())
+        .map_err(|errs| errs.iter().map(|e| json!({"loc": e.loc, "type": e.kind, "msg": e.msg})).collect())
 }
 
 /// Every secret leaf set to `null` (a profile saved with `include_secrets: false`).
@@ -1167,24 +901,9 @@ fn strip_secrets(root: &Value, v: &Value) -> Value {
     let marked = schema::serialize(root, v, Expose::Redact);
     fn unmark(orig: &Value, marked: &Value) -> Value {
         match (orig, marked) {
-            (Value::Object(o), Value::Object(m)) => Value::Object(
-                o.iter()
-                    .map(|(k, x)| {
-                        (
-                            k.clone(),
-                            m.get(k).map(|y| unmark(x, y)).unwrap_or_else(|| x.clone()),
-                        )
-                    })
-                    .collect(),
-            ),
-            (Value::Array(o), Value::Array(m)) => {
-                Value::Array(o.iter().zip(m).map(|(x, y)| unmark(x, y)).collect())
-            }
-            (Value::String(a), Value::String(b))
-                if b == schema::REDACTED && a != schema::REDACTED =>
-            {
-                Value::Null
-            }
+            (Value::Object(o), Value::Object(m)) => Value::Object(o.iter().map(|(k, x)| (k.clone(), m.get(k).map(|y| unmark(x, y)).unwrap_or_else(|| x.clone()))).collect()),
+            (Value::Array(o), Value::Array(m)) => Value::Array(o.iter().zip(m).map(|(x, y)| unmark(x, y)).collect()),
+            (Value::String(a), Value::String(b)) if b == schema::REDACTED && a != schema::REDACTED => Value::Null,
             (x, _) => x.clone(),
         }
     }

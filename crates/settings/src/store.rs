@@ -86,9 +86,7 @@ pub fn read_json(path: &Path) -> std::io::Result<Read> {
 
 /// `*.json` files of `dir` whose stem matches the profile-name pattern, sorted by name.
 pub fn list_named(dir: &Path) -> Vec<(String, PathBuf)> {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
+    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut out: Vec<(String, PathBuf)> = rd
         .filter_map(Result::ok)
         .filter_map(|e| {
@@ -124,11 +122,7 @@ impl Locks {
         };
         let inner = arc.blocking_lock_owned();
         ensure_dir(dir)?;
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(".lock"))?;
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(".lock"))?;
         #[cfg(unix)]
         {
             use std::os::unix::io::AsRawFd;
@@ -138,10 +132,7 @@ impl Locks {
                 return Err(std::io::Error::last_os_error());
             }
         }
-        Ok(Guard {
-            _file: file,
-            _inner: inner,
-        })
+        Ok(Guard { _file: file, _inner: inner })
     }
 }
 

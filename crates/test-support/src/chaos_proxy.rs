@@ -67,10 +67,7 @@ pub struct ChaosProxy {
 
 impl std::fmt::Debug for ChaosProxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChaosProxy")
-            .field("addr", &self.inner.addr)
-            .field("target", &self.inner.target)
-            .finish()
+        f.debug_struct("ChaosProxy").field("addr", &self.inner.addr).field("target", &self.inner.target).finish()
     }
 }
 
@@ -141,21 +138,13 @@ impl ChaosProxy {
 
     /// Hold every byte, both ways, on every connection (open and new) for `d`.
     pub fn stall(&self, d: Duration) {
-        *self
-            .inner
-            .stall_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + d);
+        *self.inner.stall_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + d);
         self.inner.stalls.fetch_add(1, Ordering::Relaxed);
     }
 
     /// End a stall now.
     pub fn unstall(&self) {
-        *self
-            .inner
-            .stall_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = None;
+        *self.inner.stall_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Reset new connections as soon as they are accepted (open ones are left alone).
@@ -213,12 +202,7 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
         }
         let inner = inner.clone();
         tokio::spawn(async move {
-            let upstream = match tokio::time::timeout(
-                Duration::from_secs(5),
-                TcpStream::connect(inner.target),
-            )
-            .await
-            {
+            let upstream = match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(inner.target)).await {
                 Ok(Ok(u)) => u,
                 _ => {
                     let _ = client.set_zero_linger();
@@ -228,21 +212,10 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
             let _ = client.set_nodelay(true);
             let _ = upstream.set_nodelay(true);
             let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-            let conn = Arc::new(Conn {
-                reset: Notify::new(),
-                fired: AtomicBool::new(false),
-            });
-            inner
-                .conns
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id, conn.clone());
+            let conn = Arc::new(Conn { reset: Notify::new(), fired: AtomicBool::new(false) });
+            inner.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(id, conn.clone());
             run_conn(&inner, client, upstream, &conn).await;
-            inner
-                .conns
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+            inner.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         });
     }
 }
@@ -276,10 +249,7 @@ async fn pump(inner: &Inner, from: &mut OwnedReadHalf, to: &mut OwnedWriteHalf) 
         loop {
             let until = *inner.stall_until.lock().unwrap_or_else(|p| p.into_inner());
             match until {
-                Some(t) if t > Instant::now() => {
-                    tokio::time::sleep_until(t.min(Instant::now() + Duration::from_millis(50)))
-                        .await
-                }
+                Some(t) if t > Instant::now() => tokio::time::sleep_until(t.min(Instant::now() + Duration::from_millis(50))).await,
                 _ => break,
             }
         }
@@ -322,24 +292,16 @@ mod tests {
         let t = std::time::Instant::now();
         s.write_all(b"again").await.unwrap();
         s.read_exact(&mut buf).await.unwrap();
-        assert!(
-            t.elapsed() >= Duration::from_millis(250),
-            "{:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() >= Duration::from_millis(250), "{:?}", t.elapsed());
 
         // Reset: the client sees ECONNRESET (or EOF), not a hang.
         assert_eq!(p.reset_all(), 1);
-        let r = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
-            .await
-            .unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await.unwrap();
         assert!(matches!(r, Err(_) | Ok(0)), "{r:?}");
 
         p.set_refusing(true);
         let mut s2 = TcpStream::connect(p.addr()).await.unwrap();
-        let r = tokio::time::timeout(Duration::from_secs(2), s2.read(&mut buf))
-            .await
-            .unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(2), s2.read(&mut buf)).await.unwrap();
         assert!(matches!(r, Err(_) | Ok(0)), "{r:?}");
         p.set_refusing(false);
         let st = p.stats();

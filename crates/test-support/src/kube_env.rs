@@ -27,14 +27,10 @@ pub fn agent_server_image() -> String {
 /// The cluster, Docker and the agent-server image, or why not.
 pub async fn prerequisites() -> Result<KubeEnv, String> {
     let env = KubeEnv::get()?;
-    let docker = crate::node_agent::connect_docker(None)
-        .await
-        .map_err(|e| format!("no Docker engine: {e}"))?;
+    let docker = crate::node_agent::connect_docker(None).await.map_err(|e| format!("no Docker engine: {e}"))?;
     let image = agent_server_image();
     if docker.inspect_image(&image).await.is_err() {
-        return Err(format!(
-            "image {image} is not present (scripts/build-agent-server-image.sh builds it)"
-        ));
+        return Err(format!("image {image} is not present (scripts/build-agent-server-image.sh builds it)"));
     }
     Ok(env)
 }
@@ -59,10 +55,7 @@ macro_rules! require_kube {
 
 /// The repository root (this crate is crates/test-support).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("repo root")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
 }
 
 /// Kubeconfigs of the running test cluster.
@@ -97,36 +90,12 @@ impl KubeEnv {
                 .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
             if !out.status.success() {
                 let err = String::from_utf8_lossy(&out.stderr);
-                let tail: Vec<&str> = err
-                    .lines()
-                    .rev()
-                    .take(6)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
-                return Err(format!(
-                    "scripts/setup-kube.sh failed ({}): {}",
-                    out.status,
-                    tail.join(" | ")
-                ));
+                let tail: Vec<&str> = err.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev().collect();
+                return Err(format!("scripts/setup-kube.sh failed ({}): {}", out.status, tail.join(" | ")));
             }
-            let admin = PathBuf::from(
-                String::from_utf8_lossy(&out.stdout)
-                    .trim()
-                    .lines()
-                    .last()
-                    .unwrap_or(""),
-            );
-            let dir = admin
-                .parent()
-                .ok_or("setup-kube.sh printed no kubeconfig")?
-                .to_path_buf();
-            Ok(KubeEnv {
-                admin,
-                nestor: dir.join("nestor.kubeconfig"),
-                readonly: dir.join("nestor-readonly.kubeconfig"),
-            })
+            let admin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or(""));
+            let dir = admin.parent().ok_or("setup-kube.sh printed no kubeconfig")?.to_path_buf();
+            Ok(KubeEnv { admin, nestor: dir.join("nestor.kubeconfig"), readonly: dir.join("nestor-readonly.kubeconfig") })
         })
         .clone()
     }
@@ -156,44 +125,27 @@ pub struct TestNamespace {
     done: bool,
 }
 
-async fn bounded<T>(
-    f: impl std::future::Future<Output = Result<T, kube::Error>>,
-) -> anyhow::Result<T> {
-    Ok(tokio::time::timeout(Duration::from_secs(20), f)
-        .await
-        .map_err(|_| anyhow::anyhow!("timed out"))??)
+async fn bounded<T>(f: impl std::future::Future<Output = Result<T, kube::Error>>) -> anyhow::Result<T> {
+    Ok(tokio::time::timeout(Duration::from_secs(20), f).await.map_err(|_| anyhow::anyhow!("timed out"))??)
 }
 
 impl TestNamespace {
     /// Create `<prefix>-<random>` with the shipped Role bound to user `nestor`, and a
     /// read-only Role bound to `nestor-readonly`.
     pub async fn create(env: &KubeEnv, prefix: &str) -> anyhow::Result<TestNamespace> {
-        let name = format!(
-            "{prefix}-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
+        let name = format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         Self::create_named(&env.admin, &name).await
     }
 
     /// The same with a given name, as the admin of kubeconfig `admin`.
     pub async fn create_named(admin: &Path, name: &str) -> anyhow::Result<TestNamespace> {
-        let env = KubeEnv {
-            admin: admin.to_path_buf(),
-            nestor: PathBuf::new(),
-            readonly: PathBuf::new(),
-        };
+        let env = KubeEnv { admin: admin.to_path_buf(), nestor: PathBuf::new(), readonly: PathBuf::new() };
         let client = env.admin_client().await?;
         let name = name.to_owned();
         let nss: Api<Namespace> = Api::all(client.clone());
-        let ns: Namespace =
-            serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
         bounded(nss.create(&PostParams::default(), &ns)).await?;
-        let me = TestNamespace {
-            name: name.clone(),
-            client: client.clone(),
-            admin: env.admin.clone(),
-            done: false,
-        };
+        let me = TestNamespace { name: name.clone(), client: client.clone(), admin: env.admin.clone(), done: false };
         let roles: Api<Role> = Api::namespaced(client.clone(), &name);
         let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), &name);
         let mut role = shipped_role()?;
@@ -205,10 +157,7 @@ impl TestNamespace {
             "rules": [{"apiGroups": [""], "resources": ["pods", "secrets", "persistentvolumeclaims"], "verbs": ["get", "list", "watch"]}],
         }))?;
         bounded(roles.create(&PostParams::default(), &ro)).await?;
-        for (binding, role, user) in [
-            ("nestor", role_name.as_str(), "nestor"),
-            ("readonly", "readonly", "nestor-readonly"),
-        ] {
+        for (binding, role, user) in [("nestor", role_name.as_str(), "nestor"), ("readonly", "readonly", "nestor-readonly")] {
             let b: RoleBinding = serde_json::from_value(serde_json::json!({
                 "metadata": {"name": binding},
                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
@@ -236,18 +185,12 @@ impl TestNamespace {
 }
 
 fn names<K: kube::Resource>(items: Vec<K>) -> Vec<String> {
-    let mut v: Vec<String> = items
-        .into_iter()
-        .filter_map(|i| i.meta().name.clone())
-        .collect();
+    let mut v: Vec<String> = items.into_iter().filter_map(|i| i.meta().name.clone()).collect();
     v.sort();
     v
 }
 
-async fn objects(
-    client: &kube::Client,
-    ns: &str,
-) -> anyhow::Result<(Vec<String>, Vec<String>, Vec<String>)> {
+async fn objects(client: &kube::Client, ns: &str) -> anyhow::Result<(Vec<String>, Vec<String>, Vec<String>)> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
@@ -282,10 +225,7 @@ impl Drop for TestNamespace {
         let admin = self.admin.clone();
         let ns = self.name.clone();
         let _ = std::thread::spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 rt.block_on(async move {
                     if let Ok(c) = crate::node_agent::kube_client(&admin).await {
                         cleanup(&c, &ns).await;

@@ -39,15 +39,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType, PortBinding};
 use bollard::query_parameters::{
-    CreateContainerOptions, ListContainersOptions, ListVolumesOptions, RemoveContainerOptions,
-    RemoveVolumeOptions, StopContainerOptions,
+    CreateContainerOptions, ListContainersOptions, ListVolumesOptions, RemoveContainerOptions, RemoveVolumeOptions,
+    StopContainerOptions,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
-use kube::api::{
-    Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions, WatchParams,
-};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions, WatchParams};
 use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -109,10 +107,7 @@ struct Ctr {
 
 impl Ctr {
     fn host_port_of(&self, container_port: u16) -> Option<u16> {
-        self.ports
-            .iter()
-            .find(|(_, p, _)| *p == container_port)
-            .and_then(|(_, _, h)| *h)
+        self.ports.iter().find(|(_, p, _)| *p == container_port).and_then(|(_, _, h)| *h)
     }
 }
 
@@ -124,20 +119,14 @@ pub struct NodeAgent {
     node: String,
 }
 
-async fn bounded<T>(
-    what: &str,
-    f: impl std::future::Future<Output = Result<T, kube::Error>>,
-) -> anyhow::Result<T> {
+async fn bounded<T>(what: &str, f: impl std::future::Future<Output = Result<T, kube::Error>>) -> anyhow::Result<T> {
     match tokio::time::timeout(API_TIMEOUT, f).await {
         Ok(r) => r.with_context(|| what.to_owned()),
         Err(_) => anyhow::bail!("{what}: timed out"),
     }
 }
 
-async fn dbounded<T>(
-    what: &str,
-    f: impl std::future::Future<Output = Result<T, bollard::errors::Error>>,
-) -> anyhow::Result<T> {
+async fn dbounded<T>(what: &str, f: impl std::future::Future<Output = Result<T, bollard::errors::Error>>) -> anyhow::Result<T> {
     match tokio::time::timeout(Duration::from_secs(60), f).await {
         Ok(r) => r.with_context(|| what.to_owned()),
         Err(_) => anyhow::bail!("{what}: timed out"),
@@ -147,10 +136,7 @@ async fn dbounded<T>(
 fn is_docker_404(e: &anyhow::Error) -> bool {
     matches!(
         e.downcast_ref::<bollard::errors::Error>(),
-        Some(bollard::errors::Error::DockerResponseServerError {
-            status_code: 404,
-            ..
-        })
+        Some(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })
     )
 }
 
@@ -158,26 +144,18 @@ fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_default()
 }
 
 pub async fn connect_docker(host: Option<&str>) -> anyhow::Result<Docker> {
-    let host = host
-        .map(str::to_owned)
-        .or_else(|| std::env::var("DOCKER_HOST").ok())
-        .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
+    let host = host.map(str::to_owned).or_else(|| std::env::var("DOCKER_HOST").ok()).unwrap_or_else(|| "unix:///var/run/docker.sock".into());
     let d = if host.starts_with("unix://") {
         Docker::connect_with_unix(&host, 60, bollard::API_DEFAULT_VERSION)?
     } else {
         Docker::connect_with_http(&host, 60, bollard::API_DEFAULT_VERSION)?
     };
-    let d = tokio::time::timeout(Duration::from_secs(10), d.negotiate_version())
-        .await
-        .context("docker: no answer")??;
+    let d = tokio::time::timeout(Duration::from_secs(10), d.negotiate_version()).await.context("docker: no answer")??;
     Ok(d)
 }
 
@@ -209,12 +187,7 @@ impl NodeAgent {
         };
         let c2 = cancel.clone();
         let task = tokio::spawn(agent.run(c2));
-        Ok(Self {
-            cancel,
-            task: Some(task),
-            docker,
-            node: cfg.node_name,
-        })
+        Ok(Self { cancel, task: Some(task), docker, node: cfg.node_name })
     }
 
     /// Stop the agent and remove every container and volume it made.
@@ -237,10 +210,7 @@ impl Drop for NodeAgent {
         let docker = self.docker.clone();
         let node = self.node.clone();
         let _ = std::thread::spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 rt.block_on(async move {
                     // The client was made on another runtime: connect again.
                     let d = connect_docker(None).await.unwrap_or(docker);
@@ -257,11 +227,7 @@ pub async fn cleanup(docker: &Docker, node: &str) {
     let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_NODE}={node}")])]);
     if let Ok(Ok(cs)) = tokio::time::timeout(
         Duration::from_secs(30),
-        docker.list_containers(Some(ListContainersOptions {
-            all: true,
-            filters: Some(filters.clone()),
-            ..Default::default()
-        })),
+        docker.list_containers(Some(ListContainersOptions { all: true, filters: Some(filters.clone()), ..Default::default() })),
     )
     .await
     {
@@ -269,33 +235,18 @@ pub async fn cleanup(docker: &Docker, node: &str) {
             if let Some(id) = c.id {
                 let _ = tokio::time::timeout(
                     Duration::from_secs(30),
-                    docker.remove_container(
-                        &id,
-                        Some(RemoveContainerOptions {
-                            force: true,
-                            v: true,
-                            link: false,
-                        }),
-                    ),
+                    docker.remove_container(&id, Some(RemoveContainerOptions { force: true, v: true, link: false })),
                 )
                 .await;
             }
         }
     }
-    if let Ok(Ok(vs)) = tokio::time::timeout(
-        Duration::from_secs(30),
-        docker.list_volumes(Some(ListVolumesOptions {
-            filters: Some(filters),
-        })),
-    )
-    .await
+    if let Ok(Ok(vs)) =
+        tokio::time::timeout(Duration::from_secs(30), docker.list_volumes(Some(ListVolumesOptions { filters: Some(filters) }))).await
     {
         for v in vs.volumes.unwrap_or_default() {
-            let _ = tokio::time::timeout(
-                Duration::from_secs(30),
-                docker.remove_volume(&v.name, Some(RemoveVolumeOptions { force: true })),
-            )
-            .await;
+            let _ = tokio::time::timeout(Duration::from_secs(30), docker.remove_volume(&v.name, Some(RemoveVolumeOptions { force: true })))
+                .await;
         }
     }
 }
@@ -380,16 +331,10 @@ impl Agent {
             }
         }
         // Containers whose pod is gone.
-        let gone: Vec<String> = self
-            .runs
-            .keys()
-            .filter(|u| !live.contains(*u))
-            .cloned()
-            .collect();
+        let gone: Vec<String> = self.runs.keys().filter(|u| !live.contains(*u)).cloned().collect();
         for uid in gone {
             if self.runs.remove(&uid).is_some() {
-                self.remove_pod_containers(&uid, Duration::from_secs(1))
-                    .await;
+                self.remove_pod_containers(&uid, Duration::from_secs(1)).await;
                 self.remove_pod_volumes(&uid).await;
             }
         }
@@ -405,13 +350,7 @@ impl Agent {
         });
         bounded(
             "bind pod",
-            self.pods
-                .create_subresource::<serde_json::Value, serde_json::Value>(
-                    "binding",
-                    name,
-                    &PostParams::default(),
-                    &binding,
-                ),
+            self.pods.create_subresource::<serde_json::Value, serde_json::Value>("binding", name, &PostParams::default(), &binding),
         )
         .await?;
         tracing::debug!(pod = %name, node = %self.node, "pod bound");
@@ -423,23 +362,11 @@ impl Agent {
     async fn finish_delete(&mut self, p: &Pod) {
         let uid = p.metadata.uid.clone().unwrap_or_default();
         let name = p.metadata.name.clone().unwrap_or_default();
-        let grace = p
-            .metadata
-            .deletion_grace_period_seconds
-            .unwrap_or(0)
-            .clamp(0, MAX_GRACE_SECS) as u64;
+        let grace = p.metadata.deletion_grace_period_seconds.unwrap_or(0).clamp(0, MAX_GRACE_SECS) as u64;
         self.runs.remove(&uid);
-        self.remove_pod_containers(&uid, Duration::from_secs(grace))
-            .await;
+        self.remove_pod_containers(&uid, Duration::from_secs(grace)).await;
         self.remove_pod_volumes(&uid).await;
-        let dp = DeleteParams {
-            grace_period_seconds: Some(0),
-            preconditions: Some(Preconditions {
-                uid: Some(uid),
-                resource_version: None,
-            }),
-            ..Default::default()
-        };
+        let dp = DeleteParams { grace_period_seconds: Some(0), preconditions: Some(Preconditions { uid: Some(uid), resource_version: None }), ..Default::default() };
         let _ = bounded("delete pod", self.pods.delete(&name, &dp)).await;
     }
 
@@ -448,11 +375,7 @@ impl Agent {
         let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_POD_UID}={uid}")])]);
         let names: Vec<String> = match dbounded(
             "list containers",
-            self.docker.list_containers(Some(ListContainersOptions {
-                all: true,
-                filters: Some(filters),
-                ..Default::default()
-            })),
+            self.docker.list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() })),
         )
         .await
         {
@@ -465,127 +388,58 @@ impl Agent {
     async fn remove_container(&self, name: &str, grace: Duration) {
         let _ = tokio::time::timeout(
             grace + Duration::from_secs(15),
-            self.docker.stop_container(
-                name,
-                Some(StopContainerOptions {
-                    t: Some(grace.as_secs() as i32),
-                    signal: None,
-                }),
-            ),
+            self.docker.stop_container(name, Some(StopContainerOptions { t: Some(grace.as_secs() as i32), signal: None })),
         )
         .await;
         let _ = dbounded(
             "remove container",
-            self.docker.remove_container(
-                name,
-                Some(RemoveContainerOptions {
-                    force: true,
-                    v: false,
-                    link: false,
-                }),
-            ),
+            self.docker.remove_container(name, Some(RemoveContainerOptions { force: true, v: false, link: false })),
         )
         .await;
     }
 
     async fn remove_pod_volumes(&self, uid: &str) {
         let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_POD_UID}={uid}")])]);
-        if let Ok(vs) = dbounded(
-            "list volumes",
-            self.docker.list_volumes(Some(ListVolumesOptions {
-                filters: Some(filters),
-            })),
-        )
-        .await
-        {
+        if let Ok(vs) = dbounded("list volumes", self.docker.list_volumes(Some(ListVolumesOptions { filters: Some(filters) }))).await {
             for v in vs.volumes.unwrap_or_default() {
-                let _ = dbounded(
-                    "remove volume",
-                    self.docker
-                        .remove_volume(&v.name, Some(RemoveVolumeOptions { force: true })),
-                )
-                .await;
+                let _ = dbounded("remove volume", self.docker.remove_volume(&v.name, Some(RemoveVolumeOptions { force: true }))).await;
             }
         }
     }
 
     /// Remove PVC volumes whose claim is gone (and that no container uses).
     async fn gc_pvc_volumes(&self) {
-        let filters = HashMap::from([(
-            "label".to_owned(),
-            vec![format!("{LABEL_NODE}={}", self.node), LABEL_PVC.to_owned()],
-        )]);
-        let Ok(vs) = dbounded(
-            "list volumes",
-            self.docker.list_volumes(Some(ListVolumesOptions {
-                filters: Some(filters),
-            })),
-        )
-        .await
-        else {
+        let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_NODE}={}", self.node), LABEL_PVC.to_owned()])]);
+        let Ok(vs) = dbounded("list volumes", self.docker.list_volumes(Some(ListVolumesOptions { filters: Some(filters) }))).await else {
             return;
         };
         let vols = vs.volumes.unwrap_or_default();
         if vols.is_empty() {
             return;
         }
-        let Ok(claims) = bounded("list pvcs", self.pvcs.list(&ListParams::default())).await else {
-            return;
-        };
-        let names: HashSet<String> = claims
-            .items
-            .iter()
-            .filter_map(|c| c.metadata.name.clone())
-            .collect();
+        let Ok(claims) = bounded("list pvcs", self.pvcs.list(&ListParams::default())).await else { return };
+        let names: HashSet<String> = claims.items.iter().filter_map(|c| c.metadata.name.clone()).collect();
         for v in vols {
             let claim = v.labels.get(LABEL_PVC).cloned().unwrap_or_default();
             if !names.contains(&claim) {
                 // Fails (in use) while a container still mounts it; retried next round.
-                let _ = dbounded(
-                    "remove volume",
-                    self.docker
-                        .remove_volume(&v.name, Some(RemoveVolumeOptions { force: false })),
-                )
-                .await;
+                let _ = dbounded("remove volume", self.docker.remove_volume(&v.name, Some(RemoveVolumeOptions { force: false }))).await;
             }
         }
     }
 
     async fn patch_status(&self, name: &str, status: serde_json::Value) -> anyhow::Result<()> {
         let patch = json!({"status": status});
-        bounded(
-            "patch pod status",
-            self.pods
-                .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)),
-        )
-        .await?;
+        bounded("patch pod status", self.pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))).await?;
         Ok(())
     }
 
     /// Report a pod that cannot start (a container waiting with a reason), once per change.
-    async fn report_waiting(
-        &mut self,
-        p: &Pod,
-        container: &str,
-        reason: &str,
-        message: &str,
-    ) -> anyhow::Result<()> {
+    async fn report_waiting(&mut self, p: &Pod, container: &str, reason: &str, message: &str) -> anyhow::Result<()> {
         let name = p.metadata.name.clone().unwrap_or_default();
         let spec = p.spec.as_ref();
-        let all = spec
-            .map(|s| {
-                s.init_containers
-                    .iter()
-                    .flatten()
-                    .chain(s.containers.iter())
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default();
-        let image = all
-            .iter()
-            .find(|c| c.name == container)
-            .and_then(|c| c.image.clone())
-            .unwrap_or_default();
+        let all = spec.map(|s| s.init_containers.iter().flatten().chain(s.containers.iter()).collect::<Vec<_>>()).unwrap_or_default();
+        let image = all.iter().find(|c| c.name == container).and_then(|c| c.image.clone()).unwrap_or_default();
         let status = p.status.as_ref();
         let already = status
             .and_then(|s| s.container_statuses.as_ref())
@@ -602,12 +456,7 @@ impl Agent {
             "name": container, "image": image, "imageID": "", "ready": false, "restartCount": 0,
             "state": {"waiting": {"reason": reason, "message": message}},
         });
-        let is_init = spec.is_some_and(|s| {
-            s.init_containers
-                .iter()
-                .flatten()
-                .any(|c| c.name == container)
-        });
+        let is_init = spec.is_some_and(|s| s.init_containers.iter().flatten().any(|c| c.name == container));
         let mut st = json!({
             "phase": "Pending",
             "hostIP": "127.0.0.1",
@@ -670,37 +519,16 @@ impl Agent {
 
     /// The init container running now: done → the next one (or the main containers next
     /// round); failed → restarted with back-off (restartPolicy Always), `Init:Error` meanwhile.
-    async fn step_init(
-        &mut self,
-        p: &Pod,
-        run: &mut Run,
-        inits: &[k8s_openapi::api::core::v1::Container],
-    ) -> anyhow::Result<()> {
+    async fn step_init(&mut self, p: &Pod, run: &mut Run, inits: &[k8s_openapi::api::core::v1::Container]) -> anyhow::Result<()> {
         let Some(mut c) = run.init.clone() else {
             let spec = &inits[run.init_done];
-            match self
-                .create_ctr(
-                    p,
-                    spec,
-                    &format!(
-                        "{}_init{}",
-                        container_name(&self.ns, &run.name, &run.uid),
-                        run.init_done
-                    ),
-                    false,
-                )
-                .await?
-            {
+            match self.create_ctr(p, spec, &format!("{}_init{}", container_name(&self.ns, &run.name, &run.uid), run.init_done), false).await? {
                 Ok(c) => run.init = Some(c),
                 Err((reason, msg)) => self.report_waiting(p, &spec.name, &reason, &msg).await?,
             }
             return Ok(());
         };
-        let info = dbounded(
-            "inspect container",
-            self.docker.inspect_container(&c.docker, None),
-        )
-        .await;
+        let info = dbounded("inspect container", self.docker.inspect_container(&c.docker, None)).await;
         let state = info.as_ref().ok().and_then(|i| i.state.clone());
         if state.as_ref().and_then(|s| s.running).unwrap_or(false) {
             return Ok(());
@@ -715,17 +543,11 @@ impl Agent {
         c.running = false;
         if c.next_restart.is_none() {
             c.last_exit = Some(code);
-            c.next_restart =
-                Some(Instant::now() + Duration::from_secs(1 << c.restarts.clamp(0, 4)));
+            c.next_restart = Some(Instant::now() + Duration::from_secs(1 << c.restarts.clamp(0, 4)));
         }
         if c.next_restart.is_some_and(|t| Instant::now() >= t)
             && info.is_ok()
-            && dbounded(
-                "start container",
-                self.docker.start_container(&c.docker, None),
-            )
-            .await
-            .is_ok()
+            && dbounded("start container", self.docker.start_container(&c.docker, None)).await.is_ok()
         {
             c.restarts += 1;
             c.next_restart = None;
@@ -743,17 +565,12 @@ impl Agent {
         let mut made = Vec::new();
         for (i, c) in spec.containers.iter().enumerate() {
             // The first keeps the historical name (what `leftovers` and older tests know).
-            let dname = if i == 0 {
-                base.clone()
-            } else {
-                format!("{base}_{}", c.name)
-            };
+            let dname = if i == 0 { base.clone() } else { format!("{base}_{}", c.name) };
             match self.create_ctr(p, c, &dname, true).await? {
                 Ok(ctr) => made.push(ctr),
                 Err((reason, msg)) => {
                     for m in &made {
-                        self.remove_container(&m.docker, Duration::from_secs(1))
-                            .await;
+                        self.remove_container(&m.docker, Duration::from_secs(1)).await;
                     }
                     self.report_waiting(p, &c.name, &reason, &msg).await?;
                     return Ok(false);
@@ -770,11 +587,7 @@ impl Agent {
     /// A main container: restarted with back-off when it exited (restartPolicy Always),
     /// probed when running. True when its published ports changed (restart).
     async fn tend(&self, c: &mut Ctr) -> bool {
-        let info = dbounded(
-            "inspect container",
-            self.docker.inspect_container(&c.docker, None),
-        )
-        .await;
+        let info = dbounded("inspect container", self.docker.inspect_container(&c.docker, None)).await;
         let running = match &info {
             Ok(i) => i.state.as_ref().and_then(|s| s.running).unwrap_or(false),
             Err(e) if is_docker_404(e) => false,
@@ -785,22 +598,12 @@ impl Agent {
         if !running {
             c.ready = false;
             if c.next_restart.is_none() {
-                c.last_exit = info
-                    .as_ref()
-                    .ok()
-                    .and_then(|i| i.state.as_ref())
-                    .and_then(|s| s.exit_code);
-                c.next_restart =
-                    Some(Instant::now() + Duration::from_secs(1 << c.restarts.clamp(0, 4)));
+                c.last_exit = info.as_ref().ok().and_then(|i| i.state.as_ref()).and_then(|s| s.exit_code);
+                c.next_restart = Some(Instant::now() + Duration::from_secs(1 << c.restarts.clamp(0, 4)));
             }
             if c.next_restart.is_some_and(|t| Instant::now() >= t)
                 && info.is_ok()
-                && dbounded(
-                    "start container",
-                    self.docker.start_container(&c.docker, None),
-                )
-                .await
-                .is_ok()
+                && dbounded("start container", self.docker.start_container(&c.docker, None)).await.is_ok()
             {
                 c.restarts += 1;
                 c.next_restart = None;
@@ -827,12 +630,7 @@ impl Agent {
         moved
     }
 
-    fn status_of(
-        &self,
-        p: &Pod,
-        run: &Run,
-        inits: &[k8s_openapi::api::core::v1::Container],
-    ) -> serde_json::Value {
+    fn status_of(&self, p: &Pod, run: &Run, inits: &[k8s_openapi::api::core::v1::Container]) -> serde_json::Value {
         let spec = p.spec.as_ref().expect("spec");
         let initialized = run.init_done >= inits.len();
         let ctr_status = |c: &Ctr, main: bool| {
@@ -876,10 +674,8 @@ impl Agent {
         } else {
             run.containers.iter().map(|c| ctr_status(c, true)).collect()
         };
-        let ready =
-            !run.containers.is_empty() && run.containers.iter().all(|c| c.running && c.ready);
-        let cond =
-            |t: &str, ok: bool| json!({"type": t, "status": if ok { "True" } else { "False" }});
+        let ready = !run.containers.is_empty() && run.containers.iter().all(|c| c.running && c.ready);
+        let cond = |t: &str, ok: bool| json!({"type": t, "status": if ok { "True" } else { "False" }});
         let mut st = json!({
             "phase": if run.containers.is_empty() { "Pending" } else { "Running" },
             "hostIP": "127.0.0.1",
@@ -897,14 +693,7 @@ impl Agent {
 
     /// Reads the container's published loopback ports.
     async fn publish(&self, c: &mut Ctr) {
-        let Ok(i) = dbounded(
-            "inspect container",
-            self.docker.inspect_container(&c.docker, None),
-        )
-        .await
-        else {
-            return;
-        };
+        let Ok(i) = dbounded("inspect container", self.docker.inspect_container(&c.docker, None)).await else { return };
         let ports = i.network_settings.and_then(|n| n.ports).unwrap_or_default();
         for (_, port, host) in c.ports.iter_mut() {
             *host = ports
@@ -927,10 +716,7 @@ impl Agent {
         for c in containers {
             for (pname, _, hp) in &c.ports {
                 if let (Some(n), Some(hp)) = (pname, hp) {
-                    ann.insert(
-                        format!("{HOST_PORT_ANNOTATION_PREFIX}{n}"),
-                        json!(hp.to_string()),
-                    );
+                    ann.insert(format!("{HOST_PORT_ANNOTATION_PREFIX}{n}"), json!(hp.to_string()));
                 }
             }
         }
@@ -938,33 +724,18 @@ impl Agent {
             return Ok(());
         }
         let patch = json!({"metadata": {"annotations": ann}});
-        bounded(
-            "annotate pod",
-            self.pods
-                .patch(name, &PatchParams::default(), &Patch::Merge(&patch)),
-        )
-        .await?;
+        bounded("annotate pod", self.pods.patch(name, &PatchParams::default(), &Patch::Merge(&patch))).await?;
         Ok(())
     }
 
     /// Environment of `c`: literals, `secretKeyRef`s and `envFrom` Secrets resolved. Err:
     /// the kubelet's waiting reason and message.
-    async fn resolve_env(
-        &self,
-        c: &k8s_openapi::api::core::v1::Container,
-    ) -> anyhow::Result<Result<Vec<String>, (String, String)>> {
+    async fn resolve_env(&self, c: &k8s_openapi::api::core::v1::Container) -> anyhow::Result<Result<Vec<String>, (String, String)>> {
         let mut env = Vec::new();
         let mut secrets: HashMap<String, Secret> = HashMap::new();
-        let missing = |n: &str| {
-            Ok(Err((
-                "CreateContainerConfigError".to_owned(),
-                format!("secret \"{n}\" not found"),
-            )))
-        };
+        let missing = |n: &str| Ok(Err(("CreateContainerConfigError".to_owned(), format!("secret \"{n}\" not found"))));
         for from in c.env_from.iter().flatten() {
-            let Some(r) = from.secret_ref.as_ref() else {
-                continue;
-            };
+            let Some(r) = from.secret_ref.as_ref() else { continue };
             let Some(s) = bounded("get secret", self.secrets.get_opt(&r.name)).await? else {
                 if r.optional == Some(true) {
                     continue;
@@ -972,21 +743,13 @@ impl Agent {
                 return missing(&r.name);
             };
             for (k, v) in s.data.iter().flatten() {
-                env.push(format!(
-                    "{}{k}={}",
-                    from.prefix.clone().unwrap_or_default(),
-                    String::from_utf8_lossy(&v.0)
-                ));
+                env.push(format!("{}{k}={}", from.prefix.clone().unwrap_or_default(), String::from_utf8_lossy(&v.0)));
             }
         }
         for e in c.env.iter().flatten() {
             if let Some(v) = &e.value {
                 env.push(format!("{}={v}", e.name));
-            } else if let Some(r) = e
-                .value_from
-                .as_ref()
-                .and_then(|f| f.secret_key_ref.as_ref())
-            {
+            } else if let Some(r) = e.value_from.as_ref().and_then(|f| f.secret_key_ref.as_ref()) {
                 if !secrets.contains_key(&r.name) {
                     match bounded("get secret", self.secrets.get_opt(&r.name)).await? {
                         Some(s) => {
@@ -995,21 +758,14 @@ impl Agent {
                         None => return missing(&r.name),
                     }
                 }
-                let val = secrets[&r.name]
-                    .data
-                    .as_ref()
-                    .and_then(|d| d.get(&r.key))
-                    .map(|b| String::from_utf8_lossy(&b.0).into_owned());
+                let val = secrets[&r.name].data.as_ref().and_then(|d| d.get(&r.key)).map(|b| String::from_utf8_lossy(&b.0).into_owned());
                 match val {
                     Some(v) => env.push(format!("{}={v}", e.name)),
                     None if r.optional == Some(true) => {}
                     None => {
                         return Ok(Err((
                             "CreateContainerConfigError".to_owned(),
-                            format!(
-                                "couldn't find key {} in Secret {}/{}",
-                                r.key, self.ns, r.name
-                            ),
+                            format!("couldn't find key {} in Secret {}/{}", r.key, self.ns, r.name),
                         )))
                     }
                 }
@@ -1033,23 +789,12 @@ impl Agent {
         let spec = p.spec.as_ref().context("pod without spec")?;
         let image = c.image.clone().unwrap_or_default();
         // The image: there is no registry, so it must be present.
-        if dbounded("inspect image", self.docker.inspect_image(&image))
-            .await
-            .is_err()
-        {
+        if dbounded("inspect image", self.docker.inspect_image(&image)).await.is_err() {
             let never = c.image_pull_policy.as_deref() == Some("Never");
             return Ok(Err(if never {
-                (
-                    "ErrImageNeverPull".into(),
-                    format!("Container image \"{image}\" is not present with pull policy of Never"),
-                )
+                ("ErrImageNeverPull".into(), format!("Container image \"{image}\" is not present with pull policy of Never"))
             } else {
-                (
-                    "ErrImagePull".into(),
-                    format!(
-                        "image \"{image}\" is not present on the node and no registry is reachable"
-                    ),
-                )
+                ("ErrImagePull".into(), format!("image \"{image}\" is not present on the node and no registry is reachable"))
             }));
         }
         let env = match self.resolve_env(c).await? {
@@ -1058,40 +803,22 @@ impl Agent {
         };
         let mut mounts = Vec::new();
         for vm in c.volume_mounts.iter().flatten() {
-            let Some(v) = spec.volumes.iter().flatten().find(|v| v.name == vm.name) else {
-                continue;
-            };
+            let Some(v) = spec.volumes.iter().flatten().find(|v| v.name == vm.name) else { continue };
             let (vol, labels) = if let Some(claim) = &v.persistent_volume_claim {
-                if bounded("get pvc", self.pvcs.get_opt(&claim.claim_name))
-                    .await?
-                    .is_none()
-                {
-                    return Ok(Err((
-                        "ContainerCreating".into(),
-                        format!("persistentvolumeclaim \"{}\" not found", claim.claim_name),
-                    )));
+                if bounded("get pvc", self.pvcs.get_opt(&claim.claim_name)).await?.is_none() {
+                    return Ok(Err(("ContainerCreating".into(), format!("persistentvolumeclaim \"{}\" not found", claim.claim_name))));
                 }
                 (
                     format!("nna-{}-{}-pvc-{}", self.node, self.ns, claim.claim_name),
-                    HashMap::from([
-                        (LABEL_NODE.to_owned(), self.node.clone()),
-                        (LABEL_PVC.to_owned(), claim.claim_name.clone()),
-                    ]),
+                    HashMap::from([(LABEL_NODE.to_owned(), self.node.clone()), (LABEL_PVC.to_owned(), claim.claim_name.clone())]),
                 )
             } else {
                 (
                     format!("nna-{}-{uid}-{}", self.node, v.name),
-                    HashMap::from([
-                        (LABEL_NODE.to_owned(), self.node.clone()),
-                        (LABEL_POD_UID.to_owned(), uid.clone()),
-                    ]),
+                    HashMap::from([(LABEL_NODE.to_owned(), self.node.clone()), (LABEL_POD_UID.to_owned(), uid.clone())]),
                 )
             };
-            let req = bollard::models::VolumeCreateRequest {
-                name: Some(vol.clone()),
-                labels: Some(labels),
-                ..Default::default()
-            };
+            let req = bollard::models::VolumeCreateRequest { name: Some(vol.clone()), labels: Some(labels), ..Default::default() };
             dbounded("create volume", self.docker.create_volume(req)).await?;
             mounts.push(Mount {
                 typ: Some(MountType::VOLUME),
@@ -1102,37 +829,22 @@ impl Agent {
             });
         }
         let ports: Vec<(Option<String>, u16, Option<u16>)> = if publish {
-            let declared: Vec<_> = c
-                .ports
-                .iter()
-                .flatten()
-                .map(|p| (p.name.clone(), p.container_port as u16, None))
-                .collect();
+            let declared: Vec<_> = c.ports.iter().flatten().map(|p| (p.name.clone(), p.container_port as u16, None)).collect();
             declared
         } else {
             Vec::new()
         };
         let psc = spec.security_context.as_ref();
         let sc = c.security_context.as_ref();
-        let user = sc
-            .and_then(|s| s.run_as_user)
-            .or_else(|| psc.and_then(|s| s.run_as_user));
-        let group = sc
-            .and_then(|s| s.run_as_group)
-            .or_else(|| psc.and_then(|s| s.run_as_group));
+        let user = sc.and_then(|s| s.run_as_user).or_else(|| psc.and_then(|s| s.run_as_user));
+        let group = sc.and_then(|s| s.run_as_group).or_else(|| psc.and_then(|s| s.run_as_group));
         let user = user.map(|u| match group {
             Some(g) => format!("{u}:{g}"),
             None => u.to_string(),
         });
-        let drop_caps = sc
-            .and_then(|s| s.capabilities.as_ref())
-            .and_then(|c| c.drop.clone());
+        let drop_caps = sc.and_then(|s| s.capabilities.as_ref()).and_then(|c| c.drop.clone());
         let no_new_privs = sc.and_then(|s| s.allow_privilege_escalation) == Some(false);
-        let limits = c
-            .resources
-            .as_ref()
-            .and_then(|r| r.limits.clone())
-            .unwrap_or_default();
+        let limits = c.resources.as_ref().and_then(|r| r.limits.clone()).unwrap_or_default();
         let memory = limits.get("memory").and_then(|q| parse_bytes(&q.0));
         let nano_cpus = limits.get("cpu").and_then(|q| parse_cpu(&q.0));
         let first_port = ports.first().map(|p| p.1).unwrap_or(8000);
@@ -1142,11 +854,7 @@ impl Agent {
                 k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i) => *i as u16,
                 k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(_) => first_port,
             };
-            Some((
-                h.path.clone().unwrap_or_else(|| "/".into()),
-                pport,
-                Duration::from_secs(pr.period_seconds.unwrap_or(10).max(1) as u64),
-            ))
+            Some((h.path.clone().unwrap_or_else(|| "/".into()), pport, Duration::from_secs(pr.period_seconds.unwrap_or(10).max(1) as u64)))
         });
         let keys: Vec<String> = ports.iter().map(|(_, p, _)| format!("{p}/tcp")).collect();
         let body = ContainerCreateBody {
@@ -1165,15 +873,7 @@ impl Agent {
                 mounts: Some(mounts),
                 port_bindings: Some(
                     keys.into_iter()
-                        .map(|k| {
-                            (
-                                k,
-                                Some(vec![PortBinding {
-                                    host_ip: Some("127.0.0.1".into()),
-                                    host_port: Some(String::new()),
-                                }]),
-                            )
-                        })
+                        .map(|k| (k, Some(vec![PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(String::new()) }])))
                         .collect(),
                 ),
                 cap_drop: drop_caps,
@@ -1191,25 +891,12 @@ impl Agent {
         };
         let _ = dbounded(
             "remove stale container",
-            self.docker.remove_container(
-                dname,
-                Some(RemoveContainerOptions {
-                    force: true,
-                    v: false,
-                    link: false,
-                }),
-            ),
+            self.docker.remove_container(dname, Some(RemoveContainerOptions { force: true, v: false, link: false })),
         )
         .await;
         dbounded(
             "create container",
-            self.docker.create_container(
-                Some(CreateContainerOptions {
-                    name: Some(dname.to_owned()),
-                    ..Default::default()
-                }),
-                body,
-            ),
+            self.docker.create_container(Some(CreateContainerOptions { name: Some(dname.to_owned()), ..Default::default() }), body),
         )
         .await?;
         dbounded("start container", self.docker.start_container(dname, None)).await?;
@@ -1236,15 +923,7 @@ impl Agent {
         let name = p.metadata.name.clone().unwrap_or_default();
         let spec = p.spec.as_ref().context("pod without spec")?;
         spec.containers.first().context("pod without containers")?;
-        let mut run = Run {
-            uid: uid.clone(),
-            name,
-            init_done: 0,
-            init: None,
-            containers: Vec::new(),
-            started_at: now_rfc3339(),
-            reported: None,
-        };
+        let mut run = Run { uid: uid.clone(), name, init_done: 0, init: None, containers: Vec::new(), started_at: now_rfc3339(), reported: None };
         let inits = spec.init_containers.clone().unwrap_or_default();
         if inits.is_empty() {
             if !self.start_main(p, &mut run).await? {
@@ -1307,9 +986,7 @@ pub struct TestNode {
 impl TestNode {
     /// A namespace named `prefix-<random>` and its node agent (panics on failure: tests only).
     pub async fn start(env: &crate::kube_env::KubeEnv, prefix: &str) -> TestNode {
-        let ns = crate::kube_env::TestNamespace::create(env, prefix)
-            .await
-            .expect("test namespace");
+        let ns = crate::kube_env::TestNamespace::create(env, prefix).await.expect("test namespace");
         let agent = NodeAgent::start(NodeAgentConfig {
             kubeconfig: env.admin.clone(),
             namespace: ns.name.clone(),
@@ -1318,10 +995,7 @@ impl TestNode {
         })
         .await
         .expect("node agent");
-        TestNode {
-            ns,
-            agent: Some(agent),
-        }
+        TestNode { ns, agent: Some(agent) }
     }
 
     /// Delete the namespace, stop the agent, and assert nothing of the node is left.
@@ -1333,10 +1007,7 @@ impl TestNode {
         }
         let docker = connect_docker(None).await.expect("docker");
         let (cs, vs) = leftovers(&docker, &node).await;
-        assert!(
-            cs.is_empty() && vs.is_empty(),
-            "node agent left {cs:?} {vs:?}"
-        );
+        assert!(cs.is_empty() && vs.is_empty(), "node agent left {cs:?} {vs:?}");
     }
 }
 
@@ -1344,20 +1015,14 @@ impl TestNode {
 pub async fn leftovers(docker: &Docker, node: &str) -> (Vec<String>, Vec<String>) {
     let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_NODE}={node}")])]);
     let cs = docker
-        .list_containers(Some(ListContainersOptions {
-            all: true,
-            filters: Some(filters.clone()),
-            ..Default::default()
-        }))
+        .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters.clone()), ..Default::default() }))
         .await
         .unwrap_or_default()
         .into_iter()
         .filter_map(|c| c.names.and_then(|n| n.into_iter().next()))
         .collect();
     let vs = docker
-        .list_volumes(Some(ListVolumesOptions {
-            filters: Some(filters),
-        }))
+        .list_volumes(Some(ListVolumesOptions { filters: Some(filters) }))
         .await
         .ok()
         .and_then(|v| v.volumes)

@@ -25,37 +25,13 @@ async fn dormant_until_init_then_only_the_delivered_key_works() {
     let c = client();
     let url = srv.url();
     // Health answers; the API does not, whatever the key.
-    assert_eq!(
-        c.get(format!("{url}/alive")).send().await.unwrap().status(),
-        200
-    );
-    assert_eq!(
-        c.get(format!("{url}/ready")).send().await.unwrap().status(),
-        200
-    );
-    let r = c
-        .get(format!("{url}/api/conversations/search"))
-        .header("X-Session-API-Key", "boot-key")
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(c.get(format!("{url}/alive")).send().await.unwrap().status(), 200);
+    assert_eq!(c.get(format!("{url}/ready")).send().await.unwrap().status(), 200);
+    let r = c.get(format!("{url}/api/conversations/search")).header("X-Session-API-Key", "boot-key").send().await.unwrap();
     assert_eq!(r.status(), 503);
     let v: Value = r.json().await.unwrap();
-    assert!(
-        v["exception"]
-            .as_str()
-            .unwrap()
-            .contains("deferred-init state 'dormant'"),
-        "{v}"
-    );
-    let v: Value = c
-        .get(format!("{url}/api/init"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert!(v["exception"].as_str().unwrap().contains("deferred-init state 'dormant'"), "{v}");
+    let v: Value = c.get(format!("{url}/api/init")).send().await.unwrap().json().await.unwrap();
     assert_eq!(v, json!({"state": "dormant", "error": null}));
     // A socket upgrade is refused before the handshake.
     let ws = tokio_tungstenite::connect_async(format!(
@@ -71,70 +47,30 @@ async fn dormant_until_init_then_only_the_delivered_key_works() {
 
     // Init needs the init key.
     let body = json!({"session_api_keys": ["conv-key"], "secret_key": "conv-secret", "webhooks": [{"base_url": "http://x/nestor/webhooks"}]});
-    let r = c
-        .post(format!("{url}/api/init"))
-        .header("X-Init-API-Key", "boot-key")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{url}/api/init")).header("X-Init-API-Key", "boot-key").json(&body).send().await.unwrap();
     assert_eq!(r.status(), 401);
-    let r = c
-        .post(format!("{url}/api/init"))
-        .header("X-Init-API-Key", "init-key")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{url}/api/init")).header("X-Init-API-Key", "init-key").json(&body).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(
-        r.json::<Value>().await.unwrap(),
-        json!({"state": "ready", "error": null})
-    );
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"state": "ready", "error": null}));
     assert!(!srv.is_dormant());
-    assert_eq!(
-        srv.init_request().unwrap()["webhooks"][0]["base_url"],
-        "http://x/nestor/webhooks"
-    );
+    assert_eq!(srv.init_request().unwrap()["webhooks"][0]["base_url"], "http://x/nestor/webhooks");
 
     // The delivered key replaced the boot key.
-    let search = |k: &'static str| {
-        c.get(format!("{url}/api/conversations/search"))
-            .header("X-Session-API-Key", k)
-            .send()
-    };
+    let search = |k: &'static str| c.get(format!("{url}/api/conversations/search")).header("X-Session-API-Key", k).send();
     assert_eq!(search("conv-key").await.unwrap().status(), 200);
     assert_eq!(search("boot-key").await.unwrap().status(), 401);
     // Once only; and the init key is now the delivered secret key.
-    let r = c
-        .post(format!("{url}/api/init"))
-        .header("X-Init-API-Key", "init-key")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{url}/api/init")).header("X-Init-API-Key", "init-key").json(&body).send().await.unwrap();
     assert_eq!(r.status(), 401);
-    let r = c
-        .post(format!("{url}/api/init"))
-        .header("X-Init-API-Key", "conv-secret")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{url}/api/init")).header("X-Init-API-Key", "conv-secret").json(&body).send().await.unwrap();
     assert_eq!(r.status(), 400);
     srv.stop().await;
 }
 
 #[tokio::test]
 async fn init_is_404_on_a_normal_server_and_rejects_empty_keys() {
-    let srv = FakeAgentServer::start(FakeConfig::with_key("k"))
-        .await
-        .unwrap();
-    let r = client()
-        .get(format!("{}/api/init", srv.url()))
-        .send()
-        .await
-        .unwrap();
+    let srv = FakeAgentServer::start(FakeConfig::with_key("k")).await.unwrap();
+    let r = client().get(format!("{}/api/init", srv.url())).send().await.unwrap();
     assert_eq!(r.status(), 404);
     srv.stop().await;
 

@@ -90,11 +90,7 @@ pub struct RetrySettings {
 
 impl Default for RetrySettings {
     fn default() -> Self {
-        Self {
-            max_attempts: 5,
-            initial_backoff_ms: 1_000,
-            max_backoff_ms: 30_000,
-        }
+        Self { max_attempts: 5, initial_backoff_ms: 1_000, max_backoff_ms: 30_000 }
     }
 }
 
@@ -103,15 +99,8 @@ impl RetrySettings {
     /// initial backoff, capped, with up to 25% random jitter added.
     pub fn backoff(&self, attempt: u32) -> Duration {
         let exp = attempt.saturating_sub(1).min(20);
-        let base = self
-            .initial_backoff_ms
-            .saturating_mul(1u64 << exp)
-            .min(self.max_backoff_ms);
-        let jitter = if base >= 4 {
-            rand::random::<u64>() % (base / 4)
-        } else {
-            0
-        };
+        let base = self.initial_backoff_ms.saturating_mul(1u64 << exp).min(self.max_backoff_ms);
+        let jitter = if base >= 4 { rand::random::<u64>() % (base / 4) } else { 0 };
         Duration::from_millis(base + jitter)
     }
 }
@@ -193,10 +182,7 @@ impl Default for WorkspaceStorageConfig {
 impl WorkspaceStorageConfig {
     /// A config for `bucket` with every other setting at its default.
     pub fn new(bucket: impl Into<String>) -> Self {
-        Self {
-            bucket: bucket.into(),
-            ..Self::default()
-        }
+        Self { bucket: bucket.into(), ..Self::default() }
     }
 
     pub fn push_interval(&self) -> Duration {
@@ -227,27 +213,17 @@ impl WorkspaceStorageConfig {
         if let Some(ep) = &self.endpoint {
             let uri: http::Uri = match ep.parse() {
                 Ok(u) => u,
-                Err(e) => {
-                    return err(format!(
-                        "workspace_storage.endpoint {ep:?} is not a URL: {e}"
-                    ))
-                }
+                Err(e) => return err(format!("workspace_storage.endpoint {ep:?} is not a URL: {e}")),
             };
             match uri.scheme_str() {
                 Some("http") | Some("https") => {}
-                _ => {
-                    return err(format!(
-                        "workspace_storage.endpoint {ep:?} must start with http:// or https://"
-                    ))
-                }
+                _ => return err(format!("workspace_storage.endpoint {ep:?} must start with http:// or https://")),
             }
             if uri.host().is_none_or(str::is_empty) {
                 return err(format!("workspace_storage.endpoint {ep:?} has no host"));
             }
             if uri.query().is_some() {
-                return err(format!(
-                    "workspace_storage.endpoint {ep:?} must not have a query"
-                ));
+                return err(format!("workspace_storage.endpoint {ep:?} must not have a query"));
             }
             if uri.scheme_str() == Some("http") && self.allow_http == Some(false) {
                 return err(format!(
@@ -257,31 +233,17 @@ impl WorkspaceStorageConfig {
         }
         if let Some(r) = &self.region {
             if r.is_empty() || !r.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-                return err(format!(
-                    "workspace_storage.region {r:?} is not a region name"
-                ));
+                return err(format!("workspace_storage.region {r:?} is not a region name"));
             }
         }
         match (&self.access_key_id, &self.secret_access_key) {
-            (Some(_), None) => {
-                return err(
-                    "workspace_storage.access_key_id is set but secret_access_key is not".into(),
-                )
-            }
-            (None, Some(_)) => {
-                return err(
-                    "workspace_storage.secret_access_key is set but access_key_id is not".into(),
-                )
-            }
-            (Some(k), Some(_)) if k.is_empty() => {
-                return err("workspace_storage.access_key_id is empty".into())
-            }
+            (Some(_), None) => return err("workspace_storage.access_key_id is set but secret_access_key is not".into()),
+            (None, Some(_)) => return err("workspace_storage.secret_access_key is set but access_key_id is not".into()),
+            (Some(k), Some(_)) if k.is_empty() => return err("workspace_storage.access_key_id is empty".into()),
             _ => {}
         }
         if self.session_token.is_some() && self.access_key_id.is_none() {
-            return err(
-                "workspace_storage.session_token needs access_key_id and secret_access_key".into(),
-            );
+            return err("workspace_storage.session_token needs access_key_id and secret_access_key".into());
         }
         if !(1..=86_400).contains(&self.push_interval_secs) {
             return err(format!(
@@ -290,21 +252,13 @@ impl WorkspaceStorageConfig {
             ));
         }
         if self.quota.max_bytes == Some(0) || self.quota.max_files == Some(0) {
-            return err(
-                "workspace_storage.quota limits must be positive (omit one for no limit)".into(),
-            );
+            return err("workspace_storage.quota limits must be positive (omit one for no limit)".into());
         }
         if self.user_quota.max_bytes == Some(0) || self.user_quota.max_files == Some(0) {
-            return err(
-                "workspace_storage.user_quota limits must be positive (omit one for no limit)"
-                    .into(),
-            );
+            return err("workspace_storage.user_quota limits must be positive (omit one for no limit)".into());
         }
         if !(1..=256).contains(&self.concurrency) {
-            return err(format!(
-                "workspace_storage.concurrency = {} must be between 1 and 256",
-                self.concurrency
-            ));
+            return err(format!("workspace_storage.concurrency = {} must be between 1 and 256", self.concurrency));
         }
         if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&self.part_size_bytes) {
             return err(format!(
@@ -313,14 +267,9 @@ impl WorkspaceStorageConfig {
             ));
         }
         if !(1..=64).contains(&self.parts_in_flight) {
-            return err(format!(
-                "workspace_storage.parts_in_flight = {} must be between 1 and 64",
-                self.parts_in_flight
-            ));
+            return err(format!("workspace_storage.parts_in_flight = {} must be between 1 and 64", self.parts_in_flight));
         }
-        let need = self
-            .part_size_bytes
-            .saturating_mul(self.parts_in_flight as u64 + 1);
+        let need = self.part_size_bytes.saturating_mul(self.parts_in_flight as u64 + 1);
         if self.buffer_budget_bytes < need {
             return err(format!(
                 "workspace_storage.buffer_budget_bytes = {} is below part_size_bytes × (parts_in_flight + 1) = {need}",
@@ -340,14 +289,8 @@ impl WorkspaceStorageConfig {
         if !(1..=100).contains(&r.max_attempts) {
             return err("workspace_storage.retry.max_attempts must be between 1 and 100".into());
         }
-        if r.initial_backoff_ms == 0
-            || r.max_backoff_ms < r.initial_backoff_ms
-            || r.max_backoff_ms > 3_600_000
-        {
-            return err(
-                "workspace_storage.retry: need 0 < initial_backoff_ms <= max_backoff_ms <= 3600000"
-                    .into(),
-            );
+        if r.initial_backoff_ms == 0 || r.max_backoff_ms < r.initial_backoff_ms || r.max_backoff_ms > 3_600_000 {
+            return err("workspace_storage.retry: need 0 < initial_backoff_ms <= max_backoff_ms <= 3600000".into());
         }
         if self.max_entries == 0 {
             return err("workspace_storage.max_entries must be positive".into());
@@ -364,11 +307,7 @@ impl WorkspaceStorageConfig {
         let mut allow_http = self.allow_http.unwrap_or(false);
         if let Some(ep) = &self.endpoint {
             let ep = ep.trim_end_matches('/');
-            b = b.with_endpoint(if path_style {
-                ep.to_owned()
-            } else {
-                virtual_hosted(ep, &self.bucket)
-            });
+            b = b.with_endpoint(if path_style { ep.to_owned() } else { virtual_hosted(ep, &self.bucket) });
             allow_http = self.allow_http.unwrap_or(ep.starts_with("http://"));
         }
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
@@ -436,13 +375,8 @@ fn validate_bucket(b: &str) -> Result<(), String> {
     if !(3..=63).contains(&b.len()) {
         return Err(format!("{b:?} must be 3 to 63 characters"));
     }
-    if !b
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-    {
-        return Err(format!(
-            "{b:?} may only contain lower-case letters, digits, '-' and '.'"
-        ));
+    if !b.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.') {
+        return Err(format!("{b:?} may only contain lower-case letters, digits, '-' and '.'"));
     }
     let first = b.as_bytes()[0];
     let last = b.as_bytes()[b.len() - 1];
@@ -456,16 +390,11 @@ fn validate_bucket(b: &str) -> Result<(), String> {
 }
 
 fn home() -> Option<PathBuf> {
-    std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .map(PathBuf::from)
+    std::env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from)
 }
 
 fn profile_name() -> String {
-    std::env::var("AWS_PROFILE")
-        .ok()
-        .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| "default".into())
+    std::env::var("AWS_PROFILE").ok().filter(|p| !p.is_empty()).unwrap_or_else(|| "default".into())
 }
 
 fn aws_credentials_file() -> Option<PathBuf> {
@@ -475,19 +404,12 @@ fn aws_credentials_file() -> Option<PathBuf> {
 }
 
 fn aws_config_file() -> Option<PathBuf> {
-    std::env::var_os("AWS_CONFIG_FILE")
-        .map(PathBuf::from)
-        .or_else(|| home().map(|h| h.join(".aws/config")))
+    std::env::var_os("AWS_CONFIG_FILE").map(PathBuf::from).or_else(|| home().map(|h| h.join(".aws/config")))
 }
 
 /// One value from an AWS shared config or credentials file (INI). In the config file profiles
 /// other than `default` are written `[profile NAME]`.
-fn shared_config_value(
-    file: &Option<PathBuf>,
-    profile: &str,
-    key: &str,
-    config_file: bool,
-) -> Option<String> {
+fn shared_config_value(file: &Option<PathBuf>, profile: &str, key: &str, config_file: bool) -> Option<String> {
     let path = file.as_ref()?;
     let meta = std::fs::metadata(path).ok()?;
     if !meta.is_file() || meta.len() > 1024 * 1024 {
@@ -497,17 +419,8 @@ fn shared_config_value(
     parse_ini_value(&text, profile, key, config_file)
 }
 
-pub(crate) fn parse_ini_value(
-    text: &str,
-    profile: &str,
-    key: &str,
-    config_file: bool,
-) -> Option<String> {
-    let wanted_section = if config_file && profile != "default" {
-        format!("profile {profile}")
-    } else {
-        profile.to_owned()
-    };
+pub(crate) fn parse_ini_value(text: &str, profile: &str, key: &str, config_file: bool) -> Option<String> {
+    let wanted_section = if config_file && profile != "default" { format!("profile {profile}") } else { profile.to_owned() };
     let mut in_section = false;
     for line in text.lines() {
         let line = line.trim();
@@ -571,20 +484,8 @@ mod tests {
         let c: WorkspaceStorageConfig = t["workspace_storage"].clone().try_into().unwrap();
         c.validate().unwrap();
         assert_eq!(c.on_delete, OnDelete::Purge);
-        assert_eq!(
-            c.quota,
-            QuotaConfig {
-                max_bytes: Some(1000),
-                max_files: Some(10)
-            }
-        );
-        assert_eq!(
-            c.user_quota,
-            QuotaConfig {
-                max_bytes: None,
-                max_files: Some(100)
-            }
-        );
+        assert_eq!(c.quota, QuotaConfig { max_bytes: Some(1000), max_files: Some(10) });
+        assert_eq!(c.user_quota, QuotaConfig { max_bytes: None, max_files: Some(100) });
         assert_eq!(c.retry.max_attempts, 3);
         assert_eq!(c.retry.initial_backoff_ms, 1000);
         assert!(c.effective_path_style());
@@ -594,11 +495,9 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused() {
-        let r: Result<WorkspaceStorageConfig, _> =
-            toml::from_str("bucket = \"b-1\"\nbukket = \"x\"\n");
+        let r: Result<WorkspaceStorageConfig, _> = toml::from_str("bucket = \"b-1\"\nbukket = \"x\"\n");
         assert!(r.unwrap_err().to_string().contains("bukket"));
-        let r: Result<WorkspaceStorageConfig, _> =
-            toml::from_str("bucket = \"b-1\"\non_delete = \"shred\"\n");
+        let r: Result<WorkspaceStorageConfig, _> = toml::from_str("bucket = \"b-1\"\non_delete = \"shred\"\n");
         assert!(r.is_err());
     }
 
@@ -611,38 +510,20 @@ mod tests {
             (Box::new(|c| c.bucket = "My_Bucket".into()), "bucket"),
             (Box::new(|c| c.prefix = "/abs".into()), "prefix"),
             (Box::new(|c| c.prefix = "a/../b".into()), "prefix"),
-            (
-                Box::new(|c| c.endpoint = Some("ftp://x".into())),
-                "endpoint",
-            ),
-            (
-                Box::new(|c| c.endpoint = Some("not a url".into())),
-                "endpoint",
-            ),
-            (
-                Box::new(|c| {
-                    c.endpoint = Some("http://h:9000".into());
-                    c.allow_http = Some(false)
-                }),
-                "allow_http",
-            ),
-            (
-                Box::new(|c| c.access_key_id = Some("k".into())),
-                "secret_access_key is not",
-            ),
-            (
-                Box::new(|c| c.secret_access_key = Some(Secret("s".into()))),
-                "access_key_id is not",
-            ),
+            (Box::new(|c| c.endpoint = Some("ftp://x".into())), "endpoint"),
+            (Box::new(|c| c.endpoint = Some("not a url".into())), "endpoint"),
+            (Box::new(|c| {
+                c.endpoint = Some("http://h:9000".into());
+                c.allow_http = Some(false)
+            }), "allow_http"),
+            (Box::new(|c| c.access_key_id = Some("k".into())), "secret_access_key is not"),
+            (Box::new(|c| c.secret_access_key = Some(Secret("s".into()))), "access_key_id is not"),
             (Box::new(|c| c.push_interval_secs = 0), "push_interval_secs"),
             (Box::new(|c| c.quota.max_bytes = Some(0)), "quota"),
             (Box::new(|c| c.user_quota.max_files = Some(0)), "user_quota"),
             (Box::new(|c| c.concurrency = 0), "concurrency"),
             (Box::new(|c| c.part_size_bytes = 1024), "part_size_bytes"),
-            (
-                Box::new(|c| c.buffer_budget_bytes = MIB),
-                "buffer_budget_bytes",
-            ),
+            (Box::new(|c| c.buffer_budget_bytes = MIB), "buffer_budget_bytes"),
             (Box::new(|c| c.retry.max_attempts = 0), "max_attempts"),
             (Box::new(|c| c.retry.max_backoff_ms = 1), "retry"),
             (Box::new(|c| c.region = Some("eu west".into())), "region"),
@@ -665,19 +546,12 @@ mod tests {
         c.build_object_store().unwrap();
         c.path_style = Some(false);
         c.build_object_store().unwrap();
-        assert_eq!(
-            virtual_hosted("https://s3.example.com:9000", "b"),
-            "https://b.s3.example.com:9000"
-        );
+        assert_eq!(virtual_hosted("https://s3.example.com:9000", "b"), "https://b.s3.example.com:9000");
     }
 
     #[test]
     fn backoff_doubles_and_is_capped() {
-        let r = RetrySettings {
-            max_attempts: 10,
-            initial_backoff_ms: 100,
-            max_backoff_ms: 1000,
-        };
+        let r = RetrySettings { max_attempts: 10, initial_backoff_ms: 100, max_backoff_ms: 1000 };
         let ms = |a| r.backoff(a).as_millis() as u64;
         assert!((100..125).contains(&ms(1)));
         assert!((200..250).contains(&ms(2)));
@@ -689,30 +563,12 @@ mod tests {
     #[test]
     fn shared_credentials_files() {
         let creds = "[default]\naws_access_key_id = AK1\naws_secret_access_key=SK1\n\n[work]\n# c\naws_access_key_id = AK2\n";
-        assert_eq!(
-            parse_ini_value(creds, "default", "aws_access_key_id", false).as_deref(),
-            Some("AK1")
-        );
-        assert_eq!(
-            parse_ini_value(creds, "default", "aws_secret_access_key", false).as_deref(),
-            Some("SK1")
-        );
-        assert_eq!(
-            parse_ini_value(creds, "work", "aws_access_key_id", false).as_deref(),
-            Some("AK2")
-        );
-        assert_eq!(
-            parse_ini_value(creds, "work", "aws_secret_access_key", false),
-            None
-        );
+        assert_eq!(parse_ini_value(creds, "default", "aws_access_key_id", false).as_deref(), Some("AK1"));
+        assert_eq!(parse_ini_value(creds, "default", "aws_secret_access_key", false).as_deref(), Some("SK1"));
+        assert_eq!(parse_ini_value(creds, "work", "aws_access_key_id", false).as_deref(), Some("AK2"));
+        assert_eq!(parse_ini_value(creds, "work", "aws_secret_access_key", false), None);
         let config = "[default]\nregion = us-west-2\n[profile work]\nregion=eu-central-1\n";
-        assert_eq!(
-            parse_ini_value(config, "work", "region", true).as_deref(),
-            Some("eu-central-1")
-        );
-        assert_eq!(
-            parse_ini_value(config, "default", "region", true).as_deref(),
-            Some("us-west-2")
-        );
+        assert_eq!(parse_ini_value(config, "work", "region", true).as_deref(), Some("eu-central-1"));
+        assert_eq!(parse_ini_value(config, "default", "region", true).as_deref(), Some("us-west-2"));
     }
 }

@@ -37,11 +37,7 @@ pub enum StoreError {
 
     /// A network call took longer than its bound.
     #[error("object storage {op} {key} timed out after {after:?}")]
-    Timeout {
-        op: &'static str,
-        key: String,
-        after: Duration,
-    },
+    Timeout { op: &'static str, key: String, after: Duration },
 
     /// A local file-system operation failed.
     #[error("{op} {path}: {source}", path = path.display())]
@@ -68,21 +64,12 @@ pub enum StoreError {
     /// The push would take the conversation over a quota. Nothing of it was uploaded and the
     /// stored manifest is unchanged.
     #[error("workspace storage quota exceeded: the conversation would store {would_be} {unit} (limit {limit}); nothing was uploaded, the stored copy is unchanged", unit = match kind { QuotaKind::Bytes => "bytes", QuotaKind::Files => "files" })]
-    QuotaExceeded {
-        kind: QuotaKind,
-        limit: u64,
-        would_be: u64,
-    },
+    QuotaExceeded { kind: QuotaKind, limit: u64, would_be: u64 },
 
     /// The push would take the user (all their conversations together) over the per-user
     /// quota. Nothing of it was uploaded and the stored manifest is unchanged.
     #[error("workspace storage quota exceeded for user {user}: their conversations would store {would_be} {unit} (limit {limit}); nothing was uploaded, the stored copy is unchanged", unit = match kind { QuotaKind::Bytes => "bytes", QuotaKind::Files => "files" })]
-    UserQuotaExceeded {
-        user: String,
-        kind: QuotaKind,
-        limit: u64,
-        would_be: u64,
-    },
+    UserQuotaExceeded { user: String, kind: QuotaKind, limit: u64, would_be: u64 },
 
     /// The tree has more entries than `max_entries`: refused rather than walked forever.
     #[error("{path} has more than {limit} entries", path = path.display())]
@@ -124,34 +111,15 @@ impl StoreError {
 
     /// A quota (the conversation's or its user's) refused the push.
     pub fn is_quota(&self) -> bool {
-        matches!(
-            self,
-            StoreError::QuotaExceeded { .. } | StoreError::UserQuotaExceeded { .. }
-        )
+        matches!(self, StoreError::QuotaExceeded { .. } | StoreError::UserQuotaExceeded { .. })
     }
 
-    pub(crate) fn local(
-        op: &'static str,
-        path: impl Into<PathBuf>,
-        source: std::io::Error,
-    ) -> Self {
-        StoreError::Local {
-            op,
-            path: path.into(),
-            source,
-        }
+    pub(crate) fn local(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        StoreError::Local { op, path: path.into(), source }
     }
 
-    pub(crate) fn storage(
-        op: &'static str,
-        key: impl ToString,
-        source: object_store::Error,
-    ) -> Self {
-        StoreError::Storage {
-            op,
-            key: key.to_string(),
-            source,
-        }
+    pub(crate) fn storage(op: &'static str, key: impl ToString, source: object_store::Error) -> Self {
+        StoreError::Storage { op, key: key.to_string(), source }
     }
 }
 
@@ -161,32 +129,16 @@ mod tests {
 
     #[test]
     fn quota_message_is_clear() {
-        let e = StoreError::QuotaExceeded {
-            kind: QuotaKind::Bytes,
-            limit: 100,
-            would_be: 150,
-        };
+        let e = StoreError::QuotaExceeded { kind: QuotaKind::Bytes, limit: 100, would_be: 150 };
         let m = e.to_string();
         assert!(m.contains("150 bytes (limit 100)"), "{m}");
         assert!(m.contains("unchanged"), "{m}");
         assert!(!e.is_retriable() && e.is_quota());
-        let e = StoreError::UserQuotaExceeded {
-            user: "alice".into(),
-            kind: QuotaKind::Files,
-            limit: 10,
-            would_be: 11,
-        };
+        let e = StoreError::UserQuotaExceeded { user: "alice".into(), kind: QuotaKind::Files, limit: 10, would_be: 11 };
         let m = e.to_string();
-        assert!(
-            m.contains("user alice") && m.contains("11 files (limit 10)"),
-            "{m}"
-        );
+        assert!(m.contains("user alice") && m.contains("11 files (limit 10)"), "{m}");
         assert!(!e.is_retriable() && e.is_quota());
-        let e = StoreError::Timeout {
-            op: "put",
-            key: "k".into(),
-            after: Duration::from_secs(1),
-        };
+        let e = StoreError::Timeout { op: "put", key: "k".into(), after: Duration::from_secs(1) };
         assert!(e.is_retriable());
     }
 }

@@ -88,9 +88,7 @@ pub(crate) struct Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.counters
-            .buffered
-            .fetch_sub(self.bytes, Ordering::Relaxed);
+        self.counters.buffered.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -109,13 +107,7 @@ impl Io {
     pub(crate) fn stats(&self) -> IoStats {
         let c = &self.counters;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let (gets, puts, heads, lists, deletes) = (
-            l(&c.gets),
-            l(&c.puts),
-            l(&c.heads),
-            l(&c.lists),
-            l(&c.deletes),
-        );
+        let (gets, puts, heads, lists, deletes) = (l(&c.gets), l(&c.puts), l(&c.heads), l(&c.lists), l(&c.deletes));
         IoStats {
             requests: gets + puts + heads + lists + deletes,
             gets,
@@ -153,21 +145,10 @@ impl Io {
     /// request above it takes the whole budget).
     pub(crate) async fn reserve(&self, bytes: u64) -> Reservation {
         let kib = bytes.div_ceil(1024).clamp(1, self.budget_kib as u64) as u32;
-        let permit = self
-            .budget
-            .clone()
-            .acquire_many_owned(kib)
-            .await
-            .expect("budget semaphore never closed");
+        let permit = self.budget.clone().acquire_many_owned(kib).await.expect("budget semaphore never closed");
         let now = self.counters.buffered.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        self.counters
-            .buffered_peak
-            .fetch_max(now, Ordering::Relaxed);
-        Reservation {
-            _permit: permit,
-            bytes,
-            counters: self.counters.clone(),
-        }
+        self.counters.buffered_peak.fetch_max(now, Ordering::Relaxed);
+        Reservation { _permit: permit, bytes, counters: self.counters.clone() }
     }
 
     /// Runs one request with the timeout.
@@ -182,11 +163,7 @@ impl Io {
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(StoreError::storage(what, key, e)),
-            Err(_) => Err(StoreError::Timeout {
-                op: what,
-                key: key.to_string(),
-                after: self.timeout,
-            }),
+            Err(_) => Err(StoreError::Timeout { op: what, key: key.to_string(), after: self.timeout }),
         }
     }
 
@@ -200,11 +177,7 @@ impl Io {
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(StoreError::storage(what, key, e)),
-            Err(_) => Err(StoreError::Timeout {
-                op: what,
-                key: key.to_string(),
-                after: self.timeout,
-            }),
+            Err(_) => Err(StoreError::Timeout { op: what, key: key.to_string(), after: self.timeout }),
         }
     }
 
@@ -212,20 +185,13 @@ impl Io {
     pub(crate) async fn head_etag(&self, key: &ObjectPath) -> Result<Option<String>, StoreError> {
         match self.call(Op::Head, "head", key, self.store.head(key)).await {
             Ok(meta) => Ok(Some(meta.e_tag.unwrap_or_default())),
-            Err(StoreError::Storage {
-                source: object_store::Error::NotFound { .. },
-                ..
-            }) => Ok(None),
+            Err(StoreError::Storage { source: object_store::Error::NotFound { .. }, .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
     /// A small object whole (at most `limit` bytes), with its ETag; `None` when it does not exist.
-    pub(crate) async fn get_small(
-        &self,
-        key: &ObjectPath,
-        limit: u64,
-    ) -> Result<Option<(bytes::Bytes, Option<String>)>, StoreError> {
+    pub(crate) async fn get_small(&self, key: &ObjectPath, limit: u64) -> Result<Option<(bytes::Bytes, Option<String>)>, StoreError> {
         let fut = async {
             let r = self.store.get(key).await?;
             if r.meta.size > limit {
@@ -243,29 +209,15 @@ impl Io {
                 key: key.to_string(),
                 reason: format!("{size} bytes, more than the {limit} bytes a manifest may have"),
             }),
-            Err(StoreError::Storage {
-                source: object_store::Error::NotFound { .. },
-                ..
-            }) => Ok(None),
+            Err(StoreError::Storage { source: object_store::Error::NotFound { .. }, .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
     /// Uploads a small object in one request; returns its ETag.
-    pub(crate) async fn put(
-        &self,
-        key: &ObjectPath,
-        payload: bytes::Bytes,
-    ) -> Result<Option<String>, StoreError> {
+    pub(crate) async fn put(&self, key: &ObjectPath, payload: bytes::Bytes) -> Result<Option<String>, StoreError> {
         let n = payload.len() as u64;
-        let r = self
-            .call(
-                Op::Put,
-                "put",
-                key,
-                self.store.put(key, PutPayload::from_bytes(payload)),
-            )
-            .await?;
+        let r = self.call(Op::Put, "put", key, self.store.put(key, PutPayload::from_bytes(payload))).await?;
         self.add_uploaded(n);
         Ok(r.e_tag)
     }
@@ -277,8 +229,7 @@ impl Io {
         // S3's bulk delete takes 1000 keys per request.
         for batch in keys.chunks(1000) {
             let first = batch[0].clone();
-            let stream =
-                futures::stream::iter(batch.iter().cloned().map(Ok).collect::<Vec<_>>()).boxed();
+            let stream = futures::stream::iter(batch.iter().cloned().map(Ok).collect::<Vec<_>>()).boxed();
             let fut = async {
                 let mut results = self.store.delete_stream(stream);
                 let mut n = 0u64;
@@ -296,11 +247,7 @@ impl Io {
     }
 
     /// Every key under `prefix`, at most `limit` of them (each page bounded by the timeout).
-    pub(crate) async fn list_all(
-        &self,
-        prefix: &ObjectPath,
-        limit: u64,
-    ) -> Result<Vec<ObjectPath>, StoreError> {
+    pub(crate) async fn list_all(&self, prefix: &ObjectPath, limit: u64) -> Result<Vec<ObjectPath>, StoreError> {
         let mut out = Vec::new();
         let mut s = self.store.list(Some(prefix));
         // One request per page of (at most) 1000 keys; each page bounded by the timeout.
@@ -308,22 +255,13 @@ impl Io {
         loop {
             let next = match tokio::time::timeout(self.timeout, s.next()).await {
                 Ok(n) => n,
-                Err(_) => {
-                    return Err(StoreError::Timeout {
-                        op: "list",
-                        key: prefix.to_string(),
-                        after: self.timeout,
-                    })
-                }
+                Err(_) => return Err(StoreError::Timeout { op: "list", key: prefix.to_string(), after: self.timeout }),
             };
             match next {
                 None => break,
                 Some(Ok(meta)) => {
                     if out.len() as u64 >= limit {
-                        return Err(StoreError::TooManyEntries {
-                            path: prefix.to_string().into(),
-                            limit,
-                        });
+                        return Err(StoreError::TooManyEntries { path: prefix.to_string().into(), limit });
                     }
                     out.push(meta.location);
                     if out.len() % 1000 == 0 {

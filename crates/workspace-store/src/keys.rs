@@ -61,9 +61,7 @@ pub fn validate_segment(what: &str, s: &str) -> Result<(), String> {
         return Err(format!("{what} is empty"));
     }
     if s.len() > MAX_SEGMENT {
-        return Err(format!(
-            "{what} {s:?} is longer than {MAX_SEGMENT} characters"
-        ));
+        return Err(format!("{what} {s:?} is longer than {MAX_SEGMENT} characters"));
     }
     if s.starts_with('.') {
         return Err(format!("{what} {s:?} starts with a dot"));
@@ -99,11 +97,7 @@ pub(crate) struct ConversationKeys {
 }
 
 impl ConversationKeys {
-    pub(crate) fn new(
-        prefix: &str,
-        user: &UserId,
-        conversation: ConversationId,
-    ) -> Result<Self, StoreError> {
+    pub(crate) fn new(prefix: &str, user: &UserId, conversation: ConversationId) -> Result<Self, StoreError> {
         validate_prefix(prefix).map_err(StoreError::Config)?;
         validate_segment("user id", user.as_str()).map_err(StoreError::InvalidId)?;
         let conv = conversation.hex();
@@ -134,12 +128,7 @@ impl ConversationKeys {
     /// `hash` must be a validated hash ([`is_hash`]).
     pub(crate) fn blob(&self, area: Area, hash: &str) -> ObjectPath {
         debug_assert!(is_hash(hash));
-        parse(&format!(
-            "{}/{}/blobs/{}/{hash}",
-            self.base,
-            area.as_str(),
-            &hash[..2]
-        ))
+        parse(&format!("{}/{}/blobs/{}/{hash}", self.base, area.as_str(), &hash[..2]))
     }
 
     /// The hash a blob key names, if `key` is a blob of `area` (for the orphan sweep).
@@ -158,9 +147,7 @@ fn parse(s: &str) -> ObjectPath {
 
 /// A BLAKE3 hash in lower-case hex (64 digits).
 pub fn is_hash(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Longest relative path accepted in a manifest (Linux PATH_MAX).
@@ -190,9 +177,7 @@ pub fn validate_rel_path(p: &str) -> Result<(), String> {
             return Err(format!("path {p:?} has a {c:?} component"));
         }
         if c.len() > MAX_NAME {
-            return Err(format!(
-                "path {p:?} has a name longer than {MAX_NAME} bytes"
-            ));
+            return Err(format!("path {p:?} has a name longer than {MAX_NAME} bytes"));
         }
     }
     Ok(())
@@ -212,19 +197,7 @@ mod tests {
         for ok in ["default", "alice@example.com", "u-1_2.3+x=y", "A"] {
             validate_segment("user id", ok).unwrap();
         }
-        for bad in [
-            "",
-            ".",
-            "..",
-            ".hidden",
-            "a/b",
-            "a b",
-            "ä",
-            "a\0",
-            &"x".repeat(129),
-            "a\\b",
-            "%2e%2e",
-        ] {
+        for bad in ["", ".", "..", ".hidden", "a/b", "a b", "ä", "a\0", &"x".repeat(129), "a\\b", "%2e%2e"] {
             assert!(validate_segment("user id", bad).is_err(), "{bad:?}");
         }
         validate_prefix("").unwrap();
@@ -238,55 +211,23 @@ mod tests {
     fn layout() {
         let c = ConversationId::parse("0a8b12be-0792-4413-8dd9-066610cb0473").unwrap();
         let k = ConversationKeys::new("p/q", &UserId::new("alice"), c).unwrap();
-        assert_eq!(
-            k.manifest(Area::Workspace).as_ref(),
-            "p/q/alice/0a8b12be079244138dd9066610cb0473/workspace/manifest.json"
-        );
+        assert_eq!(k.manifest(Area::Workspace).as_ref(), "p/q/alice/0a8b12be079244138dd9066610cb0473/workspace/manifest.json");
         let h = "ab".repeat(32);
         let blob = k.blob(Area::State, &h);
-        assert_eq!(
-            blob.as_ref(),
-            format!("p/q/alice/0a8b12be079244138dd9066610cb0473/state/blobs/ab/{h}")
-        );
+        assert_eq!(blob.as_ref(), format!("p/q/alice/0a8b12be079244138dd9066610cb0473/state/blobs/ab/{h}"));
         assert_eq!(k.hash_of_blob(Area::State, &blob), Some(h.clone()));
         assert_eq!(k.hash_of_blob(Area::Workspace, &blob), None);
         let k2 = ConversationKeys::new("", &UserId::new("bob"), c).unwrap();
-        assert_eq!(
-            k2.conversation_prefix().as_ref(),
-            "bob/0a8b12be079244138dd9066610cb0473"
-        );
-        assert!(matches!(
-            ConversationKeys::new("", &UserId::new("../bob"), c),
-            Err(StoreError::InvalidId(_))
-        ));
+        assert_eq!(k2.conversation_prefix().as_ref(), "bob/0a8b12be079244138dd9066610cb0473");
+        assert!(matches!(ConversationKeys::new("", &UserId::new("../bob"), c), Err(StoreError::InvalidId(_))));
     }
 
     #[test]
     fn rel_paths() {
-        for ok in [
-            "a",
-            "a/b/c",
-            "with space/ünïcode",
-            "..a",
-            "a..",
-            ".git/config",
-            "-x",
-        ] {
+        for ok in ["a", "a/b/c", "with space/ünïcode", "..a", "a..", ".git/config", "-x"] {
             validate_rel_path(ok).unwrap();
         }
-        for bad in [
-            "",
-            "/a",
-            "a/",
-            "a//b",
-            "..",
-            "../a",
-            "a/../b",
-            "./a",
-            "a/.",
-            "a\0b",
-            &"x".repeat(256),
-        ] {
+        for bad in ["", "/a", "a/", "a//b", "..", "../a", "a/../b", "./a", "a/.", "a\0b", &"x".repeat(256)] {
             assert!(validate_rel_path(bad).is_err(), "{bad:?}");
         }
         assert_eq!(parent("a/b/c"), Some("a/b"));

@@ -158,10 +158,7 @@ impl std::fmt::Debug for WorkspaceStore {
 impl WorkspaceStore {
     /// The store `cfg` describes. `cache_root` is a directory private to nestor (not visible to
     /// agents) where the local copies of manifests are kept.
-    pub fn connect(
-        cfg: &WorkspaceStorageConfig,
-        cache_root: impl Into<PathBuf>,
-    ) -> Result<Self, StoreError> {
+    pub fn connect(cfg: &WorkspaceStorageConfig, cache_root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let store = cfg.build_object_store()?;
         Self::with_object_store(store, cfg, cache_root)
     }
@@ -191,11 +188,7 @@ impl WorkspaceStore {
     /// One conversation's storage. Fails only for a user id that cannot be a key segment
     /// (see [`keys::validate_segment`]). Handles for the same conversation share their lock
     /// and status.
-    pub fn conversation(
-        &self,
-        user: &UserId,
-        conversation: ConversationId,
-    ) -> Result<ConversationStorage, StoreError> {
+    pub fn conversation(&self, user: &UserId, conversation: ConversationId) -> Result<ConversationStorage, StoreError> {
         let keys = ConversationKeys::new(&self.inner.cfg.prefix, user, conversation)?;
         let mut map = self.inner.conversations.lock().unwrap();
         let k = (user.clone(), conversation);
@@ -233,8 +226,7 @@ impl WorkspaceStore {
     /// first push.
     pub async fn probe(&self) -> Result<(), StoreError> {
         let io = &self.inner.io;
-        let prefix =
-            object_store::path::Path::parse(&self.inner.cfg.prefix).expect("validated prefix");
+        let prefix = object_store::path::Path::parse(&self.inner.cfg.prefix).expect("validated prefix");
         let prefix = (!self.inner.cfg.prefix.is_empty()).then_some(prefix);
         let fut = io.store.list_with_delimiter(prefix.as_ref());
         match io.call(io::Op::List, "list", &prefix.clone().unwrap_or_default(), fut).await {
@@ -283,9 +275,7 @@ pub struct ConversationStorage {
 
 impl std::fmt::Debug for ConversationStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConversationStorage")
-            .field("keys", &self.keys.base())
-            .finish()
+        f.debug_struct("ConversationStorage").field("keys", &self.keys.base()).finish()
     }
 }
 
@@ -330,17 +320,11 @@ impl ConversationStorage {
     pub async fn purge(&self) -> Result<PurgeReport, StoreError> {
         let _op = self.shared.op.lock().await;
         let io = &self.inner.io;
-        let mut deleted = io
-            .delete_many(Area::ALL.iter().map(|a| self.keys.manifest(*a)).collect())
-            .await?;
+        let mut deleted = io.delete_many(Area::ALL.iter().map(|a| self.keys.manifest(*a)).collect()).await?;
         for area in Area::ALL {
             let _ = std::fs::remove_file(self.cache_path(area));
         }
-        let _ = std::fs::remove_dir(
-            self.cache_path(Area::Workspace)
-                .parent()
-                .expect("has parent"),
-        );
+        let _ = std::fs::remove_dir(self.cache_path(Area::Workspace).parent().expect("has parent"));
         self.shared.committed.lock().unwrap().clear();
         self.ledger_forget();
         {
@@ -352,20 +336,13 @@ impl ConversationStorage {
                 a.stored_files = 0;
             }
         }
-        let limit = self
-            .inner
-            .cfg
-            .max_entries
-            .saturating_mul(2)
-            .saturating_add(1000);
+        let limit = self.inner.cfg.max_entries.saturating_mul(2).saturating_add(1000);
         let rest = io.list_all(&self.keys.conversation_prefix(), limit).await?;
         if !rest.is_empty() {
             deleted += io.delete_many(rest).await?;
         }
         tracing::info!(conversation = %self.conversation, user = %self.user, deleted, "workspace store: purged");
-        Ok(PurgeReport {
-            objects_deleted: deleted,
-        })
+        Ok(PurgeReport { objects_deleted: deleted })
     }
 
     /// What the stored copy of `area` holds, if known without a request (after a pull or push
@@ -394,19 +371,15 @@ impl ConversationStorage {
     }
 
     /// The stored manifest of `area` (checked) and its ETag; `None` when nothing is stored.
-    async fn fetch_manifest(
-        &self,
-        area: Area,
-    ) -> Result<Option<(Manifest, Option<String>)>, StoreError> {
+    async fn fetch_manifest(&self, area: Area) -> Result<Option<(Manifest, Option<String>)>, StoreError> {
         let key = self.keys.manifest(area);
         let Some((bytes, etag)) = self.inner.io.get_small(&key, MAX_MANIFEST_BYTES).await? else {
             return Ok(None);
         };
-        let m: Manifest =
-            serde_json::from_slice(&bytes).map_err(|e| StoreError::CorruptManifest {
-                key: key.to_string(),
-                reason: e.to_string(),
-            })?;
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| StoreError::CorruptManifest {
+            key: key.to_string(),
+            reason: e.to_string(),
+        })?;
         m.validate(key.as_ref(), self.inner.cfg.max_entries)?;
         Ok(Some((m, etag)))
     }
@@ -425,12 +398,10 @@ impl ConversationStorage {
 
 /// `dir`'s parent and name, for temporary siblings.
 fn split_dir(dir: &Path) -> Result<(PathBuf, String), StoreError> {
-    let name = dir.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
-        StoreError::Config(format!(
-            "{} does not end in a UTF-8 directory name",
-            dir.display()
-        ))
-    })?;
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| StoreError::Config(format!("{} does not end in a UTF-8 directory name", dir.display())))?;
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),

@@ -81,10 +81,7 @@ pub struct Totals {
 impl std::ops::Add for Totals {
     type Output = Totals;
     fn add(self, o: Totals) -> Totals {
-        Totals {
-            files: self.files + o.files,
-            bytes: self.bytes + o.bytes,
-        }
+        Totals { files: self.files + o.files, bytes: self.bytes + o.bytes }
     }
 }
 
@@ -117,26 +114,15 @@ impl Manifest {
     /// Checks a manifest read back from the bucket (which is not trusted: anyone with write
     /// access to it could have put anything there). Nothing of a manifest that fails is used.
     pub fn validate(&self, key: &str, max_entries: u64) -> Result<(), StoreError> {
-        let bad = |reason: String| {
-            Err(StoreError::CorruptManifest {
-                key: key.to_owned(),
-                reason,
-            })
-        };
+        let bad = |reason: String| Err(StoreError::CorruptManifest { key: key.to_owned(), reason });
         if self.format != FORMAT {
-            return bad(format!(
-                "unknown format {} (this nestor reads {FORMAT})",
-                self.format
-            ));
+            return bad(format!("unknown format {} (this nestor reads {FORMAT})", self.format));
         }
         if self.hash != HASH_ALG {
             return bad(format!("unknown hash {:?}", self.hash));
         }
         if self.entries.len() as u64 > max_entries {
-            return bad(format!(
-                "{} entries, more than max_entries = {max_entries}",
-                self.entries.len()
-            ));
+            return bad(format!("{} entries, more than max_entries = {max_entries}", self.entries.len()));
         }
         for (path, entry) in &self.entries {
             if let Err(e) = validate_rel_path(path) {
@@ -252,12 +238,7 @@ mod tests {
     use super::*;
 
     fn file(hash: &str) -> Entry {
-        Entry::File {
-            size: 3,
-            mtime_ns: 1,
-            mode: 0o644,
-            hash: hash.into(),
-        }
+        Entry::File { size: 3, mtime_ns: 1, mode: 0o644, hash: hash.into() }
     }
 
     fn manifest(entries: &[(&str, Entry)]) -> Manifest {
@@ -275,12 +256,7 @@ mod tests {
         let m = manifest(&[
             ("d", Entry::Dir { mode: 0o755 }),
             ("d/f", file(&h)),
-            (
-                "l",
-                Entry::Symlink {
-                    target: "/etc/passwd".into(),
-                },
-            ),
+            ("l", Entry::Symlink { target: "/etc/passwd".into() }),
         ]);
         let j = serde_json::to_value(&m).unwrap();
         assert_eq!(j["entries"]["d/f"]["t"], "file");
@@ -302,48 +278,22 @@ mod tests {
             manifest(&[("a/../../x", file(&h))]),
             // Below a file or a symlink, or in a directory that is not stored.
             manifest(&[("a", file(&h)), ("a/b", file(&h))]),
-            manifest(&[
-                (
-                    "a",
-                    Entry::Symlink {
-                        target: "/etc".into(),
-                    },
-                ),
-                ("a/passwd", file(&h)),
-            ]),
+            manifest(&[("a", Entry::Symlink { target: "/etc".into() }), ("a/passwd", file(&h))]),
             manifest(&[("a/b", file(&h))]),
             manifest(&[("a", file("../../../../etc/passwd"))]),
-            manifest(&[(
-                "a",
-                Entry::File {
-                    size: 1,
-                    mtime_ns: 0,
-                    mode: 0o4755,
-                    hash: h.clone(),
-                },
-            )]),
-            manifest(&[(
-                "a",
-                Entry::Symlink {
-                    target: String::new(),
-                },
-            )]),
+            manifest(&[("a", Entry::File { size: 1, mtime_ns: 0, mode: 0o4755, hash: h.clone() })]),
+            manifest(&[("a", Entry::Symlink { target: String::new() })]),
         ];
         for m in cases {
             let r = m.validate("k", 100);
-            assert!(
-                matches!(r, Err(StoreError::CorruptManifest { .. })),
-                "{m:?} → {r:?}"
-            );
+            assert!(matches!(r, Err(StoreError::CorruptManifest { .. })), "{m:?} → {r:?}");
         }
         let mut m = manifest(&[]);
         m.format = 2;
         assert!(m.validate("k", 100).is_err());
         let many = manifest(&[("a", file(&h)), ("b", file(&h))]);
         assert!(many.validate("k", 1).is_err());
-        let r: Result<Manifest, _> = serde_json::from_str(
-            r#"{"format":1,"hash":"blake3","generation":1,"pushed_at":"1970-01-01T00:00:00Z","entries":{"a":{"t":"fifo"}}}"#,
-        );
+        let r: Result<Manifest, _> = serde_json::from_str(r#"{"format":1,"hash":"blake3","generation":1,"pushed_at":"1970-01-01T00:00:00Z","entries":{"a":{"t":"fifo"}}}"#);
         assert!(r.is_err());
     }
 }

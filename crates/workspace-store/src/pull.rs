@@ -51,12 +51,7 @@ impl ConversationStorage {
         let _op = self.shared.op.lock().await;
         let r = self.pull_locked(area, local_dir).await;
         if r.is_ok() {
-            self.shared
-                .status
-                .lock()
-                .unwrap()
-                .area_mut(area)
-                .last_pull_at = Some(OffsetDateTime::now_utc());
+            self.shared.status.lock().unwrap().area_mut(area).last_pull_at = Some(OffsetDateTime::now_utc());
         }
         r
     }
@@ -67,22 +62,14 @@ impl ConversationStorage {
         let (parent, name) = split_dir(&dst)?;
         {
             let (parent, name) = (parent.clone(), name.clone());
-            tokio::task::spawn_blocking(move || remove_leftovers(&parent, &name))
-                .await
-                .expect("cleanup task")?;
+            tokio::task::spawn_blocking(move || remove_leftovers(&parent, &name)).await.expect("cleanup task")?;
         }
         let Some((manifest, etag)) = self.fetch_manifest(area).await? else {
             let d = dst.clone();
-            tokio::task::spawn_blocking(move || {
-                std::fs::create_dir_all(&d).map_err(|e| StoreError::local("create", &d, e))
-            })
-            .await
-            .expect("mkdir task")?;
-            self.shared
-                .committed
-                .lock()
-                .unwrap()
-                .insert(area, Default::default());
+            tokio::task::spawn_blocking(move || std::fs::create_dir_all(&d).map_err(|e| StoreError::local("create", &d, e)))
+                .await
+                .expect("mkdir task")?;
+            self.shared.committed.lock().unwrap().insert(area, Default::default());
             self.ledger_commit(area, Default::default());
             return Ok(PullReport {
                 area,
@@ -159,10 +146,7 @@ impl ConversationStorage {
             stats,
         };
         let path = self.cache_path(area);
-        if let Err(e) = tokio::task::spawn_blocking(move || cache.write(&path))
-            .await
-            .expect("cache task")
-        {
+        if let Err(e) = tokio::task::spawn_blocking(move || cache.write(&path)).await.expect("cache task") {
             tracing::warn!(conversation = %self.conversation, %area, error = %e, "workspace store: could not write the local manifest");
         }
         report.elapsed_ms = started.elapsed().as_millis() as u64;
@@ -190,13 +174,11 @@ impl ConversationStorage {
                 use std::os::unix::fs::DirBuilderExt;
                 let mut b = std::fs::DirBuilder::new();
                 b.mode(0o700);
-                b.create(&tmp)
-                    .map_err(|e| StoreError::local("create", &tmp, e))?;
+                b.create(&tmp).map_err(|e| StoreError::local("create", &tmp, e))?;
                 // BTreeMap order puts every directory after its parent.
                 for d in &dirs {
                     let p = tmp.join(d);
-                    b.create(&p)
-                        .map_err(|e| StoreError::local("create", &p, e))?;
+                    b.create(&p).map_err(|e| StoreError::local("create", &p, e))?;
                 }
                 Ok(())
             })
@@ -209,17 +191,8 @@ impl ConversationStorage {
         // tuple in this closure trips rustc's higher-ranked lifetime inference).
         let mut by_hash: BTreeMap<String, Vec<(String, u64, i64, u32)>> = BTreeMap::new();
         for (p, e) in &manifest.entries {
-            if let Entry::File {
-                size,
-                mtime_ns,
-                mode,
-                hash,
-            } = e
-            {
-                by_hash
-                    .entry(hash.clone())
-                    .or_default()
-                    .push((p.clone(), *size, *mtime_ns, *mode));
+            if let Entry::File { size, mtime_ns, mode, hash } = e {
+                by_hash.entry(hash.clone()).or_default().push((p.clone(), *size, *mtime_ns, *mode));
             }
         }
         let concurrency = self.inner.cfg.concurrency;
@@ -228,23 +201,18 @@ impl ConversationStorage {
                 let size = paths[0].1;
                 let first_abs = tmp.join(&paths[0].0);
                 let downloaded = self.download_blob(area, &hash, size, &first_abs).await?;
-                let copies: Vec<(PathBuf, i64, u32, String)> = paths
-                    .into_iter()
-                    .map(|(p, _, m, md)| (tmp.join(&p), m, md, p))
-                    .collect();
-                let stats = tokio::task::spawn_blocking(
-                    move || -> Result<Vec<RestoredFile>, StoreError> {
-                        let mut out = Vec::with_capacity(copies.len());
-                        for (i, (abs, m, md, rel)) in copies.iter().enumerate() {
-                            if i > 0 {
-                                std::fs::copy(&first_abs, abs)
-                                    .map_err(|e| StoreError::local("copy", abs, e))?;
-                            }
-                            out.push((rel.clone(), finish_file(abs, *m, *md)?, hash.clone()));
+                let copies: Vec<(PathBuf, i64, u32, String)> =
+                    paths.into_iter().map(|(p, _, m, md)| (tmp.join(&p), m, md, p)).collect();
+                let stats = tokio::task::spawn_blocking(move || -> Result<Vec<RestoredFile>, StoreError> {
+                    let mut out = Vec::with_capacity(copies.len());
+                    for (i, (abs, m, md, rel)) in copies.iter().enumerate() {
+                        if i > 0 {
+                            std::fs::copy(&first_abs, abs).map_err(|e| StoreError::local("copy", abs, e))?;
                         }
-                        Ok(out)
-                    },
-                )
+                        out.push((rel.clone(), finish_file(abs, *m, *md)?, hash.clone()));
+                    }
+                    Ok(out)
+                })
                 .await
                 .expect("finish task")?;
                 Ok::<_, StoreError>((stats, downloaded))
@@ -284,16 +252,13 @@ impl ConversationStorage {
         tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
             for (p, target) in links {
                 let abs = tmp2.join(&p);
-                std::os::unix::fs::symlink(&target, &abs)
-                    .map_err(|e| StoreError::local("symlink", &abs, e))?;
+                std::os::unix::fs::symlink(&target, &abs).map_err(|e| StoreError::local("symlink", &abs, e))?;
             }
             for (p, mode) in dir_modes {
                 let abs = tmp2.join(&p);
-                std::fs::set_permissions(&abs, Permissions::from_mode(mode))
-                    .map_err(|e| StoreError::local("chmod", &abs, e))?;
+                std::fs::set_permissions(&abs, Permissions::from_mode(mode)).map_err(|e| StoreError::local("chmod", &abs, e))?;
             }
-            std::fs::set_permissions(&tmp2, Permissions::from_mode(0o755))
-                .map_err(|e| StoreError::local("chmod", &tmp2, e))
+            std::fs::set_permissions(&tmp2, Permissions::from_mode(0o755)).map_err(|e| StoreError::local("chmod", &tmp2, e))
         })
         .await
         .expect("links task")?;
@@ -301,13 +266,7 @@ impl ConversationStorage {
     }
 
     /// Streams blob `hash` to the new file `dest` in ranged requests, checking size and hash.
-    async fn download_blob(
-        &self,
-        area: Area,
-        hash: &str,
-        size: u64,
-        dest: &Path,
-    ) -> Result<u64, StoreError> {
+    async fn download_blob(&self, area: Area, hash: &str, size: u64, dest: &Path) -> Result<u64, StoreError> {
         let io = &self.inner.io;
         let key = self.keys.blob(area, hash);
         let std_file = {
@@ -324,8 +283,7 @@ impl ConversationStorage {
             .await
             .expect("open task")?
         };
-        let mut out =
-            tokio::io::BufWriter::with_capacity(256 * 1024, tokio::fs::File::from_std(std_file));
+        let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, tokio::fs::File::from_std(std_file));
         let mut hasher = blake3::Hasher::new();
         let chunk = self.inner.cfg.download_chunk_bytes;
         let mut offset = 0u64;
@@ -337,49 +295,32 @@ impl ConversationStorage {
                 ..Default::default()
             };
             let got = async {
-                let r = io
-                    .store
-                    .get_opts(&key, opts)
-                    .await
-                    .map_err(|e| StoreError::storage("get", &key, e))?;
+                let r = io.store.get_opts(&key, opts).await.map_err(|e| StoreError::storage("get", &key, e))?;
                 let mut s = r.into_stream();
                 let mut n = 0u64;
                 while let Some(c) = s.next().await {
                     let c = c.map_err(|e| StoreError::storage("get", &key, e))?;
                     n += c.len() as u64;
                     if offset + n > end {
-                        return Err(StoreError::CorruptBlob {
-                            key: key.to_string(),
-                            reason: "longer than its manifest says".into(),
-                        });
+                        return Err(StoreError::CorruptBlob { key: key.to_string(), reason: "longer than its manifest says".into() });
                     }
                     io.add_downloaded(c.len() as u64);
                     hasher.update(&c);
-                    out.write_all(&c)
-                        .await
-                        .map_err(|e| StoreError::local("write", dest, e))?;
+                    out.write_all(&c).await.map_err(|e| StoreError::local("write", dest, e))?;
                 }
                 Ok(n)
             };
             io.count(Op::Get);
             let n = match tokio::time::timeout(io.timeout, got).await {
                 Ok(r) => r?,
-                Err(_) => {
-                    return Err(StoreError::Timeout {
-                        op: "get",
-                        key: key.to_string(),
-                        after: io.timeout,
-                    })
-                }
+                Err(_) => return Err(StoreError::Timeout { op: "get", key: key.to_string(), after: io.timeout }),
             };
             offset += n;
             if n == 0 || offset >= size {
                 break;
             }
         }
-        out.flush()
-            .await
-            .map_err(|e| StoreError::local("write", dest, e))?;
+        out.flush().await.map_err(|e| StoreError::local("write", dest, e))?;
         if offset != size {
             return Err(StoreError::CorruptBlob {
                 key: key.to_string(),
@@ -388,10 +329,7 @@ impl ConversationStorage {
         }
         let got = hasher.finalize().to_hex();
         if got.as_str() != hash {
-            return Err(StoreError::CorruptBlob {
-                key: key.to_string(),
-                reason: format!("content hashes to {got}"),
-            });
+            return Err(StoreError::CorruptBlob { key: key.to_string(), reason: format!("content hashes to {got}") });
         }
         Ok(size)
     }
@@ -404,32 +342,22 @@ fn finish_file(abs: &Path, mtime_ns: i64, mode: u32) -> Result<LocalStat, StoreE
         .custom_flags(libc::O_NOFOLLOW)
         .open(abs)
         .map_err(|e| StoreError::local("open", abs, e))?;
-    f.set_permissions(Permissions::from_mode(mode & 0o777))
-        .map_err(|e| StoreError::local("chmod", abs, e))?;
+    f.set_permissions(Permissions::from_mode(mode & 0o777)).map_err(|e| StoreError::local("chmod", abs, e))?;
     let t = if mtime_ns >= 0 {
         UNIX_EPOCH + Duration::from_nanos(mtime_ns as u64)
     } else {
-        UNIX_EPOCH
-            .checked_sub(Duration::from_nanos(mtime_ns.unsigned_abs()))
-            .unwrap_or(UNIX_EPOCH)
+        UNIX_EPOCH.checked_sub(Duration::from_nanos(mtime_ns.unsigned_abs())).unwrap_or(UNIX_EPOCH)
     };
-    f.set_times(
-        FileTimes::new()
-            .set_modified(t)
-            .set_accessed(SystemTime::now()),
-    )
-    .map_err(|e| StoreError::local("set times", abs, e))?;
-    let meta = f
-        .metadata()
-        .map_err(|e| StoreError::local("stat", abs, e))?;
+    f.set_times(FileTimes::new().set_modified(t).set_accessed(SystemTime::now()))
+        .map_err(|e| StoreError::local("set times", abs, e))?;
+    let meta = f.metadata().map_err(|e| StoreError::local("stat", abs, e))?;
     Ok(stat_of(&meta))
 }
 
 /// Removes temporary directories an interrupted pull of `name` left in `parent`.
 fn remove_leftovers(parent: &Path, name: &str) -> Result<(), StoreError> {
     std::fs::create_dir_all(parent).map_err(|e| StoreError::local("create", parent, e))?;
-    let rd =
-        std::fs::read_dir(parent).map_err(|e| StoreError::local("read directory", parent, e))?;
+    let rd = std::fs::read_dir(parent).map_err(|e| StoreError::local("read directory", parent, e))?;
     let tmp_prefix = format!(".{name}{TMP_MARK}");
     let old_prefix = format!(".{name}{OLD_MARK}");
     for dent in rd.flatten() {
@@ -447,12 +375,7 @@ fn remove_leftovers(parent: &Path, name: &str) -> Result<(), StoreError> {
 /// Moves `tmp` to `dst`. If `dst` exists (a real directory) the two are exchanged atomically
 /// where the kernel can (`renameat2(RENAME_EXCHANGE)`); returns the directory now holding the
 /// old tree, to be removed.
-fn swap_into_place(
-    tmp: &Path,
-    dst: &Path,
-    parent: &Path,
-    name: &str,
-) -> Result<Option<PathBuf>, StoreError> {
+fn swap_into_place(tmp: &Path, dst: &Path, parent: &Path, name: &str) -> Result<Option<PathBuf>, StoreError> {
     match std::fs::symlink_metadata(dst) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::rename(tmp, dst).map_err(|e| StoreError::local("rename", dst, e))?;
@@ -478,20 +401,10 @@ fn swap_into_place(
 
 fn rename_exchange(a: &Path, b: &Path) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
-    let ca = std::ffi::CString::new(a.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    let cb = std::ffi::CString::new(b.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let ca = std::ffi::CString::new(a.as_os_str().as_bytes()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let cb = std::ffi::CString::new(b.as_os_str().as_bytes()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: two valid NUL-terminated paths; renameat2 only reads them.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            ca.as_ptr(),
-            libc::AT_FDCWD,
-            cb.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
     if r == 0 {
         Ok(())
     } else {
@@ -512,9 +425,7 @@ mod tests {
         std::fs::write(dst.join("old"), "o").unwrap();
         std::fs::create_dir(&tmp).unwrap();
         std::fs::write(tmp.join("new"), "n").unwrap();
-        let old = swap_into_place(&tmp, &dst, d.path(), "ws")
-            .unwrap()
-            .unwrap();
+        let old = swap_into_place(&tmp, &dst, d.path(), "ws").unwrap().unwrap();
         assert!(dst.join("new").exists() && !dst.join("old").exists());
         assert!(old.join("old").exists());
         // A leftover is cleaned by the next pull.
@@ -524,17 +435,11 @@ mod tests {
         // Into a missing directory: a plain rename.
         let tmp2 = d.path().join(".x.nestor-pull-2");
         std::fs::create_dir(&tmp2).unwrap();
-        assert_eq!(
-            swap_into_place(&tmp2, &d.path().join("x"), d.path(), "x").unwrap(),
-            None
-        );
+        assert_eq!(swap_into_place(&tmp2, &d.path().join("x"), d.path(), "x").unwrap(), None);
         // Never over a symlink.
         let tmp3 = d.path().join(".l.nestor-pull-3");
         std::fs::create_dir(&tmp3).unwrap();
         std::os::unix::fs::symlink(&dst, d.path().join("l")).unwrap();
-        assert!(matches!(
-            swap_into_place(&tmp3, &d.path().join("l"), d.path(), "l"),
-            Err(StoreError::NotADirectory(_))
-        ));
+        assert!(matches!(swap_into_place(&tmp3, &d.path().join("l"), d.path(), "l"), Err(StoreError::NotADirectory(_))));
     }
 }

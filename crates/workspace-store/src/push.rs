@@ -58,10 +58,7 @@ enum Upload {
 }
 
 fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
 impl ConversationStorage {
@@ -103,11 +100,7 @@ impl ConversationStorage {
 
     /// [`ConversationStorage::push`], retried with backoff (`[workspace_storage.retry]`) while
     /// the error is retriable. Returns the last error when every attempt failed.
-    pub async fn push_with_retry(
-        &self,
-        area: Area,
-        local_dir: &Path,
-    ) -> Result<PushReport, StoreError> {
+    pub async fn push_with_retry(&self, area: Area, local_dir: &Path) -> Result<PushReport, StoreError> {
         self.push_retrying(area, local_dir, None, None).await
     }
 
@@ -173,11 +166,7 @@ impl ConversationStorage {
 
         let (cached_manifest, cached_etag, known) = match cache {
             Some(c) => {
-                let stats = if c.local_dir == dir {
-                    c.stats
-                } else {
-                    BTreeMap::new()
-                };
+                let stats = if c.local_dir == dir { c.stats } else { BTreeMap::new() };
                 (Some(c.manifest), c.etag, stats)
             }
             None => (None, None, BTreeMap::new()),
@@ -242,17 +231,9 @@ impl ConversationStorage {
             let empty = Manifest::empty();
             let mut provisional = entries.clone();
             for p in &deferred {
-                keep_stored(
-                    &mut provisional,
-                    cached_manifest.as_ref().unwrap_or(&empty),
-                    p,
-                );
+                keep_stored(&mut provisional, cached_manifest.as_ref().unwrap_or(&empty), p);
             }
-            self.set_pending(
-                area,
-                cached_manifest.as_ref().unwrap_or(&empty),
-                &provisional,
-            );
+            self.set_pending(area, cached_manifest.as_ref().unwrap_or(&empty), &provisional);
         }
 
         // 3. What is stored: trust the local copy of the manifest only if the bucket still has
@@ -260,9 +241,7 @@ impl ConversationStorage {
         let mkey = self.keys.manifest(area);
         let remote_etag = io.head_etag(&mkey).await?;
         let (base, base_etag, sweep) = match (cached_manifest, &remote_etag) {
-            (Some(m), Some(e)) if cached_etag.as_deref() == Some(e.as_str()) => {
-                (m, Some(e.clone()), false)
-            }
+            (Some(m), Some(e)) if cached_etag.as_deref() == Some(e.as_str()) => (m, Some(e.clone()), false),
             (_, None) => (Manifest::empty(), None, true),
             (_, Some(_)) => {
                 if cached_etag.is_some() {
@@ -289,11 +268,7 @@ impl ConversationStorage {
             }
         }
 
-        let removed = base
-            .entries
-            .keys()
-            .filter(|p| !entries.contains_key(*p))
-            .count() as u64;
+        let removed = base.entries.keys().filter(|p| !entries.contains_key(*p)).count() as u64;
         self.set_pending(area, &base, &entries);
         let mut report = PushReport {
             area,
@@ -315,8 +290,7 @@ impl ConversationStorage {
 
         if entries == base.entries {
             // Nothing to store. Keep the refreshed stats (and the re-read manifest) locally.
-            self.write_cache(area, &dir, base_etag.clone(), &base, new_stats)
-                .await;
+            self.write_cache(area, &dir, base_etag.clone(), &base, new_stats).await;
             self.set_committed(area, &base);
             if sweep && base_etag.is_some() {
                 report.blobs_deleted = self.sweep_orphans(area, &base).await;
@@ -329,8 +303,7 @@ impl ConversationStorage {
         let new_totals = totals_of(&entries);
         self.check_quota(area, base.totals(), new_totals).await?;
         let mut user_reservation = None;
-        self.check_user_quota(area, base.totals(), new_totals, &mut user_reservation)
-            .await?;
+        self.check_user_quota(area, base.totals(), new_totals, &mut user_reservation).await?;
 
         // 5. Upload the blobs the stored copy lacks.
         let stored_blobs: HashSet<String> = base.blobs().into_iter().map(str::to_owned).collect();
@@ -347,11 +320,7 @@ impl ConversationStorage {
         let results: Vec<(String, Upload)> = futures::stream::iter(wanted)
             .map(|(hash, (p, st))| {
                 let abs = dir.join(&p);
-                async move {
-                    self.upload_blob(area, &hash, abs, st)
-                        .await
-                        .map(|u| (hash, u))
-                }
+                async move { self.upload_blob(area, &hash, abs, st).await.map(|u| (hash, u)) }
             })
             .buffer_unordered(cfg.concurrency)
             .try_collect()
@@ -385,10 +354,7 @@ impl ConversationStorage {
             // path of a changed hash was reverted above.
             let final_totals = totals_of(&entries);
             let checked = match self.check_quota(area, base.totals(), final_totals).await {
-                Ok(()) => {
-                    self.check_user_quota(area, base.totals(), final_totals, &mut user_reservation)
-                        .await
-                }
+                Ok(()) => self.check_user_quota(area, base.totals(), final_totals, &mut user_reservation).await,
                 Err(e) => Err(e),
             };
             if let Err(e) = checked {
@@ -397,8 +363,7 @@ impl ConversationStorage {
                 return Err(e);
             }
             if entries == base.entries {
-                self.write_cache(area, &dir, base_etag.clone(), &base, new_stats)
-                    .await;
+                self.write_cache(area, &dir, base_etag.clone(), &base, new_stats).await;
                 report.elapsed_ms = started.elapsed().as_millis() as u64;
                 return Ok(report);
             }
@@ -419,8 +384,7 @@ impl ConversationStorage {
         };
         self.set_committed(area, &manifest);
         new_stats.retain(|p, (_, h)| matches!(manifest.entries.get(p), Some(Entry::File { hash, .. }) if hash == h));
-        self.write_cache(area, &dir, etag, &manifest, new_stats)
-            .await;
+        self.write_cache(area, &dir, etag, &manifest, new_stats).await;
         report.committed = true;
         report.generation = manifest.generation;
         report.entries = manifest.entries.len() as u64;
@@ -437,9 +401,7 @@ impl ConversationStorage {
         if !gone.is_empty() {
             match io.delete_many(gone).await {
                 Ok(n) => report.blobs_deleted += n,
-                Err(e) => {
-                    tracing::warn!(conversation = %self.conversation, %area, error = %e, "workspace store: could not delete unreferenced blobs (a later push sweeps them)")
-                }
+                Err(e) => tracing::warn!(conversation = %self.conversation, %area, error = %e, "workspace store: could not delete unreferenced blobs (a later push sweeps them)"),
             }
         }
         if sweep {
@@ -458,12 +420,7 @@ impl ConversationStorage {
         a.pending_entries = n;
     }
 
-    async fn check_quota(
-        &self,
-        area: Area,
-        before: Totals,
-        after: Totals,
-    ) -> Result<(), StoreError> {
+    async fn check_quota(&self, area: Area, before: Totals, after: Totals) -> Result<(), StoreError> {
         let q = self.inner.cfg.quota;
         if q.max_bytes.is_none() && q.max_files.is_none() {
             return Ok(());
@@ -472,20 +429,12 @@ impl ConversationStorage {
         let (now, would) = (before + other, after + other);
         if let Some(limit) = q.max_bytes {
             if would.bytes > limit && would.bytes > now.bytes {
-                return Err(StoreError::QuotaExceeded {
-                    kind: QuotaKind::Bytes,
-                    limit,
-                    would_be: would.bytes,
-                });
+                return Err(StoreError::QuotaExceeded { kind: QuotaKind::Bytes, limit, would_be: would.bytes });
             }
         }
         if let Some(limit) = q.max_files {
             if would.files > limit && would.files > now.files {
-                return Err(StoreError::QuotaExceeded {
-                    kind: QuotaKind::Files,
-                    limit,
-                    would_be: would.files,
-                });
+                return Err(StoreError::QuotaExceeded { kind: QuotaKind::Files, limit, would_be: would.files });
             }
         }
         Ok(())
@@ -509,9 +458,7 @@ impl ConversationStorage {
             stats,
         };
         let path = self.cache_path(area);
-        let r = tokio::task::spawn_blocking(move || cache.write(&path))
-            .await
-            .expect("cache task");
+        let r = tokio::task::spawn_blocking(move || cache.write(&path)).await.expect("cache task");
         if let Err(e) = r {
             // Only costs re-hashing next time: the ETag check catches a stale copy.
             tracing::warn!(conversation = %self.conversation, %area, error = %e, "workspace store: could not write the local manifest");
@@ -533,11 +480,7 @@ impl ConversationStorage {
         let live = manifest.blobs();
         let orphans: Vec<_> = keys
             .into_iter()
-            .filter(|k| {
-                self.keys
-                    .hash_of_blob(area, k)
-                    .is_none_or(|h| !live.contains(h.as_str()))
-            })
+            .filter(|k| self.keys.hash_of_blob(area, k).is_none_or(|h| !live.contains(h.as_str())))
             .collect();
         if orphans.is_empty() {
             return 0;
@@ -549,37 +492,26 @@ impl ConversationStorage {
     }
 
     /// Uploads the content of `abs` as blob `hash`, checking that what is sent has that hash.
-    async fn upload_blob(
-        &self,
-        area: Area,
-        hash: &str,
-        abs: PathBuf,
-        st: LocalStat,
-    ) -> Result<Upload, StoreError> {
+    async fn upload_blob(&self, area: Area, hash: &str, abs: PathBuf, st: LocalStat) -> Result<Upload, StoreError> {
         let cfg = &self.inner.cfg;
         let io = &self.inner.io;
         let key = self.keys.blob(area, hash);
         if st.size <= cfg.part_size_bytes {
             let _mem = io.reserve(st.size).await;
             let want = hash.to_owned();
-            let content =
-                tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, StoreError> {
-                    let Some(mut f) = open_checked(&abs, &st)? else {
-                        return Ok(None);
-                    };
-                    let mut buf = vec![0u8; st.size as usize + 1];
-                    let n = read_full(&mut f, &mut buf, &abs)?;
-                    if n as u64 != st.size || !unchanged_since(&f, &abs, &st)? {
-                        return Ok(None);
-                    }
-                    buf.truncate(n);
-                    Ok((blake3::hash(&buf).to_hex().as_str() == want).then_some(buf))
-                })
-                .await
-                .expect("read task")?;
-            let Some(content) = content else {
-                return Ok(Upload::Changed);
-            };
+            let content = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, StoreError> {
+                let Some(mut f) = open_checked(&abs, &st)? else { return Ok(None) };
+                let mut buf = vec![0u8; st.size as usize + 1];
+                let n = read_full(&mut f, &mut buf, &abs)?;
+                if n as u64 != st.size || !unchanged_since(&f, &abs, &st)? {
+                    return Ok(None);
+                }
+                buf.truncate(n);
+                Ok((blake3::hash(&buf).to_hex().as_str() == want).then_some(buf))
+            })
+            .await
+            .expect("read task")?;
+            let Some(content) = content else { return Ok(Upload::Changed) };
             io.put(&key, Bytes::from(content)).await?;
             return Ok(Upload::Done(st.size));
         }
@@ -587,33 +519,19 @@ impl ConversationStorage {
         // Large: multipart, `part_size` at a time, at most `parts_in_flight` parts in flight.
         let part = cfg.part_size_bytes as usize;
         let in_flight = cfg.parts_in_flight;
-        let _mem = io
-            .reserve(cfg.part_size_bytes * (in_flight as u64 + 1))
-            .await;
+        let _mem = io.reserve(cfg.part_size_bytes * (in_flight as u64 + 1)).await;
         let opened = {
             let abs = abs.clone();
-            tokio::task::spawn_blocking(move || open_checked(&abs, &st))
-                .await
-                .expect("open task")?
+            tokio::task::spawn_blocking(move || open_checked(&abs, &st)).await.expect("open task")?
         };
-        let Some(mut file) = opened else {
-            return Ok(Upload::Changed);
-        };
-        let upload = io
-            .call(
-                Op::Put,
-                "create multipart upload",
-                &key,
-                io.store.put_multipart(&key),
-            )
-            .await?;
+        let Some(mut file) = opened else { return Ok(Upload::Changed) };
+        let upload = io.call(Op::Put, "create multipart upload", &key, io.store.put_multipart(&key)).await?;
         let mut w = WriteMultipart::new_with_chunk_size(upload, part);
         let mut hasher = blake3::Hasher::new();
         let mut total = 0u64;
         let outcome: Result<bool, StoreError> = async {
             loop {
-                io.wait("upload part", &key, w.wait_for_capacity(in_flight))
-                    .await?;
+                io.wait("upload part", &key, w.wait_for_capacity(in_flight)).await?;
                 let abs2 = abs.clone();
                 let (f, h, buf) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
                     let mut buf = vec![0u8; part];
@@ -641,15 +559,12 @@ impl ConversationStorage {
                     break;
                 }
             }
-            Ok(total == st.size
-                && unchanged_since(&file, &abs, &st)?
-                && hasher.finalize().to_hex().as_str() == hash)
+            Ok(total == st.size && unchanged_since(&file, &abs, &st)? && hasher.finalize().to_hex().as_str() == hash)
         }
         .await;
         match outcome {
             Ok(true) => {
-                io.call(Op::Put, "complete multipart upload", &key, w.finish())
-                    .await?;
+                io.call(Op::Put, "complete multipart upload", &key, w.finish()).await?;
                 Ok(Upload::Done(st.size))
             }
             Ok(false) => {
@@ -675,12 +590,7 @@ impl Drop for PushingFlag<'_> {
 }
 
 fn file_entry(st: &LocalStat, hash: String) -> Entry {
-    Entry::File {
-        size: st.size,
-        mtime_ns: st.mtime_ns,
-        mode: st.mode,
-        hash,
-    }
+    Entry::File { size: st.size, mtime_ns: st.mtime_ns, mode: st.mode, hash }
 }
 
 /// Puts back what is stored for `p` (or drops `p` if nothing is).
@@ -709,10 +619,6 @@ fn pending(base: &Manifest, entries: &BTreeMap<String, Entry>) -> (u64, u64) {
             }
         }
     }
-    n += base
-        .entries
-        .keys()
-        .filter(|p| !entries.contains_key(*p))
-        .count() as u64;
+    n += base.entries.keys().filter(|p| !entries.contains_key(*p)).count() as u64;
     (bytes, n)
 }

@@ -23,10 +23,7 @@ pub struct TreeSpec {
 
 impl TreeSpec {
     pub fn new(area: Area, dir: impl Into<PathBuf>) -> Self {
-        Self {
-            area,
-            dir: dir.into(),
-        }
+        Self { area, dir: dir.into() }
     }
 }
 
@@ -50,9 +47,7 @@ pub struct PusherHandle {
 
 impl std::fmt::Debug for PusherHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PusherHandle")
-            .field("storage", &self.storage)
-            .finish()
+        f.debug_struct("PusherHandle").field("storage", &self.storage).finish()
     }
 }
 
@@ -64,21 +59,8 @@ impl ConversationStorage {
         let (tx, rx) = mpsc::channel(4);
         let wake = Arc::new(Notify::new());
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(run(
-            self.clone(),
-            trees,
-            interval.max(Duration::from_millis(10)),
-            rx,
-            wake.clone(),
-            cancel.clone(),
-        ));
-        PusherHandle {
-            storage: self.clone(),
-            tx,
-            wake,
-            cancel,
-            task,
-        }
+        let task = tokio::spawn(run(self.clone(), trees, interval.max(Duration::from_millis(10)), rx, wake.clone(), cancel.clone()));
+        PusherHandle { storage: self.clone(), tx, wake, cancel, task }
     }
 }
 
@@ -94,10 +76,7 @@ impl PusherHandle {
     /// Pushes every tree now (with retries) and returns the reports; the periodic pushes go on.
     pub async fn push_now(&self) -> Result<Vec<PushReport>, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::PushNow(reply))
-            .await
-            .map_err(|_| StoreError::Cancelled)?;
+        self.tx.send(Command::PushNow(reply)).await.map_err(|_| StoreError::Cancelled)?;
         self.wake.notify_one();
         rx.await.map_err(|_| StoreError::Cancelled)?
     }
@@ -183,10 +162,7 @@ async fn round(
         if cancel.is_cancelled() {
             return Err(StoreError::Cancelled);
         }
-        match storage
-            .push_retrying(t.area, &t.dir, Some(cancel), interrupt)
-            .await
-        {
+        match storage.push_retrying(t.area, &t.dir, Some(cancel), interrupt).await {
             Ok(r) => reports.push(r),
             Err(e) => {
                 first_err.get_or_insert(e);

@@ -40,14 +40,8 @@ pub(crate) struct Scan {
 pub(crate) fn stat_of(meta: &std::fs::Metadata) -> LocalStat {
     LocalStat {
         size: meta.len(),
-        mtime_ns: meta
-            .mtime()
-            .saturating_mul(1_000_000_000)
-            .saturating_add(meta.mtime_nsec()),
-        ctime_ns: meta
-            .ctime()
-            .saturating_mul(1_000_000_000)
-            .saturating_add(meta.ctime_nsec()),
+        mtime_ns: meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()),
+        ctime_ns: meta.ctime().saturating_mul(1_000_000_000).saturating_add(meta.ctime_nsec()),
         ino: meta.ino(),
         mode: meta.mode() & 0o777,
     }
@@ -58,9 +52,7 @@ pub(crate) fn scan(root: &Path, max_entries: u64) -> Result<Scan, StoreError> {
     match std::fs::symlink_metadata(root) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => return Err(StoreError::NotADirectory(root.to_owned())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(StoreError::NotADirectory(root.to_owned()))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StoreError::NotADirectory(root.to_owned())),
         Err(e) => return Err(StoreError::local("stat", root, e)),
     }
     let mut out = Scan::default();
@@ -92,11 +84,7 @@ pub(crate) fn scan(root: &Path, max_entries: u64) -> Result<Scan, StoreError> {
                 out.skipped_unsupported += 1;
                 continue;
             };
-            let child_rel = if rel.is_empty() {
-                name
-            } else {
-                format!("{rel}/{name}")
-            };
+            let child_rel = if rel.is_empty() { name } else { format!("{rel}/{name}") };
             if child_rel.len() > MAX_REL_PATH || validate_rel_path(&child_rel).is_err() {
                 out.skipped_unsupported += 1;
                 continue;
@@ -111,19 +99,11 @@ pub(crate) fn scan(root: &Path, max_entries: u64) -> Result<Scan, StoreError> {
                 }
             };
             if out.entries.len() as u64 >= max_entries {
-                return Err(StoreError::TooManyEntries {
-                    path: root.to_owned(),
-                    limit: max_entries,
-                });
+                return Err(StoreError::TooManyEntries { path: root.to_owned(), limit: max_entries });
             }
             let ft = meta.file_type();
             if ft.is_dir() {
-                out.entries.insert(
-                    child_rel.clone(),
-                    Scanned::Dir {
-                        mode: meta.mode() & 0o777,
-                    },
-                );
+                out.entries.insert(child_rel.clone(), Scanned::Dir { mode: meta.mode() & 0o777 });
                 stack.push((child_rel, child_abs));
             } else if ft.is_file() {
                 out.entries.insert(child_rel, Scanned::File(stat_of(&meta)));
@@ -131,12 +111,7 @@ pub(crate) fn scan(root: &Path, max_entries: u64) -> Result<Scan, StoreError> {
                 match std::fs::read_link(&child_abs) {
                     Ok(t) => match t.to_str() {
                         Some(s) if !s.is_empty() && s.len() <= MAX_REL_PATH => {
-                            out.entries.insert(
-                                child_rel,
-                                Scanned::Symlink {
-                                    target: s.to_owned(),
-                                },
-                            );
+                            out.entries.insert(child_rel, Scanned::Symlink { target: s.to_owned() });
                         }
                         _ => out.skipped_unsupported += 1,
                     },
@@ -154,23 +129,14 @@ pub(crate) fn scan(root: &Path, max_entries: u64) -> Result<Scan, StoreError> {
 /// Opens a regular file without following a symlink, and checks it is still the file `want`
 /// describes (same inode and size). `Ok(None)`: it changed or vanished since the walk.
 pub(crate) fn open_checked(path: &Path, want: &LocalStat) -> Result<Option<File>, StoreError> {
-    let f = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-    {
+    let f = match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path) {
         Ok(f) => f,
-        Err(e)
-            if matches!(e.kind(), std::io::ErrorKind::NotFound)
-                || e.raw_os_error() == Some(libc::ELOOP) =>
-        {
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound) || e.raw_os_error() == Some(libc::ELOOP) => {
             return Ok(None)
         }
         Err(e) => return Err(StoreError::local("open", path, e)),
     };
-    let meta = f
-        .metadata()
-        .map_err(|e| StoreError::local("stat", path, e))?;
+    let meta = f.metadata().map_err(|e| StoreError::local("stat", path, e))?;
     if !meta.is_file() || meta.ino() != want.ino || meta.len() != want.size {
         return Ok(None);
     }
@@ -179,9 +145,7 @@ pub(crate) fn open_checked(path: &Path, want: &LocalStat) -> Result<Option<File>
 
 /// Whether the open file still has the stat the walk saw (nothing wrote to it meanwhile).
 pub(crate) fn unchanged_since(f: &File, path: &Path, want: &LocalStat) -> Result<bool, StoreError> {
-    let meta = f
-        .metadata()
-        .map_err(|e| StoreError::local("stat", path, e))?;
+    let meta = f.metadata().map_err(|e| StoreError::local("stat", path, e))?;
     let now = stat_of(&meta);
     Ok(now.size == want.size && now.mtime_ns == want.mtime_ns && now.ctime_ns == want.ctime_ns)
 }
@@ -203,9 +167,7 @@ pub(crate) fn read_full(f: &mut File, buf: &mut [u8], path: &Path) -> Result<usi
 /// The BLAKE3 hash of the file `want` describes, streamed in 256 KiB reads. `Ok(None)`: the
 /// file changed while it was read (its hash would describe no consistent content).
 pub(crate) fn hash_file(path: &Path, want: &LocalStat) -> Result<Option<String>, StoreError> {
-    let Some(mut f) = open_checked(path, want)? else {
-        return Ok(None);
-    };
+    let Some(mut f) = open_checked(path, want)? else { return Ok(None) };
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; HASH_BUF];
     let mut total = 0u64;
@@ -246,16 +208,9 @@ mod tests {
         let s = scan(r, 100).unwrap();
         let keys: Vec<_> = s.entries.keys().cloned().collect();
         assert_eq!(keys, ["a", "a/b", "a/b/f.txt", "empty", "out", "rel"]);
-        assert_eq!(
-            s.entries["out"],
-            Scanned::Symlink {
-                target: outside.path().to_str().unwrap().into()
-            }
-        );
+        assert_eq!(s.entries["out"], Scanned::Symlink { target: outside.path().to_str().unwrap().into() });
         assert_eq!(s.skipped_special, 1);
-        let Scanned::File(st) = &s.entries["a/b/f.txt"] else {
-            panic!()
-        };
+        let Scanned::File(st) = &s.entries["a/b/f.txt"] else { panic!() };
         assert_eq!(st.size, 5);
         assert_eq!(
             hash_file(&r.join("a/b/f.txt"), st).unwrap().unwrap(),
@@ -266,14 +221,8 @@ mod tests {
         symlink(outside.path().join("secret"), r.join("a/b/f.txt")).unwrap();
         assert_eq!(hash_file(&r.join("a/b/f.txt"), st).unwrap(), None);
         assert!(matches!(scan(r, 3), Err(StoreError::TooManyEntries { .. })));
-        assert!(matches!(
-            scan(&r.join("out"), 100),
-            Err(StoreError::NotADirectory(_))
-        ));
-        assert!(matches!(
-            scan(&r.join("nope"), 100),
-            Err(StoreError::NotADirectory(_))
-        ));
+        assert!(matches!(scan(&r.join("out"), 100), Err(StoreError::NotADirectory(_))));
+        assert!(matches!(scan(&r.join("nope"), 100), Err(StoreError::NotADirectory(_))));
     }
 
     #[test]

@@ -41,10 +41,7 @@ impl LedgerState {
     fn effective(&self, slot: &Slot) -> Totals {
         let c = self.committed.get(slot).copied().unwrap_or_default();
         match self.reserved.get(slot) {
-            Some(r) => Totals {
-                files: c.files.max(r.files),
-                bytes: c.bytes.max(r.bytes),
-            },
+            Some(r) => Totals { files: c.files.max(r.files), bytes: c.bytes.max(r.bytes) },
             None => c,
         }
     }
@@ -52,16 +49,11 @@ impl LedgerState {
     /// Everything but `except`.
     fn others(&self, except: &Slot) -> Totals {
         let slots: HashSet<&Slot> = self.committed.keys().chain(self.reserved.keys()).collect();
-        slots
-            .into_iter()
-            .filter(|s| *s != except)
-            .fold(Totals::default(), |acc, s| acc + self.effective(s))
+        slots.into_iter().filter(|s| *s != except).fold(Totals::default(), |acc, s| acc + self.effective(s))
     }
 
     fn committed_total(&self) -> Totals {
-        self.committed
-            .values()
-            .fold(Totals::default(), |acc, t| acc + *t)
+        self.committed.values().fold(Totals::default(), |acc, t| acc + *t)
     }
 }
 
@@ -73,23 +65,13 @@ pub(crate) struct Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.ledger
-            .state
-            .lock()
-            .unwrap()
-            .reserved
-            .remove(&self.slot);
+        self.ledger.state.lock().unwrap().reserved.remove(&self.slot);
     }
 }
 
 impl Inner {
     pub(crate) fn ledger(&self, user: &UserId) -> Arc<Ledger> {
-        self.users
-            .lock()
-            .unwrap()
-            .entry(user.clone())
-            .or_default()
-            .clone()
+        self.users.lock().unwrap().entry(user.clone()).or_default().clone()
     }
 
     /// Fills `user`'s ledger from the bucket (once; a failed attempt is retried next time).
@@ -106,12 +88,7 @@ impl Inner {
                 let prefix = object_store::path::Path::parse(&base).expect("validated segments");
                 let listed = self
                     .io
-                    .call(
-                        crate::io::Op::List,
-                        "list",
-                        &prefix,
-                        self.io.store.list_with_delimiter(Some(&prefix)),
-                    )
+                    .call(crate::io::Op::List, "list", &prefix, self.io.store.list_with_delimiter(Some(&prefix)))
                     .await?;
                 let convs: Vec<ConversationId> = listed
                     .common_prefixes
@@ -120,9 +97,7 @@ impl Inner {
                     .filter_map(|name| ConversationId::parse(name).ok())
                     .collect();
                 let fetched: Vec<(Slot, Totals)> = futures::stream::iter(
-                    convs
-                        .into_iter()
-                        .flat_map(|c| Area::ALL.into_iter().map(move |a| (c, a))),
+                    convs.into_iter().flat_map(|c| Area::ALL.into_iter().map(move |a| (c, a))),
                 )
                 .map(|(conv, area)| {
                     let key = object_store::path::Path::parse(format!(
@@ -213,12 +188,7 @@ impl ConversationStorage {
     /// Records what `area` stores now in the user's ledger.
     pub(crate) fn ledger_commit(&self, area: Area, t: Totals) {
         let ledger = self.inner.ledger(&self.user);
-        ledger
-            .state
-            .lock()
-            .unwrap()
-            .committed
-            .insert((self.conversation, area), t);
+        ledger.state.lock().unwrap().committed.insert((self.conversation, area), t);
     }
 
     /// Forgets the conversation in the user's ledger (purged).

@@ -43,14 +43,7 @@ fn aws_cli() -> Option<PathBuf> {
         .arg("--awscli")
         .output()
         .ok()?;
-    out.status.success().then(|| {
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .lines()
-            .last()
-            .unwrap_or("")
-            .into()
-    })
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or("").into())
 }
 
 fn aws(cli: &Path, endpoint: &str, args: &[&str]) {
@@ -75,10 +68,7 @@ fn files(root: &Path) -> Vec<(String, PathBuf)> {
             if p.is_dir() {
                 stack.push(p);
             } else {
-                out.push((
-                    p.strip_prefix(root).unwrap().to_str().unwrap().to_owned(),
-                    p,
-                ));
+                out.push((p.strip_prefix(root).unwrap().to_str().unwrap().to_owned(), p));
             }
         }
     }
@@ -89,9 +79,7 @@ fn files(root: &Path) -> Vec<(String, PathBuf)> {
 async fn naive_upload(raw: &Arc<dyn ObjectStore>, root: &Path, prefix: &str) {
     for (rel, abs) in files(root) {
         let key = ObjectPath::parse(format!("{prefix}/{rel}")).unwrap();
-        raw.put(&key, PutPayload::from(std::fs::read(abs).unwrap()))
-            .await
-            .unwrap();
+        raw.put(&key, PutPayload::from(std::fs::read(abs).unwrap())).await.unwrap();
     }
 }
 
@@ -102,16 +90,9 @@ async fn naive_download(raw: &Arc<dyn ObjectStore>, prefix: &str, dst: &Path) {
     let p = ObjectPath::parse(prefix).unwrap();
     let metas: Vec<_> = raw.list(Some(&p)).try_collect().await.unwrap();
     for m in metas {
-        let rel = m
-            .location
-            .as_ref()
-            .strip_prefix(&format!("{prefix}/"))
-            .unwrap()
-            .to_owned();
+        let rel = m.location.as_ref().strip_prefix(&format!("{prefix}/")).unwrap().to_owned();
         let out = dst.join(rel);
-        tokio::fs::create_dir_all(out.parent().unwrap())
-            .await
-            .unwrap();
+        tokio::fs::create_dir_all(out.parent().unwrap()).await.unwrap();
         let mut f = tokio::fs::File::create(&out).await.unwrap();
         let mut s = raw.get(&m.location).await.unwrap().into_stream();
         while let Some(c) = s.next().await {
@@ -145,9 +126,7 @@ async fn scenario(
     let src = tmp.join(format!("{name}-src"));
     std::fs::create_dir_all(&src).unwrap();
     make(&src);
-    let c = store
-        .conversation(&UserId::new("bench"), ConversationId::new_random())
-        .unwrap();
+    let c = store.conversation(&UserId::new("bench"), ConversationId::new_random()).unwrap();
 
     let t = Instant::now();
     c.push(Area::Workspace, &src).await.unwrap();
@@ -202,10 +181,7 @@ async fn scenario(
 }
 
 fn rand_u64() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,11 +203,7 @@ async fn workspace_persistence_figures() {
         "1000-small-files",
         |d| {
             for i in 0..1000u64 {
-                write(
-                    d,
-                    &format!("dir{:02}/file{i:04}.txt", i % 20),
-                    noise(i, 4096),
-                );
+                write(d, &format!("dir{:02}/file{i:04}.txt", i % 20), noise(i, 4096));
             }
         },
         &store,
@@ -267,9 +239,7 @@ async fn workspace_persistence_figures() {
         for i in 0..n {
             write(&d, &format!("d{:03}/f{i}", i % 100), noise(i, 1024));
         }
-        let c = store
-            .conversation(&UserId::new("bench"), ConversationId::new_random())
-            .unwrap();
+        let c = store.conversation(&UserId::new("bench"), ConversationId::new_random()).unwrap();
         c.push(Area::Workspace, &d).await.unwrap();
         tokio::time::sleep(Duration::from_millis(1100)).await;
         c.push(Area::Workspace, &d).await.unwrap(); // re-reads the files written < 1 s before the first
@@ -282,19 +252,10 @@ async fn workspace_persistence_figures() {
             assert!(!r.committed && r.files_hashed == 0);
         }
         let io = store.io_stats().since(&before);
-        unchanged.push((
-            n,
-            median(times),
-            io.requests as f64 / 10.0,
-            io.bytes_uploaded,
-        ));
+        unchanged.push((n, median(times), io.requests as f64 / 10.0, io.bytes_uploaded));
     }
 
-    let tool = if cli.is_some() {
-        "aws s3 sync (awscli 1.x)"
-    } else {
-        "aws CLI unavailable"
-    };
+    let tool = if cli.is_some() { "aws s3 sync (awscli 1.x)" } else { "aws CLI unavailable" };
     println!("\n| data | nestor push | nestor restore (pull) | {tool} up | {tool} down | naive sequential up | naive sequential down |");
     println!("|---|---|---|---|---|---|---|");
     for r in [&small, &big] {
@@ -309,9 +270,7 @@ async fn workspace_persistence_figures() {
             ms(r.naive_down)
         );
     }
-    println!(
-        "\n| unchanged tree | periodic push (median of 10) | requests per push | bytes uploaded |"
-    );
+    println!("\n| unchanged tree | periodic push (median of 10) | requests per push | bytes uploaded |");
     println!("|---|---|---|---|");
     for (n, t, req, up) in unchanged {
         println!("| {n} files | {} | {req:.0} | {up} |", ms(t));
@@ -320,8 +279,6 @@ async fn workspace_persistence_figures() {
     println!(
         "load average before: {}, after: {}",
         load_before.trim(),
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
     );
 }

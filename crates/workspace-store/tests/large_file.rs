@@ -36,9 +36,7 @@ async fn a_50_mib_file_round_trips_with_bounded_memory() {
     cfg.download_chunk_bytes = 8 * MIB;
     let tmp = tempfile::tempdir().unwrap();
     let store = WorkspaceStore::connect(&cfg, tmp.path().join("cache")).unwrap();
-    let c = store
-        .conversation(&UserId::new("alice"), ConversationId::new_random())
-        .unwrap();
+    let c = store.conversation(&UserId::new("alice"), ConversationId::new_random()).unwrap();
     let ws = tmp.path().join("ws");
     std::fs::create_dir_all(&ws).unwrap();
     {
@@ -55,12 +53,7 @@ async fn a_50_mib_file_round_trips_with_bounded_memory() {
     let warm = tmp.path().join("warm");
     std::fs::create_dir_all(&warm).unwrap();
     std::fs::write(warm.join("w"), "w").unwrap();
-    store
-        .conversation(&UserId::new("warm"), ConversationId::new_random())
-        .unwrap()
-        .push(Area::Workspace, &warm)
-        .await
-        .unwrap();
+    store.conversation(&UserId::new("warm"), ConversationId::new_random()).unwrap().push(Area::Workspace, &warm).await.unwrap();
 
     let can_reset = reset_peak_rss();
     let base = rss();
@@ -71,11 +64,7 @@ async fn a_50_mib_file_round_trips_with_bounded_memory() {
     assert_eq!(rep.bytes_uploaded, 50 * MIB + 1);
     // create + 10 parts + complete, the small file, the manifest.
     assert_eq!(io.puts, 14, "{io:?}");
-    assert!(
-        io.peak_buffered_bytes <= 15 * MIB,
-        "buffered {} bytes",
-        io.peak_buffered_bytes
-    );
+    assert!(io.peak_buffered_bytes <= 15 * MIB, "buffered {} bytes", io.peak_buffered_bytes);
 
     reset_peak_rss();
     let base = rss();

@@ -13,10 +13,7 @@ use time::OffsetDateTime;
 async fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -33,18 +30,12 @@ async fn storage_down_during_periodic_pushes_is_retried_reported_and_loses_nothi
     let ep = moto.endpoint();
     let b = bucket(&ep, "outage");
     let mut cfg = config(&ep, &b, "nestor");
-    cfg.retry = RetrySettings {
-        max_attempts: 3,
-        initial_backoff_ms: 50,
-        max_backoff_ms: 200,
-    };
+    cfg.retry = RetrySettings { max_attempts: 3, initial_backoff_ms: 50, max_backoff_ms: 200 };
     cfg.request_timeout_secs = 5;
     cfg.connect_timeout_secs = 1;
     let tmp = tempfile::tempdir().unwrap();
     let store = WorkspaceStore::connect(&cfg, tmp.path().join("cache")).unwrap();
-    let c = store
-        .conversation(&UserId::new("alice"), ConversationId::new_random())
-        .unwrap();
+    let c = store.conversation(&UserId::new("alice"), ConversationId::new_random()).unwrap();
     let ws = tmp.path().join("ws");
     let state = tmp.path().join("state");
     write(&ws, "stable.txt", "pushed before the outage");
@@ -52,16 +43,10 @@ async fn storage_down_during_periodic_pushes_is_retried_reported_and_loses_nothi
     write(&ws, "deleted.txt", "bye");
     write(&state, "events/0001.json", "{}");
     let pusher = c.spawn_pusher(
-        vec![
-            TreeSpec::new(Area::Workspace, &ws),
-            TreeSpec::new(Area::State, &state),
-        ],
+        vec![TreeSpec::new(Area::Workspace, &ws), TreeSpec::new(Area::State, &state)],
         Duration::from_millis(300),
     );
-    wait_for("the first periodic push", 30, || {
-        c.status().workspace.generation >= 1 && c.status().state.generation >= 1
-    })
-    .await;
+    wait_for("the first periodic push", 30, || c.status().workspace.generation >= 1 && c.status().state.generation >= 1).await;
 
     // Storage goes down; the agent goes on working.
     moto.stop();
@@ -80,26 +65,12 @@ async fn storage_down_during_periodic_pushes_is_retried_reported_and_loses_nothi
     let s = c.status();
     let w = &s.workspace;
     assert!(!s.healthy());
-    assert!(
-        w.last_error.as_deref().unwrap().contains("object storage"),
-        "{w:?}"
-    );
+    assert!(w.last_error.as_deref().unwrap().contains("object storage"), "{w:?}");
     assert!(w.last_success_at.unwrap() < w.last_error_at.unwrap());
-    assert_eq!(
-        w.pending_bytes,
-        100_000 + 33,
-        "new.bin + changed.txt are pending: {w:?}"
-    );
+    assert_eq!(w.pending_bytes, 100_000 + 33, "new.bin + changed.txt are pending: {w:?}");
     assert_eq!(w.pending_entries, 3, "{w:?}");
-    assert_eq!(
-        w.generation, 1,
-        "the stored copy stays at its last generation"
-    );
-    assert_eq!(
-        snapshot(&ws),
-        local,
-        "the local tree (the only up-to-date copy) is left alone"
-    );
+    assert_eq!(w.generation, 1, "the stored copy stays at its last generation");
+    assert_eq!(snapshot(&ws), local, "the local tree (the only up-to-date copy) is left alone");
     let json = serde_json::to_value(&s).unwrap();
     assert!(json["workspace"]["last_error"].is_string());
 
@@ -135,29 +106,17 @@ async fn a_push_with_storage_down_fails_after_bounded_retries() {
     let port = common::free_port();
     let ep = format!("http://127.0.0.1:{port}");
     let mut cfg = config(&ep, "nowhere", "nestor");
-    cfg.retry = RetrySettings {
-        max_attempts: 4,
-        initial_backoff_ms: 100,
-        max_backoff_ms: 200,
-    };
+    cfg.retry = RetrySettings { max_attempts: 4, initial_backoff_ms: 100, max_backoff_ms: 200 };
     cfg.connect_timeout_secs = 1;
     let tmp = tempfile::tempdir().unwrap();
     let store = WorkspaceStore::connect(&cfg, tmp.path().join("cache")).unwrap();
-    let c = store
-        .conversation(&UserId::new("alice"), ConversationId::new_random())
-        .unwrap();
+    let c = store.conversation(&UserId::new("alice"), ConversationId::new_random()).unwrap();
     write(tmp.path(), "ws/f", "x");
     let started = std::time::Instant::now();
-    let err = c
-        .push_with_retry(Area::Workspace, &tmp.path().join("ws"))
-        .await
-        .unwrap_err();
+    let err = c.push_with_retry(Area::Workspace, &tmp.path().join("ws")).await.unwrap_err();
     let took = started.elapsed();
     assert!(err.is_retriable(), "{err:?}");
     assert_eq!(c.status().workspace.consecutive_failures, 4);
     // Three pauses of 100, 200, 200 ms (+ up to 25% jitter) and four quick failures.
-    assert!(
-        took >= Duration::from_millis(500) && took < Duration::from_secs(20),
-        "{took:?}"
-    );
+    assert!(took >= Duration::from_millis(500) && took < Duration::from_secs(20), "{took:?}");
 }

@@ -12,8 +12,7 @@ use common::{bucket, chmod, config, noise, snapshot, unique_prefix, write, Node}
 use futures::TryStreamExt;
 use nestor_core::{ConversationId, UserId};
 use nestor_workspace_store::{
-    Area, ConversationStorage, QuotaKind, StoreError, TreeSpec, WorkspaceStorageConfig,
-    WorkspaceStore,
+    Area, ConversationStorage, QuotaKind, StoreError, TreeSpec, WorkspaceStorageConfig, WorkspaceStore,
 };
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -37,11 +36,7 @@ impl Env {
         let mut cfg = config(endpoint, &b, &unique_prefix(test));
         change(&mut cfg);
         let raw = cfg.build_object_store().unwrap();
-        Env {
-            cfg,
-            raw,
-            tmp: tempfile::tempdir().unwrap(),
-        }
+        Env { cfg, raw, tmp: tempfile::tempdir().unwrap() }
     }
 
     /// A store as one nestor host sees it (its own cache root).
@@ -57,12 +52,7 @@ impl Env {
 
     async fn keys(&self, under: &str) -> BTreeSet<String> {
         let p = ObjectPath::parse(under).unwrap();
-        self.raw
-            .list(Some(&p))
-            .map_ok(|m| m.location.to_string())
-            .try_collect()
-            .await
-            .unwrap()
+        self.raw.list(Some(&p)).map_ok(|m| m.location.to_string()).try_collect().await.unwrap()
     }
 }
 
@@ -71,9 +61,7 @@ fn user(s: &str) -> UserId {
 }
 
 fn conv(store: &WorkspaceStore, u: &str) -> ConversationStorage {
-    store
-        .conversation(&user(u), ConversationId::new_random())
-        .unwrap()
+    store.conversation(&user(u), ConversationId::new_random()).unwrap()
 }
 
 /// A tree with everything the store keeps (and a FIFO it skips).
@@ -97,9 +85,7 @@ fn sample_tree(root: &Path) {
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
 }
 
-fn without_special(
-    mut s: std::collections::BTreeMap<String, Node>,
-) -> std::collections::BTreeMap<String, Node> {
+fn without_special(mut s: std::collections::BTreeMap<String, Node>) -> std::collections::BTreeMap<String, Node> {
     s.retain(|_, n| *n != Node::Special);
     s
 }
@@ -127,29 +113,16 @@ async fn push_then_pull_into_a_fresh_dir_reproduces_every_file() {
     let pulled = c2.pull(Area::Workspace, &dst).await.unwrap();
     assert!(pulled.found);
     assert_eq!(pulled.generation, 1);
-    assert_eq!(
-        pulled.bytes_downloaded,
-        pulled.bytes - 3000,
-        "duplicates are downloaded once"
-    );
+    assert_eq!(pulled.bytes_downloaded, pulled.bytes - 3000, "duplicates are downloaded once");
     let want = without_special(snapshot(&src));
     let got = snapshot(&dst);
-    assert_eq!(
-        got, want,
-        "content, paths, modes, mtimes and links all round-trip"
-    );
+    assert_eq!(got, want, "content, paths, modes, mtimes and links all round-trip");
     assert!(matches!(&got["bin/run.sh"], Node::File { mode: 0o755, .. }));
-    assert!(matches!(
-        &got["private.key"],
-        Node::File { mode: 0o600, .. }
-    ));
+    assert!(matches!(&got["private.key"], Node::File { mode: 0o600, .. }));
     assert_eq!(got["link-outside"], Node::Symlink("/etc/passwd".into()));
     assert!(matches!(got["empty/dir"], Node::Dir { .. }));
     // No temporary directories are left beside the target.
-    let siblings: Vec<_> = std::fs::read_dir(dst.parent().unwrap())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let siblings: Vec<_> = std::fs::read_dir(dst.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(siblings, vec![std::ffi::OsString::from("workspace")]);
 
     // Pulling over an existing, different tree replaces it whole.
@@ -171,9 +144,7 @@ async fn deletions_propagate_and_unreferenced_blobs_go() {
     write(&src, "gone.txt", "gone");
     write(&src, "dir/inner.txt", "inner");
     c.push(Area::Workspace, &src).await.unwrap();
-    let blobs_before = env
-        .keys(&format!("{}/workspace/blobs", c.key_prefix()))
-        .await;
+    let blobs_before = env.keys(&format!("{}/workspace/blobs", c.key_prefix())).await;
     assert_eq!(blobs_before.len(), 3);
 
     std::fs::remove_file(src.join("gone.txt")).unwrap();
@@ -182,27 +153,16 @@ async fn deletions_propagate_and_unreferenced_blobs_go() {
     assert!(rep.committed);
     assert_eq!(rep.entries_removed, 3, "gone.txt, dir, dir/inner.txt");
     assert_eq!(rep.blobs_deleted, 2);
-    assert_eq!(
-        env.keys(&format!("{}/workspace/blobs", c.key_prefix()))
-            .await
-            .len(),
-        1
-    );
+    assert_eq!(env.keys(&format!("{}/workspace/blobs", c.key_prefix())).await.len(), 1);
 
     let dst = env.tmp.path().join("restored");
     c.pull(Area::Workspace, &dst).await.unwrap();
-    assert_eq!(
-        snapshot(&dst).keys().cloned().collect::<Vec<_>>(),
-        ["keep.txt"]
-    );
+    assert_eq!(snapshot(&dst).keys().cloned().collect::<Vec<_>>(), ["keep.txt"]);
     // And it stays deleted after another (unchanged) push.
     c.push(Area::Workspace, &src).await.unwrap();
     let dst2 = env.tmp.path().join("restored2");
     c.pull(Area::Workspace, &dst2).await.unwrap();
-    assert_eq!(
-        snapshot(&dst2).keys().cloned().collect::<Vec<_>>(),
-        ["keep.txt"]
-    );
+    assert_eq!(snapshot(&dst2).keys().cloned().collect::<Vec<_>>(), ["keep.txt"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,14 +219,8 @@ async fn a_resumed_conversation_pushes_nothing_after_its_pull() {
     sample_tree(&src);
     std::fs::remove_file(src.join("a-fifo")).unwrap();
     c.push(Area::Workspace, &src).await.unwrap();
-    write(
-        &src.join("../host-a-state"),
-        "conversations/x/meta.json",
-        "{}",
-    );
-    c.push(Area::State, &src.join("../host-a-state"))
-        .await
-        .unwrap();
+    write(&src.join("../host-a-state"), "conversations/x/meta.json", "{}");
+    c.push(Area::State, &src.join("../host-a-state")).await.unwrap();
 
     let b = env.host("b");
     let c2 = b.conversation(c.user(), c.conversation()).unwrap();
@@ -274,10 +228,7 @@ async fn a_resumed_conversation_pushes_nothing_after_its_pull() {
     let st = env.tmp.path().join("host-b/state");
     c2.pull(Area::Workspace, &ws).await.unwrap();
     c2.pull(Area::State, &st).await.unwrap();
-    assert_eq!(
-        std::fs::read_to_string(st.join("conversations/x/meta.json")).unwrap(),
-        "{}"
-    );
+    assert_eq!(std::fs::read_to_string(st.join("conversations/x/meta.json")).unwrap(), "{}");
     let before = b.io_stats();
     let rep = c2.push(Area::Workspace, &ws).await.unwrap();
     assert_eq!((rep.committed, rep.files_hashed), (false, 0), "{rep:?}");
@@ -307,33 +258,16 @@ async fn quota_exceeded_is_a_clear_error_and_keeps_what_was_stored() {
     let before = store.io_stats();
     let err = c.push(Area::State, &state).await.unwrap_err();
     match &err {
-        StoreError::QuotaExceeded {
-            kind: QuotaKind::Bytes,
-            limit: 100_000,
-            would_be: 110_000,
-        } => {}
+        StoreError::QuotaExceeded { kind: QuotaKind::Bytes, limit: 100_000, would_be: 110_000 } => {}
         e => panic!("{e:?}"),
     }
     assert!(err.to_string().contains("nothing was uploaded"), "{err}");
-    assert_eq!(
-        store.io_stats().since(&before).bytes_uploaded,
-        0,
-        "nothing of the offending push is uploaded"
-    );
+    assert_eq!(store.io_stats().since(&before).bytes_uploaded, 0, "nothing of the offending push is uploaded");
     assert!(!err.is_retriable());
 
     write(&src, "c.bin", noise(4, 30_000));
     let err = c.push(Area::Workspace, &src).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StoreError::QuotaExceeded {
-                kind: QuotaKind::Bytes,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, StoreError::QuotaExceeded { kind: QuotaKind::Bytes, .. }), "{err:?}");
     let s = c.status();
     assert_eq!(s.workspace.consecutive_failures, 1);
     assert!(s.workspace.last_error.as_deref().unwrap().contains("quota"));
@@ -351,17 +285,7 @@ async fn quota_exceeded_is_a_clear_error_and_keeps_what_was_stored() {
         write(&src, &format!("many/{i}"), "");
     }
     let err = c.push(Area::Workspace, &src).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StoreError::QuotaExceeded {
-                kind: QuotaKind::Files,
-                limit: 50,
-                would_be: 62
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, StoreError::QuotaExceeded { kind: QuotaKind::Files, limit: 50, would_be: 62 }), "{err:?}");
 
     // Cleaning up always goes through.
     std::fs::remove_dir_all(src.join("many")).unwrap();
@@ -395,32 +319,19 @@ async fn user_quota_counts_every_conversation_of_the_user_and_keeps_what_was_sto
     let before = store.io_stats();
     let err = a2.push(Area::Workspace, &d2).await.unwrap_err();
     match &err {
-        StoreError::UserQuotaExceeded {
-            user,
-            kind: QuotaKind::Bytes,
-            limit: 100_000,
-            would_be: 120_000,
-        } if user == "alice" => {}
+        StoreError::UserQuotaExceeded { user, kind: QuotaKind::Bytes, limit: 100_000, would_be: 120_000 } if user == "alice" => {}
         e => panic!("{e:?}"),
     }
     assert!(err.is_quota() && !err.is_retriable());
     assert_eq!(store.io_stats().since(&before).bytes_uploaded, 0);
     assert!(a2.status().workspace.over_quota && a2.status().over_quota());
-    assert_eq!(
-        store.user_usage(&user("alice")).await.unwrap().bytes,
-        60_000
-    );
+    assert_eq!(store.user_usage(&user("alice")).await.unwrap().bytes, 60_000);
 
     // A fresh nestor (another host) learns the usage from the bucket.
     let other = env.host("b");
-    assert_eq!(
-        other.user_usage(&user("alice")).await.unwrap().bytes,
-        60_000
-    );
+    assert_eq!(other.user_usage(&user("alice")).await.unwrap().bytes, 60_000);
     assert_eq!(other.user_usage(&user("bob")).await.unwrap().bytes, 90_000);
-    let a2b = other
-        .conversation(&user("alice"), a2.conversation())
-        .unwrap();
+    let a2b = other.conversation(&user("alice"), a2.conversation()).unwrap();
     assert!(a2b.push(Area::Workspace, &d2).await.unwrap_err().is_quota());
 
     // Freeing space in one conversation lets the other through; the refused push stored nothing.
@@ -430,10 +341,7 @@ async fn user_quota_counts_every_conversation_of_the_user_and_keeps_what_was_sto
     let r = a2.push(Area::Workspace, &d2).await.unwrap();
     assert!(r.committed);
     assert!(!a2.status().over_quota());
-    assert_eq!(
-        store.user_usage(&user("alice")).await.unwrap().bytes,
-        60_005
-    );
+    assert_eq!(store.user_usage(&user("alice")).await.unwrap().bytes, 60_005);
 
     // Purging a conversation gives its share back.
     a2.purge().await.unwrap();
@@ -444,17 +352,7 @@ async fn user_quota_counts_every_conversation_of_the_user_and_keeps_what_was_sto
         write(&d1, &format!("many/{i}"), "");
     }
     let err = a1.push(Area::Workspace, &d1).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StoreError::UserQuotaExceeded {
-                kind: QuotaKind::Files,
-                limit: 20,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, StoreError::UserQuotaExceeded { kind: QuotaKind::Files, limit: 20, .. }), "{err:?}");
     a1.purge().await.unwrap();
     b1.purge().await.unwrap();
 }
@@ -476,15 +374,8 @@ async fn each_user_has_their_own_prefix() {
     let prefix = &env.cfg.prefix;
     assert_eq!(alice.key_prefix(), format!("{prefix}/alice/{}", id.hex()));
     let all = env.keys(prefix).await;
-    assert!(all
-        .iter()
-        .all(|k| k.starts_with(&format!("{prefix}/alice/"))
-            || k.starts_with(&format!("{prefix}/bob/"))));
-    assert_eq!(
-        env.keys(&format!("{prefix}/alice")).await.len(),
-        2,
-        "manifest + one blob"
-    );
+    assert!(all.iter().all(|k| k.starts_with(&format!("{prefix}/alice/")) || k.starts_with(&format!("{prefix}/bob/"))));
+    assert_eq!(env.keys(&format!("{prefix}/alice")).await.len(), 2, "manifest + one blob");
     assert_eq!(env.keys(&format!("{prefix}/bob")).await.len(), 2);
 
     let d = env.tmp.path().join("x");
@@ -493,13 +384,7 @@ async fn each_user_has_their_own_prefix() {
 
     // A user id that could escape its prefix is refused.
     for bad in ["../alice", "bob/../alice", "", ".."] {
-        assert!(
-            matches!(
-                store.conversation(&user(bad), id),
-                Err(StoreError::InvalidId(_))
-            ),
-            "{bad:?}"
-        );
+        assert!(matches!(store.conversation(&user(bad), id), Err(StoreError::InvalidId(_))), "{bad:?}");
     }
 }
 
@@ -516,8 +401,7 @@ async fn a_tampered_manifest_cannot_write_outside_the_tree() {
     let good: serde_json::Value =
         serde_json::from_slice(&env.raw.get(&mkey).await.unwrap().bytes().await.unwrap()).unwrap();
     let hash = good["entries"]["f"]["hash"].as_str().unwrap().to_owned();
-    let file =
-        serde_json::json!({"t": "file", "size": 1, "mtime_ns": 0, "mode": 420, "hash": hash});
+    let file = serde_json::json!({"t": "file", "size": 1, "mtime_ns": 0, "mode": 420, "hash": hash});
     let evil_manifests = [
         serde_json::json!({"../escaped": file}),
         serde_json::json!({"d": {"t": "symlink", "target": "/tmp"}, "d/escaped": file}),
@@ -528,10 +412,7 @@ async fn a_tampered_manifest_cannot_write_outside_the_tree() {
     for entries in evil_manifests {
         let mut m = good.clone();
         m["entries"] = entries;
-        env.raw
-            .put(&mkey, PutPayload::from(serde_json::to_vec(&m).unwrap()))
-            .await
-            .unwrap();
+        env.raw.put(&mkey, PutPayload::from(serde_json::to_vec(&m).unwrap())).await.unwrap();
         let err = c.pull(Area::Workspace, &dst).await.unwrap_err();
         assert!(matches!(err, StoreError::CorruptManifest { .. }), "{err:?}");
         assert!(!err.is_retriable());
@@ -540,26 +421,12 @@ async fn a_tampered_manifest_cannot_write_outside_the_tree() {
     }
 
     // A blob whose content does not match its name is refused too.
-    env.raw
-        .put(&mkey, PutPayload::from(serde_json::to_vec(&good).unwrap()))
-        .await
-        .unwrap();
-    let blob = ObjectPath::parse(format!(
-        "{}/workspace/blobs/{}/{hash}",
-        c.key_prefix(),
-        &hash[..2]
-    ))
-    .unwrap();
-    env.raw
-        .put(&blob, PutPayload::from_static(b"y"))
-        .await
-        .unwrap();
+    env.raw.put(&mkey, PutPayload::from(serde_json::to_vec(&good).unwrap())).await.unwrap();
+    let blob = ObjectPath::parse(format!("{}/workspace/blobs/{}/{hash}", c.key_prefix(), &hash[..2])).unwrap();
+    env.raw.put(&blob, PutPayload::from_static(b"y")).await.unwrap();
     let err = c.pull(Area::Workspace, &dst).await.unwrap_err();
     assert!(matches!(err, StoreError::CorruptBlob { .. }), "{err:?}");
-    assert_eq!(
-        std::fs::read_to_string(dst.join("mine")).unwrap(),
-        "untouched"
-    );
+    assert_eq!(std::fs::read_to_string(dst.join("mine")).unwrap(), "untouched");
     let leftovers: Vec<_> = std::fs::read_dir(env.tmp.path())
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -579,27 +446,13 @@ async fn concurrent_pushes_of_one_conversation_are_serialised() {
     for i in 0..50 {
         write(&src, &format!("f{i}"), noise(i, 20_000));
     }
-    let (r1, r2) = tokio::join!(
-        c.push(Area::Workspace, &src),
-        c_again.push(Area::Workspace, &src)
-    );
+    let (r1, r2) = tokio::join!(c.push(Area::Workspace, &src), c_again.push(Area::Workspace, &src));
     let (r1, r2) = (r1.unwrap(), r2.unwrap());
     // One stored the tree, the other found it stored: never two interleaved generations.
-    assert_eq!(
-        [r1.committed, r2.committed].iter().filter(|c| **c).count(),
-        1,
-        "{r1:?} {r2:?}"
-    );
+    assert_eq!([r1.committed, r2.committed].iter().filter(|c| **c).count(), 1, "{r1:?} {r2:?}");
     assert_eq!(r1.generation.max(r2.generation), 1);
     assert_eq!(r1.blobs_uploaded + r2.blobs_uploaded, 50);
-    assert_eq!(
-        store
-            .status(c.user(), c.conversation())
-            .unwrap()
-            .workspace
-            .generation,
-        1
-    );
+    assert_eq!(store.status(c.user(), c.conversation()).unwrap().workspace.generation, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -639,20 +492,10 @@ async fn the_pusher_pushes_periodically_and_on_finish() {
     let ws = env.dir("ws");
     let st = env.dir("state");
     write(&ws, "a", "1");
-    let pusher = c.spawn_pusher(
-        vec![
-            TreeSpec::new(Area::Workspace, &ws),
-            TreeSpec::new(Area::State, &st),
-        ],
-        Duration::from_millis(300),
-    );
+    let pusher = c.spawn_pusher(vec![TreeSpec::new(Area::Workspace, &ws), TreeSpec::new(Area::State, &st)], Duration::from_millis(300));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while c.status().workspace.generation < 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no periodic push: {:?}",
-            c.status()
-        );
+        assert!(tokio::time::Instant::now() < deadline, "no periodic push: {:?}", c.status());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     write(&ws, "b", "2");
@@ -667,10 +510,7 @@ async fn the_pusher_pushes_periodically_and_on_finish() {
     assert_eq!(snapshot(&d).len(), 3, "the final push stored c");
 
     // stop() does not push.
-    let pusher = c.spawn_pusher(
-        vec![TreeSpec::new(Area::Workspace, &ws)],
-        Duration::from_secs(3600),
-    );
+    let pusher = c.spawn_pusher(vec![TreeSpec::new(Area::Workspace, &ws)], Duration::from_secs(3600));
     write(&ws, "d", "4");
     let g = c.status().workspace.generation;
     pusher.stop().await;
@@ -684,15 +524,8 @@ async fn probe_reports_a_missing_bucket_or_server() {
     env.host("a").probe().await.unwrap();
     let mut missing = env.cfg.clone();
     missing.bucket = "no-such-bucket-here".into();
-    let err = WorkspaceStore::connect(&missing, env.tmp.path().join("m"))
-        .unwrap()
-        .probe()
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, StoreError::Config(m) if m.contains("does not exist")),
-        "{err:?}"
-    );
+    let err = WorkspaceStore::connect(&missing, env.tmp.path().join("m")).unwrap().probe().await.unwrap_err();
+    assert!(matches!(&err, StoreError::Config(m) if m.contains("does not exist")), "{err:?}");
     let mut cfg = env.cfg.clone();
     cfg.endpoint = Some(format!("http://127.0.0.1:{}", common::free_port()));
     cfg.request_timeout_secs = 5;

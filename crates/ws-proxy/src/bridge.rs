@@ -140,10 +140,7 @@ enum Cursor {
 }
 
 fn close_msg(code: u16, reason: &str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.to_owned().into(),
-    }))
+    Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.to_owned().into() }))
 }
 
 /// Payload bytes of a message (for the pending-bytes bound).
@@ -190,13 +187,13 @@ impl ClientTx {
         let n = msg_len(&m);
         self.0.send(m, n)
     }
-    fn pending(&self) -> usize {
-        self.0.pending()
-    }
     /// More than `limit` bytes wait behind the message being written: a slow consumer.
     /// (One message larger than the limit alone is not: a fast client reads it.)
     fn over(&self, limit: usize) -> bool {
         self.0.pending() > limit && self.0.backlog() > limit
+    }
+    fn backlog(&self) -> usize {
+        self.0.backlog()
     }
 }
 
@@ -239,12 +236,8 @@ pub const SHUTDOWN_CLOSE: u16 = 1012;
 pub type Shutdown = futures::future::BoxFuture<'static, ()>;
 
 /// Run one pair to its end. Never panics; every wait is bounded.
-pub async fn bridge<C>(
-    client: WebSocketStream<C>,
-    spec: PairSpec,
-    upstream: Arc<dyn Upstream>,
-    cfg: Arc<ProxyConfig>,
-) where
+pub async fn bridge<C>(client: WebSocketStream<C>, spec: PairSpec, upstream: Arc<dyn Upstream>, cfg: Arc<ProxyConfig>)
+where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     bridge_until(client, spec, upstream, cfg, std::future::pending().boxed()).await
@@ -285,11 +278,7 @@ pub async fn bridge_until<C>(
         };
         if !ok {
             tracing::debug!(conversation = %spec.conversation, "client failed first-message auth");
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                client.send(close_msg(4001, "Authentication failed")),
-            )
-            .await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), client.send(close_msg(4001, "Authentication failed"))).await;
             return;
         }
     }
@@ -304,17 +293,12 @@ pub async fn bridge_until<C>(
     let mut writer = writer.fuse();
 
     let mut pair = Pair::new(spec, upstream, cfg, to_client);
-    pair.run(&mut client_rx, &mut writer, &writer_abort, &mut shutdown)
-        .await;
+    pair.run(&mut client_rx, &mut writer, &writer_abort, &mut shutdown).await;
     // The queue's sender goes with the pair: the writer sees the end of the queue.
     drop(pair);
     drop(client_rx);
     // Let the writer flush what is queued (a close frame at least), bounded.
-    if !writer.is_terminated()
-        && tokio::time::timeout(Duration::from_secs(2), &mut writer)
-            .await
-            .is_err()
-    {
+    if !writer.is_terminated() && tokio::time::timeout(Duration::from_secs(2), &mut writer).await.is_err() {
         writer_abort.abort();
     }
 }
@@ -349,50 +333,22 @@ enum Step {
 }
 
 impl Pair {
-    fn new(
-        spec: PairSpec,
-        upstream: Arc<dyn Upstream>,
-        cfg: Arc<ProxyConfig>,
-        to_client: ClientTx,
-    ) -> Self {
-        let q = |k: &str| {
-            spec.query
-                .iter()
-                .rev()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| v.clone())
-        };
+    fn new(spec: PairSpec, upstream: Arc<dyn Upstream>, cfg: Arc<ProxyConfig>, to_client: ClientTx) -> Self {
+        let q = |k: &str| spec.query.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let cursor = match spec.kind {
             SocketKind::Events => {
                 let history = match (q("resend_mode").as_deref(), q("resend_all").as_deref()) {
                     (Some("all"), _) => History::All,
-                    (Some("since"), _) => q("after_timestamp")
-                        .map(History::Since)
-                        .unwrap_or(History::None),
+                    (Some("since"), _) => q("after_timestamp").map(History::Since).unwrap_or(History::None),
                     (_, Some(v)) if v.eq_ignore_ascii_case("true") || v == "1" => History::All,
                     _ => History::None,
                 };
                 Cursor::Events(EventsCursor::new(history))
             }
-            SocketKind::Session => Cursor::Session(SessionCursor::new(
-                q("after_seq").and_then(|s| s.parse().ok()),
-            )),
+            SocketKind::Session => Cursor::Session(SessionCursor::new(q("after_seq").and_then(|s| s.parse().ok()))),
             SocketKind::BashEvents => Cursor::None,
         };
-        Self {
-            spec,
-            upstream,
-            cfg,
-            to_client,
-            cursor,
-            held: VecDeque::new(),
-            held_bytes: 0,
-            lost_at: None,
-            resume_reported: false,
-            connected_at: None,
-            connected_once: false,
-            data_frames: 0,
-        }
+        Self { spec, upstream, cfg, to_client, cursor, held: VecDeque::new(), held_bytes: 0, lost_at: None, resume_reported: false, connected_at: None, connected_once: false, data_frames: 0 }
     }
 
     /// The query for the next dial: the client's own until anything was forwarded to the
@@ -412,13 +368,8 @@ impl Pair {
             SocketKind::Session => &["after_seq"],
             SocketKind::BashEvents => &[],
         };
-        let mut q: Vec<(String, String)> = self
-            .spec
-            .query
-            .iter()
-            .filter(|(k, _)| !drop_keys.contains(&k.as_str()))
-            .cloned()
-            .collect();
+        let mut q: Vec<(String, String)> =
+            self.spec.query.iter().filter(|(k, _)| !drop_keys.contains(&k.as_str())).cloned().collect();
         match &self.cursor {
             Cursor::Events(c) => match c.resume_history() {
                 History::All => q.push(("resend_mode".into(), "all".into())),
@@ -435,11 +386,7 @@ impl Pair {
     }
 
     /// A dial attempt: wait for the endpoint (bounded), then connect (bounded).
-    fn dial(
-        &self,
-        wait: Duration,
-        delay: Duration,
-    ) -> BoxFuture<'static, Result<DownSocket, DialError>> {
+    fn dial(&self, wait: Duration, delay: Duration) -> BoxFuture<'static, Result<DownSocket, DialError>> {
         let upstream = self.upstream.clone();
         let path = self.spec.kind.path(&self.spec.conversation);
         let query = self.dial_query();
@@ -519,19 +466,16 @@ impl Pair {
         writer: &mut futures::future::Fuse<tokio::task::JoinHandle<()>>,
         writer_abort: &tokio::task::AbortHandle,
         shutdown: &mut futures::future::Fuse<Shutdown>,
-    ) where
+    )
+    where
         R: futures::Stream<Item = Result<Message, WsError>> + Unpin,
     {
         let conv = self.spec.conversation;
         let mut down: Option<DownSocket> = None;
-        let mut dialing: Option<BoxFuture<'static, Result<DownSocket, DialError>>> =
-            Some(self.dial(self.cfg.ready_timeout, Duration::ZERO));
+        let mut dialing: Option<BoxFuture<'static, Result<DownSocket, DialError>>> = Some(self.dial(self.cfg.ready_timeout, Duration::ZERO));
         let mut dial_deadline = Instant::now() + self.cfg.ready_timeout;
         let mut backoff = self.cfg.initial_backoff;
-        let mut ping = tokio::time::interval_at(
-            Instant::now() + self.cfg.ping_interval,
-            self.cfg.ping_interval,
-        );
+        let mut ping = tokio::time::interval_at(Instant::now() + self.cfg.ping_interval, self.cfg.ping_interval);
         let mut client_seen = Instant::now();
         let mut down_seen = Instant::now();
 
@@ -640,7 +584,7 @@ impl Pair {
                 }
             };
             if self.to_client.over(self.cfg.max_pending_bytes) {
-                tracing::warn!(conversation = %conv, pending = self.to_client.pending(), "client is a slow consumer; dropping it");
+                tracing::warn!(conversation = %conv, waiting = self.to_client.backlog(), "client is a slow consumer; dropping it");
                 self.upstream.on_slow_consumer();
                 writer_abort.abort();
                 if let Some(mut d) = down.take() {
@@ -652,13 +596,9 @@ impl Pair {
                 // The downstream was dropped where no loss handling ran (a client frame
                 // could not be written to it): without this the pair would wait forever with
                 // no downstream and no dial.
-                Step::Continue if down.is_none() && dialing.is_none() => self.lost(
-                    "downstream socket lost (write failed)",
-                    &mut down,
-                    &mut dialing,
-                    &mut dial_deadline,
-                    &mut backoff,
-                ),
+                Step::Continue if down.is_none() && dialing.is_none() => {
+                    self.lost("downstream socket lost (write failed)", &mut down, &mut dialing, &mut dial_deadline, &mut backoff)
+                }
                 other => other,
             };
             if let Step::End = step {
@@ -691,13 +631,7 @@ impl Pair {
         match self.on_downstream(m) {
             DownStep::Continue => Step::Continue,
             DownStep::End => Step::End,
-            DownStep::Lost(why) => self.lost(
-                &format!("downstream socket lost ({why})"),
-                down,
-                dialing,
-                deadline,
-                backoff,
-            ),
+            DownStep::Lost(why) => self.lost(&format!("downstream socket lost ({why})"), down, dialing, deadline, backoff),
         }
     }
 
@@ -722,10 +656,7 @@ impl Pair {
         tracing::info!(conversation = %conv, "{why}; resuming");
         self.upstream.on_lost();
         let now = Instant::now();
-        let proved = self
-            .connected_at
-            .take()
-            .is_some_and(|t| now.duration_since(t) >= STABLE_AFTER);
+        let proved = self.connected_at.take().is_some_and(|t| now.duration_since(t) >= STABLE_AFTER);
         if self.lost_at.is_none() || proved {
             self.lost_at = Some(now);
             self.resume_reported = false;
@@ -761,11 +692,7 @@ impl Pair {
         let Some(d) = down.as_mut() else { return false };
         while let Some(m) = self.held.pop_front() {
             self.held_bytes -= msg_len(&m);
-            if tokio::time::timeout(self.cfg.dial_timeout, d.send(m.clone()))
-                .await
-                .map(|r| r.is_err())
-                .unwrap_or(true)
-            {
+            if tokio::time::timeout(self.cfg.dial_timeout, d.send(m.clone())).await.map(|r| r.is_err()).unwrap_or(true) {
                 self.held.push_front(m.clone());
                 self.held_bytes += msg_len(&m);
                 return false;
@@ -774,11 +701,7 @@ impl Pair {
         true
     }
 
-    async fn on_client(
-        &mut self,
-        m: Option<Result<Message, WsError>>,
-        down: &mut Option<DownSocket>,
-    ) -> Step {
+    async fn on_client(&mut self, m: Option<Result<Message, WsError>>, down: &mut Option<DownSocket>) -> Step {
         let conv = self.spec.conversation;
         let m = match m {
             Some(Ok(m)) => m,
@@ -830,10 +753,7 @@ impl Pair {
                     let frame = frame.map(|f| {
                         let code: u16 = f.code.into();
                         if matches!(code, 1005 | 1006 | 1015) {
-                            CloseFrame {
-                                code: CloseCode::Normal,
-                                reason: f.reason,
-                            }
+                            CloseFrame { code: CloseCode::Normal, reason: f.reason }
                         } else {
                             f
                         }
@@ -850,14 +770,9 @@ impl Pair {
     /// Hand a state-update event (the frame itself on the events socket, its `event` on the
     /// session socket) to the upstream's hook. Only frames that mention the kind get here.
     fn report_state_update(&self, text: &str) {
-        let Ok(mut v) = serde_json::from_str::<serde_json::Value>(text) else {
-            return;
-        };
+        let Ok(mut v) = serde_json::from_str::<serde_json::Value>(text) else { return };
         if self.spec.kind == SocketKind::Session {
-            v = v
-                .get_mut("event")
-                .map(serde_json::Value::take)
-                .unwrap_or_default();
+            v = v.get_mut("event").map(serde_json::Value::take).unwrap_or_default();
         }
         if v.get("kind").and_then(serde_json::Value::as_str) == Some(STATE_UPDATE_KIND) {
             self.upstream.on_state_update(&v);
@@ -878,18 +793,11 @@ impl Pair {
                 let (verdict, state_update) = match &mut self.cursor {
                     Cursor::Events(c) => {
                         let head = classify::event_head(&t);
-                        (
-                            c.on_frame(head.as_ref()),
-                            head.is_some_and(|h| h.state_update),
-                        )
+                        (c.on_frame(head.as_ref()), head.is_some_and(|h| h.state_update))
                     }
                     Cursor::Session(c) => {
                         let f = classify::session_frame(&t);
-                        let id = if matches!(f, SessionFrame::Durable { .. }) {
-                            classify::durable_event_id(&t)
-                        } else {
-                            None
-                        };
+                        let id = if matches!(f, SessionFrame::Durable { .. }) { classify::durable_event_id(&t) } else { None };
                         (c.on_frame(&f, id.as_deref()), mentions_state_update(&t))
                     }
                     Cursor::None => (Verdict::Forward, mentions_state_update(&t)),
@@ -910,14 +818,10 @@ impl Pair {
             }
             Message::Close(frame) => {
                 if is_loss(&frame) {
-                    let why = frame
-                        .map(|f| format!("closed {} {}", u16::from(f.code), f.reason))
-                        .unwrap_or_else(|| "closed".into());
+                    let why = frame.map(|f| format!("closed {} {}", u16::from(f.code), f.reason)).unwrap_or_else(|| "closed".into());
                     return DownStep::Lost(why);
                 }
-                let (code, reason) = frame
-                    .map(|f| (u16::from(f.code), f.reason.to_string()))
-                    .unwrap_or((1000, String::new()));
+                let (code, reason) = frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1000, String::new()));
                 self.close_client(code, &reason);
                 DownStep::End
             }
@@ -964,12 +868,7 @@ async fn without_handshake_buffer(ws: DownSocket, cfg: &ProxyConfig) -> DownSock
     if !ws.get_ref().handed_answer_alone() {
         return ws;
     }
-    WebSocketStream::from_raw_socket(
-        ws.into_inner(),
-        tokio_tungstenite::tungstenite::protocol::Role::Client,
-        Some(cfg.downstream_ws_config()),
-    )
-    .await
+    WebSocketStream::from_raw_socket(ws.into_inner(), tokio_tungstenite::tungstenite::protocol::Role::Client, Some(cfg.downstream_ws_config())).await
 }
 
 /// A WebSocket error in words that name no address or key.

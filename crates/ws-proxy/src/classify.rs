@@ -18,11 +18,7 @@ use peek::Peek;
 
 /// Event kinds the agent-server publishes without persisting them. They are never part of a
 /// resume position (a `since` replay does not repeat them).
-const TRANSIENT_KINDS: &[&str] = &[
-    "StreamingDeltaEvent",
-    "LLMCompletionLogEvent",
-    "ServerErrorEvent",
-];
+const TRANSIENT_KINDS: &[&str] = &["StreamingDeltaEvent", "LLMCompletionLogEvent", "ServerErrorEvent"];
 
 /// What the proxy needs of an events-socket frame: borrowed from the frame's text (a
 /// field is only copied when JSON escapes in it had to be decoded), so peeking at a frame
@@ -58,62 +54,32 @@ pub const STATE_UPDATE_KIND: &str = "ConversationStateUpdateEvent";
 /// forwarded without bookkeeping).
 pub fn event_head(text: &str) -> Option<EventHead<'_>> {
     let (id, timestamp, kind, key) = match peek::fields(text, ["id", "timestamp", "kind", "key"]) {
-        Peek::Found([id, timestamp, kind, key]) => (
-            Cow::Borrowed(id.as_str()?),
-            timestamp.as_str().map(Cow::Borrowed),
-            kind.as_str(),
-            key.as_str(),
-        ),
+        Peek::Found([id, timestamp, kind, key]) => (Cow::Borrowed(id.as_str()?), timestamp.as_str().map(Cow::Borrowed), kind.as_str(), key.as_str()),
         // Escapes and the like: read it properly.
         Peek::Unsure => {
             let raw: RawEvent<'_> = serde_json::from_str(text).ok()?;
-            return head_of(
-                raw.id?,
-                raw.timestamp,
-                raw.kind.as_deref().unwrap_or(""),
-                raw.key.as_deref(),
-            );
+            return head_of(raw.id?, raw.timestamp, raw.kind.as_deref().unwrap_or(""), raw.key.as_deref());
         }
     };
     head_of(id, timestamp, kind.unwrap_or(""), key)
 }
 
-fn head_of<'a>(
-    id: Cow<'a, str>,
-    timestamp: Option<Cow<'a, str>>,
-    kind: &str,
-    key: Option<&str>,
-) -> Option<EventHead<'a>> {
+fn head_of<'a>(id: Cow<'a, str>, timestamp: Option<Cow<'a, str>>, kind: &str, key: Option<&str>) -> Option<EventHead<'a>> {
     let is_update = kind == STATE_UPDATE_KIND;
     let full_state = is_update && key == Some("full_state");
     let persisted = !full_state && !TRANSIENT_KINDS.contains(&kind);
-    Some(EventHead {
-        id,
-        timestamp,
-        persisted,
-        full_state,
-        state_update: is_update && !full_state,
-    })
+    Some(EventHead { id, timestamp, persisted, full_state, state_update: is_update && !full_state })
 }
 
 /// A session-socket envelope, as far as the proxy reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionFrame {
     /// `through_seq`: highest seq on disk at subscribe time (None: empty log).
-    Sync {
-        through_seq: Option<i64>,
-    },
-    Durable {
-        seq: i64,
-    },
+    Sync { through_seq: Option<i64> },
+    Durable { seq: i64 },
     Transient,
-    ItemStarted {
-        item_id: String,
-        attempt: i64,
-    },
-    ItemEnded {
-        item_id: String,
-    },
+    ItemStarted { item_id: String, attempt: i64 },
+    ItemEnded { item_id: String },
     Delta,
     Error,
     Other,
@@ -132,29 +98,20 @@ struct RawEnvelope<'a> {
 
 /// Peek at a session-socket frame.
 pub fn session_frame(text: &str) -> SessionFrame {
-    let Ok(raw) = serde_json::from_str::<RawEnvelope<'_>>(text) else {
-        return SessionFrame::Other;
-    };
+    let Ok(raw) = serde_json::from_str::<RawEnvelope<'_>>(text) else { return SessionFrame::Other };
     match raw.kind.as_deref() {
-        Some("sync") => SessionFrame::Sync {
-            through_seq: raw.through_seq,
-        },
+        Some("sync") => SessionFrame::Sync { through_seq: raw.through_seq },
         Some("durable") => match raw.seq {
             Some(seq) => SessionFrame::Durable { seq },
             None => SessionFrame::Other,
         },
         Some("transient") => SessionFrame::Transient,
         Some("item_started") => match raw.item_id {
-            Some(i) => SessionFrame::ItemStarted {
-                item_id: i.into_owned(),
-                attempt: raw.attempt.unwrap_or(1),
-            },
+            Some(i) => SessionFrame::ItemStarted { item_id: i.into_owned(), attempt: raw.attempt.unwrap_or(1) },
             None => SessionFrame::Other,
         },
         Some("item_aborted") => match raw.item_id {
-            Some(i) => SessionFrame::ItemEnded {
-                item_id: i.into_owned(),
-            },
+            Some(i) => SessionFrame::ItemEnded { item_id: i.into_owned() },
             None => SessionFrame::Other,
         },
         Some("delta") => SessionFrame::Delta,
@@ -176,11 +133,7 @@ pub fn durable_event_id(text: &str) -> Option<String> {
         #[serde(borrow)]
         id: Option<Cow<'a, str>>,
     }
-    serde_json::from_str::<Env<'_>>(text)
-        .ok()?
-        .event?
-        .id
-        .map(|s| s.into_owned())
+    serde_json::from_str::<Env<'_>>(text).ok()?.event?.id.map(|s| s.into_owned())
 }
 
 /// The key of a first-message auth frame, checked as the agent-server does: a JSON object
@@ -192,10 +145,7 @@ pub fn first_frame_auth_key(text: &str) -> Option<String> {
     if obj.get("type").and_then(|t| t.as_str()) != Some("auth") {
         return None;
     }
-    obj.get("session_api_key")
-        .and_then(|k| k.as_str())
-        .filter(|k| !k.is_empty())
-        .map(str::to_owned)
+    obj.get("session_api_key").and_then(|k| k.as_str()).filter(|k| !k.is_empty()).map(str::to_owned)
 }
 
 /// Is this client frame the first-message auth frame (`{"type":"auth","session_api_key":…}`
@@ -210,11 +160,7 @@ pub fn client_auth_frame(text: &str) -> Option<Option<String>> {
     if obj.keys().any(|k| k != "type" && k != "session_api_key") {
         return None;
     }
-    Some(
-        obj.get("session_api_key")
-            .and_then(|k| k.as_str())
-            .map(str::to_owned),
-    )
+    Some(obj.get("session_api_key").and_then(|k| k.as_str()).map(str::to_owned))
 }
 
 #[cfg(test)]
@@ -235,73 +181,35 @@ mod tests {
 
     #[test]
     fn reads_envelopes() {
-        assert_eq!(
-            session_frame(r#"{"type":"sync","from_seq":-1}"#),
-            SessionFrame::Sync { through_seq: None }
-        );
-        assert_eq!(
-            session_frame(r#"{"type":"sync","from_seq":3,"through_seq":9}"#),
-            SessionFrame::Sync {
-                through_seq: Some(9)
-            }
-        );
-        assert_eq!(
-            session_frame(r#"{"type":"durable","seq":7,"event":{"id":"x"}}"#),
-            SessionFrame::Durable { seq: 7 }
-        );
-        assert_eq!(
-            durable_event_id(r#"{"type":"durable","seq":7,"event":{"id":"x"}}"#).as_deref(),
-            Some("x")
-        );
+        assert_eq!(session_frame(r#"{"type":"sync","from_seq":-1}"#), SessionFrame::Sync { through_seq: None });
+        assert_eq!(session_frame(r#"{"type":"sync","from_seq":3,"through_seq":9}"#), SessionFrame::Sync { through_seq: Some(9) });
+        assert_eq!(session_frame(r#"{"type":"durable","seq":7,"event":{"id":"x"}}"#), SessionFrame::Durable { seq: 7 });
+        assert_eq!(durable_event_id(r#"{"type":"durable","seq":7,"event":{"id":"x"}}"#).as_deref(), Some("x"));
         assert_eq!(
             session_frame(r#"{"type":"item_started","item_id":"i","attempt":1,"anchor_seq":4}"#),
-            SessionFrame::ItemStarted {
-                item_id: "i".into(),
-                attempt: 1
-            }
+            SessionFrame::ItemStarted { item_id: "i".into(), attempt: 1 }
         );
-        assert_eq!(
-            session_frame(r#"{"type":"delta","item_id":"i","kind":"text"}"#),
-            SessionFrame::Delta
-        );
+        assert_eq!(session_frame(r#"{"type":"delta","item_id":"i","kind":"text"}"#), SessionFrame::Delta);
         assert_eq!(session_frame("garbage"), SessionFrame::Other);
     }
 
     #[test]
     fn first_frame_auth_is_checked_like_the_agent_server() {
-        assert_eq!(
-            first_frame_auth_key(r#"{"type":"auth","session_api_key":"k"}"#).as_deref(),
-            Some("k")
-        );
+        assert_eq!(first_frame_auth_key(r#"{"type":"auth","session_api_key":"k"}"#).as_deref(), Some("k"));
         // The agent-server only looks at `type` and `session_api_key` of the first frame.
-        assert_eq!(
-            first_frame_auth_key(r#"{"type":"auth","session_api_key":"k","v":2}"#).as_deref(),
-            Some("k")
-        );
-        for bad in [
-            r#"{"type":"auth","session_api_key":""}"#,
-            r#"{"type":"auth","session_api_key":7}"#,
-            r#"{"type":"auth"}"#,
-            r#"{"type":"Auth","session_api_key":"k"}"#,
-            r#"["auth","k"]"#,
-            "not json",
-            r#""k""#,
-        ] {
+        assert_eq!(first_frame_auth_key(r#"{"type":"auth","session_api_key":"k","v":2}"#).as_deref(), Some("k"));
+        for bad in [r#"{"type":"auth","session_api_key":""}"#, r#"{"type":"auth","session_api_key":7}"#, r#"{"type":"auth"}"#,
+            r#"{"type":"Auth","session_api_key":"k"}"#, r#"["auth","k"]"#, "not json", r#""k""#]
+        {
             assert_eq!(first_frame_auth_key(bad), None, "{bad}");
         }
     }
 
     #[test]
     fn recognises_auth_frames_only() {
-        assert_eq!(
-            client_auth_frame(r#"{"type":"auth","session_api_key":"k"}"#),
-            Some(Some("k".into()))
-        );
+        assert_eq!(client_auth_frame(r#"{"type":"auth","session_api_key":"k"}"#), Some(Some("k".into())));
         assert_eq!(client_auth_frame(r#"{"type":"auth"}"#), Some(None));
-        assert_eq!(
-            client_auth_frame(r#"{"type":"auth","session_api_key":"k","x":1}"#),
-            None
-        );
+        assert_eq!(client_auth_frame(r#"{"type":"auth","session_api_key":"k","x":1}"#), None);
         assert_eq!(client_auth_frame(r#"{"role":"user","content":[]}"#), None);
         assert_eq!(client_auth_frame("[1]"), None);
     }
@@ -310,18 +218,9 @@ mod tests {
     fn classifies_every_captured_frame() {
         // The captured real runs: every events-socket frame has an id, and exactly the
         // full_state snapshots and token deltas are transient.
-        for f in [
-            "events-socket-plain.json",
-            "events-socket-streaming.json",
-            "events-socket-resend-all-while-running.json",
-        ] {
-            let path = format!(
-                "{}/../../tests/fixtures/frames/{f}",
-                env!("CARGO_MANIFEST_DIR")
-            );
-            let Ok(text) = std::fs::read_to_string(&path) else {
-                continue;
-            };
+        for f in ["events-socket-plain.json", "events-socket-streaming.json", "events-socket-resend-all-while-running.json"] {
+            let path = format!("{}/../../tests/fixtures/frames/{f}", env!("CARGO_MANIFEST_DIR"));
+            let Ok(text) = std::fs::read_to_string(&path) else { continue };
             let frames: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
             for fr in frames {
                 let s = fr["frame"].to_string();

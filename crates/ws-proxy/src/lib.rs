@@ -21,8 +21,5 @@ pub mod outbox;
 pub mod resume;
 pub mod upgrade;
 
-pub use bridge::{
-    bridge, bridge_until, ClientAuth, PairSpec, Shutdown, SocketKind, Upstream, UpstreamError,
-    SHUTDOWN_CLOSE,
-};
+pub use bridge::{bridge, bridge_until, ClientAuth, PairSpec, Shutdown, SocketKind, Upstream, UpstreamError, SHUTDOWN_CLOSE};
 pub use config::ProxyConfig;

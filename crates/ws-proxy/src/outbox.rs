@@ -57,21 +57,12 @@ pub struct Inbox<T> {
 /// A new queue.
 pub fn outbox<T>() -> (Outbox<T>, Inbox<T>) {
     let shared = Arc::new(Shared {
-        state: Mutex::new(State {
-            items: VecDeque::new(),
-            sender_alive: true,
-            receiver_alive: true,
-        }),
+        state: Mutex::new(State { items: VecDeque::new(), sender_alive: true, receiver_alive: true }),
         wake: Notify::new(),
         pending: AtomicUsize::new(0),
         taken: AtomicUsize::new(0),
     });
-    (
-        Outbox {
-            shared: shared.clone(),
-        },
-        Inbox { shared },
-    )
+    (Outbox { shared: shared.clone() }, Inbox { shared })
 }
 
 impl<T> Outbox<T> {
@@ -99,16 +90,11 @@ impl<T> Outbox<T> {
     /// `pending` first.
     pub fn backlog(&self) -> usize {
         let s = self.shared.lock();
-        let taken = self.shared.taken.load(Ordering::Relaxed);
-        let oldest = if taken > 0 {
-            taken
-        } else {
-            s.items.front().map_or(0, |(_, n)| *n)
-        };
-        self.shared
-            .pending
-            .load(Ordering::Relaxed)
-            .saturating_sub(oldest)
+        // Acquire pairs with `done`'s release: a `taken` already lowered comes with the
+        // `pending` lowered before it (the estimate errs low, never high).
+        let taken = self.shared.taken.load(Ordering::Acquire);
+        let oldest = if taken > 0 { taken } else { s.items.front().map_or(0, |(_, n)| *n) };
+        self.shared.pending.load(Ordering::Relaxed).saturating_sub(oldest)
     }
 }
 
@@ -143,15 +129,20 @@ impl<T> Inbox<T> {
 
     /// The next item if one is queued.
     pub fn try_recv(&mut self) -> Option<T> {
-        let (item, n) = self.shared.lock().items.pop_front()?;
+        // Counted as taken under the lock, as in `recv`: `backlog` never sees the item gone
+        // from the queue and not yet taken.
+        let mut s = self.shared.lock();
+        let (item, n) = s.items.pop_front()?;
         self.shared.taken.fetch_add(n, Ordering::Relaxed);
         Some(item)
     }
 
     /// `bytes` of what was received are now the socket's.
     pub fn done(&self, bytes: usize) {
-        self.shared.taken.fetch_sub(bytes, Ordering::Relaxed);
+        // `pending` first, `taken` after it with release: in between, `backlog` reads low
+        // (lenient), never high.
         self.shared.pending.fetch_sub(bytes, Ordering::Relaxed);
+        self.shared.taken.fetch_sub(bytes, Ordering::Release);
     }
 
     /// Bytes of queue buffer held now (for tests).
@@ -195,11 +186,7 @@ mod tests {
     async fn the_backlog_leaves_out_the_oldest_message() {
         let (tx, mut rx) = outbox::<u32>();
         assert!(tx.send(1, 100));
-        assert_eq!(
-            (tx.pending(), tx.backlog()),
-            (100, 0),
-            "queued alone: no backlog"
-        );
+        assert_eq!((tx.pending(), tx.backlog()), (100, 0), "queued alone: no backlog");
         assert!(tx.send(2, 5));
         assert_eq!(tx.backlog(), 5);
         assert_eq!(rx.recv().await, Some(1));
@@ -226,10 +213,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(tx.send(8, 1));
         drop(tx);
-        let got = tokio::time::timeout(Duration::from_secs(5), reader)
-            .await
-            .expect("the receiver ended")
-            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), reader).await.expect("the receiver ended").unwrap();
         assert_eq!(got, vec![7, 8]);
     }
 

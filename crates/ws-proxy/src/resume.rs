@@ -208,10 +208,7 @@ impl EventsCursor {
 
     /// A downstream connection was established (the first, or a reconnection).
     pub fn on_connected(&mut self) {
-        self.resumed = self.forwarded.then(|| Resumed {
-            reached: self.barrier.is_none(),
-            floor: self.newest.clone(),
-        });
+        self.resumed = self.forwarded.then(|| Resumed { reached: self.barrier.is_none(), floor: self.newest.clone() });
     }
 
     /// Whether anything was forwarded to the client yet.
@@ -224,10 +221,7 @@ impl EventsCursor {
         match &self.history {
             History::None => false,
             History::All => true,
-            History::Since(t) => h
-                .timestamp
-                .as_deref()
-                .is_some_and(|ts| cmp_ts(ts, t) != Ordering::Less),
+            History::Since(t) => h.timestamp.as_deref().is_some_and(|ts| cmp_ts(ts, t) != Ordering::Less),
         }
     }
 
@@ -267,11 +261,7 @@ impl EventsCursor {
                 // Replayed from before the subscription: the client never asked for it.
                 return Verdict::Drop;
             }
-        } else if self.resumed.is_some()
-            && self.barrier.is_none()
-            && !requested
-            && !self.after_subscription(h)
-        {
+        } else if self.resumed.is_some() && self.barrier.is_none() && !requested && !self.after_subscription(h) {
             // No barrier: stamped before the subscription (by more than the margin).
             return Verdict::Drop;
         }
@@ -297,9 +287,7 @@ impl EventsCursor {
     /// Could this event have been published after the first subscription? (Stamped no
     /// more than [`PUBLISH_MARGIN`] before its first frame; unknown times: yes.)
     fn after_subscription(&self, h: &EventHead<'_>) -> bool {
-        let (Some(ts), Some(first)) = (&h.timestamp, &self.first_seen) else {
-            return true;
-        };
+        let (Some(ts), Some(first)) = (&h.timestamp, &self.first_seen) else { return true };
         let cut = shift_naive(first, -PUBLISH_MARGIN).unwrap_or_else(|| first.clone());
         cmp_ts(ts, &cut) != Ordering::Less
     }
@@ -323,11 +311,7 @@ impl EventsCursor {
             .map(|ts| shift_naive(ts, -LIVE_LOOKBACK).unwrap_or_else(|| ts.clone()));
         match (&self.history, live_anchor) {
             (History::All, _) | (_, None) => History::All,
-            (History::Since(t), Some(a)) => History::Since(if cmp_ts(&a, t) == Ordering::Less {
-                a
-            } else {
-                t.clone()
-            }),
+            (History::Since(t), Some(a)) => History::Since(if cmp_ts(&a, t) == Ordering::Less { a } else { t.clone() }),
             (History::None, Some(a)) => History::Since(a),
         }
     }
@@ -366,17 +350,8 @@ fn same_fixed_width_shape(a: &str, b: &str) -> bool {
         return false;
     }
     let digit_at = |i: usize| a[i].is_ascii_digit() && b[i].is_ascii_digit();
-    let head = SHAPE.iter().enumerate().all(|(i, &c)| {
-        if c == b'0' {
-            digit_at(i)
-        } else {
-            a[i] == c && b[i] == c
-        }
-    });
-    let frac = a.len() == SHAPE.len()
-        || (a[SHAPE.len()] == b'.'
-            && b[SHAPE.len()] == b'.'
-            && (SHAPE.len() + 1..a.len()).all(digit_at));
+    let head = SHAPE.iter().enumerate().all(|(i, &c)| if c == b'0' { digit_at(i) } else { a[i] == c && b[i] == c });
+    let frac = a.len() == SHAPE.len() || (a[SHAPE.len()] == b'.' && b[SHAPE.len()] == b'.' && (SHAPE.len() + 1..a.len()).all(digit_at));
     head && frac
 }
 
@@ -385,9 +360,7 @@ pub fn shift_naive(ts: &str, d: time::Duration) -> Option<String> {
     use time::format_description::well_known::Iso8601;
     let t = time::PrimitiveDateTime::parse(ts, &Iso8601::DEFAULT).ok()?;
     let t = t.checked_add(d)?;
-    let fmt = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]"
-    );
+    let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]");
     t.format(&fmt).ok()
 }
 
@@ -408,14 +381,7 @@ pub struct SessionCursor {
 
 impl SessionCursor {
     pub fn new(after_seq: Option<i64>) -> Self {
-        Self {
-            initial: after_seq,
-            last_seq: None,
-            first_through: None,
-            synced: false,
-            forwarded: false,
-            open_items: Vec::new(),
-        }
+        Self { initial: after_seq, last_seq: None, first_through: None, synced: false, forwarded: false, open_items: Vec::new() }
     }
 
     /// Whether anything was forwarded to the client yet (until then a reconnection repeats
@@ -543,14 +509,8 @@ mod tests {
 
     #[test]
     fn shifts_naive_timestamps() {
-        assert_eq!(
-            shift_naive("2026-11-22T14:42:27.674188", time::Duration::seconds(-5)).unwrap(),
-            "2026-11-22T14:42:22.674188"
-        );
-        assert_eq!(
-            shift_naive("2026-11-22T00:00:01", time::Duration::seconds(-5)).unwrap(),
-            "2026-11-21T23:59:56.000000"
-        );
+        assert_eq!(shift_naive("2026-11-22T14:42:27.674188", time::Duration::seconds(-5)).unwrap(), "2026-11-22T14:42:22.674188");
+        assert_eq!(shift_naive("2026-11-22T00:00:01", time::Duration::seconds(-5)).unwrap(), "2026-11-21T23:59:56.000000");
         assert!(shift_naive("nope", time::Duration::seconds(1)).is_none());
     }
 
@@ -562,15 +522,9 @@ mod tests {
         assert!(s.insert("not-a-uuid"));
         assert!(!s.insert("not-a-uuid"));
         assert_eq!(s.len(), 2);
-        assert_eq!(
-            parse_uuid("00000000-0000-0000-0000-0000000000ff"),
-            Some(255)
-        );
+        assert_eq!(parse_uuid("00000000-0000-0000-0000-0000000000ff"), Some(255));
         assert_eq!(parse_uuid("00000000-0000-0000-0000-0000000000fg"), None);
-        assert_eq!(
-            parse_uuid("00000000-0000-0000-0000-0000000000FF"),
-            Some(255)
-        );
+        assert_eq!(parse_uuid("00000000-0000-0000-0000-0000000000FF"), Some(255));
         assert_eq!(parse_uuid("00000000-0000-0000-0000-00000000000é"), None);
     }
 
@@ -581,17 +535,9 @@ mod tests {
         for n in 0..100 {
             s.insert_key(&IdKey::of(&id(n)));
         }
-        assert_eq!(
-            (s.unindexed.len(), s.uuids.len()),
-            (100, 0),
-            "appended, not indexed"
-        );
+        assert_eq!((s.unindexed.len(), s.uuids.len()), (100, 0), "appended, not indexed");
         assert!(s.contains_key(&IdKey::of(&id(42))));
-        assert_eq!(
-            (s.unindexed.len(), s.uuids.len()),
-            (0, 100),
-            "indexed on the first lookup"
-        );
+        assert_eq!((s.unindexed.len(), s.uuids.len()), (0, 100), "indexed on the first lookup");
         s.insert_key(&IdKey::of(&id(100)));
         assert!(s.contains_key(&IdKey::of(&id(100))) && !s.contains_key(&IdKey::of(&id(101))));
         assert_eq!(s.len(), 101);
@@ -600,50 +546,16 @@ mod tests {
     #[test]
     fn session_cursor_hides_second_sync_and_aborts_items() {
         let mut c = SessionCursor::new(None);
-        assert_eq!(
-            c.on_frame(
-                &SessionFrame::Sync {
-                    through_seq: Some(3)
-                },
-                None
-            ),
-            Verdict::Forward
-        );
+        assert_eq!(c.on_frame(&SessionFrame::Sync { through_seq: Some(3) }, None), Verdict::Forward);
         assert_eq!(c.resume_after_seq(), 3);
-        assert_eq!(
-            c.on_frame(
-                &SessionFrame::ItemStarted {
-                    item_id: "i".into(),
-                    attempt: 2
-                },
-                None
-            ),
-            Verdict::Forward
-        );
-        assert_eq!(
-            c.on_frame(&SessionFrame::Durable { seq: 4 }, Some("other")),
-            Verdict::Forward
-        );
+        assert_eq!(c.on_frame(&SessionFrame::ItemStarted { item_id: "i".into(), attempt: 2 }, None), Verdict::Forward);
+        assert_eq!(c.on_frame(&SessionFrame::Durable { seq: 4 }, Some("other")), Verdict::Forward);
         let aborts = c.abort_open_items();
         assert_eq!(aborts.len(), 1);
         assert!(aborts[0].contains(r#""item_id":"i""#) && aborts[0].contains(r#""attempt":2"#));
-        assert_eq!(
-            c.on_frame(
-                &SessionFrame::Sync {
-                    through_seq: Some(9)
-                },
-                None
-            ),
-            Verdict::Drop
-        );
-        assert_eq!(
-            c.on_frame(&SessionFrame::Durable { seq: 4 }, None),
-            Verdict::Drop
-        );
-        assert_eq!(
-            c.on_frame(&SessionFrame::Durable { seq: 5 }, None),
-            Verdict::Forward
-        );
+        assert_eq!(c.on_frame(&SessionFrame::Sync { through_seq: Some(9) }, None), Verdict::Drop);
+        assert_eq!(c.on_frame(&SessionFrame::Durable { seq: 4 }, None), Verdict::Drop);
+        assert_eq!(c.on_frame(&SessionFrame::Durable { seq: 5 }, None), Verdict::Forward);
         assert_eq!(c.resume_after_seq(), 5);
     }
 
@@ -655,31 +567,16 @@ mod tests {
         let mut c = EventsCursor::new(History::None);
         assert_eq!(c.resume_history(), History::None);
         let c2 = EventsCursor::new(History::Since("2026-01-01T00:00:09".into()));
-        assert_eq!(
-            c2.resume_history(),
-            History::Since("2026-01-01T00:00:09".into())
-        );
+        assert_eq!(c2.resume_history(), History::Since("2026-01-01T00:00:09".into()));
         c.on_frame(Some(&ev(1, 10_000, false)));
-        assert_eq!(
-            c.resume_history(),
-            History::Since("2026-01-01T00:00:05.000000".into())
-        );
+        assert_eq!(c.resume_history(), History::Since("2026-01-01T00:00:05.000000".into()));
     }
 
     #[test]
     fn timestamps_compare_as_times() {
-        assert_eq!(
-            cmp_ts("2026-01-01T00:00:05", "2026-01-01T00:00:05.000000"),
-            Ordering::Equal
-        );
-        assert_eq!(
-            cmp_ts("2026-01-01T00:00:05", "2026-01-01T00:00:04.9"),
-            Ordering::Greater
-        );
-        assert_eq!(
-            cmp_ts("2025-12-31T23:59:59.999999", "2026-01-01T00:00:00"),
-            Ordering::Less
-        );
+        assert_eq!(cmp_ts("2026-01-01T00:00:05", "2026-01-01T00:00:05.000000"), Ordering::Equal);
+        assert_eq!(cmp_ts("2026-01-01T00:00:05", "2026-01-01T00:00:04.9"), Ordering::Greater);
+        assert_eq!(cmp_ts("2025-12-31T23:59:59.999999", "2026-01-01T00:00:00"), Ordering::Less);
         assert_eq!(cmp_ts("x", "y"), Ordering::Less);
     }
 
@@ -694,10 +591,7 @@ mod tests {
         assert_eq!(c.on_frame(Some(&ev(5, 10_100, true))), Verdict::Forward);
         assert_eq!(c.on_frame(Some(&ev(6, 10_200, true))), Verdict::Forward);
         // loss; the resume asks since 5 s before the first frame
-        assert_eq!(
-            c.resume_history(),
-            History::Since("2026-01-01T00:00:05.000000".into())
-        );
+        assert_eq!(c.resume_history(), History::Since("2026-01-01T00:00:05.000000".into()));
         c.on_connected();
         assert_eq!(c.on_frame(Some(&ev(901, 12_000, false))), Verdict::Forward); // new snapshot
         assert_eq!(c.on_frame(Some(&ev(9, 12_001, true))), Verdict::Forward); // live, racing the replay
@@ -713,12 +607,7 @@ mod tests {
 
     /// Naive ISO text `µs` after 2026-01-01T00:00:00.
     fn ts_text(us: u64) -> String {
-        format!(
-            "2026-01-01T00:{:02}:{:02}.{:06}",
-            us / 60_000_000,
-            (us / 1_000_000) % 60,
-            us % 1_000_000
-        )
+        format!("2026-01-01T00:{:02}:{:02}.{:06}", us / 60_000_000, (us / 1_000_000) % 60, us % 1_000_000)
     }
 
     fn uuid_of(id: u32) -> String {
@@ -741,10 +630,7 @@ mod tests {
     impl Downstream {
         fn publish(&mut self, step: u64, jitter: u64) -> (u32, u64) {
             self.now += step.max(1);
-            let e = (
-                self.log.len() as u32 + 1,
-                self.now - jitter.min(JITTER_US).min(self.now),
-            );
+            let e = (self.log.len() as u32 + 1, self.now - jitter.min(JITTER_US).min(self.now));
             self.log.push(e);
             e
         }
@@ -754,22 +640,8 @@ mod tests {
         /// events before the snapshot (seen on real servers), the snapshot, then the replay
         /// interleaved with the remaining live events; the replay may also repeat live ones.
         /// Also says, per frame, whether it is a live one.
-        fn events_frames(
-            &self,
-            req: &History,
-            live: &[(u32, u64)],
-            early: usize,
-            interleave: &[bool],
-            repeat_live: bool,
-            snap_id: u32,
-        ) -> Vec<(EventHead<'static>, bool)> {
-            let head = |e: &(u32, u64)| EventHead {
-                id: uuid_of(e.0).into(),
-                timestamp: Some(ts_text(e.1).into()),
-                persisted: true,
-                full_state: false,
-                state_update: false,
-            };
+        fn events_frames(&self, req: &History, live: &[(u32, u64)], early: usize, interleave: &[bool], repeat_live: bool, snap_id: u32) -> Vec<(EventHead<'static>, bool)> {
+            let head = |e: &(u32, u64)| EventHead { id: uuid_of(e.0).into(), timestamp: Some(ts_text(e.1).into()), persisted: true, full_state: false, state_update: false };
             let wanted = |e: &&(u32, u64)| match req {
                 History::None => false,
                 History::All => true,
@@ -780,22 +652,11 @@ mod tests {
                 replay.extend(live.iter().filter(wanted).copied());
             }
             let early = early.min(live.len());
-            let mut out: Vec<(EventHead<'static>, bool)> =
-                live[..early].iter().map(|e| (head(e), true)).collect();
-            out.push((
-                EventHead {
-                    id: format!("snapshot-{snap_id}").into(),
-                    timestamp: Some(ts_text(self.now).into()),
-                    persisted: false,
-                    full_state: true,
-                    state_update: false,
-                },
-                false,
-            ));
+            let mut out: Vec<(EventHead<'static>, bool)> = live[..early].iter().map(|e| (head(e), true)).collect();
+            out.push((EventHead { id: format!("snapshot-{snap_id}").into(), timestamp: Some(ts_text(self.now).into()), persisted: false, full_state: true, state_update: false }, false));
             let (mut r, mut l, mut k) = (0, early, 0);
             while r < replay.len() || l < live.len() {
-                let take_live = l < live.len()
-                    && (r >= replay.len() || interleave.get(k).copied().unwrap_or(false));
+                let take_live = l < live.len() && (r >= replay.len() || interleave.get(k).copied().unwrap_or(false));
                 k += 1;
                 if take_live {
                     out.push((head(&live[l]), true));
@@ -928,17 +789,8 @@ mod tests {
     /// What a session-socket connection delivers: sync, the replay after `after_q`, the
     /// connect-time transient, then live events (each maybe streamed first: item_started,
     /// delta, then its durable closes it).
-    fn session_frames(
-        n_sub: i64,
-        after_q: Option<i64>,
-        live: &[(i64, bool)],
-    ) -> Vec<(SessionFrame, Option<String>)> {
-        let mut out = vec![(
-            SessionFrame::Sync {
-                through_seq: (n_sub > 0).then_some(n_sub - 1),
-            },
-            None,
-        )];
+    fn session_frames(n_sub: i64, after_q: Option<i64>, live: &[(i64, bool)]) -> Vec<(SessionFrame, Option<String>)> {
+        let mut out = vec![(SessionFrame::Sync { through_seq: (n_sub > 0).then_some(n_sub - 1) }, None)];
         if let Some(a) = after_q {
             for seq in (a + 1).max(0)..n_sub {
                 out.push((SessionFrame::Durable { seq }, Some(format!("e{seq}"))));
@@ -947,13 +799,7 @@ mod tests {
         out.push((SessionFrame::Transient, None));
         for &(seq, streamed) in live {
             if streamed {
-                out.push((
-                    SessionFrame::ItemStarted {
-                        item_id: format!("e{seq}"),
-                        attempt: 1,
-                    },
-                    None,
-                ));
+                out.push((SessionFrame::ItemStarted { item_id: format!("e{seq}"), attempt: 1 }, None));
                 out.push((SessionFrame::Delta, None));
             }
             out.push((SessionFrame::Durable { seq }, Some(format!("e{seq}"))));

@@ -68,35 +68,20 @@ pub fn accept<B>(req: &Request<B>, offer_deflate: bool) -> Result<Accepted, Upgr
     if !is_upgrade(req) {
         return Err(UpgradeError::NotUpgrade);
     }
-    if req
-        .headers()
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(|v| v.as_bytes())
-        != Some(b"13")
-    {
+    if req.headers().get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
         return Err(UpgradeError::Version);
     }
-    let key = req
-        .headers()
-        .get(header::SEC_WEBSOCKET_KEY)
-        .ok_or(UpgradeError::MissingKey)?;
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY).ok_or(UpgradeError::MissingKey)?;
     let accept = derive_accept_key(key.as_bytes());
     let mut resp = Response::new(());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&accept).expect("base64 is a valid header"),
-    );
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a valid header"));
     let mut negotiated = None;
     if offer_deflate {
-        let offers = req
-            .headers()
-            .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
-            .iter()
-            .filter_map(|v| v.to_str().ok());
+        let offers = req.headers().get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok());
         if let Some((params, answer)) = deflate::negotiate::accept_offers(offers) {
             // The answer is built from tokens and digits only.
             if let Ok(v) = HeaderValue::from_str(&answer) {
@@ -105,19 +90,12 @@ pub fn accept<B>(req: &Request<B>, offer_deflate: bool) -> Result<Accepted, Upgr
             }
         }
     }
-    Ok(Accepted {
-        response: resp,
-        deflate: negotiated,
-    })
+    Ok(Accepted { response: resp, deflate: negotiated })
 }
 
 /// Wait for hyper to hand over the upgraded connection and wrap it (with the deflate
 /// adapter if [`accept`] negotiated it).
-pub async fn finish(
-    on_upgrade: hyper::upgrade::OnUpgrade,
-    deflate: Option<Params>,
-    cfg: &ProxyConfig,
-) -> Result<ClientSocket, hyper::Error> {
+pub async fn finish(on_upgrade: hyper::upgrade::OnUpgrade, deflate: Option<Params>, cfg: &ProxyConfig) -> Result<ClientSocket, hyper::Error> {
     let upgraded = on_upgrade.await?;
     let io = TokioIo::new(upgraded);
     let io = match deflate {

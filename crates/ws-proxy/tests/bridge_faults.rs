@@ -9,9 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::{SinkExt, StreamExt};
 use nestor_core::{ConversationId, Endpoint};
-use nestor_ws_proxy::{
-    bridge, ClientAuth, PairSpec, ProxyConfig, SocketKind, Upstream, UpstreamError,
-};
+use nestor_ws_proxy::{bridge, ClientAuth, PairSpec, ProxyConfig, SocketKind, Upstream, UpstreamError};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -41,34 +39,18 @@ fn endpoint(port: u16) -> Arc<Endpoint> {
 
 /// A pair of `kind` bridged to `upstream`, with an in-memory client socket: the client's
 /// end and the pair's task.
-async fn bridged(
-    kind: SocketKind,
-    upstream: Arc<dyn Upstream>,
-    cfg: Arc<ProxyConfig>,
-) -> (WebSocketStream<DuplexStream>, tokio::task::JoinHandle<()>) {
+async fn bridged(kind: SocketKind, upstream: Arc<dyn Upstream>, cfg: Arc<ProxyConfig>) -> (WebSocketStream<DuplexStream>, tokio::task::JoinHandle<()>) {
     let (a, b) = tokio::io::duplex(1 << 20);
-    let proxy_side =
-        WebSocketStream::from_raw_socket(b, Role::Server, Some(cfg.client_ws_config())).await;
+    let proxy_side = WebSocketStream::from_raw_socket(b, Role::Server, Some(cfg.client_ws_config())).await;
     let client = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
-    let spec = PairSpec {
-        kind,
-        conversation: ConversationId::new_random(),
-        query: vec![],
-        auth: ClientAuth::Done,
-    };
-    (
-        client,
-        tokio::spawn(bridge(proxy_side, spec, upstream, cfg)),
-    )
+    let spec = PairSpec { kind, conversation: ConversationId::new_random(), query: vec![], auth: ClientAuth::Done };
+    (client, tokio::spawn(bridge(proxy_side, spec, upstream, cfg)))
 }
 
 /// A WebSocket downstream on `listener`: every connection it accepts is upgraded and handed
 /// to `on_socket` with its number (from 0), in a task of its own. Returns the port, the count
 /// of connections accepted so far, and the accept loop (abort it at the end of the test).
-fn ws_downstream<F, Fut>(
-    listener: TcpListener,
-    on_socket: F,
-) -> (u16, Arc<AtomicUsize>, tokio::task::JoinHandle<()>)
+fn ws_downstream<F, Fut>(listener: TcpListener, on_socket: F) -> (u16, Arc<AtomicUsize>, tokio::task::JoinHandle<()>)
 where
     F: Fn(usize, WebSocketStream<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -79,9 +61,7 @@ where
     let on_socket = Arc::new(on_socket);
     let server = tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
+            let Ok((tcp, _)) = listener.accept().await else { return };
             let n = acc.fetch_add(1, Ordering::SeqCst);
             let on_socket = on_socket.clone();
             tokio::spawn(async move {
@@ -119,43 +99,24 @@ async fn a_write_that_times_out_leads_to_a_redial() {
             while let Some(Ok(m)) = ws.next().await {
                 if let Message::Text(t) = m {
                     let _ = got_tx.send(t.to_string());
-                    let _ = ws
-                        .send(Message::Text(
-                            r#"{"type":"transient","event":{"id":"after-redial"}}"#.into(),
-                        ))
-                        .await;
+                    let _ = ws.send(Message::Text(r#"{"type":"transient","event":{"id":"after-redial"}}"#.into())).await;
                 }
             }
         }
     });
 
-    let cfg = Arc::new(ProxyConfig {
-        dial_timeout: Duration::from_millis(300),
-        ..ProxyConfig::default()
-    });
-    let (mut client, pair) =
-        bridged(SocketKind::Session, Arc::new(Fixed(endpoint(port))), cfg).await;
+    let cfg = Arc::new(ProxyConfig { dial_timeout: Duration::from_millis(300), ..ProxyConfig::default() });
+    let (mut client, pair) = bridged(SocketKind::Session, Arc::new(Fixed(endpoint(port))), cfg).await;
 
-    let first = tokio::time::timeout(Duration::from_secs(5), client.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), client.next()).await.unwrap().unwrap().unwrap();
     assert!(first.to_text().unwrap().contains("sync"), "{first:?}");
     // Big user frames until one cannot be written to the stalled downstream (a send that
     // blocks: nestor stopped reading the client while its write waited). Then stop, so
     // what nestor holds for the next connection stays under its bound.
-    let big = format!(
-        r#"{{"role":"user","content":[{{"type":"text","text":"{}"}}]}}"#,
-        "x".repeat(256 * 1024)
-    );
+    let big = format!(r#"{{"role":"user","content":[{{"type":"text","text":"{}"}}]}}"#, "x".repeat(256 * 1024));
     for _ in 0..400 {
         let t = tokio::time::Instant::now();
-        if client
-            .send(Message::Text(big.clone().into()))
-            .await
-            .is_err()
-        {
+        if client.send(Message::Text(big.clone().into())).await.is_err() {
             break; // the pair gave up on the client (held frames over their bound)
         }
         if accepted.load(Ordering::SeqCst) > 1 || t.elapsed() > Duration::from_millis(150) {
@@ -173,16 +134,9 @@ async fn a_write_that_times_out_leads_to_a_redial() {
     // ...and the client hears from it (its second sync is hidden).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let m = tokio::time::timeout_at(deadline, client.next())
-            .await
-            .expect("nothing after the redial")
-            .unwrap()
-            .unwrap();
+        let m = tokio::time::timeout_at(deadline, client.next()).await.expect("nothing after the redial").unwrap().unwrap();
         if let Message::Text(t) = m {
-            assert!(
-                !t.contains("\"sync\""),
-                "a second sync reached the client: {t}"
-            );
+            assert!(!t.contains("\"sync\""), "a second sync reached the client: {t}");
             if t.contains("after-redial") {
                 break;
             }
@@ -201,21 +155,13 @@ struct FailingWrites {
 }
 
 impl AsyncRead for FailingWrites {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for FailingWrites {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         if self.budget < buf.len() {
             return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
         }
@@ -262,36 +208,13 @@ async fn a_client_socket_failing_under_the_writer_ends_the_pair_without_a_panic(
     });
     let cfg = Arc::new(ProxyConfig::default());
     let (a, b) = tokio::io::duplex(1 << 20);
-    let proxy_side = WebSocketStream::from_raw_socket(
-        FailingWrites {
-            inner: b,
-            budget: 2_000,
-        },
-        Role::Server,
-        Some(cfg.client_ws_config()),
-    )
-    .await;
+    let proxy_side = WebSocketStream::from_raw_socket(FailingWrites { inner: b, budget: 2_000 }, Role::Server, Some(cfg.client_ws_config())).await;
     let _client = WebSocketStream::from_raw_socket(a, Role::Client, None).await; // never reads, never closes
-    let spec = PairSpec {
-        kind: SocketKind::Session,
-        conversation: ConversationId::new_random(),
-        query: vec![],
-        auth: ClientAuth::Done,
-    };
-    let pair = tokio::spawn(bridge(
-        proxy_side,
-        spec,
-        Arc::new(Fixed(endpoint(port))),
-        cfg,
-    ));
-    let ended = tokio::time::timeout(Duration::from_secs(10), pair)
-        .await
-        .expect("the pair did not end");
+    let spec = PairSpec { kind: SocketKind::Session, conversation: ConversationId::new_random(), query: vec![], auth: ClientAuth::Done };
+    let pair = tokio::spawn(bridge(proxy_side, spec, Arc::new(Fixed(endpoint(port))), cfg));
+    let ended = tokio::time::timeout(Duration::from_secs(10), pair).await.expect("the pair did not end");
     assert!(ended.is_ok(), "the pair's task panicked: {:?}", ended.err());
-    tokio::time::timeout(Duration::from_secs(5), closed_rx)
-        .await
-        .expect("downstream not closed")
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), closed_rx).await.expect("downstream not closed").unwrap();
     server.abort();
 }
 
@@ -330,34 +253,13 @@ async fn a_downstream_gone_past_the_resume_deadline_closes_the_client_with_1012(
         tokio::time::sleep(Duration::from_millis(100)).await;
         drop(ws); // lost without a close frame
     });
-    let cfg = Arc::new(ProxyConfig {
-        resume_deadline: Duration::from_millis(800),
-        ..ProxyConfig::default()
-    });
-    let (mut client, pair) = bridged(
-        SocketKind::Session,
-        Arc::new(OnceThenGone {
-            ep: endpoint(port),
-            calls: AtomicUsize::new(0),
-        }),
-        cfg,
-    )
-    .await;
+    let cfg = Arc::new(ProxyConfig { resume_deadline: Duration::from_millis(800), ..ProxyConfig::default() });
+    let (mut client, pair) = bridged(SocketKind::Session, Arc::new(OnceThenGone { ep: endpoint(port), calls: AtomicUsize::new(0) }), cfg).await;
     let t0 = tokio::time::Instant::now();
     let code = close_code_within(&mut client, Duration::from_secs(10)).await;
-    assert_eq!(
-        code,
-        Some(1012),
-        "a retryable close once the resume deadline passed"
-    );
-    assert!(
-        t0.elapsed() < Duration::from_secs(5),
-        "closed {:?} after the loss",
-        t0.elapsed()
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(5), pair)
-        .await
-        .expect("the pair ended");
+    assert_eq!(code, Some(1012), "a retryable close once the resume deadline passed");
+    assert!(t0.elapsed() < Duration::from_secs(5), "closed {:?} after the loss", t0.elapsed());
+    let _ = tokio::time::timeout(Duration::from_secs(5), pair).await.expect("the pair ended");
     server.abort();
 }
 
@@ -382,11 +284,7 @@ async fn frames_glued_to_the_downstream_answer_are_not_lost() {
         let text = String::from_utf8_lossy(&req).to_string();
         let key = text
             .lines()
-            .find_map(|l| {
-                l.split_once(':')
-                    .filter(|(k, _)| k.eq_ignore_ascii_case("sec-websocket-key"))
-                    .map(|(_, v)| v.trim().to_owned())
-            })
+            .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("sec-websocket-key")).map(|(_, v)| v.trim().to_owned()))
             .expect("a Sec-WebSocket-Key");
         let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
         let mut out = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes();
@@ -401,24 +299,17 @@ async fn frames_glued_to_the_downstream_answer_are_not_lost() {
         ws.send(Message::Text(r#"{"n":3}"#.into())).await.unwrap();
         while let Some(Ok(m)) = ws.next().await {
             if let Message::Text(t) = m {
-                ws.send(Message::Text(format!("echo {t}").into()))
-                    .await
-                    .unwrap();
+                ws.send(Message::Text(format!("echo {t}").into())).await.unwrap();
             }
         }
     });
 
     let cfg = Arc::new(ProxyConfig::default());
-    let (mut client, pair) =
-        bridged(SocketKind::BashEvents, Arc::new(Fixed(endpoint(port))), cfg).await;
+    let (mut client, pair) = bridged(SocketKind::BashEvents, Arc::new(Fixed(endpoint(port))), cfg).await;
 
     let mut got = Vec::new();
     while got.len() < 3 {
-        let m = tokio::time::timeout(Duration::from_secs(5), client.next())
-            .await
-            .expect("a frame in time")
-            .unwrap()
-            .unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(5), client.next()).await.expect("a frame in time").unwrap().unwrap();
         if let Message::Text(t) = m {
             got.push(t.to_string());
         }
@@ -426,20 +317,14 @@ async fn frames_glued_to_the_downstream_answer_are_not_lost() {
     assert_eq!(got, vec![r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#]);
     client.send(Message::Text("hi".into())).await.unwrap();
     let echo = loop {
-        let m = tokio::time::timeout(Duration::from_secs(5), client.next())
-            .await
-            .expect("the echo in time")
-            .unwrap()
-            .unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(5), client.next()).await.expect("the echo in time").unwrap().unwrap();
         if let Message::Text(t) = m {
             break t.to_string();
         }
     };
     assert_eq!(echo, "echo hi");
     drop(client);
-    let _ = tokio::time::timeout(Duration::from_secs(10), pair)
-        .await
-        .expect("the pair ended");
+    let _ = tokio::time::timeout(Duration::from_secs(10), pair).await.expect("the pair ended");
     server.abort();
 }
 
@@ -456,21 +341,14 @@ async fn a_downstream_that_drops_every_connection_is_redialed_with_backoff() {
             }
             let _ = ws.close(None).await;
         });
-        let cfg = Arc::new(ProxyConfig {
-            resume_deadline: Duration::from_secs(30),
-            ..ProxyConfig::default()
-        });
-        let (mut client, pair) =
-            bridged(SocketKind::Session, Arc::new(Fixed(endpoint(port))), cfg).await;
+        let cfg = Arc::new(ProxyConfig { resume_deadline: Duration::from_secs(30), ..ProxyConfig::default() });
+        let (mut client, pair) = bridged(SocketKind::Session, Arc::new(Fixed(endpoint(port))), cfg).await;
 
         tokio::time::sleep(Duration::from_millis(1000)).await;
         let n = accepted.load(Ordering::SeqCst);
         // Delays 0, 20, 40, 80, 80, … ms: about 13 connections in a second. A tight loop
         // makes thousands (2,252 before the fix).
-        assert!(
-            (3..=20).contains(&n),
-            "{n} connections in 1 s (first frame sent: {send_first})"
-        );
+        assert!((3..=20).contains(&n), "{n} connections in 1 s (first frame sent: {send_first})");
         // The client stays open: at most the first connection's sync reached it.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
         while let Ok(Some(m)) = tokio::time::timeout_at(deadline, client.next()).await {
@@ -491,10 +369,7 @@ where
 {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        match tokio::time::timeout_at(deadline, client.next())
-            .await
-            .expect("the client was never closed")
-        {
+        match tokio::time::timeout_at(deadline, client.next()).await.expect("the client was never closed") {
             Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
             Some(Ok(_)) => continue,
             other => panic!("the client socket ended without a close frame: {other:?}"),
@@ -522,29 +397,13 @@ async fn a_downstream_that_drops_every_connection_is_given_up_at_the_resume_dead
             }))
             .await;
     });
-    let cfg = Arc::new(ProxyConfig {
-        resume_deadline: Duration::from_millis(800),
-        ..ProxyConfig::default()
-    });
-    let (mut client, pair) =
-        bridged(SocketKind::Session, Arc::new(Fixed(endpoint(port))), cfg).await;
+    let cfg = Arc::new(ProxyConfig { resume_deadline: Duration::from_millis(800), ..ProxyConfig::default() });
+    let (mut client, pair) = bridged(SocketKind::Session, Arc::new(Fixed(endpoint(port))), cfg).await;
     let t0 = tokio::time::Instant::now();
-    assert_eq!(
-        close_code_within(&mut client, Duration::from_secs(10)).await,
-        Some(1012)
-    );
-    assert!(
-        t0.elapsed() < Duration::from_secs(5),
-        "closed {:?} after the loss",
-        t0.elapsed()
-    );
-    assert!(
-        accepted.load(Ordering::SeqCst) >= 3,
-        "it did redial meanwhile"
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(5), pair)
-        .await
-        .expect("the pair ended");
+    assert_eq!(close_code_within(&mut client, Duration::from_secs(10)).await, Some(1012));
+    assert!(t0.elapsed() < Duration::from_secs(5), "closed {:?} after the loss", t0.elapsed());
+    assert!(accepted.load(Ordering::SeqCst) >= 3, "it did redial meanwhile");
+    let _ = tokio::time::timeout(Duration::from_secs(5), pair).await.expect("the pair ended");
     server.abort();
 }
 
@@ -559,43 +418,21 @@ async fn a_silent_bash_events_downstream_closes_the_client_instead_of_redialing(
         tokio::time::sleep(Duration::from_secs(30)).await;
         drop(ws);
     });
-    let cfg = Arc::new(ProxyConfig {
-        ping_interval: Duration::from_millis(500),
-        ..ProxyConfig::default()
-    });
+    let cfg = Arc::new(ProxyConfig { ping_interval: Duration::from_millis(500), ..ProxyConfig::default() });
     // The client over real TCP, not an in-memory pipe: the proxy answers pings and closes
     // right after its close frame, and a pipe's write to a dropped end fails at once, so a
     // client's pending pong would fail the read before it reaches the close frame.
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let client_tcp = tokio::net::TcpStream::connect(l.local_addr().unwrap())
-        .await
-        .unwrap();
+    let client_tcp = tokio::net::TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
     let (proxy_tcp, _) = l.accept().await.unwrap();
-    let proxy_side =
-        WebSocketStream::from_raw_socket(proxy_tcp, Role::Server, Some(cfg.client_ws_config()))
-            .await;
+    let proxy_side = WebSocketStream::from_raw_socket(proxy_tcp, Role::Server, Some(cfg.client_ws_config())).await;
     let mut client = WebSocketStream::from_raw_socket(client_tcp, Role::Client, None).await;
-    let spec = PairSpec {
-        kind: SocketKind::BashEvents,
-        conversation: ConversationId::new_random(),
-        query: vec![],
-        auth: ClientAuth::Done,
-    };
-    let pair = tokio::spawn(bridge(
-        proxy_side,
-        spec,
-        Arc::new(Fixed(endpoint(port))),
-        cfg,
-    ));
+    let spec = PairSpec { kind: SocketKind::BashEvents, conversation: ConversationId::new_random(), query: vec![], auth: ClientAuth::Done };
+    let pair = tokio::spawn(bridge(proxy_side, spec, Arc::new(Fixed(endpoint(port))), cfg));
     // Silent for 3 ping intervals: closed within a few more.
-    assert_eq!(
-        close_code_within(&mut client, Duration::from_secs(10)).await,
-        Some(1012)
-    );
+    assert_eq!(close_code_within(&mut client, Duration::from_secs(10)).await, Some(1012));
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "no redial");
-    let _ = tokio::time::timeout(Duration::from_secs(5), pair)
-        .await
-        .expect("the pair ended");
+    let _ = tokio::time::timeout(Duration::from_secs(5), pair).await.expect("the pair ended");
     server.abort();
 }
 
@@ -611,35 +448,15 @@ async fn a_close_from_the_client_is_answered() {
         ws.send(sync_frame(-1)).await.unwrap();
         while let Some(Ok(_)) = ws.next().await {}
     });
-    let (mut client, pair) = bridged(
-        SocketKind::Session,
-        Arc::new(Fixed(endpoint(port))),
-        Arc::new(ProxyConfig::default()),
-    )
-    .await;
-    let first = tokio::time::timeout(Duration::from_secs(5), client.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let (mut client, pair) = bridged(SocketKind::Session, Arc::new(Fixed(endpoint(port))), Arc::new(ProxyConfig::default())).await;
+    let first = tokio::time::timeout(Duration::from_secs(5), client.next()).await.unwrap().unwrap().unwrap();
     assert!(first.to_text().unwrap().contains("sync"), "{first:?}");
     let t0 = tokio::time::Instant::now();
     client.close(None).await.unwrap();
     // The reply arrives, and the stream then ends cleanly.
-    let reply = tokio::time::timeout(Duration::from_secs(5), client.next())
-        .await
-        .expect("no reply to the close");
-    assert!(
-        matches!(reply, Some(Ok(Message::Close(_))) | None),
-        "{reply:?}"
-    );
-    assert!(
-        t0.elapsed() < Duration::from_millis(1500),
-        "answered after {:?}",
-        t0.elapsed()
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(5), pair)
-        .await
-        .expect("the pair ended");
+    let reply = tokio::time::timeout(Duration::from_secs(5), client.next()).await.expect("no reply to the close");
+    assert!(matches!(reply, Some(Ok(Message::Close(_))) | None), "{reply:?}");
+    assert!(t0.elapsed() < Duration::from_millis(1500), "answered after {:?}", t0.elapsed());
+    let _ = tokio::time::timeout(Duration::from_secs(5), pair).await.expect("the pair ended");
     server.abort();
 }

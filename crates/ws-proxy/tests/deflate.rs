@@ -58,10 +58,7 @@ fn parse(mut b: &[u8]) -> Vec<F> {
         let masked = b[1] & 0x80 != 0;
         let (len, mut n) = match b[1] & 0x7f {
             126 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
-            127 => (
-                u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize,
-                10,
-            ),
+            127 => (u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize, 10),
             l => (l as usize, 2),
         };
         let mut key = [0; 4];
@@ -73,13 +70,7 @@ fn parse(mut b: &[u8]) -> Vec<F> {
         for (i, x) in payload.iter_mut().enumerate() {
             *x ^= key[i & 3];
         }
-        v.push(F {
-            fin,
-            rsv1,
-            opcode,
-            masked,
-            payload,
-        });
+        v.push(F { fin, rsv1, opcode, masked, payload });
         b = &b[n + len..];
     }
     v
@@ -118,10 +109,7 @@ struct Peer {
 
 impl Peer {
     fn new(takeover: bool) -> Self {
-        Self {
-            c: Compress::new(Compression::default(), false),
-            takeover,
-        }
+        Self { c: Compress::new(Compression::default(), false), takeover }
     }
     fn compress(&mut self, data: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(data.len() + 64);
@@ -131,9 +119,7 @@ impl Peer {
             if out.len() == out.capacity() {
                 out.reserve(64 + out.capacity());
             }
-            self.c
-                .compress_vec(&data[done..], &mut out, FlushCompress::Sync)
-                .unwrap();
+            self.c.compress_vec(&data[done..], &mut out, FlushCompress::Sync).unwrap();
             if (self.c.total_in() - start) as usize == data.len() && out.len() < out.capacity() {
                 break;
             }
@@ -147,12 +133,7 @@ impl Peer {
     }
 }
 
-fn feed_all(
-    inf: &mut Inflater,
-    wire: &[u8],
-    chunks: &[usize],
-    release_every: Option<usize>,
-) -> Result<Vec<u8>, CodecError> {
+fn feed_all(inf: &mut Inflater, wire: &[u8], chunks: &[usize], release_every: Option<usize>) -> Result<Vec<u8>, CodecError> {
     let mut out = Vec::new();
     let mut i = 0;
     let mut k = 0;
@@ -163,11 +144,7 @@ fn feed_all(
         loop {
             let before = out.len();
             used += inf.feed(&piece[used..], &mut out)?;
-            assert!(
-                out.len() - before < 2 * CHUNK + 64,
-                "one feed produced {} bytes",
-                out.len() - before
-            );
+            assert!(out.len() - before < 2 * CHUNK + 64, "one feed produced {} bytes", out.len() - before);
             if used == piece.len() && out.len() - before < CHUNK {
                 break;
             }
@@ -190,11 +167,7 @@ fn feed_all(
 }
 
 fn params(takeover: bool, our: u8, peer: u8) -> Params {
-    Params {
-        our_max_window_bits: our,
-        peer_no_context_takeover: !takeover,
-        peer_max_window_bits: peer,
-    }
+    Params { our_max_window_bits: our, peer_no_context_takeover: !takeover, peer_max_window_bits: peer }
 }
 
 fn msg_strategy() -> impl Strategy<Value = (bool, Vec<u8>)> {
@@ -203,11 +176,7 @@ fn msg_strategy() -> impl Strategy<Value = (bool, Vec<u8>)> {
         prop_oneof![
             proptest::collection::vec(any::<u8>(), 0..300),
             // Compressible: repeated JSON-ish text, sometimes past a chunk.
-            (1usize..3000).prop_map(|n| format!(
-                "{{\"id\":{n},\"kind\":\"MessageEvent\",\"text\":\"hello\"}}"
-            )
-            .repeat(n % 40 + 1)
-            .into_bytes()),
+            (1usize..3000).prop_map(|n| format!("{{\"id\":{n},\"kind\":\"MessageEvent\",\"text\":\"hello\"}}").repeat(n % 40 + 1).into_bytes()),
             (0usize..70_000).prop_map(|n| vec![b'a'; n]),
         ],
     )
@@ -346,12 +315,7 @@ fn json_events_are_compressed() {
     d.encode(&frame(true, false, 1, None, ev), &mut out);
     let f = &parse(&out)[0];
     assert!(f.rsv1);
-    assert!(
-        f.payload.len() < ev.len(),
-        "{} of {}",
-        f.payload.len(),
-        ev.len()
-    );
+    assert!(f.payload.len() < ev.len(), "{} of {}", f.payload.len(), ev.len());
     // Tiny messages that would not shrink go as they are.
     let mut out = Vec::new();
     d.encode(&frame(true, false, 1, None, b"{}"), &mut out);
@@ -389,10 +353,7 @@ fn corrupt_data_is_an_error_not_a_panic() {
     let wire = frame(true, true, 1, None, &[0xff; 40]);
     let mut inf = Inflater::new(Side::Client, params(false, 15, 15), 1 << 20);
     let mut out = Vec::new();
-    assert!(matches!(
-        inf.feed(&wire, &mut out),
-        Err(CodecError::Corrupt(_))
-    ));
+    assert!(matches!(inf.feed(&wire, &mut out), Err(CodecError::Corrupt(_))));
 }
 
 #[test]
@@ -410,25 +371,13 @@ fn control_and_plain_frames_pass_byte_for_byte() {
     assert_eq!(out, wire);
     let mut d = Deflater::new(params(false, 15, 15));
     let mut out = Vec::new();
-    let w2 = [
-        frame(true, false, 10, None, b"pong"),
-        frame(false, false, 2, None, &[7; 300]),
-        frame(true, false, 0, None, &[7; 300]),
-    ]
-    .concat();
+    let w2 = [frame(true, false, 10, None, b"pong"), frame(false, false, 2, None, &[7; 300]), frame(true, false, 0, None, &[7; 300])].concat();
     assert_eq!(d.encode(&w2, &mut out), w2.len());
-    assert_eq!(
-        out, w2,
-        "fragmented messages and control frames go as they are"
-    );
+    assert_eq!(out, w2, "fragmented messages and control frames go as they are");
 }
 
 fn ws_cfg() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(2048)
-        .write_buffer_size(0)
-        .max_message_size(Some(1 << 20))
-        .max_frame_size(Some(1 << 20))
+    WebSocketConfig::default().read_buffer_size(2048).write_buffer_size(0).max_message_size(Some(1 << 20)).max_frame_size(Some(1 << 20))
 }
 
 /// tungstenite on both ends of a connection, each over the adapter.
@@ -440,9 +389,7 @@ async fn tungstenite_over_the_adapter_both_ways() {
     let client = DeflateStream::active(b, Side::Client, p, 1 << 20);
     let mut server = WebSocketStream::from_raw_socket(server, Role::Server, Some(ws_cfg())).await;
     let mut client = WebSocketStream::from_raw_socket(client, Role::Client, Some(ws_cfg())).await;
-    let texts: Vec<String> = (0..200)
-        .map(|i| format!("{{\"seq\":{i},\"text\":\"{}\"}}", "x".repeat(i * 37 % 5000)))
-        .collect();
+    let texts: Vec<String> = (0..200).map(|i| format!("{{\"seq\":{i},\"text\":\"{}\"}}", "x".repeat(i * 37 % 5000))).collect();
     let t2 = texts.clone();
     let echo = tokio::spawn(async move {
         while let Some(Ok(m)) = server.next().await {
@@ -456,29 +403,15 @@ async fn tungstenite_over_the_adapter_both_ways() {
     });
     for t in &t2 {
         client.send(Message::Text(t.clone().into())).await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), client.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), client.next()).await.unwrap().unwrap().unwrap();
         assert_eq!(got, Message::Text(t.clone().into()));
     }
-    client
-        .send(Message::Ping(b"p".to_vec().into()))
-        .await
-        .unwrap();
+    client.send(Message::Ping(b"p".to_vec().into())).await.unwrap();
     client.close(None).await.unwrap();
-    let server = tokio::time::timeout(Duration::from_secs(5), echo)
-        .await
-        .unwrap()
-        .unwrap();
+    let server = tokio::time::timeout(Duration::from_secs(5), echo).await.unwrap().unwrap();
     assert!(server.get_ref().is_active());
     // Idle: only the peer's window is kept.
-    assert!(
-        server.get_ref().held_bytes() < 70_000,
-        "{}",
-        server.get_ref().held_bytes()
-    );
+    assert!(server.get_ref().held_bytes() < 70_000, "{}", server.get_ref().held_bytes());
     drop(texts);
 }
 
@@ -497,40 +430,16 @@ async fn client_sniffs_the_answer_and_inflates_frames_glued_to_it() {
             req.extend_from_slice(&b[..n]);
         }
         let text = String::from_utf8_lossy(&req).to_string();
-        assert!(
-            text.to_ascii_lowercase()
-                .contains("sec-websocket-extensions: permessage-deflate"),
-            "{text}"
-        );
-        let key = text
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("Sec-WebSocket-Key: ")
-                    .or(l.strip_prefix("sec-websocket-key: "))
-            })
-            .unwrap()
-            .trim()
-            .to_owned();
+        assert!(text.to_ascii_lowercase().contains("sec-websocket-extensions: permessage-deflate"), "{text}");
+        let key = text.lines().find_map(|l| l.strip_prefix("Sec-WebSocket-Key: ").or(l.strip_prefix("sec-websocket-key: "))).unwrap().trim().to_owned();
         let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
         let mut resp = format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=12; client_max_window_bits=12\r\n\r\n"
         )
         .into_bytes();
         let mut peer = Peer::new(true);
-        resp.extend(frame(
-            true,
-            true,
-            1,
-            None,
-            &peer.compress(b"hello hello hello"),
-        ));
-        resp.extend(frame(
-            true,
-            true,
-            1,
-            None,
-            &peer.compress(b"hello hello hello again"),
-        ));
+        resp.extend(frame(true, true, 1, None, &peer.compress(b"hello hello hello")));
+        resp.extend(frame(true, true, 1, None, &peer.compress(b"hello hello hello again")));
         s.write_all(&resp).await.unwrap();
         // Then whatever the client sends: one compressed text, masked.
         let mut got = Vec::new();
@@ -545,34 +454,20 @@ async fn client_sniffs_the_answer_and_inflates_frames_glued_to_it() {
     });
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let io = DeflateStream::client_sniffing(tcp, 1 << 20);
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-        format!("ws://{addr}/x"),
-    )
-    .unwrap();
-    req.headers_mut().insert(
-        "Sec-WebSocket-Extensions",
-        nestor_ws_proxy::deflate::negotiate::CLIENT_OFFER
-            .parse()
-            .unwrap(),
-    );
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(req, io, Some(ws_cfg()))
-        .await
-        .unwrap();
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{addr}/x")).unwrap();
+    req.headers_mut().insert("Sec-WebSocket-Extensions", nestor_ws_proxy::deflate::negotiate::CLIENT_OFFER.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(req, io, Some(ws_cfg())).await.unwrap();
     assert!(ws.get_ref().is_active());
     let m1 = ws.next().await.unwrap().unwrap();
     let m2 = ws.next().await.unwrap().unwrap();
     assert_eq!(m1, Message::Text("hello hello hello".into()));
     assert_eq!(m2, Message::Text("hello hello hello again".into()));
-    ws.send(Message::Text("abcabcabcabcabcabcabcabcabc".into()))
-        .await
-        .unwrap();
+    ws.send(Message::Text("abcabcabcabcabcabcabcabcabc".into())).await.unwrap();
     let frames = server.await.unwrap();
     assert!(frames[0].rsv1 && frames[0].masked);
     let mut input = frames[0].payload.clone();
     input.extend_from_slice(&TAIL);
     let mut o = Vec::with_capacity(100);
-    Decompress::new(false)
-        .decompress_vec(&input, &mut o, FlushDecompress::Sync)
-        .unwrap();
+    Decompress::new(false).decompress_vec(&input, &mut o, FlushDecompress::Sync).unwrap();
     assert_eq!(o, b"abcabcabcabcabcabcabcabcabc");
 }

@@ -18,26 +18,13 @@
 //! * `client_auth_frame` = `Some(k)` only for `{"type":"auth"}` objects with no other field
 //!   than `session_api_key`; then `first_frame_auth_key` agrees when the key is non-empty.
 
-use nestor_ws_proxy::classify::{
-    client_auth_frame, durable_event_id, event_head, first_frame_auth_key, session_frame,
-    SessionFrame,
-};
+use nestor_ws_proxy::classify::{client_auth_frame, durable_event_id, event_head, first_frame_auth_key, session_frame, SessionFrame};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 
 fn config(smoke: u32) -> ProptestConfig {
-    let cases = std::env::var("NESTOR_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(smoke);
-    ProptestConfig {
-        cases,
-        max_shrink_iters: 10_000,
-        failure_persistence: Some(Box::new(
-            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
-        )),
-        ..ProptestConfig::default()
-    }
+    let cases = std::env::var("NESTOR_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(smoke);
+    ProptestConfig { cases, max_shrink_iters: 10_000, failure_persistence: Some(Box::new(proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"))), ..ProptestConfig::default() }
 }
 
 /// Any JSON value, a few levels deep.
@@ -46,16 +33,13 @@ fn json_value() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|n| json!(n)),
-        any::<f64>()
-            .prop_filter("finite", |f| f.is_finite())
-            .prop_map(|f| json!(f)),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
         any::<String>().prop_map(Value::String),
     ];
     leaf.prop_recursive(3, 24, 4, |inner| {
         prop_oneof![
             proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-            proptest::collection::btree_map("[a-z_]{0,8}", inner, 0..4)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            proptest::collection::btree_map("[a-z_]{0,8}", inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
 }
@@ -64,8 +48,7 @@ fn json_value() -> impl Strategy<Value = Value> {
 fn text() -> impl Strategy<Value = String> {
     prop_oneof![
         any::<String>(),
-        proptest::collection::vec(any::<u8>(), 0..64)
-            .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+        proptest::collection::vec(any::<u8>(), 0..64).prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
         "[{}\\[\\]\":,a-z0-9 \\\\]{0,48}",
         json_value().prop_map(|v| v.to_string()),
     ]
@@ -101,10 +84,7 @@ fn event_frame() -> impl Strategy<Value = Map<String, Value>> {
         proptest::collection::btree_map("[a-z_]{1,8}", json_value(), 0..4),
     )
         .prop_map(|(id, ts, kind, key, extra)| {
-            let mut m: Map<String, Value> = extra
-                .into_iter()
-                .filter(|(k, _)| !matches!(k.as_str(), "id" | "timestamp" | "kind" | "key"))
-                .collect();
+            let mut m: Map<String, Value> = extra.into_iter().filter(|(k, _)| !matches!(k.as_str(), "id" | "timestamp" | "kind" | "key")).collect();
             for (k, v) in [("id", id), ("timestamp", ts), ("kind", kind), ("key", key)] {
                 if let Some(v) = v {
                     m.insert(k.to_owned(), v);
@@ -116,25 +96,8 @@ fn event_frame() -> impl Strategy<Value = Map<String, Value>> {
 
 fn envelope() -> impl Strategy<Value = Map<String, Value>> {
     (
-        maybe_str(
-            proptest::sample::select(
-                &[
-                    "sync",
-                    "durable",
-                    "transient",
-                    "item_started",
-                    "item_aborted",
-                    "delta",
-                    "error",
-                    "other",
-                ][..],
-            )
-            .prop_map(str::to_owned),
-        ),
-        proptest::option::of(prop_oneof![
-            any::<i64>().prop_map(|n| json!(n)),
-            json_value()
-        ]),
+        maybe_str(proptest::sample::select(&["sync", "durable", "transient", "item_started", "item_aborted", "delta", "error", "other"][..]).prop_map(str::to_owned)),
+        proptest::option::of(prop_oneof![any::<i64>().prop_map(|n| json!(n)), json_value()]),
         proptest::option::of(any::<i64>()),
         maybe_str("[a-z0-9-]{0,12}"),
         proptest::option::of(json_value()),

@@ -24,9 +24,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use nestor_core::{ConversationId, Endpoint};
 use nestor_ws_proxy::deflate::DeflateStream;
-use nestor_ws_proxy::{
-    bridge, upgrade, ClientAuth, PairSpec, ProxyConfig, SocketKind, Upstream, UpstreamError,
-};
+use nestor_ws_proxy::{bridge, upgrade, ClientAuth, PairSpec, ProxyConfig, SocketKind, Upstream, UpstreamError};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -51,18 +49,12 @@ thread_local! {
 const PREFIX: usize = 16;
 
 fn padded(layout: Layout) -> Option<Layout> {
-    Layout::from_size_align(
-        layout.size().checked_add(PREFIX)?,
-        layout.align().max(PREFIX),
-    )
-    .ok()
+    Layout::from_size_align(layout.size().checked_add(PREFIX)?, layout.align().max(PREFIX)).ok()
 }
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let Some(l) = padded(layout) else {
-            return std::ptr::null_mut();
-        };
+        let Some(l) = padded(layout) else { return std::ptr::null_mut() };
         // The prefix must keep the caller's alignment.
         if layout.align() > PREFIX {
             return unsafe { System.alloc(layout) };
@@ -116,14 +108,10 @@ async fn downstream(first_frame_bytes: usize) -> u16 {
     );
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
+            let Ok((tcp, _)) = listener.accept().await else { return };
             let frame = frame.clone();
             tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
-                    return;
-                };
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { return };
                 if ws.send(Message::Text(frame.into())).await.is_err() {
                     return;
                 }
@@ -144,24 +132,18 @@ fn proxy(rt: &tokio::runtime::Runtime, down_port: u16, cfg: Arc<ProxyConfig>) ->
     rt.spawn(async move {
         let listener = TcpListener::from_std(std_listener).unwrap();
         loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
+            let Ok((tcp, _)) = listener.accept().await else { return };
             let _ = tcp.set_nodelay(true);
             let (ep, cfg) = (ep.clone(), cfg.clone());
             tokio::spawn(async move {
                 let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                     let (ep, cfg) = (ep.clone(), cfg.clone());
                     async move {
-                        let accepted = upgrade::accept(&req, cfg.permessage_deflate)
-                            .expect("an upgrade request");
+                        let accepted = upgrade::accept(&req, cfg.permessage_deflate).expect("an upgrade request");
                         let on_upgrade = hyper::upgrade::on(&mut req);
                         let deflate = accepted.deflate;
                         tokio::spawn(async move {
-                            let Ok(client) = upgrade::finish(on_upgrade, deflate, &cfg).await
-                            else {
-                                return;
-                            };
+                            let Ok(client) = upgrade::finish(on_upgrade, deflate, &cfg).await else { return };
                             let spec = PairSpec {
                                 kind: SocketKind::Events,
                                 conversation: ConversationId::new_random(),
@@ -170,20 +152,13 @@ fn proxy(rt: &tokio::runtime::Runtime, down_port: u16, cfg: Arc<ProxyConfig>) ->
                             };
                             let pair = bridge(client, spec, Arc::new(Fixed(ep)), cfg);
                             static SIZE: std::sync::Once = std::sync::Once::new();
-                            SIZE.call_once(|| {
-                                eprintln!("bridge future: {} bytes", std::mem::size_of_val(&pair))
-                            });
+                            SIZE.call_once(|| eprintln!("bridge future: {} bytes", std::mem::size_of_val(&pair)));
                             pair.await;
                         });
-                        Ok::<_, std::convert::Infallible>(
-                            accepted.response.map(|()| http_body_util_empty()),
-                        )
+                        Ok::<_, std::convert::Infallible>(accepted.response.map(|()| http_body_util_empty()))
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .with_upgrades()
-                    .await;
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).with_upgrades().await;
             });
         }
     });
@@ -195,12 +170,7 @@ fn http_body_util_empty() -> String {
 }
 
 /// Open `n` idle pairs through the proxy and return the counted bytes each holds.
-async fn held_per_pair(
-    rt: &tokio::runtime::Runtime,
-    n: usize,
-    deflate: bool,
-    first_frame_bytes: usize,
-) -> Held {
+async fn held_per_pair(rt: &tokio::runtime::Runtime, n: usize, deflate: bool, first_frame_bytes: usize) -> Held {
     let down_port = downstream(first_frame_bytes).await;
     let cfg = Arc::new(ProxyConfig::default());
     let port = proxy(rt, down_port, cfg);
@@ -227,12 +197,7 @@ async fn held_per_pair(
             large += d;
         }
         if d.unsigned_abs() * 10 >= n {
-            held.push_str(&format!(
-                " {}..{} B: {:+.2}/pair;",
-                i * 16,
-                i * 16 + 15,
-                d as f64 / n as f64
-            ));
+            held.push_str(&format!(" {}..{} B: {:+.2}/pair;", i * 16, i * 16 + 15, d as f64 / n as f64));
         }
     }
     eprintln!("deflate={deflate}:{held}");
@@ -252,10 +217,7 @@ async fn held_per_pair(
             break;
         }
     }
-    Held {
-        per_pair: (after - before) as f64 / n as f64,
-        large_blocks_per_pair: large as f64 / n as f64,
-    }
+    Held { per_pair: (after - before) as f64 / n as f64, large_blocks_per_pair: large as f64 / n as f64 }
 }
 
 /// What the pairs of one measurement hold.
@@ -275,9 +237,7 @@ type Client = tokio_tungstenite::WebSocketStream<DeflateStream<TcpStream>>;
 
 /// A client that opened its socket and read the first frame.
 async fn open(port: u16, deflate: bool) -> Client {
-    let mut req = format!("ws://127.0.0.1:{port}/sockets/events/x")
-        .into_client_request()
-        .unwrap();
+    let mut req = format!("ws://127.0.0.1:{port}/sockets/events/x").into_client_request().unwrap();
     if deflate {
         req.headers_mut().insert(
             http::header::SEC_WEBSOCKET_EXTENSIONS,
@@ -286,22 +246,10 @@ async fn open(port: u16, deflate: bool) -> Client {
     }
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     // The crate's own client-side adapter inflates what nestor compressed.
-    let io = if deflate {
-        DeflateStream::client_sniffing(tcp, 1 << 20)
-    } else {
-        DeflateStream::plain(tcp)
-    };
+    let io = if deflate { DeflateStream::client_sniffing(tcp, 1 << 20) } else { DeflateStream::plain(tcp) };
     let (mut ws, _) = tokio_tungstenite::client_async(req, io).await.unwrap();
-    assert_eq!(
-        ws.get_ref().is_active(),
-        deflate,
-        "permessage-deflate negotiated as asked"
-    );
-    let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
-        .await
-        .expect("first frame in time")
-        .unwrap()
-        .unwrap();
+    assert_eq!(ws.get_ref().is_active(), deflate, "permessage-deflate negotiated as asked");
+    let m = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("first frame in time").unwrap().unwrap();
     assert!(m.is_text());
     ws
 }
@@ -326,40 +274,19 @@ const MAX_HELD_PER_PAIR: f64 = 13.0 * 1024.0;
 #[test]
 fn an_idle_pair_holds_little() {
     let proxy_rt = proxy_runtime();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let plain = rt.block_on(held_per_pair(&proxy_rt, 200, false, 900));
-    eprintln!(
-        "plain, ~1 KiB first frame: {:.0} bytes held per idle pair",
-        plain.per_pair
-    );
+    eprintln!("plain, ~1 KiB first frame: {:.0} bytes held per idle pair", plain.per_pair);
     let deflate = rt.block_on(held_per_pair(&proxy_rt, 200, true, 900));
-    eprintln!(
-        "permessage-deflate, ~1 KiB first frame: {:.0} bytes held per idle pair",
-        deflate.per_pair
-    );
+    eprintln!("permessage-deflate, ~1 KiB first frame: {:.0} bytes held per idle pair", deflate.per_pair);
     // A first frame larger than the read buffer: tungstenite keeps the largest frame's
     // capacity in the downstream leg's read buffer and the client leg's write buffer (no
     // API to shrink them); reported, not bounded.
     let large = rt.block_on(held_per_pair(&proxy_rt, 200, false, 6000));
-    eprintln!(
-        "plain, ~6 KiB first frame: {:.0} bytes held per idle pair",
-        large.per_pair
-    );
+    eprintln!("plain, ~6 KiB first frame: {:.0} bytes held per idle pair", large.per_pair);
 
-    assert!(
-        plain.per_pair <= MAX_HELD_PER_PAIR,
-        "an idle pair holds {:.0} bytes",
-        plain.per_pair
-    );
-    assert!(
-        plain.large_blocks_per_pair < 0.5,
-        "an idle pair holds a 4 KiB block, the downstream handshake's buffer? ({:.2} per pair)",
-        plain.large_blocks_per_pair
-    );
+    assert!(plain.per_pair <= MAX_HELD_PER_PAIR, "an idle pair holds {:.0} bytes", plain.per_pair);
+    assert!(plain.large_blocks_per_pair < 0.5, "an idle pair holds a 4 KiB block, the downstream handshake's buffer? ({:.2} per pair)", plain.large_blocks_per_pair);
     // Deflate adds its adapter's state (a few hundred bytes), no compressor or inflater.
     assert!(
         deflate.per_pair <= plain.per_pair + 1024.0,
@@ -367,9 +294,5 @@ fn an_idle_pair_holds_little() {
         deflate.per_pair,
         plain.per_pair
     );
-    assert!(
-        deflate.large_blocks_per_pair < 0.5,
-        "an idle deflate pair holds a 4 KiB block, the adapter's read chunk? ({:.2} per pair)",
-        deflate.large_blocks_per_pair
-    );
+    assert!(deflate.large_blocks_per_pair < 0.5, "an idle deflate pair holds a 4 KiB block, the adapter's read chunk? ({:.2} per pair)", deflate.large_blocks_per_pair);
 }

@@ -58,13 +58,7 @@ impl BodyReader {
             Framing::Length(n) => n,
             _ => 0,
         };
-        Self {
-            framing,
-            left,
-            chunk: Chunk::Size,
-            done: matches!(framing, Framing::None | Framing::Length(0)),
-            stall,
-        }
+        Self { framing, left, chunk: Chunk::Size, done: matches!(framing, Framing::None | Framing::Length(0)), stall }
     }
 
     /// The whole body has been read.
@@ -74,11 +68,7 @@ impl BodyReader {
 
     /// The next piece of data (`None`: the body is complete). `buf` holds bytes already read
     /// from `stream` and not yet consumed.
-    pub async fn next(
-        &mut self,
-        stream: &mut TcpStream,
-        buf: &mut BytesMut,
-    ) -> Result<Option<Bytes>, BodyError> {
+    pub async fn next(&mut self, stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Option<Bytes>, BodyError> {
         loop {
             if self.done {
                 return Ok(None);
@@ -134,11 +124,7 @@ impl BodyReader {
                 Chunk::Size => match httparse::parse_chunk_size(buf) {
                     Ok(httparse::Status::Complete((used, size))) => {
                         buf.advance(used);
-                        self.chunk = if size == 0 {
-                            Chunk::Trailers
-                        } else {
-                            Chunk::Data(size)
-                        };
+                        self.chunk = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
                     }
                     Ok(httparse::Status::Partial) if buf.len() < MAX_LINE => return Ok(None),
                     _ => return Err(BodyError::Malformed("invalid chunk size")),
@@ -149,11 +135,7 @@ impl BodyReader {
                     }
                     let n = (buf.len() as u64).min(left) as usize;
                     let rest = left - n as u64;
-                    self.chunk = if rest == 0 {
-                        Chunk::DataEnd
-                    } else {
-                        Chunk::Data(rest)
-                    };
+                    self.chunk = if rest == 0 { Chunk::DataEnd } else { Chunk::Data(rest) };
                     return Ok(Some(buf.split_to(n).freeze()));
                 }
                 Chunk::DataEnd => {
@@ -191,10 +173,7 @@ mod tests {
     use tokio::io::AsyncWriteExt;
 
     /// Feed `wire` (written in `parts`) to a reader of `framing`; the data it yields.
-    async fn read_all(
-        framing: Framing,
-        parts: Vec<&'static [u8]>,
-    ) -> Result<(Vec<u8>, bool), BodyError> {
+    async fn read_all(framing: Framing, parts: Vec<&'static [u8]>) -> Result<(Vec<u8>, bool), BodyError> {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let writer = tokio::spawn(async move {
@@ -219,48 +198,17 @@ mod tests {
 
     #[tokio::test]
     async fn chunked_bodies_split_anywhere() {
-        let (out, clean) = read_all(
-            Framing::Chunked,
-            vec![
-                b"5\r\nhel",
-                b"lo\r\n6",
-                b";ext=1\r\n world\r",
-                b"\n0\r\nx-t: 1\r\n\r\n",
-            ],
-        )
-        .await
-        .unwrap();
+        let (out, clean) = read_all(Framing::Chunked, vec![b"5\r\nhel", b"lo\r\n6", b";ext=1\r\n world\r", b"\n0\r\nx-t: 1\r\n\r\n"]).await.unwrap();
         assert_eq!(out, b"hello world");
         assert!(clean);
     }
 
     #[tokio::test]
     async fn length_and_close_bodies() {
-        assert_eq!(
-            read_all(Framing::Length(5), vec![b"he", b"llo"])
-                .await
-                .unwrap()
-                .0,
-            b"hello"
-        );
-        assert_eq!(
-            read_all(Framing::Close, vec![b"he", b"llo"])
-                .await
-                .unwrap()
-                .0,
-            b"hello"
-        );
-        assert!(matches!(
-            read_all(Framing::Length(9), vec![b"hello"]).await,
-            Err(BodyError::Truncated)
-        ));
-        assert!(matches!(
-            read_all(Framing::Chunked, vec![b"zz\r\n"]).await,
-            Err(BodyError::Malformed(_))
-        ));
-        assert!(matches!(
-            read_all(Framing::Chunked, vec![b"2\r\nabXX"]).await,
-            Err(BodyError::Malformed(_))
-        ));
+        assert_eq!(read_all(Framing::Length(5), vec![b"he", b"llo"]).await.unwrap().0, b"hello");
+        assert_eq!(read_all(Framing::Close, vec![b"he", b"llo"]).await.unwrap().0, b"hello");
+        assert!(matches!(read_all(Framing::Length(9), vec![b"hello"]).await, Err(BodyError::Truncated)));
+        assert!(matches!(read_all(Framing::Chunked, vec![b"zz\r\n"]).await, Err(BodyError::Malformed(_))));
+        assert!(matches!(read_all(Framing::Chunked, vec![b"2\r\nabXX"]).await, Err(BodyError::Malformed(_))));
     }
 }

@@ -31,11 +31,7 @@ pub struct Deadline {
 
 impl Deadline {
     pub fn new(timeout: Duration) -> Self {
-        Deadline {
-            timeout,
-            slack: (timeout / 16).min(MAX_SLACK),
-            sleep: None,
-        }
+        Deadline { timeout, slack: (timeout / 16).min(MAX_SLACK), sleep: None }
     }
 
     /// The timer for a request that started at `started`: it fires no earlier than
@@ -43,9 +39,7 @@ impl Deadline {
     pub fn arm(&mut self, started: Instant) -> Pin<&mut Sleep> {
         let due = started + self.timeout;
         let late = due + self.slack;
-        let sleep = self
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(late)));
+        let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(late)));
         if sleep.deadline() < due {
             sleep.as_mut().reset(late);
         }
@@ -92,13 +86,7 @@ mod tests {
 
     #[test]
     fn slack_is_a_sixteenth_of_the_timeout_at_most_a_second() {
-        assert_eq!(
-            Deadline::new(Duration::from_secs(160)).slack,
-            Duration::from_secs(1)
-        );
-        assert_eq!(
-            Deadline::new(Duration::from_secs(8)).slack,
-            Duration::from_millis(500)
-        );
+        assert_eq!(Deadline::new(Duration::from_secs(160)).slack, Duration::from_secs(1));
+        assert_eq!(Deadline::new(Duration::from_secs(8)).slack, Duration::from_millis(500));
     }
 }

@@ -104,13 +104,7 @@ pub struct Serving {
 /// Serve one client connection: fast-path requests here, the rest (from the first request
 /// the fast path does not take) by the router.
 pub async fn serve_connection(state: AppState, serving: Serving, mut tcp: TcpStream) {
-    let Serving {
-        router,
-        pool,
-        stop,
-        busy,
-        main,
-    } = serving;
+    let Serving { router, pool, stop, busy, main } = serving;
     let touch = || {
         if let Some(b) = &busy {
             b.touch();
@@ -119,10 +113,7 @@ pub async fn serve_connection(state: AppState, serving: Serving, mut tcp: TcpStr
     let mut buf = BytesMut::with_capacity(4096);
     let mut deadline = Deadline::new(state.upstream_timeout);
     if state.cfg.http.fast_path {
-        let rules = request::Rules {
-            persistence: state.persistence.is_some(),
-            max_body: state.cfg.max_body_bytes,
-        };
+        let rules = request::Rules { persistence: state.persistence.is_some(), max_body: state.cfg.max_body_bytes };
         loop {
             // Read until the head at the front of `buf` can be decided.
             let parsed = loop {
@@ -144,8 +135,7 @@ pub async fn serve_connection(state: AppState, serving: Serving, mut tcp: TcpStr
                 req.keep_alive = false;
             }
             touch();
-            let outcome =
-                answer(&state, &pool, &stop, &mut deadline, &mut tcp, &mut buf, req).await;
+            let outcome = answer(&state, &pool, &stop, &mut deadline, &mut tcp, &mut buf, req).await;
             touch();
             match outcome {
                 Outcome::Answered => continue,
@@ -182,11 +172,7 @@ pub async fn serve_connection(state: AppState, serving: Serving, mut tcp: TcpStr
 
 /// Read more of a request. `None`: the connection is done (closed by the client, failed,
 /// too slow mid-request, or idle at shutdown).
-async fn read_more(
-    stop: &tokio_util::sync::CancellationToken,
-    tcp: &mut TcpStream,
-    buf: &mut BytesMut,
-) -> Option<()> {
+async fn read_more(stop: &tokio_util::sync::CancellationToken, tcp: &mut TcpStream, buf: &mut BytesMut) -> Option<()> {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(4096);
     }
@@ -200,9 +186,7 @@ async fn read_more(
             _ = stop.cancelled() => return None,
         }
     } else {
-        tokio::time::timeout(CLIENT_READ_TIMEOUT, tcp.read_buf(buf))
-            .await
-            .ok()?
+        tokio::time::timeout(CLIENT_READ_TIMEOUT, tcp.read_buf(buf)).await.ok()?
     };
     match read {
         Ok(n) if n > 0 => Some(()),
@@ -219,16 +203,10 @@ async fn read_more(
 /// request, and the request already read into `prefix` would go unanswered. Here the
 /// connection is polled once first, which reads that request, so shutdown finds it in
 /// flight: it is answered, with `Connection: close`.
-async fn hand_off(
-    router: axum::Router,
-    tcp: TcpStream,
-    prefix: Bytes,
-    stop: tokio_util::sync::CancellationToken,
-) {
+async fn hand_off(router: axum::Router, tcp: TcpStream, prefix: Bytes, stop: tokio_util::sync::CancellationToken) {
     let io = hyper_util::rt::TokioIo::new(Prefixed { prefix, inner: tcp });
     let service = hyper_util::service::TowerToHyperService::new(router);
-    let builder =
-        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let ended = match futures::poll!(conn.as_mut()) {
@@ -247,18 +225,13 @@ async fn hand_off(
 }
 
 /// The conversation's downstream, when the fast path can use it right now.
-fn ready_downstream(
-    state: &AppState,
-    req: &FastRequest,
-) -> Option<(Arc<Downstream>, Arc<Endpoint>)> {
+fn ready_downstream(state: &AppState, req: &FastRequest) -> Option<(Arc<Downstream>, Arc<Endpoint>)> {
     let who = state.auth.principal_for_key(&req.client_key)?;
     if matches!(who.scope, Scope::Secrets(_) | Scope::Vscode(_)) {
         return None;
     }
     let open = state.auth.is_open();
-    let ds = state.catalog.route_if(&req.conversation, |owner| {
-        open || who.may_access(&req.conversation, owner)
-    })?;
+    let ds = state.catalog.route_if(&req.conversation, |owner| open || who.may_access(&req.conversation, owner))?;
     if !ds.is_ready() {
         return None;
     }
@@ -276,9 +249,7 @@ async fn answer(
     buf: &mut BytesMut,
     req: FastRequest,
 ) -> Outcome {
-    let Some((ds, ep)) = ready_downstream(state, &req) else {
-        return Outcome::HandOff;
-    };
+    let Some((ds, ep)) = ready_downstream(state, &req) else { return Outcome::HandOff };
     // When the request started (metrics), and when the downstream's time starts (the
     // deadline): the same reading unless the body was still arriving.
     let mut clock = tokio::time::Instant::now();
@@ -318,17 +289,12 @@ async fn answer(
     let head_request = req.method == request::Method::Head;
     let mut rbuf = BytesMut::with_capacity(8192);
     let exchange = async {
-        let mut conn = pool
-            .get(authority, CONNECT_TIMEOUT)
-            .await
-            .map_err(ExchangeError::Io)?;
+        let mut conn = pool.get(authority, CONNECT_TIMEOUT).await.map_err(ExchangeError::Io)?;
         match upstream::exchange(&mut conn.stream, &out, &mut rbuf, head_request).await {
             Err(ExchangeError::ClosedBeforeAnswer) if conn.reused => {
                 // A pooled connection the downstream had closed: once more on a new one.
                 tracing::debug!(downstream = %ds.id(), "pooled connection was closed; sending again");
-                let mut stream = upstream::connect(authority, CONNECT_TIMEOUT)
-                    .await
-                    .map_err(ExchangeError::Io)?;
+                let mut stream = upstream::connect(authority, CONNECT_TIMEOUT).await.map_err(ExchangeError::Io)?;
                 let head = upstream::exchange(&mut stream, &out, &mut rbuf, head_request).await?;
                 Ok((stream, head))
             }
@@ -345,9 +311,7 @@ async fn answer(
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             let why = match e {
-                ExchangeError::ClosedBeforeAnswer => {
-                    "connection closed before a complete answer".to_owned()
-                }
+                ExchangeError::ClosedBeforeAnswer => "connection closed before a complete answer".to_owned(),
                 ExchangeError::Io(e) => nestor_core::client::describe_io(&e),
                 ExchangeError::Protocol(p) => p.to_owned(),
             };
@@ -356,10 +320,7 @@ async fn answer(
             return respond_error(tcp, &req, cors_of(state, &req).as_ref(), e, started).await;
         }
         Err(_) => {
-            let e = ApiError::GatewayTimeout(format!(
-                "the agent-server did not answer within {:?}",
-                state.upstream_timeout
-            ));
+            let e = ApiError::GatewayTimeout(format!("the agent-server did not answer within {:?}", state.upstream_timeout));
             return respond_error(tcp, &req, cors_of(state, &req).as_ref(), e, started).await;
         }
     };
@@ -367,8 +328,7 @@ async fn answer(
     let status = head.status;
     let cors = cors_of(state, &req);
     let mut reader = BodyReader::new(head.framing, state.upstream_timeout);
-    let small = matches!(head.framing, Framing::None)
-        || matches!(head.framing, Framing::Length(n) if n <= BUFFER_LIMIT);
+    let small = matches!(head.framing, Framing::None) || matches!(head.framing, Framing::Length(n) if n <= BUFFER_LIMIT);
     let outcome = if small {
         // Whole, redacted, with its exact length. (Usually one piece, taken as it is.)
         let mut first: Option<Bytes> = None;
@@ -385,19 +345,12 @@ async fn answer(
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(downstream = %ds.id(), conversation = %req.conversation, "{e}");
-                    let e = ApiError::BadGateway(format!(
-                        "the agent-server's answer could not be read: {e}"
-                    ));
-                    return respond_error(tcp, &req, cors_of(state, &req).as_ref(), e, started)
-                        .await;
+                    let e = ApiError::BadGateway(format!("the agent-server's answer could not be read: {e}"));
+                    return respond_error(tcp, &req, cors_of(state, &req).as_ref(), e, started).await;
                 }
             }
         }
-        let whole = if more.is_empty() {
-            first.unwrap_or_default()
-        } else {
-            more.freeze()
-        };
+        let whole = if more.is_empty() { first.unwrap_or_default() } else { more.freeze() };
         let body = redactor.apply(&whole);
         let wire = response_head(&head, &redactor, &req, cors.as_ref(), Some(body.len()));
         if write_client_parts(tcp, &wire, &body).await.is_err() {
@@ -408,16 +361,7 @@ async fn answer(
             Outcome::Close
         }
     } else {
-        stream_body(
-            tcp,
-            &mut up,
-            &mut rbuf,
-            &mut reader,
-            response_head(&head, &redactor, &req, cors.as_ref(), None),
-            &redactor,
-            &req,
-        )
-        .await
+        stream_body(tcp, &mut up, &mut rbuf, &mut reader, response_head(&head, &redactor, &req, cors.as_ref(), None), &redactor, &req).await
     };
     record(&req, status, started);
     // The downstream connection serves the next request only if this answer ended cleanly.
@@ -471,11 +415,7 @@ async fn stream_body(
             return Outcome::Close;
         }
         if last {
-            return if req.keep_alive {
-                Outcome::Answered
-            } else {
-                Outcome::Close
-            };
+            return if req.keep_alive { Outcome::Answered } else { Outcome::Close };
         }
     }
 }
@@ -515,13 +455,7 @@ fn edge_headers(w: &mut Vec<u8>, cors: Option<&Cors>, vary: bool, vary_origin: b
 
 /// The client's answer head. `length`: the exact body length (else chunked). Answers to
 /// `HEAD` keep the downstream's length; 1xx/204/304 have none.
-fn response_head(
-    head: &ResponseHead,
-    redactor: &nestor_core::leak_guard::Redactor,
-    req: &FastRequest,
-    cors: Option<&Cors>,
-    length: Option<usize>,
-) -> Vec<u8> {
+fn response_head(head: &ResponseHead, redactor: &nestor_core::leak_guard::Redactor, req: &FastRequest, cors: Option<&Cors>, length: Option<usize>) -> Vec<u8> {
     let mut w = Vec::with_capacity(512);
     w.extend_from_slice(b"HTTP/1.1 ");
     push_decimal(&mut w, head.status as usize);
@@ -531,10 +465,7 @@ fn response_head(
     let (mut vary, mut vary_origin, mut date) = (false, false, false);
     let head_request = req.method == request::Method::Head;
     for (name, value) in head.headers() {
-        if cors.is_some()
-            && (name.eq_ignore_ascii_case(b"access-control-allow-origin")
-                || name.eq_ignore_ascii_case(b"access-control-allow-credentials"))
-        {
+        if cors.is_some() && (name.eq_ignore_ascii_case(b"access-control-allow-origin") || name.eq_ignore_ascii_case(b"access-control-allow-credentials")) {
             continue;
         }
         if name.eq_ignore_ascii_case(b"vary") {
@@ -586,13 +517,7 @@ fn push_decimal(w: &mut Vec<u8>, mut n: usize) {
 }
 
 /// Answer with an error in the agent-server's shape.
-async fn respond_error(
-    tcp: &mut TcpStream,
-    req: &FastRequest,
-    cors: Option<&Cors>,
-    e: ApiError,
-    started: Instant,
-) -> Outcome {
+async fn respond_error(tcp: &mut TcpStream, req: &FastRequest, cors: Option<&Cors>, e: ApiError, started: Instant) -> Outcome {
     let resp = e.to_http::<Bytes>();
     let body = resp.body();
     let mut w = Vec::with_capacity(256 + body.len());
@@ -603,14 +528,7 @@ async fn respond_error(
         w.extend_from_slice(value.as_bytes());
         w.extend_from_slice(b"\r\n");
     }
-    w.extend_from_slice(
-        format!(
-            "content-length: {}\r\ndate: {}\r\n",
-            body.len(),
-            httpdate::fmt_http_date(std::time::SystemTime::now())
-        )
-        .as_bytes(),
-    );
+    w.extend_from_slice(format!("content-length: {}\r\ndate: {}\r\n", body.len(), httpdate::fmt_http_date(std::time::SystemTime::now())).as_bytes());
     edge_headers(&mut w, cors, false, false);
     if !req.keep_alive {
         w.extend_from_slice(b"connection: close\r\n");
@@ -634,9 +552,7 @@ async fn write_client_parts(tcp: &mut TcpStream, head: &[u8], body: &[u8]) -> st
     let write = async {
         let (mut head, mut body) = (head, body);
         while !(head.is_empty() && body.is_empty()) {
-            let n = tcp
-                .write_vectored(&[std::io::IoSlice::new(head), std::io::IoSlice::new(body)])
-                .await?;
+            let n = tcp.write_vectored(&[std::io::IoSlice::new(head), std::io::IoSlice::new(body)]).await?;
             if n == 0 {
                 return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
             }
@@ -648,10 +564,7 @@ async fn write_client_parts(tcp: &mut TcpStream, head: &[u8], body: &[u8]) -> st
     };
     match tokio::time::timeout(CLIENT_WRITE_TIMEOUT, write).await {
         Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "client stopped reading",
-        )),
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client stopped reading")),
     }
 }
 
@@ -667,11 +580,7 @@ struct Prefixed {
 }
 
 impl AsyncRead for Prefixed {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         if !self.prefix.is_empty() {
             let n = self.prefix.len().min(out.remaining());
             let head = self.prefix.split_to(n);
@@ -683,19 +592,11 @@ impl AsyncRead for Prefixed {
 }
 
 impl AsyncWrite for Prefixed {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, data)
     }
 
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 

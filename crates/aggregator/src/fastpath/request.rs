@@ -156,22 +156,14 @@ pub fn parse(buf: &[u8], rules: Rules) -> Parsed {
     if req.version != Some(1) {
         return Parsed::HandOff;
     }
-    let Some(method) = req.method.and_then(Method::parse) else {
-        return Parsed::HandOff;
-    };
-    let Some(target) = req.path else {
-        return Parsed::HandOff;
-    };
-    let (path, query) = target
-        .split_once('?')
-        .map_or((target, None), |(p, q)| (p, Some(q)));
+    let Some(method) = req.method.and_then(Method::parse) else { return Parsed::HandOff };
+    let Some(target) = req.path else { return Parsed::HandOff };
+    let (path, query) = target.split_once('?').map_or((target, None), |(p, q)| (p, Some(q)));
     // A key in the query authenticates at the router (and must not reach the downstream).
     if query.is_some_and(|q| q.contains("session_api_key") || q.contains('%')) {
         return Parsed::HandOff;
     }
-    let Some((conversation, rest)) = conversation_target(path) else {
-        return Parsed::HandOff;
-    };
+    let Some((conversation, rest)) = conversation_target(path) else { return Parsed::HandOff };
     if is_special(method, rest, persistence) {
         return Parsed::HandOff;
     }
@@ -193,11 +185,7 @@ pub fn parse(buf: &[u8], rules: Rules) -> Parsed {
             continue;
         }
         if name.eq_ignore_ascii_case("connection") {
-            for token in std::str::from_utf8(value)
-                .unwrap_or("?")
-                .split(',')
-                .map(str::trim)
-            {
+            for token in std::str::from_utf8(value).unwrap_or("?").split(',').map(str::trim) {
                 if token.eq_ignore_ascii_case("close") {
                     keep_alive = false;
                 } else if !token.eq_ignore_ascii_case("keep-alive") && !token.is_empty() {
@@ -207,38 +195,23 @@ pub fn parse(buf: &[u8], rules: Rules) -> Parsed {
             }
             continue;
         }
-        if [
-            "keep-alive",
-            "proxy-connection",
-            "te",
-            "trailer",
-            "proxy-authenticate",
-            "proxy-authorization",
-            "authorization",
-        ]
-        .iter()
-        .any(|n| name.eq_ignore_ascii_case(n))
+        if ["keep-alive", "proxy-connection", "te", "trailer", "proxy-authenticate", "proxy-authorization", "authorization"]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
         {
             // Hop-by-hop (RFC 9110 §7.6.1), or the client's bearer credentials.
             continue;
         }
         // Bodies of unknown length, upgrades, 100-continue, the workspace cookie: the router
         // handles each of these.
-        if ["transfer-encoding", "upgrade", "expect"]
-            .iter()
-            .any(|n| name.eq_ignore_ascii_case(n))
-        {
+        if ["transfer-encoding", "upgrade", "expect"].iter().any(|n| name.eq_ignore_ascii_case(n)) {
             return Parsed::HandOff;
         }
-        if name.eq_ignore_ascii_case("cookie")
-            && memchr::memmem::find(value, super::WORKSPACE_COOKIE.as_bytes()).is_some()
-        {
+        if name.eq_ignore_ascii_case("cookie") && memchr::memmem::find(value, super::WORKSPACE_COOKIE.as_bytes()).is_some() {
             return Parsed::HandOff;
         }
         if name.eq_ignore_ascii_case("content-length") {
-            let n = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok());
+            let n = std::str::from_utf8(value).ok().and_then(|v| v.trim().parse::<usize>().ok());
             match (n, body_len) {
                 (Some(n), None) if n <= max_body => body_len = Some(n),
                 _ => return Parsed::HandOff,
@@ -265,9 +238,7 @@ pub fn parse(buf: &[u8], rules: Rules) -> Parsed {
         out.extend_from_slice(b"\r\n");
     }
     // HTTP/1.1 requires Host (the router answers the error).
-    let Some(host) = host else {
-        return Parsed::HandOff;
-    };
+    let Some(host) = host else { return Parsed::HandOff };
     Parsed::Fast(FastRequest {
         method,
         conversation,
@@ -289,10 +260,7 @@ mod tests {
 
     const ID: &str = "0a8b12be-0792-4413-8dd9-066610cb0473";
 
-    const RULES: Rules = Rules {
-        persistence: false,
-        max_body: 100 << 20,
-    };
+    const RULES: Rules = Rules { persistence: false, max_body: 100 << 20 };
 
     fn fast(raw: &str) -> FastRequest {
         match parse(raw.as_bytes(), RULES) {
@@ -312,10 +280,7 @@ mod tests {
         );
         let r = fast(&raw);
         assert_eq!(r.method, Method::Get);
-        assert_eq!(
-            r.target,
-            format!("/api/conversations/{ID}/events/search?limit=5")
-        );
+        assert_eq!(r.target, format!("/api/conversations/{ID}/events/search?limit=5"));
         assert_eq!(r.client_key, b"ck");
         assert_eq!(r.origin.as_deref(), Some("http://n.example:8000"));
         assert!(r.keep_alive);
@@ -335,17 +300,8 @@ mod tests {
 
     #[test]
     fn incomplete_heads_ask_for_more() {
-        assert!(matches!(
-            parse(
-                format!("GET /api/conversations/{ID} HTTP/1.1\r\nHost: h\r\n").as_bytes(),
-                RULES
-            ),
-            Parsed::Partial
-        ));
-        let huge = format!(
-            "GET /api/conversations/{ID} HTTP/1.1\r\nX: {}\r\n",
-            "a".repeat(MAX_HEAD)
-        );
+        assert!(matches!(parse(format!("GET /api/conversations/{ID} HTTP/1.1\r\nHost: h\r\n").as_bytes(), RULES), Parsed::Partial));
+        let huge = format!("GET /api/conversations/{ID} HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_HEAD));
         assert!(hands_off(&huge));
     }
 
@@ -379,38 +335,10 @@ mod tests {
         ] {
             assert!(hands_off(&raw), "{raw:?} must go to the router");
         }
-        let post_events =
-            format!("POST /api/conversations/{ID}/events HTTP/1.1\r\n{h}Content-Length: 2\r\n\r\n");
-        assert!(
-            matches!(
-                parse(
-                    post_events.as_bytes(),
-                    Rules {
-                        persistence: true,
-                        ..RULES
-                    }
-                ),
-                Parsed::HandOff
-            ),
-            "quota checks with persistence"
-        );
-        assert!(matches!(
-            parse(post_events.as_bytes(), RULES),
-            Parsed::Fast(_)
-        ));
-        assert!(
-            matches!(
-                parse(
-                    post_events.as_bytes(),
-                    Rules {
-                        max_body: 1,
-                        ..RULES
-                    }
-                ),
-                Parsed::HandOff
-            ),
-            "the router's 413"
-        );
+        let post_events = format!("POST /api/conversations/{ID}/events HTTP/1.1\r\n{h}Content-Length: 2\r\n\r\n");
+        assert!(matches!(parse(post_events.as_bytes(), Rules { persistence: true, ..RULES }), Parsed::HandOff), "quota checks with persistence");
+        assert!(matches!(parse(post_events.as_bytes(), RULES), Parsed::Fast(_)));
+        assert!(matches!(parse(post_events.as_bytes(), Rules { max_body: 1, ..RULES }), Parsed::HandOff), "the router's 413");
     }
 
     proptest::proptest! {

@@ -52,26 +52,15 @@ impl Pool {
             // connections come back within microseconds and skip this extra system call;
             // a close that races the request is caught by the caller's one retry.
             if idle_for < PROBE_AFTER {
-                return Ok(Conn {
-                    stream,
-                    reused: true,
-                });
+                return Ok(Conn { stream, reused: true });
             }
             let mut probe = [0u8; 1];
             match stream.try_read(&mut probe) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    return Ok(Conn {
-                        stream,
-                        reused: true,
-                    })
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Conn { stream, reused: true }),
                 _ => continue,
             }
         }
-        Ok(Conn {
-            stream: connect(authority, connect_timeout).await?,
-            reused: false,
-        })
+        Ok(Conn { stream: connect(authority, connect_timeout).await?, reused: false })
     }
 
     /// The most recently returned idle connection to `authority`, and how long it was idle.
@@ -97,10 +86,7 @@ impl Pool {
             None => self.idle.entry(authority.to_owned()).or_default(),
         };
         // Expired connections are at the front (the list is in return order).
-        let expired = list
-            .iter()
-            .take_while(|(_, since)| now.duration_since(*since) >= IDLE_KEEP)
-            .count();
+        let expired = list.iter().take_while(|(_, since)| now.duration_since(*since) >= IDLE_KEEP).count();
         list.drain(..expired);
         if list.len() < MAX_IDLE_PER_ADDRESS {
             list.push((stream, now));
@@ -167,9 +153,7 @@ impl ResponseHead {
 
     /// The end-to-end headers, (name, value), in the downstream's order.
     pub fn headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.headers
-            .iter()
-            .map(|(n, v)| (&self.raw[n.clone()], &self.raw[v.clone()]))
+        self.headers.iter().map(|(n, v)| (&self.raw[n.clone()], &self.raw[v.clone()]))
     }
 }
 
@@ -187,12 +171,7 @@ pub enum ExchangeError {
 /// Send `request` on `stream` and read the answer head into `buf` (what follows the head
 /// stays in `buf`: the start of the body). `head_request`: the request was `HEAD` (the answer
 /// has no body whatever its headers say).
-pub async fn exchange(
-    stream: &mut TcpStream,
-    request: &[u8],
-    buf: &mut BytesMut,
-    head_request: bool,
-) -> Result<ResponseHead, ExchangeError> {
+pub async fn exchange(stream: &mut TcpStream, request: &[u8], buf: &mut BytesMut, head_request: bool) -> Result<ResponseHead, ExchangeError> {
     match stream.write_all(request).await {
         Ok(()) => {}
         Err(e) if is_closed(&e) => return Err(ExchangeError::ClosedBeforeAnswer),
@@ -212,9 +191,7 @@ pub async fn exchange(
                     continue;
                 }
                 Some(head) => return Ok(head),
-                None if buf.len() > MAX_RESPONSE_HEAD => {
-                    return Err(ExchangeError::Protocol("the answer head is too long"))
-                }
+                None if buf.len() > MAX_RESPONSE_HEAD => return Err(ExchangeError::Protocol("the answer head is too long")),
                 None => {}
             }
         }
@@ -224,15 +201,9 @@ pub async fn exchange(
         let before_answer = buf.is_empty() && !interim;
         match stream.read_buf(buf).await {
             Ok(0) if before_answer => return Err(ExchangeError::ClosedBeforeAnswer),
-            Ok(0) => {
-                return Err(ExchangeError::Protocol(
-                    "the connection closed inside the answer head",
-                ))
-            }
+            Ok(0) => return Err(ExchangeError::Protocol("the connection closed inside the answer head")),
             Ok(_) => {}
-            Err(e) if before_answer && is_closed(&e) => {
-                return Err(ExchangeError::ClosedBeforeAnswer)
-            }
+            Err(e) if before_answer && is_closed(&e) => return Err(ExchangeError::ClosedBeforeAnswer),
             Err(e) => return Err(ExchangeError::Io(e)),
         }
     }
@@ -241,19 +212,13 @@ pub async fn exchange(
 fn is_closed(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
-        std::io::ErrorKind::ConnectionReset
-            | std::io::ErrorKind::BrokenPipe
-            | std::io::ErrorKind::ConnectionAborted
-            | std::io::ErrorKind::UnexpectedEof
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::UnexpectedEof
     )
 }
 
 /// Parse the answer head at the front of `buf` and take it from there (what follows, the
 /// start of the body, stays); `None`: incomplete.
-pub fn parse_head(
-    buf: &mut BytesMut,
-    head_request: bool,
-) -> Result<Option<ResponseHead>, ExchangeError> {
+pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseHead>, ExchangeError> {
     let (start, end) = (buf.as_ptr() as usize, buf.as_ptr() as usize + buf.len());
     // Where `part` is in `buf`. httparse returns a static "" (not a slice of `buf`) for a
     // missing or non-ASCII reason phrase: that is the empty range.
@@ -271,9 +236,7 @@ pub fn parse_head(
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err(ExchangeError::Protocol("the answer is not valid HTTP/1")),
     };
-    let status = resp
-        .code
-        .ok_or(ExchangeError::Protocol("the answer has no status"))?;
+    let status = resp.code.ok_or(ExchangeError::Protocol("the answer has no status"))?;
     let mut keep_alive = resp.version == Some(1);
     let mut length: Option<u64> = None;
     let mut chunked = false;
@@ -298,9 +261,7 @@ pub fn parse_head(
             continue;
         }
         if name.eq_ignore_ascii_case("content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok());
+            let n = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
             match (n, length) {
                 (Some(n), None) => length = Some(n),
                 (Some(n), Some(m)) if n == m => {}
@@ -314,16 +275,12 @@ pub fn parse_head(
         }
         // `connection` and `transfer-encoding` were read above; the other hop-by-hop headers
         // are dropped as the router drops them.
-        if crate::forward::HOP_BY_HOP
-            .iter()
-            .any(|n| name.eq_ignore_ascii_case(n))
-        {
+        if crate::forward::HOP_BY_HOP.iter().any(|n| name.eq_ignore_ascii_case(n)) {
             continue;
         }
         headers.push((place(name.as_bytes()), place(h.value)));
     }
-    let framing = if head_request || status == 204 || status == 304 || (100..200).contains(&status)
-    {
+    let framing = if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
         Framing::None
     } else if chunked {
         Framing::Chunked
@@ -335,14 +292,7 @@ pub fn parse_head(
     };
     let reason = resp.reason.map_or(0..0, |r| place(r.as_bytes()));
     let raw = buf.split_to(len).freeze();
-    Ok(Some(ResponseHead {
-        status,
-        raw,
-        reason,
-        headers,
-        framing,
-        keep_alive,
-    }))
+    Ok(Some(ResponseHead { status, raw, reason, headers, framing, keep_alive }))
 }
 
 #[cfg(test)]
@@ -351,81 +301,34 @@ mod tests {
 
     #[test]
     fn heads_and_their_framing() {
-        let parse_head =
-            |raw: &[u8], head_request| parse_head(&mut BytesMut::from(raw), head_request);
-        let headers = |h: &ResponseHead| {
-            h.headers()
-                .map(|(n, v)| (n.to_vec(), v.to_vec()))
-                .collect::<Vec<_>>()
-        };
+        let parse_head = |raw: &[u8], head_request| parse_head(&mut BytesMut::from(raw), head_request);
+        let headers = |h: &ResponseHead| h.headers().map(|(n, v)| (n.to_vec(), v.to_vec())).collect::<Vec<_>>();
         let mut raw = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: keep-alive\r\nx-a: b\r\n\r\nhello"[..]);
         let h = super::parse_head(&mut raw, false).unwrap().unwrap();
-        assert_eq!(
-            (h.status, h.framing, h.keep_alive, &raw[..]),
-            (200, Framing::Length(5), true, &b"hello"[..])
-        );
-        assert_eq!(
-            (h.reason(), headers(&h)),
-            (&b"OK"[..], vec![(b"x-a".to_vec(), b"b".to_vec())])
-        );
+        assert_eq!((h.status, h.framing, h.keep_alive, &raw[..]), (200, Framing::Length(5), true, &b"hello"[..]));
+        assert_eq!((h.reason(), headers(&h)), (&b"OK"[..], vec![(b"x-a".to_vec(), b"b".to_vec())]));
 
-        let h = parse_head(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
-            false,
-        )
-        .unwrap()
-        .unwrap();
+        let h = parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false).unwrap().unwrap();
         assert_eq!(h.framing, Framing::Chunked);
-        let h = parse_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", false)
-            .unwrap()
-            .unwrap();
+        let h = parse_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", false).unwrap().unwrap();
         assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
-        let h = parse_head(
-            b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n",
-            false,
-        )
-        .unwrap()
-        .unwrap();
+        let h = parse_head(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n", false).unwrap().unwrap();
         assert_eq!(h.framing, Framing::None);
-        let h = parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n", true)
-            .unwrap()
-            .unwrap();
+        let h = parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n", true).unwrap().unwrap();
         assert_eq!(h.framing, Framing::None);
-        assert_eq!(
-            headers(&h),
-            vec![(b"content-length".to_vec(), b"9".to_vec())]
-        );
-        let h = parse_head(b"HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", false)
-            .unwrap()
-            .unwrap();
+        assert_eq!(headers(&h), vec![(b"content-length".to_vec(), b"9".to_vec())]);
+        let h = parse_head(b"HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", false).unwrap().unwrap();
         assert!(!h.keep_alive);
 
         // No reason phrase, or one httparse does not pass on (non-ASCII): empty.
-        let h = parse_head(b"HTTP/1.1 200\r\ncontent-length: 0\r\n\r\n", false)
-            .unwrap()
-            .unwrap();
+        let h = parse_head(b"HTTP/1.1 200\r\ncontent-length: 0\r\n\r\n", false).unwrap().unwrap();
         assert_eq!((h.status, h.reason()), (200, &b""[..]));
-        let h = parse_head(b"HTTP/1.1 200 \xC3\xA9t\xC3\xA9\r\nx-a: b\r\n\r\n", false)
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            (h.reason(), headers(&h)),
-            (&b""[..], vec![(b"x-a".to_vec(), b"b".to_vec())])
-        );
+        let h = parse_head(b"HTTP/1.1 200 \xC3\xA9t\xC3\xA9\r\nx-a: b\r\n\r\n", false).unwrap().unwrap();
+        assert_eq!((h.reason(), headers(&h)), (&b""[..], vec![(b"x-a".to_vec(), b"b".to_vec())]));
 
-        assert!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-", false)
-            .unwrap()
-            .is_none());
-        assert!(parse_head(
-            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
-            false
-        )
-        .is_err());
-        assert!(parse_head(
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
-            false
-        )
-        .is_err());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-", false).unwrap().is_none());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n", false).is_err());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n", false).is_err());
         assert!(parse_head(b"nonsense\r\n\r\n", false).is_err());
     }
 
@@ -443,24 +346,11 @@ mod tests {
             // Keep the connection open: the answer must not wait for a close.
             tokio::time::sleep(std::time::Duration::from_secs(10)).await;
         });
-        let mut stream = connect(&addr.to_string(), std::time::Duration::from_secs(5))
-            .await
-            .unwrap();
+        let mut stream = connect(&addr.to_string(), std::time::Duration::from_secs(5)).await.unwrap();
         let mut buf = BytesMut::new();
-        let exchanged = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            exchange(
-                &mut stream,
-                b"GET / HTTP/1.1\r\nhost: h\r\n\r\n",
-                &mut buf,
-                false,
-            ),
-        );
+        let exchanged = tokio::time::timeout(std::time::Duration::from_secs(5), exchange(&mut stream, b"GET / HTTP/1.1\r\nhost: h\r\n\r\n", &mut buf, false));
         let head = exchanged.await.expect("answered without waiting").unwrap();
-        assert_eq!(
-            (head.status, head.framing, &buf[..]),
-            (200, Framing::Length(2), &b"hi"[..])
-        );
+        assert_eq!((head.status, head.framing, &buf[..]), (200, Framing::Length(2), &b"hi"[..]));
         server.abort();
     }
 

@@ -49,12 +49,7 @@ pub struct BusyPoll {
 impl BusyPoll {
     /// `max`: the longest poll window (zero: never poll).
     pub fn new(max: Duration) -> Arc<Self> {
-        Arc::new(Self {
-            max,
-            activity: AtomicU64::new(0),
-            asleep: AtomicBool::new(true),
-            wake: Notify::new(),
-        })
+        Arc::new(Self { max, activity: AtomicU64::new(0), asleep: AtomicBool::new(true), wake: Notify::new() })
     }
 
     /// Something happened on this thread (a request arrived or was answered).
@@ -63,10 +58,7 @@ impl BusyPoll {
             return;
         }
         // One writer per thread: a plain increment is enough (a lost count is harmless).
-        self.activity.store(
-            self.activity.load(Ordering::Relaxed).wrapping_add(1),
-            Ordering::Relaxed,
-        );
+        self.activity.store(self.activity.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
         if self.asleep.load(Ordering::Relaxed) {
             self.wake.notify_one();
         }
@@ -157,10 +149,7 @@ mod tests {
             w = adapt(w, 10 * max, max);
         }
         assert_eq!(w, Duration::ZERO);
-        assert_eq!(
-            adapt(Duration::ZERO, Duration::from_micros(20), max),
-            GROW_START
-        );
+        assert_eq!(adapt(Duration::ZERO, Duration::from_micros(20), max), GROW_START);
     }
 
     /// Activity wakes the poller, which polls for a while and then sleeps again.
@@ -175,10 +164,7 @@ mod tests {
         assert!(!busy.asleep.load(Ordering::Relaxed), "woken by activity");
         let deadline = Instant::now() + Duration::from_secs(5);
         while !busy.asleep.load(Ordering::Relaxed) {
-            assert!(
-                Instant::now() < deadline,
-                "still polling long after the last activity"
-            );
+            assert!(Instant::now() < deadline, "still polling long after the last activity");
             tokio::task::yield_now().await;
         }
         poller.abort();

@@ -59,54 +59,32 @@ pub struct Local {
 impl IoThreads {
     /// Start `count` threads (at least one), each polling up to `busy_poll` after activity
     /// ([`BusyPoll`]; zero: never). `shutdown`: cancelled when connections should close.
-    pub fn start(
-        count: usize,
-        busy_poll: std::time::Duration,
-        shutdown: &CancellationToken,
-    ) -> std::io::Result<Self> {
+    pub fn start(count: usize, busy_poll: std::time::Duration, shutdown: &CancellationToken) -> std::io::Result<Self> {
         // Built up in place: if a thread cannot start, dropping `this` stops those that did.
-        let mut this = Self {
-            threads: Vec::with_capacity(count.max(1)),
-            stop: CancellationToken::new(),
-        };
+        let mut this = Self { threads: Vec::with_capacity(count.max(1)), stop: CancellationToken::new() };
         for i in 0..count.max(1) {
             // The runtime is built and dropped on its own thread (dropping one inside the
             // caller's runtime would panic); its handle comes back once it exists.
             let (handle_tx, handle_rx) = std::sync::mpsc::sync_channel(1);
             let stopped = this.stop.clone();
-            std::thread::Builder::new()
-                .name(format!("nestor-io-{i}"))
-                .spawn(move || {
-                    let rt = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(rt) => rt,
-                        Err(e) => {
-                            let _ = handle_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    let _ = handle_tx.send(Ok(rt.handle().clone()));
-                    // Tasks spawned here run while this is driven. When it returns, what is left
-                    // (nothing, after a graceful shutdown) is dropped with the runtime.
-                    rt.block_on(stopped.cancelled());
-                })?;
+            std::thread::Builder::new().name(format!("nestor-io-{i}")).spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = handle_tx.send(Ok(rt.handle().clone()));
+                // Tasks spawned here run while this is driven. When it returns, what is left
+                // (nothing, after a graceful shutdown) is dropped with the runtime.
+                rt.block_on(stopped.cancelled());
+            })?;
             // A thread starting: microseconds, once, at start.
-            let handle = handle_rx
-                .recv()
-                .map_err(|_| std::io::Error::other("an I/O thread ended while starting"))??;
+            let handle = handle_rx.recv().map_err(|_| std::io::Error::other("an I/O thread ended while starting"))??;
             let busy = BusyPoll::new(busy_poll);
             handle.spawn(busy.clone().run());
-            this.threads.push(IoThread {
-                handle,
-                open: Arc::default(),
-                local: Local {
-                    pool: Arc::default(),
-                    stop: shutdown.child_token(),
-                    busy,
-                },
-            });
+            this.threads.push(IoThread { handle, open: Arc::default(), local: Local { pool: Arc::default(), stop: shutdown.child_token(), busy } });
         }
         tracing::debug!(threads = this.threads.len(), "I/O threads started");
         Ok(this)
@@ -115,10 +93,7 @@ impl IoThreads {
     /// Connections each thread serves now.
     #[cfg(test)]
     fn open_per_thread(&self) -> Vec<usize> {
-        self.threads
-            .iter()
-            .map(|t| t.open.load(Ordering::Relaxed))
-            .collect()
+        self.threads.iter().map(|t| t.open.load(Ordering::Relaxed)).collect()
     }
 
     /// Serve the accepted `tcp` on the thread serving the fewest connections:
@@ -128,13 +103,7 @@ impl IoThreads {
         F: FnOnce(TcpStream, Local) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let Some(thread) = self
-            .threads
-            .iter()
-            .min_by_key(|t| t.open.load(Ordering::Relaxed))
-        else {
-            return;
-        };
+        let Some(thread) = self.threads.iter().min_by_key(|t| t.open.load(Ordering::Relaxed)) else { return };
         // Leave this runtime's event loop; join the thread's inside its task.
         let tcp = match tcp.into_std() {
             Ok(s) => s,
@@ -184,8 +153,7 @@ mod tests {
     /// Connections go to the least busy thread, and each is served on an I/O thread.
     #[tokio::test]
     async fn spreads_connections_evenly() {
-        let threads =
-            IoThreads::start(3, std::time::Duration::ZERO, &CancellationToken::new()).unwrap();
+        let threads = IoThreads::start(3, std::time::Duration::ZERO, &CancellationToken::new()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (names_tx, mut names_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -202,24 +170,15 @@ mod tests {
         }
         let mut names = Vec::new();
         for _ in 0..9 {
-            let name = tokio::time::timeout(std::time::Duration::from_secs(10), names_rx.recv())
-                .await
-                .unwrap()
-                .unwrap();
+            let name = tokio::time::timeout(std::time::Duration::from_secs(10), names_rx.recv()).await.unwrap().unwrap();
             names.push(name.unwrap_or_default());
         }
-        assert!(
-            names.iter().all(|n| n.starts_with("nestor-io-")),
-            "{names:?}"
-        );
+        assert!(names.iter().all(|n| n.starts_with("nestor-io-")), "{names:?}");
         assert_eq!(threads.open_per_thread(), vec![3, 3, 3]);
         release.cancel();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while threads.open_per_thread().iter().sum::<usize>() > 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "connections still counted open"
-            );
+            assert!(std::time::Instant::now() < deadline, "connections still counted open");
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }

@@ -40,10 +40,7 @@ const OPENAPI: &[u8] = include_bytes!("../../assets/openapi-1.58.2.json");
 /// key is answered `401` like every other route).
 const EXTRA: &[(&str, &str)] = &[
     ("POST", "/api/conversations/prepare-for-sandbox-pause"),
-    (
-        "PUT",
-        "/api/conversations/{conversation_id}/credential-bindings/{secret_name}",
-    ),
+    ("PUT", "/api/conversations/{conversation_id}/credential-bindings/{secret_name}"),
     ("*", "/app-backends/{extension_name}"),
     ("*", "/app-backends/{extension_name}/{path:path}"),
     ("GET", "/docs"),
@@ -51,10 +48,7 @@ const EXTRA: &[(&str, &str)] = &[
     ("GET", "/openapi.json"),
     ("GET", "/docs/oauth2-redirect"),
     ("DELETE", "/api/conversations/{conversation_id}/runtime"),
-    (
-        "POST",
-        "/api/conversations/{conversation_id}/runtime/credentials",
-    ),
+    ("POST", "/api/conversations/{conversation_id}/runtime/credentials"),
 ];
 
 /// OpenAPI paths whose last parameter is a Starlette `:path` converter (it takes several
@@ -123,16 +117,11 @@ fn table() -> &'static [RouteEntry] {
     static TABLE: OnceLock<Vec<RouteEntry>> = OnceLock::new();
     TABLE.get_or_init(|| {
         let mut out = Vec::new();
-        let doc: Value =
-            serde_json::from_slice(OPENAPI).expect("the embedded OpenAPI document is JSON");
+        let doc: Value = serde_json::from_slice(OPENAPI).expect("the embedded OpenAPI document is JSON");
         if let Some(paths) = doc.get("paths").and_then(Value::as_object) {
             for (path, ops) in paths {
                 // One entry per method, like FastAPI registers one route per operation.
-                for m in ops
-                    .as_object()
-                    .map(|o| o.keys().cloned().collect::<Vec<_>>())
-                    .unwrap_or_default()
-                {
+                for m in ops.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()).unwrap_or_default() {
                     if let Ok(m) = Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
                         let path = if PATH_CONVERTERS.contains(&path.as_str()) {
                             format!("{}:path}}", path.trim_end_matches('}'))
@@ -145,11 +134,7 @@ fn table() -> &'static [RouteEntry] {
             }
         }
         for (m, p) in EXTRA {
-            let methods = if *m == "*" {
-                Vec::new()
-            } else {
-                vec![Method::from_bytes(m.as_bytes()).expect("valid method")]
-            };
+            let methods = if *m == "*" { Vec::new() } else { vec![Method::from_bytes(m.as_bytes()).expect("valid method")] };
             out.push(parse(p, methods));
         }
         out
@@ -181,12 +166,7 @@ pub fn route(method: &Method, path: &str) -> Routed {
         }
     }
     if let Some(r) = first_partial {
-        let allow = r
-            .methods
-            .iter()
-            .map(Method::as_str)
-            .collect::<Vec<_>>()
-            .join(", ");
+        let allow = r.methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
         return Routed::WrongMethod(allow);
     }
     if path != "/" {
@@ -207,24 +187,14 @@ fn is_nestor_path(path: &str) -> bool {
 }
 
 fn json(status: StatusCode, detail: &str) -> Response {
-    let mut r = Response::new(Body::from(
-        serde_json::to_vec(&serde_json::json!({ "detail": detail })).unwrap_or_default(),
-    ));
+    let mut r = Response::new(Body::from(serde_json::to_vec(&serde_json::json!({ "detail": detail })).unwrap_or_default()));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
 /// The answer the agent-server's router gives a request it has no route for.
-fn routing_answer(
-    routed: Routed,
-    uri: &Uri,
-    host: Option<&HeaderValue>,
-    forwarded_proto: Option<&HeaderValue>,
-) -> Option<Response> {
+fn routing_answer(routed: Routed, uri: &Uri, host: Option<&HeaderValue>, forwarded_proto: Option<&HeaderValue>) -> Option<Response> {
     match routed {
         Routed::Route => None,
         Routed::NotFound => Some(json(StatusCode::NOT_FOUND, "Not Found")),
@@ -237,10 +207,7 @@ fn routing_answer(
         }
         Routed::Redirect(path) => {
             let host = host.and_then(|h| h.to_str().ok()).unwrap_or("localhost");
-            let proto = forwarded_proto
-                .and_then(|p| p.to_str().ok())
-                .filter(|p| *p == "https")
-                .unwrap_or("http");
+            let proto = forwarded_proto.and_then(|p| p.to_str().ok()).filter(|p| *p == "https").unwrap_or("http");
             let location = match uri.query() {
                 Some(q) => format!("{proto}://{host}{path}?{q}"),
                 None => format!("{proto}://{host}{path}"),
@@ -250,8 +217,7 @@ fn routing_answer(
             if let Ok(v) = HeaderValue::from_str(&location) {
                 r.headers_mut().insert(header::LOCATION, v);
             }
-            r.headers_mut()
-                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+            r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
             Some(r)
         }
     }
@@ -271,18 +237,13 @@ struct Seen {
 fn shape(seen: Seen, mut resp: Response) -> Response {
     let status = resp.status();
     let path = seen.uri.path();
-    if (status == StatusCode::UNAUTHORIZED || status == StatusCode::METHOD_NOT_ALLOWED)
-        && !is_nestor_path(path)
-    {
-        let axum_405 = status == StatusCode::METHOD_NOT_ALLOWED
-            && !resp.headers().contains_key(header::CONTENT_TYPE);
+    if (status == StatusCode::UNAUTHORIZED || status == StatusCode::METHOD_NOT_ALLOWED) && !is_nestor_path(path) {
+        let axum_405 = status == StatusCode::METHOD_NOT_ALLOWED && !resp.headers().contains_key(header::CONTENT_TYPE);
         if status == StatusCode::UNAUTHORIZED || axum_405 {
             let routed = route(&seen.method, path);
             // An axum 405 on a path the agent-server routes for this method cannot happen
             // (nestor routes every method of such paths); keep it then.
-            if let Some(mut r) =
-                routing_answer(routed, &seen.uri, seen.host.as_ref(), seen.proto.as_ref())
-            {
+            if let Some(mut r) = routing_answer(routed, &seen.uri, seen.host.as_ref(), seen.proto.as_ref()) {
                 // The CORS headers nestor's layer put on the original answer still apply.
                 for name in [
                     header::ACCESS_CONTROL_ALLOW_ORIGIN,
@@ -297,16 +258,11 @@ fn shape(seen: Seen, mut resp: Response) -> Response {
             }
         }
     }
-    if seen.preflight
-        && resp
-            .headers()
-            .contains_key(header::ACCESS_CONTROL_ALLOW_METHODS)
-    {
+    if seen.preflight && resp.headers().contains_key(header::ACCESS_CONTROL_ALLOW_METHODS) {
         resp.headers_mut().remove(header::ALLOW);
     }
     if !seen.upgrade && !resp.headers().contains_key(header::VARY) {
-        resp.headers_mut()
-            .insert(header::VARY, HeaderValue::from_static("Origin"));
+        resp.headers_mut().insert(header::VARY, HeaderValue::from_static("Origin"));
     }
     resp
 }
@@ -347,8 +303,7 @@ where
             uri: req.uri().clone(),
             host: h.get(header::HOST).cloned(),
             proto: h.get("x-forwarded-proto").cloned(),
-            preflight: req.method() == Method::OPTIONS
-                && h.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD),
+            preflight: req.method() == Method::OPTIONS && h.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD),
             upgrade: nestor_ws_proxy::upgrade::is_upgrade(&req),
         };
         let fut = self.inner.call(req);
@@ -368,57 +323,19 @@ mod tests {
         let get = Method::GET;
         let id = "0b7d1a8e-4a52-4a7b-9c62-3f7e7c1b2d10";
         assert_eq!(route(&get, "/api/settings"), Routed::Route);
-        assert_eq!(
-            route(&get, &format!("/api/conversations/{id}/events/search")),
-            Routed::Route
-        );
+        assert_eq!(route(&get, &format!("/api/conversations/{id}/events/search")), Routed::Route);
         assert_eq!(route(&get, "/api/nope"), Routed::NotFound);
         assert_eq!(route(&get, "/nope"), Routed::NotFound);
-        assert_eq!(
-            route(&get, "/api/tools"),
-            Routed::Redirect("/api/tools/".into())
-        );
-        assert_eq!(
-            route(&Method::DELETE, "/api/tools/"),
-            Routed::WrongMethod("GET".into())
-        );
-        assert_eq!(
-            route(&Method::PUT, "/api/settings"),
-            Routed::WrongMethod("GET".into())
-        );
-        assert_eq!(
-            route(
-                &Method::POST,
-                "/api/conversations/prepare-for-sandbox-pause"
-            ),
-            Routed::Route
-        );
-        assert_eq!(
-            route(&Method::PATCH, "/app-backends/ext/a/b"),
-            Routed::Route
-        );
-        assert_eq!(
-            route(&Method::POST, "/app-backends/ext/session"),
-            Routed::Route
-        );
-        assert_eq!(
-            route(&get, "/sockets/events/x"),
-            Routed::NotFound,
-            "WebSocket routes do not answer HTTP"
-        );
-        assert_eq!(
-            route(&Method::DELETE, &format!("/api/conversations/{id}/runtime")),
-            Routed::Route
-        );
+        assert_eq!(route(&get, "/api/tools"), Routed::Redirect("/api/tools/".into()));
+        assert_eq!(route(&Method::DELETE, "/api/tools/"), Routed::WrongMethod("GET".into()));
+        assert_eq!(route(&Method::PUT, "/api/settings"), Routed::WrongMethod("GET".into()));
+        assert_eq!(route(&Method::POST, "/api/conversations/prepare-for-sandbox-pause"), Routed::Route);
+        assert_eq!(route(&Method::PATCH, "/app-backends/ext/a/b"), Routed::Route);
+        assert_eq!(route(&Method::POST, "/app-backends/ext/session"), Routed::Route);
+        assert_eq!(route(&get, "/sockets/events/x"), Routed::NotFound, "WebSocket routes do not answer HTTP");
+        assert_eq!(route(&Method::DELETE, &format!("/api/conversations/{id}/runtime")), Routed::Route);
         assert_eq!(route(&get, "/api/init"), Routed::Route);
-        assert_eq!(
-            route(
-                &get,
-                &format!("/api/conversations/{id}/workspace/site/page.txt")
-            ),
-            Routed::Route,
-            "a `:path` parameter"
-        );
+        assert_eq!(route(&get, &format!("/api/conversations/{id}/workspace/site/page.txt")), Routed::Route, "a `:path` parameter");
     }
 
     #[test]
@@ -437,27 +354,14 @@ mod tests {
         assert_eq!(r.headers()[header::VARY], "Origin");
         let r = shape(seen(Method::GET, "/api/tools?x=1"), unauthorized());
         assert_eq!(r.status(), StatusCode::TEMPORARY_REDIRECT);
-        assert_eq!(
-            r.headers()[header::LOCATION],
-            "http://nestor.example:8000/api/tools/?x=1"
-        );
+        assert_eq!(r.headers()[header::LOCATION], "http://nestor.example:8000/api/tools/?x=1");
         let r = shape(seen(Method::GET, "/api/settings"), unauthorized());
-        assert_eq!(
-            r.status(),
-            StatusCode::UNAUTHORIZED,
-            "a real route keeps its 401"
-        );
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "a real route keeps its 401");
         let r = shape(seen(Method::GET, "/nestor/status"), unauthorized());
-        assert_eq!(
-            r.status(),
-            StatusCode::UNAUTHORIZED,
-            "nestor's own routes are left alone"
-        );
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "nestor's own routes are left alone");
         let mut axum405 = Response::new(Body::empty());
         *axum405.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-        axum405
-            .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET,HEAD,PATCH"));
+        axum405.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET,HEAD,PATCH"));
         let r = shape(seen(Method::PUT, "/api/settings"), axum405);
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(r.headers()[header::ALLOW], "GET");

@@ -27,10 +27,7 @@ pub fn json_response(status: StatusCode, v: &Value) -> Response {
     let body = serde_json::to_vec(v).unwrap_or_default();
     let mut r = Response::new(Body::from(body));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
@@ -55,9 +52,7 @@ pub fn unknown_conversation(id: &ConversationId, rest: &str) -> ApiError {
         "fork" => ApiError::NotFound("Source conversation not found".into()),
         "children" => ApiError::NotFound("Parent conversation not found".into()),
         // `download-trajectory`: `GET /api/file/download-trajectory/{id}`.
-        "ask_agent" | "condense" | "navigate" | "download-trajectory" => {
-            ApiError::NotFound("Conversation not found".into())
-        }
+        "ask_agent" | "condense" | "navigate" | "download-trajectory" => ApiError::NotFound("Conversation not found".into()),
         _ => ApiError::not_found(),
     }
 }
@@ -74,12 +69,7 @@ fn downstream_target(uri: &http::Uri) -> String {
 
 /// Look up a conversation the caller may see. Another user's conversation answers exactly
 /// like an unknown one.
-pub fn route(
-    state: &AppState,
-    id: &ConversationId,
-    who: &Principal,
-    rest: &str,
-) -> Result<Arc<Downstream>, ApiError> {
+pub fn route(state: &AppState, id: &ConversationId, who: &Principal, rest: &str) -> Result<Arc<Downstream>, ApiError> {
     match state.catalog.route(id) {
         Some((ds, owner)) if state.auth.is_open() || who.may_access(id, &owner) => Ok(ds),
         _ => Err(unknown_conversation(id, rest)),
@@ -97,14 +87,10 @@ pub async fn locate(state: &AppState, id: &ConversationId) {
     }
     match state.provisioner.find(id).await {
         Ok(Some(ds)) => {
-            let adopted =
-                ds.state() == DownstreamState::Ready && state.catalog.refresh(&ds).await.is_ok();
+            let adopted = ds.state() == DownstreamState::Ready && state.catalog.refresh(&ds).await.is_ok();
             if !adopted || state.catalog.route(id).is_none() {
                 let owner = ds.owner().cloned().unwrap_or_else(UserId::default_user);
-                state
-                    .catalog
-                    .register(*id, &ds, owner, json!({"id": id.to_string()}))
-                    .await;
+                state.catalog.register(*id, &ds, owner, json!({"id": id.to_string()})).await;
             }
             tracing::info!(conversation = %id, downstream = %ds.id(), "conversation found by the provisioner");
         }
@@ -114,10 +100,7 @@ pub async fn locate(state: &AppState, id: &ConversationId) {
 }
 
 fn user_principal(user: &UserId) -> Principal {
-    Principal {
-        user: user.clone(),
-        scope: Scope::User,
-    }
+    Principal { user: user.clone(), scope: Scope::User }
 }
 
 // ---------------------------------------------------------------- catalog reads
@@ -125,22 +108,11 @@ fn user_principal(user: &UserId) -> Principal {
 /// `GET /api/conversations/search`.
 pub async fn search(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
     let user = state.auth.check_user(req.headers())?;
-    let q =
-        SearchQuery::parse(&QueryParams::parse(req.uri().query())).map_err(ApiError::Validation)?;
+    let q = SearchQuery::parse(&QueryParams::parse(req.uri().query())).map_err(ApiError::Validation)?;
     refresh_catalog(&state).await;
     let owner = scope(&state, &user);
-    let page = state.catalog.search(
-        owner.as_ref(),
-        q.status.as_deref(),
-        q.sort_order,
-        q.page_id.as_deref(),
-        q.limit,
-    );
-    let mut live = if q.include_skills {
-        live_infos(&state, page.items.iter().map(|i| i.id).collect(), true).await
-    } else {
-        HashMap::new()
-    };
+    let page = state.catalog.search(owner.as_ref(), q.status.as_deref(), q.sort_order, q.page_id.as_deref(), q.limit);
+    let mut live = if q.include_skills { live_infos(&state, page.items.iter().map(|i| i.id).collect(), true).await } else { HashMap::new() };
     let mut items: Vec<PageItem> = Vec::with_capacity(page.items.len());
     for it in &page.items {
         if let Some(v) = live.remove(&it.id) {
@@ -150,16 +122,9 @@ pub async fn search(State(state): State<AppState>, req: Request<Body>) -> HttpRe
         }
     }
     // Serialized straight from the catalog's shared infos (no copy of the page).
-    let body = serde_json::to_vec(&SearchPage {
-        items,
-        next_page_id: page.next_page_id,
-    })
-    .unwrap_or_default();
+    let body = serde_json::to_vec(&SearchPage { items, next_page_id: page.next_page_id }).unwrap_or_default();
     let mut r = Response::new(Body::from(body));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(r)
 }
 
@@ -183,16 +148,11 @@ enum PageItem {
 /// changes by webhook, `catalog.webhook_staleness_secs`.
 async fn refresh_catalog(state: &AppState) {
     let quick = std::time::Duration::from_millis(state.cfg.catalog.max_staleness_ms);
-    let slow =
-        std::time::Duration::from_secs_f64(state.cfg.catalog.webhook_staleness_secs.max(0.0));
+    let slow = std::time::Duration::from_secs_f64(state.cfg.catalog.webhook_staleness_secs.max(0.0));
     state
         .catalog
         .refresh_stale_with(state.provisioner.list(), |ds| {
-            if state
-                .webhooks
-                .last_heard(ds)
-                .is_some_and(|t| t.elapsed() < slow)
-            {
+            if state.webhooks.last_heard(ds).is_some_and(|t| t.elapsed() < slow) {
                 slow
             } else {
                 quick
@@ -209,40 +169,25 @@ fn scope(state: &AppState, user: &UserId) -> Option<UserId> {
 /// `GET /api/conversations/count`.
 pub async fn count(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
     let user = state.auth.check_user(req.headers())?;
-    let status =
-        nestor_conversation_service::query::parse_count(&QueryParams::parse(req.uri().query()))
-            .map_err(ApiError::Validation)?;
+    let status = nestor_conversation_service::query::parse_count(&QueryParams::parse(req.uri().query()))
+        .map_err(ApiError::Validation)?;
     refresh_catalog(&state).await;
-    let n = state
-        .catalog
-        .count(scope(&state, &user).as_ref(), status.as_deref());
+    let n = state.catalog.count(scope(&state, &user).as_ref(), status.as_deref());
     Ok(json_response(StatusCode::OK, &json!(n)))
 }
 
 /// Fetch infos live from their downstreams (running ones only), grouped per downstream.
-async fn live_infos(
-    state: &AppState,
-    ids: Vec<ConversationId>,
-    include_skills: bool,
-) -> HashMap<ConversationId, Value> {
-    let mut by_ds: HashMap<nestor_core::DownstreamId, (Arc<Downstream>, Vec<ConversationId>)> =
-        HashMap::new();
+async fn live_infos(state: &AppState, ids: Vec<ConversationId>, include_skills: bool) -> HashMap<ConversationId, Value> {
+    let mut by_ds: HashMap<nestor_core::DownstreamId, (Arc<Downstream>, Vec<ConversationId>)> = HashMap::new();
     for id in ids {
         if let Some((ds, _)) = state.catalog.route(&id) {
             if ds.state() == DownstreamState::Ready {
-                by_ds
-                    .entry(ds.id().clone())
-                    .or_insert_with(|| (ds.clone(), Vec::new()))
-                    .1
-                    .push(id);
+                by_ds.entry(ds.id().clone()).or_insert_with(|| (ds.clone(), Vec::new())).1.push(id);
             }
         }
     }
     let fetches = by_ds.into_values().map(|(ds, ids)| async move {
-        let r = state
-            .catalog
-            .fetch_live(&ds, &ids, include_skills, forward::INTERNAL_CALL_TIMEOUT)
-            .await;
+        let r = state.catalog.fetch_live(&ds, &ids, include_skills, forward::INTERNAL_CALL_TIMEOUT).await;
         (ds, ids, r)
     });
     let mut out = HashMap::new();
@@ -255,9 +200,7 @@ async fn live_infos(
                     }
                 }
             }
-            Err(e) => {
-                tracing::warn!(downstream = %ds.id(), "batch read failed, answering from the catalog: {e}")
-            }
+            Err(e) => tracing::warn!(downstream = %ds.id(), "batch read failed, answering from the catalog: {e}"),
         }
     }
     out
@@ -266,15 +209,9 @@ async fn live_infos(
 /// `GET /api/conversations?ids=…` (up to 99, answer in request order, null if unknown).
 pub async fn batch(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
     let user = state.auth.check_user(req.headers())?;
-    let q =
-        BatchQuery::parse(&QueryParams::parse(req.uri().query())).map_err(ApiError::Validation)?;
+    let q = BatchQuery::parse(&QueryParams::parse(req.uri().query())).map_err(ApiError::Validation)?;
     let who = user_principal(&user);
-    let visible: Vec<ConversationId> = q
-        .ids
-        .iter()
-        .copied()
-        .filter(|id| route(&state, id, &who, "").is_ok())
-        .collect();
+    let visible: Vec<ConversationId> = q.ids.iter().copied().filter(|id| route(&state, id, &who, "").is_ok()).collect();
     let live = live_infos(&state, visible.clone(), q.include_skills).await;
     let out: Vec<Value> = q
         .ids
@@ -283,10 +220,7 @@ pub async fn batch(State(state): State<AppState>, req: Request<Body>) -> HttpRes
             if !visible.contains(id) {
                 return Value::Null;
             }
-            live.get(id)
-                .cloned()
-                .or_else(|| state.catalog.presented_info(id))
-                .unwrap_or(Value::Null)
+            live.get(id).cloned().or_else(|| state.catalog.presented_info(id)).unwrap_or(Value::Null)
         })
         .collect();
     Ok(json_response(StatusCode::OK, &Value::Array(out)))
@@ -304,24 +238,14 @@ pub async fn create(State(state): State<AppState>, req: Request<Body>) -> HttpRe
     let body = bounded_body(&parts, body, limit)?;
     let bytes = match body.collect().await {
         Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(ApiError::PayloadTooLarge { limit }.into())
-        }
-        Err(e) => {
-            return Err(
-                ApiError::BadRequest(format!("could not read the request body: {e}")).into(),
-            )
-        }
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(ApiError::PayloadTooLarge { limit }.into()),
+        Err(e) => return Err(ApiError::BadRequest(format!("could not read the request body: {e}")).into()),
     };
     let mut obj = parse_create_body(&bytes)?;
     let id = match obj.get("conversation_id") {
         None | Some(Value::Null) => ConversationId::new_random(),
         Some(Value::String(s)) => ConversationId::parse(s).map_err(|e| {
-            ApiError::Validation(vec![ValidationItem::uuid_parsing(
-                vec![json!("body"), json!("conversation_id")],
-                s,
-                &e.0,
-            )])
+            ApiError::Validation(vec![ValidationItem::uuid_parsing(vec![json!("body"), json!("conversation_id")], s, &e.0)])
         })?,
         Some(other) => {
             return Err(ApiError::Validation(vec![ValidationItem {
@@ -364,10 +288,7 @@ pub async fn create(State(state): State<AppState>, req: Request<Body>) -> HttpRe
         let started = std::time::Instant::now();
         let ds = state
             .provisioner
-            .provision(ProvisionRequest {
-                conversation: id,
-                owner: user.clone(),
-            })
+            .provision(ProvisionRequest { conversation: id, owner: user.clone() })
             .await
             .map_err(|e| provision_error(e, &format!("conversation {id}'s agent-server")))?;
         let r = forward_create(&state, &ds, id, &user, parts, obj, true).await;
@@ -388,10 +309,7 @@ struct CreatingEntry<'a> {
 }
 
 impl<'a> CreatingEntry<'a> {
-    fn take(
-        map: &'a dashmap::DashMap<ConversationId, Arc<tokio::sync::Mutex<()>>>,
-        id: ConversationId,
-    ) -> Self {
+    fn take(map: &'a dashmap::DashMap<ConversationId, Arc<tokio::sync::Mutex<()>>>, id: ConversationId) -> Self {
         let lock = map.entry(id).or_default().clone();
         CreatingEntry { map, id, lock }
     }
@@ -406,9 +324,7 @@ impl Drop for CreatingEntry<'_> {
     fn drop(&mut self) {
         // Only the map's handle and ours left: no one else is creating this id. The check
         // and removal run under the map's shard lock, as `take`'s insert does.
-        self.map.remove_if(&self.id, |_, l| {
-            Arc::ptr_eq(l, &self.lock) && Arc::strong_count(l) <= 2
-        });
+        self.map.remove_if(&self.id, |_, l| Arc::ptr_eq(l, &self.lock) && Arc::strong_count(l) <= 2);
     }
 }
 
@@ -424,15 +340,9 @@ async fn resolve_create_body(
     if let Some(Value::Object(m)) = obj.get_mut("secrets") {
         crate::secrets::rewrite(state, id, user, m);
     }
-    let named = ["agent", "agent_settings", "agent_profile_id"]
-        .iter()
-        .any(|k| obj.get(*k).is_some_and(|v| !v.is_null()));
+    let named = ["agent", "agent_settings", "agent_profile_id"].iter().any(|k| obj.get(*k).is_some_and(|v| !v.is_null()));
     if !named {
-        let (k, v) = state
-            .settings
-            .default_agent_source(user)
-            .await
-            .map_err(crate::routes::settings::map_settings_error)?;
+        let (k, v) = state.settings.default_agent_source(user).await.map_err(crate::routes::settings::map_settings_error)?;
         obj.insert(k, v);
     }
     let resolved = state
@@ -441,22 +351,13 @@ async fn resolve_create_body(
         .await
         .map_err(crate::routes::settings::map_settings_error)?;
     let Value::Object(mut obj) = resolved.body else {
-        return Err(
-            ApiError::Internal("settings resolution did not return an object".into()).into(),
-        );
+        return Err(ApiError::Internal("settings resolution did not return an object".into()).into());
     };
     let allowed: Option<Vec<String>> = resolved.launched_agent_profile.as_ref().and_then(|p| {
-        p.get("secret_refs").and_then(Value::as_array).map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_owned)
-                .collect()
-        })
+        p.get("secret_refs").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
     });
     if state.cfg.inject_stored_secrets {
-        let secrets = obj
-            .entry("secrets")
-            .or_insert_with(|| Value::Object(Map::new()));
+        let secrets = obj.entry("secrets").or_insert_with(|| Value::Object(Map::new()));
         if let Value::Object(m) = secrets {
             crate::secrets::inject(state, id, user, m, allowed.as_deref()).await;
             if m.is_empty() {
@@ -497,11 +398,8 @@ fn parse_create_body(bytes: &Bytes) -> Result<Map<String, Value>, ApiError> {
 /// agent with an `llm` and no kind), with secret-looking values redacted like its
 /// `sanitize_dict` (an error answer never echoes an API key back).
 fn validated_input(obj: &Map<String, Value>) -> Value {
-    let mut p: Map<String, Value> = obj
-        .iter()
-        .filter(|(k, v)| !(v.is_null() && (*k == "agent" || *k == "agent_settings")))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let mut p: Map<String, Value> =
+        obj.iter().filter(|(k, v)| !(v.is_null() && (*k == "agent" || *k == "agent_settings"))).map(|(k, v)| (k.clone(), v.clone())).collect();
     if p.get("agent").is_some_and(|a| !a.is_null()) {
         p.insert("agent_settings".into(), Value::Null);
         if let Some(Value::Object(a)) = p.get_mut("agent") {
@@ -523,16 +421,7 @@ fn sanitize(v: Value) -> Value {
             _ => json!("<redacted>"),
         }
     }
-    const SECRET: [&str; 8] = [
-        "AUTHORIZATION",
-        "COOKIE",
-        "CREDENTIAL",
-        "KEY",
-        "PASSWORD",
-        "SECRET",
-        "SESSION",
-        "TOKEN",
-    ];
+    const SECRET: [&str; 8] = ["AUTHORIZATION", "COOKIE", "CREDENTIAL", "KEY", "PASSWORD", "SECRET", "SESSION", "TOKEN"];
     match v {
         Value::Object(m) => Value::Object(
             m.into_iter()
@@ -572,32 +461,12 @@ async fn forward_create(
         state.provisioner.prepare_create(ds, &mut obj);
     }
     let body = Bytes::from(serde_json::to_vec(&Value::Object(obj)).unwrap_or_default());
-    parts
-        .headers
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     let target = downstream_target(&parts.uri);
-    let res = forward::forward(
-        state,
-        ds,
-        Some(id),
-        parts,
-        full_body(body),
-        &target,
-        ForwardOpts {
-            buffer_answer: true,
-        },
-    )
-    .await;
+    let res = forward::forward(state, ds, Some(id), parts, full_body(body), &target, ForwardOpts { buffer_answer: true }).await;
     let (status, headers, body) = match res {
-        Ok(Forwarded::Buffered {
-            status,
-            headers,
-            body,
-        }) => (status, headers, body),
+        Ok(Forwarded::Buffered { status, headers, body }) => (status, headers, body),
         Ok(Forwarded::Response(r)) => return Ok(r),
         Err(e) => {
             if fresh {
@@ -625,12 +494,7 @@ async fn forward_create(
     } else if fresh {
         release_if_empty(state, ds, id).await;
     }
-    Ok(Forwarded::Buffered {
-        status,
-        headers,
-        body,
-    }
-    .into_response())
+    Ok(Forwarded::Buffered { status, headers, body }.into_response())
 }
 
 /// A create that failed leaves nothing behind.
@@ -655,25 +519,20 @@ pub async fn per_conversation(State(state): State<AppState>, req: Request<Body>)
     let (raw_seg, rest) = tail.split_once('/').unwrap_or((tail, ""));
     let decoded;
     let raw_id: &str = if raw_seg.contains('%') {
-        decoded = percent_encoding::percent_decode_str(raw_seg)
-            .decode_utf8_lossy()
-            .into_owned();
+        decoded = percent_encoding::percent_decode_str(raw_seg).decode_utf8_lossy().into_owned();
         &decoded
     } else {
         raw_seg
     };
     let rest = rest.to_owned();
     let rest = rest.as_str();
-    let is_workspace_file =
-        req.method() == Method::GET && (rest == "workspace" || rest.starts_with("workspace/"));
+    let is_workspace_file = req.method() == Method::GET && (rest == "workspace" || rest.starts_with("workspace/"));
     let who = if is_workspace_file {
         // Workspace files: header or the workspace cookie (browsers cannot set headers on
         // iframe/img loads).
         match state.auth.check_client(req.headers()) {
             Ok(p) => p,
-            Err(e) => workspace_cookie(req.headers())
-                .and_then(|k| state.auth.principal_for_key(k.as_bytes()))
-                .ok_or(e)?,
+            Err(e) => workspace_cookie(req.headers()).and_then(|k| state.auth.principal_for_key(k.as_bytes())).ok_or(e)?,
         }
     } else {
         state.auth.check_client(req.headers())?
@@ -691,32 +550,21 @@ pub async fn per_conversation(State(state): State<AppState>, req: Request<Body>)
         (Method::DELETE, "") => delete(&state, &ds, id, req).await,
         (Method::POST, "runtime/credentials") => {
             let key = state.auth.mint_conversation_key(id, user.clone());
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({ "session_api_key": key.expose() }),
-            ))
+            Ok(json_response(StatusCode::OK, &json!({ "session_api_key": key.expose() })))
         }
         (Method::DELETE, "runtime") => {
             // Stop the conversation's runtime, keep its state (it starts again on demand).
             if ds.primary() == Some(id) {
-                state.provisioner.stop(&ds).await.map_err(|e| {
-                    provision_error(e, &format!("conversation {id}'s agent-server"))
-                })?;
+                state.provisioner.stop(&ds).await.map_err(|e| provision_error(e, &format!("conversation {id}'s agent-server")))?;
             }
             let mut r = Response::new(Body::empty());
             *r.status_mut() = StatusCode::NO_CONTENT;
             Ok(r)
         }
-        (Method::GET, "runtime") => Ok(json_response(
-            StatusCode::OK,
-            &runtime_answer(&state, &ds, id).await,
-        )),
+        (Method::GET, "runtime") => Ok(json_response(StatusCode::OK, &runtime_answer(&state, &ds, id).await)),
         (Method::POST, "runtime/reprovision") => {
             forward::ensure_ready(&state, &ds, Some(id)).await?;
-            Ok(json_response(
-                StatusCode::OK,
-                &runtime_answer(&state, &ds, id).await,
-            ))
+            Ok(json_response(StatusCode::OK, &runtime_answer(&state, &ds, id).await))
         }
         (Method::POST, "events" | "run") if state.persistence.is_some() => {
             if let (Some(p), Some((_, owner))) = (&state.persistence, state.catalog.route(&id)) {
@@ -728,9 +576,7 @@ pub async fn per_conversation(State(state): State<AppState>, req: Request<Body>)
             }
             forward_streaming(&state, &ds, Some(id), req).await
         }
-        (Method::POST, "fork") | (Method::POST, "children") => {
-            spawn_on_same(&state, &ds, id, &user, req).await
-        }
+        (Method::POST, "fork") | (Method::POST, "children") => spawn_on_same(&state, &ds, id, &user, req).await,
         (Method::POST, "secrets") => update_secrets(&state, &ds, id, &user, req).await,
         (Method::GET, "vscode/url") => {
             let headers = req.headers().clone();
@@ -779,39 +625,17 @@ pub fn cookie_value(headers: &http::HeaderMap, name: &str) -> Option<String> {
 pub const WORKSPACE_COOKIE: &str = "oh_workspace_session_key";
 
 /// Forward with streaming bodies both ways.
-pub async fn forward_streaming(
-    state: &AppState,
-    ds: &Arc<Downstream>,
-    id: Option<ConversationId>,
-    req: Request<Body>,
-) -> HttpResult {
+pub async fn forward_streaming(state: &AppState, ds: &Arc<Downstream>, id: Option<ConversationId>, req: Request<Body>) -> HttpResult {
     let (parts, body) = req.into_parts();
     let body = bounded_body(&parts, body, state.cfg.max_body_bytes)?;
     let target = downstream_target(&parts.uri);
-    let r = forward::forward(
-        state,
-        ds,
-        id,
-        parts,
-        body,
-        &target,
-        ForwardOpts {
-            buffer_answer: false,
-        },
-    )
-    .await?;
+    let r = forward::forward(state, ds, id, parts, body, &target, ForwardOpts { buffer_answer: false }).await?;
     Ok(r.into_response())
 }
 
 /// `POST /{id}/secrets`: settings-secret lookups are rewritten to point at nestor (the
 /// downstream would resolve a relative URL against itself).
-async fn update_secrets(
-    state: &AppState,
-    ds: &Arc<Downstream>,
-    id: ConversationId,
-    user: &UserId,
-    req: Request<Body>,
-) -> HttpResult {
+async fn update_secrets(state: &AppState, ds: &Arc<Downstream>, id: ConversationId, user: &UserId, req: Request<Body>) -> HttpResult {
     let (mut parts, body) = req.into_parts();
     let limit = state.cfg.max_body_bytes;
     let bytes = bounded_body(&parts, body, limit)?
@@ -828,56 +652,19 @@ async fn update_secrets(
         }
         Err(_) => bytes, // let the downstream answer its own 422
     };
-    parts
-        .headers
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     let target = downstream_target(&parts.uri);
-    let r = forward::forward(
-        state,
-        ds,
-        Some(id),
-        parts,
-        full_body(bytes),
-        &target,
-        ForwardOpts {
-            buffer_answer: false,
-        },
-    )
-    .await?;
+    let r = forward::forward(state, ds, Some(id), parts, full_body(bytes), &target, ForwardOpts { buffer_answer: false }).await?;
     Ok(r.into_response())
 }
 
 /// Fork / child: created by the downstream that owns the parent; register the new id there.
-async fn spawn_on_same(
-    state: &AppState,
-    ds: &Arc<Downstream>,
-    id: ConversationId,
-    user: &UserId,
-    req: Request<Body>,
-) -> HttpResult {
+async fn spawn_on_same(state: &AppState, ds: &Arc<Downstream>, id: ConversationId, user: &UserId, req: Request<Body>) -> HttpResult {
     let (parts, body) = req.into_parts();
     let body = bounded_body(&parts, body, state.cfg.max_body_bytes)?;
     let target = downstream_target(&parts.uri);
-    let r = forward::forward(
-        state,
-        ds,
-        Some(id),
-        parts,
-        body,
-        &target,
-        ForwardOpts {
-            buffer_answer: true,
-        },
-    )
-    .await?;
-    let Forwarded::Buffered {
-        status,
-        headers,
-        body,
-    } = r
-    else {
-        return Ok(r.into_response());
-    };
+    let r = forward::forward(state, ds, Some(id), parts, body, &target, ForwardOpts { buffer_answer: true }).await?;
+    let Forwarded::Buffered { status, headers, body } = r else { return Ok(r.into_response()) };
     if status.is_success() {
         if let Ok(v) = serde_json::from_slice::<Value>(&body) {
             // Fork answers a ConversationInfo (`id`); children a `conversation_id`.
@@ -887,41 +674,24 @@ async fn spawn_on_same(
                 .and_then(Value::as_str)
                 .and_then(|s| ConversationId::parse(s).ok());
             if let Some(new_id) = new_id {
-                let info = if v.get("created_at").is_some() {
-                    v.clone()
-                } else {
-                    json!({"id": new_id.to_string()})
-                };
+                let info = if v.get("created_at").is_some() { v.clone() } else { json!({"id": new_id.to_string()}) };
                 state.catalog.register(new_id, ds, user.clone(), info).await;
                 if v.get("created_at").is_none() {
                     // Fill in the full info in the background.
                     let st = state.clone();
                     let ds2 = ds.clone();
                     tokio::spawn(async move {
-                        let _ = st
-                            .catalog
-                            .fetch_live(&ds2, &[new_id], false, forward::INTERNAL_CALL_TIMEOUT)
-                            .await;
+                        let _ = st.catalog.fetch_live(&ds2, &[new_id], false, forward::INTERNAL_CALL_TIMEOUT).await;
                     });
                 }
             }
         }
     }
-    Ok(Forwarded::Buffered {
-        status,
-        headers,
-        body,
-    }
-    .into_response())
+    Ok(Forwarded::Buffered { status, headers, body }.into_response())
 }
 
 /// `DELETE /api/conversations/{id}`: delete downstream-side, then release the downstream.
-async fn delete(
-    state: &AppState,
-    ds: &Arc<Downstream>,
-    id: ConversationId,
-    req: Request<Body>,
-) -> HttpResult {
+async fn delete(state: &AppState, ds: &Arc<Downstream>, id: ConversationId, req: Request<Body>) -> HttpResult {
     let alone = ds.primary() == Some(id) && state.catalog.count_on(ds.id()) <= 1;
     let answer = if ds.state() != DownstreamState::Ready && alone {
         // Its own downstream is not running and hosts nothing else: removing the
@@ -931,31 +701,10 @@ async fn delete(
         let (parts, body) = req.into_parts();
         let body = bounded_body(&parts, body, state.cfg.max_body_bytes)?;
         let target = downstream_target(&parts.uri);
-        match forward::forward(
-            state,
-            ds,
-            Some(id),
-            parts,
-            body,
-            &target,
-            ForwardOpts {
-                buffer_answer: true,
-            },
-        )
-        .await?
-        {
-            Forwarded::Buffered {
-                status,
-                headers,
-                body,
-            } => {
+        match forward::forward(state, ds, Some(id), parts, body, &target, ForwardOpts { buffer_answer: true }).await? {
+            Forwarded::Buffered { status, headers, body } => {
                 if !status.is_success() && status != StatusCode::NOT_FOUND {
-                    return Ok(Forwarded::Buffered {
-                        status,
-                        headers,
-                        body,
-                    }
-                    .into_response());
+                    return Ok(Forwarded::Buffered { status, headers, body }.into_response());
                 }
                 Some((status, headers, body))
             }
@@ -972,22 +721,13 @@ async fn delete(
         state.fleet.forget(ds.id());
     }
     match answer {
-        Some((status, headers, body)) if status.is_success() => Ok(Forwarded::Buffered {
-            status,
-            headers,
-            body,
-        }
-        .into_response()),
+        Some((status, headers, body)) if status.is_success() => Ok(Forwarded::Buffered { status, headers, body }.into_response()),
         _ => Ok(json_response(StatusCode::OK, &json!({"success": true}))),
     }
 }
 
 /// `GET /api/file/download-trajectory/{id}`: forwarded by id.
-pub async fn trajectory(
-    State(state): State<AppState>,
-    Path(raw): Path<String>,
-    req: Request<Body>,
-) -> HttpResult {
+pub async fn trajectory(State(state): State<AppState>, Path(raw): Path<String>, req: Request<Body>) -> HttpResult {
     let who = state.auth.check_client(req.headers())?;
     let id = path_id(&raw)?;
     locate(&state, &id).await;

@@ -28,9 +28,6 @@ pub async fn server_info(State(state): State<AppState>) -> Response {
 
 pub async fn openapi() -> Response {
     let mut r = Response::new(axum::body::Body::from(OPENAPI));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }

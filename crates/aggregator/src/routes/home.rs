@@ -61,12 +61,7 @@ pub fn classify(method: &Method, path: &str) -> Global {
     {
         return Global::Workspace;
     }
-    if method == Method::POST
-        && matches!(
-            path,
-            "/api/skills" | "/api/plugins" | "/api/hooks" | "/api/sub-agents"
-        )
-    {
+    if method == Method::POST && matches!(path, "/api/skills" | "/api/plugins" | "/api/hooks" | "/api/sub-agents") {
         return Global::ProjectDir;
     }
     Global::Local
@@ -84,14 +79,9 @@ pub fn addressed(
     query: &QueryParams,
     body: Option<&Value>,
 ) -> Result<Option<(ConversationId, Arc<Downstream>)>, ApiError> {
-    if let Some(raw) = headers
-        .get(CONVERSATION_HEADER)
-        .and_then(|v| v.to_str().ok())
-    {
+    if let Some(raw) = headers.get(CONVERSATION_HEADER).and_then(|v| v.to_str().ok()) {
         let id = ConversationId::parse(raw.trim()).map_err(|_| {
-            ApiError::BadRequest(format!(
-                "{CONVERSATION_HEADER} is not a conversation id: {raw:?}"
-            ))
+            ApiError::BadRequest(format!("{CONVERSATION_HEADER} is not a conversation id: {raw:?}"))
         })?;
         let ds = route(state, &id, who, "")?;
         return Ok(Some((id, ds)));
@@ -120,25 +110,13 @@ pub fn addressed(
     }
     let mut best: Option<(usize, ConversationId)> = None;
     let mut ambiguous = false;
-    for id in state
-        .catalog
-        .visible_ids(state.auth.listing_scope(&who.user).as_ref())
-    {
-        let Some(wd) = state
-            .catalog
-            .working_dir(&id)
-            .as_deref()
-            .and_then(normalize_path)
-        else {
-            continue;
-        };
+    for id in state.catalog.visible_ids(state.auth.listing_scope(&who.user).as_ref()) {
+        let Some(wd) = state.catalog.working_dir(&id).as_deref().and_then(normalize_path) else { continue };
         if wd == "/" {
             continue;
         }
         let wd = wd.as_str();
-        let inside = paths
-            .iter()
-            .any(|p| p == wd || p.starts_with(&format!("{wd}/")));
+        let inside = paths.iter().any(|p| p == wd || p.starts_with(&format!("{wd}/")));
         if !inside {
             continue;
         }
@@ -205,29 +183,17 @@ pub async fn fallback(State(state): State<AppState>, req: Request<Body>) -> Http
         return Err(ApiError::not_found().into());
     }
     if public {
-        let ds = state
-            .provisioner
-            .home()
-            .await
-            .map_err(|e| provision_error(e, "the home agent-server"))?;
+        let ds = state.provisioner.home().await.map_err(|e| provision_error(e, "the home agent-server"))?;
         return forward_streaming(&state, &ds, None, req).await;
     }
     let who = state.auth.check_client(req.headers())?;
     if path.starts_with("/app-backends/") && nestor_ws_proxy::upgrade::is_upgrade(&req) {
         // The canvas app-backend socket proxy of the home agent-server: spliced, so its own
         // answer to the upgrade (e.g. 403) reaches the client.
-        let ds = state
-            .provisioner
-            .home()
-            .await
-            .map_err(|e| provision_error(e, "the home agent-server"))?;
+        let ds = state.provisioner.home().await.map_err(|e| provision_error(e, "the home agent-server"))?;
         let ep = crate::forward::ensure_ready(&state, &ds, None).await?;
         let (parts, body) = req.into_parts();
-        let target = match parts
-            .uri
-            .query()
-            .and_then(crate::forward::strip_key_from_query)
-        {
+        let target = match parts.uri.query().and_then(crate::forward::strip_key_from_query) {
             Some(q) => format!("{path}?{q}"),
             None => path.clone(),
         };
@@ -239,11 +205,7 @@ pub async fn fallback(State(state): State<AppState>, req: Request<Body>) -> Http
         return Err(ApiError::Unauthorized.into());
     }
     if kind == Global::Local {
-        let ds = state
-            .provisioner
-            .home()
-            .await
-            .map_err(|e| provision_error(e, "the home agent-server"))?;
+        let ds = state.provisioner.home().await.map_err(|e| provision_error(e, "the home agent-server"))?;
         return forward_streaming(&state, &ds, None, req).await;
     }
     // Workspace or project_dir: find the conversation it addresses.
@@ -253,18 +215,11 @@ pub async fn fallback(State(state): State<AppState>, req: Request<Body>) -> Http
         Some((id, ds)) if path == "/api/vscode/url" => {
             let headers = req.headers().clone();
             let resp = forward_streaming(&state, &ds, Some(id), req).await?;
-            Ok(
-                crate::routes::vscode::rewrite_response(&state, id, &who.user, &headers, resp)
-                    .await,
-            )
+            Ok(crate::routes::vscode::rewrite_response(&state, id, &who.user, &headers, resp).await)
         }
         Some((id, ds)) => forward_streaming(&state, &ds, Some(id), req).await,
         None if kind == Global::ProjectDir => {
-            let ds = state
-                .provisioner
-                .home()
-                .await
-                .map_err(|e| provision_error(e, "the home agent-server"))?;
+            let ds = state.provisioner.home().await.map_err(|e| provision_error(e, "the home agent-server"))?;
             forward_streaming(&state, &ds, None, req).await
         }
         None => Err(ApiError::BadRequest(HOW_TO_ADDRESS.into()).into()),
@@ -311,11 +266,7 @@ async fn openai_gateway(state: AppState, req: Request<Body>) -> HttpResult {
         Some(p) => p,
         None => state.auth.check_client(req.headers())?,
     };
-    let header_id = req
-        .headers()
-        .get(CONVERSATION_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let header_id = req.headers().get(CONVERSATION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
     if let Some(raw) = header_id {
         let id = ConversationId::parse(&raw).map_err(|_| ApiError::not_found())?;
         let ds = route(&state, &id, &who, "").map_err(|_| unknown_conversation(&id, ""))?;
@@ -324,11 +275,7 @@ async fn openai_gateway(state: AppState, req: Request<Body>) -> HttpResult {
     if who.conversation().is_some() {
         return Err(ApiError::Unauthorized.into());
     }
-    let ds = state
-        .provisioner
-        .home()
-        .await
-        .map_err(|e| provision_error(e, "the home agent-server"))?;
+    let ds = state.provisioner.home().await.map_err(|e| provision_error(e, "the home agent-server"))?;
     let resp: Response = forward_streaming(&state, &ds, None, req).await?;
     // A conversation the downstream just created: make it routable now.
     if let Some(id) = resp
@@ -338,21 +285,10 @@ async fn openai_gateway(state: AppState, req: Request<Body>) -> HttpResult {
         .and_then(|s| ConversationId::parse(s).ok())
     {
         if state.catalog.route(&id).is_none() {
-            state
-                .catalog
-                .register(
-                    id,
-                    &ds,
-                    who.user.clone(),
-                    serde_json::json!({"id": id.to_string()}),
-                )
-                .await;
+            state.catalog.register(id, &ds, who.user.clone(), serde_json::json!({"id": id.to_string()})).await;
             let st = state.clone();
             tokio::spawn(async move {
-                let _ = st
-                    .catalog
-                    .fetch_live(&ds, &[id], false, crate::forward::INTERNAL_CALL_TIMEOUT)
-                    .await;
+                let _ = st.catalog.fetch_live(&ds, &[id], false, crate::forward::INTERNAL_CALL_TIMEOUT).await;
             });
         }
     }
@@ -366,10 +302,7 @@ mod tests {
     #[test]
     fn paths_are_resolved_before_matching_working_dirs() {
         assert_eq!(normalize_path("/w/a/./b//c/").as_deref(), Some("/w/a/b/c"));
-        assert_eq!(
-            normalize_path("/w/a/../../../etc/passwd").as_deref(),
-            Some("/etc/passwd")
-        );
+        assert_eq!(normalize_path("/w/a/../../../etc/passwd").as_deref(), Some("/etc/passwd"));
         assert_eq!(normalize_path("/w/a/..").as_deref(), Some("/w"));
         assert_eq!(normalize_path("/").as_deref(), Some("/"));
         assert_eq!(normalize_path("w/a"), None);
@@ -379,17 +312,11 @@ mod tests {
     fn classes() {
         let get = Method::GET;
         let post = Method::POST;
-        assert_eq!(
-            classify(&post, "/api/bash/execute_bash_command"),
-            Global::Workspace
-        );
+        assert_eq!(classify(&post, "/api/bash/execute_bash_command"), Global::Workspace);
         assert_eq!(classify(&get, "/api/file/download"), Global::Workspace);
         assert_eq!(classify(&get, "/api/file/home"), Global::Local);
         assert_eq!(classify(&get, "/api/git/changes"), Global::Workspace);
-        assert_eq!(
-            classify(&get, "/api/git/repositories/search"),
-            Global::Local
-        );
+        assert_eq!(classify(&get, "/api/git/repositories/search"), Global::Local);
         assert_eq!(classify(&get, "/api/vscode/url"), Global::Workspace);
         assert_eq!(classify(&post, "/api/skills"), Global::ProjectDir);
         assert_eq!(classify(&get, "/api/skills/catalog"), Global::Local);

@@ -13,8 +13,8 @@ pub mod compat;
 pub mod conversations;
 pub mod health;
 pub mod home;
-pub mod settings;
 pub mod sockets;
+pub mod settings;
 pub mod status;
 pub mod vscode;
 pub mod workspace_session;
@@ -30,28 +30,16 @@ use crate::app::AppState;
 /// alone, on `internal_bind`.
 fn internal_router() -> Router<AppState> {
     Router::new()
-        .route(
-            "/nestor/secrets/{conversation}/{name}",
-            get(crate::secrets::lookup),
-        )
-        .route(
-            "/nestor/webhooks/conversations",
-            axum::routing::post(crate::webhooks::receive_conversation),
-        )
-        .route(
-            "/nestor/webhooks/events/{id}",
-            axum::routing::post(crate::webhooks::receive_events),
-        )
+        .route("/nestor/secrets/{conversation}/{name}", get(crate::secrets::lookup))
+        .route("/nestor/webhooks/conversations", axum::routing::post(crate::webhooks::receive_conversation))
+        .route("/nestor/webhooks/events/{id}", axum::routing::post(crate::webhooks::receive_events))
 }
 
 /// The router of the internal listener: downstream callbacks only, no client API.
 pub fn internal_only(state: AppState) -> Router {
     internal_router()
         .fallback(|| async { crate::errors::HttpError::from(nestor_core::ApiError::not_found()) })
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            crate::observability::track,
-        ))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::observability::track))
         .with_state(state)
 }
 
@@ -68,24 +56,12 @@ pub fn router(state: AppState) -> Router {
         .route("/server_info", get(health::server_info))
         .route("/", get(health::server_info))
         .route("/openapi.json", get(health::openapi))
-        .route(
-            "/api/conversations",
-            get(conversations::batch).post(conversations::create),
-        )
+        .route("/api/conversations", get(conversations::batch).post(conversations::create))
         .route("/api/conversations/search", get(conversations::search))
         .route("/api/conversations/count", get(conversations::count))
-        .route(
-            "/api/conversations/{id}",
-            any(conversations::per_conversation),
-        )
-        .route(
-            "/api/conversations/{id}/{*rest}",
-            any(conversations::per_conversation),
-        )
-        .route(
-            "/api/file/download-trajectory/{id}",
-            get(conversations::trajectory),
-        )
+        .route("/api/conversations/{id}", any(conversations::per_conversation))
+        .route("/api/conversations/{id}/{*rest}", any(conversations::per_conversation))
+        .route("/api/file/download-trajectory/{id}", get(conversations::trajectory))
         .route("/sockets/events/{id}", get(sockets::events))
         .route("/sockets/conversation/{id}/events", get(sockets::events))
         .route("/sockets/session/{id}", get(sockets::session))
@@ -94,23 +70,15 @@ pub fn router(state: AppState) -> Router {
         .merge(internal_router())
         .route("/nestor/vscode/{conversation}/", any(vscode::proxy))
         .route("/nestor/vscode/{conversation}/{*rest}", any(vscode::proxy))
-        .route(
-            "/api/profiles/{name}/validate",
-            axum::routing::post(settings::validate_profile),
-        )
+        .route("/api/profiles/{name}/validate", axum::routing::post(settings::validate_profile))
         .merge(settings::router(&state))
         .route(
             "/api/auth/workspace-session",
             axum::routing::post(workspace_session::create).delete(workspace_session::delete),
         )
         .fallback(home::fallback)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            crate::observability::track,
-        ))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::observability::track))
         .with_state(state);
     // Outside every route (compat::CompatLayer must see answers after axum's method router).
-    Router::new()
-        .fallback_service(app)
-        .layer(compat::CompatLayer)
+    Router::new().fallback_service(app).layer(compat::CompatLayer)
 }

@@ -25,9 +25,8 @@ use crate::routes::conversations::forward_streaming;
 
 /// The store's routes behind nestor's authentication.
 pub fn router(state: &AppState) -> Router<AppState> {
-    nestor_settings::router::<AppState>(state.settings.clone()).route_layer(
-        axum::middleware::from_fn_with_state(state.clone(), authenticate),
-    )
+    nestor_settings::router::<AppState>(state.settings.clone())
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
 }
 
 async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
@@ -43,10 +42,7 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
 fn settings_error(e: nestor_settings::Error) -> HttpError {
     let mut r = Response::new(Body::from(serde_json::to_vec(&e.body).unwrap_or_default()));
     *r.status_mut() = e.status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     HttpError::Raw(Box::new(r))
 }
 
@@ -59,36 +55,16 @@ pub async fn validate_profile(State(state): State<AppState>, req: Request) -> Ht
         .await
         .map_err(|e| ApiError::BadRequest(format!("could not read the request body: {e}")))?
         .to_bytes();
-    let mut v: Value = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::Validation(vec![nestor_core::error::ValidationItem::json_invalid(
-            e.column(),
-            &e.to_string(),
-        )])
-    })?;
+    let mut v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::Validation(vec![nestor_core::error::ValidationItem::json_invalid(e.column(), &e.to_string())]))?;
     if let Some(llm) = v.get("llm").cloned() {
-        let resolved = state
-            .settings
-            .resolve_llm_for_validation(&user, llm)
-            .await
-            .map_err(settings_error)?;
+        let resolved = state.settings.resolve_llm_for_validation(&user, llm).await.map_err(settings_error)?;
         v["llm"] = resolved;
     }
     let bytes = Bytes::from(serde_json::to_vec(&v).unwrap_or_default());
-    parts
-        .headers
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-    let ds = state
-        .provisioner
-        .home()
-        .await
-        .map_err(|e| provision_error(e, "the home agent-server"))?;
-    forward_streaming(
-        &state,
-        &ds,
-        None,
-        Request::from_parts(parts, Body::from(bytes)),
-    )
-    .await
+    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    let ds = state.provisioner.home().await.map_err(|e| provision_error(e, "the home agent-server"))?;
+    forward_streaming(&state, &ds, None, Request::from_parts(parts, Body::from(bytes))).await
 }
 
 /// A settings-store error as an answer.

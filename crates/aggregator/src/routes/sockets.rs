@@ -11,21 +11,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tracing::Instrument;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use http::{Request, StatusCode};
-use nestor_conversation_service::QueryParams;
 use nestor_core::{ConversationId, DownstreamId, DownstreamState, Endpoint};
 use nestor_ws_proxy::{upgrade, ClientAuth, PairSpec, SocketKind, Upstream, UpstreamError};
-use tracing::Instrument;
+use nestor_conversation_service::QueryParams;
 
 use std::sync::Mutex;
 
 use crate::app::AppState;
 use crate::auth::Principal;
-use crate::routes::conversations::json_response;
 use crate::routes::home;
+use crate::routes::conversations::json_response;
 
 fn forbidden() -> Response {
     // What uvicorn answers when a socket is closed before it was accepted.
@@ -35,49 +35,25 @@ fn forbidden() -> Response {
 }
 
 /// `/sockets/events/{id}` and `/sockets/conversation/{id}/events`.
-pub async fn events(
-    State(state): State<AppState>,
-    Path(raw): Path<String>,
-    req: Request<Body>,
-) -> Response {
+pub async fn events(State(state): State<AppState>, Path(raw): Path<String>, req: Request<Body>) -> Response {
     socket(state, raw, SocketKind::Events, req).await
 }
 
 /// `/sockets/session/{id}`.
-pub async fn session(
-    State(state): State<AppState>,
-    Path(raw): Path<String>,
-    req: Request<Body>,
-) -> Response {
+pub async fn session(State(state): State<AppState>, Path(raw): Path<String>, req: Request<Body>) -> Response {
     socket(state, raw, SocketKind::Session, req).await
 }
 
 /// `/sockets/bash-events`: host-global, proxied to the home downstream (no resume).
 pub async fn bash_events(State(state): State<AppState>, req: Request<Body>) -> Response {
-    socket(
-        state,
-        uuid::Uuid::nil().to_string(),
-        SocketKind::BashEvents,
-        req,
-    )
-    .await
+    socket(state, uuid::Uuid::nil().to_string(), SocketKind::BashEvents, req).await
 }
 
-async fn socket(
-    state: AppState,
-    raw: String,
-    kind: SocketKind,
-    mut req: Request<Body>,
-) -> Response {
+async fn socket(state: AppState, raw: String, kind: SocketKind, mut req: Request<Body>) -> Response {
     if !upgrade::is_upgrade(&req) {
-        return json_response(
-            StatusCode::NOT_FOUND,
-            &serde_json::json!({"detail": "Not Found"}),
-        );
+        return json_response(StatusCode::NOT_FOUND, &serde_json::json!({"detail": "Not Found"}));
     }
-    let Ok(id) = ConversationId::parse(&raw) else {
-        return forbidden();
-    };
+    let Ok(id) = ConversationId::parse(&raw) else { return forbidden() };
     let query = QueryParams::parse(req.uri().query());
     if !query_is_valid(kind, &query) {
         // FastAPI validates a socket's query before its handler runs: refused (403).
@@ -90,11 +66,7 @@ async fn socket(
     let presented = query
         .last("session_api_key")
         .map(|k| k.as_bytes().to_vec())
-        .or_else(|| {
-            req.headers()
-                .get(nestor_core::SESSION_KEY_HEADER)
-                .map(|k| k.as_bytes().to_vec())
-        });
+        .or_else(|| req.headers().get(nestor_core::SESSION_KEY_HEADER).map(|k| k.as_bytes().to_vec()));
     let auth = if state.auth.is_open() {
         *who.lock().unwrap() = state.auth.principal_for_key(b"");
         ClientAuth::Done
@@ -107,29 +79,20 @@ async fn socket(
     } else {
         let auth = state.auth.clone();
         let slot = who.clone();
-        ClientAuth::FirstFrame(Arc::new(move |k: &str| {
-            match auth.principal_for_key(k.as_bytes()) {
-                Some(p) => {
-                    *slot.lock().unwrap() = Some(p);
-                    true
-                }
-                None => false,
+        ClientAuth::FirstFrame(Arc::new(move |k: &str| match auth.principal_for_key(k.as_bytes()) {
+            Some(p) => {
+                *slot.lock().unwrap() = Some(p);
+                true
             }
+            None => false,
         }))
     };
     // The host-global bash socket must name its conversation (docs/routing.md).
-    let header_target = req
-        .headers()
-        .get(home::CONVERSATION_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| ConversationId::parse(s.trim()).ok());
+    let header_target = req.headers().get(home::CONVERSATION_HEADER).and_then(|v| v.to_str().ok()).and_then(|s| ConversationId::parse(s.trim()).ok());
     if kind == SocketKind::BashEvents {
         if let Some(p) = who.lock().unwrap().as_ref() {
             if header_target.is_none() && p.conversation().is_none() {
-                return json_response(
-                    StatusCode::BAD_REQUEST,
-                    &serde_json::json!({"detail": home::HOW_TO_ADDRESS}),
-                );
+                return json_response(StatusCode::BAD_REQUEST, &serde_json::json!({"detail": home::HOW_TO_ADDRESS}));
             }
         }
     }
@@ -138,21 +101,12 @@ async fn socket(
         Err(e) => return (e.status(), e.to_string()).into_response(),
     };
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
-        return (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "connection cannot be upgraded",
-        )
-            .into_response();
+        return (StatusCode::INTERNAL_SERVER_ERROR, "connection cannot be upgraded").into_response();
     };
     let spec = PairSpec {
         kind,
         conversation: id,
-        query: query
-            .pairs()
-            .iter()
-            .filter(|(k, _)| k != "session_api_key")
-            .cloned()
-            .collect(),
+        query: query.pairs().iter().filter(|(k, _)| k != "session_api_key").cloned().collect(),
         auth,
     };
     let cfg = state.ws.clone();
@@ -173,25 +127,13 @@ async fn socket(
             SocketKind::Session => "session",
             SocketKind::BashEvents => "bash_events",
         });
-        let target = if kind == SocketKind::BashEvents {
-            header_target
-        } else {
-            Some(id)
-        };
+        let target = if kind == SocketKind::BashEvents { header_target } else { Some(id) };
         // Attached sockets keep a downstream from idle stop.
-        let _attached = target
-            .and_then(|t| state.catalog.route(&t))
-            .map(|(ds, _)| ds.attach_socket());
-        let upstream: Arc<dyn Upstream> = Arc::new(ConversationUpstream {
-            state: state.clone(),
-            target,
-            who,
-        });
+        let _attached = target.and_then(|t| state.catalog.route(&t)).map(|(ds, _)| ds.attach_socket());
+        let upstream: Arc<dyn Upstream> = Arc::new(ConversationUpstream { state: state.clone(), target, who });
         let span = tracing::info_span!("socket", conversation = %id, kind = ?kind);
         let shutdown = Box::pin(state.shutdown.clone().cancelled_owned());
-        nestor_ws_proxy::bridge_until(client, spec, upstream, cfg, shutdown)
-            .instrument(span)
-            .await;
+        nestor_ws_proxy::bridge_until(client, spec, upstream, cfg, shutdown).instrument(span).await;
     });
     resp.map(|()| Body::empty())
 }
@@ -201,10 +143,7 @@ async fn socket(
 /// `after_seq` (an int); bash-events `resend_mode` (`all`), `resend_all`.
 fn query_is_valid(kind: SocketKind, q: &QueryParams) -> bool {
     fn is_bool(v: &str) -> bool {
-        matches!(
-            v.to_ascii_lowercase().as_str(),
-            "0" | "off" | "f" | "false" | "n" | "no" | "1" | "on" | "t" | "true" | "y" | "yes"
-        )
+        matches!(v.to_ascii_lowercase().as_str(), "0" | "off" | "f" | "false" | "n" | "no" | "1" | "on" | "t" | "true" | "y" | "yes")
     }
     fn is_int(v: &str) -> bool {
         let v = v.trim();
@@ -222,9 +161,7 @@ fn query_is_valid(kind: SocketKind, q: &QueryParams) -> bool {
     let ok = |name: &str, f: &dyn Fn(&str) -> bool| q.last(name).is_none_or(f);
     match kind {
         SocketKind::Events => {
-            ok("resend_mode", &|v| v == "all" || v == "since")
-                && ok("after_timestamp", &is_datetime)
-                && ok("resend_all", &is_bool)
+            ok("resend_mode", &|v| v == "all" || v == "since") && ok("after_timestamp", &is_datetime) && ok("resend_all", &is_bool)
         }
         SocketKind::Session => ok("after_seq", &is_int),
         SocketKind::BashEvents => ok("resend_mode", &|v| v == "all") && ok("resend_all", &is_bool),
@@ -244,16 +181,11 @@ struct ConversationUpstream {
 #[async_trait]
 impl Upstream for ConversationUpstream {
     async fn endpoint(&self, timeout: Duration) -> Result<Arc<Endpoint>, UpstreamError> {
-        let Some(who) = self.who.lock().unwrap().clone() else {
-            return Err(UpstreamError::NotFound);
-        };
+        let Some(who) = self.who.lock().unwrap().clone() else { return Err(UpstreamError::NotFound) };
         // bash-events with first-frame auth: a conversation key names its conversation.
-        let Some(id) = self.target.or(who.conversation()) else {
-            return Err(UpstreamError::NotFound);
-        };
+        let Some(id) = self.target.or(who.conversation()) else { return Err(UpstreamError::NotFound) };
         crate::routes::conversations::locate(&self.state, &id).await;
-        let ds = crate::routes::conversations::route(&self.state, &id, &who, "")
-            .map_err(|_| UpstreamError::NotFound)?;
+        let ds = crate::routes::conversations::route(&self.state, &id, &who, "").map_err(|_| UpstreamError::NotFound)?;
         if ds.state() == DownstreamState::Ready {
             if let Some(ep) = ds.endpoint() {
                 return Ok(ep);
@@ -264,32 +196,23 @@ impl Upstream for ConversationUpstream {
         let deadline = tokio::time::Instant::now() + timeout;
         let gate = ready_gate(ds.id());
         let Ok(_turn) = tokio::time::timeout_at(deadline, gate.lock()).await else {
-            return Err(UpstreamError::Unavailable(
-                "the conversation's agent-server is not ready yet".into(),
-            ));
+            return Err(UpstreamError::Unavailable("the conversation's agent-server is not ready yet".into()));
         };
         if ds.state() == DownstreamState::Ready {
             if let Some(ep) = ds.endpoint() {
                 return Ok(ep);
             }
         }
-        if matches!(
-            ds.state(),
-            DownstreamState::Stopped | DownstreamState::Failed(_)
-        ) && ds.primary().is_some()
-        {
+        if matches!(ds.state(), DownstreamState::Stopped | DownstreamState::Failed(_)) && ds.primary().is_some() {
             // Starting it again counts against the admission limits, as for a request.
-            crate::lifecycle::admit(&self.state, ds.owner())
-                .map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
+            crate::lifecycle::admit(&self.state, ds.owner()).map_err(|e| UpstreamError::Unavailable(e.to_string()))?;
         }
         let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
         match self.state.provisioner.ensure_ready(&ds, timeout).await {
-            Ok(()) => ds
-                .endpoint()
-                .ok_or_else(|| UpstreamError::Unavailable("no endpoint".into())),
-            Err(nestor_provisioner::ProvisionError::NotReady(
-                nestor_core::downstream::NotReady::Released,
-            )) => Err(UpstreamError::NotFound),
+            Ok(()) => ds.endpoint().ok_or_else(|| UpstreamError::Unavailable("no endpoint".into())),
+            Err(nestor_provisioner::ProvisionError::NotReady(nestor_core::downstream::NotReady::Released)) => {
+                Err(UpstreamError::NotFound)
+            }
             Err(e) => Err(UpstreamError::Unavailable(e.to_string())),
         }
     }
@@ -312,24 +235,15 @@ impl Upstream for ConversationUpstream {
         // Only changes: a value the catalog already has (a replay, another client's socket
         // on the same conversation) writes nothing and leaves `updated_at` alone.
         let Some(id) = self.target else { return };
-        let (Some(key), Some(value)) = (
-            event.get("key").and_then(serde_json::Value::as_str),
-            event.get("value"),
-        ) else {
-            return;
-        };
+        let (Some(key), Some(value)) = (event.get("key").and_then(serde_json::Value::as_str), event.get("value")) else { return };
         if key == "full_state" {
             return; // the snapshot every subscription starts with: nothing new
         }
-        let Some(entry) = self.state.catalog.get(&id) else {
-            return;
-        };
+        let Some(entry) = self.state.catalog.get(&id) else { return };
         if entry.item.info.get(key) == Some(value) {
             return;
         }
-        self.state
-            .catalog
-            .apply_events(&id, entry.downstream.id(), std::slice::from_ref(event));
+        self.state.catalog.apply_events(&id, entry.downstream.id(), std::slice::from_ref(event));
     }
 }
 
@@ -343,10 +257,7 @@ impl Upstream for ConversationUpstream {
 fn ready_gate(id: &DownstreamId) -> Arc<tokio::sync::Mutex<()>> {
     type Gates = std::collections::HashMap<DownstreamId, std::sync::Weak<tokio::sync::Mutex<()>>>;
     static GATES: std::sync::OnceLock<Mutex<Gates>> = std::sync::OnceLock::new();
-    let mut gates = GATES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
+    let mut gates = GATES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
     if let Some(g) = gates.get(id).and_then(std::sync::Weak::upgrade) {
         return g;
     }

@@ -27,11 +27,8 @@ pub async fn status(State(state): State<AppState>, req: Request<Body>) -> HttpRe
     let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
     for ds in state.provisioner.list() {
         for id in state.catalog.ids_on(ds.id()) {
-            let Some(e) = state.catalog.get(&id) else {
-                continue;
-            };
-            let age = (e.item.created > i128::MIN)
-                .then(|| ((now - e.item.created) / 1_000_000_000) as i64);
+            let Some(e) = state.catalog.get(&id) else { continue };
+            let age = (e.item.created > i128::MIN).then(|| ((now - e.item.created) / 1_000_000_000) as i64);
             conversations.push(json!({
                 "id": id.to_string(),
                 "downstream": ds.id().as_str(),

@@ -43,34 +43,15 @@ pub struct VscodeTarget {
 /// Parse a downstream's VS Code URL.
 fn parse_target(url: &str) -> Option<(VscodeTarget, Option<String>)> {
     let uri: http::Uri = url.parse().ok()?;
-    let port = uri
-        .port_u16()
-        .unwrap_or(if uri.scheme_str() == Some("https") {
-            443
-        } else {
-            80
-        });
+    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
     let q = QueryParams::parse(uri.query());
     let token = q.last("tkn")?.to_owned();
     let folder = q.last("folder").map(str::to_owned);
-    Some((
-        VscodeTarget {
-            port,
-            base_path: uri.path().trim_end_matches('/').to_owned(),
-            token,
-        },
-        folder,
-    ))
+    Some((VscodeTarget { port, base_path: uri.path().trim_end_matches('/').to_owned(), token }, folder))
 }
 
 /// Rewrite a downstream's `{"url": …}` answer into nestor's (minting the token).
-pub async fn rewrite_url_answer(
-    state: &AppState,
-    id: ConversationId,
-    user: &nestor_core::UserId,
-    headers: &http::HeaderMap,
-    body: &[u8],
-) -> Option<Vec<u8>> {
+pub async fn rewrite_url_answer(state: &AppState, id: ConversationId, user: &nestor_core::UserId, headers: &http::HeaderMap, body: &[u8]) -> Option<Vec<u8>> {
     let mut v: Value = serde_json::from_slice(body).ok()?;
     let url = v.get("url")?.as_str()?.to_owned();
     let (target, folder) = parse_target(&url)?;
@@ -88,53 +69,26 @@ pub async fn rewrite_url_answer(
 
 /// Learn the target by asking the downstream (after a nestor restart, or before any
 /// `/vscode/url` call went through nestor).
-async fn learn_target(
-    state: &AppState,
-    id: ConversationId,
-    ds: &Arc<Downstream>,
-) -> Result<VscodeTarget, ApiError> {
+async fn learn_target(state: &AppState, id: ConversationId, ds: &Arc<Downstream>) -> Result<VscodeTarget, ApiError> {
     let ep = forward::ensure_ready(state, ds, Some(id)).await?;
     let v: Value = state
         .client
-        .get_json(
-            &ep,
-            &format!("/api/conversations/{id}/vscode/url"),
-            forward::INTERNAL_CALL_TIMEOUT,
-        )
+        .get_json(&ep, &format!("/api/conversations/{id}/vscode/url"), forward::INTERNAL_CALL_TIMEOUT)
         .await
-        .map_err(|e| {
-            ApiError::BadGateway(format!("conversation {id}'s VS Code is not available: {e}"))
-        })?;
-    let url = v
-        .get("url")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::Unavailable {
-            detail: format!("conversation {id}'s VS Code is not running"),
-            retry_after: Some(std::time::Duration::from_secs(5)),
-        })?;
-    let (t, _) = parse_target(url).ok_or_else(|| {
-        ApiError::BadGateway("the agent-server's VS Code URL is not understood".into())
+        .map_err(|e| ApiError::BadGateway(format!("conversation {id}'s VS Code is not available: {e}")))?;
+    let url = v.get("url").and_then(Value::as_str).ok_or_else(|| ApiError::Unavailable {
+        detail: format!("conversation {id}'s VS Code is not running"),
+        retry_after: Some(std::time::Duration::from_secs(5)),
     })?;
+    let (t, _) = parse_target(url).ok_or_else(|| ApiError::BadGateway("the agent-server's VS Code URL is not understood".into()))?;
     state.vscode.insert(id, t.clone());
     Ok(t)
 }
 
 /// `/nestor/vscode/{conversation}/{*rest}`: HTTP and WebSocket.
-pub async fn proxy(
-    State(state): State<AppState>,
-    Path(params): Path<Vec<(String, String)>>,
-    req: Request<Body>,
-) -> HttpResult {
-    let raw = params
-        .iter()
-        .find(|(k, _)| k == "conversation")
-        .map(|(_, v)| v.as_str())
-        .unwrap_or("");
-    let rest = params
-        .iter()
-        .find(|(k, _)| k == "rest")
-        .map(|(_, v)| v.as_str())
-        .unwrap_or("");
+pub async fn proxy(State(state): State<AppState>, Path(params): Path<Vec<(String, String)>>, req: Request<Body>) -> HttpResult {
+    let raw = params.iter().find(|(k, _)| k == "conversation").map(|(_, v)| v.as_str()).unwrap_or("");
+    let rest = params.iter().find(|(k, _)| k == "rest").map(|(_, v)| v.as_str()).unwrap_or("");
     let id = ConversationId::parse(raw).map_err(|_| ApiError::not_found())?;
     let query = QueryParams::parse(req.uri().query());
     // The nestor token: in the query (first load) or the cookie (everything after).
@@ -147,10 +101,7 @@ pub async fn proxy(
         .ok_or(ApiError::Unauthorized)?;
     let allowed = match &who.scope {
         Scope::Vscode(c) => *c == id,
-        _ => state
-            .catalog
-            .route(&id)
-            .is_some_and(|(_, owner)| who.may_access(&id, &owner)),
+        _ => state.catalog.route(&id).is_some_and(|(_, owner)| who.may_access(&id, &owner)),
     };
     let Some((ds, _)) = state.catalog.route(&id).filter(|_| allowed) else {
         return Err(ApiError::not_found().into());
@@ -160,39 +111,19 @@ pub async fn proxy(
         None => learn_target(&state, id, &ds).await?,
     };
     let ep = forward::ensure_ready(&state, &ds, Some(id)).await?;
-    let vs = Endpoint::new(
-        ep.scheme.clone(),
-        format!("{}:{}", ep.authority.host(), target.port)
-            .parse()
-            .map_err(|_| ApiError::Internal("bad VS Code authority".into()))?,
-        String::new(),
-        None,
-    );
+    let vs = Endpoint::new(ep.scheme.clone(), format!("{}:{}", ep.authority.host(), target.port).parse().map_err(|_| ApiError::Internal("bad VS Code authority".into()))?, String::new(), None);
     // Path and query for VS Code: its base path + the rest; the nestor token becomes its own.
     let mut pq = format!("{}/{}", target.base_path, rest);
-    let mut pairs: Vec<(String, String)> = query
-        .pairs()
-        .iter()
-        .filter(|(k, _)| k != "tkn")
-        .cloned()
-        .collect();
+    let mut pairs: Vec<(String, String)> = query.pairs().iter().filter(|(k, _)| k != "tkn").cloned().collect();
     if query.last("tkn").is_some() {
         pairs.push(("tkn".into(), target.token.clone()));
     }
     if !pairs.is_empty() {
         pq.push('?');
-        pq.push_str(
-            &form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(&pairs)
-                .finish(),
-        );
+        pq.push_str(&form_urlencoded::Serializer::new(String::new()).extend_pairs(&pairs).finish());
     }
     let set_cookie = query.last("tkn").map(|t| {
-        HeaderValue::from_str(&format!(
-            "{}={t}; Path=/nestor/vscode/{id}/; HttpOnly; SameSite=Lax",
-            cookie_name(&id)
-        ))
-        .ok()
+        HeaderValue::from_str(&format!("{}={t}; Path=/nestor/vscode/{id}/; HttpOnly; SameSite=Lax", cookie_name(&id))).ok()
     });
     let (mut parts, body) = req.into_parts();
     // VS Code's own cookie carries its token: always the real one, never the browser's.
@@ -203,11 +134,7 @@ pub async fn proxy(
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .map(str::trim)
-        .filter(|c| {
-            !c.is_empty()
-                && !c.starts_with("vscode-tkn=")
-                && !c.starts_with(&format!("{}=", cookie_name(&id)))
-        })
+        .filter(|c| !c.is_empty() && !c.starts_with("vscode-tkn=") && !c.starts_with(&format!("{}=", cookie_name(&id))))
         .map(str::to_owned)
         .collect();
     parts.headers.remove(header::COOKIE);
@@ -216,48 +143,21 @@ pub async fn proxy(
         cookie_line.push_str("; ");
         cookie_line.push_str(&c);
     }
-    parts.headers.insert(
-        header::COOKIE,
-        HeaderValue::from_str(&cookie_line)
-            .map_err(|_| ApiError::BadRequest("bad cookie".into()))?,
-    );
+    parts.headers.insert(header::COOKIE, HeaderValue::from_str(&cookie_line).map_err(|_| ApiError::BadRequest("bad cookie".into()))?);
     parts.headers.remove(nestor_core::SESSION_KEY_HEADER);
-    let mut resp = if nestor_ws_proxy::upgrade::is_upgrade(&Request::from_parts(parts.clone(), ()))
-    {
+    let mut resp = if nestor_ws_proxy::upgrade::is_upgrade(&Request::from_parts(parts.clone(), ())) {
         forward::forward_upgrade(&state, &vs, parts, body, &pq).await?
     } else {
         let body = forward::bounded_body(&parts, body, state.cfg.max_body_bytes)?;
-        let vs_ds = Downstream::new(
-            ds.id().clone(),
-            ds.kind(),
-            None,
-            None,
-            Some(vs.clone()),
-            nestor_core::DownstreamState::Ready,
-        );
-        forward::forward(
-            &state,
-            &vs_ds,
-            Some(id),
-            parts,
-            body,
-            &pq,
-            forward::ForwardOpts {
-                buffer_answer: false,
-            },
-        )
-        .await?
-        .into_response()
+        let vs_ds = Downstream::new(ds.id().clone(), ds.kind(), None, None, Some(vs.clone()), nestor_core::DownstreamState::Ready);
+        forward::forward(&state, &vs_ds, Some(id), parts, body, &pq, forward::ForwardOpts { buffer_answer: false }).await?.into_response()
     };
     // Never hand the browser VS Code's real token cookie.
     let kept: Vec<HeaderValue> = resp
         .headers()
         .get_all(header::SET_COOKIE)
         .iter()
-        .filter(|v| {
-            !v.to_str().unwrap_or("").contains(&target.token)
-                && !v.to_str().unwrap_or("").starts_with("vscode-tkn=")
-        })
+        .filter(|v| !v.to_str().unwrap_or("").contains(&target.token) && !v.to_str().unwrap_or("").starts_with("vscode-tkn="))
         .cloned()
         .collect();
     resp.headers_mut().remove(header::SET_COOKIE);
@@ -271,30 +171,17 @@ pub async fn proxy(
 }
 
 /// Intercept a downstream `/vscode/url` answer on its way to the client.
-pub async fn rewrite_response(
-    state: &AppState,
-    id: ConversationId,
-    user: &nestor_core::UserId,
-    req_headers: &http::HeaderMap,
-    resp: Response,
-) -> Response {
+pub async fn rewrite_response(state: &AppState, id: ConversationId, user: &nestor_core::UserId, req_headers: &http::HeaderMap, resp: Response) -> Response {
     if resp.status() != StatusCode::OK {
         return resp;
     }
     let (mut parts, body) = resp.into_parts();
-    let Ok(bytes) = http_body_util::Limited::new(body, 1 << 20)
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-    else {
-        return ApiError::BadGateway("the agent-server's VS Code answer could not be read".into())
-            .to_http();
+    let Ok(bytes) = http_body_util::Limited::new(body, 1 << 20).collect().await.map(|c| c.to_bytes()) else {
+        return ApiError::BadGateway("the agent-server's VS Code answer could not be read".into()).to_http();
     };
     match rewrite_url_answer(state, id, user, req_headers, &bytes).await {
         Some(new) => {
-            parts
-                .headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(new.len()));
+            parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(new.len()));
             Response::from_parts(parts, Body::from(new))
         }
         None => Response::from_parts(parts, Body::from(bytes)),

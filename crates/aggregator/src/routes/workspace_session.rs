@@ -18,17 +18,8 @@ use crate::routes::conversations::WORKSPACE_COOKIE;
 const MAX_AGE: u64 = 60 * 60 * 24 * 365 * 10;
 
 fn secure_context(headers: &HeaderMap) -> bool {
-    let proto = headers
-        .get("x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if proto
-        .split(',')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .eq_ignore_ascii_case("https")
-    {
+    let proto = headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).unwrap_or("");
+    if proto.split(',').next().unwrap_or("").trim().eq_ignore_ascii_case("https") {
         return true;
     }
     let host = headers
@@ -36,12 +27,7 @@ fn secure_context(headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .map(|h| h.split(',').next().unwrap_or("").trim().to_owned())
         .filter(|h| !h.is_empty())
-        .or_else(|| {
-            headers
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        })
+        .or_else(|| headers.get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_owned))
         .unwrap_or_default();
     let bare = if let Some(v6) = host.strip_prefix('[') {
         v6.split(']').next().unwrap_or("").to_owned()
@@ -50,10 +36,7 @@ fn secure_context(headers: &HeaderMap) -> bool {
     } else {
         host
     };
-    matches!(
-        bare.to_ascii_lowercase().as_str(),
-        "localhost" | "127.0.0.1" | "::1"
-    )
+    matches!(bare.to_ascii_lowercase().as_str(), "localhost" | "127.0.0.1" | "::1")
 }
 
 fn cookie(value: &str, max_age: u64, secure: bool) -> HeaderValue {
@@ -73,16 +56,8 @@ fn no_content(set_cookie: HeaderValue) -> Response {
 
 pub async fn create(State(state): State<AppState>, req: Request<Body>) -> HttpResult {
     state.auth.check_client(req.headers())?;
-    let key = req
-        .headers()
-        .get(nestor_core::SESSION_KEY_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    Ok(no_content(cookie(
-        key,
-        MAX_AGE,
-        secure_context(req.headers()),
-    )))
+    let key = req.headers().get(nestor_core::SESSION_KEY_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    Ok(no_content(cookie(key, MAX_AGE, secure_context(req.headers()))))
 }
 
 pub async fn delete(State(state): State<AppState>, req: Request<Body>) -> HttpResult {

@@ -21,14 +21,7 @@ pub fn fake_bin() -> PathBuf {
     }
     BUILD.call_once(|| {
         let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "nestor-test-support",
-                "--bin",
-                "nestor-fake-agent-server",
-            ])
+            .args(["build", "-q", "-p", "nestor-test-support", "--bin", "nestor-fake-agent-server"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("cargo runs");
@@ -43,12 +36,7 @@ pub fn fake_bin() -> PathBuf {
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let _ = NEXT.compare_exchange(
-        0,
-        20_000 + (std::process::id() % 10_000) as u16,
-        Ordering::SeqCst,
-        Ordering::SeqCst,
-    );
+    let _ = NEXT.compare_exchange(0, 20_000 + (std::process::id() % 10_000) as u16, Ordering::SeqCst, Ordering::SeqCst);
     loop {
         let p = NEXT.fetch_add(1, Ordering::SeqCst);
         let p = 20_000 + (p - 20_000) % 12_000;
@@ -73,13 +61,7 @@ impl NestorProc {
         let port = free_port();
         let config = dir.join("nestor.toml");
         std::fs::write(&config, format!("bind = \"127.0.0.1:{port}\"\n{toml}")).unwrap();
-        let mut n = NestorProc {
-            port,
-            config,
-            log: dir.join("nestor.log"),
-            child: None,
-            starts: 0,
-        };
+        let mut n = NestorProc { port, config, log: dir.join("nestor.log"), child: None, starts: 0 };
         n.spawn().await;
         n
     }
@@ -99,11 +81,7 @@ impl NestorProc {
     /// Start (again) and wait until it answers `/alive` (bounded: 30 s).
     pub async fn spawn(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nestor"));
         cmd.arg("serve").arg("--config").arg(&self.config);
         for (k, _) in std::env::vars_os() {
@@ -113,21 +91,12 @@ impl NestorProc {
                 }
             }
         }
-        cmd.env(
-            "NESTOR_LOG",
-            std::env::var("NESTOR_LOG").unwrap_or_else(|_| "info".into()),
-        );
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log));
+        cmd.env("NESTOR_LOG", std::env::var("NESTOR_LOG").unwrap_or_else(|_| "info".into()));
+        cmd.stdin(Stdio::null()).stdout(Stdio::from(log.try_clone().unwrap())).stderr(Stdio::from(log));
         self.child = Some(cmd.spawn().expect("nestor starts"));
         self.starts += 1;
         let deadline = Instant::now() + Duration::from_secs(30);
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(2))
-            .build()
-            .unwrap();
+        let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
         loop {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("nestor exited at start ({st}); log:\n{}", self.log_tail(40));
@@ -137,11 +106,7 @@ impl NestorProc {
                     return;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "nestor did not answer /alive within 30 s; log:\n{}",
-                self.log_tail(40)
-            );
+            assert!(Instant::now() < deadline, "nestor did not answer /alive within 30 s; log:\n{}", self.log_tail(40));
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
@@ -155,10 +120,7 @@ impl NestorProc {
     }
 
     /// SIGTERM; returns once it exited (None if not within `within`, then it is killed).
-    pub async fn sigterm(
-        &mut self,
-        within: Duration,
-    ) -> Option<(std::process::ExitStatus, Duration)> {
+    pub async fn sigterm(&mut self, within: Duration) -> Option<(std::process::ExitStatus, Duration)> {
         let mut c = self.child.take()?;
         let t = Instant::now();
         // SAFETY: signalling our own, not yet reaped, child.
@@ -185,11 +147,7 @@ impl NestorProc {
     }
 
     pub fn client() -> reqwest::Client {
-        reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(15))
-            .build()
-            .unwrap()
+        reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(15)).build().unwrap()
     }
 }
 
@@ -204,17 +162,12 @@ impl Drop for NestorProc {
 pub fn pids_under(dir: &Path) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
         if let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) {
             if cwd.starts_with(dir) {
                 // Zombies (exited, not yet reaped by whoever adopted them) hold nothing.
                 let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-                let state = stat
-                    .rsplit_once(") ")
-                    .map(|(_, r)| r.chars().next().unwrap_or('?'))
-                    .unwrap_or('?');
+                let state = stat.rsplit_once(") ").map(|(_, r)| r.chars().next().unwrap_or('?')).unwrap_or('?');
                 if state != 'Z' {
                     out.push(pid);
                 }

@@ -22,27 +22,19 @@ impl TestNestor {
     }
 
     pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        self.client()
-            .get(format!("{}{path}", self.url))
-            .header("X-Session-API-Key", CLIENT_KEY)
+        self.client().get(format!("{}{path}", self.url)).header("X-Session-API-Key", CLIENT_KEY)
     }
 
     pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        self.client()
-            .post(format!("{}{path}", self.url))
-            .header("X-Session-API-Key", CLIENT_KEY)
+        self.client().post(format!("{}{path}", self.url)).header("X-Session-API-Key", CLIENT_KEY)
     }
 
     pub fn delete(&self, path: &str) -> reqwest::RequestBuilder {
-        self.client()
-            .delete(format!("{}{path}", self.url))
-            .header("X-Session-API-Key", CLIENT_KEY)
+        self.client().delete(format!("{}{path}", self.url)).header("X-Session-API-Key", CLIENT_KEY)
     }
 
     pub fn patch(&self, path: &str) -> reqwest::RequestBuilder {
-        self.client()
-            .patch(format!("{}{path}", self.url))
-            .header("X-Session-API-Key", CLIENT_KEY)
+        self.client().patch(format!("{}{path}", self.url)).header("X-Session-API-Key", CLIENT_KEY)
     }
 
     /// Vanish like a nestor killed with SIGKILL: stop serving, skip every shutdown step.
@@ -87,11 +79,7 @@ pub async fn nestor_existing(fakes: &[&FakeAgentServer], extra: &str) -> TestNes
 }
 
 /// Start (again) with the state in `dir`.
-pub async fn start_in(
-    dir: tempfile::TempDir,
-    fakes: &[&FakeAgentServer],
-    extra: &str,
-) -> TestNestor {
+pub async fn start_in(dir: tempfile::TempDir, fakes: &[&FakeAgentServer], extra: &str) -> TestNestor {
     let toml = format!(
         "bind = \"127.0.0.1:0\"\nsession_api_keys = [\"{CLIENT_KEY}\"]\nstate_dir = \"{}\"\n{extra}\n[provisioner]\nkind = \"existing\"\n[provisioner.existing]\nhealth_interval_secs = 0.2\n{}",
         dir.path().join("state").display(),
@@ -115,12 +103,7 @@ pub async fn start_with_toml(dir: tempfile::TempDir, toml: &str) -> TestNestor {
     let task = tokio::spawn(async move {
         let _ = server::serve(s2, listener).await;
     });
-    TestNestor {
-        url,
-        state,
-        dir,
-        task,
-    }
+    TestNestor { url, state, dir, task }
 }
 
 /// A minimal valid create body.
@@ -148,25 +131,14 @@ pub fn fake_bin() -> std::path::PathBuf {
     if !p.exists() {
         BUILD.call_once(|| {
             let status = std::process::Command::new(env!("CARGO"))
-                .args([
-                    "build",
-                    "-q",
-                    "-p",
-                    "nestor-test-support",
-                    "--bin",
-                    "nestor-fake-agent-server",
-                ])
+                .args(["build", "-q", "-p", "nestor-test-support", "--bin", "nestor-fake-agent-server"])
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
                 .status()
                 .expect("cargo runs");
             assert!(status.success(), "building nestor-fake-agent-server failed");
         });
     }
-    assert!(
-        p.exists(),
-        "{} not built: run `cargo build -p nestor-test-support`",
-        p.display()
-    );
+    assert!(p.exists(), "{} not built: run `cargo build -p nestor-test-support`", p.display());
     p
 }
 
@@ -175,9 +147,7 @@ pub fn fake_bin() -> std::path::PathBuf {
 pub fn pids_under(dir: &std::path::Path) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
         if let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) {
             if cwd.starts_with(dir) {
                 out.push(pid);

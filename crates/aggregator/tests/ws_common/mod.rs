@@ -19,10 +19,7 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// 1,000 proxied sockets are ~4,000 descriptors in one test process: lift the soft limit.
 pub fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: plain syscalls on a properly initialized struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
@@ -34,11 +31,7 @@ pub fn raise_fd_limit() {
 
 /// `ws://…` for a path (and query) on nestor.
 pub fn ws_url(n: &TestNestor, path_and_query: &str) -> String {
-    format!(
-        "{}{}",
-        n.url.replacen("http://", "ws://", 1),
-        path_and_query
-    )
+    format!("{}{}", n.url.replacen("http://", "ws://", 1), path_and_query)
 }
 
 /// Connect, optionally with an `X-Session-API-Key` header.
@@ -46,15 +39,10 @@ pub async fn connect(url: &str, header_key: Option<&str>) -> Result<Ws, WsError>
     connect_with(url, header_key, None).await
 }
 
-pub async fn connect_with(
-    url: &str,
-    header_key: Option<&str>,
-    cfg: Option<WebSocketConfig>,
-) -> Result<Ws, WsError> {
+pub async fn connect_with(url: &str, header_key: Option<&str>, cfg: Option<WebSocketConfig>) -> Result<Ws, WsError> {
     let mut req = url.into_client_request().expect("ws url");
     if let Some(k) = header_key {
-        req.headers_mut()
-            .insert("X-Session-API-Key", k.parse().expect("header value"));
+        req.headers_mut().insert("X-Session-API-Key", k.parse().expect("header value"));
     }
     let fut = tokio_tungstenite::connect_async_with_config(req, cfg, true);
     match tokio::time::timeout(Duration::from_secs(20), fut).await {
@@ -90,10 +78,7 @@ pub async fn next(ws: &mut Ws, timeout: Duration) -> Next {
             Ok(Some(Err(_))) => return Next::Closed(None, String::new()),
             Ok(Some(Ok(Message::Text(t)))) => return Next::Text(t.to_string()),
             Ok(Some(Ok(Message::Close(f)))) => {
-                return Next::Closed(
-                    f.as_ref().map(|f| u16::from(f.code)),
-                    f.map(|f| f.reason.to_string()).unwrap_or_default(),
-                )
+                return Next::Closed(f.as_ref().map(|f| u16::from(f.code)), f.map(|f| f.reason.to_string()).unwrap_or_default())
             }
             Ok(Some(Ok(_))) => continue,
         }
@@ -122,9 +107,7 @@ pub async fn close_code(ws: &mut Ws, timeout: Duration) -> Option<u16> {
 }
 
 pub async fn send_text(ws: &mut Ws, text: &str) {
-    ws.send(Message::Text(text.to_owned().into()))
-        .await
-        .expect("send");
+    ws.send(Message::Text(text.to_owned().into())).await.expect("send");
 }
 
 pub fn auth_frame(key: &str) -> String {
@@ -133,12 +116,7 @@ pub fn auth_frame(key: &str) -> String {
 
 /// Create a conversation through nestor; returns its id.
 pub async fn create_conversation(n: &TestNestor) -> Uuid {
-    let r = n
-        .post("/api/conversations")
-        .json(&create_body(None))
-        .send()
-        .await
-        .expect("create sent");
+    let r = n.post("/api/conversations").json(&create_body(None)).send().await.expect("create sent");
     let status = r.status().as_u16();
     let v: Value = r.json().await.expect("create body");
     assert!(status == 200 || status == 201, "create: {status} {v}");
@@ -147,9 +125,7 @@ pub async fn create_conversation(n: &TestNestor) -> Uuid {
 
 /// Connect to nestor with the client key in the header (the simplest accepted path).
 pub async fn open(n: &TestNestor, path_and_query: &str) -> Ws {
-    connect(&ws_url(n, path_and_query), Some(CLIENT_KEY))
-        .await
-        .expect("socket through nestor")
+    connect(&ws_url(n, path_and_query), Some(CLIENT_KEY)).await.expect("socket through nestor")
 }
 
 /// Resident set size of this process, in bytes.
@@ -167,18 +143,6 @@ pub fn rss_bytes() -> u64 {
 /// `nestor_ws_pairs{kind="events"}`) in nestor's `GET /metrics`; None if absent. The
 /// recorder is process-wide: tests running alongside in the same binary add to it.
 pub async fn metric(n: &TestNestor, series: &str) -> Option<f64> {
-    let text = n
-        .client()
-        .get(format!("{}/metrics", n.url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)
-            .and_then(|v| v.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
-    })
+    let text = n.client().get(format!("{}/metrics", n.url)).send().await.expect("metrics").text().await.expect("metrics body");
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
 }

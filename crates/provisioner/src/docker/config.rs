@@ -158,9 +158,7 @@ fn secs(v: Option<f64>, def: f64, what: &str) -> Result<Duration, ProvisionError
     if v.is_finite() && v > 0.0 && v < 1e7 {
         Ok(Duration::from_secs_f64(v))
     } else {
-        Err(cfg_err(format!(
-            "provisioner.docker.{what} must be a positive number of seconds"
-        )))
+        Err(cfg_err(format!("provisioner.docker.{what} must be a positive number of seconds")))
     }
 }
 
@@ -178,10 +176,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         Some('t') => (&t[..t.len() - 1], 1 << 40),
         _ => (t, 1),
     };
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. \"4g\", \"512m\")"))?;
+    let n: f64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size (e.g. \"4g\", \"512m\")"))?;
     if !n.is_finite() || n < 0.0 {
         return Err(format!("{s:?} is not a size (e.g. \"4g\", \"512m\")"));
     }
@@ -192,8 +187,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 fn valid_instance_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 32
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
 }
 
@@ -212,10 +206,7 @@ impl DockerConfig {
             .map(|s| s.trim().to_owned())
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| DEFAULT_DOCKER_HOST.to_owned());
-        if !(docker_host.starts_with("unix://")
-            || docker_host.starts_with("tcp://")
-            || docker_host.starts_with("http://"))
-        {
+        if !(docker_host.starts_with("unix://") || docker_host.starts_with("tcp://") || docker_host.starts_with("http://")) {
             return Err(cfg_err(format!(
                 "provisioner.docker.docker_host (or DOCKER_HOST) {docker_host:?} must start with unix://, tcp:// or http://"
             )));
@@ -238,35 +229,24 @@ impl DockerConfig {
         let memory = match &self.memory {
             None => Some(4i64 << 30),
             Some(ByteSize::Bytes(b)) => Some(*b as i64),
-            Some(ByteSize::Text(t)) => Some(
-                parse_bytes(t).map_err(|e| cfg_err(format!("provisioner.docker.memory: {e}")))?
-                    as i64,
-            ),
+            Some(ByteSize::Text(t)) => {
+                Some(parse_bytes(t).map_err(|e| cfg_err(format!("provisioner.docker.memory: {e}")))? as i64)
+            }
         }
         .filter(|b| *b != 0);
         if memory.is_some_and(|m| m < 64 << 20) {
-            return Err(cfg_err(
-                "provisioner.docker.memory must be at least 64m (or 0 for no limit)",
-            ));
+            return Err(cfg_err("provisioner.docker.memory must be at least 64m (or 0 for no limit)"));
         }
         let cpus = self.cpus.unwrap_or(2.0);
         if !cpus.is_finite() || cpus < 0.0 {
-            return Err(cfg_err(
-                "provisioner.docker.cpus must be a non-negative number",
-            ));
+            return Err(cfg_err("provisioner.docker.cpus must be a non-negative number"));
         }
         let nano_cpus = Some((cpus * 1e9).round() as i64).filter(|n| *n != 0);
         let pids_limit = self.pids_limit.unwrap_or(512);
         if pids_limit < 0 {
-            return Err(cfg_err(
-                "provisioner.docker.pids_limit must be positive (or 0 for no limit)",
-            ));
+            return Err(cfg_err("provisioner.docker.pids_limit must be positive (or 0 for no limit)"));
         }
-        let user = self
-            .user
-            .clone()
-            .map(|u| u.trim().to_owned())
-            .unwrap_or_else(|| "10001:10001".to_owned());
+        let user = self.user.clone().map(|u| u.trim().to_owned()).unwrap_or_else(|| "10001:10001".to_owned());
         let uid = user.split(':').next().unwrap_or("");
         if uid.is_empty() || uid == "0" || uid == "root" {
             return Err(cfg_err(format!(
@@ -276,16 +256,7 @@ impl DockerConfig {
         for cap in &self.cap_add {
             let c = cap.trim().to_ascii_uppercase();
             let c = c.strip_prefix("CAP_").unwrap_or(&c);
-            if matches!(
-                c,
-                "ALL"
-                    | "SYS_ADMIN"
-                    | "SYS_PTRACE"
-                    | "SYS_MODULE"
-                    | "NET_ADMIN"
-                    | "SYS_RAWIO"
-                    | "DAC_READ_SEARCH"
-            ) {
+            if matches!(c, "ALL" | "SYS_ADMIN" | "SYS_PTRACE" | "SYS_MODULE" | "NET_ADMIN" | "SYS_RAWIO" | "DAC_READ_SEARCH") {
                 return Err(cfg_err(format!(
                     "provisioner.docker.cap_add: {cap} would let the agent escape or control the host; it is refused"
                 )));
@@ -293,9 +264,7 @@ impl DockerConfig {
         }
         for k in self.env.keys() {
             if RESERVED_ENV.contains(&k.as_str()) || k.starts_with("OH_SESSION_API_KEYS") {
-                return Err(cfg_err(format!(
-                    "provisioner.docker.env: {k} is set by nestor and cannot be configured"
-                )));
+                return Err(cfg_err(format!("provisioner.docker.env: {k} is set by nestor and cannot be configured")));
             }
         }
         for k in self.labels.keys() {
@@ -314,9 +283,7 @@ impl DockerConfig {
             }
         }
         if self.entrypoint.as_ref().is_some_and(|e| e.is_empty()) {
-            return Err(cfg_err(
-                "provisioner.docker.entrypoint must not be empty (leave it out for the image's)",
-            ));
+            return Err(cfg_err("provisioner.docker.entrypoint must not be empty (leave it out for the image's)"));
         }
         if let Some(rt) = &self.runtime {
             if rt.trim().is_empty() {
@@ -332,11 +299,7 @@ impl DockerConfig {
             pids_limit: Some(pids_limit).filter(|p| *p != 0),
             runtime: self.runtime.clone(),
             user,
-            cap_add: self
-                .cap_add
-                .iter()
-                .map(|c| c.trim().to_ascii_uppercase())
-                .collect(),
+            cap_add: self.cap_add.iter().map(|c| c.trim().to_ascii_uppercase()).collect(),
             extra_hosts: self
                 .extra_hosts
                 .clone()
@@ -350,13 +313,8 @@ impl DockerConfig {
             api_timeout: secs(self.api_timeout_secs, 30.0, "api_timeout_secs")?,
             on_shutdown: self.on_shutdown,
             instance_id: self.instance_id.clone(),
-            sweep_interval: secs(self.sweep_interval_secs, 60.0, "sweep_interval_secs")?
-                .min(Duration::from_secs(3600)),
-            provisioning_grace: secs(
-                self.provisioning_grace_secs,
-                300.0,
-                "provisioning_grace_secs",
-            )?,
+            sweep_interval: secs(self.sweep_interval_secs, 60.0, "sweep_interval_secs")?.min(Duration::from_secs(3600)),
+            provisioning_grace: secs(self.provisioning_grace_secs, 300.0, "provisioning_grace_secs")?,
         })
     }
 }
@@ -366,10 +324,7 @@ mod tests {
     use super::*;
 
     fn base() -> DockerConfig {
-        DockerConfig {
-            image: Some("nestor/agent-server:1.58.2".into()),
-            ..Default::default()
-        }
+        DockerConfig { image: Some("nestor/agent-server:1.58.2".into()), ..Default::default() }
     }
 
     #[test]
@@ -393,29 +348,16 @@ mod tests {
         assert_eq!(s.docker_host, "tcp://10.0.0.1:2375");
         let mut c = base();
         c.docker_host = Some("unix:///run/x.sock".into());
-        assert_eq!(
-            c.validate(Some("tcp://h:1".into())).unwrap().docker_host,
-            "unix:///run/x.sock"
-        );
+        assert_eq!(c.validate(Some("tcp://h:1".into())).unwrap().docker_host, "unix:///run/x.sock");
         c.docker_host = Some("ssh://h".into());
-        assert!(c
-            .validate(None)
-            .unwrap_err()
-            .to_string()
-            .contains("ssh://h"));
+        assert!(c.validate(None).unwrap_err().to_string().contains("ssh://h"));
     }
 
     #[test]
     fn image_is_required() {
-        let e = DockerConfig::default()
-            .validate(None)
-            .unwrap_err()
-            .to_string();
+        let e = DockerConfig::default().validate(None).unwrap_err().to_string();
         assert!(e.contains("provisioner.docker.image is required"), "{e}");
-        let c = DockerConfig {
-            image: Some("  ".into()),
-            ..Default::default()
-        };
+        let c = DockerConfig { image: Some("  ".into()), ..Default::default() };
         assert!(c.validate(None).is_err());
     }
 
@@ -437,11 +379,7 @@ mod tests {
         let s = c.validate(None).unwrap();
         assert_eq!((s.memory, s.nano_cpus, s.pids_limit), (None, None, None));
         c.memory = Some(ByteSize::Bytes(1 << 20));
-        assert!(c
-            .validate(None)
-            .unwrap_err()
-            .to_string()
-            .contains("at least 64m"));
+        assert!(c.validate(None).unwrap_err().to_string().contains("at least 64m"));
         c.memory = Some(ByteSize::Text("2g".into()));
         c.cpus = Some(0.5);
         let s = c.validate(None).unwrap();
@@ -452,48 +390,29 @@ mod tests {
     fn refuses_unsafe_or_broken_settings() {
         let mut c = base();
         c.network = Some("host".into());
-        assert!(c
-            .validate(None)
-            .unwrap_err()
-            .to_string()
-            .contains("\"host\" is not supported"));
+        assert!(c.validate(None).unwrap_err().to_string().contains("\"host\" is not supported"));
         c.network = Some("none".into());
         assert!(c.validate(None).is_err());
         c.network = Some("bridge".into());
         assert_eq!(c.validate(None).unwrap().network, None);
         c.network = Some("nestor-net".into());
-        assert_eq!(
-            c.validate(None).unwrap().network.as_deref(),
-            Some("nestor-net")
-        );
+        assert_eq!(c.validate(None).unwrap().network.as_deref(), Some("nestor-net"));
 
         let mut c = base();
         c.user = Some("0:0".into());
-        assert!(c
-            .validate(None)
-            .unwrap_err()
-            .to_string()
-            .contains("must not run as root"));
+        assert!(c.validate(None).unwrap_err().to_string().contains("must not run as root"));
         c.user = Some("root".into());
         assert!(c.validate(None).is_err());
 
         let mut c = base();
         c.cap_add = vec!["cap_sys_admin".into()];
-        assert!(c
-            .validate(None)
-            .unwrap_err()
-            .to_string()
-            .contains("refused"));
+        assert!(c.validate(None).unwrap_err().to_string().contains("refused"));
         c.cap_add = vec!["chown".into()];
         assert_eq!(c.validate(None).unwrap().cap_add, vec!["CHOWN"]);
 
         let mut c = base();
         c.env.insert("OH_SESSION_API_KEYS_0".into(), "x".into());
-        assert!(c
-            .validate(None)
-            .unwrap_err()
-            .to_string()
-            .contains("set by nestor"));
+        assert!(c.validate(None).unwrap_err().to_string().contains("set by nestor"));
         let mut c = base();
         c.env.insert("LLM_MODEL".into(), "x".into());
         assert!(c.validate(None).is_ok());
@@ -510,11 +429,7 @@ mod tests {
 
         let mut c = base();
         c.startup_timeout_secs = Some(0.0);
-        assert!(c
-            .validate(None)
-            .unwrap_err()
-            .to_string()
-            .contains("startup_timeout_secs"));
+        assert!(c.validate(None).unwrap_err().to_string().contains("startup_timeout_secs"));
     }
 
     #[test]
@@ -528,9 +443,7 @@ mod tests {
         assert_eq!(s.memory, Some(2 << 30));
         assert_eq!(s.on_shutdown, OnShutdown::Stop);
         assert_eq!(s.runtime.as_deref(), Some("runsc"));
-        let c: DockerConfig =
-            serde_json::from_value(serde_json::json!({"image": "i", "memory": 1073741824u64}))
-                .unwrap();
+        let c: DockerConfig = serde_json::from_value(serde_json::json!({"image": "i", "memory": 1073741824u64})).unwrap();
         assert_eq!(c.validate(None).unwrap().memory, Some(1 << 30));
         assert!(serde_json::from_value::<DockerConfig>(serde_json::json!({"imgae": "x"})).is_err());
     }

@@ -7,12 +7,10 @@ use std::future::Future;
 use std::time::Duration;
 
 use bollard::errors::Error as BollardError;
-use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerSummary, Volume, VolumeCreateRequest,
-};
+use bollard::models::{ContainerCreateBody, ContainerInspectResponse, ContainerSummary, Volume, VolumeCreateRequest};
 use bollard::query_parameters::{
-    CreateContainerOptions, InspectContainerOptions, ListContainersOptions, ListVolumesOptions,
-    LogsOptions, RemoveContainerOptions, RemoveVolumeOptions, StopContainerOptions,
+    CreateContainerOptions, InspectContainerOptions, ListContainersOptions, ListVolumesOptions, LogsOptions,
+    RemoveContainerOptions, RemoveVolumeOptions, StopContainerOptions,
 };
 use bollard::Docker;
 use futures::StreamExt;
@@ -25,21 +23,13 @@ pub enum EngineError {
     #[error("the Docker engine at {host} is not reachable: {detail}")]
     Unreachable { host: String, detail: String },
     #[error("Docker {what} timed out after {after:?} (engine at {host})")]
-    Timeout {
-        what: String,
-        host: String,
-        after: Duration,
-    },
+    Timeout { what: String, host: String, after: Duration },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
     #[error("Docker {what} failed: {detail}")]
-    Api {
-        what: String,
-        status: u16,
-        detail: String,
-    },
+    Api { what: String, status: u16, detail: String },
 }
 
 impl EngineError {
@@ -76,19 +66,10 @@ impl Engine {
     /// No I/O happens here (a socket that does not exist yet is fine): the first call
     /// connects and negotiates the API version.
     pub fn new(host: &str, timeout: Duration) -> Result<Self, String> {
-        if !(host.starts_with("unix://")
-            || host.starts_with("tcp://")
-            || host.starts_with("http://"))
-        {
-            return Err(format!(
-                "unsupported Docker host {host:?} (use unix:// or tcp://)"
-            ));
+        if !(host.starts_with("unix://") || host.starts_with("tcp://") || host.starts_with("http://")) {
+            return Err(format!("unsupported Docker host {host:?} (use unix:// or tcp://)"));
         }
-        Ok(Self {
-            host: host.to_owned(),
-            timeout,
-            conn: Default::default(),
-        })
+        Ok(Self { host: host.to_owned(), timeout, conn: Default::default() })
     }
 
     fn client(&self) -> Result<Docker, EngineError> {
@@ -99,10 +80,7 @@ impl Engine {
         } else {
             Docker::connect_with_http(&self.host, secs, v)
         };
-        r.map_err(|e| EngineError::Unreachable {
-            host: self.host.clone(),
-            detail: describe(&e),
-        })
+        r.map_err(|e| EngineError::Unreachable { host: self.host.clone(), detail: describe(&e) })
     }
 
     pub fn host(&self) -> &str {
@@ -111,39 +89,21 @@ impl Engine {
 
     fn map(&self, what: &str, e: BollardError) -> EngineError {
         match e {
-            BollardError::DockerResponseServerError {
-                status_code: 404,
-                message,
-            } => EngineError::NotFound(message),
-            BollardError::DockerResponseServerError {
-                status_code: 409,
-                message,
-            } => EngineError::Conflict(message),
-            BollardError::DockerResponseServerError {
-                status_code,
-                message,
-            } => EngineError::Api {
-                what: what.to_owned(),
-                status: status_code,
-                detail: message,
-            },
-            BollardError::RequestTimeoutError => EngineError::Timeout {
-                what: what.to_owned(),
-                host: self.host.clone(),
-                after: self.timeout,
-            },
+            BollardError::DockerResponseServerError { status_code: 404, message } => EngineError::NotFound(message),
+            BollardError::DockerResponseServerError { status_code: 409, message } => EngineError::Conflict(message),
+            BollardError::DockerResponseServerError { status_code, message } => {
+                EngineError::Api { what: what.to_owned(), status: status_code, detail: message }
+            }
+            BollardError::RequestTimeoutError => {
+                EngineError::Timeout { what: what.to_owned(), host: self.host.clone(), after: self.timeout }
+            }
             e @ (BollardError::HyperLegacyError { .. }
             | BollardError::IOError { .. }
             | BollardError::HyperResponseError { .. }
-            | BollardError::SocketNotFoundError(_)) => EngineError::Unreachable {
-                host: self.host.clone(),
-                detail: describe(&e),
-            },
-            e => EngineError::Api {
-                what: what.to_owned(),
-                status: 0,
-                detail: describe(&e),
-            },
+            | BollardError::SocketNotFoundError(_)) => {
+                EngineError::Unreachable { host: self.host.clone(), detail: describe(&e) }
+            }
+            e => EngineError::Api { what: what.to_owned(), status: 0, detail: describe(&e) },
         }
     }
 
@@ -168,18 +128,11 @@ impl Engine {
                 })?
                 .map_err(|e| match self.map("version", e) {
                     // A server error here still means "no usable engine at this address".
-                    EngineError::Api { detail, .. } => EngineError::Unreachable {
-                        host: self.host.clone(),
-                        detail,
-                    },
+                    EngineError::Api { detail, .. } => EngineError::Unreachable { host: self.host.clone(), detail },
                     other => other,
                 })?;
                 let (d, info) = v;
-                let version = format!(
-                    "{} (API {})",
-                    info.version.unwrap_or_default(),
-                    d.client_version()
-                );
+                let version = format!("{} (API {})", info.version.unwrap_or_default(), d.client_version());
                 Ok((d, version))
             })
             .await
@@ -187,12 +140,7 @@ impl Engine {
     }
 
     /// Run one call: connected first, bounded by `bound` (default: the API timeout).
-    async fn call<T, F, Fut>(
-        &self,
-        what: &str,
-        bound: Option<Duration>,
-        f: F,
-    ) -> Result<T, EngineError>
+    async fn call<T, F, Fut>(&self, what: &str, bound: Option<Duration>, f: F) -> Result<T, EngineError>
     where
         F: FnOnce(Docker) -> Fut,
         Fut: Future<Output = Result<T, BollardError>>,
@@ -201,90 +149,45 @@ impl Engine {
         let after = bound.unwrap_or(self.timeout);
         match tokio::time::timeout(after, f(d)).await {
             Ok(r) => r.map_err(|e| self.map(what, e)),
-            Err(_) => Err(EngineError::Timeout {
-                what: what.to_owned(),
-                host: self.host.clone(),
-                after,
-            }),
+            Err(_) => Err(EngineError::Timeout { what: what.to_owned(), host: self.host.clone(), after }),
         }
     }
 
-    pub async fn list_containers(
-        &self,
-        filters: HashMap<String, Vec<String>>,
-    ) -> Result<Vec<ContainerSummary>, EngineError> {
-        let opts = ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        };
-        self.call("container list", None, |d| async move {
-            d.list_containers(Some(opts)).await
-        })
-        .await
+    pub async fn list_containers(&self, filters: HashMap<String, Vec<String>>) -> Result<Vec<ContainerSummary>, EngineError> {
+        let opts = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
+        self.call("container list", None, |d| async move { d.list_containers(Some(opts)).await }).await
     }
 
-    pub async fn list_volumes(
-        &self,
-        filters: HashMap<String, Vec<String>>,
-    ) -> Result<Vec<Volume>, EngineError> {
-        let opts = ListVolumesOptions {
-            filters: Some(filters),
-        };
-        let r = self
-            .call("volume list", None, |d| async move {
-                d.list_volumes(Some(opts)).await
-            })
-            .await?;
+    pub async fn list_volumes(&self, filters: HashMap<String, Vec<String>>) -> Result<Vec<Volume>, EngineError> {
+        let opts = ListVolumesOptions { filters: Some(filters) };
+        let r = self.call("volume list", None, |d| async move { d.list_volumes(Some(opts)).await }).await?;
         Ok(r.volumes.unwrap_or_default())
     }
 
-    pub async fn inspect_container(
-        &self,
-        name: &str,
-    ) -> Result<ContainerInspectResponse, EngineError> {
+    pub async fn inspect_container(&self, name: &str) -> Result<ContainerInspectResponse, EngineError> {
         self.call("container inspect", None, |d| async move {
-            d.inspect_container(name, None::<InspectContainerOptions>)
-                .await
+            d.inspect_container(name, None::<InspectContainerOptions>).await
         })
         .await
     }
 
     pub async fn image_exists(&self, image: &str) -> Result<bool, EngineError> {
-        match self
-            .call("image inspect", None, |d| async move {
-                d.inspect_image(image).await
-            })
-            .await
-        {
+        match self.call("image inspect", None, |d| async move { d.inspect_image(image).await }).await {
             Ok(_) => Ok(true),
             Err(EngineError::NotFound(_)) => Ok(false),
             Err(e) => Err(e),
         }
     }
 
-    pub async fn create_volume(
-        &self,
-        name: &str,
-        labels: HashMap<String, String>,
-    ) -> Result<(), EngineError> {
-        let req = VolumeCreateRequest {
-            name: Some(name.to_owned()),
-            labels: Some(labels),
-            ..Default::default()
-        };
-        self.call("volume create", None, |d| async move {
-            d.create_volume(req).await
-        })
-        .await
-        .map(|_| ())
+    pub async fn create_volume(&self, name: &str, labels: HashMap<String, String>) -> Result<(), EngineError> {
+        let req = VolumeCreateRequest { name: Some(name.to_owned()), labels: Some(labels), ..Default::default() };
+        self.call("volume create", None, |d| async move { d.create_volume(req).await }).await.map(|_| ())
     }
 
     pub async fn remove_volume(&self, name: &str) -> Result<(), EngineError> {
         let r = self
             .call("volume remove", None, |d| async move {
-                d.remove_volume(name, Some(RemoveVolumeOptions { force: true }))
-                    .await
+                d.remove_volume(name, Some(RemoveVolumeOptions { force: true })).await
             })
             .await;
         match r {
@@ -293,41 +196,22 @@ impl Engine {
         }
     }
 
-    pub async fn create_container(
-        &self,
-        name: &str,
-        body: ContainerCreateBody,
-    ) -> Result<String, EngineError> {
-        let opts = CreateContainerOptions {
-            name: Some(name.to_owned()),
-            ..Default::default()
-        };
-        self.call("container create", None, |d| async move {
-            d.create_container(Some(opts), body).await
-        })
-        .await
-        .map(|r| r.id)
+    pub async fn create_container(&self, name: &str, body: ContainerCreateBody) -> Result<String, EngineError> {
+        let opts = CreateContainerOptions { name: Some(name.to_owned()), ..Default::default() };
+        self.call("container create", None, |d| async move { d.create_container(Some(opts), body).await })
+            .await
+            .map(|r| r.id)
     }
 
     pub async fn start_container(&self, name: &str) -> Result<(), EngineError> {
-        self.call("container start", None, |d| async move {
-            d.start_container(name, None).await
-        })
-        .await
+        self.call("container start", None, |d| async move { d.start_container(name, None).await }).await
     }
 
     /// SIGTERM, SIGKILL after `grace` (the engine does both); bounded by `grace` + the API timeout.
     pub async fn stop_container(&self, name: &str, grace: Duration) -> Result<(), EngineError> {
-        let opts = StopContainerOptions {
-            t: Some(grace.as_secs().max(1) as i32),
-            signal: None,
-        };
+        let opts = StopContainerOptions { t: Some(grace.as_secs().max(1) as i32), signal: None };
         let r = self
-            .call(
-                "container stop",
-                Some(grace + self.timeout),
-                |d| async move { d.stop_container(name, Some(opts)).await },
-            )
+            .call("container stop", Some(grace + self.timeout), |d| async move { d.stop_container(name, Some(opts)).await })
             .await;
         match r {
             Err(EngineError::NotFound(_)) => Ok(()),
@@ -337,17 +221,8 @@ impl Engine {
 
     /// Remove (killing it if it runs). Absent is fine.
     pub async fn remove_container(&self, name: &str) -> Result<(), EngineError> {
-        let opts = RemoveContainerOptions {
-            force: true,
-            v: false,
-            link: false,
-        };
-        match self
-            .call("container remove", None, |d| async move {
-                d.remove_container(name, Some(opts)).await
-            })
-            .await
-        {
+        let opts = RemoveContainerOptions { force: true, v: false, link: false };
+        match self.call("container remove", None, |d| async move { d.remove_container(name, Some(opts)).await }).await {
             Err(EngineError::NotFound(_)) => Ok(()),
             r => r,
         }
@@ -355,15 +230,8 @@ impl Engine {
 
     /// The last `lines` lines of the container's output (empty when unavailable).
     pub async fn log_tail(&self, name: &str, lines: usize) -> String {
-        let Ok((docker, _)) = self.docker().await else {
-            return String::new();
-        };
-        let opts = LogsOptions {
-            stdout: true,
-            stderr: true,
-            tail: lines.to_string(),
-            ..Default::default()
-        };
+        let Ok((docker, _)) = self.docker().await else { return String::new() };
+        let opts = LogsOptions { stdout: true, stderr: true, tail: lines.to_string(), ..Default::default() };
         let name = name.to_owned();
         let collect = async move {
             let mut out = String::new();
@@ -376,9 +244,7 @@ impl Engine {
             }
             out
         };
-        tokio::time::timeout(Duration::from_secs(5).min(self.timeout), collect)
-            .await
-            .unwrap_or_default()
+        tokio::time::timeout(Duration::from_secs(5).min(self.timeout), collect).await.unwrap_or_default()
     }
 
     /// The engine's events for `filters`: a long-lived stream (its start is bounded by the API
@@ -386,17 +252,9 @@ impl Engine {
     pub async fn events(
         &self,
         filters: HashMap<String, Vec<String>>,
-    ) -> Result<
-        impl futures::Stream<Item = Result<bollard::models::EventMessage, EngineError>> + '_,
-        EngineError,
-    > {
+    ) -> Result<impl futures::Stream<Item = Result<bollard::models::EventMessage, EngineError>> + '_, EngineError> {
         let (docker, _) = self.docker().await?;
-        let opts = bollard::query_parameters::EventsOptions {
-            filters: Some(filters),
-            ..Default::default()
-        };
-        Ok(docker
-            .events(Some(opts))
-            .map(move |r| r.map_err(|e| self.map("events", e))))
+        let opts = bollard::query_parameters::EventsOptions { filters: Some(filters), ..Default::default() };
+        Ok(docker.events(Some(opts)).map(move |r| r.map_err(|e| self.map("events", e))))
     }
 }

@@ -59,10 +59,7 @@ impl Slot {
         if label == HOME {
             Some(Slot::Home)
         } else if let Some(hex) = label.strip_prefix(WARM_PREFIX) {
-            (hex.len() == 16)
-                .then(|| u64::from_str_radix(hex, 16).ok())
-                .flatten()
-                .map(Slot::Warm)
+            (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok()).flatten().map(Slot::Warm)
         } else {
             ConversationId::parse(label).ok().map(Slot::Conversation)
         }
@@ -90,10 +87,7 @@ impl Slot {
 /// the same nestor finds its containers after a restart and two nestors never share them.
 pub fn derive_instance_id(root: &Path) -> String {
     let canonical = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
-    format!(
-        "{:012x}",
-        stable_hash(&canonical.to_string_lossy()) & 0xffff_ffff_ffff
-    )
+    format!("{:012x}", stable_hash(&canonical.to_string_lossy()) & 0xffff_ffff_ffff)
 }
 
 /// Container and volume name of a slot: `nestor-<instance>-<hex|home>`.
@@ -108,8 +102,7 @@ pub fn labels_for(
     owner: &str,
     extra: &std::collections::BTreeMap<String, String>,
 ) -> HashMap<String, String> {
-    let mut l: HashMap<String, String> =
-        extra.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut l: HashMap<String, String> = extra.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     l.insert(MANAGED_BY.into(), "nestor".into());
     l.insert(INSTANCE.into(), instance.into());
     l.insert(CONVERSATION.into(), slot.label());
@@ -139,13 +132,7 @@ pub fn host_port_from_inspect(ports: Option<&PortMap>) -> Option<u16> {
     bindings
         .iter()
         .filter(|b| matches!(b.host_ip.as_deref(), Some("127.0.0.1") | Some("") | None))
-        .find_map(|b| {
-            b.host_port
-                .as_deref()?
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-        })
+        .find_map(|b| b.host_port.as_deref()?.parse::<u16>().ok().filter(|p| *p != 0))
 }
 
 /// The loopback host port mapped to 8000/tcp, from a container list entry.
@@ -160,10 +147,7 @@ pub fn host_port_from_summary(ports: Option<&Vec<PortSummary>>) -> Option<u16> {
 /// The container's address on `network`, from a container list entry.
 pub fn address_from_summary(c: &ContainerSummary, network: &str) -> Option<String> {
     let nets = c.network_settings.as_ref()?.networks.as_ref()?;
-    nets.get(network)?
-        .ip_address
-        .clone()
-        .filter(|ip| !ip.is_empty())
+    nets.get(network)?.ip_address.clone().filter(|ip| !ip.is_empty())
 }
 
 /// `key=value` environment entries, sorted (stable for the spec hash).
@@ -180,10 +164,7 @@ mod tests {
     fn names_and_labels() {
         let c = ConversationId::parse("3f2a0000-0000-4000-8000-0000000000ab").unwrap();
         let slot = Slot::Conversation(c);
-        assert_eq!(
-            object_name("abc123", &slot),
-            "nestor-abc123-3f2a00000000400080000000000000ab"
-        );
+        assert_eq!(object_name("abc123", &slot), "nestor-abc123-3f2a00000000400080000000000000ab");
         assert_eq!(object_name("abc123", &Slot::Home), "nestor-abc123-home");
         let mut extra = std::collections::BTreeMap::new();
         extra.insert("team".to_owned(), "blue".to_owned());
@@ -202,15 +183,9 @@ mod tests {
         assert_eq!(slot_of(Some(&bad)), None);
         assert_eq!(slot_of(None), None);
         let w = Slot::Warm(0xab);
-        assert_eq!(
-            object_name("abc123", &w),
-            "nestor-abc123-warm-00000000000000ab"
-        );
+        assert_eq!(object_name("abc123", &w), "nestor-abc123-warm-00000000000000ab");
         let l = labels_for("abc123", &w, "", &Default::default());
-        assert_eq!(
-            (l[ROLE].as_str(), l[CONVERSATION].as_str()),
-            (ROLE_POOL, "warm-00000000000000ab")
-        );
+        assert_eq!((l[ROLE].as_str(), l[CONVERSATION].as_str()), (ROLE_POOL, "warm-00000000000000ab"));
         assert_eq!(slot_of(Some(&l)), Some(w));
         assert_eq!(Slot::parse("warm-ab"), None);
         assert_eq!(w.conversation(), None);
@@ -232,30 +207,18 @@ mod tests {
         // addresses; only the loopback one when publishing on 127.0.0.1).
         let j = r#"{"NetworkSettings":{"Ports":{"8000/tcp":[{"HostIp":"127.0.0.1","HostPort":"49153"}]}}}"#;
         let r: ContainerInspectResponse = serde_json::from_str(j).unwrap();
-        assert_eq!(
-            host_port_from_inspect(r.network_settings.as_ref().unwrap().ports.as_ref()),
-            Some(49153)
-        );
+        assert_eq!(host_port_from_inspect(r.network_settings.as_ref().unwrap().ports.as_ref()), Some(49153));
         // Stopped container: the key is there with null bindings.
         let j = r#"{"NetworkSettings":{"Ports":{"8000/tcp":null}}}"#;
         let r: ContainerInspectResponse = serde_json::from_str(j).unwrap();
-        assert_eq!(
-            host_port_from_inspect(r.network_settings.as_ref().unwrap().ports.as_ref()),
-            None
-        );
+        assert_eq!(host_port_from_inspect(r.network_settings.as_ref().unwrap().ports.as_ref()), None);
         let j = r#"{"NetworkSettings":{"Ports":{}}}"#;
         let r: ContainerInspectResponse = serde_json::from_str(j).unwrap();
-        assert_eq!(
-            host_port_from_inspect(r.network_settings.as_ref().unwrap().ports.as_ref()),
-            None
-        );
+        assert_eq!(host_port_from_inspect(r.network_settings.as_ref().unwrap().ports.as_ref()), None);
         // Never a binding on another interface.
         let j = r#"{"NetworkSettings":{"Ports":{"8000/tcp":[{"HostIp":"10.1.2.3","HostPort":"5"},{"HostIp":"127.0.0.1","HostPort":"x"}]}}}"#;
         let r: ContainerInspectResponse = serde_json::from_str(j).unwrap();
-        assert_eq!(
-            host_port_from_inspect(r.network_settings.as_ref().unwrap().ports.as_ref()),
-            None
-        );
+        assert_eq!(host_port_from_inspect(r.network_settings.as_ref().unwrap().ports.as_ref()), None);
         assert_eq!(host_port_from_inspect(None), None);
     }
 
@@ -267,10 +230,7 @@ mod tests {
             "NetworkSettings":{"Networks":{"bridge":{"IPAddress":"172.17.0.5"},"nestor-net":{"IPAddress":"172.20.0.3"}}}}"#;
         let c: ContainerSummary = serde_json::from_str(j).unwrap();
         assert_eq!(host_port_from_summary(c.ports.as_ref()), Some(49160));
-        assert_eq!(
-            address_from_summary(&c, "nestor-net").as_deref(),
-            Some("172.20.0.3")
-        );
+        assert_eq!(address_from_summary(&c, "nestor-net").as_deref(), Some("172.20.0.3"));
         assert_eq!(address_from_summary(&c, "other"), None);
         let j = r#"{"Id":"abc","State":"exited","Ports":[]}"#;
         let c: ContainerSummary = serde_json::from_str(j).unwrap();

@@ -61,10 +61,7 @@ pub struct Manifest {
 }
 
 fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 impl Manifest {
@@ -110,17 +107,10 @@ mod tests {
     fn round_trip_private_file() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("m.json");
-        let m = Manifest::new(
-            Some(ConversationId::new_random()),
-            UserId::default_user(),
-            Phase::Provisioning,
-        );
+        let m = Manifest::new(Some(ConversationId::new_random()), UserId::default_user(), Phase::Provisioning);
         m.save(&p).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(
-            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         let back = Manifest::load(&p).unwrap();
         assert_eq!(back.key, m.key);
         assert_eq!(back.secret_key, m.secret_key);

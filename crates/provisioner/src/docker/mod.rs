@@ -121,15 +121,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, HostConfig, HostConfigLogConfig, Mount,
-    MountType, PortBinding, ResourcesUlimits,
+    ContainerCreateBody, ContainerInspectResponse, HostConfig, HostConfigLogConfig, Mount, MountType, PortBinding,
+    ResourcesUlimits,
 };
 use dashmap::DashMap;
 use futures::StreamExt;
 use nestor_core::downstream::{Endpoint, NotReady};
-use nestor_core::{
-    ConversationId, Downstream, DownstreamClient, DownstreamId, DownstreamState, SessionKey, UserId,
-};
+use nestor_core::{ConversationId, Downstream, DownstreamClient, DownstreamId, DownstreamState, SessionKey, UserId};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -155,8 +153,7 @@ use crate::container_env::BASE_ENV;
 use crate::container_env::PERSISTED_STATE_ENV as BIND_STATE_ENV;
 /// In a conversation's data directory: the two persisted trees.
 use crate::container_env::{
-    PERSISTED_PROJECT_DIR as DATA_PROJECT, PERSISTED_STATE_DIR as DATA_STATE,
-    PERSISTED_STATE_SUBDIRS as STATE_SUBDIRS,
+    PERSISTED_PROJECT_DIR as DATA_PROJECT, PERSISTED_STATE_DIR as DATA_STATE, PERSISTED_STATE_SUBDIRS as STATE_SUBDIRS,
 };
 
 /// One container and its bookkeeping.
@@ -238,33 +235,20 @@ struct Inner {
 impl DockerProvisioner {
     /// `root` is `<state_dir>/docker` (manifests). No engine call happens here; `recover`
     /// connects (and fails clearly when the engine is unreachable).
-    pub fn new(
-        cfg: &DockerConfig,
-        root: PathBuf,
-        client: DownstreamClient,
-    ) -> Result<Self, ProvisionError> {
+    pub fn new(cfg: &DockerConfig, root: PathBuf, client: DownstreamClient) -> Result<Self, ProvisionError> {
         let s = cfg.validate(std::env::var("DOCKER_HOST").ok())?;
-        std::fs::create_dir_all(&root).map_err(|e| {
-            ProvisionError::Config(format!("cannot create {}: {e}", root.display()))
-        })?;
+        std::fs::create_dir_all(&root)
+            .map_err(|e| ProvisionError::Config(format!("cannot create {}: {e}", root.display())))?;
         {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700));
         }
-        let instance = s
-            .instance_id
-            .clone()
-            .unwrap_or_else(|| labels::derive_instance_id(&root));
+        let instance = s.instance_id.clone().unwrap_or_else(|| labels::derive_instance_id(&root));
         let engine = Engine::new(&s.docker_host, s.api_timeout).map_err(ProvisionError::Config)?;
         let spec = spec_hash(&s);
-        let data_root =
-            std::path::absolute(root.join("data")).unwrap_or_else(|_| root.join("data"));
+        let data_root = std::path::absolute(root.join("data")).unwrap_or_else(|_| root.join("data"));
         // As root, directories made for a container are handed to its user.
-        let chown_to = if nix::unistd::geteuid().is_root() {
-            parse_user(&s.user)
-        } else {
-            None
-        };
+        let chown_to = if nix::unistd::geteuid().is_root() { parse_user(&s.user) } else { None };
         Ok(Self(Arc::new(Inner {
             data_root,
             sync: None,
@@ -286,12 +270,8 @@ impl DockerProvisioner {
     /// directory bind-mounted at /workspace instead of a volume. Needs a local engine, and
     /// either root (restored files are chowned to `user`) or containers running as nestor's
     /// own uid:gid. Call before the provisioner is used (recover included).
-    pub fn with_workspace_sync(
-        mut self,
-        sync: Arc<dyn WorkspaceSync>,
-    ) -> Result<Self, ProvisionError> {
-        let inner = Arc::get_mut(&mut self.0)
-            .expect("with_workspace_sync before the provisioner is shared");
+    pub fn with_workspace_sync(mut self, sync: Arc<dyn WorkspaceSync>) -> Result<Self, ProvisionError> {
+        let inner = Arc::get_mut(&mut self.0).expect("with_workspace_sync before the provisioner is shared");
         if !inner.s.docker_host.starts_with("unix://") {
             return Err(ProvisionError::Config(format!(
                 "workspace_storage with the docker provisioner needs the Docker engine on nestor's host (a unix:// docker_host, not {:?}): conversations' files are restored into and pushed from host directories bind-mounted into their containers",
@@ -311,9 +291,8 @@ impl DockerProvisioner {
                 nix::unistd::getegid().as_raw()
             )));
         }
-        std::fs::create_dir_all(&inner.data_root).map_err(|e| {
-            ProvisionError::Config(format!("cannot create {}: {e}", inner.data_root.display()))
-        })?;
+        std::fs::create_dir_all(&inner.data_root)
+            .map_err(|e| ProvisionError::Config(format!("cannot create {}: {e}", inner.data_root.display())))?;
         inner.sync = Some(sync);
         Ok(self)
     }
@@ -340,10 +319,7 @@ impl DockerProvisioner {
 
     /// One reconciliation pass (see the module docs). `known` says whether the catalog knows
     /// a conversation (a half-created one it knows is kept and marked active).
-    pub async fn sweep(
-        &self,
-        known: &(dyn Fn(&ConversationId) -> bool + Send + Sync),
-    ) -> Result<SweepReport, ProvisionError> {
+    pub async fn sweep(&self, known: &(dyn Fn(&ConversationId) -> bool + Send + Sync)) -> Result<SweepReport, ProvisionError> {
         self.0.sweep(known).await
     }
 
@@ -357,10 +333,7 @@ impl DockerProvisioner {
             loop {
                 match me.sweep(&known).await {
                     Ok(r) => {
-                        let n = r.orphan_containers.len()
-                            + r.orphan_volumes.len()
-                            + r.half_created.len()
-                            + r.lost.len();
+                        let n = r.orphan_containers.len() + r.orphan_volumes.len() + r.half_created.len() + r.lost.len();
                         if n > 0 {
                             tracing::info!(
                                 orphan_containers = r.orphan_containers.len(),
@@ -466,12 +439,7 @@ impl Inner {
         let conversation = m.conversation_id?;
         (m.mount == DataMount::Bind).then(|| {
             let d = self.data_dir(&c.slot);
-            SyncTrees {
-                conversation,
-                owner: m.owner.clone(),
-                workspace: d.join(DATA_PROJECT),
-                state: d.join(DATA_STATE),
-            }
+            SyncTrees { conversation, owner: m.owner.clone(), workspace: d.join(DATA_PROJECT), state: d.join(DATA_STATE) }
         })
     }
 
@@ -479,9 +447,7 @@ impl Inner {
     /// missing trees are restored (persistence on) and everything is its user's.
     async fn prepare_data(&self, c: &Ctr) -> Result<(), ProvisionError> {
         let dir = self.data_dir(&c.slot);
-        let start_err = |e: std::io::Error, p: &std::path::Path| {
-            ProvisionError::Start(format!("cannot prepare {}: {e}", p.display()))
-        };
+        let start_err = |e: std::io::Error, p: &std::path::Path| ProvisionError::Start(format!("cannot prepare {}: {e}", p.display()));
         std::fs::create_dir_all(&dir).map_err(|e| start_err(e, &dir))?;
         let mut restored = crate::sync::Restored::default();
         if let (Some(sync), Some(t)) = (&self.sync, self.trees(c)) {
@@ -489,11 +455,7 @@ impl Inner {
         }
         let state = dir.join(DATA_STATE);
         let mut fresh: Vec<PathBuf> = vec![dir.clone()];
-        for d in STATE_SUBDIRS
-            .iter()
-            .map(|s| state.join(s))
-            .chain([dir.join(DATA_PROJECT)])
-        {
+        for d in STATE_SUBDIRS.iter().map(|s| state.join(s)).chain([dir.join(DATA_PROJECT)]) {
             if !d.exists() {
                 std::fs::create_dir_all(&d).map_err(|e| start_err(e, &d))?;
             }
@@ -522,20 +484,13 @@ impl Inner {
     }
 
     fn ctr_of(&self, ds: &Downstream) -> Result<Arc<Ctr>, ProvisionError> {
-        self.ctrs
-            .get(ds.id())
-            .map(|c| c.clone())
-            .ok_or_else(|| ProvisionError::UnknownDownstream(ds.id().clone()))
+        self.ctrs.get(ds.id()).map(|c| c.clone()).ok_or_else(|| ProvisionError::UnknownDownstream(ds.id().clone()))
     }
 
     fn new_ctr(&self, slot: Slot, m: Manifest, state: DownstreamState) -> Arc<Ctr> {
         let warm = m.phase == Phase::Warm;
         // A warm slot's conversation (once claimed) is in its manifest.
-        let primary = slot.conversation().or(if matches!(slot, Slot::Warm(_)) {
-            m.conversation_id
-        } else {
-            None
-        });
+        let primary = slot.conversation().or(if matches!(slot, Slot::Warm(_)) { m.conversation_id } else { None });
         let ds = Downstream::new(
             Self::downstream_id(&slot),
             "docker",
@@ -560,12 +515,10 @@ impl Inner {
     /// An engine error as a provision error naming the engine.
     fn engine_err(&self, e: EngineError) -> ProvisionError {
         match e {
-            e @ (EngineError::Unreachable { .. } | EngineError::Timeout { .. }) => {
-                ProvisionError::Unavailable {
-                    detail: format!("{e} (set provisioner.docker.docker_host or DOCKER_HOST)"),
-                    retry_after: Some(Duration::from_secs(5)),
-                }
-            }
+            e @ (EngineError::Unreachable { .. } | EngineError::Timeout { .. }) => ProvisionError::Unavailable {
+                detail: format!("{e} (set provisioner.docker.docker_host or DOCKER_HOST)"),
+                retry_after: Some(Duration::from_secs(5)),
+            },
             e => ProvisionError::Start(e.to_string()),
         }
     }
@@ -582,25 +535,12 @@ impl Inner {
     fn container_body(&self, c: &Ctr) -> ContainerCreateBody {
         let (key, secret, owner, bind, dormant) = {
             let m = c.manifest.lock().unwrap();
-            (
-                m.key.clone(),
-                m.secret_key.clone(),
-                m.owner.clone(),
-                m.mount == DataMount::Bind,
-                m.phase == Phase::Warm,
-            )
+            (m.key.clone(), m.secret_key.clone(), m.owner.clone(), m.mount == DataMount::Bind, m.phase == Phase::Warm)
         };
         let mut env: Vec<String> = BASE_ENV
             .iter()
             .map(|(k, v)| {
-                let v = if bind {
-                    BIND_STATE_ENV
-                        .iter()
-                        .find(|(b, _)| b == k)
-                        .map_or(*v, |(_, bv)| *bv)
-                } else {
-                    *v
-                };
+                let v = if bind { BIND_STATE_ENV.iter().find(|(b, _)| b == k).map_or(*v, |(_, bv)| *bv) } else { *v };
                 format!("{k}={v}")
             })
             .collect();
@@ -608,9 +548,7 @@ impl Inner {
             // A warm pool member: deferred init, the init key as its secret key, a boot key
             // nobody gets, and none of what is bound at claim (crate::pool).
             env.extend(
-                labels::env_list(&self.s.env)
-                    .into_iter()
-                    .filter(|e| !crate::pool::is_late_bound_env(e.split('=').next().unwrap_or(""))),
+                labels::env_list(&self.s.env).into_iter().filter(|e| !crate::pool::is_late_bound_env(e.split('=').next().unwrap_or(""))),
             );
             env.push("OH_DEFERRED_INIT=true".into());
             env.push(format!("OH_SESSION_API_KEYS_0={}", key.expose()));
@@ -624,21 +562,11 @@ impl Inner {
         let mut lbl = labels::labels_for(&self.instance, &c.slot, owner_label, &self.s.labels);
         // A dormant container never runs again as itself: once claimed and stopped, its next
         // start re-creates it (the spec differs) with its conversation's keys.
-        lbl.insert(
-            SPEC.into(),
-            if dormant {
-                format!("{}-dormant", self.spec)
-            } else {
-                self.spec.clone()
-            },
-        );
+        lbl.insert(SPEC.into(), if dormant { format!("{}-dormant", self.spec) } else { self.spec.clone() });
         let port_bindings = self.s.network.is_none().then(|| {
             HashMap::from([(
                 labels::CONTAINER_PORT_KEY.to_owned(),
-                Some(vec![PortBinding {
-                    host_ip: Some("127.0.0.1".into()),
-                    host_port: Some(String::new()),
-                }]),
+                Some(vec![PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(String::new()) }]),
             )])
         });
         let host_config = HostConfig {
@@ -665,20 +593,13 @@ impl Inner {
             memory: self.s.memory,
             nano_cpus: self.s.nano_cpus,
             pids_limit: self.s.pids_limit,
-            ulimits: Some(vec![ResourcesUlimits {
-                name: Some("core".into()),
-                soft: Some(0),
-                hard: Some(0),
-            }]),
+            ulimits: Some(vec![ResourcesUlimits { name: Some("core".into()), soft: Some(0), hard: Some(0) }]),
             init: Some(true),
             runtime: self.s.runtime.clone(),
             extra_hosts: (!self.s.extra_hosts.is_empty()).then(|| self.s.extra_hosts.clone()),
             log_config: Some(HostConfigLogConfig {
                 typ: Some("json-file".into()),
-                config: Some(HashMap::from([
-                    ("max-size".into(), "10m".into()),
-                    ("max-file".into(), "3".into()),
-                ])),
+                config: Some(HashMap::from([("max-size".into(), "10m".into()), ("max-file".into(), "3".into())])),
             }),
             privileged: Some(false),
             ..Default::default()
@@ -698,36 +619,20 @@ impl Inner {
     }
 
     /// Where nestor reaches a running container.
-    fn endpoint_from_inspect(
-        &self,
-        i: &ContainerInspectResponse,
-        key: SessionKey,
-    ) -> Option<Endpoint> {
+    fn endpoint_from_inspect(&self, i: &ContainerInspectResponse, key: SessionKey) -> Option<Endpoint> {
         let ns = i.network_settings.as_ref()?;
         match &self.s.network {
-            None => labels::host_port_from_inspect(ns.ports.as_ref())
-                .map(|p| Endpoint::loopback(p, Some(key))),
+            None => labels::host_port_from_inspect(ns.ports.as_ref()).map(|p| Endpoint::loopback(p, Some(key))),
             Some(net) => {
-                let ip = ns
-                    .networks
-                    .as_ref()?
-                    .get(net)?
-                    .ip_address
-                    .clone()
-                    .filter(|ip| !ip.is_empty())?;
+                let ip = ns.networks.as_ref()?.get(net)?.ip_address.clone().filter(|ip| !ip.is_empty())?;
                 network_endpoint(&ip, key)
             }
         }
     }
 
-    fn endpoint_from_summary(
-        &self,
-        c: &bollard::models::ContainerSummary,
-        key: SessionKey,
-    ) -> Option<Endpoint> {
+    fn endpoint_from_summary(&self, c: &bollard::models::ContainerSummary, key: SessionKey) -> Option<Endpoint> {
         match &self.s.network {
-            None => labels::host_port_from_summary(c.ports.as_ref())
-                .map(|p| Endpoint::loopback(p, Some(key))),
+            None => labels::host_port_from_summary(c.ports.as_ref()).map(|p| Endpoint::loopback(p, Some(key))),
             Some(net) => network_endpoint(&labels::address_from_summary(c, net)?, key),
         }
     }
@@ -746,9 +651,7 @@ impl Inner {
             let spec = labels_of(i).and_then(|l| l.get(SPEC)).map(String::as_str);
             if !is_running(i) && spec != Some(self.spec.as_str()) {
                 tracing::info!(downstream = %c.ds.id(), "re-creating the agent-server container with the current settings (state is kept in its volume)");
-                eng.remove_container(&c.name)
-                    .await
-                    .map_err(|e| self.engine_err(e))?;
+                eng.remove_container(&c.name).await.map_err(|e| self.engine_err(e))?;
                 found = None;
             }
         }
@@ -759,29 +662,20 @@ impl Inner {
                 if bind {
                     self.prepare_data(c).await?;
                 }
-                eng.start_container(&c.name)
-                    .await
-                    .map_err(|e| self.engine_err(e))?;
-                eng.inspect_container(&c.name)
-                    .await
-                    .map_err(|e| self.engine_err(e))?
+                eng.start_container(&c.name).await.map_err(|e| self.engine_err(e))?;
+                eng.inspect_container(&c.name).await.map_err(|e| self.engine_err(e))?
             }
             None => {
                 if bind {
                     self.prepare_data(c).await?;
                 } else {
                     let owner = c.manifest.lock().unwrap().owner.clone();
-                    let vol_labels =
-                        labels::labels_for(&self.instance, &c.slot, owner.as_str(), &self.s.labels);
-                    eng.create_volume(&c.name, vol_labels)
-                        .await
-                        .map_err(|e| self.engine_err(e))?;
+                    let vol_labels = labels::labels_for(&self.instance, &c.slot, owner.as_str(), &self.s.labels);
+                    eng.create_volume(&c.name, vol_labels).await.map_err(|e| self.engine_err(e))?;
                 }
                 match eng.create_container(&c.name, self.container_body(c)).await {
                     Ok(_) => {}
-                    Err(EngineError::NotFound(msg))
-                        if msg.to_ascii_lowercase().contains("image") =>
-                    {
+                    Err(EngineError::NotFound(msg)) if msg.to_ascii_lowercase().contains("image") => {
                         return Err(self.image_missing())
                     }
                     Err(EngineError::NotFound(msg)) => {
@@ -794,12 +688,8 @@ impl Inner {
                     Err(EngineError::Conflict(_)) => {}
                     Err(e) => return Err(self.engine_err(e)),
                 }
-                eng.start_container(&c.name)
-                    .await
-                    .map_err(|e| self.engine_err(e))?;
-                eng.inspect_container(&c.name)
-                    .await
-                    .map_err(|e| self.engine_err(e))?
+                eng.start_container(&c.name).await.map_err(|e| self.engine_err(e))?;
+                eng.inspect_container(&c.name).await.map_err(|e| self.engine_err(e))?
             }
         };
         let ep = self.endpoint_from_inspect(&info, c.key());
@@ -856,16 +746,10 @@ impl Inner {
                         }
                     }
                     Err(e) if e.is_not_found() => {
-                        self.fail(
-                            &c,
-                            generation,
-                            "the agent-server container disappeared during start-up".into(),
-                        );
+                        self.fail(&c, generation, "the agent-server container disappeared during start-up".into());
                         return;
                     }
-                    Err(e) => {
-                        tracing::debug!(downstream = %c.ds.id(), "inspect during start-up failed: {e}")
-                    }
+                    Err(e) => tracing::debug!(downstream = %c.ds.id(), "inspect during start-up failed: {e}"),
                 }
             }
             if tokio::time::Instant::now() >= deadline {
@@ -877,10 +761,7 @@ impl Inner {
                 self.fail(&c, generation, why);
                 if c.is_current(generation) {
                     c.expect_exit.store(true, Ordering::SeqCst);
-                    let _ = self
-                        .engine
-                        .stop_container(&c.name, Duration::from_secs(1))
-                        .await;
+                    let _ = self.engine.stop_container(&c.name, Duration::from_secs(1)).await;
                 }
                 return;
             }
@@ -906,19 +787,13 @@ impl Inner {
         let text = text
             .replace(key.expose(), nestor_core::leak_guard::MASK)
             .replace(secret.expose(), nestor_core::leak_guard::MASK);
-        let lines: Vec<&str> = text
-            .lines()
-            .map(str::trim_end)
-            .filter(|l| !l.trim().is_empty())
-            .collect();
+        let lines: Vec<&str> = text.lines().map(str::trim_end).filter(|l| !l.trim().is_empty()).collect();
         let tail = lines[lines.len().saturating_sub(6)..].join(" | ");
         if tail.is_empty() {
             String::new()
         } else {
             let cut = tail.len().saturating_sub(1500);
-            let cut = (cut..tail.len())
-                .find(|i| tail.is_char_boundary(*i))
-                .unwrap_or(tail.len());
+            let cut = (cut..tail.len()).find(|i| tail.is_char_boundary(*i)).unwrap_or(tail.len());
             format!("; last log lines: {}", &tail[cut..])
         }
     }
@@ -932,11 +807,7 @@ impl Inner {
         // it, the next start finds it running and simply uses it.
         c.ds.set_endpoint(None);
         c.ds.set_state(DownstreamState::Stopped);
-        if let Err(e) = self
-            .engine
-            .stop_container(&c.name, self.s.stop_timeout)
-            .await
-        {
+        if let Err(e) = self.engine.stop_container(&c.name, self.s.stop_timeout).await {
             return Err(self.engine_err(e));
         }
         tracing::info!(downstream = %c.ds.id(), "agent-server container stopped");
@@ -1001,15 +872,10 @@ impl Inner {
     fn keep_data(&self, slot: &Slot, why: &str) {
         let dir = self.data_dir(slot);
         let kept = self.data_root.join(".kept").join(slot.key());
-        let moved = std::fs::create_dir_all(self.data_root.join(".kept"))
-            .and_then(|_| std::fs::rename(&dir, &kept));
+        let moved = std::fs::create_dir_all(self.data_root.join(".kept")).and_then(|_| std::fs::rename(&dir, &kept));
         match moved {
-            Ok(()) => {
-                tracing::warn!(dir = %kept.display(), "keeping the deleted conversation's files here: {why}")
-            }
-            Err(e) => {
-                tracing::warn!(dir = %dir.display(), "keeping the deleted conversation's files ({why}); could not move them aside: {e}")
-            }
+            Ok(()) => tracing::warn!(dir = %kept.display(), "keeping the deleted conversation's files here: {why}"),
+            Err(e) => tracing::warn!(dir = %dir.display(), "keeping the deleted conversation's files ({why}); could not move them aside: {e}"),
         }
         self.releasing.remove(&slot.key());
     }
@@ -1041,20 +907,12 @@ impl Inner {
     }
 
     /// Create the bookkeeping for a new slot and start its container (or return the existing one).
-    async fn start_new(
-        self: &Arc<Self>,
-        slot: Slot,
-        owner: UserId,
-        phase: Phase,
-    ) -> Result<Arc<Downstream>, ProvisionError> {
+    async fn start_new(self: &Arc<Self>, slot: Slot, owner: UserId, phase: Phase) -> Result<Arc<Downstream>, ProvisionError> {
         let id = Self::downstream_id(&slot);
         if let Some(c) = self.ctrs.get(&id) {
             return Ok(c.ds.clone());
         }
-        self.engine
-            .connect()
-            .await
-            .map_err(|e| self.engine_err(e))?;
+        self.engine.connect().await.map_err(|e| self.engine_err(e))?;
         self.spawn_watcher();
         let mut m = Manifest::new(slot.conversation(), owner, phase);
         if self.sync.is_some() && slot.conversation().is_some() {
@@ -1064,11 +922,7 @@ impl Inner {
     }
 
     /// Bookkeeping for `slot` with manifest `m`, written, then its container started.
-    async fn start_slot(
-        self: &Arc<Self>,
-        slot: Slot,
-        m: Manifest,
-    ) -> Result<Arc<Downstream>, ProvisionError> {
+    async fn start_slot(self: &Arc<Self>, slot: Slot, m: Manifest) -> Result<Arc<Downstream>, ProvisionError> {
         let id = Self::downstream_id(&slot);
         let c = self.new_ctr(slot, m, DownstreamState::Starting);
         // Claim the slot before writing its manifest: a concurrent caller must never
@@ -1082,10 +936,7 @@ impl Inner {
         if let Err(e) = saved {
             self.ctrs.remove(&id);
             c.ds.set_state(DownstreamState::Released);
-            return Err(ProvisionError::Start(format!(
-                "cannot write {}: {e}",
-                c.manifest_path.display()
-            )));
+            return Err(ProvisionError::Start(format!("cannot write {}: {e}", c.manifest_path.display())));
         }
         if let Err(e) = self.launch(&c).await {
             tracing::warn!(downstream = %c.ds.id(), "could not start an agent-server container: {e}");
@@ -1115,13 +966,10 @@ impl Inner {
             .list_containers(labels::instance_filter(&self.instance))
             .await
             .map_err(|e| self.engine_err(e))?;
-        let by_slot: HashMap<Slot, &bollard::models::ContainerSummary> = listed
-            .iter()
-            .filter_map(|c| Some((labels::slot_of(c.labels.as_ref())?, c)))
-            .collect();
-        let entries = std::fs::read_dir(&self.root).map_err(|e| {
-            ProvisionError::Config(format!("cannot read {}: {e}", self.root.display()))
-        })?;
+        let by_slot: HashMap<Slot, &bollard::models::ContainerSummary> =
+            listed.iter().filter_map(|c| Some((labels::slot_of(c.labels.as_ref())?, c))).collect();
+        let entries = std::fs::read_dir(&self.root)
+            .map_err(|e| ProvisionError::Config(format!("cannot read {}: {e}", self.root.display())))?;
         let mut probes = Vec::new();
         let mut owned = Vec::new();
         let mut stale_warm = Vec::new();
@@ -1138,11 +986,7 @@ impl Inner {
                     continue;
                 }
             };
-            let slot = m
-                .warm
-                .map(Slot::Warm)
-                .or(m.conversation_id.map(Slot::Conversation))
-                .unwrap_or(Slot::Home);
+            let slot = m.warm.map(Slot::Warm).or(m.conversation_id.map(Slot::Conversation)).unwrap_or(Slot::Home);
             if path != self.manifest_path(&slot) {
                 tracing::warn!(file = %path.display(), "skipping docker manifest with a foreign name");
                 continue;
@@ -1158,10 +1002,7 @@ impl Inner {
             }
             let c = self.new_ctr(slot, m, DownstreamState::Stopped);
             if let Some(s) = by_slot.get(&slot) {
-                let running = matches!(
-                    s.state,
-                    Some(bollard::models::ContainerSummaryStateEnum::RUNNING)
-                );
+                let running = matches!(s.state, Some(bollard::models::ContainerSummaryStateEnum::RUNNING));
                 if running {
                     c.ds.set_endpoint(self.endpoint_from_summary(s, c.key()));
                     probes.push(c.clone());
@@ -1176,10 +1017,7 @@ impl Inner {
                 tracing::warn!(container = %c.name, "{e}");
             }
         }
-        let orphans = by_slot
-            .keys()
-            .filter(|s| !self.ctrs.contains_key(&Self::downstream_id(s)))
-            .count();
+        let orphans = by_slot.keys().filter(|s| !self.ctrs.contains_key(&Self::downstream_id(s))).count();
         let results = futures::future::join_all(probes.iter().map(|c| async move {
             match c.ds.endpoint() {
                 Some(ep) => self.client.is_alive(&ep, Duration::from_secs(2)).await,
@@ -1203,16 +1041,8 @@ impl Inner {
             }
         }
         self.spawn_watcher();
-        let ready = owned
-            .iter()
-            .filter(|d| d.state() == DownstreamState::Ready)
-            .count();
-        tracing::info!(
-            total = owned.len(),
-            ready,
-            orphans,
-            "docker provisioner recovered its containers"
-        );
+        let ready = owned.iter().filter(|d| d.state() == DownstreamState::Ready).count();
+        tracing::info!(total = owned.len(), ready, orphans, "docker provisioner recovered its containers");
         Ok(owned)
     }
 
@@ -1258,19 +1088,9 @@ impl Inner {
     }
 
     fn on_die(&self, ev: &bollard::models::EventMessage) {
-        let Some(attrs) = ev.actor.as_ref().and_then(|a| a.attributes.as_ref()) else {
-            return;
-        };
-        let Some(slot) = attrs.get(CONVERSATION).and_then(|v| Slot::parse(v)) else {
-            return;
-        };
-        let Some(c) = self
-            .ctrs
-            .get(&Self::downstream_id(&slot))
-            .map(|c| c.clone())
-        else {
-            return;
-        };
+        let Some(attrs) = ev.actor.as_ref().and_then(|a| a.attributes.as_ref()) else { return };
+        let Some(slot) = attrs.get(CONVERSATION).and_then(|v| Slot::parse(v)) else { return };
+        let Some(c) = self.ctrs.get(&Self::downstream_id(&slot)).map(|c| c.clone()) else { return };
         if c.expect_exit.load(Ordering::SeqCst) || c.ds.state() != DownstreamState::Ready {
             return;
         }
@@ -1281,22 +1101,12 @@ impl Inner {
         c.ds.set_state(DownstreamState::Failed(why.into()));
     }
 
-    async fn sweep(
-        &self,
-        known: &(dyn Fn(&ConversationId) -> bool + Send + Sync),
-    ) -> Result<SweepReport, ProvisionError> {
+    async fn sweep(&self, known: &(dyn Fn(&ConversationId) -> bool + Send + Sync)) -> Result<SweepReport, ProvisionError> {
         let mut report = SweepReport::default();
-        let generations: HashMap<DownstreamId, u64> = self
-            .ctrs
-            .iter()
-            .map(|c| (c.ds.id().clone(), c.generation.load(Ordering::SeqCst)))
-            .collect();
+        let generations: HashMap<DownstreamId, u64> =
+            self.ctrs.iter().map(|c| (c.ds.id().clone(), c.generation.load(Ordering::SeqCst))).collect();
         let filter = labels::instance_filter(&self.instance);
-        let containers = self
-            .engine
-            .list_containers(filter.clone())
-            .await
-            .map_err(|e| self.engine_err(e))?;
+        let containers = self.engine.list_containers(filter.clone()).await.map_err(|e| self.engine_err(e))?;
         let claimed = |slot: &Slot| {
             self.ctrs.contains_key(&Self::downstream_id(slot)) || self.manifest_path(slot).exists()
         };
@@ -1305,10 +1115,7 @@ impl Inner {
         for c in &containers {
             let slot = labels::slot_of(c.labels.as_ref());
             if let Some(s) = slot {
-                if matches!(
-                    c.state,
-                    Some(bollard::models::ContainerSummaryStateEnum::RUNNING)
-                ) {
+                if matches!(c.state, Some(bollard::models::ContainerSummaryStateEnum::RUNNING)) {
                     running.insert(s);
                 }
                 if claimed(&s) {
@@ -1330,11 +1137,7 @@ impl Inner {
                 Err(e) => tracing::warn!(container = %name, "cannot remove orphan container: {e}"),
             }
         }
-        let volumes = self
-            .engine
-            .list_volumes(filter)
-            .await
-            .map_err(|e| self.engine_err(e))?;
+        let volumes = self.engine.list_volumes(filter).await.map_err(|e| self.engine_err(e))?;
         for v in volumes {
             if labels::slot_of(Some(&v.labels)).is_some_and(|s| claimed(&s)) {
                 continue;
@@ -1350,9 +1153,7 @@ impl Inner {
         // 2. Conversations whose create never succeeded.
         let ctrs: Vec<Arc<Ctr>> = self.ctrs.iter().map(|c| c.clone()).collect();
         for c in &ctrs {
-            let Some(conv) = c.manifest.lock().unwrap().conversation_id else {
-                continue;
-            };
+            let Some(conv) = c.manifest.lock().unwrap().conversation_id else { continue };
             let (phase, age) = {
                 let m = c.manifest.lock().unwrap();
                 (m.phase, m.age_secs())
@@ -1367,9 +1168,7 @@ impl Inner {
             if Duration::from_secs(age) < self.s.provisioning_grace {
                 continue;
             }
-            let Ok(_g) = c.lifecycle.try_lock() else {
-                continue;
-            };
+            let Ok(_g) = c.lifecycle.try_lock() else { continue };
             if c.manifest.lock().unwrap().phase != Phase::Provisioning {
                 continue;
             }
@@ -1414,9 +1213,7 @@ impl Inner {
             }
             if !running.contains(&c.slot) {
                 c.ds.set_endpoint(None);
-                c.ds.set_state(DownstreamState::Failed(
-                    "the agent-server container is no longer running".into(),
-                ));
+                c.ds.set_state(DownstreamState::Failed("the agent-server container is no longer running".into()));
                 report.lost.push(c.ds.id().clone());
             }
         }
@@ -1425,16 +1222,8 @@ impl Inner {
 }
 
 fn network_endpoint(ip: &str, key: SessionKey) -> Option<Endpoint> {
-    let host = if ip.contains(':') {
-        format!("[{ip}]")
-    } else {
-        ip.to_owned()
-    };
-    Endpoint::parse(
-        &format!("http://{host}:{}", labels::CONTAINER_PORT),
-        Some(key),
-    )
-    .ok()
+    let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_owned() };
+    Endpoint::parse(&format!("http://{host}:{}", labels::CONTAINER_PORT), Some(key)).ok()
 }
 
 #[async_trait]
@@ -1448,37 +1237,18 @@ impl Provisioner for DockerProvisioner {
     }
 
     async fn provision(&self, req: ProvisionRequest) -> Result<Arc<Downstream>, ProvisionError> {
-        self.0
-            .start_new(
-                Slot::Conversation(req.conversation),
-                req.owner,
-                Phase::Provisioning,
-            )
-            .await
+        self.0.start_new(Slot::Conversation(req.conversation), req.owner, Phase::Provisioning).await
     }
 
     fn get(&self, id: &DownstreamId) -> Option<Arc<Downstream>> {
-        self.0
-            .ctrs
-            .get(id)
-            .filter(|c| !c.is_warm())
-            .map(|c| c.ds.clone())
+        self.0.ctrs.get(id).filter(|c| !c.is_warm()).map(|c| c.ds.clone())
     }
 
     fn list(&self) -> Vec<Arc<Downstream>> {
-        self.0
-            .ctrs
-            .iter()
-            .filter(|c| !c.is_warm())
-            .map(|c| c.ds.clone())
-            .collect()
+        self.0.ctrs.iter().filter(|c| !c.is_warm()).map(|c| c.ds.clone()).collect()
     }
 
-    async fn ensure_ready(
-        &self,
-        ds: &Arc<Downstream>,
-        timeout: Duration,
-    ) -> Result<(), ProvisionError> {
+    async fn ensure_ready(&self, ds: &Arc<Downstream>, timeout: Duration) -> Result<(), ProvisionError> {
         let inner = &self.0;
         let deadline = tokio::time::Instant::now() + timeout;
         // A failed start is not retried in a loop: one (re)start per call, then report.
@@ -1501,11 +1271,7 @@ impl Provisioner for DockerProvisioner {
                             // Start over from the volume: nothing of the failed container lingers.
                             c.expect_exit.store(true, Ordering::SeqCst);
                             c.bump();
-                            inner
-                                .engine
-                                .remove_container(&c.name)
-                                .await
-                                .map_err(|e| inner.engine_err(e))?;
+                            inner.engine.remove_container(&c.name).await.map_err(|e| inner.engine_err(e))?;
                         }
                         tracing::info!(downstream = %ds.id(), "starting agent-server container on demand");
                         if let Err(e) = inner.launch(&c).await {
@@ -1542,12 +1308,7 @@ impl Provisioner for DockerProvisioner {
         Ok(())
     }
 
-    async fn release(
-        &self,
-        ds: &Arc<Downstream>,
-        conversation: ConversationId,
-        remaining: usize,
-    ) -> Result<(), ProvisionError> {
+    async fn release(&self, ds: &Arc<Downstream>, conversation: ConversationId, remaining: usize) -> Result<(), ProvisionError> {
         if remaining > 0 {
             return Ok(());
         }
@@ -1578,11 +1339,7 @@ impl Provisioner for DockerProvisioner {
     async fn home(&self) -> Result<Arc<Downstream>, ProvisionError> {
         let ds = match self.0.ctrs.get(&Inner::downstream_id(&Slot::Home)) {
             Some(c) => c.ds.clone(),
-            None => {
-                self.0
-                    .start_new(Slot::Home, UserId::default_user(), Phase::Active)
-                    .await?
-            }
+            None => self.0.start_new(Slot::Home, UserId::default_user(), Phase::Active).await?,
         };
         self.ensure_ready(&ds, self.0.s.startup_timeout).await?;
         Ok(ds)
@@ -1592,19 +1349,10 @@ impl Provisioner for DockerProvisioner {
         self.0.mark_active(ds)
     }
 
-    fn prepare_create(
-        &self,
-        _ds: &Downstream,
-        body: &mut serde_json::Map<String, serde_json::Value>,
-    ) {
-        let ws = body
-            .entry("workspace")
-            .or_insert_with(|| serde_json::json!({"kind": "LocalWorkspace"}));
+    fn prepare_create(&self, _ds: &Downstream, body: &mut serde_json::Map<String, serde_json::Value>) {
+        let ws = body.entry("workspace").or_insert_with(|| serde_json::json!({"kind": "LocalWorkspace"}));
         if let Some(obj) = ws.as_object_mut() {
-            obj.insert(
-                "working_dir".into(),
-                serde_json::Value::String(WORKSPACE_DIR.into()),
-            );
+            obj.insert("working_dir".into(), serde_json::Value::String(WORKSPACE_DIR.into()));
         }
     }
 
@@ -1618,20 +1366,14 @@ impl Provisioner for DockerProvisioner {
         let ctrs: Vec<Arc<Ctr>> = inner.ctrs.iter().map(|c| c.clone()).collect();
         let stops = ctrs.iter().map(|c| async move {
             let _g = c.lifecycle.lock().await;
-            if matches!(
-                c.ds.state(),
-                DownstreamState::Ready | DownstreamState::Starting | DownstreamState::Failed(_)
-            ) {
+            if matches!(c.ds.state(), DownstreamState::Ready | DownstreamState::Starting | DownstreamState::Failed(_)) {
                 if let Err(e) = inner.stop_ctr(c).await {
                     tracing::warn!(downstream = %c.ds.id(), "could not stop: {e}");
                 }
             }
         });
         let bound = inner.s.stop_timeout + inner.s.api_timeout + Duration::from_secs(5);
-        if tokio::time::timeout(bound, futures::future::join_all(stops))
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(bound, futures::future::join_all(stops)).await.is_err() {
             tracing::warn!("some agent-server containers did not stop within {bound:?}");
         }
     }
@@ -1639,14 +1381,7 @@ impl Provisioner for DockerProvisioner {
 
 fn env_value(name: &str, bind: bool) -> Option<String> {
     let base = BASE_ENV.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
-    let over = if bind {
-        BIND_STATE_ENV
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| *v)
-    } else {
-        None
-    };
+    let over = if bind { BIND_STATE_ENV.iter().find(|(k, _)| *k == name).map(|(_, v)| *v) } else { None };
     over.or(base).map(str::to_owned)
 }
 
@@ -1654,11 +1389,7 @@ fn env_value(name: &str, bind: bool) -> Option<String> {
 impl crate::pool::WarmBackend for DockerProvisioner {
     async fn start_dormant(&self) -> Result<crate::pool::WarmServer, ProvisionError> {
         let inner = &self.0;
-        inner
-            .engine
-            .connect()
-            .await
-            .map_err(|e| inner.engine_err(e))?;
+        inner.engine.connect().await.map_err(|e| inner.engine_err(e))?;
         inner.spawn_watcher();
         let wid: u64 = rand::random();
         let mut m = Manifest::new(None, UserId::default_user(), Phase::Warm);
@@ -1669,71 +1400,45 @@ impl crate::pool::WarmBackend for DockerProvisioner {
         }
         let init_key = m.secret_key.clone();
         let ds = inner.start_slot(Slot::Warm(wid), m).await?;
-        Ok(crate::pool::WarmServer {
-            ds,
-            init_key,
-            born: std::time::SystemTime::now(),
-        })
+        Ok(crate::pool::WarmServer { ds, init_key, born: std::time::SystemTime::now() })
     }
 
     async fn recover_warm(&self) -> Result<Vec<crate::pool::WarmServer>, ProvisionError> {
         let inner = &self.0;
         inner.engine.connect().await.map_err(|e| {
-            ProvisionError::Config(format!(
-                "{e} (is dockerd running? set provisioner.docker.docker_host or DOCKER_HOST)"
-            ))
+            ProvisionError::Config(format!("{e} (is dockerd running? set provisioner.docker.docker_host or DOCKER_HOST)"))
         })?;
         let listed = inner
             .engine
             .list_containers(labels::instance_filter(&inner.instance))
             .await
             .map_err(|e| inner.engine_err(e))?;
-        let by_slot: HashMap<Slot, &bollard::models::ContainerSummary> = listed
-            .iter()
-            .filter_map(|c| Some((labels::slot_of(c.labels.as_ref())?, c)))
-            .collect();
-        let entries = std::fs::read_dir(&inner.root).map_err(|e| {
-            ProvisionError::Config(format!("cannot read {}: {e}", inner.root.display()))
-        })?;
+        let by_slot: HashMap<Slot, &bollard::models::ContainerSummary> =
+            listed.iter().filter_map(|c| Some((labels::slot_of(c.labels.as_ref())?, c))).collect();
+        let entries = std::fs::read_dir(&inner.root)
+            .map_err(|e| ProvisionError::Config(format!("cannot read {}: {e}", inner.root.display())))?;
         let mut found = Vec::new();
         for e in entries.flatten() {
-            let Ok(m) = Manifest::load(&e.path()) else {
-                continue;
-            };
-            let (Phase::Warm, Some(wid)) = (m.phase, m.warm) else {
-                continue;
-            };
+            let Ok(m) = Manifest::load(&e.path()) else { continue };
+            let (Phase::Warm, Some(wid)) = (m.phase, m.warm) else { continue };
             let slot = Slot::Warm(wid);
             if e.path() != inner.manifest_path(&slot) {
                 continue;
             }
-            let Some(summary) = by_slot.get(&slot).filter(|s| {
-                matches!(
-                    s.state,
-                    Some(bollard::models::ContainerSummaryStateEnum::RUNNING)
-                )
-            }) else {
+            let Some(summary) = by_slot.get(&slot).filter(|s| matches!(s.state, Some(bollard::models::ContainerSummaryStateEnum::RUNNING)))
+            else {
                 continue; // not running: recover() removes it
             };
-            let (born, init_key) = (
-                std::time::UNIX_EPOCH + Duration::from_secs(m.created_unix),
-                m.secret_key.clone(),
-            );
+            let (born, init_key) = (std::time::UNIX_EPOCH + Duration::from_secs(m.created_unix), m.secret_key.clone());
             let c = inner.new_ctr(slot, m, DownstreamState::Stopped);
-            let Some(ep) = inner.endpoint_from_summary(summary, c.key()) else {
-                continue;
-            };
+            let Some(ep) = inner.endpoint_from_summary(summary, c.key()) else { continue };
             if !inner.client.is_alive(&ep, Duration::from_secs(2)).await {
                 continue;
             }
             c.ds.set_endpoint(Some(ep));
             c.ds.set_state(DownstreamState::Ready);
             inner.ctrs.insert(c.ds.id().clone(), c.clone());
-            found.push(crate::pool::WarmServer {
-                ds: c.ds.clone(),
-                init_key,
-                born,
-            });
+            found.push(crate::pool::WarmServer { ds: c.ds.clone(), init_key, born });
         }
         Ok(found)
     }
@@ -1748,13 +1453,9 @@ impl crate::pool::WarmBackend for DockerProvisioner {
         let c = inner.ctr_of(&warm.ds)?;
         let _g = c.lifecycle.lock().await;
         if !c.is_warm() || c.ds.state() != DownstreamState::Ready {
-            return Err(ProvisionError::Start(
-                "the warm agent-server container is no longer available".into(),
-            ));
+            return Err(ProvisionError::Start("the warm agent-server container is no longer available".into()));
         }
-        let ep = c.ds.endpoint().ok_or_else(|| {
-            ProvisionError::Start("the warm agent-server container has no address".into())
-        })?;
+        let ep = c.ds.endpoint().ok_or_else(|| ProvisionError::Start("the warm agent-server container has no address".into()))?;
         {
             let mut m = c.manifest.lock().unwrap();
             let mut claimed = m.clone();
@@ -1764,24 +1465,16 @@ impl crate::pool::WarmBackend for DockerProvisioner {
             claimed.key = keys.session.clone();
             claimed.secret_key = keys.secret.clone();
             // The half-created grace period counts from the claim.
-            claimed.created_unix =
-                Manifest::new(None, UserId::default_user(), Phase::Provisioning).created_unix;
-            claimed.save(&c.manifest_path).map_err(|e| {
-                ProvisionError::Start(format!("cannot write {}: {e}", c.manifest_path.display()))
-            })?;
+            claimed.created_unix = Manifest::new(None, UserId::default_user(), Phase::Provisioning).created_unix;
+            claimed
+                .save(&c.manifest_path)
+                .map_err(|e| ProvisionError::Start(format!("cannot write {}: {e}", c.manifest_path.display())))?;
             *m = claimed;
         }
         if !c.ds.bind(req.conversation, req.owner.clone()) {
-            return Err(ProvisionError::Other(
-                "a warm agent-server container was already bound".into(),
-            ));
+            return Err(ProvisionError::Other("a warm agent-server container was already bound".into()));
         }
-        c.ds.set_endpoint(Some(Endpoint::new(
-            ep.scheme.clone(),
-            ep.authority.clone(),
-            ep.base_path.clone(),
-            Some(keys.session.clone()),
-        )));
+        c.ds.set_endpoint(Some(Endpoint::new(ep.scheme.clone(), ep.authority.clone(), ep.base_path.clone(), Some(keys.session.clone()))));
         c.warm.store(false, Ordering::SeqCst);
         if let (Some(sync), Some(t)) = (&inner.sync, inner.trees(&c)) {
             sync.started(&t);
@@ -1791,9 +1484,7 @@ impl crate::pool::WarmBackend for DockerProvisioner {
 
     async fn discard(&self, warm: &crate::pool::WarmServer) {
         let inner = &self.0;
-        let Ok(c) = inner.ctr_of(&warm.ds) else {
-            return;
-        };
+        let Ok(c) = inner.ctr_of(&warm.ds) else { return };
         if !c.is_warm() {
             return;
         }
@@ -1847,16 +1538,12 @@ mod tests {
         let conv = ConversationId::new_random();
         let m = Manifest::new(Some(conv), UserId::new("alice"), Phase::Provisioning);
         let key = m.key.clone();
-        let c =
-            p.0.new_ctr(Slot::Conversation(conv), m, DownstreamState::Starting);
+        let c = p.0.new_ctr(Slot::Conversation(conv), m, DownstreamState::Starting);
         let b = p.0.container_body(&c);
         let h = b.host_config.as_ref().unwrap();
         assert_eq!(h.cap_drop.as_deref(), Some(&["ALL".to_owned()][..]));
         assert_eq!(h.cap_add, None);
-        assert_eq!(
-            h.security_opt.as_deref(),
-            Some(&["no-new-privileges:true".to_owned()][..])
-        );
+        assert_eq!(h.security_opt.as_deref(), Some(&["no-new-privileges:true".to_owned()][..]));
         assert_eq!(h.memory, Some(4 << 30));
         assert_eq!(h.nano_cpus, Some(2_000_000_000));
         assert_eq!(h.pids_limit, Some(512));
@@ -1864,17 +1551,11 @@ mod tests {
         assert_eq!(h.privileged, Some(false));
         assert_eq!(h.init, Some(true));
         let mounts = h.mounts.as_ref().unwrap();
-        assert_eq!(
-            mounts.len(),
-            1,
-            "only the conversation's volume, never the docker socket"
-        );
+        assert_eq!(mounts.len(), 1, "only the conversation's volume, never the docker socket");
         assert_eq!(mounts[0].typ, Some(MountType::VOLUME));
         assert_eq!(mounts[0].source.as_deref(), Some(c.name.as_str()));
         assert!(h.binds.is_none());
-        let pb = h.port_bindings.as_ref().unwrap()["8000/tcp"]
-            .as_ref()
-            .unwrap();
+        let pb = h.port_bindings.as_ref().unwrap()["8000/tcp"].as_ref().unwrap();
         assert_eq!(pb[0].host_ip.as_deref(), Some("127.0.0.1"));
         assert_eq!(b.user.as_deref(), Some("10001:10001"));
         let env = b.env.as_ref().unwrap();
@@ -1885,10 +1566,7 @@ mod tests {
         assert_eq!(l[labels::INSTANCE], p.instance_id());
         assert_eq!(l[labels::CONVERSATION], conv.to_string());
         assert_eq!(l[labels::OWNER], "alice");
-        assert!(
-            l.values().all(|v| !v.contains(key.expose())),
-            "no key in a label"
-        );
+        assert!(l.values().all(|v| !v.contains(key.expose())), "no key in a label");
         assert_eq!(l[SPEC], p.0.spec);
     }
 
@@ -1907,8 +1585,7 @@ mod tests {
         let conv = ConversationId::new_random();
         let mut m = Manifest::new(Some(conv), UserId::new("alice"), Phase::Provisioning);
         m.mount = DataMount::Bind;
-        let c =
-            p.0.new_ctr(Slot::Conversation(conv), m, DownstreamState::Starting);
+        let c = p.0.new_ctr(Slot::Conversation(conv), m, DownstreamState::Starting);
         let b = p.0.container_body(&c);
         let h = b.host_config.as_ref().unwrap();
         let mounts = h.mounts.as_ref().unwrap();
@@ -1916,38 +1593,22 @@ mod tests {
         assert_eq!(mounts[0].typ, Some(MountType::BIND));
         assert_eq!(mounts[0].target.as_deref(), Some("/workspace"));
         let src = PathBuf::from(mounts[0].source.as_deref().unwrap());
-        assert!(
-            src.is_absolute() && src.ends_with(format!("docker/data/{}", conv.hex())),
-            "{src:?}"
-        );
+        assert!(src.is_absolute() && src.ends_with(format!("docker/data/{}", conv.hex())), "{src:?}");
         assert_eq!(src, p.data_dir(&conv));
         let env = b.env.as_ref().unwrap();
-        assert!(
-            env.contains(&"OH_CONVERSATIONS_PATH=/workspace/state/conversations".to_owned()),
-            "{env:?}"
-        );
+        assert!(env.contains(&"OH_CONVERSATIONS_PATH=/workspace/state/conversations".to_owned()), "{env:?}");
         assert!(env.contains(&"OH_PERSISTENCE_DIR=/workspace/state/persistence".to_owned()));
         assert!(env.contains(&"OH_WORKSPACE_PATH=/workspace/project".to_owned()));
         let t = p.0.trees(&c).unwrap();
-        assert_eq!(
-            (t.workspace.clone(), t.state.clone()),
-            (src.join("project"), src.join("state"))
-        );
+        assert_eq!((t.workspace.clone(), t.state.clone()), (src.join("project"), src.join("state")));
         assert_eq!(t.owner, UserId::new("alice"));
         // A remote engine cannot bind-mount nestor's directories.
-        let remote = DockerConfig {
-            docker_host: Some("tcp://10.0.0.1:2375".into()),
-            ..cfg
-        };
-        let e = DockerProvisioner::new(
-            &remote,
-            d.path().join("docker2"),
-            DownstreamClient::default(),
-        )
-        .unwrap()
-        .with_workspace_sync(Arc::new(crate::sync::RecordingSync::default()))
-        .err()
-        .unwrap();
+        let remote = DockerConfig { docker_host: Some("tcp://10.0.0.1:2375".into()), ..cfg };
+        let e = DockerProvisioner::new(&remote, d.path().join("docker2"), DownstreamClient::default())
+            .unwrap()
+            .with_workspace_sync(Arc::new(crate::sync::RecordingSync::default()))
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("unix://"), "{e}");
         assert_eq!(parse_user("10001:10002"), Some((10001, 10002)));
         assert_eq!(parse_user("10001"), Some((10001, 10001)));
@@ -1957,10 +1618,7 @@ mod tests {
     #[test]
     fn a_warm_container_boots_dormant_with_nothing_of_a_conversation() {
         let mut env = std::collections::BTreeMap::new();
-        env.insert(
-            "OH_WEBHOOKS_0_BASE_URL".to_owned(),
-            "http://host.docker.internal:8000/nestor/webhooks".to_owned(),
-        );
+        env.insert("OH_WEBHOOKS_0_BASE_URL".to_owned(), "http://host.docker.internal:8000/nestor/webhooks".to_owned());
         env.insert("LLM_MODEL".to_owned(), "x".to_owned());
         let p = prov(DockerConfig {
             image: Some("img:1".into()),
@@ -1973,33 +1631,18 @@ mod tests {
         let (boot, init) = (m.key.clone(), m.secret_key.clone());
         let c = p.0.new_ctr(Slot::Warm(7), m, DownstreamState::Starting);
         assert_eq!((c.ds.primary(), c.ds.owner()), (None, None));
-        assert_eq!(
-            c.name,
-            format!("nestor-{}-warm-0000000000000007", p.instance_id())
-        );
+        assert_eq!(c.name, format!("nestor-{}-warm-0000000000000007", p.instance_id()));
         let b = p.0.container_body(&c);
         let env = b.env.as_ref().unwrap();
         assert!(env.contains(&"OH_DEFERRED_INIT=true".to_owned()));
-        assert!(
-            env.contains(&format!("OH_SECRET_KEY={}", init.expose())),
-            "the init key is its secret key"
-        );
+        assert!(env.contains(&format!("OH_SECRET_KEY={}", init.expose())), "the init key is its secret key");
         assert!(env.contains(&format!("OH_SESSION_API_KEYS_0={}", boot.expose())));
         assert!(!env.iter().any(|e| e.starts_with("SESSION_API_KEY=")));
-        assert!(
-            !env.iter().any(|e| e.starts_with("OH_WEBHOOKS_")),
-            "webhooks are bound at claim"
-        );
+        assert!(!env.iter().any(|e| e.starts_with("OH_WEBHOOKS_")), "webhooks are bound at claim");
         assert!(env.contains(&"LLM_MODEL=x".to_owned()));
         let l = b.labels.as_ref().unwrap();
-        assert_eq!(
-            (l[labels::ROLE].as_str(), l[labels::OWNER].as_str()),
-            (labels::ROLE_POOL, "")
-        );
-        assert_ne!(
-            l[SPEC], p.0.spec,
-            "a stopped dormant container is re-created, never restarted"
-        );
+        assert_eq!((l[labels::ROLE].as_str(), l[labels::OWNER].as_str()), (labels::ROLE_POOL, ""));
+        assert_ne!(l[SPEC], p.0.spec, "a stopped dormant container is re-created, never restarted");
         // Claimed (as adopt records it), its next container is an ordinary one.
         {
             let mut m = c.manifest.lock().unwrap();
@@ -2012,10 +1655,7 @@ mod tests {
         assert!(!env.contains(&"OH_DEFERRED_INIT=true".to_owned()));
         assert!(env.iter().any(|e| e.starts_with("OH_WEBHOOKS_0_BASE_URL=")));
         let l = b.labels.as_ref().unwrap();
-        assert_eq!(
-            (l[labels::OWNER].as_str(), l[labels::CONVERSATION].as_str()),
-            ("alice", "warm-0000000000000007")
-        );
+        assert_eq!((l[labels::OWNER].as_str(), l[labels::CONVERSATION].as_str()), ("alice", "warm-0000000000000007"));
         assert_eq!(l[SPEC], p.0.spec);
     }
 
@@ -2027,11 +1667,7 @@ mod tests {
             docker_host: Some("unix:///nonexistent.sock".into()),
             ..Default::default()
         });
-        let c = p.0.new_ctr(
-            Slot::Home,
-            Manifest::new(None, UserId::default_user(), Phase::Active),
-            DownstreamState::Stopped,
-        );
+        let c = p.0.new_ctr(Slot::Home, Manifest::new(None, UserId::default_user(), Phase::Active), DownstreamState::Stopped);
         let b = p.0.container_body(&c);
         let h = b.host_config.unwrap();
         assert!(h.port_bindings.is_none());
@@ -2042,10 +1678,7 @@ mod tests {
 
     #[test]
     fn spec_changes_with_settings_but_not_with_keys() {
-        let base = DockerConfig {
-            image: Some("img:1".into()),
-            ..Default::default()
-        };
+        let base = DockerConfig { image: Some("img:1".into()), ..Default::default() };
         let a = spec_hash(&base.validate(None).unwrap());
         assert_eq!(a, spec_hash(&base.validate(None).unwrap()));
         let mut other = base.clone();
@@ -2063,18 +1696,8 @@ mod tests {
 
     #[test]
     fn prepare_create_forces_the_container_workspace() {
-        let p = prov(DockerConfig {
-            image: Some("img:1".into()),
-            ..Default::default()
-        });
-        let ds = Downstream::new(
-            DownstreamId::new("docker-x"),
-            "docker",
-            None,
-            None,
-            None,
-            DownstreamState::Ready,
-        );
+        let p = prov(DockerConfig { image: Some("img:1".into()), ..Default::default() });
+        let ds = Downstream::new(DownstreamId::new("docker-x"), "docker", None, None, None, DownstreamState::Ready);
         let mut body = serde_json::json!({"workspace": {"kind": "LocalWorkspace", "working_dir": "/home/me/src"}})
             .as_object()
             .unwrap()

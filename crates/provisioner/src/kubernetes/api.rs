@@ -13,34 +13,13 @@ use crate::ProvisionError;
 #[derive(Debug, Clone)]
 pub enum KubeError {
     /// The API server answered with an error status.
-    Status {
-        verb: &'static str,
-        resource: &'static str,
-        ns: String,
-        code: u16,
-        reason: String,
-        message: String,
-    },
+    Status { verb: &'static str, resource: &'static str, ns: String, code: u16, reason: String, message: String },
     /// No answer: connection refused, TLS failure, DNS…
-    Unreachable {
-        verb: &'static str,
-        resource: &'static str,
-        server: String,
-        detail: String,
-    },
+    Unreachable { verb: &'static str, resource: &'static str, server: String, detail: String },
     /// No answer within the bound.
-    Timeout {
-        verb: &'static str,
-        resource: &'static str,
-        server: String,
-        after: Duration,
-    },
+    Timeout { verb: &'static str, resource: &'static str, server: String, after: Duration },
     /// Anything else (an answer nestor cannot read).
-    Other {
-        verb: &'static str,
-        resource: &'static str,
-        detail: String,
-    },
+    Other { verb: &'static str, resource: &'static str, detail: String },
 }
 
 impl KubeError {
@@ -133,23 +112,13 @@ impl Kube {
         fut: impl Future<Output = kube::Result<T>>,
     ) -> Result<T, KubeError> {
         match tokio::time::timeout(self.timeout, fut).await {
-            Err(_) => Err(KubeError::Timeout {
-                verb,
-                resource,
-                server: self.server.clone(),
-                after: self.timeout,
-            }),
+            Err(_) => Err(KubeError::Timeout { verb, resource, server: self.server.clone(), after: self.timeout }),
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.classify(verb, resource, e)),
         }
     }
 
-    pub fn classify(
-        &self,
-        verb: &'static str,
-        resource: &'static str,
-        e: kube::Error,
-    ) -> KubeError {
+    pub fn classify(&self, verb: &'static str, resource: &'static str, e: kube::Error) -> KubeError {
         match e {
             kube::Error::Api(s) => KubeError::Status {
                 verb,
@@ -159,14 +128,9 @@ impl Kube {
                 reason: s.reason.clone(),
                 message: s.message.clone(),
             },
-            e @ (kube::Error::HyperError(_)
-            | kube::Error::Service(_)
-            | kube::Error::RustlsTls(_)) => KubeError::Unreachable {
-                verb,
-                resource,
-                server: self.server.clone(),
-                detail: root_cause(&e),
-            },
+            e @ (kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::RustlsTls(_)) => {
+                KubeError::Unreachable { verb, resource, server: self.server.clone(), detail: root_cause(&e) }
+            }
             e @ kube::Error::Auth(_) => KubeError::Status {
                 verb,
                 resource,
@@ -175,11 +139,7 @@ impl Kube {
                 reason: "Unauthorized".into(),
                 message: root_cause(&e),
             },
-            e => KubeError::Other {
-                verb,
-                resource,
-                detail: e.to_string(),
-            },
+            e => KubeError::Other { verb, resource, detail: e.to_string() },
         }
     }
 }

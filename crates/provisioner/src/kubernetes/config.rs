@@ -258,9 +258,7 @@ fn secs(v: Option<f64>, def: f64, what: &str) -> Result<Duration, ProvisionError
     if v.is_finite() && v > 0.0 && v <= 1e9 {
         Ok(Duration::from_secs_f64(v))
     } else {
-        Err(cfg_err(format!(
-            "provisioner.kubernetes.{what} must be a positive number of seconds"
-        )))
+        Err(cfg_err(format!("provisioner.kubernetes.{what} must be a positive number of seconds")))
     }
 }
 
@@ -268,8 +266,7 @@ fn secs(v: Option<f64>, def: f64, what: &str) -> Result<Duration, ProvisionError
 pub fn is_dns_label(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -287,9 +284,7 @@ impl KubernetesConfig {
         }
         if let Some(ns) = &self.namespace {
             if !is_dns_label(ns, 63) {
-                return Err(cfg_err(format!(
-                    "provisioner.kubernetes.namespace {ns:?} is not a valid namespace name"
-                )));
+                return Err(cfg_err(format!("provisioner.kubernetes.namespace {ns:?} is not a valid namespace name")));
             }
         }
         let run_as_user = self.run_as_user.unwrap_or(10001);
@@ -308,9 +303,7 @@ impl KubernetesConfig {
         }
         for k in self.labels.keys() {
             if k.starts_with("nestor.dev/") || k.starts_with("app.kubernetes.io/") {
-                return Err(cfg_err(format!(
-                    "provisioner.kubernetes.labels must not set {k}: nestor owns that label"
-                )));
+                return Err(cfg_err(format!("provisioner.kubernetes.labels must not set {k}: nestor owns that label")));
             }
         }
         let port = self.port.unwrap_or(8000);
@@ -319,9 +312,7 @@ impl KubernetesConfig {
         }
         let grace = self.termination_grace_secs.unwrap_or(10);
         if grace < 0 {
-            return Err(cfg_err(
-                "provisioner.kubernetes.termination_grace_secs must not be negative",
-            ));
+            return Err(cfg_err("provisioner.kubernetes.termination_grace_secs must not be negative"));
         }
         Ok(Settings {
             kubeconfig: self.kubeconfig.clone(),
@@ -351,11 +342,7 @@ impl KubernetesConfig {
             startup_timeout: secs(self.startup_timeout_secs, 180.0, "startup_timeout_secs")?,
             api_timeout: secs(self.api_timeout_secs, 15.0, "api_timeout_secs")?,
             termination_grace_secs: grace,
-            provisioning_grace: secs(
-                self.provisioning_grace_secs,
-                600.0,
-                "provisioning_grace_secs",
-            )?,
+            provisioning_grace: secs(self.provisioning_grace_secs, 600.0, "provisioning_grace_secs")?,
             check_permissions: self.check_permissions.unwrap_or(true),
             workspace_sync: self.workspace_sync.clone(),
         })
@@ -367,10 +354,7 @@ mod tests {
     use super::*;
 
     fn base() -> KubernetesConfig {
-        KubernetesConfig {
-            image: Some("img:1".into()),
-            ..Default::default()
-        }
+        KubernetesConfig { image: Some("img:1".into()), ..Default::default() }
     }
 
     #[test]
@@ -387,59 +371,20 @@ mod tests {
 
     #[test]
     fn refuses_bad_settings_with_the_key_named() {
-        let e = KubernetesConfig::default()
-            .validate()
-            .unwrap_err()
-            .to_string();
+        let e = KubernetesConfig::default().validate().unwrap_err().to_string();
         assert!(e.contains("provisioner.kubernetes.image"), "{e}");
         for (c, key) in [
+            (KubernetesConfig { instance: Some("Bad_Name".into()), ..base() }, "instance"),
+            (KubernetesConfig { instance: Some("a".repeat(21)), ..base() }, "instance"),
+            (KubernetesConfig { namespace: Some("-x".into()), ..base() }, "namespace"),
+            (KubernetesConfig { run_as_user: Some(0), ..base() }, "run_as_user"),
+            (KubernetesConfig { startup_timeout_secs: Some(0.0), ..base() }, "startup_timeout_secs"),
             (
-                KubernetesConfig {
-                    instance: Some("Bad_Name".into()),
-                    ..base()
-                },
-                "instance",
-            ),
-            (
-                KubernetesConfig {
-                    instance: Some("a".repeat(21)),
-                    ..base()
-                },
-                "instance",
-            ),
-            (
-                KubernetesConfig {
-                    namespace: Some("-x".into()),
-                    ..base()
-                },
-                "namespace",
-            ),
-            (
-                KubernetesConfig {
-                    run_as_user: Some(0),
-                    ..base()
-                },
-                "run_as_user",
-            ),
-            (
-                KubernetesConfig {
-                    startup_timeout_secs: Some(0.0),
-                    ..base()
-                },
-                "startup_timeout_secs",
-            ),
-            (
-                KubernetesConfig {
-                    env: [("SESSION_API_KEY".to_string(), "x".to_string())].into(),
-                    ..base()
-                },
+                KubernetesConfig { env: [("SESSION_API_KEY".to_string(), "x".to_string())].into(), ..base() },
                 "SESSION_API_KEY",
             ),
             (
-                KubernetesConfig {
-                    labels: [("nestor.dev/instance".to_string(), "x".to_string())].into(),
-                    ..base()
-                },
+                KubernetesConfig { labels: [("nestor.dev/instance".to_string(), "x".to_string())].into(), ..base() },
                 "nestor.dev/instance",
             ),
         ] {

@@ -64,22 +64,16 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use dashmap::DashMap;
 use futures::StreamExt;
-use k8s_openapi::api::authorization::v1::{
-    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
-};
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
-use kube::api::{
-    Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
-};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use nestor_core::downstream::{Endpoint, NotReady};
-use nestor_core::{
-    ConversationId, Downstream, DownstreamClient, DownstreamId, DownstreamState, SessionKey, UserId,
-};
+use nestor_core::{ConversationId, Downstream, DownstreamClient, DownstreamId, DownstreamState, SessionKey, UserId};
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
-use api::Kube;
 pub use api::KubeError;
+use api::Kube;
 pub use config::{KubernetesConfig, PullPolicy, Reach, Settings, StorageMode};
 pub use objects::Slot;
 use objects::{CONVERSATION, HOST_PORT, OWNER, PHASE, PHASE_ACTIVE, PHASE_PROVISIONING};
@@ -143,22 +137,10 @@ impl PodView {
         let phase = status.and_then(|s| s.phase.clone()).unwrap_or_default();
         let mut problem = None;
         // An init container that failed (the restore) explains why nothing else runs.
-        for cs in status
-            .and_then(|s| s.init_container_statuses.as_ref())
-            .into_iter()
-            .flatten()
-        {
+        for cs in status.and_then(|s| s.init_container_statuses.as_ref()).into_iter().flatten() {
             let st = cs.state.as_ref();
-            if let Some(t) = st
-                .and_then(|s| s.terminated.as_ref())
-                .filter(|t| t.exit_code != 0)
-            {
-                problem = Some(format!(
-                    "init container {} exited with code {}: {}",
-                    cs.name,
-                    t.exit_code,
-                    t.message.clone().unwrap_or_default()
-                ));
+            if let Some(t) = st.and_then(|s| s.terminated.as_ref()).filter(|t| t.exit_code != 0) {
+                problem = Some(format!("init container {} exited with code {}: {}", cs.name, t.exit_code, t.message.clone().unwrap_or_default()));
             } else if let Some(w) = st.and_then(|s| s.waiting.as_ref()) {
                 let last = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref());
                 if let Some(t) = last.filter(|t| t.exit_code != 0) {
@@ -172,77 +154,43 @@ impl PodView {
                 }
             }
         }
-        for cs in status
-            .and_then(|s| s.container_statuses.as_ref())
-            .into_iter()
-            .flatten()
-        {
+        for cs in status.and_then(|s| s.container_statuses.as_ref()).into_iter().flatten() {
             if problem.is_some() {
                 break;
             }
             let st = cs.state.as_ref();
             if let Some(w) = st.and_then(|s| s.waiting.as_ref()) {
                 let reason = w.reason.clone().unwrap_or_default();
-                if !reason.is_empty()
-                    && reason != "ContainerCreating"
-                    && reason != "PodInitializing"
-                {
-                    problem = Some(
-                        format!("{reason}: {}", w.message.clone().unwrap_or_default())
-                            .trim_end_matches(": ")
-                            .to_owned(),
-                    );
+                if !reason.is_empty() && reason != "ContainerCreating" && reason != "PodInitializing" {
+                    problem = Some(format!("{reason}: {}", w.message.clone().unwrap_or_default()).trim_end_matches(": ").to_owned());
                 }
             } else if let Some(t) = st.and_then(|s| s.terminated.as_ref()) {
                 problem = Some(format!(
                     "container exited with code {}{}",
                     t.exit_code,
-                    t.reason
-                        .as_ref()
-                        .map(|r| format!(" ({r})"))
-                        .unwrap_or_default()
+                    t.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
                 ));
             } else if let Some(t) = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref()) {
                 if cs.restart_count > 0 {
-                    problem = Some(format!(
-                        "container restarted {} times, last exit code {}",
-                        cs.restart_count, t.exit_code
-                    ));
+                    problem = Some(format!("container restarted {} times, last exit code {}", cs.restart_count, t.exit_code));
                 }
             }
         }
         if problem.is_none() {
-            if let Some(c) = status.and_then(|s| s.conditions.as_ref()).and_then(|cs| {
-                cs.iter()
-                    .find(|c| c.type_ == "PodScheduled" && c.status == "False")
-            }) {
-                problem = Some(format!(
-                    "unschedulable: {}",
-                    c.message.clone().unwrap_or_default()
-                ));
+            if let Some(c) = status
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|cs| cs.iter().find(|c| c.type_ == "PodScheduled" && c.status == "False"))
+            {
+                problem = Some(format!("unschedulable: {}", c.message.clone().unwrap_or_default()));
             }
         }
         PodView {
             uid: meta.uid.clone().unwrap_or_default(),
-            slot: meta
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(CONVERSATION))
-                .and_then(|v| Slot::from_label(v)),
+            slot: meta.labels.as_ref().and_then(|l| l.get(CONVERSATION)).and_then(|v| Slot::from_label(v)),
             ready,
-            ip: status
-                .and_then(|s| s.pod_ip.clone())
-                .filter(|s| !s.is_empty()),
-            host_port: meta
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(HOST_PORT))
-                .and_then(|v| v.parse().ok()),
-            sync_port: meta
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(SYNC_HOST_PORT))
-                .and_then(|v| v.parse().ok()),
+            ip: status.and_then(|s| s.pod_ip.clone()).filter(|s| !s.is_empty()),
+            host_port: meta.annotations.as_ref().and_then(|a| a.get(HOST_PORT)).and_then(|v| v.parse().ok()),
+            sync_port: meta.annotations.as_ref().and_then(|a| a.get(SYNC_HOST_PORT)).and_then(|v| v.parse().ok()),
             deleting: meta.deletion_timestamp.is_some(),
             terminal: phase == "Failed" || phase == "Succeeded",
             problem,
@@ -351,24 +299,15 @@ impl KubernetesProvisioner {
         kc.connect_timeout = Some(s.api_timeout);
         // Calls are bounded one by one (and the watch by its own idle bound).
         kc.read_timeout = None;
-        let ns = s
-            .namespace
-            .clone()
-            .unwrap_or_else(|| kc.default_namespace.clone());
+        let ns = s.namespace.clone().unwrap_or_else(|| kc.default_namespace.clone());
         let server = kc.cluster_url.to_string();
-        let client = kube::Client::try_from(kc)
-            .map_err(|e| ProvisionError::Config(format!("Kubernetes client: {e}")))?;
+        let client = kube::Client::try_from(kc).map_err(|e| ProvisionError::Config(format!("Kubernetes client: {e}")))?;
         Ok(Self::with_client(s, client, ns, server))
     }
 
     /// Build over any client (tests use a mock service).
     pub fn with_client(s: Settings, client: kube::Client, ns: String, server: String) -> Self {
-        let kube = Kube {
-            client: client.clone(),
-            ns: ns.clone(),
-            server,
-            timeout: s.api_timeout,
-        };
+        let kube = Kube { client: client.clone(), ns: ns.clone(), server, timeout: s.api_timeout };
         Self(Arc::new(Inner {
             pods: Api::namespaced(client.clone(), &ns),
             secrets: Api::namespaced(client.clone(), &ns),
@@ -401,15 +340,9 @@ impl KubernetesProvisioner {
         if pod.credentials.is_empty() && pod.credentials_secret.is_none() {
             tracing::info!("workspace sync: no storage credentials of nestor's own and no credentials_secret; the sync containers use the pods' identity (service_account_name)");
         }
-        let ks = KubeSync {
-            pod,
-            hooks,
-            client: DownstreamClient::new(Duration::from_secs(5)),
-        };
+        let ks = KubeSync { pod, hooks, client: DownstreamClient::new(Duration::from_secs(5)) };
         if self.0.sync.set(Arc::new(ks)).is_err() {
-            return Err(ProvisionError::Config(
-                "workspace sync configured twice".into(),
-            ));
+            return Err(ProvisionError::Config("workspace sync configured twice".into()));
         }
         Ok(self)
     }
@@ -451,41 +384,31 @@ impl KubernetesProvisioner {
 
     /// Check, with SelfSubjectAccessReviews, that nestor may do everything it does. Returns
     /// the missing `(verb, resource)` pairs.
-    pub async fn missing_permissions(
-        &self,
-    ) -> Result<Vec<(&'static str, &'static str)>, ProvisionError> {
+    pub async fn missing_permissions(&self) -> Result<Vec<(&'static str, &'static str)>, ProvisionError> {
         let inner = &self.0;
         let api: Api<SelfSubjectAccessReview> = Api::all(inner.kube.client.clone());
-        let checks = required_permissions(inner.s.storage)
-            .into_iter()
-            .map(|(verb, resource)| {
-                let api = api.clone();
-                let review = SelfSubjectAccessReview {
-                    spec: SelfSubjectAccessReviewSpec {
-                        resource_attributes: Some(ResourceAttributes {
-                            namespace: Some(inner.kube.ns.clone()),
-                            verb: Some(verb.into()),
-                            resource: Some(resource.into()),
-                            ..Default::default()
-                        }),
+        let checks = required_permissions(inner.s.storage).into_iter().map(|(verb, resource)| {
+            let api = api.clone();
+            let review = SelfSubjectAccessReview {
+                spec: SelfSubjectAccessReviewSpec {
+                    resource_attributes: Some(ResourceAttributes {
+                        namespace: Some(inner.kube.ns.clone()),
+                        verb: Some(verb.into()),
+                        resource: Some(resource.into()),
                         ..Default::default()
-                    },
+                    }),
                     ..Default::default()
-                };
-                async move {
-                    let r = inner
-                        .kube
-                        .call("create", "selfsubjectaccessreviews", async move {
-                            api.create(&PostParams::default(), &review).await
-                        })
-                        .await?;
-                    Ok::<_, KubeError>((
-                        verb,
-                        resource,
-                        r.status.map(|s| s.allowed).unwrap_or(false),
-                    ))
-                }
-            });
+                },
+                ..Default::default()
+            };
+            async move {
+                let r = inner
+                    .kube
+                    .call("create", "selfsubjectaccessreviews", async move { api.create(&PostParams::default(), &review).await })
+                    .await?;
+                Ok::<_, KubeError>((verb, resource, r.status.map(|s| s.allowed).unwrap_or(false)))
+            }
+        });
         let mut missing = Vec::new();
         for r in futures::future::join_all(checks).await {
             let (verb, resource, allowed) = r?;
@@ -507,12 +430,7 @@ pub fn install_crypto_provider() {
 const PERSISTED: &str = "nestor.dev/persisted";
 
 fn persisted(secret: &Secret) -> bool {
-    secret
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(PERSISTED))
-        .is_some_and(|v| v == "true")
+    secret.metadata.annotations.as_ref().and_then(|a| a.get(PERSISTED)).is_some_and(|v| v == "true")
 }
 
 fn downstream_id(slot: &Slot) -> DownstreamId {
@@ -524,10 +442,7 @@ fn downstream_id(slot: &Slot) -> DownstreamId {
 
 impl Inner {
     fn conv_of(&self, ds: &Downstream) -> Result<Arc<Conv>, ProvisionError> {
-        self.convs
-            .get(ds.id())
-            .map(|c| c.clone())
-            .ok_or_else(|| ProvisionError::UnknownDownstream(ds.id().clone()))
+        self.convs.get(ds.id()).map(|c| c.clone()).ok_or_else(|| ProvisionError::UnknownDownstream(ds.id().clone()))
     }
 
     fn name(&self, slot: &Slot) -> String {
@@ -536,27 +451,13 @@ impl Inner {
 
     /// Insert (or return the existing) bookkeeping for `slot`, whose objects are called
     /// `name` (the slot's own name, or the warm server's it was claimed from).
-    fn insert_conv(
-        &self,
-        slot: Slot,
-        key: SessionKey,
-        owner: UserId,
-        pod: Option<PodView>,
-        name: String,
-    ) -> Arc<Conv> {
+    fn insert_conv(&self, slot: Slot, key: SessionKey, owner: UserId, pod: Option<PodView>, name: String) -> Arc<Conv> {
         let id = downstream_id(&slot);
         let c = self
             .convs
             .entry(id.clone())
             .or_insert_with(|| {
-                let ds = Downstream::new(
-                    id,
-                    "kubernetes",
-                    slot.conversation(),
-                    Some(owner),
-                    None,
-                    DownstreamState::Stopped,
-                );
+                let ds = Downstream::new(id, "kubernetes", slot.conversation(), Some(owner), None, DownstreamState::Stopped);
                 Arc::new(Conv {
                     ds,
                     slot,
@@ -587,17 +488,8 @@ impl Inner {
     /// The conversation a pod serves: its label, else (a claimed warm pod whose labels lag)
     /// the claim recorded in its Secret, known here by name.
     fn slot_of(&self, p: &Pod) -> Option<Slot> {
-        let by_label = p
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(CONVERSATION))
-            .and_then(|v| Slot::from_label(v));
-        by_label.or_else(|| {
-            self.claimed_names
-                .get(p.metadata.name.as_deref()?)
-                .map(|s| *s)
-        })
+        let by_label = p.metadata.labels.as_ref().and_then(|l| l.get(CONVERSATION)).and_then(|v| Slot::from_label(v));
+        by_label.or_else(|| self.claimed_names.get(p.metadata.name.as_deref()?).map(|s| *s))
     }
 
     /// Where nestor reaches a pod (None until it has an address).
@@ -612,11 +504,7 @@ impl Inner {
             Reach::PodIp => self.s.port,
             Reach::HostPortAnnotation => v.host_port?,
         };
-        let host = if ip.contains(':') {
-            format!("[{ip}]")
-        } else {
-            ip.to_owned()
-        };
+        let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_owned() };
         Endpoint::parse(&format!("http://{host}:{port}"), key).ok()
     }
 
@@ -630,28 +518,11 @@ impl Inner {
         let failed = c.failed.lock().unwrap().clone();
         let view = c.pod.borrow().clone();
         let (state, ep) = match view {
-            None => (
-                failed
-                    .map(DownstreamState::Failed)
-                    .unwrap_or(DownstreamState::Stopped),
-                None,
-            ),
-            Some(v) if v.deleting => (
-                failed
-                    .map(DownstreamState::Failed)
-                    .unwrap_or(DownstreamState::Stopped),
-                None,
-            ),
+            None => (failed.map(DownstreamState::Failed).unwrap_or(DownstreamState::Stopped), None),
+            Some(v) if v.deleting => (failed.map(DownstreamState::Failed).unwrap_or(DownstreamState::Stopped), None),
             Some(v) if v.terminal => {
                 let why = failed.unwrap_or_else(|| {
-                    format!(
-                        "the agent-server pod ended{}",
-                        v.problem
-                            .as_ref()
-                            .map(|p| format!(": {p}"))
-                            .unwrap_or_default()
-                    )
-                    .into()
+                    format!("the agent-server pod ended{}", v.problem.as_ref().map(|p| format!(": {p}")).unwrap_or_default()).into()
                 });
                 (DownstreamState::Failed(why), None)
             }
@@ -660,12 +531,7 @@ impl Inner {
                     *c.failed.lock().unwrap() = None;
                     (DownstreamState::Ready, Some(ep))
                 }
-                _ => (
-                    failed
-                        .map(DownstreamState::Failed)
-                        .unwrap_or(DownstreamState::Starting),
-                    None,
-                ),
+                _ => (failed.map(DownstreamState::Failed).unwrap_or(DownstreamState::Starting), None),
             },
         };
         if state == DownstreamState::Ready {
@@ -683,9 +549,7 @@ impl Inner {
 
     /// Record a pod seen by the list or the watch.
     fn observe(self: &Arc<Self>, p: &Pod) {
-        let Some(name) = p.metadata.name.clone() else {
-            return;
-        };
+        let Some(name) = p.metadata.name.clone() else { return };
         let mut v = PodView::of(p);
         if warm::is_warm(&p.metadata) {
             match self.claimed_names.get(&name).map(|s| *s) {
@@ -723,14 +587,8 @@ impl Inner {
 
     /// A pod is gone (deleted event, or missing from a re-list).
     fn observe_gone(self: &Arc<Self>, slot: Slot, uid: Option<&str>) {
-        let Some(c) = self.convs.get(&downstream_id(&slot)).map(|c| c.clone()) else {
-            return;
-        };
-        let same = c
-            .pod
-            .borrow()
-            .as_ref()
-            .is_some_and(|v| uid.is_none_or(|u| u == v.uid));
+        let Some(c) = self.convs.get(&downstream_id(&slot)).map(|c| c.clone()) else { return };
+        let same = c.pod.borrow().as_ref().is_some_and(|v| uid.is_none_or(|u| u == v.uid));
         if !same {
             return;
         }
@@ -744,19 +602,9 @@ impl Inner {
         tokio::spawn(async move {
             let secrets = me.secrets.clone();
             let name = c.name.clone();
-            match me
-                .kube
-                .call(
-                    "get",
-                    "secrets",
-                    async move { secrets.get_opt(&name).await },
-                )
-                .await
-            {
+            match me.kube.call("get", "secrets", async move { secrets.get_opt(&name).await }).await {
                 Ok(None) => me.forget(&c, "its objects were deleted"),
-                Ok(Some(s)) if s.metadata.deletion_timestamp.is_some() => {
-                    me.forget(&c, "its objects were deleted")
-                }
+                Ok(Some(s)) if s.metadata.deletion_timestamp.is_some() => me.forget(&c, "its objects were deleted"),
                 _ => {}
             }
         });
@@ -797,11 +645,7 @@ impl Inner {
         let Some(secret) = self.find_secret(&slot).await? else {
             return Ok(None);
         };
-        let name = secret
-            .metadata
-            .name
-            .clone()
-            .unwrap_or_else(|| self.name(&slot));
+        let name = secret.metadata.name.clone().unwrap_or_else(|| self.name(&slot));
         if secret.metadata.deletion_timestamp.is_some() {
             return Ok(None);
         }
@@ -818,10 +662,7 @@ impl Inner {
             .unwrap_or_else(UserId::default_user);
         let pods = self.pods.clone();
         let n = name.clone();
-        let pod = self
-            .kube
-            .call("get", "pods", async move { pods.get_opt(&n).await })
-            .await?;
+        let pod = self.kube.call("get", "pods", async move { pods.get_opt(&n).await }).await?;
         let c = self.insert_conv(slot, key, owner, pod.as_ref().map(PodView::of), name);
         c.persisted.store(persisted(&secret), Ordering::SeqCst);
         tracing::info!(downstream = %c.ds.id(), state = c.ds.state().as_str(), "adopted agent-server pod");
@@ -833,10 +674,7 @@ impl Inner {
         self.relists.fetch_add(1, Ordering::SeqCst);
         let pods = self.pods.clone();
         let lp = ListParams::default().labels(&objects::selector(&self.s.instance));
-        let list = self
-            .kube
-            .call("list", "pods", async move { pods.list(&lp).await })
-            .await?;
+        let list = self.kube.call("list", "pods", async move { pods.list(&lp).await }).await?;
         let mut present: HashSet<Slot> = HashSet::new();
         self.relisted_warm(&list.items);
         for p in &list.items {
@@ -872,9 +710,7 @@ impl Inner {
                     Ok(v) => v,
                     Err(e) => {
                         self.watch_ok.store(false, Ordering::SeqCst);
-                        tracing::warn!(
-                            "listing agent-server pods failed (retrying in {backoff:?}): {e}"
-                        );
+                        tracing::warn!("listing agent-server pods failed (retrying in {backoff:?}): {e}");
                         tokio::select! {
                             _ = self.cancel.cancelled() => return,
                             _ = tokio::time::sleep(backoff) => {}
@@ -911,25 +747,17 @@ impl Inner {
                     tracing::warn!("kubernetes sweep failed: {e}");
                 }
             }
-            self.tombstones
-                .retain(|_, t| t.elapsed() < Duration::from_secs(600));
-            self.claimed_names
-                .retain(|_, slot| self.convs.contains_key(&downstream_id(slot)));
+            self.tombstones.retain(|_, t| t.elapsed() < Duration::from_secs(600));
+            self.claimed_names.retain(|_, slot| self.convs.contains_key(&downstream_id(slot)));
         }
     }
 
     async fn watch_from(self: &Arc<Self>, version: &str) -> WatchEnd {
         const WATCH_SECS: u32 = 290;
-        let wp = WatchParams::default()
-            .labels(&objects::selector(&self.s.instance))
-            .timeout(WATCH_SECS);
+        let wp = WatchParams::default().labels(&objects::selector(&self.s.instance)).timeout(WATCH_SECS);
         let pods = self.pods.clone();
         let v = version.to_owned();
-        let stream = match self
-            .kube
-            .call("watch", "pods", async move { pods.watch(&wp, &v).await })
-            .await
-        {
+        let stream = match self.kube.call("watch", "pods", async move { pods.watch(&wp, &v).await }).await {
             Ok(s) => s,
             Err(e) if e.is_gone() => return WatchEnd::Gone,
             Err(e) => return WatchEnd::Failed(e.to_string()),
@@ -946,17 +774,11 @@ impl Inner {
                 n = tokio::time::timeout(idle, stream.next()) => n,
             };
             let ev = match next {
-                Err(_) => {
-                    return WatchEnd::Failed("no event within the watch's own timeout".into())
-                }
+                Err(_) => return WatchEnd::Failed("no event within the watch's own timeout".into()),
                 Ok(None) => return WatchEnd::Expired(last),
                 Ok(Some(Err(e))) => {
                     let e = self.kube.classify("watch", "pods", e);
-                    return if e.is_gone() {
-                        WatchEnd::Gone
-                    } else {
-                        WatchEnd::Failed(e.to_string())
-                    };
+                    return if e.is_gone() { WatchEnd::Gone } else { WatchEnd::Failed(e.to_string()) };
                 }
                 Ok(Some(Ok(ev))) => ev,
             };
@@ -969,20 +791,13 @@ impl Inner {
                     last = p.metadata.resource_version.clone().or(last);
                     if let Some(slot) = self.slot_of(&p) {
                         self.observe_gone(slot, p.metadata.uid.as_deref());
-                    } else if let Some(name) = p
-                        .metadata
-                        .name
-                        .as_deref()
-                        .filter(|_| warm::is_warm(&p.metadata))
-                    {
+                    } else if let Some(name) = p.metadata.name.as_deref().filter(|_| warm::is_warm(&p.metadata)) {
                         self.observe_warm(name, None);
                     }
                 }
                 WatchEvent::Bookmark(b) => last = Some(b.metadata.resource_version),
                 WatchEvent::Error(s) if s.code == 410 => return WatchEnd::Gone,
-                WatchEvent::Error(s) => {
-                    return WatchEnd::Failed(format!("{} {}: {}", s.code, s.reason, s.message))
-                }
+                WatchEvent::Error(s) => return WatchEnd::Failed(format!("{} {}: {}", s.code, s.reason, s.message)),
             }
         }
     }
@@ -999,58 +814,26 @@ impl Inner {
 
     /// Create the Secret (or read back the existing one's keys). Also whether the
     /// conversation's pods persist their files.
-    async fn ensure_secret(
-        &self,
-        slot: &Slot,
-        owner: &UserId,
-    ) -> Result<(SessionKey, bool), KubeError> {
-        let mut secret = objects::secret(
-            &self.s,
-            slot,
-            &self.kube.ns,
-            owner,
-            &SessionKey::random(),
-            &SessionKey::random(),
-        );
+    async fn ensure_secret(&self, slot: &Slot, owner: &UserId) -> Result<(SessionKey, bool), KubeError> {
+        let mut secret = objects::secret(&self.s, slot, &self.kube.ns, owner, &SessionKey::random(), &SessionKey::random());
         let persist = self.sync.get().is_some() && matches!(slot, Slot::Conversation(_));
         if persist {
-            secret
-                .metadata
-                .annotations
-                .get_or_insert_with(Default::default)
-                .insert(PERSISTED.into(), "true".into());
+            secret.metadata.annotations.get_or_insert_with(Default::default).insert(PERSISTED.into(), "true".into());
         }
         let api = self.secrets.clone();
         let body = secret.clone();
-        match self
-            .kube
-            .call("create", "secrets", async move {
-                api.create(&PostParams::default(), &body).await
-            })
-            .await
-        {
-            Ok(_) => Ok((
-                objects::keys_of(&secret).expect("fresh secret has keys").0,
-                persist,
-            )),
+        match self.kube.call("create", "secrets", async move { api.create(&PostParams::default(), &body).await }).await {
+            Ok(_) => Ok((objects::keys_of(&secret).expect("fresh secret has keys").0, persist)),
             Err(e) if e.is_conflict() => {
                 // Another replica (or an earlier try) made it: use its keys.
                 let api = self.secrets.clone();
                 let name = self.name(slot);
-                let existing = self
-                    .kube
-                    .call("get", "secrets", async move { api.get(&name).await })
-                    .await?;
-                objects::keys_of(&existing)
-                    .map(|k| (k.0, persisted(&existing)))
-                    .ok_or_else(|| KubeError::Other {
-                        verb: "read",
-                        resource: "secrets",
-                        detail: format!(
-                            "Secret {} exists but lacks nestor's keys",
-                            self.name(slot)
-                        ),
-                    })
+                let existing = self.kube.call("get", "secrets", async move { api.get(&name).await }).await?;
+                objects::keys_of(&existing).map(|k| (k.0, persisted(&existing))).ok_or_else(|| KubeError::Other {
+                    verb: "read",
+                    resource: "secrets",
+                    detail: format!("Secret {} exists but lacks nestor's keys", self.name(slot)),
+                })
             }
             Err(e) => Err(e),
         }
@@ -1062,13 +845,7 @@ impl Inner {
         }
         let api = self.pvcs.clone();
         let body = objects::pvc(&self.s, slot, &self.kube.ns, owner);
-        match self
-            .kube
-            .call("create", "persistentvolumeclaims", async move {
-                api.create(&PostParams::default(), &body).await
-            })
-            .await
-        {
+        match self.kube.call("create", "persistentvolumeclaims", async move { api.create(&PostParams::default(), &body).await }).await {
             Ok(_) => Ok(()),
             Err(e) if e.is_conflict() => Ok(()),
             Err(e) => Err(e),
@@ -1081,31 +858,18 @@ impl Inner {
         let mut body = objects::pod(&self.s, &c.slot, &self.kube.ns, &owner);
         // A conversation claimed from the warm pool keeps its warm server's object names.
         warm::retarget(&mut body, &self.name(&c.slot), &c.name);
-        if let (Some(sync), Slot::Conversation(conversation), true) =
-            (self.sync.get(), c.slot, c.persisted.load(Ordering::SeqCst))
-        {
+        if let (Some(sync), Slot::Conversation(conversation), true) = (self.sync.get(), c.slot, c.persisted.load(Ordering::SeqCst)) {
             self.store_sync_credentials(&c.name, &sync.pod).await?;
-            sync.pod
-                .decorate(&self.s, &mut body, &c.name, conversation, &owner);
+            sync.pod.decorate(&self.s, &mut body, &c.name, conversation, &owner);
         } else if c.persisted.load(Ordering::SeqCst) {
             tracing::warn!(pod = %c.name, "workspace persistence is off now; this conversation's files are no longer pushed");
             persistence::state_layout(&mut body);
         }
         let api = self.pods.clone();
-        match self
-            .kube
-            .call("create", "pods", async move {
-                api.create(&PostParams::default(), &body).await
-            })
-            .await
-        {
+        match self.kube.call("create", "pods", async move { api.create(&PostParams::default(), &body).await }).await {
             Ok(p) => {
                 // Seen now, not only when the watch delivers it.
-                if c.pod
-                    .borrow()
-                    .as_ref()
-                    .is_none_or(|v| v.uid != p.metadata.uid.clone().unwrap_or_default())
-                {
+                if c.pod.borrow().as_ref().is_none_or(|v| v.uid != p.metadata.uid.clone().unwrap_or_default()) {
                     c.pod.send_replace(Some(PodView::of(&p)));
                 }
                 tracing::info!(downstream = %c.ds.id(), pod = %c.name, "agent-server pod created");
@@ -1136,20 +900,14 @@ impl Inner {
         let n = name.to_owned();
         let patch = serde_json::json!({ "data": data });
         self.kube
-            .call("patch", "secrets", async move {
-                api.patch(&n, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-            })
+            .call("patch", "secrets", async move { api.patch(&n, &PatchParams::default(), &Patch::Merge(&patch)).await })
             .await
             .map(|_| ())
     }
 
     /// Workspace persistence of `c`'s pods (None: off, or `c` predates it).
     fn sync_of(&self, c: &Conv) -> Option<Arc<KubeSync>> {
-        self.sync
-            .get()
-            .filter(|_| c.persisted.load(Ordering::SeqCst))
-            .cloned()
+        self.sync.get().filter(|_| c.persisted.load(Ordering::SeqCst)).cloned()
     }
 
     /// The pod's sync sidecar (None: no persistence, or no pod with an address).
@@ -1164,11 +922,7 @@ impl Inner {
             Reach::PodIp => sync.pod.port,
             Reach::HostPortAnnotation => v.sync_port?,
         };
-        let host = if ip.contains(':') {
-            format!("[{ip}]")
-        } else {
-            ip.to_owned()
-        };
+        let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_owned() };
         let ep = Endpoint::parse(&format!("http://{host}:{port}"), Some(c.key.clone())).ok()?;
         Some((sync, ep))
     }
@@ -1178,14 +932,8 @@ impl Inner {
     /// what its sidecar pushed when it ended. Err: the pod must stay (it holds the only
     /// up-to-date copy).
     async fn final_push(&self, c: &Conv) -> Result<(), ProvisionError> {
-        let Some(sync) = self.sync_of(c) else {
-            return Ok(());
-        };
-        let running = c
-            .pod
-            .borrow()
-            .as_ref()
-            .is_some_and(|v| v.ready && !v.deleting && !v.terminal);
+        let Some(sync) = self.sync_of(c) else { return Ok(()) };
+        let running = c.pod.borrow().as_ref().is_some_and(|v| v.ready && !v.deleting && !v.terminal);
         if !running {
             return Ok(());
         }
@@ -1198,14 +946,7 @@ impl Inner {
         let started = Instant::now();
         let r = sync
             .client
-            .call_bytes(
-                &ep,
-                http::Method::POST,
-                "/push",
-                None,
-                sync.pod.final_push + Duration::from_secs(2),
-                1 << 20,
-            )
+            .call_bytes(&ep, http::Method::POST, "/push", None, sync.pod.final_push + Duration::from_secs(2), 1 << 20)
             .await;
         match r {
             Ok((_, body)) => {
@@ -1232,21 +973,8 @@ impl Inner {
     /// deleted). Best effort: a sidecar that does not answer is not running a pusher that
     /// matters, or is stopped with its pod (nestor purges only once the pod is gone).
     async fn discard_pushes(&self, c: &Conv) {
-        let Some((sync, ep)) = self.sync_endpoint(c) else {
-            return;
-        };
-        if let Err(e) = sync
-            .client
-            .call_bytes(
-                &ep,
-                http::Method::POST,
-                "/discard",
-                None,
-                Duration::from_secs(10),
-                1 << 16,
-            )
-            .await
-        {
+        let Some((sync, ep)) = self.sync_endpoint(c) else { return };
+        if let Err(e) = sync.client.call_bytes(&ep, http::Method::POST, "/discard", None, Duration::from_secs(10), 1 << 16).await {
             tracing::info!(pod = %c.name, "workspace sync: the sidecar did not stop pushing ({e}); purging after the pod is gone");
         }
     }
@@ -1288,16 +1016,8 @@ impl Inner {
     async fn delete_pod(&self, name: &str, now: bool) -> Result<(), KubeError> {
         let api = self.pods.clone();
         let n = name.to_owned();
-        let dp = if now {
-            DeleteParams::default().grace_period(0)
-        } else {
-            DeleteParams::default()
-        };
-        match self
-            .kube
-            .call("delete", "pods", async move { api.delete(&n, &dp).await })
-            .await
-        {
+        let dp = if now { DeleteParams::default().grace_period(0) } else { DeleteParams::default() };
+        match self.kube.call("delete", "pods", async move { api.delete(&n, &dp).await }).await {
             Ok(_) => Ok(()),
             Err(e) if e.is_not_found() => Ok(()),
             Err(e) => Err(e),
@@ -1308,13 +1028,7 @@ impl Inner {
     async fn delete_state(&self, name: &str) -> Result<(), KubeError> {
         let api = self.secrets.clone();
         let n = name.to_owned();
-        let r1 = match self
-            .kube
-            .call("delete", "secrets", async move {
-                api.delete(&n, &DeleteParams::background()).await
-            })
-            .await
-        {
+        let r1 = match self.kube.call("delete", "secrets", async move { api.delete(&n, &DeleteParams::background()).await }).await {
             Ok(_) => Ok(()),
             Err(e) if e.is_not_found() => Ok(()),
             Err(e) => Err(e),
@@ -1322,13 +1036,7 @@ impl Inner {
         let r2 = if self.s.storage == StorageMode::Pvc {
             let api = self.pvcs.clone();
             let n = name.to_owned();
-            match self
-                .kube
-                .call("delete", "persistentvolumeclaims", async move {
-                    api.delete(&n, &DeleteParams::background()).await
-                })
-                .await
-            {
+            match self.kube.call("delete", "persistentvolumeclaims", async move { api.delete(&n, &DeleteParams::background()).await }).await {
                 Ok(_) => Ok(()),
                 Err(e) if e.is_not_found() => Ok(()),
                 Err(e) => Err(e),
@@ -1359,11 +1067,7 @@ impl Inner {
         loop {
             let api = self.pods.clone();
             let n = c.name.clone();
-            if let Ok(None) = self
-                .kube
-                .call("get", "pods", async move { api.get_opt(&n).await })
-                .await
-            {
+            if let Ok(None) = self.kube.call("get", "pods", async move { api.get_opt(&n).await }).await {
                 return true;
             }
             if tokio::time::Instant::now() + backoff > deadline {
@@ -1381,10 +1085,7 @@ impl Inner {
         let patch = serde_json::json!({"metadata": {"annotations": {PHASE: phase}}});
         let r = self
             .kube
-            .call("patch", "secrets", async move {
-                api.patch(&n, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-            })
+            .call("patch", "secrets", async move { api.patch(&n, &PatchParams::default(), &Patch::Merge(&patch)).await })
             .await;
         if let Err(e) = r {
             tracing::warn!(secret = %name, "could not mark the conversation {phase}: {e}");
@@ -1409,29 +1110,19 @@ impl Inner {
         };
         let api = self.secrets.clone();
         let lp = ListParams::default().labels(&sel);
-        let secrets = self
-            .kube
-            .call("list", "secrets", async move { api.list(&lp).await })
-            .await?;
+        let secrets = self.kube.call("list", "secrets", async move { api.list(&lp).await }).await?;
         let mut with_secret = HashSet::new();
         let mut doomed = Vec::new();
         // Claimed warm servers (the Secret is the claim), by name: pod and PVC follow it.
         let mut claims = std::collections::HashMap::new();
         let mut relabel: Vec<(String, bool)> = Vec::new();
         for s in &secrets.items {
-            let Some(name) = s.metadata.name.clone() else {
-                continue;
-            };
+            let Some(name) = s.metadata.name.clone() else { continue };
             with_secret.insert(name.clone());
             if let Some(claim) = warm::claim_of(s) {
                 claims.insert(name.clone(), claim);
             }
-            let phase = s
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(PHASE))
-                .map(String::as_str);
+            let phase = s.metadata.annotations.as_ref().and_then(|a| a.get(PHASE)).map(String::as_str);
             if phase == Some(PHASE_PROVISIONING) && old(&s.metadata) {
                 doomed.push(name);
             } else if warm::is_warm(&s.metadata) && !self.warm_mode.load(Ordering::SeqCst) {
@@ -1441,21 +1132,12 @@ impl Inner {
         }
         let api = self.pods.clone();
         let lp = ListParams::default().labels(&sel);
-        let pods = self
-            .kube
-            .call("list", "pods", async move { api.list(&lp).await })
-            .await?;
+        let pods = self.kube.call("list", "pods", async move { api.list(&lp).await }).await?;
         for p in &pods.items {
             if let Some(name) = &p.metadata.name {
-                if !with_secret.contains(name)
-                    && old(&p.metadata)
-                    && p.metadata.deletion_timestamp.is_none()
-                {
+                if !with_secret.contains(name) && old(&p.metadata) && p.metadata.deletion_timestamp.is_none() {
                     doomed.push(name.clone());
-                } else if warm::is_warm(&p.metadata)
-                    && claims.contains_key(name)
-                    && p.metadata.deletion_timestamp.is_none()
-                {
+                } else if warm::is_warm(&p.metadata) && claims.contains_key(name) && p.metadata.deletion_timestamp.is_none() {
                     relabel.push((name.clone(), true));
                 }
             }
@@ -1463,12 +1145,7 @@ impl Inner {
         if self.s.storage == StorageMode::Pvc {
             let api = self.pvcs.clone();
             let lp = ListParams::default().labels(&sel);
-            let pvcs = self
-                .kube
-                .call("list", "persistentvolumeclaims", async move {
-                    api.list(&lp).await
-                })
-                .await?;
+            let pvcs = self.kube.call("list", "persistentvolumeclaims", async move { api.list(&lp).await }).await?;
             for p in &pvcs.items {
                 if let Some(name) = &p.metadata.name {
                     if !with_secret.contains(name) && old(&p.metadata) {
@@ -1484,12 +1161,7 @@ impl Inner {
         for name in &doomed {
             tracing::info!(name = %name, "removing a half-created agent-server (its create never completed)");
             self.tombstones.insert(name.clone(), Instant::now());
-            if let Some(c) = self
-                .convs
-                .iter()
-                .find(|c| &c.name == name)
-                .map(|c| c.clone())
-            {
+            if let Some(c) = self.convs.iter().find(|c| &c.name == name).map(|c| c.clone()) {
                 c.released.store(true, Ordering::SeqCst);
                 self.sync_state(&c);
                 self.convs.remove(c.ds.id());
@@ -1500,11 +1172,7 @@ impl Inner {
         for (name, pod) in relabel.iter().filter(|(n, _)| !doomed.contains(n)) {
             let (slot, owner) = &claims[name];
             tracing::info!(name = %name, conversation = %slot.label(), "finishing the relabel of a claimed warm agent-server");
-            let r = if *pod {
-                self.relabel_pod(name, *slot, owner).await
-            } else {
-                self.relabel_pvc(name, *slot, owner).await
-            };
+            let r = if *pod { self.relabel_pod(name, *slot, owner).await } else { self.relabel_pvc(name, *slot, owner).await };
             if let Err(e) = r {
                 tracing::warn!(name = %name, "could not relabel a claimed warm agent-server (its Secret is the record; next sweep retries): {e}");
             }
@@ -1513,11 +1181,7 @@ impl Inner {
     }
 
     /// The bookkeeping of `slot`, created from the cluster if need be (provision path).
-    async fn provision_slot(
-        self: &Arc<Self>,
-        slot: Slot,
-        owner: UserId,
-    ) -> Result<Arc<Conv>, ProvisionError> {
+    async fn provision_slot(self: &Arc<Self>, slot: Slot, owner: UserId) -> Result<Arc<Conv>, ProvisionError> {
         if let Some(c) = self.convs.get(&downstream_id(&slot)) {
             return Ok(c.clone());
         }
@@ -1533,11 +1197,7 @@ impl Inner {
         let c = self.insert_conv(slot, key, owner, None, name.clone());
         c.persisted.store(persist, Ordering::SeqCst);
         let _g = c.lifecycle.lock().await;
-        let has_pod = c
-            .pod
-            .borrow()
-            .as_ref()
-            .is_some_and(|v| !v.deleting && !v.terminal);
+        let has_pod = c.pod.borrow().as_ref().is_some_and(|v| !v.deleting && !v.terminal);
         if !has_pod {
             if let Err(e) = self.create_pod(&c).await {
                 if matches!(slot, Slot::Conversation(_)) {
@@ -1586,26 +1246,15 @@ impl Provisioner for KubernetesProvisioner {
         // Conversations are their Secrets (also those without a running pod).
         let api = inner.secrets.clone();
         let lp = ListParams::default().labels(&objects::selector(&inner.s.instance));
-        let secrets = inner
-            .kube
-            .call("list", "secrets", async move { api.list(&lp).await })
-            .await?;
+        let secrets = inner.kube.call("list", "secrets", async move { api.list(&lp).await }).await?;
         for s in &secrets.items {
-            let Some(slot) = s
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(CONVERSATION))
-                .and_then(|v| Slot::from_label(v))
-            else {
+            let Some(slot) = s.metadata.labels.as_ref().and_then(|l| l.get(CONVERSATION)).and_then(|v| Slot::from_label(v)) else {
                 continue;
             };
             if s.metadata.deletion_timestamp.is_some() {
                 continue;
             }
-            let Some((key, _)) = objects::keys_of(s) else {
-                continue;
-            };
+            let Some((key, _)) = objects::keys_of(s) else { continue };
             let owner = s
                 .metadata
                 .annotations
@@ -1619,20 +1268,14 @@ impl Provisioner for KubernetesProvisioner {
         }
         let rv = inner.relist().await?;
         match inner.sweep().await {
-            Ok(removed) if !removed.is_empty() => tracing::info!(
-                removed = removed.len(),
-                "removed half-created agent-servers"
-            ),
+            Ok(removed) if !removed.is_empty() => tracing::info!(removed = removed.len(), "removed half-created agent-servers"),
             Ok(_) => {}
             Err(e) => tracing::warn!("kubernetes sweep failed: {e}"),
         }
 
         inner.spawn_watch(Some(rv));
         let owned = self.list();
-        let running = owned
-            .iter()
-            .filter(|d| d.state() == DownstreamState::Ready)
-            .count();
+        let running = owned.iter().filter(|d| d.state() == DownstreamState::Ready).count();
         tracing::info!(
             namespace = %inner.kube.ns,
             total = owned.len(),
@@ -1646,16 +1289,11 @@ impl Provisioner for KubernetesProvisioner {
     async fn provision(&self, req: ProvisionRequest) -> Result<Arc<Downstream>, ProvisionError> {
         let inner = &self.0;
         inner.spawn_watch(None);
-        let c = inner
-            .provision_slot(Slot::Conversation(req.conversation), req.owner)
-            .await?;
+        let c = inner.provision_slot(Slot::Conversation(req.conversation), req.owner).await?;
         Ok(c.ds.clone())
     }
 
-    async fn find(
-        &self,
-        conversation: &ConversationId,
-    ) -> Result<Option<Arc<Downstream>>, ProvisionError> {
+    async fn find(&self, conversation: &ConversationId) -> Result<Option<Arc<Downstream>>, ProvisionError> {
         let slot = Slot::Conversation(*conversation);
         if let Some(c) = self.0.convs.get(&downstream_id(&slot)) {
             return Ok(Some(c.ds.clone()));
@@ -1665,17 +1303,9 @@ impl Provisioner for KubernetesProvisioner {
 
     async fn home(&self) -> Result<Arc<Downstream>, ProvisionError> {
         let inner = &self.0;
-        let c = match inner
-            .convs
-            .get(&downstream_id(&Slot::Home))
-            .map(|c| c.clone())
-        {
+        let c = match inner.convs.get(&downstream_id(&Slot::Home)).map(|c| c.clone()) {
             Some(c) => c,
-            None => {
-                inner
-                    .provision_slot(Slot::Home, UserId::default_user())
-                    .await?
-            }
+            None => inner.provision_slot(Slot::Home, UserId::default_user()).await?,
         };
         let ds = c.ds.clone();
         self.ensure_ready(&ds, inner.s.startup_timeout).await?;
@@ -1690,11 +1320,7 @@ impl Provisioner for KubernetesProvisioner {
         self.0.convs.iter().map(|c| c.ds.clone()).collect()
     }
 
-    async fn ensure_ready(
-        &self,
-        ds: &Arc<Downstream>,
-        timeout: Duration,
-    ) -> Result<(), ProvisionError> {
+    async fn ensure_ready(&self, ds: &Arc<Downstream>, timeout: Duration) -> Result<(), ProvisionError> {
         let inner = &self.0;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut started = false;
@@ -1707,17 +1333,11 @@ impl Provisioner for KubernetesProvisioner {
                 DownstreamState::Stopped | DownstreamState::Failed(_) => {
                     let c = inner.conv_of(ds)?;
                     let _g = c.lifecycle.lock().await;
-                    if matches!(
-                        ds.state(),
-                        DownstreamState::Stopped | DownstreamState::Failed(_)
-                    ) {
+                    if matches!(ds.state(), DownstreamState::Stopped | DownstreamState::Failed(_)) {
                         // Released by another replica meanwhile? Its Secret says.
                         let api = inner.secrets.clone();
                         let name = c.name.clone();
-                        let exists = inner
-                            .kube
-                            .call("get", "secrets", async move { api.get_opt(&name).await })
-                            .await?;
+                        let exists = inner.kube.call("get", "secrets", async move { api.get_opt(&name).await }).await?;
                         if exists.is_none_or(|s| s.metadata.deletion_timestamp.is_some()) {
                             drop(_g);
                             inner.forget(&c, "its Secret is gone");
@@ -1725,12 +1345,7 @@ impl Provisioner for KubernetesProvisioner {
                         }
                         // A failed or ending pod goes first; a pod still terminating (stopped
                         // a moment ago) must be gone before one of the same name is created.
-                        let (exists, deleting) = c
-                            .pod
-                            .borrow()
-                            .as_ref()
-                            .map(|v| (true, v.deleting))
-                            .unwrap_or((false, false));
+                        let (exists, deleting) = c.pod.borrow().as_ref().map(|v| (true, v.deleting)).unwrap_or((false, false));
                         if exists && !deleting {
                             inner.delete_pod(&c.name, true).await?;
                         }
@@ -1790,12 +1405,7 @@ impl Provisioner for KubernetesProvisioner {
         Ok(())
     }
 
-    async fn release(
-        &self,
-        ds: &Arc<Downstream>,
-        conversation: ConversationId,
-        remaining: usize,
-    ) -> Result<(), ProvisionError> {
+    async fn release(&self, ds: &Arc<Downstream>, conversation: ConversationId, remaining: usize) -> Result<(), ProvisionError> {
         let inner = &self.0;
         if remaining > 0 {
             return Ok(());
@@ -1833,9 +1443,7 @@ impl Provisioner for KubernetesProvisioner {
             }
             let r1 = inner.delete_pod(&c.name, false).await;
             if let (Some(sync), Some(conversation)) = (&purge, c.slot.conversation()) {
-                let grace = Duration::from_secs(
-                    sync.pod.grace_secs(inner.s.termination_grace_secs).max(0) as u64,
-                );
+                let grace = Duration::from_secs(sync.pod.grace_secs(inner.s.termination_grace_secs).max(0) as u64);
                 let deadline = tokio::time::Instant::now() + grace + inner.s.api_timeout * 2;
                 let seen_gone = inner.pod_gone(&c, deadline).await;
                 if !seen_gone {
@@ -1864,19 +1472,10 @@ impl Provisioner for KubernetesProvisioner {
         tokio::spawn(async move { me.set_phase(&c.name, PHASE_ACTIVE).await });
     }
 
-    fn prepare_create(
-        &self,
-        _ds: &Downstream,
-        body: &mut serde_json::Map<String, serde_json::Value>,
-    ) {
-        let ws = body
-            .entry("workspace")
-            .or_insert_with(|| serde_json::json!({"kind": "LocalWorkspace"}));
+    fn prepare_create(&self, _ds: &Downstream, body: &mut serde_json::Map<String, serde_json::Value>) {
+        let ws = body.entry("workspace").or_insert_with(|| serde_json::json!({"kind": "LocalWorkspace"}));
         if let Some(obj) = ws.as_object_mut() {
-            obj.insert(
-                "working_dir".into(),
-                serde_json::Value::String(objects::WORKSPACE_DIR.into()),
-            );
+            obj.insert("working_dir".into(), serde_json::Value::String(objects::WORKSPACE_DIR.into()));
         }
     }
 
@@ -1891,15 +1490,8 @@ impl Provisioner for KubernetesProvisioner {
         let inner = &self.0;
         let c = inner.conv_of(ds).ok()?;
         let sync = inner.sync_of(&c)?;
-        let mut v = match inner
-            .sync_endpoint(&c)
-            .filter(|_| ds.state() == DownstreamState::Ready)
-        {
-            Some((_, ep)) => match sync
-                .client
-                .get_json::<serde_json::Value>(&ep, "/status", Duration::from_secs(3))
-                .await
-            {
+        let mut v = match inner.sync_endpoint(&c).filter(|_| ds.state() == DownstreamState::Ready) {
+            Some((_, ep)) => match sync.client.get_json::<serde_json::Value>(&ep, "/status", Duration::from_secs(3)).await {
                 Ok(v) => {
                     *c.sync_status.lock().unwrap() = Some(v.clone());
                     let mut v = v;
@@ -1909,33 +1501,17 @@ impl Provisioner for KubernetesProvisioner {
                     v
                 }
                 Err(e) => {
-                    let mut v = c
-                        .sync_status
-                        .lock()
-                        .unwrap()
-                        .clone()
-                        .unwrap_or_else(|| serde_json::json!({}));
+                    let mut v = c.sync_status.lock().unwrap().clone().unwrap_or_else(|| serde_json::json!({}));
                     if let Some(o) = v.as_object_mut() {
-                        o.insert(
-                            "sidecar".into(),
-                            serde_json::json!({ "reachable": false, "error": e.to_string() }),
-                        );
+                        o.insert("sidecar".into(), serde_json::json!({ "reachable": false, "error": e.to_string() }));
                     }
                     v
                 }
             },
             None => {
-                let mut v = c
-                    .sync_status
-                    .lock()
-                    .unwrap()
-                    .clone()
-                    .unwrap_or_else(|| serde_json::json!({}));
+                let mut v = c.sync_status.lock().unwrap().clone().unwrap_or_else(|| serde_json::json!({}));
                 if let Some(o) = v.as_object_mut() {
-                    o.insert(
-                        "sidecar".into(),
-                        serde_json::json!({ "reachable": false, "error": "no pod runs" }),
-                    );
+                    o.insert("sidecar".into(), serde_json::json!({ "reachable": false, "error": "no pod runs" }));
                 }
                 v
             }

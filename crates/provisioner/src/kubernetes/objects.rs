@@ -4,11 +4,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, LocalObjectReference, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, Probe,
-    ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecurityContext, Volume,
-    VolumeMount, VolumeResourceRequirements,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
+    LocalObjectReference, PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod,
+    PodSecurityContext, PodSpec, Probe, ResourceRequirements, SeccompProfile, Secret, SecretKeySelector,
+    SecurityContext, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -107,45 +106,23 @@ fn meta(s: &Settings, slot: &Slot, ns: &str, owner: &UserId) -> ObjectMeta {
         name: Some(slot.object_name(&s.instance)),
         namespace: Some(ns.to_owned()),
         labels: Some(labels(s, slot)),
-        annotations: Some(BTreeMap::from([(
-            OWNER.to_owned(),
-            owner.as_str().to_owned(),
-        )])),
+        annotations: Some(BTreeMap::from([(OWNER.to_owned(), owner.as_str().to_owned())])),
         ..Default::default()
     }
 }
 
 /// The Secret holding the agent-server's session key and `OH_SECRET_KEY`. It is the
 /// conversation's record: it exists from provisioning to release, also while no pod runs.
-pub fn secret(
-    s: &Settings,
-    slot: &Slot,
-    ns: &str,
-    owner: &UserId,
-    key: &SessionKey,
-    secret_key: &SessionKey,
-) -> Secret {
+pub fn secret(s: &Settings, slot: &Slot, ns: &str, owner: &UserId, key: &SessionKey, secret_key: &SessionKey) -> Secret {
     let mut m = meta(s, slot, ns, owner);
-    let phase = if matches!(slot, Slot::Home) {
-        PHASE_ACTIVE
-    } else {
-        PHASE_PROVISIONING
-    };
-    m.annotations
-        .get_or_insert_with(Default::default)
-        .insert(PHASE.into(), phase.into());
+    let phase = if matches!(slot, Slot::Home) { PHASE_ACTIVE } else { PHASE_PROVISIONING };
+    m.annotations.get_or_insert_with(Default::default).insert(PHASE.into(), phase.into());
     Secret {
         metadata: m,
         type_: Some("Opaque".into()),
         data: Some(BTreeMap::from([
-            (
-                KEY_SESSION.to_owned(),
-                ByteString(key.expose().as_bytes().to_vec()),
-            ),
-            (
-                KEY_SECRET.to_owned(),
-                ByteString(secret_key.expose().as_bytes().to_vec()),
-            ),
+            (KEY_SESSION.to_owned(), ByteString(key.expose().as_bytes().to_vec())),
+            (KEY_SECRET.to_owned(), ByteString(secret_key.expose().as_bytes().to_vec())),
         ])),
         ..Default::default()
     }
@@ -155,10 +132,7 @@ pub fn secret(
 pub fn keys_of(secret: &Secret) -> Option<(SessionKey, SessionKey)> {
     let data = secret.data.as_ref()?;
     let get = |k: &str| {
-        data.get(k)
-            .and_then(|b| String::from_utf8(b.0.clone()).ok())
-            .filter(|v| !v.is_empty())
-            .map(SessionKey::new)
+        data.get(k).and_then(|b| String::from_utf8(b.0.clone()).ok()).filter(|v| !v.is_empty()).map(SessionKey::new)
     };
     Some((get(KEY_SESSION)?, get(KEY_SECRET)?))
 }
@@ -170,10 +144,7 @@ pub fn pvc(s: &Settings, slot: &Slot, ns: &str, owner: &UserId) -> PersistentVol
             access_modes: Some(vec!["ReadWriteOnce".into()]),
             storage_class_name: s.storage_class.clone(),
             resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([(
-                    "storage".to_owned(),
-                    Quantity(s.storage_size.clone()),
-                )])),
+                requests: Some(BTreeMap::from([("storage".to_owned(), Quantity(s.storage_size.clone()))])),
                 ..Default::default()
             }),
             ..Default::default()
@@ -187,22 +158,15 @@ pub(crate) fn from_secret(name: &str, secret: &str, key: &str) -> EnvVar {
         name: name.into(),
         value: None,
         value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector {
-                name: secret.into(),
-                key: key.into(),
-                optional: Some(false),
-            }),
+            secret_key_ref: Some(SecretKeySelector { name: secret.into(), key: key.into(), optional: Some(false) }),
             ..Default::default()
         }),
     }
 }
 
 fn quantities(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, Quantity>> {
-    let m: BTreeMap<String, Quantity> = pairs
-        .iter()
-        .filter(|(_, v)| !v.is_empty())
-        .map(|(k, v)| ((*k).to_owned(), Quantity((*v).to_owned())))
-        .collect();
+    let m: BTreeMap<String, Quantity> =
+        pairs.iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| ((*k).to_owned(), Quantity((*v).to_owned()))).collect();
     (!m.is_empty()).then_some(m)
 }
 
@@ -212,30 +176,14 @@ pub fn pod(s: &Settings, slot: &Slot, ns: &str, owner: &UserId) -> Pod {
     let name = slot.object_name(&s.instance);
     let mut m = meta(s, slot, ns, owner);
     for (k, v) in &s.labels {
-        m.labels
-            .get_or_insert_with(Default::default)
-            .entry(k.clone())
-            .or_insert_with(|| v.clone());
+        m.labels.get_or_insert_with(Default::default).entry(k.clone()).or_insert_with(|| v.clone());
     }
     for (k, v) in &s.annotations {
-        m.annotations
-            .get_or_insert_with(Default::default)
-            .entry(k.clone())
-            .or_insert_with(|| v.clone());
+        m.annotations.get_or_insert_with(Default::default).entry(k.clone()).or_insert_with(|| v.clone());
     }
-    let mut env: Vec<EnvVar> = BASE_ENV
-        .iter()
-        .map(|(k, v)| EnvVar {
-            name: (*k).into(),
-            value: Some((*v).into()),
-            value_from: None,
-        })
-        .collect();
-    env.extend(s.env.iter().map(|(k, v)| EnvVar {
-        name: k.clone(),
-        value: Some(v.clone()),
-        value_from: None,
-    }));
+    let mut env: Vec<EnvVar> =
+        BASE_ENV.iter().map(|(k, v)| EnvVar { name: (*k).into(), value: Some((*v).into()), value_from: None }).collect();
+    env.extend(s.env.iter().map(|(k, v)| EnvVar { name: k.clone(), value: Some(v.clone()), value_from: None }));
     env.push(from_secret("OH_SESSION_API_KEYS_0", &name, KEY_SESSION));
     env.push(from_secret("SESSION_API_KEY", &name, KEY_SESSION));
     env.push(from_secret("OH_SECRET_KEY", &name, KEY_SECRET));
@@ -243,18 +191,12 @@ pub fn pod(s: &Settings, slot: &Slot, ns: &str, owner: &UserId) -> Pod {
     let state = match s.storage {
         StorageMode::Pvc => Volume {
             name: "state".into(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: name.clone(),
-                read_only: None,
-            }),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource { claim_name: name.clone(), read_only: None }),
             ..Default::default()
         },
         StorageMode::EmptyDir => Volume {
             name: "state".into(),
-            empty_dir: Some(EmptyDirVolumeSource {
-                medium: None,
-                size_limit: Some(Quantity(s.storage_size.clone())),
-            }),
+            empty_dir: Some(EmptyDirVolumeSource { medium: None, size_limit: Some(Quantity(s.storage_size.clone())) }),
             ..Default::default()
         },
     };
@@ -298,17 +240,10 @@ pub fn pod(s: &Settings, slot: &Slot, ns: &str, owner: &UserId) -> Pod {
             run_as_non_root: Some(true),
             run_as_user: Some(s.run_as_user),
             run_as_group: Some(s.run_as_group),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: None,
-            }),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
             ..Default::default()
         }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "state".into(),
-            mount_path: STATE_MOUNT.into(),
-            ..Default::default()
-        }]),
+        volume_mounts: Some(vec![VolumeMount { name: "state".into(), mount_path: STATE_MOUNT.into(), ..Default::default() }]),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
     };
@@ -326,20 +261,14 @@ pub fn pod(s: &Settings, slot: &Slot, ns: &str, owner: &UserId) -> Pod {
             node_selector: (!s.node_selector.is_empty()).then(|| s.node_selector.clone()),
             tolerations: (!s.tolerations.is_empty()).then(|| s.tolerations.clone()),
             image_pull_secrets: (!s.image_pull_secrets.is_empty()).then(|| {
-                s.image_pull_secrets
-                    .iter()
-                    .map(|n| LocalObjectReference { name: n.clone() })
-                    .collect()
+                s.image_pull_secrets.iter().map(|n| LocalObjectReference { name: n.clone() }).collect()
             }),
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
                 run_as_user: Some(s.run_as_user),
                 run_as_group: Some(s.run_as_group),
                 fs_group: Some(s.run_as_group),
-                seccomp_profile: Some(SeccompProfile {
-                    type_: "RuntimeDefault".into(),
-                    localhost_profile: None,
-                }),
+                seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -354,12 +283,7 @@ mod tests {
     use crate::kubernetes::config::KubernetesConfig;
 
     fn settings() -> Settings {
-        KubernetesConfig {
-            image: Some("img:1".into()),
-            ..Default::default()
-        }
-        .validate()
-        .unwrap()
+        KubernetesConfig { image: Some("img:1".into()), ..Default::default() }.validate().unwrap()
     }
 
     #[test]
@@ -384,45 +308,23 @@ mod tests {
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.allow_privilege_escalation, Some(false));
         assert_eq!(sc.run_as_non_root, Some(true));
-        assert_eq!(
-            sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(),
-            &vec!["ALL".to_string()]
-        );
+        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(), &vec!["ALL".to_string()]);
         assert_eq!(spec.automount_service_account_token, Some(false));
         let env = c.env.as_ref().unwrap();
         for k in ["SESSION_API_KEY", "OH_SESSION_API_KEYS_0", "OH_SECRET_KEY"] {
             let e = env.iter().find(|e| e.name == k).unwrap();
             assert!(e.value.is_none(), "{k} must not be a literal");
-            let r = e
-                .value_from
-                .as_ref()
-                .unwrap()
-                .secret_key_ref
-                .as_ref()
-                .unwrap();
+            let r = e.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
             assert_eq!(r.name, slot.object_name("nestor"));
         }
-        let probe = c
-            .readiness_probe
-            .as_ref()
-            .unwrap()
-            .http_get
-            .as_ref()
-            .unwrap();
+        let probe = c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
         assert_eq!(probe.path.as_deref(), Some("/alive"));
         assert_eq!(
-            spec.volumes.as_ref().unwrap()[0]
-                .persistent_volume_claim
-                .as_ref()
-                .unwrap()
-                .claim_name,
+            spec.volumes.as_ref().unwrap()[0].persistent_volume_claim.as_ref().unwrap().claim_name,
             slot.object_name("nestor")
         );
         let json = serde_json::to_string(&p).unwrap();
-        assert!(
-            !json.contains("secret-key\":\""),
-            "no key material in the pod"
-        );
+        assert!(!json.contains("secret-key\":\""), "no key material in the pod");
     }
 
     #[test]

@@ -59,8 +59,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar, Pod,
-    ResourceRequirements, SecretEnvSource, SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar, Pod, ResourceRequirements,
+    SecretEnvSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::ByteString;
@@ -155,48 +155,28 @@ pub struct PodSync {
 impl WorkspaceSyncConfig {
     /// `storage` is nestor's `[workspace_storage]`; credentials come from it or from nestor's
     /// environment (read now).
-    pub fn validate(
-        &self,
-        s: &Settings,
-        storage: &WorkspaceStorageConfig,
-    ) -> Result<PodSync, ProvisionError> {
-        let err = |m: String| {
-            ProvisionError::Config(format!("provisioner.kubernetes.workspace_sync.{m}"))
-        };
+    pub fn validate(&self, s: &Settings, storage: &WorkspaceStorageConfig) -> Result<PodSync, ProvisionError> {
+        let err = |m: String| ProvisionError::Config(format!("provisioner.kubernetes.workspace_sync.{m}"));
         let image = self.image.clone().unwrap_or_else(|| "nestor:latest".into());
         if image.trim().is_empty() {
             return Err(err("image must not be empty".into()));
         }
         let port = self.port.unwrap_or(8001);
         if port == 0 || port == s.port {
-            return Err(err(format!(
-                "port = {port} must be non-zero and differ from the agent-server's port {}",
-                s.port
-            )));
+            return Err(err(format!("port = {port} must be non-zero and differ from the agent-server's port {}", s.port)));
         }
         let final_secs = self.final_push_secs.unwrap_or(45);
         if !(1..=3600).contains(&final_secs) {
-            return Err(err(format!(
-                "final_push_secs = {final_secs} must be between 1 and 3600"
-            )));
+            return Err(err(format!("final_push_secs = {final_secs} must be between 1 and 3600")));
         }
         if let Some(n) = &self.credentials_secret {
-            if !super::config::is_dns_label(n, 63)
-                && !n.split('.').all(|p| super::config::is_dns_label(p, 63))
-            {
-                return Err(err(format!(
-                    "credentials_secret {n:?} is not a Secret name"
-                )));
+            if !super::config::is_dns_label(n, 63) && !n.split('.').all(|p| super::config::is_dns_label(p, 63)) {
+                return Err(err(format!("credentials_secret {n:?} is not a Secret name")));
             }
         }
         let mut stored = storage.clone();
-        let own = (
-            stored.access_key_id.take(),
-            stored.secret_access_key.take(),
-            stored.session_token.take(),
-        );
-        let storage_json = serde_json::to_string(&stored)
-            .map_err(|e| err(format!("cannot encode [workspace_storage]: {e}")))?;
+        let own = (stored.access_key_id.take(), stored.secret_access_key.take(), stored.session_token.take());
+        let storage_json = serde_json::to_string(&stored).map_err(|e| err(format!("cannot encode [workspace_storage]: {e}")))?;
         let credentials = if self.credentials_secret.is_some() {
             Vec::new()
         } else {
@@ -210,12 +190,7 @@ impl WorkspaceSyncConfig {
                 }
                 _ => CREDENTIAL_KEYS
                     .iter()
-                    .filter_map(|(env, _)| {
-                        std::env::var(env)
-                            .ok()
-                            .filter(|v| !v.is_empty())
-                            .map(|v| (*env, v))
-                    })
+                    .filter_map(|(env, _)| std::env::var(env).ok().filter(|v| !v.is_empty()).map(|v| (*env, v)))
                     .collect(),
             }
         };
@@ -254,18 +229,9 @@ impl PodSync {
 
     /// Adds the init container, the sidecar, their volume and the agent-server's state
     /// layout to a conversation's pod. `secret` is the conversation's Secret.
-    pub fn decorate(
-        &self,
-        s: &Settings,
-        pod: &mut Pod,
-        secret: &str,
-        conversation: ConversationId,
-        owner: &UserId,
-    ) {
+    pub fn decorate(&self, s: &Settings, pod: &mut Pod, secret: &str, conversation: ConversationId, owner: &UserId) {
         state_layout(pod);
-        let Some(spec) = pod.spec.as_mut() else {
-            return;
-        };
+        let Some(spec) = pod.spec.as_mut() else { return };
         let mut env = vec![
             lit(ENV_STORAGE, &self.storage_json),
             lit(ENV_OWNER, owner.as_str()),
@@ -284,24 +250,13 @@ impl PodSync {
         }
         let env_from = self.credentials_secret.as_ref().map(|n| {
             vec![EnvFromSource {
-                secret_ref: Some(SecretEnvSource {
-                    name: n.clone(),
-                    optional: Some(false),
-                }),
+                secret_ref: Some(SecretEnvSource { name: n.clone(), optional: Some(false) }),
                 ..Default::default()
             }]
         });
         let mounts = vec![
-            VolumeMount {
-                name: "state".into(),
-                mount_path: STATE_MOUNT.into(),
-                ..Default::default()
-            },
-            VolumeMount {
-                name: CACHE_VOLUME.into(),
-                mount_path: CACHE_MOUNT.into(),
-                ..Default::default()
-            },
+            VolumeMount { name: "state".into(), mount_path: STATE_MOUNT.into(), ..Default::default() },
+            VolumeMount { name: CACHE_VOLUME.into(), mount_path: CACHE_MOUNT.into(), ..Default::default() },
         ];
         let base = Container {
             image: Some(self.image.clone()),
@@ -314,10 +269,7 @@ impl PodSync {
                     ("cpu".to_owned(), Quantity(self.cpu_request.clone())),
                     ("memory".to_owned(), Quantity(self.memory_request.clone())),
                 ])),
-                limits: Some(BTreeMap::from([(
-                    "memory".to_owned(),
-                    Quantity(self.memory_limit.clone()),
-                )])),
+                limits: Some(BTreeMap::from([("memory".to_owned(), Quantity(self.memory_limit.clone()))])),
                 ..Default::default()
             }),
             security_context: Some(SecurityContext {
@@ -326,10 +278,7 @@ impl PodSync {
                 run_as_non_root: Some(true),
                 run_as_user: Some(s.run_as_user),
                 run_as_group: Some(s.run_as_group),
-                capabilities: Some(Capabilities {
-                    drop: Some(vec!["ALL".into()]),
-                    add: None,
-                }),
+                capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
                 ..Default::default()
             }),
             termination_message_policy: Some("FallbackToLogsOnError".into()),
@@ -357,16 +306,10 @@ impl PodSync {
         spec.containers.push(serve);
         spec.volumes.get_or_insert_with(Vec::new).push(Volume {
             name: CACHE_VOLUME.into(),
-            empty_dir: Some(EmptyDirVolumeSource {
-                medium: None,
-                size_limit: Some(Quantity("1Gi".into())),
-            }),
+            empty_dir: Some(EmptyDirVolumeSource { medium: None, size_limit: Some(Quantity("1Gi".into())) }),
             ..Default::default()
         });
-        let grace = self.grace_secs(
-            spec.termination_grace_period_seconds
-                .unwrap_or(s.termination_grace_secs),
-        );
+        let grace = self.grace_secs(spec.termination_grace_period_seconds.unwrap_or(s.termination_grace_secs));
         spec.termination_grace_period_seconds = Some(grace);
     }
 }
@@ -375,28 +318,18 @@ impl PodSync {
 /// persisted trees). Also for a conversation created with persistence after it was turned
 /// off: its state stays where its pods wrote it.
 pub fn state_layout(pod: &mut Pod) {
-    let Some(spec) = pod.spec.as_mut() else {
-        return;
-    };
+    let Some(spec) = pod.spec.as_mut() else { return };
     if let Some(agent) = spec.containers.iter_mut().find(|c| c.name == CONTAINER) {
         let env = agent.env.get_or_insert_with(Vec::new);
         for (k, v) in PERSISTED_STATE_ENV {
             env.retain(|e| e.name != *k);
-            env.push(EnvVar {
-                name: (*k).into(),
-                value: Some((*v).into()),
-                value_from: None,
-            });
+            env.push(EnvVar { name: (*k).into(), value: Some((*v).into()), value_from: None });
         }
     }
 }
 
 fn lit(name: &str, value: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        value_from: None,
-    }
+    EnvVar { name: name.into(), value: Some(value.into()), value_from: None }
 }
 
 #[cfg(test)]
@@ -406,12 +339,7 @@ mod tests {
     use crate::kubernetes::objects::{pod, Slot};
 
     fn settings() -> Settings {
-        KubernetesConfig {
-            image: Some("img:1".into()),
-            ..Default::default()
-        }
-        .validate()
-        .unwrap()
+        KubernetesConfig { image: Some("img:1".into()), ..Default::default() }.validate().unwrap()
     }
 
     fn storage() -> WorkspaceStorageConfig {
@@ -425,9 +353,7 @@ mod tests {
     #[test]
     fn pod_gets_the_pull_before_the_agent_and_the_sidecar_beside_it() {
         let s = settings();
-        let sync = WorkspaceSyncConfig::default()
-            .validate(&s, &storage())
-            .unwrap();
+        let sync = WorkspaceSyncConfig::default().validate(&s, &storage()).unwrap();
         let conv = ConversationId::new_random();
         let slot = Slot::Conversation(conv);
         let owner = UserId::new("alice");
@@ -438,85 +364,42 @@ mod tests {
         let init = spec.init_containers.as_ref().unwrap();
         assert_eq!(init.len(), 1);
         assert_eq!(init[0].name, PULL_CONTAINER);
-        assert_eq!(
-            init[0].args.as_ref().unwrap(),
-            &vec!["workspace-sync".to_string(), "pull".to_string()]
-        );
-        assert_eq!(
-            spec.containers[0].name, CONTAINER,
-            "the agent-server stays first"
-        );
+        assert_eq!(init[0].args.as_ref().unwrap(), &vec!["workspace-sync".to_string(), "pull".to_string()]);
+        assert_eq!(spec.containers[0].name, CONTAINER, "the agent-server stays first");
         let side = &spec.containers[1];
         assert_eq!(side.name, SYNC_CONTAINER);
         assert_eq!(side.image.as_deref(), Some("nestor:latest"));
         assert_eq!(side.ports.as_ref().unwrap()[0].container_port, 8001);
-        assert_eq!(
-            side.ports.as_ref().unwrap()[0].name.as_deref(),
-            Some(SYNC_PORT_NAME)
-        );
+        assert_eq!(side.ports.as_ref().unwrap()[0].name.as_deref(), Some(SYNC_PORT_NAME));
         for c in [&init[0], side] {
             let sc = c.security_context.as_ref().unwrap();
             assert_eq!(sc.run_as_non_root, Some(true));
             assert_eq!(sc.allow_privilege_escalation, Some(false));
-            assert_eq!(
-                sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(),
-                &vec!["ALL".to_string()]
-            );
+            assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(), &vec!["ALL".to_string()]);
             assert!(c.resources.as_ref().unwrap().requests.is_some());
             let env = c.env.as_ref().unwrap();
             let get = |k: &str| env.iter().find(|e| e.name == k).unwrap();
             assert_eq!(get(ENV_OWNER).value.as_deref(), Some("alice"));
-            assert_eq!(
-                get(ENV_CONVERSATION).value.as_deref(),
-                Some(conv.hex().as_str())
-            );
+            assert_eq!(get(ENV_CONVERSATION).value.as_deref(), Some(conv.hex().as_str()));
             for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", ENV_KEY] {
                 let e = get(k);
                 assert!(e.value.is_none(), "{k} must not be a literal");
-                assert_eq!(
-                    e.value_from
-                        .as_ref()
-                        .unwrap()
-                        .secret_key_ref
-                        .as_ref()
-                        .unwrap()
-                        .name,
-                    secret
-                );
+                assert_eq!(e.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name, secret);
             }
-            let cfg: WorkspaceStorageConfig =
-                serde_json::from_str(get(ENV_STORAGE).value.as_deref().unwrap()).unwrap();
+            let cfg: WorkspaceStorageConfig = serde_json::from_str(get(ENV_STORAGE).value.as_deref().unwrap()).unwrap();
             assert_eq!(cfg.bucket, "bucket-1");
             assert!(cfg.access_key_id.is_none() && cfg.secret_access_key.is_none());
-            let mounts: Vec<_> = c
-                .volume_mounts
-                .as_ref()
-                .unwrap()
-                .iter()
-                .map(|m| m.mount_path.as_str())
-                .collect();
+            let mounts: Vec<_> = c.volume_mounts.as_ref().unwrap().iter().map(|m| m.mount_path.as_str()).collect();
             assert!(mounts.contains(&STATE_MOUNT));
         }
         let agent_env = spec.containers[0].env.as_ref().unwrap();
-        let convs = agent_env
-            .iter()
-            .filter(|e| e.name == "OH_CONVERSATIONS_PATH")
-            .collect::<Vec<_>>();
+        let convs = agent_env.iter().filter(|e| e.name == "OH_CONVERSATIONS_PATH").collect::<Vec<_>>();
         assert_eq!(convs.len(), 1);
-        assert_eq!(
-            convs[0].value.as_deref(),
-            Some("/workspace/state/conversations")
-        );
-        assert!(
-            !agent_env.iter().any(|e| e.name.starts_with("AWS_")),
-            "the agent never sees storage credentials"
-        );
+        assert_eq!(convs[0].value.as_deref(), Some("/workspace/state/conversations"));
+        assert!(!agent_env.iter().any(|e| e.name.starts_with("AWS_")), "the agent never sees storage credentials");
         assert_eq!(spec.termination_grace_period_seconds, Some(50));
         let json = serde_json::to_string(&p).unwrap();
-        assert!(
-            !json.contains("S3CR3T-VALUE") && !json.contains("AKID"),
-            "no credential in the pod spec"
-        );
+        assert!(!json.contains("S3CR3T-VALUE") && !json.contains("AKID"), "no credential in the pod spec");
         let data = sync.secret_data();
         assert_eq!(data["storage-secret-access-key"].0, b"S3CR3T-VALUE");
     }
@@ -524,64 +407,25 @@ mod tests {
     #[test]
     fn a_credentials_secret_is_used_by_reference() {
         let s = settings();
-        let cfg = WorkspaceSyncConfig {
-            credentials_secret: Some("s3-creds".into()),
-            ..Default::default()
-        };
+        let cfg = WorkspaceSyncConfig { credentials_secret: Some("s3-creds".into()), ..Default::default() };
         let sync = cfg.validate(&s, &storage()).unwrap();
         assert!(sync.secret_data().is_empty());
         let conv = ConversationId::new_random();
         let mut p = pod(&s, &Slot::Conversation(conv), "ns", &UserId::default_user());
         sync.decorate(&s, &mut p, "x", conv, &UserId::default_user());
         let side = &p.spec.as_ref().unwrap().containers[1];
-        assert_eq!(
-            side.env_from.as_ref().unwrap()[0]
-                .secret_ref
-                .as_ref()
-                .unwrap()
-                .name,
-            "s3-creds"
-        );
-        assert!(!side
-            .env
-            .as_ref()
-            .unwrap()
-            .iter()
-            .any(|e| e.name == "AWS_SECRET_ACCESS_KEY"));
+        assert_eq!(side.env_from.as_ref().unwrap()[0].secret_ref.as_ref().unwrap().name, "s3-creds");
+        assert!(!side.env.as_ref().unwrap().iter().any(|e| e.name == "AWS_SECRET_ACCESS_KEY"));
     }
 
     #[test]
     fn bad_settings_name_the_key() {
         let s = settings();
         for (c, key) in [
-            (
-                WorkspaceSyncConfig {
-                    port: Some(8000),
-                    ..Default::default()
-                },
-                "port",
-            ),
-            (
-                WorkspaceSyncConfig {
-                    final_push_secs: Some(0),
-                    ..Default::default()
-                },
-                "final_push_secs",
-            ),
-            (
-                WorkspaceSyncConfig {
-                    image: Some(" ".into()),
-                    ..Default::default()
-                },
-                "image",
-            ),
-            (
-                WorkspaceSyncConfig {
-                    credentials_secret: Some("Bad_Name".into()),
-                    ..Default::default()
-                },
-                "credentials_secret",
-            ),
+            (WorkspaceSyncConfig { port: Some(8000), ..Default::default() }, "port"),
+            (WorkspaceSyncConfig { final_push_secs: Some(0), ..Default::default() }, "final_push_secs"),
+            (WorkspaceSyncConfig { image: Some(" ".into()), ..Default::default() }, "image"),
+            (WorkspaceSyncConfig { credentials_secret: Some("Bad_Name".into()), ..Default::default() }, "credentials_secret"),
         ] {
             let e = c.validate(&s, &storage()).unwrap_err().to_string();
             assert!(e.contains(key), "{key}: {e}");

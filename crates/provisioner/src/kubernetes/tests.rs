@@ -32,22 +32,11 @@ fn settings() -> Settings {
 fn mock_provisioner() -> (KubernetesProvisioner, MockHandle) {
     let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(svc, "agents");
-    (
-        KubernetesProvisioner::with_client(
-            settings(),
-            client,
-            "agents".into(),
-            "https://mock:6443".into(),
-        ),
-        handle,
-    )
+    (KubernetesProvisioner::with_client(settings(), client, "agents".into(), "https://mock:6443".into()), handle)
 }
 
 fn ok(v: Value) -> Response<Body> {
-    Response::builder()
-        .status(200)
-        .body(Body::from(serde_json::to_vec(&v).unwrap()))
-        .unwrap()
+    Response::builder().status(200).body(Body::from(serde_json::to_vec(&v).unwrap())).unwrap()
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
@@ -60,9 +49,7 @@ fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
 }
 
 fn list(kind: &str, items: Vec<Value>, rv: &str) -> Response<Body> {
-    ok(
-        json!({"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": rv}, "items": items}),
-    )
+    ok(json!({"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": rv}, "items": items}))
 }
 
 fn events(evs: &[Value]) -> Response<Body> {
@@ -71,10 +58,7 @@ fn events(evs: &[Value]) -> Response<Body> {
         body.extend(serde_json::to_vec(e).unwrap());
         body.push(b'\n');
     }
-    Response::builder()
-        .status(200)
-        .body(Body::from(body))
-        .unwrap()
+    Response::builder().status(200).body(Body::from(body)).unwrap()
 }
 
 fn secret_json(conv: &ConversationId, key: &str) -> Value {
@@ -114,26 +98,15 @@ async fn expect(
     method: &str,
     path: &str,
     query: Option<&str>,
-) -> (
-    Request<Body>,
-    tower_test::mock::SendResponse<Response<Body>>,
-) {
+) -> (Request<Body>, tower_test::mock::SendResponse<Response<Body>>) {
     let (req, send) = tokio::time::timeout(Duration::from_secs(10), h.next_request())
         .await
         .unwrap_or_else(|_| panic!("no {method} {path} within 10 s"))
         .expect("client dropped");
     assert_eq!(req.method().as_str(), method, "{}", req.uri());
-    assert!(
-        req.uri().path().starts_with(path),
-        "expected {path}, got {}",
-        req.uri()
-    );
+    assert!(req.uri().path().starts_with(path), "expected {path}, got {}", req.uri());
     if let Some(q) = query {
-        assert!(
-            req.uri().query().unwrap_or("").contains(q),
-            "expected query {q} in {}",
-            req.uri()
-        );
+        assert!(req.uri().query().unwrap_or("").contains(q), "expected query {q} in {}", req.uri());
     }
     (req, send)
 }
@@ -141,10 +114,7 @@ async fn expect(
 async fn wait_for(what: &str, f: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -187,42 +157,23 @@ async fn watch_expiry_relists_and_rewatches() {
         // Gone, but was it released? (its Secret still exists: no, just stopped), and a watch
         // from the new list's version, answered 410 at once this time — in either order.
         for _ in 0..2 {
-            let (req, s) = tokio::time::timeout(Duration::from_secs(10), h.next_request())
-                .await
-                .unwrap()
-                .unwrap();
+            let (req, s) = tokio::time::timeout(Duration::from_secs(10), h.next_request()).await.unwrap().unwrap();
             if req.uri().path().starts_with(SECRETS) {
                 assert!(req.uri().path().ends_with(&conv.hex()));
                 s.send_response(ok(secret_json(&conv, "k-1")));
             } else {
-                assert!(
-                    req.uri().query().unwrap().contains("watch=true"),
-                    "{}",
-                    req.uri()
-                );
-                assert!(
-                    req.uri().query().unwrap().contains("resourceVersion=50"),
-                    "{}",
-                    req.uri()
-                );
+                assert!(req.uri().query().unwrap().contains("watch=true"), "{}", req.uri());
+                assert!(req.uri().query().unwrap().contains("resourceVersion=50"), "{}", req.uri());
                 s.send_response(status(410, "Expired", "too old resource version"));
             }
         }
         let (_, s) = expect(&mut h, "GET", PODS, Some("labelSelector")).await;
-        s.send_response(list(
-            "PodList",
-            vec![pod_json(&conv, "u2", true, "60")],
-            "60",
-        ));
+        s.send_response(list("PodList", vec![pod_json(&conv, "u2", true, "60")], "60"));
         // A watch that fails otherwise (500): back off, list again.
         let (_, s) = expect(&mut h, "GET", PODS, Some("watch=true")).await;
         s.send_response(status(500, "InternalError", "etcd is sad"));
         let (_, s) = expect(&mut h, "GET", PODS, Some("labelSelector")).await;
-        s.send_response(list(
-            "PodList",
-            vec![pod_json(&conv, "u2", true, "70")],
-            "70",
-        ));
+        s.send_response(list("PodList", vec![pod_json(&conv, "u2", true, "70")], "70"));
         // Then a watch that stays open (the test ends first).
         let (_, held) = expect(&mut h, "GET", PODS, Some("watch=true")).await;
         (h, held)
@@ -241,34 +192,15 @@ async fn watch_expiry_relists_and_rewatches() {
             s2.lock().unwrap().push(st);
         }
     });
-    wait_for("ready through the watch", || {
-        ds.state() == DownstreamState::Ready
-    })
-    .await;
+    wait_for("ready through the watch", || ds.state() == DownstreamState::Ready).await;
     assert_eq!(ds.endpoint().unwrap().authority.as_str(), "127.0.0.1:40123");
     assert_eq!(ds.endpoint().unwrap().key.as_ref().unwrap().expose(), "k-1");
-    let _h = tokio::time::timeout(Duration::from_secs(15), server)
-        .await
-        .expect("server script")
-        .expect("server task");
-    wait_for("ready again after the re-lists", || {
-        ds.state() == DownstreamState::Ready
-    })
-    .await;
+    let _h = tokio::time::timeout(Duration::from_secs(15), server).await.expect("server script").expect("server task");
+    wait_for("ready again after the re-lists", || ds.state() == DownstreamState::Ready).await;
     let seen = seen.lock().unwrap().clone();
-    let gone = seen
-        .iter()
-        .position(|s| *s == "stopped")
-        .expect("stopped after the first re-list");
-    assert!(
-        seen[..gone].contains(&"running") && seen[gone..].contains(&"running"),
-        "{seen:?}"
-    );
-    assert_eq!(
-        p.relists(),
-        4,
-        "initial list + after 410 event + after 410 answer + after 500"
-    );
+    let gone = seen.iter().position(|s| *s == "stopped").expect("stopped after the first re-list");
+    assert!(seen[..gone].contains(&"running") && seen[gone..].contains(&"running"), "{seen:?}");
+    assert_eq!(p.relists(), 4, "initial list + after 410 event + after 410 answer + after 500");
     p.shutdown().await;
 }
 
@@ -282,55 +214,25 @@ async fn conflicts_on_create_adopt_what_exists() {
         let mut pending = Vec::new();
         // Provision's 4 creates/reads, and the watch loop's list + watch, interleaved.
         for _ in 0..6 {
-            let (req, s) = tokio::time::timeout(Duration::from_secs(10), h.next_request())
-                .await
-                .unwrap()
-                .unwrap();
+            let (req, s) = tokio::time::timeout(Duration::from_secs(10), h.next_request()).await.unwrap().unwrap();
             let path = req.uri().path().to_owned();
             let q = req.uri().query().unwrap_or("").to_owned();
             match (req.method().as_str(), path.as_str()) {
                 ("GET", PODS) if q.contains("watch=true") => pending.push(s),
                 ("GET", PODS) => s.send_response(list("PodList", vec![], "1")),
-                ("POST", SECRETS) => {
-                    s.send_response(status(409, "AlreadyExists", "secrets \"x\" already exists"))
-                }
-                ("GET", p) if p.starts_with(SECRETS) => {
-                    s.send_response(ok(secret_json(&c2, "theirs")))
-                }
-                ("POST", PVCS) => s.send_response(status(
-                    409,
-                    "AlreadyExists",
-                    "persistentvolumeclaims \"x\" already exists",
-                )),
-                ("POST", PODS) => {
-                    s.send_response(status(409, "AlreadyExists", "pods \"x\" already exists"))
-                }
+                ("POST", SECRETS) => s.send_response(status(409, "AlreadyExists", "secrets \"x\" already exists")),
+                ("GET", p) if p.starts_with(SECRETS) => s.send_response(ok(secret_json(&c2, "theirs"))),
+                ("POST", PVCS) => s.send_response(status(409, "AlreadyExists", "persistentvolumeclaims \"x\" already exists")),
+                ("POST", PODS) => s.send_response(status(409, "AlreadyExists", "pods \"x\" already exists")),
                 other => panic!("unexpected {other:?} {q}"),
             }
         }
         (h, pending)
     });
-    let ds = p
-        .provision(ProvisionRequest {
-            conversation: conv,
-            owner: UserId::new("alice"),
-        })
-        .await
-        .unwrap();
+    let ds = p.provision(ProvisionRequest { conversation: conv, owner: UserId::new("alice") }).await.unwrap();
     let c = p.0.conv_of(&ds).unwrap();
-    assert_eq!(
-        c.key.expose(),
-        "theirs",
-        "the existing Secret's key is used"
-    );
-    assert!(
-        matches!(
-            ds.state(),
-            DownstreamState::Stopped | DownstreamState::Starting
-        ),
-        "{:?}",
-        ds.state()
-    );
+    assert_eq!(c.key.expose(), "theirs", "the existing Secret's key is used");
+    assert!(matches!(ds.state(), DownstreamState::Stopped | DownstreamState::Starting), "{:?}", ds.state());
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
     p.shutdown().await;
 }
@@ -341,21 +243,13 @@ async fn an_unanswering_or_failing_api_server_is_reported_clearly() {
     let (p, mut h) = mock_provisioner();
     let server = tokio::spawn(async move {
         let (_, s) = expect(&mut h, "GET", SECRETS, None).await;
-        s.send_error(std::io::Error::new(
-            std::io::ErrorKind::ConnectionRefused,
-            "Connection refused",
-        ));
+        s.send_error(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused"));
     });
     let e = p.recover().await.unwrap_err();
     server.await.unwrap();
     assert!(matches!(e, ProvisionError::Unavailable { .. }), "{e:?}");
     let msg = e.to_string();
-    assert!(
-        msg.contains("https://mock:6443")
-            && msg.contains("unreachable")
-            && msg.contains("Connection refused"),
-        "{msg}"
-    );
+    assert!(msg.contains("https://mock:6443") && msg.contains("unreachable") && msg.contains("Connection refused"), "{msg}");
 
     // No answer at all: bounded by api_timeout (2 s here).
     let (p, mut h) = mock_provisioner();
@@ -376,22 +270,14 @@ async fn an_unanswering_or_failing_api_server_is_reported_clearly() {
         let (_, s) = expect(&mut h, "GET", SECRETS, None).await;
         s.send_response(status(503, "ServiceUnavailable", "etcd leader changed"));
         let (_, s) = expect(&mut h, "GET", SECRETS, None).await;
-        s.send_response(status(
-            403,
-            "Forbidden",
-            "secrets is forbidden: User \"x\" cannot list resource \"secrets\"",
-        ));
+        s.send_response(status(403, "Forbidden", "secrets is forbidden: User \"x\" cannot list resource \"secrets\""));
     });
     let e = p.recover().await.unwrap_err();
     assert!(matches!(e, ProvisionError::Unavailable { .. }), "{e:?}");
     let e = p.recover().await.unwrap_err();
     server.await.unwrap();
     assert!(matches!(e, ProvisionError::Config(_)), "{e:?}");
-    assert!(
-        e.to_string()
-            .contains("not allowed to list secrets in namespace \"agents\""),
-        "{e}"
-    );
+    assert!(e.to_string().contains("not allowed to list secrets in namespace \"agents\""), "{e}");
 }
 
 #[tokio::test]
@@ -410,10 +296,7 @@ async fn a_missing_namespace_is_a_configuration_error() {
         // The watch (held open) and the create, in either order.
         let mut held = Vec::new();
         for _ in 0..2 {
-            let (req, s) = tokio::time::timeout(Duration::from_secs(10), h.next_request())
-                .await
-                .unwrap()
-                .unwrap();
+            let (req, s) = tokio::time::timeout(Duration::from_secs(10), h.next_request()).await.unwrap().unwrap();
             if req.method() == "POST" {
                 assert!(req.uri().path().starts_with(SECRETS), "{}", req.uri());
                 s.send_response(status(404, "NotFound", "namespaces \"agents\" not found"));
@@ -424,12 +307,7 @@ async fn a_missing_namespace_is_a_configuration_error() {
         (h, held)
     });
     p.recover().await.unwrap();
-    let e = p
-        .provision(ProvisionRequest {
-            conversation: ConversationId::new_random(),
-            owner: UserId::default_user(),
-        })
-        .await;
+    let e = p.provision(ProvisionRequest { conversation: ConversationId::new_random(), owner: UserId::default_user() }).await;
     let e = e.unwrap_err();
     assert!(matches!(e, ProvisionError::Config(_)), "{e:?}");
     assert!(e.to_string().contains("namespace does not exist"), "{e}");
@@ -446,31 +324,19 @@ async fn a_claimed_pod_still_labelled_warm_is_routed_by_its_secret() {
     let conv = ConversationId::new_random();
     let slot = Slot::Conversation(conv);
     let name = "nestor-warm-0123456789abcdef";
-    let c = p.0.insert_conv(
-        slot,
-        SessionKey::random(),
-        UserId::new("bob"),
-        None,
-        name.into(),
-    );
+    let c = p.0.insert_conv(slot, SessionKey::random(), UserId::new("bob"), None, name.into());
     let mut v = pod_json(&conv, "u1", true, "5");
     v["metadata"]["name"] = json!(name);
-    v["metadata"]["labels"] = json!({"app.kubernetes.io/managed-by": "nestor", "nestor.dev/instance": "nestor", "nestor.dev/warm": "0123456789abcdef"});
+    v["metadata"]["labels"] =
+        json!({"app.kubernetes.io/managed-by": "nestor", "nestor.dev/instance": "nestor", "nestor.dev/warm": "0123456789abcdef"});
     let pod: Pod = serde_json::from_value(v).unwrap();
     assert_eq!(p.0.slot_of(&pod), Some(slot));
     p.0.observe(&pod);
     assert_eq!(c.ds.state(), DownstreamState::Ready);
-    assert_eq!(
-        c.ds.endpoint().unwrap().authority.to_string(),
-        "127.0.0.1:40123"
-    );
+    assert_eq!(c.ds.endpoint().unwrap().authority.to_string(), "127.0.0.1:40123");
     let mut other = pod.clone();
     other.metadata.name = Some("nestor-warm-fedcba9876543210".into());
-    assert_eq!(
-        p.0.slot_of(&other),
-        None,
-        "an unclaimed warm pod is no conversation's"
-    );
+    assert_eq!(p.0.slot_of(&other), None, "an unclaimed warm pod is no conversation's");
     p.0.observe_gone(slot, Some("u1"));
     assert_eq!(c.ds.state(), DownstreamState::Stopped);
 }

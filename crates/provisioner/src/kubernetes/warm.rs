@@ -111,9 +111,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Precon
 use nestor_core::{Downstream, DownstreamId, DownstreamState, SessionKey, UserId};
 use serde_json::{json, Value};
 
-use super::objects::{
-    self, Slot, CONVERSATION, KEY_SECRET, KEY_SESSION, OWNER, PHASE, PHASE_PROVISIONING,
-};
+use super::objects::{self, Slot, CONVERSATION, KEY_SECRET, KEY_SESSION, OWNER, PHASE, PHASE_PROVISIONING};
 use super::{Inner, KubeError, KubernetesProvisioner, PodView, StorageMode};
 use crate::pool::{ClaimKeys, InitTemplate, WarmBackend, WarmServer};
 use crate::{ProvisionError, ProvisionRequest};
@@ -156,12 +154,7 @@ pub(super) fn claim_of(s: &k8s_openapi::api::core::v1::Secret) -> Option<(Slot, 
     }
     m.annotations.as_ref()?.get(CLAIMED_AT)?;
     let slot = Slot::from_label(m.labels.as_ref()?.get(CONVERSATION)?)?;
-    let owner = m
-        .annotations
-        .as_ref()?
-        .get(OWNER)
-        .map(|o| UserId::new(o.as_str()))
-        .unwrap_or_else(UserId::default_user);
+    let owner = m.annotations.as_ref()?.get(OWNER).map(|o| UserId::new(o.as_str())).unwrap_or_else(UserId::default_user);
     Some((slot, owner))
 }
 
@@ -181,17 +174,9 @@ pub(super) fn retarget(p: &mut Pod, from: &str, to: &str) {
         p.metadata.name = Some(to.to_owned());
     }
     let Some(spec) = p.spec.as_mut() else { return };
-    for c in spec
-        .containers
-        .iter_mut()
-        .chain(spec.init_containers.iter_mut().flatten())
-    {
+    for c in spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten()) {
         for e in c.env.iter_mut().flatten() {
-            if let Some(r) = e
-                .value_from
-                .as_mut()
-                .and_then(|f| f.secret_key_ref.as_mut())
-            {
+            if let Some(r) = e.value_from.as_mut().and_then(|f| f.secret_key_ref.as_mut()) {
                 if r.name == from {
                     r.name = to.to_owned();
                 }
@@ -247,9 +232,7 @@ pub(super) fn warm_pod(s: &super::Settings, ns: &str, name: &str, id: &str) -> P
     if let Some(spec) = p.spec.as_mut() {
         for c in spec.containers.iter_mut() {
             let env = c.env.get_or_insert_with(Vec::new);
-            env.retain(|e| {
-                !crate::pool::is_late_bound_env(&e.name) && e.name != "OH_DEFERRED_INIT"
-            });
+            env.retain(|e| !crate::pool::is_late_bound_env(&e.name) && e.name != "OH_DEFERRED_INIT");
             if c.name == objects::CONTAINER {
                 // Late-bound settings (webhooks) come from Secret keys the claim adds: absent
                 // (optional) while dormant, so a warm server boots without them; present from
@@ -259,11 +242,7 @@ pub(super) fn warm_pod(s: &super::Settings, ns: &str, name: &str, id: &str) -> P
                         name: k.clone(),
                         value: None,
                         value_from: Some(EnvVarSource {
-                            secret_key_ref: Some(SecretKeySelector {
-                                name: name.into(),
-                                key: late_key(k),
-                                optional: Some(true),
-                            }),
+                            secret_key_ref: Some(SecretKeySelector { name: name.into(), key: late_key(k), optional: Some(true) }),
                             ..Default::default()
                         }),
                     });
@@ -272,11 +251,7 @@ pub(super) fn warm_pod(s: &super::Settings, ns: &str, name: &str, id: &str) -> P
                     name: "OH_DEFERRED_INIT".into(),
                     value: None,
                     value_from: Some(EnvVarSource {
-                        secret_key_ref: Some(SecretKeySelector {
-                            name: name.into(),
-                            key: KEY_DEFERRED.into(),
-                            optional: Some(false),
-                        }),
+                        secret_key_ref: Some(SecretKeySelector { name: name.into(), key: KEY_DEFERRED.into(), optional: Some(false) }),
                         ..Default::default()
                     }),
                 });
@@ -291,38 +266,22 @@ fn late_key(var: &str) -> String {
     format!("late.{var}")
 }
 
-fn warm_secret(
-    s: &super::Settings,
-    ns: &str,
-    name: &str,
-    id: &str,
-    boot: &SessionKey,
-    init: &SessionKey,
-) -> k8s_openapi::api::core::v1::Secret {
+fn warm_secret(s: &super::Settings, ns: &str, name: &str, id: &str, boot: &SessionKey, init: &SessionKey) -> k8s_openapi::api::core::v1::Secret {
     let mut sec = objects::secret(s, &Slot::Home, ns, &UserId::default_user(), boot, init);
     warm_meta(&mut sec.metadata, name, id);
     sec.metadata.annotations = Some(BTreeMap::from([(PHASE.to_owned(), PHASE_WARM.to_owned())]));
-    sec.data
-        .get_or_insert_with(Default::default)
-        .insert(KEY_DEFERRED.to_owned(), ByteString(b"true".to_vec()));
+    sec.data.get_or_insert_with(Default::default).insert(KEY_DEFERRED.to_owned(), ByteString(b"true".to_vec()));
     sec
 }
 
 /// The Secret data a claim writes: the conversation's keys, the end of dormancy, and the
 /// late-bound settings (see [`warm_pod`]).
-fn claim_data(
-    s: &super::Settings,
-    keys: &crate::pool::ClaimKeys,
-) -> serde_json::Map<String, Value> {
+fn claim_data(s: &super::Settings, keys: &crate::pool::ClaimKeys) -> serde_json::Map<String, Value> {
     let mut data = serde_json::Map::new();
     data.insert(KEY_SESSION.to_owned(), json!(b64(keys.session.expose())));
     data.insert(KEY_SECRET.to_owned(), json!(b64(keys.secret.expose())));
     data.insert(KEY_DEFERRED.to_owned(), json!(b64("false")));
-    for (k, v) in s
-        .env
-        .iter()
-        .filter(|(k, _)| crate::pool::is_late_bound_env(k))
-    {
+    for (k, v) in s.env.iter().filter(|(k, _)| crate::pool::is_late_bound_env(k)) {
         data.insert(late_key(k), json!(b64(v)));
     }
     data
@@ -361,32 +320,18 @@ impl Inner {
 
     /// A warm pod seen by the list or the watch (`None`: deleted).
     pub(super) fn observe_warm(&self, name: &str, v: Option<PodView>) {
-        let Some(w) = self.warm.get(name).map(|w| w.clone()) else {
-            return;
-        };
+        let Some(w) = self.warm.get(name).map(|w| w.clone()) else { return };
         *w.view.lock().unwrap() = v.clone();
         self.sync_warm(&w);
     }
 
     /// Warm pods missing from a re-list are gone.
     pub(super) fn relisted_warm(&self, pods: &[Pod]) {
-        let present: std::collections::HashSet<&str> = pods
-            .iter()
-            .filter(|p| is_warm(&p.metadata))
-            .filter_map(|p| p.metadata.name.as_deref())
-            .collect();
-        let gone: Vec<String> = self
-            .warm
-            .iter()
-            .filter(|w| !present.contains(w.name.as_str()))
-            .map(|w| w.name.clone())
-            .collect();
+        let present: std::collections::HashSet<&str> =
+            pods.iter().filter(|p| is_warm(&p.metadata)).filter_map(|p| p.metadata.name.as_deref()).collect();
+        let gone: Vec<String> = self.warm.iter().filter(|w| !present.contains(w.name.as_str())).map(|w| w.name.clone()).collect();
         for name in gone {
-            if self
-                .warm
-                .get(&name)
-                .is_some_and(|w| w.view.lock().unwrap().is_some())
-            {
+            if self.warm.get(&name).is_some_and(|w| w.view.lock().unwrap().is_some()) {
                 self.observe_warm(&name, None);
             }
         }
@@ -462,22 +407,10 @@ impl Inner {
     }
 
     /// The pod `name` joins `slot`'s labels (404: gone, nothing to relabel).
-    pub(super) async fn relabel_pod(
-        &self,
-        name: &str,
-        slot: Slot,
-        owner: &UserId,
-    ) -> Result<(), KubeError> {
+    pub(super) async fn relabel_pod(&self, name: &str, slot: Slot, owner: &UserId) -> Result<(), KubeError> {
         let api = self.pods.clone();
         let (n, l) = (name.to_owned(), claimed_labels(slot, owner));
-        match self
-            .kube
-            .call("patch", "pods", async move {
-                api.patch(&n, &PatchParams::default(), &Patch::Merge(&l))
-                    .await
-            })
-            .await
-        {
+        match self.kube.call("patch", "pods", async move { api.patch(&n, &PatchParams::default(), &Patch::Merge(&l)).await }).await {
             Ok(_) => Ok(()),
             Err(e) if e.is_not_found() => Ok(()),
             Err(e) => Err(e),
@@ -485,12 +418,7 @@ impl Inner {
     }
 
     /// The PVC `name` joins `slot`'s labels (404: gone, or no PVC with `storage = "emptydir"`).
-    pub(super) async fn relabel_pvc(
-        &self,
-        name: &str,
-        slot: Slot,
-        owner: &UserId,
-    ) -> Result<(), KubeError> {
+    pub(super) async fn relabel_pvc(&self, name: &str, slot: Slot, owner: &UserId) -> Result<(), KubeError> {
         if self.s.storage != StorageMode::Pvc {
             return Ok(());
         }
@@ -498,10 +426,7 @@ impl Inner {
         let (n, l) = (name.to_owned(), claimed_labels(slot, owner));
         let r = self
             .kube
-            .call("patch", "persistentvolumeclaims", async move {
-                api.patch(&n, &PatchParams::default(), &Patch::Merge(&l))
-                    .await
-            })
+            .call("patch", "persistentvolumeclaims", async move { api.patch(&n, &PatchParams::default(), &Patch::Merge(&l)).await })
             .await;
         match r {
             Ok(_) => Ok(()),
@@ -514,21 +439,11 @@ impl Inner {
         let view = w.view.lock().unwrap().clone();
         let (state, ep) = match view {
             // Only after it was seen: deleted.
-            None => (
-                DownstreamState::Failed("the warm agent-server pod is gone".into()),
-                None,
-            ),
-            Some(v) if v.deleting => (
-                DownstreamState::Failed("the warm agent-server pod is being deleted".into()),
-                None,
-            ),
+            None => (DownstreamState::Failed("the warm agent-server pod is gone".into()), None),
+            Some(v) if v.deleting => (DownstreamState::Failed("the warm agent-server pod is being deleted".into()), None),
             Some(v) if v.terminal => (
                 DownstreamState::Failed(
-                    format!(
-                        "the warm agent-server pod ended{}",
-                        v.problem.map(|p| format!(": {p}")).unwrap_or_default()
-                    )
-                    .into(),
+                    format!("the warm agent-server pod ended{}", v.problem.map(|p| format!(": {p}")).unwrap_or_default()).into(),
                 ),
                 None,
             ),
@@ -542,36 +457,17 @@ impl Inner {
     }
 
     /// A conversation's Secret: by its own name, else (claimed from the warm pool) by label.
-    pub(super) async fn find_secret(
-        &self,
-        slot: &Slot,
-    ) -> Result<Option<k8s_openapi::api::core::v1::Secret>, KubeError> {
+    pub(super) async fn find_secret(&self, slot: &Slot) -> Result<Option<k8s_openapi::api::core::v1::Secret>, KubeError> {
         let api = self.secrets.clone();
         let n = self.name(slot);
-        if let Some(s) = self
-            .kube
-            .call("get", "secrets", async move { api.get_opt(&n).await })
-            .await?
-        {
+        if let Some(s) = self.kube.call("get", "secrets", async move { api.get_opt(&n).await }).await? {
             return Ok(Some(s));
         }
-        let Slot::Conversation(_) = slot else {
-            return Ok(None);
-        };
+        let Slot::Conversation(_) = slot else { return Ok(None) };
         let api = self.secrets.clone();
-        let lp = ListParams::default().labels(&format!(
-            "{},{CONVERSATION}={}",
-            objects::selector(&self.s.instance),
-            slot.label()
-        ));
-        let list = self
-            .kube
-            .call("list", "secrets", async move { api.list(&lp).await })
-            .await?;
-        Ok(list
-            .items
-            .into_iter()
-            .find(|s| s.metadata.deletion_timestamp.is_none()))
+        let lp = ListParams::default().labels(&format!("{},{CONVERSATION}={}", objects::selector(&self.s.instance), slot.label()));
+        let list = self.kube.call("list", "secrets", async move { api.list(&lp).await }).await?;
+        Ok(list.items.into_iter().find(|s| s.metadata.deletion_timestamp.is_none()))
     }
 
     /// Delete a warm server's objects: the Secret first, at its warm version (`rv`; None:
@@ -581,21 +477,10 @@ impl Inner {
         let api = self.secrets.clone();
         let n = name.to_owned();
         let dp = DeleteParams {
-            preconditions: rv.map(|rv| Preconditions {
-                resource_version: Some(rv.to_owned()),
-                uid: None,
-            }),
+            preconditions: rv.map(|rv| Preconditions { resource_version: Some(rv.to_owned()), uid: None }),
             ..DeleteParams::background()
         };
-        match self
-            .kube
-            .call(
-                "delete",
-                "secrets",
-                async move { api.delete(&n, &dp).await },
-            )
-            .await
-        {
+        match self.kube.call("delete", "secrets", async move { api.delete(&n, &dp).await }).await {
             Ok(_) => {}
             Err(e) if e.is_not_found() => {}
             Err(e) if e.is_conflict() => {
@@ -621,51 +506,24 @@ impl WarmBackend for KubernetesProvisioner {
         let (boot, init_key) = (SessionKey::random(), SessionKey::random());
         let body = warm_secret(&inner.s, &inner.kube.ns, &name, &id, &boot, &init_key);
         let api = inner.secrets.clone();
-        let created = inner
-            .kube
-            .call("create", "secrets", async move {
-                api.create(&PostParams::default(), &body).await
-            })
-            .await?;
+        let created = inner.kube.call("create", "secrets", async move { api.create(&PostParams::default(), &body).await }).await?;
         let w = Arc::new(WarmPod {
             name: name.clone(),
-            ds: Downstream::new(
-                DownstreamId::new(format!("kubernetes-warm-{id}")),
-                "kubernetes",
-                None,
-                None,
-                None,
-                DownstreamState::Starting,
-            ),
+            ds: Downstream::new(DownstreamId::new(format!("kubernetes-warm-{id}")), "kubernetes", None, None, None, DownstreamState::Starting),
             secret_rv: created.metadata.resource_version.unwrap_or_default(),
             view: std::sync::Mutex::new(None),
         });
         inner.warm.insert(name.clone(), w.clone());
         let made = async {
             if inner.s.storage == StorageMode::Pvc {
-                let mut pvc = objects::pvc(
-                    &inner.s,
-                    &Slot::Home,
-                    &inner.kube.ns,
-                    &UserId::default_user(),
-                );
+                let mut pvc = objects::pvc(&inner.s, &Slot::Home, &inner.kube.ns, &UserId::default_user());
                 warm_meta(&mut pvc.metadata, &name, &id);
                 let api = inner.pvcs.clone();
-                inner
-                    .kube
-                    .call("create", "persistentvolumeclaims", async move {
-                        api.create(&PostParams::default(), &pvc).await
-                    })
-                    .await?;
+                inner.kube.call("create", "persistentvolumeclaims", async move { api.create(&PostParams::default(), &pvc).await }).await?;
             }
             let pod = warm_pod(&inner.s, &inner.kube.ns, &name, &id);
             let api = inner.pods.clone();
-            inner
-                .kube
-                .call("create", "pods", async move {
-                    api.create(&PostParams::default(), &pod).await
-                })
-                .await
+            inner.kube.call("create", "pods", async move { api.create(&PostParams::default(), &pod).await }).await
         }
         .await;
         match made {
@@ -675,11 +533,7 @@ impl WarmBackend for KubernetesProvisioner {
                     inner.observe_warm(&name, Some(PodView::of(&p)));
                 }
                 tracing::info!(pod = %name, "warm agent-server pod created");
-                Ok(WarmServer {
-                    ds: w.ds.clone(),
-                    init_key,
-                    born: SystemTime::now(),
-                })
+                Ok(WarmServer { ds: w.ds.clone(), init_key, born: SystemTime::now() })
             }
             Err(e) => {
                 inner.warm.remove(&name);
@@ -696,44 +550,21 @@ impl WarmBackend for KubernetesProvisioner {
         inner.warm_mode.store(true, Ordering::SeqCst);
         let api = inner.secrets.clone();
         let lp = ListParams::default().labels(&inner.warm_selector());
-        let secrets = inner
-            .kube
-            .call("list", "secrets", async move { api.list(&lp).await })
-            .await?;
+        let secrets = inner.kube.call("list", "secrets", async move { api.list(&lp).await }).await?;
         let api = inner.pods.clone();
         let lp = ListParams::default().labels(&inner.warm_selector());
-        let pods = inner
-            .kube
-            .call("list", "pods", async move { api.list(&lp).await })
-            .await?;
-        let by_name: HashMap<&str, &k8s_openapi::api::core::v1::Secret> = secrets
-            .items
-            .iter()
-            .filter_map(|s| Some((s.metadata.name.as_deref()?, s)))
-            .collect();
+        let pods = inner.kube.call("list", "pods", async move { api.list(&lp).await }).await?;
+        let by_name: HashMap<&str, &k8s_openapi::api::core::v1::Secret> =
+            secrets.items.iter().filter_map(|s| Some((s.metadata.name.as_deref()?, s))).collect();
         let mut found = Vec::new();
         let mut with_pod = std::collections::HashSet::new();
         for p in &pods.items {
-            let Some(name) = p.metadata.name.as_deref() else {
-                continue;
-            };
+            let Some(name) = p.metadata.name.as_deref() else { continue };
             with_pod.insert(name.to_owned());
-            let Some(id) = p
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(WARM))
-                .cloned()
-            else {
-                continue;
-            };
+            let Some(id) = p.metadata.labels.as_ref().and_then(|l| l.get(WARM)).cloned() else { continue };
             // Its Secret no longer warm: claimed (the Secret is the record; the pod's labels lag).
-            let Some(secret) = by_name.get(name) else {
-                continue;
-            };
-            let Some((_, init_key)) = objects::keys_of(secret) else {
-                continue;
-            };
+            let Some(secret) = by_name.get(name) else { continue };
+            let Some((_, init_key)) = objects::keys_of(secret) else { continue };
             if p.metadata.deletion_timestamp.is_some() {
                 continue;
             }
@@ -741,68 +572,40 @@ impl WarmBackend for KubernetesProvisioner {
             if !v.ready {
                 if v.terminal || age_of(&p.metadata) > inner.s.startup_timeout {
                     tracing::info!(pod = %name, "removing a warm agent-server pod that never became ready");
-                    let _ = inner
-                        .delete_warm(name, secret.metadata.resource_version.as_deref())
-                        .await;
+                    let _ = inner.delete_warm(name, secret.metadata.resource_version.as_deref()).await;
                 }
                 // Else another replica is starting it.
                 continue;
             }
             let w = Arc::new(WarmPod {
                 name: name.to_owned(),
-                ds: Downstream::new(
-                    DownstreamId::new(format!("kubernetes-warm-{id}")),
-                    "kubernetes",
-                    None,
-                    None,
-                    None,
-                    DownstreamState::Starting,
-                ),
+                ds: Downstream::new(DownstreamId::new(format!("kubernetes-warm-{id}")), "kubernetes", None, None, None, DownstreamState::Starting),
                 secret_rv: secret.metadata.resource_version.clone().unwrap_or_default(),
                 view: std::sync::Mutex::new(Some(v)),
             });
             inner.sync_warm(&w);
             inner.warm.insert(name.to_owned(), w.clone());
-            found.push(WarmServer {
-                ds: w.ds.clone(),
-                init_key,
-                born: born_of(&p.metadata),
-            });
+            found.push(WarmServer { ds: w.ds.clone(), init_key, born: born_of(&p.metadata) });
         }
         for s in &secrets.items {
-            let Some(name) = s.metadata.name.as_deref() else {
-                continue;
-            };
+            let Some(name) = s.metadata.name.as_deref() else { continue };
             if !with_pod.contains(name) && age_of(&s.metadata) > inner.s.provisioning_grace {
                 tracing::info!(pod = %name, "removing a warm agent-server Secret without its pod");
-                let _ = inner
-                    .delete_warm(name, s.metadata.resource_version.as_deref())
-                    .await;
+                let _ = inner.delete_warm(name, s.metadata.resource_version.as_deref()).await;
             }
         }
         inner.spawn_watch(None);
         Ok(found)
     }
 
-    async fn adopt(
-        &self,
-        warm: &WarmServer,
-        req: &ProvisionRequest,
-        keys: &ClaimKeys,
-    ) -> Result<Arc<Downstream>, ProvisionError> {
+    async fn adopt(&self, warm: &WarmServer, req: &ProvisionRequest, keys: &ClaimKeys) -> Result<Arc<Downstream>, ProvisionError> {
         let inner = &self.0;
-        let name = warm_id_of(&warm.ds)
-            .map(|id| warm_name(&inner.s.instance, id))
-            .unwrap_or_default();
+        let name = warm_id_of(&warm.ds).map(|id| warm_name(&inner.s.instance, id)).unwrap_or_default();
         let Some(w) = inner.warm.get(&name).map(|w| w.clone()) else {
-            return Err(ProvisionError::Start(
-                "the warm agent-server pod is no longer available".into(),
-            ));
+            return Err(ProvisionError::Start("the warm agent-server pod is no longer available".into()));
         };
         if w.ds.state() != DownstreamState::Ready {
-            return Err(ProvisionError::Start(format!(
-                "the warm agent-server pod {name} is not ready"
-            )));
+            return Err(ProvisionError::Start(format!("the warm agent-server pod {name} is not ready")));
         }
         let slot = Slot::Conversation(req.conversation);
         // The claim: one patch of the Secret at its warm version (module docs).
@@ -816,33 +619,18 @@ impl WarmBackend for KubernetesProvisioner {
         });
         let api = inner.secrets.clone();
         let n = name.clone();
-        match inner
-            .kube
-            .call("patch", "secrets", async move {
-                api.patch(&n, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-            })
-            .await
-        {
+        match inner.kube.call("patch", "secrets", async move { api.patch(&n, &PatchParams::default(), &Patch::Merge(&patch)).await }).await {
             Ok(_) => {}
             Err(e) if e.is_conflict() || e.is_not_found() => {
                 inner.warm.remove(&name);
-                return Err(ProvisionError::Start(format!(
-                    "the warm agent-server pod {name} was claimed or removed by another replica"
-                )));
+                return Err(ProvisionError::Start(format!("the warm agent-server pod {name} was claimed or removed by another replica")));
             }
             Err(e) => return Err(e.into()),
         }
         inner.warm.remove(&name);
         let view = w.view.lock().unwrap().clone();
         // Routed by name until the pod's labels follow the Secret (`claimed_names`).
-        let c = inner.insert_conv(
-            slot,
-            keys.session.clone(),
-            req.owner.clone(),
-            view,
-            name.clone(),
-        );
+        let c = inner.insert_conv(slot, keys.session.clone(), req.owner.clone(), view, name.clone());
         // Pod and PVC join the conversation in the background: the claim is done.
         inner.spawn_relabel(c.clone());
         tracing::info!(conversation = %req.conversation, pod = %name, "warm agent-server pod claimed");
@@ -851,13 +639,9 @@ impl WarmBackend for KubernetesProvisioner {
 
     async fn discard(&self, warm: &WarmServer) {
         let inner = &self.0;
-        let name = warm_id_of(&warm.ds)
-            .map(|id| warm_name(&inner.s.instance, id))
-            .unwrap_or_default();
+        let name = warm_id_of(&warm.ds).map(|id| warm_name(&inner.s.instance, id)).unwrap_or_default();
         // Not in the map: claimed (by this replica or another), never ours to remove.
-        let Some((_, w)) = inner.warm.remove(&name) else {
-            return;
-        };
+        let Some((_, w)) = inner.warm.remove(&name) else { return };
         w.ds.set_endpoint(None);
         w.ds.set_state(DownstreamState::Released);
         match inner.delete_warm(&name, Some(&w.secret_rv)).await {
@@ -868,23 +652,11 @@ impl WarmBackend for KubernetesProvisioner {
     }
 
     fn init_template(&self, _warm: &WarmServer) -> InitTemplate {
-        let base = |k: &str| {
-            objects::BASE_ENV
-                .iter()
-                .find(|(n, _)| *n == k)
-                .map(|(_, v)| (*v).to_owned())
-        };
+        let base = |k: &str| objects::BASE_ENV.iter().find(|(n, _)| *n == k).map(|(_, v)| (*v).to_owned());
         InitTemplate {
             conversations_path: base("OH_CONVERSATIONS_PATH"),
             bash_events_dir: base("OH_BASH_EVENTS_DIR"),
-            withheld_env: self
-                .0
-                .s
-                .env
-                .iter()
-                .filter(|(k, _)| crate::pool::is_late_bound_env(k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            withheld_env: self.0.s.env.iter().filter(|(k, _)| crate::pool::is_late_bound_env(k)).map(|(k, v)| (k.clone(), v.clone())).collect(),
         }
     }
 
@@ -905,18 +677,9 @@ mod tests {
 
     fn settings() -> super::super::Settings {
         let mut env = BTreeMap::new();
-        env.insert(
-            "OH_WEBHOOKS_0_BASE_URL".to_owned(),
-            "http://n/nestor/webhooks".to_owned(),
-        );
+        env.insert("OH_WEBHOOKS_0_BASE_URL".to_owned(), "http://n/nestor/webhooks".to_owned());
         env.insert("LLM_MODEL".to_owned(), "x".to_owned());
-        KubernetesConfig {
-            image: Some("img:1".into()),
-            env,
-            ..Default::default()
-        }
-        .validate()
-        .unwrap()
+        KubernetesConfig { image: Some("img:1".into()), env, ..Default::default() }.validate().unwrap()
     }
 
     #[test]
@@ -929,73 +692,25 @@ mod tests {
         assert_eq!(l.get(WARM).map(String::as_str), Some("0123456789abcdef"));
         assert!(!l.contains_key(CONVERSATION));
         assert!(is_warm(&p.metadata));
-        assert!(
-            PodView::of(&p).slot.is_none(),
-            "never taken for a conversation's pod"
-        );
+        assert!(PodView::of(&p).slot.is_none(), "never taken for a conversation's pod");
         let spec = p.spec.as_ref().unwrap();
         let env = spec.containers[0].env.as_ref().unwrap();
         // Webhooks only from the Secret's optional late keys: absent while dormant.
-        let hook = env
-            .iter()
-            .find(|e| e.name == "OH_WEBHOOKS_0_BASE_URL")
-            .expect("a late-bound reference");
+        let hook = env.iter().find(|e| e.name == "OH_WEBHOOKS_0_BASE_URL").expect("a late-bound reference");
         assert!(hook.value.is_none(), "never a literal in a warm pod");
-        let r = hook
-            .value_from
-            .as_ref()
-            .unwrap()
-            .secret_key_ref
-            .as_ref()
-            .unwrap();
-        assert_eq!(
-            (r.key.as_str(), r.optional),
-            ("late.OH_WEBHOOKS_0_BASE_URL", Some(true))
-        );
-        assert!(!warm_secret(
-            &s,
-            "ns",
-            &name,
-            "0123456789abcdef",
-            &SessionKey::random(),
-            &SessionKey::random()
-        )
-        .data
-        .unwrap()
-        .contains_key("late.OH_WEBHOOKS_0_BASE_URL"));
+        let r = hook.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+        assert_eq!((r.key.as_str(), r.optional), ("late.OH_WEBHOOKS_0_BASE_URL", Some(true)));
+        assert!(!warm_secret(&s, "ns", &name, "0123456789abcdef", &SessionKey::random(), &SessionKey::random()).data.unwrap().contains_key("late.OH_WEBHOOKS_0_BASE_URL"));
         let claimed = claim_data(&s, &crate::pool::ClaimKeys::random());
-        assert_eq!(
-            claimed["late.OH_WEBHOOKS_0_BASE_URL"],
-            json!(b64("http://n/nestor/webhooks")),
-            "the claim delivers them"
-        );
+        assert_eq!(claimed["late.OH_WEBHOOKS_0_BASE_URL"], json!(b64("http://n/nestor/webhooks")), "the claim delivers them");
         assert_eq!(claimed[KEY_DEFERRED], json!(b64("false")));
         assert!(env.iter().any(|e| e.name == "LLM_MODEL"));
-        for e in env
-            .iter()
-            .filter_map(|e| e.value_from.as_ref()?.secret_key_ref.as_ref())
-        {
+        for e in env.iter().filter_map(|e| e.value_from.as_ref()?.secret_key_ref.as_ref()) {
             assert_eq!(e.name, name, "every key from its own Secret");
         }
         let d = env.iter().find(|e| e.name == "OH_DEFERRED_INIT").unwrap();
-        assert_eq!(
-            d.value_from
-                .as_ref()
-                .unwrap()
-                .secret_key_ref
-                .as_ref()
-                .unwrap()
-                .key,
-            KEY_DEFERRED
-        );
-        assert_eq!(
-            spec.volumes.as_ref().unwrap()[0]
-                .persistent_volume_claim
-                .as_ref()
-                .unwrap()
-                .claim_name,
-            name
-        );
+        assert_eq!(d.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().key, KEY_DEFERRED);
+        assert_eq!(spec.volumes.as_ref().unwrap()[0].persistent_volume_claim.as_ref().unwrap().claim_name, name);
     }
 
     #[test]
@@ -1005,16 +720,8 @@ mod tests {
         let sec = warm_secret(&s, "ns", "n-warm-x", "x", &boot, &init);
         assert_eq!(objects::keys_of(&sec), Some((boot, init)));
         assert_eq!(sec.data.as_ref().unwrap()[KEY_DEFERRED].0, b"true");
-        assert_eq!(
-            sec.metadata.annotations.as_ref().unwrap()[PHASE],
-            PHASE_WARM
-        );
-        assert!(!sec
-            .metadata
-            .annotations
-            .as_ref()
-            .unwrap()
-            .contains_key(OWNER));
+        assert_eq!(sec.metadata.annotations.as_ref().unwrap()[PHASE], PHASE_WARM);
+        assert!(!sec.metadata.annotations.as_ref().unwrap().contains_key(OWNER));
         assert!(is_warm(&sec.metadata));
     }
 
@@ -1027,15 +734,8 @@ mod tests {
         retarget(&mut p, &slot.object_name(&s.instance), "nestor-warm-1");
         assert_eq!(p.metadata.name.as_deref(), Some("nestor-warm-1"));
         let json = serde_json::to_string(&p).unwrap();
-        assert!(
-            !json.contains(&slot.object_name(&s.instance)),
-            "no reference to the slot's own names is left"
-        );
-        assert_eq!(
-            PodView::of(&p).slot,
-            Some(slot),
-            "still labelled with its conversation"
-        );
+        assert!(!json.contains(&slot.object_name(&s.instance)), "no reference to the slot's own names is left");
+        assert_eq!(PodView::of(&p).slot, Some(slot), "still labelled with its conversation");
     }
 
     #[test]
@@ -1050,22 +750,10 @@ mod tests {
         l.insert(CONVERSATION.to_owned(), Slot::Conversation(conv).label());
         let a = sec.metadata.annotations.as_mut().unwrap();
         a.insert(OWNER.to_owned(), "alice".to_owned());
-        assert!(
-            claim_of(&sec).is_none(),
-            "a conversation's Secret that was never warm is no claim"
-        );
-        sec.metadata
-            .annotations
-            .as_mut()
-            .unwrap()
-            .insert(CLAIMED_AT.to_owned(), Timestamp::now().to_string());
-        assert_eq!(
-            claim_of(&sec),
-            Some((Slot::Conversation(conv), UserId::new("alice")))
-        );
-        sec.metadata.deletion_timestamp = Some(
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
-        );
+        assert!(claim_of(&sec).is_none(), "a conversation's Secret that was never warm is no claim");
+        sec.metadata.annotations.as_mut().unwrap().insert(CLAIMED_AT.to_owned(), Timestamp::now().to_string());
+        assert_eq!(claim_of(&sec), Some((Slot::Conversation(conv), UserId::new("alice"))));
+        sec.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()));
         assert!(claim_of(&sec).is_none(), "being deleted");
     }
 
@@ -1073,14 +761,8 @@ mod tests {
     fn claimed_labels_move_pod_and_pvc_to_the_conversation() {
         let conv = nestor_core::ConversationId::new_random();
         let v = claimed_labels(Slot::Conversation(conv), &UserId::new("bob"));
-        assert_eq!(
-            v["metadata"]["labels"][CONVERSATION],
-            Slot::Conversation(conv).label()
-        );
-        assert!(
-            v["metadata"]["labels"][WARM].is_null(),
-            "the warm label is removed"
-        );
+        assert_eq!(v["metadata"]["labels"][CONVERSATION], Slot::Conversation(conv).label());
+        assert!(v["metadata"]["labels"][WARM].is_null(), "the warm label is removed");
         assert_eq!(v["metadata"]["annotations"][OWNER], "bob");
     }
 

@@ -79,19 +79,14 @@ impl PoolConfig {
             return bad("max_size must be at least 1".into());
         }
         if self.min_idle > self.max_size {
-            return bad(format!(
-                "min_idle ({}) must not exceed max_size ({})",
-                self.min_idle, self.max_size
-            ));
+            return bad(format!("min_idle ({}) must not exceed max_size ({})", self.min_idle, self.max_size));
         }
         let secs = |v: f64, what: &str| -> Result<Duration, ProvisionError> {
             // Bounded: `Duration::from_secs_f64` panics past ~1.8e19 s (found while fuzzing the config).
             if v.is_finite() && v > 0.0 && v <= 1e9 {
                 Ok(Duration::from_secs_f64(v))
             } else {
-                Err(ProvisionError::Config(format!(
-                    "provisioner.pool.{what} must be a positive number of seconds"
-                )))
+                Err(ProvisionError::Config(format!("provisioner.pool.{what} must be a positive number of seconds")))
             }
         };
         Ok(Settings {
@@ -112,10 +107,8 @@ mod tests {
         let s = PoolConfig::default().validate().unwrap();
         assert_eq!((s.min_idle, s.max_size), (2, 32));
         assert_eq!(s.max_age, Duration::from_secs(3600));
-        let c: PoolConfig = serde_json::from_str(
-            r#"{"backend": "docker", "min_idle": 3, "max_size": 5, "max_age_secs": 60}"#,
-        )
-        .unwrap();
+        let c: PoolConfig =
+            serde_json::from_str(r#"{"backend": "docker", "min_idle": 3, "max_size": 5, "max_age_secs": 60}"#).unwrap();
         assert_eq!(c.backend, PoolBackend::Docker);
         assert_eq!(c.validate().unwrap().max_age, Duration::from_secs(60));
         for bad in [

@@ -92,9 +92,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use http::{HeaderName, HeaderValue, Method};
 use nestor_core::downstream::Endpoint;
-use nestor_core::{
-    ConversationId, Downstream, DownstreamClient, DownstreamId, DownstreamState, SessionKey,
-};
+use nestor_core::{ConversationId, Downstream, DownstreamClient, DownstreamId, DownstreamState, SessionKey};
 use serde_json::{json, Map, Value};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -135,10 +133,7 @@ pub struct ClaimKeys {
 
 impl ClaimKeys {
     pub fn random() -> Self {
-        Self {
-            session: SessionKey::random(),
-            secret: SessionKey::random(),
-        }
+        Self { session: SessionKey::random(), secret: SessionKey::random() }
     }
 }
 
@@ -184,12 +179,8 @@ pub trait WarmBackend: Provisioner {
 
     async fn recover_warm(&self) -> Result<Vec<WarmServer>, ProvisionError>;
 
-    async fn adopt(
-        &self,
-        warm: &WarmServer,
-        req: &ProvisionRequest,
-        keys: &ClaimKeys,
-    ) -> Result<Arc<Downstream>, ProvisionError>;
+    async fn adopt(&self, warm: &WarmServer, req: &ProvisionRequest, keys: &ClaimKeys)
+        -> Result<Arc<Downstream>, ProvisionError>;
 
     async fn discard(&self, warm: &WarmServer);
 
@@ -275,11 +266,7 @@ const TICK: Duration = Duration::from_secs(1);
 const CLAIM_ATTEMPTS: usize = 3;
 
 impl PoolProvisioner {
-    pub fn new(
-        cfg: &PoolConfig,
-        backend: Arc<dyn WarmBackend>,
-        client: DownstreamClient,
-    ) -> Result<Self, ProvisionError> {
+    pub fn new(cfg: &PoolConfig, backend: Arc<dyn WarmBackend>, client: DownstreamClient) -> Result<Self, ProvisionError> {
         let s = cfg.validate()?;
         Ok(Self(Arc::new(Inner {
             backend,
@@ -323,13 +310,7 @@ impl PoolProvisioner {
     /// The downstreams of the idle warm servers (for tests and tools: they are in no
     /// `list()`).
     pub fn idle_downstreams(&self) -> Vec<Arc<Downstream>> {
-        self.0
-            .idle
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|w| w.ds.clone())
-            .collect()
+        self.0.idle.lock().unwrap().iter().map(|w| w.ds.clone()).collect()
     }
 
     /// Wait until `n` warm servers are idle, at most `timeout`. True when they are.
@@ -375,13 +356,7 @@ impl Inner {
         self.backend
             .list()
             .iter()
-            .filter(|d| {
-                d.primary().is_some()
-                    && matches!(
-                        d.state(),
-                        DownstreamState::Ready | DownstreamState::Starting
-                    )
-            })
+            .filter(|d| d.primary().is_some() && matches!(d.state(), DownstreamState::Ready | DownstreamState::Starting))
             .count()
     }
 
@@ -397,10 +372,7 @@ impl Inner {
         }
         let (warm, claiming) = self.counts();
         let want = self.s.min_idle.saturating_sub(warm);
-        let room = self
-            .s
-            .max_size
-            .saturating_sub(warm + claiming + self.running());
+        let room = self.s.max_size.saturating_sub(warm + claiming + self.running());
         want.min(room)
     }
 
@@ -408,10 +380,7 @@ impl Inner {
     /// moving from one to the other is counted once.
     fn counts(&self) -> (usize, usize) {
         let q = self.idle.lock().unwrap();
-        (
-            q.len() + self.booting.load(Ordering::SeqCst),
-            self.claiming.load(Ordering::SeqCst),
-        )
+        (q.len() + self.booting.load(Ordering::SeqCst), self.claiming.load(Ordering::SeqCst))
     }
 
     async fn refill_loop(self: Arc<Self>) {
@@ -436,8 +405,7 @@ impl Inner {
     fn reap(self: &Arc<Self>) {
         let gone: Vec<WarmServer> = {
             let mut q = self.idle.lock().unwrap();
-            let (keep, gone): (VecDeque<_>, VecDeque<_>) =
-                q.drain(..).partition(|w| self.usable(w));
+            let (keep, gone): (VecDeque<_>, VecDeque<_>) = q.drain(..).partition(|w| self.usable(w));
             *q = keep;
             gone.into()
         };
@@ -451,11 +419,7 @@ impl Inner {
     }
 
     fn recycle(self: &Arc<Self>, w: WarmServer) {
-        let why = if w.ds.state() == DownstreamState::Ready {
-            "max_age"
-        } else {
-            "died"
-        };
+        let why = if w.ds.state() == DownstreamState::Ready { "max_age" } else { "died" };
         tracing::info!(downstream = %w.ds.id(), age = ?w.age(), why, "recycling a warm agent-server");
         self.n.recycled.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("nestor_pool_recycled_total", "reason" => why).increment(1);
@@ -474,8 +438,7 @@ impl Inner {
             Ok(w) => {
                 self.failures.store(0, Ordering::SeqCst);
                 *self.retry_at.lock().unwrap() = None;
-                metrics::histogram!("nestor_pool_boot_seconds")
-                    .record(started.elapsed().as_secs_f64());
+                metrics::histogram!("nestor_pool_boot_seconds").record(started.elapsed().as_secs_f64());
                 tracing::debug!(downstream = %w.ds.id(), took = ?started.elapsed(), "warm agent-server idle");
                 self.idle.lock().unwrap().push_back(w);
             }
@@ -526,16 +489,12 @@ impl Inner {
     async fn check_dormant(&self, w: &WarmServer) -> Result<(), ProvisionError> {
         match init_state(&self.client, &w.ds).await {
             Ok(s) if s == "dormant" => Ok(()),
-            Ok(s) => Err(ProvisionError::Start(format!(
-                "a warm agent-server is {s:?}, not dormant"
-            ))),
+            Ok(s) => Err(ProvisionError::Start(format!("a warm agent-server is {s:?}, not dormant"))),
             Err(InitProbe::Unsupported) => {
                 if !self.unsupported.swap(true, Ordering::SeqCst) {
                     tracing::error!("the agent-server has no deferred init (GET /api/init: 404); the warm pool stays empty and every create starts a server cold");
                 }
-                Err(ProvisionError::Config(
-                    "the agent-server does not support deferred init".into(),
-                ))
+                Err(ProvisionError::Config("the agent-server does not support deferred init".into()))
             }
             Err(InitProbe::Failed(m)) => Err(ProvisionError::Start(format!("GET /api/init: {m}"))),
         }
@@ -566,11 +525,7 @@ impl Inner {
     }
 
     /// Give `w` to `req`'s conversation: record it, then bind it with `POST /api/init`.
-    async fn claim(
-        &self,
-        w: WarmServer,
-        req: &ProvisionRequest,
-    ) -> Result<Arc<Downstream>, ProvisionError> {
+    async fn claim(&self, w: WarmServer, req: &ProvisionRequest) -> Result<Arc<Downstream>, ProvisionError> {
         let started = std::time::Instant::now();
         let keys = ClaimKeys::random();
         let ds = match self.backend.adopt(&w, req, &keys).await {
@@ -588,12 +543,8 @@ impl Inner {
             return Err(e);
         }
         let took = started.elapsed();
-        self.n
-            .adopt_us
-            .fetch_add(adopted.as_micros() as u64, Ordering::Relaxed);
-        self.n
-            .init_us
-            .fetch_add((took - adopted).as_micros() as u64, Ordering::Relaxed);
+        self.n.adopt_us.fetch_add(adopted.as_micros() as u64, Ordering::Relaxed);
+        self.n.init_us.fetch_add((took - adopted).as_micros() as u64, Ordering::Relaxed);
         metrics::histogram!("nestor_pool_claim_seconds").record(took.as_secs_f64());
         tracing::info!(conversation = %req.conversation, downstream = %ds.id(), ?took, adopt = ?adopted, init = ?(took - adopted), "claimed a warm agent-server");
         Ok(ds)
@@ -601,52 +552,31 @@ impl Inner {
 
     /// `POST /api/init` with the conversation's keys and the backend's template.
     async fn init(&self, w: &WarmServer, keys: &ClaimKeys) -> Result<(), ProvisionError> {
-        let ep = w
-            .ds
-            .endpoint()
-            .ok_or_else(|| ProvisionError::Start("the warm agent-server has no address".into()))?;
+        let ep = w.ds.endpoint().ok_or_else(|| ProvisionError::Start("the warm agent-server has no address".into()))?;
         let t = self.backend.init_template(w);
         let body = init_body(keys, &t);
-        let bare = Endpoint::new(
-            ep.scheme.clone(),
-            ep.authority.clone(),
-            ep.base_path.clone(),
-            None,
-        );
-        let mut key = HeaderValue::from_str(w.init_key.expose()).map_err(|_| {
-            ProvisionError::Other("the init key is not a valid header value".into())
-        })?;
+        let bare = Endpoint::new(ep.scheme.clone(), ep.authority.clone(), ep.base_path.clone(), None);
+        let mut key = HeaderValue::from_str(w.init_key.expose())
+            .map_err(|_| ProvisionError::Other("the init key is not a valid header value".into()))?;
         key.set_sensitive(true);
         let headers = [(HeaderName::from_static("x-init-api-key"), key)];
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
         let (_, answer) = self
             .client
-            .call_bytes_with(
-                &bare,
-                Method::POST,
-                "/api/init",
-                Some(bytes.into()),
-                &headers,
-                self.s.init_timeout,
-                64 << 10,
-            )
+            .call_bytes_with(&bare, Method::POST, "/api/init", Some(bytes.into()), &headers, self.s.init_timeout, 64 << 10)
             .await
             .map_err(|e| ProvisionError::Start(format!("POST /api/init: {e}")))?;
         let state: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
         match state.get("state").and_then(Value::as_str) {
             Some("ready") => Ok(()),
-            other => Err(ProvisionError::Start(format!(
-                "POST /api/init answered state {other:?}"
-            ))),
+            other => Err(ProvisionError::Start(format!("POST /api/init answered state {other:?}"))),
         }
     }
 
     async fn recover_warm(self: &Arc<Self>) -> Result<(), ProvisionError> {
         let found = self.backend.recover_warm().await?;
         let checks = found.into_iter().map(|w| async move {
-            let ok = w.ds.state() == DownstreamState::Ready
-                && w.age() < self.s.max_age
-                && self.check_dormant(&w).await.is_ok();
+            let ok = w.ds.state() == DownstreamState::Ready && w.age() < self.s.max_age && self.check_dormant(&w).await.is_ok();
             (w, ok)
         });
         let mut kept = 0;
@@ -661,11 +591,7 @@ impl Inner {
         }
         if kept > 0 {
             // Oldest first, so they are claimed before they age out.
-            self.idle
-                .lock()
-                .unwrap()
-                .make_contiguous()
-                .sort_by_key(|w| w.born);
+            self.idle.lock().unwrap().make_contiguous().sort_by_key(|w| w.born);
             tracing::info!(kept, "re-adopted warm agent-servers");
         }
         Ok(())
@@ -697,10 +623,7 @@ fn init_body(keys: &ClaimKeys, t: &InitTemplate) -> Value {
         b.insert("webhooks".into(), Value::Array(hooks));
     }
     // Like a cold start's environment (tools may read it).
-    b.insert(
-        "env".into(),
-        json!({ "SESSION_API_KEY": keys.session.expose() }),
-    );
+    b.insert("env".into(), json!({ "SESSION_API_KEY": keys.session.expose() }));
     Value::Object(b)
 }
 
@@ -709,28 +632,15 @@ fn init_body(keys: &ClaimKeys, t: &InitTemplate) -> Value {
 pub fn webhooks_from_env(env: &[(String, String)]) -> Vec<Value> {
     let mut by_index: std::collections::BTreeMap<u32, Map<String, Value>> = Default::default();
     for (k, v) in env {
-        let Some(rest) = k.strip_prefix("OH_WEBHOOKS_") else {
-            continue;
-        };
-        let Some((idx, field)) = rest.split_once('_') else {
-            continue;
-        };
-        let Ok(idx) = idx.parse::<u32>() else {
-            continue;
-        };
+        let Some(rest) = k.strip_prefix("OH_WEBHOOKS_") else { continue };
+        let Some((idx, field)) = rest.split_once('_') else { continue };
+        let Ok(idx) = idx.parse::<u32>() else { continue };
         if field.is_empty() {
             continue;
         }
-        by_index
-            .entry(idx)
-            .or_default()
-            .insert(field.to_ascii_lowercase(), Value::String(v.clone()));
+        by_index.entry(idx).or_default().insert(field.to_ascii_lowercase(), Value::String(v.clone()));
     }
-    by_index
-        .into_values()
-        .filter(|m| m.contains_key("base_url"))
-        .map(Value::Object)
-        .collect()
+    by_index.into_values().filter(|m| m.contains_key("base_url")).map(Value::Object).collect()
 }
 
 enum InitProbe {
@@ -740,31 +650,13 @@ enum InitProbe {
 
 /// `GET /api/init` → `state` (`dormant`, `initializing`, `ready`).
 async fn init_state(client: &DownstreamClient, ds: &Downstream) -> Result<String, InitProbe> {
-    let Some(ep) = ds.endpoint() else {
-        return Err(InitProbe::Failed("no address".into()));
-    };
-    match client
-        .call_bytes(
-            &ep,
-            Method::GET,
-            "/api/init",
-            None,
-            Duration::from_secs(5),
-            64 << 10,
-        )
-        .await
-    {
+    let Some(ep) = ds.endpoint() else { return Err(InitProbe::Failed("no address".into())) };
+    match client.call_bytes(&ep, Method::GET, "/api/init", None, Duration::from_secs(5), 64 << 10).await {
         Ok((_, b)) => {
-            let v: Value =
-                serde_json::from_slice(&b).map_err(|e| InitProbe::Failed(e.to_string()))?;
-            v.get("state")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .ok_or_else(|| InitProbe::Failed("no state".into()))
+            let v: Value = serde_json::from_slice(&b).map_err(|e| InitProbe::Failed(e.to_string()))?;
+            v.get("state").and_then(Value::as_str).map(str::to_owned).ok_or_else(|| InitProbe::Failed("no state".into()))
         }
-        Err(nestor_core::client::ClientError::Status { status, .. })
-            if status == http::StatusCode::NOT_FOUND =>
-        {
+        Err(nestor_core::client::ClientError::Status { status, .. }) if status == http::StatusCode::NOT_FOUND => {
             Err(InitProbe::Unsupported)
         }
         Err(e) => Err(InitProbe::Failed(e.to_string())),
@@ -788,9 +680,7 @@ impl Provisioner for PoolProvisioner {
         let inner = &self.0;
         self.start_refill();
         for _ in 0..CLAIM_ATTEMPTS {
-            let Some((w, claiming)) = inner.take_idle() else {
-                break;
-            };
+            let Some((w, claiming)) = inner.take_idle() else { break };
             let claimed = inner.claim(w, &req).await;
             drop(claiming);
             match claimed {
@@ -809,10 +699,7 @@ impl Provisioner for PoolProvisioner {
         let (warm, claiming) = inner.counts();
         if warm + claiming + inner.running() >= inner.s.max_size {
             return Err(ProvisionError::Unavailable {
-                detail: format!(
-                    "{} agent-servers are running or warm (provisioner.pool.max_size)",
-                    inner.s.max_size
-                ),
+                detail: format!("{} agent-servers are running or warm (provisioner.pool.max_size)", inner.s.max_size),
                 retry_after: Some(Duration::from_secs(10)),
             });
         }
@@ -822,10 +709,7 @@ impl Provisioner for PoolProvisioner {
         inner.backend.provision(req).await
     }
 
-    async fn find(
-        &self,
-        conversation: &ConversationId,
-    ) -> Result<Option<Arc<Downstream>>, ProvisionError> {
+    async fn find(&self, conversation: &ConversationId) -> Result<Option<Arc<Downstream>>, ProvisionError> {
         // Another replica's conversation (kubernetes).
         self.0.backend.find(conversation).await
     }
@@ -838,11 +722,7 @@ impl Provisioner for PoolProvisioner {
         self.0.backend.list()
     }
 
-    async fn ensure_ready(
-        &self,
-        ds: &Arc<Downstream>,
-        timeout: Duration,
-    ) -> Result<(), ProvisionError> {
+    async fn ensure_ready(&self, ds: &Arc<Downstream>, timeout: Duration) -> Result<(), ProvisionError> {
         self.0.backend.ensure_ready(ds, timeout).await
     }
 
@@ -852,12 +732,7 @@ impl Provisioner for PoolProvisioner {
         r
     }
 
-    async fn release(
-        &self,
-        ds: &Arc<Downstream>,
-        conversation: ConversationId,
-        remaining: usize,
-    ) -> Result<(), ProvisionError> {
+    async fn release(&self, ds: &Arc<Downstream>, conversation: ConversationId, remaining: usize) -> Result<(), ProvisionError> {
         let r = self.0.backend.release(ds, conversation, remaining).await;
         self.0.wake.notify_one();
         r
@@ -871,11 +746,7 @@ impl Provisioner for PoolProvisioner {
         self.0.backend.mark_active(ds)
     }
 
-    fn prepare_create(
-        &self,
-        ds: &Downstream,
-        body: &mut serde_json::Map<String, serde_json::Value>,
-    ) {
+    fn prepare_create(&self, ds: &Downstream, body: &mut serde_json::Map<String, serde_json::Value>) {
         self.0.backend.prepare_create(ds, body)
     }
 
@@ -884,22 +755,15 @@ impl Provisioner for PoolProvisioner {
         inner.cancel.cancel();
         inner.tasks.close();
         // Booting servers see the cancellation and discard themselves.
-        let bound =
-            inner.backend.startup_timeout().min(Duration::from_secs(30)) + Duration::from_secs(10);
-        if tokio::time::timeout(bound, inner.tasks.wait())
-            .await
-            .is_err()
-        {
+        let bound = inner.backend.startup_timeout().min(Duration::from_secs(30)) + Duration::from_secs(10);
+        if tokio::time::timeout(bound, inner.tasks.wait()).await.is_err() {
             tracing::warn!("warm agent-servers still starting after {bound:?}");
         }
         let idle: Vec<WarmServer> = inner.idle.lock().unwrap().drain(..).collect();
         if !inner.backend.keeps_on_shutdown() && !idle.is_empty() {
             tracing::info!(n = idle.len(), "removing idle warm agent-servers");
             let stops = idle.iter().map(|w| inner.backend.discard(w));
-            if tokio::time::timeout(bound, futures::future::join_all(stops))
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(bound, futures::future::join_all(stops)).await.is_err() {
                 tracing::warn!("some warm agent-servers were not removed within {bound:?}");
             }
         }
@@ -915,15 +779,9 @@ mod tests {
     #[test]
     fn webhooks_come_from_the_withheld_environment() {
         let env = vec![
-            (
-                "OH_WEBHOOKS_0_BASE_URL".to_owned(),
-                "http://127.0.0.1:8000/nestor/webhooks".to_owned(),
-            ),
+            ("OH_WEBHOOKS_0_BASE_URL".to_owned(), "http://127.0.0.1:8000/nestor/webhooks".to_owned()),
             ("OH_WEBHOOKS_0_FLUSH_DELAY".to_owned(), "0.5".to_owned()),
-            (
-                "OH_WEBHOOKS_1_BASE_URL".to_owned(),
-                "http://hooks.example/x".to_owned(),
-            ),
+            ("OH_WEBHOOKS_1_BASE_URL".to_owned(), "http://hooks.example/x".to_owned()),
             ("OH_WEBHOOKS_2_NUM_RETRIES".to_owned(), "3".to_owned()), // no base_url: dropped
             ("OH_WEBHOOKS_X_BASE_URL".to_owned(), "nope".to_owned()),
             ("LLM_MODEL".to_owned(), "x".to_owned()),
@@ -946,10 +804,7 @@ mod tests {
         let t = InitTemplate {
             conversations_path: Some("/w/conversations".into()),
             bash_events_dir: None,
-            withheld_env: vec![(
-                "OH_WEBHOOKS_0_BASE_URL".into(),
-                "http://n/nestor/webhooks".into(),
-            )],
+            withheld_env: vec![("OH_WEBHOOKS_0_BASE_URL".into(), "http://n/nestor/webhooks".into())],
         };
         let b = init_body(&keys, &t);
         assert_eq!(b["session_api_keys"], json!([keys.session.expose()]));

@@ -66,10 +66,7 @@ impl Manifest {
     /// A warm pool member: no conversation, a random boot session key (`key`, never handed
     /// out) and a random init key (`secret_key`, its dormant `OH_SECRET_KEY`).
     pub fn warm(warm_id: String) -> Self {
-        let mut m = Self::new(
-            ConversationId::from_uuid(uuid::Uuid::nil()),
-            UserId::default_user(),
-        );
+        let mut m = Self::new(ConversationId::from_uuid(uuid::Uuid::nil()), UserId::default_user());
         m.phase = Phase::Warm;
         m.warm_id = Some(warm_id);
         m
@@ -77,12 +74,9 @@ impl Manifest {
 
     /// When the manifest was written (now if unreadable).
     pub fn created(&self) -> std::time::SystemTime {
-        time::OffsetDateTime::parse(
-            &self.created_at,
-            &time::format_description::well_known::Rfc3339,
-        )
-        .map(std::time::SystemTime::from)
-        .unwrap_or_else(|_| std::time::SystemTime::now())
+        time::OffsetDateTime::parse(&self.created_at, &time::format_description::well_known::Rfc3339)
+            .map(std::time::SystemTime::from)
+            .unwrap_or_else(|_| std::time::SystemTime::now())
     }
 
     pub fn load(path: &Path) -> Result<Self, String> {

@@ -176,8 +176,7 @@ impl Proc {
 
     /// A directory laid out by an older nestor (state subdirectories at the top).
     fn is_legacy_layout(&self) -> bool {
-        !self.dir.join(STATE_DIR).exists()
-            && STATE_SUBDIRS.iter().any(|d| self.dir.join(d).is_dir())
+        !self.dir.join(STATE_DIR).exists() && STATE_SUBDIRS.iter().any(|d| self.dir.join(d).is_dir())
     }
 
     /// Move an older layout's state under `state/` (the child must not be running).
@@ -185,12 +184,7 @@ impl Proc {
         if !self.is_legacy_layout() {
             return Ok(());
         }
-        let io = |e: std::io::Error| {
-            ProvisionError::Start(format!(
-                "cannot move {} to the state/ layout: {e}",
-                self.dir.display()
-            ))
-        };
+        let io = |e: std::io::Error| ProvisionError::Start(format!("cannot move {} to the state/ layout: {e}", self.dir.display()));
         let tmp = self.dir.join(".state-migrating");
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io)?;
@@ -236,27 +230,20 @@ impl ProcessProvisioner {
                 agent_server.display()
             )));
         }
-        std::fs::create_dir_all(&root).map_err(|e| {
-            ProvisionError::Config(format!("cannot create {}: {e}", root.display()))
-        })?;
+        std::fs::create_dir_all(&root)
+            .map_err(|e| ProvisionError::Config(format!("cannot create {}: {e}", root.display())))?;
         let secs = |v: Option<f64>, def: f64, what: &str| -> Result<Duration, ProvisionError> {
             let v = v.unwrap_or(def);
             // Bounded: `Duration::from_secs_f64` panics past ~1.8e19 s (found while fuzzing the config).
             if v.is_finite() && v > 0.0 && v <= 1e9 {
                 Ok(Duration::from_secs_f64(v))
             } else {
-                Err(ProvisionError::Config(format!(
-                    "provisioner.process.{what} must be a positive number"
-                )))
+                Err(ProvisionError::Config(format!("provisioner.process.{what} must be a positive number")))
             }
         };
         Ok(Self(Arc::new(Inner {
             startup_timeout: secs(cfg.startup_timeout_secs, 120.0, "startup_timeout_secs")?,
-            stop_timeout: secs(
-                cfg.stop_timeout_secs,
-                SHUTDOWN_GRACE.as_secs_f64(),
-                "stop_timeout_secs",
-            )?,
+            stop_timeout: secs(cfg.stop_timeout_secs, SHUTDOWN_GRACE.as_secs_f64(), "stop_timeout_secs")?,
             root,
             agent_server,
             cfg: cfg.clone(),
@@ -269,9 +256,7 @@ impl ProcessProvisioner {
     /// Persist every conversation's `workspace/` and `state/` through `sync` (see
     /// [`crate::sync`]). Call before the provisioner is used (recover included).
     pub fn with_workspace_sync(mut self, sync: Arc<dyn WorkspaceSync>) -> Self {
-        Arc::get_mut(&mut self.0)
-            .expect("with_workspace_sync before the provisioner is shared")
-            .sync = Some(sync);
+        Arc::get_mut(&mut self.0).expect("with_workspace_sync before the provisioner is shared").sync = Some(sync);
         self
     }
 
@@ -283,6 +268,7 @@ impl ProcessProvisioner {
 }
 
 impl Inner {
+
     fn downstream_id(conv: &ConversationId) -> DownstreamId {
         DownstreamId::new(format!("process-{}", conv.hex()))
     }
@@ -305,12 +291,7 @@ impl Inner {
     }
 
     /// Create the bookkeeping for a new child and spawn it (or return the existing one).
-    async fn start_new(
-        self: &Arc<Self>,
-        id: DownstreamId,
-        dir: PathBuf,
-        m: Manifest,
-    ) -> Result<Arc<Downstream>, ProvisionError> {
+    async fn start_new(self: &Arc<Self>, id: DownstreamId, dir: PathBuf, m: Manifest) -> Result<Arc<Downstream>, ProvisionError> {
         if let Some(p) = self.procs.get(&id) {
             return Ok(p.ds.clone());
         }
@@ -319,14 +300,7 @@ impl Inner {
         let warm = m.phase == Phase::Warm;
         let primary = (!m.conversation_id.as_uuid().is_nil()).then_some(m.conversation_id);
         let owner = (!warm).then(|| m.owner.clone());
-        let ds = Downstream::new(
-            id.clone(),
-            "process",
-            primary,
-            owner,
-            None,
-            DownstreamState::Starting,
-        );
+        let ds = Downstream::new(id.clone(), "process", primary, owner, None, DownstreamState::Starting);
         let p = Arc::new(Proc {
             ds,
             dir,
@@ -364,17 +338,11 @@ impl Inner {
             sync.restore(t).await?;
         }
         let state = p.dir.join(STATE_DIR);
-        for dir in STATE_SUBDIRS
-            .iter()
-            .map(|d| state.join(d))
-            .chain([p.dir.join(WORKSPACE_DIR)])
-        {
-            std::fs::create_dir_all(&dir).map_err(|e| {
-                ProvisionError::Start(format!("cannot create {}: {e}", dir.display()))
-            })?;
+        for dir in STATE_SUBDIRS.iter().map(|d| state.join(d)).chain([p.dir.join(WORKSPACE_DIR)]) {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| ProvisionError::Start(format!("cannot create {}: {e}", dir.display())))?;
         }
-        let port = free_loopback_port()
-            .map_err(|e| ProvisionError::Start(format!("no free port: {e}")))?;
+        let port = free_loopback_port().map_err(|e| ProvisionError::Start(format!("no free port: {e}")))?;
         let (key, secret, dormant) = {
             let m = p.manifest.lock().unwrap();
             (m.key.clone(), m.secret_key.clone(), m.phase == Phase::Warm)
@@ -384,15 +352,10 @@ impl Inner {
             .append(true)
             .open(p.dir.join(LOG))
             .map_err(|e| ProvisionError::Start(format!("cannot open log: {e}")))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| ProvisionError::Start(e.to_string()))?;
+        let log2 = log.try_clone().map_err(|e| ProvisionError::Start(e.to_string()))?;
 
         let mut cmd = tokio::process::Command::new(&self.agent_server);
-        cmd.arg("--host")
-            .arg("127.0.0.1")
-            .arg("--port")
-            .arg(port.to_string());
+        cmd.arg("--host").arg("127.0.0.1").arg("--port").arg(port.to_string());
         cmd.current_dir(&p.dir);
         for (k, _) in std::env::vars_os() {
             if let Some(k) = k.to_str() {
@@ -406,21 +369,16 @@ impl Inner {
         }
         if dormant {
             // Deferred init: the secret key is the init key; the boot key is never handed out.
-            cmd.env("OH_DEFERRED_INIT", "true")
-                .env("OH_SESSION_API_KEYS_0", key.expose());
+            cmd.env("OH_DEFERRED_INIT", "true").env("OH_SESSION_API_KEYS_0", key.expose());
         } else {
-            cmd.env("SESSION_API_KEY", key.expose())
-                .env("OH_SESSION_API_KEYS_0", key.expose());
+            cmd.env("SESSION_API_KEY", key.expose()).env("OH_SESSION_API_KEYS_0", key.expose());
         }
         cmd.env("OH_SECRET_KEY", secret.expose())
             .env("OH_CONVERSATIONS_PATH", state.join("conversations"))
             .env("OH_BASH_EVENTS_DIR", state.join("bash_events"))
             .env("OH_PERSISTENCE_DIR", state.join("persistence"))
             .env("OH_WORKSPACE_PATH", p.dir.join(WORKSPACE_DIR))
-            .env(
-                "OPENHANDS_AGENT_SERVER_CONFIG_PATH",
-                p.dir.join("agent_server_config.json"),
-            );
+            .env("OPENHANDS_AGENT_SERVER_CONFIG_PATH", p.dir.join("agent_server_config.json"));
         let tmux_dir = tmux_dir_for(&p.dir);
         let _ = std::fs::create_dir_all(&tmux_dir);
         cmd.env("TMUX_TMPDIR", &tmux_dir);
@@ -431,9 +389,7 @@ impl Inner {
             cmd.env("HOME", home);
         }
         // Loopback never goes through a proxy (a local LLM, nestor's own secret lookups).
-        let no_proxy = std::env::var("NO_PROXY")
-            .or_else(|_| std::env::var("no_proxy"))
-            .unwrap_or_default();
+        let no_proxy = std::env::var("NO_PROXY").or_else(|_| std::env::var("no_proxy")).unwrap_or_default();
         let no_proxy = if no_proxy.is_empty() {
             "127.0.0.1,localhost,::1".to_owned()
         } else {
@@ -446,9 +402,7 @@ impl Inner {
             }
             cmd.env(k, v);
         }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2));
+        cmd.stdin(Stdio::null()).stdout(Stdio::from(log)).stderr(Stdio::from(log2));
         cmd.process_group(0);
         cmd.kill_on_drop(false);
         let child = cmd.spawn().map_err(|e| {
@@ -464,10 +418,7 @@ impl Inner {
         }
         p.ds.set_endpoint(Some(Endpoint::loopback(port, Some(key))));
         p.ds.set_state(DownstreamState::Starting);
-        let generation = p
-            .generation
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-            + 1;
+        let generation = p.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         tracing::info!(downstream = %p.ds.id(), pid = ?pid, "agent-server process started");
         let me = self.clone();
         let p2 = p.clone();
@@ -480,12 +431,7 @@ impl Inner {
 
     /// Watch a child we spawned: ready when `/alive` answers, failed when it exits early or
     /// not in time; reaps it when it exits.
-    async fn monitor_child(
-        self: Arc<Self>,
-        p: Arc<Proc>,
-        mut child: tokio::process::Child,
-        generation: u64,
-    ) {
+    async fn monitor_child(self: Arc<Self>, p: Arc<Proc>, mut child: tokio::process::Child, generation: u64) {
         let current = || p.generation.load(std::sync::atomic::Ordering::SeqCst) == generation;
         let ep = p.ds.endpoint();
         let deadline = tokio::time::Instant::now() + self.startup_timeout;
@@ -534,9 +480,7 @@ impl Inner {
         if current() && p.ds.state() == DownstreamState::Ready {
             let why = format!(
                 "the agent-server process exited unexpectedly ({})",
-                status
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|e| e.to_string())
+                status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
             );
             tracing::warn!(downstream = %p.ds.id(), "{why}");
             p.ds.set_state(DownstreamState::Failed(why.into()));
@@ -554,9 +498,7 @@ impl Inner {
             if !proc_info::is_same_process(pid, start) {
                 if p.ds.state() == DownstreamState::Ready {
                     tracing::warn!(downstream = %p.ds.id(), "re-adopted agent-server process exited");
-                    p.ds.set_state(DownstreamState::Failed(
-                        "the agent-server process exited unexpectedly".into(),
-                    ));
+                    p.ds.set_state(DownstreamState::Failed("the agent-server process exited unexpectedly".into()));
                 }
                 return;
             }
@@ -565,21 +507,12 @@ impl Inner {
 
     /// Last lines of the child's log, key masked, for error messages.
     fn log_tail(&self, p: &Proc) -> String {
-        let Ok(text) = std::fs::read(p.dir.join(LOG)) else {
-            return String::new();
-        };
+        let Ok(text) = std::fs::read(p.dir.join(LOG)) else { return String::new() };
         let tail = &text[text.len().saturating_sub(1500)..];
         let tail = String::from_utf8_lossy(tail);
         let key = p.manifest.lock().unwrap().key.clone();
         let tail = tail.replace(key.expose(), nestor_core::leak_guard::MASK);
-        let lines: Vec<&str> = tail
-            .lines()
-            .rev()
-            .take(6)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
+        let lines: Vec<&str> = tail.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev().collect();
         if lines.is_empty() {
             String::new()
         } else {
@@ -589,9 +522,8 @@ impl Inner {
 
     fn save_manifest(&self, p: &Proc, m: &Manifest) -> Result<(), ProvisionError> {
         let bytes = serde_json::to_vec_pretty(m).expect("manifest serialises");
-        nestor_core::fs::write_atomic(&p.dir.join(MANIFEST), &bytes).map_err(|e| {
-            ProvisionError::Start(format!("cannot write manifest in {}: {e}", p.dir.display()))
-        })
+        nestor_core::fs::write_atomic(&p.dir.join(MANIFEST), &bytes)
+            .map_err(|e| ProvisionError::Start(format!("cannot write manifest in {}: {e}", p.dir.display())))
     }
 
     /// Stop `p`'s child: SIGTERM to its group, SIGKILL after the grace. Caller holds lifecycle.
@@ -600,8 +532,7 @@ impl Inner {
             let m = p.manifest.lock().unwrap();
             (m.pid, m.pid_start)
         };
-        p.generation
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        p.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         // Stopped first: a request arriving now waits for a restart instead of reaching a
         // process that is going away.
         if p.ds.state() == DownstreamState::Ready {
@@ -611,18 +542,14 @@ impl Inner {
             if proc_info::is_same_process(pid, start) {
                 kill_group(Some(pid), nix::sys::signal::Signal::SIGTERM);
                 let deadline = tokio::time::Instant::now() + self.stop_timeout;
-                while proc_info::is_same_process(pid, start)
-                    && tokio::time::Instant::now() < deadline
-                {
+                while proc_info::is_same_process(pid, start) && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 if proc_info::is_same_process(pid, start) {
                     tracing::warn!(downstream = %p.ds.id(), "agent-server ignored SIGTERM; killing it");
                     kill_group(Some(pid), nix::sys::signal::Signal::SIGKILL);
                     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-                    while proc_info::is_same_process(pid, start)
-                        && tokio::time::Instant::now() < deadline
-                    {
+                    while proc_info::is_same_process(pid, start) && tokio::time::Instant::now() < deadline {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
@@ -663,9 +590,7 @@ impl Inner {
         let conv = m.conversation_id;
         let is_home = conv.as_uuid().is_nil();
         let id = Self::id_of(&m);
-        let alive = m
-            .pid
-            .filter(|pid| proc_info::is_same_process(*pid, m.pid_start));
+        let alive = m.pid.filter(|pid| proc_info::is_same_process(*pid, m.pid_start));
         if m.phase == Phase::Warm {
             if !self.procs.contains_key(&id) {
                 // A warm pool member no pool re-adopted (recover_warm runs first): remove it.
@@ -678,12 +603,9 @@ impl Inner {
             }
             return None;
         }
-        let has_conversation = [
-            dir.join(STATE_DIR).join("conversations"),
-            dir.join("conversations"),
-        ]
-        .iter()
-        .any(|c| c.join(conv.hex()).join("meta.json").exists());
+        let has_conversation = [dir.join(STATE_DIR).join("conversations"), dir.join("conversations")]
+            .iter()
+            .any(|c| c.join(conv.hex()).join("meta.json").exists());
         if m.phase == Phase::Provisioning && !has_conversation {
             // nestor died between starting the child and the create reaching it.
             if let Some(pid) = alive {
@@ -694,14 +616,7 @@ impl Inner {
             return None;
         }
         let primary = (!is_home).then_some(conv);
-        let ds = Downstream::new(
-            id.clone(),
-            "process",
-            primary,
-            Some(m.owner.clone()),
-            None,
-            DownstreamState::Stopped,
-        );
+        let ds = Downstream::new(id.clone(), "process", primary, Some(m.owner.clone()), None, DownstreamState::Stopped);
         let p = Arc::new(Proc {
             ds: ds.clone(),
             dir: dir.to_path_buf(),
@@ -753,23 +668,16 @@ fn tmux_dir_for(dir: &Path) -> PathBuf {
     if preferred.as_os_str().len() + "/tmux-4294967295/default".len() < 100 {
         return preferred;
     }
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let short: String = name.chars().take(16).collect();
     PathBuf::from(format!("/tmp/nestor-{}-tmux", nix::unistd::getuid())).join(short)
 }
 
 /// Stop the tmux servers whose sockets live in `dir` (bounded; tmux absent is fine).
 async fn kill_tmux_servers(dir: &Path) {
-    let Ok(subdirs) = std::fs::read_dir(dir) else {
-        return;
-    };
+    let Ok(subdirs) = std::fs::read_dir(dir) else { return };
     for sub in subdirs.flatten() {
-        let Ok(socks) = std::fs::read_dir(sub.path()) else {
-            continue;
-        };
+        let Ok(socks) = std::fs::read_dir(sub.path()) else { continue };
         for sock in socks.flatten() {
             use std::os::unix::fs::FileTypeExt;
             if !sock.file_type().map(|t| t.is_socket()).unwrap_or(false) {
@@ -791,9 +699,7 @@ async fn kill_tmux_servers(dir: &Path) {
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 /// Signal a child's whole process group (its tools' subprocesses too).
@@ -814,9 +720,8 @@ impl Provisioner for ProcessProvisioner {
 
     async fn recover(&self) -> Result<Vec<Arc<Downstream>>, ProvisionError> {
         let inner = &self.0;
-        let entries = std::fs::read_dir(&inner.root).map_err(|e| {
-            ProvisionError::Config(format!("cannot read {}: {e}", inner.root.display()))
-        })?;
+        let entries = std::fs::read_dir(&inner.root)
+            .map_err(|e| ProvisionError::Config(format!("cannot read {}: {e}", inner.root.display())))?;
         let dirs: Vec<PathBuf> = entries
             .filter_map(|e| e.ok())
             .map(|e| e.path())
@@ -824,38 +729,24 @@ impl Provisioner for ProcessProvisioner {
             .collect();
         let found = futures::future::join_all(dirs.iter().map(|d| inner.recover_dir(d))).await;
         let owned: Vec<_> = found.into_iter().flatten().collect();
-        let running = owned
-            .iter()
-            .filter(|d| d.state() == DownstreamState::Ready)
-            .count();
-        tracing::info!(
-            total = owned.len(),
-            running,
-            "process provisioner recovered its downstreams"
-        );
+        let running = owned.iter().filter(|d| d.state() == DownstreamState::Ready).count();
+        tracing::info!(total = owned.len(), running, "process provisioner recovered its downstreams");
         Ok(owned)
     }
 
     async fn provision(&self, req: ProvisionRequest) -> Result<Arc<Downstream>, ProvisionError> {
         let dir = self.0.root.join(req.conversation.hex());
         let m = Manifest::new(req.conversation, req.owner);
-        self.0
-            .start_new(Inner::downstream_id(&req.conversation), dir, m)
-            .await
+        self.0.start_new(Inner::downstream_id(&req.conversation), dir, m).await
     }
 
     async fn home(&self) -> Result<Arc<Downstream>, ProvisionError> {
         let ds = match self.0.procs.get(&Inner::home_id()) {
             Some(p) => p.ds.clone(),
             None => {
-                let mut m = Manifest::new(
-                    ConversationId::from_uuid(uuid::Uuid::nil()),
-                    nestor_core::UserId::default_user(),
-                );
+                let mut m = Manifest::new(ConversationId::from_uuid(uuid::Uuid::nil()), nestor_core::UserId::default_user());
                 m.phase = Phase::Active;
-                self.0
-                    .start_new(Inner::home_id(), self.0.root.join(HOME_DIR), m)
-                    .await?
+                self.0.start_new(Inner::home_id(), self.0.root.join(HOME_DIR), m).await?
             }
         };
         self.ensure_ready(&ds, self.0.startup_timeout).await?;
@@ -863,27 +754,14 @@ impl Provisioner for ProcessProvisioner {
     }
 
     fn get(&self, id: &DownstreamId) -> Option<Arc<Downstream>> {
-        self.0
-            .procs
-            .get(id)
-            .filter(|p| !p.is_warm())
-            .map(|p| p.ds.clone())
+        self.0.procs.get(id).filter(|p| !p.is_warm()).map(|p| p.ds.clone())
     }
 
     fn list(&self) -> Vec<Arc<Downstream>> {
-        self.0
-            .procs
-            .iter()
-            .filter(|p| !p.is_warm())
-            .map(|p| p.ds.clone())
-            .collect()
+        self.0.procs.iter().filter(|p| !p.is_warm()).map(|p| p.ds.clone()).collect()
     }
 
-    async fn ensure_ready(
-        &self,
-        ds: &Arc<Downstream>,
-        timeout: Duration,
-    ) -> Result<(), ProvisionError> {
+    async fn ensure_ready(&self, ds: &Arc<Downstream>, timeout: Duration) -> Result<(), ProvisionError> {
         let inner = &self.0;
         let deadline = tokio::time::Instant::now() + timeout;
         // A failed start is not retried in a loop: one restart per call, then report.
@@ -932,12 +810,7 @@ impl Provisioner for ProcessProvisioner {
         Ok(())
     }
 
-    async fn release(
-        &self,
-        ds: &Arc<Downstream>,
-        conversation: ConversationId,
-        remaining: usize,
-    ) -> Result<(), ProvisionError> {
+    async fn release(&self, ds: &Arc<Downstream>, conversation: ConversationId, remaining: usize) -> Result<(), ProvisionError> {
         let inner = &self.0;
         if remaining > 0 {
             return Ok(());
@@ -975,11 +848,7 @@ impl Provisioner for ProcessProvisioner {
         self.0.mark_active(ds)
     }
 
-    fn prepare_create(
-        &self,
-        ds: &Downstream,
-        body: &mut serde_json::Map<String, serde_json::Value>,
-    ) {
+    fn prepare_create(&self, ds: &Downstream, body: &mut serde_json::Map<String, serde_json::Value>) {
         if self.0.cfg.workspace != WorkspaceMode::Isolated {
             return;
         }
@@ -1007,10 +876,7 @@ impl Provisioner for ProcessProvisioner {
             }
         });
         let bound = inner.stop_timeout + Duration::from_secs(6);
-        if tokio::time::timeout(bound, futures::future::join_all(stops))
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(bound, futures::future::join_all(stops)).await.is_err() {
             tracing::warn!("some agent-server processes did not stop within {bound:?}");
         }
     }
@@ -1041,15 +907,8 @@ impl crate::pool::WarmBackend for ProcessProvisioner {
         let m = Manifest::warm(wid.clone());
         let init_key = m.secret_key.clone();
         let id = Inner::pool_id(&wid);
-        match inner
-            .start_new(id.clone(), inner.root.join(format!("pool-{wid}")), m)
-            .await
-        {
-            Ok(ds) => Ok(crate::pool::WarmServer {
-                ds,
-                init_key,
-                born: std::time::SystemTime::now(),
-            }),
+        match inner.start_new(id.clone(), inner.root.join(format!("pool-{wid}")), m).await {
+            Ok(ds) => Ok(crate::pool::WarmServer { ds, init_key, born: std::time::SystemTime::now() }),
             Err(e) => {
                 if let Some(p) = inner.procs.get(&id).map(|p| p.clone()) {
                     inner.remove_warm(&p).await;
@@ -1061,24 +920,17 @@ impl crate::pool::WarmBackend for ProcessProvisioner {
 
     async fn recover_warm(&self) -> Result<Vec<crate::pool::WarmServer>, ProvisionError> {
         let inner = &self.0;
-        let entries = std::fs::read_dir(&inner.root).map_err(|e| {
-            ProvisionError::Config(format!("cannot read {}: {e}", inner.root.display()))
-        })?;
+        let entries = std::fs::read_dir(&inner.root)
+            .map_err(|e| ProvisionError::Config(format!("cannot read {}: {e}", inner.root.display())))?;
         let mut found = Vec::new();
         for dir in entries.filter_map(|e| e.ok()).map(|e| e.path()) {
-            let Ok(m) = Manifest::load(&dir.join(MANIFEST)) else {
-                continue;
-            };
+            let Ok(m) = Manifest::load(&dir.join(MANIFEST)) else { continue };
             if m.phase != Phase::Warm {
                 continue;
             }
             let id = Inner::id_of(&m);
-            let alive = m
-                .pid
-                .filter(|pid| proc_info::is_same_process(*pid, m.pid_start));
-            let ep = m
-                .port
-                .map(|port| Endpoint::loopback(port, Some(m.key.clone())));
+            let alive = m.pid.filter(|pid| proc_info::is_same_process(*pid, m.pid_start));
+            let ep = m.port.map(|port| Endpoint::loopback(port, Some(m.key.clone())));
             let answering = match (&alive, &ep) {
                 (Some(_), Some(ep)) => inner.client.is_alive(ep, Duration::from_secs(2)).await,
                 _ => false,
@@ -1087,14 +939,7 @@ impl crate::pool::WarmBackend for ProcessProvisioner {
                 // Dead or wedged: recover() removes the directory (it is not adopted here).
                 continue;
             }
-            let ds = Downstream::new(
-                id.clone(),
-                "process",
-                None,
-                None,
-                ep,
-                DownstreamState::Ready,
-            );
+            let ds = Downstream::new(id.clone(), "process", None, None, ep, DownstreamState::Ready);
             let p = Arc::new(Proc {
                 ds: ds.clone(),
                 dir: dir.clone(),
@@ -1107,11 +952,7 @@ impl crate::pool::WarmBackend for ProcessProvisioner {
             let me = inner.clone();
             let pid = alive.unwrap_or_default();
             tokio::spawn(async move { me.monitor_adopted(p, pid, 0).await });
-            found.push(crate::pool::WarmServer {
-                ds,
-                init_key: m.secret_key.clone(),
-                born: m.created(),
-            });
+            found.push(crate::pool::WarmServer { ds, init_key: m.secret_key.clone(), born: m.created() });
         }
         Ok(found)
     }
@@ -1123,22 +964,14 @@ impl crate::pool::WarmBackend for ProcessProvisioner {
         keys: &crate::pool::ClaimKeys,
     ) -> Result<Arc<Downstream>, ProvisionError> {
         let inner = &self.0;
-        let p = inner
-            .procs
-            .get(warm.ds.id())
-            .map(|p| p.clone())
-            .ok_or_else(|| ProvisionError::UnknownDownstream(warm.ds.id().clone()))?;
+        let p = inner.procs.get(warm.ds.id()).map(|p| p.clone()).ok_or_else(|| ProvisionError::UnknownDownstream(warm.ds.id().clone()))?;
         let _g = p.lifecycle.lock().await;
         if !p.is_warm() || p.ds.state() != DownstreamState::Ready {
-            return Err(ProvisionError::Start(
-                "the warm agent-server is no longer available".into(),
-            ));
+            return Err(ProvisionError::Start("the warm agent-server is no longer available".into()));
         }
         let port = {
             let mut m = p.manifest.lock().unwrap();
-            let port = m
-                .port
-                .ok_or_else(|| ProvisionError::Start("the warm agent-server has no port".into()))?;
+            let port = m.port.ok_or_else(|| ProvisionError::Start("the warm agent-server has no port".into()))?;
             m.conversation_id = req.conversation;
             m.owner = req.owner.clone();
             m.phase = Phase::Provisioning;
@@ -1149,9 +982,7 @@ impl crate::pool::WarmBackend for ProcessProvisioner {
             port
         };
         if !p.ds.bind(req.conversation, req.owner.clone()) {
-            return Err(ProvisionError::Other(
-                "a warm agent-server was already bound".into(),
-            ));
+            return Err(ProvisionError::Other("a warm agent-server was already bound".into()));
         }
         p.ds.set_endpoint(Some(Endpoint::loopback(port, Some(keys.session.clone()))));
         p.warm.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -1164,9 +995,7 @@ impl crate::pool::WarmBackend for ProcessProvisioner {
 
     async fn discard(&self, warm: &crate::pool::WarmServer) {
         let inner = &self.0;
-        let Some(p) = inner.procs.get(warm.ds.id()).map(|p| p.clone()) else {
-            return;
-        };
+        let Some(p) = inner.procs.get(warm.ds.id()).map(|p| p.clone()) else { return };
         if p.is_warm() {
             inner.remove_warm(&p).await;
         }
@@ -1176,18 +1005,8 @@ impl crate::pool::WarmBackend for ProcessProvisioner {
         let inner = &self.0;
         let dir = inner.procs.get(warm.ds.id()).map(|p| p.dir.clone());
         crate::pool::InitTemplate {
-            conversations_path: dir.as_ref().map(|d| {
-                d.join(STATE_DIR)
-                    .join("conversations")
-                    .to_string_lossy()
-                    .into_owned()
-            }),
-            bash_events_dir: dir.as_ref().map(|d| {
-                d.join(STATE_DIR)
-                    .join("bash_events")
-                    .to_string_lossy()
-                    .into_owned()
-            }),
+            conversations_path: dir.as_ref().map(|d| d.join(STATE_DIR).join("conversations").to_string_lossy().into_owned()),
+            bash_events_dir: dir.as_ref().map(|d| d.join(STATE_DIR).join("bash_events").to_string_lossy().into_owned()),
             withheld_env: inner
                 .cfg
                 .env

@@ -11,23 +11,14 @@ pub fn start_time(pid: i32) -> Option<u64> {
 
 /// True when `pid` is alive (not a zombie) and, if `start` is known, started at that time.
 pub fn is_same_process(pid: i32, start: Option<u64>) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let Some(close) = stat.rfind(')') else {
-        return false;
-    };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let Some(close) = stat.rfind(')') else { return false };
     let rest = &stat[close + 2..];
     if rest.starts_with('Z') || rest.starts_with('X') {
         return false;
     }
     match start {
-        Some(s) => {
-            rest.split_whitespace()
-                .nth(19)
-                .and_then(|v| v.parse::<u64>().ok())
-                == Some(s)
-        }
+        Some(s) => rest.split_whitespace().nth(19).and_then(|v| v.parse::<u64>().ok()) == Some(s),
         None => true,
     }
 }

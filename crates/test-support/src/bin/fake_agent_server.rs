@@ -71,12 +71,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let env_flag = |name: &str| {
-        std::env::var(name).is_ok_and(|v| {
-            matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "1" | "true" | "yes" | "on"
-            )
-        })
+        std::env::var(name).is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
     };
     let session_api_key = args
         .session_api_key
@@ -92,10 +87,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         run_steps: args.run_steps,
         step_delay: Duration::from_millis(args.step_delay_ms),
         max_subscribers_per_conversation: args.max_subscribers_per_conversation,
-        persist_dir: args
-            .conversations_path
-            .clone()
-            .filter(|p| !p.as_os_str().is_empty()),
+        persist_dir: args.conversations_path.clone().filter(|p| !p.as_os_str().is_empty()),
         ..FakeConfig::default()
     };
     let server = FakeAgentServer::start(cfg).await?;

@@ -37,18 +37,12 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NESTOR_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("NESTOR_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let a = Args::parse();
     let ns = if a.create_namespace {
-        Some(
-            nestor_test_support::kube_env::TestNamespace::create_named(&a.kubeconfig, &a.namespace)
-                .await?,
-        )
+        Some(nestor_test_support::kube_env::TestNamespace::create_named(&a.kubeconfig, &a.namespace).await?)
     } else {
         None
     };

@@ -86,11 +86,7 @@ pub(crate) async fn gate(
 }
 
 fn status(inner: &Inner) -> Response {
-    let state = if inner.init.is_dormant() {
-        "dormant"
-    } else {
-        "ready"
-    };
+    let state = if inner.init.is_dormant() { "dormant" } else { "ready" };
     v::json_response(StatusCode::OK, &json!({"state": state, "error": null}))
 }
 
@@ -106,11 +102,7 @@ async fn init_route(inner: &Inner, req: http::Request<hyper::body::Incoming>) ->
         http::Method::POST => {}
         _ => return v::detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed"),
     }
-    let presented = req
-        .headers()
-        .get("x-init-api-key")
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned);
+    let presented = req.headers().get("x-init-api-key").and_then(|h| h.to_str().ok()).map(str::to_owned);
     let bytes = match axum::body::to_bytes(Body::new(req.into_body()), 1 << 20).await {
         Ok(b) => b,
         Err(_) => return v::detail(StatusCode::BAD_REQUEST, "could not read the body"),
@@ -122,12 +114,7 @@ async fn init_route(inner: &Inner, req: http::Request<hyper::body::Incoming>) ->
         }
         Err(r) => return r,
     };
-    let expected = inner
-        .init
-        .init_key
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let expected = inner.init.init_key.lock().unwrap_or_else(|p| p.into_inner()).clone();
     if expected.is_some() && presented != expected {
         return v::unauthorized();
     }
@@ -145,12 +132,9 @@ async fn init_route(inner: &Inner, req: http::Request<hyper::body::Incoming>) ->
     };
     let keys: Option<Vec<String>> = match obj.get("session_api_keys") {
         None | Some(Value::Null) => None,
-        Some(Value::Array(a)) if a.iter().all(Value::is_string) => Some(
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_owned)
-                .collect(),
-        ),
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
+            Some(a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        }
         Some(other) => {
             return v::validation(vec![v::item(
                 "list_type",
@@ -161,26 +145,12 @@ async fn init_route(inner: &Inner, req: http::Request<hyper::body::Incoming>) ->
             )])
         }
     };
-    if keys
-        .as_ref()
-        .is_some_and(|k| k.iter().any(String::is_empty))
-    {
-        return v::detail(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "session_api_keys cannot contain empty keys",
-        );
+    if keys.as_ref().is_some_and(|k| k.iter().any(String::is_empty)) {
+        return v::detail(StatusCode::UNPROCESSABLE_ENTITY, "session_api_keys cannot contain empty keys");
     }
-    let secret = obj
-        .get("secret_key")
-        .and_then(Value::as_str)
-        .filter(|s| !s.trim().is_empty())
-        .map(str::to_owned);
+    let secret = obj.get("secret_key").and_then(Value::as_str).filter(|s| !s.trim().is_empty()).map(str::to_owned);
     {
-        let mut k = inner
-            .init
-            .init_key
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut k = inner.init.init_key.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = secret.or_else(|| keys.as_ref().and_then(|k| k.first().cloned())) {
             *k = Some(s);
         }

@@ -396,12 +396,7 @@ impl FakeAgentServer {
 
     /// The body of the `POST /api/init` it accepted, if any.
     pub fn init_request(&self) -> Option<Value> {
-        self.inner
-            .init
-            .request
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.inner.init.request.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Whether the server is currently listening.
@@ -581,13 +576,7 @@ impl FakeAgentServer {
 
     /// The bodies of the creates this server received, oldest first (at most 1,000).
     pub fn create_bodies(&self) -> Vec<Value> {
-        self.inner
-            .create_bodies
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+        self.inner.create_bodies.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
     }
 
     pub fn reset_request_counts(&self) {
@@ -599,27 +588,13 @@ impl FakeAgentServer {
     /// with the query and `X-Session-API-Key` header the client presented: lets a test
     /// check which credentials a proxy sends downstream.
     pub fn socket_requests(&self) -> Vec<SocketRequest> {
-        self.inner
-            .socket_log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .requests
-            .iter()
-            .cloned()
-            .collect()
+        self.inner.socket_log.lock().unwrap_or_else(|p| p.into_inner()).requests.iter().cloned().collect()
     }
 
     /// Every text frame clients sent on sockets (first-message auth frames included), in
     /// arrival order.
     pub fn socket_inbound_frames(&self) -> Vec<String> {
-        self.inner
-            .socket_log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .inbound
-            .iter()
-            .cloned()
-            .collect()
+        self.inner.socket_log.lock().unwrap_or_else(|p| p.into_inner()).inbound.iter().cloned().collect()
     }
 
     pub fn set_fault(&self, f: Fault) {

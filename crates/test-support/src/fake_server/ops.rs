@@ -472,9 +472,7 @@ pub(crate) fn interrupt_conversation(inner: &Arc<Inner>, conv: &Arc<Conv>) {
 /// With `FakeConfig::persist_dir`: write the conversation's `meta.json` (what a create
 /// fixed) and persist its events from now on.
 fn persist_meta(inner: &Arc<Inner>, conv: &Arc<Conv>) {
-    let Some(root) = &inner.cfg.persist_dir else {
-        return;
-    };
+    let Some(root) = &inner.cfg.persist_dir else { return };
     let dir = root.join(conv.id.simple().to_string());
     let mut st = conv.lock();
     let m = &st.meta;
@@ -499,47 +497,28 @@ fn persist_meta(inner: &Arc<Inner>, conv: &Arc<Conv>) {
 
 /// Load what `persist_dir` holds (at start, before serving).
 pub(crate) fn load_persisted(inner: &Arc<Inner>, root: &std::path::Path) {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return;
-    };
+    let Ok(entries) = std::fs::read_dir(root) else { return };
     let mut loaded: Vec<(time::OffsetDateTime, std::path::PathBuf, Value)> = Vec::new();
     for e in entries.flatten() {
         let dir = e.path();
-        let Some(meta) = std::fs::read(dir.join("meta.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        else {
+        let Some(meta) = std::fs::read(dir.join("meta.json")).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()) else {
             continue;
         };
         let created = meta
             .get("created_at")
             .and_then(Value::as_str)
-            .and_then(|s| {
-                time::OffsetDateTime::parse(
-                    s,
-                    &time::format_description::well_known::Iso8601::DEFAULT,
-                )
-                .ok()
-            })
+            .and_then(|s| time::OffsetDateTime::parse(s, &time::format_description::well_known::Iso8601::DEFAULT).ok())
             .unwrap_or_else(clock::now_utc);
         loaded.push((created, dir, meta));
     }
     // Creation order is the sorts' tie-breaker.
     loaded.sort_by_key(|(c, _, _)| *c);
     for (created, dir, meta) in loaded {
-        let Some(id) = meta
-            .get("id")
-            .and_then(Value::as_str)
-            .and_then(|s| Uuid::parse_str(s).ok())
-        else {
-            continue;
-        };
+        let Some(id) = meta.get("id").and_then(Value::as_str).and_then(|s| Uuid::parse_str(s).ok()) else { continue };
         let spec = CreateSpec::from_body(Some(id), &meta);
         let mut m = new_meta(&inner.cfg, id, &spec);
         m.created_at = created;
-        let (conv, _) = inner
-            .store
-            .insert_new(Conv::new(id, inner.store.next_serial(), m));
+        let (conv, _) = inner.store.insert_new(Conv::new(id, inner.store.next_serial(), m));
         let mut st = conv.lock();
         if let Ok(text) = std::fs::read_to_string(dir.join("events.jsonl")) {
             for line in text.lines() {

@@ -620,10 +620,7 @@ async fn create_conversation(
     let body = tri!(v::parse_body(&body));
     tri!(authorize(&inner, &headers));
     {
-        let mut log = inner
-            .create_bodies
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut log = inner.create_bodies.lock().unwrap_or_else(|p| p.into_inner());
         if log.len() >= 1000 {
             log.pop_front();
         }

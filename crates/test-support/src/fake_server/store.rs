@@ -402,11 +402,7 @@ impl ConvState {
         if let Some(dir) = &self.persist {
             // One line per event; a torn last line (killed mid-write) is skipped on load.
             use std::io::Write as _;
-            if let Ok(mut f) = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("events.jsonl"))
-            {
+            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("events.jsonl")) {
                 let mut line = stored.frame.event.as_str().as_bytes().to_vec();
                 line.push(b'\n');
                 let _ = f.write_all(&line);

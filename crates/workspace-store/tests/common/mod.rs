@@ -24,10 +24,7 @@ use std::time::{Duration, Instant};
 use nestor_workspace_store::{RetrySettings, Secret, WorkspaceStorageConfig};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
 /// `moto_server` from the cached venv (installing it if needed), or why not.
@@ -44,18 +41,9 @@ pub fn moto_bin() -> Result<PathBuf, String> {
             .output()
             .map_err(|e| format!("could not run {}: {e}", script.display()))?;
         if !out.status.success() {
-            return Err(format!(
-                "{} --install-only failed ({})",
-                script.display(),
-                out.status
-            ));
+            return Err(format!("{} --install-only failed ({})", script.display(), out.status));
         }
-        let venv = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
+        let venv = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_owned();
         let bin = Path::new(&venv).join("bin/moto_server");
         if bin.exists() {
             Ok(bin)
@@ -67,24 +55,16 @@ pub fn moto_bin() -> Result<PathBuf, String> {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Whether `GET /` on the port answers 200 (moto's ListBuckets).
 pub fn answers(port: u16) -> bool {
-    let Ok(mut s) =
-        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500))
-    else {
+    let Ok(mut s) = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500)) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
+    if s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").is_err() {
         return false;
     }
     let mut buf = [0u8; 12];
@@ -102,11 +82,7 @@ pub struct Moto {
 impl Moto {
     pub fn start(port: Option<u16>) -> Result<Moto, String> {
         let bin = moto_bin()?;
-        let mut m = Moto {
-            port: port.unwrap_or_else(free_port),
-            bin,
-            child: None,
-        };
+        let mut m = Moto { port: port.unwrap_or_else(free_port), bin, child: None };
         m.restart()?;
         Ok(m)
     }
@@ -130,9 +106,7 @@ impl Moto {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("could not start {}: {e}", self.bin.display()))?;
+        let child = cmd.spawn().map_err(|e| format!("could not start {}: {e}", self.bin.display()))?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
@@ -245,38 +219,22 @@ pub fn bucket(endpoint: &str, name: &str) -> String {
         }
     }
     let code = http_put(&format!("{endpoint}/{name}"));
-    assert!(
-        code == 200 || code == 409,
-        "creating bucket {name} at {endpoint}: HTTP {code}"
-    );
+    assert!(code == 200 || code == 409, "creating bucket {name} at {endpoint}: HTTP {code}");
     name.to_owned()
 }
 
 /// A bare `PUT url` with an empty body; the HTTP status (0 if none).
 pub fn http_put(url: &str) -> u16 {
     let rest = url.strip_prefix("http://").expect("http endpoint");
-    let (hostport, path) = rest
-        .split_once('/')
-        .map(|(h, p)| (h, format!("/{p}")))
-        .unwrap_or((rest, "/".into()));
-    let Ok(mut s) = TcpStream::connect(hostport) else {
-        return 0;
-    };
+    let (hostport, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let Ok(mut s) = TcpStream::connect(hostport) else { return 0 };
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    if write!(
-        s,
-        "PUT {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .is_err()
-    {
+    if write!(s, "PUT {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").is_err() {
         return 0;
     }
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
-    out.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+    out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
 }
 
 /// A config for the test server: fast retries, small parts.
@@ -285,18 +243,11 @@ pub fn config(endpoint: &str, bucket: &str, prefix: &str) -> WorkspaceStorageCon
     c.prefix = prefix.to_owned();
     c.endpoint = Some(endpoint.to_owned());
     c.region = Some("us-east-1".into());
-    c.access_key_id =
-        Some(std::env::var("NESTOR_TEST_S3_ACCESS_KEY").unwrap_or_else(|_| "test".into()));
-    c.secret_access_key = Some(Secret(
-        std::env::var("NESTOR_TEST_S3_SECRET_KEY").unwrap_or_else(|_| "test".into()),
-    ));
+    c.access_key_id = Some(std::env::var("NESTOR_TEST_S3_ACCESS_KEY").unwrap_or_else(|_| "test".into()));
+    c.secret_access_key = Some(Secret(std::env::var("NESTOR_TEST_S3_SECRET_KEY").unwrap_or_else(|_| "test".into())));
     c.request_timeout_secs = 30;
     c.connect_timeout_secs = 2;
-    c.retry = RetrySettings {
-        max_attempts: 3,
-        initial_backoff_ms: 100,
-        max_backoff_ms: 500,
-    };
+    c.retry = RetrySettings { max_attempts: 3, initial_backoff_ms: 100, max_backoff_ms: 500 };
     c
 }
 
@@ -306,23 +257,15 @@ pub fn unique_prefix(test: &str) -> String {
 }
 
 fn rand_u32() -> u32 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
     (t.subsec_nanos() ^ std::process::id().rotate_left(16)) ^ (t.as_secs() as u32)
 }
 
 /// One path of a tree, as compared by the tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Node {
-    File {
-        content: Vec<u8>,
-        mode: u32,
-        mtime: i64,
-    },
-    Dir {
-        mode: u32,
-    },
+    File { content: Vec<u8>, mode: u32, mtime: i64 },
+    Dir { mode: u32 },
     Symlink(PathBuf),
     Special,
 }
@@ -335,23 +278,13 @@ pub fn snapshot(root: &Path) -> BTreeMap<String, Node> {
         for d in std::fs::read_dir(&abs).unwrap() {
             let d = d.unwrap();
             let name = d.file_name().to_string_lossy().into_owned();
-            let r = if rel.is_empty() {
-                name
-            } else {
-                format!("{rel}/{name}")
-            };
+            let r = if rel.is_empty() { name } else { format!("{rel}/{name}") };
             let m = std::fs::symlink_metadata(d.path()).unwrap();
             let node = if m.is_dir() {
                 stack.push((r.clone(), d.path()));
-                Node::Dir {
-                    mode: m.permissions().mode() & 0o777,
-                }
+                Node::Dir { mode: m.permissions().mode() & 0o777 }
             } else if m.is_file() {
-                Node::File {
-                    content: std::fs::read(d.path()).unwrap(),
-                    mode: m.permissions().mode() & 0o777,
-                    mtime: m.mtime(),
-                }
+                Node::File { content: std::fs::read(d.path()).unwrap(), mode: m.permissions().mode() & 0o777, mtime: m.mtime() }
             } else if m.file_type().is_symlink() {
                 Node::Symlink(std::fs::read_link(d.path()).unwrap())
             } else {
@@ -391,23 +324,13 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
 pub fn peak_rss() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = s.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        * 1024
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
 }
 
 pub fn rss() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        * 1024
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
 }
 
 /// Resets the peak RSS to the current RSS (Linux ≥ 4.0: `echo 5 > /proc/self/clear_refs`).

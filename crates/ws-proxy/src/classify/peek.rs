@@ -155,10 +155,7 @@ fn skip_value(b: &[u8], i: usize) -> Option<usize> {
         }
         // A number or a literal: up to the next delimiter.
         _ => {
-            let n = b[i..]
-                .iter()
-                .position(|c| matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
-                .unwrap_or(b.len() - i);
+            let n = b[i..].iter().position(|c| matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')).unwrap_or(b.len() - i);
             (n > 0).then_some(i + n)
         }
     }
@@ -195,10 +192,7 @@ mod tests {
     #[test]
     fn reads_plain_events_and_defers_the_rest() {
         let t = r#" { "id" : "a", "n": -1.5e3, "v": {"id": "inner", "s": "x\"}y", "l": [1, {"k": []}]}, "timestamp": "t", "kind": null } "#;
-        assert_eq!(
-            fields(t, NAMES),
-            Peek::Found([Field::Str("a"), Field::Str("t"), Field::Null, Field::Absent])
-        );
+        assert_eq!(fields(t, NAMES), Peek::Found([Field::Str("a"), Field::Str("t"), Field::Null, Field::Absent]));
         assert_eq!(fields("{}", NAMES), Peek::Found([Field::Absent; 4]));
         for unsure in [
             r#"{"id":"a\"b"}"#,
@@ -218,24 +212,12 @@ mod tests {
 
     #[test]
     fn reads_every_captured_frame_as_serde_does() {
-        for f in [
-            "events-socket-plain.json",
-            "events-socket-streaming.json",
-            "events-socket-resend-all-while-running.json",
-        ] {
-            let path = format!(
-                "{}/../../tests/fixtures/frames/{f}",
-                env!("CARGO_MANIFEST_DIR")
-            );
-            let Ok(text) = std::fs::read_to_string(&path) else {
-                continue;
-            };
+        for f in ["events-socket-plain.json", "events-socket-streaming.json", "events-socket-resend-all-while-running.json"] {
+            let path = format!("{}/../../tests/fixtures/frames/{f}", env!("CARGO_MANIFEST_DIR"));
+            let Ok(text) = std::fs::read_to_string(&path) else { continue };
             let frames: Vec<Value> = serde_json::from_str(&text).unwrap();
             for fr in frames {
-                for s in [
-                    fr["frame"].to_string(),
-                    serde_json::to_string_pretty(&fr["frame"]).unwrap(),
-                ] {
+                for s in [fr["frame"].to_string(), serde_json::to_string_pretty(&fr["frame"]).unwrap()] {
                     match fields(&s, NAMES) {
                         Peek::Found(got) => assert_eq!(Some(as_options(got)), by_serde(&s), "{s}"),
                         Peek::Unsure => {}
@@ -256,12 +238,8 @@ mod tests {
         leaf.prop_recursive(3, 24, 4, |inner| {
             prop_oneof![
                 prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-                prop::collection::btree_map(
-                    "(id|kind|key|timestamp|[a-z\"\\\\]{1,6})",
-                    inner,
-                    0..4
-                )
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
+                prop::collection::btree_map("(id|kind|key|timestamp|[a-z\"\\\\]{1,6})", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
             ]
         })
     }

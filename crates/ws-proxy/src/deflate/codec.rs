@@ -122,14 +122,7 @@ fn header_need(b: &[u8]) -> usize {
 }
 
 /// Append a frame header.
-pub fn write_header(
-    out: &mut Vec<u8>,
-    fin: bool,
-    rsv1: bool,
-    opcode: u8,
-    mask: Option<[u8; 4]>,
-    len: usize,
-) {
+pub fn write_header(out: &mut Vec<u8>, fin: bool, rsv1: bool, opcode: u8, mask: Option<[u8; 4]>, len: usize) {
     out.push(((fin as u8) << 7) | ((rsv1 as u8) << 6) | (opcode & 0x0f));
     let m = if mask.is_some() { 0x80 } else { 0 };
     if len < 126 {
@@ -164,12 +157,7 @@ enum RState {
     /// Copying a frame's payload as it is.
     Pass { left: u64 },
     /// Inflating a compressed frame's payload.
-    Inflate {
-        left: u64,
-        mask: Option<[u8; 4]>,
-        pos: usize,
-        fin: bool,
-    },
+    Inflate { left: u64, mask: Option<[u8; 4]>, pos: usize, fin: bool },
     /// The compressed message's last frame is read; `fed` bytes of the tail are inflated.
     Tail { fed: usize },
 }
@@ -237,8 +225,7 @@ impl Inflater {
             if let RState::Header = self.state {
                 let need = header_need(&self.hdr[..self.hdr_len]);
                 let take = (need - self.hdr_len).min(input.len() - used);
-                self.hdr[self.hdr_len..self.hdr_len + take]
-                    .copy_from_slice(&input[used..used + take]);
+                self.hdr[self.hdr_len..self.hdr_len + take].copy_from_slice(&input[used..used + take]);
                 self.hdr_len += take;
                 used += take;
                 if self.hdr_len < need {
@@ -285,12 +272,7 @@ impl Inflater {
                         self.state = RState::Header;
                     }
                 }
-                RState::Inflate {
-                    left,
-                    mask,
-                    pos,
-                    fin,
-                } => {
+                RState::Inflate { left, mask, pos, fin } => {
                     let (mask, pos0, fin) = (*mask, *pos, *fin);
                     let n = (*left).min(rest.len() as u64) as usize;
                     let n = self.inflate(&rest[..n], mask, pos0, out)?;
@@ -299,11 +281,7 @@ impl Inflater {
                         *left -= n as u64;
                         *pos += n;
                         if *left == 0 {
-                            self.state = if fin {
-                                RState::Tail { fed: 0 }
-                            } else {
-                                RState::Header
-                            };
+                            self.state = if fin { RState::Tail { fed: 0 } } else { RState::Header };
                         }
                     }
                 }
@@ -313,32 +291,17 @@ impl Inflater {
 
     /// A complete header is in `self.hdr`.
     fn on_header(&mut self, h: Header, out: &mut Vec<u8>) {
-        let compressed_start = !h.is_control()
-            && (h.opcode == 1 || h.opcode == 2)
-            && h.rsv1
-            && !h.rsv23
-            && self.in_compressed.is_none()
-            && !self.in_plain;
-        let compressed_cont =
-            !h.is_control() && h.opcode == 0 && !h.rsv1 && !h.rsv23 && self.in_compressed.is_some();
+        let compressed_start = !h.is_control() && (h.opcode == 1 || h.opcode == 2) && h.rsv1 && !h.rsv23 && self.in_compressed.is_none() && !self.in_plain;
+        let compressed_cont = !h.is_control() && h.opcode == 0 && !h.rsv1 && !h.rsv23 && self.in_compressed.is_some();
         if compressed_start || compressed_cont {
             self.hdr_len = 0;
             if compressed_start {
                 self.in_compressed = Some((h.opcode, false, 0));
             }
             self.state = if h.len == 0 {
-                if h.fin {
-                    RState::Tail { fed: 0 }
-                } else {
-                    RState::Header
-                }
+                if h.fin { RState::Tail { fed: 0 } } else { RState::Header }
             } else {
-                RState::Inflate {
-                    left: h.len,
-                    mask: h.mask,
-                    pos: 0,
-                    fin: h.fin,
-                }
+                RState::Inflate { left: h.len, mask: h.mask, pos: 0, fin: h.fin }
             };
             return;
         }
@@ -353,22 +316,12 @@ impl Inflater {
         }
         out.extend_from_slice(&self.hdr[..h.header_len]);
         self.hdr_len = 0;
-        self.state = if h.len == 0 {
-            RState::Header
-        } else {
-            RState::Pass { left: h.len }
-        };
+        self.state = if h.len == 0 { RState::Header } else { RState::Pass { left: h.len } };
     }
 
     /// Inflate `data` (masked with `mask` from key offset `pos`), framing output as it
     /// comes. Returns the bytes of `data` used.
-    fn inflate(
-        &mut self,
-        data: &[u8],
-        mask: Option<[u8; 4]>,
-        pos: usize,
-        out: &mut Vec<u8>,
-    ) -> Result<usize, CodecError> {
+    fn inflate(&mut self, data: &[u8], mask: Option<[u8; 4]>, pos: usize, out: &mut Vec<u8>) -> Result<usize, CodecError> {
         let start_out = out.len();
         let mut used = 0;
         let mut scratch = [0u8; 4096];
@@ -421,9 +374,7 @@ impl Inflater {
             if let Some((_, _, total)) = &mut self.in_compressed {
                 *total += produced;
                 if *total > self.max_message {
-                    return Err(CodecError::TooBig {
-                        max: self.max_message,
-                    });
+                    return Err(CodecError::TooBig { max: self.max_message });
                 }
             }
             if !self.params.peer_no_context_takeover && produced > 0 {
@@ -477,12 +428,9 @@ impl Inflater {
                 blocks.extend_from_slice(c);
             }
             let mut sink = Vec::with_capacity(h.len());
-            d.decompress_vec(&blocks, &mut sink, FlushDecompress::Sync)
-                .map_err(|e| CodecError::Corrupt(e.to_string()))?;
+            d.decompress_vec(&blocks, &mut sink, FlushDecompress::Sync).map_err(|e| CodecError::Corrupt(e.to_string()))?;
             if sink.len() != h.len() || d.total_in() as usize != blocks.len() {
-                return Err(CodecError::Corrupt(
-                    "could not restore the inflater's window".into(),
-                ));
+                return Err(CodecError::Corrupt("could not restore the inflater's window".into()));
             }
         }
         Ok(d)
@@ -490,9 +438,7 @@ impl Inflater {
 
     /// Frame the pending output.
     fn emit(&mut self, fin: bool, out: &mut Vec<u8>) {
-        let Some((opcode, emitted, _)) = &mut self.in_compressed else {
-            return;
-        };
+        let Some((opcode, emitted, _)) = &mut self.in_compressed else { return };
         let op = if *emitted { 0 } else { *opcode };
         *emitted = true;
         let mask = match self.side {
@@ -532,13 +478,7 @@ impl Inflater {
 
     /// Heap bytes held now (for tests and the memory figures).
     pub fn held_bytes(&self) -> usize {
-        self.history.capacity()
-            + self.pending.capacity()
-            + if self.inflater.is_some() {
-                43 * 1024
-            } else {
-                0
-            }
+        self.history.capacity() + self.pending.capacity() + if self.inflater.is_some() { 43 * 1024 } else { 0 }
     }
 }
 
@@ -557,12 +497,7 @@ pub struct Deflater {
 
 impl Deflater {
     pub fn new(params: Params) -> Self {
-        Self {
-            params,
-            in_fragmented: false,
-            scratch: Vec::new(),
-            packed: Vec::new(),
-        }
+        Self { params, in_fragmented: false, scratch: Vec::new(), packed: Vec::new() }
     }
 
     /// Re-encode the complete frames at the start of `input` into `out`. Returns the bytes
@@ -597,10 +532,7 @@ impl Deflater {
         let payload = &frame[h.header_len..];
         // A window below 15 bits is kept by compressing only what fits in it: each message
         // is compressed alone, so no match reaches further back than its own start.
-        if payload.is_empty()
-            || (self.params.our_max_window_bits < 15
-                && payload.len() > 1 << self.params.our_max_window_bits)
-        {
+        if payload.is_empty() || (self.params.our_max_window_bits < 15 && payload.len() > 1 << self.params.our_max_window_bits) {
             out.extend_from_slice(frame);
             return;
         }
@@ -616,8 +548,7 @@ impl Deflater {
         // benchmark: the peak of those alive during handshakes stayed in the heap.)
         let ok = COMPRESSOR.with(|c| {
             let mut c = c.borrow_mut();
-            let c =
-                c.get_or_insert_with(|| Box::new(Compress::new(Compression::new(LEVEL), false)));
+            let c = c.get_or_insert_with(|| Box::new(Compress::new(Compression::new(LEVEL), false)));
             c.reset();
             self.packed.clear();
             self.packed.reserve(self.scratch.len() / 2 + 64);
@@ -626,15 +557,11 @@ impl Deflater {
                 if self.packed.len() == self.packed.capacity() {
                     self.packed.reserve(self.packed.capacity().max(64));
                 }
-                if c.compress_vec(&self.scratch[in0..], &mut self.packed, FlushCompress::Sync)
-                    .is_err()
-                {
+                if c.compress_vec(&self.scratch[in0..], &mut self.packed, FlushCompress::Sync).is_err() {
                     return false;
                 }
                 // Done once all input is in and the flush fit (spare room left).
-                if c.total_in() as usize == self.scratch.len()
-                    && self.packed.len() < self.packed.capacity()
-                {
+                if c.total_in() as usize == self.scratch.len() && self.packed.len() < self.packed.capacity() {
                     return true;
                 }
             }
@@ -669,11 +596,7 @@ mod tests {
     use super::*;
 
     fn takeover_params() -> Params {
-        Params {
-            our_max_window_bits: 15,
-            peer_no_context_takeover: false,
-            peer_max_window_bits: 15,
-        }
+        Params { our_max_window_bits: 15, peer_no_context_takeover: false, peer_max_window_bits: 15 }
     }
 
     /// Raw deflate of `data` ended with Z_FINISH: its last block has BFINAL=1.
@@ -686,10 +609,7 @@ mod tests {
             if out.len() == out.capacity() {
                 out.reserve(64 + out.capacity());
             }
-            if c.compress_vec(&data[done..], &mut out, FlushCompress::Finish)
-                .unwrap()
-                == Status::StreamEnd
-            {
+            if c.compress_vec(&data[done..], &mut out, FlushCompress::Finish).unwrap() == Status::StreamEnd {
                 return out;
             }
         }
@@ -748,8 +668,7 @@ mod tests {
     }
 
     const FIRST: &[u8] = b"{\"type\":\"event\",\"text\":\"hello hello hello, the first message\"}";
-    const SECOND: &[u8] =
-        b"{\"type\":\"event\",\"text\":\"and the second one, after a final block\"}";
+    const SECOND: &[u8] = b"{\"type\":\"event\",\"text\":\"and the second one, after a final block\"}";
 
     /// The regression: with context takeover, a message ending with a BFINAL=1 block and
     /// nothing after it left an inflater half way into a stored block made of the tail, and
@@ -760,11 +679,7 @@ mod tests {
         wire.extend(client_frame(true, true, 1, &finished(SECOND)));
         for step in [1, 3, 7, wire.len()] {
             let mut inf = Inflater::new(Side::Server, takeover_params(), 1 << 20);
-            assert_eq!(
-                decode(&mut inf, &wire, step).unwrap(),
-                vec![FIRST.to_vec(), SECOND.to_vec()],
-                "step {step}"
-            );
+            assert_eq!(decode(&mut inf, &wire, step).unwrap(), vec![FIRST.to_vec(), SECOND.to_vec()], "step {step}");
         }
     }
 
@@ -780,28 +695,16 @@ mod tests {
         }
         for step in [1, 5, wire.len()] {
             let mut inf = Inflater::new(Side::Server, takeover_params(), 1 << 20);
-            assert_eq!(
-                decode(&mut inf, &wire, step).unwrap(),
-                vec![FIRST.to_vec(), SECOND.to_vec(), FIRST.to_vec()],
-                "step {step}"
-            );
+            assert_eq!(decode(&mut inf, &wire, step).unwrap(), vec![FIRST.to_vec(), SECOND.to_vec(), FIRST.to_vec()], "step {step}");
         }
     }
 
     /// The RFC's own example bytes ("Hello", BFINAL=1, then the empty block's header).
     #[test]
     fn rfc_7692_bfinal_example() {
-        let wire = client_frame(
-            true,
-            true,
-            1,
-            &[0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00],
-        );
+        let wire = client_frame(true, true, 1, &[0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00]);
         let mut inf = Inflater::new(Side::Server, takeover_params(), 1 << 20);
-        assert_eq!(
-            decode(&mut inf, &wire, wire.len()).unwrap(),
-            vec![b"Hello".to_vec()]
-        );
+        assert_eq!(decode(&mut inf, &wire, wire.len()).unwrap(), vec![b"Hello".to_vec()]);
     }
 
     /// A BFINAL=1 flush inside a message (and across its frames), followed by a sync-flushed
@@ -831,11 +734,7 @@ mod tests {
         for step in [1, 4, wire.len()] {
             let mut inf = Inflater::new(Side::Server, takeover_params(), 1 << 20);
             let got = decode(&mut inf, &wire, step).unwrap();
-            assert_eq!(
-                got,
-                vec![joined.clone(), SECOND.to_vec(), SECOND.to_vec()],
-                "step {step}"
-            );
+            assert_eq!(got, vec![joined.clone(), SECOND.to_vec(), SECOND.to_vec()], "step {step}");
         }
     }
 
@@ -845,10 +744,7 @@ mod tests {
     fn bfinal_message_then_release_then_another() {
         let mut inf = Inflater::new(Side::Server, takeover_params(), 1 << 20);
         let first = client_frame(true, true, 1, &finished(FIRST));
-        assert_eq!(
-            decode(&mut inf, &first, first.len()).unwrap(),
-            vec![FIRST.to_vec()]
-        );
+        assert_eq!(decode(&mut inf, &first, first.len()).unwrap(), vec![FIRST.to_vec()]);
         inf.release();
         let second = client_frame(true, true, 1, &finished(SECOND));
         assert_eq!(decode(&mut inf, &second, 2).unwrap(), vec![SECOND.to_vec()]);

@@ -42,12 +42,7 @@ pub struct DeflateStream<S> {
 enum Mode {
     Plain(PlainReader),
     /// `accept`: switch to `Active` if the answer negotiated deflate (else always `Plain`).
-    Sniffing {
-        side: Side,
-        max_message: usize,
-        seen: Vec<u8>,
-        accept: bool,
-    },
+    Sniffing { side: Side, max_message: usize, seen: Vec<u8>, accept: bool },
     Active(Box<Active>),
 }
 
@@ -78,35 +73,18 @@ pub fn codec_error(e: &io::Error) -> Option<&CodecError> {
 impl<S> DeflateStream<S> {
     /// No extension: bytes pass as they are.
     pub fn plain(inner: S) -> Self {
-        Self {
-            inner,
-            mode: Mode::Plain(PlainReader::default()),
-            answer_alone: false,
-        }
+        Self { inner, mode: Mode::Plain(PlainReader::default()), answer_alone: false }
     }
 
     /// Deflate negotiated (for a server: in the handshake nestor answered; for a client: in
     /// the answer it got).
     pub fn active(inner: S, side: Side, params: Params, max_message: usize) -> Self {
-        Self {
-            inner,
-            mode: Mode::Active(Box::new(Active::new(side, params, max_message))),
-            answer_alone: false,
-        }
+        Self { inner, mode: Mode::Active(Box::new(Active::new(side, params, max_message))), answer_alone: false }
     }
 
     /// A client that offered deflate and has not read the answer yet.
     pub fn client_sniffing(inner: S, max_message: usize) -> Self {
-        Self {
-            inner,
-            mode: Mode::Sniffing {
-                side: Side::Client,
-                max_message,
-                seen: Vec::new(),
-                accept: true,
-            },
-            answer_alone: false,
-        }
+        Self { inner, mode: Mode::Sniffing { side: Side::Client, max_message, seen: Vec::new(), accept: true }, answer_alone: false }
     }
 
     /// A client that did not offer deflate and has not read the answer yet: bytes pass as
@@ -114,16 +92,7 @@ impl<S> DeflateStream<S> {
     /// the next read), so [`Self::handed_answer_alone`] can tell the dialer that tungstenite
     /// holds nothing beyond the handshake.
     pub fn client_declining(inner: S) -> Self {
-        Self {
-            inner,
-            mode: Mode::Sniffing {
-                side: Side::Client,
-                max_message: 0,
-                seen: Vec::new(),
-                accept: false,
-            },
-            answer_alone: false,
-        }
+        Self { inner, mode: Mode::Sniffing { side: Side::Client, max_message: 0, seen: Vec::new(), accept: false }, answer_alone: false }
     }
 
     /// Did the handshake answer reach tungstenite alone (no frame bytes in the same read)?
@@ -181,12 +150,7 @@ impl Active {
         io::Error::new(io::ErrorKind::InvalidData, e.clone())
     }
 
-    fn poll_read<S: AsyncRead + Unpin>(
-        &mut self,
-        inner: &mut S,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read<S: AsyncRead + Unpin>(&mut self, inner: &mut S, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         loop {
             if self.opos < self.out.len() {
                 let n = (self.out.len() - self.opos).min(buf.remaining());
@@ -252,11 +216,7 @@ impl Active {
     }
 
     /// Write re-encoded bytes to the connection until none are left (or it is not ready).
-    fn poll_drain<S: AsyncWrite + Unpin>(
-        &mut self,
-        inner: &mut S,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_drain<S: AsyncWrite + Unpin>(&mut self, inner: &mut S, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.wpos < self.wout.len() {
             let n = ready!(Pin::new(&mut *inner).poll_write(cx, &self.wout[self.wpos..]))?;
             if n == 0 {
@@ -269,12 +229,7 @@ impl Active {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_write<S: AsyncWrite + Unpin>(
-        &mut self,
-        inner: &mut S,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write<S: AsyncWrite + Unpin>(&mut self, inner: &mut S, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         // Back-pressure: take nothing new while earlier frames are still unwritten.
         ready!(self.poll_drain(inner, cx))?;
         if self.win.is_empty() {
@@ -293,11 +248,7 @@ impl Active {
         Poll::Ready(Ok(buf.len()))
     }
 
-    fn poll_flush<S: AsyncWrite + Unpin>(
-        &mut self,
-        inner: &mut S,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_flush<S: AsyncWrite + Unpin>(&mut self, inner: &mut S, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_drain(inner, cx))?;
         ready!(Pin::new(&mut *inner).poll_flush(cx))?;
         // Idle writer: no buffer is needed until the next message.
@@ -312,9 +263,7 @@ impl Active {
 
 /// The answer's header block, if `seen` holds all of it: its length.
 fn header_end(seen: &[u8]) -> Option<usize> {
-    seen.windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| p + 4)
+    seen.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }
 
 /// The negotiated parameters in an answer's header block (`Ok(None)`: none, or not a
@@ -336,21 +285,12 @@ fn sniffed_params(head: &[u8]) -> Result<Option<Params>, negotiate::NegotiateErr
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DeflateStream<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         match &mut this.mode {
             Mode::Plain(r) => r.poll_read(&mut this.inner, cx, buf),
             Mode::Active(a) => a.poll_read(&mut this.inner, cx, buf),
-            Mode::Sniffing {
-                side,
-                max_message,
-                seen,
-                accept,
-            } => {
+            Mode::Sniffing { side, max_message, seen, accept } => {
                 let start = buf.filled().len();
                 ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
                 let got = &buf.filled()[start..];
@@ -372,11 +312,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DeflateStream<S> {
                 buf.set_filled(start + keep);
                 let (side, max_message, accept) = (*side, *max_message, *accept);
                 this.answer_alone = true;
-                this.mode = match if accept {
-                    sniffed_params(&seen[..end])
-                } else {
-                    Ok(None)
-                } {
+                this.mode = match if accept { sniffed_params(&seen[..end]) } else { Ok(None) } {
                     Ok(Some(p)) => {
                         let mut a = Active::new(side, p, max_message);
                         a.rbuf = rest;
@@ -393,11 +329,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for DeflateStream<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for DeflateStream<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         match &mut this.mode {
             Mode::Active(a) => a.poll_write(&mut this.inner, cx, buf),

@@ -15,8 +15,7 @@ use super::Params;
 
 /// What nestor offers a downstream: the browsers' offer plus the promise not to use context
 /// takeover for what it sends.
-pub const CLIENT_OFFER: &str =
-    "permessage-deflate; client_no_context_takeover; client_max_window_bits";
+pub const CLIENT_OFFER: &str = "permessage-deflate; client_no_context_takeover; client_max_window_bits";
 
 /// Why a header value is not a valid permessage-deflate offer or answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,10 +84,7 @@ pub fn parse_extensions(value: &str) -> Result<Vec<Extension>, NegotiateError> {
         if name.is_empty() {
             return Err(NegotiateError::Syntax("expected an extension name"));
         }
-        let mut ext = Extension {
-            name: name.to_ascii_lowercase(),
-            params: Vec::new(),
-        };
+        let mut ext = Extension { name: name.to_ascii_lowercase(), params: Vec::new() };
         loop {
             skip_ws(&mut chars);
             match chars.next() {
@@ -115,17 +111,11 @@ pub fn parse_extensions(value: &str) -> Result<Vec<Extension>, NegotiateError> {
                     let mut v = String::new();
                     loop {
                         match chars.next() {
-                            None => {
-                                return Err(NegotiateError::Syntax("unterminated quoted string"))
-                            }
+                            None => return Err(NegotiateError::Syntax("unterminated quoted string")),
                             Some('"') => break,
                             Some('\\') => match chars.next() {
                                 Some(c) => v.push(c),
-                                None => {
-                                    return Err(NegotiateError::Syntax(
-                                        "unterminated quoted string",
-                                    ))
-                                }
+                                None => return Err(NegotiateError::Syntax("unterminated quoted string")),
                             },
                             Some(c) => v.push(c),
                         }
@@ -179,28 +169,19 @@ fn raw(ext: &Extension) -> Result<Raw, NegotiateError> {
         match k.as_str() {
             "server_no_context_takeover" => {
                 if v.is_some() {
-                    return Err(NegotiateError::UnexpectedValue(
-                        "server_no_context_takeover",
-                    ));
+                    return Err(NegotiateError::UnexpectedValue("server_no_context_takeover"));
                 }
                 r.server_no_context_takeover = true;
             }
             "client_no_context_takeover" => {
                 if v.is_some() {
-                    return Err(NegotiateError::UnexpectedValue(
-                        "client_no_context_takeover",
-                    ));
+                    return Err(NegotiateError::UnexpectedValue("client_no_context_takeover"));
                 }
                 r.client_no_context_takeover = true;
             }
             "server_max_window_bits" => match v {
                 Some(v) => r.server_max_window_bits = Some(bits("server_max_window_bits", v)?),
-                None => {
-                    return Err(NegotiateError::BadBits(
-                        "server_max_window_bits",
-                        String::new(),
-                    ))
-                }
+                None => return Err(NegotiateError::BadBits("server_max_window_bits", String::new())),
             },
             "client_max_window_bits" => {
                 r.client_max_window_bits = Some(match v {
@@ -224,9 +205,7 @@ fn raw(ext: &Extension) -> Result<Raw, NegotiateError> {
 pub fn accept_offers<'a>(values: impl IntoIterator<Item = &'a str>) -> Option<(Params, String)> {
     for value in values {
         // A malformed header is declined whole: its list cannot be trusted.
-        let Ok(exts) = parse_extensions(value) else {
-            continue;
-        };
+        let Ok(exts) = parse_extensions(value) else { continue };
         for ext in exts.iter().filter(|e| e.name == "permessage-deflate") {
             let Ok(r) = raw(ext) else { continue };
             let mut answer = String::from("permessage-deflate; server_no_context_takeover");
@@ -243,11 +222,7 @@ pub fn accept_offers<'a>(values: impl IntoIterator<Item = &'a str>) -> Option<(P
             if let Some(Some(b)) = r.client_max_window_bits {
                 answer.push_str(&format!("; client_max_window_bits={b}"));
             }
-            let params = Params {
-                our_max_window_bits: ours,
-                peer_no_context_takeover: r.client_no_context_takeover,
-                peer_max_window_bits: peer,
-            };
+            let params = Params { our_max_window_bits: ours, peer_no_context_takeover: r.client_no_context_takeover, peer_max_window_bits: peer };
             return Some((params, answer));
         }
     }
@@ -257,9 +232,7 @@ pub fn accept_offers<'a>(values: impl IntoIterator<Item = &'a str>) -> Option<(P
 /// Client side: the server's answer to [`CLIENT_OFFER`]. `Ok(None)`: no extension (the
 /// header is absent or empty). An answer naming something nestor did not offer, or with
 /// parameters outside RFC 7692, is an error: the connect must fail.
-pub fn parse_answer<'a>(
-    values: impl IntoIterator<Item = &'a str>,
-) -> Result<Option<Params>, NegotiateError> {
+pub fn parse_answer<'a>(values: impl IntoIterator<Item = &'a str>) -> Result<Option<Params>, NegotiateError> {
     let mut exts = Vec::new();
     for v in values {
         exts.extend(parse_extensions(v)?);
@@ -276,12 +249,7 @@ pub fn parse_answer<'a>(
     let ours = match r.client_max_window_bits {
         Some(Some(b)) => b,
         // RFC 7692 §7.1.2.2: an answer's client_max_window_bits must have a value.
-        Some(None) => {
-            return Err(NegotiateError::BadBits(
-                "client_max_window_bits",
-                String::new(),
-            ))
-        }
+        Some(None) => return Err(NegotiateError::BadBits("client_max_window_bits", String::new())),
         None => 15,
     };
     Ok(Some(Params {
@@ -300,14 +268,7 @@ mod tests {
     fn browser_offer_is_accepted_without_our_context() {
         let (p, a) = accept_offers(["permessage-deflate; client_max_window_bits"]).unwrap();
         assert_eq!(a, "permessage-deflate; server_no_context_takeover");
-        assert_eq!(
-            p,
-            Params {
-                our_max_window_bits: 15,
-                peer_no_context_takeover: false,
-                peer_max_window_bits: 15
-            }
-        );
+        assert_eq!(p, Params { our_max_window_bits: 15, peer_no_context_takeover: false, peer_max_window_bits: 15 });
     }
 
     #[test]
@@ -328,14 +289,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(a, "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=10; client_max_window_bits=12");
-        assert_eq!(
-            p,
-            Params {
-                our_max_window_bits: 10,
-                peer_no_context_takeover: true,
-                peer_max_window_bits: 12
-            }
-        );
+        assert_eq!(p, Params { our_max_window_bits: 10, peer_no_context_takeover: true, peer_max_window_bits: 12 });
     }
 
     #[test]
@@ -347,11 +301,7 @@ mod tests {
         .unwrap();
         assert_eq!(p.our_max_window_bits, 9);
         // A malformed header is skipped, the next one used.
-        let (p, _) = accept_offers([
-            "permessage-deflate; a=\"",
-            "permessage-deflate; client_no_context_takeover",
-        ])
-        .unwrap();
+        let (p, _) = accept_offers(["permessage-deflate; a=\"", "permessage-deflate; client_no_context_takeover"]).unwrap();
         assert!(p.peer_no_context_takeover);
     }
 
@@ -382,34 +332,13 @@ mod tests {
         assert_eq!(parse_answer([]).unwrap(), None);
         assert_eq!(parse_answer([""]).unwrap(), None);
         // websockets' default server answer.
-        let p = parse_answer([
-            "permessage-deflate; server_max_window_bits=12; client_max_window_bits=12",
-        ])
-        .unwrap()
-        .unwrap();
-        assert_eq!(
-            p,
-            Params {
-                our_max_window_bits: 12,
-                peer_no_context_takeover: false,
-                peer_max_window_bits: 12
-            }
-        );
-        let p = parse_answer([
-            "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
-        ])
-        .unwrap()
-        .unwrap();
+        let p = parse_answer(["permessage-deflate; server_max_window_bits=12; client_max_window_bits=12"]).unwrap().unwrap();
+        assert_eq!(p, Params { our_max_window_bits: 12, peer_no_context_takeover: false, peer_max_window_bits: 12 });
+        let p = parse_answer(["permessage-deflate; server_no_context_takeover; client_no_context_takeover"]).unwrap().unwrap();
         assert!(p.peer_no_context_takeover);
         assert_eq!(p.our_max_window_bits, 15);
-        assert_eq!(
-            parse_answer(["x-foo"]),
-            Err(NegotiateError::NotOffered("x-foo".into()))
-        );
-        assert_eq!(
-            parse_answer(["permessage-deflate, permessage-deflate"]),
-            Err(NegotiateError::Several)
-        );
+        assert_eq!(parse_answer(["x-foo"]), Err(NegotiateError::NotOffered("x-foo".into())));
+        assert_eq!(parse_answer(["permessage-deflate, permessage-deflate"]), Err(NegotiateError::Several));
         assert!(parse_answer(["permessage-deflate; client_max_window_bits"]).is_err());
         assert!(parse_answer(["permessage-deflate; server_max_window_bits=99"]).is_err());
         assert!(parse_answer(["permessage-deflate; foo"]).is_err());

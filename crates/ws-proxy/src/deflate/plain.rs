@@ -33,10 +33,7 @@ pub struct PlainReader {
 impl PlainReader {
     /// A reader that first hands on `leftover` (bytes read with the handshake).
     pub fn with_leftover(leftover: Vec<u8>) -> Self {
-        Self {
-            buf: BytesMut::from(&leftover[..]),
-            busy: false,
-        }
+        Self { buf: BytesMut::from(&leftover[..]), busy: false }
     }
 
     /// Heap bytes held now (of a batch being handed on: the part from the read position).
@@ -60,12 +57,7 @@ impl PlainReader {
         }
     }
 
-    pub fn poll_read<S: AsyncRead + Unpin>(
-        &mut self,
-        inner: &mut S,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    pub fn poll_read<S: AsyncRead + Unpin>(&mut self, inner: &mut S, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         if !self.buf.is_empty() {
             self.hand_on(out);
             return Poll::Ready(Ok(()));
@@ -119,11 +111,7 @@ mod tests {
     struct Reader<S>(PlainReader, S);
 
     impl<S: AsyncRead + Unpin> AsyncRead for Reader<S> {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
+        fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
             let this = self.get_mut();
             this.0.poll_read(&mut this.1, cx, buf)
         }
@@ -151,8 +139,7 @@ mod tests {
         assert_eq!(&got[5..], &data[..]);
         assert!(batched, "a busy stream is read in batches");
         // Nothing left to read: the next read waits, and the batch buffer is gone.
-        let waiting =
-            tokio::time::timeout(std::time::Duration::from_millis(20), r.read(&mut piece)).await;
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(20), r.read(&mut piece)).await;
         assert!(waiting.is_err());
         assert_eq!(r.0.held_bytes(), 0, "idle: nothing held");
         drop(peer);
