@@ -701,6 +701,12 @@ mod tests {
         json!({"id": id.to_string(), "title": "t", "execution_status": "idle"})
     }
 
+    /// `catalog.refresh(ds)` in a task of its own, so the test can hold its listing in flight.
+    fn spawn_refresh(catalog: &Arc<Catalog>, ds: &Arc<Downstream>) -> tokio::task::JoinHandle<Result<usize, ClientError>> {
+        let (catalog, ds) = (catalog.clone(), ds.clone());
+        tokio::spawn(async move { catalog.refresh(&ds).await })
+    }
+
     fn open(dir: &std::path::Path) -> Arc<Catalog> {
         Arc::new(Catalog::open(dir, DownstreamClient::default(), CatalogConfig::default(), |_| None).unwrap())
     }
@@ -718,10 +724,7 @@ mod tests {
         catalog.register(x, &ds, UserId::default_user(), info(x)).await;
         assert_eq!(catalog.count_on(ds.id()), 1);
 
-        let refresh = tokio::spawn({
-            let (catalog, ds) = (catalog.clone(), ds.clone());
-            async move { catalog.refresh(&ds).await }
-        });
+        let refresh = spawn_refresh(&catalog, &ds);
         assert!(next_request(&mut requests).await.starts_with("/api/conversations/search"));
         // The delete succeeds while the listing is in flight.
         assert!(catalog.remove(&x).await.is_some());
@@ -739,10 +742,7 @@ mod tests {
 
         // Created again with the same id: registered, and kept by a listing naming it.
         catalog.register(x, &ds, UserId::default_user(), info(x)).await;
-        let refresh = tokio::spawn({
-            let (catalog, ds) = (catalog.clone(), ds.clone());
-            async move { catalog.refresh(&ds).await }
-        });
+        let refresh = spawn_refresh(&catalog, &ds);
         next_request(&mut requests).await;
         answers.send(json!({"items": [info(x)], "next_page_id": null}).to_string()).await.unwrap();
         tokio::time::timeout(WAIT, refresh).await.unwrap().unwrap().unwrap();
@@ -762,10 +762,7 @@ mod tests {
         let (x, z) = (ConversationId::new_random(), ConversationId::new_random());
         catalog.register(x, &ds, UserId::default_user(), info(x)).await;
 
-        let refresh = tokio::spawn({
-            let (catalog, ds) = (catalog.clone(), ds.clone());
-            async move { catalog.refresh(&ds).await }
-        });
+        let refresh = spawn_refresh(&catalog, &ds);
         next_request(&mut requests).await;
         answers.send(json!({"items": [info(x)], "next_page_id": "p2"}).to_string()).await.unwrap();
         assert!(next_request(&mut requests).await.contains("page_id=p2"));
@@ -780,10 +777,7 @@ mod tests {
         let on_disk: Vec<_> = Store::open(dir.path()).unwrap().load_all().into_iter().map(|e| e.id).collect();
         assert_eq!(on_disk, vec![z]);
 
-        let refresh = tokio::spawn({
-            let (catalog, ds) = (catalog.clone(), ds.clone());
-            async move { catalog.refresh(&ds).await }
-        });
+        let refresh = spawn_refresh(&catalog, &ds);
         next_request(&mut requests).await;
         answers.send(json!({"items": [info(x), info(z)], "next_page_id": null}).to_string()).await.unwrap();
         tokio::time::timeout(WAIT, refresh).await.unwrap().unwrap().unwrap();
