@@ -171,7 +171,8 @@ pub struct HttpSection {
     #[serde(default)]
     pub io_threads: Option<usize>,
     /// Longest time (µs) an I/O thread keeps checking its sockets after activity before it
-    /// sleeps (crate::io_threads::BusyPoll: adaptive, it polls only while that pays). 0: never.
+    /// sleeps (crate::io_threads::BusyPoll: adaptive, it polls only while that pays, and
+    /// pauses while the thread is busy). 0: never.
     #[serde(default = "default_busy_poll_us")]
     pub busy_poll_us: u64,
 }

@@ -16,6 +16,9 @@
 //! * `nestor_downstreams{provisioner,state}`, `nestor_conversations`: sampled at scrape time.
 //! * `nestor_provision_seconds{provisioner}`, `nestor_admission_rejections_total{reason}`:
 //!   provisioning and admission.
+//! * `nestor_busy_poll_pauses_total`: I/O threads' busy polling paused because the thread
+//!   was busy (crate::io_threads::BusyPoll); a count that keeps rising means polling is
+//!   mostly off (a saturated machine).
 //!
 //! Labels never carry conversation ids (unbounded cardinality); spans and logs do.
 
@@ -51,7 +54,7 @@ pub fn install() -> PrometheusHandle {
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::debug!("a metrics recorder was already installed");
             } else {
-                register_ws_metrics();
+                register_zero_series();
             }
             handle
         })
@@ -61,8 +64,9 @@ pub fn install() -> PrometheusHandle {
 /// The `kind` label of a socket pair.
 pub const WS_KINDS: [&str; 3] = ["events", "session", "bash_events"];
 
-/// The WebSocket proxy's series at zero (a counter or gauge nobody touched is not rendered).
-fn register_ws_metrics() {
+/// The series that start at zero: the WebSocket proxy's and busy polling's (a counter or gauge
+/// nobody touched is not rendered).
+fn register_zero_series() {
     metrics::describe_gauge!("nestor_ws_pairs", "live proxied WebSocket pairs (client socket + downstream socket)");
     metrics::describe_counter!("nestor_ws_downstream_lost_total", "downstream sockets lost under a live client socket");
     metrics::describe_counter!("nestor_ws_resumed_total", "lost downstream sockets re-established (client kept)");
@@ -74,6 +78,8 @@ fn register_ws_metrics() {
     metrics::counter!("nestor_ws_downstream_lost_total").increment(0);
     metrics::counter!("nestor_ws_resumed_total").increment(0);
     metrics::counter!("nestor_ws_slow_consumers_total").increment(0);
+    metrics::describe_counter!("nestor_busy_poll_pauses_total", "I/O threads' busy polling paused because the thread was busy");
+    metrics::counter!("nestor_busy_poll_pauses_total").increment(0);
 }
 
 /// One live socket pair: counted in `nestor_ws_pairs{kind}` from now until dropped (a guard,

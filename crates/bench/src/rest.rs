@@ -93,53 +93,135 @@ pub struct SequentialRound {
 
 /// `n` sequential requests over one connection after `warmup` unmeasured ones.
 ///
-/// The client is single-threaded, as wrk's is: the loop and its connection's task run on a
-/// `current_thread` runtime on a thread of their own. On the shared 2-worker runtime each
-/// answer could cross threads once or twice (the worker whose event loop saw it, the one
-/// running the connection's task, the one running the loop), and on this virtual machine
-/// each such hand-off is a wake-up through the hypervisor: first run on the `block_on`
-/// thread, the same loop measured direct at 64 µs instead of 41, and the differences taken
-/// from those round trips moved with the client's own scheduling, not only the proxy's.
+/// The client is as thin as a client can be, so that what it measures is the target's
+/// round trip and not its own work: one thread of its own, blocking `write` and `read`
+/// calls on one keep-alive socket, the request's bytes built once, the answer's head parsed
+/// with httparse ([`BlockingConn`]). Each answer wakes the one thread blocked on it; nothing
+/// else runs in between. Its history: the loop first ran on the thread that drives
+/// `block_on` (every answer crossed threads, each hand-off a wake-up through the
+/// hypervisor: direct measured 64 µs instead of 41), then on a `current_thread` runtime with
+/// a hyper connection (f546fdd, direct ~41 µs, ~46 when the machine placed the client and
+/// the downstream apart). A client's own cost does not cancel out of "target − direct": the
+/// longer it takes per request, the longer the other virtual CPU halts between requests,
+/// and each of a proxy's extra hops pays to wake it. wrk (crate::wrk) runs beside it as an
+/// independent check.
 pub async fn sequential(t: &HttpTarget, warmup: usize, n: usize, hist: &mut Histogram<u64>) -> anyhow::Result<SequentialRound> {
     let t = t.clone();
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new().name("bench-sequential".into()).spawn(move || {
-        let r = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from).and_then(|rt| {
-            rt.block_on(async {
-                let c = tokio::time::timeout(REQUEST_TIMEOUT, Conn::open(t.addr, sys::source_addr(0))).await.context("connecting took too long")??;
-                sequential_loop(c, &t, warmup, n).await
-            })
-        });
-        let _ = tx.send(r);
+        let _ = tx.send(BlockingConn::open(&t).and_then(|c| sequential_loop(c, &t, warmup, n)));
     })?;
-    // Bounded: the connection and every request of the loop have their own timeouts.
+    // Bounded: the connect and every read and write of the loop have their own timeouts.
     let (round, secs, body_bytes) = rx.await.context("the sequential client's thread ended without an answer")??;
     hist.add(&round).ok();
     Ok(SequentialRound { latency: Latency::from_hist(&round), rps: n as f64 / secs, body_bytes })
 }
 
 /// [`sequential`]'s loop: the round's histogram, its seconds and the answer's body size.
-async fn sequential_loop(mut c: Conn, t: &HttpTarget, warmup: usize, n: usize) -> anyhow::Result<(Histogram<u64>, f64, usize)> {
+fn sequential_loop(mut c: BlockingConn, t: &HttpTarget, warmup: usize, n: usize) -> anyhow::Result<(Histogram<u64>, f64, usize)> {
     let mut body_bytes = 0;
-    for _ in 0..warmup {
-        let (st, len) = tokio::time::timeout(REQUEST_TIMEOUT, c.get(&t.path, Some(&t.key))).await??;
+    let get = |c: &mut BlockingConn| -> anyhow::Result<usize> {
+        let (st, len) = c.get()?;
         if st != 200 {
             bail!("GET {} answered HTTP {st}", t.path);
         }
-        body_bytes = len;
+        Ok(len)
+    };
+    for _ in 0..warmup {
+        body_bytes = get(&mut c)?;
     }
     let mut round = stats::new_hist();
     let start = Instant::now();
     for _ in 0..n {
         let t0 = Instant::now();
-        let (st, _) = tokio::time::timeout(REQUEST_TIMEOUT, c.get(&t.path, Some(&t.key))).await??;
-        let dt = t0.elapsed().as_nanos() as u64;
-        if st != 200 {
-            bail!("GET {} answered HTTP {st}", t.path);
-        }
-        stats::record(&mut round, dt);
+        get(&mut c)?;
+        stats::record(&mut round, t0.elapsed().as_nanos() as u64);
     }
     Ok((round, start.elapsed().as_secs_f64(), body_bytes))
+}
+
+/// One keep-alive connection sending the same `GET` with blocking socket calls: the
+/// sequential client ([`sequential`]). It reads answers framed by `Content-Length` (what
+/// every target gives for this request) and refuses anything else with an error.
+pub struct BlockingConn {
+    stream: std::net::TcpStream,
+    request: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl BlockingConn {
+    /// Connect to `t` (within [`REQUEST_TIMEOUT`]); reads and writes time out alike.
+    pub fn open(t: &HttpTarget) -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let stream = rt
+            .block_on(async { tokio::time::timeout(REQUEST_TIMEOUT, sys::connect_from(sys::source_addr(0), t.addr)).await })
+            .context("connecting took too long")?
+            .with_context(|| format!("connecting to {}", t.addr))?
+            .into_std()?;
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+        stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+        let request = format!("GET {} HTTP/1.1\r\nhost: {}\r\nx-session-api-key: {}\r\n\r\n", t.path, t.addr, t.key).into_bytes();
+        Ok(Self { stream, request, buf: Vec::with_capacity(16 * 1024) })
+    }
+
+    /// Send the request and read its answer: (status, body length).
+    pub fn get(&mut self) -> anyhow::Result<(u16, usize)> {
+        use std::io::{Read, Write};
+        self.stream.write_all(&self.request).context("sending the request")?;
+        self.buf.clear();
+        let mut filled = 0;
+        loop {
+            if self.buf.len() - filled < 4096 {
+                self.buf.resize(filled + 16 * 1024, 0);
+            }
+            let n = self.stream.read(&mut self.buf[filled..]).context("reading the answer")?;
+            if n == 0 {
+                bail!("the connection closed before a whole answer ({filled} bytes read)");
+            }
+            filled += n;
+            if let Some(answer) = parse_answer(&self.buf[..filled])? {
+                if filled > answer.len {
+                    bail!("{} bytes after the answer to a single request", filled - answer.len);
+                }
+                if filled == answer.len {
+                    return Ok((answer.status, answer.body));
+                }
+            }
+        }
+    }
+}
+
+/// The framing of an answer whose head has arrived.
+#[derive(Debug, PartialEq)]
+struct Answer {
+    status: u16,
+    /// Body bytes.
+    body: usize,
+    /// Head and body bytes.
+    len: usize,
+}
+
+/// Parse the answer at the front of `buf`: None until its head is complete.
+fn parse_answer(buf: &[u8]) -> anyhow::Result<Option<Answer>> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head = match resp.parse(buf).context("an invalid answer head")? {
+        httparse::Status::Partial => return Ok(None),
+        httparse::Status::Complete(n) => n,
+    };
+    let status = resp.code.context("an answer without a status")?;
+    let mut body = None;
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let v = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<usize>().ok());
+            body = Some(v.context("an invalid Content-Length")?);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") || (h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close")) {
+            bail!("an answer this client does not read ({}: {})", h.name, String::from_utf8_lossy(h.value));
+        }
+    }
+    let body = body.context("an answer without Content-Length")?;
+    Ok(Some(Answer { status, body, len: head + body }))
 }
 
 /// What one closed-loop run measured.
@@ -250,4 +332,66 @@ pub async fn closed_loop(
         downstream_cpu_us_per_req: per_req(cpu0.1, cpu1.1),
         client_cpu_us_per_req: per_req(cpu0.2, cpu1.2),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_is_framed_by_its_content_length_once_its_head_is_in() {
+        let a = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-type: application/json\r\n\r\nhello";
+        assert_eq!(parse_answer(&a[..20]).unwrap(), None);
+        let head = a.len() - 5;
+        assert_eq!(parse_answer(&a[..head]).unwrap(), Some(Answer { status: 200, body: 5, len: a.len() }));
+        assert_eq!(parse_answer(a).unwrap(), Some(Answer { status: 200, body: 5, len: a.len() }));
+    }
+
+    #[test]
+    fn answers_it_cannot_frame_are_errors() {
+        for a in [
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
+            b"NOT HTTP\r\n\r\n",
+        ] {
+            assert!(parse_answer(a).is_err(), "{}", String::from_utf8_lossy(a));
+        }
+    }
+
+    /// The blocking client against a real socket: keep-alive answers, one after another.
+    #[tokio::test]
+    async fn the_blocking_client_reads_answers_back_to_back() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            for _ in 0..3 {
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut buf).await.unwrap();
+                    assert!(n > 0);
+                    got.extend_from_slice(&buf[..n]);
+                }
+                assert!(got.starts_with(b"GET /api/conversations/x HTTP/1.1\r\n"));
+                assert!(String::from_utf8_lossy(&got).contains("x-session-api-key: k\r\n"));
+                // The head and the body in separate writes: the client reads until both.
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3000\r\n\r\n").await.unwrap();
+                s.write_all(&[b'a'; 3000]).await.unwrap();
+            }
+        });
+        let t = HttpTarget { addr, key: "k".into(), path: "/api/conversations/x".into() };
+        let answers = tokio::task::spawn_blocking(move || {
+            let mut c = BlockingConn::open(&t)?;
+            (0..3).map(|_| c.get()).collect::<anyhow::Result<Vec<_>>>()
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(answers, vec![(200, 3000); 3]);
+        server.await.unwrap();
+    }
 }

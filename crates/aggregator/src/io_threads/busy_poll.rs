@@ -16,12 +16,21 @@
 //! sparse activity soon stops. While polling, the thread offers the CPU to any other
 //! runnable thread every few rounds (`sched_yield`).
 //!
+//! A busy thread stands aside. A polling round is quick (~1–2 µs) on a thread that has
+//! nothing else to do; it is slow when the thread runs other work between rounds or waits
+//! for a CPU that other threads hold. When [`SAMPLE_ROUNDS`] rounds take longer than
+//! [`BUSY_ROUND`] each on average, polling saves no wake-up (the thread seldom sleeps) and
+//! spends a CPU the machine's other threads want: it trades one `epoll_wait` that finds many
+//! sockets ready for several that find one or two. The poller then pauses ([`Backoff`]:
+//! 1 ms, doubling to [`BACKOFF_MAX`] while the thread stays busy) and the runtime sleeps in
+//! `epoll_wait` as it does with polling off. Serving one client, 64 rounds take ~100 µs;
+//! serving 32 connections of a saturated 2-CPU machine, ~20 ms (docs/performance.md).
+//!
 //! Cost: a thread serving back-to-back requests of one client polls between them, so it
-//! stays on a CPU (as haltpoll's does); on a saturated machine polling costs ~1–2 % of
-//! throughput (docs/performance.md). `[http] busy_poll_us = 0` turns it off, e.g. where CPU
-//! time is metered or capped (a Kubernetes CPU limit).
+//! stays on a CPU (as haltpoll's does). `[http] busy_poll_us = 0` turns it off, e.g. where
+//! CPU time is metered or capped (a Kubernetes CPU limit).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,21 +44,42 @@ const GROW_START: Duration = Duration::from_micros(10);
 /// reaction to what arrives: every eighth round keeps the offer frequent (every few µs).
 const YIELD_EVERY: u32 = 8;
 
+/// [`BusyPoll::state`]: waiting for activity.
+const ASLEEP: u8 = 0;
+/// [`BusyPoll::state`]: polling.
+const POLLING: u8 = 1;
+/// [`BusyPoll::state`]: pausing, its thread busy.
+const PAUSED: u8 = 2;
+
+/// Polling rounds in one sample of how busy the thread is.
+const SAMPLE_ROUNDS: u32 = 64;
+
+/// A sample whose rounds take longer than this on average is busy (decided as soon as the
+/// sample has taken `SAMPLE_ROUNDS` times this).
+const BUSY_ROUND: Duration = Duration::from_micros(10);
+
+/// First pause of a poller whose thread is busy; it doubles while the thread stays busy.
+const BACKOFF_START: Duration = Duration::from_millis(1);
+
+/// Longest pause: a thread that stops being busy polls again within this.
+const BACKOFF_MAX: Duration = Duration::from_millis(32);
+
 /// Activity of one I/O thread, and its poller.
 pub struct BusyPoll {
     /// Longest window.
     max: Duration,
     /// Bumped on each activity (no clock read on the request path: the poller reads it).
     activity: AtomicU64,
-    /// The poller is asleep (waiting for activity).
-    asleep: AtomicBool,
+    /// What the poller is doing: [`ASLEEP`] (waiting for activity), [`POLLING`] or
+    /// [`PAUSED`] (its thread is busy; see [`Backoff`]).
+    state: AtomicU8,
     wake: Notify,
 }
 
 impl BusyPoll {
     /// `max`: the longest poll window (zero: never poll).
     pub fn new(max: Duration) -> Arc<Self> {
-        Arc::new(Self { max, activity: AtomicU64::new(0), asleep: AtomicBool::new(true), wake: Notify::new() })
+        Arc::new(Self { max, activity: AtomicU64::new(0), state: AtomicU8::new(ASLEEP), wake: Notify::new() })
     }
 
     /// Something happened on this thread (a request arrived or was answered).
@@ -59,7 +89,7 @@ impl BusyPoll {
         }
         // One writer per thread: a plain increment is enough (a lost count is harmless).
         self.activity.store(self.activity.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
-        if self.asleep.load(Ordering::Relaxed) {
+        if self.state.load(Ordering::Relaxed) == ASLEEP {
             self.wake.notify_one();
         }
     }
@@ -74,10 +104,11 @@ impl BusyPoll {
         let max = self.max;
         let mut window = Duration::ZERO;
         let mut last_activity = Instant::now();
+        let mut backoff = Backoff::default();
         loop {
-            self.asleep.store(true, Ordering::Relaxed);
+            self.state.store(ASLEEP, Ordering::Relaxed);
             self.wake.notified().await;
-            self.asleep.store(false, Ordering::Relaxed);
+            self.state.store(POLLING, Ordering::Relaxed);
             // How long the thread went without activity: if within the longest window,
             // polling longer would have caught what came.
             let now = Instant::now();
@@ -87,9 +118,10 @@ impl BusyPoll {
             // the runtime, which checks the sockets without blocking and runs what is ready.
             let mut seen = self.activity.load(Ordering::Relaxed);
             let mut round = 0u32;
+            let mut sample = Sample::start(now);
             loop {
                 tokio::task::yield_now().await;
-                let now = Instant::now();
+                let mut now = Instant::now();
                 let current = self.activity.load(Ordering::Relaxed);
                 if current != seen {
                     (seen, last_activity) = (current, now);
@@ -97,10 +129,68 @@ impl BusyPoll {
                     break;
                 }
                 round = round.wrapping_add(1);
+                if let Some(busy) = sample.round(now) {
+                    if let Some(pause) = backoff.after_sample(busy) {
+                        // Not asleep for `touch` (no wake-ups while paused): the runtime
+                        // sleeps in `epoll_wait` until the pause ends.
+                        self.state.store(PAUSED, Ordering::Relaxed);
+                        metrics::counter!("nestor_busy_poll_pauses_total").increment(1);
+                        tokio::time::sleep(pause).await;
+                        self.state.store(POLLING, Ordering::Relaxed);
+                        now = Instant::now();
+                        (seen, last_activity) = (self.activity.load(Ordering::Relaxed), now);
+                    }
+                    sample = Sample::start(now);
+                }
                 if round % YIELD_EVERY == 0 {
                     std::thread::yield_now();
                 }
             }
+        }
+    }
+}
+
+/// Polling rounds counted against the time they take.
+#[derive(Debug)]
+struct Sample {
+    start: Instant,
+    rounds: u32,
+}
+
+impl Sample {
+    fn start(now: Instant) -> Self {
+        Self { start: now, rounds: 0 }
+    }
+
+    /// A round ended at `now`: whether the thread is busy, once that is decided.
+    fn round(&mut self, now: Instant) -> Option<bool> {
+        self.rounds += 1;
+        if now.duration_since(self.start) > BUSY_ROUND * SAMPLE_ROUNDS {
+            Some(true)
+        } else if self.rounds >= SAMPLE_ROUNDS {
+            Some(false)
+        } else {
+            None
+        }
+    }
+}
+
+/// How long a poller whose thread is busy pauses: from [`BACKOFF_START`], doubling while
+/// samples stay busy (to [`BACKOFF_MAX`]), halving while they do not (to none).
+#[derive(Debug, Default)]
+struct Backoff {
+    pause: Duration,
+}
+
+impl Backoff {
+    /// After a sample: the pause to take now, if the thread was busy.
+    fn after_sample(&mut self, busy: bool) -> Option<Duration> {
+        if busy {
+            self.pause = (self.pause * 2).clamp(BACKOFF_START, BACKOFF_MAX);
+            Some(self.pause)
+        } else {
+            self.pause = if self.pause / 2 < BACKOFF_START { Duration::ZERO } else { self.pause / 2 };
+            None
         }
     }
 }
@@ -152,18 +242,71 @@ mod tests {
         assert_eq!(adapt(Duration::ZERO, Duration::from_micros(20), max), GROW_START);
     }
 
+    #[test]
+    fn a_busy_thread_pauses_longer_each_busy_sample_and_polls_again_once_it_is_not() {
+        let mut b = Backoff::default();
+        assert_eq!(b.after_sample(false), None);
+        let pauses: Vec<_> = (0..8).map(|_| b.after_sample(true).unwrap()).collect();
+        assert_eq!(pauses[0], BACKOFF_START);
+        assert!(pauses.windows(2).all(|w| w[1] >= w[0]));
+        assert_eq!(*pauses.last().unwrap(), BACKOFF_MAX);
+        for _ in 0..16 {
+            assert_eq!(b.after_sample(false), None);
+        }
+        assert_eq!(b.after_sample(true), Some(BACKOFF_START), "quiet samples forget the busy spell");
+    }
+
+    #[test]
+    fn slow_rounds_make_a_busy_sample_and_quick_ones_a_quiet_one() {
+        let t0 = Instant::now();
+        let mut quick = Sample::start(t0);
+        let verdicts: Vec<_> = (1..=SAMPLE_ROUNDS).map(|i| quick.round(t0 + i * Duration::from_micros(2))).collect();
+        assert!(verdicts[..verdicts.len() - 1].iter().all(Option::is_none));
+        assert_eq!(verdicts.last(), Some(&Some(false)));
+        let mut slow = Sample::start(t0);
+        assert_eq!(slow.round(t0 + Duration::from_micros(300)), None);
+        assert_eq!(slow.round(t0 + BUSY_ROUND * SAMPLE_ROUNDS + Duration::from_micros(1)), Some(true), "decided before the sample's last round");
+    }
+
+    /// Slow polling rounds (a thread busy with other work) pause the poller, and it polls
+    /// again after the pause.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_poller_whose_rounds_are_slow_pauses() {
+        let busy = BusyPoll::new(Duration::from_millis(100));
+        let poller = tokio::spawn(busy.clone().run());
+        tokio::task::yield_now().await;
+        // Activity, and other work (here: the thread blocked), before every round.
+        let mut paused = false;
+        for _ in 0..(SAMPLE_ROUNDS * 4) {
+            busy.touch();
+            std::thread::sleep(BUSY_ROUND * 2);
+            tokio::task::yield_now().await;
+            if busy.state.load(Ordering::Relaxed) == PAUSED {
+                paused = true;
+                break;
+            }
+        }
+        assert!(paused, "a poller whose rounds were slow did not pause");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while busy.state.load(Ordering::Relaxed) == PAUSED {
+            assert!(Instant::now() < deadline, "still paused long after the pause");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        poller.abort();
+    }
+
     /// Activity wakes the poller, which polls for a while and then sleeps again.
     #[tokio::test(flavor = "current_thread")]
     async fn polls_after_activity_then_sleeps() {
         let busy = BusyPoll::new(Duration::from_micros(200));
         let poller = tokio::spawn(busy.clone().run());
         tokio::task::yield_now().await;
-        assert!(busy.asleep.load(Ordering::Relaxed));
+        assert_eq!(busy.state.load(Ordering::Relaxed), ASLEEP);
         busy.touch();
         tokio::task::yield_now().await;
-        assert!(!busy.asleep.load(Ordering::Relaxed), "woken by activity");
+        assert_eq!(busy.state.load(Ordering::Relaxed), POLLING, "woken by activity");
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !busy.asleep.load(Ordering::Relaxed) {
+        while busy.state.load(Ordering::Relaxed) != ASLEEP {
             assert!(Instant::now() < deadline, "still polling long after the last activity");
             tokio::task::yield_now().await;
         }
