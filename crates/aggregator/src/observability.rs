@@ -17,8 +17,9 @@
 //! * `nestor_provision_seconds{provisioner}`, `nestor_admission_rejections_total{reason}`:
 //!   provisioning and admission.
 //! * `nestor_busy_poll_pauses_total`: I/O threads' busy polling paused because the thread
-//!   was busy (crate::io_threads::BusyPoll); a count that keeps rising means polling is
-//!   mostly off (a saturated machine).
+//!   was busy (crate::io_threads::BusyPoll). On a saturated machine it rises by tens per
+//!   second per thread (polling mostly off); serving a few clients, by a few per second or
+//!   none.
 //!
 //! Labels never carry conversation ids (unbounded cardinality); spans and logs do.
 

@@ -58,7 +58,8 @@ pub struct CatalogArgs {
     /// Events seeded per conversation.
     #[arg(long, default_value_t = 2)]
     pub events: usize,
-    #[arg(long, default_value_t = 3)]
+    /// Rounds (at least 1).
+    #[arg(long, default_value_t = 3, value_parser = crate::stats::at_least_one)]
     pub rounds: usize,
     /// First-page searches and counts per round and side (after 20 warm-up requests).
     #[arg(long, default_value_t = 300)]

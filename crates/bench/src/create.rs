@@ -69,7 +69,8 @@ pub struct CreateArgs {
     /// Targets, in the order of the first round: process, pool, docker, oh-docker.
     #[arg(long, value_delimiter = ',', default_value = "process,pool,docker,oh-docker")]
     pub targets: Vec<String>,
-    #[arg(long, default_value_t = 3)]
+    /// Rounds (at least 1).
+    #[arg(long, default_value_t = 3, value_parser = crate::stats::at_least_one)]
     pub rounds: usize,
     /// Warm servers of the pool target.
     #[arg(long, default_value_t = 2)]

@@ -79,7 +79,8 @@ pub struct DockerModeArgs {
     /// nginx binary (default: found on PATH or /usr/sbin); without it the nginx target is left out.
     #[arg(long)]
     pub nginx: Option<PathBuf>,
-    #[arg(long, default_value_t = 3)]
+    /// Rounds (at least 1).
+    #[arg(long, default_value_t = 3, value_parser = crate::stats::at_least_one)]
     pub rounds: usize,
     /// Sequential requests per round and target (docker mode's forwarded route takes ~0.1 s
     /// a request here).

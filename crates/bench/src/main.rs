@@ -137,8 +137,8 @@ struct RunArgs {
     /// Seconds of each wrk round (per target).
     #[arg(long, default_value_t = 3)]
     wrk_secs: u64,
-    /// Rounds of each comparison; targets take turns within a round.
-    #[arg(long, default_value_t = 3)]
+    /// Rounds of each comparison (at least 1); targets take turns within a round.
+    #[arg(long, default_value_t = 3, value_parser = crate::stats::at_least_one)]
     rounds: usize,
     /// Sequential REST requests per round (after `--rest-warmup`).
     #[arg(long, default_value_t = 5000)]

@@ -140,6 +140,9 @@ fn sequential_loop(mut c: BlockingConn, t: &HttpTarget, warmup: usize, n: usize)
     Ok((round, start.elapsed().as_secs_f64(), body_bytes))
 }
 
+/// Largest answer [`BlockingConn`] reads (the measured one is ~3 KB).
+const MAX_ANSWER: usize = 64 << 20;
+
 /// One keep-alive connection sending the same `GET` with blocking socket calls: the
 /// sequential client ([`sequential`]). It reads answers framed by `Content-Length` (what
 /// every target gives for this request) and refuses anything else with an error.
@@ -162,25 +165,32 @@ impl BlockingConn {
         stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
         stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
         let request = format!("GET {} HTTP/1.1\r\nhost: {}\r\nx-session-api-key: {}\r\n\r\n", t.path, t.addr, t.key).into_bytes();
-        Ok(Self { stream, request, buf: Vec::with_capacity(16 * 1024) })
+        Ok(Self { stream, request, buf: vec![0; 16 * 1024] })
     }
 
     /// Send the request and read its answer: (status, body length).
     pub fn get(&mut self) -> anyhow::Result<(u16, usize)> {
         use std::io::{Read, Write};
         self.stream.write_all(&self.request).context("sending the request")?;
-        self.buf.clear();
+        // `buf` only grows (zeroed once, not per request); `filled` is what this answer used.
         let mut filled = 0;
         loop {
             if self.buf.len() - filled < 4096 {
                 self.buf.resize(filled + 16 * 1024, 0);
             }
-            let n = self.stream.read(&mut self.buf[filled..]).context("reading the answer")?;
+            let n = match self.stream.read(&mut self.buf[filled..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(anyhow::Error::from(e).context("reading the answer")),
+            };
             if n == 0 {
                 bail!("the connection closed before a whole answer ({filled} bytes read)");
             }
             filled += n;
             if let Some(answer) = parse_answer(&self.buf[..filled])? {
+                if answer.len > MAX_ANSWER {
+                    bail!("an answer of {} bytes (this client reads at most {MAX_ANSWER})", answer.len);
+                }
                 if filled > answer.len {
                     bail!("{} bytes after the answer to a single request", filled - answer.len);
                 }
@@ -202,7 +212,9 @@ struct Answer {
     len: usize,
 }
 
-/// Parse the answer at the front of `buf`: None until its head is complete.
+/// Parse the answer at the front of `buf`: None until its head is complete. (A `1xx`
+/// answer is refused as having no `Content-Length`: the client sends no `Expect` and asks
+/// for no upgrade, so none should come.)
 fn parse_answer(buf: &[u8]) -> anyhow::Result<Option<Answer>> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut resp = httparse::Response::new(&mut headers);
@@ -215,13 +227,18 @@ fn parse_answer(buf: &[u8]) -> anyhow::Result<Option<Answer>> {
     for h in resp.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
             let v = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<usize>().ok());
-            body = Some(v.context("an invalid Content-Length")?);
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") || (h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close")) {
+            if body.replace(v.context("an invalid Content-Length")?).is_some() {
+                bail!("an answer with two Content-Length headers");
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding")
+            || (h.name.eq_ignore_ascii_case("connection") && String::from_utf8_lossy(h.value).split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+        {
             bail!("an answer this client does not read ({}: {})", h.name, String::from_utf8_lossy(h.value));
         }
     }
     let body = body.context("an answer without Content-Length")?;
-    Ok(Some(Answer { status, body, len: head + body }))
+    let len = head.checked_add(body).context("a Content-Length past any buffer")?;
+    Ok(Some(Answer { status, body, len }))
 }
 
 /// What one closed-loop run measured.
@@ -353,6 +370,9 @@ mod tests {
             &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"[..],
             b"HTTP/1.1 200 OK\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: keep-alive, Close\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\n\r\n",
             b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
             b"NOT HTTP\r\n\r\n",
         ] {

@@ -107,6 +107,16 @@ impl Target {
     }
 }
 
+/// `--rounds`: a count of at least 1 (the results are medians of rounds, and none has no
+/// median).
+pub fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Median of a list (NaN for none).
 pub fn median(v: &[f64]) -> f64 {
     if v.is_empty() {
@@ -147,6 +157,14 @@ mod tests {
         assert!(median(&[]).is_nan());
         assert_eq!(spread_pct(&[90.0, 100.0, 110.0]), 20.0);
         assert_eq!(spread_pct(&[5.0]), 0.0);
+    }
+
+    #[test]
+    fn rounds_are_at_least_one() {
+        assert_eq!(at_least_one("3"), Ok(3));
+        assert!(at_least_one("0").is_err());
+        assert!(at_least_one("-1").is_err());
+        assert!(at_least_one("x").is_err());
     }
 
     #[test]

@@ -19,12 +19,14 @@
 //! A busy thread stands aside. A polling round is quick (~1–2 µs) on a thread that has
 //! nothing else to do; it is slow when the thread runs other work between rounds or waits
 //! for a CPU that other threads hold. When [`SAMPLE_ROUNDS`] rounds take longer than
-//! [`BUSY_ROUND`] each on average, polling saves no wake-up (the thread seldom sleeps) and
-//! spends a CPU the machine's other threads want: it trades one `epoll_wait` that finds many
-//! sockets ready for several that find one or two. The poller then pauses ([`Backoff`]:
-//! 1 ms, doubling to [`BACKOFF_MAX`] while the thread stays busy) and the runtime sleeps in
-//! `epoll_wait` as it does with polling off. Serving one client, 64 rounds take ~100 µs;
-//! serving 32 connections of a saturated 2-CPU machine, ~20 ms (docs/performance.md).
+//! [`BUSY_ROUND`] each on average, twice in a row, polling saves no wake-up (the thread
+//! seldom sleeps) and spends a CPU the machine's other threads want: it trades one
+//! `epoll_wait` that finds many sockets ready for several that find one or two. The poller
+//! then pauses ([`Backoff`]: 1 ms, doubling to [`BACKOFF_MAX`] while the thread stays busy;
+//! tokio's timer rounds up to the next millisecond) and the runtime sleeps in `epoll_wait`
+//! as it does with polling off. Serving one client, 64 rounds take ~100 µs (~40 rounds per
+//! request); serving 32 connections of a saturated 2-CPU machine, a round takes ~300 µs
+//! (docs/performance.md, "Busy polling stands aside").
 //!
 //! Cost: a thread serving back-to-back requests of one client polls between them, so it
 //! stays on a CPU (as haltpoll's does). `[http] busy_poll_us = 0` turns it off, e.g. where
@@ -90,6 +92,9 @@ impl BusyPoll {
         // One writer per thread: a plain increment is enough (a lost count is harmless).
         self.activity.store(self.activity.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
         if self.state.load(Ordering::Relaxed) == ASLEEP {
+            // Marked before the poller runs, so more activity until then stores no second
+            // wake-up (which would start a needless round of polling later).
+            self.state.store(POLLING, Ordering::Relaxed);
             self.wake.notify_one();
         }
     }
@@ -126,6 +131,8 @@ impl BusyPoll {
                 if current != seen {
                     (seen, last_activity) = (current, now);
                 } else if now.duration_since(last_activity) >= window {
+                    // Quiet long enough: whatever busy spell there was has ended.
+                    backoff = Backoff::default();
                     break;
                 }
                 round = round.wrapping_add(1);
@@ -138,7 +145,10 @@ impl BusyPoll {
                         tokio::time::sleep(pause).await;
                         self.state.store(POLLING, Ordering::Relaxed);
                         now = Instant::now();
-                        (seen, last_activity) = (self.activity.load(Ordering::Relaxed), now);
+                        let current = self.activity.load(Ordering::Relaxed);
+                        if current != seen {
+                            (seen, last_activity) = (current, now);
+                        }
                     }
                     sample = Sample::start(now);
                 }
@@ -175,23 +185,33 @@ impl Sample {
     }
 }
 
-/// How long a poller whose thread is busy pauses: from [`BACKOFF_START`], doubling while
-/// samples stay busy (to [`BACKOFF_MAX`]), halving while they do not (to none).
+/// How long a poller whose thread is busy pauses. Two busy samples in a row start it (one
+/// slow sample can be a single preemption: a neighbour's time slice after `sched_yield`, a
+/// hypervisor's steal); then [`BACKOFF_START`], doubling while samples stay busy (to
+/// [`BACKOFF_MAX`]), halving while they do not (to none). The poller forgets it when its
+/// thread goes quiet.
 #[derive(Debug, Default)]
 struct Backoff {
     pause: Duration,
+    /// The last sample was busy (and no pause was taken for it).
+    armed: bool,
 }
 
 impl Backoff {
-    /// After a sample: the pause to take now, if the thread was busy.
+    /// After a sample: the pause to take now, if the thread is busy.
     fn after_sample(&mut self, busy: bool) -> Option<Duration> {
-        if busy {
-            self.pause = (self.pause * 2).clamp(BACKOFF_START, BACKOFF_MAX);
-            Some(self.pause)
-        } else {
+        if !busy {
+            self.armed = false;
             self.pause = if self.pause / 2 < BACKOFF_START { Duration::ZERO } else { self.pause / 2 };
-            None
+            return None;
         }
+        if self.pause.is_zero() && !self.armed {
+            self.armed = true;
+            return None;
+        }
+        self.armed = false;
+        self.pause = (self.pause * 2).clamp(BACKOFF_START, BACKOFF_MAX);
+        Some(self.pause)
     }
 }
 
@@ -246,6 +266,9 @@ mod tests {
     fn a_busy_thread_pauses_longer_each_busy_sample_and_polls_again_once_it_is_not() {
         let mut b = Backoff::default();
         assert_eq!(b.after_sample(false), None);
+        assert_eq!(b.after_sample(true), None, "one busy sample alone (a preemption) pauses nothing");
+        assert_eq!(b.after_sample(false), None);
+        assert_eq!(b.after_sample(true), None);
         let pauses: Vec<_> = (0..8).map(|_| b.after_sample(true).unwrap()).collect();
         assert_eq!(pauses[0], BACKOFF_START);
         assert!(pauses.windows(2).all(|w| w[1] >= w[0]));
@@ -253,7 +276,8 @@ mod tests {
         for _ in 0..16 {
             assert_eq!(b.after_sample(false), None);
         }
-        assert_eq!(b.after_sample(true), Some(BACKOFF_START), "quiet samples forget the busy spell");
+        assert_eq!(b.after_sample(true), None, "quiet samples forget the busy spell");
+        assert_eq!(b.after_sample(true), Some(BACKOFF_START));
     }
 
     #[test]
