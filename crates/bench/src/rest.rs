@@ -174,6 +174,9 @@ impl BlockingConn {
         self.stream.write_all(&self.request).context("sending the request")?;
         // `buf` only grows (zeroed once, not per request); `filled` is what this answer used.
         let mut filled = 0;
+        // The answer's framing, once its head is in (parsed once, however many reads the
+        // body takes).
+        let mut framing: Option<Answer> = None;
         loop {
             if self.buf.len() - filled < 4096 {
                 self.buf.resize(filled + 16 * 1024, 0);
@@ -187,7 +190,10 @@ impl BlockingConn {
                 bail!("the connection closed before a whole answer ({filled} bytes read)");
             }
             filled += n;
-            if let Some(answer) = parse_answer(&self.buf[..filled])? {
+            if framing.is_none() {
+                framing = parse_answer(&self.buf[..filled])?;
+            }
+            if let Some(answer) = &framing {
                 if answer.len > MAX_ANSWER {
                     bail!("an answer of {} bytes (this client reads at most {MAX_ANSWER})", answer.len);
                 }

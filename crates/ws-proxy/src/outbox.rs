@@ -42,6 +42,14 @@ impl<T> Shared<T> {
         // push/pop), so a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// The oldest item, counted as taken while the queue's lock (`s`) is held: `backlog`
+    /// never sees an item gone from the queue and not yet taken.
+    fn take(&self, s: &mut State<T>) -> Option<T> {
+        let (item, n) = s.items.pop_front()?;
+        self.taken.fetch_add(n, Ordering::Relaxed);
+        Some(item)
+    }
 }
 
 /// The sending end (the pair's task).
@@ -112,8 +120,7 @@ impl<T> Inbox<T> {
         loop {
             {
                 let mut s = self.shared.lock();
-                if let Some((item, n)) = s.items.pop_front() {
-                    self.shared.taken.fetch_add(n, Ordering::Relaxed);
+                if let Some(item) = self.shared.take(&mut s) {
                     return Some(item);
                 }
                 if !s.sender_alive {
@@ -129,12 +136,7 @@ impl<T> Inbox<T> {
 
     /// The next item if one is queued.
     pub fn try_recv(&mut self) -> Option<T> {
-        // Counted as taken under the lock, as in `recv`: `backlog` never sees the item gone
-        // from the queue and not yet taken.
-        let mut s = self.shared.lock();
-        let (item, n) = s.items.pop_front()?;
-        self.shared.taken.fetch_add(n, Ordering::Relaxed);
-        Some(item)
+        self.shared.take(&mut self.shared.lock())
     }
 
     /// `bytes` of what was received are now the socket's.
