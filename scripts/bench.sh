@@ -2,7 +2,7 @@
 # The benchmark suite: the same REST and WebSocket workloads against the fake agent-server
 # directly, through nestor and through nginx, side by side in one run (see
 # docs/performance.md). Prints the table and writes docs/bench/results-<date>.json plus the
-# SVG charts in docs/bench/. Takes about 3-5 minutes; bounded to 15.
+# SVG charts in docs/bench/. Takes about 5 minutes; bounded to 15.
 #
 # Usage: scripts/bench.sh [--quick] [more `nestor-bench run` flags, e.g. --rounds 5]
 # Env:   BENCH_OUT=<file>   results file (default docs/bench/results-<UTC date>[-N].json)

@@ -148,8 +148,13 @@ struct RunArgs {
     /// Connections of the closed-loop REST run.
     #[arg(long, default_value_t = 64)]
     rest_conns: usize,
+    /// Rounds of the closed-loop REST comparison (at least 1). More and shorter than the
+    /// other phases' rounds: throughput is compared round by round (crate::stats::Paired),
+    /// and more pairs average out more of the machine's drift.
+    #[arg(long, default_value_t = 8, value_parser = crate::stats::at_least_one)]
+    load_rounds: usize,
     /// Measured seconds of each closed-loop REST round (after 1 s of warm-up).
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = 2.0)]
     rest_secs: f64,
     /// Measured seconds of each WebSocket throughput round (after 1 s of warm-up).
     #[arg(long, default_value_t = 4.0)]
@@ -199,6 +204,7 @@ impl RunArgs {
     fn apply_quick(&mut self) {
         if self.quick {
             self.rounds = self.rounds.min(1);
+            self.load_rounds = self.load_rounds.min(2);
             self.rest_requests = 500;
             self.rest_warmup = 100;
             self.rest_secs = 1.0;
@@ -548,8 +554,9 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
         // Closed loop.
         let mut hists: Vec<_> = targets.iter().map(|_| new_hist()).collect();
         let mut rounds: Vec<Vec<rest::LoadRound>> = targets.iter().map(|_| Vec::new()).collect();
-        for round in 0..args.rounds {
-            for (i, &t) in targets.iter().enumerate() {
+        for round in 0..args.load_rounds {
+            for i in crate::stats::round_order(targets.len(), round) {
+                let t = targets[i];
                 let ht = rest::HttpTarget { addr: addr_of(t), key: key_of(t).to_owned(), path: path.clone() };
                 let r = rest::closed_loop(
                     &ht,
@@ -703,6 +710,7 @@ async fn run(args: &RunArgs, work: &Path, nofile_hard: u64, fake_rt: tokio::runt
 
     let settings = json!({
         "rounds": args.rounds,
+        "load_rounds": args.load_rounds,
         "rest_requests": args.rest_requests,
         "rest_warmup": args.rest_warmup,
         "rest_conns": args.rest_conns,

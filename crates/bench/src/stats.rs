@@ -117,6 +117,41 @@ pub fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
+/// The order targets take within round `round` of a comparison: as listed in even rounds,
+/// reversed in odd ones. On a machine whose speed drifts, a fixed order gives the target that
+/// always runs last (or first) the drift's whole effect; alternating shares it out.
+pub fn round_order(targets: usize, round: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..targets).collect();
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
+/// Round-by-round ratios `a[i] / b[i]` of two targets measured in the same rounds. Each round's
+/// ratio compares the two under one machine state, so drift between rounds (a shared VM's
+/// speed moves by several percent within a minute) cancels, where a ratio of the two medians
+/// would carry it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Paired {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Rounds in which `a` was ahead (ratio above 1).
+    pub ahead: usize,
+    pub rounds: usize,
+}
+
+/// `None` when there is no round both were measured in.
+pub fn paired(a: &[f64], b: &[f64]) -> Option<Paired> {
+    let ratios: Vec<f64> = a.iter().zip(b).filter(|(_, b)| **b > 0.0).map(|(a, b)| a / b).collect();
+    if ratios.is_empty() {
+        return None;
+    }
+    let (min, max) = ratios.iter().fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+    Some(Paired { median: median(&ratios), min, max, ahead: ratios.iter().filter(|r| **r > 1.0).count(), rounds: ratios.len() })
+}
+
 /// Median of a list (NaN for none).
 pub fn median(v: &[f64]) -> f64 {
     if v.is_empty() {
@@ -157,6 +192,19 @@ mod tests {
         assert!(median(&[]).is_nan());
         assert_eq!(spread_pct(&[90.0, 100.0, 110.0]), 20.0);
         assert_eq!(spread_pct(&[5.0]), 0.0);
+    }
+
+    #[test]
+    fn orders_alternate_and_pairs_compare_round_by_round() {
+        assert_eq!(round_order(3, 0), vec![0, 1, 2]);
+        assert_eq!(round_order(3, 1), vec![2, 1, 0]);
+        assert_eq!(round_order(3, 2), vec![0, 1, 2]);
+        let p = paired(&[110.0, 90.0, 102.0], &[100.0, 100.0, 100.0]).unwrap();
+        assert_eq!((p.median, p.min, p.max, p.ahead, p.rounds), (1.02, 0.9, 1.1, 2, 3));
+        // Only rounds both have, and none against a zero.
+        assert_eq!(paired(&[5.0, 7.0], &[0.0]), None);
+        assert_eq!(paired(&[], &[1.0]), None);
+        assert_eq!(paired(&[2.0, 9.0], &[1.0]).map(|p| p.rounds), Some(1));
     }
 
     #[test]
