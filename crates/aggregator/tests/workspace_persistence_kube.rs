@@ -113,8 +113,34 @@ async fn prerequisites() -> Result<(KubeEnv, String), String> {
 
 /// The Docker bridge's gateway: a local address the pods' containers reach.
 fn bridge_gateway() -> Result<std::net::Ipv4Addr, String> {
-    let gw = docker(&["network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"])?;
-    gw.parse().map_err(|e| format!("bridge gateway {gw:?}: {e}"))
+    let ipam = docker(&["network", "inspect", "bridge", "--format", "{{range .IPAM.Config}}{{.Gateway}} {{.Subnet}};{{end}}"])?;
+    gateway_of(&ipam).ok_or_else(|| format!("no IPv4 gateway in the bridge network's IPAM config {ipam:?}"))
+}
+
+/// The IPv4 gateway of an IPAM config listed as `GATEWAY SUBNET;` entries. Some Docker
+/// versions (Debian's 20.10 on a fresh install) list the subnet without its gateway: Docker
+/// then gives the bridge the subnet's first address, so that is the gateway.
+fn gateway_of(ipam: &str) -> Option<std::net::Ipv4Addr> {
+    ipam.split(';').find_map(|entry| {
+        // An empty gateway leaves one word: the subnet.
+        let words: Vec<&str> = entry.split_whitespace().collect();
+        if let Some(gw) = words.iter().find_map(|w| w.parse().ok()) {
+            return Some(gw);
+        }
+        let (net, bits) = words.iter().find_map(|w| w.split_once('/'))?;
+        let (net, bits): (std::net::Ipv4Addr, u32) = (net.parse().ok()?, bits.parse().ok()?);
+        (bits < 31).then(|| std::net::Ipv4Addr::from(u32::from(net) + 1))
+    })
+}
+
+#[test]
+fn the_gateway_is_listed_or_the_subnets_first_address() {
+    assert_eq!(gateway_of("172.17.0.1 172.17.0.0/16;"), Some([172, 17, 0, 1].into()));
+    assert_eq!(gateway_of(" 172.18.0.0/16;"), Some([172, 18, 0, 1].into()));
+    assert_eq!(gateway_of("172.18.0.0/16;"), Some([172, 18, 0, 1].into()), "as the trimmed CLI output gives it");
+    assert_eq!(gateway_of(" fd00::/64; 172.19.0.0/16;"), Some([172, 19, 0, 1].into()));
+    assert_eq!(gateway_of(""), None);
+    assert_eq!(gateway_of(" 10.0.0.0/32;"), None);
 }
 
 struct Fixture {
