@@ -13,8 +13,9 @@
 //!   `CreateContainerConfigError`, like the kubelet), `command`/`args`, the
 //!   securityContext's user/group, `drop: [ALL]`, no-new-privileges, cpu/memory limits; the
 //!   pod's volumes are shared by its containers: PVCs as named Docker volumes (kept until the
-//!   PVC is deleted), emptyDirs as volumes removed with the pod (no fsGroup: images must own
-//!   their mount points for the pod's uid). Containers do not share a network namespace (the
+//!   PVC is deleted), emptyDirs as volumes removed with the pod; both start empty with a
+//!   root of mode 0777, as the kubelet makes an emptyDir (Docker's copy of the image's content
+//!   into a new volume is turned off; no fsGroup). Containers do not share a network namespace (the
 //!   one difference from a pod that matters: they cannot reach each other on localhost).
 //!   Every declared port is published on **127.0.0.1 only**, on a random host port: the
 //!   first container's first port in the annotation `nestor.dev/host-port`, each named port
@@ -819,12 +820,21 @@ impl Agent {
                 )
             };
             let req = bollard::models::VolumeCreateRequest { name: Some(vol.clone()), labels: Some(labels), ..Default::default() };
-            dbounded("create volume", self.docker.create_volume(req)).await?;
+            let created = dbounded("create volume", self.docker.create_volume(req)).await?;
+            // Volumes start empty and writable by anyone, as the kubelet makes an emptyDir
+            // (mode 0777) and a provisioner a fresh PVC. Docker would otherwise copy the
+            // image's content at the mount path into a new volume (an image's empty
+            // /workspace/project would look like a tree already on the volume).
+            let no_copy = open_to_all(&created.mountpoint);
+            if !no_copy {
+                tracing::warn!(volume = %vol, mountpoint = %created.mountpoint, "cannot open the volume's root to all users; letting Docker copy the image's content into it");
+            }
             mounts.push(Mount {
                 typ: Some(MountType::VOLUME),
                 source: Some(vol),
                 target: Some(vm.mount_path.clone()),
                 read_only: vm.read_only,
+                volume_options: no_copy.then(|| bollard::models::MountVolumeOptions { no_copy: Some(true), ..Default::default() }),
                 ..Default::default()
             });
         }
@@ -1031,6 +1041,14 @@ pub async fn leftovers(docker: &Docker, node: &str) -> (Vec<String>, Vec<String>
         .map(|v| v.name)
         .collect();
     (cs, vs)
+}
+
+/// Make a volume's root directory (on this host: the engine is local) mode 0777, as the
+/// kubelet makes an emptyDir. False when that is not possible here (a remote or rootless
+/// engine), and then the volume is left to Docker's defaults.
+fn open_to_all(mountpoint: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    !mountpoint.is_empty() && std::fs::set_permissions(mountpoint, std::fs::Permissions::from_mode(0o777)).is_ok()
 }
 
 #[cfg(test)]
