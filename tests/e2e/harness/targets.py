@@ -27,6 +27,7 @@ builds its own target with ``TargetContext(nestor_config=..., downstream_env=...
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import secrets
@@ -254,10 +255,33 @@ def _docker(*args: str, timeout: float = 60) -> str:
 
 def docker_bridge_gateway() -> str:
     """The default bridge's gateway: the host as containers see it (host.docker.internal)."""
-    gw = _docker("network", "inspect", "bridge", "--format", "{{range .IPAM.Config}}{{.Gateway}} {{end}}").split()
-    if not gw:
-        raise RuntimeError("the Docker default bridge has no gateway address")
-    return gw[0]
+    ipam = _docker("network", "inspect", "bridge", "--format", "{{range .IPAM.Config}}{{.Gateway}} {{.Subnet}};{{end}}")
+    gw = gateway_of(ipam)
+    if gw is None:
+        raise RuntimeError(f"the Docker default bridge has no IPv4 gateway address (IPAM config {ipam!r})")
+    return gw
+
+
+def gateway_of(ipam: str) -> str | None:
+    """The IPv4 gateway of an IPAM config listed as ``GATEWAY SUBNET;`` entries. Some Docker
+    versions (Debian's 20.10 on a fresh install) list the subnet without its gateway: Docker
+    then gives the bridge the subnet's first address, so that is the gateway."""
+    for entry in ipam.split(";"):
+        words = entry.split()
+        for w in words:
+            try:
+                if isinstance(ipaddress.ip_address(w), ipaddress.IPv4Address):
+                    return w
+            except ValueError:
+                pass
+        for w in words:
+            try:
+                net = ipaddress.ip_network(w, strict=False)
+            except ValueError:
+                continue
+            if isinstance(net, ipaddress.IPv4Network) and net.prefixlen < 31:
+                return str(net.network_address + 1)
+    return None
 
 
 def free_port_on(host: str) -> int:
