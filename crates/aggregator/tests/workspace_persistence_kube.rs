@@ -111,36 +111,63 @@ async fn prerequisites() -> Result<(KubeEnv, String), String> {
     Ok((env, img))
 }
 
-/// The Docker bridge's gateway: a local address the pods' containers reach.
+/// The Docker bridge's gateway: a local address the pods' containers reach. Some Docker
+/// versions (Debian's 20.10 on a fresh install) list the bridge's subnet without its gateway:
+/// then the bridge interface's own address, as the host has it, and failing that the subnet's
+/// first address (the one Docker gives the bridge unless configured otherwise).
 fn bridge_gateway() -> Result<std::net::Ipv4Addr, String> {
     let ipam = docker(&["network", "inspect", "bridge", "--format", "{{range .IPAM.Config}}{{.Gateway}} {{.Subnet}};{{end}}"])?;
-    gateway_of(&ipam).ok_or_else(|| format!("no IPv4 gateway in the bridge network's IPAM config {ipam:?}"))
+    if let Some(gw) = listed_gateway(&ipam) {
+        return Ok(gw);
+    }
+    let iface = docker(&["network", "inspect", "bridge", "--format", "{{index .Options \"com.docker.network.bridge.name\"}}"]).unwrap_or_default();
+    let iface = if iface.is_empty() || iface == "<no value>" { "docker0".to_owned() } else { iface };
+    let shown = Command::new("ip").args(["-4", "-o", "addr", "show", "dev", &iface]).output();
+    if let Some(a) = shown.ok().filter(|o| o.status.success()).and_then(|o| interface_address(&String::from_utf8_lossy(&o.stdout))) {
+        return Ok(a);
+    }
+    subnet_first_address(&ipam).ok_or_else(|| format!("no IPv4 gateway for the bridge network (IPAM config {ipam:?}, interface {iface})"))
 }
 
-/// The IPv4 gateway of an IPAM config listed as `GATEWAY SUBNET;` entries. Some Docker
-/// versions (Debian's 20.10 on a fresh install) list the subnet without its gateway: Docker
-/// then gives the bridge the subnet's first address, so that is the gateway.
-fn gateway_of(ipam: &str) -> Option<std::net::Ipv4Addr> {
-    ipam.split(';').find_map(|entry| {
-        // An empty gateway leaves one word: the subnet.
-        let words: Vec<&str> = entry.split_whitespace().collect();
-        if let Some(gw) = words.iter().find_map(|w| w.parse().ok()) {
-            return Some(gw);
-        }
-        let (net, bits) = words.iter().find_map(|w| w.split_once('/'))?;
+/// The first IPv4 gateway listed in an IPAM config printed as `GATEWAY SUBNET;` entries
+/// (an entry without a gateway is just ` SUBNET`).
+fn listed_gateway(ipam: &str) -> Option<std::net::Ipv4Addr> {
+    ipam.split(';').flat_map(str::split_whitespace).find_map(|w| w.parse().ok())
+}
+
+/// The first address of the first IPv4 subnet in such a config.
+fn subnet_first_address(ipam: &str) -> Option<std::net::Ipv4Addr> {
+    ipam.split(';').flat_map(str::split_whitespace).find_map(|w| {
+        let (net, bits) = w.split_once('/')?;
         let (net, bits): (std::net::Ipv4Addr, u32) = (net.parse().ok()?, bits.parse().ok()?);
-        (bits < 31).then(|| std::net::Ipv4Addr::from(u32::from(net) + 1))
+        // Host bits set in the listing are masked off.
+        let mask = (!0u32).checked_shl(32 - bits).unwrap_or(0);
+        (bits < 31).then(|| std::net::Ipv4Addr::from((u32::from(net) & mask) + 1))
     })
 }
 
+/// The address in `ip -4 -o addr show` output (`N: IFACE    inet A.B.C.D/NN brd …`).
+fn interface_address(shown: &str) -> Option<std::net::Ipv4Addr> {
+    let mut words = shown.split_whitespace();
+    words.find(|w| *w == "inet")?;
+    words.next()?.split('/').next()?.parse().ok()
+}
+
 #[test]
-fn the_gateway_is_listed_or_the_subnets_first_address() {
-    assert_eq!(gateway_of("172.17.0.1 172.17.0.0/16;"), Some([172, 17, 0, 1].into()));
-    assert_eq!(gateway_of(" 172.18.0.0/16;"), Some([172, 18, 0, 1].into()));
-    assert_eq!(gateway_of("172.18.0.0/16;"), Some([172, 18, 0, 1].into()), "as the trimmed CLI output gives it");
-    assert_eq!(gateway_of(" fd00::/64; 172.19.0.0/16;"), Some([172, 19, 0, 1].into()));
-    assert_eq!(gateway_of(""), None);
-    assert_eq!(gateway_of(" 10.0.0.0/32;"), None);
+fn the_bridges_gateway_is_read_from_the_listing_the_interface_or_the_subnet() {
+    assert_eq!(listed_gateway("172.17.0.1 172.17.0.0/16;"), Some([172, 17, 0, 1].into()));
+    assert_eq!(listed_gateway("172.18.0.0/16;"), None, "as the trimmed CLI output gives it, no gateway");
+    assert_eq!(listed_gateway(" fd00::/64; 172.19.0.0/16;"), None);
+    assert_eq!(subnet_first_address("172.18.0.0/16;"), Some([172, 18, 0, 1].into()));
+    assert_eq!(subnet_first_address(" fd00::/64; 172.19.0.0/16;"), Some([172, 19, 0, 1].into()));
+    assert_eq!(subnet_first_address("172.17.5.0/16;"), Some([172, 17, 0, 1].into()), "host bits masked");
+    assert_eq!(subnet_first_address("255.255.255.255/24;"), Some([255, 255, 255, 1].into()));
+    assert_eq!(subnet_first_address(" 10.0.0.0/32;"), None);
+    assert_eq!(subnet_first_address("10.1.2.3/0;"), Some([0, 0, 0, 1].into()));
+    assert_eq!(subnet_first_address(""), None);
+    let shown = "5: docker0    inet 172.17.0.1/16 brd 172.17.255.255 scope global docker0\\       valid_lft forever preferred_lft forever\n";
+    assert_eq!(interface_address(shown), Some([172, 17, 0, 1].into()));
+    assert_eq!(interface_address(""), None);
 }
 
 struct Fixture {

@@ -137,7 +137,8 @@ struct RunArgs {
     /// Seconds of each wrk round (per target).
     #[arg(long, default_value_t = 3)]
     wrk_secs: u64,
-    /// Rounds of each comparison (at least 1); targets take turns within a round.
+    /// Rounds of each comparison (at least 1) but the closed-loop REST one (`--load-rounds`);
+    /// targets take turns within a round.
     #[arg(long, default_value_t = 3, value_parser = crate::stats::at_least_one)]
     rounds: usize,
     /// Sequential REST requests per round (after `--rest-warmup`).

@@ -484,7 +484,7 @@ impl Results {
         let _ = writeln!(s, "                          relay  {}", add(&r.rest_loaded_added_us_relay));
         let _ = writeln!(
             s,
-            "  REST req/s: nestor/direct {}  nestor/nginx {}  nginx/direct {}; proxy CPU per request nestor/nginx {}",
+            "  REST req/s (ratios of medians): nestor/direct {}  nestor/nginx {}  nginx/direct {}; proxy CPU per request nestor/nginx {}",
             fmt(r.rest_rps_nestor_over_direct, 2),
             fmt(r.rest_rps_nestor_over_nginx, 2),
             fmt(r.rest_rps_nginx_over_direct, 2),

@@ -142,9 +142,10 @@ pub struct Paired {
     pub rounds: usize,
 }
 
-/// `None` when there is no round both were measured in.
+/// `None` when there is no round both were measured in (a round without a finite figure on
+/// either side does not count).
 pub fn paired(a: &[f64], b: &[f64]) -> Option<Paired> {
-    let ratios: Vec<f64> = a.iter().zip(b).filter(|(_, b)| **b > 0.0).map(|(a, b)| a / b).collect();
+    let ratios: Vec<f64> = a.iter().zip(b).filter(|(a, b)| a.is_finite() && b.is_finite() && **b > 0.0).map(|(a, b)| a / b).collect();
     if ratios.is_empty() {
         return None;
     }
@@ -205,6 +206,7 @@ mod tests {
         assert_eq!(paired(&[5.0, 7.0], &[0.0]), None);
         assert_eq!(paired(&[], &[1.0]), None);
         assert_eq!(paired(&[2.0, 9.0], &[1.0]).map(|p| p.rounds), Some(1));
+        assert_eq!(paired(&[f64::NAN, 3.0], &[1.0, 2.0]).map(|p| (p.rounds, p.median)), Some((1, 1.5)), "a round without a figure is left out");
     }
 
     #[test]

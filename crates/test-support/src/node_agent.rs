@@ -13,9 +13,10 @@
 //!   `CreateContainerConfigError`, like the kubelet), `command`/`args`, the
 //!   securityContext's user/group, `drop: [ALL]`, no-new-privileges, cpu/memory limits; the
 //!   pod's volumes are shared by its containers: PVCs as named Docker volumes (kept until the
-//!   PVC is deleted), emptyDirs as volumes removed with the pod; both start empty with a
+//!   PVC is deleted), emptyDirs as volumes removed with the pod; a new one starts empty with a
 //!   root of mode 0777, as the kubelet makes an emptyDir (Docker's copy of the image's content
-//!   into a new volume is turned off; no fsGroup). Containers do not share a network namespace (the
+//!   into a new volume is turned off; the mode is set on this host, or from a one-shot root
+//!   container when the engine's directory is out of reach; no fsGroup). Containers do not share a network namespace (the
 //!   one difference from a pod that matters: they cannot reach each other on localhost).
 //!   Every declared port is published on **127.0.0.1 only**, on a random host port: the
 //!   first container's first port in the annotation `nestor.dev/host-port`, each named port
@@ -778,6 +779,43 @@ impl Agent {
     /// Creates and starts one container of pod `p` (its volumes shared with the pod's other
     /// containers: one Docker volume per pod volume). `publish`: publish its ports on
     /// loopback (main containers). Err: the kubelet's waiting reason and message.
+    /// Open a volume Docker just made to all users (mode 0777), as the kubelet makes an
+    /// emptyDir: on this host when the engine's directory is reachable (a local engine, run as
+    /// root), else from a one-shot root container of `image` (present on the node: it is the
+    /// pod's). Fails when neither can, rather than give the pod a volume it cannot write.
+    async fn open_new_volume(&self, vol: &str, mountpoint: &str, image: &str) -> anyhow::Result<()> {
+        if open_to_all(mountpoint) {
+            return Ok(());
+        }
+        let name = format!("{vol}-chmod");
+        let remove = || self.docker.remove_container(&name, Some(RemoveContainerOptions { force: true, v: false, link: false }));
+        let _ = dbounded("remove stale chmod container", remove()).await;
+        let body = ContainerCreateBody {
+            image: Some(image.to_owned()),
+            user: Some("0:0".into()),
+            entrypoint: Some(vec!["chmod".into()]),
+            cmd: Some(vec!["0777".into(), "/v".into()]),
+            labels: Some(HashMap::from([(LABEL_NODE.to_owned(), self.node.clone())])),
+            host_config: Some(HostConfig { mounts: Some(vec![volume_mount(vol.to_owned(), "/v".into(), None)]), ..Default::default() }),
+            ..Default::default()
+        };
+        let create = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
+        let ran = async {
+            dbounded("create chmod container", self.docker.create_container(Some(create), body)).await?;
+            dbounded("start chmod container", self.docker.start_container(&name, None)).await?;
+            let mut wait = self.docker.wait_container(&name, None);
+            match tokio::time::timeout(Duration::from_secs(60), wait.next()).await {
+                Ok(Some(Ok(_))) => Ok(()),
+                Ok(Some(Err(e))) => Err(anyhow::Error::new(e).context("chmod container")),
+                Ok(None) => anyhow::bail!("chmod container: no exit status"),
+                Err(_) => anyhow::bail!("chmod container: timed out"),
+            }
+        }
+        .await;
+        let _ = dbounded("remove chmod container", remove()).await;
+        ran.with_context(|| format!("cannot open volume {vol} to all users (neither at {mountpoint} nor from a container of {image})"))
+    }
+
     async fn create_ctr(
         &self,
         p: &Pod,
@@ -819,24 +857,18 @@ impl Agent {
                     HashMap::from([(LABEL_NODE.to_owned(), self.node.clone()), (LABEL_POD_UID.to_owned(), uid.clone())]),
                 )
             };
+            // Volumes start empty and writable by anyone, as the kubelet makes an emptyDir
+            // (mode 0777) and a provisioner a fresh PVC; a volume that exists (a PVC's, or
+            // one another container of the pod made) is left as it is. Docker's copy of the
+            // image's content into a new volume is off: an image's empty /workspace/project
+            // would look like a tree already on the volume.
+            let is_new = self.docker.inspect_volume(&vol).await.is_err();
             let req = bollard::models::VolumeCreateRequest { name: Some(vol.clone()), labels: Some(labels), ..Default::default() };
             let created = dbounded("create volume", self.docker.create_volume(req)).await?;
-            // Volumes start empty and writable by anyone, as the kubelet makes an emptyDir
-            // (mode 0777) and a provisioner a fresh PVC. Docker would otherwise copy the
-            // image's content at the mount path into a new volume (an image's empty
-            // /workspace/project would look like a tree already on the volume).
-            let no_copy = open_to_all(&created.mountpoint);
-            if !no_copy {
-                tracing::warn!(volume = %vol, mountpoint = %created.mountpoint, "cannot open the volume's root to all users; letting Docker copy the image's content into it");
+            if is_new {
+                self.open_new_volume(&vol, &created.mountpoint, &image).await?;
             }
-            mounts.push(Mount {
-                typ: Some(MountType::VOLUME),
-                source: Some(vol),
-                target: Some(vm.mount_path.clone()),
-                read_only: vm.read_only,
-                volume_options: no_copy.then(|| bollard::models::MountVolumeOptions { no_copy: Some(true), ..Default::default() }),
-                ..Default::default()
-            });
+            mounts.push(volume_mount(vol, vm.mount_path.clone(), vm.read_only));
         }
         let ports: Vec<(Option<String>, u16, Option<u16>)> = if publish {
             let declared: Vec<_> = c.ports.iter().flatten().map(|p| (p.name.clone(), p.container_port as u16, None)).collect();
@@ -1043,9 +1075,21 @@ pub async fn leftovers(docker: &Docker, node: &str) -> (Vec<String>, Vec<String>
     (cs, vs)
 }
 
-/// Make a volume's root directory (on this host: the engine is local) mode 0777, as the
-/// kubelet makes an emptyDir. False when that is not possible here (a remote or rootless
-/// engine), and then the volume is left to Docker's defaults.
+/// A pod volume's mount: Docker's copy of the image's content into a new volume off.
+fn volume_mount(vol: String, target: String, read_only: Option<bool>) -> Mount {
+    Mount {
+        typ: Some(MountType::VOLUME),
+        source: Some(vol),
+        target: Some(target),
+        read_only,
+        volume_options: Some(bollard::models::MountVolumeOptions { no_copy: Some(true), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// Make a volume's root directory mode 0777 on this host. False when this process cannot
+/// reach or change it (an engine whose directory is root's and this process is not, or a
+/// remote engine).
 fn open_to_all(mountpoint: &str) -> bool {
     use std::os::unix::fs::PermissionsExt;
     !mountpoint.is_empty() && std::fs::set_permissions(mountpoint, std::fs::Permissions::from_mode(0o777)).is_ok()

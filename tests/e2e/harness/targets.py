@@ -254,33 +254,50 @@ def _docker(*args: str, timeout: float = 60) -> str:
 
 
 def docker_bridge_gateway() -> str:
-    """The default bridge's gateway: the host as containers see it (host.docker.internal)."""
+    """The default bridge's gateway: the host as containers see it (host.docker.internal).
+
+    Some Docker versions (Debian's 20.10 on a fresh install) list the bridge's subnet without
+    its gateway: then the bridge interface's own address, as the host has it, and failing that
+    the subnet's first address (the one Docker gives the bridge unless configured otherwise)."""
     ipam = _docker("network", "inspect", "bridge", "--format", "{{range .IPAM.Config}}{{.Gateway}} {{.Subnet}};{{end}}")
-    gw = gateway_of(ipam)
+    gw = listed_gateway(ipam)
+    if gw is not None:
+        return gw
+    iface = _docker("network", "inspect", "bridge", "--format", '{{index .Options "com.docker.network.bridge.name"}}')
+    if not iface or iface == "<no value>":
+        iface = "docker0"
+    shown = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", iface], capture_output=True, text=True, timeout=30)
+    if shown.returncode == 0:
+        words = shown.stdout.split()
+        if "inet" in words and words.index("inet") + 1 < len(words):
+            return words[words.index("inet") + 1].split("/")[0]
+    gw = subnet_first_address(ipam)
     if gw is None:
-        raise RuntimeError(f"the Docker default bridge has no IPv4 gateway address (IPAM config {ipam!r})")
+        raise RuntimeError(f"the Docker default bridge has no IPv4 gateway address (IPAM config {ipam!r}, interface {iface})")
     return gw
 
 
-def gateway_of(ipam: str) -> str | None:
-    """The IPv4 gateway of an IPAM config listed as ``GATEWAY SUBNET;`` entries. Some Docker
-    versions (Debian's 20.10 on a fresh install) list the subnet without its gateway: Docker
-    then gives the bridge the subnet's first address, so that is the gateway."""
-    for entry in ipam.split(";"):
-        words = entry.split()
-        for w in words:
-            try:
-                if isinstance(ipaddress.ip_address(w), ipaddress.IPv4Address):
-                    return w
-            except ValueError:
-                pass
-        for w in words:
-            try:
-                net = ipaddress.ip_network(w, strict=False)
-            except ValueError:
-                continue
-            if isinstance(net, ipaddress.IPv4Network) and net.prefixlen < 31:
-                return str(net.network_address + 1)
+def listed_gateway(ipam: str) -> str | None:
+    """The first IPv4 gateway listed in an IPAM config printed as ``GATEWAY SUBNET;`` entries
+    (an entry without a gateway is just `` SUBNET``)."""
+    for w in ipam.replace(";", " ").split():
+        try:
+            if isinstance(ipaddress.ip_address(w), ipaddress.IPv4Address):
+                return w
+        except ValueError:
+            pass
+    return None
+
+
+def subnet_first_address(ipam: str) -> str | None:
+    """The first address of the first IPv4 subnet in such a config."""
+    for w in ipam.replace(";", " ").split():
+        try:
+            net = ipaddress.ip_network(w, strict=False)
+        except ValueError:
+            continue
+        if isinstance(net, ipaddress.IPv4Network) and net.prefixlen < 31:
+            return str(net.network_address + 1)
     return None
 
 
