@@ -122,7 +122,7 @@ fn bridge_gateway() -> Result<std::net::Ipv4Addr, String> {
     }
     let iface = docker(&["network", "inspect", "bridge", "--format", "{{index .Options \"com.docker.network.bridge.name\"}}"]).unwrap_or_default();
     let iface = if iface.is_empty() || iface == "<no value>" { "docker0".to_owned() } else { iface };
-    let shown = Command::new("ip").args(["-4", "-o", "addr", "show", "dev", &iface]).output();
+    let shown = Command::new("timeout").args(["30", "ip", "-4", "-o", "addr", "show", "dev", &iface]).output();
     if let Some(a) = shown.ok().filter(|o| o.status.success()).and_then(|o| interface_address(&String::from_utf8_lossy(&o.stdout))) {
         return Ok(a);
     }

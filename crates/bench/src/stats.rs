@@ -149,7 +149,7 @@ pub fn paired(a: &[f64], b: &[f64]) -> Option<Paired> {
     if ratios.is_empty() {
         return None;
     }
-    let (min, max) = ratios.iter().fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+    let (min, max) = min_max(&ratios);
     Some(Paired { median: median(&ratios), min, max, ahead: ratios.iter().filter(|r| **r > 1.0).count(), rounds: ratios.len() })
 }
 
@@ -174,12 +174,17 @@ pub fn spread_pct(v: &[f64]) -> f64 {
         return 0.0;
     }
     let m = median(v);
-    let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+    let (lo, hi) = min_max(v);
     if m == 0.0 {
         0.0
     } else {
         (hi - lo) / m * 100.0
     }
+}
+
+/// The smallest and the largest of a list ((MAX, MIN) for none).
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)))
 }
 
 #[cfg(test)]

@@ -16,8 +16,9 @@
 //!   PVC is deleted), emptyDirs as volumes removed with the pod; a new one starts empty with a
 //!   root of mode 0777, as the kubelet makes an emptyDir (Docker's copy of the image's content
 //!   into a new volume is turned off; the mode is set on this host, or from a one-shot root
-//!   container when the engine's directory is out of reach; no fsGroup). Containers do not share a network namespace (the
-//!   one difference from a pod that matters: they cannot reach each other on localhost).
+//!   container when the engine's directory is out of reach; no fsGroup). Containers do not
+//!   share a network namespace (the one difference from a pod that matters: they cannot
+//!   reach each other on localhost).
 //!   Every declared port is published on **127.0.0.1 only**, on a random host port: the
 //!   first container's first port in the annotation `nestor.dev/host-port`, each named port
 //!   in `nestor.dev/host-port-<name>`;
@@ -776,9 +777,6 @@ impl Agent {
         Ok(Ok(env))
     }
 
-    /// Creates and starts one container of pod `p` (its volumes shared with the pod's other
-    /// containers: one Docker volume per pod volume). `publish`: publish its ports on
-    /// loopback (main containers). Err: the kubelet's waiting reason and message.
     /// Open a volume Docker just made to all users (mode 0777), as the kubelet makes an
     /// emptyDir: on this host when the engine's directory is reachable (a local engine, run as
     /// root), else from a one-shot root container of `image` (present on the node: it is the
@@ -816,6 +814,9 @@ impl Agent {
         ran.with_context(|| format!("cannot open volume {vol} to all users (neither at {mountpoint} nor from a container of {image})"))
     }
 
+    /// Creates and starts one container of pod `p` (its volumes shared with the pod's other
+    /// containers: one Docker volume per pod volume). `publish`: publish its ports on
+    /// loopback (main containers). Err: the kubelet's waiting reason and message.
     async fn create_ctr(
         &self,
         p: &Pod,
@@ -862,7 +863,7 @@ impl Agent {
             // one another container of the pod made) is left as it is. Docker's copy of the
             // image's content into a new volume is off: an image's empty /workspace/project
             // would look like a tree already on the volume.
-            let is_new = self.docker.inspect_volume(&vol).await.is_err();
+            let is_new = dbounded("inspect volume", self.docker.inspect_volume(&vol)).await.is_err();
             let req = bollard::models::VolumeCreateRequest { name: Some(vol.clone()), labels: Some(labels), ..Default::default() };
             let created = dbounded("create volume", self.docker.create_volume(req)).await?;
             if is_new {
